@@ -1,0 +1,116 @@
+"""Configuration of one MoE layer."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+ROUTER_TYPES = ("topk", "expert_choice")
+ACTIVATIONS = ("swiglu", "geglu", "gelu")
+BACKENDS = ("auto", "reference", "grouped_mm", "triton")
+PRECISIONS = ("bf16", "fp8", "mxfp8")
+DROP_POLICIES = ("probability", "position")
+
+
+@dataclass
+class MoEConfig:
+    """Every knob of an MoE layer. Field names are public API (see DESIGN.md).
+
+    Routing: each token's router scores (``score_func``) pick ``top_k`` experts; with
+    ``num_groups > 1`` the choice is first limited to the ``topk_groups`` best groups
+    (a group's rank is the sum of its two best scores, as in DeepSeek-V3). The expert bias
+    (aux-loss-free balancing) changes which experts are chosen, never the weights.
+
+    Capacity: ``capacity_factor=None`` is dropless. Otherwise each expert takes at most
+    ``ceil(capacity_factor * tokens * top_k / num_experts)`` assignments and ``drop_policy``
+    says which survive: "probability" keeps the highest routing scores, "position" keeps
+    first choices before second choices and, within a choice rank, earlier tokens first
+    (the GShard / Switch order).
+    """
+
+    hidden_size: int = 256
+    ffn_hidden_size: int = 512
+    num_experts: int = 8
+    top_k: int = 2
+    num_shared_experts: int = 0
+    shared_ffn_hidden_size: int | None = None
+    shared_expert_gate: bool = False  # Qwen2/Qwen3-Next: sigmoid(x @ w) scales the shared output
+    score_func: str = "softmax"
+    num_groups: int = 1
+    topk_groups: int = 1
+    norm_topk_prob: bool = True
+    route_scale: float = 1.0
+    router_type: str = "topk"
+    router_bias: bool = False  # a learned bias in the router projection (rare; GPT-OSS style)
+    aux_loss_coef: float = 0.0
+    seq_aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0
+    capacity_factor: float | None = None
+    drop_policy: str = "probability"
+    router_jitter: float = 0.0
+    activation: str = "swiglu"
+    backend: str = "auto"
+    precision: str = "bf16"
+    check_finite: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def shared_hidden_size(self) -> int:
+        """Intermediate size of the fused shared-expert MLP (all shared experts as one)."""
+        per_expert = self.shared_ffn_hidden_size or self.ffn_hidden_size
+        return self.num_shared_experts * per_expert
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"MoEConfig: {msg}")
+
+        for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "num_groups", "topk_groups"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        need(self.num_shared_experts >= 0, f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        need(self.score_func in SCORE_FUNCS, f"unknown score_func {self.score_func!r}; choose from {SCORE_FUNCS}")
+        need(self.router_type in ROUTER_TYPES,
+             f"unknown router_type {self.router_type!r}; choose from {ROUTER_TYPES}")
+        need(self.activation in ACTIVATIONS, f"unknown activation {self.activation!r}; choose from {ACTIVATIONS}")
+        need(self.backend in BACKENDS, f"unknown backend {self.backend!r}; choose from {BACKENDS}")
+        need(self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose from {PRECISIONS}")
+        need(self.drop_policy in DROP_POLICIES,
+             f"unknown drop_policy {self.drop_policy!r}; choose from {DROP_POLICIES}")
+        need(self.top_k <= self.num_experts,
+             f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        need(self.num_experts % self.num_groups == 0,
+             f"num_experts ({self.num_experts}) must be divisible by num_groups ({self.num_groups})")
+        need(self.topk_groups <= self.num_groups,
+             f"topk_groups ({self.topk_groups}) must be <= num_groups ({self.num_groups})")
+        if self.num_groups > 1:
+            per_group = self.num_experts // self.num_groups
+            need(per_group >= 2, "group-limited routing ranks groups by their two best scores: "
+                 f"each group needs >= 2 experts, got {per_group}")
+            need(self.top_k <= self.topk_groups * per_group,
+                 f"top_k ({self.top_k}) exceeds the experts in topk_groups ({self.topk_groups} x {per_group})")
+        need(self.capacity_factor is None or self.capacity_factor > 0,
+             f"capacity_factor must be None (dropless) or > 0, got {self.capacity_factor}")
+        need(self.router_type != "expert_choice" or self.num_groups == 1,
+             "expert_choice routing does not combine with group-limited routing")
+        for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate", "router_jitter"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.route_scale > 0, f"route_scale must be > 0, got {self.route_scale}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MoEConfig:
+        """Build from a mapping, refusing keys that are not fields (typos must not pass silently)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"MoEConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

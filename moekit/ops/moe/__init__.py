@@ -1,0 +1,79 @@
+"""Routed-expert computation behind one signature, with a backend per device.
+
+``routed_experts(x [T, H], topk_idx [T, K], topk_weight [T, K], w_up [E, U, H], w_down [E, H, F])``
+returns ``[T, H]``: each token's weighted sum of its experts' FFN outputs. ``U`` is ``2F`` for
+gated activations (gate rows first, then up rows) and ``F`` for plain GELU. An index of -1
+means "no expert" (a dropped assignment or padding).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import torch
+
+from moekit.ops.moe import grouped_mm, reference
+
+_warned: set[str] = set()
+
+
+def _triton_available(x: torch.Tensor) -> bool:
+    return x.is_cuda and importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> str:
+    """Map "auto" to a concrete backend, and fall back (with one warning) where one cannot run."""
+    if backend == "auto":
+        if x.dtype == torch.float64:
+            return "reference"
+        if _triton_available(x) and _triton_impl() is not None:
+            return "triton"
+        return "grouped_mm" if grouped_mm.unsupported_reason(x, w_up, w_down) is None else "reference"
+    if backend == "grouped_mm":
+        reason = grouped_mm.unsupported_reason(x, w_up, w_down)
+        if reason is not None:
+            if reason not in _warned:
+                _warned.add(reason)
+                warnings.warn(f"moekit: grouped_mm backend unavailable ({reason}); using reference",
+                              stacklevel=3)
+            return "reference"
+    if backend == "triton" and (not _triton_available(x) or _triton_impl() is None):
+        raise RuntimeError("moekit: backend='triton' needs a CUDA tensor and triton installed "
+                           f"(got device {x.device}); use backend='auto' to pick what is available")
+    return backend
+
+
+def _triton_impl():
+    """The Triton backend module, or None while it is not built (kept lazy: importing triton is slow)."""
+    if importlib.util.find_spec("moekit.ops.moe.triton") is None:
+        return None
+    return importlib.import_module("moekit.ops.moe.triton")
+
+
+def routed_experts(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weight: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str = "swiglu",
+    backend: str = "auto",
+) -> torch.Tensor:
+    _check_operands(x, topk_idx, topk_weight, w_up, w_down)
+    chosen = resolve_backend(backend, x, w_up, w_down)
+    impl = {"reference": reference, "grouped_mm": grouped_mm}.get(chosen) or _triton_impl()
+    return impl.routed_experts(x, topk_idx, topk_weight, w_up, w_down, activation)
+
+
+def _check_operands(x, topk_idx, topk_weight, w_up, w_down) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"routed_experts: x must be [tokens, hidden], got shape {tuple(x.shape)}")
+    if topk_idx.shape != topk_weight.shape or topk_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"routed_experts: topk_idx {tuple(topk_idx.shape)} and topk_weight "
+                         f"{tuple(topk_weight.shape)} must both be [tokens={x.shape[0]}, k]")
+    if w_up.dim() != 3 or w_down.dim() != 3 or w_up.shape[0] != w_down.shape[0]:
+        raise ValueError(f"routed_experts: w_up {tuple(w_up.shape)} / w_down {tuple(w_down.shape)} "
+                         "must be [experts, up, hidden] / [experts, hidden, ffn]")
+    if w_up.shape[2] != x.shape[1] or w_down.shape[1] != x.shape[1]:
+        raise ValueError(f"routed_experts: expert weights expect hidden {w_up.shape[2]}, x has {x.shape[1]}")

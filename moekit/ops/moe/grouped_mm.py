@@ -1,0 +1,66 @@
+"""Routed experts as sort-by-expert + ``torch._grouped_mm`` (the torchtitan recipe).
+
+Every (token, slot) assignment is sorted by expert; the two grouped GEMMs then run over
+contiguous per-expert row blocks. Assignments with index -1 (dropped or padding) sort to the
+end, past the last group: ``_grouped_mm`` leaves those rows unwritten (and their input
+gradient too), so they are masked with ``torch.where`` on the way in and out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.ops.activations import apply_activation
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def unsupported_reason(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> str | None:
+    """Why ``_grouped_mm`` cannot run these operands here, or None if it can."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"torch._grouped_mm does not support {x.dtype}"
+    if x.is_cuda and x.dtype != torch.bfloat16 and torch.cuda.get_device_capability(x.device) < (9, 0):
+        return "torch._grouped_mm on this GPU supports only bfloat16 on sm_90+"
+    row_bytes = x.element_size()
+    for name, size in (("hidden", x.shape[-1]), ("up", w_up.shape[1]), ("ffn", w_down.shape[-1])):
+        if (size * row_bytes) % 16:
+            return f"torch._grouped_mm needs 16-byte aligned rows; {name} size {size} is not"
+    return None
+
+
+def sort_by_expert(topk_idx: torch.Tensor, num_experts: int):
+    """Order assignments by expert without a host sync.
+
+    Returns (order, sorted_expert, offsets): ``order`` indexes flattened [T*K] assignments,
+    ``offsets[e]`` is the end row of expert e's block (int32, as _grouped_mm wants).
+    Dropped assignments (-1) are given key ``num_experts`` so they land after every block.
+    """
+    flat = topk_idx.reshape(-1)
+    key = torch.where(flat < 0, num_experts, flat)
+    sorted_key, order = torch.sort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    return order, sorted_key, offsets
+
+
+def routed_experts(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weight: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str = "swiglu",
+) -> torch.Tensor:
+    num_experts = w_up.shape[0]
+    top_k = topk_idx.shape[1]
+    order, sorted_key, offsets = sort_by_expert(topk_idx, num_experts)
+    valid = (sorted_key < num_experts)[:, None]
+    token = order // top_k
+    xs = torch.where(valid, x[token], 0)
+    h = apply_activation(torch._grouped_mm(xs, w_up.transpose(1, 2), offs=offsets), activation)
+    y = torch._grouped_mm(h, w_down.transpose(1, 2), offs=offsets)
+    weight = topk_weight.reshape(-1)[order, None]
+    y = torch.where(valid, y.float() * weight, 0).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token, y)

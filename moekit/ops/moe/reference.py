@@ -1,0 +1,32 @@
+"""Routed experts in plain PyTorch: the definition every backend must match.
+
+A loop over experts (what Hugging Face implementations do). Works in any dtype, float64
+included, and on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.ops.activations import apply_activation
+
+
+def routed_experts(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weight: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str = "swiglu",
+) -> torch.Tensor:
+    """out[t] = sum_k topk_weight[t, k] * FFN_{topk_idx[t, k]}(x[t]); index -1 means no expert."""
+    out = torch.zeros_like(x)
+    num_experts = w_up.shape[0]
+    for e in range(num_experts):
+        token, slot = torch.where(topk_idx == e)
+        if token.numel() == 0:
+            continue
+        h = apply_activation(x[token] @ w_up[e].t(), activation)
+        y = h @ w_down[e].t()
+        out.index_add_(0, token, (y * topk_weight[token, slot, None]).to(x.dtype))
+    return out
