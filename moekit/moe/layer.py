@@ -1,0 +1,105 @@
+"""The MoE layer: router -> balancing losses -> dispatch to experts (+ shared experts)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.moe import balancing
+from moekit.moe.config import MoEConfig
+from moekit.moe.dispatch import LocalDispatcher
+from moekit.moe.experts import FeedForward, RoutedExperts
+from moekit.moe.router import Router, normalized_scores
+from moekit.moe.stats import MoEStats, compute_stats, expert_counts
+
+
+class MoE(nn.Module):
+    """A sparse Mixture-of-Experts FFN. ``MoE(config)(x)`` maps [..., hidden] to the same shape.
+
+    After each forward, ``last_stats`` holds an ``MoEStats`` and ``aux_loss`` the sum of the
+    enabled balancing losses, weighted by their coefficients (a scalar in the graph). Inputs of
+    three or more dims are read as [..., sequence, hidden] for the sequence-wise loss.
+    """
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        config.validate()
+        if config.precision != "bf16":
+            raise ValueError(f"MoEConfig: precision {config.precision!r} is not available yet; "
+                             "only 'bf16' (the activation dtype path) is implemented")
+        self.config = config
+        self.router = Router(config)
+        self.experts = RoutedExperts(config.num_experts, config.hidden_size, config.ffn_hidden_size,
+                                     config.activation, config.init_std)
+        self.shared = None
+        self.shared_gate = None
+        if config.num_shared_experts > 0:
+            self.shared = FeedForward(config.hidden_size, config.shared_hidden_size, config.activation,
+                                      config.init_std)
+            if config.shared_expert_gate:
+                self.shared_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.dispatcher = LocalDispatcher(config.backend)
+        self.last_stats: MoEStats | None = None
+        self.aux_loss: torch.Tensor | None = None
+
+    def set_dispatcher(self, dispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not torch.is_floating_point(x):
+            raise TypeError(f"MoE: input must be a floating-point tensor, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"MoE: expected input [..., hidden_size={self.config.hidden_size}], "
+                             f"got shape {tuple(x.shape)}")
+        if self.config.check_finite and not torch.isfinite(x).all():
+            raise ValueError("MoE: input contains NaN or Inf (check_finite=True)")
+
+    def _shared_output(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.shared(x)
+        if self.shared_gate is not None:
+            out = out * torch.sigmoid(self.shared_gate(x))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        cfg = self.config
+        shape = x.shape
+        h = x.reshape(-1, cfg.hidden_size)
+        num_sequences = h.shape[0] // shape[-2] if x.dim() >= 3 else 1
+
+        routing = self.router(h)
+        self.aux_loss = self._balancing(routing, num_sequences)
+        if self.training and cfg.bias_update_rate > 0:
+            self.router.load_since_update += expert_counts(routing.chosen_idx, cfg.num_experts)
+
+        shared = self._shared_output if self.shared is not None else None
+        out = self.dispatcher(h, routing.topk_idx, routing.topk_weight, self.experts, shared)
+        return out.view(shape)
+
+    def _balancing(self, routing, num_sequences: int) -> torch.Tensor:
+        cfg = self.config
+        probs = normalized_scores(routing.scores, cfg.score_func)
+        zero = routing.logits.new_zeros(())
+        topk = cfg.router_type == "topk"
+        # Losses use each token's choices before capacity drops (what the router asked for).
+        chosen = routing.chosen_idx
+        aux = balancing.load_balance_loss(chosen, probs, cfg.num_experts) if topk else zero
+        seq_aux = (balancing.load_balance_loss(chosen, probs, cfg.num_experts, num_sequences)
+                   if topk and cfg.seq_aux_loss_coef > 0 else zero)
+        zl = balancing.z_loss(routing.logits) if cfg.z_loss_coef > 0 else zero
+        self.last_stats = compute_stats(routing, probs, aux, seq_aux, zl, expert_choice=not topk)
+        return cfg.aux_loss_coef * aux + cfg.seq_aux_loss_coef * seq_aux + cfg.z_loss_coef * zl
+
+    @torch.no_grad()
+    def update_expert_bias(self, reduce_load=None) -> None:
+        """Aux-loss-free balancing step; call after each optimizer step. ``reduce_load`` (e.g. an
+        all-reduce over the expert-parallel group) makes every rank apply the same update."""
+        if self.config.bias_update_rate <= 0:
+            return
+        load = self.router.load_since_update
+        if reduce_load is not None:
+            load = reduce_load(load)
+        if load.sum() > 0:
+            self.router.expert_bias.copy_(balancing.bias_step(self.router.expert_bias, load,
+                                                              self.config.bias_update_rate))
+        self.router.load_since_update.zero_()

@@ -1,0 +1,173 @@
+"""Routers: score tokens against experts and choose each token's experts.
+
+All router math runs in float32 (float64 when the input is float64, so that gradcheck works),
+whatever the activation dtype. The pure functions here are the definition; ``Router`` holds the
+parameters and buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.moe.config import MoEConfig
+
+
+@dataclass
+class Routing:
+    """One forward's routing decision for T tokens.
+
+    ``topk_idx`` [T, K] (-1 = no expert: dropped by capacity, or padding for expert choice),
+    ``topk_weight`` [T, K] (0 where the index is -1), ``logits`` / ``scores`` [T, E],
+    ``chosen_idx`` [T, K]: the choices before capacity drops (what balancing looks at).
+    """
+
+    topk_idx: torch.Tensor
+    topk_weight: torch.Tensor
+    logits: torch.Tensor
+    scores: torch.Tensor
+    chosen_idx: torch.Tensor
+
+
+def router_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def score(logits: torch.Tensor, score_func: str) -> torch.Tensor:
+    if score_func == "softmax":
+        return logits.softmax(dim=-1)
+    if score_func == "sigmoid":
+        return logits.sigmoid()
+    raise ValueError(f"unknown score_func {score_func!r}")
+
+
+def normalized_scores(scores: torch.Tensor, score_func: str) -> torch.Tensor:
+    """Scores as a distribution over experts (sigmoid scores need normalising)."""
+    if score_func == "softmax":
+        return scores
+    return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+
+def select_experts(
+    scores: torch.Tensor,
+    top_k: int,
+    expert_bias: torch.Tensor | None = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+) -> torch.Tensor:
+    """Indices [T, K] of each token's chosen experts.
+
+    The bias (aux-loss-free balancing) shifts the choice only. With groups, the ``topk_groups``
+    groups with the largest sum of their two best (biased) scores are kept and the others masked
+    out before the top-k (DeepSeek-V3's node-limited routing).
+    """
+    choice = scores if expert_bias is None else scores + expert_bias
+    if num_groups > 1:
+        tokens, experts = choice.shape
+        grouped = choice.view(tokens, num_groups, experts // num_groups)
+        group_rank = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        keep_groups = group_rank.topk(topk_groups, dim=-1).indices
+        group_mask = torch.zeros_like(group_rank, dtype=torch.bool).scatter_(1, keep_groups, True)
+        choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(tokens, experts)
+    return choice.topk(top_k, dim=-1).indices
+
+
+def gate_weights(scores: torch.Tensor, idx: torch.Tensor, norm_topk_prob: bool, route_scale: float):
+    """Combine weights [T, K] of the chosen experts: their scores, optionally renormalised."""
+    weight = scores.gather(1, idx)
+    if norm_topk_prob:
+        weight = weight / weight.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return weight * route_scale
+
+
+def capacity_of(tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    return max(1, math.ceil(capacity_factor * tokens * top_k / num_experts))
+
+
+def apply_capacity(
+    idx: torch.Tensor, weight: torch.Tensor, priority: torch.Tensor, num_experts: int, capacity: int
+):
+    """Drop assignments past each expert's capacity; ``priority`` [T, K] says who stays (higher first).
+
+    Returns (idx, weight) with dropped entries set to -1 / 0. Ties in priority keep the
+    (slot-major, then token) order, so "position" priority is just a constant.
+    """
+    tokens, top_k = idx.shape
+    # Slot-major flattening: all first choices, then all second choices, ...
+    flat_e = idx.t().reshape(-1)
+    flat_p = priority.t().reshape(-1)
+    by_priority = torch.sort(-flat_p, stable=True).indices
+    sorted_e, perm = torch.sort(flat_e[by_priority], stable=True)
+    order = by_priority[perm]
+    counts = torch.bincount(flat_e, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(flat_e.numel(), device=idx.device) - starts[sorted_e]
+    keep = torch.empty_like(flat_e, dtype=torch.bool)
+    keep[order] = rank < capacity
+    keep = keep.view(top_k, tokens).t()
+    return torch.where(keep, idx, -1), torch.where(keep, weight, 0)
+
+
+def expert_choice(scores: torch.Tensor, capacity: int):
+    """Each expert takes its ``capacity`` highest-scoring tokens (Zhou et al., 2022).
+
+    Returns token-major (idx [T, Kmax], weight [T, Kmax]) with -1 / 0 padding, Kmax being the
+    most experts any token got. Finding Kmax needs one host sync; expert choice also lets a
+    token's routing depend on later tokens, so it is for encoders or non-causal use.
+    """
+    tokens, num_experts = scores.shape
+    capacity = min(capacity, tokens)
+    picked = scores.t().topk(capacity, dim=-1).indices  # [E, C]
+    chosen = torch.zeros(num_experts, tokens, dtype=torch.bool, device=scores.device)
+    chosen.scatter_(1, picked, True)
+    chosen = chosen.t()  # [T, E]
+    kmax = max(1, int(chosen.sum(dim=-1).max()))
+    masked = torch.where(chosen, scores, -1.0)
+    top = masked.topk(kmax, dim=-1)
+    valid = top.values >= 0
+    return torch.where(valid, top.indices, -1), torch.where(valid, top.values, 0)
+
+
+class Router(nn.Module):
+    """Linear router with the expert-bias buffer used by aux-loss-free balancing."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None
+        # Float32 buffers: the bias moves by small steps that bf16 would round away.
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+        self.register_buffer("load_since_update", torch.zeros(config.num_experts, dtype=torch.float32))
+        nn.init.normal_(self.weight, std=config.init_std)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = router_dtype(x.dtype)
+        if self.training and self.config.router_jitter > 0:
+            eps = self.config.router_jitter
+            x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), self.weight.to(dtype), bias)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        cfg = self.config
+        logits = self.logits(x)
+        scores = score(logits, cfg.score_func)
+        tokens = x.shape[0]
+        if cfg.router_type == "expert_choice":
+            capacity = capacity_of(tokens, cfg.top_k, cfg.num_experts, cfg.capacity_factor or 1.0)
+            idx, weight = expert_choice(scores, capacity)
+        else:
+            idx = select_experts(scores, cfg.top_k, self.expert_bias.to(scores.dtype),
+                                 cfg.num_groups, cfg.topk_groups)
+            weight = gate_weights(scores, idx, cfg.norm_topk_prob, cfg.route_scale)
+        chosen_idx = idx
+        if cfg.capacity_factor is not None and cfg.router_type == "topk":
+            capacity = capacity_of(tokens, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
+            priority = scores.gather(1, idx) if cfg.drop_policy == "probability" else torch.zeros_like(weight)
+            idx, weight = apply_capacity(idx, weight, priority, cfg.num_experts, capacity)
+        return Routing(idx, weight, logits, scores, chosen_idx)

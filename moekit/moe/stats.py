@@ -1,0 +1,47 @@
+"""Per-forward statistics of an MoE layer, kept as device tensors (no host sync until read)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class MoEStats:
+    tokens_per_expert: torch.Tensor  # [E] assignments each expert processed (after drops)
+    aux_loss: torch.Tensor  # Switch/GShard loss value (unweighted)
+    seq_aux_loss: torch.Tensor  # sequence-wise loss value (unweighted)
+    z_loss: torch.Tensor  # router z-loss value (unweighted)
+    dropped_fraction: torch.Tensor  # share of assignments dropped by capacity (tokens, for expert choice)
+    router_entropy: torch.Tensor  # mean entropy of the per-token expert distribution, in nats
+    load_cv: torch.Tensor  # coefficient of variation of tokens_per_expert
+
+    def to_dict(self) -> dict[str, float | list[float]]:
+        """Host copy (one transfer per field): scalars as floats, the load as a list."""
+        out: dict[str, float | list[float]] = {}
+        for f in fields(self):
+            value = getattr(self, f.name).detach().float().cpu()
+            out[f.name] = value.tolist() if value.dim() else value.item()
+        return out
+
+
+def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Float32 count of assignments per expert; -1 entries are not counted."""
+    valid = (idx >= 0).flatten().float()
+    return torch.bincount(idx.clamp_min(0).flatten(), weights=valid, minlength=num_experts)
+
+
+def compute_stats(routing, probs: torch.Tensor, aux: torch.Tensor, seq_aux: torch.Tensor, zl: torch.Tensor,
+                  expert_choice: bool) -> MoEStats:
+    with torch.no_grad():
+        idx = routing.topk_idx
+        valid = idx >= 0
+        load = expert_counts(idx, routing.scores.shape[-1])
+        if expert_choice:
+            dropped = 1.0 - valid.any(dim=-1).float().mean()
+        else:
+            dropped = 1.0 - valid.float().mean()
+        entropy = -(probs * probs.clamp_min(1e-20).log()).sum(dim=-1).mean()
+        cv = load.std(unbiased=False) / load.mean().clamp_min(1e-20)
+        return MoEStats(load, aux.detach(), seq_aux.detach(), zl.detach(), dropped, entropy, cv)
