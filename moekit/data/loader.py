@@ -1,0 +1,71 @@
+"""Batches of fixed-length token windows with a resumable position.
+
+The stream is cut into non-overlapping windows of ``seq_len`` tokens; each epoch visits them in
+a fresh order drawn from ``seed + epoch``. The whole position is ``(epoch, index)``, so a
+checkpoint restores it exactly and a resumed run reads the same batches as an unbroken one.
+Labels equal the inputs (Hugging Face convention: the model shifts them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class TokenWindows:
+    """Windows of ``seq_len`` tokens over a 1-D token array (in memory or memory-mapped)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, vocab_size: int, name: str):
+        self.num_windows = len(tokens) // seq_len
+        if self.num_windows == 0:
+            raise ValueError(
+                f"{name} holds {len(tokens)} tokens, fewer than one window of seq_len={seq_len}"
+            )
+        self.tokens, self.seq_len, self.vocab_size, self.name = tokens, seq_len, vocab_size, name
+
+    def batch(self, window_ids: list[int]) -> torch.Tensor:
+        rows = [np.asarray(self.tokens[i * self.seq_len : (i + 1) * self.seq_len]) for i in window_ids]
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+        top = int(batch.max())
+        if top >= self.vocab_size:  # checked per batch: a .bin file may be too big to scan up front
+            raise ValueError(f"{self.name}: token id {top} >= the model's vocab_size {self.vocab_size}")
+        return batch
+
+
+class ShuffledBatches:
+    """Endless training batches; ``state_dict`` / ``load_state_dict`` carry the position."""
+
+    def __init__(self, windows: TokenWindows, batch_size: int, seed: int):
+        self.windows, self.batch_size, self.seed = windows, batch_size, seed
+        self.epoch, self.index = 0, 0
+        self._order: list[int] | None = None
+
+    def _epoch_order(self) -> list[int]:
+        if self._order is None:
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._order = torch.randperm(self.windows.num_windows, generator=gen).tolist()
+        return self._order
+
+    def next_batch(self) -> torch.Tensor:
+        ids = []
+        while len(ids) < self.batch_size:
+            ids.append(self._epoch_order()[self.index])
+            self.index += 1
+            if self.index == self.windows.num_windows:
+                self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        return self.windows.batch(ids)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"data position was saved with seed {state['seed']}, this run uses {self.seed}")
+        self.epoch, self.index, self._order = state["epoch"], state["index"], None
+
+
+def eval_batches(windows: TokenWindows, batch_size: int, max_batches: int) -> list[torch.Tensor]:
+    """The first ``max_batches`` batches of held-out windows, in order (the same every evaluation)."""
+    count = min(windows.num_windows, batch_size * max_batches)
+    ids = list(range(count))
+    return [windows.batch(ids[i : i + batch_size]) for i in range(0, count, batch_size)]

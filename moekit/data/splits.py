@@ -1,0 +1,34 @@
+"""Training and held-out token windows from a ``DataConfig``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moekit.data.config import DataConfig
+from moekit.data.loader import TokenWindows
+from moekit.data.sources import load_tokens
+from moekit.data.tokenizer import Tokenizer
+
+
+@dataclass
+class Splits:
+    train: TokenWindows
+    val: TokenWindows
+
+
+def load_splits(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int, vocab_size: int) -> Splits:
+    """Held out: ``cfg.val_path`` if given, else the last ``val_fraction`` of the stream."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {vocab_size}; "
+            f"set model.vocab_size={tokenizer.vocab_size}"
+        )
+    name = cfg.path or "the embedded corpus"
+    tokens = load_tokens(cfg.path, tokenizer, cfg.token_dtype, cfg.corpus_bytes)
+    if cfg.val_path is not None:
+        val = load_tokens(cfg.val_path, tokenizer, cfg.token_dtype, cfg.corpus_bytes)
+        return Splits(TokenWindows(tokens, seq_len, vocab_size, name),
+                      TokenWindows(val, seq_len, vocab_size, cfg.val_path))
+    cut = len(tokens) - max(seq_len, int(len(tokens) * cfg.val_fraction))
+    return Splits(TokenWindows(tokens[:cut], seq_len, vocab_size, f"{name} (training part)"),
+                  TokenWindows(tokens[cut:], seq_len, vocab_size, f"{name} (held-out part)"))

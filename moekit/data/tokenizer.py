@@ -1,0 +1,65 @@
+"""Tokenizers: raw bytes by default, or a Hugging Face ``tokenizer.json``.
+
+Both expose the same small interface: ``vocab_size``, ``eot_id`` (the document separator),
+``encode(text) -> list[int]`` and ``decode(ids) -> str``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+# Names the end-of-text token goes by in common tokenizer.json files.
+_EOT_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eot_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, plus token 256 to separate documents."""
+
+    vocab_size = 257
+    eot_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A ``tokenizers`` tokenizer loaded from a ``tokenizer.json`` file."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        try:
+            self._tok = _Tokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust error text is opaque; name the file
+            raise ValueError(f"cannot read tokenizer file {path}: {exc}") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eot_id = next((i for n in _EOT_NAMES if (i := self._tok.token_to_id(n)) is not None), None)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids))
+
+
+def load_tokenizer(path: str | None) -> Tokenizer:
+    """The byte tokenizer when ``path`` is None or "byte", else a ``tokenizer.json``."""
+    if path is None or path == "byte":
+        return ByteTokenizer()
+    return HFTokenizer(path)
