@@ -145,6 +145,15 @@ class Router(nn.Module):
         self.register_buffer("load_since_update", torch.zeros(config.num_experts, dtype=torch.float32))
         nn.init.normal_(self.weight, std=config.init_std)
 
+    def _apply(self, fn, recurse=True):
+        # Keep the balancing buffers in float32 when the module is cast (e.g. .double(), .bfloat16()).
+        super()._apply(fn, recurse)
+        for name in ("expert_bias", "load_since_update"):
+            buf = getattr(self, name)
+            if buf.is_floating_point() and buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        return self
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         dtype = router_dtype(x.dtype)
         if self.training and self.config.router_jitter > 0:

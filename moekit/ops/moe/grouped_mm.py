@@ -19,6 +19,8 @@ def unsupported_reason(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
     """Why ``_grouped_mm`` cannot run these operands here, or None if it can."""
     if not hasattr(torch, "_grouped_mm"):
         return f"torch {torch.__version__} has no torch._grouped_mm"
+    if not x.is_cuda and torch.torch_version.TorchVersion(torch.__version__) < (2, 13):
+        return f"torch._grouped_mm runs on the CPU from torch 2.13 (this is {torch.__version__})"
     if x.dtype not in SUPPORTED_DTYPES:
         return f"torch._grouped_mm does not support {x.dtype}"
     if x.is_cuda and x.dtype != torch.bfloat16 and torch.cuda.get_device_capability(x.device) < (9, 0):

@@ -1,0 +1,49 @@
+"""Bad configurations and inputs fail with messages that name the problem."""
+
+import pytest
+import torch
+
+from moekit import MoE, MoEConfig
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(top_k=9, num_experts=8), r"top_k \(9\) must be <= num_experts \(8\)"),
+    (dict(num_groups=2, topk_groups=3), r"topk_groups \(3\) must be <= num_groups \(2\)"),
+    (dict(num_experts=10, num_groups=4), r"num_experts \(10\) must be divisible by num_groups \(4\)"),
+    (dict(score_func="relu"), "unknown score_func 'relu'"),
+    (dict(activation="tanh"), "unknown activation 'tanh'"),
+    (dict(backend="cuda"), "unknown backend 'cuda'"),
+    (dict(router_type="hash"), "unknown router_type 'hash'"),
+    (dict(drop_policy="random"), "unknown drop_policy 'random'"),
+    (dict(capacity_factor=0.0), "capacity_factor must be None"),
+    (dict(hidden_size=0), "hidden_size must be a positive integer"),
+])
+def test_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(**kw)
+
+
+def test_unknown_config_key():
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_expert'\]"):
+        MoEConfig.from_dict({"num_expert": 8})
+    assert MoEConfig.from_dict({"num_experts": 4, "top_k": 1}).num_experts == 4
+
+
+def test_bad_inputs():
+    layer = MoE(MoEConfig(hidden_size=16, ffn_hidden_size=8, check_finite=True))
+    with pytest.raises(ValueError, match=r"expected input \[..., hidden_size=16\], got shape \(4, 12\)"):
+        layer(torch.randn(4, 12))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(4, 16, dtype=torch.long))
+    x = torch.randn(4, 16)
+    x[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        layer(x)
+    x[2, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        layer(x)
+
+
+def test_precision_not_yet_available_is_refused():
+    with pytest.raises(ValueError, match="precision 'fp8' is not available"):
+        MoE(MoEConfig(precision="fp8"))
