@@ -1,0 +1,225 @@
+"""Linear sequence-modeling ops: one signature each, a chunked and a recurrent form, a backend.
+
+    from moekit.ops import linear_attention as la
+    o, state = la.gla(q, k, v, gk, output_final_state=True)
+
+Every op takes q, k [B, T, H, K] and v [B, T, H, V] (one dtype), gates in log space, and returns
+``(o, final_state)``: o [B, T, H, V] in v's dtype, final_state [B, H, K, V] (None unless
+``output_final_state``) kept in float32, or float64 when an input is float64, whatever the input
+dtype. Per step, with S the K x V state and o_t = scale * q_t S_t:
+
+    linear_attn(q, k, v)                 S_t = S_{t-1} + k_t^T v_t
+    simple_gla(q, k, v, g)               S_t = exp(g_t) S_{t-1} + k_t^T v_t               g [B, T, H]
+    gla(q, k, v, gk)                     S_t = diag(exp(gk_t)) S_{t-1} + k_t^T v_t        gk [B, T, H, K]
+    delta_rule(q, k, v, beta)            S_t = S_{t-1} + beta_t k_t^T (v_t - k_t S_{t-1}) beta [B, T, H]
+    gated_delta_rule(q, k, v, g, beta)   S' = exp(g_t) S_{t-1}; S_t = S' + beta_t k_t^T (v_t - k_t S')
+    mamba2_ssd(x, dt, A, B, C, D)        Mamba2's SSD (see its docstring)
+
+Common keyword arguments:
+    scale=None               None means K ** -0.5 (mamba2_ssd has no scale)
+    initial_state=None       [B, H, K, V], or [N, H, K, V] with cu_seqlens (N sequences)
+    output_final_state=False
+    mode="chunk"             "chunk" (block-parallel, training) or "recurrent" (step loop,
+                             decoding; cheap for T == 1); both compute the same function
+    cu_seqlens=None          int tensor [N + 1] of packed sequence bounds, 0 ... T, with B == 1;
+                             each sequence starts from initial_state[i] (or zeros) and
+                             final_state is per sequence, [N, H, K, V]
+    chunk_size=64            block length of the chunk form
+    backend="auto"           "auto" | "reference" | "triton"; today every op runs its plain
+                             PyTorch reference ("triton" raises until a kernel exists)
+
+Lightning attention and retention are ``simple_gla`` with a fixed per-head decay from
+``lightning_decay`` / ``retention_decay``. Gates must be finite: for a full reset use a large
+negative log-gate (e.g. -60), not -inf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from moekit.ops.linear_attention import _checks
+from moekit.ops.linear_attention.decay import lightning_decay, retention_decay
+from moekit.ops.linear_attention.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from moekit.ops.linear_attention.gla import chunk_gla, recurrent_gla
+from moekit.ops.linear_attention.mamba2 import chunk_ssd, recurrent_ssd
+from moekit.ops.linear_attention.simple_gla import chunk_simple_gla, recurrent_simple_gla
+from moekit.ops.linear_attention.varlen import run_per_sequence
+
+__all__ = [
+    "delta_rule",
+    "gated_delta_rule",
+    "gla",
+    "lightning_decay",
+    "linear_attn",
+    "mamba2_ssd",
+    "retention_decay",
+    "simple_gla",
+]
+
+
+@dataclass(frozen=True)
+class _Call:
+    """The keyword arguments every op shares, validated and applied by ``_run``."""
+
+    op: str
+    initial_state: torch.Tensor | None
+    output_final_state: bool
+    mode: str
+    cu_seqlens: torch.Tensor | None
+    chunk_size: int
+    backend: str
+
+
+def linear_attn(q, k, v, *, scale=None, initial_state=None, output_final_state=False, mode="chunk",
+                cu_seqlens=None, chunk_size=64, backend="auto"):
+    """Causal linear attention without decay: S_t = S_{t-1} + k_t^T v_t."""
+    call = _Call("linear_attn", initial_state, output_final_state, mode, cu_seqlens, chunk_size, backend)
+    dims = _checks.qkv(call.op, q, k, v)
+    forms = _bind(chunk_simple_gla, recurrent_simple_gla, scale=_scale(call.op, scale, dims))
+    return _run(call, forms, (q, k, v, None), dims, {"q": q, "k": k, "v": v}, v.dtype)
+
+
+def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, mode="chunk",
+               cu_seqlens=None, chunk_size=64, backend="auto"):
+    """Linear attention with a scalar log-decay per head and step: S_t = exp(g_t) S_{t-1} + k_t^T v_t.
+
+    g is [B, T, H]. Lightning attention (pass ``scale=1.0`` to match MiniMax) and retention are
+    this op with ``g = lightning_decay(...)`` / ``retention_decay(...)`` broadcast over [B, T].
+    """
+    call = _Call("simple_gla", initial_state, output_final_state, mode, cu_seqlens, chunk_size, backend)
+    dims = _checks.qkv(call.op, q, k, v)
+    _checks.shape(call.op, "g", g, dims[:3], "[B, T, H]")
+    forms = _bind(chunk_simple_gla, recurrent_simple_gla, scale=_scale(call.op, scale, dims))
+    return _run(call, forms, (q, k, v, g), dims, {"q": q, "k": k, "v": v, "g": g}, v.dtype)
+
+
+def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False, mode="chunk",
+        cu_seqlens=None, chunk_size=64, backend="auto"):
+    """Gated linear attention with a per-key log-decay: S_t = diag(exp(gk_t)) S_{t-1} + k_t^T v_t.
+
+    gk is [B, T, H, K], like q.
+    """
+    call = _Call("gla", initial_state, output_final_state, mode, cu_seqlens, chunk_size, backend)
+    dims = _checks.qkv(call.op, q, k, v)
+    _checks.shape(call.op, "gk", gk, dims[:4], "[B, T, H, K] (like q)")
+    forms = _bind(chunk_gla, recurrent_gla, scale=_scale(call.op, scale, dims))
+    return _run(call, forms, (q, k, v, gk), dims, {"q": q, "k": k, "v": v, "gk": gk}, v.dtype)
+
+
+def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, mode="chunk",
+               cu_seqlens=None, chunk_size=64, backend="auto", use_qk_l2norm_in_kernel=False):
+    """DeltaNet: S_t = S_{t-1} + beta_t k_t^T (v_t - k_t S_{t-1}).
+
+    beta is [B, T, H], normally in (0, 1). ``use_qk_l2norm_in_kernel`` first L2-normalises q and
+    k over K as x / sqrt(sum x^2 + 1e-6) (keys should be unit-norm for the rule to be stable).
+    """
+    call = _Call("delta_rule", initial_state, output_final_state, mode, cu_seqlens, chunk_size, backend)
+    dims = _checks.qkv(call.op, q, k, v)
+    _checks.shape(call.op, "beta", beta, dims[:3], "[B, T, H]")
+    forms = _bind(chunk_gated_delta_rule, recurrent_gated_delta_rule, scale=_scale(call.op, scale, dims),
+                  use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel))
+    return _run(call, forms, (q, k, v, None, beta), dims, {"q": q, "k": k, "v": v, "beta": beta}, v.dtype)
+
+
+def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+                     mode="chunk", cu_seqlens=None, chunk_size=64, backend="auto",
+                     use_qk_l2norm_in_kernel=False):
+    """Gated DeltaNet: S' = exp(g_t) S_{t-1}; S_t = S' + beta_t k_t^T (v_t - k_t S').
+
+    g and beta are [B, T, H]; ``use_qk_l2norm_in_kernel`` as in ``delta_rule``.
+    """
+    call = _Call("gated_delta_rule", initial_state, output_final_state, mode, cu_seqlens, chunk_size, backend)
+    dims = _checks.qkv(call.op, q, k, v)
+    _checks.shape(call.op, "g", g, dims[:3], "[B, T, H]")
+    _checks.shape(call.op, "beta", beta, dims[:3], "[B, T, H]")
+    forms = _bind(chunk_gated_delta_rule, recurrent_gated_delta_rule, scale=_scale(call.op, scale, dims),
+                  use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel))
+    named = {"q": q, "k": k, "v": v, "g": g, "beta": beta}
+    return _run(call, forms, (q, k, v, g, beta), dims, named, v.dtype)
+
+
+def mamba2_ssd(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False, initial_state=None,
+               output_final_state=False, mode="chunk", cu_seqlens=None, chunk_size=64, backend="auto"):
+    """Mamba2's SSD scan: h_t = exp(dt_t A) h_{t-1} + dt_t B_t^T x_t,  y_t = C_t h_t + D x_t.
+
+    x [B, T, H, P]; dt [B, T, H], used as given (the caller adds the bias, applies softplus and
+    any clamp) unless ``dt_bias`` [H] is given (added first) or ``dt_softplus=True`` (applied
+    after the bias); A [H], negative (Mamba2's -exp(A_log)); B and C [B, T, G, N] with H a
+    multiple of G, head h reading group h // (H / G); D None, [H] or [H, P]. No ``scale``.
+    Returns (y [B, T, H, P] in x's dtype, final_state [B, H, N, P] or None): the [B, H, K, V]
+    layout of the other ops (Mamba2 / Hugging Face caches hold its transpose [B, H, P, N]).
+    """
+    call = _Call("mamba2_ssd", initial_state, output_final_state, mode, cu_seqlens, chunk_size, backend)
+    op = call.op
+    _checks.float_tensor(op, "x", x, 4)
+    batch, T, H, P = x.shape
+    if T == 0:
+        raise ValueError(f"{op}: sequence length T must be >= 1, got `x` of shape {tuple(x.shape)}")
+    _checks.shape(op, "dt", dt, (batch, T, H), "[B, T, H]")
+    _checks.shape(op, "A", A, (H,), "[H]")
+    _checks.float_tensor(op, "B", B, 4)
+    G, N = B.shape[2:]
+    if B.shape[:2] != x.shape[:2] or G == 0 or H % G:
+        raise ValueError(f"{op}: `B` must be [B, T, G, N] with B, T = {(batch, T)} of x and G dividing "
+                         f"H={H}, got {tuple(B.shape)}")
+    _checks.shape(op, "C", C, B.shape, "[B, T, G, N] (like B)")
+    if D is not None:
+        _checks.float_tensor(op, "D", D, D.dim() if isinstance(D, torch.Tensor) else 1)
+        if tuple(D.shape) not in ((H,), (H, P)):
+            raise ValueError(f"{op}: `D` must have shape [H] = ({H},) or [H, P] = {(H, P)}, "
+                             f"got {tuple(D.shape)}")
+    if dt_bias is not None:
+        _checks.shape(op, "dt_bias", dt_bias, (H,), "[H]")
+    forms = _bind(chunk_ssd, recurrent_ssd, A=A, D=D, dt_bias=dt_bias, dt_softplus=bool(dt_softplus))
+    named = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "dt_bias": dt_bias}
+    return _run(call, forms, (x, dt, B, C), (batch, T, H, N, P), named, x.dtype)
+
+
+def _scale(op: str, scale, dims) -> float:
+    """None means K ** -0.5."""
+    if scale is None:
+        return dims[3] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, int | float):
+        raise ValueError(f"{op}: `scale` must be a number or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _bind(chunk: Callable, recurrent: Callable, **kwargs) -> dict[str, Callable]:
+    return {"chunk": partial(chunk, **kwargs), "recurrent": partial(recurrent, **kwargs)}
+
+
+def _resolve_backend(op: str, backend: str) -> str:
+    if backend == "triton":
+        raise RuntimeError(f"{op}: backend='triton' has no kernel yet for the linear-attention ops; "
+                           "use backend='auto' or 'reference'")
+    return "reference"
+
+
+def _run(call: _Call, forms: dict[str, Callable], per_token: Sequence[torch.Tensor | None], dims,
+         named: dict[str, torch.Tensor | None], out_dtype: torch.dtype):
+    """Validate the shared options, pick the form, run it (per sequence with cu_seqlens).
+
+    ``per_token`` are the reference form's positional [B, T, ...] inputs; ``dims`` is
+    (B, T, H, K, V) of the state.
+    """
+    op = call.op
+    _checks.options(op, call.mode, call.backend, call.chunk_size)
+    batch, T, H, K, V = dims
+    bounds = _checks.sequences(op, call.cu_seqlens, batch, T)
+    num_states, layout = (batch, "[B, H, K, V]") if bounds is None else (len(bounds) - 1, "[N, H, K, V]")
+    if call.initial_state is not None:
+        _checks.shape(op, "initial_state", call.initial_state, (num_states, H, K, V), layout)
+    _checks.finite(op, {**named, "initial_state": call.initial_state})
+    _resolve_backend(op, call.backend)
+    fn = forms[call.mode]
+    if call.mode == "chunk":
+        fn = partial(fn, chunk_size=call.chunk_size)
+    if bounds is None:
+        o, state = fn(*per_token, initial_state=call.initial_state)
+    else:
+        o, state = run_per_sequence(fn, per_token, bounds, call.initial_state)
+    return o.to(out_dtype), (state if call.output_final_state else None)

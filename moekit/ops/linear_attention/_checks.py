@@ -1,0 +1,78 @@
+"""Input validation for the public ops: each problem is a ValueError naming the argument."""
+
+from __future__ import annotations
+
+import torch
+
+MODES = ("chunk", "recurrent")
+BACKENDS = ("auto", "reference", "triton")
+
+
+def float_tensor(op: str, name: str, t, dim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: `{name}` must be a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{op}: `{name}` must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() != dim:
+        raise ValueError(f"{op}: `{name}` must have {dim} dims, got shape {tuple(t.shape)}")
+
+
+def shape(op: str, name: str, t, expected: tuple[int, ...], layout: str) -> None:
+    """`t` must be a floating tensor of shape `expected` (described as `layout`, e.g. "[B, T, H]")."""
+    float_tensor(op, name, t, len(expected))
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{op}: `{name}` must have shape {layout} = {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def qkv(op: str, q, k, v) -> tuple[int, int, int, int, int]:
+    """Checks q, k, v [B, T, H, K|V]; returns (B, T, H, K, V)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        float_tensor(op, name, t, 4)
+    B, T, H, K = q.shape
+    if T == 0:
+        raise ValueError(f"{op}: sequence length T must be >= 1, got `q` of shape {tuple(q.shape)}")
+    shape(op, "k", k, (B, T, H, K), "[B, T, H, K] (like q)")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{op}: `v` must have shape [B, T, H, V] with B, T, H = {(B, T, H)} of q, "
+                         f"got {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"{op}: `q`, `k`, `v` must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    return B, T, H, K, v.shape[-1]
+
+
+def options(op: str, mode: str, backend: str, chunk_size: int) -> None:
+    if mode not in MODES:
+        raise ValueError(f"{op}: `mode` must be one of {MODES}, got {mode!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{op}: `chunk_size` must be a positive int, got {chunk_size!r}")
+
+
+def sequences(op: str, cu_seqlens, batch: int, seq_len: int) -> list[int] | None:
+    """Checks cu_seqlens against the packed batch; returns its bounds as a list (or None)."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() \
+            or cu_seqlens.dtype == torch.bool or cu_seqlens.is_complex():
+        raise ValueError(f"{op}: `cu_seqlens` must be a 1-D integer tensor")
+    if batch != 1:
+        raise ValueError(f"{op}: with `cu_seqlens` the inputs must be packed into batch size 1, got B={batch}")
+    bounds = cu_seqlens.tolist()
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != seq_len:
+        raise ValueError(f"{op}: `cu_seqlens` must start at 0 and end at T={seq_len}, got {bounds}")
+    if any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"{op}: `cu_seqlens` must be strictly increasing, got {bounds}")
+    return bounds
+
+
+def finite(op: str, named: dict[str, torch.Tensor | None]) -> None:
+    """NaN / inf inputs are rejected up front (one device sync for all of them); skipped while
+    torch.compile traces, where a data-dependent branch would break the graph."""
+    if torch.compiler.is_compiling():
+        return
+    present = {name: t for name, t in named.items() if t is not None}
+    flags = torch.stack([t.isfinite().all() for t in present.values()])
+    if not bool(flags.all()):
+        bad = [name for name, ok in zip(present, flags.tolist()) if not ok]
+        raise ValueError(f"{op}: non-finite values (NaN or inf) in {', '.join(f'`{n}`' for n in bad)}")
