@@ -1,0 +1,91 @@
+"""Routed experts as fused Triton kernels (forward and backward); see ``triton_kernels``.
+
+Forward: up-projection with the token gather in its prologue and the activation in its
+epilogue -> down-projection writing each assignment's row at its (token, slot) place ->
+weighted sum over K. Backward: routing-weight gradient from the saved down-projection rows,
+down dgrad with the weighting and the activation backward fused, both weight gradients
+grouped along the token axis, up dgrad scattered and summed over K like the forward.
+Routing metadata stays on the device: nothing here waits for the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.ops.activations import is_gated
+from moekit.ops.moe import reference
+from moekit.ops.moe import triton_kernels as kernels
+from moekit.ops.moe.triton_meta import RoutingMeta, routing_meta
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class RoutedExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, topk_idx, topk_weight, w_up, w_down, activation, store_h):
+        meta = routing_meta(topk_idx, w_up.shape[0])
+        weight = topk_weight.detach().float().contiguous()
+        h, a = kernels.gather_up(x, w_up, meta, activation, store_h=store_h)
+        y = kernels.scatter_gemm(a, w_down, meta, transpose_w=True)
+        out = kernels.combine(y, topk_idx, weight, x.dtype)
+        if store_h:
+            ctx.save_for_backward(x, topk_idx, weight, w_up, w_down, h, a, y, meta.counts, meta.order)
+            ctx.activation = activation
+            ctx.weight_dtype = topk_weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, topk_idx, weight, w_up, w_down, h, a, y, counts, order = ctx.saved_tensors
+        meta = RoutingMeta(counts, order, w_up.shape[0], topk_idx.shape[1])
+        need_x, _, need_w, need_up, need_down, _, _ = ctx.needs_input_grad
+        dout = dout.contiguous()
+        dx = dweight = dw_up = dw_down = None
+        if need_w:
+            dweight = kernels.weight_grad(y, dout, topk_idx).to(ctx.weight_dtype)
+        if need_down:
+            dw_down = kernels.grouped_wgrad(dout, a, meta, gather_a=True, gather_b=False, weight=weight,
+                                            out_dtype=w_down.dtype)
+        if need_x or need_up:
+            dh = kernels.gather_down_dgrad(dout, w_down, h, weight, meta, ctx.activation)
+            if need_up:
+                dw_up = kernels.grouped_wgrad(dh, x, meta, gather_a=False, gather_b=True, out_dtype=w_up.dtype)
+            if need_x:
+                dx = kernels.combine(kernels.scatter_gemm(dh, w_up, meta, transpose_w=False), topk_idx,
+                                     None, x.dtype)
+        return dx, None, dweight, dw_up, dw_down, None, None
+
+
+def _check(x, topk_idx, topk_weight, w_up, w_down, activation) -> None:
+    gated = is_gated(activation)  # raises on an unknown activation
+    for name, t in (("x", x), ("w_up", w_up), ("w_down", w_down)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"routed_experts (triton): {name} has dtype {t.dtype}; supported: {SUPPORTED_DTYPES}")
+    if not (x.dtype == w_up.dtype == w_down.dtype):
+        raise TypeError(f"routed_experts (triton): x, w_up, w_down must share a dtype, got "
+                        f"{x.dtype}, {w_up.dtype}, {w_down.dtype}")
+    if not topk_weight.is_floating_point():
+        raise TypeError(f"routed_experts: topk_weight must be floating point, got {topk_weight.dtype}")
+    ffn = w_down.shape[2]
+    if w_up.shape[1] != (2 * ffn if gated else ffn):
+        raise ValueError(f"routed_experts: w_up has {w_up.shape[1]} rows but {activation!r} with ffn size "
+                         f"{ffn} needs {2 * ffn if gated else ffn}")
+
+
+def routed_experts(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weight: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str = "swiglu",
+) -> torch.Tensor:
+    """Same contract as ``moekit.ops.moe.reference.routed_experts``; differentiable in x,
+    topk_weight, w_up and w_down."""
+    _check(x, topk_idx, topk_weight, w_up, w_down, activation)
+    if x.shape[0] == 0:  # no tokens: nothing to launch
+        return reference.routed_experts(x, topk_idx, topk_weight, w_up, w_down, activation)
+    # The pre-activation is kept only when a backward can follow (not at inference).
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weight, w_up, w_down))
+    return RoutedExperts.apply(x.contiguous(), topk_idx.contiguous(), topk_weight, w_up.contiguous(),
+                               w_down.contiguous(), activation, training)

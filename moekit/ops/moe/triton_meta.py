@@ -1,0 +1,47 @@
+"""Routing metadata for the Triton MoE kernels, built on the device without a host sync.
+
+The kernels need only two tensors: ``counts[e]`` (assignments per expert, int32) and
+``order`` (the flattened ``t * K + k`` assignment behind each expert-sorted row, int32).
+Each kernel derives expert row offsets and its tile's expert from ``counts`` itself, so no
+tile table sized by data (or by the autotuned BLOCK_M) is built on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RoutingMeta:
+    counts: torch.Tensor  # [E] int32
+    order: torch.Tensor  # [T*K] int32; rows past sum(counts) hold the dropped assignments
+    num_experts: int
+    top_k: int
+
+
+def routing_meta(topk_idx: torch.Tensor, num_experts: int) -> RoutingMeta:
+    """Counting-sort metadata of ``topk_idx`` [T, K]; -1 (no expert) sorts after every expert."""
+    if topk_idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"routed_experts: topk_idx must be int64 or int32, got {topk_idx.dtype}")
+    flat = topk_idx.reshape(-1)
+    # Checked on the device: an out-of-range index would make the kernels read out of bounds.
+    torch._assert_async(((flat >= -1) & (flat < num_experts)).all(),
+                        f"routed_experts: topk_idx entries must lie in [-1, {num_experts})")
+    key = torch.where(flat < 0, num_experts, flat).to(torch.int32)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(0, key.long(), torch.ones_like(key))
+    order = torch.sort(key, stable=True).indices.to(torch.int32)
+    return RoutingMeta(counts[:num_experts], order, num_experts, topk_idx.shape[1])
+
+
+# Debug switch: fill every buffer the kernels write with NaN first, so a test can prove that
+# no unwritten element leaks into a result (benchmarks/gpu_check_moe.py and the tests set it).
+poison_buffers = False
+
+
+def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if poison_buffers:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)

@@ -1,0 +1,79 @@
+"""Plain-PyTorch counterparts of the launchers in ``triton_kernels``, one per kernel.
+
+Same arguments, same results on the rows a kernel defines (the first ``sum(counts)``
+expert-sorted rows, or the valid (token, slot) rows of a scatter buffer), computed in the
+inputs' dtype or, for tests, in float64. Slow and simple on purpose: they are the definition.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moekit.ops.activations import GATED, apply_activation, is_gated
+from moekit.ops.moe.triton_meta import RoutingMeta
+
+
+def sorted_rows(meta: RoutingMeta):
+    """(expert, token, assignment) of each valid expert-sorted row."""
+    counts = meta.counts.long()
+    valid = int(counts.sum())
+    expert = torch.repeat_interleave(torch.arange(meta.num_experts, device=counts.device), counts)
+    assignment = meta.order[:valid].long()
+    return expert, assignment // meta.top_k, assignment
+
+
+def gather_up(x, w_up, meta, activation):
+    expert, token, _ = sorted_rows(meta)
+    h = torch.einsum("rh,ruh->ru", x[token], w_up[expert])
+    return h, apply_activation(h, activation)
+
+
+def _activation_grad(g, activation):
+    with torch.enable_grad():
+        g = g.detach().requires_grad_(True)
+        fn = GATED.get(activation, F.gelu)
+        (grad,) = torch.autograd.grad(fn(g).sum(), g)
+    return grad
+
+
+def gather_down_dgrad(dout, w_down, h, weight, meta, activation):
+    expert, token, assignment = sorted_rows(meta)
+    da = torch.einsum("rh,rhf->rf", dout[token], w_down[expert]) * weight.reshape(-1)[assignment, None]
+    h = h[: len(expert)]
+    if not is_gated(activation):
+        return da * _activation_grad(h, activation)
+    gate, up = h.chunk(2, -1)
+    return torch.cat([da * up * _activation_grad(gate, activation), da * GATED[activation](gate)], -1)
+
+
+def scatter_gemm(src, w, meta, transpose_w):
+    """Rows of the [T*K, N] buffer at valid assignments (others are undefined); returns (buf rows, ids)."""
+    expert, _, assignment = sorted_rows(meta)
+    w_e = w[expert].transpose(1, 2) if transpose_w else w[expert]
+    rows = torch.einsum("rk,rkn->rn", src[: len(expert)], w_e)
+    return rows, assignment
+
+
+def grouped_wgrad(a, b, meta, gather_a, gather_b, weight=None):
+    expert, token, assignment = sorted_rows(meta)
+    a_rows = a[token] if gather_a else a[: len(expert)]
+    b_rows = b[token] if gather_b else b[: len(expert)]
+    if weight is not None:
+        a_rows = a_rows * weight.reshape(-1)[assignment, None].to(a_rows.dtype)
+    dw = torch.zeros(meta.num_experts, a.shape[1], b.shape[1], dtype=a.dtype, device=a.device)
+    return dw.index_add_(0, expert, a_rows[:, :, None] * b_rows[:, None, :])
+
+
+def combine(buf, topk_idx, weight, dtype):
+    valid = (topk_idx >= 0)[..., None]
+    rows = torch.where(valid, buf.reshape(*topk_idx.shape, -1), 0)
+    if weight is not None:
+        rows = rows * weight[..., None].to(rows.dtype)
+    return rows.sum(1).to(dtype)
+
+
+def weight_grad(y, dout, topk_idx):
+    rows = y.reshape(*topk_idx.shape, -1)
+    dw = (rows * dout[:, None, :].to(rows.dtype)).sum(-1)
+    return torch.where(topk_idx >= 0, dw, 0)
