@@ -1,0 +1,92 @@
+"""Distributed checkpoints (torch.distributed.checkpoint) that load at any world size.
+
+The state is saved as global tensors: FSDP2 params are DTensors already, and each expert shard
+is presented as the [Replicate over dp, Shard(0) over ep] piece of its full [E, ...] tensor. A
+model laid out differently (another ep, or one process with no process group at all) loads the
+pieces it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from moekit.parallel.mesh import ParallelMesh
+
+
+def _expert_shard_names(model: nn.Module) -> set[str]:
+    names = set()
+    for name, _ in model.named_parameters():
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if getattr(owner, "shard", None) is not None:
+            names.add(name)
+    return names
+
+
+def _as_global(local: torch.Tensor, pmesh: ParallelMesh) -> DTensor:
+    # run_check=False: no communication, and the DTensor shares the local storage, so a load
+    # writes straight into the parameter / optimizer state.
+    return DTensor.from_local(local, pmesh.mesh, [Replicate(), Shard(0)], run_check=False)
+
+
+def _map_experts(state: dict, names: set[str], fn) -> dict:
+    return {k: fn(v) if k in names else v for k, v in state.items()}
+
+
+def _states(model: nn.Module, optimizer, pmesh: ParallelMesh | None) -> tuple[dict, set[str]]:
+    names = _expert_shard_names(model) if pmesh is not None else set()
+    to_global = lambda t: _as_global(t, pmesh)
+    state = {"model": _map_experts(get_model_state_dict(model), names, to_global)}
+    if optimizer is not None:
+        optim = get_optimizer_state_dict(model, optimizer)
+        # Per-parameter optimizer tensors shaped like the param (Adam moments) are sharded with it;
+        # scalars (the step count) are the same everywhere.
+        per_param = lambda s: {k: to_global(t) if torch.is_tensor(t) and t.dim() > 0 else t for k, t in s.items()}
+        state["optim"] = {**optim, "state": _map_experts(optim["state"], names, per_param)}
+    return state, names
+
+
+def _to_local(value):
+    if isinstance(value, DTensor):
+        return value.to_local()
+    if isinstance(value, dict):
+        return {k: _to_local(v) for k, v in value.items()}
+    return value
+
+
+def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    pmesh: ParallelMesh | None = None, extra: dict[str, Any] | None = None) -> None:
+    """Every rank calls this with the same ``path`` (a directory). ``extra``: small JSON-able
+    values (step, data position, config) saved alongside."""
+    state, _ = _states(model, optimizer, pmesh)
+    state["extra"] = json.dumps(extra or {})
+    dcp.save(state, checkpoint_id=path)
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    pmesh: ParallelMesh | None = None) -> dict[str, Any]:
+    """Load in place into ``model`` (and ``optimizer``) laid out for ``pmesh`` (None: a plain
+    single-process model). Returns the ``extra`` values."""
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise FileNotFoundError(f"load_checkpoint: {path!r} is not a distributed checkpoint "
+                                "(no .metadata file in that directory)")
+    state, names = _states(model, optimizer, pmesh)
+    state["extra"] = ""
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, _map_experts(state["model"], names, _to_local))
+    if optimizer is not None:
+        optim = state["optim"]
+        set_optimizer_state_dict(model, optimizer, {**optim, "state": _map_experts(optim["state"], names, _to_local)})
+    return json.loads(state["extra"])

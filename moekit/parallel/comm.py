@@ -1,0 +1,49 @@
+"""Autograd-aware all-to-all with split sizes (the backward sends gradients back the same way)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group, pending):
+        ctx.splits = (output_splits, input_splits)
+        ctx.group = group
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        work = dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group,
+                                      async_op=pending is not None)
+        if pending is not None:
+            pending.append(work)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        output_splits, input_splits = ctx.splits
+        grad_x = grad.new_empty((sum(input_splits), *grad.shape[1:]))
+        dist.all_to_all_single(grad_x, grad.contiguous(), input_splits, output_splits, group=ctx.group)
+        return grad_x, None, None, None, None
+
+
+def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
+               group: dist.ProcessGroup) -> torch.Tensor:
+    """Rows ``input_splits[r]`` of ``x`` go to rank r; ``output_splits[r]`` rows come from rank r."""
+    return _AllToAll.apply(x, output_splits, input_splits, group, None)
+
+
+def all_to_all_start(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
+                     group: dist.ProcessGroup):
+    """Like ``all_to_all`` but returns at once: (output, work). Read the output only after
+    ``work.wait()``; the backward is synchronous."""
+    pending: list = []
+    out = _AllToAll.apply(x, output_splits, input_splits, group, pending)
+    return out, pending[0]
+
+
+def exchange_counts(send_counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``send_counts`` [ep, n] (row r: what this rank sends to rank r) -> [ep, n] (row r: what
+    rank r sends here)."""
+    recv = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv, send_counts.contiguous(), group=group)
+    return recv

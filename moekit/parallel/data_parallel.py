@@ -1,0 +1,103 @@
+"""Data parallelism around expert parallelism: FSDP2 for dense params, explicit reduction for experts.
+
+Every rank reads its own data, so the training objective is the mean of the ranks' losses.
+Dense params are replicated over all ranks (sharded by FSDP2 over the flat "world" mesh, which
+averages their gradients). An expert shard already receives the gradient of every rank of its
+"ep" group through the all-to-all backward (a sum over those ranks), so its gradient is summed
+over the "dp" group, which holds the same experts, and divided by the world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from moekit.parallel.expert_parallel import expert_parameters
+from moekit.parallel.mesh import ParallelMesh
+
+
+def apply_fsdp(model: nn.Module, pmesh: ParallelMesh, blocks: Iterable[nn.Module] = ()) -> None:
+    """Shard every dense parameter with FSDP2 over all ranks; expert params stay as they are.
+
+    ``blocks`` (e.g. the transformer layers) become their own FSDP units, so only one block's
+    params are gathered at a time; the rest of the model forms the root unit."""
+    ignored = set(expert_parameters(model))
+    for block in blocks:
+        fully_shard(block, mesh=pmesh.world, ignored_params=ignored)
+    fully_shard(model, mesh=pmesh.world, ignored_params=ignored)
+
+
+def _is_sharded(param: torch.Tensor) -> bool:
+    return isinstance(param, DTensor)
+
+
+def sync_grads(model: nn.Module, pmesh: ParallelMesh) -> None:
+    """After backward: make every gradient the gradient of the mean loss over all ranks.
+
+    FSDP2 already reduced the sharded dense params; this handles the expert shards and, without
+    FSDP, the replicated dense params. Gradients of one kind go in one flat all-reduce."""
+    experts = set(expert_parameters(model))
+    expert_grads = [p.grad for p in experts if p.grad is not None]
+    dense_grads = [p.grad for p in model.parameters()
+                   if p not in experts and p.grad is not None and not _is_sharded(p)]
+    _all_reduce_mean(expert_grads, pmesh.dp_group, pmesh.world_size)
+    _all_reduce_mean(dense_grads, pmesh.world_group, pmesh.world_size)
+
+
+def _all_reduce_mean(grads: list[torch.Tensor], group: dist.ProcessGroup, divisor: int) -> None:
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, group=group)
+    flat /= divisor
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
+
+
+def grad_norm(model: nn.Module, pmesh: ParallelMesh) -> torch.Tensor:
+    """The 2-norm of the full model's gradient, identical on every rank.
+
+    Sums squares once per distinct piece: FSDP shards are distinct on every rank, expert shards
+    repeat across the dp ranks, replicated dense grads across all ranks."""
+    experts = set(expert_parameters(model))
+    total = torch.zeros((), dtype=torch.float32, device=pmesh.device)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if _is_sharded(p):
+            sq, copies = p.grad.to_local().float().square().sum(), 1
+        else:
+            sq, copies = p.grad.float().square().sum(), (pmesh.dp_size if p in experts else pmesh.world_size)
+        total += sq / copies
+    dist.all_reduce(total, group=pmesh.world_group)
+    return total.sqrt()
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, pmesh: ParallelMesh) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a model with FSDP shards and expert shards."""
+    norm = grad_norm(model, pmesh)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            (p.grad.to_local() if _is_sharded(p) else p.grad).mul_(scale)
+    return norm
+
+
+def load_reducer(pmesh: ParallelMesh):
+    """``reduce_load`` for aux-loss-free balancing: the per-expert load summed over all ranks.
+
+    The router is replicated on every rank (dp and ep alike), so every rank must apply the same
+    bias step from the same total; with dp == 1 this is the expert-parallel group."""
+
+    def reduce_load(load: torch.Tensor) -> torch.Tensor:
+        load = load.clone()
+        dist.all_reduce(load, group=pmesh.world_group)
+        return load
+
+    return reduce_load
