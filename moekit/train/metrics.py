@@ -1,0 +1,127 @@
+"""Metrics: on-device accumulation between log points, then ``metrics.jsonl`` + TensorBoard.
+
+Every per-step quantity stays a tensor on the training device; ``IntervalMeter.flush`` copies
+all of them to the host in ONE transfer per logging interval (not one per layer or per field).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# MoEStats scalar fields logged per layer (averaged over the interval's forwards).
+MOE_SCALARS = ("aux_loss", "seq_aux_loss", "z_loss", "dropped_fraction", "router_entropy", "load_cv")
+
+
+class IntervalMeter:
+    """Sums named scalars and per-layer router statistics over one logging interval."""
+
+    def __init__(self, moe_layers: list[nn.Module]):
+        self.moe_layers = moe_layers
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.moe_sum: torch.Tensor | None = None
+        self.moe_count = 0
+
+    def add(self, **values: torch.Tensor) -> None:
+        for name, value in values.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def add_moe_stats(self) -> None:
+        """Read every MoE layer's ``last_stats`` (call after each training forward)."""
+        stats = [layer.last_stats for layer in self.moe_layers]
+        if not stats or any(s is None for s in stats):
+            return
+        # Per layer: [tokens_per_expert..., scalars...] flattened into one vector.
+        row = torch.cat([torch.cat([s.tokens_per_expert.float(),
+                                    torch.stack([getattr(s, f).float() for f in MOE_SCALARS])]) for s in stats])
+        self.moe_sum = row if self.moe_sum is None else self.moe_sum + row
+        self.moe_count += 1
+
+    def flush(self) -> dict[str, Any]:
+        """Interval means as plain Python values (one host transfer); resets the meter."""
+        names = list(self.sums)
+        parts = [torch.stack([self.sums[n] / self.counts[n] for n in names])] if names else []
+        if self.moe_sum is not None:
+            parts.append(self.moe_sum / self.moe_count)
+        host = torch.cat(parts).cpu().tolist() if parts else []
+        out: dict[str, Any] = dict(zip(names, host[: len(names)]))
+        if self.moe_sum is not None:
+            out["moe"] = self._split_moe(host[len(names):])
+        self.reset()
+        return out
+
+    def _split_moe(self, flat: list[float]) -> dict[str, list]:
+        """Per-layer lists: ``tokens_per_expert`` (mean per forward) and each ``MOE_SCALARS`` field."""
+        moe: dict[str, list] = {"tokens_per_expert": [], **{f: [] for f in MOE_SCALARS}}
+        pos = 0
+        for layer in self.moe_layers:
+            experts = layer.last_stats.tokens_per_expert.numel()
+            moe["tokens_per_expert"].append(flat[pos : pos + experts])
+            for i, f in enumerate(MOE_SCALARS):
+                moe[f].append(flat[pos + experts + i])
+            pos += experts + len(MOE_SCALARS)
+        return moe
+
+
+class MetricsWriter:
+    """Appends records to ``RUN/metrics.jsonl`` and mirrors them to TensorBoard (``RUN/tensorboard``).
+
+    On resume from step S, records after S (written by the interrupted run) are dropped from
+    both, so the files describe one consistent run.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        purge = None if resume_step is None else resume_step + 1
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key not in ("step", "kind"):
+                self.tb.add_scalar(f"{record['kind']}/{key}", value, step)
+        moe = record.get("moe")
+        if moe:
+            for layer, load in enumerate(moe["tokens_per_expert"]):
+                total = sum(load) or 1.0
+                for expert, count in enumerate(load):
+                    self.tb.add_scalar(f"moe_load/layer{layer}/expert{expert}", count / total, step)
+                for f in MOE_SCALARS:
+                    self.tb.add_scalar(f"moe/layer{layer}/{f}", moe[f][layer], step)
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file: {path}")
+    records = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(f"{path} line {lineno} is not valid JSON") from None
+    return records

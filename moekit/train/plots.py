@@ -1,0 +1,72 @@
+"""PNG plots of a run from its ``metrics.jsonl``: loss curves and an expert-load heatmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from moekit.train.metrics import read_metrics  # noqa: E402
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    fig, (ax_lm, ax_aux) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in train]
+    ax_lm.plot(steps, [r["lm_loss"] for r in train], label="train LM loss")
+    if evals:
+        ax_lm.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="held-out loss")
+    ax_lm.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Language-model loss")
+    ax_lm.legend()
+    ax_aux.plot(steps, [r["aux_loss"] for r in train], label="aux loss (weighted, in the objective)")
+    if train and "moe" in train[0]:
+        for field in ("z_loss", "load_cv"):
+            ax_aux.plot(steps, [np.mean(r["moe"][field]) for r in train], label=f"{field} (mean over layers)")
+    ax_aux.set(xlabel="step", title="Balancing")
+    ax_aux.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_expert_load(records: list[dict], path: Path) -> None:
+    """Rows: (MoE layer, expert); columns: log points; colour: the expert's share of its layer's
+    assignments times the number of experts (1 = perfectly balanced)."""
+    train = [r for r in records if r["kind"] == "train" and "moe" in r]
+    if not train:
+        raise ValueError("metrics hold no MoE statistics to plot")
+    columns = []
+    for r in train:
+        loads = [np.asarray(layer, dtype=float) for layer in r["moe"]["tokens_per_expert"]]
+        columns.append(np.concatenate([load * len(load) / max(load.sum(), 1e-9) for load in loads]))
+    image = np.stack(columns, axis=1)
+    sizes = [len(layer) for layer in train[0]["moe"]["tokens_per_expert"]]
+    fig, ax = plt.subplots(figsize=(10, max(3.0, 0.12 * image.shape[0] + 1.5)))
+    extent = (train[0]["step"], train[-1]["step"], image.shape[0] - 0.5, -0.5)
+    shown = ax.imshow(image, aspect="auto", interpolation="nearest", cmap="viridis", extent=extent)
+    bounds = np.cumsum([0, *sizes])
+    for b in bounds[1:-1]:
+        ax.axhline(b - 0.5, color="white", linewidth=1)
+    ax.set_yticks((bounds[:-1] + bounds[1:]) / 2 - 0.5, [f"MoE layer {i}" for i in range(len(sizes))])
+    ax.set(xlabel="step", title="Expert load (share x experts; 1 = balanced)")
+    fig.colorbar(shown, ax=ax, label="relative load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write ``loss.png`` and ``expert_load.png`` into ``run_dir``; return their paths."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    if not any(r["kind"] == "train" for r in records):
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no training records to plot")
+    out = [run_dir / "loss.png", run_dir / "expert_load.png"]
+    plot_losses(records, out[0])
+    plot_expert_load(records, out[1])
+    return out

@@ -1,0 +1,195 @@
+"""The training loop: data -> model -> AdamW (warmup + cosine), with checkpoints and metrics.
+
+One optimizer step = ``grad_accum`` micro-batches; the loss backpropagated is the model's
+``out.loss`` (LM loss + the MoE balancing losses). After each optimizer step the MoE layers'
+aux-loss-free expert biases are updated. Everything a step depends on (weights, optimizer,
+schedule, data position, RNG states, bias buffers) is in the checkpoint, so a resumed run is
+bit-identical to an unbroken one on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+from torch.optim.lr_scheduler import LambdaLR
+
+from moekit.data import ShuffledBatches, eval_batches, load_splits, load_tokenizer
+from moekit.models import MoEForCausalLM
+from moekit.moe import update_expert_biases
+from moekit.train.checkpoint import (
+    CheckpointError,
+    load_object,
+    resolve_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from moekit.train.config import TrainConfig
+from moekit.train.evaluate import autocast_context, evaluate_loss, generate_text
+from moekit.train.load import load_model_state, read_checkpoint_config
+from moekit.train.metrics import IntervalMeter, MetricsWriter
+from moekit.train.plots import plot_run
+from moekit.train.progress import TrainProgress
+from moekit.train.rng import rng_state, seed_everything, set_rng_state
+from moekit.train.schedule import WarmupCosine, build_optimizer
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name} but no CUDA device is available")
+    return device
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = plain fp32)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if name == "bf16" else None
+
+
+def model_config_diff(saved: dict, current: dict, prefix: str = "model.") -> list[str]:
+    """Dotted keys whose values differ between two model config dicts."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += model_config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key} ({a!r} in the checkpoint, {b!r} now)")
+    return diffs
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: str | Path | None = None, console: Console | None = None):
+        self.config = config
+        cfg = config.train
+        self.run_dir = Path(cfg.out_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.device = resolve_device(cfg.device)
+        self.dtype = compute_dtype(cfg.dtype, self.device)
+        self.console = console or Console()
+
+        seed_everything(cfg.seed)
+        self.tokenizer = load_tokenizer(config.data.tokenizer)
+        splits = load_splits(config.data, self.tokenizer, cfg.seq_len, config.model.vocab_size)
+        self.batches = ShuffledBatches(splits.train, cfg.batch_size, cfg.seed)
+        self.val_batches = eval_batches(splits.val, cfg.batch_size, cfg.eval_batches)
+
+        self.model = MoEForCausalLM(config.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                         fused=self.device.type == "cuda")
+        self.scheduler = LambdaLR(self.optimizer, WarmupCosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+        self.step = 0
+        self.tokens_seen = 0
+        self.resumed_from: Path | None = None
+        if resume is not None:
+            self.restore(resolve_checkpoint(resume))
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    # ----------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        objects = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "trainer": {
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "scheduler": self.scheduler.state_dict(),
+                "data": self.batches.state_dict(),
+                "rng": rng_state(),
+            },
+        }
+        files = {"config.yaml": yaml.safe_dump(self.config.to_dict(), sort_keys=False).encode()}
+        if self.config.data.tokenizer != "byte":
+            files["tokenizer.json"] = Path(self.config.data.tokenizer).read_bytes()
+        return save_checkpoint(self.ckpt_root, self.step, objects, files, self.config.train.keep_checkpoints)
+
+    def restore(self, ckpt: Path) -> None:
+        verify_checkpoint(ckpt)
+        saved = read_checkpoint_config(ckpt)
+        diffs = model_config_diff(saved.get("model", {}), self.config.model.to_dict())
+        if diffs:
+            raise CheckpointError(f"checkpoint {ckpt} has an incompatible model config: {'; '.join(diffs)}")
+        load_model_state(self.model, ckpt)
+        self.optimizer.load_state_dict(load_object(ckpt, "optimizer", self.device))
+        state = load_object(ckpt, "trainer")
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.resumed_from = ckpt
+
+    # ----------------------------------------------------------------- the loop
+    def train_step(self, meter: IntervalMeter) -> None:
+        cfg = self.config.train
+        self.model.train()
+        for _ in range(cfg.grad_accum):
+            ids = self.batches.next_batch().to(self.device, non_blocking=True)
+            with autocast_context(self.device, self.dtype):
+                out = self.forward(ids, labels=ids)
+            (out.loss / cfg.grad_accum).backward()
+            meter.add(loss=out.loss, lm_loss=out.lm_loss, aux_loss=out.aux_loss)
+            meter.add_moe_stats()
+            self.tokens_seen += ids.numel()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        meter.add(grad_norm=torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_expert_biases(self.model)
+
+    def train(self, stop_at: int | None = None) -> dict:
+        """Run to ``train.steps`` (or stop early after step ``stop_at``, checkpointed, for a later
+        ``--resume``; the schedule still spans ``train.steps``). Returns the last held-out
+        metrics; writes the plots at the end."""
+        cfg = self.config.train
+        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config.save(self.run_dir / "config.yaml")
+        meter = IntervalMeter(list(self.model.moe_layers()))
+        writer = MetricsWriter(self.run_dir, resume_step=self.step if self.resumed_from else None)
+        last_eval: dict = {}
+        clock, tokens_at_clock = time.perf_counter(), self.tokens_seen
+        try:
+            with TrainProgress(cfg.steps, self.step, self.console) as progress:
+                while self.step < end:
+                    lr = self.scheduler.get_last_lr()[0]
+                    self.train_step(meter)
+                    self.step += 1
+                    progress.step(self.step)
+                    final = self.step == end
+                    if self.step % cfg.log_every == 0 or final:
+                        record = {"kind": "train", "step": self.step, **meter.flush(), "lr": lr}
+                        now = time.perf_counter()
+                        record["tokens_per_s"] = (self.tokens_seen - tokens_at_clock) / max(now - clock, 1e-9)
+                        record["tokens"] = self.tokens_seen
+                        clock, tokens_at_clock = now, self.tokens_seen
+                        writer.write(record)
+                        progress.report(self.step, record)
+                    if self.step % cfg.eval_every == 0 or final:
+                        last_eval = evaluate_loss(self.model, self.val_batches, self.device, self.dtype)
+                        writer.write({"kind": "eval", "step": self.step, **last_eval})
+                        progress.report_eval(self.step, last_eval)
+                        clock = time.perf_counter()  # evaluation time is not training throughput
+                    if self.step % cfg.ckpt_every == 0 or final:
+                        self.save()
+                        clock = time.perf_counter()
+        finally:
+            writer.close()
+        plot_run(self.run_dir)
+        return last_eval
+
+    def sample(self) -> str:
+        cfg = self.config.train
+        return generate_text(self.model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
+                             temperature=cfg.temperature, top_k=cfg.top_k or None, device=self.device)
