@@ -1,0 +1,62 @@
+"""MXFP8 (OCP Microscaling v1.0): FP8 elements with one E8M0 power-of-two scale per 32 values.
+
+    from moekit.quant import mxfp8
+    t = mxfp8.quantize(x, axis=-1, elem="e4m3", scale_mode="floor")   # -> MXTensor
+    y = mxfp8.dequantize(t)                                           # float32 by default
+    rows, cols = mxfp8.quantize_both(x2d)                             # one pass, both layouts
+
+Inputs are float32 / bfloat16 / float16; the blocked axis must be a multiple of 32 (pad it
+first: padding would need its own bookkeeping in every consumer). `elem` is "e4m3" or "e5m2";
+`scale_mode` is "floor" (the spec's rule) or "rceil" (the scale rounded up so nothing
+saturates). Scales are `torch.float8_e8m0fnu`. The rules, NaN / Inf handling and the error
+bound are in `reference.py`. CUDA tensors run the Triton kernels, others the reference;
+`backend="reference" | "triton"` forces one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.quant.formats import check_input, check_scale_mode, element_format
+from moekit.quant.mxfp8 import reference
+from moekit.quant.tensors import MXTensor
+
+__all__ = ["MXTensor", "quantize", "quantize_both", "dequantize"]
+
+_BACKENDS = ("auto", "reference", "triton")
+
+
+def _impl(backend: str, device: torch.device):
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {list(_BACKENDS)}")
+    if backend == "reference" or (backend == "auto" and device.type != "cuda"):
+        return reference
+    from moekit.quant.mxfp8 import triton  # imported lazily: importing triton is slow
+
+    return triton
+
+
+def _check_format(elem: str, scale_mode: str) -> None:
+    element_format(elem)
+    check_scale_mode(scale_mode)
+
+
+def quantize(x: torch.Tensor, axis: int = -1, elem: str = "e4m3", scale_mode: str = "floor",
+             backend: str = "auto") -> MXTensor:
+    check_input(x)
+    _check_format(elem, scale_mode)
+    return _impl(backend, x.device).quantize(x, axis, elem, scale_mode)
+
+
+def quantize_both(x: torch.Tensor, elem: str = "e4m3", scale_mode: str = "floor",
+                  backend: str = "auto") -> tuple[MXTensor, MXTensor]:
+    """Row-wise (axis 1) and column-wise (axis 0, stored [K, M]) quantization of 2-D `x` [M, K]."""
+    check_input(x)
+    _check_format(elem, scale_mode)
+    return _impl(backend, x.device).quantize_both(x, elem, scale_mode)
+
+
+def dequantize(t: MXTensor, dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
+    if not isinstance(t, MXTensor):
+        raise TypeError(f"mxfp8.dequantize takes an MXTensor, got {type(t).__name__}")
+    return _impl(backend, t.data.device).dequantize(t, dtype)

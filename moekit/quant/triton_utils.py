@@ -1,0 +1,82 @@
+"""Triton helpers shared by the quantization kernels: exact loads, FP8 encode / decode.
+
+The Triton interpreter (TRITON_INTERPRET=1, how kernels run in CPU tests) converts floats with
+its own bit arithmetic, which truncates instead of rounding to nearest-even and mishandles
+subnormals and the FP8 special values. So that interpreted kernels stay bit-exact, every
+conversion whose result could differ goes through the helpers here: bfloat16 is widened by a
+bit shift, FP8 encoding first rounds in float32 arithmetic when EMULATE_RNE is set (then the
+cast itself is exact), and FP8 decoding patches NaN / Inf. On a GPU the hardware cast
+(cvt.rn.satfinite) already rounds to nearest-even, so kernels pass EMULATE_RNE=INTERPRETING.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Decided once, like triton.jit itself decides at decoration time whether to interpret.
+INTERPRETING: bool = bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def load_as_float32(ptrs, mask, IS_BF16: tl.constexpr):
+    """Masked-out lanes read 0. With IS_BF16 `ptrs` point at int16 bits (see `kernel_input`)."""
+    raw = tl.load(ptrs, mask=mask, other=0)
+    if IS_BF16:
+        return (raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return raw.to(tl.float32)
+
+
+@triton.jit
+def round_to_fp8_grid(q, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr):
+    """Round finite float32 `q` (|q| <= max normal) to the nearest FP8 value, ties to even."""
+    bits = q.to(tl.int32, bitcast=True)
+    mag = tl.abs(q)
+    exp = ((bits >> 23) & 0xFF) - 127
+    spacing_exp = tl.maximum(exp, MIN_NORMAL_EXP) - MANTISSA_BITS
+    # Adding 2**(spacing_exp + 23) puts the grid spacing at the float32 ulp, so the float32 add
+    # rounds to the FP8 grid (nearest-even); subtracting it back is exact.
+    shift = ((spacing_exp + 23 + 127) << 23).to(tl.float32, bitcast=True)
+    rounded = (mag + shift) - shift
+    sign = bits & -2147483648  # 0x80000000 (kept so -0 and tiny negatives stay negative)
+    return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def encode_fp8(q, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr,
+               E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """Saturating round-to-nearest-even float32 -> FP8, returned as uint8 bytes."""
+    q = tl.minimum(tl.maximum(q, -MAX_NORMAL), MAX_NORMAL)
+    if EMULATE_RNE:
+        q = round_to_fp8_grid(q, MANTISSA_BITS, MIN_NORMAL_EXP)
+    if E5M2:
+        return q.to(tl.float8e5).to(tl.uint8, bitcast=True)
+    else:
+        return q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+
+
+@triton.jit
+def decode_fp8(b, E5M2: tl.constexpr):
+    """FP8 bytes (uint8) -> float32, NaN and Inf included."""
+    mag = b & 0x7F
+    nan = tl.full(b.shape, float("nan"), tl.float32)
+    if E5M2:
+        x = b.to(tl.float8e5, bitcast=True).to(tl.float32)
+        inf = tl.where(b >= 0x80, -float("inf"), float("inf"))
+        x = tl.where(mag == 0x7C, inf, x)
+        return tl.where(mag > 0x7C, nan, x)
+    else:
+        x = b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        return tl.where(mag == 0x7F, nan, x)
+
+
+def kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """bfloat16 goes to kernels as its int16 bits, widened exactly by `load_as_float32`."""
+    return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """FP8 / E8M0 tensors go to kernels as uint8 (the interpreter stores FP8 as bytes anyway)."""
+    return t.view(torch.uint8)
