@@ -1,0 +1,53 @@
+"""The ``moekit`` command: one subcommand per module of this package.
+
+Each subcommand module defines ``add_parser(subparsers)``, which registers its parser with
+``func=run``. Bad input (unknown config keys, missing files, corrupt or incompatible
+checkpoints) ends with a one-line ``moekit <command>: error: ...`` and exit status 2; set
+``MOEKIT_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Subcommand modules, in --help order. Add a module here to add a command.
+COMMANDS = ("train", "generate", "eval", "plot")
+
+USER_ERROR_STATUS = 2
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that describe bad input rather than a bug in moekit."""
+    from moekit.train.checkpoint import CheckpointError
+
+    return (ValueError, TypeError, OSError, CheckpointError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moekit", description="Train and serve sparse Mixture-of-Experts LMs.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"moekit.cli.{name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except user_errors() as exc:
+        if os.environ.get("MOEKIT_DEBUG"):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"moekit {args.command}: error: {message}", file=sys.stderr)
+        return USER_ERROR_STATUS
+    except KeyboardInterrupt:
+        print(f"moekit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

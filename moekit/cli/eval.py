@@ -1,0 +1,46 @@
+"""``moekit eval --ckpt DIR [data.key=value ...]``: held-out loss and perplexity of a checkpoint.
+
+The held-out split is the one the run trained against (its ``data`` config), unless
+``data.*`` overrides point elsewhere (e.g. ``data.val_path=other.txt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="held-out loss / perplexity of a checkpoint", description=__doc__)
+    p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest)")
+    p.add_argument("--batches", type=int, default=50, help="evaluate at most this many batches")
+    p.add_argument("--device", default="auto")
+    p.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.data import DataConfig, eval_batches, load_splits
+    from moekit.train.config import apply_overrides, check_keys
+    from moekit.train.evaluate import evaluate_loss
+    from moekit.train.load import load_trained
+    from moekit.train.trainer import compute_dtype, resolve_device
+
+    bad = [o for o in args.overrides if not o.startswith("data.")]
+    if bad:
+        raise ValueError(f"eval accepts only data.* overrides, got {bad}")
+    if args.batches < 1:
+        raise ValueError(f"--batches must be >= 1, got {args.batches}")
+    device = resolve_device(args.device)
+    model, config, tokenizer = load_trained(args.ckpt, device)
+    values = apply_overrides({"data": dataclasses.asdict(config.data)}, args.overrides)
+    check_keys(type(config), values, "")
+    data = DataConfig(**values["data"])
+    t = config.train
+    splits = load_splits(data, tokenizer, t.seq_len, config.model.vocab_size)
+    batches = eval_batches(splits.val, t.batch_size, args.batches)
+    metrics = evaluate_loss(model, batches, device, compute_dtype(t.dtype, device))
+    tokens = sum(b.numel() for b in batches)
+    print(f"held-out loss {metrics['val_loss']:.4f} | perplexity {metrics['val_ppl']:.2f} | "
+          f"{tokens:,} tokens of {splits.val.name}")
+    return 0

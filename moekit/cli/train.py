@@ -1,0 +1,74 @@
+"""``moekit train [--config FILE] [--resume | --resume-from CKPT] [key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+EPILOG = """examples:
+  moekit train                                   # the default hybrid Linear-MoE on the embedded corpus
+  moekit train train.steps=200 model.moe.top_k=1
+  moekit train --config my.yaml data.path=corpus.jsonl train.out_dir=runs/mine
+  moekit train --resume train.out_dir=runs/mine  # continue from runs/mine/checkpoints/latest
+"""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a model", description=__doc__, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (default: the built-in moekit/configs/train_default.yaml)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in train.out_dir (its config is the base)")
+    p.add_argument("--resume-from", metavar="CKPT", help="continue from CKPT: a checkpoint or run directory")
+    p.add_argument("--stop-at", type=int, metavar="STEP",
+                   help="checkpoint and stop after STEP (the schedule still spans train.steps)")
+    p.add_argument("--no-sample", action="store_true", help="skip the text sample at the end")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.set_defaults(func=run)
+
+
+def load_run_config(config_path: str | None, overrides: list[str], resume: bool, resume_from: str | None):
+    """The run's config and the checkpoint to resume (or None). When resuming without
+    ``--config``, the checkpoint's own config is the base the overrides apply to."""
+    from moekit.train.checkpoint import resolve_checkpoint
+    from moekit.train.config import TrainConfig, apply_overrides
+    from moekit.train.load import read_checkpoint_config
+
+    ckpt = None
+    if resume_from:
+        ckpt = resolve_checkpoint(resume_from)
+    elif resume:
+        ckpt = resolve_checkpoint(TrainConfig.load(config_path, overrides).train.out_dir)
+    if ckpt is not None and config_path is None:
+        return TrainConfig.from_dict(apply_overrides(read_checkpoint_config(ckpt), overrides)), ckpt
+    return TrainConfig.load(config_path, overrides), ckpt
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from moekit.train.trainer import Trainer
+
+    console = Console()
+    config, ckpt = load_run_config(args.config, args.overrides, args.resume, args.resume_from)
+    start = time.perf_counter()
+    trainer = Trainer(config, resume=ckpt, console=console)
+    m, t = config.model, config.train
+    console.print(
+        f"moekit train: {trainer.num_params / 1e6:.2f}M parameters, layers {m.layer_pattern!r} "
+        f"(L={m.linear_mixer}), {m.moe.num_experts} experts top-{m.moe.top_k} + {m.moe.num_shared_experts} "
+        f"shared | data: {config.data.path or 'embedded corpus (Python stdlib source)'}, "
+        f"{trainer.batches.windows.num_windows * t.seq_len:,} training tokens | device {trainer.device} | "
+        f"run dir {trainer.run_dir}", highlight=False, soft_wrap=True)
+    if ckpt is not None:
+        console.print(f"resuming from {ckpt} at step {trainer.step}", highlight=False, soft_wrap=True)
+    metrics = trainer.train(stop_at=args.stop_at)
+    console.print(f"done: step {trainer.step}, held-out loss {metrics['val_loss']:.4f} "
+                  f"(ppl {metrics['val_ppl']:.2f}) in {time.perf_counter() - start:.0f} s; "
+                  f"plots, metrics and checkpoints in {Path(t.out_dir)}", highlight=False, soft_wrap=True)
+    if not args.no_sample and t.sample_tokens > 0:
+        console.rule("sample")
+        console.print(trainer.sample(), highlight=False, markup=False, soft_wrap=True)
+        console.rule()
+    return 0
