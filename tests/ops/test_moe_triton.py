@@ -1,0 +1,214 @@
+"""Triton MoE kernels against their references (interpreter on CPU, fp32/fp16; GPU also bf16)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.ops.activations import up_width
+from moekit.ops.moe import reference, triton_meta
+from moekit.ops.moe import triton as moe_triton
+from moekit.ops.moe import triton_kernels as kernels
+from moekit.ops.moe import triton_reference as ref_kernels
+
+# The interpreter turns 0-d loop bounds into Python ints through a deprecated NumPy path.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ACTIVATIONS = ("swiglu", "geglu", "gelu")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    """Every kernel output starts as NaN: an element a kernel forgets to write shows up."""
+    monkeypatch.setattr(triton_meta, "poison_buffers", True)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make_routing(T, E, K, gen, drop=0.15, skew=False, empty=0):
+    """Distinct experts per token; ``empty`` experts get no token; ``skew`` sends most to expert 0/1."""
+    live = E - empty
+    scores = torch.rand(T, live, generator=gen)
+    if skew:
+        scores[:, :2] += 2.0 * (torch.rand(T, 1, generator=gen) < 0.8)
+    idx = scores.argsort(-1, descending=True)[:, :K] + empty  # experts 0..empty-1 stay empty
+    idx = torch.where(torch.rand(T, K, generator=gen) < drop, -1, idx)
+    return idx.to(DEVICE), torch.rand(T, K, generator=gen).to(DEVICE)
+
+
+def make_operands(T, H, F, E, K, activation, dtype, seed, **routing):
+    gen = torch.Generator().manual_seed(seed)
+    U = up_width(activation, F)
+    x = torch.randn(T, H, generator=gen)
+    w_up = torch.randn(E, U, H, generator=gen) / H**0.5
+    w_down = torch.randn(E, H, F, generator=gen) / F**0.5
+    idx, weight = make_routing(T, E, K, gen, **routing)
+    return x.to(DEVICE, dtype), idx, weight, w_up.to(DEVICE, dtype), w_down.to(DEVICE, dtype), gen
+
+
+def check_against_reference(T, H, F, E, K, activation, dtype, seed, tol, **routing):
+    x, idx, weight, w_up, w_down, gen = make_operands(T, H, F, E, K, activation, dtype, seed, **routing)
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, w_up, w_down)]
+    out = moe_triton.routed_experts(leaves[0], idx, leaves[1], leaves[2], leaves[3], activation)
+    assert out.dtype == dtype and out.shape == (T, H)
+    grad_out = torch.randn(T, H, generator=gen).to(DEVICE)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(dtype))
+
+    ref_dtype = torch.float64 if DEVICE == "cpu" else torch.float32
+    ref_leaves = [t.detach().to(ref_dtype).requires_grad_(True) for t in (x, weight, w_up, w_down)]
+    ref = reference.routed_experts(ref_leaves[0], idx, ref_leaves[1], ref_leaves[2], ref_leaves[3], activation)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.to(ref_dtype))
+
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < tol, rel_err(out, ref)
+    for name, g, r in zip(("x", "topk_weight", "w_up", "w_down"), grads, ref_grads):
+        assert torch.isfinite(g).all(), f"d{name} has unwritten (NaN) elements"
+        assert rel_err(g, r) < tol, (name, rel_err(g, r))
+    dropped = idx < 0
+    if dropped.any():
+        assert (grads[1][dropped] == 0).all()
+
+
+# (T, H, F, E, K): ragged sizes so every tile edge is masked somewhere
+SHAPES = [(10, 24, 20, 4, 2), (33, 32, 48, 6, 1), (17, 40, 16, 8, 3), (48, 16, 40, 3, 2)]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference_fp32(shape, activation):
+    seed = 3 * SHAPES.index(shape) + ACTIVATIONS.index(activation)
+    check_against_reference(*shape, activation, torch.float32, seed=seed, tol=1e-5)
+
+
+@pytest.mark.parametrize("routing", [dict(skew=True), dict(empty=3), dict(drop=0.6), dict(drop=0.0)])
+def test_uneven_loads_fp32(routing):
+    check_against_reference(40, 32, 24, 8, 2, "swiglu", torch.float32, seed=7, tol=1e-5, **routing)
+
+
+def test_matches_reference_fp16():
+    check_against_reference(24, 32, 32, 4, 2, "geglu", torch.float16, seed=3, tol=1e-2)
+
+
+def test_every_slot_dropped_gives_zero_output_and_grads():
+    x, idx, weight, w_up, w_down, _ = make_operands(6, 16, 16, 3, 2, "swiglu", torch.float32, seed=1)
+    idx = torch.full_like(idx, -1)
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, w_up, w_down)]
+    out = moe_triton.routed_experts(leaves[0], idx, leaves[1], leaves[2], leaves[3], "swiglu")
+    out.sum().backward()
+    assert (out == 0).all()
+    assert all((t.grad == 0).all() for t in leaves)
+
+
+def test_inference_path_skips_saving_and_matches():
+    x, idx, weight, w_up, w_down, _ = make_operands(20, 24, 16, 5, 2, "swiglu", torch.float32, seed=2)
+    with torch.no_grad():
+        out = moe_triton.routed_experts(x, idx, weight, w_up, w_down, "swiglu")
+    ref = reference.routed_experts(x.double(), idx, weight.double(), w_up.double(), w_down.double(), "swiglu")
+    assert out.grad_fn is None
+    assert rel_err(out, ref) < 1e-5
+
+
+# ----------------------------------------------------------------------------- kernel by kernel
+
+def _meta_case(activation="swiglu", seed=11, T=21, H=24, F=20, E=5, K=2):
+    x, idx, weight, w_up, w_down, gen = make_operands(T, H, F, E, K, activation, torch.float32, seed, empty=1)
+    return x, idx, weight, w_up, w_down, gen, triton_meta.routing_meta(idx, E)
+
+
+def test_routing_meta_is_a_stable_counting_sort():
+    _, idx, *_, meta = _meta_case()
+    flat = idx.reshape(-1).cpu()
+    live = flat[flat >= 0]
+    assert torch.equal(meta.counts.cpu().long(), torch.bincount(live, minlength=meta.num_experts))
+    key = torch.where(flat < 0, meta.num_experts, flat)
+    order = meta.order.cpu().long()
+    assert torch.equal(order.sort().values, torch.arange(flat.numel()))  # a permutation
+    sorted_key = key[order]
+    assert (sorted_key[1:] >= sorted_key[:-1]).all()
+    same = sorted_key[1:] == sorted_key[:-1]
+    assert (order[1:][same] > order[:-1][same]).all()  # stable
+
+
+def test_routing_meta_rejects_bad_indices():
+    with pytest.raises(RuntimeError, match="topk_idx"):
+        triton_meta.routing_meta(torch.tensor([[0, 5]], device=DEVICE), 4)
+    with pytest.raises(TypeError, match="topk_idx"):
+        triton_meta.routing_meta(torch.tensor([[0.0, 1.0]], device=DEVICE), 4)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gather_kernels(activation):
+    x, idx, weight, w_up, w_down, gen, meta = _meta_case(activation)
+    rows = int(meta.counts.sum())
+    h, a = kernels.gather_up(x, w_up, meta, activation, store_h=True)
+    h_ref, a_ref = ref_kernels.gather_up(x.double(), w_up.double(), meta, activation)
+    assert rel_err(h[:rows], h_ref) < 1e-5 and rel_err(a[:rows], a_ref) < 1e-5
+
+    dout = torch.randn(x.shape, generator=gen).to(DEVICE)
+    dh = kernels.gather_down_dgrad(dout, w_down, h, weight, meta, activation)
+    dh_ref = ref_kernels.gather_down_dgrad(dout.double(), w_down.double(), h.double(), weight, meta, activation)
+    assert rel_err(dh[:rows], dh_ref) < 1e-5
+
+
+@pytest.mark.parametrize("transpose_w", [True, False])
+def test_scatter_gemm(transpose_w):
+    x, idx, weight, w_up, w_down, gen, meta = _meta_case()
+    w = w_down if transpose_w else w_up  # [E, H, F] used as W^T, or [E, U, H] used as is
+    src = torch.randn(idx.numel(), w.shape[2] if transpose_w else w.shape[1], generator=gen).to(DEVICE)
+    buf = kernels.scatter_gemm(src, w, meta, transpose_w)
+    rows, assignment = ref_kernels.scatter_gemm(src.double(), w.double(), meta, transpose_w)
+    assert rel_err(buf[assignment], rows) < 1e-5
+
+
+@pytest.mark.parametrize("gather_a,gather_b,scaled", [(True, False, True), (False, True, False)])
+def test_grouped_wgrad(gather_a, gather_b, scaled):
+    x, idx, weight, w_up, w_down, gen, meta = _meta_case()
+    n = idx.numel()
+    a = torch.randn(x.shape[0] if gather_a else n, 24, generator=gen).to(DEVICE)
+    b = torch.randn(x.shape[0] if gather_b else n, 36, generator=gen).to(DEVICE)
+    w = weight if scaled else None
+    dw = kernels.grouped_wgrad(a, b, meta, gather_a, gather_b, w)
+    dw_ref = ref_kernels.grouped_wgrad(a.double(), b.double(), meta, gather_a, gather_b, w)
+    assert rel_err(dw, dw_ref) < 1e-5
+    assert (dw[0] == 0).all()  # expert 0 is empty: its gradient is written, and zero
+
+
+def test_combine_and_weight_grad():
+    x, idx, weight, *_, gen, meta = _meta_case()
+    buf = torch.randn(idx.numel(), 40, generator=gen).to(DEVICE)
+    buf[idx.reshape(-1) < 0] = float("nan")  # dropped rows are never written: never read them
+    for w in (weight, None):
+        out = kernels.combine(buf, idx, w, torch.float32)
+        assert rel_err(out, ref_kernels.combine(buf.double(), idx, w, torch.float64)) < 1e-6
+    dout = torch.randn(idx.shape[0], 40, generator=gen).to(DEVICE)
+    dw = kernels.weight_grad(buf, dout, idx)
+    assert rel_err(dw, ref_kernels.weight_grad(buf.double(), dout.double(), idx)) < 1e-6
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_inputs_are_named():
+    x, idx, weight, w_up, w_down, _ = make_operands(8, 16, 16, 3, 2, "swiglu", torch.float32, seed=4)
+    with pytest.raises(TypeError, match="share a dtype"):
+        moe_triton.routed_experts(x.half(), idx, weight, w_up, w_down)
+    with pytest.raises(TypeError, match="dtype"):
+        moe_triton.routed_experts(x.double(), idx, weight, w_up.double(), w_down.double())
+    with pytest.raises(ValueError, match="w_up has 32 rows"):
+        moe_triton.routed_experts(x, idx, weight, w_up, w_down, "gelu")
+    with pytest.raises(ValueError, match="unknown activation"):
+        moe_triton.routed_experts(x, idx, weight, w_up, w_down, "relu")
+    with pytest.raises(TypeError, match="topk_weight"):
+        moe_triton.routed_experts(x, idx, idx, w_up, w_down)
+
+
+# ----------------------------------------------------------------------------- GPU (bf16)
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("routing", [dict(), dict(skew=True), dict(empty=5)])
+def test_bf16_on_gpu(activation, routing):
+    check_against_reference(512, 256, 384, 16, 4, activation, torch.bfloat16, seed=5, tol=1e-2, **routing)
