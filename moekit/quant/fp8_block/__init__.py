@@ -1,0 +1,60 @@
+"""FP8 block-scaled quantization, DeepSeek-V3 style: one float32 scale (amax / max_normal) per
+(1, 128) tile of an activation and per (128, 128) tile of a weight.
+
+    from moekit.quant import fp8_block
+    a = fp8_block.quantize_activation(x)     # [..., M, K], block (1, 128)
+    w = fp8_block.quantize_weight(weight)    # [..., N, K], block (128, 128)
+    t = fp8_block.quantize(x, block=(1, 128), elem="e4m3")
+    y = fp8_block.dequantize(a)              # float32 by default
+
+Inputs are float32 / bfloat16 / float16 with at least two dims, and the last two must be
+multiples of the block (pad first). The rules, NaN / Inf handling and the error bound are in
+`reference.py`. CUDA tensors run the Triton kernel (power-of-two blocks), others the reference;
+`backend="reference" | "triton"` forces one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.quant.formats import check_input, element_format
+from moekit.quant.fp8_block import reference
+from moekit.quant.fp8_block.reference import ACTIVATION_BLOCK, WEIGHT_BLOCK
+from moekit.quant.tensors import BlockScaledTensor
+
+__all__ = ["ACTIVATION_BLOCK", "WEIGHT_BLOCK", "BlockScaledTensor", "quantize", "quantize_activation",
+           "quantize_weight", "dequantize"]
+
+_BACKENDS = ("auto", "reference", "triton")
+
+
+def _impl(backend: str, device: torch.device):
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {list(_BACKENDS)}")
+    if backend == "reference" or (backend == "auto" and device.type != "cuda"):
+        return reference
+    from moekit.quant.fp8_block import triton  # imported lazily: importing triton is slow
+
+    return triton
+
+
+def quantize(x: torch.Tensor, block: tuple[int, int] = ACTIVATION_BLOCK, elem: str = "e4m3",
+             backend: str = "auto") -> BlockScaledTensor:
+    check_input(x)
+    element_format(elem)
+    reference.check_block(x, block)
+    return _impl(backend, x.device).quantize(x, block, elem)
+
+
+def quantize_activation(x: torch.Tensor, elem: str = "e4m3", backend: str = "auto") -> BlockScaledTensor:
+    return quantize(x, ACTIVATION_BLOCK, elem, backend)
+
+
+def quantize_weight(w: torch.Tensor, elem: str = "e4m3", backend: str = "auto") -> BlockScaledTensor:
+    return quantize(w, WEIGHT_BLOCK, elem, backend)
+
+
+def dequantize(t: BlockScaledTensor, dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
+    if not isinstance(t, BlockScaledTensor):
+        raise TypeError(f"fp8_block.dequantize takes a BlockScaledTensor, got {type(t).__name__}")
+    return _impl(backend, t.data.device).dequantize(t, dtype)

@@ -1,0 +1,126 @@
+"""FP8 block-scaled Triton kernels, bit-exact with `reference.py` (see it for the rules).
+
+One kernel serves every block shape: a program loads a tile of whole blocks, views it as
+[tiles_r, rows, tiles_k, cols] and reduces the amax over the block axes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moekit.quant.formats import check_input, element_format
+from moekit.quant.fp8_block.reference import ACTIVATION_BLOCK, MIN_SCALE, check_block
+from moekit.quant.tensors import BlockScaledTensor
+from moekit.quant.triton_utils import INTERPRETING, as_bytes, decode_fp8, encode_fp8, kernel_input, load_as_float32
+
+
+@triton.jit
+def _block_quantize_kernel(
+    x_ptr, data_ptr, scale_ptr, R, K, stride_xr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, IS_BF16: tl.constexpr,
+    MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr, MIN_SCALE: tl.constexpr,
+    E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    TILE_R: tl.constexpr, TILE_K: tl.constexpr,
+):
+    offs_r = tl.program_id(0) * TILE_R + tl.arange(0, TILE_R)
+    offs_k = tl.program_id(1) * TILE_K + tl.arange(0, TILE_K)
+    mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
+    x = load_as_float32(x_ptr + offs_r[:, None] * stride_xr + offs_k[None, :], mask, IS_BF16)
+    x = tl.reshape(x, (TILE_R // BLOCK_ROWS, BLOCK_ROWS, TILE_K // BLOCK_COLS, BLOCK_COLS))
+
+    mag = tl.abs(x)
+    finite = mag < float("inf")
+    amax = tl.max(tl.max(tl.where(finite, mag, 0.0), axis=3), axis=1)
+    nonfinite = tl.max(tl.max(tl.where(finite, 0, 1), axis=3), axis=1) > 0
+    scale = tl.maximum(tl.math.div_rn(amax, tl.full(amax.shape, MAX_NORMAL, tl.float32)), MIN_SCALE)
+    inv_scale = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    elems = encode_fp8(x * inv_scale[:, None, :, None], MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2,
+                       EMULATE_RNE)
+    elems = tl.where(nonfinite[:, None, :, None], 0x7F, elems).to(tl.uint8)
+    tl.store(data_ptr + offs_r[:, None] * K + offs_k[None, :], tl.reshape(elems, (TILE_R, TILE_K)), mask=mask)
+
+    scale = tl.where(nonfinite, float("nan"), scale)
+    offs_rb = tl.program_id(0) * (TILE_R // BLOCK_ROWS) + tl.arange(0, TILE_R // BLOCK_ROWS)
+    offs_kb = tl.program_id(1) * (TILE_K // BLOCK_COLS) + tl.arange(0, TILE_K // BLOCK_COLS)
+    tl.store(scale_ptr + offs_rb[:, None] * (K // BLOCK_COLS) + offs_kb[None, :], scale,
+             mask=(offs_rb[:, None] < R // BLOCK_ROWS) & (offs_kb[None, :] < K // BLOCK_COLS))
+
+
+@triton.jit
+def _block_dequantize_kernel(
+    data_ptr, scale_ptr, out_ptr, R, K,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, E5M2: tl.constexpr,
+    TILE_R: tl.constexpr, TILE_K: tl.constexpr,
+):
+    offs_r = tl.program_id(0) * TILE_R + tl.arange(0, TILE_R)
+    offs_k = tl.program_id(1) * TILE_K + tl.arange(0, TILE_K)
+    mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
+    elems = decode_fp8(tl.load(data_ptr + offs_r[:, None] * K + offs_k[None, :], mask=mask, other=0), E5M2)
+    offs_rb = tl.program_id(0) * (TILE_R // BLOCK_ROWS) + tl.arange(0, TILE_R // BLOCK_ROWS)
+    offs_kb = tl.program_id(1) * (TILE_K // BLOCK_COLS) + tl.arange(0, TILE_K // BLOCK_COLS)
+    scale = tl.load(scale_ptr + offs_rb[:, None] * (K // BLOCK_COLS) + offs_kb[None, :],
+                    mask=(offs_rb[:, None] < R // BLOCK_ROWS) & (offs_kb[None, :] < K // BLOCK_COLS), other=1.0)
+    out = tl.reshape(elems, (TILE_R // BLOCK_ROWS, BLOCK_ROWS, TILE_K // BLOCK_COLS, BLOCK_COLS))
+    out = out * scale[:, None, :, None]
+    tl.store(out_ptr + offs_r[:, None] * K + offs_k[None, :], tl.reshape(out, (TILE_R, TILE_K)), mask=mask)
+
+
+def _tiles(block: tuple[int, int]) -> dict:
+    """A tile holds whole blocks: several rows of 1-row blocks, else exactly one row of blocks."""
+    br, bc = block
+    if INTERPRETING:
+        return {"TILE_R": br if br > 1 else 16, "TILE_K": bc if bc > 64 else 2 * bc, "num_warps": 4}
+    return {"TILE_R": br if br > 1 else 32, "TILE_K": bc if bc >= 128 else 128, "num_warps": 8}
+
+
+def _check_pow2_block(block: tuple[int, int]) -> None:
+    if any(b & (b - 1) for b in block):
+        raise ValueError(f"the Triton kernel needs power-of-two block sides, got {block}; use the reference")
+
+
+def launch_quantize(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+                    elem: str) -> None:
+    """Quantize `x2` [R, K] (unit stride along K) into uint8 `data` [R, K] and float32 `scale`."""
+    fmt = element_format(elem)
+    tiles = _tiles(block)
+    r, k = x2.shape
+    grid = (triton.cdiv(r, tiles["TILE_R"]), triton.cdiv(k, tiles["TILE_K"]))
+    _block_quantize_kernel[grid](
+        kernel_input(x2), data, scale, r, k, x2.stride(0),
+        BLOCK_ROWS=block[0], BLOCK_COLS=block[1], IS_BF16=x2.dtype == torch.bfloat16,
+        MAX_NORMAL=fmt.max_normal, MANTISSA_BITS=fmt.mantissa_bits, MIN_NORMAL_EXP=fmt.min_normal_exp,
+        MIN_SCALE=MIN_SCALE, E5M2=elem == "e5m2", EMULATE_RNE=INTERPRETING, **tiles,
+    )
+
+
+def quantize(x: torch.Tensor, block: tuple[int, int] = ACTIVATION_BLOCK, elem: str = "e4m3") -> BlockScaledTensor:
+    check_input(x)
+    fmt = element_format(elem)
+    block = check_block(x, block)
+    _check_pow2_block(block)
+    *lead, m, k = x.shape
+    # Blocks never cross matrices since M is a multiple of the block rows, so flatten to [R, K].
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    data = torch.empty(x2.shape, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(x2.shape[0] // block[0], k // block[1], dtype=torch.float32, device=x.device)
+    launch_quantize(x2, data, scale, block, elem)
+    return BlockScaledTensor(data.view(fmt.dtype).reshape(x.shape), scale.reshape(*lead, m // block[0], -1),
+                             block, elem)
+
+
+def dequantize(t: BlockScaledTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decode in float32 (one rounding: FP8 value times scale), then cast to `dtype`."""
+    _check_pow2_block(t.block)
+    k = t.data.shape[-1]
+    data2 = as_bytes(t.data.reshape(-1, k).contiguous())
+    scale2 = t.scale.reshape(-1, k // t.block[1]).contiguous()
+    out = torch.empty(data2.shape, dtype=torch.float32, device=data2.device)
+    tiles = _tiles(t.block)
+    grid = (triton.cdiv(data2.shape[0], tiles["TILE_R"]), triton.cdiv(k, tiles["TILE_K"]))
+    _block_dequantize_kernel[grid](data2, scale2, out, data2.shape[0], k, BLOCK_ROWS=t.block[0],
+                                   BLOCK_COLS=t.block[1], E5M2=t.elem == "e5m2", **tiles)
+    return out.reshape(t.data.shape).to(dtype)
