@@ -1,0 +1,83 @@
+"""Softmax attention: grouped-query heads, RoPE, optional q/k norm, a static KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.mixers.cache import KVCache, SequenceInfo
+from moekit.mixers.config import MixerConfig
+from moekit.mixers.norm import RMSNorm
+from moekit.mixers.rope import RotaryEmbedding
+
+
+def visible_keys(key_valid: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, S] bool mask: query at slot i sees real keys at slots <= i.
+
+    A query always sees its own slot, so a padding query (no real key before it) attends to
+    itself instead of producing NaN, which would leak into real tokens through later layers.
+    """
+    key_slots = torch.arange(key_valid.shape[1], device=key_valid.device)
+    causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
+    own = key_slots[None, :] == query_slots[:, None]
+    return ((key_valid[:, None, :] & causal) | own)[:, None]
+
+
+class SoftmaxAttention(nn.Module):
+    """Causal multi-head attention through ``F.scaled_dot_product_attention``.
+
+    Without a cache it attends over the call's own tokens. With a ``KVCache`` it writes the
+    new keys/values into their slots and attends over the whole preallocated buffer under a
+    mask, so a one-token decode step has the same shapes at every position.
+    """
+
+    def __init__(self, config: MixerConfig):
+        super().__init__()
+        self.config = config
+        h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, h * d, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv * d, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv * d, bias=config.attention_bias)
+        self.o_proj = nn.Linear(h * d, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else None
+        self.rotary = RotaryEmbedding(d, config.rope_theta)
+
+    def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+        cfg = self.config
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, cache_entry: KVCache | None = None,
+                info: SequenceInfo | None = None) -> torch.Tensor:
+        cfg = self.config
+        b, t, _ = x.shape
+        if info is None:
+            info = SequenceInfo.plain(b, t, x.device)
+        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = self.rotary(q, info.positions).transpose(1, 2)
+        k = self.rotary(k, info.positions).transpose(1, 2)
+        v = v.transpose(1, 2)
+
+        mask = None
+        if cache_entry is not None:
+            if info.slots is None or info.key_valid is None:
+                raise ValueError("SoftmaxAttention: a KV cache needs SequenceInfo.slots and key_valid")
+            cache_entry.key.index_copy_(2, info.slots, k.to(cache_entry.key.dtype))
+            cache_entry.value.index_copy_(2, info.slots, v.to(cache_entry.value.dtype))
+            k, v = cache_entry.key.to(q.dtype), cache_entry.value.to(q.dtype)
+            mask = visible_keys(info.key_valid, info.slots)
+        elif info.token_mask is not None:
+            mask = visible_keys(info.token_mask, torch.arange(t, device=x.device))
+
+        groups = cfg.num_heads // cfg.num_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim))

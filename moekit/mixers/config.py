@@ -1,0 +1,49 @@
+"""Shapes and knobs a token mixer needs, independent of the model that stacks it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class MixerConfig:
+    """One mixer layer's configuration (the model builds it from its ``ModelConfig``).
+
+    ``head_dim`` is the query/key width of a head; values are ``expand_v`` times wider (the
+    state of a linear head is ``head_dim x value_dim``). ``layer_idx`` / ``num_layers`` are
+    needed by lightning attention, whose fixed decay depends on depth.
+    """
+
+    hidden_size: int
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None  # softmax attention only; None means num_heads
+    expand_v: int = 1
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    conv_size: int = 4  # short causal convolution (DeltaNet, Gated DeltaNet, Mamba2)
+    ssm_state_size: int = 16  # Mamba2's N
+    qk_norm: bool = False  # softmax attention: per-head RMSNorm on q and k (Qwen3 style)
+    attention_bias: bool = False  # softmax attention: biases on the q/k/v projections
+    layer_idx: int = 0
+    num_layers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        for name in ("hidden_size", "num_heads", "head_dim", "num_kv_heads", "expand_v",
+                     "ssm_state_size", "num_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"MixerConfig: {name} must be a positive integer, got {value!r}")
+        if self.conv_size < 2:
+            raise ValueError(f"MixerConfig: conv_size must be >= 2, got {self.conv_size}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"MixerConfig: num_heads ({self.num_heads}) must be divisible by "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        if not 0 <= self.layer_idx < self.num_layers:
+            raise ValueError(f"MixerConfig: layer_idx {self.layer_idx} outside [0, {self.num_layers})")
+
+    @property
+    def value_dim(self) -> int:
+        return self.head_dim * self.expand_v

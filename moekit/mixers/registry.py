@@ -1,0 +1,41 @@
+"""Which module implements each layer letter and linear-mixer name."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moekit.mixers.attention import SoftmaxAttention
+from moekit.mixers.config import MixerConfig
+from moekit.mixers.delta_net import DeltaNet, GatedDeltaNet
+from moekit.mixers.gla import GLA
+from moekit.mixers.linear_attention import LinearAttention
+from moekit.mixers.mamba2 import Mamba2
+from moekit.mixers.simple_gla import LightningAttention, Retention, SimpleGLA
+
+LINEAR_MIXERS: dict[str, type[nn.Module]] = {
+    "linear_attention": LinearAttention,
+    "lightning_attention": LightningAttention,
+    "retention": Retention,
+    "simple_gla": SimpleGLA,
+    "gla": GLA,
+    "deltanet": DeltaNet,
+    "gated_deltanet": GatedDeltaNet,
+    "mamba2": Mamba2,
+}
+
+LAYER_LETTERS = {"L": "linear sequence-modeling layer (kind set by linear_mixer)", "N": "softmax attention"}
+
+
+def check_linear_mixer(name: str) -> None:
+    if name not in LINEAR_MIXERS:
+        raise ValueError(f"unknown linear_mixer {name!r}; choose from {sorted(LINEAR_MIXERS)}")
+
+
+def build_mixer(letter: str, linear_mixer: str, config: MixerConfig) -> nn.Module:
+    """The mixer of one layer: ``N`` softmax attention, ``L`` the ``linear_mixer`` kind."""
+    if letter == "N":
+        return SoftmaxAttention(config)
+    if letter == "L":
+        check_linear_mixer(linear_mixer)
+        return LINEAR_MIXERS[linear_mixer](config)
+    raise ValueError(f"unknown layer letter {letter!r}; choose from {LAYER_LETTERS}")

@@ -1,0 +1,115 @@
+"""Linear mixers whose state decays by one scalar per head and step (the ``simple_gla`` op):
+
+- ``SimpleGLA``: a data-dependent decay, logsigmoid(W_g x) / 16 (flash-linear-attention's
+  SimpleGLA), swish output gate.
+- ``LightningAttention`` (TransNormerLLM / MiniMax-01): a fixed per-head decay that depends on
+  depth (``la.lightning_decay``), SiLU on q, k, v, no 1/sqrt(K) scale, sigmoid output gate.
+- ``Retention`` (RetNet): a fixed per-head decay (``la.retention_decay``), rotary positions on
+  q and k (RetNet's relative-position rotation), swish output gate.
+
+All three end in a per-head RMSNorm times the output gate.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.mixers.cache import RecurrentCache, SequenceInfo, zero_padding
+from moekit.mixers.config import MixerConfig
+from moekit.mixers.linear_base import LinearMixer
+from moekit.mixers.norm import GatedRMSNorm
+from moekit.mixers.rope import RotaryEmbedding
+from moekit.ops import linear_attention as la
+
+GATE_LOGIT_NORMALIZER = 16  # keeps learned decays close to 1 at init (GLA paper)
+
+
+class DecayedLinearAttention(LinearMixer, abc.ABC):
+    """q/k/v/gate projections around ``la.simple_gla``; subclasses say how q, k, v and the log
+    decay g [B, T, H] are formed."""
+
+    gate_activation = "swish"
+    scale: float | None = None  # None: K ** -0.5
+    uses_positions = False
+
+    def __init__(self, config: MixerConfig):
+        super().__init__()
+        self.config = config
+        h, dk, dv = config.num_heads, config.head_dim, config.value_dim
+        self.state_dims = (h, dk, dv)
+        self.q_proj = nn.Linear(config.hidden_size, h * dk, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, h * dk, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, h * dv, bias=False)
+        self.g_proj = nn.Linear(config.hidden_size, h * dv, bias=False)
+        self.o_norm = GatedRMSNorm(dv, config.norm_eps, activation=self.gate_activation)
+        self.o_proj = nn.Linear(h * dv, config.hidden_size, bias=False)
+
+    def qkv(self, x: torch.Tensor, info: SequenceInfo | None):
+        b, t, _ = x.shape
+        h, dk, dv = self.state_dims
+        return (self.q_proj(x).view(b, t, h, dk), self.k_proj(x).view(b, t, h, dk),
+                self.v_proj(x).view(b, t, h, dv))
+
+    @abc.abstractmethod
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] float32 log decay of each step."""
+
+    def forward(self, x: torch.Tensor, cache_entry: RecurrentCache | None = None,
+                info: SequenceInfo | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, _, dv = self.state_dims
+        if self.uses_positions and cache_entry is not None and info is None:
+            raise ValueError(f"{type(self).__name__}: decoding with a cache needs SequenceInfo positions")
+        q, k, v = self.qkv(x, info)
+        k = zero_padding(k, info.token_mask if info is not None else None)
+        o = self.run_op(la.simple_gla, q, k, v, self.log_decay(x), cache_entry=cache_entry, scale=self.scale)
+        o = self.o_norm(o, self.g_proj(x).view(b, t, h, dv))
+        return self.o_proj(o.reshape(b, t, h * dv))
+
+
+class SimpleGLA(DecayedLinearAttention):
+    def __init__(self, config: MixerConfig):
+        super().__init__(config)
+        self.gk_proj = nn.Linear(config.hidden_size, config.num_heads, bias=True)
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        return F.logsigmoid(self.gk_proj(x).float()) / GATE_LOGIT_NORMALIZER
+
+
+class FixedDecayAttention(DecayedLinearAttention):
+    """A per-head decay that is a constant of the architecture (a buffer, not learned)."""
+
+    def __init__(self, config: MixerConfig, log_decay: torch.Tensor):
+        super().__init__(config)
+        self.register_buffer("head_log_decay", log_decay.float(), persistent=False)
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_log_decay.expand(*x.shape[:2], -1)
+
+
+class LightningAttention(FixedDecayAttention):
+    gate_activation = "sigmoid"
+    scale = 1.0  # MiniMax-01 does not scale q k^T
+
+    def __init__(self, config: MixerConfig):
+        super().__init__(config, la.lightning_decay(config.num_heads, config.layer_idx, config.num_layers))
+
+    def qkv(self, x: torch.Tensor, info: SequenceInfo | None):
+        return tuple(F.silu(t) for t in super().qkv(x, info))
+
+
+class Retention(FixedDecayAttention):
+    uses_positions = True
+    def __init__(self, config: MixerConfig):
+        super().__init__(config, la.retention_decay(config.num_heads))
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def qkv(self, x: torch.Tensor, info: SequenceInfo | None):
+        q, k, v = super().qkv(x, info)
+        if info is None:
+            info = SequenceInfo.plain(x.shape[0], x.shape[1], x.device)
+        return self.rotary(q, info.positions), self.rotary(k, info.positions), v

@@ -1,0 +1,142 @@
+"""``ModelConfig``: the hybrid Linear-MoE language model's shape, with YAML / dict round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moekit.mixers.config import MixerConfig
+from moekit.mixers.registry import LAYER_LETTERS, check_linear_mixer
+from moekit.moe.config import MoEConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only LM: ``layer_pattern`` has one letter per layer, ``L`` a linear mixer of
+    kind ``linear_mixer`` and ``N`` softmax attention. The first ``first_k_dense`` layers use a
+    dense FFN of width ``dense_ffn_hidden_size``, the rest an ``MoE`` layer configured by ``moe``
+    (whose ``hidden_size`` always equals the model's).
+    """
+
+    vocab_size: int = 256
+    hidden_size: int = 64
+    layer_pattern: str = "LLLN"
+    linear_mixer: str = "gla"
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # softmax layers; None means num_heads
+    head_dim: int = 16
+    expand_v: int = 1  # linear layers: value width = expand_v * head_dim
+    conv_size: int = 4
+    ssm_state_size: int = 16
+    qk_norm: bool = False
+    attention_bias: bool = False
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-6
+    first_k_dense: int = 0
+    dense_ffn_hidden_size: int | None = None  # None means 4 * hidden_size
+    tie_word_embeddings: bool = False
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig.from_dict(self.moe)
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.dense_ffn_hidden_size is None:
+            self.dense_ffn_hidden_size = 4 * self.hidden_size
+        if self.moe.hidden_size != self.hidden_size:
+            self.moe = dataclasses.replace(self.moe, hidden_size=self.hidden_size)
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"ModelConfig: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "max_seq_len", "dense_ffn_hidden_size"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        need(len(self.layer_pattern) > 0, "layer_pattern must have at least one letter")
+        bad = sorted(set(self.layer_pattern) - set(LAYER_LETTERS))
+        need(not bad, f"layer_pattern {self.layer_pattern!r} has unknown letter(s) {bad}; "
+                      f"use {', '.join(f'{k} ({v})' for k, v in LAYER_LETTERS.items())}")
+        if "L" in self.layer_pattern:
+            check_linear_mixer(self.linear_mixer)
+        need(0 <= self.first_k_dense <= self.num_layers,
+             f"first_k_dense must be in [0, {self.num_layers}], got {self.first_k_dense}")
+        need(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
+        self.mixer_config(0)  # checks heads / dims
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_pattern)
+
+    def mixer_config(self, layer_idx: int) -> MixerConfig:
+        return MixerConfig(
+            hidden_size=self.hidden_size, num_heads=self.num_heads, head_dim=self.head_dim,
+            num_kv_heads=self.num_kv_heads, expand_v=self.expand_v, rope_theta=self.rope_theta,
+            norm_eps=self.norm_eps, conv_size=self.conv_size, ssm_state_size=self.ssm_state_size,
+            qk_norm=self.qk_norm, attention_bias=self.attention_bias, layer_idx=layer_idx,
+            num_layers=self.num_layers,
+        )
+
+    # --- serialisation ---------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build from a mapping; unknown keys (here or in ``moe``) are refused by name."""
+        if not isinstance(values, dict):
+            raise TypeError(f"ModelConfig: expected a mapping, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        values = dict(values)
+        moe = values.pop("moe", None)
+        if moe is not None and not isinstance(moe, MoEConfig):
+            if not isinstance(moe, dict):
+                raise TypeError(f"ModelConfig: 'moe' must be a mapping, got {type(moe).__name__}")
+            hidden = values.get("hidden_size", cls.hidden_size)
+            if moe.get("hidden_size", hidden) != hidden:
+                raise ValueError(f"ModelConfig: moe.hidden_size ({moe['hidden_size']}) differs from "
+                                 f"hidden_size ({hidden}); leave it out, it follows the model")
+            moe = MoEConfig.from_dict({**moe, "hidden_size": hidden})
+        return cls(**values) if moe is None else cls(**values, moe=moe)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        with path.open() as f:
+            try:
+                values = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ValueError(f"ModelConfig: {path} is not valid YAML: {e}") from e
+        if not isinstance(values, dict):
+            raise ValueError(f"ModelConfig: {path} must hold a mapping of config keys")
+        return cls.from_dict(values)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_name(cls, name: str) -> ModelConfig:
+        """A config shipped in ``moekit/configs/<name>.yaml``."""
+        path = CONFIG_DIR / f"{name}.yaml"
+        if not path.is_file():
+            raise ValueError(f"ModelConfig: no built-in config {name!r}; available: {available_configs()}")
+        return cls.from_yaml(path)
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))

@@ -1,0 +1,146 @@
+"""Batched autoregressive generation through the model's cache.
+
+The prompt is prefilled in one call (the mixers' chunk form); each new token then goes through
+the cache alone (the recurrent form for linear layers, one KV slot for softmax layers).
+Prompts of different lengths are left-padded: padding takes cache slots but is masked out of
+attention and zeroed before it can touch a recurrent or conv state, so every row computes what
+it would alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # [B, P + n]: left-padded prompts, then the generated tokens
+    prompt_length: int  # P, the padded prompt length
+    attention_mask: torch.Tensor  # [B, P + n] bool, False at the prompts' left padding
+    logits: torch.Tensor | None = None  # [B, n, vocab] float32 of each step, with output_logits=True
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length:]
+
+
+@dataclass
+class SamplingConfig:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def left_pad(prompts: Sequence[Sequence[int] | torch.Tensor], pad_token_id: int,
+             device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of different lengths -> (ids [B, P], mask [B, P]) padded on the left."""
+    if len(prompts) == 0:
+        raise ValueError("generate: no prompts given")
+    rows = [torch.as_tensor(p, dtype=torch.long).flatten() for p in prompts]
+    for i, row in enumerate(rows):
+        if row.numel() == 0:
+            raise ValueError(f"generate: prompt {i} is empty")
+    width = max(r.numel() for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, width - row.numel():] = row
+        mask[i, width - row.numel():] = True
+    return ids.to(device), mask.to(device)
+
+
+def _check_left_padded(mask: torch.Tensor) -> None:
+    # A left-padded row never has padding after a real token, and ends with a real one.
+    if (mask[:, 1:].long() < mask[:, :-1].long()).any() or not mask[:, -1].all():
+        raise ValueError("generate: attention_mask must describe left padding (0s then 1s in every row)")
+
+
+def select_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None):
+    """Next token ids [B] from last-position logits [B, vocab]."""
+    if not sampling.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k is not None:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
+        drop = probs.cumsum(dim=-1) - probs >= sampling.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, do_sample: bool = False, attention_mask: torch.Tensor | None = None,
+             eos_token_id: int | None = None, pad_token_id: int | None = None,
+             generator: torch.Generator | None = None, output_logits: bool = False) -> GenerateOutput:
+    """Generate up to ``max_new_tokens`` tokens for a batch of prompts.
+
+    ``input_ids`` is a [B, P] tensor (left-padded, with ``attention_mask``) or a list of token
+    lists of different lengths (padded here). Greedy unless ``do_sample``; sampling applies
+    ``temperature``, then ``top_k``, then ``top_p`` (nucleus). A row that emits
+    ``eos_token_id`` is finished: later positions hold ``pad_token_id`` (default: the EOS id,
+    else 0), and generation stops early once every row is finished. The model is used in
+    whatever train / eval mode it is in (call ``model.eval()`` first for inference).
+    """
+    sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if pad_token_id is None:
+        pad_token_id = eos_token_id if eos_token_id is not None else 0
+    device = model.embed_tokens.weight.device
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() != 2:
+            raise ValueError(f"generate: input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
+        ids = input_ids.to(device)
+        mask = (attention_mask.to(device).bool() if attention_mask is not None
+                else torch.ones_like(ids, dtype=torch.bool))
+        if mask.shape != ids.shape:
+            raise ValueError(f"generate: attention_mask shape {tuple(mask.shape)} != input_ids shape "
+                             f"{tuple(ids.shape)}")
+        _check_left_padded(mask)
+    else:
+        if attention_mask is not None:
+            raise ValueError("generate: pass attention_mask only with a padded input_ids tensor")
+        ids, mask = left_pad(input_ids, pad_token_id, device)
+
+    batch, prompt_length = ids.shape
+    cache = model.new_cache(batch, prompt_length + max_new_tokens)
+    padded = not bool(mask.all())
+    out = model(ids, cache=cache, attention_mask=mask if padded else None)
+    logits = out.logits[:, -1]
+
+    new_tokens, step_logits = [], []
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        if output_logits:
+            step_logits.append(logits)
+        token = select_next(logits, sampling, generator)
+        if eos_token_id is not None:
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            finished |= token == eos_token_id
+        new_tokens.append(token)
+        if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+            break
+        logits = model(token[:, None], cache=cache).logits[:, -1]
+
+    generated = torch.stack(new_tokens, dim=1)
+    sequences = torch.cat([ids, generated], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(generated, dtype=torch.bool)], dim=1)
+    return GenerateOutput(sequences=sequences, prompt_length=prompt_length, attention_mask=full_mask,
+                          logits=torch.stack(step_logits, dim=1) if output_logits else None)

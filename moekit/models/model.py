@@ -1,0 +1,170 @@
+"""``MoEForCausalLM``: embeddings, pre-norm blocks (token mixer + dense FFN or MoE), final norm, head."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.mixers.cache import SequenceInfo
+from moekit.mixers.norm import RMSNorm
+from moekit.mixers.registry import build_mixer
+from moekit.models import checkpoint, generation
+from moekit.models.cache import ModelCache
+from moekit.models.config import ModelConfig
+from moekit.moe.experts import FeedForward
+from moekit.moe.layer import MoE
+
+IGNORE_INDEX = -100
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, T, vocab] float32
+    loss: torch.Tensor | None  # lm_loss + aux_loss, when labels were given
+    lm_loss: torch.Tensor | None
+    aux_loss: torch.Tensor  # sum of the MoE layers' balancing losses (0 without MoE layers)
+    cache: ModelCache | None
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x)), then h + ffn(norm(h)); the FFN is dense or an ``MoE``."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.kind = config.layer_pattern[layer_idx]
+        self.mixer_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mixer = build_mixer(self.kind, config.linear_mixer, config.mixer_config(layer_idx))
+        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        if layer_idx < config.first_k_dense:
+            self.ffn = FeedForward(config.hidden_size, config.dense_ffn_hidden_size, config.moe.activation,
+                                   config.init_std)
+        else:
+            self.ffn = MoE(config.moe)
+
+    def forward(self, x: torch.Tensor, cache_entry=None, info: SequenceInfo | None = None) -> torch.Tensor:
+        h = x + self.mixer(self.mixer_norm(x), cache_entry, info)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class MoEForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._init_weights()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _init_weights(self) -> None:
+        """N(0, init_std) for embeddings and projections; MoE layers and the dense FFNs
+        initialise themselves, and mixers keep their own special parameters (decay rates,
+        time-step biases, conv kernels)."""
+        std = self.config.init_std
+        nn.init.normal_(self.embed_tokens.weight, std=std)
+        nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.layers:
+            for module in block.mixer.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=std)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+
+    # --- structure -------------------------------------------------------------------------
+
+    def moe_layers(self) -> Iterator[MoE]:
+        for block in self.layers:
+            if isinstance(block.ffn, MoE):
+                yield block.ffn
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Distinct parameters (a tied head counts once)."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.embed_tokens.weight.numel()
+            if not self.config.tie_word_embeddings:
+                total -= self.lm_head.weight.numel()
+        return total
+
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> ModelCache:
+        """An empty decoding cache for ``batch_size`` rows of up to ``max_len`` tokens
+        (default device / dtype: the model's)."""
+        device = device if device is not None else self.embed_tokens.weight.device
+        dtype = dtype if dtype is not None else self.embed_tokens.weight.dtype
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"MoEForCausalLM: max_len {max_len} exceeds config.max_seq_len "
+                             f"{self.config.max_seq_len}")
+        entries = [block.mixer.init_cache(batch_size, max_len, device, dtype) for block in self.layers]
+        return ModelCache(entries, batch_size, max_len, device)
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                cache: ModelCache | None = None, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
+        """input_ids [B, T]. ``labels`` follow the Hugging Face convention: the same positions as
+        ``input_ids``, shifted here, -100 ignored. ``attention_mask`` [B, T] (1 real, 0 padding)
+        marks left padding. With a ``cache`` the call continues the cached sequences and
+        updates the cache in place (a one-token call takes the recurrent path)."""
+        self._check_inputs(input_ids, labels, attention_mask)
+        b, t = input_ids.shape
+        if cache is not None:
+            mask = attention_mask if attention_mask is not None else input_ids.new_ones(b, t, dtype=torch.bool)
+            info = cache.advance(mask, padded=attention_mask is not None)
+        elif attention_mask is not None:
+            info = SequenceInfo.from_mask(attention_mask)
+        else:
+            info = SequenceInfo.plain(b, t, input_ids.device)
+
+        x = self.embed_tokens(input_ids)
+        for i, block in enumerate(self.layers):
+            x = block(x, cache[i] if cache is not None else None, info)
+        logits = self.lm_head(self.norm(x)).float()
+
+        aux_losses = [layer.aux_loss for layer in self.moe_layers()]
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else logits.new_zeros(())
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                      ignore_index=IGNORE_INDEX)
+            loss = lm_loss + aux_loss
+        return CausalLMOutput(logits=logits, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, cache=cache)
+
+    def _check_inputs(self, input_ids, labels, attention_mask) -> None:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"MoEForCausalLM: input_ids must be an integer tensor [B, T], got "
+                             f"{input_ids.dtype} of shape {tuple(input_ids.shape)}")
+        for name, other in (("labels", labels), ("attention_mask", attention_mask)):
+            if other is not None and other.shape != input_ids.shape:
+                raise ValueError(f"MoEForCausalLM: {name} must match input_ids' shape "
+                                 f"{tuple(input_ids.shape)}, got {tuple(other.shape)}")
+        if _capturing():
+            return  # the value check reads the ids on the host, which a CUDA-graph capture forbids
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            raise ValueError(f"MoEForCausalLM: token ids must lie in [0, {self.config.vocab_size}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+
+    # --- generation and checkpoints ---------------------------------------------------------
+
+    def generate(self, input_ids, max_new_tokens: int, **kwargs) -> generation.GenerateOutput:
+        """See ``moekit.models.generation.generate``."""
+        return generation.generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def save_pretrained(self, directory) -> None:
+        """``config.json`` + ``model.safetensors`` (one copy of tied weights)."""
+        checkpoint.save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None, dtype=None) -> MoEForCausalLM:
+        """Load a ``save_pretrained`` folder; missing, unexpected or mis-shaped tensors are refused by name."""
+        return checkpoint.load_pretrained(cls, directory, device=device, dtype=dtype)
