@@ -1,0 +1,276 @@
+"""MXFP8: Triton kernels vs the reference (bit for bit), the spec's FLOOR rule by hand, error bound,
+the reference against an independent float64 definition, and input validation."""
+
+import math
+
+import pytest
+import torch
+
+from moekit.quant import mxfp8
+from moekit.quant.formats import element_format
+from moekit.quant.mxfp8 import reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ELEMS = ["e4m3", "e5m2"]
+MODES = ["floor", "rceil"]
+POISONS = (0x5A, 0xA5)  # two, so an unwritten byte cannot match by luck
+
+
+def _bytes(t):
+    return t.view(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton (interpreter on CPU) == reference, bit for bit
+
+
+@pytest.mark.parametrize("scale_mode", MODES)
+@pytest.mark.parametrize("elem", ELEMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_pass_kernel_matches_reference(make_input, assert_same_bits, dtype, elem, scale_mode):
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    for seed, shape in enumerate([(64, 96), (96, 160)]):
+        x = make_input(shape, dtype, seed)
+        rows, cols = reference.quantize_both(x, elem, scale_mode)
+        expected = {"row_data": rows.data, "row_scale": rows.scale,
+                    "col_data": cols.data.t(), "col_scale": cols.scale.t()}
+        for poison in POISONS:
+            out = mx_triton.empty_outputs(*shape, True, True, elem, x.device)
+            for buf in out.values():
+                buf.fill_(poison)
+            mx_triton.launch_quantize(x, out, elem, scale_mode)
+            for name, buf in out.items():
+                assert_same_bits(buf, _bytes(expected[name]))
+
+
+@pytest.mark.parametrize("scale_mode", MODES)
+@pytest.mark.parametrize("elem", ELEMS)
+def test_public_api_layouts_match_reference(make_input, assert_same_bits, assert_same_values, elem, scale_mode):
+    """quantize_both, quantize along every axis (row kernel, in-place column kernel), dequantize."""
+    x = make_input((64, 96), torch.bfloat16, 7)
+    got = mxfp8.quantize_both(x, elem, scale_mode, backend="triton")
+    want = reference.quantize_both(x, elem, scale_mode)
+    cases = list(zip(got, want, strict=True))
+    x3 = make_input((3, 64, 40), torch.float32, 8)
+    for xi, axis in [(x, 0), (x, -1), (x3, 1), (x3.transpose(1, 2), 2)]:
+        cases.append((mxfp8.quantize(xi, axis, elem, scale_mode, backend="triton"),
+                      reference.quantize(xi, axis, elem, scale_mode)))
+    for g, w in cases:
+        assert (g.axis, g.elem, g.scale_mode) == (w.axis, w.elem, w.scale_mode)
+        assert g.data.dtype == element_format(elem).dtype and g.scale.dtype == torch.float8_e8m0fnu
+        assert g.data.stride(g.axis) == 1 and g.scale.stride(g.axis) == 1
+        assert_same_bits(g.data, w.data)
+        assert_same_bits(g.scale, w.scale)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert_same_values(mxfp8.dequantize(g, dtype, backend="triton"), reference.dequantize(w, dtype))
+
+
+def test_column_layout_is_transposed_storage(make_input):
+    x = make_input((64, 96), torch.bfloat16, 3)
+    for backend in ("reference", "triton"):
+        rows, cols = mxfp8.quantize_both(x, backend=backend)
+        assert rows.data.shape == cols.data.shape == (64, 96)
+        assert rows.scale.shape == (64, 3) and cols.scale.shape == (2, 96)
+        assert rows.data.is_contiguous() and cols.data.t().is_contiguous() and cols.scale.t().is_contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# The FLOOR rule by hand (OCP MX v1.0 6.3): s = floor(log2(amax)) - emax, P_i = sat_rne(V_i / 2**s),
+# scale byte = s + 127. E4M3: bias 7, emax 8, max 448 = 1.75 * 2**8, min subnormal 2**-9.
+# E5M2: bias 15, emax 15, min subnormal 2**-16. Byte = sign | exponent field | mantissa.
+
+HAND_CASES = [
+    # (elem, mode, {index: value}, scale byte, {index: element byte}); unlisted values are 0.0 -> 0x00
+    ("e4m3", "floor",
+     {0: 3.0, 1: 1.0, 2: -0.5, 3: 1.0625, 4: 1.1875, 5: 2.0**-16, 6: 2.0**-17, 7: -3 * 2.0**-17},
+     # amax 3: floor(log2 3) = 1, s = 1 - 8 = -7, byte 120 = 0x78; V / 2**s = V * 128
+     0x78,
+     {0: 0x7C,  # 384 = 1.5 * 2**8: exp 8+7 = 0b1111, mantissa 0b100
+      1: 0x70,  # 128 = 2**7: exp 0b1110
+      2: 0xE8,  # -64 = -2**6: sign, exp 0b1101
+      3: 0x70,  # 136 = 1.0625 * 2**7, halfway 1.000 / 1.125: ties to even -> 1.000
+      4: 0x72,  # 152 = 1.1875 * 2**7, halfway 1.125 / 1.250: ties to even -> 1.250 (0b010)
+      5: 0x01,  # 2**-9: smallest subnormal
+      6: 0x00,  # 2**-10: halfway 0 / 2**-9 -> 0
+      7: 0x82}),  # -1.5 * 2**-9: halfway 1 / 2 subnormal steps -> 2, negative
+    ("e4m3", "floor", {0: 3.75, 1: -3.5, 2: 0.25},
+     0x78,  # floor(log2 3.75) = 1 -> s = -7 again
+     {0: 0x7E,  # 480 > 448 saturates to 448 = 1.75 * 2**8: 0b1111, 0b110
+      1: 0xFE,  # -448
+      2: 0x60}),  # 32 = 2**5: exp 0b1100
+    ("e4m3", "rceil", {0: 3.75, 1: -3.5, 2: 0.25},
+     0x79,  # rceil: s = ceil(log2(3.75 / 448)) = ceil(-6.9) = -6 -> byte 121; V * 64
+     {0: 0x77,  # 240 = 1.875 * 2**7: 0b1110, 0b111 (no saturation)
+      1: 0xF6,  # -224 = -1.75 * 2**7
+      2: 0x58}),  # 16 = 2**4: exp 0b1011
+    ("e4m3", "rceil", {0: 3.5, 1: 1.0},
+     0x78,  # 3.5 / 448 = 2**-7 exactly: ceil keeps s = -7; V * 128
+     {0: 0x7E,  # 448 exactly, the largest normal
+      1: 0x70}),
+    ("e4m3", "rceil", {0: 3.5 + 2.0**-20, 1: 1.0},
+     0x79,  # just above 1.75 * 2**1: s = -6; V * 64
+     {0: 0x76,  # 224.0002 rounds to 224 = 1.75 * 2**7: 0b1110, 0b110
+      1: 0x68}),  # 64 = 2**6: exp 0b1101
+    ("e5m2", "floor", {0: 3.0, 1: 1.0, 2: 2.0**-30},
+     0x71,  # s = 1 - 15 = -14 -> byte 113; V * 2**14
+     {0: 0x7A,  # 1.5 * 2**15: exp 15+15 = 0b11110, mantissa 0b10
+      1: 0x74,  # 2**14: exp 0b11101
+      2: 0x01}),  # 2**-16: smallest E5M2 subnormal
+    ("e4m3", "floor", {3: -0.0},
+     0x00,  # all zero: log2(0) = -inf, clamped to the E8M0 minimum s = -127
+     {3: 0x80}),  # -0.0 keeps its sign
+    ("e4m3", "floor", {0: 2.0**-130, 1: 2.0**-133},
+     0x00,  # floor(log2 2**-130) - 8 = -138, clamped to -127; V * 2**127
+     {0: 0x20,  # 2**-3: exp -3+7 = 0b0100
+      1: 0x08}),  # 2**-6: smallest normal, exp 0b0001
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", range(len(HAND_CASES)))
+def test_floor_and_rceil_rules_by_hand(backend, case):
+    elem, mode, values, scale_byte, elem_bytes = HAND_CASES[case]
+    x = torch.zeros(1, 32)
+    for i, v in values.items():
+        x[0, i] = v
+    t = mxfp8.quantize(x, -1, elem, mode, backend=backend)
+    assert _bytes(t.scale).tolist() == [[scale_byte]]
+    expected = [elem_bytes.get(i, 0x00) for i in range(32)]
+    assert _bytes(t.data)[0].tolist() == expected
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("elem", ELEMS)
+def test_nan_and_inf_blocks(make_input, backend, elem):
+    """A block with NaN or +-Inf: scale 0xFF (NaN), elements 0x7F; it decodes to NaN, others do not."""
+    x = make_input((64, 96), torch.float32, 11, specials=False)
+    x[2, 40], x[9, 3], x[33, 95] = float("nan"), float("inf"), -float("inf")
+    rows, cols = mxfp8.quantize_both(x, elem, backend=backend)
+    for t, bad in [(rows, [(2, 1), (9, 0), (33, 2)]), (cols, [(0, 40), (0, 3), (1, 95)])]:
+        scale = _bytes(t.scale)
+        expect_bad = torch.zeros_like(scale, dtype=torch.bool)
+        for i, j in bad:
+            expect_bad[i, j] = True
+        assert torch.equal(scale == 0xFF, expect_bad)
+        block_bad = expect_bad.repeat_interleave(32, dim=t.axis)
+        assert torch.all(_bytes(t.data)[block_bad] == 0x7F)
+        assert torch.equal(mxfp8.dequantize(t, backend=backend).isnan(), block_bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference vs an independent float64 definition; round-trip error bound
+
+
+def _nearest_even_fp8_bytes(v: torch.Tensor, elem: str) -> torch.Tensor:
+    """Saturating round-to-nearest-even of float64 `v` by search over all finite FP8 values."""
+    fmt = element_format(elem)
+    top = 0x7E if elem == "e4m3" else 0x7B  # largest finite positive byte
+    grid = torch.arange(top + 1, dtype=torch.uint8).view(fmt.dtype).double()
+    mag = v.abs().clamp(max=fmt.max_normal)
+    hi = torch.searchsorted(grid, mag).clamp(max=top)
+    lo = (hi - 1).clamp(min=0)
+    d_lo, d_hi = mag - grid[lo], grid[hi] - mag
+    pick = torch.where(d_lo < d_hi, lo, torch.where(d_hi < d_lo, hi, torch.where(lo % 2 == 0, lo, hi)))
+    return (pick | (torch.signbit(v).long() << 7)).to(torch.uint8)
+
+
+@pytest.mark.parametrize("scale_mode", MODES)
+@pytest.mark.parametrize("elem", ELEMS)
+def test_reference_against_float64_definition(make_input, elem, scale_mode):
+    fmt = element_format(elem)
+    x = make_input((64, 256), torch.float32, 5, specials=False)
+    t = reference.quantize(x, -1, elem, scale_mode)
+    blocks = x.double().reshape(64, 8, 32)
+    amax = blocks.abs().amax(-1)
+    with torch.no_grad():
+        log2 = torch.log2(amax) if scale_mode == "floor" else torch.log2(amax / fmt.max_normal)
+    exp = (log2.floor() - fmt.emax) if scale_mode == "floor" else log2.ceil()
+    exp = exp.nan_to_num(neginf=-1e9).clamp(-127, 127).long()  # log2(0) = -inf: all-zero block
+    assert torch.equal(_bytes(t.scale).long(), exp + 127)
+    scaled = blocks * torch.exp2(-exp.double())[..., None]
+    assert torch.equal(_bytes(t.data), _nearest_even_fp8_bytes(scaled, elem).reshape(64, 256))
+
+
+@pytest.mark.parametrize("scale_mode", MODES)
+@pytest.mark.parametrize("elem", ELEMS)
+def test_round_trip_error_within_documented_bound(elem, scale_mode):
+    fmt = element_format(elem)
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(128, 256, generator=g) * torch.exp2(torch.randint(-40, 40, (128, 1), generator=g).float())
+    t = reference.quantize(x, -1, elem, scale_mode)
+    err = (reference.dequantize(t).double() - x.double()).abs()
+    s = (_bytes(t.scale).double() - 127).repeat_interleave(32, dim=1)
+    rel = 2.0 ** -(fmt.mantissa_bits + 1) if scale_mode == "rceil" else 1 / 8
+    bound = rel * x.double().abs() + torch.exp2(s + fmt.min_normal_exp - fmt.mantissa_bits - 1)
+    assert torch.all(err <= bound)
+    assert (err / bound).max() > 0.5  # the bound is tight enough to mean something
+    rel_err = err.norm() / x.double().norm()
+    assert rel_err < (0.05 if elem == "e4m3" else 0.1)
+
+
+def test_floor_saturates_and_rceil_does_not():
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(64, 256, generator=g)
+    for elem in ELEMS:
+        fmt = element_format(elem)
+        floor = reference.quantize(x, -1, elem, "floor")
+        rceil = reference.quantize(x, -1, elem, "rceil")
+        at_max_floor = (floor.data.double().abs() == fmt.max_normal).sum()
+        # Saturation: |V| / 2**s beyond max normal. rceil has none; floor has some on random data.
+        s = (_bytes(rceil.scale).double() - 127).repeat_interleave(32, dim=1)
+        assert torch.all(x.double().abs() * torch.exp2(-s) <= fmt.max_normal)
+        s = (_bytes(floor.scale).double() - 127).repeat_interleave(32, dim=1)
+        assert (x.double().abs() * torch.exp2(-s) > fmt.max_normal).sum() > 0
+        assert at_max_floor > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_input_is_rejected_clearly(backend):
+    x = torch.randn(4, 64)
+    with pytest.raises(TypeError, match="int32"):
+        mxfp8.quantize(torch.ones(4, 64, dtype=torch.int32), backend=backend)
+    with pytest.raises(TypeError, match="float64"):
+        mxfp8.quantize(x.double(), backend=backend)
+    with pytest.raises(ValueError, match="multiple of the block size 32"):
+        mxfp8.quantize(torch.randn(4, 40), backend=backend)
+    with pytest.raises(ValueError, match="axis 0 has length 4"):
+        mxfp8.quantize(x, axis=0, backend=backend)
+    with pytest.raises(ValueError, match="unknown FP8 element type 'e3m4'"):
+        mxfp8.quantize(x, elem="e3m4", backend=backend)
+    with pytest.raises(ValueError, match="unknown scale_mode 'ceil'"):
+        mxfp8.quantize(x, scale_mode="ceil", backend=backend)
+    with pytest.raises(ValueError, match="out of range"):
+        mxfp8.quantize(x, axis=2, backend=backend)
+    with pytest.raises(ValueError, match="0-d"):
+        mxfp8.quantize(torch.tensor(1.0), backend=backend)
+    with pytest.raises(ValueError, match="2-D"):
+        mxfp8.quantize_both(torch.randn(2, 32, 64), backend=backend)
+    with pytest.raises(TypeError, match="MXTensor"):
+        mxfp8.dequantize(x, backend=backend)
+    with pytest.raises(ValueError, match="unknown backend"):
+        mxfp8.quantize(x, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the compiled kernels (hardware FP8 casts) against the reference
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("scale_mode", MODES)
+@pytest.mark.parametrize("elem", ELEMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_kernels_match_reference(make_input, assert_same_bits, assert_same_values, dtype, elem, scale_mode):
+    x = make_input((1024, 2048 + 96), dtype, 21).cuda()
+    got = mxfp8.quantize_both(x, elem, scale_mode, backend="triton")
+    want = mxfp8.quantize_both(x, elem, scale_mode, backend="reference")
+    for g, w in zip(got, want, strict=True):
+        assert_same_bits(g.data, w.data)
+        assert_same_bits(g.scale, w.scale)
+        assert_same_values(mxfp8.dequantize(g, backend="triton"), mxfp8.dequantize(w, backend="reference"))
+    assert math.prod(got[0].scale.shape) == x.numel() // 32
