@@ -1,0 +1,488 @@
+"""Chunked Triton kernels for scalar-gated linear attention and the (gated) delta rule.
+
+One family: ``USE_G`` switches the scalar log-decay on (simple GLA / Gated DeltaNet; off is
+linear attention / DeltaNet), ``DELTA`` switches the delta rule on. Tensors are packed
+[tokens, H, D] (see ``triton_layout``); gc is the chunk-local cumulative log-gate in float32.
+
+Forward (per chunk of BT tokens, state S_n entering chunk n):
+    delta only   wy_fwd      T = (I + A)^-1, A = tril(beta_i e^{gc_i - gc_j} k_i.k_j, -1);
+                             w = T (beta e^{gc} k), u = T (beta v)
+    state_fwd    sequential over chunks: stores S_n; (delta: v <- u - w S_n, stored);
+                 S_{n+1} = e^{gc_L} S_n + (k e^{gc_L - gc})^T v
+    output_fwd   o = scale (e^{gc} q S_n + (q k^T * e^{gc_i - gc_j}, causal) v)
+Backward mirrors it: dv_local (intra-chunk part of dv), state_bwd (reverse pass for the state
+gradients, finishing dv), dqk (dq, dk, dw and the gate gradient), wy_bwd (through T).
+
+Robustness on Hopper (Triton 3.4-3.7 miscompiles ``tl.trans`` of a dot result fed to another
+dot): no kernel here transposes a computed tile; every transposed operand is loaded
+transposed from memory, or computed as its own product. Accumulation is float32; the state
+is carried in float32 registers and stored per chunk in the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moekit.ops.linear_attention.triton_layout import Chunks, block, padded
+
+NUM_WARPS = 4
+
+
+@triton.jit
+def _load_rows(ptr, t, mt, cols, mc, stride):
+    """Tile [BT, BC] of a packed [tokens, H, C] tensor (ptr already offset to the head)."""
+    return tl.load(ptr + t[:, None] * stride + cols[None, :], mask=mt[:, None] & mc[None, :], other=0.0)
+
+
+@triton.jit
+def _load_cols(ptr, t, mt, cols, mc, stride):
+    """The transposed tile [BC, BT]."""
+    return tl.load(ptr + t[None, :] * stride + cols[:, None], mask=mc[:, None] & mt[None, :], other=0.0)
+
+
+@triton.jit
+def _decayed(x, keep, g_row, g_col):
+    """x * exp(g_row - g_col) where keep, else 0 (the exponent is only formed where kept)."""
+    return tl.where(keep, x * tl.exp(tl.where(keep, g_row - g_col, 0.0)), 0.0)
+
+
+# ----------------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, USE_G: tl.constexpr):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0, t1 = tl.load(start + i_c), tl.load(end + i_c)
+    rt = tl.arange(0, BT)
+    t = t0 + rt
+    mt = t < t1
+    b_beta = tl.load(beta + t * H + i_h, mask=mt, other=0.0).to(tl.float32)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        mk = rk < K
+        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
+        b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
+        b_kk += tl.dot(b_k, b_kt)
+    strict = (rt[:, None] > rt[None, :]) & mt[:, None]
+    b_scale_k = b_beta
+    if USE_G:
+        b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
+        b_a = _decayed(b_kk, strict, b_g[:, None], b_g[None, :]) * b_beta[:, None]
+        b_scale_k = b_beta * tl.exp(b_g)
+    else:
+        b_a = tl.where(strict, b_kk, 0.0) * b_beta[:, None]
+    # (I + A)^-1 by forward substitution, one row at a time: T_i = e_i - sum_{j<i} A_ij T_j.
+    b_t = tl.where(rt[:, None] == rt[None, :], 1.0, 0.0)
+    for i in range(1, BT):
+        a_i = tl.sum(tl.where(rt[:, None] == i, b_a, 0.0), axis=0)
+        row = tl.sum(a_i[:, None] * b_t, axis=0)
+        b_t = tl.where(rt[:, None] == i, b_t - row[None, :], b_t)
+    tl.store(T_out + (t[:, None] * H + i_h) * BT + rt[None, :], b_t, mask=mt[:, None])
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        mk = rk < K
+        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32) * b_scale_k[:, None]
+        b_w = tl.dot(b_t, b_k)
+        tl.store(w + (t[:, None] * H + i_h) * K + rk[None, :], b_w, mask=mt[:, None] & mk[None, :])
+    for i_v in range(tl.cdiv(V, BV)):
+        rv = i_v * BV + tl.arange(0, BV)
+        mv = rv < V
+        b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32) * b_beta[:, None]
+        b_u = tl.dot(b_t, b_v)
+        tl.store(u + (t[:, None] * H + i_h) * V + rv[None, :], b_u, mask=mt[:, None] & mv[None, :])
+
+
+@triton.jit
+def _state_fwd_kernel(k, v, w, gc, h, v_new, h0, ht, cu, first,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
+                      STORE_HT: tl.constexpr):
+    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, eos = tl.load(cu + i_n), tl.load(cu + i_n + 1)
+    c0 = tl.load(first + i_n)
+    rt = tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    mk, mv = rk < K, rv < V
+    state = rk[:, None] * V + rv[None, :]
+    m_state = mk[:, None] & mv[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        b_h += tl.load(h0 + (i_n * H + i_h) * K * V + state, mask=m_state, other=0.0)
+    dt = k.dtype.element_ty
+    for c in range(tl.cdiv(eos - bos, BT)):
+        tl.store(h + ((c0 + c) * H + i_h) * K * V + state, b_h.to(h.dtype.element_ty), mask=m_state)
+        t = bos + c * BT + rt
+        mt = t < eos
+        b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
+        if DELTA:
+            b_w = _load_rows(w + i_h * K, t, mt, rk, mk, H * K)
+            b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V) - tl.dot(b_w, b_h)
+            tl.store(v_new + (t[:, None] * H + i_h) * V + rv[None, :], b_v.to(v_new.dtype.element_ty),
+                     mask=mt[:, None] & mv[None, :])
+        else:
+            b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V)
+        if USE_G:
+            g_last = tl.load(gc + (tl.minimum(bos + c * BT + BT, eos) - 1) * H + i_h)
+            b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
+            b_kt = b_kt.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[None, :]
+            b_h = b_h * tl.exp(g_last)
+        b_h += tl.dot(b_kt.to(dt), b_v.to(dt))
+    if STORE_HT:
+        tl.store(ht + (i_n * H + i_h) * K * V + state, b_h, mask=m_state)
+
+
+@triton.jit
+def _output_fwd_kernel(q, k, v, gc, h, o, start, end, scale,
+                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, USE_G: tl.constexpr):
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, t1 = tl.load(start + i_c), tl.load(end + i_c)
+    rt = tl.arange(0, BT)
+    t = t0 + rt
+    mt = t < t1
+    rv = i_v * BV + tl.arange(0, BV)
+    mv = rv < V
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_a = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        mk = rk < K
+        b_q = _load_rows(q + i_h * K, t, mt, rk, mk, H * K)
+        b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
+        b_h = tl.load(h + ((i_c * H + i_h) * K + rk[:, None]) * V + rv[None, :],
+                      mask=mk[:, None] & mv[None, :], other=0.0)
+        b_o += tl.dot(b_q, b_h)
+        b_a += tl.dot(b_q, b_kt)
+    causal = (rt[:, None] >= rt[None, :]) & mt[:, None]
+    if USE_G:
+        b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
+        b_o = b_o * tl.exp(b_g)[:, None]
+        b_a = _decayed(b_a, causal, b_g[:, None], b_g[None, :])
+    else:
+        b_a = tl.where(causal, b_a, 0.0)
+    b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V)
+    b_o = (b_o + tl.dot(b_a.to(b_v.dtype), b_v)) * scale
+    tl.store(o + (t[:, None] * H + i_h) * V + rv[None, :], b_o.to(o.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+
+
+# ---------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _dv_local_kernel(q, k, do, gc, dv, start, end, scale,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr, USE_G: tl.constexpr):
+    """Intra-chunk part of dv: scale (k q^T * decay, anti-causal) do, in float32."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, t1 = tl.load(start + i_c), tl.load(end + i_c)
+    rt = tl.arange(0, BT)
+    t = t0 + rt
+    mt = t < t1
+    rv = i_v * BV + tl.arange(0, BV)
+    mv = rv < V
+    b_at = tl.zeros([BT, BT], dtype=tl.float32)  # b_at[j, i] = k_j . q_i
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        mk = rk < K
+        b_at += tl.dot(_load_rows(k + i_h * K, t, mt, rk, mk, H * K), _load_cols(q + i_h * K, t, mt, rk, mk, H * K))
+    keep = (rt[None, :] >= rt[:, None]) & mt[None, :]
+    if USE_G:
+        b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
+        b_at = _decayed(b_at, keep, b_g[None, :], b_g[:, None])
+    else:
+        b_at = tl.where(keep, b_at, 0.0)
+    b_do = _load_rows(do + i_h * V, t, mt, rv, mv, H * V)
+    b_dv = tl.dot((b_at * scale).to(b_do.dtype), b_do)
+    tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv, mask=mt[:, None] & mv[None, :])
+
+
+@triton.jit
+def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, scale,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
+                      STORE_DH0: tl.constexpr):
+    """Reverse pass: stores dh_n (gradient of the state leaving chunk n) and finishes dv."""
+    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, eos = tl.load(cu + i_n), tl.load(cu + i_n + 1)
+    c0 = tl.load(first + i_n)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    rt = tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    mk, mv = rk < K, rv < V
+    state = rk[:, None] * V + rv[None, :]
+    m_state = mk[:, None] & mv[None, :]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        b_dh += tl.load(dht + (i_n * H + i_h) * K * V + state, mask=m_state, other=0.0)
+    dt = k.dtype.element_ty
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        tl.store(dh + ((c0 + c) * H + i_h) * K * V + state, b_dh.to(dh.dtype.element_ty), mask=m_state)
+        t = bos + c * BT + rt
+        mt = t < eos
+        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
+        b_qt = _load_cols(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32) * scale
+        if USE_G:
+            g_last = tl.load(gc + (tl.minimum(bos + c * BT + BT, eos) - 1) * H + i_h)
+            b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
+            b_k = b_k.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]
+            b_qt = b_qt * tl.exp(b_g)[None, :]
+        b_dv = _load_rows(dv_local + i_h * V, t, mt, rv, mv, H * V) + tl.dot(b_k.to(dt), b_dh.to(dt))
+        tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv.to(dv.dtype.element_ty),
+                 mask=mt[:, None] & mv[None, :])
+        if USE_G:
+            b_dh = b_dh * tl.exp(g_last)
+        b_dh += tl.dot(b_qt.to(dt), _load_rows(do + i_h * V, t, mt, rv, mv, H * V))
+        if DELTA:
+            b_dh -= tl.dot(_load_cols(w + i_h * K, t, mt, rk, mk, H * K), b_dv)
+    if STORE_DH0:
+        tl.store(dh0 + (i_n * H + i_h) * K * V + state, b_dh, mask=m_state)
+
+
+@triton.jit
+def _dqk_kernel(q, k, v, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scale, total,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr):
+    """dq, dk (through the outputs and the state), dw (delta) and this K block's share of the
+    gradient of the cumulative gate: q.dq - k.dk, plus the chunk-end decay's term on the last row."""
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, t1 = tl.load(start + i_c), tl.load(end + i_c)
+    rt = tl.arange(0, BT)
+    t = t0 + rt
+    mt = t < t1
+    rk = i_k * BK + tl.arange(0, BK)
+    mk = rk < K
+    b_ds = tl.zeros([BT, BT], dtype=tl.float32)   # do_i . v_j
+    b_dst = tl.zeros([BT, BT], dtype=tl.float32)  # v_j . do_i, as its own product (no transpose)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
+    chunk_state = (i_c * H + i_h) * K * V
+    for i_v in range(tl.cdiv(V, BV)):
+        rv = i_v * BV + tl.arange(0, BV)
+        mv = rv < V
+        b_do = _load_rows(do + i_h * V, t, mt, rv, mv, H * V)
+        b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V)
+        m_state = mv[:, None] & mk[None, :]
+        b_ht = tl.load(h + chunk_state + rk[None, :] * V + rv[:, None], mask=m_state, other=0.0)
+        b_dht = tl.load(dh + chunk_state + rk[None, :] * V + rv[:, None], mask=m_state, other=0.0)
+        b_ds += tl.dot(b_do, _load_cols(v + i_h * V, t, mt, rv, mv, H * V))
+        b_dst += tl.dot(b_v, _load_cols(do + i_h * V, t, mt, rv, mv, H * V))
+        b_dq += tl.dot(b_do, b_ht)
+        b_dk += tl.dot(b_v, b_dht)
+        if USE_G:
+            b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), axis=0)
+        if DELTA:
+            b_dw += tl.dot(_load_rows(dv + i_h * V, t, mt, rv, mv, H * V), b_ht.to(tl.float32))
+    b_q = _load_rows(q + i_h * K, t, mt, rk, mk, H * K)
+    b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
+    causal = (rt[:, None] >= rt[None, :]) & mt[:, None]
+    causal_t = (rt[None, :] >= rt[:, None]) & mt[None, :]
+    if USE_G:
+        b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
+        g_last = tl.load(gc + (t1 - 1) * H + i_h)
+        b_ds = _decayed(b_ds, causal, b_g[:, None], b_g[None, :])
+        b_dst = _decayed(b_dst, causal_t, b_g[None, :], b_g[:, None])
+        b_dq = b_dq * tl.exp(b_g)[:, None]
+        b_dk = b_dk * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]
+        dg_last = tl.sum(b_hdh) * tl.exp(g_last) + tl.sum(tl.sum(b_dk * b_k.to(tl.float32), axis=1))
+    else:
+        b_ds = tl.where(causal, b_ds, 0.0)
+        b_dst = tl.where(causal_t, b_dst, 0.0)
+    b_dq = (b_dq + tl.dot(b_ds.to(b_k.dtype), b_k)) * scale
+    b_dk += tl.dot((b_dst * scale).to(b_q.dtype), b_q)
+    m_out = mt[:, None] & mk[None, :]
+    out = (t[:, None] * H + i_h) * K + rk[None, :]
+    tl.store(dq + out, b_dq.to(dq.dtype.element_ty), mask=m_out)
+    tl.store(dk + out, b_dk.to(dk.dtype.element_ty), mask=m_out)
+    if DELTA:
+        tl.store(dw + out, -b_dw, mask=m_out)
+    if USE_G:
+        b_dg = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, axis=1)
+        b_dg += tl.where(rt == t1 - 1 - t0, dg_last, 0.0)
+        tl.store(dg + i_k * total * H + t * H + i_h, b_dg, mask=mt)
+
+
+@triton.jit
+def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, USE_G: tl.constexpr):
+    """Back through w = T (beta e^{gc} k), u = T (beta v), T = (I + A)^-1: adds into dk and dg,
+    writes dv and dbeta. The transposed products are computed as their own products."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0, t1 = tl.load(start + i_c), tl.load(end + i_c)
+    rt = tl.arange(0, BT)
+    t = t0 + rt
+    mt = t < t1
+    b_beta = tl.load(beta + t * H + i_h, mask=mt, other=0.0).to(tl.float32)
+    b_g = tl.zeros([BT], dtype=tl.float32)
+    if USE_G:
+        b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
+    b_scale_k = b_beta * tl.exp(b_g)
+    b_t = tl.load(T_in + (t[:, None] * H + i_h) * BT + rt[None, :], mask=mt[:, None], other=0.0)
+    b_tt = tl.load(T_in + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)
+    b_dt = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dtt = tl.zeros([BT, BT], dtype=tl.float32)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    b_dg = tl.zeros([BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        rv = i_v * BV + tl.arange(0, BV)
+        mv = rv < V
+        b_du = _load_rows(du + i_h * V, t, mt, rv, mv, H * V)
+        b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32)
+        b_vt = _load_cols(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32)
+        b_dt += tl.dot(b_du, b_vt * b_beta[None, :])
+        b_dtt += tl.dot(b_v * b_beta[:, None], _load_cols(du + i_h * V, t, mt, rv, mv, H * V))
+        b_dvb = tl.dot(b_tt, b_du)
+        b_dbeta += tl.sum(b_dvb * b_v, axis=1)
+        tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),
+                 mask=mt[:, None] & mv[None, :])
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        mk = rk < K
+        b_dw = _load_rows(dw + i_h * K, t, mt, rk, mk, H * K)
+        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
+        b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
+        b_dt += tl.dot(b_dw, b_kt * b_scale_k[None, :])
+        b_dtt += tl.dot(b_k * b_scale_k[:, None], _load_cols(dw + i_h * K, t, mt, rk, mk, H * K))
+        b_kk += tl.dot(b_k, b_kt)
+        b_dkb_k = tl.sum(tl.dot(b_tt, b_dw) * b_k, axis=1)
+        b_dbeta += b_dkb_k * tl.exp(b_g)
+        b_dg += b_dkb_k * b_scale_k
+    b_da = -tl.dot(tl.dot(b_tt, b_dt), b_tt)
+    b_dat = -tl.dot(tl.dot(b_t, b_dtt), b_t)
+    strict = (rt[:, None] > rt[None, :]) & mt[:, None]
+    strict_t = (rt[None, :] > rt[:, None]) & mt[None, :]
+    if USE_G:
+        b_e = _decayed(b_da, strict, b_g[:, None], b_g[None, :])
+        b_et = _decayed(b_dat, strict_t, b_g[None, :], b_g[:, None])
+        b_m = b_e * b_kk * b_beta[:, None]
+        b_dg += tl.sum(b_m, axis=1) - tl.sum(b_m, axis=0)
+    else:
+        b_e = tl.where(strict, b_da, 0.0)
+        b_et = tl.where(strict_t, b_dat, 0.0)
+    b_dbeta += tl.sum(b_e * b_kk, axis=1)
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        mk = rk < K
+        b_dw = _load_rows(dw + i_h * K, t, mt, rk, mk, H * K)
+        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
+        b_dk = tl.dot(b_tt, b_dw) * b_scale_k[:, None] + tl.dot(b_e, b_k) * b_beta[:, None] \
+            + tl.dot(b_et, b_k * b_beta[:, None])
+        out = (t[:, None] * H + i_h) * K + rk[None, :]
+        m_out = mt[:, None] & mk[None, :]
+        tl.store(dk + out, tl.load(dk + out, mask=m_out, other=0.0) + b_dk, mask=m_out)
+    tl.store(dbeta + t * H + i_h, b_dbeta, mask=mt)
+    if USE_G:
+        tl.store(dg + t * H + i_h, tl.load(dg + t * H + i_h, mask=mt, other=0.0) + b_dg, mask=mt)
+
+
+# ------------------------------------------------------------------------------ host wrappers
+
+
+def wy_fwd(k, v, beta, gc, chunks: Chunks):
+    tokens, H, K = k.shape
+    V = v.shape[-1]
+    f32 = dict(dtype=torch.float32, device=k.device)
+    T = torch.empty(tokens, H, chunks.size, **f32)
+    w, u = torch.empty(tokens, H, K, **f32), torch.empty(tokens, H, V, **f32)
+    _wy_fwd_kernel[(chunks.num_chunks, H)](
+        k, v, beta, gc, T, w, u, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size, BK=block(K),
+        BV=block(V), USE_G=gc is not None, num_warps=NUM_WARPS)
+    return T, w, u
+
+
+def _state_block_v(K: int, V: int) -> int:
+    """V tile of the sequential kernels, which hold the whole K in registers."""
+    return block(V, 64 if padded(K) <= 128 else 32)
+
+
+def state_fwd(k, v, w, gc, h0, chunks: Chunks, store_final: bool, v_dtype):
+    """Returns (h [NT, H, K, V] in k's dtype, v_new (delta) or None, final state or None)."""
+    tokens, H, K = k.shape
+    V = v.shape[-1]
+    delta = w is not None
+    h = torch.empty(chunks.num_chunks, H, K, V, dtype=k.dtype, device=k.device)
+    v_new = torch.empty(tokens, H, V, dtype=v_dtype, device=k.device) if delta else None
+    ht = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=k.device) if store_final else None
+    BV = _state_block_v(K, V)
+    _state_fwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs, H)](
+        k, v, w, gc, h, v_new, h0, ht, chunks.cu, chunks.first, H=H, K=K, V=V, BT=chunks.size, BK=padded(K),
+        BV=BV, USE_G=gc is not None, DELTA=delta, HAS_H0=h0 is not None, STORE_HT=store_final,
+        num_warps=NUM_WARPS)
+    return h, v_new, ht
+
+
+def output_fwd(q, k, v, gc, h, chunks: Chunks, scale: float, out_dtype):
+    tokens, H, K = q.shape
+    V = v.shape[-1]
+    o = torch.empty(tokens, H, V, dtype=out_dtype, device=q.device)
+    BV = block(V)
+    _output_fwd_kernel[(triton.cdiv(V, BV), chunks.num_chunks, H)](
+        q, k, v, gc, h, o, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K), BV=BV,
+        USE_G=gc is not None, num_warps=NUM_WARPS)
+    return o
+
+
+def dv_local(q, k, do, gc, chunks: Chunks, scale: float):
+    tokens, H, K = q.shape
+    V = do.shape[-1]
+    dv = torch.empty(tokens, H, V, dtype=torch.float32, device=q.device)
+    BV = block(V)
+    _dv_local_kernel[(triton.cdiv(V, BV), chunks.num_chunks, H)](
+        q, k, do, gc, dv, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K), BV=BV,
+        USE_G=gc is not None, num_warps=NUM_WARPS)
+    return dv
+
+
+def state_bwd(q, k, w, gc, do, dv_loc, dht, chunks: Chunks, scale: float, dv_dtype, want_dh0: bool):
+    """Returns (dh [NT, H, K, V], dv (through the outputs and the state), dh0 or None)."""
+    tokens, H, K = q.shape
+    V = do.shape[-1]
+    dh = torch.empty(chunks.num_chunks, H, K, V, dtype=q.dtype, device=q.device)
+    dv = torch.empty(tokens, H, V, dtype=dv_dtype, device=q.device)
+    dh0 = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device) if want_dh0 else None
+    BV = _state_block_v(K, V)
+    _state_bwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs, H)](
+        q, k, w, gc, do, dv_loc, dv, dh, dht, dh0, chunks.cu, chunks.first, scale, H=H, K=K, V=V,
+        BT=chunks.size, BK=padded(K), BV=BV, USE_G=gc is not None, DELTA=w is not None,
+        HAS_DHT=dht is not None, STORE_DH0=want_dh0, num_warps=NUM_WARPS)
+    return dh, dv, dh0
+
+
+def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype):
+    """Returns (dq, dk, dw or None, dgc or None); dv is the delta rule's dv_new (else None)."""
+    tokens, H, K = q.shape
+    V = v.shape[-1]
+    BK = block(K)
+    n_k = triton.cdiv(K, BK)
+    delta, use_g = dv is not None, gc is not None
+    dq = torch.empty_like(q)
+    dk = torch.empty(tokens, H, K, dtype=dk_dtype, device=q.device)
+    dw = torch.empty(tokens, H, K, dtype=torch.float32, device=q.device) if delta else None
+    dg = torch.empty(n_k, tokens, H, dtype=torch.float32, device=q.device) if use_g else None
+    _dqk_kernel[(n_k, chunks.num_chunks, H)](
+        q, k, v, h, dh, do, dv, gc, dq, dk, dw, dg, chunks.start, chunks.end, scale, tokens, H=H, K=K, V=V,
+        BT=chunks.size, BK=BK, BV=block(V), USE_G=use_g, DELTA=delta, num_warps=NUM_WARPS)
+    return dq, dk, dw, (dg.sum(0) if use_g else None)
+
+
+def wy_bwd(k, v, beta, gc, T, dw, du, dk, dg, chunks: Chunks, v_dtype):
+    """Adds the WY terms into dk (float32) and dg; returns (dv, dbeta)."""
+    tokens, H, K = k.shape
+    V = v.shape[-1]
+    dv = torch.empty(tokens, H, V, dtype=v_dtype, device=k.device)
+    dbeta = torch.empty(tokens, H, dtype=torch.float32, device=k.device)
+    _wy_bwd_kernel[(chunks.num_chunks, H)](
+        k, v, beta, gc, T, dw, du, dk, dv, dbeta, dg, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size,
+        BK=block(K), BV=block(V), USE_G=gc is not None, num_warps=NUM_WARPS)
+    return dv, dbeta

@@ -1,0 +1,102 @@
+"""Chunk bookkeeping shared by the Triton linear-attention kernels.
+
+Every Triton op sees its inputs packed as [total_tokens, H, D] plus sequence bounds: a plain
+batch [B, T, ...] is B sequences of length T. Chunks never straddle two sequences, so a ragged
+last chunk per sequence is masked in the kernels. The chunk tables are built on the host (the
+bounds are already host-side after validation) and cached per device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+CHUNK_SIZES = (16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """Sequence and chunk tables of one packed batch (int32 tensors on the device).
+
+    cu [N + 1]: sequence bounds; first [N + 1]: index of each sequence's first chunk (the last
+    entry is the chunk count); start / end [NT]: token range of each chunk.
+    """
+
+    cu: torch.Tensor
+    first: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
+    size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu.numel() - 1
+
+    @property
+    def num_chunks(self) -> int:
+        return self.start.numel()
+
+
+@lru_cache(maxsize=64)
+def _tables(bounds: tuple[int, ...], size: int, device: torch.device) -> Chunks:
+    first, start, end = [0], [], []
+    for bos, eos in zip(bounds[:-1], bounds[1:]):
+        starts = list(range(bos, eos, size))
+        start += starts
+        end += [min(s + size, eos) for s in starts]
+        first.append(len(start))
+
+    def as_tensor(values):
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    return Chunks(as_tensor(list(bounds)), as_tensor(first), as_tensor(start), as_tensor(end), size)
+
+
+def chunk_tables(bounds: list[int] | tuple[int, ...], size: int, device: torch.device) -> Chunks:
+    return _tables(tuple(bounds), size, torch.device(device))
+
+
+def block(dim: int, cap: int = 64) -> int:
+    """Tile width for a head dim: a power of two, >= 16 (tl.dot's minimum), at most `cap`."""
+    return min(max(16, triton.next_power_of_2(dim)), cap)
+
+
+def padded(dim: int) -> int:
+    """The whole head dim as one power-of-two tile (>= 16)."""
+    return max(16, triton.next_power_of_2(dim))
+
+
+@triton.jit
+def _chunk_cumsum_kernel(x, out, start, end, H: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr):
+    """out[t] = sum of x over the chunk up to t (or from t on, REVERSE), per head, in float32.
+
+    Written as a masked [BT, BT] sum rather than a scan: cheap at BT <= 64 and plain for the
+    compiler."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0, t1 = tl.load(start + i_c), tl.load(end + i_c)
+    r = tl.arange(0, BT)
+    t = t0 + r
+    valid = t < t1
+    b_x = tl.load(x + t * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    if REVERSE:
+        keep = r[None, :] >= r[:, None]
+    else:
+        keep = r[None, :] <= r[:, None]
+    b_out = tl.sum(tl.where(keep, b_x[None, :], 0.0), axis=1)
+    tl.store(out + t * H + i_h, b_out, mask=valid)
+
+
+def chunk_cumsum(x: torch.Tensor, chunks: Chunks, reverse: bool = False) -> torch.Tensor:
+    """Chunk-local (reverse) cumulative sum of a [tokens, H] gate, in float32."""
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    H = x.shape[1]
+    _chunk_cumsum_kernel[(chunks.num_chunks, H)](x, out, chunks.start, chunks.end, H=H, BT=chunks.size,
+                                                 REVERSE=reverse)
+    return out

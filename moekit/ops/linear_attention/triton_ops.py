@@ -1,0 +1,153 @@
+"""Triton backend of the linear-attention ops: autograd Functions and the entry points that
+``__init__`` dispatches to.
+
+Built: simple GLA (so linear attention, lightning attention, retention and Mamba2's SSD) and
+the (gated) delta rule, chunked forward + backward; a fused recurrent forward for every op,
+GLA included. The chunked GLA (per-key gate) is not built: ``unsupported`` says so and
+``backend="auto"`` keeps the reference for it.
+
+Inputs are [B, T, H, D] (or B == 1 packed with ``bounds``); they are viewed as [tokens, H, D]
+with B sequences of length T when there are no bounds. The recurrent form is forward-only: when
+autograd needs gradients it runs the chunked Function instead (the same function).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moekit.ops.linear_attention import triton_chunk as kc
+from moekit.ops.linear_attention._common import l2norm
+from moekit.ops.linear_attention.mamba2 import _with_skip, as_simple_gla
+from moekit.ops.linear_attention.triton_layout import (
+    CHUNK_SIZES,
+    MAX_HEAD_DIM,
+    SUPPORTED_DTYPES,
+    Chunks,
+    chunk_cumsum,
+    chunk_tables,
+)
+from moekit.ops.linear_attention.triton_recurrent import recurrent_fwd
+
+
+class ChunkScalarGate(torch.autograd.Function):
+    """Chunked simple GLA (beta None) or (gated) delta rule (beta given); g None = no decay."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, h0, scale, chunks, store_final):
+        delta = beta is not None
+        gc = chunk_cumsum(g, chunks) if g is not None else None
+        T = w = None
+        if delta:
+            T, w, u = kc.wy_fwd(k, v, beta, gc, chunks)
+            h, v_new, ht = kc.state_fwd(k, u, w, gc, h0, chunks, store_final, v.dtype)
+        else:
+            h, _, ht = kc.state_fwd(k, v, None, gc, h0, chunks, store_final, v.dtype)
+            v_new = v
+        o = kc.output_fwd(q, k, v_new, gc, h, chunks, scale, v.dtype)
+        ctx.save_for_backward(q, k, v, beta, gc, h0, h, v_new, T, w)
+        ctx.scale, ctx.chunks, ctx.g_dtype = scale, chunks, None if g is None else g.dtype
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, beta, gc, h0, h, v_new, T, w = ctx.saved_tensors
+        chunks, scale = ctx.chunks, ctx.scale
+        delta = beta is not None
+        do = do.contiguous()
+        dht = None if dht is None else dht.float().contiguous()
+        dv_loc = kc.dv_local(q, k, do, gc, chunks, scale)
+        dh, dv_state, dh0 = kc.state_bwd(q, k, w, gc, do, dv_loc, dht, chunks, scale,
+                                         torch.float32 if delta else v.dtype, want_dh0=h0 is not None)
+        dq, dk, dw, dgc = kc.dqk(q, k, v_new, h, dh, do, dv_state if delta else None, gc, chunks, scale,
+                                 torch.float32 if delta else k.dtype)
+        dbeta = None
+        if delta:
+            dgc_wy = torch.zeros_like(gc) if gc is not None else None
+            dv, dbeta = kc.wy_bwd(k, v, beta, gc, T, dw, dv_state, dk, dgc_wy, chunks, v.dtype)
+            dk = dk.to(k.dtype)
+            dbeta = dbeta.to(beta.dtype)
+            if gc is not None:
+                dgc = dgc + dgc_wy
+        else:
+            dv = dv_state
+        dg = None if gc is None else chunk_cumsum(dgc, chunks, reverse=True).to(ctx.g_dtype)
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None
+
+
+def unsupported(op: str, mode: str, tensors: dict[str, torch.Tensor | None], K: int, V: int,
+                chunk_size: int) -> str | None:
+    """Why the Triton backend cannot run this call, or None when it can."""
+    if op == "gla" and mode == "chunk":
+        return "gla has no chunked Triton kernel yet (its fused recurrent kernel is forward-only)"
+    if op == "gla" and _needs_grad(tensors):
+        return "gla's fused recurrent Triton kernel is forward-only (decoding); gradients need the reference"
+    present = [t for t in tensors.values() if t is not None]
+    if not all(t.is_cuda for t in present) and os.environ.get("TRITON_INTERPRET") != "1":
+        return "the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"
+    dtype = tensors[next(iter(tensors))].dtype
+    if dtype not in SUPPORTED_DTYPES:
+        return f"the Triton kernels take {', '.join(map(str, SUPPORTED_DTYPES))} inputs, got {dtype}"
+    if max(K, V) > MAX_HEAD_DIM:
+        return f"the Triton kernels take head dims K, V <= {MAX_HEAD_DIM}, got K={K}, V={V}"
+    if mode == "chunk" and chunk_size not in CHUNK_SIZES:
+        return f"the Triton chunk kernels take chunk_size in {CHUNK_SIZES}, got {chunk_size}"
+    return None
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors.values())
+
+
+def _packed(x: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, T, H, ...] -> contiguous [B * T, H, ...]."""
+    return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
+
+
+def _run(q, k, v, *, g=None, gk=None, beta=None, scale: float, initial_state=None, bounds=None, mode: str,
+         chunk_size: int):
+    B, T, H, _ = q.shape
+    bounds = list(range(0, B * T + 1, T)) if bounds is None else bounds
+    packed = [_packed(x) for x in (q, k, v, g, gk, beta)]
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    inputs = dict(zip(("q", "k", "v", "g", "gk", "beta", "h0"), (q, k, v, g, gk, beta, initial_state)))
+    if mode == "recurrent" and not (gk is None and _needs_grad(inputs)):
+        pq, pk, pv, pg, pgk, pbeta = packed
+        chunks = chunk_tables(bounds, 1, q.device)
+        o, ht = recurrent_fwd(pq, pk, pv, chunks, scale=scale, g=pg, gk=pgk, beta=pbeta, h0=h0)
+    else:
+        pq, pk, pv, pg, _, pbeta = packed
+        chunks: Chunks = chunk_tables(bounds, chunk_size if mode == "chunk" else 64, q.device)
+        o, ht = ChunkScalarGate.apply(pq, pk, pv, pg, pbeta, h0, scale, chunks, True)
+    return o.reshape(*v.shape[:2], H, v.shape[-1]), ht
+
+
+def simple_gla(q, k, v, g, *, scale: float, initial_state=None, bounds=None, mode="chunk", chunk_size=64):
+    """Same contract as the reference forms (g None = linear attention); returns (o, final_state)."""
+    return _run(q, k, v, g=g, scale=scale, initial_state=initial_state, bounds=bounds, mode=mode,
+                chunk_size=chunk_size)
+
+
+def gla(q, k, v, gk, *, scale: float, initial_state=None, bounds=None, mode="recurrent", chunk_size=64):
+    """Fused recurrent forward only (see ``unsupported``)."""
+    return _run(q, k, v, gk=gk, scale=scale, initial_state=initial_state, bounds=bounds, mode=mode,
+                chunk_size=chunk_size)
+
+
+def gated_delta_rule(q, k, v, g, beta, *, scale: float, initial_state=None, bounds=None, mode="chunk",
+                     chunk_size=64, use_qk_l2norm_in_kernel: bool = False):
+    """g None = DeltaNet. The optional q/k L2 normalisation runs in PyTorch before the kernels."""
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype)
+    return _run(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state, bounds=bounds, mode=mode,
+                chunk_size=chunk_size)
+
+
+def ssd(x, dt, B, C, *, A, D=None, dt_bias=None, dt_softplus=False, initial_state=None, bounds=None,
+        mode="chunk", chunk_size=64):
+    """Mamba2's SSD as simple GLA: q = C, k = B, v = dt x (in x's dtype), g = dt A, scale 1."""
+    q, k, v, g = as_simple_gla(x, dt, A, B, C, dt_bias, dt_softplus)
+    y, h = simple_gla(q.to(x.dtype), k.to(x.dtype), v.to(x.dtype), g, scale=1.0, initial_state=initial_state,
+                      bounds=bounds, mode=mode, chunk_size=chunk_size)
+    return _with_skip(y.float(), x, D), h
