@@ -17,6 +17,7 @@ from moekit.mixers.config import MixerConfig
 from moekit.mixers.conv import ShortConvolution
 from moekit.mixers.linear_base import LinearMixer, init_dt_bias, init_log_decay_rate
 from moekit.mixers.norm import GatedRMSNorm, RMSNorm
+from moekit.mixers.precision import at_least_float32
 from moekit.ops import linear_attention as la
 
 
@@ -45,9 +46,9 @@ class DeltaNet(LinearMixer):
         qkv = self.short_conv(torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1),
                               cache_entry, mask)
         q, k, v = qkv.split([h * dk, h * dk, h * dv], dim=-1)
-        q = F.normalize(q.view(b, t, h, dk).float(), dim=-1).to(x.dtype)
-        k = F.normalize(k.view(b, t, h, dk).float(), dim=-1).to(x.dtype)
-        beta = torch.sigmoid(self.b_proj(x).float())
+        q = F.normalize(at_least_float32(q.view(b, t, h, dk)), dim=-1).to(x.dtype)
+        k = F.normalize(at_least_float32(k.view(b, t, h, dk)), dim=-1).to(x.dtype)
+        beta = torch.sigmoid(at_least_float32(self.b_proj(x)))
         return q, zero_padding(k, mask), v.view(b, t, h, dv), beta
 
     def forward(self, x: torch.Tensor, cache_entry: RecurrentCache | None = None,
@@ -76,7 +77,7 @@ class GatedDeltaNet(DeltaNet):
         b, t, _ = x.shape
         h, _, dv = self.state_dims
         q, k, v, beta = self.qkv_beta(x, cache_entry, info)
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        g = -at_least_float32(self.A_log).exp() * F.softplus(at_least_float32(self.a_proj(x)) + self.dt_bias)
         o = self.run_op(la.gated_delta_rule, q, k, v, g, beta, cache_entry=cache_entry)
         o = self.o_norm(o, self.g_proj(x).view(b, t, h, dv))
         return self.o_proj(o.reshape(b, t, h * dv))

@@ -11,6 +11,7 @@ from moekit.mixers.cache import RecurrentCache, SequenceInfo, zero_padding
 from moekit.mixers.config import MixerConfig
 from moekit.mixers.linear_base import LinearMixer
 from moekit.mixers.norm import GatedRMSNorm
+from moekit.mixers.precision import at_least_float32
 from moekit.mixers.simple_gla import GATE_LOGIT_NORMALIZER
 from moekit.ops import linear_attention as la
 
@@ -39,7 +40,7 @@ class GLA(LinearMixer):
         q = self.q_proj(x).view(b, t, h, dk)
         k = zero_padding(self.k_proj(x).view(b, t, h, dk), info.token_mask if info is not None else None)
         v = self.v_proj(x).view(b, t, h, dv)
-        gk = F.logsigmoid(self.gk_proj(x).float()).view(b, t, h, dk) / GATE_LOGIT_NORMALIZER
+        gk = F.logsigmoid(at_least_float32(self.gk_proj(x))).view(b, t, h, dk) / GATE_LOGIT_NORMALIZER
         o = self.run_op(la.gla, q, k, v, gk, cache_entry=cache_entry)
         o = self.o_norm(o, self.g_proj(x).view(b, t, h, dv))
         return self.o_proj(o.reshape(b, t, h * dv))

@@ -15,6 +15,7 @@ from moekit.mixers.config import MixerConfig
 from moekit.mixers.conv import ShortConvolution
 from moekit.mixers.linear_base import LinearMixer, init_dt_bias, init_log_decay_rate
 from moekit.mixers.norm import GatedRMSNorm
+from moekit.mixers.precision import at_least_float32
 from moekit.ops import linear_attention as la
 
 
@@ -41,8 +42,8 @@ class Mamba2(LinearMixer):
         z, xbc, dt = self.in_proj(x).split([self.inner, self.inner + 2 * n, h], dim=-1)
         xs, B, C = self.short_conv(xbc, cache_entry, mask).split([self.inner, n, n], dim=-1)
         xs = zero_padding(xs.reshape(b, t, h, p), mask)
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        A = -self.A_log.float().exp()
+        dt = F.softplus(at_least_float32(dt) + self.dt_bias)
+        A = -at_least_float32(self.A_log).exp()
         y = self.run_op(la.mamba2_ssd, xs, dt, A, B.view(b, t, 1, n), C.view(b, t, 1, n), self.D,
                         cache_entry=cache_entry)
         return self.out_proj(self.norm(y.reshape(b, t, self.inner), z))

@@ -6,11 +6,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.mixers.precision import at_least_float32
+
 GATE_ACTIVATIONS = {"swish": F.silu, "sigmoid": torch.sigmoid}
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in (at least) float32; returns that precision."""
+    x = at_least_float32(x)
+    return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
+
+
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim, computed in float32 and cast back to the input dtype."""
+    """RMSNorm over the last dim, computed in (at least) float32, cast back to the input dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -18,7 +26,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps).to(x.dtype)
 
 
 class GatedRMSNorm(RMSNorm):
@@ -33,7 +41,7 @@ class GatedRMSNorm(RMSNorm):
         self.norm_before_gate = norm_before_gate
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        gate = self.act(gate.float())
+        gate = self.act(at_least_float32(gate))
         if self.norm_before_gate:
-            return (super().forward(x.float()) * gate).to(x.dtype)
-        return super().forward(x.float() * gate).to(x.dtype)
+            return (rms_norm(x, self.weight, self.eps) * gate).to(x.dtype)
+        return rms_norm(at_least_float32(x) * gate, self.weight, self.eps).to(x.dtype)

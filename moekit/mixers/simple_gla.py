@@ -22,6 +22,7 @@ from moekit.mixers.cache import RecurrentCache, SequenceInfo, zero_padding
 from moekit.mixers.config import MixerConfig
 from moekit.mixers.linear_base import LinearMixer
 from moekit.mixers.norm import GatedRMSNorm
+from moekit.mixers.precision import at_least_float32
 from moekit.mixers.rope import RotaryEmbedding
 from moekit.ops import linear_attention as la
 
@@ -77,26 +78,28 @@ class SimpleGLA(DecayedLinearAttention):
         self.gk_proj = nn.Linear(config.hidden_size, config.num_heads, bias=True)
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
-        return F.logsigmoid(self.gk_proj(x).float()) / GATE_LOGIT_NORMALIZER
+        return F.logsigmoid(at_least_float32(self.gk_proj(x))) / GATE_LOGIT_NORMALIZER
 
 
 class FixedDecayAttention(DecayedLinearAttention):
-    """A per-head decay that is a constant of the architecture (a buffer, not learned)."""
+    """A per-head decay that is a constant of the architecture, not learned. It is rebuilt
+    on each call (H numbers) rather than kept as a buffer that ``model.to(bfloat16)`` would round."""
 
-    def __init__(self, config: MixerConfig, log_decay: torch.Tensor):
-        super().__init__(config)
-        self.register_buffer("head_log_decay", log_decay.float(), persistent=False)
+    @abc.abstractmethod
+    def head_log_decay(self, device: torch.device) -> torch.Tensor:
+        """[H] float32 log decays."""
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head_log_decay.expand(*x.shape[:2], -1)
+        return self.head_log_decay(x.device).expand(*x.shape[:2], -1)
 
 
 class LightningAttention(FixedDecayAttention):
     gate_activation = "sigmoid"
     scale = 1.0  # MiniMax-01 does not scale q k^T
 
-    def __init__(self, config: MixerConfig):
-        super().__init__(config, la.lightning_decay(config.num_heads, config.layer_idx, config.num_layers))
+    def head_log_decay(self, device: torch.device) -> torch.Tensor:
+        cfg = self.config
+        return la.lightning_decay(cfg.num_heads, cfg.layer_idx, cfg.num_layers, device=device)
 
     def qkv(self, x: torch.Tensor, info: SequenceInfo | None):
         return tuple(F.silu(t) for t in super().qkv(x, info))
@@ -105,8 +108,11 @@ class LightningAttention(FixedDecayAttention):
 class Retention(FixedDecayAttention):
     uses_positions = True
     def __init__(self, config: MixerConfig):
-        super().__init__(config, la.retention_decay(config.num_heads))
+        super().__init__(config)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def head_log_decay(self, device: torch.device) -> torch.Tensor:
+        return la.retention_decay(self.config.num_heads, device=device)
 
     def qkv(self, x: torch.Tensor, info: SequenceInfo | None):
         q, k, v = super().qkv(x, info)

@@ -1,0 +1,143 @@
+"""Each token mixer: chunked == token-by-token == split prefill, left padding == no padding,
+gradients (float64 gradcheck), and the softmax path against a plain float64 attention."""
+
+import math
+
+import pytest
+import torch
+
+from moekit.mixers import LINEAR_MIXERS, MixerConfig, SequenceInfo, SoftmaxAttention, build_mixer
+from moekit.mixers.attention import visible_keys
+
+ALL_MIXERS = [*sorted(LINEAR_MIXERS), "softmax"]
+
+
+def make(name: str, dtype=torch.float32, **overrides) -> torch.nn.Module:
+    torch.manual_seed(hash(name) % 1000)
+    cfg = MixerConfig(**{"hidden_size": 24, "num_heads": 2, "head_dim": 8, "num_kv_heads": 1,
+                         "layer_idx": 1, "num_layers": 3, **overrides})
+    mixer = SoftmaxAttention(cfg) if name == "softmax" else LINEAR_MIXERS[name](cfg)
+    # Random (not default) norm weights and biases so every parameter matters.
+    with torch.no_grad():
+        for pname, p in mixer.named_parameters():
+            if "norm" in pname or pname.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    return mixer.to(dtype)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def cached_info(batch: int, start: int, stop: int, max_len: int) -> SequenceInfo:
+    slots = torch.arange(start, stop)
+    return SequenceInfo(positions=slots.expand(batch, -1), slots=slots,
+                        key_valid=(torch.arange(max_len) < stop).expand(batch, -1))
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+@pytest.mark.parametrize("seq_len,split", [(9, 4), (66, 65)])
+def test_chunk_equals_token_by_token_and_split_prefill(name, seq_len, split):
+    mixer = make(name)
+    x = torch.randn(2, seq_len, 24)
+    full = mixer(x)
+    assert full.shape == x.shape and full.abs().max() > 0
+
+    cache = mixer.init_cache(2, seq_len)
+    steps = [mixer(x[:, t:t + 1], cache, cached_info(2, t, t + 1, seq_len)) for t in range(seq_len)]
+    assert rel(torch.cat(steps, 1), full) < 1e-5
+
+    cache = mixer.init_cache(2, seq_len)
+    parts = [mixer(x[:, :split], cache, cached_info(2, 0, split, seq_len)),
+             mixer(x[:, split:], cache, cached_info(2, split, seq_len, seq_len))]
+    assert rel(torch.cat(parts, 1), full) < 1e-5
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_left_padding_changes_nothing(name):
+    mixer = make(name)
+    real = torch.randn(1, 6, 24)
+    junk = 5 * torch.randn(1, 3, 24)  # padding holds garbage, never zeros
+    padded = torch.cat([torch.cat([junk, real], 1), torch.randn(1, 9, 24)], 0)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :3] = False
+    out = mixer(padded, info=SequenceInfo.from_mask(mask))
+    assert torch.isfinite(out).all()
+    assert rel(out[0:1, 3:], mixer(real)) < 1e-5
+    assert rel(out[1:2], mixer(padded[1:2])) < 1e-5
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_gradients_float64(name):
+    mixer = make(name, torch.float64, hidden_size=8, head_dim=4)
+    x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: mixer(t), (x,), eps=1e-6, atol=1e-6)
+    mixer(x).square().sum().backward()
+    for pname, p in mixer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, f"{name}.{pname} gets no gradient"
+
+
+def reference_attention(mixer: SoftmaxAttention, x: torch.Tensor) -> torch.Tensor:
+    """Plain causal softmax attention with complex-number RoPE, float64."""
+    cfg = mixer.config
+    b, t, _ = x.shape
+    d = cfg.head_dim
+    q = mixer.q_proj(x).view(b, t, cfg.num_heads, d)
+    k = mixer.k_proj(x).view(b, t, cfg.num_kv_heads, d)
+    v = mixer.v_proj(x).view(b, t, cfg.num_kv_heads, d)
+    if cfg.qk_norm:
+        q, k = mixer.q_norm(q), mixer.k_norm(k)
+    freqs = cfg.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    rot = torch.polar(torch.ones(t, d // 2, dtype=torch.float64), torch.arange(t)[:, None] * freqs)
+
+    def rope(u):
+        z = torch.complex(u[..., : d // 2], u[..., d // 2:]) * rot[:, None, :]
+        return torch.cat([z.real, z.imag], -1)
+
+    q, k = rope(q), rope(k)
+    group = cfg.num_heads // cfg.num_kv_heads
+    out = torch.empty(b, t, cfg.num_heads, d, dtype=torch.float64)
+    for h in range(cfg.num_heads):
+        scores = q[:, :, h] @ k[:, :, h // group].transpose(1, 2) / math.sqrt(d)
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        out[:, :, h] = scores.softmax(-1) @ v[:, :, h // group]
+    return mixer.o_proj(out.reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("heads,kv_heads,qk_norm,bias", [(2, 2, False, False), (4, 2, True, True), (4, 1, False, True)])
+def test_softmax_attention_matches_reference(heads, kv_heads, qk_norm, bias):
+    mixer = make("softmax", torch.float64, num_heads=heads, num_kv_heads=kv_heads, qk_norm=qk_norm,
+                 attention_bias=bias)
+    x = torch.randn(3, 11, 24, dtype=torch.float64)
+    assert rel(mixer(x), reference_attention(mixer, x)) < 1e-10
+
+
+def test_padding_query_sees_itself_only():
+    key_valid = torch.tensor([[False, False, True, True]])
+    mask = visible_keys(key_valid, torch.arange(4))[0, 0]
+    expected = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+def test_registry_and_config_errors():
+    cfg = MixerConfig(hidden_size=16, num_heads=2, head_dim=8)
+    with pytest.raises(ValueError, match="unknown linear_mixer 'rwkv9'"):
+        build_mixer("L", "rwkv9", cfg)
+    with pytest.raises(ValueError, match="unknown layer letter 'X'"):
+        build_mixer("X", "gla", cfg)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        MixerConfig(hidden_size=16, num_heads=3, head_dim=8, num_kv_heads=2)
+    with pytest.raises(ValueError, match="head_dim"):
+        MixerConfig(hidden_size=16, num_heads=2, head_dim=0)
+    with pytest.raises(ValueError, match="layer_idx"):
+        MixerConfig(hidden_size=16, num_heads=2, head_dim=8, layer_idx=3, num_layers=2)
+
+
+def test_cached_calls_need_positions():
+    retention = make("retention")
+    with pytest.raises(ValueError, match="positions"):
+        retention(torch.randn(1, 1, 24), retention.init_cache(1, 4))
+    attention = make("softmax")
+    with pytest.raises(ValueError, match="slots"):
+        attention(torch.randn(1, 1, 24), attention.init_cache(1, 4))
