@@ -168,7 +168,7 @@ def mamba2_ssd(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False, initi
                          f"H={H}, got {tuple(B.shape)}")
     _checks.shape(op, "C", C, B.shape, "[B, T, G, N] (like B)")
     if D is not None:
-        _checks.float_tensor(op, "D", D, D.dim() if isinstance(D, torch.Tensor) else 1)
+        _checks.floating(op, "D", D)
         if tuple(D.shape) not in ((H,), (H, P)):
             raise ValueError(f"{op}: `D` must have shape [H] = ({H},) or [H, P] = {(H, P)}, "
                              f"got {tuple(D.shape)}")

@@ -8,18 +8,22 @@ MODES = ("chunk", "recurrent")
 BACKENDS = ("auto", "reference", "triton")
 
 
-def float_tensor(op: str, name: str, t, dim: int) -> None:
+def floating(op: str, name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{op}: `{name}` must be a tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise ValueError(f"{op}: `{name}` must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def float_tensor(op: str, name: str, t, dim: int) -> None:
+    floating(op, name, t)
     if t.dim() != dim:
         raise ValueError(f"{op}: `{name}` must have {dim} dims, got shape {tuple(t.shape)}")
 
 
 def shape(op: str, name: str, t, expected: tuple[int, ...], layout: str) -> None:
     """`t` must be a floating tensor of shape `expected` (described as `layout`, e.g. "[B, T, H]")."""
-    float_tensor(op, name, t, len(expected))
+    floating(op, name, t)
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{op}: `{name}` must have shape {layout} = {tuple(expected)}, got {tuple(t.shape)}")
 
