@@ -1,0 +1,132 @@
+"""Linear-attention kernels: moekit (Triton) vs flash-linear-attention vs causal SDPA.
+
+B*T = 64k tokens, H=16, K=V=128, bf16, T in {2k, 8k, 32k}; forward and forward+backward times
+in ms, with ratios against moekit. fla (0.6.x) is imported lazily; when it is missing, refuses
+(e.g. its Hopper guard) or fails, the table says so instead of a time.
+
+    python benchmarks/linear_attention.py [--tokens 65536] [--lengths 2048,8192,32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from moekit.ops import linear_attention as la
+
+H, D, DTYPE = 16, 128, torch.bfloat16
+
+
+def bench_ms(fn, reps: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def make_inputs(B: int, T: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda")
+
+    return {
+        "q": randn(B, T, H, D).to(DTYPE),
+        "k": F.normalize(randn(B, T, H, D), dim=-1).to(DTYPE),
+        "v": randn(B, T, H, D).to(DTYPE),
+        "g": F.logsigmoid(randn(B, T, H) + 3.0),
+        "gk": F.logsigmoid(randn(B, T, H, D) + 3.0).to(DTYPE),
+        "beta": torch.sigmoid(randn(B, T, H)).to(DTYPE),
+    }
+
+
+def _fla(module: str, name: str):
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+# op -> (its input names, moekit call or None when moekit has no Triton kernel for it, fla call)
+OPS = {
+    "simple_gla": (("q", "k", "v", "g"), lambda **x: la.simple_gla(**x, backend="triton")[0],
+                   lambda **x: _fla("fla.ops.simple_gla", "chunk_simple_gla")(**x)[0]),
+    "gated_delta_rule": (("q", "k", "v", "g", "beta"), lambda **x: la.gated_delta_rule(**x, backend="triton")[0],
+                         lambda **x: _fla("fla.ops.gated_delta_rule", "chunk_gated_delta_rule")(**x)[0]),
+    "gla": (("q", "k", "v", "gk"), None,
+            lambda q, k, v, gk: _fla("fla.ops.gla", "chunk_gla")(q, k, v, gk)[0]),
+}
+
+
+def time_call(call, inputs: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """(forward ms, forward+backward ms) as strings, or the reason it did not run."""
+    if call is None:
+        return "n/a", "n/a"
+    leaves = {n: t.detach().requires_grad_() for n, t in inputs.items()}
+    try:
+        with torch.no_grad():
+            fwd = bench_ms(lambda: call(**leaves))
+
+        def step():
+            o = call(**leaves)
+            o.backward(torch.ones_like(o))
+
+        return f"{fwd:.2f}", f"{bench_ms(step):.2f}"
+    except Exception as e:  # fla refusing (Hopper guard) or missing is a result, not a crash
+        reason = ("OOM" if isinstance(e, torch.OutOfMemoryError) else "refused" if "Hopper" in str(e)
+                  else type(e).__name__)
+        print(f"  ({reason}: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
+        return reason, reason
+
+
+def ratio(other: str, ours: str) -> str:
+    try:
+        return f"{float(other) / float(ours):.2f}x"
+    except ValueError:
+        return "-"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--lengths", default="2048,8192,32768")
+    args = parser.parse_args()
+    import triton
+
+    try:
+        fla_version = __import__("fla").__version__
+    except Exception as e:
+        fla_version = f"not importable ({type(e).__name__})"
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"fla {fla_version}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    print(f"# B*T={args.tokens}, H={H}, K=V={D}, {DTYPE}; times in ms; 'x' = peer time / moekit time")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for T in (int(t) for t in args.lengths.split(",")):
+        B = max(1, args.tokens // T)
+        inputs = make_inputs(B, T, gen)
+        q, k, v = (inputs[n].transpose(1, 2) for n in "qkv")
+        sdpa = time_call(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                         {"q": q, "k": k, "v": v})
+        for op, (names, ours_call, fla_call) in OPS.items():
+            x = {n: inputs[n] for n in names}
+            ours, fla = time_call(ours_call, x), time_call(fla_call, x)
+            rows.append((T, op, ours, fla, sdpa))
+            torch.cuda.empty_cache()
+    header = ("T", "op", "moekit fwd", "fla fwd", "fla/moekit", "sdpa fwd", "sdpa/moekit",
+              "moekit f+b", "fla f+b", "fla/moekit", "sdpa f+b", "sdpa/moekit")
+    table = [header] + [
+        (str(T), op, ours[0], fla[0], ratio(fla[0], ours[0]), sdpa[0], ratio(sdpa[0], ours[0]),
+         ours[1], fla[1], ratio(fla[1], ours[1]), sdpa[1], ratio(sdpa[1], ours[1]))
+        for T, op, ours, fla, sdpa in rows
+    ]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for r in table:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+if __name__ == "__main__":
+    main()
