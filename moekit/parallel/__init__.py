@@ -17,6 +17,7 @@ from moekit.parallel.expert_parallel import (
     shard_experts,
     sort_assignments,
 )
+from moekit.parallel.failure import PeerFailure, peer_failure_guard
 from moekit.parallel.mesh import ParallelMesh, build_mesh, init_distributed
 from moekit.parallel.parallelize import parallelize
 
@@ -25,6 +26,7 @@ __all__ = [
     "ExpertShard",
     "ParallelConfig",
     "ParallelMesh",
+    "PeerFailure",
     "apply_fsdp",
     "build_mesh",
     "clip_grad_norm_",
@@ -35,6 +37,7 @@ __all__ = [
     "load_reducer",
     "moe_layers",
     "parallelize",
+    "peer_failure_guard",
     "save_checkpoint",
     "shard_experts",
     "sort_assignments",

@@ -41,10 +41,15 @@ def sync_grads(model: nn.Module, pmesh: ParallelMesh) -> None:
 
     FSDP2 already reduced the sharded dense params; this handles the expert shards and, without
     FSDP, the replicated dense params. Gradients of one kind go in one flat all-reduce."""
-    experts = set(expert_parameters(model))
-    expert_grads = [p.grad for p in experts if p.grad is not None]
+    # Lists in model order: every rank must flatten its gradients in the same order.
+    experts = expert_parameters(model)
+    expert_ids = {id(p) for p in experts}
+    for p in experts:
+        if p.grad is None:  # this rank's shard received no tokens; its peers' gradients still count
+            p.grad = torch.zeros_like(p)
+    expert_grads = [p.grad for p in experts]
     dense_grads = [p.grad for p in model.parameters()
-                   if p not in experts and p.grad is not None and not _is_sharded(p)]
+                   if id(p) not in expert_ids and p.grad is not None and not _is_sharded(p)]
     _all_reduce_mean(expert_grads, pmesh.dp_group, pmesh.world_size)
     _all_reduce_mean(dense_grads, pmesh.world_group, pmesh.world_size)
 

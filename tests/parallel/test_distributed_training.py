@@ -1,0 +1,95 @@
+"""Multi-process training (gloo, 2 ranks) against one process on the same global batches.
+
+Tolerance: the runs compute the same float32 function with sums in a different order
+(the all-to-all moves expert rows, gradients are all-reduced), so each step differs by a few
+ulps; over 20 AdamW steps that stays below 1e-6 in practice. 1e-5 relative (~100 ulps of a
+loss near 4) leaves room for that and still fails on any real difference: a routing flip,
+a gradient scaled by the wrong world size or reduced over the wrong group moves the loss by
+1e-3 or more within a few steps.
+"""
+
+import json
+
+import pytest
+
+STEPS, SAVE_AFTER = 20, 9
+RTOL = 1e-5
+
+
+def read(out: str, rank: int = 0) -> dict:
+    with open(f"{out}.{rank}.json") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def single(launch, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("single") / "run")
+    launch("train", 1, {"out": out, "steps": STEPS})
+    return read(out)
+
+
+@pytest.fixture(scope="module")
+def ep2_run(launch, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ep2")
+    out, ckpt = str(root / "run"), str(root / "ckpt")
+    launch("train", 2, {"out": out, "steps": STEPS, "parallel": {"ep": 2}, "save_at": [SAVE_AFTER - 1, ckpt]})
+    return read(out), read(out, 1), ckpt
+
+
+def assert_close_curves(got: list[float], want: list[float]) -> None:
+    assert len(got) == len(want)
+    for step, (a, b) in enumerate(zip(got, want)):
+        assert abs(a - b) <= RTOL * abs(b), f"step {step}: loss {a} vs {b}"
+
+
+def test_loss_decreases_in_reference_run(single):
+    losses = single["losses"]
+    assert len(losses) == STEPS and losses[-1] < 0.6 * losses[0]
+
+
+def test_expert_parallel_fsdp_matches_single_process(single, ep2_run):
+    rank0, rank1, _ = ep2_run
+    assert_close_curves(rank0["losses"], single["losses"])
+    # Aux-loss-free balancing: both ranks applied the same bias steps as the single process.
+    assert rank0["bias"] == rank1["bias"]
+    flat = [b for layer in single["bias"] for b in layer]
+    assert any(b != 0 for b in flat)
+    for got, want in zip(rank0["bias"], single["bias"]):
+        assert got == pytest.approx(want, abs=1e-7)
+
+
+def test_data_parallel_replicated_matches_single_process(single, launch, tmp_path):
+    out = str(tmp_path / "dp2")
+    launch("train", 2, {"out": out, "steps": STEPS, "parallel": {"ep": 1, "fsdp": False}})
+    assert_close_curves(read(out)["losses"], single["losses"])
+
+
+def test_checkpoint_from_two_processes_resumes_in_one(single, ep2_run, launch, tmp_path):
+    rank0, _, ckpt = ep2_run
+    out = str(tmp_path / "resumed")
+    launch("train", 1, {"out": out, "steps": STEPS, "resume": ckpt})
+    resumed = read(out)
+    assert resumed["first"] == SAVE_AFTER
+    assert_close_curves(resumed["losses"], rank0["losses"][SAVE_AFTER:])
+    assert_close_curves(resumed["losses"], single["losses"][SAVE_AFTER:])
+
+
+def test_a_dead_rank_stops_the_others_with_a_clear_error(launch, tmp_path):
+    results = launch("train", 2, {"out": str(tmp_path / "die"), "steps": STEPS, "die_at": 2,
+                                  "parallel": {"ep": 2, "timeout_s": 30}}, check=False, timeout=90)
+    survivor, dead = results
+    assert dead.returncode == 3
+    assert survivor.returncode not in (0, None) and survivor.seconds < 60
+    assert "PeerFailure: rank 0 of 2: a collective failed" in survivor.stderr
+    assert "died or stopped responding" in survivor.stderr
+
+
+def test_a_stalled_rank_times_out_the_others(launch, tmp_path):
+    # The stalled rank sleeps; the launcher kills it after `timeout`. The survivor must give up
+    # on its own after timeout_s, well before that.
+    results = launch("train", 2, {"out": str(tmp_path / "hang"), "steps": STEPS, "hang_at": 2,
+                                  "parallel": {"ep": 2, "timeout_s": 5}}, check=False, timeout=45)
+    survivor, stalled = results
+    assert stalled.returncode != 0 and "killed after" in stalled.stderr
+    assert survivor.returncode == 1 and survivor.seconds < 40
+    assert "PeerFailure: rank 0 of 2" in survivor.stderr and "time out after 5 s" in survivor.stderr

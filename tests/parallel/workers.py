@@ -1,0 +1,219 @@
+"""Rank programs for the parallel tests: ``python workers.py SCENARIO JSON_ARGS``.
+
+Each scenario writes its measurements to ``{args['out']}.{rank}.json``; the tests assert on them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from moekit import MoE, MoEConfig
+from moekit.moe import update_expert_biases
+from moekit.parallel import (
+    ParallelConfig,
+    clip_grad_norm_,
+    init_distributed,
+    load_checkpoint,
+    load_reducer,
+    parallelize,
+    peer_failure_guard,
+    save_checkpoint,
+    shard_experts,
+    sync_grads,
+)
+
+H = 32
+LAYER_CONFIGS = {
+    "softmax_shared_gate": dict(score_func="softmax", top_k=2, num_shared_experts=1, shared_expert_gate=True,
+                                aux_loss_coef=0.01, z_loss_coef=0.001),
+    "sigmoid_groups": dict(score_func="sigmoid", top_k=3, num_groups=4, topk_groups=2, route_scale=2.5,
+                           num_shared_experts=2, shared_ffn_hidden_size=8),
+    "sigmoid_groups_capacity": dict(score_func="sigmoid", top_k=3, num_groups=4, topk_groups=2, capacity_factor=0.75),
+    "softmax_capacity_position": dict(score_func="softmax", top_k=2, capacity_factor=0.5, drop_policy="position",
+                                      activation="gelu", backend="reference"),
+    "expert_choice": dict(router_type="expert_choice", capacity_factor=1.0, activation="geglu"),
+    "skewed_to_rank0": dict(score_func="softmax", top_k=2),
+}
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def write(args: dict, result: dict) -> None:
+    with open(f"{args['out']}.{rank()}.json", "w") as f:
+        json.dump(result, f)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def layer_scenario(args: dict) -> None:
+    """The expert-parallel layer against a full single-process copy, on this rank's tokens."""
+    pmesh = init_distributed(ParallelConfig(ep=dist_world()))
+    result = {}
+    for name, extra in LAYER_CONFIGS.items():
+        torch.manual_seed(0)
+        ref = MoE(MoEConfig(hidden_size=H, ffn_hidden_size=16, num_experts=8, **extra))
+        if name == "skewed_to_rank0":  # every token picks experts 0 and 1: the other rank gets nothing
+            ref.router.expert_bias[:2] = 100.0
+        layer = copy.deepcopy(ref)
+        shard_experts(layer, pmesh)
+        torch.manual_seed(100 + rank())  # each rank its own tokens
+        x = torch.randn(3, 10, H)
+        dy = torch.randn(3, 10, H)
+        errs = {}
+        outs = []
+        for module in (ref, layer):
+            xi = x.clone().requires_grad_()
+            y = module(xi)
+            ((y * dy).sum() + module.aux_loss).backward()
+            outs.append((y.detach(), xi.grad))
+        errs["out"] = rel_err(outs[1][0], outs[0][0])
+        errs["grad_x"] = rel_err(outs[1][1], outs[0][1])
+        errs["grad_router"] = rel_err(layer.router.weight.grad, ref.router.weight.grad)
+        if ref.shared is not None:
+            errs["grad_shared_up"] = rel_err(layer.shared.up.weight.grad, ref.shared.up.weight.grad)
+            errs["grad_shared_down"] = rel_err(layer.shared.down.weight.grad, ref.shared.down.weight.grad)
+        if ref.shared_gate is not None:
+            errs["grad_shared_gate"] = rel_err(layer.shared_gate.weight.grad, ref.shared_gate.weight.grad)
+        # A shard's gradient collects every rank's tokens: compare with the summed reference.
+        shard = layer.experts.shard
+        rows = slice(shard.offset, shard.offset + shard.num_local)
+        for w in ("w_up", "w_down"):
+            full = getattr(ref.experts, w).grad.clone()
+            dist.all_reduce(full)
+            mine = getattr(layer.experts, w).grad
+            errs[f"grad_{w}"] = float((mine - full[rows]).norm() / full.norm())
+            errs[f"grad_{w}_norm"] = float(mine.norm())
+        dropped = (layer.last_stats.dropped_fraction if ref.config.router_type == "topk" else torch.tensor(0.0))
+        errs["dropped_fraction"] = float(dropped)
+        result[name] = errs
+    try:
+        bad = MoE(MoEConfig(hidden_size=H, ffn_hidden_size=16, num_experts=3, top_k=1))
+        shard_experts(bad, pmesh)
+        result["indivisible_error"] = ""
+    except ValueError as e:
+        result["indivisible_error"] = str(e)
+    write(args, result)
+
+
+def dist_world() -> int:
+    return int(os.environ["WORLD_SIZE"])
+
+
+# ---- training ---------------------------------------------------------------------------
+
+class Block(nn.Module):
+    def __init__(self, moe: MoEConfig):
+        super().__init__()
+        self.norm = nn.RMSNorm(moe.hidden_size)
+        self.moe = MoE(moe)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.moe(self.norm(x))
+
+
+class TinyLM(nn.Module):
+    """Embedding -> [x + MoE(norm(x))] x 2 -> norm -> head: just enough model around the MoE layers."""
+
+    def __init__(self, vocab: int, moe: MoEConfig, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, moe.hidden_size)
+        self.layers = nn.ModuleList(Block(moe) for _ in range(layers))
+        self.norm = nn.RMSNorm(moe.hidden_size)
+        self.head = nn.Linear(moe.hidden_size, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor):
+        x = self.embed(tokens)
+        aux = x.new_zeros(())
+        for block in self.layers:
+            x = block(x)
+            aux = aux + block.moe.aux_loss
+        return self.head(self.norm(x)), aux
+
+
+VOCAB, SEQ, GLOBAL_BATCH = 64, 16, 8
+TRAIN_MOE = dict(hidden_size=H, ffn_hidden_size=16, num_experts=8, top_k=2, num_shared_experts=1,
+                 score_func="sigmoid", num_groups=2, topk_groups=1, bias_update_rate=1e-3, z_loss_coef=1e-3)
+
+
+def global_batch(step: int) -> torch.Tensor:
+    """A learnable stream: t_{i+1} = (5 t_i + 3) mod V from a random start, plus 10% noise."""
+    g = torch.Generator().manual_seed(1000 + step)
+    start = torch.randint(0, VOCAB, (GLOBAL_BATCH, 1), generator=g)
+    seq = [start]
+    for _ in range(SEQ):
+        seq.append((5 * seq[-1] + 3) % VOCAB)
+    tokens = torch.cat(seq, dim=1)
+    noise = torch.rand(tokens.shape, generator=g) < 0.1
+    return torch.where(noise, torch.randint(0, VOCAB, tokens.shape, generator=g), tokens)
+
+
+def train_scenario(args: dict) -> None:
+    """``steps`` optimizer steps on a global batch split over the ranks; losses are global means.
+    Optional: ``save_at`` (step, dir) saves after that step; ``resume`` (dir) starts from a checkpoint."""
+    distributed = "WORLD_SIZE" in os.environ
+    pconfig = ParallelConfig.from_dict(args.get("parallel", {}))
+    pmesh = init_distributed(pconfig) if distributed else None
+    world = dist.get_world_size() if distributed else 1
+    torch.manual_seed(0)
+    model = TinyLM(VOCAB, MoEConfig(**TRAIN_MOE))
+    if pmesh is not None:
+        parallelize(model, pmesh, pconfig, blocks=model.layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    first = 0
+    if "resume" in args:
+        first = load_checkpoint(args["resume"], model, opt, pmesh)["step"]
+    reduce_load = load_reducer(pmesh) if pmesh is not None else None
+    losses = []
+    with peer_failure_guard(pconfig.timeout_s):
+        train_steps(args, model, opt, pmesh, first, world, reduce_load, losses)
+    write(args, {"losses": losses, "first": first,
+                 "bias": [layer.moe.router.expert_bias.tolist() for layer in model.layers]})
+
+
+def train_steps(args, model, opt, pmesh, first, world, reduce_load, losses) -> None:
+    for step in range(first, args["steps"]):
+        batch = global_batch(step).chunk(world)[rank()]
+        logits, aux = model(batch[:, :-1])
+        lm = F.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+        (lm + aux).backward()
+        if pmesh is not None:
+            sync_grads(model, pmesh)
+            clip_grad_norm_(model, 1.0, pmesh)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        update_expert_biases(model, reduce_load)
+        lm = lm.detach()
+        if pmesh is not None:
+            dist.all_reduce(lm)
+            lm /= world
+        losses.append(float(lm))
+        if args.get("die_at") == step and rank() == args.get("die_rank", 1):
+            os._exit(3)  # a crash: no clean-up, no goodbye to the other ranks
+        if args.get("hang_at") == step and rank() == args.get("die_rank", 1):
+            time.sleep(3600)
+        if "save_at" in args and args["save_at"][0] == step:
+            save_checkpoint(args["save_at"][1], model, opt, pmesh, extra={"step": step + 1})
+
+
+SCENARIOS = {"layer": layer_scenario, "train": train_scenario}
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    SCENARIOS[sys.argv[1]](json.loads(sys.argv[2]))
+    if dist.is_initialized():
+        dist.destroy_process_group()
