@@ -81,10 +81,11 @@ def _check_pow2_block(block: tuple[int, int]) -> None:
 
 
 def launch_quantize(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
-                    elem: str) -> None:
-    """Quantize `x2` [R, K] (unit stride along K) into uint8 `data` [R, K] and float32 `scale`."""
+                    elem: str, tiles: dict | None = None) -> None:
+    """Quantize `x2` [R, K] (unit stride along K) into uint8 `data` [R, K] and float32 `scale`.
+    `tiles` (TILE_R, TILE_K: multiples of the block; num_warps) overrides the default, for tuning."""
     fmt = element_format(elem)
-    tiles = _tiles(block)
+    tiles = tiles or _tiles(block)
     r, k = x2.shape
     grid = (triton.cdiv(r, tiles["TILE_R"]), triton.cdiv(k, tiles["TILE_K"]))
     _block_quantize_kernel[grid](

@@ -141,10 +141,11 @@ def empty_outputs(m: int, k: int, rowwise: bool, colwise: bool, elem: str, devic
     return out
 
 
-def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str) -> None:
-    """Run the kernel on 2-D `x` [M, K] (unit stride along K), writing the layouts in `outputs`."""
+def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, tiles: dict | None = None) -> None:
+    """Run the kernel on 2-D `x` [M, K] (unit stride along K), writing the layouts in `outputs`.
+    `tiles` (BLOCK_M, BLOCK_K: multiples of 32; num_warps) overrides the default, for tuning."""
     m, k = x.shape
-    tiles = _tiles()
+    tiles = tiles or _tiles()
     grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))
     rowwise, colwise = "row_data" in outputs, "col_data" in outputs
     _mx_quantize_kernel[grid](

@@ -1,0 +1,170 @@
+"""MXFP8 / FP8 block quantization kernels vs a device-to-device copy and torch.compile'd references.
+
+On a 16384 x 7168 bf16 input (a DeepSeek-V3 hidden-state batch): first checks every kernel
+against its plain-PyTorch reference bit for bit, then (with --sweep) tries a few tile shapes per kernel,
+then times (triton.testing.do_bench, median) the copy, the kernels with their default tiles and
+the references under torch.compile (the torchao-style peer), and prints GB/s and % of copy
+bandwidth. Bytes count what must move: the input read once plus every output written
+(the one-pass MXFP8 kernel writes both FP8 layouts and both scale arrays). Target: the one-pass
+both-layouts kernel at >= 90% of copy bandwidth. Needs a CUDA GPU.
+
+    python benchmarks/quant.py [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from moekit.quant import fp8_block, mxfp8
+from moekit.quant.formats import element_format
+from moekit.quant.fp8_block import reference as block_ref
+from moekit.quant.fp8_block import triton as block_triton
+from moekit.quant.mxfp8 import reference as mx_ref
+from moekit.quant.mxfp8 import triton as mx_triton
+
+DEVICE = "cuda"
+M, K = 16384, 7168
+ELEM, SCALE_MODE = "e4m3", "floor"
+# Tile shapes tried by --sweep: (rows, cols, num_warps).
+MX_TILES = [(64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 4), (128, 128, 8), (64, 256, 8)]
+ACT_TILES = [(16, 128, 4), (32, 128, 8), (64, 128, 8), (32, 256, 8)]
+WEIGHT_TILES = [(128, 128, 4), (128, 128, 8), (128, 256, 8)]
+
+
+def make_input() -> torch.Tensor:
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(M, K, generator=g, device=DEVICE)
+    x *= torch.exp2(torch.randint(-8, 8, (M, 1), generator=g, device=DEVICE).float())
+    x[::997, ::131] *= 1000.0  # outliers
+    x[0, :32] = 0.0  # an all-zero block
+    x[5, 70], x[M - 3, K - 100] = float("nan"), float("inf")
+    return x.to(torch.bfloat16)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    view = {1: torch.uint8, 4: torch.int32}[a.element_size()]
+    return a.shape == b.shape and torch.equal(a.view(view), b.view(view))
+
+
+def check_bit_exact(x: torch.Tensor) -> dict[str, bool]:
+    """The benchmarked configurations (tests/quant cover every element type and scale mode)."""
+    got, want = mxfp8.quantize_both(x, ELEM, SCALE_MODE, backend="triton"), mx_ref.quantize_both(x, ELEM, SCALE_MODE)
+    exact = {"mxfp8 both": all(same_bits(g.data, w.data) and same_bits(g.scale, w.scale)
+                               for g, w in zip(got, want, strict=True))}
+    got, want = mxfp8.quantize(x, -1, ELEM, SCALE_MODE, backend="triton"), mx_ref.quantize(x, -1, ELEM, SCALE_MODE)
+    exact["mxfp8 row"] = same_bits(got.data, want.data) and same_bits(got.scale, want.scale)
+    for name, block in (("fp8 1x128", (1, 128)), ("fp8 128x128", (128, 128))):
+        got, want = fp8_block.quantize(x, block, backend="triton"), block_ref.quantize(x, block)
+        nan = want.scale.isnan()
+        exact[name] = same_bits(got.data, want.data) and torch.equal(got.scale.isnan(), nan) and same_bits(
+            got.scale.masked_fill(nan, 0), want.scale.masked_fill(nan, 0))
+    return exact
+
+
+def median_ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def mx_launcher(x, rowwise: bool, colwise: bool, tiles=None):
+    out = mx_triton.empty_outputs(M, K, rowwise, colwise, ELEM, x.device)
+    return lambda: mx_triton.launch_quantize(x, out, ELEM, SCALE_MODE, tiles)
+
+
+def block_launcher(x, block, tiles=None):
+    data = torch.empty(M, K, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(M // block[0], K // block[1], dtype=torch.float32, device=x.device)
+    return lambda: block_triton.launch_quantize(x, data, scale, block, ELEM, tiles)
+
+
+def sweep(name: str, make_fn, configs, tile_keys) -> None:
+    timings = []
+    for a, b, warps in configs:
+        tiles = {tile_keys[0]: a, tile_keys[1]: b, "num_warps": warps}
+        try:
+            timings.append((median_ms(make_fn(tiles)), f"{a}x{b}/{warps}w"))
+        except Exception as err:  # a tile too big for shared memory / registers on this GPU
+            timings.append((float("inf"), f"{a}x{b}/{warps}w ({type(err).__name__})"))
+    timings.sort()
+    print(f"  {name:14s} " + "  ".join(f"{label} {ms:.3f}" for ms, label in timings))
+
+
+def compiled_peer(fn):
+    compiled = torch.compile(fn, dynamic=False)
+
+    def run(x):
+        return compiled(x)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time a few tile shapes per kernel (slower)")
+    args = parser.parse_args()
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/quant.py needs a CUDA GPU")
+    start = time.time()
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"x [{M}, {K}] bf16, {ELEM} {SCALE_MODE}")
+    x = make_input()
+    exact = check_bit_exact(x)
+    print("bit-exact vs reference: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in exact.items()))
+
+    if args.sweep:
+        print("tile sweep (median ms, best first):")
+        sweep("mxfp8 both", lambda t: mx_launcher(x, True, True, t), MX_TILES, ("BLOCK_M", "BLOCK_K"))
+        sweep("mxfp8 row", lambda t: mx_launcher(x, True, False, t), MX_TILES, ("BLOCK_M", "BLOCK_K"))
+        sweep("fp8 1x128", lambda t: block_launcher(x, (1, 128), t), ACT_TILES, ("TILE_R", "TILE_K"))
+        sweep("fp8 128x128", lambda t: block_launcher(x, (128, 128), t), WEIGHT_TILES, ("TILE_R", "TILE_K"))
+
+    n = M * K
+    in_bytes = x.numel() * x.element_size()
+    copy_out = torch.empty_like(x)
+    fmt_mx = element_format(ELEM)
+    rows = [
+        # (name, fn, bytes moved, bit-exact entry)
+        ("copy (d2d)", lambda: copy_out.copy_(x), 2 * in_bytes, None),
+        ("mxfp8 both (1 pass)", mx_launcher(x, True, True), in_bytes + 2 * n + 2 * n // 32,
+         "mxfp8 both"),
+        ("mxfp8 row", mx_launcher(x, True, False), in_bytes + n + n // 32, "mxfp8 row"),
+        ("fp8 1x128", block_launcher(x, (1, 128)), in_bytes + n + 4 * n // 128, "fp8 1x128"),
+        ("fp8 128x128", block_launcher(x, (128, 128)), in_bytes + n + 4 * n // (128 * 128), "fp8 128x128"),
+    ]
+    peers = [
+        ("compiled ref: mxfp8 both",
+         lambda t: (mx_ref.quantize_blocks(t.float().reshape(M, K // 32, 32), fmt_mx, SCALE_MODE),
+                    mx_ref.quantize_blocks(t.t().float().reshape(K, M // 32, 32), fmt_mx, SCALE_MODE)),
+         in_bytes + 2 * n + 2 * n // 32),
+        ("compiled ref: mxfp8 row", lambda t: mx_ref.quantize_blocks(t.float().reshape(M, K // 32, 32), fmt_mx,
+                                                                     SCALE_MODE), in_bytes + n + n // 32),
+        ("compiled ref: fp8 1x128", lambda t: block_ref.quantize(t, (1, 128)).data, in_bytes + n + 4 * n // 128),
+        ("compiled ref: fp8 128x128", lambda t: block_ref.quantize(t, (128, 128)).data,
+         in_bytes + n + 4 * n // (128 * 128)),
+    ]
+    for name, fn, nbytes in peers:
+        peer = compiled_peer(fn)
+        try:
+            peer(x)
+            rows.append((name, lambda peer=peer: peer(x), nbytes, None))
+        except Exception as err:  # report, do not hide, a peer that does not compile
+            print(f"{name}: torch.compile failed: {type(err).__name__}: {err}".splitlines()[0])
+
+    results = []
+    for name, fn, nbytes, exact_key in rows:
+        ms = median_ms(fn)
+        results.append((name, ms, nbytes / ms / 1e6, exact_key))
+    copy_gbs = results[0][2]
+    print(f"\nquant kernels, x [{M}, {K}] bf16 -> {ELEM} ({SCALE_MODE}); total {time.time() - start:.0f} s")
+    print(f"{'kernel':28s} {'ms':>8s} {'GB/s':>8s} {'% copy':>7s} {'exact':>6s}")
+    for name, ms, gbs, exact_key in results:
+        mark = "-" if exact_key is None else ("yes" if exact[exact_key] else "NO")
+        print(f"{name:28s} {ms:8.3f} {gbs:8.0f} {100 * gbs / copy_gbs:6.1f}% {mark:>6s}")
+
+
+if __name__ == "__main__":
+    main()
