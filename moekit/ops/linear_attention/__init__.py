@@ -192,11 +192,12 @@ def _bind(chunk: Callable, recurrent: Callable, **kwargs) -> dict[str, Callable]
     return {"chunk": partial(chunk, **kwargs), "recurrent": partial(recurrent, **kwargs)}
 
 
-def _resolve_backend(op: str, backend: str) -> str:
+def _check_backend(op: str, backend: str) -> None:
+    """Every backend is the reference today: "auto" and "reference" run it, "triton" has no
+    kernel yet. A fused kernel goes beside each reference module and is picked here."""
     if backend == "triton":
         raise RuntimeError(f"{op}: backend='triton' has no kernel yet for the linear-attention ops; "
                            "use backend='auto' or 'reference'")
-    return "reference"
 
 
 def _run(call: _Call, forms: dict[str, Callable], per_token: Sequence[torch.Tensor | None], dims,
@@ -214,7 +215,7 @@ def _run(call: _Call, forms: dict[str, Callable], per_token: Sequence[torch.Tens
     if call.initial_state is not None:
         _checks.shape(op, "initial_state", call.initial_state, (num_states, H, K, V), layout)
     _checks.finite(op, {**named, "initial_state": call.initial_state})
-    _resolve_backend(op, call.backend)
+    _check_backend(op, call.backend)
     fn = forms[call.mode]
     if call.mode == "chunk":
         fn = partial(fn, chunk_size=call.chunk_size)
