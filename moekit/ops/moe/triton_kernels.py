@@ -49,8 +49,12 @@ WGRAD_CONFIGS = GEMM_CONFIGS  # BLOCK_M / BLOCK_N tile dW's rows / columns, BLOC
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow torch's TF32 switch (tf32 is what torch.matmul would use, or not)."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """fp32 dots follow torch's TF32 switch, as torch.matmul does (16-bit dots ignore this)."""
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+# Without ragged K tiles the main loop's loads need only the row / column masks.
+_EVEN_K = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 
 
 def _pow2(n: int) -> int:
@@ -94,16 +98,20 @@ def _expert_tile(counts_ptr, pid_m, num_experts, E_PAD: tl.constexpr, BLOCK_M: t
 @triton.jit
 def _expert_gemm(a_ptr, a_rows, row_ok, stride_am, b_ptr, b_cols, col_ok, stride_bn, stride_bk, K,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
     """acc[i, j] = sum_k A[a_rows[i], k] * B[k, b_cols[j]] (A rows contiguous), fp32."""
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am + ks[None, :]
     b_ptrs = b_ptr + b_cols.to(tl.int64)[None, :] * stride_bn + ks.to(tl.int64)[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_ok = ks < K - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            k_ok = ks < K - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
@@ -128,6 +136,7 @@ def _act_grad(g, ACT: tl.constexpr):
 # ----------------------------------------------------------------------------- kernels
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["F", "K", "GATED", "BACKWARD"])
+@_EVEN_K
 @triton.jit
 def _gather_gemm_kernel(
     src_ptr, w_ptr, h_ptr, out_ptr, counts_ptr, order_ptr, weight_ptr,
@@ -136,6 +145,7 @@ def _gather_gemm_kernel(
     E_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BACKWARD: tl.constexpr,
     STORE_H: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     # Forward of a gated activation: one tile's BLOCK_N weight rows are BLOCK_N/2 gate rows and
     # the matching up rows, so the epilogue has both halves in one accumulator.
@@ -155,7 +165,7 @@ def _gather_gemm_kernel(
     b_cols = f + (j // TILE_F) * F if SPLIT else f
     acc = _expert_gemm(src_ptr, assignment // top_k, row_ok, stride_src,
                        w_ptr + expert.to(tl.int64) * stride_we, b_cols, col_ok, stride_wn, stride_wk, K,
-                       BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
     rows64 = rows.to(tl.int64)[:, None]
     if BACKWARD:
         # acc is d(act output) before the routing weight; h holds the pre-activation.
@@ -188,6 +198,7 @@ def _gather_gemm_kernel(
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["N", "K"])
+@_EVEN_K
 @triton.jit
 def _scatter_gemm_kernel(
     src_ptr, w_ptr, out_ptr, counts_ptr, order_ptr,
@@ -195,6 +206,7 @@ def _scatter_gemm_kernel(
     stride_src, stride_we, stride_wn, stride_wk, stride_out,
     E_PAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     num_pid_m = tl.cdiv(num_rows, BLOCK_M) + num_experts
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -206,7 +218,7 @@ def _scatter_gemm_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     acc = _expert_gemm(src_ptr, rows, row_ok, stride_src, w_ptr + expert.to(tl.int64) * stride_we,
-                       cols, col_ok, stride_wn, stride_wk, K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                       cols, col_ok, stride_wn, stride_wk, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
     assignment = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     tl.store(out_ptr + assignment[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
