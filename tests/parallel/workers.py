@@ -205,7 +205,8 @@ def train_steps(args, model, opt, pmesh, first, world, reduce_load, losses) -> N
         if args.get("die_at") == step and rank() == args.get("die_rank", 1):
             os._exit(3)  # a crash: no clean-up, no goodbye to the other ranks
         if args.get("hang_at") == step and rank() == args.get("die_rank", 1):
-            time.sleep(3600)
+            time.sleep(args["hang_s"])  # alive but silent, then gone
+            os._exit(4)
         if "save_at" in args and args["save_at"][0] == step:
             save_checkpoint(args["save_at"][1], model, opt, pmesh, extra={"step": step + 1})
 
