@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device-machine call: environment, GPU tests, kernel checks and benchmarks, each step
+# time-limited, every log under $OUT (or ./gpu-logs). Usage: benchmarks/gpu_session.sh STEP...
+# Steps: env tests check_moe check_la quant bench_moe bench_la bench_ep
+set -u
+OUT=${OUT:-gpu-logs}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+step() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s)"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "=== $name rc=$rc in $((SECONDS - t0))s"
+}
+for s in "$@"; do
+  case $s in
+    env) step env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"' ;;
+    tests) step tests 240 python3 -m pytest -q -x -p no:cacheprovider tests/moe tests/ops tests/quant tests/models ;;
+    check_moe) step check_moe 200 python3 benchmarks/gpu_check_moe.py ;;
+    check_la) step check_la 200 python3 benchmarks/gpu_check_linear_attention.py ;;
+    quant) step quant 120 python3 benchmarks/quant.py ;;
+    bench_moe) step bench_moe 360 python3 benchmarks/moe_layer.py ;;
+    bench_la) step bench_la 300 python3 benchmarks/linear_attention.py ;;
+    bench_ep) step bench_ep 240 torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
