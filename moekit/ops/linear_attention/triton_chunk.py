@@ -16,7 +16,8 @@ gradients, finishing dv), dqk (dq, dk, dw and the gate gradient), wy_bwd (throug
 Robustness on Hopper (Triton 3.4-3.7 miscompiles ``tl.trans`` of a dot result fed to another
 dot): no kernel here transposes a computed tile; every transposed operand is loaded
 transposed from memory, or computed as its own product. Accumulation is float32; the state
-is carried in float32 registers and stored per chunk in the input dtype.
+is carried in float32 registers and stored per chunk in the input dtype. Token and chunk
+offsets are 64-bit: the per-chunk state buffers pass 2^31 elements at long contexts.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, USE_G: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    t0, t1 = tl.load(start + i_c), tl.load(end + i_c)
+    t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
     t = t0 + rt
     mt = t < t1
@@ -103,8 +104,8 @@ def _state_fwd_kernel(k, v, w, gc, h, v_new, h0, ht, cu, first,
                       BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
                       STORE_HT: tl.constexpr):
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, eos = tl.load(cu + i_n), tl.load(cu + i_n + 1)
-    c0 = tl.load(first + i_n)
+    bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
+    c0 = tl.load(first + i_n).to(tl.int64)
     rt = tl.arange(0, BT)
     rk = tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
@@ -142,7 +143,7 @@ def _output_fwd_kernel(q, k, v, gc, h, o, start, end, scale,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, USE_G: tl.constexpr):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, t1 = tl.load(start + i_c), tl.load(end + i_c)
+    t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
     t = t0 + rt
     mt = t < t1
@@ -155,7 +156,7 @@ def _output_fwd_kernel(q, k, v, gc, h, o, start, end, scale,
         mk = rk < K
         b_q = _load_rows(q + i_h * K, t, mt, rk, mk, H * K)
         b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
-        b_h = tl.load(h + ((i_c * H + i_h) * K + rk[:, None]) * V + rv[None, :],
+        b_h = tl.load(h + ((i_c.to(tl.int64) * H + i_h) * K + rk[:, None]) * V + rv[None, :],
                       mask=mk[:, None] & mv[None, :], other=0.0)
         b_o += tl.dot(b_q, b_h)
         b_a += tl.dot(b_q, b_kt)
@@ -180,7 +181,7 @@ def _dv_local_kernel(q, k, do, gc, dv, start, end, scale,
                      BV: tl.constexpr, USE_G: tl.constexpr):
     """Intra-chunk part of dv: scale (k q^T * decay, anti-causal) do, in float32."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, t1 = tl.load(start + i_c), tl.load(end + i_c)
+    t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
     t = t0 + rt
     mt = t < t1
@@ -209,8 +210,8 @@ def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, sc
                       STORE_DH0: tl.constexpr):
     """Reverse pass: stores dh_n (gradient of the state leaving chunk n) and finishes dv."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, eos = tl.load(cu + i_n), tl.load(cu + i_n + 1)
-    c0 = tl.load(first + i_n)
+    bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
+    c0 = tl.load(first + i_n).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, BT)
     rt = tl.arange(0, BT)
     rk = tl.arange(0, BK)
@@ -253,7 +254,7 @@ def _dqk_kernel(q, k, v, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scale, t
     """dq, dk (through the outputs and the state), dw (delta) and this K block's share of the
     gradient of the cumulative gate: q.dq - k.dk, plus the chunk-end decay's term on the last row."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, t1 = tl.load(start + i_c), tl.load(end + i_c)
+    t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
     t = t0 + rt
     mt = t < t1
@@ -265,7 +266,7 @@ def _dqk_kernel(q, k, v, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scale, t
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_hdh = tl.zeros([BK], dtype=tl.float32)
-    chunk_state = (i_c * H + i_h) * K * V
+    chunk_state = (i_c.to(tl.int64) * H + i_h) * K * V
     for i_v in range(tl.cdiv(V, BV)):
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
@@ -318,7 +319,7 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
     """Back through w = T (beta e^{gc} k), u = T (beta v), T = (I + A)^-1: adds into dk and dg,
     writes dv and dbeta. The transposed products are computed as their own products."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    t0, t1 = tl.load(start + i_c), tl.load(end + i_c)
+    t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
     t = t0 + rt
     mt = t < t1

@@ -79,7 +79,7 @@ def _chunk_cumsum_kernel(x, out, start, end, H: tl.constexpr, BT: tl.constexpr, 
     Written as a masked [BT, BT] sum rather than a scan: cheap at BT <= 64 and plain for the
     compiler."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    t0, t1 = tl.load(start + i_c), tl.load(end + i_c)
+    t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     r = tl.arange(0, BT)
     t = t0 + r
     valid = t < t1

@@ -21,7 +21,7 @@ def _recurrent_kernel(q, k, v, g, gk, beta, o, h0, ht, cu, scale,
                       USE_G: tl.constexpr, USE_GK: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
                       STORE_HT: tl.constexpr):
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, eos = tl.load(cu + i_n), tl.load(cu + i_n + 1)
+    bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
     rk = tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
     mk, mv = rk < K, rv < V
