@@ -1,0 +1,80 @@
+"""save_pretrained / from_pretrained round trips and refuses damaged folders by name."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moekit.models import ModelConfig, MoEForCausalLM
+
+
+def model_for(tied: bool) -> MoEForCausalLM:
+    torch.manual_seed(0)
+    config = ModelConfig.from_dict({
+        "vocab_size": 40, "hidden_size": 32, "layer_pattern": "LN", "linear_mixer": "gated_deltanet",
+        "num_heads": 2, "head_dim": 16, "tie_word_embeddings": tied, "init_std": 0.1,
+        "moe": {"ffn_hidden_size": 16, "num_experts": 4, "top_k": 2},
+    })
+    return MoEForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_round_trip_gives_identical_logits(tmp_path, tied):
+    model = model_for(tied)
+    model.save_pretrained(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert ("lm_head.weight" in stored) is not tied  # one copy of tied weights
+    loaded = MoEForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config == model.config
+    assert (loaded.lm_head.weight is loaded.embed_tokens.weight) is tied
+    ids = torch.randint(0, 40, (2, 9))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def damage(tmp_path, edit) -> None:
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def test_missing_misshaped_and_unexpected_tensors_are_named(tmp_path):
+    model_for(True).save_pretrained(tmp_path)
+    name = "layers.0.mixer.A_log"
+    damage(tmp_path, lambda t: t.pop(name))
+    with pytest.raises(ValueError, match=f"missing tensor.*{name}"):
+        MoEForCausalLM.from_pretrained(tmp_path)
+
+    model_for(True).save_pretrained(tmp_path)
+    name = "layers.1.mixer.k_proj.weight"
+    damage(tmp_path, lambda t: t.update({name: torch.randn(3, 32)}))
+    with pytest.raises(ValueError, match=f"tensor '{name}' has shape \\(3, 32\\), the model expects \\(32, 32\\)"):
+        MoEForCausalLM.from_pretrained(tmp_path)
+
+    model_for(True).save_pretrained(tmp_path)
+    damage(tmp_path, lambda t: t.update({"layers.9.extra": torch.randn(2)}))
+    with pytest.raises(ValueError, match="unexpected tensor.*layers.9.extra"):
+        MoEForCausalLM.from_pretrained(tmp_path)
+
+
+def test_corrupt_files_and_bad_config(tmp_path):
+    model_for(False).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        MoEForCausalLM.from_pretrained(tmp_path)
+
+    model_for(False).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["moe"]["expert_count"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unknown key.*'expert_count'"):
+        MoEForCausalLM.from_pretrained(tmp_path)
+
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        MoEForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        MoEForCausalLM.from_pretrained(tmp_path)

@@ -1,0 +1,156 @@
+"""Decoding through the cache computes what a full forward computes (issue #3 acceptance)."""
+
+import pytest
+import torch
+
+from moekit.mixers import LINEAR_MIXERS
+from moekit.mixers.cache import KVCache, RecurrentCache
+from moekit.models import ModelConfig, MoEForCausalLM
+
+MIXERS = sorted(LINEAR_MIXERS)
+
+
+def tiny_model(pattern: str, mixer: str = "gla", seed: int = 0, **overrides) -> MoEForCausalLM:
+    torch.manual_seed(seed)
+    config = ModelConfig.from_dict({
+        "vocab_size": 64, "hidden_size": 32, "layer_pattern": pattern, "linear_mixer": mixer,
+        "num_heads": 2, "num_kv_heads": 1, "head_dim": 16, "max_seq_len": 256, "init_std": 0.1,
+        "first_k_dense": 1 if len(pattern) > 1 else 0, "dense_ffn_hidden_size": 48,
+        "moe": {"ffn_hidden_size": 32, "num_experts": 4, "top_k": 2, "num_shared_experts": 1,
+                "aux_loss_coef": 0.01, "init_std": 0.1},
+        **overrides,
+    })
+    return MoEForCausalLM(config).eval()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+CASES = [("N", "gla")] + [(p, m) for p in ("L", "LLLN", "LNLN") for m in MIXERS]
+
+
+@pytest.mark.parametrize("pattern,mixer", CASES)
+def test_decoding_matches_full_forward(pattern, mixer):
+    model = tiny_model(pattern, mixer)
+    prompt = torch.randint(0, 64, (2, 1))
+    out = model.generate(prompt, 11, output_logits=True)  # token by token from the first token
+    full = model(out.sequences).logits
+    assert out.logits.shape == (2, 11, 64)
+    assert rel(out.logits, full[:, :-1]) < 1e-5
+
+    prompt = torch.randint(0, 64, (2, 9))
+    out = model.generate(prompt, 6, output_logits=True)  # chunked prefill, then one at a time
+    assert torch.equal(out.sequences[:, :9], prompt)
+    full = model(out.sequences).logits
+    assert rel(out.logits, full[:, 8:-1]) < 1e-5
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_batched_greedy_equals_each_prompt_alone(mixer):
+    model = tiny_model("LNL", mixer, seed=1)
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (3, 8, 5)]
+    batched = model.generate(prompts, 7)
+    assert batched.sequences.shape == (3, 8 + 7)
+    assert not batched.attention_mask[0, :5].any() and batched.attention_mask[0, 5:].all()
+    for i, prompt in enumerate(prompts):
+        alone = model.generate([prompt], 7)
+        assert torch.equal(batched.new_tokens[i], alone.new_tokens[0]), f"prompt {i}"
+        assert torch.equal(batched.sequences[i, 8 - len(prompt):8], torch.tensor(prompt))
+
+
+def test_padded_tensor_with_mask_equals_list_of_prompts():
+    model = tiny_model("LN", "gated_deltanet")
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    from_list = model.generate(prompts, 5, output_logits=True)
+    ids = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    from_tensor = model.generate(ids, 5, attention_mask=mask, output_logits=True)
+    assert torch.equal(from_list.sequences, from_tensor.sequences)
+    assert rel(from_tensor.logits, from_list.logits) < 1e-6
+    # The padded forward without a cache agrees with the unpadded one on real positions.
+    padded = model(ids, attention_mask=mask).logits[1, 2:]
+    assert rel(padded, model(torch.tensor([[9, 10]])).logits[0]) < 1e-5
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(ids, 2, attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
+
+
+def decode(model, cache, steps: int) -> None:
+    token = torch.randint(0, 64, (cache.batch_size, 1))
+    for _ in range(steps):
+        token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+
+
+def test_linear_cache_size_is_fixed_and_kv_cache_is_preallocated():
+    model = tiny_model("LNLN", "mamba2")
+    cache = model.new_cache(2, 80)
+    linear_layers = [i for i, e in enumerate(cache.entries) if isinstance(e, RecurrentCache)]
+    kv_layers = [i for i, e in enumerate(cache.entries) if isinstance(e, KVCache)]
+    assert linear_layers == [0, 2] and kv_layers == [1, 3]
+    model(torch.randint(0, 64, (2, 4)), cache=cache)
+    decode(model, cache, 8)
+    after_8 = [cache.nbytes(i) for i in range(4)]
+    states_8 = [cache[i].state.clone() for i in linear_layers]
+    pointers = [cache[i].state.data_ptr() for i in linear_layers] + [cache[i].key.data_ptr() for i in kv_layers]
+    decode(model, cache, 56)
+    after_64 = [cache.nbytes(i) for i in range(4)]
+    assert after_8 == after_64
+    for i, before in zip(linear_layers, states_8, strict=True):
+        assert not torch.equal(cache[i].state, before), "the recurrent state must keep changing"
+    # Updated in place: same storage before and after (what a CUDA-graph decode step needs).
+    assert pointers == [cache[i].state.data_ptr() for i in linear_layers] + [cache[i].key.data_ptr() for i in kv_layers]
+    # The KV cache is one preallocation of max_len slots; a linear state ignores max_len.
+    kv_bytes = 2 * 2 * 1 * 80 * 16 * 4  # k and v, batch, kv heads, slots, head_dim, float32
+    assert after_64[1] == after_64[3] == kv_bytes
+    longer = model.new_cache(2, 160)
+    assert longer.nbytes(1) == 2 * kv_bytes and longer.nbytes(0) == cache.nbytes(0)
+    with pytest.raises(ValueError, match="exceed the cache's max_len 80"):
+        decode(model, cache, 13)
+
+
+def test_sampling():
+    model = tiny_model("LN", "simple_gla")
+    prompt = torch.randint(0, 64, (3, 4))
+    greedy = model.generate(prompt, 6).sequences
+    # top_k=1 and a tiny top_p keep only the argmax: sampling is then greedy.
+    assert torch.equal(model.generate(prompt, 6, do_sample=True, top_k=1).sequences, greedy)
+    assert torch.equal(model.generate(prompt, 6, do_sample=True, top_p=1e-6).sequences, greedy)
+    gen = torch.Generator().manual_seed(3)
+    out = model.generate(prompt, 6, do_sample=True, temperature=2.0, top_k=5, generator=gen,
+                         output_logits=True)
+    top5 = out.logits.topk(5, dim=-1).indices
+    assert (top5 == out.new_tokens[..., None]).any(-1).all()
+    a = model.generate(prompt, 6, do_sample=True, generator=torch.Generator().manual_seed(7)).sequences
+    b = model.generate(prompt, 6, do_sample=True, generator=torch.Generator().manual_seed(7)).sequences
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prompt, 2, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(prompt, 2, do_sample=True, top_p=1.5)
+
+
+def test_eos_finishes_rows():
+    model = tiny_model("LN", "retention")
+    prompt = torch.randint(0, 64, (2, 3))
+    free = model.generate(prompt, 8).new_tokens
+    eos = int(free[0, 2])  # row 0 emits it at step 2 at the latest
+    out = model.generate(prompt, 8, eos_token_id=eos, pad_token_id=63).new_tokens
+    expected, stops = free.clone(), []
+    for row in range(2):
+        hits = (free[row] == eos).nonzero()
+        stop = int(hits[0]) + 1 if len(hits) else 8
+        expected[row, stop:] = 63
+        stops.append(stop)
+    assert stops[0] <= 3
+    assert out.shape[1] == max(stops)  # stops as soon as every row has finished
+    assert torch.equal(out, expected[:, :max(stops)])
+
+
+def test_generate_input_errors():
+    model = tiny_model("L")
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        model.generate([[1, 2], []], 2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate([[1, 2]], 0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.generate([[1, 2]], 300)

@@ -1,0 +1,135 @@
+"""ModelConfig parsing and MoEForCausalLM's forward: loss, aux loss, tying, input checks."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moekit.models import ModelConfig, MoEForCausalLM, available_configs
+from moekit.models.model import Block
+from moekit.moe import MoE, MoEConfig
+
+
+def small_config(**overrides) -> ModelConfig:
+    values = {"vocab_size": 50, "hidden_size": 32, "layer_pattern": "LNL", "linear_mixer": "gla",
+              "num_heads": 2, "head_dim": 16, "first_k_dense": 1, "dense_ffn_hidden_size": 40,
+              "init_std": 0.1, "moe": {"ffn_hidden_size": 24, "num_experts": 4, "top_k": 2,
+                                       "aux_loss_coef": 0.1, "z_loss_coef": 0.01}}
+    values.update(overrides)
+    return ModelConfig.from_dict(values)
+
+
+def test_config_round_trip_and_moe_hidden_size(tmp_path):
+    config = small_config()
+    assert config.moe.hidden_size == 32 and config.num_layers == 3
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    path = tmp_path / "c.yaml"
+    config.to_yaml(path)
+    assert ModelConfig.from_yaml(path) == config
+    # A directly built MoEConfig of another width follows the model's.
+    direct = ModelConfig(hidden_size=48, moe=MoEConfig(hidden_size=16))
+    assert direct.moe.hidden_size == 48
+    with pytest.raises(ValueError, match=r"moe.hidden_size \(16\) differs from hidden_size \(32\)"):
+        small_config(moe={"hidden_size": 16})
+
+
+def test_config_refuses_bad_values_by_name(tmp_path):
+    with pytest.raises(ValueError, match="unknown key.*'hiden_size'"):
+        small_config(hiden_size=32)
+    with pytest.raises(ValueError, match="MoEConfig: unknown key.*'num_expert'"):
+        small_config(moe={"num_expert": 4})
+    with pytest.raises(ValueError, match="unknown letter.*'X'"):
+        small_config(layer_pattern="LXN")
+    with pytest.raises(ValueError, match="unknown linear_mixer 'gru'"):
+        small_config(linear_mixer="gru")
+    with pytest.raises(ValueError, match="first_k_dense"):
+        small_config(first_k_dense=4)
+    with pytest.raises(ValueError, match="no built-in config 'huge'"):
+        ModelConfig.from_name("huge")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hidden_size: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        ModelConfig.from_yaml(bad)
+
+
+def test_builtin_configs():
+    assert {"tiny", "linear-moe-a0.3b-2b"} <= set(available_configs())
+    tiny = ModelConfig.from_name("tiny")
+    assert (tiny.hidden_size, tiny.layer_pattern, tiny.vocab_size) == (64, "LLLN", 256)
+    assert (tiny.moe.num_experts, tiny.moe.top_k, tiny.moe.num_shared_experts) == (8, 2, 1)
+    paper = ModelConfig.from_name("linear-moe-a0.3b-2b")
+    assert (paper.hidden_size, paper.num_layers, paper.linear_mixer) == (1024, 12, "gla")
+    assert (paper.moe.num_experts, paper.moe.top_k, paper.moe.ffn_hidden_size) == (64, 8, 896)
+    model = MoEForCausalLM(tiny)
+    logits = model(torch.randint(0, 256, (2, 10))).logits
+    assert logits.shape == (2, 10, 256) and torch.isfinite(logits).all()
+
+
+def test_structure_and_parameter_count():
+    config = small_config(tie_word_embeddings=True)
+    model = MoEForCausalLM(config)
+    kinds = [type(b.mixer).__name__ for b in model.layers]
+    assert kinds == ["GLA", "SoftmaxAttention", "GLA"]
+    assert not isinstance(model.layers[0].ffn, MoE)
+    assert len(list(model.moe_layers())) == 2
+    assert model.lm_head.weight is model.embed_tokens.weight
+    by_hand = sum(p.numel() for name, p in model.named_parameters())  # named_parameters dedups
+    assert model.num_parameters() == by_hand
+    untied = MoEForCausalLM(dataclasses.replace(config, tie_word_embeddings=False))
+    assert untied.num_parameters() == model.num_parameters() + 50 * 32
+    assert untied.num_parameters(exclude_embeddings=True) == model.num_parameters(exclude_embeddings=True)
+
+
+def manual_forward(model: MoEForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    """The same network written out block by block, float64."""
+    x = model.embed_tokens(ids)
+    for block in model.layers:
+        assert isinstance(block, Block)
+        h = x + block.mixer(block.mixer_norm(x))
+        x = h + block.ffn(block.ffn_norm(h))
+    rms = model.norm.weight * x / torch.sqrt(x.square().mean(-1, keepdim=True) + model.config.norm_eps)
+    return rms @ model.lm_head.weight.T
+
+
+def test_forward_loss_and_aux_loss():
+    model = MoEForCausalLM(small_config()).double()
+    ids = torch.randint(0, 50, (3, 12))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    out = model(ids, labels=labels)
+    assert out.logits.shape == (3, 12, 50)
+    torch.testing.assert_close(out.logits, manual_forward(model, ids).float(), rtol=1e-5, atol=1e-6)
+    lm = F.cross_entropy(out.logits[:, :-1].reshape(-1, 50).double(), labels[:, 1:].reshape(-1),
+                         ignore_index=-100)
+    torch.testing.assert_close(out.lm_loss.double(), lm, rtol=1e-6, atol=1e-7)
+    aux = sum(layer.aux_loss for layer in model.moe_layers())
+    assert out.aux_loss.item() > 0
+    torch.testing.assert_close(out.aux_loss, aux)
+    torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.layers[0].mixer.q_proj.weight.grad.abs().sum() > 0
+    # Without labels there is no loss, and aux_loss is still reported.
+    plain = model(ids)
+    assert plain.loss is None and plain.lm_loss is None and plain.aux_loss.item() > 0
+
+
+def test_dense_only_model_has_zero_aux_loss():
+    model = MoEForCausalLM(small_config(layer_pattern="NL", first_k_dense=2))
+    assert list(model.moe_layers()) == []
+    out = model(torch.randint(0, 50, (1, 5)), labels=torch.randint(0, 50, (1, 5)))
+    assert out.aux_loss.item() == 0 and torch.equal(out.loss, out.lm_loss)
+
+
+def test_bad_inputs_are_named():
+    model = MoEForCausalLM(small_config())
+    with pytest.raises(ValueError, match="token ids must lie in \\[0, 50\\)"):
+        model(torch.tensor([[1, 50]]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        model(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="labels must match"):
+        model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="attention_mask must match"):
+        model(torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 4))
