@@ -46,8 +46,8 @@ def test_option_errors(qkv):
         la.linear_attn(q, k, v, mode="parallel")
     with pytest.raises(ValueError, match=r"`backend` must be one of"):
         la.linear_attn(q, k, v, backend="cuda")
-    with pytest.raises(RuntimeError, match=r"backend='triton' has no kernel yet"):
-        la.linear_attn(q, k, v, backend="triton")
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run this call: .*float64"):
+        la.linear_attn(q.double(), k.double(), v.double(), backend="triton")
     with pytest.raises(ValueError, match=r"`chunk_size` must be a positive int"):
         la.linear_attn(q, k, v, chunk_size=0)
     with pytest.raises(ValueError, match=r"`scale` must be a number"):

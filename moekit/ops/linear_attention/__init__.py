@@ -25,8 +25,10 @@ Common keyword arguments:
                              each sequence starts from initial_state[i] (or zeros) and
                              final_state is per sequence, [N, H, K, V]
     chunk_size=64            block length of the chunk form
-    backend="auto"           "auto" | "reference" | "triton"; today every op runs its plain
-                             PyTorch reference ("triton" raises until a kernel exists)
+    backend="auto"           "auto" | "reference" | "triton": "auto" runs the fused Triton
+                             kernels (triton_ops.py) on CUDA tensors they support and the plain
+                             PyTorch reference otherwise; "triton" raises a ValueError saying
+                             why when the kernels cannot run the call
 
 Lightning attention and retention are ``simple_gla`` with a fixed per-head decay from
 ``lightning_decay`` / ``retention_decay``. Gates must be finite: for a full reset use a large
@@ -35,6 +37,8 @@ negative log-gate (e.g. -60), not -inf.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -62,6 +66,17 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class _Forms:
+    """An op's implementations: its reference forms and the name of its Triton entry point in
+    ``triton_ops`` (same positional inputs), with the keyword arguments they all take."""
+
+    chunk: Callable
+    recurrent: Callable
+    triton: str
+    kwargs: dict
+
+
+@dataclass(frozen=True)
 class _Call:
     """The keyword arguments every op shares, validated and applied by ``_run``."""
 
@@ -79,7 +94,7 @@ def linear_attn(q, k, v, *, scale=None, initial_state=None, output_final_state=F
     """Causal linear attention without decay: S_t = S_{t-1} + k_t^T v_t."""
     call = _Call("linear_attn", initial_state, output_final_state, mode, cu_seqlens, chunk_size, backend)
     dims = _checks.qkv(call.op, q, k, v)
-    forms = _bind(chunk_simple_gla, recurrent_simple_gla, scale=_scale(call.op, scale, dims))
+    forms = _Forms(chunk_simple_gla, recurrent_simple_gla, "simple_gla", {"scale": _scale(call.op, scale, dims)})
     return _run(call, forms, (q, k, v, None), dims, {"q": q, "k": k, "v": v}, v.dtype)
 
 
@@ -93,7 +108,7 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
     call = _Call("simple_gla", initial_state, output_final_state, mode, cu_seqlens, chunk_size, backend)
     dims = _checks.qkv(call.op, q, k, v)
     _checks.shape(call.op, "g", g, dims[:3], "[B, T, H]")
-    forms = _bind(chunk_simple_gla, recurrent_simple_gla, scale=_scale(call.op, scale, dims))
+    forms = _Forms(chunk_simple_gla, recurrent_simple_gla, "simple_gla", {"scale": _scale(call.op, scale, dims)})
     return _run(call, forms, (q, k, v, g), dims, {"q": q, "k": k, "v": v, "g": g}, v.dtype)
 
 
@@ -106,7 +121,7 @@ def gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False
     call = _Call("gla", initial_state, output_final_state, mode, cu_seqlens, chunk_size, backend)
     dims = _checks.qkv(call.op, q, k, v)
     _checks.shape(call.op, "gk", gk, dims[:4], "[B, T, H, K] (like q)")
-    forms = _bind(chunk_gla, recurrent_gla, scale=_scale(call.op, scale, dims))
+    forms = _Forms(chunk_gla, recurrent_gla, "gla", {"scale": _scale(call.op, scale, dims)})
     return _run(call, forms, (q, k, v, gk), dims, {"q": q, "k": k, "v": v, "gk": gk}, v.dtype)
 
 
@@ -120,8 +135,8 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
     call = _Call("delta_rule", initial_state, output_final_state, mode, cu_seqlens, chunk_size, backend)
     dims = _checks.qkv(call.op, q, k, v)
     _checks.shape(call.op, "beta", beta, dims[:3], "[B, T, H]")
-    forms = _bind(chunk_gated_delta_rule, recurrent_gated_delta_rule, scale=_scale(call.op, scale, dims),
-                  use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel))
+    forms = _Forms(chunk_gated_delta_rule, recurrent_gated_delta_rule, "gated_delta_rule",
+                   {"scale": _scale(call.op, scale, dims), "use_qk_l2norm_in_kernel": bool(use_qk_l2norm_in_kernel)})
     return _run(call, forms, (q, k, v, None, beta), dims, {"q": q, "k": k, "v": v, "beta": beta}, v.dtype)
 
 
@@ -136,8 +151,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     dims = _checks.qkv(call.op, q, k, v)
     _checks.shape(call.op, "g", g, dims[:3], "[B, T, H]")
     _checks.shape(call.op, "beta", beta, dims[:3], "[B, T, H]")
-    forms = _bind(chunk_gated_delta_rule, recurrent_gated_delta_rule, scale=_scale(call.op, scale, dims),
-                  use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel))
+    forms = _Forms(chunk_gated_delta_rule, recurrent_gated_delta_rule, "gated_delta_rule",
+                   {"scale": _scale(call.op, scale, dims), "use_qk_l2norm_in_kernel": bool(use_qk_l2norm_in_kernel)})
     named = {"q": q, "k": k, "v": v, "g": g, "beta": beta}
     return _run(call, forms, (q, k, v, g, beta), dims, named, v.dtype)
 
@@ -174,7 +189,8 @@ def mamba2_ssd(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False, initi
                              f"got {tuple(D.shape)}")
     if dt_bias is not None:
         _checks.shape(op, "dt_bias", dt_bias, (H,), "[H]")
-    forms = _bind(chunk_ssd, recurrent_ssd, A=A, D=D, dt_bias=dt_bias, dt_softplus=bool(dt_softplus))
+    forms = _Forms(chunk_ssd, recurrent_ssd, "ssd", {"A": A, "D": D, "dt_bias": dt_bias,
+                                                     "dt_softplus": bool(dt_softplus)})
     named = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "dt_bias": dt_bias}
     return _run(call, forms, (x, dt, B, C), (batch, T, H, N, P), named, x.dtype)
 
@@ -188,19 +204,34 @@ def _scale(op: str, scale, dims) -> float:
     return float(scale)
 
 
-def _bind(chunk: Callable, recurrent: Callable, **kwargs) -> dict[str, Callable]:
-    return {"chunk": partial(chunk, **kwargs), "recurrent": partial(recurrent, **kwargs)}
+def _triton_ops():
+    """The Triton backend module, imported on first use (importing triton is slow)."""
+    return importlib.import_module("moekit.ops.linear_attention.triton_ops")
 
 
-def _check_backend(op: str, backend: str) -> None:
-    """Every backend is the reference today: "auto" and "reference" run it, "triton" has no
-    kernel yet. A fused kernel goes beside each reference module and is picked here."""
-    if backend == "triton":
-        raise RuntimeError(f"{op}: backend='triton' has no kernel yet for the linear-attention ops; "
-                           "use backend='auto' or 'reference'")
+def _resolve_backend(call: _Call, named: dict[str, torch.Tensor | None], dims) -> str:
+    """"auto" takes Triton for CUDA tensors it supports and the reference otherwise; an explicit
+    "triton" that cannot run this call is an error saying why."""
+    if call.backend == "reference":
+        return "reference"
+    on_cuda = all(t.is_cuda for t in named.values() if t is not None)
+    if call.backend == "auto" and not on_cuda:
+        return "reference"
+    if importlib.util.find_spec("triton") is None:
+        if call.backend == "auto":
+            return "reference"
+        raise ValueError(f"{call.op}: backend='triton' needs the triton package (pip install moekit[kernels])")
+    K, V = dims[3:]
+    reason = _triton_ops().unsupported(call.op, call.mode, named, K, V, call.chunk_size)
+    if reason is None:
+        return "triton"
+    if call.backend == "auto":
+        return "reference"
+    raise ValueError(f"{call.op}: backend='triton' cannot run this call: {reason}; use backend='auto' "
+                     "to fall back to the reference")
 
 
-def _run(call: _Call, forms: dict[str, Callable], per_token: Sequence[torch.Tensor | None], dims,
+def _run(call: _Call, forms: _Forms, per_token: Sequence[torch.Tensor | None], dims,
          named: dict[str, torch.Tensor | None], out_dtype: torch.dtype):
     """Validate the shared options, pick the form, run it (per sequence with cu_seqlens).
 
@@ -214,13 +245,18 @@ def _run(call: _Call, forms: dict[str, Callable], per_token: Sequence[torch.Tens
     num_states, layout = (batch, "[B, H, K, V]") if bounds is None else (len(bounds) - 1, "[N, H, K, V]")
     if call.initial_state is not None:
         _checks.shape(op, "initial_state", call.initial_state, (num_states, H, K, V), layout)
-    _checks.finite(op, {**named, "initial_state": call.initial_state})
-    _check_backend(op, call.backend)
-    fn = forms[call.mode]
-    if call.mode == "chunk":
-        fn = partial(fn, chunk_size=call.chunk_size)
-    if bounds is None:
-        o, state = fn(*per_token, initial_state=call.initial_state)
+    named = {**named, "initial_state": call.initial_state}
+    _checks.finite(op, named)
+    if _resolve_backend(call, named, dims) == "triton":
+        kernel = getattr(_triton_ops(), forms.triton)
+        o, state = kernel(*per_token, **forms.kwargs, initial_state=call.initial_state, bounds=bounds,
+                          mode=call.mode, chunk_size=call.chunk_size)
     else:
-        o, state = run_per_sequence(fn, per_token, bounds, call.initial_state)
+        fn = partial(forms.recurrent, **forms.kwargs)
+        if call.mode == "chunk":
+            fn = partial(forms.chunk, **forms.kwargs, chunk_size=call.chunk_size)
+        if bounds is None:
+            o, state = fn(*per_token, initial_state=call.initial_state)
+        else:
+            o, state = run_per_sequence(fn, per_token, bounds, call.initial_state)
     return o.to(out_dtype), (state if call.output_final_state else None)
