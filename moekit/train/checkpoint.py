@@ -26,9 +26,10 @@ import torch
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
-# Test hook: stall this long (seconds) after the first file of a checkpoint is written, so a
-# test can SIGKILL the process mid-save.
-STALL_ENV = "MOEKIT_TEST_CKPT_STALL"
+# Test hook: when saving the checkpoint of this step, stall after its first file is written so
+# that a test can SIGKILL the process mid-save.
+STALL_ENV = "MOEKIT_TEST_CKPT_STALL_AT"
+STALL_SECONDS = 600
 
 
 class CheckpointError(RuntimeError):
@@ -72,12 +73,12 @@ def save_checkpoint(root: Path, step: int, objects: dict[str, Any], files: dict[
     tmp = root / f".tmp-{step_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    stall = float(os.environ.get(STALL_ENV, "0"))
+    stall = os.environ.get(STALL_ENV) == str(step)
     for i, (name, obj) in enumerate(objects.items()):
         _write_file(tmp / f"{name}.pt", lambda f, obj=obj: torch.save(obj, f))
-        if i == 0 and stall > 0:
+        if i == 0 and stall:
             print(f"checkpoint write stalled at step {step} (test hook)", flush=True)
-            time.sleep(stall)
+            time.sleep(STALL_SECONDS)
     for name, data in files.items():
         _write_file(tmp / name, lambda f, data=data: f.write(data))
     manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}

@@ -82,8 +82,9 @@ class TrainConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict(), "data": dataclasses.asdict(self.data),
-                "train": dataclasses.asdict(self.train)}
+        model = self.model.to_dict()
+        model["moe"].pop("hidden_size", None)  # follows model.hidden_size; keeping it would pin it
+        return {"model": model, "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train)}
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:

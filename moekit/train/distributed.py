@@ -1,0 +1,197 @@
+"""Multi-process training under torchrun: what the training loop calls at its seams.
+
+``start_runtime(config.parallel, device)`` returns a ``LocalRuntime`` in a plain process and a
+``DistributedRuntime`` when torchrun started more than one process. The loop calls the same
+methods either way: ``wrap`` (shard experts over "ep", dense params with FSDP2),
+``local_batch`` (this rank's rows of the global batch), ``mean`` (global means for logging),
+``clip_grad_norm_`` (gradient sync + clipping), ``reduce_load`` (aux-loss-free balancing) and
+the checkpoint pair.
+
+Every rank reads the same global batch stream and keeps its own ``batch_size / world`` rows, so
+a run computes the same function as one process with the same ``train.batch_size`` (the
+Switch/GShard ``aux_loss_coef`` term excepted: it is computed per rank's tokens).
+
+A distributed checkpoint is a normal moekit checkpoint directory (``trainer.pt``,
+``config.yaml``, ``manifest.json``) whose model and optimizer state are a
+torch.distributed.checkpoint (``.metadata`` + ``*.distcp``) of global tensors, so any world
+size, one plain process included, can resume it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moekit.parallel import (
+    ParallelConfig,
+    clip_grad_norm_,
+    init_distributed,
+    load_checkpoint,
+    load_reducer,
+    parallelize,
+    peer_failure_guard,
+    save_checkpoint,
+    sync_grads,
+)
+from moekit.train import checkpoint as ckpt_files
+
+DCP_METADATA = ".metadata"
+
+
+def is_distributed_checkpoint(ckpt: Path) -> bool:
+    return (Path(ckpt) / DCP_METADATA).is_file()
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class LocalRuntime:
+    """One process: every seam does the plain single-device thing."""
+
+    distributed = False
+    rank = 0
+    world_size = 1
+    is_main = True
+    reduce_load: Callable | None = None
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def local_batch(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids
+
+    def mean(self, **values: torch.Tensor) -> dict[str, torch.Tensor]:
+        return values
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def load_state(self, ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Model and optimizer state from a distributed checkpoint (saved at any world size)."""
+        load_checkpoint(str(ckpt), model, optimizer)
+
+    def guard(self):
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        pass
+
+
+class DistributedRuntime(LocalRuntime):
+    """torchrun with WORLD_SIZE > 1: a ("dp", "ep") mesh, expert parallelism, FSDP2."""
+
+    distributed = True
+
+    def __init__(self, config: ParallelConfig, device: torch.device):
+        self.config = config
+        self.pmesh = init_distributed(config, device.type)
+        super().__init__(self.pmesh.device)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.reduce_load = load_reducer(self.pmesh)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return parallelize(model, self.pmesh, self.config, blocks=getattr(model, "layers", ()))
+
+    def local_batch(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[0] % self.world_size:
+            raise ValueError(f"train.batch_size ({ids.shape[0]}) must be divisible by the number of "
+                             f"processes ({self.world_size}): each rank takes an equal share of the batch")
+        return ids.chunk(self.world_size)[self.rank]
+
+    def mean(self, **values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Means over all ranks in one all-reduce (each rank holds an equal share of the batch)."""
+        stacked = torch.stack([v.detach().float() for v in values.values()])
+        dist.all_reduce(stacked, group=self.pmesh.world_group)
+        return dict(zip(values, stacked / self.world_size))
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        sync_grads(model, self.pmesh)
+        return clip_grad_norm_(model, max_norm, self.pmesh)
+
+    def load_state(self, ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        load_checkpoint(str(ckpt), model, optimizer, self.pmesh)
+
+    def save_checkpoint(self, root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        objects: dict[str, Any], files: dict[str, bytes], keep: int) -> Path:
+        """Every rank writes its shards; rank 0 adds ``objects`` / ``files``, the manifest, and
+        moves the directory into place as ``moekit.train.checkpoint.save_checkpoint`` does
+        (a crash leaves ``latest`` on the previous complete checkpoint)."""
+        root = Path(root)
+        final = root / ckpt_files.step_name(step)
+        tmp = root / f".tmp-{ckpt_files.step_name(step)}-dist"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier(group=self.pmesh.world_group)
+        save_checkpoint(str(tmp), model, optimizer, self.pmesh)
+        dist.barrier(group=self.pmesh.world_group)
+        if self.is_main:
+            for name, obj in objects.items():
+                ckpt_files._write_file(tmp / f"{name}.pt", lambda f, obj=obj: torch.save(obj, f))
+            for name, data in files.items():
+                ckpt_files._write_file(tmp / name, lambda f, data=data: f.write(data))
+            manifest = {p.name: {"bytes": p.stat().st_size, "sha256": ckpt_files._sha256(p)}
+                        for p in sorted(tmp.iterdir())}
+            ckpt_files._write_file(tmp / ckpt_files.MANIFEST, lambda f: f.write(
+                json.dumps({"step": step, "files": manifest}, indent=1).encode()))
+            ckpt_files._fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            pointer = root / f".{ckpt_files.LATEST}.tmp"
+            ckpt_files._write_file(pointer, lambda f: f.write(final.name.encode()))
+            os.replace(pointer, root / ckpt_files.LATEST)
+            ckpt_files._fsync_dir(root)
+            ckpt_files._prune(root, keep, final.name)
+        dist.barrier(group=self.pmesh.world_group)
+        return final
+
+    def guard(self):
+        """Turn a dead or stalled peer into a clear ``PeerFailure`` instead of a hang."""
+        return peer_failure_guard(self.config.timeout_s)
+
+    def close(self) -> None:
+        """Leave together: a rank tearing its connections down while a peer still uses them
+        can abort that peer."""
+        if dist.is_initialized():
+            dist.barrier(group=self.pmesh.world_group)
+            dist.destroy_process_group()
+
+
+def start_runtime(config: ParallelConfig, device: torch.device) -> LocalRuntime:
+    """``DistributedRuntime`` when torchrun launched several processes, else ``LocalRuntime``.
+
+    ``parallel.ep`` > 1 in a single process is refused: there is nobody to share experts with."""
+    world = launched_world_size()
+    if world > 1:
+        config.validate(world)
+        return DistributedRuntime(config, device)
+    if config.ep > 1:
+        raise ValueError(f"parallel.ep={config.ep} needs {config.ep} processes or a multiple: launch with "
+                         f"torchrun --nproc-per-node {config.ep} -m moekit train ...")
+    return LocalRuntime(device)
+
+
+class NullMetricsWriter:
+    """What ranks other than 0 write metrics to: nothing (rank 0 logs the global means)."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,133 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from moekit.data import (
+    ByteTokenizer,
+    DataConfig,
+    HFTokenizer,
+    ShuffledBatches,
+    TokenWindows,
+    eval_batches,
+    load_splits,
+    stdlib_corpus,
+)
+from moekit.data.corpus import MIN_CORPUS_BYTES
+from moekit.data.sources import load_tokens
+
+
+def test_embedded_corpus_is_real_deterministic_text_of_the_budget():
+    docs = stdlib_corpus(MIN_CORPUS_BYTES)
+    assert sum(len(d.encode()) for d in docs) <= MIN_CORPUS_BYTES
+    assert sum(len(d.encode()) for d in docs) > 0.99 * MIN_CORPUS_BYTES  # only undecodable bytes lost
+    assert len(docs) > 20 and any("def " in d for d in docs) and any('"""' in d for d in docs)
+    assert stdlib_corpus(MIN_CORPUS_BYTES) == docs
+    with pytest.raises(ValueError, match="corpus_bytes"):
+        stdlib_corpus(1000)
+
+
+def test_byte_tokenizer_round_trips_unicode():
+    tok = ByteTokenizer()
+    text = "déjà vu — naïve ∑ 🙂"
+    ids = tok.encode(text)
+    assert max(ids) < 256 and len(ids) == len(text.encode())
+    assert tok.decode(ids + [tok.eot_id]) == text
+
+
+def test_hf_tokenizer_json(tmp_path, text_file):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(text_file)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"]))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    hf = HFTokenizer(path)
+    assert hf.vocab_size == tok.get_vocab_size() and hf.eot_id == tok.token_to_id("<|endoftext|>")
+    ids = hf.encode("def parse_args(self):")
+    assert len(ids) < len("def parse_args(self):") and hf.decode(ids) == "def parse_args(self):"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        HFTokenizer(bad)
+
+
+def test_jsonl_text_field_and_errors(tmp_path):
+    good = tmp_path / "docs.jsonl"
+    good.write_text(json.dumps({"text": "alpha beta"}) + "\n\n" + json.dumps({"text": "gamma", "id": 3}) + "\n")
+    tokens = load_tokens(str(good), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES)
+    assert tokens.tolist() == list(b"alpha beta") + [256] + list(b"gamma") + [256]
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"missing.jsonl line 2: .*'text'"):
+        load_tokens(str(missing), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "unterminated\n')
+    with pytest.raises(ValueError, match="broken.jsonl line 1: invalid JSON"):
+        load_tokens(str(broken), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_pretokenized_bin_memmap(tmp_path, dtype):
+    ids = np.random.default_rng(0).integers(0, 257, size=1000).astype(dtype)
+    path = tmp_path / "tokens.bin"
+    ids.tofile(path)
+    tokens = load_tokens(str(path), ByteTokenizer(), dtype, MIN_CORPUS_BYTES)
+    assert isinstance(tokens, np.memmap) and np.array_equal(tokens, ids)
+    odd = tmp_path / "odd.bin"
+    odd.write_bytes(b"\x01\x02\x03")
+    with pytest.raises(ValueError, match="odd.bin"):
+        load_tokens(str(odd), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES)
+
+
+def test_out_of_vocab_token_file_names_the_file(tmp_path):
+    path = tmp_path / "big_ids.bin"
+    np.random.default_rng(1).integers(300, 1000, size=200).astype(np.uint16).tofile(path)
+    windows = TokenWindows(load_tokens(str(path), ByteTokenizer(), "uint16", 0), 16, 257, str(path))
+    with pytest.raises(ValueError, match=r"big_ids.bin: token id \d+ >= the model's vocab_size 257"):
+        windows.batch([0])
+
+
+def test_held_out_split_is_disjoint_tail(text_file):
+    tok = ByteTokenizer()
+    splits = load_splits(DataConfig(path=str(text_file), val_fraction=0.1), tok, 32, 257)
+    stream = load_tokens(str(text_file), tok, "uint16", 0)
+    n_train = len(splits.train.tokens)
+    assert np.array_equal(np.concatenate([splits.train.tokens, splits.val.tokens]), stream)
+    assert abs(len(splits.val.tokens) - 0.1 * len(stream)) <= 1
+    assert splits.train.num_windows == n_train // 32
+
+
+def test_batches_cover_each_window_once_per_epoch_and_resume_exactly():
+    tokens = np.random.default_rng(2).integers(0, 257, size=32 * 10 + 5).astype(np.uint16)
+    windows = TokenWindows(tokens, 32, 257, "random ids")
+    loader = ShuffledBatches(windows, batch_size=3, seed=7)
+    seen = torch.cat([loader.next_batch() for _ in range(10)])  # 30 windows = 3 epochs of 10
+    rows = {tuple(r.tolist()) for r in seen[:10]}
+    expected = {tuple(tokens[i * 32 : (i + 1) * 32].tolist()) for i in range(10)}
+    assert rows == expected
+    assert not torch.equal(seen[:10], seen[10:20])  # each epoch is reshuffled
+
+    first = ShuffledBatches(windows, 3, seed=7)
+    for _ in range(4):
+        first.next_batch()
+    state = first.state_dict()
+    resumed = ShuffledBatches(windows, 3, seed=7)
+    resumed.load_state_dict(state)
+    for _ in range(5):
+        assert torch.equal(first.next_batch(), resumed.next_batch())
+    with pytest.raises(ValueError, match="seed"):
+        ShuffledBatches(windows, 3, seed=8).load_state_dict(state)
+
+
+def test_eval_batches_are_fixed_and_too_short_data_is_refused():
+    tokens = np.random.default_rng(3).integers(0, 257, size=200).astype(np.uint16)
+    windows = TokenWindows(tokens, 16, 257, "ids")
+    batches = eval_batches(windows, 4, 2)
+    assert [b.shape for b in batches] == [(4, 16), (4, 16)]
+    assert torch.equal(batches[0][1], torch.from_numpy(tokens[16:32].astype(np.int64)))
+    with pytest.raises(ValueError, match="fewer than one window"):
+        TokenWindows(tokens[:10], 16, 257, "short")
