@@ -1,0 +1,173 @@
+"""Triton linear-attention kernels vs the float64 reference, forward and every gradient.
+
+On the CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET),
+so the shapes are tiny and the inputs float32 (bf16 dots are broken in the interpreter). Head
+dims that are not powers of two, lengths that are not multiples of the chunk, packed sequences
+and initial / final states are all covered. The bf16 GPU check is
+benchmarks/gpu_check_linear_attention.py.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moekit.ops import linear_attention as la
+from moekit.ops.linear_attention import triton_ops
+
+F32_TOL = 1e-5
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make_inputs(op: str, B: int, T: int, H: int, K: int, V: int, n_states: int, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    x = {"q": randn(B, T, H, K), "k": randn(B, T, H, K), "v": randn(B, T, H, V)}
+    if op in ("delta_rule", "gated_delta_rule"):
+        x["k"] = F.normalize(x["k"], dim=-1)
+    if op in ("simple_gla", "gated_delta_rule"):
+        x["g"] = F.logsigmoid(randn(B, T, H) + 2.0)
+    if op == "gla":
+        x["gk"] = F.logsigmoid(randn(B, T, H, K) + 2.0)
+    if op in ("delta_rule", "gated_delta_rule"):
+        x["beta"] = torch.sigmoid(randn(B, T, H))
+    x["initial_state"] = randn(n_states, H, K, V)
+    return x
+
+
+def run(op: str, inputs: dict, *, grads: bool = True, dtype=torch.float32, **kwargs):
+    """(o, final_state, {name: gradient}) with a random cotangent on both outputs."""
+    leaves = {n: t.to(dtype).requires_grad_(grads) for n, t in inputs.items()}
+    args = {n: t for n, t in leaves.items() if n != "initial_state"}
+    o, state = getattr(la, op)(**args, initial_state=leaves["initial_state"], output_final_state=True, **kwargs)
+    if not grads:
+        return o, state, {}
+    gen = torch.Generator().manual_seed(123)
+    do, dstate = torch.randn(o.shape, generator=gen), torch.randn(state.shape, generator=gen)
+    loss = (o * do.to(o.dtype)).sum() + (state * dstate.to(state.dtype)).sum()
+    return o, state, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+def assert_matches(op: str, inputs: dict, grads: bool = True, tol: float = F32_TOL, **kwargs):
+    o, s, d = run(op, inputs, grads=grads, backend="triton", **kwargs)
+    ro, rs, rd = run(op, inputs, grads=grads, dtype=torch.float64, backend="reference", **kwargs)
+    assert o.dtype == torch.float32 and s.dtype == torch.float32
+    assert rel_err(o, ro) < tol, f"{op} output: {rel_err(o, ro):.2e}"
+    assert rel_err(s, rs) < tol, f"{op} final state: {rel_err(s, rs):.2e}"
+    for name in rd:
+        assert d[name] is not None and d[name].dtype == torch.float32, name
+        assert rel_err(d[name], rd[name]) < tol, f"{op} d{name}: {rel_err(d[name], rd[name]):.2e}"
+
+
+CHUNK_OPS = ["simple_gla", "linear_attn", "gated_delta_rule", "delta_rule"]
+# (B, T, H, K, V, chunk_size): ragged last chunks, head dims that are not powers of two, several
+# chunks per sequence
+SHAPES = [(2, 37, 2, 16, 32, 16), (1, 45, 1, 20, 12, 32)]
+
+
+@pytest.mark.parametrize("op", CHUNK_OPS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_chunk_forward_backward(op, shape):
+    B, T, H, K, V, chunk = shape
+    seed = 10 * CHUNK_OPS.index(op) + SHAPES.index(shape)
+    assert_matches(op, make_inputs(op, B, T, H, K, V, B, seed=seed), chunk_size=chunk)
+
+
+@pytest.mark.parametrize("op", ["simple_gla", "gated_delta_rule"])
+def test_packed_sequences(op):
+    bounds = [0, 1, 17, 20, 41]  # a one-token sequence, one shorter than a chunk, ragged ends
+    inputs = make_inputs(op, 1, bounds[-1], 2, 16, 16, len(bounds) - 1, seed=7)
+    assert_matches(op, inputs, cu_seqlens=torch.tensor(bounds), chunk_size=16)
+
+
+def test_mamba2_ssd():
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, G, N, P = 2, 21, 4, 2, 16, 8
+    inputs = {"x": torch.randn(B, T, H, P, generator=gen), "dt": torch.randn(B, T, H, generator=gen),
+              "A": -torch.rand(H, generator=gen) - 0.5, "B": torch.randn(B, T, G, N, generator=gen),
+              "C": torch.randn(B, T, G, N, generator=gen), "D": torch.randn(H, generator=gen),
+              "dt_bias": torch.randn(H, generator=gen), "initial_state": torch.randn(B, H, N, P, generator=gen)}
+    assert_matches("mamba2_ssd", inputs, dt_softplus=True, chunk_size=16)
+
+
+def test_qk_l2norm_in_kernel():
+    inputs = make_inputs("gated_delta_rule", 1, 19, 2, 16, 16, 1, seed=11)
+    assert_matches("gated_delta_rule", inputs, use_qk_l2norm_in_kernel=True, chunk_size=16)
+
+
+def test_steep_gates_stay_finite():
+    """A near-reset gate (-60) inside a chunk: exponents are only formed where causal."""
+    inputs = make_inputs("simple_gla", 1, 20, 1, 16, 16, 1, seed=5)
+    inputs["g"][0, 9] = -60.0
+    assert_matches("simple_gla", inputs, chunk_size=16)
+
+
+@pytest.mark.parametrize("op", CHUNK_OPS + ["gla"])
+@pytest.mark.parametrize("T", [1, 6])
+def test_recurrent_decoding(op, T):
+    """The fused recurrent kernel (forward only), continuing from a state, as in decoding."""
+    inputs = make_inputs(op, 2, T, 2, 16, 24, 2, seed=T)
+    assert_matches(op, inputs, grads=False, mode="recurrent")
+
+
+def test_recurrent_with_gradients_runs_the_chunk_function():
+    inputs = make_inputs("gated_delta_rule", 1, 9, 2, 16, 16, 1, seed=2)
+    assert_matches("gated_delta_rule", inputs, mode="recurrent")
+
+
+def test_every_output_element_is_written(monkeypatch):
+    """Buffers come from torch.empty: fill them with NaN so an unwritten element shows up."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    inputs = make_inputs("gated_delta_rule", 1, 23, 2, 20, 12, 2, seed=9)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    assert_matches("gated_delta_rule", inputs, cu_seqlens=torch.tensor([0, 7, 23]), chunk_size=16)
+
+
+def test_backend_choice(monkeypatch):
+    inputs = make_inputs("simple_gla", 1, 5, 1, 16, 16, 1, seed=1)
+    args = {n: t for n, t in inputs.items() if n != "initial_state"}
+
+    def boom(*a, **k):
+        raise AssertionError("the Triton path was taken")
+
+    monkeypatch.setattr(triton_ops, "_run", boom)
+    la.simple_gla(**args)  # auto: CPU tensors keep the reference
+    with pytest.raises(AssertionError, match="Triton path"):
+        la.simple_gla(**args, backend="triton")
+
+
+@pytest.mark.parametrize("case, match", [
+    (dict(op="simple_gla", dtype=torch.float64), "float64"),
+    (dict(op="gla", mode="chunk"), "gla has no chunked Triton kernel"),
+    (dict(op="simple_gla", chunk_size=48), "chunk_size"),
+    (dict(op="simple_gla", V=300), "head dims"),
+])
+def test_triton_backend_refuses_clearly(case, match):
+    op = case["op"]
+    inputs = make_inputs(op, 1, 4, 1, 16, case.get("V", 16), 1, seed=0)
+    args = {n: t.to(case.get("dtype", torch.float32)) for n, t in inputs.items() if n != "initial_state"}
+    with pytest.raises(ValueError, match=match):
+        getattr(la, op)(**args, backend="triton", mode=case.get("mode", "chunk"), chunk_size=case.get("chunk_size", 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("op", CHUNK_OPS)
+def test_bf16_on_gpu(op):
+    """bf16 inputs vs the float32 reference on the same values (the issue's GPU tolerances)."""
+    inputs = {n: t.cuda().bfloat16() for n, t in make_inputs(op, 2, 300, 4, 64, 64, 2, seed=4).items()}
+    o, s, d = run(op, inputs, dtype=torch.bfloat16, backend="auto")
+    ro, rs, rd = run(op, inputs, dtype=torch.float32, backend="reference")
+    assert rel_err(o, ro) < 5e-3 and rel_err(s, rs) < 5e-3
+    for name in rd:
+        assert rel_err(d[name], rd[name]) < 1e-2, name
