@@ -52,20 +52,24 @@ class ParallelMesh:
         return self.world.size()
 
 
-def comm_backend(config: ParallelConfig) -> str:
+def comm_backend(config: ParallelConfig, device_type: str | None = None) -> str:
+    """The configured backend, else NCCL for CUDA devices and gloo for the CPU."""
     if config.backend != "auto":
         return config.backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return "nccl" if device_type == "cuda" else "gloo"
 
 
-def init_distributed(config: ParallelConfig) -> ParallelMesh:
+def init_distributed(config: ParallelConfig, device_type: str | None = None) -> ParallelMesh:
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, MASTER_PORT, LOCAL_RANK) and build the mesh."""
+    MASTER_ADDR, MASTER_PORT, LOCAL_RANK) and build the mesh. ``device_type`` ("cuda" / "cpu",
+    default: cuda when available) picks the backend; a CUDA rank uses GPU LOCAL_RANK."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise RuntimeError(f"moekit.parallel: environment variable(s) {missing} are not set; "
                            "launch with torchrun --nproc-per-node N")
-    backend = comm_backend(config)
+    backend = comm_backend(config, device_type)
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise RuntimeError("moekit.parallel: backend 'nccl' needs CUDA; use 'gloo' on CPU")

@@ -217,4 +217,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     SCENARIOS[sys.argv[1]](json.loads(sys.argv[2]))
     if dist.is_initialized():
+        dist.barrier()  # leave together (see DistributedRuntime.close)
         dist.destroy_process_group()
