@@ -36,9 +36,9 @@ def cached_info(batch: int, start: int, stop: int, max_len: int) -> SequenceInfo
 
 
 @pytest.mark.parametrize("name", ALL_MIXERS)
-@pytest.mark.parametrize("seq_len,split", [(9, 4), (66, 65)])
-def test_chunk_equals_token_by_token_and_split_prefill(name, seq_len, split):
-    mixer = make(name)
+@pytest.mark.parametrize("seq_len,split,expand_v", [(9, 4, 2), (66, 65, 1)])  # 66 > one 64-token chunk
+def test_chunk_equals_token_by_token_and_split_prefill(name, seq_len, split, expand_v):
+    mixer = make(name, expand_v=expand_v, ssm_state_size=8)
     x = torch.randn(2, seq_len, 24)
     full = mixer(x)
     assert full.shape == x.shape and full.abs().max() > 0

@@ -75,6 +75,20 @@ def test_padded_tensor_with_mask_equals_list_of_prompts():
         model.generate(ids, 2, attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
 
 
+@pytest.mark.parametrize("mixer", ["gla", "mamba2"])
+def test_bfloat16_model_decodes_close_to_float32(mixer):
+    model = tiny_model("LNL", mixer)
+    ids = torch.randint(0, 64, (2, 10))
+    reference = model(ids).logits
+    half = tiny_model("LNL", mixer).to(torch.bfloat16)
+    assert half.layers[0].mixer_norm.weight.dtype == torch.bfloat16
+    assert rel(half(ids).logits, reference) < 2e-2
+    out = half.generate(ids[:, :4], 6, output_logits=True)
+    cache = half.new_cache(1, 4)
+    assert cache[1].key.dtype == torch.bfloat16 and cache[0].state.dtype == torch.float32
+    assert rel(out.logits, half(out.sequences).logits[:, 3:-1]) < 2e-2
+
+
 def decode(model, cache, steps: int) -> None:
     token = torch.randint(0, 64, (cache.batch_size, 1))
     for _ in range(steps):
