@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from moekit.mixers.config import MixerConfig
+from moekit.mixers.mla_config import MLAConfig
 from moekit.mixers.registry import LAYER_LETTERS, check_linear_mixer
 from moekit.moe.config import MoEConfig
 
@@ -22,6 +23,12 @@ class ModelConfig:
     kind ``linear_mixer`` and ``N`` softmax attention. The first ``first_k_dense`` layers use a
     dense FFN of width ``dense_ffn_hidden_size``, the rest an ``MoE`` layer configured by ``moe``
     (whose ``hidden_size`` always equals the model's).
+
+    ``qk_norm_scope`` says what ``qk_norm`` normalises: each head ("head", Qwen3) or the whole
+    projection ("all", OLMoE). ``mla`` (an ``MLAConfig``) makes the ``N`` layers multi-head
+    latent attention (DeepSeek-V2/V3; ``num_heads`` heads, ``head_dim`` unused).
+    ``hf_config`` is the transformers config a converted model came from
+    (``moekit.models.hf``); moekit only reads it to convert back.
     """
 
     vocab_size: int = 256
@@ -35,6 +42,7 @@ class ModelConfig:
     conv_size: int = 4
     ssm_state_size: int = 16
     qk_norm: bool = False
+    qk_norm_scope: str = "head"
     attention_bias: bool = False
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
@@ -44,10 +52,14 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
+    mla: MLAConfig | None = None
+    hf_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
+        if isinstance(self.mla, dict):
+            self.mla = MLAConfig.from_dict(self.mla)
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.dense_ffn_hidden_size is None:
@@ -84,8 +96,8 @@ class ModelConfig:
             hidden_size=self.hidden_size, num_heads=self.num_heads, head_dim=self.head_dim,
             num_kv_heads=self.num_kv_heads, expand_v=self.expand_v, rope_theta=self.rope_theta,
             norm_eps=self.norm_eps, conv_size=self.conv_size, ssm_state_size=self.ssm_state_size,
-            qk_norm=self.qk_norm, attention_bias=self.attention_bias, layer_idx=layer_idx,
-            num_layers=self.num_layers,
+            qk_norm=self.qk_norm, qk_norm_scope=self.qk_norm_scope, attention_bias=self.attention_bias,
+            layer_idx=layer_idx, num_layers=self.num_layers, mla=self.mla,
         )
 
     # --- serialisation ---------------------------------------------------------------------

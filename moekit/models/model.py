@@ -144,6 +144,9 @@ class MoEForCausalLM(nn.Module):
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
             raise ValueError(f"MoEForCausalLM: input_ids must be an integer tensor [B, T], got "
                              f"{input_ids.dtype} of shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"MoEForCausalLM: {input_ids.shape[1]} tokens exceed config.max_seq_len "
+                             f"{self.config.max_seq_len}")
         for name, other in (("labels", labels), ("attention_mask", attention_mask)):
             if other is not None and other.shape != input_ids.shape:
                 raise ValueError(f"MoEForCausalLM: {name} must match input_ids' shape "

@@ -168,3 +168,16 @@ def test_generate_input_errors():
         model.generate([[1, 2]], 0)
     with pytest.raises(ValueError, match="max_seq_len"):
         model.generate([[1, 2]], 300)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_decoding_on_gpu(mixer):
+    model = tiny_model("LLLN", mixer).cuda()
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (5, 2)]
+    out = model.generate(prompts, 6, output_logits=True)
+    full = model(out.sequences, attention_mask=out.attention_mask).logits
+    assert rel(out.logits, full[:, out.prompt_length - 1:-1]) < 1e-4
+    alone = model.generate([prompts[1]], 6)
+    assert torch.equal(out.new_tokens[1], alone.new_tokens[0])

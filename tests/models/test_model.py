@@ -131,5 +131,7 @@ def test_bad_inputs_are_named():
         model(torch.randn(1, 4))
     with pytest.raises(ValueError, match="labels must match"):
         model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="5 tokens exceed config.max_seq_len 4"):
+        MoEForCausalLM(small_config(max_seq_len=4))(torch.tensor([[1, 2, 3, 4, 5]]))
     with pytest.raises(ValueError, match="attention_mask must match"):
         model(torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 4))
