@@ -105,8 +105,16 @@ def _packed(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
 
 
-def _run(q, k, v, *, g=None, gk=None, beta=None, scale: float, initial_state=None, bounds=None, mode: str,
-         chunk_size: int):
+def _run(q, k, v, **kwargs):
+    """Launches on the inputs' device (Triton uses the current CUDA device)."""
+    if not q.is_cuda:
+        return _run_here(q, k, v, **kwargs)
+    with torch.cuda.device(q.device):
+        return _run_here(q, k, v, **kwargs)
+
+
+def _run_here(q, k, v, *, g=None, gk=None, beta=None, scale: float, initial_state=None, bounds=None, mode: str,
+              chunk_size: int):
     B, T, H, _ = q.shape
     bounds = list(range(0, B * T + 1, T)) if bounds is None else bounds
     packed = [_packed(x) for x in (q, k, v, g, gk, beta)]
