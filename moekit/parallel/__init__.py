@@ -6,7 +6,7 @@ FSDP2; ``sync_grads`` reduces what FSDP2 does not; ``load_reducer`` feeds aux-lo
 balancing; ``save_checkpoint`` / ``load_checkpoint`` use torch.distributed.checkpoint.
 """
 
-from moekit.parallel.checkpoint import load_checkpoint, save_checkpoint
+from moekit.parallel.checkpoint import DistributedCheckpointError, load_checkpoint, save_checkpoint
 from moekit.parallel.config import ParallelConfig
 from moekit.parallel.data_parallel import apply_fsdp, clip_grad_norm_, grad_norm, load_reducer, sync_grads
 from moekit.parallel.expert_parallel import (
@@ -23,6 +23,7 @@ from moekit.parallel.parallelize import parallelize
 
 __all__ = [
     "AllToAllDispatcher",
+    "DistributedCheckpointError",
     "ExpertShard",
     "ParallelConfig",
     "ParallelMesh",

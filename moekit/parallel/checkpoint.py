@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -24,6 +25,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moekit.parallel.mesh import ParallelMesh
+
+
+class DistributedCheckpointError(RuntimeError):
+    """A distributed checkpoint that is missing, corrupt, or does not fit the model."""
 
 
 def _expert_shard_names(model: nn.Module) -> set[str]:
@@ -58,6 +63,14 @@ def _states(model: nn.Module, optimizer, pmesh: ParallelMesh | None) -> tuple[di
     return state, names
 
 
+def _describe(error: BaseException) -> str:
+    if isinstance(error, CheckpointException):
+        # failures: rank -> (exception, traceback)
+        return "; ".join(f"rank {rank}: {_describe(failure[0])}" for rank, failure in error.failures.items())
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}"
+
+
 def _to_local(value):
     if isinstance(value, DTensor):
         return value.to_local()
@@ -80,11 +93,14 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     """Load in place into ``model`` (and ``optimizer``) laid out for ``pmesh`` (None: a plain
     single-process model). Returns the ``extra`` values."""
     if not os.path.isfile(os.path.join(path, ".metadata")):
-        raise FileNotFoundError(f"load_checkpoint: {path!r} is not a distributed checkpoint "
-                                "(no .metadata file in that directory)")
+        raise DistributedCheckpointError(f"{path!r} is not a distributed checkpoint (no .metadata file there)")
     state, names = _states(model, optimizer, pmesh)
     state["extra"] = ""
-    dcp.load(state, checkpoint_id=path)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (CheckpointException, Exception) as error:  # CheckpointException is a BaseException
+        raise DistributedCheckpointError(f"distributed checkpoint {path!r} cannot be loaded into this model: "
+                                         f"{_describe(error)}") from error
     set_model_state_dict(model, _map_experts(state["model"], names, _to_local))
     if optimizer is not None:
         optim = state["optim"]
