@@ -151,4 +151,11 @@ class ModelConfig:
 
 
 def available_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    """Names of the built-in model configs (the folder also holds training configs, skipped)."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    names = []
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        values = yaml.safe_load(path.read_text())
+        if isinstance(values, dict) and set(values) <= fields:
+            names.append(path.stem)
+    return names

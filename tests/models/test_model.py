@@ -54,7 +54,10 @@ def test_config_refuses_bad_values_by_name(tmp_path):
 
 
 def test_builtin_configs():
-    assert {"tiny", "linear-moe-a0.3b-2b"} <= set(available_configs())
+    names = available_configs()
+    assert {"tiny", "linear-moe-a0.3b-2b"} <= set(names)
+    for name in names:
+        assert ModelConfig.from_name(name).num_layers > 0
     tiny = ModelConfig.from_name("tiny")
     assert (tiny.hidden_size, tiny.layer_pattern, tiny.vocab_size) == (64, "LLLN", 256)
     assert (tiny.moe.num_experts, tiny.moe.top_k, tiny.moe.num_shared_experts) == (8, 2, 1)
