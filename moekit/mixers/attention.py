@@ -40,8 +40,10 @@ class SoftmaxAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv * d, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv * d, bias=config.attention_bias)
         self.o_proj = nn.Linear(h * d, config.hidden_size, bias=False)
-        self.q_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else None
+        # qk_norm_scope "all" normalises the whole projection (all heads together), as OLMoE does.
+        per_head = config.qk_norm_scope == "head"
+        self.q_norm = RMSNorm(d if per_head else h * d, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(d if per_head else kv * d, config.norm_eps) if config.qk_norm else None
         self.rotary = RotaryEmbedding(d, config.rope_theta)
 
     def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
@@ -55,10 +57,13 @@ class SoftmaxAttention(nn.Module):
         b, t, _ = x.shape
         if info is None:
             info = SequenceInfo.plain(b, t, x.device)
-        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.q_norm is not None and cfg.qk_norm_scope == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and cfg.qk_norm_scope == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q = self.rotary(q, info.positions).transpose(1, 2)
         k = self.rotary(k, info.positions).transpose(1, 2)

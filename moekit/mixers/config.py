@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moekit.mixers.mla_config import MLAConfig
+
+QK_NORM_SCOPES = ("head", "all")
+
 
 @dataclass
 class MixerConfig:
@@ -23,10 +27,12 @@ class MixerConfig:
     norm_eps: float = 1e-6
     conv_size: int = 4  # short causal convolution (DeltaNet, Gated DeltaNet, Mamba2)
     ssm_state_size: int = 16  # Mamba2's N
-    qk_norm: bool = False  # softmax attention: per-head RMSNorm on q and k (Qwen3 style)
+    qk_norm: bool = False  # softmax attention: RMSNorm on q and k (Qwen3 style)
+    qk_norm_scope: str = "head"  # "head": per head (Qwen3); "all": over all heads at once (OLMoE)
     attention_bias: bool = False  # softmax attention: biases on the q/k/v projections
     layer_idx: int = 0
     num_layers: int = 1
+    mla: MLAConfig | None = None  # set: softmax layers use multi-head latent attention (DeepSeek)
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -36,6 +42,8 @@ class MixerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"MixerConfig: {name} must be a positive integer, got {value!r}")
+        if self.qk_norm_scope not in QK_NORM_SCOPES:
+            raise ValueError(f"MixerConfig: unknown qk_norm_scope {self.qk_norm_scope!r}; choose from {QK_NORM_SCOPES}")
         if self.conv_size < 2:
             raise ValueError(f"MixerConfig: conv_size must be >= 2, got {self.conv_size}")
         if self.num_heads % self.num_kv_heads:

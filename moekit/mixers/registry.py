@@ -10,6 +10,7 @@ from moekit.mixers.delta_net import DeltaNet, GatedDeltaNet
 from moekit.mixers.gla import GLA
 from moekit.mixers.linear_attention import LinearAttention
 from moekit.mixers.mamba2 import Mamba2
+from moekit.mixers.mla import MultiHeadLatentAttention
 from moekit.mixers.simple_gla import LightningAttention, Retention, SimpleGLA
 
 LINEAR_MIXERS: dict[str, type[nn.Module]] = {
@@ -32,9 +33,10 @@ def check_linear_mixer(name: str) -> None:
 
 
 def build_mixer(letter: str, linear_mixer: str, config: MixerConfig) -> nn.Module:
-    """The mixer of one layer: ``N`` softmax attention, ``L`` the ``linear_mixer`` kind."""
+    """The mixer of one layer: ``N`` softmax attention (multi-head latent attention when
+    ``config.mla`` is set), ``L`` the ``linear_mixer`` kind."""
     if letter == "N":
-        return SoftmaxAttention(config)
+        return SoftmaxAttention(config) if config.mla is None else MultiHeadLatentAttention(config)
     if letter == "L":
         check_linear_mixer(linear_mixer)
         return LINEAR_MIXERS[linear_mixer](config)
