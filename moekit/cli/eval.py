@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moekit.data import DataConfig, eval_batches, load_splits
-    from moekit.train.config import apply_overrides, check_keys
+    from moekit.train.config import apply_overrides, normalize
     from moekit.train.evaluate import evaluate_loss
     from moekit.train.load import load_trained
     from moekit.train.trainer import compute_dtype, resolve_device
@@ -33,8 +33,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
     device = resolve_device(args.device)
     model, config, tokenizer = load_trained(args.ckpt, device)
-    values = apply_overrides({"data": dataclasses.asdict(config.data)}, args.overrides)
-    check_keys(type(config), values, "")
+    values = normalize(type(config), apply_overrides({"data": dataclasses.asdict(config.data)}, args.overrides), "")
     data = DataConfig(**values["data"])
     t = config.train
     splits = load_splits(data, tokenizer, t.seq_len, config.model.vocab_size)

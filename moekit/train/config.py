@@ -74,7 +74,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        check_keys(cls, values, "")
+        values = normalize(cls, values, "")
         return cls(
             model=ModelConfig.from_dict(values.get("model") or {}),
             data=DataConfig(**(values.get("data") or {})),
@@ -127,26 +127,47 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return out
 
 
-def _dataclass_field(cls: type, name: str):
-    """The dataclass type of field ``name`` of ``cls`` if it is one (``X | None`` included), else None."""
-    hint = typing.get_type_hints(cls)[name]
-    for candidate in (hint, *typing.get_args(hint)):
-        if dataclasses.is_dataclass(candidate):
-            return candidate
-    return None
+def _field_types(hint) -> tuple:
+    """The member types of a field's annotation (``X | None`` -> (X, NoneType))."""
+    return typing.get_args(hint) or (hint,)
 
 
-def check_keys(cls: type, values: Any, prefix: str) -> None:
-    """Refuse keys that are not fields of ``cls`` (recursively), naming them in dotted form."""
+def _coerce(value: Any, types: tuple, where: str) -> Any:
+    """Check a scalar against its field's types; numbers written as strings (YAML reads ``1e-3``
+    as a string) become floats where a float is expected."""
+    if value is None and type(None) in types:
+        return None
+    if float in types and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where} must be a number, got {value!r}") from None
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    simple = [t for t in types if t in (int, float, bool, str)]
+    if simple and not any(type(value) is t for t in simple):
+        names = " or ".join(t.__name__ for t in simple)
+        raise ValueError(f"{where} must be {names}, got {value!r}")
+    return value
+
+
+def normalize(cls: type, values: Any, prefix: str) -> dict[str, Any]:
+    """``values`` checked against the dataclass ``cls`` (recursively): unknown keys are refused
+    by their dotted name, scalars type-checked, numeric strings read as floats."""
     where = prefix.rstrip(".") or "the config"
     if not isinstance(values, dict):
         raise ValueError(f"{where} must be a mapping, got {values!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
     if unknown:
         names = ", ".join(prefix + k for k in unknown)
-        raise ValueError(f"unknown config key {names}; {where} accepts: {', '.join(sorted(known))}")
+        raise ValueError(f"unknown config key {names}; {where} accepts: {', '.join(sorted(hints))}")
+    out = {}
     for name, value in values.items():
-        sub = _dataclass_field(cls, name)
-        if sub is not None and value is not None:
-            check_keys(sub, value, f"{prefix}{name}.")
+        types = _field_types(hints[name])
+        sub = next((t for t in types if dataclasses.is_dataclass(t)), None)
+        if sub is not None and value is not None and not dataclasses.is_dataclass(value):
+            out[name] = normalize(sub, value, f"{prefix}{name}.")
+        else:
+            out[name] = _coerce(value, types, prefix + name)
+    return out

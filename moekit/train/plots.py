@@ -47,7 +47,9 @@ def plot_expert_load(records: list[dict], path: Path) -> None:
     image = np.stack(columns, axis=1)
     sizes = [len(layer) for layer in train[0]["moe"]["tokens_per_expert"]]
     fig, ax = plt.subplots(figsize=(10, max(3.0, 0.12 * image.shape[0] + 1.5)))
-    extent = (train[0]["step"], train[-1]["step"], image.shape[0] - 0.5, -0.5)
+    steps = [r["step"] for r in train]
+    half = (steps[-1] - steps[0]) / max(1, len(steps) - 1) / 2 or 0.5  # each column centred on its step
+    extent = (steps[0] - half, steps[-1] + half, image.shape[0] - 0.5, -0.5)
     shown = ax.imshow(image, aspect="auto", interpolation="nearest", cmap="viridis", extent=extent)
     bounds = np.cumsum([0, *sizes])
     for b in bounds[1:-1]:

@@ -116,8 +116,8 @@ class Trainer:
 
     def restore(self, ckpt: Path) -> None:
         verify_checkpoint(ckpt)
-        saved = read_checkpoint_config(ckpt)
-        diffs = model_config_diff(saved.get("model", {}), self.config.model.to_dict())
+        saved = TrainConfig.from_dict(read_checkpoint_config(ckpt)).to_dict()["model"]
+        diffs = model_config_diff(saved, self.config.to_dict()["model"])
         if diffs:
             raise CheckpointError(f"checkpoint {ckpt} has an incompatible model config: {'; '.join(diffs)}")
         load_model_state(self.model, ckpt)

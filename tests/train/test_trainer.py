@@ -1,0 +1,83 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from moekit.train.checkpoint import CheckpointError, resolve_checkpoint
+from moekit.train.config import TrainConfig
+from moekit.train.trainer import Trainer
+
+
+def train_records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def test_short_run_loss_falls_and_writes_a_complete_run_dir(make_config):
+    values, _ = make_config(steps=30, log_every=5, eval_every=15, ckpt_every=15, warmup_steps=5)
+    trainer = Trainer(TrainConfig.from_dict(values))
+    final = trainer.train()
+    run = trainer.run_dir
+
+    records = train_records(run)
+    assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
+    assert records[-1]["lm_loss"] < records[0]["lm_loss"] - 0.8  # ~5.5 (uniform bytes) falls well below
+    assert final["val_loss"] < 5.0 and final["val_ppl"] == pytest.approx(torch.tensor(final["val_loss"]).exp().item())
+    moe = records[-1]["moe"]
+    assert len(moe["tokens_per_expert"]) == 2 and all(len(load) == 4 for load in moe["tokens_per_expert"])
+    # top-2 of 4 experts, dropless: each MoE layer routes 2 assignments per token of the batch
+    assert sum(moe["tokens_per_expert"][0]) == pytest.approx(2 * 4 * 32)
+    for field in ("router_entropy", "dropped_fraction", "load_cv", "z_loss", "aux_loss"):
+        assert len(moe[field]) == 2 and all(v == v for v in moe[field])
+    assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in records)
+    assert records[0]["aux_loss"] > 0 and records[-1]["loss"] == pytest.approx(
+        records[-1]["lm_loss"] + records[-1]["aux_loss"], rel=1e-5)
+
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000015", "step_00000030"]
+    assert resolve_checkpoint(run).name == "step_00000030"
+    for name in ("loss.png", "expert_load.png"):
+        with Image.open(run / name) as img:
+            img.verify()
+        with Image.open(run / name) as img:
+            assert img.format == "PNG" and img.size[0] > 100 and img.size[1] > 100
+    sample = trainer.sample()
+    assert sample.startswith(trainer.config.train.sample_prompt) and len(sample) > len("def ")
+
+
+def test_stop_and_resume_is_bit_identical_to_one_run(make_config):
+    """N steps, stop, resume for M more == N + M steps in one go: weights, optimizer, schedule,
+    data position, RNG (router jitter) and the aux-loss-free bias buffers are all restored."""
+    common = dict(steps=9, grad_accum=2, ckpt_every=3, log_every=3, eval_every=3)
+    whole_values, _ = make_config("whole", **common)
+    whole = Trainer(TrainConfig.from_dict(whole_values))
+    whole.train()
+
+    split_values, _ = make_config("split", **common)
+    first = Trainer(TrainConfig.from_dict(split_values))
+    first.train(stop_at=5)
+    assert resolve_checkpoint(first.run_dir).name == "step_00000005"
+    resumed = Trainer(TrainConfig.from_dict(split_values), resume=first.run_dir)
+    assert resumed.step == 5
+    resumed.train()
+
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    biases = [k for k in a if k.endswith("expert_bias")]
+    assert biases and all(a[k].abs().sum() > 0 for k in biases)  # the bias updates really ran
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert whole.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
+    assert whole.batches.state_dict() == resumed.batches.state_dict()
+    # metrics after the stop point were rewritten by the resumed run, not duplicated
+    steps = [r["step"] for r in train_records(resumed.run_dir)]
+    assert steps == sorted(set(steps)) and steps[-1] == 9
+
+
+def test_resuming_with_a_different_model_is_refused(make_config):
+    values, _ = make_config(steps=2, ckpt_every=2)
+    trainer = Trainer(TrainConfig.from_dict(values))
+    trainer.train()
+    values["model"]["hidden_size"] = 48
+    with pytest.raises(CheckpointError, match=r"incompatible model config: .*model.hidden_size \(32 in the checkpoint, 48 now\)"):
+        Trainer(TrainConfig.from_dict(values), resume=trainer.run_dir)
