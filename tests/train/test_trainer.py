@@ -79,5 +79,6 @@ def test_resuming_with_a_different_model_is_refused(make_config):
     trainer = Trainer(TrainConfig.from_dict(values))
     trainer.train()
     values["model"]["hidden_size"] = 48
-    with pytest.raises(CheckpointError, match=r"incompatible model config: .*model.hidden_size \(32 in the checkpoint, 48 now\)"):
+    expected = r"incompatible model config: .*model.hidden_size \(32 in the checkpoint, 48 now\)"
+    with pytest.raises(CheckpointError, match=expected):
         Trainer(TrainConfig.from_dict(values), resume=trainer.run_dir)
