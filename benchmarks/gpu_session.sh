@@ -24,10 +24,10 @@ step() {  # name, seconds, command...
 for s in "$@"; do
   case $s in
     env) step env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"' ;;
-    tests) step tests 240 python3 -m pytest -q -x -p no:cacheprovider tests/moe tests/ops tests/quant tests/models ;;
-    check_moe) step check_moe 200 python3 benchmarks/gpu_check_moe.py ;;
-    check_la) step check_la 200 python3 benchmarks/gpu_check_linear_attention.py ;;
-    quant) step quant 120 python3 benchmarks/quant.py ;;
+    tests) step tests 130 python3 -m pytest -q -x -p no:cacheprovider tests/moe tests/ops tests/quant tests/models ;;
+    check_moe) step check_moe 150 python3 benchmarks/gpu_check_moe.py ;;
+    check_la) step check_la 150 python3 benchmarks/gpu_check_linear_attention.py ;;
+    quant) step quant 100 python3 benchmarks/quant.py ;;
     bench_moe) step bench_moe 360 python3 benchmarks/moe_layer.py ;;
     bench_la) step bench_la 300 python3 benchmarks/linear_attention.py ;;
     bench_ep) step bench_ep 240 torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py ;;
