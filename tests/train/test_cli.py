@@ -1,0 +1,98 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+import moekit
+from moekit.cli import main
+
+REPO_ROOT = Path(moekit.__file__).resolve().parents[1]
+
+
+def one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith(f"moekit {command}: error: "), err
+    return err
+
+
+@pytest.fixture
+def trained_run(make_config, capsys):
+    values, path = make_config("trained", steps=4, ckpt_every=4, log_every=2, eval_every=4)
+    assert main(["train", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "held-out loss" in out and "def " in out  # header, result, sample
+    return Path(values["train"]["out_dir"]), path
+
+
+def test_train_eval_generate_plot_commands(trained_run, text_file, capsys):
+    run, _ = trained_run
+    assert main(["eval", "--ckpt", str(run), "--batches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("held-out loss ") and "perplexity" in out and "held-out part" in out
+    assert main(["eval", "--ckpt", str(run), f"data.val_path={text_file}", "--batches", "1"]) == 0
+    assert f"of {text_file}" in capsys.readouterr().out
+
+    assert main(["generate", "--ckpt", str(run), "class Parser", "--max-new-tokens", "12", "--seed", "1"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("class Parser") and len(first) > len("class Parser\n")
+    assert main(["generate", "--ckpt", str(run), "class Parser", "--max-new-tokens", "12", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == first  # seeded sampling is reproducible
+
+    (run / "loss.png").unlink()
+    assert main(["plot", str(run)]) == 0
+    assert capsys.readouterr().out.split() == [str(run / "loss.png"), str(run / "expert_load.png")]
+    with Image.open(run / "loss.png") as img:
+        assert img.size[0] > 0 and img.size[1] > 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.lrr=1"], "unknown config key train.lrr"),
+    (["model.moe.num_expert=4"], "unknown config key model.moe.num_expert"),
+    (["data.path=/no/such/corpus.txt"], "data file not found: /no/such/corpus.txt"),
+])
+def test_bad_config_and_data_give_one_line_errors(make_config, capsys, overrides, message):
+    _, path = make_config()
+    assert main(["train", "--config", str(path), *overrides]) == 2
+    assert message in one_line_error(capsys, "train")
+
+
+def test_empty_corpus(make_config, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _, path = make_config()
+    assert main(["train", "--config", str(path), f"data.path={empty}"]) == 2
+    assert f"data file {empty} holds no text (empty corpus)" in one_line_error(capsys, "train")
+
+
+def test_incompatible_and_corrupt_checkpoints(trained_run, tmp_path, capsys):
+    run, path = trained_run
+    other = yaml.safe_load(path.read_text())
+    other["model"]["moe"]["num_experts"] = 8
+    other_path = tmp_path / "other.yaml"
+    other_path.write_text(yaml.safe_dump(other))
+    assert main(["train", "--config", str(other_path), "--resume-from", str(run)]) == 2
+    err = one_line_error(capsys, "train")
+    assert "incompatible model config" in err and "model.moe.num_experts (4 in the checkpoint, 8 now)" in err
+
+    model_file = run / "checkpoints" / "step_00000004" / "model.pt"
+    data = bytearray(model_file.read_bytes())
+    data[-100] ^= 0x55
+    model_file.write_bytes(bytes(data))
+    assert main(["generate", "--ckpt", str(run), "x"]) == 2
+    assert f"checkpoint file {model_file} is corrupt" in one_line_error(capsys, "generate")
+    assert main(["eval", "--ckpt", str(tmp_path / "missing_run")]) == 2
+    assert "checkpoint not found" in one_line_error(capsys, "eval")
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "no metrics file" in one_line_error(capsys, "plot")
+
+
+def test_real_process_exit_status_and_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "moekit.cli", "train", "model.moe.top_k=99"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "top_k (99) must be <= num_experts" in proc.stderr
