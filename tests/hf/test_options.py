@@ -1,0 +1,70 @@
+"""The model options added for these architectures: MLA and qk_norm_scope in ModelConfig."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.mixers.mla import LatentCache, MultiHeadLatentAttention
+from moekit.mixers.mla_config import MLAConfig
+from moekit.models.config import ModelConfig
+from moekit.models.model import MoEForCausalLM
+
+MLA = {"kv_lora_rank": 8, "qk_nope_head_dim": 6, "qk_rope_head_dim": 4, "v_head_dim": 5, "q_lora_rank": 12}
+
+
+def mla_model() -> MoEForCausalLM:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=40, hidden_size=16, layer_pattern="NN", num_heads=2, head_dim=10, mla=MLA,
+                         first_k_dense=1, dense_ffn_hidden_size=24,
+                         moe={"ffn_hidden_size": 8, "num_experts": 4, "top_k": 2})
+    return MoEForCausalLM(config).eval()
+
+
+def test_mla_config_round_trips_through_yaml(tmp_path):
+    model = mla_model()
+    assert isinstance(model.layers[0].mixer, MultiHeadLatentAttention)
+    model.config.to_yaml(tmp_path / "m.yaml")
+    again = ModelConfig.from_yaml(tmp_path / "m.yaml")
+    assert again == model.config and again.mla == MLAConfig(**MLA)
+
+
+def test_mla_config_refuses_bad_keys_and_shapes():
+    with pytest.raises(ValueError, match=r"MLAConfig: unknown key\(s\) \['kv_rank'\]"):
+        ModelConfig(layer_pattern="N", mla={"kv_rank": 8})
+    with pytest.raises(ValueError, match="qk_rope_head_dim must be even"):
+        MLAConfig(qk_rope_head_dim=5)
+    with pytest.raises(ValueError, match="unknown qk_norm_scope 'rows'"):
+        ModelConfig(layer_pattern="N", qk_norm=True, qk_norm_scope="rows")
+
+
+def test_mla_decoding_matches_full_forward():
+    """Token-by-token decoding through the latent cache gives the full forward's logits."""
+    model = mla_model()
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2, 9)
+        steps = [model(ids[:, :4], cache=cache).logits]
+        steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(4, 9)]
+    assert float((torch.cat(steps, 1) - full).norm() / full.norm()) < 1e-5
+    entry = cache[0]
+    assert isinstance(entry, LatentCache)
+    # The cache holds the latent and the shared rotary key, not per-head keys and values.
+    assert entry.nbytes == 2 * 9 * (8 + 4) * 4
+
+
+def test_qk_norm_scope_all_normalises_across_heads():
+    """scope "all" (OLMoE) normalises each token's whole q / k projection: one RMS for all heads."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=40, hidden_size=16, layer_pattern="N", num_heads=2, num_kv_heads=1,
+                         head_dim=8, qk_norm=True, qk_norm_scope="all", moe={"ffn_hidden_size": 8, "num_experts": 2,
+                                                                            "top_k": 1})
+    attn = MoEForCausalLM(config).layers[0].mixer
+    assert attn.q_norm.weight.shape == (16,) and attn.k_norm.weight.shape == (8,)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        q = attn.q_norm(attn.q_proj(x))
+        flat = attn.q_proj(x)
+        expected = flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + config.norm_eps) * attn.q_norm.weight
+    assert torch.allclose(q, expected, atol=1e-6)
