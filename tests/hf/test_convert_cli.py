@@ -1,0 +1,54 @@
+"""``moekit convert``: a transformers folder to moekit and back, through the subcommand's run()."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+import transformers
+from hf_tiny import VOCAB, tiny_hf_model
+
+from moekit.cli import convert
+from moekit.models.model import MoEForCausalLM
+
+
+def run(src, dst, dtype=None):
+    return convert.run(argparse.Namespace(src=src, dst=dst, dtype=dtype))
+
+
+def test_hf_to_moekit_and_back(tmp_path, capsys):
+    hf = tiny_hf_model("deepseek_v3-qlora-g2", seed=7)
+    hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text('{"fake": true}')
+    assert run(tmp_path / "hf", tmp_path / "moekit") == 0
+    assert "deepseek_v3 -> moekit" in capsys.readouterr().out
+    assert (tmp_path / "moekit" / "tokenizer.json").is_file()
+    ours = MoEForCausalLM.from_pretrained(tmp_path / "moekit")
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert float((ours(ids).logits - ref).norm() / ref.norm()) < 1e-4
+
+    assert run(tmp_path / "moekit", tmp_path / "back") == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_dtype_option(tmp_path):
+    tiny_hf_model("mixtral-e4k2").save_pretrained(tmp_path / "hf")
+    run(tmp_path / "hf", tmp_path / "bf16", dtype="bfloat16")
+    assert MoEForCausalLM.from_pretrained(tmp_path / "bf16").embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_refusals(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("taken")
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        run(tmp_path, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        run(tmp_path, tmp_path / "new")
+    (tmp_path / "config.json").write_text('{"hidden_size": 3}')
+    with pytest.raises(ValueError, match="neither a transformers config"):
+        run(tmp_path, tmp_path / "new")
