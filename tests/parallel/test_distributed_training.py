@@ -50,6 +50,10 @@ def test_loss_decreases_in_reference_run(single):
 def test_expert_parallel_fsdp_matches_single_process(single, ep2_run):
     rank0, rank1, _ = ep2_run
     assert_close_curves(rank0["losses"], single["losses"])
+    # The global gradient norm (FSDP shards + expert shards) is the single process's, and
+    # mostly above the clipping threshold (0.5), so clipping acted.
+    assert_close_curves(rank0["grad_norms"], single["grad_norms"])
+    assert sum(n > 0.5 for n in single["grad_norms"]) >= STEPS // 2
     # Aux-loss-free balancing: both ranks applied the same bias steps as the single process.
     assert rank0["bias"] == rank1["bias"]
     flat = [b for layer in single["bias"] for b in layer]
@@ -62,6 +66,7 @@ def test_data_parallel_replicated_matches_single_process(single, launch, tmp_pat
     out = str(tmp_path / "dp2")
     launch("train", 2, {"out": out, "steps": STEPS, "parallel": {"ep": 1, "fsdp": False}})
     assert_close_curves(read(out)["losses"], single["losses"])
+    assert_close_curves(read(out)["grad_norms"], single["grad_norms"])
 
 
 def test_checkpoint_from_two_processes_resumes_in_one(single, ep2_run, launch, tmp_path):
