@@ -8,7 +8,14 @@ balancing; ``save_checkpoint`` / ``load_checkpoint`` use torch.distributed.check
 
 from moekit.parallel.checkpoint import DistributedCheckpointError, load_checkpoint, save_checkpoint
 from moekit.parallel.config import ParallelConfig
-from moekit.parallel.data_parallel import apply_fsdp, clip_grad_norm_, grad_norm, load_reducer, sync_grads
+from moekit.parallel.data_parallel import (
+    apply_fsdp,
+    avoid_mixed_multi_tensor_steps,
+    clip_grad_norm_,
+    grad_norm,
+    load_reducer,
+    sync_grads,
+)
 from moekit.parallel.expert_parallel import (
     AllToAllDispatcher,
     ExpertShard,
@@ -29,6 +36,7 @@ __all__ = [
     "ParallelMesh",
     "PeerFailure",
     "apply_fsdp",
+    "avoid_mixed_multi_tensor_steps",
     "build_mesh",
     "clip_grad_norm_",
     "expert_parameters",

@@ -65,6 +65,17 @@ def _all_reduce_mean(grads: list[torch.Tensor], group: dist.ProcessGroup, diviso
         g.copy_(chunk.view_as(g))
 
 
+def avoid_mixed_multi_tensor_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Make the optimizer step one tensor at a time in param groups that mix FSDP's DTensors with
+    plain tensors (the expert shards): foreach / fused kernels refuse such mixed lists."""
+    for group in optimizer.param_groups:
+        kinds = {_is_sharded(p) for p in group["params"]}
+        if len(kinds) > 1:
+            for option in ("foreach", "fused"):
+                if option in group:
+                    group[option] = False
+
+
 def grad_norm(model: nn.Module, pmesh: ParallelMesh) -> torch.Tensor:
     """The 2-norm of the full model's gradient, identical on every rank.
 

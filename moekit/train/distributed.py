@@ -33,6 +33,7 @@ from torch import nn
 
 from moekit.parallel import (
     ParallelConfig,
+    avoid_mixed_multi_tensor_steps,
     clip_grad_norm_,
     init_distributed,
     load_checkpoint,
@@ -79,6 +80,9 @@ class LocalRuntime:
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
+
     def load_state(self, ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Model and optimizer state from a distributed checkpoint (saved at any world size)."""
         load_checkpoint(str(ckpt), model, optimizer)
@@ -122,6 +126,10 @@ class DistributedRuntime(LocalRuntime):
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         sync_grads(model, self.pmesh)
         return clip_grad_norm_(model, max_norm, self.pmesh)
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        avoid_mixed_multi_tensor_steps(optimizer)
+        return optimizer
 
     def load_state(self, ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         load_checkpoint(str(ckpt), model, optimizer, self.pmesh)

@@ -20,6 +20,7 @@ from moekit import MoE, MoEConfig
 from moekit.moe import update_expert_biases
 from moekit.parallel import (
     ParallelConfig,
+    avoid_mixed_multi_tensor_steps,
     clip_grad_norm_,
     init_distributed,
     load_checkpoint,
@@ -172,7 +173,10 @@ def train_scenario(args: dict) -> None:
     model = TinyLM(VOCAB, MoEConfig(**TRAIN_MOE))
     if pmesh is not None:
         parallelize(model, pmesh, pconfig, blocks=model.layers)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    # foreach=True as on a GPU: its multi-tensor kernels refuse FSDP's DTensors mixed with expert shards.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, foreach=True)
+    if pmesh is not None:
+        avoid_mixed_multi_tensor_steps(opt)
     first = 0
     if "resume" in args:
         first = load_checkpoint(args["resume"], model, opt, pmesh)["step"]
