@@ -50,21 +50,19 @@ def _fla(module: str, name: str):
     return getattr(__import__(module, fromlist=[name]), name)
 
 
-# op -> (its input names, moekit call or None when moekit has no Triton kernel for it, fla call)
+# op -> (its input names, moekit call, fla call)
 OPS = {
     "simple_gla": (("q", "k", "v", "g"), lambda **x: la.simple_gla(**x, backend="triton")[0],
                    lambda **x: _fla("fla.ops.simple_gla", "chunk_simple_gla")(**x)[0]),
     "gated_delta_rule": (("q", "k", "v", "g", "beta"), lambda **x: la.gated_delta_rule(**x, backend="triton")[0],
                          lambda **x: _fla("fla.ops.gated_delta_rule", "chunk_gated_delta_rule")(**x)[0]),
-    "gla": (("q", "k", "v", "gk"), None,
+    "gla": (("q", "k", "v", "gk"), lambda **x: la.gla(**x, backend="triton")[0],
             lambda q, k, v, gk: _fla("fla.ops.gla", "chunk_gla")(q, k, v, gk)[0]),
 }
 
 
 def time_call(call, inputs: dict[str, torch.Tensor]) -> tuple[str, str]:
     """(forward ms, forward+backward ms) as strings, or the reason it did not run."""
-    if call is None:
-        return "n/a", "n/a"
     leaves = {n: t.detach().requires_grad_() for n, t in inputs.items()}
     try:
         with torch.no_grad():

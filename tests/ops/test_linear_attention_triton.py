@@ -64,7 +64,7 @@ def assert_matches(op: str, inputs: dict, grads: bool = True, tol: float = F32_T
         assert rel_err(d[name], rd[name]) < tol, f"{op} d{name}: {rel_err(d[name], rd[name]):.2e}"
 
 
-CHUNK_OPS = ["simple_gla", "linear_attn", "gated_delta_rule", "delta_rule"]
+CHUNK_OPS = ["simple_gla", "linear_attn", "gated_delta_rule", "delta_rule", "gla"]
 # (B, T, H, K, V, chunk_size): ragged last chunks, head dims that are not powers of two, several
 # chunks per sequence
 SHAPES = [(2, 37, 2, 16, 32, 16), (1, 45, 1, 20, 12, 32)]
@@ -78,7 +78,7 @@ def test_chunk_forward_backward(op, shape):
     assert_matches(op, make_inputs(op, B, T, H, K, V, B, seed=seed), chunk_size=chunk)
 
 
-@pytest.mark.parametrize("op", ["simple_gla", "gated_delta_rule"])
+@pytest.mark.parametrize("op", ["simple_gla", "gated_delta_rule", "gla"])
 def test_packed_sequences(op):
     bounds = [0, 1, 17, 20, 41]  # a one-token sequence, one shorter than a chunk, ragged ends
     inputs = make_inputs(op, 1, bounds[-1], 2, 16, 16, len(bounds) - 1, seed=7)
@@ -100,14 +100,16 @@ def test_qk_l2norm_in_kernel():
     assert_matches("gated_delta_rule", inputs, use_qk_l2norm_in_kernel=True, chunk_size=16)
 
 
-def test_steep_gates_stay_finite():
-    """A near-reset gate (-60) inside a chunk: exponents are only formed where causal."""
-    inputs = make_inputs("simple_gla", 1, 20, 1, 16, 16, 1, seed=5)
-    inputs["g"][0, 9] = -60.0
-    assert_matches("simple_gla", inputs, chunk_size=16)
+@pytest.mark.parametrize("op, gate", [("simple_gla", "g"), ("gla", "gk")])
+def test_steep_gates_stay_finite(op, gate):
+    """A near-reset gate (-60) inside a chunk: exponents are only formed where causal, as
+    differences of cumulative gates."""
+    inputs = make_inputs(op, 1, 20, 1, 16, 16, 1, seed=5)
+    inputs[gate][0, 9] = -60.0
+    assert_matches(op, inputs, chunk_size=16)
 
 
-@pytest.mark.parametrize("op", CHUNK_OPS + ["gla"])
+@pytest.mark.parametrize("op", CHUNK_OPS)
 @pytest.mark.parametrize("T", [1, 6])
 def test_recurrent_decoding(op, T):
     """The fused recurrent kernel (forward only), continuing from a state, as in decoding."""
@@ -148,7 +150,6 @@ def test_backend_choice(monkeypatch):
 
 @pytest.mark.parametrize("case, match", [
     (dict(op="simple_gla", dtype=torch.float64), "float64"),
-    (dict(op="gla", mode="chunk"), "gla has no chunked Triton kernel"),
     (dict(op="simple_gla", chunk_size=48), "chunk_size"),
     (dict(op="simple_gla", V=300), "head dims"),
 ])

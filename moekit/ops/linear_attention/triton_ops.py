@@ -1,10 +1,8 @@
 """Triton backend of the linear-attention ops: autograd Functions and the entry points that
 ``__init__`` dispatches to.
 
-Built: simple GLA (so linear attention, lightning attention, retention and Mamba2's SSD) and
-the (gated) delta rule, chunked forward + backward; a fused recurrent forward for every op,
-GLA included. The chunked GLA (per-key gate) is not built: ``unsupported`` says so and
-``backend="auto"`` keeps the reference for it.
+Built: simple GLA (so linear attention, lightning attention, retention and Mamba2's SSD), the
+(gated) delta rule and GLA, chunked forward + backward; a fused recurrent forward for every op.
 
 Inputs are [B, T, H, D] (or B == 1 packed with ``bounds``); they are viewed as [tokens, H, D]
 with B sequences of length T when there are no bounds. The recurrent form is forward-only: when
@@ -20,6 +18,7 @@ import torch
 from moekit.ops.linear_attention import triton_chunk as kc
 from moekit.ops.linear_attention._common import l2norm
 from moekit.ops.linear_attention.mamba2 import _with_skip, as_simple_gla
+from moekit.ops.linear_attention.triton_gla import ChunkGLA
 from moekit.ops.linear_attention.triton_layout import (
     CHUNK_SIZES,
     MAX_HEAD_DIM,
@@ -79,10 +78,6 @@ class ChunkScalarGate(torch.autograd.Function):
 def unsupported(op: str, mode: str, tensors: dict[str, torch.Tensor | None], K: int, V: int,
                 chunk_size: int) -> str | None:
     """Why the Triton backend cannot run this call, or None when it can."""
-    if op == "gla" and mode == "chunk":
-        return "gla has no chunked Triton kernel yet (its fused recurrent kernel is forward-only)"
-    if op == "gla" and _needs_grad(tensors):
-        return "gla's fused recurrent Triton kernel is forward-only (decoding); gradients need the reference"
     present = [t for t in tensors.values() if t is not None]
     if not all(t.is_cuda for t in present) and os.environ.get("TRITON_INTERPRET") != "1":
         return "the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"
@@ -120,14 +115,17 @@ def _run_here(q, k, v, *, g=None, gk=None, beta=None, scale: float, initial_stat
     packed = [_packed(x) for x in (q, k, v, g, gk, beta)]
     h0 = None if initial_state is None else initial_state.float().contiguous()
     inputs = dict(zip(("q", "k", "v", "g", "gk", "beta", "h0"), (q, k, v, g, gk, beta, initial_state)))
-    if mode == "recurrent" and not (gk is None and _needs_grad(inputs)):
+    if mode == "recurrent" and not _needs_grad(inputs):
         pq, pk, pv, pg, pgk, pbeta = packed
         chunks = chunk_tables(bounds, 1, q.device)
         o, ht = recurrent_fwd(pq, pk, pv, chunks, scale=scale, g=pg, gk=pgk, beta=pbeta, h0=h0)
     else:
-        pq, pk, pv, pg, _, pbeta = packed
+        pq, pk, pv, pg, pgk, pbeta = packed
         chunks: Chunks = chunk_tables(bounds, chunk_size if mode == "chunk" else 64, q.device)
-        o, ht = ChunkScalarGate.apply(pq, pk, pv, pg, pbeta, h0, scale, chunks, True)
+        if pgk is not None:
+            o, ht = ChunkGLA.apply(pq, pk, pv, pgk, h0, scale, chunks)
+        else:
+            o, ht = ChunkScalarGate.apply(pq, pk, pv, pg, pbeta, h0, scale, chunks, True)
     return o.reshape(*v.shape[:2], H, v.shape[-1]), ht
 
 
@@ -137,8 +135,7 @@ def simple_gla(q, k, v, g, *, scale: float, initial_state=None, bounds=None, mod
                 chunk_size=chunk_size)
 
 
-def gla(q, k, v, gk, *, scale: float, initial_state=None, bounds=None, mode="recurrent", chunk_size=64):
-    """Fused recurrent forward only (see ``unsupported``)."""
+def gla(q, k, v, gk, *, scale: float, initial_state=None, bounds=None, mode="chunk", chunk_size=64):
     return _run(q, k, v, gk=gk, scale=scale, initial_state=initial_state, bounds=bounds, mode=mode,
                 chunk_size=chunk_size)
 

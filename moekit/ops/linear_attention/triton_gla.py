@@ -1,0 +1,272 @@
+"""Chunked Triton kernels for GLA (a log-decay per key channel), forward and backward.
+
+gc [tokens, H, K] is the chunk-local cumulative gate. Per chunk, with S_n the state entering it:
+    scores   A_ij = sum_k q_ik k_jk e^{gc_ik - gc_jk}  (j <= i), built one key position j at a
+             time so each exponent is a difference of cumulative gates (never e^{+|gc|}: steep
+             gates cannot overflow); stored [tokens, H, BT] in float32 so A^T is a plain load
+    state    S_{n+1} = diag(e^{gc_L}) S_n + (k e^{gc_L - gc})^T v
+    output   o = scale ((q e^{gc}) S_n + A v)
+The backward mirrors it; the gate gradient per channel is q.dq - k.dk plus the chunk-end term,
+reverse-summed over the chunk. Same layout, masking and no-transpose rules as ``triton_chunk``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moekit.ops.linear_attention.triton_chunk import NUM_WARPS, _load_cols, _load_rows
+from moekit.ops.linear_attention.triton_layout import Chunks, block, chunk_cumsum, padded
+
+
+@triton.jit
+def _scores_kernel(q, k, gc, A, start, end,
+                   H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
+    rt = tl.arange(0, BT)
+    t = t0 + rt
+    mt = t < t1
+    b_a = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        mk = rk < K
+        b_q = _load_rows(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
+        b_g = _load_rows(gc + i_h * K, t, mt, rk, mk, H * K)
+        for j in range(0, tl.minimum(BT, t1 - t0)):
+            row = (t0 + j) * H * K + i_h * K + rk
+            b_kj = tl.load(k + row, mask=mk, other=0.0).to(tl.float32)
+            b_gj = tl.load(gc + row, mask=mk, other=0.0)
+            keep = (rt >= j)[:, None] & mt[:, None]
+            col = tl.sum(tl.where(keep, b_q * b_kj[None, :] * tl.exp(tl.where(keep, b_g - b_gj[None, :], 0.0)),
+                                  0.0), axis=1)
+            b_a += tl.where(rt[None, :] == j, col[:, None], 0.0)
+    tl.store(A + (t[:, None] * H + i_h) * BT + rt[None, :], b_a, mask=mt[:, None])
+
+
+@triton.jit
+def _state_fwd_kernel(k, v, gc, h, h0, ht, cu, first,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
+    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
+    c0 = tl.load(first + i_n).to(tl.int64)
+    rt, rk = tl.arange(0, BT), tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    mk, mv = rk < K, rv < V
+    state = rk[:, None] * V + rv[None, :]
+    m_state = mk[:, None] & mv[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        b_h += tl.load(h0 + (i_n * H + i_h) * K * V + state, mask=m_state, other=0.0)
+    for c in range(tl.cdiv(eos - bos, BT)):
+        tl.store(h + ((c0 + c) * H + i_h) * K * V + state, b_h.to(h.dtype.element_ty), mask=m_state)
+        t = bos + c * BT + rt
+        mt = t < eos
+        last = tl.minimum(bos + c * BT + BT, eos) - 1
+        g_last = tl.load(gc + (last * H + i_h) * K + rk, mask=mk, other=0.0)
+        b_gt = _load_cols(gc + i_h * K, t, mt, rk, mk, H * K)
+        b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
+        b_kt = b_kt * tl.where(mt[None, :], tl.exp(g_last[:, None] - b_gt), 0.0)
+        b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V)
+        b_h = b_h * tl.exp(g_last)[:, None] + tl.dot(b_kt.to(b_v.dtype), b_v)
+    if STORE_HT:
+        tl.store(ht + (i_n * H + i_h) * K * V + state, b_h, mask=m_state)
+
+
+@triton.jit
+def _output_kernel(q, v, gc, h, A, o, start, end, scale,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr):
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
+    rt = tl.arange(0, BT)
+    t = t0 + rt
+    mt = t < t1
+    rv = i_v * BV + tl.arange(0, BV)
+    mv = rv < V
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        mk = rk < K
+        b_q = _load_rows(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
+        b_q = b_q * tl.exp(_load_rows(gc + i_h * K, t, mt, rk, mk, H * K))
+        b_h = tl.load(h + ((i_c.to(tl.int64) * H + i_h) * K + rk[:, None]) * V + rv[None, :],
+                      mask=mk[:, None] & mv[None, :], other=0.0)
+        b_o += tl.dot(b_q.to(b_h.dtype), b_h)
+    b_a = tl.load(A + (t[:, None] * H + i_h) * BT + rt[None, :], mask=mt[:, None], other=0.0)
+    b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V)
+    b_o = (b_o + tl.dot(b_a.to(b_v.dtype), b_v)) * scale
+    tl.store(o + (t[:, None] * H + i_h) * V + rv[None, :], b_o.to(o.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+
+
+@triton.jit
+def _dv_kernel(k, gc, A, do, dh, dv, start, end, scale,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+               BV: tl.constexpr):
+    """dv = scale A^T do + (k e^{gc_L - gc}) dh_n, with A^T loaded transposed."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
+    rt = tl.arange(0, BT)
+    t = t0 + rt
+    mt = t < t1
+    rv = i_v * BV + tl.arange(0, BV)
+    mv = rv < V
+    b_do = _load_rows(do + i_h * V, t, mt, rv, mv, H * V)
+    b_at = tl.load(A + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)
+    b_dv = tl.dot((b_at * scale).to(b_do.dtype), b_do)
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        mk = rk < K
+        g_last = tl.load(gc + ((t1 - 1) * H + i_h) * K + rk, mask=mk, other=0.0)
+        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
+        b_k = b_k * tl.where(mt[:, None], tl.exp(g_last[None, :] - _load_rows(gc + i_h * K, t, mt, rk, mk, H * K)), 0.0)
+        b_dh = tl.load(dh + ((i_c.to(tl.int64) * H + i_h) * K + rk[:, None]) * V + rv[None, :],
+                       mask=mk[:, None] & mv[None, :], other=0.0)
+        b_dv += tl.dot(b_k.to(b_dh.dtype), b_dh)
+    tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=mt[:, None] & mv[None, :])
+
+
+@triton.jit
+def _state_bwd_kernel(q, gc, do, dh, dht, dh0, cu, first, scale,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
+    """Reverse pass: dh_n (gradient of the state leaving chunk n)."""
+    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
+    c0 = tl.load(first + i_n).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    rt, rk = tl.arange(0, BT), tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    mk, mv = rk < K, rv < V
+    state = rk[:, None] * V + rv[None, :]
+    m_state = mk[:, None] & mv[None, :]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        b_dh += tl.load(dht + (i_n * H + i_h) * K * V + state, mask=m_state, other=0.0)
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        tl.store(dh + ((c0 + c) * H + i_h) * K * V + state, b_dh.to(dh.dtype.element_ty), mask=m_state)
+        t = bos + c * BT + rt
+        mt = t < eos
+        last = tl.minimum(bos + c * BT + BT, eos) - 1
+        g_last = tl.load(gc + (last * H + i_h) * K + rk, mask=mk, other=0.0)
+        b_qt = _load_cols(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
+        b_qt = b_qt * tl.exp(_load_cols(gc + i_h * K, t, mt, rk, mk, H * K)) * scale
+        b_do = _load_rows(do + i_h * V, t, mt, rv, mv, H * V)
+        b_dh = b_dh * tl.exp(g_last)[:, None] + tl.dot(b_qt.to(b_do.dtype), b_do)
+    if STORE_DH0:
+        tl.store(dh0 + (i_n * H + i_h) * K * V + state, b_dh, mask=m_state)
+
+
+@triton.jit
+def _dqk_kernel(q, k, v, gc, h, dh, do, dq, dk, dg, start, end, scale,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr):
+    """dq, dk and the per-channel gradient of the cumulative gate for one K block."""
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
+    rt = tl.arange(0, BT)
+    t = t0 + rt
+    mt = t < t1
+    rk = i_k * BK + tl.arange(0, BK)
+    mk = rk < K
+    b_da = tl.zeros([BT, BT], dtype=tl.float32)  # do_i . v_j
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
+    chunk_state = (i_c.to(tl.int64) * H + i_h) * K * V
+    for i_v in range(tl.cdiv(V, BV)):
+        rv = i_v * BV + tl.arange(0, BV)
+        mv = rv < V
+        b_do = _load_rows(do + i_h * V, t, mt, rv, mv, H * V)
+        m_state = mv[:, None] & mk[None, :]
+        b_ht = tl.load(h + chunk_state + rk[None, :] * V + rv[:, None], mask=m_state, other=0.0)
+        b_dht = tl.load(dh + chunk_state + rk[None, :] * V + rv[:, None], mask=m_state, other=0.0)
+        b_da += tl.dot(b_do, _load_cols(v + i_h * V, t, mt, rv, mv, H * V))
+        b_dq += tl.dot(b_do, b_ht)
+        b_dk += tl.dot(_load_rows(v + i_h * V, t, mt, rv, mv, H * V), b_dht)
+        b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), axis=0)
+    b_g = _load_rows(gc + i_h * K, t, mt, rk, mk, H * K)
+    g_last = tl.load(gc + ((t1 - 1) * H + i_h) * K + rk, mask=mk, other=0.0)
+    b_q = _load_rows(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
+    b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
+    b_dq = b_dq * tl.exp(b_g) * scale
+    b_dk = b_dk * tl.where(mt[:, None], tl.exp(g_last[None, :] - b_g), 0.0)
+    dg_last = b_hdh * tl.exp(g_last) + tl.sum(b_dk * b_k, axis=0)
+    b_da = tl.where((rt[:, None] >= rt[None, :]) & mt[:, None], b_da * scale, 0.0)
+    # Intra-chunk, one key position j at a time (the exact decays of the forward scores).
+    for j in range(0, tl.minimum(BT, t1 - t0)):
+        row = (t0 + j) * H * K + i_h * K + rk
+        b_kj = tl.load(k + row, mask=mk, other=0.0).to(tl.float32)
+        b_gj = tl.load(gc + row, mask=mk, other=0.0)
+        keep = (rt >= j)[:, None] & mt[:, None]
+        da_j = tl.sum(tl.where(rt[None, :] == j, b_da, 0.0), axis=1)  # dA[i, j] over i
+        dec = tl.where(keep, tl.exp(tl.where(keep, b_g - b_gj[None, :], 0.0)), 0.0)  # e^{gc_i - gc_j}, i >= j
+        b_dq += da_j[:, None] * dec * b_kj[None, :]
+        # dk_j = sum_{i >= j} dA_ij q_i e^{gc_i - gc_j}
+        dk_j = tl.sum(da_j[:, None] * dec * b_q, axis=0)
+        b_dk += tl.where(rt[:, None] == j, dk_j[None, :], 0.0)
+    b_dg = b_q * b_dq - b_k * b_dk
+    b_dg += tl.where(rt[:, None] == t1 - 1 - t0, dg_last[None, :], 0.0)
+    out = (t[:, None] * H + i_h) * K + rk[None, :]
+    m_out = mt[:, None] & mk[None, :]
+    tl.store(dq + out, b_dq.to(dq.dtype.element_ty), mask=m_out)
+    tl.store(dk + out, b_dk.to(dk.dtype.element_ty), mask=m_out)
+    tl.store(dg + out, b_dg, mask=m_out)
+
+
+class ChunkGLA(torch.autograd.Function):
+    """Chunked GLA on packed [tokens, H, D] inputs; gk [tokens, H, K] log-decays."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gk, h0, scale, chunks: Chunks):
+        tokens, H, K = q.shape
+        V = v.shape[-1]
+        BT = chunks.size
+        gc = chunk_cumsum(gk.reshape(tokens, H * K), chunks).view(tokens, H, K)
+        A = torch.empty(tokens, H, BT, dtype=torch.float32, device=q.device)
+        _scores_kernel[(chunks.num_chunks, H)](q, k, gc, A, chunks.start, chunks.end, H=H, K=K, BT=BT,
+                                                BK=block(K), num_warps=NUM_WARPS)
+        h = torch.empty(chunks.num_chunks, H, K, V, dtype=k.dtype, device=q.device)
+        ht = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device)
+        BV = block(V, 64 if padded(K) <= 128 else 32)
+        _state_fwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs, H)](
+            k, v, gc, h, h0, ht, chunks.cu, chunks.first, H=H, K=K, V=V, BT=BT, BK=padded(K), BV=BV,
+            HAS_H0=h0 is not None, STORE_HT=True, num_warps=NUM_WARPS)
+        o = torch.empty(tokens, H, V, dtype=v.dtype, device=q.device)
+        _output_kernel[(triton.cdiv(V, block(V)), chunks.num_chunks, H)](
+            q, v, gc, h, A, o, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=BT, BK=block(K), BV=block(V),
+            num_warps=NUM_WARPS)
+        ctx.save_for_backward(q, k, v, gc, A, h, h0)
+        ctx.scale, ctx.chunks, ctx.gk_dtype = scale, chunks, gk.dtype
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, gc, A, h, h0 = ctx.saved_tensors
+        chunks, scale = ctx.chunks, ctx.scale
+        tokens, H, K = q.shape
+        V = v.shape[-1]
+        BT = chunks.size
+        do = do.contiguous()
+        dht = None if dht is None else dht.float().contiguous()
+        dh = torch.empty(chunks.num_chunks, H, K, V, dtype=q.dtype, device=q.device)
+        dh0 = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
+        BV = block(V, 64 if padded(K) <= 128 else 32)
+        _state_bwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs, H)](
+            q, gc, do, dh, dht, dh0, chunks.cu, chunks.first, scale, H=H, K=K, V=V, BT=BT, BK=padded(K), BV=BV,
+            HAS_DHT=dht is not None, STORE_DH0=h0 is not None, num_warps=NUM_WARPS)
+        dv = torch.empty_like(v)
+        _dv_kernel[(triton.cdiv(V, block(V)), chunks.num_chunks, H)](
+            k, gc, A, do, dh, dv, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=BT, BK=block(K),
+            BV=block(V), num_warps=NUM_WARPS)
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        dgc = torch.empty(tokens, H, K, dtype=torch.float32, device=q.device)
+        _dqk_kernel[(triton.cdiv(K, block(K)), chunks.num_chunks, H)](
+            q, k, v, gc, h, dh, do, dq, dk, dgc, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=BT,
+            BK=block(K), BV=block(V), num_warps=NUM_WARPS)
+        dg = chunk_cumsum(dgc.view(tokens, H * K), chunks, reverse=True).view(tokens, H, K).to(ctx.gk_dtype)
+        return dq, dk, dv, dg, dh0, None, None
