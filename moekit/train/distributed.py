@@ -44,6 +44,7 @@ from moekit.parallel import (
     sync_grads,
 )
 from moekit.train import checkpoint as ckpt_files
+from moekit.train.load import load_model_state
 
 DCP_METADATA = ".metadata"
 
@@ -83,9 +84,19 @@ class LocalRuntime:
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
 
+    def save_checkpoint(self, root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        objects: dict[str, Any], files: dict[str, bytes], keep: int) -> Path:
+        """``objects`` holds "model" / "optimizer" state dicts next to the loop's own state."""
+        return ckpt_files.save_checkpoint(root, step, objects, files, keep)
+
     def load_state(self, ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Model and optimizer state from a distributed checkpoint (saved at any world size)."""
-        load_checkpoint(str(ckpt), model, optimizer)
+        """Model and optimizer state from a one-process checkpoint, or a distributed one saved at
+        any world size."""
+        if is_distributed_checkpoint(ckpt):
+            load_checkpoint(str(ckpt), model, optimizer)
+            return
+        load_model_state(model, ckpt)
+        optimizer.load_state_dict(ckpt_files.load_object(ckpt, "optimizer", self.device))
 
     def guard(self):
         return contextlib.nullcontext()
@@ -132,13 +143,20 @@ class DistributedRuntime(LocalRuntime):
         return optimizer
 
     def load_state(self, ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if not is_distributed_checkpoint(ckpt):
+            raise ckpt_files.CheckpointError(
+                f"{ckpt} was saved by one process; a multi-process run resumes only from a distributed "
+                "checkpoint (resume it in one process, or start the multi-process run afresh)")
         load_checkpoint(str(ckpt), model, optimizer, self.pmesh)
 
     def save_checkpoint(self, root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                         objects: dict[str, Any], files: dict[str, bytes], keep: int) -> Path:
-        """Every rank writes its shards; rank 0 adds ``objects`` / ``files``, the manifest, and
-        moves the directory into place as ``moekit.train.checkpoint.save_checkpoint`` does
-        (a crash leaves ``latest`` on the previous complete checkpoint)."""
+        """Every rank writes its shards of the model and optimizer (``objects``' own "model" /
+        "optimizer" entries, sharded state dicts, are not used); rank 0 adds the other
+        ``objects`` and ``files``, the manifest, and moves the directory into place as
+        ``moekit.train.checkpoint.save_checkpoint`` does (a crash leaves ``latest`` on the
+        previous complete checkpoint)."""
+        objects = {k: v for k, v in objects.items() if k not in ("model", "optimizer")}
         root = Path(root)
         final = root / ckpt_files.step_name(step)
         tmp = root / f".tmp-{ckpt_files.step_name(step)}-dist"
@@ -191,7 +209,8 @@ def start_runtime(config: ParallelConfig, device: torch.device) -> LocalRuntime:
         return DistributedRuntime(config, device)
     if config.ep > 1:
         raise ValueError(f"parallel.ep={config.ep} needs {config.ep} processes or a multiple: launch with "
-                         f"torchrun --nproc-per-node {config.ep} -m moekit train ...")
+                         f"torchrun --nproc-per-node {config.ep} -m moekit.cli train ..., or set parallel.ep=1 "
+                         "(e.g. to resume a multi-process checkpoint in one process)")
     return LocalRuntime(device)
 
 
