@@ -54,7 +54,7 @@ def _decayed(x, keep, g_row, g_col):
 
 @triton.jit
 def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, USE_G: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
@@ -100,7 +100,7 @@ def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
 
 @triton.jit
 def _state_fwd_kernel(k, v, w, gc, h, v_new, h0, ht, cu, first,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
                       STORE_HT: tl.constexpr):
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -140,7 +140,7 @@ def _state_fwd_kernel(k, v, w, gc, h, v_new, h0, ht, cu, first,
 
 @triton.jit
 def _output_fwd_kernel(q, k, v, gc, h, o, start, end, scale,
-                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                       H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, USE_G: tl.constexpr):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
@@ -177,7 +177,7 @@ def _output_fwd_kernel(q, k, v, gc, h, o, start, end, scale,
 
 @triton.jit
 def _dv_local_kernel(q, k, do, gc, dv, start, end, scale,
-                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                     H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, USE_G: tl.constexpr):
     """Intra-chunk part of dv: scale (k q^T * decay, anti-causal) do, in float32."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -205,7 +205,7 @@ def _dv_local_kernel(q, k, do, gc, dv, start, end, scale,
 
 @triton.jit
 def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, scale,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
                       STORE_DH0: tl.constexpr):
     """Reverse pass: stores dh_n (gradient of the state leaving chunk n) and finishes dv."""
@@ -249,7 +249,7 @@ def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, sc
 
 @triton.jit
 def _dqk_kernel(q, k, v, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scale, total,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                 BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr):
     """dq, dk (through the outputs and the state), dw (delta) and this K block's share of the
     gradient of the cumulative gate: q.dq - k.dk, plus the chunk-end decay's term on the last row."""
@@ -314,7 +314,7 @@ def _dqk_kernel(q, k, v, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scale, t
 
 @triton.jit
 def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, USE_G: tl.constexpr):
     """Back through w = T (beta e^{gc} k), u = T (beta v), T = (I + A)^-1: adds into dk and dg,
     writes dv and dbeta. The transposed products are computed as their own products."""

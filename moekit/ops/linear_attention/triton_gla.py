@@ -22,7 +22,7 @@ from moekit.ops.linear_attention.triton_layout import Chunks, block, chunk_cumsu
 
 @triton.jit
 def _scores_kernel(q, k, gc, A, start, end,
-                   H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+                   H, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -47,7 +47,7 @@ def _scores_kernel(q, k, gc, A, start, end,
 
 @triton.jit
 def _state_fwd_kernel(k, v, gc, h, h0, ht, cu, first,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
@@ -77,7 +77,7 @@ def _state_fwd_kernel(k, v, gc, h, h0, ht, cu, first,
 
 @triton.jit
 def _output_kernel(q, v, gc, h, A, o, start, end, scale,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
@@ -103,7 +103,7 @@ def _output_kernel(q, v, gc, h, A, o, start, end, scale,
 
 @triton.jit
 def _dv_kernel(k, gc, A, do, dh, dv, start, end, scale,
-               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+               H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr):
     """dv = scale A^T do + (k e^{gc_L - gc}) dh_n, with A^T loaded transposed."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -131,7 +131,7 @@ def _dv_kernel(k, gc, A, do, dh, dv, start, end, scale,
 
 @triton.jit
 def _state_bwd_kernel(q, gc, do, dh, dht, dh0, cu, first, scale,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
     """Reverse pass: dh_n (gradient of the state leaving chunk n)."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -163,7 +163,7 @@ def _state_bwd_kernel(q, gc, do, dh, dht, dh0, cu, first, scale,
 
 @triton.jit
 def _dqk_kernel(q, k, v, gc, h, dh, do, dq, dk, dg, start, end, scale,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                 BV: tl.constexpr):
     """dq, dk and the per-channel gradient of the cumulative gate for one K block."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)

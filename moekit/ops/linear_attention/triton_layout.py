@@ -73,7 +73,7 @@ def padded(dim: int) -> int:
 
 
 @triton.jit
-def _chunk_cumsum_kernel(x, out, start, end, H: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr):
+def _chunk_cumsum_kernel(x, out, start, end, H, BT: tl.constexpr, REVERSE: tl.constexpr):
     """out[t] = sum of x over the chunk up to t (or from t on, REVERSE), per head, in float32.
 
     Written as a masked [BT, BT] sum rather than a scan: cheap at BT <= 64 and plain for the

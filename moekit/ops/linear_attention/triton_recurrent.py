@@ -17,7 +17,7 @@ from moekit.ops.linear_attention.triton_layout import Chunks, block, padded
 
 @triton.jit
 def _recurrent_kernel(q, k, v, g, gk, beta, o, h0, ht, cu, scale,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       USE_G: tl.constexpr, USE_GK: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
                       STORE_HT: tl.constexpr):
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
