@@ -29,6 +29,9 @@ import triton.language as tl
 from moekit.ops.linear_attention.triton_layout import Chunks, block, padded
 
 NUM_WARPS = 4
+# The delta-rule kernels hold several float32 [BT, BT] tiles; software pipelining of their short
+# K / V loops (2 trips at K = V = 128) overflowed Hopper's 227 KB of shared memory.
+DELTA_STAGES = 1
 
 
 @triton.jit
@@ -398,7 +401,7 @@ def wy_fwd(k, v, beta, gc, chunks: Chunks):
     w, u = torch.empty(tokens, H, K, **f32), torch.empty(tokens, H, V, **f32)
     _wy_fwd_kernel[(chunks.num_chunks, H)](
         k, v, beta, gc, T, w, u, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size, BK=block(K),
-        BV=block(V), USE_G=gc is not None, num_warps=NUM_WARPS)
+        BV=block(V), USE_G=gc is not None, num_warps=NUM_WARPS, num_stages=DELTA_STAGES)
     return T, w, u
 
 
@@ -473,7 +476,8 @@ def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype):
     dg = torch.empty(n_k, tokens, H, dtype=torch.float32, device=q.device) if use_g else None
     _dqk_kernel[(n_k, chunks.num_chunks, H)](
         q, k, v, h, dh, do, dv, gc, dq, dk, dw, dg, chunks.start, chunks.end, scale, tokens, H=H, K=K, V=V,
-        BT=chunks.size, BK=BK, BV=block(V), USE_G=use_g, DELTA=delta, num_warps=NUM_WARPS)
+        BT=chunks.size, BK=BK, BV=block(V), USE_G=use_g, DELTA=delta, num_warps=NUM_WARPS,
+        **({"num_stages": DELTA_STAGES} if delta else {}))
     return dq, dk, dw, (dg.sum(0) if use_g else None)
 
 
@@ -485,5 +489,5 @@ def wy_bwd(k, v, beta, gc, T, dw, du, dk, dg, chunks: Chunks, v_dtype):
     dbeta = torch.empty(tokens, H, dtype=torch.float32, device=k.device)
     _wy_bwd_kernel[(chunks.num_chunks, H)](
         k, v, beta, gc, T, dw, du, dk, dv, dbeta, dg, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size,
-        BK=block(K), BV=block(V), USE_G=gc is not None, num_warps=NUM_WARPS)
+        BK=block(K), BV=block(V), USE_G=gc is not None, num_warps=NUM_WARPS, num_stages=DELTA_STAGES)
     return dv, dbeta
