@@ -23,10 +23,11 @@ def plot_losses(records: list[dict], path: Path) -> None:
         ax_lm.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="held-out loss")
     ax_lm.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Language-model loss")
     ax_lm.legend()
-    ax_aux.plot(steps, [r["aux_loss"] for r in train], label="aux loss (weighted, in the objective)")
+    ax_aux.plot(steps, [r["aux_loss"] for r in train], label="aux loss (weighted sum, in the objective)")
     if train and "moe" in train[0]:
         for field in ("z_loss", "load_cv"):
-            ax_aux.plot(steps, [np.mean(r["moe"][field]) for r in train], label=f"{field} (mean over layers)")
+            values = [np.mean(r["moe"][field]) for r in train]
+            ax_aux.plot(steps, values, label=f"{field} (unweighted, mean over layers)")
     ax_aux.set(xlabel="step", title="Balancing")
     ax_aux.legend()
     fig.tight_layout()

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 
-def format_metrics(step: int, record: dict) -> str:
+def format_metrics(record: dict) -> str:
+    """Loss, learning rate, throughput and load balance (the experts' load coefficient of
+    variation, mean over MoE layers: 0 = perfectly even)."""
     parts = [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}", f"{record['tokens_per_s']:,.0f} tok/s"]
     if "moe" in record:
         cv = record["moe"]["load_cv"]
         parts.append(f"load cv {sum(cv) / len(cv):.2f}")
     return " | ".join(parts)
+
+
+class _BarAndMetrics(Progress):
+    """The bar on one line, the latest metrics on the next (they do not fit beside it in 80 columns)."""
+
+    metrics = Text("")
+
+    def get_renderables(self):
+        yield self.make_tasks_table(self.tasks)
+        yield self.metrics
 
 
 class TrainProgress:
@@ -28,12 +34,9 @@ class TrainProgress:
         self.bar = None
         self.held_out = ""
         if self.console.is_terminal:
-            self.bar = Progress(
-                TextColumn("[bold blue]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                console=self.console,
-            )
-            self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="")
+            self.bar = _BarAndMetrics(BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                      TimeRemainingColumn(), console=self.console)
+            self.task = self.bar.add_task("train", total=total_steps, completed=start_step)
 
     def __enter__(self) -> TrainProgress:
         if self.bar is not None:
@@ -49,9 +52,9 @@ class TrainProgress:
             self.bar.update(self.task, completed=step)
 
     def report(self, step: int, record: dict) -> None:
-        line = format_metrics(step, record)
+        line = format_metrics(record)
         if self.bar is not None:
-            self.bar.update(self.task, info=f"{line} | {self.held_out}" if self.held_out else line)
+            self.bar.metrics = Text(f"{line} | {self.held_out}" if self.held_out else line)
         else:
             self.print(f"step {step:>6}/{self.total} | {line}")
 
