@@ -29,9 +29,11 @@ import triton.language as tl
 from moekit.ops.linear_attention.triton_layout import Chunks, block, padded
 
 NUM_WARPS = 4
-# The delta-rule kernels hold several float32 [BT, BT] tiles; software pipelining of their short
-# K / V loops (2 trips at K = V = 128) overflowed Hopper's 227 KB of shared memory.
-DELTA_STAGES = 1
+# The delta-rule kernels stage float32 tiles (w, u, T): with the default 3 pipeline stages one of
+# them needed 232 KB of shared memory at K = V = 128 on an H200 (227 KB there). The per-chunk
+# kernels' K / V loops are short (2 trips), so they skip pipelining; the sequential state
+# kernels keep 2 stages.
+DELTA_STAGES, DELTA_STATE_STAGES = 1, 2
 
 
 @triton.jit
@@ -422,7 +424,7 @@ def state_fwd(k, v, w, gc, h0, chunks: Chunks, store_final: bool, v_dtype):
     _state_fwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs, H)](
         k, v, w, gc, h, v_new, h0, ht, chunks.cu, chunks.first, H=H, K=K, V=V, BT=chunks.size, BK=padded(K),
         BV=BV, USE_G=gc is not None, DELTA=delta, HAS_H0=h0 is not None, STORE_HT=store_final,
-        num_warps=NUM_WARPS)
+        num_warps=NUM_WARPS, **({"num_stages": DELTA_STATE_STAGES} if delta else {}))
     return h, v_new, ht
 
 
@@ -459,7 +461,8 @@ def state_bwd(q, k, w, gc, do, dv_loc, dht, chunks: Chunks, scale: float, dv_dty
     _state_bwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs, H)](
         q, k, w, gc, do, dv_loc, dv, dh, dht, dh0, chunks.cu, chunks.first, scale, H=H, K=K, V=V,
         BT=chunks.size, BK=padded(K), BV=BV, USE_G=gc is not None, DELTA=w is not None,
-        HAS_DHT=dht is not None, STORE_DH0=want_dh0, num_warps=NUM_WARPS)
+        HAS_DHT=dht is not None, STORE_DH0=want_dh0, num_warps=NUM_WARPS,
+        **({"num_stages": DELTA_STATE_STAGES} if w is not None else {}))
     return dh, dv, dh0
 
 
