@@ -34,7 +34,16 @@ def test_short_run_loss_falls_and_writes_a_complete_run_dir(make_config):
     assert records[0]["aux_loss"] > 0 and records[-1]["loss"] == pytest.approx(
         records[-1]["lm_loss"] + records[-1]["aux_loss"], rel=1e-5)
 
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/aux_loss", "train/grad_norm", "train/tokens_per_s", "eval/val_loss",
+                "moe/layer1/router_entropy", "moe/layer0/z_loss", "moe/layer0/dropped_fraction",
+                "moe_load/layer1/expert3"):
+        assert tag in tags, tag
+    assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20, 25, 30]
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000015", "step_00000030"]
     assert resolve_checkpoint(run).name == "step_00000030"
     for name in ("loss.png", "expert_load.png"):
@@ -82,3 +91,14 @@ def test_resuming_with_a_different_model_is_refused(make_config):
     expected = r"incompatible model config: .*model.hidden_size \(32 in the checkpoint, 48 now\)"
     with pytest.raises(CheckpointError, match=expected):
         Trainer(TrainConfig.from_dict(values), resume=trainer.run_dir)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_autocast_run_learns(make_config):
+    values, _ = make_config(steps=20, log_every=5, eval_every=10, ckpt_every=20, device="cuda")
+    trainer = Trainer(TrainConfig.from_dict(values))
+    assert trainer.dtype == torch.bfloat16
+    final = trainer.train()
+    records = train_records(trainer.run_dir)
+    assert records[-1]["lm_loss"] < records[0]["lm_loss"] - 0.5 and final["val_loss"] < 5.0
