@@ -44,7 +44,7 @@ class SoftmaxAttention(nn.Module):
         per_head = config.qk_norm_scope == "head"
         self.q_norm = RMSNorm(d if per_head else h * d, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(d if per_head else kv * d, config.norm_eps) if config.qk_norm else None
-        self.rotary = RotaryEmbedding(d, config.rope_theta)
+        self.rotary = RotaryEmbedding(d, config.rope_theta, config.rope_scaling)
 
     def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
         cfg = self.config

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moekit.mixers.mla_config import MLAConfig
+from moekit.mixers.rope_scaling import YarnScaling
 
 QK_NORM_SCOPES = ("head", "all")
 
@@ -24,6 +25,7 @@ class MixerConfig:
     num_kv_heads: int | None = None  # softmax attention only; None means num_heads
     expand_v: int = 1
     rope_theta: float = 10000.0
+    rope_scaling: YarnScaling | None = None  # softmax attention / MLA: YaRN context extension
     norm_eps: float = 1e-6
     conv_size: int = 4  # short causal convolution (DeltaNet, Gated DeltaNet, Mamba2)
     ssm_state_size: int = 16  # Mamba2's N

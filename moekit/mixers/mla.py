@@ -55,7 +55,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_norm = RMSNorm(mla.kv_lora_rank, mla.norm_eps)
         self.kv_b_proj = nn.Linear(mla.kv_lora_rank, h * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * mla.v_head_dim, hidden, bias=mla.bias)
-        self.rotary = RotaryEmbedding(mla.qk_rope_head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(mla.qk_rope_head_dim, config.rope_theta, config.rope_scaling)
 
     def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> LatentCache:
         mla = self.config.mla

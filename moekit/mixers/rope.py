@@ -6,26 +6,35 @@ import torch
 from torch import nn
 
 from moekit.mixers.precision import at_least_float32
+from moekit.mixers.rope_scaling import YarnScaling
 
 
 class RotaryEmbedding(nn.Module):
     """Angles are formed in float64 on each call: no buffer for ``model.to(bfloat16)`` to
-    round, and exact positions however long the sequence."""
+    round, and exact positions however long the sequence. ``scaling`` (a ``YarnScaling``)
+    extends the context with YaRN: blended frequencies, cos / sin scaled."""
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: YarnScaling | None = None):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
         self.head_dim = head_dim
         self.theta = theta
+        self.scaling = scaling
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x [B, T, heads, head_dim] by the angles of ``positions`` [B, T]."""
-        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64,
-                                                device=x.device) / self.head_dim)
+        if self.scaling is None:
+            inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64,
+                                                    device=x.device) / self.head_dim)
+        else:
+            inv_freq = self.scaling.inv_freq(self.head_dim, self.theta, x.device)
         angles = positions.to(torch.float64)[..., None] * inv_freq  # [B, T, head_dim / 2]
         angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]
         xf = at_least_float32(x)
-        cos, sin = angles.cos().to(xf.dtype), angles.sin().to(xf.dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if self.scaling is not None:
+            cos, sin = cos * self.scaling.cos_sin_scale(), sin * self.scaling.cos_sin_scale()
+        cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
         x1, x2 = xf.chunk(2, dim=-1)
         return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)

@@ -11,6 +11,7 @@ import yaml
 
 from moekit.mixers.config import MixerConfig
 from moekit.mixers.mla_config import MLAConfig
+from moekit.mixers.rope_scaling import YarnScaling
 from moekit.mixers.registry import LAYER_LETTERS, check_linear_mixer
 from moekit.moe.config import MoEConfig
 
@@ -27,6 +28,7 @@ class ModelConfig:
     ``qk_norm_scope`` says what ``qk_norm`` normalises: each head ("head", Qwen3) or the whole
     projection ("all", OLMoE). ``mla`` (an ``MLAConfig``) makes the ``N`` layers multi-head
     latent attention (DeepSeek-V2/V3; ``num_heads`` heads, ``head_dim`` unused).
+    ``rope_scaling`` (a ``YarnScaling``) extends softmax layers' RoPE with YaRN.
     ``hf_config`` is the transformers config a converted model came from
     (``moekit.models.hf``); moekit only reads it to convert back.
     """
@@ -45,6 +47,7 @@ class ModelConfig:
     qk_norm_scope: str = "head"
     attention_bias: bool = False
     rope_theta: float = 10000.0
+    rope_scaling: YarnScaling | None = None
     max_seq_len: int = 2048
     norm_eps: float = 1e-6
     first_k_dense: int = 0
@@ -60,6 +63,8 @@ class ModelConfig:
             self.moe = MoEConfig.from_dict(self.moe)
         if isinstance(self.mla, dict):
             self.mla = MLAConfig.from_dict(self.mla)
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = YarnScaling.from_dict(self.rope_scaling)
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.dense_ffn_hidden_size is None:
@@ -95,6 +100,7 @@ class ModelConfig:
         return MixerConfig(
             hidden_size=self.hidden_size, num_heads=self.num_heads, head_dim=self.head_dim,
             num_kv_heads=self.num_kv_heads, expand_v=self.expand_v, rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling,
             norm_eps=self.norm_eps, conv_size=self.conv_size, ssm_state_size=self.ssm_state_size,
             qk_norm=self.qk_norm, qk_norm_scope=self.qk_norm_scope, attention_bias=self.attention_bias,
             layer_idx=layer_idx, num_layers=self.num_layers, mla=self.mla,
