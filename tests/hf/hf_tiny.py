@@ -47,6 +47,18 @@ CONFIGS = {
         n_routed_experts=6, num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1,
         first_k_dense_replace=2, q_lora_rank=8, kv_lora_rank=8, qk_rope_head_dim=6, qk_nope_head_dim=6,
         v_head_dim=10, attention_bias=True, tie_word_embeddings=True)),
+    # YaRN with positions past original_max_position_embeddings (prompts + 16 new tokens > 16).
+    "qwen3_moe-yarn": (transformers.Qwen3MoeConfig, dict(
+        intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2, head_dim=8, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 1000.0, "factor": 4.0, "original_max_position_embeddings": 16})),
+    "deepseek_v3-yarn": (transformers.DeepseekV3Config, dict(
+        intermediate_size=24, moe_intermediate_size=12, num_hidden_layers=2, num_key_value_heads=4,
+        n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+        first_k_dense_replace=1, q_lora_rank=8, kv_lora_rank=8, qk_rope_head_dim=8, qk_nope_head_dim=4,
+        v_head_dim=8, rope_parameters={"rope_type": "yarn", "rope_theta": 1000.0, "factor": 8.0,
+                                       "original_max_position_embeddings": 16, "beta_fast": 16, "beta_slow": 2,
+                                       "mscale": 0.8, "mscale_all_dim": 1.0})),
 }
 
 

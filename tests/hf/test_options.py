@@ -1,12 +1,15 @@
-"""The model options added for these architectures: MLA and qk_norm_scope in ModelConfig."""
+"""The model options added for these architectures: MLA, qk_norm_scope and YaRN in ModelConfig."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from moekit.mixers.mla import LatentCache, MultiHeadLatentAttention
 from moekit.mixers.mla_config import MLAConfig
+from moekit.mixers.rope_scaling import YarnScaling
 from moekit.models.config import ModelConfig
 from moekit.models.model import MoEForCausalLM
 
@@ -68,3 +71,34 @@ def test_qk_norm_scope_all_normalises_across_heads():
         flat = attn.q_proj(x)
         expected = flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + config.norm_eps) * attn.q_norm.weight
     assert torch.allclose(q, expected, atol=1e-6)
+
+
+def test_yarn_blends_extrapolated_and_interpolated_frequencies():
+    """Dimensions turning more than beta_fast times over the original context keep their
+    frequency, those turning less than beta_slow times are divided by the factor, and the ones
+    between follow the linear ramp; cos / sin get the attention factor."""
+    head_dim, theta = 32, 10000.0
+    yarn = YarnScaling(factor=4.0, original_max_len=64, beta_fast=8.0, beta_slow=0.5)
+    base = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    turns = 64 * base / (2 * math.pi)
+    got = yarn.inv_freq(head_dim, theta)
+    assert torch.equal(got[turns > 8 * 1.5], base[turns > 8 * 1.5])
+    slow = turns < 0.5 / 1.5
+    assert slow.any() and torch.allclose(got[slow], base[slow] / 4, rtol=1e-12)
+    between = (got < base) & (got > base / 4)
+    assert between.any() and torch.all(got.diff() < 0)
+    assert yarn.cos_sin_scale() == pytest.approx(0.1 * math.log(4.0) + 1)
+    deepseek = YarnScaling(factor=40.0, original_max_len=4096, mscale=1.0, mscale_all_dim=1.0)
+    assert deepseek.cos_sin_scale() == 1.0
+
+
+def test_yarn_config_round_trips_and_refuses_bad_values(tmp_path):
+    config = ModelConfig(vocab_size=40, hidden_size=16, layer_pattern="N", num_heads=2, head_dim=8,
+                         rope_scaling={"factor": 2.0, "original_max_len": 32},
+                         moe={"ffn_hidden_size": 8, "num_experts": 2, "top_k": 1})
+    config.to_yaml(tmp_path / "c.yaml")
+    assert ModelConfig.from_yaml(tmp_path / "c.yaml").rope_scaling == YarnScaling(2.0, 32)
+    with pytest.raises(ValueError, match=r"YarnScaling: unknown key\(s\) \['scale'\]"):
+        ModelConfig(layer_pattern="N", rope_scaling={"scale": 2.0})
+    with pytest.raises(ValueError, match="factor must be >= 1"):
+        YarnScaling(factor=0.5, original_max_len=32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from moekit.mixers.rope_scaling import YarnScaling
 from moekit.models.config import ModelConfig
 from moekit.models.hf.spec import Layout, Rule, moekit_only, refuse, same
 from moekit.moe.config import MoEConfig
@@ -18,17 +19,25 @@ def first(c: dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
-def rope_theta(c: dict[str, Any]) -> float:
-    """The RoPE base; any scaled RoPE (linear, dynamic, YaRN, ...) is refused."""
+def rope(c: dict[str, Any]) -> tuple[float, YarnScaling | None]:
+    """The RoPE base and YaRN scaling if any; other scaled RoPE kinds are refused."""
     model_type = c.get("model_type")
     params = first(c, "rope_parameters", "rope_scaling", default={})
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        refuse(model_type, "rope type", kind, "moekit implements plain RoPE only")
+    if kind not in ("default", "yarn"):
+        refuse(model_type, "rope type", kind, "moekit implements plain RoPE and YaRN")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         refuse(model_type, "partial_rotary_factor", params["partial_rotary_factor"],
                "moekit rotates the whole head")
-    return float(first(params, "rope_theta", default=first(c, "rope_theta", default=10000.0)))
+    theta = float(first(params, "rope_theta", default=first(c, "rope_theta", default=10000.0)))
+    if kind == "default":
+        return theta, None
+    original = params["original_max_position_embeddings"]
+    return theta, YarnScaling(
+        factor=float(params.get("factor") or c["max_position_embeddings"] / original), original_max_len=original,
+        beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+        mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
+        attention_factor=params.get("attention_factor"), truncate=bool(params.get("truncate", True)))
 
 
 def check_common(c: dict[str, Any]) -> None:
@@ -46,10 +55,11 @@ def base_config(c: dict[str, Any], moe: MoEConfig, **fields: Any) -> ModelConfig
     """A ``ModelConfig`` of softmax-attention layers from the fields every family shares."""
     check_common(c)
     heads = c["num_attention_heads"]
+    theta, scaling = rope(c)
     values = dict(
         vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], layer_pattern="N" * c["num_hidden_layers"],
         num_heads=heads, num_kv_heads=first(c, "num_key_value_heads", default=heads),
-        head_dim=first(c, "head_dim", default=c["hidden_size"] // heads), rope_theta=rope_theta(c),
+        head_dim=first(c, "head_dim", default=c["hidden_size"] // heads), rope_theta=theta, rope_scaling=scaling,
         max_seq_len=c["max_position_embeddings"], norm_eps=c["rms_norm_eps"],
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
         init_std=c.get("initializer_range", 0.02), moe=moe, hf_config=c,

@@ -8,8 +8,9 @@ import re
 import torch
 
 from moekit.mixers.mla_config import MLAConfig
+from moekit.mixers.rope_scaling import yarn_mscale
 from moekit.models.config import ModelConfig
-from moekit.models.hf.common import MoENames, base_config, ffn_rules, first, head_rules, norm_rules
+from moekit.models.hf.common import MoENames, base_config, ffn_rules, first, head_rules, norm_rules, rope
 from moekit.models.hf.spec import Architecture, Layout, Rule, refuse, register, same
 from moekit.moe.config import MoEConfig
 
@@ -32,12 +33,22 @@ def to_config(c) -> ModelConfig:
                     shared_ffn_hidden_size=c["moe_intermediate_size"])
     mla = MLAConfig(kv_lora_rank=c["kv_lora_rank"], qk_nope_head_dim=c["qk_nope_head_dim"],
                     qk_rope_head_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"],
-                    q_lora_rank=c.get("q_lora_rank"), norm_eps=LATENT_NORM_EPS, bias=bool(c.get("attention_bias")))
+                    q_lora_rank=c.get("q_lora_rank"), norm_eps=LATENT_NORM_EPS, bias=bool(c.get("attention_bias")),
+                    softmax_scale=softmax_scale(c))
     # attention_bias means MLA projection biases here, which MLAConfig.bias covers.
     common = {k: v for k, v in c.items() if k != "attention_bias"}
     return base_config(common, moe, mla=mla, head_dim=mla.qk_head_dim,
                        first_k_dense=min(c.get("first_k_dense_replace") or 0, c["num_hidden_layers"]),
                        dense_ffn_hidden_size=c["intermediate_size"], hf_config=c)
+
+
+def softmax_scale(c) -> float | None:
+    """DeepSeek sharpens attention under YaRN by mscale(factor, mscale_all_dim) squared."""
+    _, scaling = rope(c)
+    if scaling is None or not scaling.mscale_all_dim:
+        return None
+    qk_head_dim = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+    return qk_head_dim ** -0.5 * yarn_mscale(scaling.factor, scaling.mscale_all_dim) ** 2
 
 
 def deinterleave(offset: int, rope_dim: int) -> list[int]:
