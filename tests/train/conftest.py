@@ -44,3 +44,17 @@ def make_config(tmp_path, text_file):
         return values, path
 
     return make
+
+
+@pytest.fixture
+def bpe_tokenizer(tmp_path, text_file) -> Path:
+    """A small byte-level BPE ``tokenizer.json`` (vocabulary 300) trained on ``text_file``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(text_file)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"]))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return path

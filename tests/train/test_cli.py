@@ -49,6 +49,21 @@ def test_train_eval_generate_plot_commands(trained_run, text_file, capsys):
         assert img.size[0] > 0 and img.size[1] > 0
 
 
+def test_tokenizer_json_run_generates_from_its_checkpoint_copy(make_config, bpe_tokenizer, capsys):
+    values, path = make_config("bpe", steps=2, ckpt_every=2, eval_every=2)
+    overrides = [f"data.tokenizer={bpe_tokenizer}", "model.vocab_size=300"]
+    assert main(["train", "--config", str(path), "--no-sample", *overrides]) == 0
+    ckpt = Path(values["train"]["out_dir"]) / "checkpoints" / "step_00000002"
+    assert (ckpt / "tokenizer.json").read_bytes() == bpe_tokenizer.read_bytes()
+    bpe_tokenizer.unlink()  # generation must not need the original file
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(ckpt), "def parse", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("def parse")
+    too_small = ["model.vocab_size=257", f"data.tokenizer={ckpt / 'tokenizer.json'}"]
+    assert main(["train", "--config", str(path), *too_small]) == 2
+    assert "tokenizer has 300 tokens but model.vocab_size is 257" in one_line_error(capsys, "train")
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["train.lrr=1"], "unknown config key train.lrr"),
     (["model.moe.num_expert=4"], "unknown config key model.moe.num_expert"),

@@ -36,16 +36,11 @@ def test_byte_tokenizer_round_trips_unicode():
     assert tok.decode(ids + [tok.eot_id]) == text
 
 
-def test_hf_tokenizer_json(tmp_path, text_file):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def test_hf_tokenizer_json(tmp_path, bpe_tokenizer):
+    from tokenizers import Tokenizer
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train([str(text_file)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"]))
-    path = tmp_path / "tokenizer.json"
-    tok.save(str(path))
-    hf = HFTokenizer(path)
+    tok = Tokenizer.from_file(str(bpe_tokenizer))
+    hf = HFTokenizer(bpe_tokenizer)
     assert hf.vocab_size == tok.get_vocab_size() and hf.eot_id == tok.token_to_id("<|endoftext|>")
     ids = hf.encode("def parse_args(self):")
     assert len(ids) < len("def parse_args(self):") and hf.decode(ids) == "def parse_args(self):"
