@@ -176,3 +176,23 @@ def test_to_hf_refuses_models_it_cannot_place():
     ours.config.moe.top_k = 1
     with pytest.raises(ValueError, match=r"moe\.top_k: 2 != 1"):
         to_hf(ours)
+
+
+def test_bfloat16_folder_keeps_its_precision(tmp_path):
+    hf = tiny_hf_model("deepseek_v3-qlora-g2", seed=9).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "bf16")
+    ours = from_hf(tmp_path / "bf16")
+    assert ours.embed_tokens.weight.dtype == torch.bfloat16
+    assert ours.layers[1].ffn.router.expert_bias.dtype == torch.float32  # moekit keeps it in float32
+    back = to_hf(ours)
+    assert back.model.embed_tokens.weight.dtype == torch.bfloat16
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[name].to(tensor.dtype), tensor), name
+
+
+def test_quantized_checkpoints_are_refused():
+    config = hf_config("deepseek_v3-qlora-g2")
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.config.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    with pytest.raises(ValueError, match="quantization_config='fp8'.*dequantized first"):
+        from_hf(model)

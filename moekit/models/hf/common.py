@@ -43,6 +43,9 @@ def rope(c: dict[str, Any]) -> tuple[float, YarnScaling | None]:
 def check_common(c: dict[str, Any]) -> None:
     """Options every family here shares. Attention dropout is ignored: it only acts in training."""
     model_type = c.get("model_type")
+    if c.get("quantization_config"):
+        refuse(model_type, "quantization_config", c["quantization_config"].get("quant_method", "?"),
+               "quantized checkpoints must be dequantized first")
     if c.get("attention_bias"):
         refuse(model_type, "attention_bias", True, "moekit attention has no output-projection bias")
     if c.get("hidden_act", "silu") != "silu":

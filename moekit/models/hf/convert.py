@@ -121,7 +121,7 @@ def _import(arch: Architecture, hf: dict, source, where: str, dtype, device) -> 
     rules = arch.rules(config, hf)
     plan = plan_import(arch, rules, model.state_dict(), source, hf, where, config.tie_word_embeddings)
     if dtype is None:
-        dtype = source.get("model.embed_tokens.weight").dtype
+        dtype = source.dtype("model.embed_tokens.weight")
     model.to_empty(device=device or "cpu").to(dtype)
     if config.tie_word_embeddings:  # to_empty gives each module its own tensor
         model.lm_head.weight = model.embed_tokens.weight
@@ -155,8 +155,9 @@ def to_hf(model: MoEForCausalLM):
     import transformers
 
     values = {k: v for k, v in hf.items() if k != "model_type"}
-    hf_model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(arch.model_type,
-                                                                                               **values))
+    config = transformers.AutoConfig.for_model(arch.model_type, **values)
+    # Built in the model's precision; transformers keeps its own float32 exceptions (DeepSeek's router).
+    hf_model = transformers.AutoModelForCausalLM.from_config(config, dtype=model.embed_tokens.weight.dtype)
     target = hf_model.state_dict()
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}

@@ -1,7 +1,7 @@
 """Where Hugging Face tensors come from: a live state dict, or a safetensors folder read lazily.
 
-A source answers ``names()``, ``shape(name)`` without reading data, and ``get(name)`` one
-tensor at a time, so a converter checks every name and shape before reading anything and
+A source answers ``names()``, ``shape(name)`` and ``dtype(name)`` without reading data, and
+``get(name)`` one tensor at a time, so a converter checks every name and shape before reading anything and
 never holds a second copy of a large checkpoint.
 """
 
@@ -16,6 +16,8 @@ from safetensors import SafetensorError, safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# safetensors dtype codes of the floating formats a model can be converted from
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 class StateDictSource:
@@ -29,6 +31,9 @@ class StateDictSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.state[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.state[name].dtype
 
     def get(self, name: str) -> torch.Tensor:
         return self.state[name]
@@ -90,6 +95,13 @@ class SafetensorsFolder:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._where[name].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._where[name].get_slice(name).get_dtype()
+        if code not in DTYPES:
+            raise ValueError(f"{self.folder}: tensor {name!r} is stored as {code}; only {sorted(DTYPES)} "
+                             "checkpoints can be converted (dequantize first)")
+        return DTYPES[code]
 
     def get(self, name: str) -> torch.Tensor:
         try:

@@ -83,7 +83,7 @@ class Rule:
             return
         layout.load_into(dest, get)
         if self.perm is not None:
-            dest.copy_(dest[self.perm].clone())
+            dest.copy_(dest[self.perm])  # advanced indexing reads a copy first
 
     def export(self, tensor: torch.Tensor, layout: Layout | None) -> dict[str, torch.Tensor]:
         if layout is None:
