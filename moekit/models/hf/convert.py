@@ -49,7 +49,7 @@ def plan_import(arch: Architecture, rules: list[Rule], state: dict[str, torch.Te
                 where: str, tied: bool) -> list[tuple[Rule, Layout | None]]:
     """Pick each rule's layout and check every HF name and shape before any data is read;
     refuse, by name, missing, unexpected and mis-shaped tensors all at once."""
-    _check_coverage(rules, state)
+    _check_coverage(rules, state, tied)
     present = source.names()
     plan, used, missing, misshaped = [], set(), [], []
     for rule in rules:
@@ -73,16 +73,14 @@ def plan_import(arch: Architecture, rules: list[Rule], state: dict[str, torch.Te
     return plan
 
 
-def _check_coverage(rules: list[Rule], state: dict[str, torch.Tensor]) -> None:
+def _check_coverage(rules: list[Rule], state: dict[str, torch.Tensor], tied: bool) -> None:
+    """One rule per moekit tensor (a bug in an architecture module otherwise); a tied head has
+    none: it is the embedding."""
     targets = [r.target for r in rules]
-    if len(set(targets)) != len(targets) or set(targets) != set(state) - _tied_extra(state, rules):
-        raise RuntimeError(f"conversion rules do not match the model: uncovered {sorted(set(state) - set(targets))}, "
-                           f"unknown {sorted(set(targets) - set(state))}")
-
-
-def _tied_extra(state, rules) -> set[str]:
-    # A tied head has no rule of its own: it is the embedding.
-    return {TIED_HEAD} if TIED_HEAD in state and all(r.target != TIED_HEAD for r in rules) else set()
+    expected = set(state) - ({TIED_HEAD} if tied else set())
+    if len(set(targets)) != len(targets) or set(targets) != expected:
+        raise RuntimeError(f"conversion rules do not match the model: uncovered {sorted(expected - set(targets))}, "
+                           f"unknown {sorted(set(targets) - expected)}")
 
 
 def from_hf(model_or_path, dtype: torch.dtype | None = None, device=None) -> MoEForCausalLM:
