@@ -52,3 +52,13 @@ def test_refusals(tmp_path):
     (tmp_path / "config.json").write_text('{"hidden_size": 3}')
     with pytest.raises(ValueError, match="neither a transformers config"):
         run(tmp_path, tmp_path / "new")
+
+
+def test_registered_as_a_moekit_command(tmp_path, capsys):
+    from moekit.cli import main
+
+    tiny_hf_model("olmoe-e4k2").save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "out")]) == 0
+    assert "olmoe -> moekit" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    assert "moekit convert: error:" in capsys.readouterr().err
