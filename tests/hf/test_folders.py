@@ -173,6 +173,14 @@ def test_to_hf_refuses_models_it_cannot_place():
         to_hf(plain)
 
     ours = from_hf(tiny_hf_model("mixtral-e4k2"))
+    with torch.no_grad():
+        ours.layers[1].ffn.router.expert_bias[2] = 0.1
+    with pytest.raises(ValueError, match=r"layers\.1\.ffn\.router\.expert_bias is non-zero"):
+        to_hf(ours)
+    with torch.no_grad():
+        ours.layers[1].ffn.router.expert_bias.zero_()
+    ours.layers[0].ffn.router.load_since_update += 3.0  # a balancing counter: dropped on export
+    to_hf(ours)
     ours.config.moe.top_k = 1
     with pytest.raises(ValueError, match=r"moe\.top_k: 2 != 1"):
         to_hf(ours)

@@ -123,7 +123,7 @@ def moe_rules(i: int, config: ModelConfig, names: MoENames, expert_bias: str | N
         Rule(ours + "experts.w_down", (Layout((hf + names.fused_down,)), Layout((hf + names.expert_down,), e))),
         moekit_only(ours + "router.load_since_update"),
         (same(ours + "router.expert_bias", hf + expert_bias) if expert_bias
-         else moekit_only(ours + "router.expert_bias")),
+         else moekit_only(ours + "router.expert_bias", zero_on_export=True)),
     ]
     if shared is not None:
         rules += gated_mlp_rules(ours + "shared.", hf + shared)

@@ -61,12 +61,14 @@ class Layout:
 @dataclass(frozen=True)
 class Rule:
     """One moekit tensor ``target`` and the HF layouts it may come from. No layout means a
-    moekit-only tensor (e.g. balancing counters) that starts at zero. ``perm`` reorders dim 0
-    on the way in (``inverse`` on the way out)."""
+    moekit-only tensor that starts at zero; ``zero_on_export`` says it changes the function
+    when non-zero (an expert bias), so export refuses to drop it then. ``perm`` reorders dim 0
+    on the way in (its inverse on the way out)."""
 
     target: str
     layouts: tuple[Layout, ...] = ()
     perm: torch.Tensor | None = field(default=None, compare=False)
+    zero_on_export: bool = False
 
     def choose(self, present: Collection[str]) -> Layout | None:
         """The first layout fully present; else the one most present (to name what is missing)."""
@@ -87,6 +89,9 @@ class Rule:
 
     def export(self, tensor: torch.Tensor, layout: Layout | None) -> dict[str, torch.Tensor]:
         if layout is None:
+            if self.zero_on_export and bool(tensor.any()):
+                raise ValueError(f"to_hf: {self.target} is non-zero (aux-loss-free balancing moved it), and the "
+                                 "HF architecture has no place for it; exporting would change the routing")
             return {}
         if self.perm is not None:
             tensor = tensor[torch.argsort(self.perm)]
@@ -98,8 +103,8 @@ def same(target: str, *hf_names: str) -> Rule:
     return Rule(target, tuple(Layout((n,)) for n in hf_names))
 
 
-def moekit_only(target: str) -> Rule:
-    return Rule(target)
+def moekit_only(target: str, zero_on_export: bool = False) -> Rule:
+    return Rule(target, zero_on_export=zero_on_export)
 
 
 @dataclass(frozen=True)
