@@ -54,15 +54,29 @@ def sync_grads(model: nn.Module, pmesh: ParallelMesh) -> None:
     _all_reduce_mean(dense_grads, pmesh.world_group, pmesh.world_size)
 
 
+GRAD_BUCKET_BYTES = 256 << 20
+
+
 def _all_reduce_mean(grads: list[torch.Tensor], group: dist.ProcessGroup, divisor: int) -> None:
+    """Sum ``grads`` over ``group`` and divide by ``divisor``, a bucket of flattened grads per
+    all-reduce (one per tensor would be latency-bound, one for all would double the memory)."""
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    if dist.get_world_size(group) > 1:
-        dist.all_reduce(flat, group=group)
-    flat /= divisor
-    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(chunk.view_as(g))
+    if dist.get_world_size(group) == 1:
+        torch._foreach_div_(grads, divisor)
+        return
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for i, g in enumerate(grads):
+        bucket.append(g)
+        size += g.numel() * g.element_size()
+        if size >= GRAD_BUCKET_BYTES or i == len(grads) - 1:
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat, group=group)
+            flat /= divisor
+            for b, chunk in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(chunk.view_as(b))
+            bucket, size = [], 0
 
 
 def avoid_mixed_multi_tensor_steps(optimizer: torch.optim.Optimizer) -> None:

@@ -74,3 +74,14 @@ def launch():
         return results
 
     return run
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """``torchrun(nprocs, args)`` -> the command line of ``torchrun`` on a free 127.0.0.1 port."""
+
+    def command(nprocs: int, args: list[str]) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nprocs}",
+                "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args]
+
+    return command

@@ -64,7 +64,7 @@ def test_expert_parallel_fsdp_matches_single_process(single, ep2_run):
 
 def test_data_parallel_replicated_matches_single_process(single, launch, tmp_path):
     out = str(tmp_path / "dp2")
-    launch("train", 2, {"out": out, "steps": STEPS, "parallel": {"ep": 1, "fsdp": False}})
+    launch("train", 2, {"out": out, "steps": STEPS, "parallel": {"ep": 1, "fsdp": False}, "grad_bucket_bytes": 4096})
     assert_close_curves(read(out)["losses"], single["losses"])
     assert_close_curves(read(out)["grad_norms"], single["grad_norms"])
 

@@ -22,6 +22,7 @@ from moekit.parallel import (
     ParallelConfig,
     avoid_mixed_multi_tensor_steps,
     clip_grad_norm_,
+    data_parallel,
     init_distributed,
     load_checkpoint,
     load_reducer,
@@ -168,6 +169,8 @@ def train_scenario(args: dict) -> None:
     distributed = "WORLD_SIZE" in os.environ
     pconfig = ParallelConfig.from_dict(args.get("parallel", {}))
     pmesh = init_distributed(pconfig) if distributed else None
+    if "grad_bucket_bytes" in args:  # small buckets: several all-reduces per gradient sync
+        data_parallel.GRAD_BUCKET_BYTES = args["grad_bucket_bytes"]
     world = dist.get_world_size() if distributed else 1
     torch.manual_seed(0)
     model = TinyLM(VOCAB, MoEConfig(**TRAIN_MOE))
