@@ -12,6 +12,12 @@ ffn 1024, 64 experts, top-8, SwiGLU; bf16 weights; 4096 tokens per GPU per step)
 * large at EP=2: as many layers as make the expert weights + gradients fill ``--expert-mem``
   (default 60%) of one GPU's memory; that model does not fit one GPU at EP=1.
 
+Sizes on an H200 (about 150e9 bytes): a layer's 64 experts are 403M parameters; at EP=2 a GPU
+holds 32 of them, 0.81 GB of bf16 weights + gradients, so the large stack has ~111 layers
+(44.7B expert parameters, ~89 GB of expert weights + gradients per GPU; EP=1 would need ~179 GB).
+The small stack's experts take 12.9 GB per GPU at EP=1 and 6.4 GB at EP=2. The script prints
+the exact figures and the measured peak memory.
+
 One step = forward + backward + gradient sync (no optimizer: its cost does not depend on EP).
 Every block is activation-checkpointed (its forward, all-to-alls included, runs again in the
 backward), so activations stay small next to the experts.
