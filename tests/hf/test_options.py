@@ -102,3 +102,14 @@ def test_yarn_config_round_trips_and_refuses_bad_values(tmp_path):
         ModelConfig(layer_pattern="N", rope_scaling={"scale": 2.0})
     with pytest.raises(ValueError, match="factor must be >= 1"):
         YarnScaling(factor=0.5, original_max_len=32)
+
+
+def test_mla_model_trains():
+    """Every MLA parameter gets a finite gradient from the LM loss."""
+    model = mla_model().train()
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(3))
+    model(ids, labels=ids).loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        if ".mixer." in name:
+            assert param.grad.abs().sum() > 0, name
