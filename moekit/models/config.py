@@ -11,8 +11,8 @@ import yaml
 
 from moekit.mixers.config import MixerConfig
 from moekit.mixers.mla_config import MLAConfig
-from moekit.mixers.rope_scaling import YarnScaling
 from moekit.mixers.registry import LAYER_LETTERS, check_linear_mixer
+from moekit.mixers.rope_scaling import YarnScaling
 from moekit.moe.config import MoEConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
