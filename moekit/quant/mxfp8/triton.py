@@ -82,14 +82,16 @@ def _mx_quantize_kernel(
                  mask=(offs_m[:, None] < M) & (offs_kb[None, :] < K // 32))
 
     if COLWISE:
-        elems, scale = _quantize_blocks(tl.reshape(x, (BLOCK_M // 32, 32, BLOCK_K)), 1, EMAX, RCEIL,
+        # Transpose first, so that the blocks (along M) are innermost: the amax reduces within a
+        # row of the [K, M] tile and the tile is already in the layout of its [K, M] destination,
+        # so both the element and the scale stores are contiguous along M.
+        xt = tl.trans(x)
+        elems, scale = _quantize_blocks(tl.reshape(xt, (BLOCK_K, BLOCK_M // 32, 32)), 2, EMAX, RCEIL,
                                         MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
-        # Stored transposed, [K, M] and [K, M / 32], so that M (the reduction axis) is contiguous.
-        elems_t = tl.trans(tl.reshape(elems, (BLOCK_M, BLOCK_K)))
-        tl.store(col_data_ptr + offs_k[:, None] * M + offs_m[None, :], elems_t,
+        tl.store(col_data_ptr + offs_k[:, None] * M + offs_m[None, :], tl.reshape(elems, (BLOCK_K, BLOCK_M)),
                  mask=(offs_k[:, None] < K) & (offs_m[None, :] < M))
         offs_mb = tl.program_id(0) * (BLOCK_M // 32) + tl.arange(0, BLOCK_M // 32)
-        tl.store(col_scale_ptr + offs_k[:, None] * (M // 32) + offs_mb[None, :], tl.trans(scale),
+        tl.store(col_scale_ptr + offs_k[:, None] * (M // 32) + offs_mb[None, :], scale,
                  mask=(offs_k[:, None] < K) & (offs_mb[None, :] < M // 32))
 
 
