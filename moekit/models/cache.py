@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from moekit.mixers.cache import KVCache, RecurrentCache, SequenceInfo
@@ -52,6 +54,19 @@ class ModelCache:
         self.length += t
         return SequenceInfo(positions=positions, token_mask=token_mask if padded else None, slots=slots,
                             key_valid=self.key_valid)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Empty the cache for new sequences, in place: every tensor keeps its address (a
+        captured CUDA graph keeps reading and writing the same buffers)."""
+        for entry in self.entries:
+            for f in dataclasses.fields(entry):
+                value = getattr(entry, f.name)
+                if isinstance(value, torch.Tensor):
+                    value.zero_()
+        for buffer in (self.key_valid, self.real_tokens, self.next_slot):
+            buffer.zero_()
+        self.length = 0
 
     def nbytes(self, layer_idx: int | None = None) -> int:
         """Bytes held by one layer's entry, or by all of them."""

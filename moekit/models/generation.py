@@ -84,26 +84,35 @@ def select_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, do_sample: bool = False, attention_mask: torch.Tensor | None = None,
-             eos_token_id: int | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None, output_logits: bool = False) -> GenerateOutput:
-    """Generate up to ``max_new_tokens`` tokens for a batch of prompts.
+@dataclass
+class DecodeRequest:
+    """What every generation loop needs beyond the model: the padded prompts and the options."""
 
-    ``input_ids`` is a [B, P] tensor (left-padded, with ``attention_mask``) or a list of token
-    lists of different lengths (padded here). Greedy unless ``do_sample``; sampling applies
-    ``temperature``, then ``top_k``, then ``top_p`` (nucleus). A row that emits
-    ``eos_token_id`` is finished: later positions hold ``pad_token_id`` (default: the EOS id,
-    else 0), and generation stops early once every row is finished. The model is used in
-    whatever train / eval mode it is in (call ``model.eval()`` first for inference).
-    """
+    ids: torch.Tensor  # [B, P] left-padded prompts
+    mask: torch.Tensor  # [B, P] bool, False at left padding
+    max_new_tokens: int
+    sampling: SamplingConfig
+    eos_token_id: int | None
+    pad_token_id: int
+    generator: torch.Generator | None
+    output_logits: bool
+
+    @property
+    def padded(self) -> bool:
+        return not bool(self.mask.all())
+
+
+def prepare_request(input_ids, max_new_tokens: int, device, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None, do_sample: bool = False,
+                    attention_mask: torch.Tensor | None = None, eos_token_id: int | None = None,
+                    pad_token_id: int | None = None, generator: torch.Generator | None = None,
+                    output_logits: bool = False) -> DecodeRequest:
+    """Check ``generate``'s arguments and left-pad the prompts onto ``device``."""
     sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if pad_token_id is None:
         pad_token_id = eos_token_id if eos_token_id is not None else 0
-    device = model.embed_tokens.weight.device
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() != 2:
             raise ValueError(f"generate: input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
@@ -118,29 +127,53 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0, to
         if attention_mask is not None:
             raise ValueError("generate: pass attention_mask only with a padded input_ids tensor")
         ids, mask = left_pad(input_ids, pad_token_id, device)
+    return DecodeRequest(ids, mask, max_new_tokens, sampling, eos_token_id, pad_token_id, generator,
+                         output_logits)
 
-    batch, prompt_length = ids.shape
-    cache = model.new_cache(batch, prompt_length + max_new_tokens)
-    padded = not bool(mask.all())
-    out = model(ids, cache=cache, attention_mask=mask if padded else None)
-    logits = out.logits[:, -1]
 
+def decode(request: DecodeRequest, logits: torch.Tensor, step) -> GenerateOutput:
+    """The token loop: ``logits`` [B, vocab] are the prompts' last-position logits and
+    ``step(token [B])`` feeds one token per row and returns the next logits (which may be a
+    buffer the following step overwrites: they are copied when kept)."""
+    batch = request.ids.shape[0]
     new_tokens, step_logits = [], []
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        if output_logits:
-            step_logits.append(logits)
-        token = select_next(logits, sampling, generator)
-        if eos_token_id is not None:
-            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-            finished |= token == eos_token_id
+    finished = torch.zeros(batch, dtype=torch.bool, device=request.ids.device)
+    eos = request.eos_token_id
+    for i in range(request.max_new_tokens):
+        if request.output_logits:
+            step_logits.append(logits.clone())
+        token = select_next(logits, request.sampling, request.generator)
+        if eos is not None:
+            token = torch.where(finished, torch.full_like(token, request.pad_token_id), token)
+            finished |= token == eos
         new_tokens.append(token)
-        if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+        if i == request.max_new_tokens - 1 or (eos is not None and bool(finished.all())):
             break
-        logits = model(token[:, None], cache=cache).logits[:, -1]
+        logits = step(token)
 
     generated = torch.stack(new_tokens, dim=1)
-    sequences = torch.cat([ids, generated], dim=1)
-    full_mask = torch.cat([mask, torch.ones_like(generated, dtype=torch.bool)], dim=1)
-    return GenerateOutput(sequences=sequences, prompt_length=prompt_length, attention_mask=full_mask,
-                          logits=torch.stack(step_logits, dim=1) if output_logits else None)
+    sequences = torch.cat([request.ids, generated], dim=1)
+    full_mask = torch.cat([request.mask, torch.ones_like(generated, dtype=torch.bool)], dim=1)
+    return GenerateOutput(sequences=sequences, prompt_length=request.ids.shape[1], attention_mask=full_mask,
+                          logits=torch.stack(step_logits, dim=1) if request.output_logits else None)
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens: int, **kwargs) -> GenerateOutput:
+    """Generate up to ``max_new_tokens`` tokens for a batch of prompts.
+
+    ``input_ids`` is a [B, P] tensor (left-padded, with ``attention_mask``) or a list of token
+    lists of different lengths (padded here). Keyword arguments: ``temperature``, ``top_k``,
+    ``top_p``, ``do_sample``, ``attention_mask``, ``eos_token_id``, ``pad_token_id``,
+    ``generator``, ``output_logits``. Greedy unless ``do_sample``; sampling applies
+    ``temperature``, then ``top_k``, then ``top_p`` (nucleus). A row that emits
+    ``eos_token_id`` is finished: later positions hold ``pad_token_id`` (default: the EOS id,
+    else 0), and generation stops early once every row is finished. The model is used in
+    whatever train / eval mode it is in (call ``model.eval()`` first for inference).
+    """
+    request = prepare_request(input_ids, max_new_tokens, model.embed_tokens.weight.device, **kwargs)
+    batch, prompt_length = request.ids.shape
+    cache = model.new_cache(batch, prompt_length + max_new_tokens)
+    out = model(request.ids, cache=cache, attention_mask=request.mask if request.padded else None,
+                logits_to_keep=1)
+    return decode(request, out.logits[:, -1], lambda token: model(token[:, None], cache=cache).logits[:, -1])

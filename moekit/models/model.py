@@ -111,12 +111,18 @@ class MoEForCausalLM(nn.Module):
     # --- forward ---------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: ModelCache | None = None, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
+                cache: ModelCache | None = None, attention_mask: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> CausalLMOutput:
         """input_ids [B, T]. ``labels`` follow the Hugging Face convention: the same positions as
         ``input_ids``, shifted here, -100 ignored. ``attention_mask`` [B, T] (1 real, 0 padding)
         marks left padding. With a ``cache`` the call continues the cached sequences and
-        updates the cache in place (a one-token call takes the recurrent path)."""
+        updates the cache in place (a one-token call takes the recurrent path).
+        ``logits_to_keep=n > 0`` computes logits for the last n positions only (a prefill needs
+        one: the full [B, T, vocab] float32 logits of a long prompt can outweigh the model)."""
         self._check_inputs(input_ids, labels, attention_mask)
+        if logits_to_keep < 0 or (logits_to_keep and labels is not None):
+            raise ValueError(f"MoEForCausalLM: logits_to_keep must be >= 0 and 0 (all) with labels, got "
+                             f"{logits_to_keep}")
         b, t = input_ids.shape
         if cache is not None:
             mask = attention_mask if attention_mask is not None else input_ids.new_ones(b, t, dtype=torch.bool)
@@ -129,6 +135,8 @@ class MoEForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         for i, block in enumerate(self.layers):
             x = block(x, cache[i] if cache is not None else None, info)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.norm(x)).float()
 
         aux_losses = [layer.aux_loss for layer in self.moe_layers()]
