@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+DESCRIPTION = ("Held-out loss and perplexity of a checkpoint, on the held-out split the run trained against "
+               "unless data.* overrides point elsewhere (e.g. data.val_path=other.txt).")
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="held-out loss / perplexity of a checkpoint", description=__doc__)
+    p = subparsers.add_parser("eval", help="held-out loss / perplexity of a checkpoint", description=DESCRIPTION)
     p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest)")
     p.add_argument("--batches", type=int, default=50, help="evaluate at most this many batches")
     p.add_argument("--device", default="auto")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+DESCRIPTION = "Continue a prompt with a trained model."
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="generate text from a checkpoint", description=__doc__)
+    p = subparsers.add_parser("generate", help="generate text from a checkpoint", description=DESCRIPTION)
     p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest)")
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=200)

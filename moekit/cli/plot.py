@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+DESCRIPTION = "Write PNGs of the loss curves and the expert-load heatmap from RUN_DIR/metrics.jsonl."
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("plot", help="plot a run's metrics", description=__doc__)
+    p = subparsers.add_parser("plot", help="plot a run's metrics", description=DESCRIPTION)
     p.add_argument("run_dir")
     p.set_defaults(func=run)
 

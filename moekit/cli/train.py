@@ -14,8 +14,11 @@ EPILOG = """examples:
 """
 
 
+DESCRIPTION = "Train a model: the built-in default run, or a YAML config, plus dotted key=value overrides."
+
+
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a model", description=__doc__, epilog=EPILOG,
+    p = subparsers.add_parser("train", help="train a model", description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (default: the built-in moekit/configs/train_default.yaml)")
     p.add_argument("--resume", action="store_true",
