@@ -131,13 +131,15 @@ def prepare_request(input_ids, max_new_tokens: int, device, temperature: float =
                          output_logits)
 
 
-def decode(request: DecodeRequest, logits: torch.Tensor, step) -> GenerateOutput:
+def decode(request: DecodeRequest, logits: torch.Tensor, step, finished: torch.Tensor | None = None) -> GenerateOutput:
     """The token loop: ``logits`` [B, vocab] are the prompts' last-position logits and
     ``step(token [B])`` feeds one token per row and returns the next logits (which may be a
-    buffer the following step overwrites: they are copied when kept)."""
+    buffer the following step overwrites: they are copied when kept). ``finished`` [B] bool
+    marks rows that count as done from the start (filler rows of a fixed-size batch)."""
     batch = request.ids.shape[0]
     new_tokens, step_logits = [], []
-    finished = torch.zeros(batch, dtype=torch.bool, device=request.ids.device)
+    if finished is None:
+        finished = torch.zeros(batch, dtype=torch.bool, device=request.ids.device)
     eos = request.eos_token_id
     for i in range(request.max_new_tokens):
         if request.output_logits:

@@ -1,0 +1,187 @@
+"""FastDecoder (static cache, chunked prefill, CUDA-graph decode) generates what model.generate does."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from moekit.models import ModelConfig, MoEForCausalLM
+from moekit.models.fast_decode import FastDecoder, graph_blocker
+from moekit.moe.dispatch import LocalDispatcher
+
+VOCAB = 64
+
+
+def tiny_model(pattern: str, mixer: str = "gla", seed: int = 0, dtype=torch.float64, **moe) -> MoEForCausalLM:
+    torch.manual_seed(seed)
+    config = ModelConfig.from_dict({
+        "vocab_size": VOCAB, "hidden_size": 32, "layer_pattern": pattern, "linear_mixer": mixer,
+        "num_heads": 2, "num_kv_heads": 1, "head_dim": 16, "max_seq_len": 128, "init_std": 0.1,
+        "first_k_dense": 1 if len(pattern) > 1 else 0, "dense_ffn_hidden_size": 48,
+        "moe": {"ffn_hidden_size": 32, "num_experts": 4, "top_k": 2, "num_shared_experts": 1,
+                "init_std": 0.1, **moe},
+    })
+    return MoEForCausalLM(config).to(dtype).eval()
+
+
+def prompts_of(lengths, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    values = (getattr(entry, f.name) for entry in cache.entries for f in dataclasses.fields(entry))
+    return [v for v in values if v is not None]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+# Prompts of different lengths (left padding), prefill in one call and in chunks.
+@pytest.mark.parametrize("pattern,mixer", [("LLLN", "gla"), ("N", "gla"), ("LNL", "gated_deltanet"),
+                                           ("L", "mamba2")])
+@pytest.mark.parametrize("prefill_chunk", [64, 3])
+def test_same_tokens_as_generate(pattern, mixer, prefill_chunk):
+    model = tiny_model(pattern, mixer)
+    prompts = prompts_of((7, 2, 11))
+    expected = model.generate(prompts, 9, output_logits=True)
+    decoder = FastDecoder(model, batch_size=3, max_len=40, prefill_chunk=prefill_chunk)
+    assert not decoder.uses_cuda_graph
+    got = decoder.generate(prompts, 9, output_logits=True)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert torch.equal(got.attention_mask, expected.attention_mask)
+    assert got.prompt_length == expected.prompt_length
+    assert rel(got.logits, expected.logits) < 1e-10
+
+
+def test_float32_tokens_and_logits_match_generate():
+    model = tiny_model("LLLN", dtype=torch.float32, seed=3)
+    prompts = prompts_of((5, 9), seed=3)
+    expected = model.generate(prompts, 12, output_logits=True)
+    got = FastDecoder(model, 2, 64, prefill_chunk=4).generate(prompts, 12, output_logits=True)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert rel(got.logits, expected.logits) < 1e-5
+
+
+def test_cache_is_reused_across_requests():
+    model = tiny_model("LNLN", seed=1)
+    decoder = FastDecoder(model, batch_size=2, max_len=32)
+    buffers = [t.data_ptr() for t in cache_tensors(decoder.cache)]
+    for seed, lengths in ((1, (6, 3)), (2, (4, 10)), (3, (1, 1))):
+        prompts = prompts_of(lengths, seed)
+        assert torch.equal(decoder.generate(prompts, 8).sequences, model.generate(prompts, 8).sequences)
+    assert [t.data_ptr() for t in cache_tensors(decoder.cache)] == buffers
+
+
+def test_partial_batch_with_eos_and_padded_tensor_input():
+    model = tiny_model("LLN", seed=2)
+    prompts = prompts_of((3, 8), seed=2)
+    greedy = model.generate(prompts, 10)
+    eos = int(greedy.new_tokens[0, 2])  # row 0 stops at its third token
+    expected = model.generate(prompts, 10, eos_token_id=eos, pad_token_id=5)
+    decoder = FastDecoder(model, batch_size=4, max_len=24)
+    got = decoder.generate(prompts, 10, eos_token_id=eos, pad_token_id=5)
+    assert got.sequences.shape == expected.sequences.shape
+    assert torch.equal(got.sequences, expected.sequences)
+    assert (got.new_tokens[0, 3:] == 5).all()
+
+    ids, mask = expected.sequences[:, :8], expected.attention_mask[:, :8]
+    tensor_in = decoder.generate(ids, 10, attention_mask=mask, eos_token_id=eos, pad_token_id=5)
+    assert torch.equal(tensor_in.sequences, expected.sequences)
+
+
+def test_sampling_with_a_generator_matches_generate():
+    model = tiny_model("LLLN", seed=4)
+    prompts = prompts_of((4, 6, 5), seed=4)
+    options = {"do_sample": True, "temperature": 0.8, "top_k": 20, "top_p": 0.9}
+    expected = model.generate(prompts, 10, generator=torch.Generator().manual_seed(7), **options)
+    got = FastDecoder(model, 3, 20).generate(prompts, 10, generator=torch.Generator().manual_seed(7), **options)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert len(set(got.new_tokens.flatten().tolist())) > 3  # really sampled, not one repeated token
+
+
+def test_prefill_and_step_continue_a_full_forward():
+    model = tiny_model("LNL", seed=5)
+    ids = torch.randint(0, VOCAB, (2, 13))
+    full = model(ids).logits
+    decoder = FastDecoder(model, 2, 16, prefill_chunk=5)
+    assert rel(decoder.prefill(ids[:, :10]), full[:, 9]) < 1e-10
+    for t in range(10, 13):
+        assert rel(decoder.step(ids[:, t]), full[:, t]) < 1e-10
+    assert decoder.cache.length == 13
+
+
+def test_logits_to_keep_and_cache_reset():
+    model = tiny_model("LN", seed=6)
+    ids = torch.randint(0, VOCAB, (3, 9))
+    full = model(ids).logits
+    assert torch.allclose(model(ids, logits_to_keep=2).logits, full[:, -2:], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, labels=ids, logits_to_keep=1)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, logits_to_keep=-1)
+
+    cache = model.new_cache(3, 12)
+    first = model(ids, cache=cache).logits
+    cache.reset()
+    tensors = cache_tensors(cache)
+    assert all(not t.any() for t in tensors) and cache.length == 0
+    assert not cache.key_valid.any() and not cache.next_slot.any() and not cache.real_tokens.any()
+    assert torch.equal(model(ids, cache=cache).logits, first)
+
+
+def test_graph_blocker_names_what_syncs():
+    assert "training mode" in graph_blocker(tiny_model("L").train())
+    assert "CUDA device" in graph_blocker(tiny_model("L"))
+    assert "expert-choice" in graph_blocker(tiny_model("L", router_type="expert_choice", capacity_factor=1.0))
+    assert "capacity" in graph_blocker(tiny_model("L", capacity_factor=1.25))
+    assert "check_finite" in graph_blocker(tiny_model("L", check_finite=True))
+
+    class Remote(LocalDispatcher):
+        pass
+
+    model = tiny_model("L")
+    next(model.moe_layers()).set_dispatcher(Remote())
+    assert "Remote" in graph_blocker(model)
+
+
+def test_errors():
+    model = tiny_model("LN")
+    with pytest.raises(ValueError, match="CUDA device"):
+        FastDecoder(model, 2, 16, cuda_graph=True)
+    with pytest.raises(ValueError, match="batch_size"):
+        FastDecoder(model, 0, 16)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        FastDecoder(model, 2, 16, prefill_chunk=0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        FastDecoder(model, 2, 1000)
+    decoder = FastDecoder(model, 2, 16)
+    with pytest.raises(ValueError, match="exceed batch_size"):
+        decoder.generate(prompts_of((2, 2, 2)), 4)
+    with pytest.raises(ValueError, match="exceed max_len"):
+        decoder.generate(prompts_of((10, 2)), 7)
+    with pytest.raises(ValueError, match="one token per row"):
+        decoder.step(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="exactly batch_size"):
+        decoder.prefill(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        decoder.generate(prompts_of((2, 2)), 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("pattern", ["LLLN", "N", "L"])
+def test_cuda_graph_replay_matches_eager(pattern):
+    model = tiny_model(pattern, dtype=torch.float32, seed=7).cuda()
+    prompts = prompts_of((5, 12, 3, 8), seed=7)
+    graphed = FastDecoder(model, 4, 48, cuda_graph=True, prefill_chunk=4)
+    assert graphed.uses_cuda_graph
+    eager = FastDecoder(model, 4, 48, cuda_graph=False, prefill_chunk=4)
+    for seed in (0, 1):  # twice: replays after a reset start from the new request
+        prompts = prompts_of((5, 12, 3, 8), seed=seed)
+        a = graphed.generate(prompts, 20, output_logits=True)
+        b = eager.generate(prompts, 20, output_logits=True)
+        assert torch.equal(a.sequences, b.sequences)
+        assert rel(a.logits, b.logits) < 1e-5
+        assert graphed.cache.length == eager.cache.length
