@@ -1,0 +1,406 @@
+"""Triton kernels of the FP8 / MXFP8 routed experts (recipes in ``fp8_recipe``), and launchers.
+
+Operands are E4M3 bytes with float32 block scales; every GEMM multiplies one K-block of
+``block`` values per step on the tensor cores (``tl.dot`` on float8e4nv, FP32 result) and
+applies the two blocks' scales to that partial product before adding it to the FP32
+accumulator (DeepSeek-V3's promotion to CUDA cores). Rows are expert-sorted (de)assignments as in
+``triton_kernels``; every row tile is ``ROW_TILE`` = 128 rows of one expert, so a tile is also
+one group of the token-axis (wgrad) quantization.
+
+- ``_gather_gemm_kernel``: rows of an FP8 source gathered by token in the prologue, times the
+  expert's weight. Forward up-projection: stores the pre-activation h (input dtype), applies
+  the activation and quantizes its output both ways in the epilogue (rows for the down GEMM,
+  columns of ``w * a`` for dW_down). Backward down dgrad: routing weight, activation backward,
+  and the same two quantizations of dh (rows for dx, columns for dW_up).
+- ``_scatter_gemm_kernel``: FP8 expert-sorted rows times the expert's weight, each result
+  row written at its (token, slot) place (down forward; up dgrad).
+- ``_gather_cols_kernel``: rows of x / dout gathered by token, quantized along the token axis
+  (the wgrad operands the GEMM epilogues cannot produce).
+- ``_wgrad_kernel``: dW[e] = A_e^T B_e from two token-axis-quantized operands stored
+  transposed ([P, rows], rows contiguous: the K-major layout FP8 tensor cores want).
+
+``fp8_reference`` holds the plain-PyTorch definition of the whole op.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moekit.ops.activations import is_gated
+from moekit.ops.moe.fp8_recipe import DIM_MULTIPLE, ROW_TILE, Recipe
+from moekit.ops.moe.triton_kernels import ACT_CODES, _act, _act_grad, _expert_rows, _expert_tile, _pow2, _swizzle
+from moekit.ops.moe.triton_meta import RoutingMeta, new_buffer
+from moekit.quant.triton_utils import INTERPRETING, encode_fp8
+
+E4M3_MAX = tl.constexpr(448.0)
+E4M3_EMAX = tl.constexpr(8)
+MIN_SCALE = tl.constexpr(2.0**-126)
+TILE_N = DIM_MULTIPLE  # output columns per program: one whole 128-wide quantization group
+# Launch options of every GEMM kernel here; benchmarks/moe_fp8.py --sweep tries others.
+LAUNCH = {"num_warps": 4, "num_stages": 1} if INTERPRETING else {"num_warps": 8, "num_stages": 3}
+GROUP_M = 8
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+@triton.jit
+def _quantize_blocks(v, MX: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """float32 v [A, G, B] in blocks along the last axis -> (E4M3 bytes [A, G, B], float32 scales [A, G]).
+    Same rules as ``moekit.quant``: fp8 scale amax / 448 (floored at 2**-126), MX floor E8M0;
+    a block holding NaN / Inf becomes NaN."""
+    mag = tl.abs(v)
+    finite = mag < float("inf")
+    amax = tl.max(tl.where(finite, mag, 0.0), axis=2)
+    nonfinite = tl.max(tl.where(finite, 0, 1), axis=2) > 0
+    if MX:
+        bits = amax.to(tl.int32, bitcast=True)
+        exp = tl.minimum(tl.maximum(((bits >> 23) & 0xFF) - 127 - E4M3_EMAX, -127), 127)
+        inv = ((127 - exp) << 23).to(tl.float32, bitcast=True)
+        scale = tl.where(exp == -127, 1 << 22, (exp + 127) << 23).to(tl.float32, bitcast=True)
+    else:
+        scale = tl.maximum(tl.math.div_rn(amax, tl.full(amax.shape, E4M3_MAX, tl.float32)), MIN_SCALE)
+        inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    q = encode_fp8(v * inv[:, :, None], E4M3_MAX, 3, -6, False, EMULATE_RNE)
+    q = tl.where(nonfinite[:, :, None], 0x7F, q).to(tl.uint8)
+    return q, tl.where(nonfinite, float("nan"), scale)
+
+
+@triton.jit
+def _store_rows(v, rows, row_ok, col0, q_ptr, ld_q, s_ptr, ld_s,
+                BLOCK: tl.constexpr, MX: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr):
+    """Quantize v [BM, BN] along its columns: q[rows, col0:col0+BN], s[rows, col0/BLOCK + ...]."""
+    q, s = _quantize_blocks(tl.reshape(v, (BM, BN // BLOCK, BLOCK)), MX, EMULATE_RNE)
+    rows64 = rows.to(tl.int64)[:, None]
+    cols = col0 + tl.arange(0, BN)
+    tl.store(q_ptr + rows64 * ld_q + cols[None, :], tl.reshape(q, (BM, BN)), mask=row_ok[:, None])
+    sc = col0 // BLOCK + tl.arange(0, BN // BLOCK)
+    tl.store(s_ptr + rows64 * ld_s + sc[None, :], s, mask=row_ok[:, None])
+
+
+@triton.jit
+def _store_cols(v, rows, row_ok, tile, col0, c_ptr, ld_c, cs_ptr, ld_cs,
+                BLOCK: tl.constexpr, MX: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr):
+    """Quantize v [BM, BN] (rows of row tile `tile`; invalid rows hold zeros) along its rows,
+    stored transposed: c[col, row], scales cs[tile * BM / BLOCK + j, col]."""
+    q, s = _quantize_blocks(tl.reshape(tl.trans(v), (BN, BM // BLOCK, BLOCK)), MX, EMULATE_RNE)
+    cols = (col0 + tl.arange(0, BN)).to(tl.int64)
+    tl.store(c_ptr + cols[:, None] * ld_c + rows[None, :], tl.reshape(q, (BN, BM)), mask=row_ok[None, :])
+    sb = (tile * (BM // BLOCK) + tl.arange(0, BM // BLOCK)).to(tl.int64)
+    tl.store(cs_ptr + sb[None, :] * ld_cs + cols[:, None], s)
+
+
+@triton.jit
+def _scaled_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as,
+                 b_ptr, b_cols, ld_b, bs_ptr, ld_bs_n, ld_bs_k, b2_offset, num_k,
+                 TWO: tl.constexpr, BLOCK: tl.constexpr, WEIGHT_ROWS: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr):
+    """acc[i, j] = sum_k A[a_rows[i], k] B[b_cols[j], k] with per-block scales (A: one per row and
+    K-block, B: one per WEIGHT_ROWS columns and K-block). With TWO, also acc2 over the columns
+    b_cols + b2_offset (the up half of a gated projection), sharing A's loads."""
+    ks = tl.arange(0, BLOCK)
+    rows64 = a_rows.to(tl.int64)
+    cols64 = b_cols.to(tl.int64)
+    a_ptrs = a_ptr + rows64[:, None] * ld_a + ks[None, :]
+    b_ptrs = b_ptr + cols64[None, :] * ld_b + ks[:, None]
+    as_ptrs = as_ptr + rows64 * ld_as
+    bs_ptrs = bs_ptr + (cols64 // WEIGHT_ROWS) * ld_bs_n
+    b2_ptrs = b_ptrs + b2_offset * ld_b
+    bs2_ptrs = bs_ptr + ((cols64 + b2_offset) // WEIGHT_ROWS) * ld_bs_n
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+    for kb in range(0, num_k):
+        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0).to(tl.float8e4nv, bitcast=True)
+        sa = tl.load(as_ptrs + kb, mask=row_ok, other=0.0)
+        b = tl.load(b_ptrs).to(tl.float8e4nv, bitcast=True)
+        sb = tl.load(bs_ptrs + kb * ld_bs_k)
+        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+        if TWO:
+            b2 = tl.load(b2_ptrs).to(tl.float8e4nv, bitcast=True)
+            sb2 = tl.load(bs2_ptrs + kb * ld_bs_k)
+            acc2 += tl.dot(a, b2) * (sa[:, None] * sb2[None, :])
+            b2_ptrs += BLOCK
+        a_ptrs += BLOCK
+        b_ptrs += BLOCK
+    return acc, acc2
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _gather_gemm_kernel(
+    src_ptr, src_s_ptr, w_ptr, w_s_ptr, h_ptr, weight_ptr, counts_ptr, order_ptr,
+    q_ptr, q_s_ptr, c_ptr, c_s_ptr,
+    num_rows, F, K, num_experts, top_k,
+    ld_src, ld_src_s, stride_we, ld_w, stride_wse, ld_ws_n, ld_ws_k, ld_h, ld_q, ld_qs, ld_c, ld_cs,
+    E_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BACKWARD: tl.constexpr,
+    SAVE: tl.constexpr, BLOCK: tl.constexpr, WEIGHT_ROWS: tl.constexpr, MX: tl.constexpr,
+    EMULATE_RNE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
+):
+    """Forward (BACKWARD=False): a = act(Q(x)[token] @ Q(W_up)^T); backward: dh = act'(h) * w *
+    (Q(dout)[token] @ Q(W_down)). F is the activation width; one program owns BN of its columns
+    (and the matching up columns F + f of a gated h / dh). SAVE (forward): also store h and the
+    token-axis quantization of w * a that dW_down needs."""
+    num_pid_m = tl.cdiv(num_rows, BM) + num_experts
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, F // BN, GROUP)
+    expert, row0, row_end = _expert_tile(counts_ptr, pid_m, num_experts, E_PAD, BM)
+    if expert >= num_experts:
+        return
+    rows = row0 + tl.arange(0, BM)
+    row_ok = rows < row_end
+    assignment = tl.load(order_ptr + rows, mask=row_ok, other=0)
+    f0 = pid_n * BN
+    fs = f0 + tl.arange(0, BN)
+    e64 = expert.to(tl.int64)
+    TWO: tl.constexpr = GATED and not BACKWARD
+    acc, acc2 = _scaled_gemm(src_ptr, assignment // top_k, row_ok, ld_src, src_s_ptr, ld_src_s,
+                             w_ptr + e64 * stride_we, fs, ld_w, w_s_ptr + e64 * stride_wse, ld_ws_n, ld_ws_k,
+                             F, K // BLOCK, TWO, BLOCK, WEIGHT_ROWS, BM, BN)
+    w = tl.load(weight_ptr + assignment, mask=row_ok, other=0.0)  # 0 on rows outside the tile's expert
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * ld_h + fs[None, :]
+    if BACKWARD:
+        da = acc * w[:, None]
+        gate = tl.load(h_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        if GATED:
+            up = tl.load(h_ptrs + F, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            d_gate = da * up * _act_grad(gate, ACT)
+            d_up = da * _act(gate, ACT)
+            _store_rows(d_gate, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
+            _store_rows(d_up, rows, row_ok, F + f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
+            _store_cols(d_gate, rows, row_ok, pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE,
+                        BM, BN)
+            _store_cols(d_up, rows, row_ok, pid_m, F + f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
+                        EMULATE_RNE, BM, BN)
+        else:
+            dh = da * _act_grad(gate, ACT)
+            _store_rows(dh, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
+            _store_cols(dh, rows, row_ok, pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE,
+                        BM, BN)
+    else:
+        if SAVE:
+            tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=row_ok[:, None])
+            if GATED:
+                tl.store(h_ptrs + F, acc2.to(h_ptr.dtype.element_ty), mask=row_ok[:, None])
+        a = _act(acc, ACT) * acc2 if GATED else _act(acc, ACT)
+        _store_rows(a, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
+        if SAVE:
+            _store_cols(a * w[:, None], rows, row_ok, pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
+                        EMULATE_RNE, BM, BN)
+
+
+@triton.jit
+def _scatter_gemm_kernel(
+    src_ptr, src_s_ptr, w_ptr, w_s_ptr, out_ptr, counts_ptr, order_ptr,
+    num_rows, N, K, num_experts,
+    ld_src, ld_src_s, stride_we, ld_w, stride_wse, ld_ws_n, ld_ws_k, ld_out,
+    E_PAD: tl.constexpr, BLOCK: tl.constexpr, WEIGHT_ROWS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
+):
+    """out[order[r]] = Q(src)[r] @ Q(W_e)^T for expert-sorted rows r (N columns per row)."""
+    num_pid_m = tl.cdiv(num_rows, BM) + num_experts
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, N // BN, GROUP)
+    expert, row0, row_end = _expert_tile(counts_ptr, pid_m, num_experts, E_PAD, BM)
+    if expert >= num_experts:
+        return
+    rows = row0 + tl.arange(0, BM)
+    row_ok = rows < row_end
+    cols = pid_n * BN + tl.arange(0, BN)
+    e64 = expert.to(tl.int64)
+    acc, _ = _scaled_gemm(src_ptr, rows, row_ok, ld_src, src_s_ptr, ld_src_s,
+                          w_ptr + e64 * stride_we, cols, ld_w, w_s_ptr + e64 * stride_wse, ld_ws_n, ld_ws_k,
+                          0, K // BLOCK, False, BLOCK, WEIGHT_ROWS, BM, BN)
+    assignment = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    tl.store(out_ptr + assignment[:, None] * ld_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def _gather_cols_kernel(
+    src_ptr, counts_ptr, order_ptr, c_ptr, c_s_ptr,
+    num_rows, P, num_experts, top_k, ld_src, ld_c, ld_cs,
+    E_PAD: tl.constexpr, BLOCK: tl.constexpr, MX: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    """c[p, r] / c_s: src[token(r), p] quantized along each expert's rows (blocks of BLOCK)."""
+    pid_m = tl.program_id(0) // (P // BN)
+    pid_n = tl.program_id(0) % (P // BN)
+    expert, row0, row_end = _expert_tile(counts_ptr, pid_m, num_experts, E_PAD, BM)
+    if expert >= num_experts:
+        return
+    rows = row0 + tl.arange(0, BM)
+    row_ok = rows < row_end
+    token = (tl.load(order_ptr + rows, mask=row_ok, other=0) // top_k).to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    v = tl.load(src_ptr + token[:, None] * ld_src + cols[None, :], mask=row_ok[:, None], other=0.0)
+    _store_cols(v.to(tl.float32), rows, row_ok, pid_m, pid_n * BN, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
+                EMULATE_RNE, BM, BN)
+
+
+@triton.jit
+def _wgrad_kernel(
+    a_ptr, a_s_ptr, b_ptr, b_s_ptr, dw_ptr, counts_ptr,
+    P, Q, num_experts, ld_a, ld_as, ld_b, ld_bs, stride_de, stride_dp,
+    E_PAD: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
+):
+    """dW[e, p, q] = sum over expert e's rows r of Q(A)[p, r] Q(B)[q, r] (operands stored transposed)."""
+    num_p = P // BM
+    num_q = Q // BN
+    pid = tl.program_id(0)
+    expert = pid // (num_p * num_q)
+    pid_p, pid_q = _swizzle(pid % (num_p * num_q), num_p, num_q, GROUP)
+    e, cnt, start = _expert_rows(counts_ptr, num_experts, E_PAD)
+    tiles = (cnt + TILE - 1) // TILE
+    mine = e == expert
+    first_block = tl.sum(tl.where(mine, tl.cumsum(tiles, 0) - tiles, 0), 0) * (TILE // BLOCK)
+    row0 = tl.sum(tl.where(mine, start, 0), 0)
+    row_end = row0 + tl.sum(tl.where(mine, cnt, 0), 0)
+    ps = (pid_p * BM + tl.arange(0, BM)).to(tl.int64)
+    qs = (pid_q * BN + tl.arange(0, BN)).to(tl.int64)
+    ks = tl.arange(0, BLOCK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for j in range(0, tl.cdiv(row_end - row0, BLOCK)):
+        rows = row0 + j * BLOCK + ks
+        ok = rows < row_end
+        a = tl.load(a_ptr + ps[:, None] * ld_a + rows[None, :], mask=ok[None, :], other=0)
+        b = tl.load(b_ptr + qs[None, :] * ld_b + rows[:, None], mask=ok[:, None], other=0)
+        sblock = (first_block + j).to(tl.int64)
+        sa = tl.load(a_s_ptr + sblock * ld_as + ps)
+        sb = tl.load(b_s_ptr + sblock * ld_bs + qs)
+        acc += tl.dot(a.to(tl.float8e4nv, bitcast=True), b.to(tl.float8e4nv, bitcast=True)) * (
+            sa[:, None] * sb[None, :])
+    tl.store(dw_ptr + expert.to(tl.int64) * stride_de + ps[:, None] * stride_dp + qs[None, :],
+             acc.to(dw_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _weight_grad_kernel(y_ptr, dout_ptr, idx_ptr, dw_ptr, H, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+    """dw[t, k] = <dout[t], y[t*K + k]> in fp32; 0 for dropped slots (whose y rows are unwritten)."""
+    t = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, K_PAD)
+    slot = t * TOP_K + ks
+    use = (ks < TOP_K) & (tl.load(idx_ptr + slot, mask=ks < TOP_K, other=-1) >= 0)
+    acc = tl.zeros((K_PAD, BLOCK_H), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        g = tl.load(dout_ptr + t * H + cols, mask=cols < H, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + slot[:, None] * H + cols[None, :], mask=use[:, None] & (cols < H)[None, :], other=0.0)
+        acc += y.to(tl.float32) * g[None, :]
+    tl.store(dw_ptr + slot, tl.sum(acc, 1), mask=ks < TOP_K)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _row_tiles(meta: RoutingMeta) -> int:
+    return triton.cdiv(meta.order.numel(), ROW_TILE) + meta.num_experts
+
+
+def _cols_buffers(meta: RoutingMeta, width: int, r: Recipe, device):
+    """Token-axis-quantized operand [width, rows] (row stride padded to 16 B) and its scales."""
+    num_rows = meta.order.numel()
+    data = torch.empty(width, triton.cdiv(max(num_rows, 1), 16) * 16, dtype=torch.uint8, device=device)
+    scale = torch.empty(_row_tiles(meta) * (ROW_TILE // r.block), width, dtype=torch.float32, device=device)
+    return data, scale
+
+
+def _weight_args(w_data: torch.Tensor, w_scale: torch.Tensor) -> tuple:
+    return (w_data.stride(0), w_data.stride(1), w_scale.stride(0), w_scale.stride(1), w_scale.stride(2))
+
+
+def gather_up(xq, w_up_q, weight, meta: RoutingMeta, activation: str, r: Recipe, dtype, save: bool):
+    """Forward up-projection. Returns (h [rows, U] dtype or None, (a rows-quantized: uint8
+    [rows, F], scales [rows, F/block]), (w*a cols-quantized: [F, rows'], scales) or None)."""
+    (x_data, x_scale), (w_data, w_scale) = xq, w_up_q
+    gated = is_gated(activation)
+    num_rows = meta.order.numel()
+    E, U, H = w_data.shape
+    F = U // 2 if gated else U
+    dev = x_data.device
+    h = new_buffer((num_rows, U), dtype, dev) if save else None
+    a_q = torch.empty(num_rows, F, dtype=torch.uint8, device=dev)
+    a_s = new_buffer((num_rows, F // r.block), torch.float32, dev)
+    a_c, a_cs = _cols_buffers(meta, F, r, dev) if save else (a_q, a_s)
+    _gather_gemm_kernel[(_row_tiles(meta) * (F // TILE_N),)](
+        x_data, x_scale, w_data, w_scale, h if save else a_s, weight, meta.counts, meta.order,
+        a_q, a_s, a_c, a_cs, num_rows, F, H, E, meta.top_k,
+        x_data.stride(0), x_scale.stride(0), *_weight_args(w_data, w_scale),
+        U, F, a_s.stride(0), a_c.stride(0), a_cs.stride(0),
+        E_PAD=_pow2(E), GATED=gated, ACT=ACT_CODES[activation], BACKWARD=False, SAVE=save,
+        BLOCK=r.block, WEIGHT_ROWS=r.weight_rows, MX=r.mx, EMULATE_RNE=INTERPRETING,
+        BM=ROW_TILE, BN=TILE_N, GROUP=GROUP_M, **LAUNCH)
+    return h, (a_q, a_s), ((a_c, a_cs) if save else None)
+
+
+def down_dgrad(dq, w_down_t, h, weight, meta: RoutingMeta, activation: str, r: Recipe):
+    """dh = act'(h) * w * (Q(dout)[token] @ Q(W_down)), quantized both ways:
+    ((uint8 [rows, U], scales [rows, U/block]), (uint8 [U, rows'], scales))."""
+    (d_data, d_scale), (w_data, w_scale) = dq, w_down_t
+    gated = is_gated(activation)
+    num_rows, U = h.shape
+    E, F, H = w_data.shape
+    dev = h.device
+    dh_q = torch.empty(num_rows, U, dtype=torch.uint8, device=dev)
+    dh_s = new_buffer((num_rows, U // r.block), torch.float32, dev)
+    dh_c, dh_cs = _cols_buffers(meta, U, r, dev)
+    _gather_gemm_kernel[(_row_tiles(meta) * (F // TILE_N),)](
+        d_data, d_scale, w_data, w_scale, h, weight, meta.counts, meta.order,
+        dh_q, dh_s, dh_c, dh_cs, num_rows, F, H, E, meta.top_k,
+        d_data.stride(0), d_scale.stride(0), *_weight_args(w_data, w_scale),
+        h.stride(0), U, dh_s.stride(0), dh_c.stride(0), dh_cs.stride(0),
+        E_PAD=_pow2(E), GATED=gated, ACT=ACT_CODES[activation], BACKWARD=True, SAVE=False,
+        BLOCK=r.block, WEIGHT_ROWS=r.weight_rows, MX=r.mx, EMULATE_RNE=INTERPRETING,
+        BM=ROW_TILE, BN=TILE_N, GROUP=GROUP_M, **LAUNCH)
+    return (dh_q, dh_s), (dh_c, dh_cs)
+
+
+def scatter_gemm(src_q, w_q, meta: RoutingMeta, r: Recipe, dtype) -> torch.Tensor:
+    """buf [T*K, N] (dtype): buf[order[r]] = Q(src)[r] @ Q(W_e)^T; dropped slots left unwritten."""
+    (s_data, s_scale), (w_data, w_scale) = src_q, w_q
+    E, N, K = w_data.shape
+    num_rows = meta.order.numel()
+    out = new_buffer((num_rows, N), dtype, s_data.device)
+    _scatter_gemm_kernel[(_row_tiles(meta) * (N // TILE_N),)](
+        s_data, s_scale, w_data, w_scale, out, meta.counts, meta.order, num_rows, N, K, E,
+        s_data.stride(0), s_scale.stride(0), *_weight_args(w_data, w_scale), out.stride(0),
+        E_PAD=_pow2(E), BLOCK=r.block, WEIGHT_ROWS=r.weight_rows, BM=ROW_TILE, BN=TILE_N, GROUP=GROUP_M,
+        **LAUNCH)
+    return out
+
+
+def gather_cols(src: torch.Tensor, meta: RoutingMeta, r: Recipe):
+    """src [T, P] gathered by token into expert-sorted rows, quantized along the token axis:
+    (uint8 [P, rows'], float32 scales [tiles * ROW_TILE / block, P])."""
+    num_rows = meta.order.numel()
+    P = src.shape[1]
+    data, scale = _cols_buffers(meta, P, r, src.device)
+    _gather_cols_kernel[(_row_tiles(meta) * (P // TILE_N),)](
+        src, meta.counts, meta.order, data, scale, num_rows, P, meta.num_experts, meta.top_k,
+        src.stride(0), data.stride(0), scale.stride(0),
+        E_PAD=_pow2(meta.num_experts), BLOCK=r.block, MX=r.mx, EMULATE_RNE=INTERPRETING,
+        BM=ROW_TILE, BN=TILE_N, num_warps=LAUNCH["num_warps"])
+    return data, scale
+
+
+def grouped_wgrad(a_cols, b_cols, meta: RoutingMeta, r: Recipe, dtype) -> torch.Tensor:
+    """dW [E, P, Q] (dtype) from two operands made by ``gather_cols`` / the GEMM epilogues."""
+    (a, a_s), (b, b_s) = a_cols, b_cols
+    E, P, Q = meta.num_experts, a.shape[0], b.shape[0]
+    dw = torch.empty(E, P, Q, dtype=dtype, device=a.device)  # every element is written
+    _wgrad_kernel[(E * (P // TILE_N) * (Q // TILE_N),)](
+        a, a_s, b, b_s, dw, meta.counts, P, Q, E, a.stride(0), a_s.stride(0), b.stride(0), b_s.stride(0),
+        dw.stride(0), dw.stride(1),
+        E_PAD=_pow2(E), BLOCK=r.block, TILE=ROW_TILE, BM=TILE_N, BN=TILE_N, GROUP=GROUP_M, **LAUNCH)
+    return dw
+
+
+def weight_grad(y: torch.Tensor, dout: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+    """Routing-weight gradient [T, K] fp32 from the saved expert outputs y [T*K, H]."""
+    T, K = topk_idx.shape
+    dw = torch.empty(T, K, dtype=torch.float32, device=y.device)
+    _weight_grad_kernel[(T,)](y, dout, topk_idx, dw, y.shape[1], TOP_K=K, K_PAD=_pow2(K),
+                              BLOCK_H=min(512, _pow2(y.shape[1])))
+    return dw
