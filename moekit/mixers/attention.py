@@ -30,21 +30,27 @@ class SoftmaxAttention(nn.Module):
     Without a cache it attends over the call's own tokens. With a ``KVCache`` it writes the
     new keys/values into their slots and attends over the whole preallocated buffer under a
     mask, so a one-token decode step has the same shapes at every position.
+
+    With ``attention_output_gate`` (Qwen3-Next) ``q_proj`` yields, per head, the query then a
+    gate of the same width ([q_h | gate_h], the checkpoint's layout); the attention output is
+    multiplied by sigmoid(gate) before ``o_proj``.
     """
 
     def __init__(self, config: MixerConfig):
         super().__init__()
         self.config = config
         h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, h * d, bias=config.attention_bias)
+        self.q_proj = nn.Linear(config.hidden_size, h * d * (2 if config.attention_output_gate else 1),
+                                bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, kv * d, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv * d, bias=config.attention_bias)
         self.o_proj = nn.Linear(h * d, config.hidden_size, bias=False)
         # qk_norm_scope "all" normalises the whole projection (all heads together), as OLMoE does.
         per_head = config.qk_norm_scope == "head"
-        self.q_norm = RMSNorm(d if per_head else h * d, config.norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(d if per_head else kv * d, config.norm_eps) if config.qk_norm else None
-        self.rotary = RotaryEmbedding(d, config.rope_theta, config.rope_scaling)
+        offset = config.norm_unit_offset
+        self.q_norm = RMSNorm(d if per_head else h * d, config.norm_eps, offset) if config.qk_norm else None
+        self.k_norm = RMSNorm(d if per_head else kv * d, config.norm_eps, offset) if config.qk_norm else None
+        self.rotary = RotaryEmbedding(d, config.rope_theta, config.rope_scaling, config.rotary_dim)
 
     def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
         cfg = self.config
@@ -57,7 +63,10 @@ class SoftmaxAttention(nn.Module):
         b, t, _ = x.shape
         if info is None:
             info = SequenceInfo.plain(b, t, x.device)
-        q, k = self.q_proj(x), self.k_proj(x)
+        q, k, gate = self.q_proj(x), self.k_proj(x), None
+        if cfg.attention_output_gate:
+            q, gate = q.view(b, t, cfg.num_heads, 2 * cfg.head_dim).chunk(2, dim=-1)
+            q, gate = q.reshape(b, t, -1), gate.reshape(b, t, -1)
         if self.q_norm is not None and cfg.qk_norm_scope == "all":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, t, cfg.num_heads, cfg.head_dim)
@@ -84,5 +93,9 @@ class SoftmaxAttention(nn.Module):
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+                                           scale=cfg.attention_scale)
+        o = o.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim)
+        if gate is not None:
+            o = o * torch.sigmoid(gate)
+        return self.o_proj(o)

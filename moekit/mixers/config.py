@@ -17,6 +17,15 @@ class MixerConfig:
     ``head_dim`` is the query/key width of a head; values are ``expand_v`` times wider (the
     state of a linear head is ``head_dim x value_dim``). ``layer_idx`` / ``num_layers`` are
     needed by lightning attention, whose fixed decay depends on depth.
+
+    Options of the converted architectures: ``num_v_heads`` (Qwen3-Next's Gated DeltaNet: more
+    value heads than q/k heads, each q/k head serving a run of consecutive value heads),
+    ``partial_rotary_factor`` (RoPE on the first ``int(head_dim * factor)`` channels of a head;
+    0 means no positions at all), ``attention_output_gate`` (Qwen3-Next: the query projection
+    also yields a per-channel gate, sigmoid(gate) scales the attention output),
+    ``attention_scale`` (softmax scale, None means head_dim ** -0.5; GraniteMoeHybrid's
+    attention_multiplier), ``norm_unit_offset`` (q/k norms apply 1 + weight), ``ssm_groups``
+    (Mamba2's B/C groups) and ``conv_bias`` (a bias in the short convolution).
     """
 
     hidden_size: int
@@ -35,12 +44,21 @@ class MixerConfig:
     layer_idx: int = 0
     num_layers: int = 1
     mla: MLAConfig | None = None  # set: softmax layers use multi-head latent attention (DeepSeek)
+    num_v_heads: int | None = None  # linear mixers with grouped value heads; None means num_heads
+    partial_rotary_factor: float = 1.0
+    attention_output_gate: bool = False
+    attention_scale: float | None = None
+    norm_unit_offset: bool = False
+    ssm_groups: int = 1
+    conv_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
+        if self.num_v_heads is None:
+            self.num_v_heads = self.num_heads
         for name in ("hidden_size", "num_heads", "head_dim", "num_kv_heads", "expand_v",
-                     "ssm_state_size", "num_layers"):
+                     "ssm_state_size", "num_layers", "num_v_heads", "ssm_groups"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"MixerConfig: {name} must be a positive integer, got {value!r}")
@@ -51,9 +69,22 @@ class MixerConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"MixerConfig: num_heads ({self.num_heads}) must be divisible by "
                              f"num_kv_heads ({self.num_kv_heads})")
+        if self.num_v_heads % self.num_heads:
+            raise ValueError(f"MixerConfig: num_v_heads ({self.num_v_heads}) must be a multiple of "
+                             f"num_heads ({self.num_heads})")
+        if not 0 <= self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+            raise ValueError(f"MixerConfig: partial_rotary_factor must be in [0, 1] and rotate an even number of "
+                             f"channels, got {self.partial_rotary_factor} (rotary_dim {self.rotary_dim})")
+        if self.attention_scale is not None and not self.attention_scale > 0:
+            raise ValueError(f"MixerConfig: attention_scale must be None or > 0, got {self.attention_scale}")
         if not 0 <= self.layer_idx < self.num_layers:
             raise ValueError(f"MixerConfig: layer_idx {self.layer_idx} outside [0, {self.num_layers})")
 
     @property
     def value_dim(self) -> int:
         return self.head_dim * self.expand_v
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of a head that RoPE rotates (truncated as transformers does)."""
+        return int(self.head_dim * self.partial_rotary_factor)
