@@ -10,7 +10,9 @@ from moekit.mixers.delta_net import DeltaNet, GatedDeltaNet
 from moekit.mixers.gla import GLA
 from moekit.mixers.linear_attention import LinearAttention
 from moekit.mixers.mamba2 import Mamba2
+from moekit.mixers.minimax_lightning import MiniMaxLightningAttention
 from moekit.mixers.mla import MultiHeadLatentAttention
+from moekit.mixers.qwen3_next_deltanet import Qwen3NextGatedDeltaNet
 from moekit.mixers.simple_gla import LightningAttention, Retention, SimpleGLA
 
 LINEAR_MIXERS: dict[str, type[nn.Module]] = {
@@ -22,6 +24,9 @@ LINEAR_MIXERS: dict[str, type[nn.Module]] = {
     "deltanet": DeltaNet,
     "gated_deltanet": GatedDeltaNet,
     "mamba2": Mamba2,
+    # The layouts of converted checkpoints (moekit.models.hf), usable for training too.
+    "minimax_lightning": MiniMaxLightningAttention,
+    "qwen3_next_deltanet": Qwen3NextGatedDeltaNet,
 }
 
 LAYER_LETTERS = {"L": "linear sequence-modeling layer (kind set by linear_mixer)", "N": "softmax attention"}
