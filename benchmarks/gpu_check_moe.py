@@ -84,8 +84,17 @@ def reference_fp32(x, idx, weight, w_up, w_down, grad_out, expert_chunk: int):
     return out, dx, dweight, torch.cat(dw_up), torch.cat(dw_down)
 
 
-def rel_err(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+def rel_err(a, b, chunk_elems: int = 1 << 26) -> float:
+    """||a - b|| / ||b||, summed a slice of rows at a time: float copies of deepseek-v3's
+    [256, 4096, 7168] weight gradients would not fit beside everything else."""
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    rows = max(1, chunk_elems // max(1, a.shape[1]))
+    diff_sq = ref_sq = 0.0
+    for r in range(0, a.shape[0], rows):
+        ra, rb = a[r:r + rows].double(), b[r:r + rows].double()
+        diff_sq += (ra - rb).square().sum().item()
+        ref_sq += rb.square().sum().item()
+    return (diff_sq / max(ref_sq, 1e-60)) ** 0.5
 
 
 def check(s: Shape, kind: str, dtype, device) -> bool:
@@ -102,9 +111,10 @@ def check(s: Shape, kind: str, dtype, device) -> bool:
     got = (out.detach(), *torch.autograd.grad(out, leaves, grad_out))
     del out
     ref = reference_fp32(x, idx, weight, w_up, w_down, grad_out, expert_chunk=32)
+    del leaves, x, w_up, w_down  # the reference is done with them; rel_err needs the room
     ok = True
     for name, g, r in zip(("out", "dx", "dtopk_weight", "dw_up", "dw_down"), got, ref):
-        finite = bool(torch.isfinite(g).all())
+        finite = all(bool(torch.isfinite(part).all()) for part in g.split(max(1, g.shape[0] // 8)))
         err = rel_err(g, r)
         passed = finite and err < TOL
         ok &= passed

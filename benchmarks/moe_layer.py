@@ -5,7 +5,11 @@ every backend in one process. Prints forward and forward+backward medians (trito
 .do_bench), TFLOP/s (6 * tokens * top_k * hidden * ffn forward, 3x that forward+backward), the
 share of a bf16 8192^3 torch.matmul measured in the same run, and the ratio to grouped_mm.
 
-    python benchmarks/moe_layer.py [--check] [--shapes olmoe ...] [--no-loop]
+    python benchmarks/moe_layer.py [--check] [--shapes olmoe ...] [--no-loop] [--profile]
+
+``--profile`` prints, instead of the table, each Triton kernel's time (forward and backward
+of ``routed_experts`` on uniform routing) beside the cuBLAS/CUTLASS grouped GEMM
+(``torch._grouped_mm`` on pre-permuted rows) that does the same matrix product.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from triton.testing import do_bench
 
 from moekit import MoE, MoEConfig
 from moekit.moe.dispatch import LocalDispatcher
+from moekit.ops.moe import triton as moe_triton
+from moekit.ops.moe import triton_kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check_moe import SHAPES  # noqa: E402  (the shape table lives in one place)
+from gpu_check_moe import SHAPES, make_routing  # noqa: E402  (the shape table lives in one place)
 
 BACKENDS = ("triton", "grouped_mm", "reference")
 
@@ -74,16 +80,126 @@ def bench_shape(s, device, peak: float, verify: bool, no_loop: bool) -> bool:
     for backend in BACKENDS[:2] if no_loop else BACKENDS:
         layer.set_dispatcher(LocalDispatcher(backend))
         slow = backend == "reference"
-        fwd = bench(lambda: run_layer(layer, x, None), slow)
-        both = bench(lambda: run_layer(layer, x, grad_out), slow)
-        times[backend] = (fwd, both)
-        vs = times["grouped_mm"][1] / both if "grouped_mm" in times else float("nan")
+        times[backend] = (bench(lambda: run_layer(layer, x, None), slow),
+                          bench(lambda: run_layer(layer, x, grad_out), slow))
+    for backend, (fwd, both) in times.items():  # printed once grouped_mm's time is known
         tflops = 3 * flops / both / 1e9
         print(f"{s.name:14s} {backend:11s} {fwd:8.2f} {flops / fwd / 1e9:8.0f} {both:11.2f} {tflops:8.0f} "
-              f"{100 * tflops / peak:6.0f}% {vs:13.2f}x", flush=True)
+              f"{100 * tflops / peak:6.0f}% {times['grouped_mm'][1] / both:13.2f}x", flush=True)
     ratio = times["grouped_mm"][1] / times["triton"][1]
     print(f"{s.name:14s} triton fwd+bwd speed-up over grouped_mm: {ratio:.2f}x", flush=True)
     return ok
+
+
+# ----------------------------------------------------------------------------- --profile
+
+def _kernel_label(name: str, args, kwargs) -> str:
+    """Which matrix product a launcher call is, from its arguments."""
+    if name == "scatter_gemm":
+        return "down fwd" if kwargs.get("transpose_w", args[3] if len(args) > 3 else None) else "up dgrad"
+    if name == "grouped_wgrad":
+        return "down wgrad" if kwargs.get("gather_a", args[3] if len(args) > 3 else None) else "up wgrad"
+    if name == "combine":
+        return "combine fwd" if (kwargs.get("weight", args[2] if len(args) > 2 else None)) is not None \
+            else "combine dx"
+    return {"gather_up": "up fwd", "gather_down_dgrad": "down dgrad"}.get(name, name)
+
+
+class KernelTimer:
+    """Wraps every launcher of ``triton_kernels`` (and the routing metadata) with CUDA events."""
+
+    def __init__(self):
+        self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self.originals = {}
+
+    def __enter__(self):
+        targets = [(triton_kernels, n) for n in triton_kernels.LAUNCHERS] + [(moe_triton, "routing_meta")]
+        for module, name in targets:
+            fn = getattr(module, name)
+            self.originals[(module, name)] = fn
+            setattr(module, name, self._timed(name, fn))
+        return self
+
+    def __exit__(self, *exc):
+        for (module, name), fn in self.originals.items():
+            setattr(module, name, fn)
+
+    def _timed(self, name, fn):
+        def run(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args, **kwargs)
+            end.record()
+            self.events.append((_kernel_label(name, args, kwargs), start, end))
+            return out
+        return run
+
+    def medians(self) -> dict[str, float]:
+        torch.cuda.synchronize()
+        times: dict[str, list[float]] = {}
+        for label, start, end in self.events:
+            times.setdefault(label, []).append(start.elapsed_time(end))
+        return {label: sorted(ts)[len(ts) // 2] for label, ts in times.items()}
+
+
+def _cublas_gemms(s, x, idx, w_up, w_down, dout):
+    """The six grouped GEMMs of the layer as ``torch._grouped_mm`` on expert-sorted rows."""
+    order = torch.sort(idx.reshape(-1), stable=True).indices
+    offs = torch.cumsum(torch.bincount(idx.reshape(-1), minlength=s.experts), 0).to(torch.int32)
+    token = order // s.top_k
+    xs, ds = x[token], dout[token]
+    a = torch.randn(xs.shape[0], s.ffn, device=x.device, dtype=x.dtype)
+    dh = torch.randn(xs.shape[0], 2 * s.ffn, device=x.device, dtype=x.dtype)
+    gmm = torch._grouped_mm
+    return {
+        "up fwd": lambda: gmm(xs, w_up.transpose(1, 2), offs=offs),
+        "down fwd": lambda: gmm(a, w_down.transpose(1, 2), offs=offs),
+        "down dgrad": lambda: gmm(ds, w_down, offs=offs),
+        "down wgrad": lambda: gmm(ds.t(), a, offs=offs),
+        "up wgrad": lambda: gmm(dh.t(), xs, offs=offs),
+        "up dgrad": lambda: gmm(dh, w_up, offs=offs),
+    }
+
+
+def profile_shape(s, device, passes: int = 10) -> None:
+    """Per-kernel medians of ``passes`` forward+backward runs on uniform routing, bf16."""
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    x = torch.randn(s.tokens, s.hidden, device=device, dtype=dt, requires_grad=True)
+    w_up = (torch.randn(s.experts, 2 * s.ffn, s.hidden, device=device) * s.hidden**-0.5).to(dt).requires_grad_()
+    w_down = (torch.randn(s.experts, s.hidden, s.ffn, device=device) * s.ffn**-0.5).to(dt).requires_grad_()
+    idx, weight = make_routing("uniform", s, device)
+    weight.requires_grad_(True)
+    dout = torch.randn_like(x)
+
+    def step():
+        out = moe_triton.routed_experts(x, idx, weight, w_up, w_down, "swiglu")
+        return torch.autograd.grad(out, (x, weight, w_up, w_down), dout)
+
+    for _ in range(3):  # autotuning happens here, outside the timed passes
+        step()
+    total = bench(step, slow=False)
+    with KernelTimer() as timer:
+        for _ in range(passes):
+            step()
+    kernels = timer.medians()
+    cublas = {label: bench(fn, slow=False) for label, fn in _cublas_gemms(s, x.detach(), idx, w_up.detach(),
+                                                                         w_down.detach(), dout).items()}
+    rows = s.tokens * s.top_k
+    gemm_dims = {"up fwd": 2 * s.ffn * s.hidden, "down fwd": s.ffn * s.hidden, "down dgrad": s.ffn * s.hidden,
+                 "down wgrad": s.ffn * s.hidden, "up wgrad": 2 * s.ffn * s.hidden, "up dgrad": 2 * s.ffn * s.hidden}
+    print(f"\n{s.name}: routed_experts fwd+bwd {total:.2f} ms (do_bench median); per kernel, median of {passes}:")
+    print(f"  {'kernel':22s} {'ms':>7s} {'TFLOP/s':>8s} {'cuBLAS ms':>10s} {'TFLOP/s':>8s} {'triton/cuBLAS':>14s}")
+    for label, ms in kernels.items():
+        if label in gemm_dims:
+            flop = 2 * rows * gemm_dims[label]
+            cb = cublas[label]
+            print(f"  {label:22s} {ms:7.3f} {flop / ms / 1e9:8.0f} {cb:10.3f} {flop / cb / 1e9:8.0f} "
+                  f"{ms / cb:13.2f}x", flush=True)
+        else:
+            print(f"  {label:22s} {ms:7.3f}", flush=True)
+    print(f"  {'sum of kernels':22s} {sum(kernels.values()):7.3f}   (cuBLAS GEMMs alone: "
+          f"{sum(cublas.values()):.3f} ms)", flush=True)
 
 
 def main() -> int:
@@ -91,11 +207,18 @@ def main() -> int:
     p.add_argument("--check", action="store_true", help="first verify triton against the reference")
     p.add_argument("--shapes", nargs="*", default=[s.name for s in SHAPES])
     p.add_argument("--no-loop", action="store_true", help="skip the (slow) Hugging Face-style loop")
+    p.add_argument("--profile", action="store_true",
+                   help="time each Triton kernel (forward and backward) beside the cuBLAS grouped GEMM it replaces")
     args = p.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
     peak = gemm_tflops(device)
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | bf16 8192^3 matmul: {peak:.0f} TFLOP/s")
+    if args.profile:
+        for s in (s for s in SHAPES if s.name in args.shapes):
+            profile_shape(s, device)
+            torch.cuda.empty_cache()
+        return 0
     header = f"{'shape':14s} {'backend':11s} {'fwd ms':>8s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s} " \
              f"{'% gemm':>7s} {'vs grouped_mm':>14s}"
     print(header)

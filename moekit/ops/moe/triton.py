@@ -2,9 +2,9 @@
 
 Forward: up-projection with the token gather in its prologue and the activation in its
 epilogue -> down-projection writing each assignment's row at its (token, slot) place ->
-weighted sum over K. Backward: routing-weight gradient from the saved down-projection rows,
-down dgrad with the weighting and the activation backward fused, both weight gradients
-grouped along the token axis, up dgrad scattered and summed over K like the forward.
+weighted sum over K. Backward: down dgrad with the weighting, the activation backward and the
+routing-weight gradient fused (so the down-projection's output is not kept), both weight
+gradients grouped along the token axis, up dgrad scattered and summed over K like the forward.
 Routing metadata stays on the device: nothing here waits for the GPU.
 """
 
@@ -29,25 +29,26 @@ class RoutedExperts(torch.autograd.Function):
         y = kernels.scatter_gemm(a, w_down, meta, transpose_w=True)
         out = kernels.combine(y, topk_idx, weight, x.dtype)
         if store_h:
-            ctx.save_for_backward(x, topk_idx, weight, w_up, w_down, h, a, y, meta.counts, meta.order)
+            ctx.save_for_backward(x, topk_idx, weight, w_up, w_down, h, a, meta.counts, meta.order)
             ctx.activation = activation
             ctx.weight_dtype = topk_weight.dtype
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, topk_idx, weight, w_up, w_down, h, a, y, counts, order = ctx.saved_tensors
+        x, topk_idx, weight, w_up, w_down, h, a, counts, order = ctx.saved_tensors
         meta = RoutingMeta(counts, order, w_up.shape[0], topk_idx.shape[1])
         need_x, _, need_w, need_up, need_down, _, _ = ctx.needs_input_grad
         dout = dout.contiguous()
         dx = dweight = dw_up = dw_down = None
-        if need_w:
-            dweight = kernels.weight_grad(y, dout, topk_idx).to(ctx.weight_dtype)
         if need_down:
             dw_down = kernels.grouped_wgrad(dout, a, meta, gather_a=True, gather_b=False, weight=weight,
                                             out_dtype=w_down.dtype)
-        if need_x or need_up:
-            dh = kernels.gather_down_dgrad(dout, w_down, h, weight, meta, ctx.activation)
+        if need_x or need_up or need_w:
+            dh, dweight = kernels.gather_down_dgrad(dout, w_down, h, weight, meta, ctx.activation,
+                                                    weight_grad=need_w)
+            if need_w:
+                dweight = dweight.view(topk_idx.shape).to(ctx.weight_dtype)
             if need_up:
                 dw_up = kernels.grouped_wgrad(dh, x, meta, gather_a=False, gather_b=True, out_dtype=w_up.dtype)
             if need_x:

@@ -7,12 +7,12 @@ kernel finds its expert from ``counts`` on the device, so grids are sized for th
 - ``gather_gemm``: rows of ``src`` gathered by token in the prologue (no permuted copy),
   times the expert's weight; the epilogue either applies the activation (forward
   up-projection: stores pre-activation ``h`` and activation ``a``) or its backward
-  (gradient of the down-projection's input, weighted, then through the activation: ``dh``).
+  (gradient of the down-projection's input, weighted, then through the activation: ``dh``,
+  and the routing weights' gradient ``<dout[t], y[t*K + k]>`` from the same tile).
 - ``scatter_gemm``: expert-sorted rows times the expert's weight, each result row written at
   its original (token, slot) position of a ``[T*K, H]`` buffer (no un-permute pass).
 - ``combine``: ``out[t] = sum_k w[t, k] * buf[t*K + k]`` in fp32, skipping dropped slots
   (a deterministic sum over K instead of atomics).
-- ``weight_grad``: ``dw[t, k] = <dout[t], y[t*K + k]>``.
 - ``grouped_wgrad``: ``dW[e] = A_e^T B_e`` over expert e's rows (the token axis), with either
   side gathered by token and ``A`` optionally scaled by the routing weight.
 
@@ -34,6 +34,9 @@ ACT_CODES = {"swiglu": 0, "geglu": 1, "gelu": 1}  # 0: SiLU, 1: exact (erf) GELU
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+# The launchers below, by name (benchmarks/moe_layer.py --profile times each one).
+LAUNCHERS = ("gather_up", "gather_down_dgrad", "scatter_gemm", "grouped_wgrad", "combine")
+
 
 def _configs(shapes):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
@@ -42,10 +45,16 @@ def _configs(shapes):
 
 if _INTERPRET:  # the interpreter runs on the CPU: one small tile, no tuning
     GEMM_CONFIGS = _configs([(16, 32, 16, 4, 1)])
-else:  # Hopper-friendly, a handful per kernel
-    GEMM_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
-                             (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)])
-WGRAD_CONFIGS = GEMM_CONFIGS  # BLOCK_M / BLOCK_N tile dW's rows / columns, BLOCK_K the token axis
+    WGRAD_CONFIGS = GEMM_CONFIGS
+else:  # Hopper-friendly; every tile here fits the H200's shared memory at its stage count
+    GEMM_CONFIGS = _configs([(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3),
+                             (128, 128, 64, 4, 4), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4),
+                             (64, 128, 64, 4, 4)])
+    # BLOCK_M / BLOCK_N tile dW's rows / columns, BLOCK_K the token axis: deep token tiles pay
+    # when experts get few rows (deepseek-v3: ~256), where the main loop is only a few steps.
+    WGRAD_CONFIGS = _configs([(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 128, 8, 3),
+                              (128, 256, 128, 8, 2), (256, 128, 64, 8, 3), (64, 256, 128, 8, 3)])
+MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in GEMM_CONFIGS)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -96,26 +105,34 @@ def _expert_tile(counts_ptr, pid_m, num_experts, E_PAD: tl.constexpr, BLOCK_M: t
 
 
 @triton.jit
-def _expert_gemm(a_ptr, a_rows, row_ok, stride_am, b_ptr, b_cols, col_ok, stride_bn, stride_bk, K,
+def _expert_gemm(a_ptr, a_rows, row_ok, stride_am, b_ptr, b_cols, col_ok, stride_bn, stride_bk, K, b2_offset,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-    """acc[i, j] = sum_k A[a_rows[i], k] * B[k, b_cols[j]] (A rows contiguous), fp32."""
+                 EVEN_K: tl.constexpr, DUAL: tl.constexpr, PRECISION: tl.constexpr):
+    """acc[i, j] = sum_k A[a_rows[i], k] * B[k, b_cols[j]] (A rows contiguous), fp32.
+
+    With ``DUAL`` a second accumulator takes the same A against the B columns ``b2_offset``
+    further on (a gated activation's up half beside its gate half); otherwise it is unused.
+    """
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am + ks[None, :]
     b_ptrs = b_ptr + b_cols.to(tl.int64)[None, :] * stride_bn + ks.to(tl.int64)[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+            a_mask = row_ok[:, None]
+            b_mask = col_ok[None, :]
         else:
             k_ok = ks < K - k0
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_mask = row_ok[:, None] & k_ok[None, :]
+            b_mask = k_ok[:, None] & col_ok[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        acc = tl.dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, input_precision=PRECISION)
+        if DUAL:
+            acc2 = tl.dot(a, tl.load(b_ptrs + b2_offset, mask=b_mask, other=0.0), acc2, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
-    return acc
+    return acc, acc2
 
 
 @triton.jit
@@ -135,22 +152,24 @@ def _act_grad(g, ACT: tl.constexpr):
 
 # ----------------------------------------------------------------------------- kernels
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["F", "K", "GATED", "BACKWARD"])
+# dweight_ptr gets per-column-tile partials: zeroed again once tuning is done, because configs
+# with narrower tiles write more partial rows than the chosen one overwrites.
+@triton.autotune(configs=GEMM_CONFIGS, key=["F", "K", "GATED", "BACKWARD"], reset_to_zero=["dweight_ptr"])
 @_EVEN_K
 @triton.jit
 def _gather_gemm_kernel(
-    src_ptr, w_ptr, h_ptr, out_ptr, counts_ptr, order_ptr, weight_ptr,
+    src_ptr, w_ptr, h_ptr, out_ptr, counts_ptr, order_ptr, weight_ptr, dweight_ptr,
     num_rows, F, K, num_experts, top_k,
     stride_src, stride_we, stride_wn, stride_wk, stride_h, stride_out,
     E_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BACKWARD: tl.constexpr,
-    STORE_H: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_H: tl.constexpr, WEIGHT_GRAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    # Forward of a gated activation: one tile's BLOCK_N weight rows are BLOCK_N/2 gate rows and
-    # the matching up rows, so the epilogue has both halves in one accumulator.
-    SPLIT: tl.constexpr = GATED and not BACKWARD
-    TILE_F: tl.constexpr = BLOCK_N // 2 if SPLIT else BLOCK_N
+    # Forward of a gated activation: a tile's BLOCK_N weight rows are BLOCK_N/2 gate rows and
+    # the matching up rows, in two accumulators, so the epilogue has both halves at hand.
+    DUAL: tl.constexpr = GATED and not BACKWARD
+    TILE_F: tl.constexpr = BLOCK_N // 2 if DUAL else BLOCK_N
     num_pid_m = tl.cdiv(num_rows, BLOCK_M) + num_experts
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(F, TILE_F), GROUP_M)
     expert, row0, row_end = _expert_tile(counts_ptr, pid_m, num_experts, E_PAD, BLOCK_M)
@@ -159,42 +178,42 @@ def _gather_gemm_kernel(
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
     assignment = tl.load(order_ptr + rows, mask=row_ok, other=0)
-    j = tl.arange(0, BLOCK_N)
-    f = pid_n * TILE_F + j % TILE_F
-    col_ok = f < F
-    b_cols = f + (j // TILE_F) * F if SPLIT else f
-    acc = _expert_gemm(src_ptr, assignment // top_k, row_ok, stride_src,
-                       w_ptr + expert.to(tl.int64) * stride_we, b_cols, col_ok, stride_wn, stride_wk, K,
-                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
+    fs = pid_n * TILE_F + tl.arange(0, TILE_F)
+    col_ok = fs < F
+    acc, acc2 = _expert_gemm(src_ptr, assignment // top_k, row_ok, stride_src,
+                             w_ptr + expert.to(tl.int64) * stride_we, fs, col_ok, stride_wn, stride_wk, K,
+                             F * stride_wn, BLOCK_M, TILE_F, BLOCK_K, EVEN_K, DUAL, PRECISION)
     rows64 = rows.to(tl.int64)[:, None]
+    mask = row_ok[:, None] & col_ok[None, :]
     if BACKWARD:
         # acc is d(act output) before the routing weight; h holds the pre-activation.
-        fs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = row_ok[:, None] & (fs < F)[None, :]
-        w = tl.load(weight_ptr + assignment, mask=row_ok, other=0.0).to(tl.float32)
-        da = acc * w[:, None]
         h_ptrs = h_ptr + rows64 * stride_h + fs[None, :]
         out_ptrs = out_ptr + rows64 * stride_out + fs[None, :]
         gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(weight_ptr + assignment, mask=row_ok, other=0.0).to(tl.float32)
+        da = acc * w[:, None]
         if GATED:
             up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
+            act = _act(gate, ACT)
             tl.store(out_ptrs, (da * up * _act_grad(gate, ACT)).to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(out_ptrs + F, (da * _act(gate, ACT)).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptrs + F, (da * act).to(out_ptr.dtype.element_ty), mask=mask)
+            act = act * up
         else:
+            act = _act(gate, ACT)
             tl.store(out_ptrs, (da * _act_grad(gate, ACT)).to(out_ptr.dtype.element_ty), mask=mask)
+        if WEIGHT_GRAD:
+            # d(routing weight) = <dout, y> = <dout @ W_down, act>: this tile's share of it, one
+            # partial per column tile (summed afterwards: deterministic, no atomics). Masked
+            # columns hold zeros in both factors.
+            tl.store(dweight_ptr + pid_n.to(tl.int64) * num_rows + assignment, tl.sum(acc * act, 1), mask=row_ok)
     else:
         if STORE_H:
-            tl.store(h_ptr + rows64 * stride_h + b_cols[None, :], acc.to(h_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & col_ok[None, :])
-        if SPLIT:
-            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, TILE_F)), (0, 2, 1))
-            gate, up = tl.split(halves)
-            act = _act(gate, ACT) * up
-        else:
-            act = _act(acc, ACT)
-        fs = pid_n * TILE_F + tl.arange(0, TILE_F)
-        tl.store(out_ptr + rows64 * stride_out + fs[None, :], act.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & (fs < F)[None, :])
+            h_ptrs = h_ptr + rows64 * stride_h + fs[None, :]
+            tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask)
+            if DUAL:
+                tl.store(h_ptrs + F, acc2.to(h_ptr.dtype.element_ty), mask=mask)
+        act = _act(acc, ACT) * acc2 if DUAL else _act(acc, ACT)
+        tl.store(out_ptr + rows64 * stride_out + fs[None, :], act.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["N", "K"])
@@ -217,8 +236,9 @@ def _scatter_gemm_kernel(
     row_ok = rows < row_end
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    acc = _expert_gemm(src_ptr, rows, row_ok, stride_src, w_ptr + expert.to(tl.int64) * stride_we,
-                       cols, col_ok, stride_wn, stride_wk, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
+    acc, _ = _expert_gemm(src_ptr, rows, row_ok, stride_src, w_ptr + expert.to(tl.int64) * stride_we,
+                          cols, col_ok, stride_wn, stride_wk, K, 0, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False,
+                          PRECISION)
     assignment = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     tl.store(out_ptr + assignment[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
@@ -281,24 +301,6 @@ def _combine_kernel(buf_ptr, idx_ptr, weight_ptr, out_ptr, H, TOP_K: tl.constexp
     tl.store(out_ptr + t * H + cols, tl.sum(rows, 0).to(out_ptr.dtype.element_ty), mask=c_ok)
 
 
-@triton.jit
-def _weight_grad_kernel(y_ptr, dout_ptr, idx_ptr, dw_ptr, H, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
-                        BLOCK_H: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    ks = tl.arange(0, K_PAD)
-    slot = t * TOP_K + ks
-    e = tl.load(idx_ptr + slot, mask=ks < TOP_K, other=-1)
-    use = (ks < TOP_K) & (e >= 0)
-    acc = tl.zeros((K_PAD, BLOCK_H), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        cols = h0 + tl.arange(0, BLOCK_H)
-        c_ok = cols < H
-        g = tl.load(dout_ptr + t * H + cols, mask=c_ok, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + slot[:, None] * H + cols[None, :], mask=use[:, None] & c_ok[None, :], other=0.0)
-        acc += y.to(tl.float32) * g[None, :]
-    tl.store(dw_ptr + slot, tl.sum(acc, 1), mask=ks < TOP_K)
-
-
 # ----------------------------------------------------------------------------- launchers
 
 def _row_tiles(meta: RoutingMeta, num_rows: int, block_m: int) -> int:
@@ -314,29 +316,38 @@ def gather_up(x: torch.Tensor, w_up: torch.Tensor, meta: RoutingMeta, activation
     a = new_buffer((num_rows, F), x.dtype, x.device)
     tile_f = (lambda m: m["BLOCK_N"] // 2) if gated else (lambda m: m["BLOCK_N"])
     grid = lambda m: (_row_tiles(meta, num_rows, m["BLOCK_M"]) * triton.cdiv(F, tile_f(m)),)
+    # dweight_ptr is unused here; ``a`` stands in (tuning zeroes it before the real launch fills it).
     _gather_gemm_kernel[grid](
-        x, w_up, h if store_h else a, a, meta.counts, meta.order, meta.counts,
+        x, w_up, h if store_h else a, a, meta.counts, meta.order, meta.counts, a,
         num_rows, F, H, E, meta.top_k,
         x.stride(0), w_up.stride(0), w_up.stride(1), w_up.stride(2), U, F,
         E_PAD=_pow2(E), GATED=gated, ACT=ACT_CODES[activation], BACKWARD=False, STORE_H=store_h,
-        PRECISION=_precision(x.dtype))
+        WEIGHT_GRAD=False, PRECISION=_precision(x.dtype))
     return h, a
 
 
 def gather_down_dgrad(dout: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
-                      meta: RoutingMeta, activation: str) -> torch.Tensor:
-    """dh [T*K, U] (sorted rows): (w[t,k] * dout[t] @ w_down[e]) through the activation's backward."""
+                      meta: RoutingMeta, activation: str, weight_grad: bool):
+    """(dh [T*K, U] in sorted rows, dweight [T*K] fp32 by assignment or None).
+
+    dh: (w[t,k] * dout[t] @ w_down[e]) through the activation's backward. dweight (with
+    ``weight_grad``): <dout[t], y[t*K+k]>, the routing weight's gradient, 0 for dropped slots;
+    computed as <dout[t] @ w_down[e], act(h)> in the epilogue, so y need not be kept.
+    """
     gated = is_gated(activation)
     num_rows, (E, H, F) = meta.order.numel(), w_down.shape
     dh = new_buffer(h.shape, h.dtype, h.device)
+    # One partial row per column tile of the narrowest config; rows a config does not reach stay 0.
+    parts = torch.zeros((triton.cdiv(F, MIN_BLOCK_N) if weight_grad else 1, num_rows),
+                        dtype=torch.float32, device=h.device)
     grid = lambda m: (_row_tiles(meta, num_rows, m["BLOCK_M"]) * triton.cdiv(F, m["BLOCK_N"]),)
     _gather_gemm_kernel[grid](
-        dout, w_down, h, dh, meta.counts, meta.order, weight,
+        dout, w_down, h, dh, meta.counts, meta.order, weight, parts,
         num_rows, F, H, E, meta.top_k,
         dout.stride(0), w_down.stride(0), w_down.stride(2), w_down.stride(1), h.stride(0), dh.stride(0),
         E_PAD=_pow2(E), GATED=gated, ACT=ACT_CODES[activation], BACKWARD=True, STORE_H=False,
-        PRECISION=_precision(dout.dtype))
-    return dh
+        WEIGHT_GRAD=weight_grad, PRECISION=_precision(dout.dtype))
+    return dh, parts.sum(0) if weight_grad else None
 
 
 def scatter_gemm(src: torch.Tensor, w: torch.Tensor, meta: RoutingMeta, transpose_w: bool) -> torch.Tensor:
@@ -384,12 +395,3 @@ def combine(buf: torch.Tensor, topk_idx: torch.Tensor, weight: torch.Tensor | No
         buf, topk_idx, buf if weight is None else weight, out, H,
         TOP_K=K, K_PAD=_pow2(K), HAS_WEIGHT=weight is not None, BLOCK_H=block_h)
     return out
-
-
-def weight_grad(y: torch.Tensor, dout: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
-    """dw [T, K] fp32: <dout[t], y[t*K + k]>, 0 for dropped slots."""
-    T, K = topk_idx.shape
-    dw = new_buffer((T, K), torch.float32, y.device)
-    _weight_grad_kernel[(T,)](y, dout, topk_idx, dw, y.shape[1], TOP_K=K, K_PAD=_pow2(K),
-                              BLOCK_H=min(512, _pow2(y.shape[1])))
-    return dw

@@ -38,13 +38,17 @@ def _activation_grad(g, activation):
 
 
 def gather_down_dgrad(dout, w_down, h, weight, meta, activation):
+    """(dh rows, dweight [T*K]): dweight by its definition <dout[t], y[t*K+k]>, y = act(h) @ W_down^T."""
     expert, token, assignment = sorted_rows(meta)
-    da = torch.einsum("rh,rhf->rf", dout[token], w_down[expert]) * weight.reshape(-1)[assignment, None]
     h = h[: len(expert)]
+    y = torch.einsum("rf,rhf->rh", apply_activation(h, activation), w_down[expert])
+    dweight = torch.zeros(meta.order.numel(), dtype=y.dtype, device=y.device)
+    dweight[assignment] = (dout[token] * y).sum(-1)
+    da = torch.einsum("rh,rhf->rf", dout[token], w_down[expert]) * weight.reshape(-1)[assignment, None]
     if not is_gated(activation):
-        return da * _activation_grad(h, activation)
+        return da * _activation_grad(h, activation), dweight
     gate, up = h.chunk(2, -1)
-    return torch.cat([da * up * _activation_grad(gate, activation), da * GATED[activation](gate)], -1)
+    return torch.cat([da * up * _activation_grad(gate, activation), da * GATED[activation](gate)], -1), dweight
 
 
 def scatter_gemm(src, w, meta, transpose_w):
@@ -71,9 +75,3 @@ def combine(buf, topk_idx, weight, dtype):
     if weight is not None:
         rows = rows * weight[..., None].to(rows.dtype)
     return rows.sum(1).to(dtype)
-
-
-def weight_grad(y, dout, topk_idx):
-    rows = y.reshape(*topk_idx.shape, -1)
-    dw = (rows * dout[:, None, :].to(rows.dtype)).sum(-1)
-    return torch.where(topk_idx >= 0, dw, 0)
