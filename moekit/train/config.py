@@ -18,6 +18,7 @@ import yaml
 
 from moekit.data.config import DataConfig
 from moekit.models import ModelConfig
+from moekit.parallel.config import ParallelConfig
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "train_default.yaml"
 DTYPES = ("auto", "fp32", "bf16")
@@ -71,6 +72,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # torchrun runs: moekit.parallel
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -79,12 +81,14 @@ class TrainConfig:
             model=ModelConfig.from_dict(values.get("model") or {}),
             data=DataConfig(**(values.get("data") or {})),
             train=LoopConfig(**(values.get("train") or {})),
+            parallel=ParallelConfig.from_dict(values.get("parallel") or {}),
         )
 
     def to_dict(self) -> dict[str, Any]:
         model = self.model.to_dict()
         model["moe"].pop("hidden_size", None)  # follows model.hidden_size; keeping it would pin it
-        return {"model": model, "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train)}
+        return {"model": model, "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train),
+                "parallel": self.parallel.to_dict()}
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:

@@ -24,12 +24,12 @@ from moekit.train.checkpoint import (
     CheckpointError,
     load_object,
     resolve_checkpoint,
-    save_checkpoint,
     verify_checkpoint,
 )
 from moekit.train.config import TrainConfig
+from moekit.train.distributed import NullMetricsWriter, start_runtime
 from moekit.train.evaluate import autocast_context, evaluate_loss, generate_text
-from moekit.train.load import load_model_state, read_checkpoint_config
+from moekit.train.load import read_checkpoint_config
 from moekit.train.metrics import IntervalMeter, MetricsWriter
 from moekit.train.plots import plot_run
 from moekit.train.progress import TrainProgress
@@ -71,9 +71,11 @@ class Trainer:
         cfg = config.train
         self.run_dir = Path(cfg.out_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.device = resolve_device(cfg.device)
+        self.runtime = start_runtime(config.parallel, resolve_device(cfg.device))  # one process or torchrun
+        self.device = self.runtime.device
         self.dtype = compute_dtype(cfg.dtype, self.device)
         self.console = console or Console()
+        self.console.quiet = self.console.quiet or not self.runtime.is_main
 
         seed_everything(cfg.seed)
         self.tokenizer = load_tokenizer(config.data.tokenizer)
@@ -81,9 +83,9 @@ class Trainer:
         self.batches = ShuffledBatches(splits.train, cfg.batch_size, cfg.seed)
         self.val_batches = eval_batches(splits.val, cfg.batch_size, cfg.eval_batches)
 
-        self.model = MoEForCausalLM(config.model).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                                         fused=self.device.type == "cuda")
+        self.model = self.runtime.wrap(MoEForCausalLM(config.model).to(self.device))
+        self.optimizer = self.runtime.prepare_optimizer(build_optimizer(
+            self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=self.device.type == "cuda"))
         self.scheduler = LambdaLR(self.optimizer, WarmupCosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
         self.step = 0
         self.tokens_seen = 0
@@ -112,7 +114,8 @@ class Trainer:
         files = {"config.yaml": yaml.safe_dump(self.config.to_dict(), sort_keys=False).encode()}
         if self.config.data.tokenizer != "byte":
             files["tokenizer.json"] = Path(self.config.data.tokenizer).read_bytes()
-        return save_checkpoint(self.ckpt_root, self.step, objects, files, self.config.train.keep_checkpoints)
+        return self.runtime.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, objects, files,
+                                            self.config.train.keep_checkpoints)
 
     def restore(self, ckpt: Path) -> None:
         verify_checkpoint(ckpt)
@@ -120,8 +123,7 @@ class Trainer:
         diffs = model_config_diff(saved, self.config.to_dict()["model"])
         if diffs:
             raise CheckpointError(f"checkpoint {ckpt} has an incompatible model config: {'; '.join(diffs)}")
-        load_model_state(self.model, ckpt)
-        self.optimizer.load_state_dict(load_object(ckpt, "optimizer", self.device))
+        self.runtime.load_state(ckpt, self.model, self.optimizer)
         state = load_object(ckpt, "trainer")
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
@@ -134,19 +136,19 @@ class Trainer:
         cfg = self.config.train
         self.model.train()
         for _ in range(cfg.grad_accum):
-            ids = self.batches.next_batch().to(self.device, non_blocking=True)
+            ids = self.runtime.local_batch(self.batches.next_batch()).to(self.device, non_blocking=True)
             with autocast_context(self.device, self.dtype):
                 out = self.forward(ids, labels=ids)
             (out.loss / cfg.grad_accum).backward()
-            meter.add(loss=out.loss, lm_loss=out.lm_loss, aux_loss=out.aux_loss)
+            meter.add(**self.runtime.mean(loss=out.loss, lm_loss=out.lm_loss, aux_loss=out.aux_loss))
             meter.add_moe_stats()
-            self.tokens_seen += ids.numel()
+            self.tokens_seen += ids.numel() * self.runtime.world_size
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        meter.add(grad_norm=torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        meter.add(grad_norm=self.runtime.clip_grad_norm_(self.model, max_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        update_expert_biases(self.model)
+        update_expert_biases(self.model, self.runtime.reduce_load)
 
     def train(self, stop_at: int | None = None) -> dict:
         """Run to ``train.steps`` (or stop early after step ``stop_at``, checkpointed, for a later
@@ -155,13 +157,15 @@ class Trainer:
         cfg = self.config.train
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config.save(self.run_dir / "config.yaml")
+        if self.runtime.is_main:
+            self.config.save(self.run_dir / "config.yaml")
         meter = IntervalMeter(list(self.model.moe_layers()))
-        writer = MetricsWriter(self.run_dir, resume_step=self.step if self.resumed_from else None)
+        writer = (MetricsWriter(self.run_dir, resume_step=self.step if self.resumed_from else None)
+                  if self.runtime.is_main else NullMetricsWriter())
         last_eval: dict = {}
         clock, tokens_at_clock = time.perf_counter(), self.tokens_seen
         try:
-            with TrainProgress(cfg.steps, self.step, self.console) as progress:
+            with self.runtime.guard(), TrainProgress(cfg.steps, self.step, self.console) as progress:
                 while self.step < end:
                     lr = self.scheduler.get_last_lr()[0]
                     self.train_step(meter)
@@ -186,7 +190,8 @@ class Trainer:
                         clock = time.perf_counter()
         finally:
             writer.close()
-        plot_run(self.run_dir)
+        if self.runtime.is_main:
+            plot_run(self.run_dir)
         return last_eval
 
     def sample(self) -> str:
