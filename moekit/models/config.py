@@ -19,6 +19,36 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
+class ResidualScaling:
+    """How a block adds each branch to its residual: ``alpha * r + beta * branch(norm(x))``.
+
+    ``r`` is the block input x, or with ``from_norm`` the normalised input norm(x) (MiniMax-
+    Text-01 keeps that as its residual stream). The mixer branch takes ``attention_*`` in
+    softmax layers and ``linear_*`` in linear ones; the FFN branch ``ffn_*``. GraniteMoeHybrid's
+    residual_multiplier is every beta, MiniMax's alpha / beta factors map one to one.
+    """
+
+    from_norm: bool = False
+    attention_alpha: float = 1.0
+    attention_beta: float = 1.0
+    linear_alpha: float = 1.0
+    linear_beta: float = 1.0
+    ffn_alpha: float = 1.0
+    ffn_beta: float = 1.0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ResidualScaling:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"ResidualScaling: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def mixer(self, letter: str) -> tuple[float, float]:
+        return (self.attention_alpha, self.attention_beta) if letter == "N" else (self.linear_alpha, self.linear_beta)
+
+
+@dataclass
 class ModelConfig:
     """A decoder-only LM: ``layer_pattern`` has one letter per layer, ``L`` a linear mixer of
     kind ``linear_mixer`` and ``N`` softmax attention. The first ``first_k_dense`` layers use a
@@ -29,6 +59,14 @@ class ModelConfig:
     projection ("all", OLMoE). ``mla`` (an ``MLAConfig``) makes the ``N`` layers multi-head
     latent attention (DeepSeek-V2/V3; ``num_heads`` heads, ``head_dim`` unused).
     ``rope_scaling`` (a ``YarnScaling``) extends softmax layers' RoPE with YaRN.
+
+    Options of converted architectures (see ``MixerConfig`` for the mixer-level ones):
+    ``linear_num_heads`` / ``linear_head_dim`` / ``linear_num_v_heads`` shape the ``L`` layers
+    when they differ from the softmax ones (None: as the softmax layers; value heads as q/k
+    heads); ``norm_unit_offset`` makes every RMSNorm of the model apply 1 + weight (Qwen3-Next);
+    ``residual`` (a ``ResidualScaling``) scales the residual sums (None: plain x + branch);
+    ``embedding_multiplier`` scales the embeddings and ``logits_scaling`` divides the logits
+    (GraniteMoeHybrid's muP multipliers).
     ``hf_config`` is the transformers config a converted model came from
     (``moekit.models.hf``); moekit only reads it to convert back.
     """
@@ -56,6 +94,18 @@ class ModelConfig:
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
     mla: MLAConfig | None = None
+    linear_num_heads: int | None = None
+    linear_head_dim: int | None = None
+    linear_num_v_heads: int | None = None
+    partial_rotary_factor: float = 1.0
+    attention_output_gate: bool = False
+    attention_scale: float | None = None
+    norm_unit_offset: bool = False
+    ssm_groups: int = 1
+    conv_bias: bool = False
+    residual: ResidualScaling | None = None
+    embedding_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     hf_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -65,6 +115,8 @@ class ModelConfig:
             self.mla = MLAConfig.from_dict(self.mla)
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = YarnScaling.from_dict(self.rope_scaling)
+        if isinstance(self.residual, dict):
+            self.residual = ResidualScaling.from_dict(self.residual)
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.dense_ffn_hidden_size is None:
@@ -90,20 +142,30 @@ class ModelConfig:
         need(0 <= self.first_k_dense <= self.num_layers,
              f"first_k_dense must be in [0, {self.num_layers}], got {self.first_k_dense}")
         need(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
-        self.mixer_config(0)  # checks heads / dims
+        need(self.embedding_multiplier > 0 and self.logits_scaling > 0,
+             f"embedding_multiplier and logits_scaling must be > 0, got {self.embedding_multiplier}, "
+             f"{self.logits_scaling}")
+        for letter in sorted(set(self.layer_pattern)):  # checks heads / dims of each kind of layer
+            self.mixer_config(self.layer_pattern.index(letter))
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_pattern)
 
     def mixer_config(self, layer_idx: int) -> MixerConfig:
+        heads = dict(num_heads=self.num_heads, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads)
+        if self.layer_pattern[layer_idx] == "L":
+            heads = dict(num_heads=self.linear_num_heads or self.num_heads,
+                         head_dim=self.linear_head_dim or self.head_dim, num_v_heads=self.linear_num_v_heads)
         return MixerConfig(
-            hidden_size=self.hidden_size, num_heads=self.num_heads, head_dim=self.head_dim,
-            num_kv_heads=self.num_kv_heads, expand_v=self.expand_v, rope_theta=self.rope_theta,
+            hidden_size=self.hidden_size, **heads, expand_v=self.expand_v, rope_theta=self.rope_theta,
             rope_scaling=self.rope_scaling,
             norm_eps=self.norm_eps, conv_size=self.conv_size, ssm_state_size=self.ssm_state_size,
             qk_norm=self.qk_norm, qk_norm_scope=self.qk_norm_scope, attention_bias=self.attention_bias,
             layer_idx=layer_idx, num_layers=self.num_layers, mla=self.mla,
+            partial_rotary_factor=self.partial_rotary_factor, attention_output_gate=self.attention_output_gate,
+            attention_scale=self.attention_scale, norm_unit_offset=self.norm_unit_offset,
+            ssm_groups=self.ssm_groups, conv_bias=self.conv_bias,
         )
 
     # --- serialisation ---------------------------------------------------------------------

@@ -35,14 +35,16 @@ class CausalLMOutput:
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)), then h + ffn(norm(h)); the FFN is dense or an ``MoE``."""
+    """x + mixer(norm(x)), then h + ffn(norm(h)); the FFN is dense or an ``MoE``.
+    ``config.residual`` (a ``ResidualScaling``) weighs the two terms of each sum instead."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.kind = config.layer_pattern[layer_idx]
-        self.mixer_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.residual = config.residual
+        self.mixer_norm = RMSNorm(config.hidden_size, config.norm_eps, config.norm_unit_offset)
         self.mixer = build_mixer(self.kind, config.linear_mixer, config.mixer_config(layer_idx))
-        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps, config.norm_unit_offset)
         if layer_idx < config.first_k_dense:
             self.ffn = FeedForward(config.hidden_size, config.dense_ffn_hidden_size, config.moe.activation,
                                    config.init_std)
@@ -50,8 +52,15 @@ class Block(nn.Module):
             self.ffn = MoE(config.moe)
 
     def forward(self, x: torch.Tensor, cache_entry=None, info: SequenceInfo | None = None) -> torch.Tensor:
-        h = x + self.mixer(self.mixer_norm(x), cache_entry, info)
-        return h + self.ffn(self.ffn_norm(h))
+        if self.residual is None:
+            h = x + self.mixer(self.mixer_norm(x), cache_entry, info)
+            return h + self.ffn(self.ffn_norm(h))
+        r = self.residual
+        a = self.mixer_norm(x)
+        alpha, beta = r.mixer(self.kind)
+        h = alpha * (a if r.from_norm else x) + beta * self.mixer(a, cache_entry, info)
+        a = self.ffn_norm(h)
+        return r.ffn_alpha * (a if r.from_norm else h) + r.ffn_beta * self.ffn(a)
 
 
 class MoEForCausalLM(nn.Module):
@@ -61,7 +70,7 @@ class MoEForCausalLM(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.norm_unit_offset)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._init_weights()
         if config.tie_word_embeddings:
