@@ -174,7 +174,6 @@ def test_errors():
 @pytest.mark.parametrize("pattern", ["LLLN", "N", "L"])
 def test_cuda_graph_replay_matches_eager(pattern):
     model = tiny_model(pattern, dtype=torch.float32, seed=7).cuda()
-    prompts = prompts_of((5, 12, 3, 8), seed=7)
     graphed = FastDecoder(model, 4, 48, cuda_graph=True, prefill_chunk=4)
     assert graphed.uses_cuda_graph
     eager = FastDecoder(model, 4, 48, cuda_graph=False, prefill_chunk=4)
