@@ -46,6 +46,8 @@ def qdq_expert_cols(v: torch.Tensor, counts: list[int], r: Recipe) -> torch.Tens
     out, start = [], 0
     for c in counts:
         seg = v[start:start + c]
+        if c == 0:
+            continue
         padded = torch.cat([seg, seg.new_zeros((-c) % r.block, seg.shape[1])])
         out.append(qdq_rows(padded.t().contiguous(), r).t()[:c])
         start += c
@@ -94,7 +96,7 @@ def _grouped_wgrad(a: torch.Tensor, b: torch.Tensor, routing: _Routing, num_expe
 def _sum_slots(rows: torch.Tensor, routing: _Routing, topk_idx: torch.Tensor, weight, dtype) -> torch.Tensor:
     """out[t] = sum over valid slots of (weight) * rows(t, k), in float32, then `dtype`."""
     T, K = topk_idx.shape
-    buf = rows.new_zeros(T * K, rows.shape[1])
+    buf = torch.zeros(T * K, rows.shape[1], device=rows.device)
     buf[routing.assignment] = rows.to(dtype).float()
     buf = buf.view(T, K, -1)
     if weight is not None:
