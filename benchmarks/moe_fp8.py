@@ -1,0 +1,175 @@
+"""FP8 / MXFP8 vs bf16 MoE layer, forward + backward, at the DESIGN.md shapes (one H200).
+
+One ``moekit.MoE`` layer per shape (router included, bf16 parameters), the same weights and
+inputs for every variant in one process; the variants differ only in the dispatcher: bf16
+``triton`` and ``grouped_mm`` backends, and the routed experts of ``moekit.ops.moe.fp8`` in
+the "fp8" (DeepSeek-V3 1x128 / 128x128) and "mxfp8" recipes. Prints forward and
+forward+backward medians (triton.testing.do_bench), TFLOP/s (6 * tokens * top_k * hidden *
+ffn forward, 3x forward+backward) and each variant's speed-up over bf16 triton and grouped_mm.
+Target: fp8 >= 1.4x moekit's bf16 path.
+
+    python benchmarks/moe_fp8.py [--shapes deepseek-v3 mixtral-8x7b] [--profile] [--sweep]
+
+``--profile`` adds each FP8 stage's median time (quantizers, GEMM kernels) for one fwd+bwd;
+``--sweep`` times fp8 fwd+bwd under a few (num_warps, num_stages) launch settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+from moekit import MoE, MoEConfig
+from moekit.moe.dispatch import LocalDispatcher
+from moekit.ops import moe as moe_ops
+from moekit.ops.moe import fp8, fp8_kernels
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_check_moe import SHAPES  # noqa: E402  (the shape table lives in one place)
+
+VARIANTS = ("triton", "grouped_mm", "fp8", "mxfp8")
+SWEEP = [(8, 3), (8, 4), (8, 2), (4, 3), (4, 4)]
+
+
+class PrecisionDispatcher:
+    """Routed experts in bf16 (through ``backend``) or a low-precision recipe; operands are cast
+    to bf16 first, so an fp32 master-weight model under autocast runs the GEMMs it names."""
+
+    def __init__(self, precision: str, backend: str = "triton"):
+        self.precision, self.backend = precision, backend
+
+    def __call__(self, x, topk_idx, topk_weight, experts, shared=None):
+        args = (x.to(torch.bfloat16), topk_idx, topk_weight, experts.w_up.to(torch.bfloat16),
+                experts.w_down.to(torch.bfloat16), experts.activation)
+        if self.precision == "bf16":
+            out = moe_ops.routed_experts(*args, self.backend)
+        else:
+            out = fp8.routed_experts(*args, recipe_name=self.precision)
+        out = out.to(x.dtype)
+        return out if shared is None else out + shared(x)
+
+
+def dispatcher(variant: str):
+    return LocalDispatcher(variant) if variant in ("triton", "grouped_mm") else PrecisionDispatcher(variant)
+
+
+def run_layer(layer: MoE, x: torch.Tensor, grad_out: torch.Tensor | None):
+    out = layer(x)
+    if grad_out is None:
+        return out
+    return torch.autograd.grad(out, [x, *layer.parameters()], grad_out)
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=10, rep=100, return_mode="median")
+
+
+class StageTimer:
+    """CUDA-event times of the FP8 op's stages (module functions wrapped while inside)."""
+
+    TARGETS = [(fp8, "quantize_rows"), (fp8, "quantize_weight"), (fp8, "transpose_weight")] + [
+        (fp8_kernels, n) for n in ("gather_up", "scatter_gemm", "down_dgrad", "gather_cols", "grouped_wgrad",
+                                   "weight_grad")] + [(fp8.bf16_kernels, "combine"), (fp8, "routing_meta")]
+
+    def __enter__(self):
+        self.events, self.originals = [], {}
+        for module, name in self.TARGETS:
+            self.originals[(module, name)] = fn = getattr(module, name)
+            setattr(module, name, self._timed(name, fn))
+        return self
+
+    def __exit__(self, *exc):
+        for (module, name), fn in self.originals.items():
+            setattr(module, name, fn)
+
+    def _timed(self, name, fn):
+        def run(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args, **kwargs)
+            end.record()
+            self.events.append((name, start, end))
+            return out
+        return run
+
+    def totals(self, reps: int) -> dict[str, float]:
+        torch.cuda.synchronize()
+        totals: dict[str, float] = {}
+        for name, start, end in self.events:
+            totals[name] = totals.get(name, 0.0) + start.elapsed_time(end) / reps
+        return totals
+
+
+def profile(layer, x, grad_out, precision: str) -> None:
+    layer.set_dispatcher(dispatcher(precision))
+    run_layer(layer, x, grad_out)
+    reps = 5
+    with StageTimer() as timer:
+        for _ in range(reps):
+            run_layer(layer, x, grad_out)
+    totals = timer.totals(reps)
+    print(f"  {precision} stages (ms per fwd+bwd, nested calls counted in both): " +
+          ", ".join(f"{k} {v:.2f}" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])), flush=True)
+
+
+def sweep(layer, x, grad_out) -> None:
+    layer.set_dispatcher(dispatcher("fp8"))
+    saved = dict(fp8_kernels.LAUNCH)
+    results = []
+    for warps, stages in SWEEP:
+        fp8_kernels.LAUNCH.update(num_warps=warps, num_stages=stages)
+        try:
+            results.append((bench(lambda: run_layer(layer, x, grad_out)), f"{warps}w/{stages}s"))
+        except Exception as err:  # out of shared memory / registers
+            results.append((float("inf"), f"{warps}w/{stages}s ({type(err).__name__})"))
+    fp8_kernels.LAUNCH.clear()
+    fp8_kernels.LAUNCH.update(saved)
+    print("  fp8 launch sweep (fwd+bwd ms, best first): " + "  ".join(f"{n} {t:.2f}" for t, n in sorted(results)))
+
+
+def bench_shape(s, args) -> None:
+    cfg = MoEConfig(hidden_size=s.hidden, ffn_hidden_size=s.ffn, num_experts=s.experts, top_k=s.top_k)
+    layer = MoE(cfg).to("cuda", torch.bfloat16)
+    x = torch.randn(s.tokens, s.hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn_like(x)
+    flops = 6 * s.tokens * s.top_k * s.hidden * s.ffn
+    times = {}
+    for variant in VARIANTS:
+        layer.set_dispatcher(dispatcher(variant))
+        times[variant] = (bench(lambda: run_layer(layer, x, None)), bench(lambda: run_layer(layer, x, grad_out)))
+        torch.cuda.empty_cache()
+    for variant, (fwd, both) in times.items():
+        print(f"{s.name:14s} {variant:11s} {fwd:8.2f} {flops / fwd / 1e9:8.0f} {both:9.2f} "
+              f"{3 * flops / both / 1e9:8.0f} {times['triton'][1] / both:10.2f}x "
+              f"{times['grouped_mm'][1] / both:10.2f}x", flush=True)
+    if args.profile:
+        for precision in ("fp8", "mxfp8"):
+            profile(layer, x, grad_out, precision)
+    if args.sweep:
+        sweep(layer, x, grad_out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["deepseek-v3", "mixtral-8x7b"],
+                        choices=[s.name for s in SHAPES])
+    parser.add_argument("--profile", action="store_true", help="per-stage times of the FP8 op")
+    parser.add_argument("--sweep", action="store_true", help="fp8 launch settings sweep")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/moe_fp8.py needs a CUDA GPU")
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
+    print(f"{'shape':14s} {'variant':11s} {'fwd ms':>8s} {'TFLOP/s':>8s} {'f+b ms':>9s} {'TFLOP/s':>8s} "
+          f"{'vs triton':>11s} {'vs grouped':>11s}")
+    for s in SHAPES:
+        if s.name in args.shapes:
+            bench_shape(s, args)
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
