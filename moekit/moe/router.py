@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.moe.config import MoEConfig
+from moekit.ops.moe.counts import count_per_bin
 
 
 @dataclass
@@ -103,7 +104,7 @@ def apply_capacity(
     by_priority = torch.sort(-flat_p, stable=True).indices
     sorted_e, perm = torch.sort(flat_e[by_priority], stable=True)
     order = by_priority[perm]
-    counts = torch.bincount(flat_e, minlength=num_experts)
+    counts = count_per_bin(flat_e, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(flat_e.numel(), device=idx.device) - starts[sorted_e]
     keep = torch.empty_like(flat_e, dtype=torch.bool)

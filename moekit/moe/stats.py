@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from moekit.ops.moe.counts import count_per_bin
+
 
 @dataclass
 class MoEStats:
@@ -28,8 +30,7 @@ class MoEStats:
 
 def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Float32 count of assignments per expert; -1 entries are not counted."""
-    valid = (idx >= 0).flatten().float()
-    return torch.bincount(idx.clamp_min(0).flatten(), weights=valid, minlength=num_experts)
+    return count_per_bin(idx.clamp_min(0), num_experts, (idx >= 0).float())
 
 
 def compute_stats(routing, probs: torch.Tensor, aux: torch.Tensor, seq_aux: torch.Tensor, zl: torch.Tensor,

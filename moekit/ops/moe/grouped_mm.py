@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from moekit.ops.activations import apply_activation
+from moekit.ops.moe.counts import count_per_bin
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -42,7 +43,7 @@ def sort_by_expert(topk_idx: torch.Tensor, num_experts: int):
     flat = topk_idx.reshape(-1)
     key = torch.where(flat < 0, num_experts, flat)
     sorted_key, order = torch.sort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    counts = count_per_bin(key, num_experts + 1)[:num_experts]
     offsets = torch.cumsum(counts, 0).to(torch.int32)
     return order, sorted_key, offsets
 
