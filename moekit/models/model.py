@@ -142,11 +142,15 @@ class MoEForCausalLM(nn.Module):
             info = SequenceInfo.plain(b, t, input_ids.device)
 
         x = self.embed_tokens(input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            x = x * self.config.embedding_multiplier
         for i, block in enumerate(self.layers):
             x = block(x, cache[i] if cache is not None else None, info)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.norm(x)).float()
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
 
         aux_losses = [layer.aux_loss for layer in self.moe_layers()]
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else logits.new_zeros(())
