@@ -68,10 +68,14 @@ def _frames(config: SceneDataConfig) -> tuple[int, int]:
     return round(seconds / config.sim_step) + 1, round(config.burn_in / config.sim_step)
 
 
-def _scenes_of_rollout(args: tuple[SceneDataConfig, int]) -> SceneSet:
+def _simulate(args: tuple[SceneDataConfig, int]):
+    """One rollout (numpy only: it runs in a forked worker, which must not touch torch)."""
     config, seed = args
     frames, burn_in = _frames(config)
-    tracks, ego_ok = SOURCES[config.source](seed, config.vehicles_per_rollout, frames, burn_in, config.sim_step)
+    return seed, *SOURCES[config.source](seed, config.vehicles_per_rollout, frames, burn_in, config.sim_step)
+
+
+def _cut(config: SceneDataConfig, seed: int, tracks, ego_ok: np.ndarray) -> SceneSet:
     times, egos = sample_pairs(tracks, config.cut, config.scenes_per_rollout * 2, config.every,
                                np.random.default_rng(seed))
     keep = ego_ok[egos]
@@ -86,13 +90,16 @@ def generate(config: SceneDataConfig, split: str) -> SceneSet:
     count = config.num_train if split == "train" else config.num_val
     base = config.seed * 7919 + (VAL_SEED_OFFSET if split == "val" else 0)
     sets, total, next_seed = [], 0, 0
-    context = multiprocessing.get_context("spawn")  # the parent may hold torch threads: no fork
+    # fork, not spawn: spawn would re-run the caller's main module; the workers only simulate
+    # (numpy) and the tensors are made here
+    context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(config.workers, mp_context=context) if config.workers > 1 else _Serial() as pool:
         while total < count:
             need = -(-(count - total) // config.scenes_per_rollout)
             seeds = range(base + next_seed, base + next_seed + need)
             next_seed += need
-            for scenes in pool.map(_scenes_of_rollout, [(config, s) for s in seeds]):
+            for seed, tracks, ego_ok in pool.map(_simulate, [(config, s) for s in seeds]):
+                scenes = _cut(config, seed, tracks, ego_ok)
                 sets.append(scenes)
                 total += len(scenes)
     scenes = concat(sets).subset(slice(0, count))

@@ -12,6 +12,7 @@ LANE_WIDTH = 4.0
 TIME_GAP = 1.5      # s, desired headway
 MIN_GAP = 10.0      # m, desired bumper-to-bumper gap at standstill (vehicle length included)
 MAX_ACCEL = 3.0     # m/s^2
+COMFORT_BRAKE = 5.0  # m/s^2
 LATERAL_SPEED = 1.5  # m/s, most while changing lane
 LATERAL_GAIN = 1.0   # 1/s, lateral velocity per metre off the lane centre
 
@@ -29,8 +30,12 @@ def _gaps(x: np.ndarray, lane: np.ndarray, lanes: int) -> tuple[np.ndarray, np.n
 def rollout(seed: int, num_vehicles: int, frames: int, burn_in: int, step: float) -> tuple[Tracks, np.ndarray]:
     rng = np.random.default_rng(seed)
     lanes = int(rng.integers(2, 5))
-    x = np.sort(rng.uniform(0, 25.0 * num_vehicles / lanes, num_vehicles))
     lane = rng.integers(0, lanes, num_vehicles)
+    # per lane, vehicles one after another with 25-60 m between them
+    x = np.zeros(num_vehicles)
+    for k in range(lanes):
+        ids = np.flatnonzero(lane == k)
+        x[ids] = np.cumsum(rng.uniform(25.0, 60.0, len(ids)))
     y = lane * LANE_WIDTH
     v_desired = rng.uniform(18.0, 32.0, num_vehicles)
     v = v_desired * rng.uniform(0.8, 1.0, num_vehicles)
@@ -43,8 +48,11 @@ def rollout(seed: int, num_vehicles: int, frames: int, burn_in: int, step: float
         own_gap, own_front = gap[rows, lane], front[rows, lane]
         safe = MIN_GAP + v * TIME_GAP
         front_v = np.where(np.isfinite(own_gap), v[own_front], v_desired)
+        # IDM: desired gap grows with speed and with the closing speed
+        wanted = safe + v * (v - front_v) / (2 * np.sqrt(MAX_ACCEL * COMFORT_BRAKE))
         accel = MAX_ACCEL * (1 - (v / v_desired) ** 4)
-        accel -= np.where(np.isfinite(own_gap), MAX_ACCEL * (safe / np.maximum(own_gap, 1.0)) ** 2, 0.0)
+        accel -= np.where(np.isfinite(own_gap), MAX_ACCEL * (np.maximum(wanted, 0) / np.maximum(own_gap, 1.0)) ** 2,
+                          0.0)
         # blocked by a slower vehicle: move to a neighbouring lane with room ahead and behind
         settled = np.abs(y - lane * LANE_WIDTH) < 0.1
         blocked = settled & (own_gap < 2 * safe) & (front_v < v_desired - 2.0)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moekit.models.vla.scene import NUM_FEATURES, FEATURE, SceneSet
+from moekit.models.vla.scene import FEATURE, NUM_FEATURES, SceneSet
 
 
 @dataclass

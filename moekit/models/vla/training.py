@@ -1,0 +1,108 @@
+"""A plain training loop for ``TrajectoryModel`` (AdamW, warmup + cosine decay, gradient
+clipping) and batched evaluation of its samples."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from moekit.models.vla.metrics import trajectory_metrics
+from moekit.models.vla.model import TrajectoryModel
+from moekit.models.vla.scene import SceneSet
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: int = 100
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr}")
+        if self.warmup < 0:
+            raise ValueError(f"TrainConfig: warmup must be >= 0, got {self.warmup}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train(model: TrajectoryModel, scenes: SceneSet, config: TrainConfig,
+          log: Callable[[str], None] = print) -> list[dict[str, float]]:
+    """Fit the data statistics on ``scenes`` and train; returns one record per logged step
+    (mean objective / aux loss since the previous record)."""
+    device = next(model.parameters()).device
+    model.fit_data_statistics(scenes)
+    model.train()
+    data = scenes.to(device)
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    order_gen = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    history, sums, count, start = [], {"objective": 0.0, "aux": 0.0}, 0, time.perf_counter()
+    perm, cursor = torch.randperm(len(data), generator=order_gen), 0
+    for step in range(config.steps):
+        if cursor + config.batch_size > len(perm):
+            perm, cursor = torch.randperm(len(data), generator=order_gen), 0
+        idx = perm[cursor: cursor + config.batch_size].to(device)
+        cursor += config.batch_size
+        out = model.loss(data.tokens[idx], data.target[idx], generator=gen)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        sums["objective"] += out["objective"].item()
+        sums["aux"] += out["aux"].item()
+        count += 1
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            record = {"step": step + 1, **{k: v / count for k, v in sums.items()},
+                      "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - start}
+            history.append(record)
+            log(f"step {record['step']:>6} | {model.config.objective} loss {record['objective']:.4f} | "
+                f"aux {record['aux']:.4f} | lr {record['lr']:.2e} | {record['seconds']:.0f}s")
+            sums, count = {"objective": 0.0, "aux": 0.0}, 0
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict_all(model: TrajectoryModel, scenes: SceneSet, num_samples: int, steps: int, method: str,
+                seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+    """[S, K, H, 2] predictions for every scene, in batches, on the model's device."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    model.eval()
+    out = [model.predict(scenes.tokens[i: i + batch_size].to(device), num_samples, steps, method, gen).cpu()
+           for i in range(0, len(scenes), batch_size)]
+    return torch.cat(out)
+
+
+def evaluate(model: TrajectoryModel, scenes: SceneSet, num_samples: int = 6, steps: int = 2,
+             method: str = "euler", seed: int = 0) -> dict[str, float]:
+    return trajectory_metrics(predict_all(model, scenes, num_samples, steps, method, seed), scenes)
