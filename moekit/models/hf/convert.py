@@ -28,6 +28,21 @@ def hf_config_dict(hf_config) -> dict[str, Any]:
     return json.loads(hf_config.to_json_string(use_diff=False))
 
 
+# transformers writes non-finite floats as {"__float__": "Infinity"} (GraniteMoeHybrid's time_step_limit)
+SPECIAL_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def decode_floats(value: Any) -> Any:
+    """``value`` with transformers' tagged non-finite floats turned back into floats."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and value["__float__"] in SPECIAL_FLOATS:
+            return SPECIAL_FLOATS[value["__float__"]]
+        return {k: decode_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_floats(v) for v in value]
+    return value
+
+
 def _load_folder_config(folder: Path) -> dict[str, Any]:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {folder}")
@@ -152,7 +167,7 @@ def to_hf(model: MoEForCausalLM):
         raise ValueError(f"to_hf: the model no longer matches its {arch.model_type} config: " + "; ".join(changed))
     import transformers
 
-    values = {k: v for k, v in hf.items() if k != "model_type"}
+    values = {k: decode_floats(v) for k, v in hf.items() if k != "model_type"}
     config = transformers.AutoConfig.for_model(arch.model_type, **values)
     # Built in the model's precision; transformers keeps its own float32 exceptions (DeepSeek's router).
     hf_model = transformers.AutoModelForCausalLM.from_config(config, dtype=model.embed_tokens.weight.dtype)
@@ -163,9 +178,11 @@ def to_hf(model: MoEForCausalLM):
         tensors.update(rule.export(state[rule.target].detach(), rule.choose(target.keys())))
     if model.config.tie_word_embeddings and TIED_HEAD in target:
         tensors[TIED_HEAD] = state["embed_tokens.weight"]
-    if set(tensors) != set(target):
-        raise RuntimeError(f"to_hf: rules produced {sorted(set(tensors) - set(target))} that {arch.hf_class} "
-                           f"lacks, and miss {sorted(set(target) - set(tensors))}")
+    # Ignored HF tensors (MiniMax's decay buffers) keep what transformers computes from the config.
+    expected = {n for n in target if not arch.ignored(n, hf)}
+    if set(tensors) != expected:
+        raise RuntimeError(f"to_hf: rules produced {sorted(set(tensors) - expected)} that {arch.hf_class} "
+                           f"lacks, and miss {sorted(expected - set(tensors))}")
     with torch.no_grad():
         for name, tensor in tensors.items():
             target[name].copy_(tensor)

@@ -8,15 +8,17 @@ from moekit.moe.config import MoEConfig
 
 
 def dense_prefix(c) -> int:
-    """How many leading layers are dense; moekit's dense layers must come first."""
+    """How many leading layers are dense; moekit's dense layers must come first (Qwen3-MoE and
+    Qwen3-Next share the rule)."""
+    model_type = c.get("model_type")
     experts = first(c, "num_local_experts", "num_experts", default=0)
     if not experts:
-        refuse("qwen3_moe", "num_experts", experts, "a model without experts is not an MoE")
+        refuse(model_type, "num_experts", experts, "a model without experts is not an MoE")
     step = c.get("decoder_sparse_step") or 1
     only = set(c.get("mlp_only_layers") or [])
     dense = [i for i in range(c["num_hidden_layers"]) if i in only or (i + 1) % step != 0]
     if dense != list(range(len(dense))):
-        refuse("qwen3_moe", "dense layers", dense, "moekit's dense FFN layers must be the first ones")
+        refuse(model_type, "dense layers", dense, "moekit's dense FFN layers must be the first ones")
     return len(dense)
 
 
