@@ -6,7 +6,15 @@ registers an ``Architecture`` (HF config -> ``ModelConfig``, one tensor rule per
 tensor); ``convert`` holds the shared checking and copying.
 """
 
-from moekit.models.hf import deepseek_v3, mixtral, olmoe, qwen3_moe  # noqa: F401  (registration)
+from moekit.models.hf import (  # noqa: F401  (registration)
+    deepseek_v3,
+    granitemoehybrid,
+    minimax,
+    mixtral,
+    olmoe,
+    qwen3_moe,
+    qwen3_next,
+)
 from moekit.models.hf.convert import from_hf, to_hf
 from moekit.models.hf.spec import ARCHITECTURES
 
