@@ -143,3 +143,92 @@ def test_gpu_bf16_matches_recipe_reference(monkeypatch, recipe_name):
     for name, g, w in zip(("out", "dx", "dweight", "dw_up", "dw_down"), got, want, strict=True):
         assert torch.isfinite(g).all(), name
         assert _rel(g, w) < 1e-2, (name, _rel(g, w))  # bf16 storage of h / y / dx terms
+
+
+# ----------------------------------------------------------------------------- sm_100 MXFP8 path
+# torch._scaled_grouped_mm's MXFP8 kernel needs a B200; on the CPU its meta kernel checks the
+# arguments' shapes, dtypes and strides, and an emulation of its documented semantics (below,
+# reading scales back out of the cuBLAS block layout) checks the data path end to end.
+
+def _unblock(flat, rows, cols):
+    R, C = -(-rows // 128) * 128, -(-cols // 4) * 4
+    tiles = flat.view(torch.uint8).reshape(R // 128, C // 4, 32, 4, 4)  # [tile r, tile c, j, i, c]
+    return tiles.permute(0, 3, 2, 1, 4).reshape(R, C)[:rows, :cols]  # row 32 i + j
+
+
+def _emulated_scaled_grouped_mm(mat_a, mat_b, scale_a, scale_b, offs, out_dtype):
+    from moekit.quant.formats import e8m0_to_float32
+
+    E, K, N = mat_b.shape
+    out = torch.zeros(mat_a.shape[0], N, dtype=out_dtype)
+    start, scale_row = 0, 0
+    for e, end in enumerate(offs.tolist()):
+        rows = end - start
+        padded = -(-rows // 128) * 128
+        flat_a = scale_a[scale_row:scale_row + padded].reshape(-1)
+        sa = e8m0_to_float32(_unblock(flat_a, rows, K // 32)).repeat_interleave(32, 1)
+        sb = e8m0_to_float32(_unblock(scale_b[e], N, K // 32)).repeat_interleave(32, 1)
+        a = mat_a[start:end].float() * sa
+        b = mat_b[e].t().float() * sb  # [N, K]
+        out[start:end] = (a @ b.t()).to(out_dtype)
+        start, scale_row = end, scale_row + padded
+    return out
+
+
+def test_to_blocked_places_each_scale_where_cublas_reads_it():
+    from moekit.ops.moe.fp8_blackwell import to_blocked
+
+    g = torch.Generator().manual_seed(8)
+    s = torch.randint(0, 255, (200, 7), generator=g, dtype=torch.uint8)
+    flat = to_blocked(s.view(torch.float8_e8m0fnu))
+    assert flat.dtype == torch.float8_e8m0fnu and flat.numel() == 256 * 8
+    b = flat.view(torch.uint8)
+    for r, c in [(0, 0), (1, 0), (0, 1), (31, 3), (32, 0), (127, 3), (128, 0), (199, 6), (45, 5)]:
+        tile = (r // 128) * 2 + c // 4
+        assert b[tile * 512 + (r % 128 % 32) * 16 + (r % 128 // 32) * 4 + c % 4] == s[r, c]
+    assert torch.equal(_unblock(flat, 200, 7), s)
+    assert torch.all(_unblock(flat, 256, 8)[200:] == 0)  # padding
+
+
+def test_scaled_grouped_mm_arguments_pass_torch_meta_checks():
+    from moekit.ops.moe.fp8_blackwell import mx_grouped_mm_args
+
+    E, N, K, M = 4, 256, 512, 300
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(M, K, generator=g).to(torch.float8_e4m3fn)
+    w = torch.randn(E, N, K, generator=g).to(torch.float8_e4m3fn)
+    a_s = torch.randint(100, 140, (M, K // 32), generator=g, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    w_s = torch.randint(100, 140, (E, N, K // 32), generator=g, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    offs = torch.tensor([50, 150, 150, 300], dtype=torch.int32)  # one empty group
+    args = mx_grouped_mm_args(a, a_s, w, w_s, offs)
+    assert args[1].shape == (E, K, N) and args[1].stride() == (N * K, 1, K)  # column-major b
+    assert args[2].shape == (128 + 128 + 256, 16) and args[3].shape == (E, 256 * 16)
+    meta = [t.to("meta") for t in args]
+    out = torch._scaled_grouped_mm(*meta[:4], offs=meta[4], out_dtype=torch.bfloat16)
+    assert out.shape == (M, N) and out.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="float8_e4m3fn operands"):
+        mx_grouped_mm_args(a.float(), a_s, w, w_s, offs)
+    with pytest.raises(ValueError, match="offsets must be int32"):
+        mx_grouped_mm_args(a, a_s, w, w_s, offs.long())
+
+
+def test_sm100_mxfp8_path_matches_triton_kernel(monkeypatch):
+    """The row-by-weight GEMM through the (emulated) torch._scaled_grouped_mm gives what the
+    Triton kernel gives, so the scale conversion, blocking and un-permute are right."""
+    from moekit.ops.moe import fp8_blackwell
+    from moekit.ops.moe.fp8_recipe import quantize_rows, quantize_weight
+    from moekit.ops.moe.triton_meta import routing_meta
+
+    leaves, idx, _ = _problem(40, 128, 256, 4, 2, "gelu", seed=10)
+    r = recipe("mxfp8")
+    meta = routing_meta(idx, 4)
+    a = leaves[0].detach()[meta.order.long() // 2]  # some expert-sorted rows: token rows
+    a_q = quantize_rows(a, r)
+    w_q = quantize_weight(leaves[3].detach(), r, 1)  # w_down for the dgrad GEMM: [E, F, H] K-major
+    want = fp8.kernels.scatter_gemm(a_q, w_q, meta, r, torch.float32)
+    monkeypatch.setattr(fp8_blackwell, "available", lambda device: True)
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", _emulated_scaled_grouped_mm)
+    got = fp8.scatter_gemm(a_q, w_q, meta, r, torch.float32)
+    valid = (idx.reshape(-1) >= 0)
+    assert got.shape == want.shape == (80, 256)
+    assert _rel(got[valid], want[valid]) < 1e-6

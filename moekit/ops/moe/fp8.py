@@ -17,8 +17,10 @@ reference by ||err|| / ||ref|| <= 0.10 ("fp8") and <= 0.12 ("mxfp8") on Gaussian
 bounds ``tests/ops/test_moe_fp8.py`` asserts); the bf16 path is within 1e-2.
 
 MXFP8 on Hopper runs the same kernels with 32-wide K blocks (there is no MX tensor-core
-instruction before sm_100); ``fp8_blackwell`` prepares ``torch._scaled_grouped_mm`` inputs for
-sm_100+ (untested on hardware).
+instruction before sm_100). On sm_100+ the two GEMMs of expert-sorted rows by a weight (down
+forward, up dgrad) go through ``torch._scaled_grouped_mm`` with E8M0 scales instead
+(``fp8_blackwell``): UNTESTED ON HARDWARE (its inputs are checked on the CPU only); set
+``MX_SCALED_GROUPED_MM = False`` to keep the Triton kernels there too.
 """
 
 from __future__ import annotations
@@ -26,13 +28,22 @@ from __future__ import annotations
 import torch
 
 from moekit.ops.activations import is_gated
+from moekit.ops.moe import fp8_blackwell, reference
 from moekit.ops.moe import fp8_kernels as kernels
-from moekit.ops.moe import reference
 from moekit.ops.moe import triton_kernels as bf16_kernels
 from moekit.ops.moe.fp8_recipe import DIM_MULTIPLE, quantize_rows, quantize_weight, recipe, transpose_weight
-from moekit.ops.moe.triton_meta import RoutingMeta, routing_meta
+from moekit.ops.moe.triton_meta import RoutingMeta, new_buffer, routing_meta
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MX_SCALED_GROUPED_MM = True  # sm_100+: MXFP8 row-by-weight GEMMs through torch._scaled_grouped_mm
+
+
+def scatter_gemm(src_q, w_q, meta: RoutingMeta, r, dtype) -> torch.Tensor:
+    """``fp8_kernels.scatter_gemm``, or on sm_100+ (MX recipe) PyTorch's MXFP8 grouped GEMM."""
+    if r.mx and MX_SCALED_GROUPED_MM and fp8_blackwell.available(src_q[0].device):
+        out = new_buffer((meta.order.numel(), w_q[0].shape[1]), dtype, src_q[0].device)
+        return fp8_blackwell.scatter_gemm(src_q, w_q, meta.counts, meta.order, out)
+    return kernels.scatter_gemm(src_q, w_q, meta, r, dtype)
 
 
 class FP8RoutedExperts(torch.autograd.Function):
@@ -45,7 +56,7 @@ class FP8RoutedExperts(torch.autograd.Function):
         w_down_q = quantize_weight(w_down, r, 2, backend="triton")
         h, a_rows, a_cols = kernels.gather_up(quantize_rows(x, r, backend="triton"), w_up_q, weight, meta,
                                               activation, r, x.dtype, save=training)
-        y = kernels.scatter_gemm(a_rows, w_down_q, meta, r, x.dtype)
+        y = scatter_gemm(a_rows, w_down_q, meta, r, x.dtype)
         out = bf16_kernels.combine(y, topk_idx, weight, x.dtype)
         if training:
             # The "fp8" recipe's square weight tiles serve the dgrad GEMMs transposed; MX
@@ -80,7 +91,7 @@ class FP8RoutedExperts(torch.autograd.Function):
                 dw_up = kernels.grouped_wgrad(dh_cols, kernels.gather_cols(x, meta, r), meta, r, w_up.dtype)
             if need_x:
                 w_up_t = quantize_weight(w_up, r, 1, backend="triton") if r.mx else transpose_weight(*saved_q[:2])
-                dx = bf16_kernels.combine(kernels.scatter_gemm(dh_rows, w_up_t, meta, r, x.dtype), topk_idx,
+                dx = bf16_kernels.combine(scatter_gemm(dh_rows, w_up_t, meta, r, x.dtype), topk_idx,
                                           None, x.dtype)
         return dx, None, dweight, dw_up, dw_down, None, None, None
 
