@@ -32,7 +32,8 @@ class RankResult:
     seconds: float
 
 
-def _launch(scenario: str, nprocs: int, args: dict, timeout: float = 150.0) -> list[RankResult]:
+def _launch(scenario: str, nprocs: int, args: dict, timeout: float = 150.0,
+            stop_when_rank0_exits: bool = False) -> list[RankResult]:
     port = free_port()
     procs = []
     start = time.monotonic()
@@ -46,13 +47,14 @@ def _launch(scenario: str, nprocs: int, args: dict, timeout: float = 150.0) -> l
         procs.append(subprocess.Popen([sys.executable, str(WORKERS), scenario, json.dumps(args)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO))
     results = []
-    for proc in procs:
+    for rank, proc in enumerate(procs):
+        stop_now = rank > 0 and stop_when_rank0_exits
         try:
-            out, err = proc.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
+            out, err = proc.communicate(timeout=0 if stop_now else max(1.0, timeout - (time.monotonic() - start)))
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-            err += f"\n[launcher] killed after {timeout} s"
+            err += "\n[launcher] killed after rank 0 exited" if stop_now else f"\n[launcher] killed after {timeout} s"
         results.append(RankResult(proc.returncode, out, err, time.monotonic() - start))
     return results
 
@@ -65,10 +67,12 @@ def _check_ok(results: list[RankResult]) -> None:
 @pytest.fixture(scope="session")
 def launch():
     """``launch(scenario, nprocs, args)`` -> every rank's RankResult; fails the test unless all
-    ranks exit 0 (pass ``check=False`` to inspect failures)."""
+    ranks exit 0 (pass ``check=False`` to inspect failures). ``stop_when_rank0_exits`` kills
+    the ranks still running once rank 0 has exited."""
 
-    def run(scenario: str, nprocs: int, args: dict | None = None, check: bool = True, timeout: float = 150.0):
-        results = _launch(scenario, nprocs, args or {}, timeout)
+    def run(scenario: str, nprocs: int, args: dict | None = None, check: bool = True, timeout: float = 150.0,
+            stop_when_rank0_exits: bool = False):
+        results = _launch(scenario, nprocs, args or {}, timeout, stop_when_rank0_exits)
         if check:
             _check_ok(results)
         return results
