@@ -115,6 +115,20 @@ def test_weight_tiles_are_shared_by_forward_and_dgrad_in_fp8_only():
     assert _rel(fwd, w) < 0.05 and _rel(bwd.transpose(1, 2), w) < 0.05
 
 
+@pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_one_pass_weight_quantization_gives_both_gemm_layouts(recipe_name, backend):
+    from moekit.ops.moe.fp8_recipe import quantize_weight, quantize_weight_both
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(3, 128, 256, generator=g) * torch.exp2(torch.randint(-8, 8, (3, 128, 1), generator=g).float())
+    r = recipe(recipe_name)
+    both = quantize_weight_both(w.bfloat16(), r, backend)
+    for (data, scale), axis in zip(both, (2, 1), strict=True):
+        want_data, want_scale = quantize_weight(w.bfloat16(), r, axis, "reference")
+        assert data.stride(-1) == 1 and torch.equal(data, want_data) and torch.equal(scale, want_scale)
+
+
 def test_errors_name_the_problem():
     leaves, idx, _ = _problem(8, 128, 128, 4, 2, "swiglu")
     x, w, w_up, w_down = (t.detach() for t in leaves)

@@ -31,7 +31,7 @@ from moekit.ops.activations import is_gated
 from moekit.ops.moe import fp8_blackwell, reference
 from moekit.ops.moe import fp8_kernels as kernels
 from moekit.ops.moe import triton_kernels as bf16_kernels
-from moekit.ops.moe.fp8_recipe import DIM_MULTIPLE, quantize_rows, quantize_weight, recipe, transpose_weight
+from moekit.ops.moe.fp8_recipe import DIM_MULTIPLE, quantize_rows, quantize_weight, quantize_weight_both, recipe
 from moekit.ops.moe.triton_meta import RoutingMeta, new_buffer, routing_meta
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -52,26 +52,27 @@ class FP8RoutedExperts(torch.autograd.Function):
         r = recipe(recipe_name)
         meta = routing_meta(topk_idx, w_up.shape[0])
         weight = topk_weight.detach().float().contiguous()
-        w_up_q = quantize_weight(w_up, r, 2, backend="triton")
-        w_down_q = quantize_weight(w_down, r, 2, backend="triton")
+        if training:  # both GEMM orientations of each weight now, the dgrad one kept for backward
+            w_up_q, w_up_t = quantize_weight_both(w_up, r, backend="triton")
+            w_down_q, w_down_t = quantize_weight_both(w_down, r, backend="triton")
+        else:
+            w_up_q, w_down_q = (quantize_weight(w, r, 2, backend="triton") for w in (w_up, w_down))
         h, a_rows, a_cols = kernels.gather_up(quantize_rows(x, r, backend="triton"), w_up_q, weight, meta,
                                               activation, r, x.dtype, save=training)
         y = scatter_gemm(a_rows, w_down_q, meta, r, x.dtype)
         out = bf16_kernels.combine(y, topk_idx, weight, x.dtype)
         if training:
-            # The "fp8" recipe's square weight tiles serve the dgrad GEMMs transposed; MX
-            # requantizes along the other axis in backward, from the weights themselves.
-            saved_q = () if r.mx else (*w_up_q, *w_down_q)
-            ctx.save_for_backward(x, topk_idx, weight, w_up, w_down, h, y, *a_cols, meta.counts, meta.order,
-                                  *saved_q)
+            ctx.save_for_backward(x, topk_idx, weight, h, y, *a_cols, meta.counts, meta.order, *w_up_t, *w_down_t)
             ctx.activation, ctx.recipe, ctx.weight_dtype = activation, r, topk_weight.dtype
+            ctx.weight_dtypes = (w_up.dtype, w_down.dtype)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, topk_idx, weight, w_up, w_down, h, y, a_c, a_cs, counts, order, *saved_q = ctx.saved_tensors
+        x, topk_idx, weight, h, y, a_c, a_cs, counts, order, *weights_t = ctx.saved_tensors
+        w_up_t, w_down_t = tuple(weights_t[:2]), tuple(weights_t[2:])
         r = ctx.recipe
-        meta = RoutingMeta(counts, order, w_up.shape[0], topk_idx.shape[1])
+        meta = RoutingMeta(counts, order, w_up_t[0].shape[0], topk_idx.shape[1])
         need_x, _, need_w, need_up, need_down, _, _, _ = ctx.needs_input_grad
         dout = dout.contiguous()
         dx = dweight = dw_up = dw_down = None
@@ -79,20 +80,15 @@ class FP8RoutedExperts(torch.autograd.Function):
             dweight = kernels.weight_grad(y, dout, topk_idx).to(ctx.weight_dtype)
         if need_down:
             dw_down = kernels.grouped_wgrad(kernels.gather_cols(dout, meta, r), (a_c, a_cs), meta, r,
-                                            w_down.dtype)
+                                            ctx.weight_dtypes[1])
         if need_x or need_up:
-            if r.mx:
-                w_down_t = quantize_weight(w_down, r, 1, backend="triton")
-            else:
-                w_down_t = transpose_weight(*saved_q[2:])
             dh_rows, dh_cols = kernels.down_dgrad(quantize_rows(dout, r, backend="triton"), w_down_t, h, weight,
                                                   meta, ctx.activation, r)
             if need_up:
-                dw_up = kernels.grouped_wgrad(dh_cols, kernels.gather_cols(x, meta, r), meta, r, w_up.dtype)
+                dw_up = kernels.grouped_wgrad(dh_cols, kernels.gather_cols(x, meta, r), meta, r,
+                                              ctx.weight_dtypes[0])
             if need_x:
-                w_up_t = quantize_weight(w_up, r, 1, backend="triton") if r.mx else transpose_weight(*saved_q[:2])
-                dx = bf16_kernels.combine(scatter_gemm(dh_rows, w_up_t, meta, r, x.dtype), topk_idx,
-                                          None, x.dtype)
+                dx = bf16_kernels.combine(scatter_gemm(dh_rows, w_up_t, meta, r, x.dtype), topk_idx, None, x.dtype)
         return dx, None, dweight, dw_up, dw_down, None, None, None
 
 

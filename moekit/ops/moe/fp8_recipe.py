@@ -80,6 +80,22 @@ def quantize_weight(w: torch.Tensor, r: Recipe, reduce_axis: int, backend: str =
     return data, scale
 
 
+def quantize_weight_both(w: torch.Tensor, r: Recipe, backend: str = "auto"):
+    """``(quantize_weight(w, r, 2), quantize_weight(w, r, 1))`` with one read of ``w`` [E, A, B]
+    for MX (both layouts from one pass over the stacked [E * A, B] matrix: its blocks of 32 rows
+    never straddle two experts as A is a multiple of 32), a byte transpose for "fp8"."""
+    if not r.mx:
+        fwd = quantize_weight(w, r, 2, backend)
+        return fwd, transpose_weight(*fwd)
+    E, A, B = w.shape
+    rows, cols = mxfp8.quantize_both(w.reshape(E * A, B), "e4m3", "floor", backend=backend)
+    fwd = (rows.data.view(torch.uint8).view(E, A, B), e8m0_to_float32(rows.scale).view(E, A, B // r.block))
+    # cols.data is the [B, E * A] buffer seen transposed: expert e's [B, A] block is K-contiguous.
+    data_t = cols.data.view(torch.uint8).t().view(B, E, A).transpose(0, 1)
+    scale_t = e8m0_to_float32(cols.scale.t()).view(B, E, A // r.block).transpose(0, 1)
+    return fwd, (data_t, scale_t)
+
+
 def transpose_weight(data: torch.Tensor, scale: torch.Tensor):
     """The same quantized weight seen from the other GEMM (valid when the scale tile is square:
     the "fp8" recipe's 128 x 128, and MX's per-axis layout that `mxfp8.quantize` stores K-innermost)."""
