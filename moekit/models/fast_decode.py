@@ -10,10 +10,10 @@ and never to wait for the GPU:
   between requests (``ModelCache.reset``); its slot counters live on the device;
 - linear layers take the ops' recurrent form (fused Triton kernels on CUDA), softmax layers
   attend over the whole KV buffer under a mask, so every step has the same shapes;
-- the MoE layers must route without a host sync, which holds for top-k routing through the
-  Triton experts backend. Expert-choice routing (its per-token expert count is read on the
-  host), capacity drops and the reference / grouped_mm backends (a ``nonzero`` per expert,
-  ``torch.bincount``) sync, and ``graph_blocker`` names them so the decoder refuses graphs there.
+- the MoE layers must route without a host sync, which holds for top-k routing (capacity drops
+  included) through the Triton or grouped_mm experts backends. Expert-choice routing (its
+  per-token expert count is read on the host) and the reference backend (a ``nonzero`` per
+  expert) sync, and ``graph_blocker`` names them so the decoder refuses graphs there.
 
 Without a graph (on the CPU, or ``cuda_graph=False``) the very same step function runs eagerly,
 so the two paths compute the same tokens; the token loop is ``moekit.models.generation``'s.
@@ -46,8 +46,6 @@ def graph_blocker(model) -> str | None:
         cfg, where = layer.config, f"layer {idx}'s MoE"
         if cfg.router_type == "expert_choice":
             return f"{where} uses expert-choice routing, which reads each step's expert count on the host"
-        if cfg.capacity_factor is not None:
-            return f"{where} drops tokens past a capacity (counted with torch.bincount, which syncs on CUDA)"
         if cfg.check_finite:
             return f"{where} has check_finite=True (a host-side NaN check every step)"
         if type(layer.dispatcher) is not LocalDispatcher:
@@ -58,9 +56,9 @@ def graph_blocker(model) -> str | None:
     for idx, layer in moe_layers:
         probe = weight.new_empty(1, layer.config.hidden_size)
         backend = moe_ops.resolve_backend(layer.dispatcher.backend, probe, layer.experts.w_up, layer.experts.w_down)
-        if backend != "triton":
-            return (f"layer {idx}'s MoE runs the {backend!r} experts backend, which syncs with the host "
-                    "(reference: a nonzero per expert; grouped_mm: torch.bincount); use 'auto' or 'triton'")
+        if backend == "reference":
+            return (f"layer {idx}'s MoE runs the 'reference' experts backend, which finds each expert's "
+                    "tokens with a nonzero (a host sync); use 'auto', 'triton' or 'grouped_mm'")
     return None
 
 
