@@ -109,6 +109,8 @@ def main() -> int:
         cu = torch.tensor(bounds, device="cuda", dtype=torch.int32)
         ok &= check(f"{op} chunk cu_seqlens={bounds} H=8 K=V=128", op,
                     make_inputs(op, 1, bounds[-1], 8, 128, len(bounds) - 1, gen), cu_seqlens=cu)
+    for op in ("simple_gla", "linear_attn"):  # the largest head dim the scalar-gate kernels take
+        ok &= check(f"{op} chunk B=2 H=4 K=V=256 T=300", op, make_inputs(op, 2, 300, 4, 256, 2, gen))
     for op in chunk_ops:
         for T in (1, 37):  # decoding steps and a short prefill, forward only
             ok &= check(f"{op} recurrent B=2 H=8 K=V=128 T={T}", op, make_inputs(op, 2, T, 8, 128, 2, gen),

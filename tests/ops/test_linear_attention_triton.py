@@ -152,10 +152,11 @@ def test_backend_choice(monkeypatch):
     (dict(op="simple_gla", dtype=torch.float64), "float64"),
     (dict(op="simple_gla", chunk_size=48), "chunk_size"),
     (dict(op="simple_gla", V=300), "head dims"),
+    (dict(op="gated_delta_rule", K=160), "K <= 128"),
 ])
 def test_triton_backend_refuses_clearly(case, match):
     op = case["op"]
-    inputs = make_inputs(op, 1, 4, 1, 16, case.get("V", 16), 1, seed=0)
+    inputs = make_inputs(op, 1, 4, 1, case.get("K", 16), case.get("V", 16), 1, seed=0)
     args = {n: t.to(case.get("dtype", torch.float32)) for n, t in inputs.items() if n != "initial_state"}
     with pytest.raises(ValueError, match=match):
         getattr(la, op)(**args, backend="triton", mode=case.get("mode", "chunk"), chunk_size=case.get("chunk_size", 64))

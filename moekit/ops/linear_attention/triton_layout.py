@@ -17,6 +17,9 @@ import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
+# The delta-rule and GLA state kernels also stage float32 [BT, K] tiles (w, the gates) beside
+# the whole-K state: K = 256 would not fit in shared memory, so those take K <= 128.
+MAX_KEY_DIM_STAGED = 128
 CHUNK_SIZES = (16, 32, 64)
 
 

@@ -22,6 +22,7 @@ from moekit.ops.linear_attention.triton_gla import ChunkGLA
 from moekit.ops.linear_attention.triton_layout import (
     CHUNK_SIZES,
     MAX_HEAD_DIM,
+    MAX_KEY_DIM_STAGED,
     SUPPORTED_DTYPES,
     Chunks,
     chunk_cumsum,
@@ -86,6 +87,8 @@ def unsupported(op: str, mode: str, tensors: dict[str, torch.Tensor | None], K: 
         return f"the Triton kernels take {', '.join(map(str, SUPPORTED_DTYPES))} inputs, got {dtype}"
     if max(K, V) > MAX_HEAD_DIM:
         return f"the Triton kernels take head dims K, V <= {MAX_HEAD_DIM}, got K={K}, V={V}"
+    if op in ("delta_rule", "gated_delta_rule", "gla") and K > MAX_KEY_DIM_STAGED:
+        return f"the Triton {op} kernels take K <= {MAX_KEY_DIM_STAGED}, got K={K}"
     if mode == "chunk" and chunk_size not in CHUNK_SIZES:
         return f"the Triton chunk kernels take chunk_size in {CHUNK_SIZES}, got {chunk_size}"
     return None
