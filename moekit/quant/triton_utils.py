@@ -20,13 +20,18 @@ INTERPRETING: bool = bool(triton.knobs.runtime.interpret)
 
 
 @triton.jit
-def load_as_float32(ptrs, mask, IS_BF16: tl.constexpr):
-    """Masked-out lanes read 0. With IS_BF16 `ptrs` point at int16 bits (see `kernel_input`)."""
-    raw = tl.load(ptrs, mask=mask, other=0)
+def to_float32(raw, IS_BF16: tl.constexpr):
+    """Exact widening of loaded values; with IS_BF16 `raw` holds bfloat16 bits as int16."""
     if IS_BF16:
         return (raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         return raw.to(tl.float32)
+
+
+@triton.jit
+def load_as_float32(ptrs, mask, IS_BF16: tl.constexpr):
+    """Masked-out lanes read 0. With IS_BF16 `ptrs` point at int16 bits (see `kernel_input`)."""
+    return to_float32(tl.load(ptrs, mask=mask, other=0), IS_BF16)
 
 
 @triton.jit

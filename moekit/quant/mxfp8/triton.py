@@ -27,7 +27,7 @@ from moekit.quant.triton_utils import (
     decode_fp8,
     encode_fp8,
     kernel_input,
-    load_as_float32,
+    to_float32,
 )
 
 
@@ -70,9 +70,10 @@ def _mx_quantize_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    x = load_as_float32(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask, IS_BF16)
+    raw = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0)
 
     if ROWWISE:
+        x = to_float32(raw, IS_BF16)
         elems, scale = _quantize_blocks(tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 32)), 2, EMAX, RCEIL,
                                         MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
         tl.store(row_data_ptr + offs_m[:, None] * K + offs_k[None, :],
@@ -82,10 +83,11 @@ def _mx_quantize_kernel(
                  mask=(offs_m[:, None] < M) & (offs_kb[None, :] < K // 32))
 
     if COLWISE:
-        # Transpose first, so that the blocks (along M) are innermost: the amax reduces within a
-        # row of the [K, M] tile and the tile is already in the layout of its [K, M] destination,
-        # so both the element and the scale stores are contiguous along M.
-        xt = tl.trans(x)
+        # Transpose first (the raw 16-bit input: half the shared memory of float32), so that the
+        # blocks (along M) are innermost: the amax reduces within a row of the [K, M] tile and the
+        # tile is already in the layout of its [K, M] destination, so both the element and the
+        # scale stores are contiguous along M.
+        xt = to_float32(tl.trans(raw), IS_BF16)
         elems, scale = _quantize_blocks(tl.reshape(xt, (BLOCK_K, BLOCK_M // 32, 32)), 2, EMAX, RCEIL,
                                         MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
         tl.store(col_data_ptr + offs_k[:, None] * M + offs_m[None, :], tl.reshape(elems, (BLOCK_K, BLOCK_M)),
