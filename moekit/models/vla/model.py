@@ -177,7 +177,7 @@ class TrajectoryModel(nn.Module):
         try:
             config = VLAConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
             state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        except (json.JSONDecodeError, RuntimeError, EOFError) as e:
+        except Exception as e:  # json, pickle and torch raise several types for a corrupt file
             raise ValueError(f"TrajectoryModel: cannot read the checkpoint in {directory}: {e}") from e
         model = cls(config)
         missing, unexpected = model.load_state_dict(state, strict=False)

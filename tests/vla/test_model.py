@@ -1,0 +1,165 @@
+"""The trajectory model: the embedding-free backbone path, training lowers the losses,
+sampling shapes and determinism, anchors, checkpoints and bad input."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from moekit import ModelConfig, MoEForCausalLM
+from moekit.models.vla import (
+    SceneDataConfig,
+    TrainConfig,
+    TrajectoryModel,
+    VLAConfig,
+    generate,
+    kmeans,
+    run_backbone,
+    tiny_backbone,
+    train,
+)
+
+
+def _backbone() -> ModelConfig:
+    return dataclasses.replace(tiny_backbone(), hidden_size=32, num_heads=2, head_dim=16, num_kv_heads=2,
+                               moe=dataclasses.replace(tiny_backbone().moe, hidden_size=32, ffn_hidden_size=32))
+
+
+def _config(**kw) -> VLAConfig:
+    return VLAConfig(backbone=_backbone(), decoder_dim=32, decoder_layers=1, decoder_heads=2, num_anchors=6, **kw)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    config = SceneDataConfig(source="synthetic", num_train=320, num_val=64, vehicles_per_rollout=16,
+                             scenes_per_rollout=40, window=4.0, workers=1)
+    return generate(config, "train"), generate(config, "val")
+
+
+def test_run_backbone_matches_the_language_model():
+    """The embedding-free path through the blocks and final norm gives the LM's own hidden
+    states: its head on them reproduces the model's logits."""
+    torch.manual_seed(0)
+    model = MoEForCausalLM(ModelConfig(vocab_size=50, hidden_size=32, layer_pattern="LN", linear_mixer="simple_gla",
+                                       num_heads=2, head_dim=16, moe={"ffn_hidden_size": 32, "num_experts": 4})).eval()
+    ids = torch.randint(0, 50, (3, 11))
+    hidden, aux = run_backbone(model, model.embed_tokens(ids))
+    torch.testing.assert_close(model.lm_head(hidden).float(), model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert aux.item() == pytest.approx(model(ids).aux_loss.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="embeddings have width 16"):
+        run_backbone(model, torch.randn(2, 5, 16))
+
+
+@pytest.mark.parametrize("objective,prior", [("flow", "gaussian"), ("flow", "anchors"), ("regression", "gaussian")])
+def test_training_lowers_the_loss(scenes, objective, prior):
+    train_set, _ = scenes
+    torch.manual_seed(0)
+    model = TrajectoryModel(_config(objective=objective, prior=prior))
+    history = train(model, train_set, TrainConfig(steps=60, batch_size=32, lr=3e-3, warmup=5, log_every=10),
+                    log=lambda _: None)
+    first, last = history[0]["objective"], history[-1]["objective"]
+    assert last < 0.7 * first, (objective, prior, [round(h["objective"], 3) for h in history])
+    # the held-out loss at fixed noise drops too, compared with the untrained model
+    torch.manual_seed(0)
+    fresh = TrajectoryModel(_config(objective=objective, prior=prior))
+    fresh.fit_data_statistics(train_set)
+    _, val = scenes
+
+    def held_out(m):
+        with torch.no_grad():
+            return m.loss(val.tokens, val.target, torch.Generator().manual_seed(1))["objective"].item()
+
+    assert held_out(model) < 0.8 * held_out(fresh)
+
+
+def test_predict_shapes_determinism_and_samplers(scenes):
+    train_set, val = scenes
+    torch.manual_seed(0)
+    model = TrajectoryModel(_config(prior="anchors"))
+    model.fit_data_statistics(train_set)
+    tokens = val.tokens[:5]
+    for method in ("euler", "heun", "ab2"):
+        out = model.predict(tokens, num_samples=3, steps=2, method=method, generator=torch.Generator().manual_seed(2))
+        again = model.predict(tokens, num_samples=3, steps=2, method=method,
+                              generator=torch.Generator().manual_seed(2))
+        assert out.shape == (5, 3, 8, 2) and torch.isfinite(out).all()
+        assert torch.equal(out, again)
+        assert (out[:, 0] - out[:, 1]).abs().max() > 1e-3  # distinct samples per scene
+    # each scene's samples are computed from that scene alone (batching does not mix scenes)
+    alone = model.predict(tokens[2:3], num_samples=3, steps=2, method="heun",
+                          generator=torch.Generator().manual_seed(2))
+    batched = model.predict(tokens, num_samples=3, steps=2, method="heun", generator=torch.Generator().manual_seed(2))
+    memory, _ = model.encode(tokens)
+    memory_alone, _ = model.encode(tokens[2:3])
+    torch.testing.assert_close(memory[2:3], memory_alone, rtol=1e-5, atol=1e-5)
+    assert alone.shape == (1, 3, 8, 2) and batched.shape == (5, 3, 8, 2)
+
+
+def test_anchors_are_kmeans_of_normalised_targets(scenes):
+    train_set, _ = scenes
+    model = TrajectoryModel(_config(prior="anchors"))
+    model.fit_data_statistics(train_set)
+    z = model.normalize_trajectory(train_set.target).flatten(1)
+    centres, weights = kmeans(z, 6)
+    torch.testing.assert_close(model.anchors.flatten(1), centres)
+    assert weights.sum().item() == pytest.approx(1.0) and (weights > 0).all()
+    # Lloyd's fixed point: each centre is the mean of the points nearest to it
+    assign = torch.cdist(z, centres).argmin(1)
+    for k in range(6):
+        torch.testing.assert_close(z[assign == k].mean(0), centres[k], rtol=1e-4, atol=1e-4)
+
+
+def test_kmeans_recovers_separated_clusters():
+    g = torch.Generator().manual_seed(3)
+    true = torch.randn(4, 5, generator=g) * 10
+    points = torch.cat([c + 0.1 * torch.randn(50, 5, generator=g) for c in true])
+    centres, weights = kmeans(points, 4)
+    match = torch.cdist(true, centres).min(1).values
+    assert match.max() < 0.1
+    torch.testing.assert_close(weights, torch.full((4,), 0.25))
+    with pytest.raises(ValueError, match="k must be in"):
+        kmeans(points, 0)
+
+
+def test_checkpoint_round_trip(scenes, tmp_path):
+    train_set, val = scenes
+    model = TrajectoryModel(_config(prior="anchors"))
+    model.fit_data_statistics(train_set)
+    model.save_pretrained(tmp_path / "m")
+    loaded = TrajectoryModel.from_pretrained(tmp_path / "m")
+    args = dict(num_samples=2, steps=3, method="ab2")
+    a = model.predict(val.tokens[:4], generator=torch.Generator().manual_seed(0), **args)
+    b = loaded.predict(val.tokens[:4], generator=torch.Generator().manual_seed(0), **args)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    (tmp_path / "m" / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read the checkpoint"):
+        TrajectoryModel.from_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="no vla_config.json"):
+        TrajectoryModel.from_pretrained(tmp_path)
+
+
+def test_bad_input(scenes):
+    train_set, _ = scenes
+    model = TrajectoryModel(_config())
+    tokens, target = train_set.tokens[:4], train_set.target[:4]
+    with pytest.raises(RuntimeError, match="fit_data_statistics"):
+        model.loss(tokens, target)
+    model.fit_data_statistics(train_set)
+    with pytest.raises(ValueError, match=r"tokens must be \[B, 9, 14\]"):
+        model.loss(tokens[:, :5], target)
+    with pytest.raises(ValueError, match=r"target must be \[4, 8, 2\]"):
+        model.loss(tokens, target[:, :6])
+    bad = tokens.clone()
+    bad[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="tokens holds NaN"):
+        model.predict(bad)
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        model.predict(tokens, num_samples=0)
+    with pytest.raises(ValueError, match="unknown method"):
+        model.predict(tokens, method="rk45")
+    with pytest.raises(ValueError, match="unknown key"):
+        VLAConfig.from_dict({"horizon": 8, "hidden": 3})
+    with pytest.raises(ValueError, match="objective must be one of"):
+        _config(objective="diffusion")
+    with pytest.raises(ValueError, match="exceed backbone.max_seq_len"):
+        VLAConfig(backbone=dataclasses.replace(_backbone(), max_seq_len=8))
