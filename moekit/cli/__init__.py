@@ -14,7 +14,7 @@ import os
 import sys
 
 # Subcommand modules, in --help order. Add a module here to add a command.
-COMMANDS = ("train", "generate", "eval", "plot", "convert")
+COMMANDS = ("train", "generate", "eval", "plot", "convert", "vla")
 
 USER_ERROR_STATUS = 2
 
