@@ -13,6 +13,11 @@ import argparse
 import json
 from pathlib import Path
 
+DESCRIPTION = ("The flow-matching trajectory head on highway driving scenes. 'train' generates (or reuses) the "
+               "scene sets under RUN_DIR/data and trains the flow head (RUN_DIR/flow) and the single-step "
+               "regression baseline on the same backbone (RUN_DIR/regression); 'eval' compares them with the "
+               "constant-velocity baseline on the held-out scenes and writes RUN_DIR/eval.json and "
+               "RUN_DIR/trajectories.png.")
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
@@ -23,11 +28,11 @@ def _names(text: str) -> list[str]:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("vla", help="flow-matching trajectory head (train / eval)", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("vla", help="flow-matching trajectory head (train / eval)", description=DESCRIPTION)
     sub = p.add_subparsers(dest="vla_command", required=True, metavar="{train,eval}")
 
-    t = sub.add_parser("train", help="generate scenes and train the heads")
+    t = sub.add_parser("train", help="generate scenes and train the heads",
+                       description="Generate (or reuse) the scene sets and train the flow and regression heads.")
     t.add_argument("--run-dir", required=True)
     t.add_argument("--source", default="highway", choices=("highway", "synthetic"))
     t.add_argument("--train-scenes", type=int, default=5000)
@@ -44,7 +49,8 @@ def add_parser(subparsers) -> None:
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     t.set_defaults(func=run_train)
 
-    e = sub.add_parser("eval", help="held-out metrics, baselines and a plot")
+    e = sub.add_parser("eval", help="held-out metrics, baselines and a plot",
+                       description="Held-out metrics of the trained heads and the baselines, and a PNG of samples.")
     e.add_argument("--run-dir", required=True)
     e.add_argument("--samples", type=int, default=6, help="K trajectories per scene")
     e.add_argument("--steps", type=_ints, default=[2, 10], help="comma-separated sampler step counts")

@@ -1,0 +1,39 @@
+"""``moekit vla train`` then ``moekit vla eval`` on a few synthetic scenes."""
+
+import json
+
+import pytest
+
+from moekit.cli import main
+
+
+def test_train_then_eval(tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["vla", "train", "--run-dir", str(run), "--source", "synthetic", "--train-scenes", "96",
+                 "--val-scenes", "24", "--workers", "1", "--steps", "12", "--batch-size", "16"])
+    assert code == 0
+    for name in ("data/train.pt", "data/val.pt", "flow/model.pt", "regression/model.pt", "flow/history.json"):
+        assert (run / name).is_file(), name
+    code = main(["vla", "eval", "--run-dir", str(run), "--samples", "3", "--steps", "1,2", "--methods", "euler,ab2",
+                 "--plot-scenes", "2"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "constant velocity" in out and "regression" in out and "minADE_K" in out
+    report = json.loads((run / "eval.json").read_text())
+    assert [r["model"].split(" ")[0] for r in report] == ["constant", "regression"] + ["flow"] * 4
+    assert {(r["sampler"], r["steps"]) for r in report[2:]} == {("euler", 1), ("euler", 2), ("ab2", 1), ("ab2", 2)}
+    flow = report[2]
+    assert flow["K"] == 3 and flow["minADE"] <= flow["ADE"] and 0 <= flow["collision_rate"] <= 1
+    png = (run / "trajectories.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["vla", "train", "--run-dir", "X", "--objectives", "flow,ppo"], "--objectives takes flow and/or regression"),
+    (["vla", "eval", "--run-dir", "NOPE"], "val.pt not found"),
+    (["vla", "eval", "--run-dir", "X", "--methods", "rk4"], "unknown sampler"),
+])
+def test_bad_arguments(tmp_path, capsys, argv, message):
+    argv = [a.replace("X", str(tmp_path)).replace("NOPE", str(tmp_path / "none")) for a in argv]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
