@@ -7,9 +7,10 @@ share of a bf16 8192^3 torch.matmul measured in the same run, and the ratio to g
 
     python benchmarks/moe_layer.py [--check] [--shapes olmoe ...] [--no-loop] [--profile]
 
-``--profile`` prints, instead of the table, each Triton kernel's time (forward and backward
-of ``routed_experts`` on uniform routing) beside the cuBLAS/CUTLASS grouped GEMM
-(``torch._grouped_mm`` on pre-permuted rows) that does the same matrix product.
+``--profile`` prints, instead of the table, each step's time (forward and backward of
+``routed_experts`` on uniform routing) on the fused Triton kernels and on the vendor grouped
+GEMM with its glue, beside ``torch._grouped_mm`` alone on pre-permuted rows, and which one the
+backend picks.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from triton.testing import do_bench
 from moekit import MoE, MoEConfig
 from moekit.moe.dispatch import LocalDispatcher
 from moekit.ops.moe import triton as moe_triton
-from moekit.ops.moe import triton_kernels
+from moekit.ops.moe import triton_choice
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check_moe import SHAPES, make_routing  # noqa: E402  (the shape table lives in one place)
@@ -93,46 +94,34 @@ def bench_shape(s, device, peak: float, verify: bool, no_loop: bool) -> bool:
 
 # ----------------------------------------------------------------------------- --profile
 
-def _kernel_label(name: str, args, kwargs) -> str:
-    """Which matrix product a launcher call is, from its arguments."""
-    if name == "scatter_gemm":
-        return "down fwd" if kwargs.get("transpose_w", args[3] if len(args) > 3 else None) else "up dgrad"
-    if name == "grouped_wgrad":
-        return "down wgrad" if kwargs.get("gather_a", args[3] if len(args) > 3 else None) else "up wgrad"
-    if name == "combine":
-        return "combine fwd" if (kwargs.get("weight", args[2] if len(args) > 2 else None)) is not None \
-            else "combine dx"
-    return {"gather_up": "up fwd", "gather_down_dgrad": "down dgrad"}.get(name, name)
-
-
-class KernelTimer:
-    """Wraps every launcher of ``triton_kernels`` (and the routing metadata) with CUDA events."""
+class StepTimer:
+    """Wraps each step of the Triton backend (``triton_choice.run``) and the routing metadata
+    with CUDA events; labels say which implementation ran."""
 
     def __init__(self):
         self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self.originals = {}
 
     def __enter__(self):
-        targets = [(triton_kernels, n) for n in triton_kernels.LAUNCHERS] + [(moe_triton, "routing_meta")]
-        for module, name in targets:
-            fn = getattr(module, name)
-            self.originals[(module, name)] = fn
-            setattr(module, name, self._timed(name, fn))
+        for module, name in ((triton_choice, "run"), (moe_triton, "routing_meta")):
+            self.originals[(module, name)] = getattr(module, name)
+        run, meta = self.originals[(triton_choice, "run")], self.originals[(moe_triton, "routing_meta")]
+        triton_choice.run = lambda step, key, candidates: self._timed(
+            f"{step} [{triton_choice.choose(step, key, candidates)}]", run, step, key, candidates)
+        moe_triton.routing_meta = lambda *args: self._timed("routing meta", meta, *args)
         return self
 
     def __exit__(self, *exc):
         for (module, name), fn in self.originals.items():
             setattr(module, name, fn)
 
-    def _timed(self, name, fn):
-        def run(*args, **kwargs):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn(*args, **kwargs)
-            end.record()
-            self.events.append((_kernel_label(name, args, kwargs), start, end))
-            return out
-        return run
+    def _timed(self, label, fn, *args):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn(*args)
+        end.record()
+        self.events.append((label, start, end))
+        return out
 
     def medians(self) -> dict[str, float]:
         torch.cuda.synchronize()
@@ -142,8 +131,8 @@ class KernelTimer:
         return {label: sorted(ts)[len(ts) // 2] for label, ts in times.items()}
 
 
-def _cublas_gemms(s, x, idx, w_up, w_down, dout):
-    """The six grouped GEMMs of the layer as ``torch._grouped_mm`` on expert-sorted rows."""
+def _vendor_gemms(s, x, idx, w_up, w_down, dout):
+    """The six grouped GEMMs alone, as ``torch._grouped_mm`` on pre-permuted rows (no glue)."""
     order = torch.sort(idx.reshape(-1), stable=True).indices
     offs = torch.cumsum(torch.bincount(idx.reshape(-1), minlength=s.experts), 0).to(torch.int32)
     token = order // s.top_k
@@ -162,7 +151,8 @@ def _cublas_gemms(s, x, idx, w_up, w_down, dout):
 
 
 def profile_shape(s, device, passes: int = 10) -> None:
-    """Per-kernel medians of ``passes`` forward+backward runs on uniform routing, bf16."""
+    """Per-step medians of ``passes`` forward+backward runs on uniform routing (bf16), with every
+    step pinned to Triton, then to the vendor GEMM, then as ``triton_choice`` picks."""
     torch.manual_seed(0)
     dt = torch.bfloat16
     x = torch.randn(s.tokens, s.hidden, device=device, dtype=dt, requires_grad=True)
@@ -176,30 +166,34 @@ def profile_shape(s, device, passes: int = 10) -> None:
         out = moe_triton.routed_experts(x, idx, weight, w_up, w_down, "swiglu")
         return torch.autograd.grad(out, (x, weight, w_up, w_down), dout)
 
-    for _ in range(3):  # autotuning happens here, outside the timed passes
-        step()
-    total = bench(step, slow=False)
-    with KernelTimer() as timer:
-        for _ in range(passes):
+    totals, steps = {}, {}
+    for impl in ("triton", "vendor", None):
+        triton_choice.force = impl
+        for _ in range(3):  # compiling, autotuning and the choice's timing happen here
             step()
-    kernels = timer.medians()
-    cublas = {label: bench(fn, slow=False) for label, fn in _cublas_gemms(s, x.detach(), idx, w_up.detach(),
-                                                                         w_down.detach(), dout).items()}
+        totals[impl or "auto"] = bench(step, slow=False)
+        with StepTimer() as timer:
+            for _ in range(passes):
+                step()
+        steps.update(timer.medians())
+    triton_choice.force = None
+    gemm_only = {label: bench(fn, slow=False) for label, fn in _vendor_gemms(
+        s, x.detach(), idx, w_up.detach(), w_down.detach(), dout).items()}
     rows = s.tokens * s.top_k
-    gemm_dims = {"up fwd": 2 * s.ffn * s.hidden, "down fwd": s.ffn * s.hidden, "down dgrad": s.ffn * s.hidden,
-                 "down wgrad": s.ffn * s.hidden, "up wgrad": 2 * s.ffn * s.hidden, "up dgrad": 2 * s.ffn * s.hidden}
-    print(f"\n{s.name}: routed_experts fwd+bwd {total:.2f} ms (do_bench median); per kernel, median of {passes}:")
-    print(f"  {'kernel':22s} {'ms':>7s} {'TFLOP/s':>8s} {'cuBLAS ms':>10s} {'TFLOP/s':>8s} {'triton/cuBLAS':>14s}")
-    for label, ms in kernels.items():
-        if label in gemm_dims:
-            flop = 2 * rows * gemm_dims[label]
-            cb = cublas[label]
-            print(f"  {label:22s} {ms:7.3f} {flop / ms / 1e9:8.0f} {cb:10.3f} {flop / cb / 1e9:8.0f} "
-                  f"{ms / cb:13.2f}x", flush=True)
-        else:
-            print(f"  {label:22s} {ms:7.3f}", flush=True)
-    print(f"  {'sum of kernels':22s} {sum(kernels.values()):7.3f}   (cuBLAS GEMMs alone: "
-          f"{sum(cublas.values()):.3f} ms)", flush=True)
+    size = {"up fwd": 2, "down fwd": 1, "down dgrad": 1, "down wgrad": 1, "up wgrad": 2, "up dgrad": 2}
+    print(f"\n{s.name}: routed_experts fwd+bwd ms (do_bench median): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in totals.items()))
+    print(f"  step (median of {passes})  {'triton ms':>9s} {'TFLOP/s':>7s} {'vendor ms':>9s} {'TFLOP/s':>7s} "
+          f"{'gemm-only ms':>12s} {'TFLOP/s':>7s}  auto picks")
+    print(f"  {'routing meta':22s} {steps.get('routing meta', float('nan')):9.3f}")
+    for label, mult in size.items():
+        flop = 2 * rows * mult * s.ffn * s.hidden
+        tri, ven = steps.get(f"{label} [triton]", float("nan")), steps.get(f"{label} [vendor]", float("nan"))
+        picks = [impl for key, impl in triton_choice.chosen().items() if key[0] == label]
+        print(f"  {label:22s} {tri:9.3f} {flop / tri / 1e9:7.0f} {ven:9.3f} {flop / ven / 1e9:7.0f} "
+              f"{gemm_only[label]:12.3f} {flop / gemm_only[label] / 1e9:7.0f}  {','.join(picks) or '-'}",
+              flush=True)
+    print("  (down fwd and up dgrad include the combine over top-k; vendor steps include their glue)")
 
 
 def main() -> int:

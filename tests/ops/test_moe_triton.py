@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moekit.ops.activations import up_width
-from moekit.ops.moe import reference, triton_meta
+from moekit.ops.moe import grouped_mm, reference, triton_choice, triton_meta, triton_vendor
 from moekit.ops.moe import triton as moe_triton
 from moekit.ops.moe import triton_kernels as kernels
 from moekit.ops.moe import triton_reference as ref_kernels
@@ -204,6 +204,69 @@ def test_combine():
     for w in (weight, None):
         out = kernels.combine(buf, idx, w, torch.float32)
         assert rel_err(out, ref_kernels.combine(buf.double(), idx, w, torch.float64)) < 1e-6
+
+
+def test_combine_through_a_row_map():
+    x, idx, weight, *_, gen, meta = _meta_case()
+    sorted_buf = torch.randn(idx.numel(), 40, generator=gen).to(DEVICE)
+    slot_row = torch.empty_like(meta.order)
+    slot_row[meta.order.long()] = torch.arange(idx.numel(), dtype=slot_row.dtype, device=slot_row.device)
+    out = kernels.combine(sorted_buf, idx, weight, torch.float32, slot_row=slot_row)
+    by_slot = sorted_buf[slot_row.long()]
+    assert rel_err(out, ref_kernels.combine(by_slot.double(), idx, weight, torch.float64)) < 1e-6
+
+
+# ----------------------------------------------------------------------------- vendor GEMM path
+
+needs_grouped_mm = pytest.mark.skipif(
+    grouped_mm.unsupported_reason(torch.empty(1, 4, device=DEVICE), torch.empty(1, 4, 4, device=DEVICE),
+                                  torch.empty(1, 4, 4, device=DEVICE)) is not None,
+    reason="torch._grouped_mm cannot run fp32 here")
+
+
+@pytest.fixture
+def force(monkeypatch):
+    def pin(impl):
+        monkeypatch.setattr(triton_choice, "force", impl)
+    return pin
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("routing", [dict(), dict(empty=3, drop=0.3), dict(skew=True)])
+def test_vendor_path_matches_reference(force, activation, routing):
+    force("vendor")
+    check_against_reference(40, 32, 24, 8, 2, activation, torch.float32, seed=13, tol=1e-5, **routing)
+
+
+@needs_grouped_mm
+def test_vendor_glue_kernels():
+    x, idx, weight, w_up, w_down, gen, meta = _meta_case("geglu")
+    rows = int(meta.counts.sum())
+    for w in (None, weight):
+        got = triton_vendor.gather_rows(x, meta, w)[:rows]
+        assert rel_err(got, ref_kernels.gather_rows(x.double(), meta, w)) < 1e-6
+    h = torch.randn(idx.numel(), w_up.shape[1], generator=gen).to(DEVICE)
+    a = triton_vendor.act_rows(h, meta, "geglu")[:rows]
+    assert rel_err(a, ref_kernels.act_rows(h.double(), meta, "geglu")) < 1e-6
+    da = torch.randn(idx.numel(), w_down.shape[2], generator=gen).to(DEVICE)
+    dh, dweight = triton_vendor.act_rows_backward(da, h, weight, meta, "geglu", weight_grad=True)
+    dh_ref, dweight_ref = ref_kernels.act_rows_backward(da.double(), h.double(), weight, meta, "geglu")
+    assert rel_err(dh[:rows], dh_ref) < 1e-6 and rel_err(dweight, dweight_ref) < 1e-6
+    assert (dweight[idx.reshape(-1) < 0] == 0).all()
+
+
+def test_choice_rejects_bad_settings(force):
+    with pytest.raises(ValueError, match="unknown MoE step"):
+        triton_choice.run("sideways", (), {"triton": lambda: 0})
+    force("cublas")
+    with pytest.raises(ValueError, match="force must be one of"):
+        triton_choice.run("up fwd", (), {"triton": lambda: 0})
+    force("vendor")
+    with pytest.raises(RuntimeError, match="cannot run these operands"):
+        triton_choice.run("up fwd", (), {"triton": lambda: 0})
+    force("triton")
+    assert triton_choice.run("up fwd", (), {"triton": lambda: 1, "vendor": lambda: 2}) == 1
 
 
 # ----------------------------------------------------------------------------- bad input

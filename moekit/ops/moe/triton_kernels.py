@@ -34,9 +34,6 @@ ACT_CODES = {"swiglu": 0, "geglu": 1, "gelu": 1}  # 0: SiLU, 1: exact (erf) GELU
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# The launchers below, by name (benchmarks/moe_layer.py --profile times each one).
-LAUNCHERS = ("gather_up", "gather_down_dgrad", "scatter_gemm", "grouped_wgrad", "combine")
-
 
 def _configs(shapes):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
@@ -285,8 +282,8 @@ def _wgrad_kernel(
 
 
 @triton.jit
-def _combine_kernel(buf_ptr, idx_ptr, weight_ptr, out_ptr, H, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
-                    HAS_WEIGHT: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_kernel(buf_ptr, idx_ptr, weight_ptr, row_ptr, out_ptr, H, TOP_K: tl.constexpr,
+                    K_PAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROW_MAP: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     c_ok = cols < H
@@ -294,7 +291,8 @@ def _combine_kernel(buf_ptr, idx_ptr, weight_ptr, out_ptr, H, TOP_K: tl.constexp
     slot = t * TOP_K + ks
     e = tl.load(idx_ptr + slot, mask=ks < TOP_K, other=-1)
     use = (ks < TOP_K) & (e >= 0)
-    rows = tl.load(buf_ptr + slot[:, None] * H + cols[None, :], mask=use[:, None] & c_ok[None, :], other=0.0)
+    row = tl.load(row_ptr + slot, mask=use, other=0).to(tl.int64) if ROW_MAP else slot
+    rows = tl.load(buf_ptr + row[:, None] * H + cols[None, :], mask=use[:, None] & c_ok[None, :], other=0.0)
     rows = rows.to(tl.float32)
     if HAS_WEIGHT:
         rows = rows * tl.load(weight_ptr + slot, mask=use, other=0.0).to(tl.float32)[:, None]
@@ -369,13 +367,13 @@ def scatter_gemm(src: torch.Tensor, w: torch.Tensor, meta: RoutingMeta, transpos
 
 
 def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, meta: RoutingMeta, gather_a: bool, gather_b: bool,
-                  weight: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
     """dW [E, P, Q]: dW[e] = sum over expert e's sorted rows r of (w_r) A[r]^T B[r].
 
     A side gathered by token reads ``a[order[r] // K]`` (else ``a[r]``); likewise B.
     """
     E, P, Q = meta.num_experts, a.shape[1], b.shape[1]
-    dw = torch.empty((E, P, Q), dtype=out_dtype or a.dtype, device=a.device)  # every element is written
+    dw = torch.empty((E, P, Q), dtype=a.dtype, device=a.device)  # every element is written
     grid = lambda m: (E * triton.cdiv(P, m["BLOCK_M"]) * triton.cdiv(Q, m["BLOCK_N"]),)
     _wgrad_kernel[grid](
         a, b, dw, meta.counts, meta.order, meta.counts if weight is None else weight,
@@ -385,13 +383,15 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, meta: RoutingMeta, gather_a:
     return dw
 
 
-def combine(buf: torch.Tensor, topk_idx: torch.Tensor, weight: torch.Tensor | None, dtype: torch.dtype):
-    """out [T, H] = sum over valid slots k of (weight[t, k]) * buf[t*K + k], in fp32."""
+def combine(buf: torch.Tensor, topk_idx: torch.Tensor, weight: torch.Tensor | None, dtype: torch.dtype,
+            slot_row: torch.Tensor | None = None):
+    """out [T, H] = sum over valid slots k of (weight[t, k]) * buf[row], in fp32; ``row`` is
+    ``t*K + k``, or ``slot_row[t*K + k]`` for a buffer in another row order (expert-sorted)."""
     T, K = topk_idx.shape
     H = buf.shape[1]
     out = new_buffer((T, H), dtype, buf.device)
     block_h = min(1024, _pow2(H))
     _combine_kernel[(T, triton.cdiv(H, block_h))](
-        buf, topk_idx, buf if weight is None else weight, out, H,
-        TOP_K=K, K_PAD=_pow2(K), HAS_WEIGHT=weight is not None, BLOCK_H=block_h)
+        buf, topk_idx, buf if weight is None else weight, topk_idx if slot_row is None else slot_row, out, H,
+        TOP_K=K, K_PAD=_pow2(K), HAS_WEIGHT=weight is not None, ROW_MAP=slot_row is not None, BLOCK_H=block_h)
     return out

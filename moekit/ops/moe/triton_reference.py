@@ -1,4 +1,4 @@
-"""Plain-PyTorch counterparts of the launchers in ``triton_kernels``, one per kernel.
+"""Plain-PyTorch counterparts of the launchers in ``triton_kernels`` and ``triton_vendor``.
 
 Same arguments, same results on the rows a kernel defines (the first ``sum(counts)``
 expert-sorted rows, or the valid (token, slot) rows of a scatter buffer), computed in the
@@ -37,6 +37,14 @@ def _activation_grad(g, activation):
     return grad
 
 
+def _activation_backward(da, h, activation):
+    """Gradient of the activation's input h given the gradient ``da`` of its output."""
+    if not is_gated(activation):
+        return da * _activation_grad(h, activation)
+    gate, up = h.chunk(2, -1)
+    return torch.cat([da * up * _activation_grad(gate, activation), da * GATED[activation](gate)], -1)
+
+
 def gather_down_dgrad(dout, w_down, h, weight, meta, activation):
     """(dh rows, dweight [T*K]): dweight by its definition <dout[t], y[t*K+k]>, y = act(h) @ W_down^T."""
     expert, token, assignment = sorted_rows(meta)
@@ -45,10 +53,7 @@ def gather_down_dgrad(dout, w_down, h, weight, meta, activation):
     dweight = torch.zeros(meta.order.numel(), dtype=y.dtype, device=y.device)
     dweight[assignment] = (dout[token] * y).sum(-1)
     da = torch.einsum("rh,rhf->rf", dout[token], w_down[expert]) * weight.reshape(-1)[assignment, None]
-    if not is_gated(activation):
-        return da * _activation_grad(h, activation), dweight
-    gate, up = h.chunk(2, -1)
-    return torch.cat([da * up * _activation_grad(gate, activation), da * GATED[activation](gate)], -1), dweight
+    return _activation_backward(da, h, activation), dweight
 
 
 def scatter_gemm(src, w, meta, transpose_w):
@@ -75,3 +80,24 @@ def combine(buf, topk_idx, weight, dtype):
     if weight is not None:
         rows = rows * weight[..., None].to(rows.dtype)
     return rows.sum(1).to(dtype)
+
+
+# ----------------------------------------------------------------------------- triton_vendor's glue
+
+def gather_rows(src, meta, weight=None):
+    _, token, assignment = sorted_rows(meta)
+    rows = src[token]
+    return rows if weight is None else rows * weight.reshape(-1)[assignment, None].to(rows.dtype)
+
+
+def act_rows(h, meta, activation):
+    return apply_activation(h[: int(meta.counts.sum())], activation)
+
+
+def act_rows_backward(da, h, weight, meta, activation):
+    """(dh rows, dweight [T*K]) from the unweighted gradient ``da`` of the activation's output."""
+    expert, _, assignment = sorted_rows(meta)
+    da, h = da[: len(expert)], h[: len(expert)]
+    dweight = torch.zeros(meta.order.numel(), dtype=da.dtype, device=da.device)
+    dweight[assignment] = (da * apply_activation(h, activation)).sum(-1)
+    return _activation_backward(da * weight.reshape(-1)[assignment, None], h, activation), dweight

@@ -1,0 +1,69 @@
+"""Per step and per shape, the faster of the fused Triton kernel and the vendor grouped GEMM.
+
+Each GEMM step of the layer (``STEPS``) has a Triton implementation and, where
+``torch._grouped_mm`` supports the operands, a vendor one (``triton_vendor``) computing the same
+result in the same layout. On a GPU the first call for a shape times both on its real operands
+and remembers the winner; later calls run it directly. Neither wins everywhere: the fused
+kernels save whole passes over memory when experts are small (olmoe, deepseek-v3), cuBLAS/CUTLASS
+can be faster on very large per-expert GEMMs (mixtral).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+STEPS = ("up fwd", "down fwd", "down dgrad", "down wgrad", "up wgrad", "up dgrad")
+IMPLEMENTATIONS = ("triton", "vendor")
+
+# Pin one implementation for every step (tests, benchmarks); None lets timing decide.
+force: str | None = None
+
+_winners: dict[tuple, str] = {}
+R = TypeVar("R")
+
+
+def run(step: str, key: tuple, candidates: dict[str, Callable[[], R]]) -> R:
+    """Run ``candidates[name]()`` for the implementation chosen for (step, key)."""
+    return candidates[choose(step, key, candidates)]()
+
+
+def choose(step: str, key: tuple, candidates: dict[str, Callable[[], R]]) -> str:
+    if step not in STEPS:
+        raise ValueError(f"unknown MoE step {step!r}; steps: {STEPS}")
+    if force is not None:
+        if force not in IMPLEMENTATIONS:
+            raise ValueError(f"triton_choice.force must be one of {IMPLEMENTATIONS} or None, got {force!r}")
+        if force not in candidates:
+            raise RuntimeError(f"MoE step {step!r}: implementation {force!r} cannot run these operands")
+        return force
+    if len(candidates) == 1 or not torch.cuda.is_available():
+        return "triton" if "triton" in candidates else next(iter(candidates))
+    full_key = (step, *key)
+    if full_key not in _winners:
+        _winners[full_key] = _race(candidates)
+    return _winners[full_key]
+
+
+def chosen() -> dict[tuple, str]:
+    """(step, *shape key) -> implementation, for every decision made so far."""
+    return dict(_winners)
+
+
+def _race(candidates: dict[str, Callable[[], object]], reps: int = 3) -> str:
+    """Median of ``reps`` timed calls each, after one untimed call (Triton compiles and tunes there)."""
+    times = {}
+    for name, fn in candidates.items():
+        fn()
+        samples = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        times[name] = sorted(samples)[reps // 2]
+    return min(times, key=times.get)
