@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.models.model import MoEForCausalLM
+from moekit.models.model import MoEForCausalLM, _capturing
 from moekit.models.vla import samplers
 from moekit.models.vla.anchors import kmeans
 from moekit.models.vla.config import VLAConfig
@@ -93,12 +93,14 @@ class TrajectoryModel(nn.Module):
         if target is not None and (target.dim() != 3 or tuple(target.shape) != (tokens.shape[0], c.horizon, 2)):
             raise ValueError(f"TrajectoryModel: target must be [{tokens.shape[0]}, {c.horizon}, 2], "
                              f"got {tuple(target.shape)}")
+        if _capturing():
+            return  # the value check reads the tensors on the host, which a CUDA-graph capture forbids
         for name, value in (("tokens", tokens), ("target", target)):
             if value is not None and not torch.isfinite(value).all():
                 raise ValueError(f"TrajectoryModel: {name} holds NaN or inf")
 
     def _require_fitted(self) -> None:
-        if not bool(self.fitted):
+        if not _capturing() and not bool(self.fitted):
             raise RuntimeError("TrajectoryModel: call fit_data_statistics(train_scenes) before training or sampling")
 
     def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +114,10 @@ class TrajectoryModel(nn.Module):
         noise = torch.randn(shape, device=device, generator=generator)
         if self.config.prior == "gaussian":
             return noise
-        idx = torch.multinomial(self.anchor_weights, n, replacement=True, generator=generator)
+        # inverse-CDF draw of the anchor: no host sync, so sampling can be captured in a CUDA graph
+        u = torch.rand(n, device=device, generator=generator)
+        cdf = self.anchor_weights.cumsum(0)
+        idx = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp(max=len(cdf) - 1)
         return self.anchors[idx] + self.config.anchor_std * noise
 
     # --- training ---------------------------------------------------------------------------

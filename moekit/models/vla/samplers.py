@@ -66,7 +66,8 @@ def ab2(velocity: VelocityFn, x0: torch.Tensor, steps: int, t_start: float = 0.0
 
 
 def _scalar(t: float, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(t, dtype=like.dtype, device=like.device)
+    # a fill, not a host-to-device copy: CUDA-graph capturable
+    return torch.full((), t, dtype=like.dtype, device=like.device)
 
 
 def integrate(method: str, velocity: VelocityFn, x0: torch.Tensor, steps: int, t_start: float = 0.0) -> torch.Tensor:
