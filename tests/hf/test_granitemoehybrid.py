@@ -4,7 +4,9 @@ tiny random configurations; folder errors; refused options."""
 from __future__ import annotations
 
 import pytest
+import torch
 import transformers
+from hf_tiny import VOCAB
 from hybrid_checks import (
     build,
     check_greedy_generation,
@@ -14,10 +16,12 @@ from hybrid_checks import (
     check_refusal,
     check_round_trip,
     check_sharded_folder,
+    logits,
 )
 
 from moekit.mixers.mamba2 import Mamba2
-from moekit.models.hf import from_hf
+from moekit.models.hf import from_hf, to_hf
+from moekit.models.model import MoEForCausalLM
 
 CONFIG = transformers.GraniteMoeHybridConfig
 # Mamba2 (2 B/C groups, conv bias) and attention without positions, every muP multiplier set.
@@ -88,3 +92,13 @@ def test_missing_and_misshaped_tensors_are_named(tmp_path):
 ])
 def test_unsupported_options_are_refused(changes, message):
     check_refusal(CONFIG, NOPE, changes, message)
+
+
+def test_moekit_checkpoint_converts_back(tmp_path):
+    """The config's infinite time_step_limit survives moekit's config.json and rebuilds the model."""
+    hf = build(CONFIG, NOPE, seed=7)
+    from_hf(hf).save_pretrained(tmp_path)
+    back = to_hf(MoEForCausalLM.from_pretrained(tmp_path))
+    assert back.config.time_step_limit == (0.0, float("inf"))
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(logits(back, ids), logits(hf, ids))
