@@ -62,9 +62,15 @@ def test_expert_parallel_fsdp_matches_single_process(single, ep2_run):
         assert got == pytest.approx(want, abs=1e-7)
 
 
-def test_data_parallel_replicated_matches_single_process(single, launch, tmp_path):
-    out = str(tmp_path / "dp2")
-    launch("train", 2, {"out": out, "steps": STEPS, "parallel": {"ep": 1, "fsdp": False}, "grad_bucket_bytes": 4096})
+@pytest.mark.parametrize("nprocs,layout", [
+    # experts replicated, dense params replicated + all-reduced in several small buckets
+    (2, {"parallel": {"ep": 1, "fsdp": False}, "grad_bucket_bytes": 4096}),
+    # a 2 x 2 mesh: expert shards reduced over "dp", FSDP over all four ranks
+    (4, {"parallel": {"ep": 2, "dp": 2}}),
+], ids=["dp2-replicated", "dp2xep2-fsdp"])
+def test_other_layouts_match_single_process(single, launch, tmp_path, nprocs, layout):
+    out = str(tmp_path / "run")
+    launch("train", nprocs, {"out": out, "steps": STEPS, **layout})
     assert_close_curves(read(out)["losses"], single["losses"])
     assert_close_curves(read(out)["grad_norms"], single["grad_norms"])
 
