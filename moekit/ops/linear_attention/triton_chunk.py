@@ -303,8 +303,10 @@ def _dqk_kernel(q, k, v, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scale, t
     else:
         b_ds = tl.where(causal, b_ds, 0.0)
         b_dst = tl.where(causal_t, b_dst, 0.0)
-    b_dq = (b_dq + tl.dot(b_ds.to(b_k.dtype), b_k)) * scale
-    b_dk += tl.dot((b_dst * scale).to(b_q.dtype), b_q)
+    # float32 operands (tf32 on the GPU): rounding ds to bf16 here dominated the error of the
+    # gate gradient, a difference q.dq - k.dk that cancels (mamba2's dA sums it over all tokens).
+    b_dq = (b_dq + tl.dot(b_ds, b_k.to(tl.float32))) * scale
+    b_dk += tl.dot(b_dst * scale, b_q.to(tl.float32))
     m_out = mt[:, None] & mk[None, :]
     out = (t[:, None] * H + i_h) * K + rk[None, :]
     tl.store(dq + out, b_dq.to(dq.dtype.element_ty), mask=m_out)
