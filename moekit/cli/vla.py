@@ -41,7 +41,7 @@ def add_parser(subparsers) -> None:
     t.add_argument("--objectives", type=_names, default=["flow", "regression"],
                    help="comma-separated: flow, regression")
     t.add_argument("--prior", default="anchors", choices=("anchors", "gaussian"), help="flow prior")
-    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)

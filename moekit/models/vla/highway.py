@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from moekit.models.vla.scene import LANE_WIDTH
 from moekit.models.vla.tracks import Tracks
-
-LANE_WIDTH = 4.0  # highway-env's StraightLane.DEFAULT_WIDTH
 
 
 def highway_env_available() -> bool:

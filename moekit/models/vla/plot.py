@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from moekit.models.vla.scene import FEATURE, VEHICLE_LENGTH, VEHICLE_WIDTH, SceneSet  # noqa: E402
+from moekit.models.vla.scene import FEATURE, LANE_WIDTH, VEHICLE_LENGTH, VEHICLE_WIDTH, SceneSet  # noqa: E402
 
 
 def plot_scenes(scenes: SceneSet, samples: torch.Tensor, path: str | Path,
@@ -27,8 +27,11 @@ def plot_scenes(scenes: SceneSet, samples: torch.Tensor, path: str | Path,
         ego = scenes.tokens[i, 0]
         x_max = float(max(scenes.target[i, :, 0].max(), samples[i, :, :, 0].max())) + 10
         x_min = -15.0
-        for edge, sign in (("left_edge", 1), ("right_edge", -1)):
-            ax.axhline(sign * float(ego[FEATURE[edge]]), color="black", lw=1)
+        left, right = float(ego[FEATURE["left_edge"]]), -float(ego[FEATURE["right_edge"]])
+        ax.axhline(left, color="black", lw=1)
+        ax.axhline(right, color="black", lw=1)
+        for k in range(1, round((left - right) / LANE_WIDTH)):
+            ax.axhline(right + k * LANE_WIDTH, color="gray", lw=0.6, ls=(0, (6, 6)))
         for j in range(scenes.num_neighbors):
             if not scenes.others_mask[i, j]:
                 continue
@@ -49,7 +52,7 @@ def plot_scenes(scenes: SceneSet, samples: torch.Tensor, path: str | Path,
         truth = torch.cat([scenes.target.new_zeros(1, 2), scenes.target[i]])
         ax.plot(truth[:, 0], truth[:, 1], "o-", color="tab:red", lw=1.5, ms=3, label="expert")
         ax.set_xlim(x_min, x_max)
-        ax.set_ylim(-float(ego[FEATURE["right_edge"]]) - 1, float(ego[FEATURE["left_edge"]]) + 1)
+        ax.set_ylim(right - 1, left + 1)
         ax.set_ylabel("y (m)")
         if i == 0:
             ax.legend(loc="upper left", fontsize=7, ncol=4)

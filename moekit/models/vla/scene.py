@@ -36,6 +36,7 @@ FEATURE = {name: i for i, name in enumerate(TOKEN_FEATURES)}
 
 VEHICLE_LENGTH = 5.0  # metres (highway-env's vehicles; the synthetic ones match)
 VEHICLE_WIDTH = 2.0
+LANE_WIDTH = 4.0  # metres between lane centres (highway-env's; the synthetic road matches)
 
 
 @dataclass

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from moekit.models.vla.scene import LANE_WIDTH
 from moekit.models.vla.tracks import Tracks
 
-LANE_WIDTH = 4.0
 TIME_GAP = 1.5      # s, desired headway
 MIN_GAP = 10.0      # m, desired bumper-to-bumper gap at standstill (vehicle length included)
 MAX_ACCEL = 3.0     # m/s^2
