@@ -6,6 +6,7 @@ empty-expert routing. Every buffer the kernels write starts NaN-filled, and ever
 come back finite. Prints one PASS/FAIL line per check; exits non-zero on any failure.
 
     python benchmarks/gpu_check_moe.py                 # H200: all shapes, < 3 minutes
+    python benchmarks/gpu_check_moe.py --impl vendor   # every GEMM step on torch._grouped_mm
     TRITON_INTERPRET=1 python benchmarks/gpu_check_moe.py --device cpu --dtype float32 --scale 64
 """
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.ops.moe import grouped_mm, reference, triton_meta
+from moekit.ops.moe import grouped_mm, reference, triton_choice, triton_meta
 from moekit.ops.moe import triton as moe_triton
 
 
@@ -130,8 +131,11 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--scale", type=int, default=1, help="divide every shape by this (CPU smoke runs)")
     p.add_argument("--shapes", nargs="*", default=[s.name for s in SHAPES])
+    p.add_argument("--impl", choices=["auto", *triton_choice.IMPLEMENTATIONS], default="auto",
+                   help="pin every GEMM step to the fused Triton kernels or to torch._grouped_mm + glue")
     args = p.parse_args()
     triton_meta.poison_buffers = True
+    triton_choice.force = None if args.impl == "auto" else args.impl
     dtype = getattr(torch, args.dtype)
     ok = True
     for s in SHAPES:

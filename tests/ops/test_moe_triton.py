@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from moekit.ops.activations import up_width
 from moekit.ops.moe import grouped_mm, reference, triton_choice, triton_meta, triton_vendor
@@ -86,6 +87,17 @@ def test_matches_reference_fp32(shape, activation):
 @pytest.mark.parametrize("routing", [dict(skew=True), dict(empty=3), dict(drop=0.6), dict(drop=0.0)])
 def test_uneven_loads_fp32(routing):
     check_against_reference(40, 32, 24, 8, 2, "swiglu", torch.float32, seed=7, tol=1e-5, **routing)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the autotuner races TMA and pointer configs itself")
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_tma_weight_loads_match_reference(monkeypatch, activation):
+    """The configs that read weights through TMA descriptors, pinned (ragged N and K tiles)."""
+    for kernel in (kernels._gather_gemm_kernel, kernels._scatter_gemm_kernel):
+        tma = [triton.Config({**c.kwargs, "TMA": True}, num_warps=c.num_warps, num_stages=c.num_stages)
+               for c in kernel.configs]
+        monkeypatch.setattr(kernel, "configs", tma)
+    check_against_reference(37, 40, 24, 5, 2, activation, torch.float32, seed=17, tol=1e-5, empty=1)
 
 
 def test_matches_reference_fp16():

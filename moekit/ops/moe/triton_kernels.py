@@ -35,28 +35,44 @@ ACT_CODES = {"swiglu": 0, "geglu": 1, "gelu": 1}  # 0: SiLU, 1: exact (erf) GELU
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(shapes):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+def _configs(shapes, tma=False):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "TMA": tma},
+                          num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
 
 
 if _INTERPRET:  # the interpreter runs on the CPU: one small tile, no tuning
     GEMM_CONFIGS = _configs([(16, 32, 16, 4, 1)])
     WGRAD_CONFIGS = GEMM_CONFIGS
 else:  # Hopper-friendly; every tile here fits the H200's shared memory at its stage count
-    GEMM_CONFIGS = _configs([(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3),
-                             (128, 128, 64, 4, 4), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4),
-                             (64, 128, 64, 4, 4)])
-    # BLOCK_M / BLOCK_N tile dW's rows / columns, BLOCK_K the token axis: deep token tiles pay
-    # when experts get few rows (deepseek-v3: ~256), where the main loop is only a few steps.
-    WGRAD_CONFIGS = _configs([(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 128, 8, 3),
-                              (128, 256, 128, 8, 2), (256, 128, 64, 8, 3), (64, 256, 128, 8, 3)])
+    _TILES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]
+    # The same tiles with the weight operand read by TMA (kept where its strides allow: _prune).
+    GEMM_CONFIGS = _configs(_TILES + [(128, 128, 128, 8, 3)]) + _configs(_TILES, tma=True)
+    # BLOCK_M / BLOCK_N tile dW's rows / columns, BLOCK_K the token axis. Experts with few rows
+    # (deepseek-v3: ~256) make the main loop short: tiles small enough for two CTAs per SM let
+    # one's epilogue (the dW store) overlap the other's loads.
+    WGRAD_CONFIGS = _configs([(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 4, 3),
+                              (64, 128, 64, 4, 3), (128, 128, 128, 8, 3)])
 MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in GEMM_CONFIGS)
 
 
 def _precision(dtype: torch.dtype) -> str:
     """fp32 dots follow torch's TF32 switch, as torch.matmul does (16-bit dots ignore this)."""
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def tma_ok(w: torch.Tensor) -> bool:
+    """Can TMA read this [E, D1, D2] weight: D2 contiguous, 16-byte aligned base and strides."""
+    size = w.element_size()
+    return (w.is_cuda and w.stride(2) == 1 and w.data_ptr() % 16 == 0
+            and (w.stride(0) * size) % 16 == 0 and (w.stride(1) * size) % 16 == 0)
+
+
+def _prune(configs, named_args, **kwargs):
+    return [c for c in configs if not c.kwargs["TMA"] or named_args["TMA_OK"]]
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 # Without ragged K tiles the main loop's loads need only the row / column masks.
@@ -102,17 +118,44 @@ def _expert_tile(counts_ptr, pid_m, num_experts, E_PAD: tl.constexpr, BLOCK_M: t
 
 
 @triton.jit
-def _expert_gemm(a_ptr, a_rows, row_ok, stride_am, b_ptr, b_cols, col_ok, stride_bn, stride_bk, K, b2_offset,
+def _weight_desc(w_ptr, num_experts, D1, D2, stride_we, stride_w1, B_K_MAJOR: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """TMA descriptor of the [E, D1, D2] weight (D2 contiguous), tiled as B's [N, K] or [K, N] block."""
+    if B_K_MAJOR:
+        return tl.make_tensor_descriptor(w_ptr, shape=[num_experts, D1, D2], strides=[stride_we, stride_w1, 1],
+                                         block_shape=[1, BLOCK_N, BLOCK_K])
+    return tl.make_tensor_descriptor(w_ptr, shape=[num_experts, D1, D2], strides=[stride_we, stride_w1, 1],
+                                     block_shape=[1, BLOCK_K, BLOCK_N])
+
+
+@triton.jit
+def _load_b(b_ptrs, b_mask, w_desc, expert, n0, k0, TMA: tl.constexpr, B_K_MAJOR: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """B's [BLOCK_K, BLOCK_N] tile: a TMA load of expert ``expert``'s weight (out of range is 0), or pointers."""
+    if TMA:
+        if B_K_MAJOR:
+            return tl.trans(tl.reshape(w_desc.load([expert, n0, k0]), (BLOCK_N, BLOCK_K)))
+        return tl.reshape(w_desc.load([expert, k0, n0]), (BLOCK_K, BLOCK_N))
+    return tl.load(b_ptrs, mask=b_mask, other=0.0)
+
+
+@triton.jit
+def _expert_gemm(a_ptr, a_rows, row_ok, stride_am, b_ptr, b_cols, col_ok, stride_bn, stride_bk, K, b2_cols,
+                 w_desc, expert, n0,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, DUAL: tl.constexpr, PRECISION: tl.constexpr):
+                 EVEN_K: tl.constexpr, DUAL: tl.constexpr, TMA: tl.constexpr, B_K_MAJOR: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """acc[i, j] = sum_k A[a_rows[i], k] * B[k, b_cols[j]] (A rows contiguous), fp32.
 
-    With ``DUAL`` a second accumulator takes the same A against the B columns ``b2_offset``
-    further on (a gated activation's up half beside its gate half); otherwise it is unused.
+    B is expert ``expert``'s weight: read through ``b_ptr`` (already at that expert) or, with
+    ``TMA``, through the descriptor ``w_desc`` from column ``n0`` on. With ``DUAL`` a second
+    accumulator takes the same A against the B columns ``b2_cols`` further on (a gated
+    activation's up half beside its gate half); otherwise it is unused.
     """
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am + ks[None, :]
     b_ptrs = b_ptr + b_cols.to(tl.int64)[None, :] * stride_bn + ks.to(tl.int64)[:, None] * stride_bk
+    b2_offset = b2_cols * stride_bn  # within one expert: fits int32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -124,9 +167,12 @@ def _expert_gemm(a_ptr, a_rows, row_ok, stride_am, b_ptr, b_cols, col_ok, stride
             a_mask = row_ok[:, None] & k_ok[None, :]
             b_mask = k_ok[:, None] & col_ok[None, :]
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        acc = tl.dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, input_precision=PRECISION)
+        b = _load_b(b_ptrs, b_mask, w_desc, expert, n0, k0, TMA, B_K_MAJOR, BLOCK_N, BLOCK_K)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if DUAL:
-            acc2 = tl.dot(a, tl.load(b_ptrs + b2_offset, mask=b_mask, other=0.0), acc2, input_precision=PRECISION)
+            b2 = _load_b(b_ptrs + b2_offset, b_mask, w_desc, expert, n0 + b2_cols, k0, TMA, B_K_MAJOR,
+                         BLOCK_N, BLOCK_K)
+            acc2 = tl.dot(a, b2, acc2, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
     return acc, acc2
@@ -151,17 +197,18 @@ def _act_grad(g, ACT: tl.constexpr):
 
 # dweight_ptr gets per-column-tile partials: zeroed again once tuning is done, because configs
 # with narrower tiles write more partial rows than the chosen one overwrites.
-@triton.autotune(configs=GEMM_CONFIGS, key=["F", "K", "GATED", "BACKWARD"], reset_to_zero=["dweight_ptr"])
+@triton.autotune(configs=GEMM_CONFIGS, key=["F", "K", "GATED", "BACKWARD", "TMA_OK"], reset_to_zero=["dweight_ptr"],
+                 prune_configs_by={"early_config_prune": _prune})
 @_EVEN_K
 @triton.jit
 def _gather_gemm_kernel(
     src_ptr, w_ptr, h_ptr, out_ptr, counts_ptr, order_ptr, weight_ptr, dweight_ptr,
-    num_rows, F, K, num_experts, top_k,
+    num_rows, F, K, num_experts, top_k, W_D1, W_D2, TMA_OK,
     stride_src, stride_we, stride_wn, stride_wk, stride_h, stride_out,
     E_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BACKWARD: tl.constexpr,
-    STORE_H: tl.constexpr, WEIGHT_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_H: tl.constexpr, WEIGHT_GRAD: tl.constexpr, B_K_MAJOR: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    TMA: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # Forward of a gated activation: a tile's BLOCK_N weight rows are BLOCK_N/2 gate rows and
     # the matching up rows, in two accumulators, so the epilogue has both halves at hand.
@@ -177,9 +224,12 @@ def _gather_gemm_kernel(
     assignment = tl.load(order_ptr + rows, mask=row_ok, other=0)
     fs = pid_n * TILE_F + tl.arange(0, TILE_F)
     col_ok = fs < F
+    w_desc = _weight_desc(w_ptr, num_experts, W_D1, W_D2, stride_we, tl.maximum(stride_wn, stride_wk), B_K_MAJOR,
+                          TILE_F, BLOCK_K) if TMA else w_ptr
     acc, acc2 = _expert_gemm(src_ptr, assignment // top_k, row_ok, stride_src,
-                             w_ptr + expert.to(tl.int64) * stride_we, fs, col_ok, stride_wn, stride_wk, K,
-                             F * stride_wn, BLOCK_M, TILE_F, BLOCK_K, EVEN_K, DUAL, PRECISION)
+                             w_ptr + expert.to(tl.int64) * stride_we, fs, col_ok, stride_wn, stride_wk, K, F,
+                             w_desc, expert, pid_n * TILE_F, BLOCK_M, TILE_F, BLOCK_K, EVEN_K, DUAL, TMA,
+                             B_K_MAJOR, PRECISION)
     rows64 = rows.to(tl.int64)[:, None]
     mask = row_ok[:, None] & col_ok[None, :]
     if BACKWARD:
@@ -213,16 +263,16 @@ def _gather_gemm_kernel(
         tl.store(out_ptr + rows64 * stride_out + fs[None, :], act.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K"])
+@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "TMA_OK"], prune_configs_by={"early_config_prune": _prune})
 @_EVEN_K
 @triton.jit
 def _scatter_gemm_kernel(
     src_ptr, w_ptr, out_ptr, counts_ptr, order_ptr,
-    num_rows, N, K, num_experts,
+    num_rows, N, K, num_experts, W_D1, W_D2, TMA_OK,
     stride_src, stride_we, stride_wn, stride_wk, stride_out,
-    E_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    E_PAD: tl.constexpr, B_K_MAJOR: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    TMA: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     num_pid_m = tl.cdiv(num_rows, BLOCK_M) + num_experts
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -233,9 +283,11 @@ def _scatter_gemm_kernel(
     row_ok = rows < row_end
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    w_desc = _weight_desc(w_ptr, num_experts, W_D1, W_D2, stride_we, tl.maximum(stride_wn, stride_wk), B_K_MAJOR,
+                          BLOCK_N, BLOCK_K) if TMA else w_ptr
     acc, _ = _expert_gemm(src_ptr, rows, row_ok, stride_src, w_ptr + expert.to(tl.int64) * stride_we,
-                          cols, col_ok, stride_wn, stride_wk, K, 0, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False,
-                          PRECISION)
+                          cols, col_ok, stride_wn, stride_wk, K, 0, w_desc, expert, pid_n * BLOCK_N,
+                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, TMA, B_K_MAJOR, PRECISION)
     assignment = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     tl.store(out_ptr + assignment[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
@@ -301,6 +353,15 @@ def _combine_kernel(buf_ptr, idx_ptr, weight_ptr, row_ptr, out_ptr, H, TOP_K: tl
 
 # ----------------------------------------------------------------------------- launchers
 
+def _weight_tma(w: torch.Tensor) -> bool:
+    """Whether TMA configs may read ``w``; on a GPU, gives Triton the scratch its descriptors need
+    (set at every launch: the autograd backward runs in another thread, and context)."""
+    if not tma_ok(w):
+        return False
+    triton.set_allocator(_tma_scratch)
+    return True
+
+
 def _row_tiles(meta: RoutingMeta, num_rows: int, block_m: int) -> int:
     return triton.cdiv(num_rows, block_m) + meta.num_experts
 
@@ -317,10 +378,10 @@ def gather_up(x: torch.Tensor, w_up: torch.Tensor, meta: RoutingMeta, activation
     # dweight_ptr is unused here; ``a`` stands in (tuning zeroes it before the real launch fills it).
     _gather_gemm_kernel[grid](
         x, w_up, h if store_h else a, a, meta.counts, meta.order, meta.counts, a,
-        num_rows, F, H, E, meta.top_k,
+        num_rows, F, H, E, meta.top_k, U, H, int(_weight_tma(w_up)),
         x.stride(0), w_up.stride(0), w_up.stride(1), w_up.stride(2), U, F,
         E_PAD=_pow2(E), GATED=gated, ACT=ACT_CODES[activation], BACKWARD=False, STORE_H=store_h,
-        WEIGHT_GRAD=False, PRECISION=_precision(x.dtype))
+        WEIGHT_GRAD=False, B_K_MAJOR=True, PRECISION=_precision(x.dtype))
     return h, a
 
 
@@ -341,10 +402,10 @@ def gather_down_dgrad(dout: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor,
     grid = lambda m: (_row_tiles(meta, num_rows, m["BLOCK_M"]) * triton.cdiv(F, m["BLOCK_N"]),)
     _gather_gemm_kernel[grid](
         dout, w_down, h, dh, meta.counts, meta.order, weight, parts,
-        num_rows, F, H, E, meta.top_k,
+        num_rows, F, H, E, meta.top_k, H, F, int(_weight_tma(w_down)),
         dout.stride(0), w_down.stride(0), w_down.stride(2), w_down.stride(1), h.stride(0), dh.stride(0),
         E_PAD=_pow2(E), GATED=gated, ACT=ACT_CODES[activation], BACKWARD=True, STORE_H=False,
-        WEIGHT_GRAD=weight_grad, PRECISION=_precision(dout.dtype))
+        WEIGHT_GRAD=weight_grad, B_K_MAJOR=False, PRECISION=_precision(dout.dtype))
     return dh, parts.sum(0) if weight_grad else None
 
 
@@ -360,9 +421,9 @@ def scatter_gemm(src: torch.Tensor, w: torch.Tensor, meta: RoutingMeta, transpos
     out = new_buffer((num_rows, N), src.dtype, src.device)
     grid = lambda m: (_row_tiles(meta, num_rows, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
     _scatter_gemm_kernel[grid](
-        src, w, out, meta.counts, meta.order, num_rows, N, K, E,
+        src, w, out, meta.counts, meta.order, num_rows, N, K, E, w.shape[1], w.shape[2], int(_weight_tma(w)),
         src.stride(0), w.stride(0), stride_wn, stride_wk, out.stride(0),
-        E_PAD=_pow2(E), PRECISION=_precision(src.dtype))
+        E_PAD=_pow2(E), B_K_MAJOR=transpose_w, PRECISION=_precision(src.dtype))
     return out
 
 
