@@ -17,7 +17,8 @@ one group of the token-axis (wgrad) quantization.
 - ``_gather_cols_kernel``: rows of x / dout gathered by token, quantized along the token axis
   (the wgrad operands the GEMM epilogues cannot produce).
 - ``_wgrad_kernel``: dW[e] = A_e^T B_e from two token-axis-quantized operands stored
-  transposed ([P, rows], rows contiguous: the K-major layout FP8 tensor cores want).
+  transposed, one 128-slot per row tile ([P, tiles * 128], zeros past an expert's rows): the
+  K-major layout FP8 tensor cores want, with every load an aligned full vector.
 
 ``fp8_reference`` holds the plain-PyTorch definition of the whole op.
 """
@@ -81,14 +82,16 @@ def _store_rows(v, rows, row_ok, col0, q_ptr, ld_q, s_ptr, ld_s,
 
 
 @triton.jit
-def _store_cols(v, rows, row_ok, tile, col0, c_ptr, ld_c, cs_ptr, ld_cs,
+def _store_cols(v, tile, col0, c_ptr, ld_c, cs_ptr, ld_cs,
                 BLOCK: tl.constexpr, MX: tl.constexpr, EMULATE_RNE: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr):
-    """Quantize v [BM, BN] (rows of row tile `tile`; invalid rows hold zeros) along its rows,
-    stored transposed: c[col, row], scales cs[tile * BM / BLOCK + j, col]."""
+    """Quantize v [BM, BN] (the rows of row tile `tile`; rows past its expert's end hold zeros)
+    along its rows, stored transposed at the tile's slot: c[col, tile * BM + i] (whole aligned
+    tiles, so loads and stores are full vectors), scales cs[tile * BM / BLOCK + j, col]."""
     q, s = _quantize_blocks(tl.reshape(tl.trans(v), (BN, BM // BLOCK, BLOCK)), MX, EMULATE_RNE)
     cols = (col0 + tl.arange(0, BN)).to(tl.int64)
-    tl.store(c_ptr + cols[:, None] * ld_c + rows[None, :], tl.reshape(q, (BN, BM)), mask=row_ok[None, :])
+    slots = tile.to(tl.int64) * BM + tl.arange(0, BM)
+    tl.store(c_ptr + cols[:, None] * ld_c + slots[None, :], tl.reshape(q, (BN, BM)))
     sb = (tile * (BM // BLOCK) + tl.arange(0, BM // BLOCK)).to(tl.int64)
     tl.store(cs_ptr + sb[None, :] * ld_cs + cols[:, None], s)
 
@@ -170,14 +173,14 @@ def _gather_gemm_kernel(
             d_up = da * _act(gate, ACT)
             _store_rows(d_gate, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
             _store_rows(d_up, rows, row_ok, F + f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
-            _store_cols(d_gate, rows, row_ok, pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE,
+            _store_cols(d_gate, pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE,
                         BM, BN)
-            _store_cols(d_up, rows, row_ok, pid_m, F + f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
+            _store_cols(d_up, pid_m, F + f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
                         EMULATE_RNE, BM, BN)
         else:
             dh = da * _act_grad(gate, ACT)
             _store_rows(dh, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
-            _store_cols(dh, rows, row_ok, pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE,
+            _store_cols(dh, pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE,
                         BM, BN)
     else:
         if SAVE:
@@ -187,7 +190,7 @@ def _gather_gemm_kernel(
         a = _act(acc, ACT) * acc2 if GATED else _act(acc, ACT)
         _store_rows(a, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
         if SAVE:
-            _store_cols(a * w[:, None], rows, row_ok, pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
+            _store_cols(a * w[:, None], pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
                         EMULATE_RNE, BM, BN)
 
 
@@ -220,11 +223,11 @@ def _scatter_gemm_kernel(
 @triton.jit
 def _gather_cols_kernel(
     src_ptr, counts_ptr, order_ptr, c_ptr, c_s_ptr,
-    num_rows, P, num_experts, top_k, ld_src, ld_c, ld_cs,
+    P, num_experts, top_k, ld_src, ld_c, ld_cs,
     E_PAD: tl.constexpr, BLOCK: tl.constexpr, MX: tl.constexpr, EMULATE_RNE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
-    """c[p, r] / c_s: src[token(r), p] quantized along each expert's rows (blocks of BLOCK)."""
+    """c / c_s (``_store_cols`` layout): src[token(r), p] quantized along each expert's rows."""
     pid_m = tl.program_id(0) // (P // BN)
     pid_n = tl.program_id(0) % (P // BN)
     expert, row0, row_end = _expert_tile(counts_ptr, pid_m, num_experts, E_PAD, BM)
@@ -235,7 +238,7 @@ def _gather_cols_kernel(
     token = (tl.load(order_ptr + rows, mask=row_ok, other=0) // top_k).to(tl.int64)
     cols = pid_n * BN + tl.arange(0, BN)
     v = tl.load(src_ptr + token[:, None] * ld_src + cols[None, :], mask=row_ok[:, None], other=0.0)
-    _store_cols(v.to(tl.float32), rows, row_ok, pid_m, pid_n * BN, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
+    _store_cols(v.to(tl.float32), pid_m, pid_n * BN, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
                 EMULATE_RNE, BM, BN)
 
 
@@ -252,26 +255,27 @@ def _wgrad_kernel(
     pid = tl.program_id(0)
     expert = pid // (num_p * num_q)
     pid_p, pid_q = _swizzle(pid % (num_p * num_q), num_p, num_q, GROUP)
-    e, cnt, start = _expert_rows(counts_ptr, num_experts, E_PAD)
+    e, cnt, _ = _expert_rows(counts_ptr, num_experts, E_PAD)
     tiles = (cnt + TILE - 1) // TILE
     mine = e == expert
-    first_block = tl.sum(tl.where(mine, tl.cumsum(tiles, 0) - tiles, 0), 0) * (TILE // BLOCK)
-    row0 = tl.sum(tl.where(mine, start, 0), 0)
-    row_end = row0 + tl.sum(tl.where(mine, cnt, 0), 0)
+    first_tile = tl.sum(tl.where(mine, tl.cumsum(tiles, 0) - tiles, 0), 0)
+    num_rows = tl.sum(tl.where(mine, cnt, 0), 0)
     ps = (pid_p * BM + tl.arange(0, BM)).to(tl.int64)
     qs = (pid_q * BN + tl.arange(0, BN)).to(tl.int64)
-    ks = tl.arange(0, BLOCK)
+    # The expert's tiles are consecutive slots; rows past its count are zeros: no masks.
+    slots = first_tile.to(tl.int64) * TILE + tl.arange(0, BLOCK)
+    a_ptrs = a_ptr + ps[:, None] * ld_a + slots[None, :]
+    b_ptrs = b_ptr + qs[None, :] * ld_b + slots[:, None]
+    first_block = first_tile.to(tl.int64) * (TILE // BLOCK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for j in range(0, tl.cdiv(row_end - row0, BLOCK)):
-        rows = row0 + j * BLOCK + ks
-        ok = rows < row_end
-        a = tl.load(a_ptr + ps[:, None] * ld_a + rows[None, :], mask=ok[None, :], other=0)
-        b = tl.load(b_ptr + qs[None, :] * ld_b + rows[:, None], mask=ok[:, None], other=0)
-        sblock = (first_block + j).to(tl.int64)
-        sa = tl.load(a_s_ptr + sblock * ld_as + ps)
-        sb = tl.load(b_s_ptr + sblock * ld_bs + qs)
-        acc += tl.dot(a.to(tl.float8e4nv, bitcast=True), b.to(tl.float8e4nv, bitcast=True)) * (
-            sa[:, None] * sb[None, :])
+    for j in range(0, tl.cdiv(num_rows, BLOCK)):
+        a = tl.load(a_ptrs).to(tl.float8e4nv, bitcast=True)
+        b = tl.load(b_ptrs).to(tl.float8e4nv, bitcast=True)
+        sa = tl.load(a_s_ptr + (first_block + j) * ld_as + ps)
+        sb = tl.load(b_s_ptr + (first_block + j) * ld_bs + qs)
+        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+        a_ptrs += BLOCK
+        b_ptrs += BLOCK
     tl.store(dw_ptr + expert.to(tl.int64) * stride_de + ps[:, None] * stride_dp + qs[None, :],
              acc.to(dw_ptr.dtype.element_ty))
 
@@ -300,10 +304,11 @@ def _row_tiles(meta: RoutingMeta) -> int:
 
 
 def _cols_buffers(meta: RoutingMeta, width: int, r: Recipe, device):
-    """Token-axis-quantized operand [width, rows] (row stride padded to 16 B) and its scales."""
-    num_rows = meta.order.numel()
-    data = torch.empty(width, triton.cdiv(max(num_rows, 1), 16) * 16, dtype=torch.uint8, device=device)
-    scale = torch.empty(_row_tiles(meta) * (ROW_TILE // r.block), width, dtype=torch.float32, device=device)
+    """Token-axis-quantized operand [width, tiles * ROW_TILE] (one slot of 128 per row tile) and
+    its scales [tiles * ROW_TILE / block, width]."""
+    tiles = _row_tiles(meta)
+    data = torch.empty(width, tiles * ROW_TILE, dtype=torch.uint8, device=device)
+    scale = torch.empty(tiles * (ROW_TILE // r.block), width, dtype=torch.float32, device=device)
     return data, scale
 
 
@@ -313,7 +318,7 @@ def _weight_args(w_data: torch.Tensor, w_scale: torch.Tensor) -> tuple:
 
 def gather_up(xq, w_up_q, weight, meta: RoutingMeta, activation: str, r: Recipe, dtype, save: bool):
     """Forward up-projection. Returns (h [rows, U] dtype or None, (a rows-quantized: uint8
-    [rows, F], scales [rows, F/block]), (w*a cols-quantized: [F, rows'], scales) or None)."""
+    [rows, F], scales [rows, F/block]), (w*a cols-quantized: [F, tiles * 128], scales) or None)."""
     (x_data, x_scale), (w_data, w_scale) = xq, w_up_q
     gated = is_gated(activation)
     num_rows = meta.order.numel()
@@ -337,7 +342,7 @@ def gather_up(xq, w_up_q, weight, meta: RoutingMeta, activation: str, r: Recipe,
 
 def down_dgrad(dq, w_down_t, h, weight, meta: RoutingMeta, activation: str, r: Recipe):
     """dh = act'(h) * w * (Q(dout)[token] @ Q(W_down)), quantized both ways:
-    ((uint8 [rows, U], scales [rows, U/block]), (uint8 [U, rows'], scales))."""
+    ((uint8 [rows, U], scales [rows, U/block]), (uint8 [U, tiles * 128], scales))."""
     (d_data, d_scale), (w_data, w_scale) = dq, w_down_t
     gated = is_gated(activation)
     num_rows, U = h.shape
@@ -373,12 +378,11 @@ def scatter_gemm(src_q, w_q, meta: RoutingMeta, r: Recipe, dtype) -> torch.Tenso
 
 def gather_cols(src: torch.Tensor, meta: RoutingMeta, r: Recipe):
     """src [T, P] gathered by token into expert-sorted rows, quantized along the token axis:
-    (uint8 [P, rows'], float32 scales [tiles * ROW_TILE / block, P])."""
-    num_rows = meta.order.numel()
+    (uint8 [P, tiles * ROW_TILE], float32 scales [tiles * ROW_TILE / block, P])."""
     P = src.shape[1]
     data, scale = _cols_buffers(meta, P, r, src.device)
     _gather_cols_kernel[(_row_tiles(meta) * (P // TILE_N),)](
-        src, meta.counts, meta.order, data, scale, num_rows, P, meta.num_experts, meta.top_k,
+        src, meta.counts, meta.order, data, scale, P, meta.num_experts, meta.top_k,
         src.stride(0), data.stride(0), scale.stride(0),
         E_PAD=_pow2(meta.num_experts), BLOCK=r.block, MX=r.mx, EMULATE_RNE=INTERPRETING,
         BM=ROW_TILE, BN=TILE_N, num_warps=LAUNCH["num_warps"])
