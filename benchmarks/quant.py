@@ -65,6 +65,8 @@ def check_bit_exact(x: torch.Tensor) -> dict[str, bool]:
         nan = want.scale.isnan()
         exact[name] = same_bits(got.data, want.data) and torch.equal(got.scale.isnan(), nan) and same_bits(
             got.scale.masked_fill(nan, 0), want.scale.masked_fill(nan, 0))
+    _, got_t = fp8_block.quantize_both(x, backend="triton")
+    exact["fp8 128x128 + T"] = same_bits(got_t.data, block_ref.quantize(x.t(), (128, 128)).data)
     return exact
 
 
@@ -77,10 +79,11 @@ def mx_launcher(x, rowwise: bool, colwise: bool, tiles=None):
     return lambda: mx_triton.launch_quantize(x, out, ELEM, SCALE_MODE, tiles)
 
 
-def block_launcher(x, block, tiles=None):
+def block_launcher(x, block, tiles=None, transposed=False):
     data = torch.empty(M, K, dtype=torch.uint8, device=x.device)
+    data_t = torch.empty(K, M, dtype=torch.uint8, device=x.device) if transposed else None
     scale = torch.empty(M // block[0], K // block[1], dtype=torch.float32, device=x.device)
-    return lambda: block_triton.launch_quantize(x, data, scale, block, ELEM, tiles)
+    return lambda: block_triton.launch_quantize(x, data, scale, block, ELEM, tiles, data_t, M)
 
 
 def sweep(name: str, make_fn, configs, tile_keys) -> None:
@@ -136,6 +139,8 @@ def main() -> None:
         ("mxfp8 row", mx_launcher(x, True, False), in_bytes + n + n // 32, "mxfp8 row"),
         ("fp8 1x128", block_launcher(x, (1, 128)), in_bytes + n + 4 * n // 128, "fp8 1x128"),
         ("fp8 128x128", block_launcher(x, (128, 128)), in_bytes + n + 4 * n // (128 * 128), "fp8 128x128"),
+        ("fp8 128x128 + transpose", block_launcher(x, (128, 128), transposed=True),
+         in_bytes + 2 * n + 4 * n // (128 * 128), "fp8 128x128 + T"),
     ]
     peers = [
         ("compiled ref: mxfp8 both",

@@ -148,3 +148,19 @@ def test_gpu_kernel_matches_reference(make_input, assert_same_bits, assert_same_
     assert_same_bits(got.data, want.data)
     assert_same_values(got.scale, want.scale)
     assert_same_values(fp8_block.dequantize(got, backend="triton"), fp8_block.dequantize(want, backend="reference"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_both_writes_the_transpose_in_the_same_pass(make_input, assert_same_bits, assert_same_values,
+                                                             dtype):
+    w = make_input((2, 256, 384), dtype, 12)
+    for backend in ("reference", "triton"):
+        t, t_t = fp8_block.quantize_both(w, backend=backend)
+        want, want_t = reference.quantize(w, (128, 128)), reference.quantize(w.transpose(1, 2), (128, 128))
+        assert_same_bits(t.data, want.data)
+        assert_same_bits(t_t.data, want_t.data)
+        assert t_t.data.is_contiguous() and t_t.data.shape == (2, 384, 256)
+        assert_same_values(t.scale, want.scale)
+        assert_same_values(t_t.scale, want_t.scale)
+    with pytest.raises(ValueError, match="square block"):
+        fp8_block.quantize_both(w, (1, 128))

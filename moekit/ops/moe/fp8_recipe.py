@@ -83,10 +83,11 @@ def quantize_weight(w: torch.Tensor, r: Recipe, reduce_axis: int, backend: str =
 def quantize_weight_both(w: torch.Tensor, r: Recipe, backend: str = "auto"):
     """``(quantize_weight(w, r, 2), quantize_weight(w, r, 1))`` with one read of ``w`` [E, A, B]
     for MX (both layouts from one pass over the stacked [E * A, B] matrix: its blocks of 32 rows
-    never straddle two experts as A is a multiple of 32), a byte transpose for "fp8"."""
+    never straddle two experts as A is a multiple of 32); for "fp8" the 128 x 128 tiles are
+    written twice by one kernel, once transposed."""
     if not r.mx:
-        fwd = quantize_weight(w, r, 2, backend)
-        return fwd, transpose_weight(*fwd)
+        t, t_t = fp8_block.quantize_both(w, (r.weight_rows, r.block), "e4m3", backend=backend)
+        return (t.data.view(torch.uint8), t.scale), (t_t.data.view(torch.uint8), t_t.scale)
     E, A, B = w.shape
     rows, cols = mxfp8.quantize_both(w.reshape(E * A, B), "e4m3", "floor", backend=backend)
     fwd = (rows.data.view(torch.uint8).view(E, A, B), e8m0_to_float32(rows.scale).view(E, A, B // r.block))

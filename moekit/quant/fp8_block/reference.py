@@ -62,6 +62,13 @@ def quantize(x: torch.Tensor, block: tuple[int, int] = ACTIVATION_BLOCK, elem: s
                              (br, bc), elem)
 
 
+def quantize_both(x: torch.Tensor, block: tuple[int, int], elem: str = "e4m3"):
+    """(quantize(x), quantize of x^T): with a square block the second is the first transposed."""
+    t = quantize(x, block, elem)
+    return t, BlockScaledTensor(t.data.transpose(-1, -2).contiguous(), t.scale.transpose(-1, -2).contiguous(),
+                                t.block, elem)
+
+
 def dequantize(t: BlockScaledTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     br, bc = t.block
     *lead, m, k = t.data.shape

@@ -18,8 +18,8 @@ from moekit.quant.triton_utils import INTERPRETING, as_bytes, decode_fp8, encode
 
 @triton.jit
 def _block_quantize_kernel(
-    x_ptr, data_ptr, scale_ptr, R, K, stride_xr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, IS_BF16: tl.constexpr,
+    x_ptr, data_ptr, scale_ptr, data_t_ptr, R, K, M, stride_xr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, IS_BF16: tl.constexpr, TRANSPOSED: tl.constexpr,
     MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr, MIN_SCALE: tl.constexpr,
     E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr,
     TILE_R: tl.constexpr, TILE_K: tl.constexpr,
@@ -38,8 +38,16 @@ def _block_quantize_kernel(
     inv_scale = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
     elems = encode_fp8(x * inv_scale[:, None, :, None], MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2,
                        EMULATE_RNE)
-    elems = tl.where(nonfinite[:, None, :, None], 0x7F, elems).to(tl.uint8)
-    tl.store(data_ptr + offs_r[:, None] * K + offs_k[None, :], tl.reshape(elems, (TILE_R, TILE_K)), mask=mask)
+    elems = tl.reshape(tl.where(nonfinite[:, None, :, None], 0x7F, elems).to(tl.uint8), (TILE_R, TILE_K))
+    tl.store(data_ptr + offs_r[:, None] * K + offs_k[None, :], elems, mask=mask)
+    if TRANSPOSED:
+        # Also each [M, K] matrix's transpose [K, M] (a tile never spans two matrices: M is a
+        # multiple of TILE_R); the byte tile is transposed on chip so both stores are contiguous.
+        r0 = tl.program_id(0) * TILE_R
+        base = (r0 // M).to(tl.int64) * K * M + (r0 % M)
+        offs_t = tl.arange(0, TILE_R)
+        tl.store(data_t_ptr + base + offs_k[:, None].to(tl.int64) * M + offs_t[None, :], tl.trans(elems),
+                 mask=(offs_k[:, None] < K) & (r0 + offs_t[None, :] < R))
 
     scale = tl.where(nonfinite, float("nan"), scale)
     offs_rb = tl.program_id(0) * (TILE_R // BLOCK_ROWS) + tl.arange(0, TILE_R // BLOCK_ROWS)
@@ -81,16 +89,19 @@ def _check_pow2_block(block: tuple[int, int]) -> None:
 
 
 def launch_quantize(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
-                    elem: str, tiles: dict | None = None) -> None:
+                    elem: str, tiles: dict | None = None, data_t: torch.Tensor | None = None,
+                    rows_per_matrix: int = 0) -> None:
     """Quantize `x2` [R, K] (unit stride along K) into uint8 `data` [R, K] and float32 `scale`.
-    `tiles` (TILE_R, TILE_K: multiples of the block; num_warps) overrides the default, for tuning."""
+    With `data_t`, also write each [rows_per_matrix, K] matrix's transpose into it (one block per
+    tile). `tiles` (TILE_R, TILE_K: multiples of the block; num_warps) overrides the default."""
     fmt = element_format(elem)
     tiles = tiles or _tiles(block)
     r, k = x2.shape
     grid = (triton.cdiv(r, tiles["TILE_R"]), triton.cdiv(k, tiles["TILE_K"]))
     _block_quantize_kernel[grid](
-        kernel_input(x2), data, scale, r, k, x2.stride(0),
-        BLOCK_ROWS=block[0], BLOCK_COLS=block[1], IS_BF16=x2.dtype == torch.bfloat16,
+        kernel_input(x2), data, scale, data if data_t is None else data_t, r, k, max(rows_per_matrix, 1),
+        x2.stride(0), BLOCK_ROWS=block[0], BLOCK_COLS=block[1], IS_BF16=x2.dtype == torch.bfloat16,
+        TRANSPOSED=data_t is not None,
         MAX_NORMAL=fmt.max_normal, MANTISSA_BITS=fmt.mantissa_bits, MIN_NORMAL_EXP=fmt.min_normal_exp,
         MIN_SCALE=MIN_SCALE, E5M2=elem == "e5m2", EMULATE_RNE=INTERPRETING, **tiles,
     )
@@ -125,3 +136,23 @@ def dequantize(t: BlockScaledTensor, dtype: torch.dtype = torch.float32) -> torc
     _block_dequantize_kernel[grid](data2, scale2, out, data2.shape[0], k, BLOCK_ROWS=t.block[0],
                                    BLOCK_COLS=t.block[1], E5M2=t.elem == "e5m2", **tiles)
     return out.reshape(t.data.shape).to(dtype)
+
+
+def quantize_both(x: torch.Tensor, block: tuple[int, int], elem: str = "e4m3"):
+    """(quantize(x), the same for x^T) in one pass; square power-of-two blocks only."""
+    check_input(x)
+    fmt = element_format(elem)
+    block = check_block(x, block)
+    _check_pow2_block(block)
+    *lead, m, k = x.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    data = torch.empty(x2.shape, dtype=torch.uint8, device=x.device)
+    data_t = torch.empty(*lead, k, m, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(x2.shape[0] // block[0], k // block[1], dtype=torch.float32, device=x.device)
+    tiles = {**_tiles(block), "TILE_R": block[0], "TILE_K": block[1]}  # one block per tile
+    launch_quantize(x2, data, scale, block, elem, tiles, data_t=data_t, rows_per_matrix=m)
+    scale = scale.reshape(*lead, m // block[0], -1)
+    return (BlockScaledTensor(data.view(fmt.dtype).reshape(x.shape), scale, block, elem),
+            BlockScaledTensor(data_t.view(fmt.dtype), scale.transpose(-1, -2).contiguous(), block, elem))
