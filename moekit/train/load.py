@@ -42,6 +42,10 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     verify_checkpoint(ckpt)
     config = TrainConfig.from_dict(read_checkpoint_config(ckpt))
     model = MoEForCausalLM(config.model)
-    load_model_state(model, ckpt)
+    if (ckpt / ".metadata").is_file():  # written by a multi-process (torchrun) run
+        from moekit.parallel import load_checkpoint
+        load_checkpoint(str(ckpt), model)
+    else:
+        load_model_state(model, ckpt)
     tokenizer = load_tokenizer(None if config.data.tokenizer == "byte" else str(ckpt / "tokenizer.json"))
     return model.to(device).eval(), config, tokenizer

@@ -65,3 +65,20 @@ def test_two_process_checkpoint_resumes_in_one_process(runs):
     assert sorted(resumed) == list(range(7, 13))
     for step, loss in resumed.items():
         assert loss == pytest.approx(two[step], rel=RTOL), f"step {step}"
+
+
+def test_two_process_checkpoint_serves_eval_and_generate(runs):
+    """The single-process tools read a distributed checkpoint; eval reproduces the run's held-out loss."""
+    run = runs / "two"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = next(r["val_loss"] for r in records if r["kind"] == "eval" and r["step"] == 12)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ckpt = str(run / "checkpoints" / "step_00000012")
+    result = subprocess.run([sys.executable, "-m", "moekit.cli", "eval", "--ckpt", ckpt, "--batches", "1"],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loss = float(result.stdout.split("held-out loss ")[1].split()[0])
+    assert loss == pytest.approx(logged, rel=1e-3)
+    result = subprocess.run([sys.executable, "-m", "moekit.cli", "generate", "--ckpt", ckpt, "def "],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr[-2000:]
