@@ -102,6 +102,11 @@ class MoEConfig:
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate", "router_jitter"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.route_scale > 0, f"route_scale must be > 0, got {self.route_scale}")
+        if self.precision != "bf16":
+            # FP8 / MXFP8 GEMMs work in whole 128-wide scale blocks (DeepSeek-V3's 128x128 weight tiles).
+            for name in ("hidden_size", "ffn_hidden_size"):
+                need(getattr(self, name) % 128 == 0,
+                     f"precision {self.precision!r} needs {name} to be a multiple of 128, got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MoEConfig:

@@ -17,8 +17,9 @@ from moekit.ops import moe as moe_ops
 
 
 class LocalDispatcher:
-    def __init__(self, backend: str = "auto"):
+    def __init__(self, backend: str = "auto", precision: str = "bf16"):
         self.backend = backend
+        self.precision = precision
 
     def __call__(
         self,
@@ -29,5 +30,5 @@ class LocalDispatcher:
         shared: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         out = moe_ops.routed_experts(x, topk_idx, topk_weight, experts.w_up, experts.w_down,
-                                     experts.activation, self.backend)
+                                     experts.activation, self.backend, self.precision)
         return out if shared is None else out + shared(x)

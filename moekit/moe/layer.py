@@ -24,9 +24,6 @@ class MoE(nn.Module):
     def __init__(self, config: MoEConfig):
         super().__init__()
         config.validate()
-        if config.precision != "bf16":
-            raise ValueError(f"MoEConfig: precision {config.precision!r} is not available yet; "
-                             "only 'bf16' (the activation dtype path) is implemented")
         self.config = config
         self.router = Router(config)
         self.experts = RoutedExperts(config.num_experts, config.hidden_size, config.ffn_hidden_size,
@@ -38,7 +35,7 @@ class MoE(nn.Module):
                                       config.init_std)
             if config.shared_expert_gate:
                 self.shared_gate = nn.Linear(config.hidden_size, 1, bias=False)
-        self.dispatcher = LocalDispatcher(config.backend)
+        self.dispatcher = LocalDispatcher(config.backend, config.precision)
         self.last_stats: MoEStats | None = None
         self.aux_loss: torch.Tensor | None = None
 

@@ -55,10 +55,11 @@ def sort_assignments(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_expe
 class AllToAllDispatcher:
     """The dispatcher ``MoE.set_dispatcher`` takes, for expert parallelism over ``group``."""
 
-    def __init__(self, group: dist.ProcessGroup, shard: ExpertShard, backend: str = "auto"):
+    def __init__(self, group: dist.ProcessGroup, shard: ExpertShard, backend: str = "auto", precision: str = "bf16"):
         self.group = group
         self.shard = shard
         self.backend = backend
+        self.precision = precision
         self.ep_size = dist.get_world_size(group)
 
     def __call__(
@@ -88,7 +89,7 @@ class AllToAllDispatcher:
         local_idx = local_idx.repeat_interleave(recv_counts.reshape(-1))[:, None]
         ones = torch.ones(local_idx.shape, dtype=torch.float32, device=x.device)
         y = moe_ops.routed_experts(recv_x, local_idx, ones, experts.w_up, experts.w_down,
-                                   experts.activation, self.backend)
+                                   experts.activation, self.backend, self.precision)
 
         back = all_to_all(y, send_splits, recv_splits, self.group)
         weighted = (back.float() * sent.weight[:, None]).to(x.dtype)
@@ -123,4 +124,5 @@ def shard_experts(model: nn.Module, pmesh: ParallelMesh) -> None:
         experts.w_up = nn.Parameter(experts.w_up.detach()[rows].clone())
         experts.w_down = nn.Parameter(experts.w_down.detach()[rows].clone())
         experts.shard = shard
-        layer.set_dispatcher(AllToAllDispatcher(pmesh.ep_group, shard, layer.config.backend))
+        layer.set_dispatcher(AllToAllDispatcher(pmesh.ep_group, shard, layer.config.backend,
+                                                 layer.config.precision))

@@ -44,6 +44,8 @@ def test_bad_inputs():
         layer(x)
 
 
-def test_precision_not_yet_available_is_refused():
-    with pytest.raises(ValueError, match="precision 'fp8' is not available"):
-        MoE(MoEConfig(precision="fp8"))
+def test_low_precision_needs_whole_scale_blocks():
+    with pytest.raises(ValueError, match="precision 'fp8' needs hidden_size to be a multiple of 128, got 96"):
+        MoEConfig(precision="fp8", hidden_size=96, ffn_hidden_size=128)
+    with pytest.raises(ValueError, match="precision 'mxfp8' needs ffn_hidden_size to be a multiple of 128"):
+        MoEConfig(precision="mxfp8", hidden_size=128, ffn_hidden_size=64)

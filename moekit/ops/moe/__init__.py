@@ -4,6 +4,10 @@
 returns ``[T, H]``: each token's weighted sum of its experts' FFN outputs. ``U`` is ``2F`` for
 gated activations (gate rows first, then up rows) and ``F`` for plain GELU. An index of -1
 means "no expert" (a dropped assignment or padding).
+
+``precision`` "fp8" / "mxfp8" runs the grouped GEMMs on E4M3 operands with block scales
+(``fp8.py``: Triton on CUDA; ``fp8_reference.py``, the same numerics in plain PyTorch, elsewhere
+or with ``backend="reference"``).
 """
 
 from __future__ import annotations
@@ -59,11 +63,32 @@ def routed_experts(
     w_down: torch.Tensor,
     activation: str = "swiglu",
     backend: str = "auto",
+    precision: str = "bf16",
 ) -> torch.Tensor:
     _check_operands(x, topk_idx, topk_weight, w_up, w_down)
+    if precision != "bf16":
+        return _low_precision(x, topk_idx, topk_weight, w_up, w_down, activation, backend, precision)
     chosen = resolve_backend(backend, x, w_up, w_down)
     impl = {"reference": reference, "grouped_mm": grouped_mm}.get(chosen) or _triton_impl()
     return impl.routed_experts(x, topk_idx, topk_weight, w_up, w_down, activation)
+
+
+def _low_precision(x, topk_idx, topk_weight, w_up, w_down, activation, backend, precision):
+    if precision not in ("fp8", "mxfp8"):
+        raise ValueError(f"routed_experts: unknown precision {precision!r}; choose from bf16, fp8, mxfp8")
+    if backend == "grouped_mm":
+        raise ValueError(f"routed_experts: precision {precision!r} runs on the 'triton' (GPU) or 'reference' "
+                         "backends, not 'grouped_mm'")
+    if backend == "reference" or not _triton_available(x):
+        if backend == "triton":
+            resolve_backend(backend, x, w_up, w_down)  # raises the clear "needs a CUDA tensor" error
+        from moekit.ops.moe import fp8_reference
+
+        return fp8_reference.routed_experts(x, topk_idx, topk_weight, w_up, w_down, activation, precision)
+    from moekit.ops.moe import fp8
+
+    impl = fp8.routed_experts if precision == "fp8" else fp8.routed_experts_mxfp8
+    return impl(x, topk_idx, topk_weight, w_up, w_down, activation)
 
 
 def _check_operands(x, topk_idx, topk_weight, w_up, w_down) -> None:
