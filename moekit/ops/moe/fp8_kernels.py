@@ -42,6 +42,10 @@ TILE_N = DIM_MULTIPLE  # output columns per program: one whole 128-wide quantiza
 # Launch options of every GEMM kernel here; benchmarks/moe_fp8.py --sweep tries others.
 LAUNCH = {"num_warps": 4, "num_stages": 1} if INTERPRETING else {"num_warps": 8, "num_stages": 3}
 GROUP_M = 8
+K_STEP = 128  # reduction values per MX K-loop step (4 scale blocks of 32)
+# MX on Hopper: dots on exactly dequantized operands (bf16; fp32 in the interpreter, whose
+# bf16 dots are wrong).
+MX_DOT_DTYPE = tl.constexpr(tl.float32 if INTERPRETING else tl.bfloat16)
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -131,6 +135,67 @@ def _scaled_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as,
     return acc, acc2
 
 
+@triton.jit
+def _dequantize(q, s, K_AXIS: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """E4M3 bytes q [R, C] (reduction along K_AXIS) times power-of-two scales s (one per BLOCK
+    along it: [R, C / BLOCK] or [R / BLOCK, C]) -> MX_DOT_DTYPE. Exact: an E4M3 value times a
+    power of two is a bf16 value, unless it falls below bf16's normal range (block amax < 2**-118)."""
+    v = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    if K_AXIS == 1:
+        v = tl.reshape(tl.reshape(v, (R, C // BLOCK, BLOCK)) * s[:, :, None], (R, C))
+    else:
+        v = tl.reshape(tl.reshape(v, (R // BLOCK, BLOCK, C)) * s[:, None, :], (R, C))
+    return v.to(MX_DOT_DTYPE)
+
+
+@triton.jit
+def _dequantized_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as,
+                      b_ptr, b_cols, ld_b, bs_ptr, ld_bs_n, ld_bs_k, b2_offset, num_k,
+                      TWO: tl.constexpr, BLOCK: tl.constexpr, WEIGHT_ROWS: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr):
+    """``_scaled_gemm`` for MX blocks on GPUs without MX instructions: each K_STEP of both
+    operands is dequantized in registers (4 scale blocks of 32) and multiplied at 16-bit speed,
+    instead of an FP8 dot plus a rescale every 32 values."""
+    NS: tl.constexpr = K_STEP // BLOCK
+    ks = tl.arange(0, K_STEP)
+    js = tl.arange(0, NS)
+    rows64 = a_rows.to(tl.int64)
+    cols64 = b_cols.to(tl.int64)
+    a_ptrs = a_ptr + rows64[:, None] * ld_a + ks[None, :]
+    as_ptrs = as_ptr + rows64[:, None] * ld_as + js[None, :]
+    b_ptrs = b_ptr + cols64[None, :] * ld_b + ks[:, None]
+    bs_ptrs = bs_ptr + (cols64 // WEIGHT_ROWS)[None, :] * ld_bs_n + js[:, None] * ld_bs_k
+    b2_ptrs = b_ptrs + b2_offset * ld_b
+    bs2_ptrs = bs_ptr + ((cols64 + b2_offset) // WEIGHT_ROWS)[None, :] * ld_bs_n + js[:, None] * ld_bs_k
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+    for _ in range(0, num_k // NS):
+        a = _dequantize(tl.load(a_ptrs, mask=row_ok[:, None], other=0),
+                        tl.load(as_ptrs, mask=row_ok[:, None], other=0.0), 1, BLOCK, BM, K_STEP)
+        b = _dequantize(tl.load(b_ptrs), tl.load(bs_ptrs), 0, BLOCK, K_STEP, BN)
+        acc = tl.dot(a, b, acc)
+        if TWO:
+            acc2 = tl.dot(a, _dequantize(tl.load(b2_ptrs), tl.load(bs2_ptrs), 0, BLOCK, K_STEP, BN), acc2)
+            b2_ptrs += K_STEP
+            bs2_ptrs += NS * ld_bs_k
+        a_ptrs += K_STEP
+        as_ptrs += NS
+        b_ptrs += K_STEP
+        bs_ptrs += NS * ld_bs_k
+    return acc, acc2
+
+
+@triton.jit
+def _gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as, b_ptr, b_cols, ld_b, bs_ptr, ld_bs_n, ld_bs_k, b2_offset,
+          num_k, TWO: tl.constexpr, BLOCK: tl.constexpr, WEIGHT_ROWS: tl.constexpr, MX: tl.constexpr,
+          BM: tl.constexpr, BN: tl.constexpr):
+    if MX:
+        return _dequantized_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as, b_ptr, b_cols, ld_b, bs_ptr,
+                                 ld_bs_n, ld_bs_k, b2_offset, num_k, TWO, BLOCK, WEIGHT_ROWS, BM, BN)
+    return _scaled_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as, b_ptr, b_cols, ld_b, bs_ptr, ld_bs_n,
+                        ld_bs_k, b2_offset, num_k, TWO, BLOCK, WEIGHT_ROWS, BM, BN)
+
+
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
@@ -159,9 +224,9 @@ def _gather_gemm_kernel(
     fs = f0 + tl.arange(0, BN)
     e64 = expert.to(tl.int64)
     TWO: tl.constexpr = GATED and not BACKWARD
-    acc, acc2 = _scaled_gemm(src_ptr, assignment // top_k, row_ok, ld_src, src_s_ptr, ld_src_s,
-                             w_ptr + e64 * stride_we, fs, ld_w, w_s_ptr + e64 * stride_wse, ld_ws_n, ld_ws_k,
-                             F, K // BLOCK, TWO, BLOCK, WEIGHT_ROWS, BM, BN)
+    acc, acc2 = _gemm(src_ptr, assignment // top_k, row_ok, ld_src, src_s_ptr, ld_src_s,
+                      w_ptr + e64 * stride_we, fs, ld_w, w_s_ptr + e64 * stride_wse, ld_ws_n, ld_ws_k,
+                      F, K // BLOCK, TWO, BLOCK, WEIGHT_ROWS, MX, BM, BN)
     w = tl.load(weight_ptr + assignment, mask=row_ok, other=0.0)  # 0 on rows outside the tile's expert
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * ld_h + fs[None, :]
     if BACKWARD:
@@ -199,7 +264,7 @@ def _scatter_gemm_kernel(
     src_ptr, src_s_ptr, w_ptr, w_s_ptr, out_ptr, counts_ptr, order_ptr,
     num_rows, N, K, num_experts,
     ld_src, ld_src_s, stride_we, ld_w, stride_wse, ld_ws_n, ld_ws_k, ld_out,
-    E_PAD: tl.constexpr, BLOCK: tl.constexpr, WEIGHT_ROWS: tl.constexpr,
+    E_PAD: tl.constexpr, BLOCK: tl.constexpr, WEIGHT_ROWS: tl.constexpr, MX: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
 ):
     """out[order[r]] = Q(src)[r] @ Q(W_e)^T for expert-sorted rows r (N columns per row)."""
@@ -212,9 +277,9 @@ def _scatter_gemm_kernel(
     row_ok = rows < row_end
     cols = pid_n * BN + tl.arange(0, BN)
     e64 = expert.to(tl.int64)
-    acc, _ = _scaled_gemm(src_ptr, rows, row_ok, ld_src, src_s_ptr, ld_src_s,
-                          w_ptr + e64 * stride_we, cols, ld_w, w_s_ptr + e64 * stride_wse, ld_ws_n, ld_ws_k,
-                          0, K // BLOCK, False, BLOCK, WEIGHT_ROWS, BM, BN)
+    acc, _ = _gemm(src_ptr, rows, row_ok, ld_src, src_s_ptr, ld_src_s,
+                   w_ptr + e64 * stride_we, cols, ld_w, w_s_ptr + e64 * stride_wse, ld_ws_n, ld_ws_k,
+                   0, K // BLOCK, False, BLOCK, WEIGHT_ROWS, MX, BM, BN)
     assignment = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     tl.store(out_ptr + assignment[:, None] * ld_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None])
@@ -246,10 +311,11 @@ def _gather_cols_kernel(
 def _wgrad_kernel(
     a_ptr, a_s_ptr, b_ptr, b_s_ptr, dw_ptr, counts_ptr,
     P, Q, num_experts, ld_a, ld_as, ld_b, ld_bs, stride_de, stride_dp,
-    E_PAD: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
+    E_PAD: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, MX: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """dW[e, p, q] = sum over expert e's rows r of Q(A)[p, r] Q(B)[q, r] (operands stored transposed)."""
+    """dW[e, p, q] = sum over expert e's rows r of Q(A)[p, r] Q(B)[q, r] (operands stored
+    transposed in tile slots, see ``_store_cols``)."""
     num_p = P // BM
     num_q = Q // BN
     pid = tl.program_id(0)
@@ -258,24 +324,37 @@ def _wgrad_kernel(
     e, cnt, _ = _expert_rows(counts_ptr, num_experts, E_PAD)
     tiles = (cnt + TILE - 1) // TILE
     mine = e == expert
-    first_tile = tl.sum(tl.where(mine, tl.cumsum(tiles, 0) - tiles, 0), 0)
+    first_tile = tl.sum(tl.where(mine, tl.cumsum(tiles, 0) - tiles, 0), 0).to(tl.int64)
     num_rows = tl.sum(tl.where(mine, cnt, 0), 0)
     ps = (pid_p * BM + tl.arange(0, BM)).to(tl.int64)
     qs = (pid_q * BN + tl.arange(0, BN)).to(tl.int64)
-    # The expert's tiles are consecutive slots; rows past its count are zeros: no masks.
-    slots = first_tile.to(tl.int64) * TILE + tl.arange(0, BLOCK)
-    a_ptrs = a_ptr + ps[:, None] * ld_a + slots[None, :]
-    b_ptrs = b_ptr + qs[None, :] * ld_b + slots[:, None]
-    first_block = first_tile.to(tl.int64) * (TILE // BLOCK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for j in range(0, tl.cdiv(num_rows, BLOCK)):
-        a = tl.load(a_ptrs).to(tl.float8e4nv, bitcast=True)
-        b = tl.load(b_ptrs).to(tl.float8e4nv, bitcast=True)
-        sa = tl.load(a_s_ptr + (first_block + j) * ld_as + ps)
-        sb = tl.load(b_s_ptr + (first_block + j) * ld_bs + qs)
-        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
-        a_ptrs += BLOCK
-        b_ptrs += BLOCK
+    # The expert's tiles are consecutive slots; rows past its count are zeros: no masks.
+    if MX:  # a whole tile per step, dequantized (see _dequantized_gemm)
+        NS: tl.constexpr = TILE // BLOCK
+        slots = first_tile * TILE + tl.arange(0, TILE)
+        blocks = first_tile * NS + tl.arange(0, NS)
+        for _ in range(0, tl.cdiv(num_rows, TILE)):
+            sa = tl.load(a_s_ptr + blocks[None, :] * ld_as + ps[:, None])
+            sb = tl.load(b_s_ptr + blocks[:, None] * ld_bs + qs[None, :])
+            a = _dequantize(tl.load(a_ptr + ps[:, None] * ld_a + slots[None, :]), sa, 1, BLOCK, BM, TILE)
+            b = _dequantize(tl.load(b_ptr + qs[None, :] * ld_b + slots[:, None]), sb, 0, BLOCK, TILE, BN)
+            acc = tl.dot(a, b, acc)
+            slots += TILE
+            blocks += NS
+    else:
+        slots = first_tile * TILE + tl.arange(0, BLOCK)
+        a_ptrs = a_ptr + ps[:, None] * ld_a + slots[None, :]
+        b_ptrs = b_ptr + qs[None, :] * ld_b + slots[:, None]
+        first_block = first_tile * (TILE // BLOCK)
+        for j in range(0, tl.cdiv(num_rows, BLOCK)):
+            a = tl.load(a_ptrs).to(tl.float8e4nv, bitcast=True)
+            b = tl.load(b_ptrs).to(tl.float8e4nv, bitcast=True)
+            sa = tl.load(a_s_ptr + (first_block + j) * ld_as + ps)
+            sb = tl.load(b_s_ptr + (first_block + j) * ld_bs + qs)
+            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+            a_ptrs += BLOCK
+            b_ptrs += BLOCK
     tl.store(dw_ptr + expert.to(tl.int64) * stride_de + ps[:, None] * stride_dp + qs[None, :],
              acc.to(dw_ptr.dtype.element_ty))
 
@@ -371,8 +450,8 @@ def scatter_gemm(src_q, w_q, meta: RoutingMeta, r: Recipe, dtype) -> torch.Tenso
     _scatter_gemm_kernel[(_row_tiles(meta) * (N // TILE_N),)](
         s_data, s_scale, w_data, w_scale, out, meta.counts, meta.order, num_rows, N, K, E,
         s_data.stride(0), s_scale.stride(0), *_weight_args(w_data, w_scale), out.stride(0),
-        E_PAD=_pow2(E), BLOCK=r.block, WEIGHT_ROWS=r.weight_rows, BM=ROW_TILE, BN=TILE_N, GROUP=GROUP_M,
-        **LAUNCH)
+        E_PAD=_pow2(E), BLOCK=r.block, WEIGHT_ROWS=r.weight_rows, MX=r.mx, BM=ROW_TILE, BN=TILE_N,
+        GROUP=GROUP_M, **LAUNCH)
     return out
 
 
@@ -397,7 +476,7 @@ def grouped_wgrad(a_cols, b_cols, meta: RoutingMeta, r: Recipe, dtype) -> torch.
     _wgrad_kernel[(E * (P // TILE_N) * (Q // TILE_N),)](
         a, a_s, b, b_s, dw, meta.counts, P, Q, E, a.stride(0), a_s.stride(0), b.stride(0), b_s.stride(0),
         dw.stride(0), dw.stride(1),
-        E_PAD=_pow2(E), BLOCK=r.block, TILE=ROW_TILE, BM=TILE_N, BN=TILE_N, GROUP=GROUP_M, **LAUNCH)
+        E_PAD=_pow2(E), BLOCK=r.block, TILE=ROW_TILE, MX=r.mx, BM=TILE_N, BN=TILE_N, GROUP=GROUP_M, **LAUNCH)
     return dw
 
 
