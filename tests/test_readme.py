@@ -1,0 +1,16 @@
+"""The README's Python tour runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_tour_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README has no python block"
+    scope: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    assert scope["y"].shape == (2, 128, 512)
+    assert scope["tokens"] is not None
+    assert scope["o"].shape == (1, 100, 4, 32) and scope["state"].shape == (1, 4, 32, 32)
