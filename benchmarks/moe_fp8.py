@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check_moe import SHAPES  # noqa: E402  (the shape table lives in one place)
 
 VARIANTS = ("triton", "grouped_mm", "fp8", "mxfp8")
-SWEEP = [(8, 3), (8, 4), (8, 2), (4, 3), (4, 4)]
+SWEEP = [(8, 3), (8, 4), (8, 2), (4, 3), (4, 4), (16, 3), (16, 2)]
 
 
 class PrecisionDispatcher:
