@@ -1,9 +1,9 @@
 """FP8 / MXFP8 vs bf16 MoE layer, forward + backward, at the DESIGN.md shapes (one H200).
 
 One ``moekit.MoE`` layer per shape (router included, bf16 parameters), the same weights and
-inputs for every variant in one process; the variants differ only in the dispatcher: bf16
-``triton`` and ``grouped_mm`` backends, and the routed experts of ``moekit.ops.moe.fp8`` in
-the "fp8" (DeepSeek-V3 1x128 / 128x128) and "mxfp8" recipes. Prints forward and
+inputs for every variant in one process; the variants differ only in the dispatcher's
+(backend, precision): bf16 ``triton`` and ``grouped_mm``, and ``MoEConfig.precision`` "fp8"
+(DeepSeek-V3 1x128 / 128x128) and "mxfp8" (``moekit.ops.moe.fp8``). Prints forward and
 forward+backward medians (triton.testing.do_bench), TFLOP/s (6 * tokens * top_k * hidden *
 ffn forward, 3x forward+backward) and each variant's speed-up over bf16 triton and grouped_mm.
 Target: fp8 >= 1.4x moekit's bf16 path.
@@ -25,36 +25,15 @@ from triton.testing import do_bench
 
 from moekit import MoE, MoEConfig
 from moekit.moe.dispatch import LocalDispatcher
-from moekit.ops import moe as moe_ops
 from moekit.ops.moe import fp8, fp8_kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check_moe import SHAPES  # noqa: E402  (the shape table lives in one place)
 
-VARIANTS = ("triton", "grouped_mm", "fp8", "mxfp8")
+# (name, backend, precision): the layer's dispatcher is LocalDispatcher(backend, precision)
+VARIANTS = (("triton", "triton", "bf16"), ("grouped_mm", "grouped_mm", "bf16"), ("fp8", "triton", "fp8"),
+            ("mxfp8", "triton", "mxfp8"))
 SWEEP = [(8, 3), (8, 4), (8, 2), (4, 3), (4, 4), (16, 3), (16, 2)]
-
-
-class PrecisionDispatcher:
-    """Routed experts in bf16 (through ``backend``) or a low-precision recipe; operands are cast
-    to bf16 first, so an fp32 master-weight model under autocast runs the GEMMs it names."""
-
-    def __init__(self, precision: str, backend: str = "triton"):
-        self.precision, self.backend = precision, backend
-
-    def __call__(self, x, topk_idx, topk_weight, experts, shared=None):
-        args = (x.to(torch.bfloat16), topk_idx, topk_weight, experts.w_up.to(torch.bfloat16),
-                experts.w_down.to(torch.bfloat16), experts.activation)
-        if self.precision == "bf16":
-            out = moe_ops.routed_experts(*args, self.backend)
-        else:
-            out = fp8.routed_experts(*args, recipe_name=self.precision)
-        out = out.to(x.dtype)
-        return out if shared is None else out + shared(x)
-
-
-def dispatcher(variant: str):
-    return LocalDispatcher(variant) if variant in ("triton", "grouped_mm") else PrecisionDispatcher(variant)
 
 
 def run_layer(layer: MoE, x: torch.Tensor, grad_out: torch.Tensor | None):
@@ -105,7 +84,7 @@ class StageTimer:
 
 
 def profile(layer, x, grad_out, precision: str) -> None:
-    layer.set_dispatcher(dispatcher(precision))
+    layer.set_dispatcher(LocalDispatcher("triton", precision))
     run_layer(layer, x, grad_out)
     reps = 5
     with StageTimer() as timer:
@@ -117,7 +96,7 @@ def profile(layer, x, grad_out, precision: str) -> None:
 
 
 def sweep(layer, x, grad_out) -> None:
-    layer.set_dispatcher(dispatcher("fp8"))
+    layer.set_dispatcher(LocalDispatcher("triton", "fp8"))
     saved = dict(fp8_kernels.LAUNCH)
     results = []
     for warps, stages in SWEEP:
@@ -138,8 +117,8 @@ def bench_shape(s, args) -> None:
     grad_out = torch.randn_like(x)
     flops = 6 * s.tokens * s.top_k * s.hidden * s.ffn
     times = {}
-    for variant in VARIANTS:
-        layer.set_dispatcher(dispatcher(variant))
+    for variant, backend, precision in VARIANTS:
+        layer.set_dispatcher(LocalDispatcher(backend, precision))
         times[variant] = (bench(lambda: run_layer(layer, x, None)), bench(lambda: run_layer(layer, x, grad_out)))
         torch.cuda.empty_cache()
     for variant, (fwd, both) in times.items():

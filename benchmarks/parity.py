@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -29,12 +28,23 @@ from moekit.data.corpus import stdlib_corpus
 from moekit.data.loader import ShuffledBatches, TokenWindows, eval_batches
 from moekit.data.sources import encode_documents
 from moekit.data.tokenizer import ByteTokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_fp8 import PrecisionDispatcher  # noqa: E402  (one dispatcher for both benchmarks)
+from moekit.moe.dispatch import LocalDispatcher
+from moekit.ops import moe as moe_ops
 
 PRECISIONS = ("bf16", "fp8", "mxfp8")
 SEQ_LEN, BATCH, VAL_FRACTION, EVAL_BATCHES = 512, 16, 0.05, 16
+
+
+class Bf16OperandsDispatcher(LocalDispatcher):
+    """The layer's dispatcher with the routed experts' operands cast to bf16 first: under autocast
+    with fp32 master weights, "bf16" then really runs bf16 GEMMs (not fp32 ones) and the FP8
+    recipes quantize from the same bf16 values."""
+
+    def __call__(self, x, topk_idx, topk_weight, experts, shared=None):
+        out = moe_ops.routed_experts(x.to(torch.bfloat16), topk_idx, topk_weight, experts.w_up.to(torch.bfloat16),
+                                     experts.w_down.to(torch.bfloat16), experts.activation, self.backend,
+                                     self.precision).to(x.dtype)
+        return out if shared is None else out + shared(x)
 
 
 def model_config() -> ModelConfig:
@@ -63,7 +73,7 @@ def train(precision: str, args) -> dict:
     torch.manual_seed(args.seed)
     model = MoEForCausalLM(model_config()).cuda()
     for layer in model.moe_layers():
-        layer.set_dispatcher(PrecisionDispatcher(precision))
+        layer.set_dispatcher(Bf16OperandsDispatcher("triton", precision))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     train_windows, val_windows = data(args.corpus_bytes)
     batches = ShuffledBatches(train_windows, BATCH, seed=args.seed)
