@@ -3,7 +3,7 @@ per scene (4096 trajectories), 2 sampler steps. Target: < 10 ms per batch on an 
 
 Times (CUDA events, median of --iters after warm-up) the full call, scene encoding through
 the MoE backbone plus prior draw plus the sampler loop, for each sampler, in eager mode and
-replayed from a CUDA graph, in fp32 and under bf16 autocast; the peer is the same model's
+replayed from a CUDA graph, in fp32 and with bf16 weights; the peer is the same model's
 eager fp32 call (ratios are against it). It also reports the single-step regression head
 (one decoder pass) as the floor. The model has the size `moekit vla train` trains (weights
 from --ckpt, a `moekit vla train` run's flow/ folder, or random with statistics fitted on
@@ -15,7 +15,7 @@ synthetic scenes: latency does not depend on the weights). Needs a CUDA GPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import statistics
 
 import torch
@@ -46,15 +46,13 @@ def time_ms(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def autocast(dtype: str):
-    return torch.autocast("cuda", torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
-
-
 def runner(model: TrajectoryModel, tokens: torch.Tensor, samples: int, steps: int, method: str, dtype: str,
            graph: bool):
+    if dtype == "bf16":  # weights and activations in bf16; the sampler state stays fp32
+        model = copy.deepcopy(model).to(torch.bfloat16)
+
     def call():
-        with autocast(dtype):
-            return model.predict(tokens, samples, steps, method)
+        return model.predict(tokens, samples, steps, method)
 
     for _ in range(3):  # warm-up: Triton compiles, allocator settles
         call()

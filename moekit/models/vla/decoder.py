@@ -72,7 +72,8 @@ class TrajectoryDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """x [B, H, 2], t [B], memory [B, C, dim] (from ``project_context``) -> [B, H, 2]."""
-        h = self.point_in(x) + self.position + self.time_mlp(time_features(t, self.position.shape[1]))[:, None]
+        time = time_features(t, self.position.shape[1]).to(self.position.dtype)
+        h = self.point_in(x) + self.position + self.time_mlp(time)[:, None]
         for layer in self.layers:
             h = layer(h, memory)
         return self.point_out(self.norm(h))

@@ -41,6 +41,6 @@ class SceneEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, 1 + N, F] (normalised, ego first) -> (context [B, 1 + N + Q, hidden], aux loss)."""
-        x = self.project(tokens.flip(1))  # ego last, nearest neighbour just before it
+        x = self.project(tokens.flip(1).to(self.project.weight.dtype))  # ego last, nearest neighbour before it
         x = torch.cat([x, self.queries.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
         return run_backbone(self.backbone, x)

@@ -157,13 +157,15 @@ class TrajectoryModel(nn.Module):
             z = self.decoder(memory.new_zeros(b, h, 2), memory.new_zeros(b), memory)
             return self.denormalize_trajectory(z.float())[:, None].expand(b, num_samples, h, 2)
         memory = memory.repeat_interleave(num_samples, dim=0)
-        x0 = self.sample_prior(b * num_samples, memory.device, generator).to(memory.dtype)
+        # the sampler's state stays in (at least) float32 whatever precision the decoder runs in
+        x0 = self.sample_prior(b * num_samples, memory.device, generator).to(
+            torch.promote_types(memory.dtype, torch.float32))
         z = samplers.integrate(method, self.velocity_fn(memory), x0, steps)
         return self.denormalize_trajectory(z.float()).view(b, num_samples, h, 2)
 
     def velocity_fn(self, memory: torch.Tensor) -> samplers.VelocityFn:
         """The learned field v(x, t) for rows of ``memory`` (t a scalar tensor)."""
-        return lambda x, t: self.decoder(x, t.expand(x.shape[0]), memory)
+        return lambda x, t: self.decoder(x.to(memory.dtype), t.expand(x.shape[0]), memory)
 
     # --- files ------------------------------------------------------------------------------
 
