@@ -42,7 +42,7 @@ TILE_N = DIM_MULTIPLE  # output columns per program: one whole 128-wide quantiza
 # Launch options of every GEMM kernel here; benchmarks/moe_fp8.py --sweep tries others.
 LAUNCH = {"num_warps": 4, "num_stages": 1} if INTERPRETING else {"num_warps": 8, "num_stages": 3}
 GROUP_M = 8
-K_STEP = 128  # reduction values per MX K-loop step (4 scale blocks of 32)
+K_STEP = tl.constexpr(128)  # reduction values per MX K-loop step (4 scale blocks of 32)
 # MX on Hopper: dots on exactly dequantized operands (bf16; fp32 in the interpreter, whose
 # bf16 dots are wrong).
 MX_DOT_DTYPE = tl.constexpr(tl.float32 if INTERPRETING else tl.bfloat16)
