@@ -1,26 +1,46 @@
-"""Expert-parallel training throughput: tokens/s per GPU at EP=1 and EP=2 (issue #9), and the
-all-to-all volume per rank that the measured routing would cause at EP=4 and EP=8 (issue #12).
+"""Expert-parallel weak scaling on N GPUs (issues #9, #12): tokens/s per GPU, all-to-all time and
+bytes per step, and expert load imbalance across ranks, for every EP x DP layout of the GPUs.
 
-    torchrun --nproc-per-node 2 benchmarks/expert_parallel.py            # two H200s, NCCL
-    torchrun --nproc-per-node 2 benchmarks/expert_parallel.py --smoke    # tiny shapes, CPU / gloo
+    torchrun --standalone --nproc-per-node 8 benchmarks/expert_parallel.py                  # olmoe, EP 1/2/4/8
+    torchrun --standalone --nproc-per-node 8 benchmarks/expert_parallel.py --layer deepseek-v3
+    torchrun --standalone --nproc-per-node 8 benchmarks/expert_parallel.py --ep-sizes 1,2,4,8 --dp 1
+    torchrun --standalone --nproc-per-node 4 benchmarks/expert_parallel.py --smoke          # CPU / gloo
 
-The model is a residual stack of MoE layers with the olmoe expert shape (hidden 2048, expert
-ffn 1024, 64 experts, top-8, SwiGLU; bf16 weights; 4096 tokens per GPU per step). Three runs:
+Layouts: by default every EP size e that divides N (and the expert count) runs on all N ranks
+as EP=e x DP=N/e (e.g. 8 GPUs as EP=4 x DP=2). ``--dp 1,2`` instead runs EP=e x DP=d on the
+first e*d ranks for every listed pair that fits (``--dp 1``: pure EP on 1, 2, 4, 8 GPUs, the
+other ranks idle). Tokens per GPU are fixed (weak scaling).
 
-* small (8 layers) at EP=1: each GPU holds all experts (data parallel, expert grads all-reduced);
-* small at EP=2: each GPU holds 32 experts per layer, tokens travel by all-to-all;
-* large at EP=2: as many layers as make the expert weights + gradients fill ``--expert-mem``
-  (default 60%) of one GPU's memory; that model does not fit one GPU at EP=1.
+Models: a residual stack of MoE blocks (RMSNorm + MoE, bf16, SwiGLU), one of two layer shapes:
 
-Sizes on an H200 (about 150e9 bytes): a layer's 64 experts are 403M parameters; at EP=2 a GPU
-holds 32 of them, 0.81 GB of bf16 weights + gradients, so the large stack has ~111 layers
-(44.7B expert parameters, ~89 GB of expert weights + gradients per GPU; EP=1 would need ~179 GB).
-The small stack's experts take 12.9 GB per GPU at EP=1 and 6.4 GB at EP=2. The script prints
-the exact figures and the measured peak memory.
+* olmoe: hidden 2048, expert ffn 1024, 64 experts, top-8, softmax; 4096 tokens/GPU/step;
+* deepseek-v3: hidden 7168, expert ffn 2048, 256 routed experts + 1 shared, top-8 of 8 groups
+  (4 groups per token), sigmoid scores, route scale 2.5; 8192 tokens/GPU/step. One layer's
+  routed experts are 11.3B parameters, 45 GB of bf16 weights + gradients.
+
+Two stacks per layer shape: "small" fits one GPU at EP=1 (olmoe: 8 layers; deepseek-v3: as many
+layers as fit, 2 on an H200) and is run in every layout: its EP=N / 1-GPU ratio is the weak-scaling
+acceptance (target >= 0.80 at 8 GPUs). "large" has as many layers as make the weights + gradients
+fill ``--expert-mem`` of one GPU at the smallest EP size above 1, so it does not fit at EP=1; it
+runs in every layout with EP > 1 (olmoe at EP=2 on an H200: ~110 layers; deepseek-v3: 4).
 
 One step = forward + backward + gradient sync (no optimizer: its cost does not depend on EP).
 Every block is activation-checkpointed (its forward, all-to-alls included, runs again in the
-backward), so activations stay small next to the experts.
+backward), so activations stay small next to the experts. Per layout the script reports:
+
+* fwd+bwd and grad-sync ms (median over steps, slowest rank); tokens/s per GPU from their sum;
+  "vs 1 GPU" divides by the EP=1 forward + backward throughput, which involves no communication
+  and so is what one lone GPU does;
+* all-to-all ms per step: one extra step records every all_to_all_single the dispatcher makes
+  (split sizes, row shape, dtype; the recompute and the backward included), then the same
+  collectives are replayed alone, each after a barrier (median over ``--steps`` replays, slowest
+  rank). That is the transfer time without overlap or waiting for a slower peer;
+* all-to-all GB per GPU per step: bytes a rank sends to other ranks, from the recorded split
+  sizes (mean over ranks);
+* load max/mean: per layer, the tokens each EP rank's expert slice receives from its whole EP
+  group, max over mean (mean over layers, worst group); the same per expert. Inputs are random
+  and the routers freshly initialized, so loads are close to uniform: a trained router is worse.
+
 NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1).
 """
 
@@ -34,37 +54,72 @@ os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
+import statistics  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.distributed.device_mesh import DeviceMesh  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from moekit import MoE, MoEConfig  # noqa: E402
-from moekit.parallel import ParallelConfig, build_mesh, init_distributed, shard_experts, sync_grads  # noqa: E402
+from moekit.parallel import ParallelConfig, ParallelMesh, init_distributed, moe_layers, shard_experts, sync_grads  # noqa: E402,E501
 
 
 @dataclass(frozen=True)
 class Shape:
-    hidden: int = 2048
-    ffn: int = 1024
-    experts: int = 64
-    top_k: int = 8
-    tokens: int = 4096  # per GPU per step
-    small_layers: int = 8
+    """One MoE layer shape and the benchmark's batch."""
+
+    hidden: int
+    ffn: int
+    experts: int
+    top_k: int
+    tokens: int  # per GPU per step
+    small_layers: int  # the small stack's depth, unless fewer layers fit one GPU at EP=1
+    shared: int = 0
+    score_func: str = "softmax"
+    groups: int = 1
+    topk_groups: int = 1
+    route_scale: float = 1.0
 
     def moe_config(self) -> MoEConfig:
         return MoEConfig(hidden_size=self.hidden, ffn_hidden_size=self.ffn, num_experts=self.experts,
-                         top_k=self.top_k, activation="swiglu")
+                         top_k=self.top_k, num_shared_experts=self.shared, score_func=self.score_func,
+                         num_groups=self.groups, topk_groups=self.topk_groups, route_scale=self.route_scale,
+                         activation="swiglu")
 
-    def expert_bytes_per_layer(self, ep: int) -> int:
-        """bf16 weights + bf16 gradients of one layer's experts on one rank."""
-        return (self.experts // ep) * 3 * self.hidden * self.ffn * 2 * 2
+    def layer_bytes(self, ep: int) -> int:
+        """bf16 weights + gradients of one layer on one rank: its expert slice, the shared
+        experts and the router (the norm is negligible)."""
+        experts = self.experts // ep + self.shared
+        return (experts * 3 * self.hidden * self.ffn + self.experts * self.hidden) * 2 * 2
 
 
-SMOKE = Shape(hidden=64, ffn=32, experts=8, top_k=2, tokens=256, small_layers=2)
+LAYERS = {
+    "olmoe": Shape(hidden=2048, ffn=1024, experts=64, top_k=8, tokens=4096, small_layers=8),
+    "deepseek-v3": Shape(hidden=7168, ffn=2048, experts=256, top_k=8, tokens=8192, small_layers=8, shared=1,
+                         score_func="sigmoid", groups=8, topk_groups=4, route_scale=2.5),
+}
+SMOKE = {
+    "olmoe": Shape(hidden=64, ffn=32, experts=8, top_k=2, tokens=256, small_layers=2),
+    "deepseek-v3": Shape(hidden=64, ffn=32, experts=16, top_k=4, tokens=256, small_layers=2, shared=1,
+                         score_func="sigmoid", groups=4, topk_groups=2, route_scale=2.5),
+}
+SMOKE_EP1_LAYERS = 4  # smoke: pretend one "GPU" holds this many layers at EP=1
+
+
+@dataclass(frozen=True)
+class Layout:
+    ep: int
+    dp: int
+
+    @property
+    def gpus(self) -> int:
+        return self.ep * self.dp
 
 
 class Block(nn.Module):
@@ -88,25 +143,34 @@ class Stack(nn.Module):
         return x
 
 
-def build_stack(shape: Shape, layers: int, pmesh, device: torch.device) -> Stack:
-    """Build and shard one block at a time, so the full (unsharded) model never exists."""
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_stack(shape: Shape, layers: int, pmesh: ParallelMesh) -> Stack:
+    """Build in bf16 and shard one block at a time, so the full (unsharded) model never exists."""
     blocks = []
-    with torch.device(device):
+    with torch.device(pmesh.device), default_dtype(torch.bfloat16):
         for _ in range(layers):
             block = Block(shape.moe_config())
             shard_experts(block, pmesh)
-            blocks.append(block.to(torch.bfloat16))
+            blocks.append(block)
     return Stack(blocks)
 
 
-def capture_routing(model: Stack) -> dict[int, torch.Tensor]:
-    """Each layer's latest top-k indices, caught from the routers' outputs."""
-    seen: dict[int, torch.Tensor] = {}
-    for i, block in enumerate(model.blocks):
-        def hook(_module, _inputs, out, i=i):
-            seen[i] = out.topk_idx.detach()
-        block.moe.router.register_forward_hook(hook)
-    return seen
+def layout_mesh(layout: Layout, device: torch.device) -> ParallelMesh | None:
+    """The [dp, ep] mesh on ranks 0 .. gpus-1; every rank must call it (it creates the process
+    groups). None on the ranks left out."""
+    ranks = torch.arange(layout.gpus)
+    mesh = DeviceMesh(device.type, ranks.view(layout.dp, layout.ep), mesh_dim_names=("dp", "ep"))
+    world = DeviceMesh(device.type, ranks, mesh_dim_names=("world",))
+    return ParallelMesh(mesh, world, device) if dist.get_rank() < layout.gpus else None
 
 
 def synchronize(device: torch.device) -> None:
@@ -114,131 +178,262 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_case(shape: Shape, layers: int, ep: int, device: torch.device, steps: int, warmup: int) -> dict:
-    pmesh = build_mesh(ParallelConfig(ep=ep, fsdp=False), device)
-    torch.manual_seed(0)
-    model = build_stack(shape, layers, pmesh, device)
-    routing = capture_routing(model)
+@dataclass
+class AllToAllCall:
+    group: dist.ProcessGroup
+    output_splits: list[int] | None  # None: equal splits
+    input_splits: list[int] | None
+    in_rows: int
+    out_rows: int
+    row_shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def bytes_sent_off_rank(self) -> int:
+        size = dist.get_world_size(self.group)
+        splits = self.input_splits or [self.in_rows // size] * size
+        row_bytes = torch.Size(self.row_shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+        return (sum(splits) - splits[dist.get_rank(self.group)]) * row_bytes
+
+
+@dataclass
+class AllToAllLog:
+    calls: list[AllToAllCall] = field(default_factory=list)
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Log every ``dist.all_to_all_single`` (moekit.parallel.comm calls it through the
+        module attribute, the backward's included) without changing what it does."""
+        original = dist.all_to_all_single
+
+        def recorded(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+            self.calls.append(AllToAllCall(
+                group, _as_list(output_split_sizes), _as_list(input_split_sizes), input.shape[0], output.shape[0],
+                tuple(input.shape[1:]), input.dtype))
+            return original(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+
+        dist.all_to_all_single = recorded
+        try:
+            yield
+        finally:
+            dist.all_to_all_single = original
+
+    def replay_seconds(self, device: torch.device) -> float:
+        """The recorded collectives again, alone: each one after a barrier of its group."""
+        total = 0.0
+        for call in self.calls:
+            src = torch.empty((call.in_rows, *call.row_shape), dtype=call.dtype, device=device)
+            dst = torch.empty((call.out_rows, *call.row_shape), dtype=call.dtype, device=device)
+            dist.barrier(group=call.group)
+            synchronize(device)
+            t0 = time.perf_counter()
+            dist.all_to_all_single(dst, src, call.output_splits, call.input_splits, group=call.group)
+            synchronize(device)
+            total += time.perf_counter() - t0
+        return total
+
+
+def _as_list(splits) -> list[int] | None:
+    return None if splits is None else [int(s) for s in splits]
+
+
+def load_imbalance(model: Stack, pmesh: ParallelMesh) -> tuple[float, float]:
+    """(per EP rank, per expert) max/mean of the latest forward's load over the EP group,
+    averaged over layers."""
+    counts = torch.stack([layer.last_stats.tokens_per_expert.float() for layer in moe_layers(model)])
+    dist.all_reduce(counts, group=pmesh.ep_group)
+    per_rank = counts.view(counts.shape[0], pmesh.ep_size, -1).sum(-1)
+
+    def imbalance(load: torch.Tensor) -> float:
+        return (load.amax(-1) / load.mean(-1)).mean().item()
+
+    return imbalance(per_rank), imbalance(counts)
+
+
+def train_step(model: Stack, x: torch.Tensor, pmesh: ParallelMesh) -> tuple[float, float]:
+    """Seconds of (forward + backward, gradient sync)."""
+    model.zero_grad(set_to_none=True)
+    synchronize(pmesh.device)
+    t0 = time.perf_counter()
+    model(x).float().square().mean().backward()
+    synchronize(pmesh.device)
+    t1 = time.perf_counter()
+    sync_grads(model, pmesh)
+    synchronize(pmesh.device)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def measure(shape: Shape, layers: int, pmesh: ParallelMesh, steps: int, warmup: int) -> dict[str, float | None]:
+    """One rank's measurements of one stack in one layout."""
+    device = pmesh.device
+    torch.manual_seed(0)  # shard_experts needs the same full weights on every rank
+    model = build_stack(shape, layers, pmesh)
     gen = torch.Generator(device=device).manual_seed(1 + dist.get_rank())
     x = torch.randn(shape.tokens, shape.hidden, device=device, dtype=torch.bfloat16, generator=gen)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    compute, comm = [], []
-    for step in range(warmup + steps):
-        model.zero_grad(set_to_none=True)
-        synchronize(device)
-        t0 = time.perf_counter()
-        model(x).float().square().mean().backward()
-        synchronize(device)
-        t1 = time.perf_counter()
-        sync_grads(model, pmesh)
-        synchronize(device)
-        t2 = time.perf_counter()
-        if step >= warmup:
-            compute.append(t1 - t0)
-            comm.append(t2 - t1)
-    step_s = _max_over_ranks(sorted(c + m for c, m in zip(compute, comm))[len(compute) // 2])
+
+    timed = [train_step(model, x, pmesh) for _ in range(warmup + steps)][warmup:]
+    log = AllToAllLog()
+    with log.recording():
+        train_step(model, x, pmesh)
+    rank_load, expert_load = load_imbalance(model, pmesh)
     result = {
-        "layers": layers, "ep": ep,
-        "fwd_bwd_ms": 1e3 * _max_over_ranks(sorted(compute)[len(compute) // 2]),
-        "grad_sync_ms": 1e3 * _max_over_ranks(sorted(comm)[len(comm) // 2]),
-        "tokens_per_s_gpu": shape.tokens / step_s,
-        "expert_gb": layers * shape.expert_bytes_per_layer(ep) / 1e9,
-        "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan"),
-        "routing": [routing[i].cpu() for i in sorted(routing)],
+        "fwd_bwd_s": statistics.median(c for c, _ in timed),
+        "grad_sync_s": statistics.median(s for _, s in timed),
+        "step_s": statistics.median(c + s for c, s in timed),
+        "a2a_s": statistics.median(log.replay_seconds(device) for _ in range(steps)) if log.calls else 0.0,
+        "a2a_bytes": float(sum(call.bytes_sent_off_rank() for call in log.calls)),
+        "rank_load": rank_load,
+        "expert_load": expert_load,
+        "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
     }
-    del model, x, routing
+    del model, x, log
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
 
 
-def _max_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+@dataclass
+class Row:
+    model: str
+    layers: int
+    layout: Layout
+    weights_gb: float  # weights + gradients per GPU
+    fwd_bwd_ms: float
+    grad_sync_ms: float
+    a2a_ms: float
+    a2a_gb: float
+    rank_load: float
+    expert_load: float
+    peak_gb: float | None  # None on CPU
+    tokens_per_s_gpu: float
 
 
-def simulated_a2a_bytes(routing: list[torch.Tensor], shape: Shape, ep: int) -> tuple[float, float]:
-    """Bytes one rank sends per step (dispatch + combine, forward + backward) if these tokens
-    sat on a rank of an EP=``ep`` group: averaged over which expert slice the rank owns.
+def run_case(shape: Shape, model: str, layers: int, layout: Layout, device: torch.device,
+             steps: int, warmup: int) -> Row:
+    """Every rank calls this; the ranks outside the layout wait. Returns the slowest rank's
+    times, the mean bytes and the worst group's load."""
+    pmesh = layout_mesh(layout, device)
+    mine = measure(shape, layers, pmesh, steps, warmup) if pmesh is not None else None
+    everyone: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    ranks = [r for r in everyone if r is not None]
 
-    Returns (per assignment: what moekit's dispatcher sends, per (token, destination rank):
-    what a deduplicating dispatcher would send)."""
-    per_rank = shape.experts // ep
-    rows, dedup = 0.0, 0.0
-    for idx in routing:
-        dest = torch.where(idx >= 0, idx // per_rank, -1)
-        for rank in range(ep):
-            off = (dest >= 0) & (dest != rank)
-            rows += off.sum().item() / ep
-            # Column ep collects the assignments that stay (or were dropped).
-            hit = torch.zeros(idx.shape[0], ep + 1, dtype=torch.bool)
-            hit.scatter_(1, torch.where(off, dest, ep), True)
-            dedup += hit[:, :ep].sum().item() / ep
-    row_bytes = shape.hidden * 2  # bf16
-    return 4 * rows * row_bytes, 4 * dedup * row_bytes
+    def worst(key: str) -> float:
+        return max(r[key] for r in ranks)
+
+    return Row(model, layers, layout, layers * shape.layer_bytes(layout.ep) / 1e9,
+               1e3 * worst("fwd_bwd_s"), 1e3 * worst("grad_sync_s"), 1e3 * worst("a2a_s"),
+               statistics.mean(r["a2a_bytes"] for r in ranks) / 1e9, worst("rank_load"), worst("expert_load"),
+               None if ranks[0]["peak_gb"] is None else worst("peak_gb"), shape.tokens / worst("step_s"))
+
+
+def parse_sizes(text: str, what: str) -> list[int]:
+    try:
+        sizes = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        raise SystemExit(f"{what}: expected a comma-separated list of integers, got {text!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise SystemExit(f"{what}: expected positive integers, got {text!r}")
+    return sizes
+
+
+def layouts(world: int, experts: int, ep_arg: str | None, dp_arg: str | None) -> list[Layout]:
+    """Default: EP = every divisor of the world size that divides the expert count, DP = the rest."""
+    if ep_arg is None:
+        ep_sizes = [e for e in range(1, world + 1) if world % e == 0 and experts % e == 0]
+    else:
+        ep_sizes = parse_sizes(ep_arg, "--ep-sizes")
+        bad = [e for e in ep_sizes if experts % e]
+        if bad:
+            raise SystemExit(f"--ep-sizes: {bad} do not divide the {experts} experts")
+    if dp_arg is None:
+        bad = [e for e in ep_sizes if world % e]
+        if bad:
+            raise SystemExit(f"--ep-sizes: {bad} do not divide the {world} processes (or pass --dp)")
+        return [Layout(e, world // e) for e in ep_sizes]
+    found = [Layout(e, d) for e in ep_sizes for d in parse_sizes(dp_arg, "--dp") if e * d <= world]
+    if not found:
+        raise SystemExit(f"no EP x DP layout of --ep-sizes x --dp fits {world} processes")
+    return sorted(found, key=lambda lay: (lay.gpus, lay.ep))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer", choices=sorted(LAYERS), default="olmoe", help="MoE layer shape")
+    parser.add_argument("--ep-sizes", help="comma-separated EP sizes (default: every one that divides N)")
+    parser.add_argument("--dp", help="comma-separated DP sizes: run EP x DP on the first EP*DP ranks "
+                                     "(default: DP = N / EP on all ranks)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script on CPU / gloo")
     parser.add_argument("--expert-mem", type=float, default=0.6,
-                        help="share of one GPU's memory the large model's experts (weights + grads) fill at EP=2")
+                        help="share of one GPU's memory the stacks' weights + grads may fill")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
+    if not 0 < args.expert_mem <= 1 or args.steps < 1 or args.warmup < 0:
+        raise SystemExit("need 0 < --expert-mem <= 1, --steps >= 1, --warmup >= 0")
 
-    pmesh = init_distributed(ParallelConfig(ep=1, timeout_s=600))
-    device, world = pmesh.device, pmesh.world_size
-    if world != 2:
-        raise SystemExit(f"run with torchrun --nproc-per-node 2 (got {world} processes)")
-    shape = SMOKE if args.smoke else Shape()
+    device = init_distributed(ParallelConfig(ep=1, timeout_s=600)).device
+    world = dist.get_world_size()
+    shape = (SMOKE if args.smoke else LAYERS)[args.layer]
+    plan = layouts(world, shape.experts, args.ep_sizes, args.dp)
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
     else:
-        memory = 8 * shape.expert_bytes_per_layer(2) / args.expert_mem  # smoke: 8 layers
-    large_layers = int(args.expert_mem * memory // shape.expert_bytes_per_layer(2))
+        memory = SMOKE_EP1_LAYERS * shape.layer_bytes(1) / args.expert_mem
+    budget = args.expert_mem * memory
+    small = min(shape.small_layers, int(budget // shape.layer_bytes(1)))
+    split = [lay.ep for lay in plan if lay.ep > 1]
+    large = int(budget // shape.layer_bytes(min(split))) if split else 0
+    if small < 1:
+        raise SystemExit(f"one {args.layer} layer needs {shape.layer_bytes(1) / 1e9:.0f} GB at EP=1: "
+                         f"more than --expert-mem x {memory / 1e9:.0f} GB")
 
-    cases = [("small", shape.small_layers, 1), ("small", shape.small_layers, 2), ("large", large_layers, 2)]
-    results = [(name, run_case(shape, layers, ep, device, args.steps, args.warmup)) for name, layers, ep in cases]
-
+    cases = [("small", small, lay) for lay in plan]
+    if large > small:
+        cases += [("large", large, lay) for lay in plan if large * shape.layer_bytes(lay.ep) <= budget]
+    rows = [run_case(shape, name, layers, lay, device, args.steps, args.warmup) for name, layers, lay in cases]
     if dist.get_rank() == 0:
-        print_report(shape, results, memory, device)
+        print_report(args.layer, shape, rows, world, memory, device)
     dist.destroy_process_group()
 
 
-def print_report(shape: Shape, results: list, memory: float, device: torch.device) -> None:
+def print_report(layer: str, shape: Shape, rows: list[Row], world: int, memory: float,
+                 device: torch.device) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)"
-    print(f"\nexpert parallelism, 2 x {name}, torch {torch.__version__}")
-    print(f"MoE stack: hidden {shape.hidden}, expert ffn {shape.ffn}, {shape.experts} experts, "
-          f"top-{shape.top_k}, {shape.tokens} tokens/GPU/step, bf16; GPU memory {memory / 1e9:.0f} GB")
-    head = f"{'model':<6} {'layers':>6} {'EP':>3} {'experts GB/GPU':>14} {'peak GB':>8} " \
-           f"{'fwd+bwd ms':>10} {'grad sync ms':>12} {'tokens/s/GPU':>13}"
+    print(f"\nexpert parallelism, {world} x {name}, torch {torch.__version__}")
+    shared = f" + {shape.shared} shared" if shape.shared else ""
+    print(f"{layer} MoE stack: hidden {shape.hidden}, expert ffn {shape.ffn}, {shape.experts} experts{shared}, "
+          f"top-{shape.top_k}, {shape.tokens} tokens/GPU/step, bf16; GPU memory {memory / 1e9:.4g} GB")
+    one_gpu = {}  # per model: the EP=1 forward + backward throughput on the fewest GPUs
+    for r in sorted((r for r in rows if r.layout.ep == 1), key=lambda r: r.layout.gpus, reverse=True):
+        one_gpu[r.model] = shape.tokens / (r.fwd_bwd_ms / 1e3)
+    head = (f"{'model':<6} {'layers':>6} {'GPUs':>4} {'EP':>3} {'DP':>3} {'weights GB/GPU':>14} {'peak GB':>8} "
+            f"{'fwd+bwd ms':>10} {'grad sync ms':>12} {'a2a ms':>8} {'a2a GB/GPU':>10} "
+            f"{'load rank':>9} {'load expert':>11} {'tokens/s/GPU':>12} {'vs 1 GPU':>8}")
     print(head)
     print("-" * len(head))
-    for label, r in results:
-        print(f"{label:<6} {r['layers']:>6} {r['ep']:>3} {r['expert_gb']:>14.1f} {r['peak_gb']:>8.1f} "
-              f"{r['fwd_bwd_ms']:>10.1f} {r['grad_sync_ms']:>12.1f} {r['tokens_per_s_gpu']:>13.0f}")
-    large = results[-1][1]
-    need = large["layers"] * shape.expert_bytes_per_layer(1) / 1e9
-    print(f"large at EP=1 would need {need:.0f} GB of expert weights + grads per GPU: it does not fit.")
-    ratio = results[1][1]["tokens_per_s_gpu"] / results[0][1]["tokens_per_s_gpu"]
-    print(f"small model, EP=2 / EP=1 tokens/s per GPU: {ratio:.2f}x")
-
-    routing = results[0][1]["routing"]  # the small EP=1 run: every rank's routing, all local
-    layers = len(routing)
-    print(f"\nall-to-all bytes per rank per step if this routing ran at EP=n ({layers} layers; "
-          "dispatch + combine, forward + backward; rank 0's tokens)")
-    print(f"{'EP':>3} {'per assignment GB':>18} {'deduplicated GB':>16} {'per layer MB':>13}")
-    for ep in (2, 4, 8):
-        if shape.experts % ep:
-            continue
-        rows, dedup = simulated_a2a_bytes(routing, shape, ep)
-        print(f"{ep:>3} {rows / 1e9:>18.3f} {dedup / 1e9:>16.3f} {rows / layers / 1e6:>13.1f}")
+    for r in rows:
+        peak = "-" if r.peak_gb is None else f"{r.peak_gb:.1f}"
+        ratio = f"{r.tokens_per_s_gpu / one_gpu[r.model]:.2f}" if r.model in one_gpu else "-"
+        print(f"{r.model:<6} {r.layers:>6} {r.layout.gpus:>4} {r.layout.ep:>3} {r.layout.dp:>3} "
+              f"{r.weights_gb:>14.4g} {peak:>8} {r.fwd_bwd_ms:>10.1f} {r.grad_sync_ms:>12.1f} "
+              f"{r.a2a_ms:>8.1f} {r.a2a_gb:>10.4g} {r.rank_load:>9.2f} {r.expert_load:>11.2f} "
+              f"{r.tokens_per_s_gpu:>12.0f} {ratio:>8}")
+    print("weights = bf16 weights + gradients; a2a = the step's all-to-alls replayed alone; load = max/mean "
+          "tokens per EP rank / per expert over the EP group; vs 1 GPU = tokens/s/GPU over the EP=1 "
+          "fwd+bwd throughput (no communication)")
+    if "small" in one_gpu:
+        widest = max((r for r in rows if r.model == "small"), key=lambda r: (r.layout.gpus, r.layout.ep))
+        print(f"weak scaling, small model, EP={widest.layout.ep} x DP={widest.layout.dp} on "
+              f"{widest.layout.gpus} GPUs vs 1 GPU: {widest.tokens_per_s_gpu / one_gpu['small']:.2f} (target >= 0.80)")
+    for r in rows:
+        if r.model == "large":
+            need = r.layers * shape.layer_bytes(1) / 1e9
+            print(f"large ({r.layers} layers) at EP=1 would need {need:.4g} GB of weights + grads per GPU: "
+                  "it does not fit.")
+            break
 
 
 if __name__ == "__main__":
