@@ -99,6 +99,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    import torch
 
     from moekit.models.vla import (
         SceneSet,
@@ -151,9 +152,13 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"wrote {run_dir / 'eval.json'}")
 
     if args.plot_scenes and flow is not None:
-        shown = val_set.subset(slice(0, min(args.plot_scenes, len(val_set))))
+        # half the panels: the scenes whose expert moves most sideways (lane changes); the rest: the first scenes
+        n = min(args.plot_scenes, len(val_set))
+        lateral = val_set.target[:, -1, 1].abs().argsort(descending=True)[: n // 2].tolist()
+        index = torch.tensor(lateral + [i for i in range(len(val_set)) if i not in lateral][: n - len(lateral)])
+        shown = val_set.subset(index)
         samples = predict_all(flow, shown, args.samples, min(args.steps), args.methods[0], seed=args.seed)
-        picked = {k: v[: len(shown)] for k, v in baselines.items()}
+        picked = {k: v[index] for k, v in baselines.items()}
         path = plot_scenes(shown, samples, run_dir / "trajectories.png", picked,
                            title=f"{args.samples} flow samples ({args.methods[0]}, {min(args.steps)} steps)")
         print(f"wrote {path}")
