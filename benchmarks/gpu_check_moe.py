@@ -7,6 +7,7 @@ come back finite. Prints one PASS/FAIL line per check; exits non-zero on any fai
 
     python benchmarks/gpu_check_moe.py                 # H200: all shapes, < 3 minutes
     python benchmarks/gpu_check_moe.py --impl vendor   # every GEMM step on torch._grouped_mm
+    python benchmarks/gpu_check_moe.py --compile-only 90  # no GPU needed: every kernel builds for sm_90
     TRITON_INTERPRET=1 python benchmarks/gpu_check_moe.py --device cpu --dtype float32 --scale 64
 """
 
@@ -125,6 +126,83 @@ def check(s: Shape, kind: str, dtype, device) -> bool:
     return ok
 
 
+# ----------------------------------------------------------------------------- --compile-only
+
+def _jit(kernel):
+    """The JITFunction under autotune / heuristics wrappers."""
+    from triton.runtime.jit import JITFunction
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+SM90_SHARED_BYTES = 232448  # 227 KiB per block on H100 / H200
+
+
+def _arg_type(name: str) -> str:
+    if not name.endswith("_ptr"):
+        return "i32"
+    return {"counts_ptr": "*i32", "order_ptr": "*i32", "row_ptr": "*i32", "idx_ptr": "*i64",
+            "weight_ptr": "*fp32", "dweight_ptr": "*fp32"}.get(name, "*bf16")
+
+
+def _compile(kernel, target, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
+    from triton.compiler import ASTSource, compile
+    fn = _jit(kernel)
+    signature = {n: "constexpr" if n in constexprs else _arg_type(n) for n in fn.arg_names}
+    consts = {(fn.arg_names.index(n),): v for n, v in constexprs.items()}
+    return compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=target,
+                   options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compile_only(arch: int) -> bool:
+    """Compile every kernel variant and tuning config (TMA ones included) for sm_<arch>, bf16,
+    without a GPU: catches what the CPU interpreter cannot (types the compiler rejects, ptxas
+    errors), and names configs needing more shared memory than an H100/H200 SM has (the
+    autotuner skips those at run time)."""
+    from triton.backends.compiler import GPUTarget
+
+    from moekit.ops.moe import triton_kernels as k
+    from moekit.ops.moe import triton_vendor as v
+    target = GPUTarget("cuda", arch, 32)
+    gemm = [(dict(c.kwargs, TMA=tma), c.num_warps, c.num_stages)
+            for c in k.GEMM_CONFIGS if not c.kwargs["TMA"] for tma in (False, True)]
+    cases = []
+    for cfg, w, st in gemm:
+        for backward in (False, True):
+            for gated in (True, False):
+                cases.append((k._gather_gemm_kernel, dict(cfg, E_PAD=256, GATED=gated, ACT=0, BACKWARD=backward,
+                              STORE_H=True, WEIGHT_GRAD=backward, B_K_MAJOR=not backward, PRECISION="tf32",
+                              EVEN_K=True), w, st))
+        for k_major in (True, False):
+            cases.append((k._scatter_gemm_kernel, dict(cfg, E_PAD=256, B_K_MAJOR=k_major, PRECISION="tf32",
+                                                       EVEN_K=True), w, st))
+    for c in k.WGRAD_CONFIGS:
+        for gather_a in (True, False):
+            cases.append((k._wgrad_kernel, dict(c.kwargs, E_PAD=256, GATHER_A=gather_a, GATHER_B=not gather_a,
+                                                SCALE_A=gather_a, PRECISION="tf32"), c.num_warps, c.num_stages))
+    for flag in (True, False):
+        cases += [(k._combine_kernel, dict(TOP_K=8, K_PAD=8, HAS_WEIGHT=flag, ROW_MAP=flag, BLOCK_H=1024), 4, 1),
+                  (v._gather_rows_kernel, dict(E_PAD=256, SCALE=flag, BLOCK_N=1024), 4, 1),
+                  (v._act_rows_kernel, dict(E_PAD=256, GATED=flag, ACT=0, BLOCK_F=1024), 4, 1),
+                  (v._act_rows_backward_kernel, dict(E_PAD=256, GATED=flag, ACT=1, WEIGHT_GRAD=flag, BLOCK_F=1024),
+                   4, 1)]
+    ok = True
+    for kernel, constexprs, warps, stages in cases:
+        name = _jit(kernel).__name__
+        try:
+            shared = _compile(kernel, target, constexprs, warps, stages).metadata.shared
+            if shared > SM90_SHARED_BYTES:
+                print(f"note {name} {constexprs} stages={stages}: {shared} bytes of shared memory, over the "
+                      f"{SM90_SHARED_BYTES} an SM offers", flush=True)
+        except Exception as e:  # report every failing variant, not just the first
+            ok = False
+            print(f"FAIL compile {name} {constexprs} warps={warps} stages={stages}: {type(e).__name__}: "
+                  f"{str(e).splitlines()[-1] if str(e) else ''}", flush=True)
+    print(f"{'ALL COMPILED' if ok else 'SOME FAILED TO COMPILE'}: {len(cases)} kernel variants for sm_{arch}")
+    return ok
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -133,7 +211,11 @@ def main() -> int:
     p.add_argument("--shapes", nargs="*", default=[s.name for s in SHAPES])
     p.add_argument("--impl", choices=["auto", *triton_choice.IMPLEMENTATIONS], default="auto",
                    help="pin every GEMM step to the fused Triton kernels or to torch._grouped_mm + glue")
+    p.add_argument("--compile-only", type=int, metavar="ARCH", default=None,
+                   help="compile every kernel variant for sm_ARCH (e.g. 90) without a GPU, and stop")
     args = p.parse_args()
+    if args.compile_only is not None:
+        return 0 if compile_only(args.compile_only) else 1
     triton_meta.poison_buffers = True
     triton_choice.force = None if args.impl == "auto" else args.impl
     dtype = getattr(torch, args.dtype)

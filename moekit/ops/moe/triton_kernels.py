@@ -35,18 +35,27 @@ ACT_CODES = {"swiglu": 0, "geglu": 1, "gelu": 1}  # 0: SiLU, 1: exact (erf) GELU
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(shapes, tma=False):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "TMA": tma},
+# Opt-in until measured on a GPU: configs that read the weight operand through TMA descriptors
+# (tested in the interpreter; the autotuner would race them against the pointer-load tiles).
+TMA_CONFIGS = os.environ.get("MOEKIT_TRITON_TMA") == "1"
+
+
+def _configs(shapes, tma: bool | None = None):
+    """Configs of (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tiles; ``tma`` only for the kernels
+    that take a TMA switch (a kernel refuses keyword arguments it does not declare)."""
+    extra = {} if tma is None else {"TMA": tma}
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, **extra},
                           num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
 
 
 if _INTERPRET:  # the interpreter runs on the CPU: one small tile, no tuning
-    GEMM_CONFIGS = _configs([(16, 32, 16, 4, 1)])
-    WGRAD_CONFIGS = GEMM_CONFIGS
+    GEMM_CONFIGS = _configs([(16, 32, 16, 4, 1)], tma=False)
+    WGRAD_CONFIGS = _configs([(16, 32, 16, 4, 1)])
 else:  # Hopper-friendly; every tile here fits the H200's shared memory at its stage count
     _TILES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]
-    # The same tiles with the weight operand read by TMA (kept where its strides allow: _prune).
-    GEMM_CONFIGS = _configs(_TILES + [(128, 128, 128, 8, 3)]) + _configs(_TILES, tma=True)
+    GEMM_CONFIGS = _configs(_TILES + [(128, 128, 128, 8, 3)], tma=False)
+    if TMA_CONFIGS:  # the same tiles with TMA weight loads, kept where the strides allow (_prune)
+        GEMM_CONFIGS += _configs(_TILES, tma=True)
     # BLOCK_M / BLOCK_N tile dW's rows / columns, BLOCK_K the token axis. Experts with few rows
     # (deepseek-v3: ~256) make the main loop short: tiles small enough for two CTAs per SM let
     # one's epilogue (the dW store) overlap the other's loads.
@@ -121,11 +130,10 @@ def _expert_tile(counts_ptr, pid_m, num_experts, E_PAD: tl.constexpr, BLOCK_M: t
 def _weight_desc(w_ptr, num_experts, D1, D2, stride_we, stride_w1, B_K_MAJOR: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """TMA descriptor of the [E, D1, D2] weight (D2 contiguous), tiled as B's [N, K] or [K, N] block."""
-    if B_K_MAJOR:
-        return tl.make_tensor_descriptor(w_ptr, shape=[num_experts, D1, D2], strides=[stride_we, stride_w1, 1],
-                                         block_shape=[1, BLOCK_N, BLOCK_K])
+    BLOCK_D1: tl.constexpr = BLOCK_N if B_K_MAJOR else BLOCK_K
+    BLOCK_D2: tl.constexpr = BLOCK_K if B_K_MAJOR else BLOCK_N
     return tl.make_tensor_descriptor(w_ptr, shape=[num_experts, D1, D2], strides=[stride_we, stride_w1, 1],
-                                     block_shape=[1, BLOCK_K, BLOCK_N])
+                                     block_shape=[1, BLOCK_D1, BLOCK_D2])
 
 
 @triton.jit
@@ -356,7 +364,7 @@ def _combine_kernel(buf_ptr, idx_ptr, weight_ptr, row_ptr, out_ptr, H, TOP_K: tl
 def _weight_tma(w: torch.Tensor) -> bool:
     """Whether TMA configs may read ``w``; on a GPU, gives Triton the scratch its descriptors need
     (set at every launch: the autograd backward runs in another thread, and context)."""
-    if not tma_ok(w):
+    if not (TMA_CONFIGS and tma_ok(w)):
         return False
     triton.set_allocator(_tma_scratch)
     return True
