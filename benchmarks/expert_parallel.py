@@ -18,11 +18,12 @@ Models: a residual stack of MoE blocks (RMSNorm + MoE, bf16, SwiGLU), one of two
   (4 groups per token), sigmoid scores, route scale 2.5; 8192 tokens/GPU/step. One layer's
   routed experts are 11.3B parameters, 45 GB of bf16 weights + gradients.
 
-Two stacks per layer shape: "small" fits one GPU at EP=1 (olmoe: 8 layers; deepseek-v3: as many
-layers as fit, 2 on an H200) and is run in every layout: its EP=N / 1-GPU ratio is the weak-scaling
-acceptance (target >= 0.80 at 8 GPUs). "large" has as many layers as make the weights + gradients
-fill ``--expert-mem`` of one GPU at the smallest EP size above 1, so it does not fit at EP=1; it
-runs in every layout with EP > 1 (olmoe at EP=2 on an H200: ~110 layers; deepseek-v3: 4).
+Two stacks per layer shape: "small" fits one GPU at EP=1 (olmoe: 8 layers; deepseek-v3: as
+many layers as fit, 1 on an H200 at the default ``--expert-mem``) and runs in every layout: its
+EP=N / 1-GPU ratio is the weak-scaling acceptance (target >= 0.80 at 8 GPUs). "large" has as
+many layers as make the weights + gradients fill ``--expert-mem`` of one GPU at the smallest EP
+size above 1, so it does not fit at EP=1; it runs in every layout with EP > 1 (on an H200 with
+EP=2 in the plan: olmoe 112 layers, deepseek-v3 3).
 
 One step = forward + backward + gradient sync (no optimizer: its cost does not depend on EP).
 Every block is activation-checkpointed (its forward, all-to-alls included, runs again in the
