@@ -427,8 +427,9 @@ def print_report(layer: str, shape: Shape, rows: list[Row], world: int, memory: 
           "fwd+bwd throughput (no communication)")
     if "small" in one_gpu:
         widest = max((r for r in rows if r.model == "small"), key=lambda r: (r.layout.gpus, r.layout.ep))
+        ratio = widest.tokens_per_s_gpu / one_gpu["small"]
         print(f"weak scaling, small model, EP={widest.layout.ep} x DP={widest.layout.dp} on "
-              f"{widest.layout.gpus} GPUs vs 1 GPU: {widest.tokens_per_s_gpu / one_gpu['small']:.2f} (target >= 0.80)")
+              f"{widest.layout.gpus} GPU(s) vs 1 GPU: {ratio:.2f} (target >= 0.80)")
     for r in rows:
         if r.model == "large":
             need = r.layers * shape.layer_bytes(1) / 1e9

@@ -63,7 +63,7 @@ def test_smoke_table_has_a_row_per_ep_size(smoke):
     assert small[0]["weights GB/GPU"] > small[1]["weights GB/GPU"] > small[2]["weights GB/GPU"]
     large = [r for r in rows if r["model"] == "large"]
     assert large and all(r["EP"] > 1 and r["layers"] > small[0]["layers"] for r in large)
-    assert "weak scaling, small model, EP=4 x DP=1 on 4 GPUs vs 1 GPU:" in smoke
+    assert "weak scaling, small model, EP=4 x DP=1 on 4 GPU(s) vs 1 GPU:" in smoke
     assert "it does not fit" in smoke
 
 
