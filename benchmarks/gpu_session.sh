@@ -30,7 +30,7 @@ for s in "$@"; do
     quant) step quant 100 python3 benchmarks/quant.py ;;
     bench_moe) step bench_moe 360 python3 benchmarks/moe_layer.py ;;
     bench_la) step bench_la 300 python3 benchmarks/linear_attention.py ;;
-    bench_ep) step bench_ep 240 torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py ;;
+    bench_ep) step bench_ep 600 torchrun --standalone --nproc-per-node "${EP_GPUS:-2}" benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 ;;
     *) echo "unknown step $s" ;;
   esac
 done
