@@ -51,6 +51,9 @@ def test_scene_geometry_in_ego_frame(heading):
         torch.testing.assert_close(scenes.target[row].double(), ahead, atol=1e-4, rtol=0)
         tok = scenes.tokens[row]
         assert tok[0, FEATURE["is_ego"]] == 1 and tok[1:, FEATURE["is_ego"]].eq(0).all()
+        # the ego's heading is given relative to the road, the others' relative to the ego
+        assert tok[0, FEATURE["sin_heading"]].item() == pytest.approx(s, abs=1e-6)
+        torch.testing.assert_close(tok[1:3, FEATURE["sin_heading"]], torch.zeros(2), atol=1e-6, rtol=0)
         torch.testing.assert_close(tok[0, [FEATURE["hist1_x"], FEATURE["hist2_x"]]].double(),
                                    torch.tensor([-0.5 * speed, -speed], dtype=torch.float64), atol=1e-4, rtol=0)
         others = [v for v in range(3) if v != ego]

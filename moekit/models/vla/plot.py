@@ -28,10 +28,14 @@ def plot_scenes(scenes: SceneSet, samples: torch.Tensor, path: str | Path,
         x_max = float(max(scenes.target[i, :, 0].max(), samples[i, :, :, 0].max())) + 10
         x_min = -15.0
         left, right = float(ego[FEATURE["left_edge"]]), -float(ego[FEATURE["right_edge"]])
-        ax.axhline(left, color="black", lw=1)
-        ax.axhline(right, color="black", lw=1)
-        for k in range(1, round((left - right) / LANE_WIDTH)):
-            ax.axhline(right + k * LANE_WIDTH, color="gray", lw=0.6, ls=(0, (6, 6)))
+        # road lines are straight in the road frame: tilt them by the ego's heading to the road
+        cos_h, sin_h = float(ego[FEATURE["cos_heading"]]), float(ego[FEATURE["sin_heading"]])
+        along = torch.tensor([x_min, x_max])
+        for k in range(round((left - right) / LANE_WIDTH) + 1):
+            offset = right + k * LANE_WIDTH
+            edge = k == 0 or offset >= left - 1e-3
+            ax.plot(offset * sin_h + along * cos_h, offset * cos_h - along * sin_h, color="black" if edge else "gray",
+                    lw=1 if edge else 0.6, ls="-" if edge else (0, (6, 6)))
         for j in range(scenes.num_neighbors):
             if not scenes.others_mask[i, j]:
                 continue
@@ -52,7 +56,8 @@ def plot_scenes(scenes: SceneSet, samples: torch.Tensor, path: str | Path,
         truth = torch.cat([scenes.target.new_zeros(1, 2), scenes.target[i]])
         ax.plot(truth[:, 0], truth[:, 1], "o-", color="tab:red", lw=1.5, ms=3, label="expert")
         ax.set_xlim(x_min, x_max)
-        ax.set_ylim(right - 1, left + 1)
+        ys = torch.cat([samples[i, :, :, 1].flatten(), scenes.target[i, :, 1], torch.tensor([left, right])])
+        ax.set_ylim(float(ys.min()) - 1, float(ys.max()) + 1)
         ax.set_ylabel("y (m)")
         if i == 0:
             ax.legend(loc="upper left", fontsize=7, ncol=4)

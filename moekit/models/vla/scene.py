@@ -26,7 +26,7 @@ TOKEN_FEATURES = (
     "present",     # 1 for a real vehicle
     "x", "y",      # position in the ego frame
     "vx", "vy",    # velocity in the ego frame
-    "cos_heading", "sin_heading",  # heading relative to the ego's
+    "cos_heading", "sin_heading",  # heading relative to the ego's; the ego's own: relative to the road
     "left_edge", "right_edge",     # lateral distance to the road's left / right edge
     "hist1_x", "hist1_y",          # ego only: its position dt seconds ago
     "hist2_x", "hist2_y",          # ego only: its position 2 dt seconds ago

@@ -14,7 +14,7 @@ from moekit.models.vla.scene import FEATURE, NUM_FEATURES, SceneSet
 @dataclass
 class Tracks:
     """All vehicles of one rollout sampled every ``step`` seconds, in the road frame (x along
-    the road, y to the left). position / velocity [T, V, 2], heading [T, V] radians;
+    the road, y to the left; heading 0 is along the road). position / velocity [T, V, 2], heading [T, V] radians;
     the road spans y_right <= y <= y_left."""
 
     position: np.ndarray
@@ -87,6 +87,7 @@ def scenes_from_tracks(tracks: Tracks, times: np.ndarray, egos: np.ndarray, cut:
     tokens[:, :, [FEATURE["x"], FEATURE["y"]]] = rel[rows, ids]
     tokens[:, :, [FEATURE["vx"], FEATURE["vy"]]] = _rotate(vel[times][rows, ids], h0[:, None])
     dh = head[times][rows, ids] - h0[:, None]
+    dh[:, 0] = h0  # the ego's heading relative to the road (its heading relative to itself is always 0)
     tokens[:, :, FEATURE["cos_heading"]] = np.cos(dh)
     tokens[:, :, FEATURE["sin_heading"]] = np.sin(dh)
     y_world = pos[times][rows, ids][..., 1]
