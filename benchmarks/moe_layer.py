@@ -106,8 +106,8 @@ class StepTimer:
         for module, name in ((triton_choice, "run"), (moe_triton, "routing_meta")):
             self.originals[(module, name)] = getattr(module, name)
         run, meta = self.originals[(triton_choice, "run")], self.originals[(moe_triton, "routing_meta")]
-        triton_choice.run = lambda step, key, candidates: self._timed(
-            f"{step} [{triton_choice.choose(step, key, candidates)}]", run, step, key, candidates)
+        triton_choice.run = lambda step, key, candidates, on_gpu: self._timed(
+            f"{step} [{triton_choice.choose(step, key, candidates, on_gpu)}]", run, step, key, candidates, on_gpu)
         moe_triton.routing_meta = lambda *args: self._timed("routing meta", meta, *args)
         return self
 

@@ -270,15 +270,17 @@ def test_vendor_glue_kernels():
 
 def test_choice_rejects_bad_settings(force):
     with pytest.raises(ValueError, match="unknown MoE step"):
-        triton_choice.run("sideways", (), {"triton": lambda: 0})
+        triton_choice.run("sideways", (), {"triton": lambda: 0}, on_gpu=False)
     force("cublas")
     with pytest.raises(ValueError, match="force must be one of"):
-        triton_choice.run("up fwd", (), {"triton": lambda: 0})
+        triton_choice.run("up fwd", (), {"triton": lambda: 0}, on_gpu=False)
     force("vendor")
     with pytest.raises(RuntimeError, match="cannot run these operands"):
-        triton_choice.run("up fwd", (), {"triton": lambda: 0})
+        triton_choice.run("up fwd", (), {"triton": lambda: 0}, on_gpu=False)
     force("triton")
-    assert triton_choice.run("up fwd", (), {"triton": lambda: 1, "vendor": lambda: 2}) == 1
+    assert triton_choice.run("up fwd", (), {"triton": lambda: 1, "vendor": lambda: 2}, on_gpu=False) == 1
+    force(None)  # off the GPU nothing is timed: Triton runs
+    assert triton_choice.run("up fwd", (), {"triton": lambda: 1, "vendor": lambda: 2}, on_gpu=False) == 1
 
 
 # ----------------------------------------------------------------------------- bad input

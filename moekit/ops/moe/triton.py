@@ -91,12 +91,14 @@ class _Steps:
         # Mean rows per expert, to a power of two: a new token count of the same class reuses the choice.
         rows_class = triton.next_power_of_2(x.shape[0] * meta.top_k // meta.num_experts + 1)
         self.key = (rows_class, tuple(w_up.shape), tuple(w_down.shape), meta.top_k, activation, x.dtype, x.device)
+        self.on_gpu = x.is_cuda
         self.impls = {"triton": _TritonSteps}
         if triton_vendor.supported(x, w_up, w_down):
             self.impls["vendor"] = triton_vendor
 
     def __call__(self, name, fn):
-        return triton_choice.run(name, self.key, {impl: (lambda m=m: fn(m)) for impl, m in self.impls.items()})
+        candidates = {impl: (lambda m=m: fn(m)) for impl, m in self.impls.items()}
+        return triton_choice.run(name, self.key, candidates, self.on_gpu)
 
 
 def _check(x, topk_idx, topk_weight, w_up, w_down, activation) -> None:

@@ -25,12 +25,14 @@ _winners: dict[tuple, str] = {}
 R = TypeVar("R")
 
 
-def run(step: str, key: tuple, candidates: dict[str, Callable[[], R]]) -> R:
+def run(step: str, key: tuple, candidates: dict[str, Callable[[], R]], on_gpu: bool) -> R:
     """Run ``candidates[name]()`` for the implementation chosen for (step, key)."""
-    return candidates[choose(step, key, candidates)]()
+    return candidates[choose(step, key, candidates, on_gpu)]()
 
 
-def choose(step: str, key: tuple, candidates: dict[str, Callable[[], R]]) -> str:
+def choose(step: str, key: tuple, candidates: dict[str, Callable[[], R]], on_gpu: bool) -> str:
+    """Pinned by ``force``; else on a GPU the faster (timed once per key), elsewhere Triton
+    (timings of the CPU interpreter say nothing)."""
     if step not in STEPS:
         raise ValueError(f"unknown MoE step {step!r}; steps: {STEPS}")
     if force is not None:
@@ -39,7 +41,7 @@ def choose(step: str, key: tuple, candidates: dict[str, Callable[[], R]]) -> str
         if force not in candidates:
             raise RuntimeError(f"MoE step {step!r}: implementation {force!r} cannot run these operands")
         return force
-    if len(candidates) == 1 or not torch.cuda.is_available():
+    if len(candidates) == 1 or not on_gpu:
         return "triton" if "triton" in candidates else next(iter(candidates))
     full_key = (step, *key)
     if full_key not in _winners:

@@ -27,6 +27,10 @@ from moekit.ops.moe.triton_meta import RoutingMeta, new_buffer
 
 
 def supported(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> bool:
+    """On a GPU only bf16 (the dtype it has been measured and checked in); on the CPU wherever
+    ``_grouped_mm`` runs (the tests)."""
+    if x.is_cuda and x.dtype != torch.bfloat16:
+        return False
     return grouped_mm.unsupported_reason(x, w_up, w_down) is None
 
 
