@@ -142,7 +142,7 @@ SM90_SHARED_BYTES = 232448  # 227 KiB per block on H100 / H200
 def _arg_type(name: str) -> str:
     if not name.endswith("_ptr"):
         return "i32"
-    return {"counts_ptr": "*i32", "order_ptr": "*i32", "row_ptr": "*i32", "idx_ptr": "*i64",
+    return {"counts_ptr": "*i32", "starts_ptr": "*i32", "order_ptr": "*i32", "row_ptr": "*i32", "idx_ptr": "*i64",
             "weight_ptr": "*fp32", "dweight_ptr": "*fp32"}.get(name, "*bf16")
 
 
@@ -179,7 +179,7 @@ def compile_only(arch: int) -> bool:
                                                        EVEN_K=True), w, st))
     for c in k.WGRAD_CONFIGS:
         for gather_a in (True, False):
-            cases.append((k._wgrad_kernel, dict(c.kwargs, E_PAD=256, GATHER_A=gather_a, GATHER_B=not gather_a,
+            cases.append((k._wgrad_kernel, dict(c.kwargs, GATHER_A=gather_a, GATHER_B=not gather_a,
                                                 SCALE_A=gather_a, PRECISION="tf32"), c.num_warps, c.num_stages))
     for flag in (True, False):
         cases += [(k._combine_kernel, dict(TOP_K=8, K_PAD=8, HAS_WEIGHT=flag, ROW_MAP=flag, BLOCK_H=1024), 4, 1),

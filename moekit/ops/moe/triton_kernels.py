@@ -304,21 +304,24 @@ def _scatter_gemm_kernel(
 @triton.autotune(configs=WGRAD_CONFIGS, key=["P", "Q", "GATHER_A", "GATHER_B"])
 @triton.jit
 def _wgrad_kernel(
-    a_ptr, b_ptr, dw_ptr, counts_ptr, order_ptr, weight_ptr,
-    P, Q, num_experts, top_k, stride_a, stride_b, stride_de, stride_dp,
-    E_PAD: tl.constexpr, GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr,
+    a_ptr, b_ptr, dw_ptr, counts_ptr, starts_ptr, order_ptr, weight_ptr,
+    P, Q, top_k, stride_a, stride_b, stride_de, stride_dp,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """dW[e, p, q] = sum over expert e's rows r of A[r, p] * B[r, q]."""
+    """dW[e, p, q] = sum over expert e's rows r of A[r, p] * B[r, q].
+
+    Each expert's first row comes precomputed (``starts_ptr``): with few rows per expert the
+    main loop is only a few steps, and a scan over all experts' counts per tile would show.
+    """
     num_p = tl.cdiv(P, BLOCK_M)
     num_q = tl.cdiv(Q, BLOCK_N)
     pid = tl.program_id(0)
     expert = pid // (num_p * num_q)
     pid_p, pid_q = _swizzle(pid % (num_p * num_q), num_p, num_q, GROUP_M)
-    e, cnt, start = _expert_rows(counts_ptr, num_experts, E_PAD)
-    row0 = tl.sum(tl.where(e == expert, start, 0), 0)
-    row_end = row0 + tl.sum(tl.where(e == expert, cnt, 0), 0)
+    row0 = tl.load(starts_ptr + expert)
+    row_end = row0 + tl.load(counts_ptr + expert)
     ps = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
     qs = pid_q * BLOCK_N + tl.arange(0, BLOCK_N)
     p_ok = ps < P
@@ -444,10 +447,11 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, meta: RoutingMeta, gather_a:
     E, P, Q = meta.num_experts, a.shape[1], b.shape[1]
     dw = torch.empty((E, P, Q), dtype=a.dtype, device=a.device)  # every element is written
     grid = lambda m: (E * triton.cdiv(P, m["BLOCK_M"]) * triton.cdiv(Q, m["BLOCK_N"]),)
+    starts = torch.cumsum(meta.counts, 0, dtype=torch.int32) - meta.counts
     _wgrad_kernel[grid](
-        a, b, dw, meta.counts, meta.order, meta.counts if weight is None else weight,
-        P, Q, E, meta.top_k, a.stride(0), b.stride(0), dw.stride(0), dw.stride(1),
-        E_PAD=_pow2(E), GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=weight is not None,
+        a, b, dw, meta.counts, starts, meta.order, meta.counts if weight is None else weight,
+        P, Q, meta.top_k, a.stride(0), b.stride(0), dw.stride(0), dw.stride(1),
+        GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=weight is not None,
         PRECISION=_precision(a.dtype))
     return dw
 
