@@ -16,6 +16,11 @@ kernel finds its expert from ``counts`` on the device, so grids are sized for th
 - ``grouped_wgrad``: ``dW[e] = A_e^T B_e`` over expert e's rows (the token axis), with either
   side gathered by token and ``A`` optionally scaled by the routing weight.
 
+The weight operand of the row-tiled GEMMs can be read through TMA tensor descriptors
+(``TMA`` configs, opt-in with ``MOEKIT_TRITON_TMA=1`` until measured on a GPU; gathered rows
+cannot use TMA). ``benchmarks/gpu_check_moe.py --compile-only 90`` builds every variant for
+sm_90 without a GPU.
+
 ``triton_reference`` holds a plain-PyTorch counterpart of each launcher.
 """
 
