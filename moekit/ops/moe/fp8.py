@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import torch
 
-from moekit.ops.activations import is_gated
 from moekit.ops.moe import fp8_blackwell, reference
 from moekit.ops.moe import fp8_kernels as kernels
 from moekit.ops.moe import triton_kernels as bf16_kernels
+from moekit.ops.moe.checks import check_fused_operands
 from moekit.ops.moe.fp8_recipe import DIM_MULTIPLE, quantize_rows, quantize_weight, quantize_weight_both, recipe
 from moekit.ops.moe.triton_meta import RoutingMeta, new_buffer, routing_meta
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MX_SCALED_GROUPED_MM = True  # sm_100+: MXFP8 row-by-weight GEMMs through torch._scaled_grouped_mm
 
 
@@ -94,19 +93,8 @@ class FP8RoutedExperts(torch.autograd.Function):
 
 def check_operands(x, topk_idx, topk_weight, w_up, w_down, activation) -> None:
     """Errors naming the problem for what the FP8 kernels cannot take."""
-    gated = is_gated(activation)  # raises on an unknown activation
-    for name, t in (("x", x), ("w_up", w_up), ("w_down", w_down)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"routed_experts (fp8): {name} has dtype {t.dtype}; supported: {SUPPORTED_DTYPES}")
-    if not (x.dtype == w_up.dtype == w_down.dtype):
-        raise TypeError(f"routed_experts (fp8): x, w_up, w_down must share a dtype, got "
-                        f"{x.dtype}, {w_up.dtype}, {w_down.dtype}")
-    if not topk_weight.is_floating_point():
-        raise TypeError(f"routed_experts: topk_weight must be floating point, got {topk_weight.dtype}")
+    check_fused_operands("fp8", x, topk_weight, w_up, w_down, activation)
     ffn = w_down.shape[2]
-    if w_up.shape[1] != (2 * ffn if gated else ffn):
-        raise ValueError(f"routed_experts: w_up has {w_up.shape[1]} rows but {activation!r} with ffn size "
-                         f"{ffn} needs {2 * ffn if gated else ffn}")
     for name, size in (("hidden", x.shape[1]), ("ffn", ffn)):
         if size % DIM_MULTIPLE:
             raise ValueError(f"routed_experts (fp8): {name} size {size} is not a multiple of {DIM_MULTIPLE} "

@@ -16,12 +16,10 @@ from __future__ import annotations
 import torch
 import triton
 
-from moekit.ops.activations import is_gated
 from moekit.ops.moe import reference, triton_choice, triton_vendor
 from moekit.ops.moe import triton_kernels as kernels
+from moekit.ops.moe.checks import check_fused_operands
 from moekit.ops.moe.triton_meta import RoutingMeta, routing_meta
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class RoutedExperts(torch.autograd.Function):
@@ -102,19 +100,7 @@ class _Steps:
 
 
 def _check(x, topk_idx, topk_weight, w_up, w_down, activation) -> None:
-    gated = is_gated(activation)  # raises on an unknown activation
-    for name, t in (("x", x), ("w_up", w_up), ("w_down", w_down)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"routed_experts (triton): {name} has dtype {t.dtype}; supported: {SUPPORTED_DTYPES}")
-    if not (x.dtype == w_up.dtype == w_down.dtype):
-        raise TypeError(f"routed_experts (triton): x, w_up, w_down must share a dtype, got "
-                        f"{x.dtype}, {w_up.dtype}, {w_down.dtype}")
-    if not topk_weight.is_floating_point():
-        raise TypeError(f"routed_experts: topk_weight must be floating point, got {topk_weight.dtype}")
-    ffn = w_down.shape[2]
-    if w_up.shape[1] != (2 * ffn if gated else ffn):
-        raise ValueError(f"routed_experts: w_up has {w_up.shape[1]} rows but {activation!r} with ffn size "
-                         f"{ffn} needs {2 * ffn if gated else ffn}")
+    check_fused_operands("triton", x, topk_weight, w_up, w_down, activation)
 
 
 def routed_experts(
