@@ -24,12 +24,7 @@ from moekit.ops import linear_attention as la
 class DeltaNet(LinearMixer):
     def __init__(self, config: MixerConfig):
         super().__init__()
-        self.config = config
-        h, dk, dv = config.num_heads, config.head_dim, config.value_dim
-        self.state_dims = (h, dk, dv)
-        self.q_proj = nn.Linear(config.hidden_size, h * dk, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, h * dk, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, h * dv, bias=False)
+        h, dk, dv = self.project_qkv(config)
         self.b_proj = nn.Linear(config.hidden_size, h, bias=False)
         # One depthwise conv over [q | k | v] is the same function as three separate ones.
         self.conv = ShortConvolution(h * (2 * dk + dv), config.conv_size)

@@ -21,12 +21,7 @@ GATE_LOW_RANK = 16
 class GLA(LinearMixer):
     def __init__(self, config: MixerConfig):
         super().__init__()
-        self.config = config
-        h, dk, dv = config.num_heads, config.head_dim, config.value_dim
-        self.state_dims = (h, dk, dv)
-        self.q_proj = nn.Linear(config.hidden_size, h * dk, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, h * dk, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, h * dv, bias=False)
+        h, dk, dv = self.project_qkv(config)
         self.g_proj = nn.Linear(config.hidden_size, h * dv, bias=False)
         self.gk_proj = nn.Sequential(nn.Linear(config.hidden_size, GATE_LOW_RANK, bias=False),
                                      nn.Linear(GATE_LOW_RANK, h * dk, bias=True))

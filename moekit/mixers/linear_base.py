@@ -25,6 +25,17 @@ class LinearMixer(nn.Module):
         super().__init__()
         self.conv: ShortConvolution | None = None
 
+    def project_qkv(self, config) -> tuple[int, int, int]:
+        """The q / k / v projections (no bias) and state shape that the head-structured mixers share;
+        returns (heads, K, V)."""
+        self.config = config
+        h, dk, dv = config.num_heads, config.head_dim, config.value_dim
+        self.state_dims = (h, dk, dv)
+        self.q_proj = nn.Linear(config.hidden_size, h * dk, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, h * dk, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, h * dv, bias=False)
+        return h, dk, dv
+
     def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> RecurrentCache:
         """A zero state (float32, float64 for a float64 model); ``max_len`` is not used: the
         state's size does not depend on the sequence length."""

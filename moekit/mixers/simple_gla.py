@@ -39,12 +39,7 @@ class DecayedLinearAttention(LinearMixer, abc.ABC):
 
     def __init__(self, config: MixerConfig):
         super().__init__()
-        self.config = config
-        h, dk, dv = config.num_heads, config.head_dim, config.value_dim
-        self.state_dims = (h, dk, dv)
-        self.q_proj = nn.Linear(config.hidden_size, h * dk, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, h * dk, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, h * dv, bias=False)
+        h, dk, dv = self.project_qkv(config)
         self.g_proj = nn.Linear(config.hidden_size, h * dv, bias=False)
         self.o_norm = GatedRMSNorm(dv, config.norm_eps, activation=self.gate_activation)
         self.o_proj = nn.Linear(h * dv, config.hidden_size, bias=False)
