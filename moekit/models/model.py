@@ -119,6 +119,16 @@ class MoEForCausalLM(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------
 
+    def run_layers(self, x: torch.Tensor, cache: ModelCache | None = None,
+                   info: SequenceInfo | None = None) -> torch.Tensor:
+        """The decoder blocks on embeddings ``x`` [B, T, hidden] (before the final norm); also the
+        entry point for inputs that are not token ids (e.g. the VLA head's scene tokens)."""
+        if info is None:
+            info = SequenceInfo.plain(x.shape[0], x.shape[1], x.device)
+        for i, block in enumerate(self.layers):
+            x = block(x, cache[i] if cache is not None else None, info)
+        return x
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 cache: ModelCache | None = None, attention_mask: torch.Tensor | None = None,
                 logits_to_keep: int = 0) -> CausalLMOutput:
@@ -144,8 +154,7 @@ class MoEForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
-        for i, block in enumerate(self.layers):
-            x = block(x, cache[i] if cache is not None else None, info)
+        x = self.run_layers(x, cache, info)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.norm(x)).float()

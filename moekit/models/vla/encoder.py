@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.mixers.cache import SequenceInfo
 from moekit.models.model import MoEForCausalLM
 
 
@@ -23,10 +22,7 @@ def run_backbone(model: MoEForCausalLM, embeds: torch.Tensor) -> tuple[torch.Ten
                          f"{model.config.hidden_size}")
     if t > model.config.max_seq_len:
         raise ValueError(f"run_backbone: {t} tokens exceed the model's max_seq_len {model.config.max_seq_len}")
-    info = SequenceInfo.plain(b, t, embeds.device)
-    x = embeds
-    for block in model.layers:
-        x = block(x, None, info)
+    x = model.run_layers(embeds)
     aux = [layer.aux_loss for layer in model.moe_layers()]
     return model.norm(x), torch.stack(aux).sum() if aux else embeds.new_zeros(())
 
