@@ -17,12 +17,9 @@ from moekit.models.cache import ModelCache
 from moekit.models.config import ModelConfig
 from moekit.moe.experts import FeedForward
 from moekit.moe.layer import MoE
+from moekit.ops.capture import is_capturing
 
 IGNORE_INDEX = -100
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 @dataclass
@@ -181,7 +178,7 @@ class MoEForCausalLM(nn.Module):
             if other is not None and other.shape != input_ids.shape:
                 raise ValueError(f"MoEForCausalLM: {name} must match input_ids' shape "
                                  f"{tuple(input_ids.shape)}, got {tuple(other.shape)}")
-        if _capturing():
+        if is_capturing():
             return  # the value check reads the ids on the host, which a CUDA-graph capture forbids
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
             raise ValueError(f"MoEForCausalLM: token ids must lie in [0, {self.config.vocab_size}), got "

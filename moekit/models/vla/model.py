@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.models.model import MoEForCausalLM, _capturing
+from moekit.models.model import MoEForCausalLM
 from moekit.models.vla import samplers
 from moekit.models.vla.anchors import kmeans
 from moekit.models.vla.config import VLAConfig
 from moekit.models.vla.decoder import TrajectoryDecoder
 from moekit.models.vla.encoder import SceneEncoder
 from moekit.models.vla.scene import FEATURE, SceneSet
+from moekit.ops.capture import is_capturing
 
 CONFIG_FILE = "vla_config.json"
 WEIGHTS_FILE = "model.pt"
@@ -93,14 +94,14 @@ class TrajectoryModel(nn.Module):
         if target is not None and (target.dim() != 3 or tuple(target.shape) != (tokens.shape[0], c.horizon, 2)):
             raise ValueError(f"TrajectoryModel: target must be [{tokens.shape[0]}, {c.horizon}, 2], "
                              f"got {tuple(target.shape)}")
-        if _capturing():
+        if is_capturing():
             return  # the value check reads the tensors on the host, which a CUDA-graph capture forbids
         for name, value in (("tokens", tokens), ("target", target)):
             if value is not None and not torch.isfinite(value).all():
                 raise ValueError(f"TrajectoryModel: {name} holds NaN or inf")
 
     def _require_fitted(self) -> None:
-        if not _capturing() and not bool(self.fitted):
+        if not is_capturing() and not bool(self.fitted):
             raise RuntimeError("TrajectoryModel: call fit_data_statistics(train_scenes) before training or sampling")
 
     def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from moekit.ops.capture import is_capturing
+
 MODES = ("chunk", "recurrent")
 BACKENDS = ("auto", "reference", "triton")
 
@@ -74,7 +76,7 @@ def finite(op: str, named: dict[str, torch.Tensor | None]) -> None:
     """NaN / inf inputs are rejected up front (one device sync for all of them); skipped while
     torch.compile traces, where a data-dependent branch would break the graph."""
     # The finiteness check reads a value back (a host sync): skip it while compiling or capturing a CUDA graph.
-    if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling() or is_capturing():
         return
     present = {name: t for name, t in named.items() if t is not None}
     flags = torch.stack([t.isfinite().all() for t in present.values()])
