@@ -27,12 +27,12 @@ run_step() {
     env) step env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"' ;;
     gputests) step gputests 300 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests ;;
     tests) step tests 130 python3 -m pytest -q -x -p no:cacheprovider tests/moe tests/ops tests/quant tests/models ;;
-    check_moe) step check_moe 150 python3 benchmarks/gpu_check_moe.py ;;
-    check_la) step check_la 150 python3 benchmarks/gpu_check_linear_attention.py ;;
+    check_moe) step check_moe 290 python3 benchmarks/gpu_check_moe.py ;;
+    check_la) step check_la 290 python3 benchmarks/gpu_check_linear_attention.py ;;
     quant) step quant 100 python3 benchmarks/quant.py ;;
     bench_moe) step bench_moe 360 python3 benchmarks/moe_layer.py ;;
-    bench_la) step bench_la 300 python3 benchmarks/linear_attention.py ;;
-    vla) step vla 120 python3 benchmarks/vla.py ;;
+    bench_la) step bench_la 200 python3 benchmarks/linear_attention.py ;;
+    vla) step vla 90 python3 benchmarks/vla.py ;;
     bench_ep) step bench_ep 600 torchrun --standalone --nproc-per-node "${EP_GPUS:-2}" benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 ;;
     *) echo "unknown step $1" ;;
   esac
