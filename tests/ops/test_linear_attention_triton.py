@@ -49,7 +49,7 @@ def run(op: str, inputs: dict, *, grads: bool = True, dtype=torch.float32, **kwa
         return o, state, {}
     gen = torch.Generator().manual_seed(123)
     do, dstate = torch.randn(o.shape, generator=gen), torch.randn(state.shape, generator=gen)
-    loss = (o * do.to(o.dtype)).sum() + (state * dstate.to(state.dtype)).sum()
+    loss = (o * do.to(o)).sum() + (state * dstate.to(state)).sum()  # to o's device and dtype
     return o, state, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
 
 

@@ -26,9 +26,17 @@ import torch
 import triton
 import triton.language as tl
 
+from moekit.ops.dot_precision import dot_precision
 from moekit.ops.linear_attention.triton_layout import Chunks, block, padded
 
 NUM_WARPS = 4
+
+
+def launch_options(x: torch.Tensor) -> dict:
+    """Warps, and float32 dots as exact as torch.matmul would make them for ``x``'s dtype."""
+    return {"num_warps": NUM_WARPS, "default_dot_input_precision": dot_precision(x.dtype)}
+
+
 # The delta-rule kernels stage float32 tiles (w, u, T): with the default 3 pipeline stages one of
 # them needed 232 KB of shared memory at K = V = 128 on an H200 (227 KB there). The per-chunk
 # kernels' K / V loops are short (2 trips), so they skip pipelining; the sequential state
@@ -405,7 +413,7 @@ def wy_fwd(k, v, beta, gc, chunks: Chunks):
     w, u = torch.empty(tokens, H, K, **f32), torch.empty(tokens, H, V, **f32)
     _wy_fwd_kernel[(chunks.num_chunks, H)](
         k, v, beta, gc, T, w, u, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size, BK=block(K),
-        BV=block(V), USE_G=gc is not None, num_warps=NUM_WARPS, num_stages=DELTA_STAGES)
+        BV=block(V), USE_G=gc is not None, **launch_options(k), num_stages=DELTA_STAGES)
     return T, w, u
 
 
@@ -426,7 +434,7 @@ def state_fwd(k, v, w, gc, h0, chunks: Chunks, store_final: bool, v_dtype):
     _state_fwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs, H)](
         k, v, w, gc, h, v_new, h0, ht, chunks.cu, chunks.first, H=H, K=K, V=V, BT=chunks.size, BK=padded(K),
         BV=BV, USE_G=gc is not None, DELTA=delta, HAS_H0=h0 is not None, STORE_HT=store_final,
-        num_warps=NUM_WARPS, **({"num_stages": DELTA_STATE_STAGES} if delta else {}))
+        **launch_options(k), **({"num_stages": DELTA_STATE_STAGES} if delta else {}))
     return h, v_new, ht
 
 
@@ -437,7 +445,7 @@ def output_fwd(q, k, v, gc, h, chunks: Chunks, scale: float, out_dtype):
     BV = block(V)
     _output_fwd_kernel[(triton.cdiv(V, BV), chunks.num_chunks, H)](
         q, k, v, gc, h, o, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K), BV=BV,
-        USE_G=gc is not None, num_warps=NUM_WARPS)
+        USE_G=gc is not None, **launch_options(k))
     return o
 
 
@@ -448,7 +456,7 @@ def dv_local(q, k, do, gc, chunks: Chunks, scale: float):
     BV = block(V)
     _dv_local_kernel[(triton.cdiv(V, BV), chunks.num_chunks, H)](
         q, k, do, gc, dv, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K), BV=BV,
-        USE_G=gc is not None, num_warps=NUM_WARPS)
+        USE_G=gc is not None, **launch_options(k))
     return dv
 
 
@@ -463,7 +471,7 @@ def state_bwd(q, k, w, gc, do, dv_loc, dht, chunks: Chunks, scale: float, dv_dty
     _state_bwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs, H)](
         q, k, w, gc, do, dv_loc, dv, dh, dht, dh0, chunks.cu, chunks.first, scale, H=H, K=K, V=V,
         BT=chunks.size, BK=padded(K), BV=BV, USE_G=gc is not None, DELTA=w is not None,
-        HAS_DHT=dht is not None, STORE_DH0=want_dh0, num_warps=NUM_WARPS,
+        HAS_DHT=dht is not None, STORE_DH0=want_dh0, **launch_options(k),
         **({"num_stages": DELTA_STATE_STAGES} if w is not None else {}))
     return dh, dv, dh0
 
@@ -481,7 +489,7 @@ def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype):
     dg = torch.empty(n_k, tokens, H, dtype=torch.float32, device=q.device) if use_g else None
     _dqk_kernel[(n_k, chunks.num_chunks, H)](
         q, k, v, h, dh, do, dv, gc, dq, dk, dw, dg, chunks.start, chunks.end, scale, tokens, H=H, K=K, V=V,
-        BT=chunks.size, BK=BK, BV=block(V), USE_G=use_g, DELTA=delta, num_warps=NUM_WARPS,
+        BT=chunks.size, BK=BK, BV=block(V), USE_G=use_g, DELTA=delta, **launch_options(k),
         **({"num_stages": DELTA_STAGES} if delta else {}))
     return dq, dk, dw, (dg.sum(0) if use_g else None)
 
@@ -494,5 +502,5 @@ def wy_bwd(k, v, beta, gc, T, dw, du, dk, dg, chunks: Chunks, v_dtype):
     dbeta = torch.empty(tokens, H, dtype=torch.float32, device=k.device)
     _wy_bwd_kernel[(chunks.num_chunks, H)](
         k, v, beta, gc, T, dw, du, dk, dv, dbeta, dg, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size,
-        BK=block(K), BV=block(V), USE_G=gc is not None, num_warps=NUM_WARPS, num_stages=DELTA_STAGES)
+        BK=block(K), BV=block(V), USE_G=gc is not None, **launch_options(k), num_stages=DELTA_STAGES)
     return dv, dbeta

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.ops.linear_attention.triton_chunk import NUM_WARPS, _load_cols, _load_rows
+from moekit.ops.linear_attention.triton_chunk import _load_cols, _load_rows, launch_options
 from moekit.ops.linear_attention.triton_layout import Chunks, block, chunk_cumsum, padded
 
 
@@ -229,17 +229,17 @@ class ChunkGLA(torch.autograd.Function):
         gc = chunk_cumsum(gk.reshape(tokens, H * K), chunks).view(tokens, H, K)
         A = torch.empty(tokens, H, BT, dtype=torch.float32, device=q.device)
         _scores_kernel[(chunks.num_chunks, H)](q, k, gc, A, chunks.start, chunks.end, H=H, K=K, BT=BT,
-                                                BK=block(K), num_warps=NUM_WARPS)
+                                                BK=block(K), **launch_options(k))
         h = torch.empty(chunks.num_chunks, H, K, V, dtype=k.dtype, device=q.device)
         ht = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device)
         BV = block(V, 64 if padded(K) <= 128 else 32)
         _state_fwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs, H)](
             k, v, gc, h, h0, ht, chunks.cu, chunks.first, H=H, K=K, V=V, BT=BT, BK=padded(K), BV=BV,
-            HAS_H0=h0 is not None, STORE_HT=True, num_warps=NUM_WARPS)
+            HAS_H0=h0 is not None, STORE_HT=True, **launch_options(k))
         o = torch.empty(tokens, H, V, dtype=v.dtype, device=q.device)
         _output_kernel[(triton.cdiv(V, block(V)), chunks.num_chunks, H)](
             q, v, gc, h, A, o, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=BT, BK=block(K), BV=block(V),
-            num_warps=NUM_WARPS)
+            **launch_options(k))
         ctx.save_for_backward(q, k, v, gc, A, h, h0)
         ctx.scale, ctx.chunks, ctx.gk_dtype = scale, chunks, gk.dtype
         return o, ht
@@ -258,15 +258,15 @@ class ChunkGLA(torch.autograd.Function):
         BV = block(V, 64 if padded(K) <= 128 else 32)
         _state_bwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs, H)](
             q, gc, do, dh, dht, dh0, chunks.cu, chunks.first, scale, H=H, K=K, V=V, BT=BT, BK=padded(K), BV=BV,
-            HAS_DHT=dht is not None, STORE_DH0=h0 is not None, num_warps=NUM_WARPS)
+            HAS_DHT=dht is not None, STORE_DH0=h0 is not None, **launch_options(k))
         dv = torch.empty_like(v)
         _dv_kernel[(triton.cdiv(V, block(V)), chunks.num_chunks, H)](
             k, gc, A, do, dh, dv, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=BT, BK=block(K),
-            BV=block(V), num_warps=NUM_WARPS)
+            BV=block(V), **launch_options(k))
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dgc = torch.empty(tokens, H, K, dtype=torch.float32, device=q.device)
         _dqk_kernel[(triton.cdiv(K, block(K)), chunks.num_chunks, H)](
             q, k, v, gc, h, dh, do, dq, dk, dgc, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=BT,
-            BK=block(K), BV=block(V), num_warps=NUM_WARPS)
+            BK=block(K), BV=block(V), **launch_options(k))
         dg = chunk_cumsum(dgc.view(tokens, H * K), chunks, reverse=True).view(tokens, H, K).to(ctx.gk_dtype)
         return dq, dk, dv, dg, dh0, None, None

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from moekit.ops.activations import is_gated
+from moekit.ops.dot_precision import dot_precision
 from moekit.ops.moe.triton_meta import RoutingMeta, new_buffer
 
 ACT_CODES = {"swiglu": 0, "geglu": 1, "gelu": 1}  # 0: SiLU, 1: exact (erf) GELU
@@ -67,11 +68,6 @@ else:  # Hopper-friendly; every tile here fits the H200's shared memory at its s
     WGRAD_CONFIGS = _configs([(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 4, 3),
                               (64, 128, 64, 4, 3), (128, 128, 128, 8, 3)])
 MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in GEMM_CONFIGS)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow torch's TF32 switch, as torch.matmul does (16-bit dots ignore this)."""
-    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
 def tma_ok(w: torch.Tensor) -> bool:
@@ -397,7 +393,7 @@ def gather_up(x: torch.Tensor, w_up: torch.Tensor, meta: RoutingMeta, activation
         num_rows, F, H, E, meta.top_k, U, H, int(_weight_tma(w_up)),
         x.stride(0), w_up.stride(0), w_up.stride(1), w_up.stride(2), U, F,
         E_PAD=_pow2(E), GATED=gated, ACT=ACT_CODES[activation], BACKWARD=False, STORE_H=store_h,
-        WEIGHT_GRAD=False, B_K_MAJOR=True, PRECISION=_precision(x.dtype))
+        WEIGHT_GRAD=False, B_K_MAJOR=True, PRECISION=dot_precision(x.dtype))
     return h, a
 
 
@@ -421,7 +417,7 @@ def gather_down_dgrad(dout: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor,
         num_rows, F, H, E, meta.top_k, H, F, int(_weight_tma(w_down)),
         dout.stride(0), w_down.stride(0), w_down.stride(2), w_down.stride(1), h.stride(0), dh.stride(0),
         E_PAD=_pow2(E), GATED=gated, ACT=ACT_CODES[activation], BACKWARD=True, STORE_H=False,
-        WEIGHT_GRAD=weight_grad, B_K_MAJOR=False, PRECISION=_precision(dout.dtype))
+        WEIGHT_GRAD=weight_grad, B_K_MAJOR=False, PRECISION=dot_precision(dout.dtype))
     return dh, parts.sum(0) if weight_grad else None
 
 
@@ -439,7 +435,7 @@ def scatter_gemm(src: torch.Tensor, w: torch.Tensor, meta: RoutingMeta, transpos
     _scatter_gemm_kernel[grid](
         src, w, out, meta.counts, meta.order, num_rows, N, K, E, w.shape[1], w.shape[2], int(_weight_tma(w)),
         src.stride(0), w.stride(0), stride_wn, stride_wk, out.stride(0),
-        E_PAD=_pow2(E), B_K_MAJOR=transpose_w, PRECISION=_precision(src.dtype))
+        E_PAD=_pow2(E), B_K_MAJOR=transpose_w, PRECISION=dot_precision(src.dtype))
     return out
 
 
@@ -457,7 +453,7 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, meta: RoutingMeta, gather_a:
         a, b, dw, meta.counts, starts, meta.order, meta.counts if weight is None else weight,
         P, Q, meta.top_k, a.stride(0), b.stride(0), dw.stride(0), dw.stride(1),
         GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=weight is not None,
-        PRECISION=_precision(a.dtype))
+        PRECISION=dot_precision(a.dtype))
     return dw
 
 
