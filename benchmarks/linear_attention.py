@@ -4,7 +4,7 @@ B*T = 64k tokens, H=16, K=V=128, bf16, T in {2k, 8k, 32k}; forward and forward+b
 in ms, with ratios against moekit. fla (0.6.x) is imported lazily; when it is missing, refuses
 (e.g. its Hopper guard) or fails, the table says so instead of a time.
 
-    python benchmarks/linear_attention.py [--tokens 65536] [--lengths 2048,8192,32768]
+    python benchmarks/linear_attention.py [--tokens 65536] [--lengths 2048,8192,32768] [--ops gla,...]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from moekit.ops import linear_attention as la
 H, D, DTYPE = 16, 128, torch.bfloat16
 
 
-def bench_ms(fn, reps: int = 10) -> float:
+def bench_ms(fn, reps: int = 5) -> float:
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -52,8 +52,12 @@ def _fla(module: str, name: str):
 
 # op -> (its input names, moekit call, fla call)
 OPS = {
+    "linear_attn": (("q", "k", "v"), lambda **x: la.linear_attn(**x, backend="triton")[0],
+                    lambda **x: _fla("fla.ops.linear_attn", "chunk_linear_attn")(**x, normalize=False)[0]),
     "simple_gla": (("q", "k", "v", "g"), lambda **x: la.simple_gla(**x, backend="triton")[0],
                    lambda **x: _fla("fla.ops.simple_gla", "chunk_simple_gla")(**x)[0]),
+    "delta_rule": (("q", "k", "v", "beta"), lambda **x: la.delta_rule(**x, backend="triton")[0],
+                   lambda **x: _fla("fla.ops.delta_rule", "chunk_delta_rule")(**x)[0]),
     "gated_delta_rule": (("q", "k", "v", "g", "beta"), lambda **x: la.gated_delta_rule(**x, backend="triton")[0],
                          lambda **x: _fla("fla.ops.gated_delta_rule", "chunk_gated_delta_rule")(**x)[0]),
     "gla": (("q", "k", "v", "gk"), lambda **x: la.gla(**x, backend="triton")[0],
@@ -61,23 +65,30 @@ OPS = {
 }
 
 
-def time_call(call, inputs: dict[str, torch.Tensor]) -> tuple[str, str]:
-    """(forward ms, forward+backward ms) as strings, or the reason it did not run."""
-    leaves = {n: t.detach().requires_grad_() for n, t in inputs.items()}
+def timed(fn) -> str:
+    """ms as a string, or why it did not run (fla's Hopper guard refusing is a result, not a crash)."""
     try:
-        with torch.no_grad():
-            fwd = bench_ms(lambda: call(**leaves))
-
-        def step():
-            o = call(**leaves)
-            o.backward(torch.ones_like(o))
-
-        return f"{fwd:.2f}", f"{bench_ms(step):.2f}"
-    except Exception as e:  # fla refusing (Hopper guard) or missing is a result, not a crash
+        return f"{bench_ms(fn):.2f}"
+    except Exception as e:
         reason = ("OOM" if isinstance(e, torch.OutOfMemoryError) else "refused" if "Hopper" in str(e)
                   else type(e).__name__)
-        print(f"  ({reason}: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
-        return reason, reason
+        print(f"  ({reason}: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__})", flush=True)
+        return reason
+
+
+def time_call(call, inputs: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """(forward ms, forward+backward ms), each timed on its own: a peer may run one and not the other."""
+    leaves = {n: t.detach().requires_grad_() for n, t in inputs.items()}
+
+    def forward():
+        with torch.no_grad():
+            call(**leaves)
+
+    def forward_backward():
+        o = call(**leaves)
+        o.backward(torch.ones_like(o))
+
+    return timed(forward), timed(forward_backward)
 
 
 def ratio(other: str, ours: str) -> str:
@@ -91,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--lengths", default="2048,8192,32768")
+    parser.add_argument("--ops", default="", help="comma-separated subset of " + ",".join(OPS))
     args = parser.parse_args()
     import triton
 
@@ -102,7 +114,10 @@ def main() -> None:
           f"fla {fla_version}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
     print(f"# B*T={args.tokens}, H={H}, K=V={D}, {DTYPE}; times in ms; 'x' = peer time / moekit time")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rows = []
+    header = ("T", "op", "moekit fwd", "fla fwd", "fla/moekit", "sdpa fwd", "sdpa/moekit",
+              "moekit f+b", "fla f+b", "fla/moekit", "sdpa f+b", "sdpa/moekit")
+    print(" | ".join(header), flush=True)  # one row per line as it is measured: a cut-off run keeps its rows
+    start = time.time()
     for T in (int(t) for t in args.lengths.split(",")):
         B = max(1, args.tokens // T)
         inputs = make_inputs(B, T, gen)
@@ -110,20 +125,14 @@ def main() -> None:
         sdpa = time_call(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                          {"q": q, "k": k, "v": v})
         for op, (names, ours_call, fla_call) in OPS.items():
+            if args.ops and op not in args.ops.split(","):
+                continue
             x = {n: inputs[n] for n in names}
             ours, fla = time_call(ours_call, x), time_call(fla_call, x)
-            rows.append((T, op, ours, fla, sdpa))
+            row = (str(T), op, ours[0], fla[0], ratio(fla[0], ours[0]), sdpa[0], ratio(sdpa[0], ours[0]),
+                   ours[1], fla[1], ratio(fla[1], ours[1]), sdpa[1], ratio(sdpa[1], ours[1]))
+            print(" | ".join(row) + f"   [{time.time() - start:.0f} s]", flush=True)
             torch.cuda.empty_cache()
-    header = ("T", "op", "moekit fwd", "fla fwd", "fla/moekit", "sdpa fwd", "sdpa/moekit",
-              "moekit f+b", "fla f+b", "fla/moekit", "sdpa f+b", "sdpa/moekit")
-    table = [header] + [
-        (str(T), op, ours[0], fla[0], ratio(fla[0], ours[0]), sdpa[0], ratio(sdpa[0], ours[0]),
-         ours[1], fla[1], ratio(fla[1], ours[1]), sdpa[1], ratio(sdpa[1], ours[1]))
-        for T, op, ours, fla, sdpa in rows
-    ]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for r in table:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
 
 
 if __name__ == "__main__":
