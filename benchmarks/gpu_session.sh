@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One device-machine call: environment, GPU tests, kernel checks and benchmarks, each step
 # time-limited, every log under $OUT (or ./gpu-logs). Usage: benchmarks/gpu_session.sh STEP...
-# Steps: env tests gputests check_moe check_la quant bench_moe bench_la bench_ep vla;
+# Steps: env tests gputests check_moe check_la quant bench_moe bench_la profile_moe profile_moe_tma bench_ep vla;
 # steps joined by '+' (e.g. gputests+check_moe) run at the same time (correctness, not timings).
 set -u
 OUT=${OUT:-gpu-logs}
-mkdir -p "$OUT"
+LOGS=/tmp/gpu-logs  # tarred into $OUT after each group: the device tool returns at most 8 files
+mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -17,28 +18,33 @@ step() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
   echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s)"
   local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
-  tail -n 25 "$OUT/$name.log"
+  tail -n 25 "$LOGS/$name.log"
   echo "=== $name rc=$rc in $((SECONDS - t0))s"
 }
 run_step() {
   case $1 in
     env) step env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"' ;;
-    gputests) step gputests 300 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests ;;
+    gputests) step gputests 300 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+      --tb=short -rfE --durations=10 tests ;;
     tests) step tests 130 python3 -m pytest -q -x -p no:cacheprovider tests/moe tests/ops tests/quant tests/models ;;
     check_moe) step check_moe 290 python3 benchmarks/gpu_check_moe.py ;;
     check_la) step check_la 290 python3 benchmarks/gpu_check_linear_attention.py ;;
     quant) step quant 100 python3 benchmarks/quant.py ;;
     bench_moe) step bench_moe 360 python3 benchmarks/moe_layer.py ;;
     bench_la) step bench_la 200 python3 benchmarks/linear_attention.py ;;
+    profile_moe) step profile_moe 200 python3 benchmarks/moe_layer.py --profile --shapes deepseek-v3 ;;
+    profile_moe_tma) step profile_moe_tma 200 env MOEKIT_TRITON_TMA=1 python3 benchmarks/moe_layer.py --profile \
+      --shapes deepseek-v3 ;;
     vla) step vla 90 python3 benchmarks/vla.py ;;
     bench_ep) step bench_ep 600 torchrun --standalone --nproc-per-node "${EP_GPUS:-2}" benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 ;;
     *) echo "unknown step $1" ;;
   esac
 }
 for group in "$@"; do
-  for s in ${group//+/ }; do run_step "$s" > "$OUT/$s.summary" & done
+  for s in ${group//+/ }; do run_step "$s" > "$LOGS/$s.summary" & done
   wait
-  for s in ${group//+/ }; do cat "$OUT/$s.summary"; done
+  for s in ${group//+/ }; do cat "$LOGS/$s.summary"; done
+  tar czf "$OUT/logs.tgz" -C "$LOGS" .
 done
