@@ -20,9 +20,10 @@ from moekit.ops.linear_attention._common import compute_dtype
 from moekit.ops.linear_attention.simple_gla import chunk_simple_gla, recurrent_simple_gla
 
 
-def as_simple_gla(x, dt, A, B, C, dt_bias=None, dt_softplus: bool = False):
-    """(q, k, v, g) of the equivalent simple_gla call. dt is used as given unless dt_bias
-    (added first) or dt_softplus (applied after the bias) ask otherwise."""
+def ssd_terms(x, dt, A, B, C, dt_bias=None, dt_softplus: bool = False):
+    """(q, k, dt, g) of the equivalent simple_gla call, whose v is x * dt[..., None], in the
+    working precision. dt is used as given unless dt_bias (added first) or dt_softplus
+    (applied after the bias) ask otherwise."""
     dtype = compute_dtype(x, dt, A, B, C, dt_bias)
     dt = dt.to(dtype)
     if dt_bias is not None:
@@ -32,7 +33,13 @@ def as_simple_gla(x, dt, A, B, C, dt_bias=None, dt_softplus: bool = False):
     heads_per_group = x.shape[2] // B.shape[2]
     q = C.to(dtype).repeat_interleave(heads_per_group, dim=2)
     k = B.to(dtype).repeat_interleave(heads_per_group, dim=2)
-    return q, k, x.to(dtype) * dt.unsqueeze(-1), dt * A.to(dtype)
+    return q, k, dt, dt * A.to(dtype)
+
+
+def as_simple_gla(x, dt, A, B, C, dt_bias=None, dt_softplus: bool = False):
+    """(q, k, v, g) of the equivalent simple_gla call (see ``ssd_terms``)."""
+    q, k, dt, g = ssd_terms(x, dt, A, B, C, dt_bias, dt_softplus)
+    return q, k, x.to(dt.dtype) * dt.unsqueeze(-1), g
 
 
 def _with_skip(y, x, D):

@@ -16,8 +16,12 @@ gradients, finishing dv), dqk (dq, dk, dw and the gate gradient), wy_bwd (throug
 Robustness on Hopper (Triton 3.4-3.7 miscompiles ``tl.trans`` of a dot result fed to another
 dot): no kernel here transposes a computed tile; every transposed operand is loaded
 transposed from memory, or computed as its own product. Accumulation is float32; the state
-is carried in float32 registers and stored per chunk in the input dtype. Token and chunk
-offsets are 64-bit: the per-chunk state buffers pass 2^31 elements at long contexts.
+is carried in float32 registers and stored per chunk in the input dtype, its gradient in
+float32. Token and chunk offsets are 64-bit: the per-chunk state buffers pass 2^31 elements
+at long contexts.
+
+Simple GLA may take a per-token float32 scale vs of v's rows (v_t <- vs_t v_t; Mamba2's dt),
+folded into the float32 decay factors, so the scaled v is never rounded to the input dtype.
 """
 
 from __future__ import annotations
@@ -112,10 +116,10 @@ def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
 
 
 @triton.jit
-def _state_fwd_kernel(k, v, w, gc, h, v_new, h0, ht, cu, first,
+def _state_fwd_kernel(k, v, w, gc, vs, h, v_new, h0, ht, cu, first,
                       H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
-                      STORE_HT: tl.constexpr):
+                      STORE_HT: tl.constexpr, HAS_VS: tl.constexpr):
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
     c0 = tl.load(first + i_n).to(tl.int64)
@@ -146,15 +150,17 @@ def _state_fwd_kernel(k, v, w, gc, h, v_new, h0, ht, cu, first,
             b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
             b_kt = b_kt.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[None, :]
             b_h = b_h * tl.exp(g_last)
+        if HAS_VS:
+            b_kt = b_kt.to(tl.float32) * tl.load(vs + t * H + i_h, mask=mt, other=0.0)[None, :]
         b_h += tl.dot(b_kt.to(dt), b_v.to(dt))
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h) * K * V + state, b_h, mask=m_state)
 
 
 @triton.jit
-def _output_fwd_kernel(q, k, v, gc, h, o, start, end, scale,
+def _output_fwd_kernel(q, k, v, gc, vs, h, o, start, end, scale,
                        H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, USE_G: tl.constexpr):
+                       BV: tl.constexpr, USE_G: tl.constexpr, HAS_VS: tl.constexpr):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -180,6 +186,8 @@ def _output_fwd_kernel(q, k, v, gc, h, o, start, end, scale,
         b_a = _decayed(b_a, causal, b_g[:, None], b_g[None, :])
     else:
         b_a = tl.where(causal, b_a, 0.0)
+    if HAS_VS:
+        b_a = b_a * tl.load(vs + t * H + i_h, mask=mt, other=0.0)[None, :]
     b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V)
     b_o = (b_o + tl.dot(b_a.to(b_v.dtype), b_v)) * scale
     tl.store(o + (t[:, None] * H + i_h) * V + rv[None, :], b_o.to(o.dtype.element_ty), mask=mt[:, None] & mv[None, :])
@@ -261,9 +269,9 @@ def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, sc
 
 
 @triton.jit
-def _dqk_kernel(q, k, v, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scale, total,
+def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scale, total,
                 H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr):
+                BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_VS: tl.constexpr):
     """dq, dk (through the outputs and the state), dw (delta) and this K block's share of the
     gradient of the cumulative gate: q.dq - k.dk, plus the chunk-end decay's term on the last row."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -291,11 +299,16 @@ def _dqk_kernel(q, k, v, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scale, t
         b_ds += tl.dot(b_do, _load_cols(v + i_h * V, t, mt, rv, mv, H * V))
         b_dst += tl.dot(b_v, _load_cols(do + i_h * V, t, mt, rv, mv, H * V))
         b_dq += tl.dot(b_do, b_ht)
-        b_dk += tl.dot(b_v, b_dht)
+        b_dk += tl.dot(b_v.to(tl.float32), b_dht)  # dh is float32: see state_bwd
         if USE_G:
             b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), axis=0)
         if DELTA:
             b_dw += tl.dot(_load_rows(dv + i_h * V, t, mt, rv, mv, H * V), b_ht.to(tl.float32))
+    if HAS_VS:  # v_j scaled by vs_j: every product above that read v_j takes the scale in float32
+        b_vs = tl.load(vs + t * H + i_h, mask=mt, other=0.0)
+        b_ds = b_ds * b_vs[None, :]
+        b_dst = b_dst * b_vs[:, None]
+        b_dk = b_dk * b_vs[:, None]
     b_q = _load_rows(q + i_h * K, t, mt, rk, mk, H * K)
     b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
     causal = (rt[:, None] >= rt[None, :]) & mt[:, None]
@@ -422,8 +435,11 @@ def _state_block_v(K: int, V: int) -> int:
     return block(V, 64 if padded(K) <= 128 else 32)
 
 
-def state_fwd(k, v, w, gc, h0, chunks: Chunks, store_final: bool, v_dtype):
-    """Returns (h [NT, H, K, V] in k's dtype, v_new (delta) or None, final state or None)."""
+def state_fwd(k, v, w, gc, h0, chunks: Chunks, store_final: bool, v_dtype, vs=None):
+    """Returns (h [NT, H, K, V] in k's dtype, v_new (delta) or None, final state or None).
+
+    vs: optional float32 [tokens, H] scale of v's rows (no delta), applied in the kernels
+    (see ChunkScalarGate)."""
     tokens, H, K = k.shape
     V = v.shape[-1]
     delta = w is not None
@@ -432,20 +448,21 @@ def state_fwd(k, v, w, gc, h0, chunks: Chunks, store_final: bool, v_dtype):
     ht = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=k.device) if store_final else None
     BV = _state_block_v(K, V)
     _state_fwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs, H)](
-        k, v, w, gc, h, v_new, h0, ht, chunks.cu, chunks.first, H=H, K=K, V=V, BT=chunks.size, BK=padded(K),
-        BV=BV, USE_G=gc is not None, DELTA=delta, HAS_H0=h0 is not None, STORE_HT=store_final,
+        k, v, w, gc, vs, h, v_new, h0, ht, chunks.cu, chunks.first, H=H, K=K, V=V, BT=chunks.size,
+        BK=padded(K), BV=BV, USE_G=gc is not None, DELTA=delta, HAS_H0=h0 is not None, STORE_HT=store_final,
+        HAS_VS=vs is not None,
         **launch_options(k), **({"num_stages": DELTA_STATE_STAGES} if delta else {}))
     return h, v_new, ht
 
 
-def output_fwd(q, k, v, gc, h, chunks: Chunks, scale: float, out_dtype):
+def output_fwd(q, k, v, gc, h, chunks: Chunks, scale: float, out_dtype, vs=None):
     tokens, H, K = q.shape
     V = v.shape[-1]
     o = torch.empty(tokens, H, V, dtype=out_dtype, device=q.device)
     BV = block(V)
     _output_fwd_kernel[(triton.cdiv(V, BV), chunks.num_chunks, H)](
-        q, k, v, gc, h, o, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K), BV=BV,
-        USE_G=gc is not None, **launch_options(k))
+        q, k, v, gc, vs, h, o, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K),
+        BV=BV, USE_G=gc is not None, HAS_VS=vs is not None, **launch_options(k))
     return o
 
 
@@ -461,10 +478,13 @@ def dv_local(q, k, do, gc, chunks: Chunks, scale: float):
 
 
 def state_bwd(q, k, w, gc, do, dv_loc, dht, chunks: Chunks, scale: float, dv_dtype, want_dh0: bool):
-    """Returns (dh [NT, H, K, V], dv (through the outputs and the state), dh0 or None)."""
+    """Returns (dh [NT, H, K, V], dv (through the outputs and the state), dh0 or None).
+
+    dh is stored in float32: rounded to bf16 it was the largest kernel-side error of the gate
+    gradient (q.dq - k.dk reads it through dk and <h, dh>), which mamba2's dA sums over all tokens."""
     tokens, H, K = q.shape
     V = do.shape[-1]
-    dh = torch.empty(chunks.num_chunks, H, K, V, dtype=q.dtype, device=q.device)
+    dh = torch.empty(chunks.num_chunks, H, K, V, dtype=torch.float32, device=q.device)
     dv = torch.empty(tokens, H, V, dtype=dv_dtype, device=q.device)
     dh0 = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device) if want_dh0 else None
     BV = _state_block_v(K, V)
@@ -476,7 +496,7 @@ def state_bwd(q, k, w, gc, do, dv_loc, dht, chunks: Chunks, scale: float, dv_dty
     return dh, dv, dh0
 
 
-def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype):
+def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype, vs=None):
     """Returns (dq, dk, dw or None, dgc or None); dv is the delta rule's dv_new (else None)."""
     tokens, H, K = q.shape
     V = v.shape[-1]
@@ -488,8 +508,8 @@ def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype):
     dw = torch.empty(tokens, H, K, dtype=torch.float32, device=q.device) if delta else None
     dg = torch.empty(n_k, tokens, H, dtype=torch.float32, device=q.device) if use_g else None
     _dqk_kernel[(n_k, chunks.num_chunks, H)](
-        q, k, v, h, dh, do, dv, gc, dq, dk, dw, dg, chunks.start, chunks.end, scale, tokens, H=H, K=K, V=V,
-        BT=chunks.size, BK=BK, BV=block(V), USE_G=use_g, DELTA=delta, **launch_options(k),
+        q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, chunks.start, chunks.end, scale, tokens, H=H, K=K, V=V,
+        BT=chunks.size, BK=BK, BV=block(V), USE_G=use_g, DELTA=delta, HAS_VS=vs is not None, **launch_options(k),
         **({"num_stages": DELTA_STAGES} if delta else {}))
     return dq, dk, dw, (dg.sum(0) if use_g else None)
 

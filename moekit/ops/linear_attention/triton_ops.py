@@ -17,7 +17,7 @@ import torch
 
 from moekit.ops.linear_attention import triton_chunk as kc
 from moekit.ops.linear_attention._common import l2norm
-from moekit.ops.linear_attention.mamba2 import _with_skip, as_simple_gla
+from moekit.ops.linear_attention.mamba2 import _with_skip, ssd_terms
 from moekit.ops.linear_attention.triton_gla import ChunkGLA
 from moekit.ops.linear_attention.triton_layout import (
     CHUNK_SIZES,
@@ -32,36 +32,43 @@ from moekit.ops.linear_attention.triton_recurrent import recurrent_fwd
 
 
 class ChunkScalarGate(torch.autograd.Function):
-    """Chunked simple GLA (beta None) or (gated) delta rule (beta given); g None = no decay."""
+    """Chunked simple GLA (beta None) or (gated) delta rule (beta given); g None = no decay.
+
+    vs (simple GLA only, float32 [tokens, H] or None) scales v's rows inside the kernels: Mamba2
+    passes v = x and vs = dt, so dt x is never rounded to x's dtype (that rounding was the largest
+    error of dA, a sum over all tokens)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, scale, chunks, store_final):
+    def forward(ctx, q, k, v, g, beta, h0, scale, chunks, store_final, vs=None):
         delta = beta is not None
+        if delta and vs is not None:
+            raise ValueError("ChunkScalarGate: a v scale (vs) is for simple GLA, not the delta rule")
         gc = chunk_cumsum(g, chunks) if g is not None else None
         T = w = None
         if delta:
             T, w, u = kc.wy_fwd(k, v, beta, gc, chunks)
             h, v_new, ht = kc.state_fwd(k, u, w, gc, h0, chunks, store_final, v.dtype)
         else:
-            h, _, ht = kc.state_fwd(k, v, None, gc, h0, chunks, store_final, v.dtype)
+            h, _, ht = kc.state_fwd(k, v, None, gc, h0, chunks, store_final, v.dtype, vs)
             v_new = v
-        o = kc.output_fwd(q, k, v_new, gc, h, chunks, scale, v.dtype)
-        ctx.save_for_backward(q, k, v, beta, gc, h0, h, v_new, T, w)
+        o = kc.output_fwd(q, k, v_new, gc, h, chunks, scale, v.dtype, vs)
+        ctx.save_for_backward(q, k, v, beta, gc, h0, h, v_new, T, w, vs)
         ctx.scale, ctx.chunks, ctx.g_dtype = scale, chunks, None if g is None else g.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, gc, h0, h, v_new, T, w = ctx.saved_tensors
+        q, k, v, beta, gc, h0, h, v_new, T, w, vs = ctx.saved_tensors
         chunks, scale = ctx.chunks, ctx.scale
         delta = beta is not None
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
         dv_loc = kc.dv_local(q, k, do, gc, chunks, scale)
         dh, dv_state, dh0 = kc.state_bwd(q, k, w, gc, do, dv_loc, dht, chunks, scale,
-                                         torch.float32 if delta else v.dtype, want_dh0=h0 is not None)
+                                         torch.float32 if delta or vs is not None else v.dtype,
+                                         want_dh0=h0 is not None)
         dq, dk, dw, dgc = kc.dqk(q, k, v_new, h, dh, do, dv_state if delta else None, gc, chunks, scale,
-                                 torch.float32 if delta else k.dtype)
+                                 torch.float32 if delta else k.dtype, vs)
         dbeta = None
         if delta:
             dgc_wy = torch.zeros_like(gc) if gc is not None else None
@@ -72,8 +79,12 @@ class ChunkScalarGate(torch.autograd.Function):
                 dgc = dgc + dgc_wy
         else:
             dv = dv_state
+        dvs = None
+        if vs is not None:  # dv_state is the float32 gradient of the scaled v
+            dvs = (dv * v.float()).sum(-1)
+            dv = (dv * vs.unsqueeze(-1)).to(v.dtype)
         dg = None if gc is None else chunk_cumsum(dgc, chunks, reverse=True).to(ctx.g_dtype)
-        return dq, dk, dv, dg, dbeta, dh0, None, None, None
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None, dvs
 
 
 def unsupported(op: str, mode: str, tensors: dict[str, torch.Tensor | None], K: int, V: int,
@@ -111,24 +122,26 @@ def _run(q, k, v, **kwargs):
         return _run_here(q, k, v, **kwargs)
 
 
-def _run_here(q, k, v, *, g=None, gk=None, beta=None, scale: float, initial_state=None, bounds=None, mode: str,
-              chunk_size: int):
+def _run_here(q, k, v, *, g=None, gk=None, beta=None, vs=None, scale: float, initial_state=None, bounds=None,
+              mode: str, chunk_size: int):
+    """vs: optional float32 [B, T, H] scale of v's rows (simple GLA), see ChunkScalarGate."""
     B, T, H, _ = q.shape
     bounds = list(range(0, B * T + 1, T)) if bounds is None else bounds
-    packed = [_packed(x) for x in (q, k, v, g, gk, beta)]
+    packed = [_packed(x) for x in (q, k, v, g, gk, beta, vs)]
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    inputs = dict(zip(("q", "k", "v", "g", "gk", "beta", "h0"), (q, k, v, g, gk, beta, initial_state)))
+    inputs = dict(zip(("q", "k", "v", "g", "gk", "beta", "vs", "h0"), (q, k, v, g, gk, beta, vs, initial_state)))
+    pq, pk, pv, pg, pgk, pbeta, pvs = packed
     if mode == "recurrent" and not _needs_grad(inputs):
-        pq, pk, pv, pg, pgk, pbeta = packed
+        if pvs is not None:  # the forward-only recurrent kernel takes the scaled v
+            pv = (pv.float() * pvs.unsqueeze(-1)).to(pv.dtype)
         chunks = chunk_tables(bounds, 1, q.device)
         o, ht = recurrent_fwd(pq, pk, pv, chunks, scale=scale, g=pg, gk=pgk, beta=pbeta, h0=h0)
     else:
-        pq, pk, pv, pg, pgk, pbeta = packed
         chunks: Chunks = chunk_tables(bounds, chunk_size if mode == "chunk" else 64, q.device)
         if pgk is not None:
             o, ht = ChunkGLA.apply(pq, pk, pv, pgk, h0, scale, chunks)
         else:
-            o, ht = ChunkScalarGate.apply(pq, pk, pv, pg, pbeta, h0, scale, chunks, True)
+            o, ht = ChunkScalarGate.apply(pq, pk, pv, pg, pbeta, h0, scale, chunks, True, pvs)
     return o.reshape(*v.shape[:2], H, v.shape[-1]), ht
 
 
@@ -154,8 +167,9 @@ def gated_delta_rule(q, k, v, g, beta, *, scale: float, initial_state=None, boun
 
 def ssd(x, dt, B, C, *, A, D=None, dt_bias=None, dt_softplus=False, initial_state=None, bounds=None,
         mode="chunk", chunk_size=64):
-    """Mamba2's SSD as simple GLA: q = C, k = B, v = dt x (in x's dtype), g = dt A, scale 1."""
-    q, k, v, g = as_simple_gla(x, dt, A, B, C, dt_bias, dt_softplus)
-    y, h = simple_gla(q.to(x.dtype), k.to(x.dtype), v.to(x.dtype), g, scale=1.0, initial_state=initial_state,
-                      bounds=bounds, mode=mode, chunk_size=chunk_size)
+    """Mamba2's SSD as simple GLA: q = C, k = B, v = x scaled by dt inside the kernels (in float32),
+    g = dt A, scale 1."""
+    q, k, dt, g = ssd_terms(x, dt, A, B, C, dt_bias, dt_softplus)
+    y, h = _run(q.to(x.dtype), k.to(x.dtype), x, g=g, vs=dt, scale=1.0, initial_state=initial_state,
+                bounds=bounds, mode=mode, chunk_size=chunk_size)
     return _with_skip(y.float(), x, D), h
