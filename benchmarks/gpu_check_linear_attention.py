@@ -6,6 +6,11 @@ cases. Compares output, final state (rel. error < 5e-3) and every input gradient
 the reference run in float32 on the same bf16 values. Prints one PASS/FAIL line per case and
 exits non-zero on any failure.
 
+mamba2_ssd's dA is one sum per head over all tokens whose terms cancel (sum |term| / |sum| is
+~6 median, up to ~13, at B=2 H=4 K=V=64 T=100), and its relative error divides by that sum.
+Its floor here is not the kernels': the output's gradient arrives rounded to bf16 and dA leaves
+as bf16 (A is bf16), ~2e-3 median and up to ~6e-3 over 40 draws in a float64 emulation.
+
     python benchmarks/gpu_check_linear_attention.py [--quick]
 """
 
