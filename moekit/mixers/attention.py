@@ -24,12 +24,29 @@ def visible_keys(key_valid: torch.Tensor, query_slots: torch.Tensor) -> torch.Te
     return ((key_valid[:, None, :] & causal) | own)[:, None]
 
 
+def cached_keys(cache_entry: KVCache, k: torch.Tensor, v: torch.Tensor,
+                info: SequenceInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Write the call's k, v [B, kv_heads, T, D] into their cache slots; return the keys and
+    values the call attends over, in k's dtype, and their mask.
+
+    Those are the first ``info.key_valid.shape[1]`` slots: the filled ones for a prompt chunk,
+    the whole buffer for a one-token step (fixed shapes for CUDA-graph replay).
+    """
+    if info.slots is None or info.key_valid is None:
+        raise ValueError("SoftmaxAttention: a KV cache needs SequenceInfo.slots and key_valid")
+    cache_entry.key.index_copy_(2, info.slots, k.to(cache_entry.key.dtype))
+    cache_entry.value.index_copy_(2, info.slots, v.to(cache_entry.value.dtype))
+    seen = info.key_valid.shape[1]
+    keys, values = cache_entry.key[:, :, :seen], cache_entry.value[:, :, :seen]
+    return keys.to(k.dtype), values.to(k.dtype), visible_keys(info.key_valid, info.slots)
+
+
 class SoftmaxAttention(nn.Module):
     """Causal multi-head attention through ``F.scaled_dot_product_attention``.
 
     Without a cache it attends over the call's own tokens. With a ``KVCache`` it writes the
-    new keys/values into their slots and attends over the whole preallocated buffer under a
-    mask, so a one-token decode step has the same shapes at every position.
+    new keys/values into their slots and attends, under a mask, over the filled slots (a prompt
+    chunk) or the whole preallocated buffer (a one-token step: the same shapes at every position).
 
     With ``attention_output_gate`` (Qwen3-Next) ``q_proj`` yields, per head, the query then a
     gate of the same width ([q_h | gate_h], the checkpoint's layout); the attention output is
@@ -80,12 +97,7 @@ class SoftmaxAttention(nn.Module):
 
         mask = None
         if cache_entry is not None:
-            if info.slots is None or info.key_valid is None:
-                raise ValueError("SoftmaxAttention: a KV cache needs SequenceInfo.slots and key_valid")
-            cache_entry.key.index_copy_(2, info.slots, k.to(cache_entry.key.dtype))
-            cache_entry.value.index_copy_(2, info.slots, v.to(cache_entry.value.dtype))
-            k, v = cache_entry.key.to(q.dtype), cache_entry.value.to(q.dtype)
-            mask = visible_keys(info.key_valid, info.slots)
+            k, v, mask = cached_keys(cache_entry, k, v, info)
         elif info.token_mask is not None:
             mask = visible_keys(info.token_mask, torch.arange(t, device=x.device))
 

@@ -47,7 +47,9 @@ class SequenceInfo:
     positions:  [B, T] index of each token among its row's real tokens (RoPE angle).
     token_mask: [B, T] bool, False at (left) padding; None means every token is real.
     slots:      [T] KV-cache slots the tokens are written to (None without a cache).
-    key_valid:  [B, max_len] bool, which cache slots hold real tokens (None without a cache).
+    key_valid:  [B, S] bool, which of the first S cache slots hold real tokens, the slots the
+                call attends over: S is the filled length for a multi-token call, max_len
+                for a one-token step (None without a cache).
     """
 
     positions: torch.Tensor

@@ -87,7 +87,9 @@ class MultiHeadLatentAttention(nn.Module):
                 raise ValueError("MultiHeadLatentAttention: a cache needs SequenceInfo.slots and key_valid")
             cache_entry.latent.index_copy_(1, info.slots, latent.to(cache_entry.latent.dtype))
             cache_entry.rotary_key.index_copy_(1, info.slots, k_rope.to(cache_entry.rotary_key.dtype))
-            latent, k_rope = cache_entry.latent.to(x.dtype), cache_entry.rotary_key.to(x.dtype)
+            seen = info.key_valid.shape[1]  # the filled slots for a prompt chunk, all of them for one token
+            latent = cache_entry.latent[:, :seen].to(x.dtype)
+            k_rope = cache_entry.rotary_key[:, :seen].to(x.dtype)
             mask = visible_keys(info.key_valid, info.slots)
         elif info.token_mask is not None:
             mask = visible_keys(info.token_mask, torch.arange(t, device=x.device))

@@ -14,7 +14,8 @@ class ModelCache:
     all preallocated for ``batch_size`` rows and ``max_len`` token slots.
 
     ``advance(token_mask)`` claims the slots of the next call's tokens and returns the
-    ``SequenceInfo`` the mixers read. Slot counters and masks are device tensors updated in
+    ``SequenceInfo`` the mixers read; its ``key_valid`` covers the slots filled so far for a
+    multi-token call and the whole buffer for a one-token step. Slot counters and masks are device tensors updated in
     place (the decode step stays capturable); ``length`` mirrors the slot counter on the host
     only to refuse overflows with a clear error.
     """
@@ -52,8 +53,12 @@ class ModelCache:
         self.real_tokens += token_mask.sum(1)
         self.next_slot += t
         self.length += t
+        # A prompt chunk sees only the filled slots (the rest are masked out anyway, and attending
+        # over them would make a long prefill cost max_len per query); a one-token step keeps the
+        # whole buffer so its shapes never change (what CUDA-graph replay needs).
+        visible = self.key_valid if t == 1 else self.key_valid[:, :self.length]
         return SequenceInfo(positions=positions, token_mask=token_mask if padded else None, slots=slots,
-                            key_valid=self.key_valid)
+                            key_valid=visible)
 
     @torch.no_grad()
     def reset(self) -> None:

@@ -9,7 +9,11 @@ and never to wait for the GPU:
 - the cache is preallocated for ``batch_size`` rows of ``max_len`` tokens and emptied in place
   between requests (``ModelCache.reset``); its slot counters live on the device;
 - linear layers take the ops' recurrent form (fused Triton kernels on CUDA), softmax layers
-  attend over the whole KV buffer under a mask, so every step has the same shapes;
+  attend over the whole KV buffer under a mask, so every step has the same shapes (prompt
+  chunks attend over the filled slots only);
+- the linear ops' NaN check reads a flag back to the host: it is skipped while capturing, and
+  eager steps skip it too (``finite_checks_skipped``), one sync per layer and token otherwise;
+  prefill keeps it;
 - the MoE layers must route without a host sync, which holds for top-k routing (capacity drops
   included) through the Triton or grouped_mm experts backends. Expert-choice routing (its
   per-token expert count is read on the host) and the reference backend (a ``nonzero`` per
@@ -29,6 +33,7 @@ from moekit.models.generation import GenerateOutput, decode, prepare_request
 from moekit.moe.dispatch import LocalDispatcher
 from moekit.moe.layer import MoE
 from moekit.ops import moe as moe_ops
+from moekit.ops.linear_attention._checks import finite_checks_skipped
 
 GRAPH_WARMUP_STEPS = 3  # eager steps before capture: Triton compiles and autotunes, lazy tables get built
 
@@ -152,7 +157,8 @@ class FastDecoder:
                              f"got {tuple(token.shape)}")
         self._tokens.copy_(token.view(-1, 1))
         if self._graph is None:
-            return self._forward_step()
+            with finite_checks_skipped():  # a decode step feeds the ops the model's own activations
+                return self._forward_step()
         if self.cache.length + 1 > self.max_len:
             raise ValueError(f"FastDecoder: the cache's {self.max_len} slots are full")
         self._graph.replay()

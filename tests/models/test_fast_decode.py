@@ -5,23 +5,31 @@ import dataclasses
 import pytest
 import torch
 
+from moekit.mixers.cache import RecurrentCache
 from moekit.models import ModelConfig, MoEForCausalLM
 from moekit.models.fast_decode import FastDecoder, graph_blocker
 from moekit.moe.dispatch import LocalDispatcher
+from moekit.ops import linear_attention as la
+from moekit.ops.linear_attention import triton_layout
+from moekit.ops.linear_attention._checks import finite_checks_skipped
 
 VOCAB = 64
 
 
-def tiny_model(pattern: str, mixer: str = "gla", seed: int = 0, dtype=torch.float64, **moe) -> MoEForCausalLM:
+def tiny_model(pattern: str, mixer: str = "gla", seed: int = 0, dtype=torch.float64, mla=None,
+               **moe) -> MoEForCausalLM:
     torch.manual_seed(seed)
     config = ModelConfig.from_dict({
         "vocab_size": VOCAB, "hidden_size": 32, "layer_pattern": pattern, "linear_mixer": mixer,
         "num_heads": 2, "num_kv_heads": 1, "head_dim": 16, "max_seq_len": 128, "init_std": 0.1,
-        "first_k_dense": 1 if len(pattern) > 1 else 0, "dense_ffn_hidden_size": 48,
+        "first_k_dense": 1 if len(pattern) > 1 else 0, "dense_ffn_hidden_size": 48, "mla": mla,
         "moe": {"ffn_hidden_size": 32, "num_experts": 4, "top_k": 2, "num_shared_experts": 1,
                 "init_std": 0.1, **moe},
     })
     return MoEForCausalLM(config).to(dtype).eval()
+
+
+MLA = {"kv_lora_rank": 8, "qk_nope_head_dim": 6, "qk_rope_head_dim": 4, "v_head_dim": 5, "q_lora_rank": 12}
 
 
 def prompts_of(lengths, seed: int = 0) -> list[list[int]]:
@@ -170,6 +178,90 @@ def test_errors():
         decoder.generate(prompts_of((2, 2)), 0)
 
 
+def left_padded_mask(lengths, width: int) -> torch.Tensor:
+    return torch.arange(width)[None, :] >= width - torch.tensor(lengths)[:, None]
+
+
+# Prompt chunks attend over the filled KV slots only; one-token steps over the whole buffer.
+@pytest.mark.parametrize("mla", [None, MLA])
+def test_prompt_chunk_over_filled_slots_equals_whole_buffer(mla):
+    model = tiny_model("LNLN", seed=8, mla=mla)
+    layer = 1
+    attention = model.layers[layer].mixer
+    sliced, whole = model.new_cache(2, 30), model.new_cache(2, 30)
+    g = torch.Generator().manual_seed(8)
+    masks = left_padded_mask((9, 4), 9).split([5, 4], dim=1) + (torch.ones(2, 6, dtype=torch.bool),)
+    for mask in masks:
+        x = torch.randn(2, mask.shape[1], 32, generator=g, dtype=torch.float64)
+        info = sliced.advance(mask, padded=True)
+        assert info.key_valid.shape == (2, sliced.length)
+        full_info = dataclasses.replace(whole.advance(mask, padded=True), key_valid=whole.key_valid)
+        assert full_info.key_valid.shape == (2, 30)
+        got, expected = attention(x, sliced[layer], info), attention(x, whole[layer], full_info)
+        real = mask[:, :, None].expand_as(got)  # padding queries attend to themselves alone: skip them
+        assert rel(got[real], expected[real]) < 1e-10
+    step = sliced.advance(torch.ones(2, 1, dtype=torch.bool), padded=False)
+    assert step.key_valid.shape == (2, 30)  # a decode step keeps the static shape
+
+
+@pytest.mark.parametrize("mla", [None, MLA])
+def test_prefill_never_reads_unfilled_slots(mla):
+    """NaN in the empty slots would reach the output if a prompt chunk attended over them."""
+    model = tiny_model("NLN", seed=9, mla=mla)
+    ids = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(9))
+    mask = left_padded_mask((14, 10), 14)
+    expected = model(ids, attention_mask=mask).logits
+    cache = model.new_cache(2, 64)
+    for entry in cache.entries:
+        if not isinstance(entry, RecurrentCache):  # the KV (or latent) buffers
+            for f in dataclasses.fields(entry):
+                getattr(entry, f.name).fill_(float("nan"))
+    got = torch.cat([model(ids[:, s:s + 4], cache=cache, attention_mask=mask[:, s:s + 4]).logits
+                     for s in range(0, 14, 4)], dim=1)
+    assert rel(got[mask], expected[mask]) < 1e-10
+
+
+# The linear ops' NaN check: eager calls refuse NaN by name; FastDecoder's eager steps skip it.
+def test_nan_refused_eagerly_and_skipped_in_decode_steps():
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(2, 3, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    gk = torch.nn.functional.logsigmoid(torch.randn(2, 3, 2, 8, generator=g, dtype=torch.float64))
+    k[1, 2, 0, 5] = float("nan")
+    with finite_checks_skipped():
+        o, _ = la.gla(q, k, v, gk)
+    assert o[1, 2].isnan().any() and o[0].isfinite().all()
+    with pytest.raises(ValueError, match=r"non-finite values .* in `k`"):
+        la.gla(q, k, v, gk)  # the check is back on after the block
+
+    model = tiny_model("LN", seed=10)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=g)
+    decoder = FastDecoder(model, 2, 16)
+    logits = decoder.prefill(ids)
+    decoder.cache[0].state[0].fill_(float("nan"))
+    token = logits.argmax(-1)
+    assert decoder.step(token)[0].isnan().all()  # no check, no host sync: the NaN flows through
+    with pytest.raises(ValueError, match=r"non-finite values .* in `initial_state`"):
+        model(token[:, None], cache=decoder.cache)  # a plain eager call still checks
+
+
+def test_chunk_tables_captured_by_a_graph_outlive_the_lru(monkeypatch):
+    """A CUDA graph reads the chunk tables by address: once handed out during a capture they
+    must survive the LRU's eviction (its bounds differ from every other test's)."""
+    bounds = (0, 3, 7, 12, 19)
+    monkeypatch.setattr(triton_layout, "is_capturing", lambda: True)
+    captured = triton_layout.chunk_tables(bounds, 4, "cpu")
+    monkeypatch.setattr(triton_layout, "is_capturing", lambda: False)
+    triton_layout._tables.cache_clear()
+    for n in range(70):  # more than the LRU holds
+        triton_layout.chunk_tables((0, n + 1), 4, "cpu")
+    again = triton_layout.chunk_tables(bounds, 4, "cpu")
+    assert again is captured
+    assert again.start.tolist() == [0, 3, 7, 11, 12, 16] and again.first.tolist() == [0, 1, 2, 4, 6]
+    uncaptured = triton_layout.chunk_tables((0, 5), 4, "cpu")
+    triton_layout._tables.cache_clear()
+    assert triton_layout.chunk_tables((0, 5), 4, "cpu") is not uncaptured
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("pattern,moe", [("LLLN", {}), ("N", {}), ("L", {}),
@@ -186,3 +278,20 @@ def test_cuda_graph_replay_matches_eager(pattern, moe):
         assert torch.equal(a.sequences, b.sequences)
         assert rel(a.logits, b.logits) < 1e-5
         assert graphed.cache.length == eager.cache.length
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_survives_chunk_table_eviction():
+    model = tiny_model("LLLN", dtype=torch.float32, seed=11).cuda()
+    graphed = FastDecoder(model, 3, 40, cuda_graph=True, prefill_chunk=5)
+    triton_layout._tables.cache_clear()
+    # Churn the allocator's small blocks: freed tables would now hold these values.
+    junk = [torch.full((n,), 10**6, dtype=torch.int32, device="cuda") for n in range(1, 200)]
+    eager = FastDecoder(model, 3, 40, cuda_graph=False, prefill_chunk=5)
+    prompts = prompts_of((6, 11, 2), seed=11)
+    a = graphed.generate(prompts, 16, output_logits=True)
+    b = eager.generate(prompts, 16, output_logits=True)
+    assert torch.equal(a.sequences, b.sequences)
+    assert rel(a.logits, b.logits) < 1e-5
+    del junk

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 
 from moekit.ops.capture import is_capturing
@@ -72,11 +76,27 @@ def sequences(op: str, cu_seqlens, batch: int, seq_len: int) -> list[int] | None
     return bounds
 
 
+_finite_checks_on: ContextVar[bool] = ContextVar("finite_checks_on", default=True)
+
+
+@contextmanager
+def finite_checks_skipped() -> Iterator[None]:
+    """Within this block the ops skip ``finite``: for callers that run many small steps on inputs
+    they produced themselves (a decode step), where one device-to-host read per op and step
+    would stall the GPU queue for a check that cannot fail on healthy activations."""
+    token = _finite_checks_on.set(False)
+    try:
+        yield
+    finally:
+        _finite_checks_on.reset(token)
+
+
 def finite(op: str, named: dict[str, torch.Tensor | None]) -> None:
-    """NaN / inf inputs are rejected up front (one device sync for all of them); skipped while
-    torch.compile traces, where a data-dependent branch would break the graph."""
-    # The finiteness check reads a value back (a host sync): skip it while compiling or capturing a CUDA graph.
-    if torch.compiler.is_compiling() or is_capturing():
+    """NaN / inf inputs are rejected up front with an error naming them, at the cost of one
+    device-to-host read for all of them. Skipped where that read cannot or should not happen:
+    while torch.compile traces (a data-dependent branch breaks the graph), while a CUDA graph is
+    captured (a sync is illegal there) and inside ``finite_checks_skipped``."""
+    if not _finite_checks_on.get() or torch.compiler.is_compiling() or is_capturing():
         return
     present = {name: t for name, t in named.items() if t is not None}
     flags = torch.stack([t.isfinite().all() for t in present.values()])

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moekit.ops.capture import is_capturing
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 # The delta-rule and GLA state kernels also stage float32 [BT, K] tiles (w, the gates) beside
@@ -61,8 +63,20 @@ def _tables(bounds: tuple[int, ...], size: int, device: torch.device) -> Chunks:
     return Chunks(as_tensor(list(bounds)), as_tensor(first), as_tensor(start), as_tensor(end), size)
 
 
+# Tables handed out while a CUDA graph was being captured. The graph reads them by address on
+# every replay but holds no reference, so the LRU above must not free them (their memory would be
+# reused and the replays read garbage bounds): they are kept for the life of the process.
+_captured: dict[tuple, Chunks] = {}
+
+
 def chunk_tables(bounds: list[int] | tuple[int, ...], size: int, device: torch.device) -> Chunks:
-    return _tables(tuple(bounds), size, torch.device(device))
+    key = (tuple(bounds), size, torch.device(device))
+    if key in _captured:
+        return _captured[key]
+    tables = _tables(*key)
+    if is_capturing():
+        _captured[key] = tables
+    return tables
 
 
 def block(dim: int, cap: int = 64) -> int:
