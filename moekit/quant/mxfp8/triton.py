@@ -167,10 +167,12 @@ if INTERPRETING:  # the interpreter runs on the CPU: one small tile (edge masks 
     BOTH_CONFIGS = [ROW_CONFIG]
 else:
     ROW_CONFIG = _config(128, 128, 8)
-    # Hopper candidates for the one-pass kernel, all without register spills at ~128 registers;
-    # the maxnreg ones trade a few spilled bytes for 5 CTAs per SM instead of 4.
-    BOTH_CONFIGS = [_config(128, 128, 8), _config(64, 128, 4), _config(128, 64, 4), _config(256, 64, 8),
-                    _config(64, 128, 4, maxnreg=96), _config(128, 64, 4, maxnreg=96)]
+    # Hopper candidates for the one-pass kernel (sm_90 builds, `benchmarks/quant.py --compile-only
+    # 90`): ~128 registers, no spills. With BLOCK_K = 64 a warp spans 32 rows, so the column amax
+    # and the word transpose stay within warps (shuffles, next to no shared memory); 128 columns
+    # give longer row stores. maxnreg 96 trades 28 spilled bytes for 5 CTAs per SM instead of 4.
+    BOTH_CONFIGS = [_config(128, 64, 4), _config(256, 64, 8), _config(128, 128, 8), _config(64, 128, 4),
+                    _config(128, 64, 4, maxnreg=96)]
 
 # Weights are what both layouts get made of, so (M, K) repeat: tune once per shape.
 _mx_quantize_tuned = triton.autotune(configs=BOTH_CONFIGS, key=["M", "K", "ROWWISE", "IS_BF16"])(
