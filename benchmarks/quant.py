@@ -14,6 +14,10 @@ both-layouts kernel at >= 90% of copy bandwidth. Needs a CUDA GPU.
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
+import tempfile
 import time
 
 import torch
@@ -107,10 +111,66 @@ def compiled_peer(fn):
     return run
 
 
+def _ptxas_report(ptx: str, arch: int) -> str:
+    """Registers and spill bytes, from the ptxas bundled with Triton."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        suffix = "a" if arch == 90 else ""
+        out = subprocess.run([ptxas, "-v", f"-arch=sm_{arch}{suffix}", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spills = re.search(r"(\d+) bytes spill stores", out)
+    return f"{regs.group(1) if regs else '?'} regs, {spills.group(1) if spills else '?'} B spilled"
+
+
+def compile_only(arch: int) -> bool:
+    """Build the MXFP8 quantize kernel for sm_<arch> (both layouts and row-only, every autotune
+    config and --sweep tile, bf16 and fp32 input) without a GPU. Pointers and sizes are marked
+    16-divisible, as Triton specializes them at launch, so the loads and stores vectorize as on the GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    fn = mx_triton._mx_quantize_kernel
+    target = GPUTarget("cuda", arch, 32)
+    fmt = mx_triton._format_args(ELEM, SCALE_MODE)
+    fmt["EMULATE_RNE"] = False
+    configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.maxnreg) for c in mx_triton.BOTH_CONFIGS]
+    configs += [(a, b, w, None) for a, b, w in MX_TILES if (a, b, w, None) not in configs]
+    ok = True
+    for rowwise, colwise in ((True, True), (True, False)):
+        for x_type in ("*i16", "*fp32"):
+            for block_m, block_k, warps, maxnreg in configs:
+                constexprs = dict(fmt, ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x_type == "*i16", BLOCK_M=block_m,
+                                  BLOCK_K=block_k, ROW_GROUP=mx_triton._row_group(block_m, block_k, warps))
+                signature = {n: "constexpr" if n in constexprs else
+                             {"x_ptr": x_type, "col_data_ptr": "*i32"}.get(n, "*u8" if n.endswith("_ptr") else "i32")
+                             for n in fn.arg_names}
+                attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in constexprs}
+                label = (f"{'both' if colwise else 'row '} {'bf16' if x_type == '*i16' else 'fp32'} "
+                         f"{block_m}x{block_k}/{warps}w" + (f" maxnreg {maxnreg}" if maxnreg else ""))
+                try:
+                    kernel = compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                     target=target, options={"num_warps": warps, "num_stages": 1, "maxnreg": maxnreg})
+                    print(f"  {label:36s} {_ptxas_report(kernel.asm['ptx'], arch)}, "
+                          f"{kernel.metadata.shared} B shared", flush=True)
+                except Exception as err:  # report every failing variant, not just the first
+                    ok = False
+                    print(f"FAIL {label}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}")
+    print(f"{'ALL COMPILED' if ok else 'SOME FAILED TO COMPILE'} for sm_{arch}")
+    return ok
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time a few tile shapes per kernel (slower)")
+    parser.add_argument("--compile-only", type=int, metavar="ARCH", default=None,
+                        help="build the MXFP8 kernels for sm_ARCH (e.g. 90) without a GPU, print registers, and stop")
     args = parser.parse_args()
+    if args.compile_only is not None:
+        raise SystemExit(0 if compile_only(args.compile_only) else 1)
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/quant.py needs a CUDA GPU")
     start = time.time()
@@ -119,6 +179,9 @@ def main() -> None:
     x = make_input()
     exact = check_bit_exact(x)
     print("bit-exact vs reference: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in exact.items()))
+    best = mx_triton._mx_quantize_tuned.best_config
+    print(f"mxfp8 both: autotuned tile {best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_K']}/{best.num_warps}w"
+          + (f", maxnreg {best.maxnreg}" if best.maxnreg else ""))
 
     if args.sweep:
         print("tile sweep (median ms, best first):")

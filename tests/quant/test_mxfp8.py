@@ -44,6 +44,31 @@ def test_one_pass_kernel_matches_reference(make_input, assert_same_bits, dtype, 
                 assert_same_bits(buf, _bytes(expected[name]))
 
 
+# (BLOCK_M, BLOCK_K, num_warps): row groups of 8, 16 and 32 rows, one or several per tile, and
+# tiles taller / wider than the input (masked edges).
+TILES = [(32, 32, 4), (64, 64, 2), (128, 64, 4), (128, 128, 1), (64, 256, 4)]
+
+
+@pytest.mark.parametrize("tile", TILES)
+def test_one_pass_kernel_tile_shapes(make_input, assert_same_bits, tile):
+    """Every tile split the kernel may use (its row permutation depends on the tile) is exact."""
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    block_m, block_k, warps = tile
+    tiles = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps}
+    for seed, (shape, dtype) in enumerate([((96, 160), torch.bfloat16), ((128, 96), torch.float32)]):
+        x = make_input(shape, dtype, 30 + seed)
+        rows, cols = reference.quantize_both(x, "e4m3", "rceil")
+        expected = {"row_data": rows.data, "row_scale": rows.scale,
+                    "col_data": cols.data.t(), "col_scale": cols.scale.t()}
+        out = mx_triton.empty_outputs(*shape, True, True, "e4m3", x.device)
+        for buf in out.values():
+            buf.fill_(POISONS[seed])
+        mx_triton.launch_quantize(x, out, "e4m3", "rceil", tiles)
+        for name, buf in out.items():
+            assert_same_bits(buf, _bytes(expected[name]))
+
+
 @pytest.mark.parametrize("scale_mode", MODES)
 @pytest.mark.parametrize("elem", ELEMS)
 def test_public_api_layouts_match_reference(make_input, assert_same_bits, assert_same_values, elem, scale_mode):

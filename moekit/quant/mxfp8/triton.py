@@ -32,30 +32,41 @@ from moekit.quant.triton_utils import (
 
 
 @triton.jit
-def _shared_exponent(amax, EMAX: tl.constexpr, RCEIL: tl.constexpr):
-    bits = amax.to(tl.int32, bitcast=True)
-    exp = ((bits >> 23) & 0xFF) - 127
+def _block_exponent(amax_bits, EMAX: tl.constexpr, RCEIL: tl.constexpr):
+    """Blocks' scale exponents from the int32 bits of their |x| maxima, and whether they hold NaN / Inf.
+
+    One integer max serves both: as integers the bits of non-negative floats order like the floats,
+    and every NaN or Inf (exponent field 0xFF) exceeds every finite magnitude.
+    """
+    nonfinite = amax_bits >= 0x7F800000
+    exp = (amax_bits >> 23) - 127
     if RCEIL:
-        exp += ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)  # mantissa above 1.75
-    return tl.minimum(tl.maximum(exp - EMAX, -127), 127)
+        exp += ((amax_bits & 0x7FFFFF) > 0x600000).to(tl.int32)  # mantissa above 1.75
+    return tl.minimum(tl.maximum(exp - EMAX, -127), 127), nonfinite
 
 
 @triton.jit
-def _quantize_blocks(x, AXIS: tl.constexpr, EMAX: tl.constexpr, RCEIL: tl.constexpr,
-                     MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr,
-                     E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """x: float32 with blocks of 32 along AXIS -> (element bytes like x, scale bytes without AXIS)."""
-    mag = tl.abs(x)
-    finite = mag < float("inf")
-    amax = tl.max(tl.where(finite, mag, 0.0), axis=AXIS)
-    nonfinite = tl.max(tl.where(finite, 0, 1), axis=AXIS) > 0
-    exp = _shared_exponent(amax, EMAX, RCEIL)
-    inv_scale = ((127 - exp) << 23).to(tl.float32, bitcast=True)  # 2**-exp, exact
-    elems = encode_fp8(x * tl.expand_dims(inv_scale, AXIS), MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP,
-                       E5M2, EMULATE_RNE)
-    elems = tl.where(tl.expand_dims(nonfinite, AXIS), 0x7F, elems).to(tl.uint8)
-    scale = tl.where(nonfinite, 255, exp + 127).to(tl.uint8)
-    return elems, scale
+def _magnitude_bits(x):
+    return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _encode(x, exp, nonfinite, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr,
+            E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """x / 2**exp as FP8 bytes (0x7F in non-finite blocks); `exp` and `nonfinite` broadcast against x."""
+    q = x * ((127 - exp) << 23).to(tl.float32, bitcast=True)  # times 2**-exp, exact
+    if EMULATE_RNE:
+        elems = encode_fp8(q, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
+    elif E5M2:  # the GPU's cvt.rn.satfinite saturates by itself: encode_fp8's clamp would be 2 more ops
+        elems = q.to(tl.float8e5).to(tl.uint8, bitcast=True)
+    else:
+        elems = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    return tl.where(nonfinite, 0x7F, elems).to(tl.uint8)
+
+
+@triton.jit
+def _scale_bytes(exp, nonfinite):
+    return tl.where(nonfinite, 255, exp + 127).to(tl.uint8)
 
 
 @triton.jit
@@ -65,35 +76,56 @@ def _mx_quantize_kernel(
     ROWWISE: tl.constexpr, COLWISE: tl.constexpr, IS_BF16: tl.constexpr,
     EMAX: tl.constexpr, RCEIL: tl.constexpr, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr,
     MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROW_GROUP: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """One read of an x tile [BLOCK_M, BLOCK_K]; row-wise and / or column-wise outputs.
+
+    Column-wise, tile row t = s * 4G + j * G + a (G = ROW_GROUP, j < 4, a < G) holds x row
+    m0 + s * 4G + 4a + j. With G the rows one pass of the CTA's threads covers (see
+    `_row_group`), the tile's repetitions put rows 4a .. 4a + 3 of a column in one thread, so
+    the 32-row amax starts in registers, and their 4 FP8 bytes pack into one int32 of the [K, M]
+    output: the on-chip transpose moves words instead of bytes, and the store is 16-byte vectors
+    along M. Correctness does not depend on the layout, only the speed.
+    """
+    t = tl.arange(0, BLOCK_M)
+    m0 = tl.program_id(0) * BLOCK_M
+    if COLWISE:
+        offs_m = m0 + (t // (4 * ROW_GROUP)) * (4 * ROW_GROUP) + 4 * (t % ROW_GROUP) + (t // ROW_GROUP) % 4
+    else:
+        offs_m = m0 + t
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    raw = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0)
+    x = to_float32(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0), IS_BF16)
 
     if ROWWISE:
-        x = to_float32(raw, IS_BF16)
-        elems, scale = _quantize_blocks(tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 32)), 2, EMAX, RCEIL,
-                                        MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
-        tl.store(row_data_ptr + offs_m[:, None] * K + offs_k[None, :],
-                 tl.reshape(elems, (BLOCK_M, BLOCK_K)), mask=mask)
+        xr = tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 32))
+        exp, nonfinite = _block_exponent(tl.max(_magnitude_bits(xr), axis=2), EMAX, RCEIL)
+        elems = _encode(xr, exp[:, :, None], nonfinite[:, :, None], MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP,
+                        E5M2, EMULATE_RNE)
+        tl.store(row_data_ptr + offs_m[:, None] * K + offs_k[None, :], tl.reshape(elems, (BLOCK_M, BLOCK_K)),
+                 mask=mask)
         offs_kb = tl.program_id(1) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
-        tl.store(row_scale_ptr + offs_m[:, None] * (K // 32) + offs_kb[None, :], scale,
+        tl.store(row_scale_ptr + offs_m[:, None] * (K // 32) + offs_kb[None, :], _scale_bytes(exp, nonfinite),
                  mask=(offs_m[:, None] < M) & (offs_kb[None, :] < K // 32))
 
     if COLWISE:
-        # Transpose first (the raw 16-bit input: half the shared memory of float32), so that the
-        # blocks (along M) are innermost: the amax reduces within a row of the [K, M] tile and the
-        # tile is already in the layout of its [K, M] destination, so both the element and the
-        # scale stores are contiguous along M.
-        xt = to_float32(tl.trans(raw), IS_BF16)
-        elems, scale = _quantize_blocks(tl.reshape(xt, (BLOCK_K, BLOCK_M // 32, 32)), 2, EMAX, RCEIL,
-                                        MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
-        tl.store(col_data_ptr + offs_k[:, None] * M + offs_m[None, :], tl.reshape(elems, (BLOCK_K, BLOCK_M)),
-                 mask=(offs_k[:, None] < K) & (offs_m[None, :] < M))
+        # [s, j, a // 8, a % 8, k]: a block of 32 rows is (j, a % 8) at fixed (s, a // 8).
+        xc = tl.reshape(x, (BLOCK_M // (4 * ROW_GROUP), 4, ROW_GROUP // 8, 8, BLOCK_K))
+        amax = tl.max(tl.max(_magnitude_bits(xc), axis=1), axis=2)  # in-thread axis first
+        exp, nonfinite = _block_exponent(amax, EMAX, RCEIL)
+        # Expanded in the reverse order of the reductions, so the layouts match without a convert.
+        elems = _encode(xc, tl.expand_dims(tl.expand_dims(exp, 2), 1),
+                        tl.expand_dims(tl.expand_dims(nonfinite, 2), 1),
+                        MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
+        # Little-endian: byte j of the word is row 4a + j.
+        shifts = 8 * tl.arange(0, 4)[None, :, None, None, None]
+        words = tl.reshape(tl.sum(elems.to(tl.int32) << shifts, axis=1), (BLOCK_M // 4, BLOCK_K))
+        offs_w = m0 // 4 + tl.arange(0, BLOCK_M // 4)
+        tl.store(col_data_ptr + offs_k[:, None] * (M // 4) + offs_w[None, :], tl.trans(words),
+                 mask=(offs_k[:, None] < K) & (offs_w[None, :] < M // 4))
+        scale = tl.reshape(_scale_bytes(exp, nonfinite), (BLOCK_M // 32, BLOCK_K))
         offs_mb = tl.program_id(0) * (BLOCK_M // 32) + tl.arange(0, BLOCK_M // 32)
-        tl.store(col_scale_ptr + offs_k[:, None] * (M // 32) + offs_mb[None, :], scale,
+        tl.store(col_scale_ptr + offs_k[:, None] * (M // 32) + offs_mb[None, :], tl.trans(scale),
                  mask=(offs_k[:, None] < K) & (offs_mb[None, :] < M // 32))
 
 
@@ -116,11 +148,35 @@ def _mx_dequantize_kernel(
     tl.store(out_ptr + offs_r[:, None] * K + offs_k[None, :], tl.reshape(out, (BLOCK_R, BLOCK_K)), mask=mask)
 
 
-def _tiles(num_warps_big: int = 8) -> dict:
-    """Tile sizes: small ones in the interpreter (so edge masks get exercised), big ones on a GPU."""
-    if INTERPRETING:
-        return {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 4}
-    return {"BLOCK_M": 128, "BLOCK_K": 128, "num_warps": num_warps_big}
+def _row_group(block_m: int, block_k: int, num_warps: int) -> int:
+    """ROW_GROUP for a tile: the rows one pass of the CTA covers in the layout Triton gives it
+    (16 elements per thread along K, for 16-byte FP8 stores; lanes fill BLOCK_K first, warps
+    stack along M), kept within [8, BLOCK_M / 4] so the tile still splits as the kernel needs."""
+    lanes_m = 32 // min(block_k // 16, 32)
+    return max(8, min(lanes_m * num_warps, block_m // 4))
+
+
+def _config(block_m: int, block_k: int, num_warps: int, maxnreg: int | None = None) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k,
+                          "ROW_GROUP": _row_group(block_m, block_k, num_warps)},
+                         num_warps=num_warps, num_stages=1, maxnreg=maxnreg)
+
+
+if INTERPRETING:  # the interpreter runs on the CPU: one small tile (edge masks get exercised), no tuning
+    ROW_CONFIG = _config(32, 64, 4)
+    BOTH_CONFIGS = [ROW_CONFIG]
+else:
+    ROW_CONFIG = _config(128, 128, 8)
+    # Hopper candidates for the one-pass kernel (sm_90 builds, `benchmarks/quant.py --compile-only
+    # 90`): ~128 registers, no spills. With BLOCK_K = 64 a warp spans 32 rows, so the column amax
+    # and the word transpose stay within warps (shuffles, next to no shared memory); 128 columns
+    # give longer row stores. maxnreg 96 trades 28 spilled bytes for 5 CTAs per SM instead of 4.
+    BOTH_CONFIGS = [_config(128, 64, 4), _config(256, 64, 8), _config(128, 128, 8), _config(64, 128, 4),
+                    _config(128, 64, 4, maxnreg=96)]
+
+# Weights are what both layouts get made of, so (M, K) repeat: tune once per shape.
+_mx_quantize_tuned = triton.autotune(configs=BOTH_CONFIGS, key=["M", "K", "ROWWISE", "IS_BF16"])(
+    _mx_quantize_kernel)
 
 
 def _format_args(elem: str, scale_mode: str) -> dict:
@@ -147,17 +203,27 @@ def empty_outputs(m: int, k: int, rowwise: bool, colwise: bool, elem: str, devic
 
 def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, tiles: dict | None = None) -> None:
     """Run the kernel on 2-D `x` [M, K] (unit stride along K), writing the layouts in `outputs`.
-    `tiles` (BLOCK_M, BLOCK_K: multiples of 32; num_warps) overrides the default, for tuning."""
+    Both layouts: the autotuned configs; row-wise only: `ROW_CONFIG`. `tiles` (BLOCK_M, BLOCK_K:
+    powers of two >= 32; num_warps) forces one tile instead, for tuning by hand."""
     m, k = x.shape
-    tiles = tiles or _tiles()
-    grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))
     rowwise, colwise = "row_data" in outputs, "col_data" in outputs
-    _mx_quantize_kernel[grid](
-        kernel_input(x), outputs.get("row_data"), outputs.get("row_scale"),
-        outputs.get("col_data"), outputs.get("col_scale"), m, k, x.stride(0),
-        ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x.dtype == torch.bfloat16,
-        **_format_args(elem, scale_mode), **tiles,
-    )
+    col_data = outputs.get("col_data")
+    args = (kernel_input(x), outputs.get("row_data"), outputs.get("row_scale"),
+            None if col_data is None else col_data.view(torch.int32),  # written 4 rows (bytes) at a time
+            outputs.get("col_scale"), m, k, x.stride(0))
+    flags = dict(ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x.dtype == torch.bfloat16, **_format_args(elem, scale_mode))
+    if tiles is None and colwise:
+        def grid(meta):
+            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"])
+
+        _mx_quantize_tuned[grid](*args, **flags)
+        return
+    if tiles is None:
+        tiles = dict(ROW_CONFIG.kwargs, num_warps=ROW_CONFIG.num_warps)
+    else:
+        tiles = dict(tiles, ROW_GROUP=_row_group(tiles["BLOCK_M"], tiles["BLOCK_K"], tiles["num_warps"]))
+    grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))
+    _mx_quantize_kernel[grid](*args, **flags, **tiles)
 
 
 def _fp8(t: torch.Tensor, elem: str) -> torch.Tensor:
@@ -209,9 +275,8 @@ def dequantize(t: MXTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     data2 = as_bytes(data.reshape(-1, k).contiguous())
     scale2 = as_bytes(t.scale.movedim(t.axis, -1).reshape(-1, k // t.block).contiguous())
     out = torch.empty(data2.shape, dtype=torch.float32, device=data.device)
-    tiles = _tiles(num_warps_big=4)
-    block_r, block_k = tiles.pop("BLOCK_M"), tiles.pop("BLOCK_K")
+    block_r, block_k, warps = (32, 64, 4) if INTERPRETING else (128, 128, 4)
     grid = (triton.cdiv(data2.shape[0], block_r), triton.cdiv(k, block_k))
     _mx_dequantize_kernel[grid](data2, scale2, out, data2.shape[0], k, E5M2=t.elem == "e5m2",
-                                BLOCK_R=block_r, BLOCK_K=block_k, **tiles)
+                                BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps)
     return out.reshape(data.shape).movedim(-1, t.axis).to(dtype)
