@@ -55,7 +55,7 @@ class DispatchPlan:
 
     token: torch.Tensor  # [N] token row of each sent row
     local_idx: torch.Tensor  # [N, K] expert ids local to the destination, -1 for the other slots
-    weight: torch.Tensor  # [N, K] the token's gate weights (only the slots kept in local_idx count)
+    weight: torch.Tensor  # [N, K] the token's gate weights on those slots, 0 elsewhere
 
 
 def plan_dispatch(topk_idx: torch.Tensor, topk_weight: torch.Tensor, hits: torch.Tensor, num_local: int,
@@ -68,7 +68,10 @@ def plan_dispatch(topk_idx: torch.Tensor, topk_weight: torch.Tensor, hits: torch
     rank, token = order // tokens, order % tokens
     idx = topk_idx[token]
     here = (idx >= 0) & (idx // num_local == rank[:, None])
-    return DispatchPlan(token, torch.where(here, idx - rank[:, None] * num_local, -1), topk_weight[token])
+    # The other slots' weights travel as 0, and torch.where gives them a zero gradient whatever
+    # comes back for them (a backend may return garbage there, e.g. _grouped_mm's unwritten rows).
+    return DispatchPlan(token, torch.where(here, idx - rank[:, None] * num_local, -1),
+                        torch.where(here, topk_weight[token], 0))
 
 
 def pack_routing(local_idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

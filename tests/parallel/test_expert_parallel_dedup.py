@@ -83,10 +83,24 @@ def run_case(name: str, extra: dict, rank: int) -> dict:
             "assignments": int((idx >= 0).sum()), "tokens": TOKENS}
 
 
+def unwritten_rows_as_nan(grouped_mm):
+    """``torch._grouped_mm`` leaves the output rows past the last offset unwritten: fill them with
+    NaN, so that a leak of them (e.g. into the gate weights' gradient) fails every time instead of
+    when the allocator hands out dirty memory."""
+
+    def poisoned(a, b, offs=None, **kwargs):
+        out = grouped_mm(a, b, offs=offs, **kwargs)
+        return out.index_fill(0, torch.arange(int(offs[-1]), out.shape[0]), float("nan"))
+
+    return poisoned
+
+
 def rank_main(rank: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    if hasattr(torch, "_grouped_mm"):
+        torch._grouped_mm = unwritten_rows_as_nan(torch._grouped_mm)  # this forked rank only
     result = {name: run_case(name, extra, rank) for name, extra in CASES.items()}
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump(result, f)
