@@ -37,7 +37,9 @@ backward), so activations stay small next to the experts. Per layout the script 
   collectives are replayed alone, each after a barrier (median over ``--steps`` replays, slowest
   rank). That is the transfer time without overlap or waiting for a slower peer;
 * all-to-all GB per GPU per step: bytes a rank sends to other ranks, from the recorded split
-  sizes (mean over ranks);
+  sizes (mean over ranks). The dispatcher sends a token once to each rank holding at least one
+  of its experts (not once per expert); ``simulated_a2a_bytes`` predicts the volume from routing
+  random tokens;
 * load max/mean: per layer, the tokens each EP rank's expert slice receives from its whole EP
   group, max over mean (mean over layers, worst group); the same per expert. Inputs are random
   and the routers freshly initialized, so loads are close to uniform: a trained router is worse.
@@ -68,6 +70,7 @@ from torch.distributed.device_mesh import DeviceMesh  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from moekit import MoE, MoEConfig  # noqa: E402
+from moekit.moe.router import Router  # noqa: E402
 from moekit.parallel import ParallelConfig, ParallelMesh, init_distributed, moe_layers, shard_experts, sync_grads  # noqa: E402,E501
 
 
@@ -231,6 +234,24 @@ class AllToAllLog:
             synchronize(device)
             total += time.perf_counter() - t0
         return total
+
+
+def simulated_a2a_bytes(shape: Shape, layers: int, ep: int, tokens: int = 4096, seed: int = 0) -> float:
+    """Bytes one rank sends to other ranks per step, predicted by routing ``tokens`` random rows
+    through a fresh router (what the benchmark feeds its fresh stacks) and modelling the dispatcher:
+    per (token, other rank that holds one of its experts) a bf16 hidden row crosses six times
+    (dispatch and combine in the forward, in its recompute, in the backward) and a float32
+    routing row ([K] gate weights + [K] local expert ids) three times (forward, recompute,
+    backward); per layer and forward, [ep] int64 row counts."""
+    gen = torch.Generator().manual_seed(seed)
+    router = Router(shape.moe_config())
+    with torch.no_grad():
+        router.weight.normal_(0.0, router.config.init_std, generator=gen)
+        idx = router(torch.randn(tokens, shape.hidden, generator=gen)).topk_idx
+    ranks_hit = torch.zeros(tokens, ep).scatter_(1, idx // (shape.experts // ep), 1.0).sum(1)
+    rows = ranks_hit.mean().item() * (1 - 1 / ep) * shape.tokens  # a token's own rank is 1 of ep
+    per_row = 6 * shape.hidden * 2 + 3 * 2 * shape.top_k * 4
+    return layers * (rows * per_row + 2 * (ep - 1) * 8)
 
 
 def _as_list(splits) -> list[int] | None:

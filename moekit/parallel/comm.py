@@ -42,7 +42,7 @@ def all_to_all_start(x: torch.Tensor, output_splits: list[int], input_splits: li
 
 
 def exchange_counts(send_counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """``send_counts`` [ep, n] (row r: what this rank sends to rank r) -> [ep, n] (row r: what
+    """``send_counts`` [ep, ...] (row r: what this rank sends to rank r) -> [ep, ...] (row r: what
     rank r sends here)."""
     recv = torch.empty_like(send_counts)
     dist.all_to_all_single(recv, send_counts.contiguous(), group=group)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from moekit.parallel import sort_assignments
+from moekit.parallel.expert_parallel import destination_ranks, plan_dispatch
 
 EP_CASES = ["softmax_shared_gate", "sigmoid_groups", "sigmoid_groups_capacity", "softmax_capacity_position",
             "expert_choice", "skewed_to_rank0"]
@@ -34,16 +34,22 @@ def test_ep_layer_matches_single_process(launch, tmp_path):
         assert "not divisible by ep=2" in result["indivisible_error"]
 
 
-@pytest.mark.parametrize("tokens,top_k,experts", [(7, 2, 4), (16, 3, 8), (1, 1, 2)])
-def test_sort_assignments_orders_valid_assignments_by_expert(tokens, top_k, experts):
+@pytest.mark.parametrize("tokens,top_k,experts,ep", [(7, 2, 4, 2), (16, 3, 8, 4), (9, 5, 8, 2), (1, 1, 2, 2)])
+def test_plan_sends_each_token_once_per_rank_with_its_restricted_routing(tokens, top_k, experts, ep):
     g = torch.Generator().manual_seed(tokens * 10 + top_k)
     idx = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
-    drop = torch.rand(idx.shape, generator=g) < 0.3
-    idx = torch.where(drop, -1, idx)
+    idx = torch.where(torch.rand(idx.shape, generator=g) < 0.3, -1, idx)
     weight = torch.rand(idx.shape, generator=g)
-    got = sort_assignments(idx, weight, experts)
-    expected = [(e, t, float(weight[t, k])) for e in range(experts) for t in range(tokens) for k in range(top_k)
-                if idx[t, k] == e]
-    assert got.token.tolist() == [t for _, t, _ in expected]
-    assert got.weight.tolist() == pytest.approx([w for _, _, w in expected])
-    assert got.counts.tolist() == [sum(1 for e2, _, _ in expected if e2 == e) for e in range(experts)]
+    local = experts // ep
+    hits = destination_ranks(idx, local, ep)
+    plan = plan_dispatch(idx, weight, hits, local, int(hits.sum()))
+    # Expected, by a loop: rank-major rows, each token once per rank holding one of its experts.
+    rows = [(r, t) for r in range(ep) for t in range(tokens) if any(e // local == r for e in idx[t].tolist() if e >= 0)]
+    assert hits.sum(0).tolist() == [sum(1 for r2, _ in rows if r2 == r) for r in range(ep)]
+    assert plan.token.tolist() == [t for _, t in rows]
+    for row, (r, t) in enumerate(rows):
+        assert plan.local_idx[row].tolist() == [e - r * local if e >= 0 and e // local == r else -1
+                                                for e in idx[t].tolist()]
+        assert torch.equal(plan.weight[row], torch.where(plan.local_idx[row] >= 0, weight[t], 0))
+    # Every valid assignment is kept in exactly one row.
+    assert int((plan.local_idx >= 0).sum()) == int((idx >= 0).sum())
