@@ -22,7 +22,6 @@ from moekit.parallel.expert_parallel import (
     expert_parameters,
     moe_layers,
     shard_experts,
-    sort_assignments,
 )
 from moekit.parallel.failure import PeerFailure, peer_failure_guard
 from moekit.parallel.mesh import ParallelMesh, build_mesh, init_distributed
@@ -49,6 +48,5 @@ __all__ = [
     "peer_failure_guard",
     "save_checkpoint",
     "shard_experts",
-    "sort_assignments",
     "sync_grads",
 ]

@@ -65,5 +65,7 @@ def routed_experts(
     h = apply_activation(torch._grouped_mm(xs, w_up.transpose(1, 2), offs=offsets), activation)
     y = torch._grouped_mm(h, w_down.transpose(1, 2), offs=offsets)
     weight = topk_weight.reshape(-1)[order, None]
-    y = torch.where(valid, y.float() * weight, 0).to(x.dtype)
+    # Mask y before the product: rows past the last offset are unwritten memory, and the weight's
+    # gradient (dout * y) must not see them (0 * NaN is NaN).
+    y = (torch.where(valid, y.float(), 0) * weight).to(x.dtype)
     return torch.zeros_like(x).index_add_(0, token, y)
