@@ -46,7 +46,7 @@ run_step() {  # NAME or NAME@GPU (that GPU alone, e.g. two checks side by side o
   esac
 }
 for group in "$@"; do
-  for s in ${group//+/ }; do run_step "$s" > "$LOGS/$s.summary" & done
+  for s in ${group//+/ }; do run_step "$s" > "$LOGS/${s%@*}.summary" & done
   wait
   for s in ${group//+/ }; do cat "$LOGS/${s%@*}.summary"; done
   tar czf "$OUT/logs.tgz" -C "$LOGS" .
