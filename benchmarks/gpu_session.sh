@@ -29,19 +29,19 @@ run_step() {  # NAME or NAME@GPU (that GPU alone, e.g. two checks side by side o
     env) step env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"' ;;
     gputests) step gputests 300 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
       --tb=short -rfE --durations=10 tests ;;
-    modeltests) step modeltests 130 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE \
+    modeltests) step modeltests 110 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE \
       tests/models tests/vla tests/train ;;
     tests) step tests 130 python3 -m pytest -q -x -p no:cacheprovider tests/moe tests/ops tests/quant tests/models ;;
     check_moe) step check_moe 290 python3 benchmarks/gpu_check_moe.py ;;
-    check_la) step check_la 130 python3 benchmarks/gpu_check_linear_attention.py ;;
-    quant) step quant 120 python3 benchmarks/quant.py ;;
+    check_la) step check_la 110 python3 benchmarks/gpu_check_linear_attention.py ;;
+    quant) step quant 70 python3 benchmarks/quant.py ;;
     bench_moe) step bench_moe 360 python3 benchmarks/moe_layer.py ;;
-    bench_la) step bench_la 120 python3 benchmarks/linear_attention.py --lengths 2048,32768 ;;
+    bench_la) step bench_la 110 python3 benchmarks/linear_attention.py --lengths 2048,32768 ;;
     profile_moe) step profile_moe 200 python3 benchmarks/moe_layer.py --profile --shapes deepseek-v3 ;;
     profile_moe_tma) step profile_moe_tma 200 env MOEKIT_TRITON_TMA=1 python3 benchmarks/moe_layer.py --profile \
       --shapes deepseek-v3 ;;
     vla) step vla 90 python3 benchmarks/vla.py ;;
-    bench_ep) step bench_ep 180 torchrun --standalone --nproc-per-node "${EP_GPUS:-2}" benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 ;;
+    bench_ep) step bench_ep 160 torchrun --standalone --nproc-per-node "${EP_GPUS:-2}" benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 ;;
     *) echo "unknown step $1" ;;
   esac
 }
