@@ -37,8 +37,9 @@ NUM_WARPS = 4
 
 
 def launch_options(x: torch.Tensor) -> dict:
-    """Warps, and float32 dots as exact as torch.matmul would make them for ``x``'s dtype."""
-    return {"num_warps": NUM_WARPS, "default_dot_input_precision": dot_precision(x.dtype)}
+    """Warps, and the dots' input precision (``PRECISION``, every kernel here takes it): float32
+    inputs get the exactness torch.matmul would give them, not Triton's TF32 default."""
+    return {"num_warps": NUM_WARPS, "PRECISION": dot_precision(x.dtype)}
 
 
 # The delta-rule kernels stage float32 tiles (w, u, T): with the default 3 pipeline stages one of
@@ -72,7 +73,7 @@ def _decayed(x, keep, g_row, g_col):
 @triton.jit
 def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
                    H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr, USE_G: tl.constexpr):
+                   BV: tl.constexpr, USE_G: tl.constexpr, PRECISION: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -85,7 +86,7 @@ def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
         mk = rk < K
         b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
         b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
-        b_kk += tl.dot(b_k, b_kt)
+        b_kk += tl.dot(b_k, b_kt, input_precision=PRECISION)
     strict = (rt[:, None] > rt[None, :]) & mt[:, None]
     b_scale_k = b_beta
     if USE_G:
@@ -105,13 +106,13 @@ def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
         b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32) * b_scale_k[:, None]
-        b_w = tl.dot(b_t, b_k)
+        b_w = tl.dot(b_t, b_k, input_precision=PRECISION)
         tl.store(w + (t[:, None] * H + i_h) * K + rk[None, :], b_w, mask=mt[:, None] & mk[None, :])
     for i_v in range(tl.cdiv(V, BV)):
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
         b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32) * b_beta[:, None]
-        b_u = tl.dot(b_t, b_v)
+        b_u = tl.dot(b_t, b_v, input_precision=PRECISION)
         tl.store(u + (t[:, None] * H + i_h) * V + rv[None, :], b_u, mask=mt[:, None] & mv[None, :])
 
 
@@ -119,7 +120,8 @@ def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
 def _state_fwd_kernel(k, v, w, gc, vs, h, v_new, h0, ht, cu, first,
                       H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
-                      STORE_HT: tl.constexpr, HAS_VS: tl.constexpr):
+                      STORE_HT: tl.constexpr, HAS_VS: tl.constexpr,
+                PRECISION: tl.constexpr):
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
     c0 = tl.load(first + i_n).to(tl.int64)
@@ -140,7 +142,7 @@ def _state_fwd_kernel(k, v, w, gc, vs, h, v_new, h0, ht, cu, first,
         b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
         if DELTA:
             b_w = _load_rows(w + i_h * K, t, mt, rk, mk, H * K)
-            b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V) - tl.dot(b_w, b_h)
+            b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V) - tl.dot(b_w, b_h, input_precision=PRECISION)
             tl.store(v_new + (t[:, None] * H + i_h) * V + rv[None, :], b_v.to(v_new.dtype.element_ty),
                      mask=mt[:, None] & mv[None, :])
         else:
@@ -152,7 +154,7 @@ def _state_fwd_kernel(k, v, w, gc, vs, h, v_new, h0, ht, cu, first,
             b_h = b_h * tl.exp(g_last)
         if HAS_VS:
             b_kt = b_kt.to(tl.float32) * tl.load(vs + t * H + i_h, mask=mt, other=0.0)[None, :]
-        b_h += tl.dot(b_kt.to(dt), b_v.to(dt))
+        b_h += tl.dot(b_kt.to(dt), b_v.to(dt), input_precision=PRECISION)
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h) * K * V + state, b_h, mask=m_state)
 
@@ -160,7 +162,8 @@ def _state_fwd_kernel(k, v, w, gc, vs, h, v_new, h0, ht, cu, first,
 @triton.jit
 def _output_fwd_kernel(q, k, v, gc, vs, h, o, start, end, scale,
                        H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, USE_G: tl.constexpr, HAS_VS: tl.constexpr):
+                       BV: tl.constexpr, USE_G: tl.constexpr, HAS_VS: tl.constexpr,
+                PRECISION: tl.constexpr):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -177,8 +180,8 @@ def _output_fwd_kernel(q, k, v, gc, vs, h, o, start, end, scale,
         b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
         b_h = tl.load(h + ((i_c.to(tl.int64) * H + i_h) * K + rk[:, None]) * V + rv[None, :],
                       mask=mk[:, None] & mv[None, :], other=0.0)
-        b_o += tl.dot(b_q, b_h)
-        b_a += tl.dot(b_q, b_kt)
+        b_o += tl.dot(b_q, b_h, input_precision=PRECISION)
+        b_a += tl.dot(b_q, b_kt, input_precision=PRECISION)
     causal = (rt[:, None] >= rt[None, :]) & mt[:, None]
     if USE_G:
         b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
@@ -189,7 +192,7 @@ def _output_fwd_kernel(q, k, v, gc, vs, h, o, start, end, scale,
     if HAS_VS:
         b_a = b_a * tl.load(vs + t * H + i_h, mask=mt, other=0.0)[None, :]
     b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V)
-    b_o = (b_o + tl.dot(b_a.to(b_v.dtype), b_v)) * scale
+    b_o = (b_o + tl.dot(b_a.to(b_v.dtype), b_v, input_precision=PRECISION)) * scale
     tl.store(o + (t[:, None] * H + i_h) * V + rv[None, :], b_o.to(o.dtype.element_ty), mask=mt[:, None] & mv[None, :])
 
 
@@ -199,7 +202,7 @@ def _output_fwd_kernel(q, k, v, gc, vs, h, o, start, end, scale,
 @triton.jit
 def _dv_local_kernel(q, k, do, gc, dv, start, end, scale,
                      H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, USE_G: tl.constexpr):
+                     BV: tl.constexpr, USE_G: tl.constexpr, PRECISION: tl.constexpr):
     """Intra-chunk part of dv: scale (k q^T * decay, anti-causal) do, in float32."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
@@ -212,7 +215,8 @@ def _dv_local_kernel(q, k, do, gc, dv, start, end, scale,
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
-        b_at += tl.dot(_load_rows(k + i_h * K, t, mt, rk, mk, H * K), _load_cols(q + i_h * K, t, mt, rk, mk, H * K))
+        b_at += tl.dot(_load_rows(k + i_h * K, t, mt, rk, mk, H * K), _load_cols(q + i_h * K, t, mt, rk, mk, H * K),
+                       input_precision=PRECISION)
     keep = (rt[None, :] >= rt[:, None]) & mt[None, :]
     if USE_G:
         b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
@@ -220,7 +224,7 @@ def _dv_local_kernel(q, k, do, gc, dv, start, end, scale,
     else:
         b_at = tl.where(keep, b_at, 0.0)
     b_do = _load_rows(do + i_h * V, t, mt, rv, mv, H * V)
-    b_dv = tl.dot((b_at * scale).to(b_do.dtype), b_do)
+    b_dv = tl.dot((b_at * scale).to(b_do.dtype), b_do, input_precision=PRECISION)
     tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv, mask=mt[:, None] & mv[None, :])
 
 
@@ -228,7 +232,7 @@ def _dv_local_kernel(q, k, do, gc, dv, start, end, scale,
 def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, scale,
                       H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
-                      STORE_DH0: tl.constexpr):
+                      STORE_DH0: tl.constexpr, PRECISION: tl.constexpr):
     """Reverse pass: stores dh_n (gradient of the state leaving chunk n) and finishes dv."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
@@ -256,14 +260,15 @@ def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, sc
             b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
             b_k = b_k.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]
             b_qt = b_qt * tl.exp(b_g)[None, :]
-        b_dv = _load_rows(dv_local + i_h * V, t, mt, rv, mv, H * V) + tl.dot(b_k.to(dt), b_dh.to(dt))
+        b_dv = _load_rows(dv_local + i_h * V, t, mt, rv, mv, H * V) + tl.dot(b_k.to(dt), b_dh.to(dt),
+                                                                             input_precision=PRECISION)
         tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv.to(dv.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
         if USE_G:
             b_dh = b_dh * tl.exp(g_last)
-        b_dh += tl.dot(b_qt.to(dt), _load_rows(do + i_h * V, t, mt, rv, mv, H * V))
+        b_dh += tl.dot(b_qt.to(dt), _load_rows(do + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
         if DELTA:
-            b_dh -= tl.dot(_load_cols(w + i_h * K, t, mt, rk, mk, H * K), b_dv)
+            b_dh -= tl.dot(_load_cols(w + i_h * K, t, mt, rk, mk, H * K), b_dv, input_precision=PRECISION)
     if STORE_DH0:
         tl.store(dh0 + (i_n * H + i_h) * K * V + state, b_dh, mask=m_state)
 
@@ -271,7 +276,8 @@ def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, sc
 @triton.jit
 def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scale, total,
                 H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_VS: tl.constexpr):
+                BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_VS: tl.constexpr,
+                PRECISION: tl.constexpr):
     """dq, dk (through the outputs and the state), dw (delta) and this K block's share of the
     gradient of the cumulative gate: q.dq - k.dk, plus the chunk-end decay's term on the last row."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -296,14 +302,15 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
         m_state = mv[:, None] & mk[None, :]
         b_ht = tl.load(h + chunk_state + rk[None, :] * V + rv[:, None], mask=m_state, other=0.0)
         b_dht = tl.load(dh + chunk_state + rk[None, :] * V + rv[:, None], mask=m_state, other=0.0)
-        b_ds += tl.dot(b_do, _load_cols(v + i_h * V, t, mt, rv, mv, H * V))
-        b_dst += tl.dot(b_v, _load_cols(do + i_h * V, t, mt, rv, mv, H * V))
-        b_dq += tl.dot(b_do, b_ht)
-        b_dk += tl.dot(b_v.to(tl.float32), b_dht)  # dh is float32: see state_bwd
+        b_ds += tl.dot(b_do, _load_cols(v + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
+        b_dst += tl.dot(b_v, _load_cols(do + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
+        b_dq += tl.dot(b_do, b_ht, input_precision=PRECISION)
+        b_dk += tl.dot(b_v.to(tl.float32), b_dht, input_precision=PRECISION)  # dh is float32: see state_bwd
         if USE_G:
             b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), axis=0)
         if DELTA:
-            b_dw += tl.dot(_load_rows(dv + i_h * V, t, mt, rv, mv, H * V), b_ht.to(tl.float32))
+            b_dw += tl.dot(_load_rows(dv + i_h * V, t, mt, rv, mv, H * V), b_ht.to(tl.float32),
+                           input_precision=PRECISION)
     if HAS_VS:  # v_j scaled by vs_j: every product above that read v_j takes the scale in float32
         b_vs = tl.load(vs + t * H + i_h, mask=mt, other=0.0)
         b_ds = b_ds * b_vs[None, :]
@@ -326,8 +333,8 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
         b_dst = tl.where(causal_t, b_dst, 0.0)
     # float32 operands (tf32 on the GPU): rounding ds to bf16 here dominated the error of the
     # gate gradient, a difference q.dq - k.dk that cancels (mamba2's dA sums it over all tokens).
-    b_dq = (b_dq + tl.dot(b_ds, b_k.to(tl.float32))) * scale
-    b_dk += tl.dot(b_dst * scale, b_q.to(tl.float32))
+    b_dq = (b_dq + tl.dot(b_ds, b_k.to(tl.float32), input_precision=PRECISION)) * scale
+    b_dk += tl.dot(b_dst * scale, b_q.to(tl.float32), input_precision=PRECISION)
     m_out = mt[:, None] & mk[None, :]
     out = (t[:, None] * H + i_h) * K + rk[None, :]
     tl.store(dq + out, b_dq.to(dq.dtype.element_ty), mask=m_out)
@@ -343,7 +350,7 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
 @triton.jit
 def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
                    H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr, USE_G: tl.constexpr):
+                   BV: tl.constexpr, USE_G: tl.constexpr, PRECISION: tl.constexpr):
     """Back through w = T (beta e^{gc} k), u = T (beta v), T = (I + A)^-1: adds into dk and dg,
     writes dv and dbeta. The transposed products are computed as their own products."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -369,9 +376,10 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
         b_du = _load_rows(du + i_h * V, t, mt, rv, mv, H * V)
         b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32)
         b_vt = _load_cols(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32)
-        b_dt += tl.dot(b_du, b_vt * b_beta[None, :])
-        b_dtt += tl.dot(b_v * b_beta[:, None], _load_cols(du + i_h * V, t, mt, rv, mv, H * V))
-        b_dvb = tl.dot(b_tt, b_du)
+        b_dt += tl.dot(b_du, b_vt * b_beta[None, :], input_precision=PRECISION)
+        b_dtt += tl.dot(b_v * b_beta[:, None], _load_cols(du + i_h * V, t, mt, rv, mv, H * V),
+                        input_precision=PRECISION)
+        b_dvb = tl.dot(b_tt, b_du, input_precision=PRECISION)
         b_dbeta += tl.sum(b_dvb * b_v, axis=1)
         tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
@@ -381,14 +389,15 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
         b_dw = _load_rows(dw + i_h * K, t, mt, rk, mk, H * K)
         b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
         b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
-        b_dt += tl.dot(b_dw, b_kt * b_scale_k[None, :])
-        b_dtt += tl.dot(b_k * b_scale_k[:, None], _load_cols(dw + i_h * K, t, mt, rk, mk, H * K))
-        b_kk += tl.dot(b_k, b_kt)
-        b_dkb_k = tl.sum(tl.dot(b_tt, b_dw) * b_k, axis=1)
+        b_dt += tl.dot(b_dw, b_kt * b_scale_k[None, :], input_precision=PRECISION)
+        b_dtt += tl.dot(b_k * b_scale_k[:, None], _load_cols(dw + i_h * K, t, mt, rk, mk, H * K),
+                        input_precision=PRECISION)
+        b_kk += tl.dot(b_k, b_kt, input_precision=PRECISION)
+        b_dkb_k = tl.sum(tl.dot(b_tt, b_dw, input_precision=PRECISION) * b_k, axis=1)
         b_dbeta += b_dkb_k * tl.exp(b_g)
         b_dg += b_dkb_k * b_scale_k
-    b_da = -tl.dot(tl.dot(b_tt, b_dt), b_tt)
-    b_dat = -tl.dot(tl.dot(b_t, b_dtt), b_t)
+    b_da = -tl.dot(tl.dot(b_tt, b_dt, input_precision=PRECISION), b_tt, input_precision=PRECISION)
+    b_dat = -tl.dot(tl.dot(b_t, b_dtt, input_precision=PRECISION), b_t, input_precision=PRECISION)
     strict = (rt[:, None] > rt[None, :]) & mt[:, None]
     strict_t = (rt[None, :] > rt[:, None]) & mt[None, :]
     if USE_G:
@@ -405,8 +414,9 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
         mk = rk < K
         b_dw = _load_rows(dw + i_h * K, t, mt, rk, mk, H * K)
         b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
-        b_dk = tl.dot(b_tt, b_dw) * b_scale_k[:, None] + tl.dot(b_e, b_k) * b_beta[:, None] \
-            + tl.dot(b_et, b_k * b_beta[:, None])
+        b_dk = (tl.dot(b_tt, b_dw, input_precision=PRECISION) * b_scale_k[:, None]
+                + tl.dot(b_e, b_k, input_precision=PRECISION) * b_beta[:, None]
+                + tl.dot(b_et, b_k * b_beta[:, None], input_precision=PRECISION))
         out = (t[:, None] * H + i_h) * K + rk[None, :]
         m_out = mt[:, None] & mk[None, :]
         tl.store(dk + out, tl.load(dk + out, mask=m_out, other=0.0) + b_dk, mask=m_out)

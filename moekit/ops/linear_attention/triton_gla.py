@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.ops.linear_attention.triton_chunk import _load_cols, _load_rows, launch_options
+from moekit.ops.linear_attention.triton_chunk import NUM_WARPS, _load_cols, _load_rows, launch_options
 from moekit.ops.linear_attention.triton_layout import Chunks, block, chunk_cumsum, padded
 
 
@@ -48,7 +48,7 @@ def _scores_kernel(q, k, gc, A, start, end,
 @triton.jit
 def _state_fwd_kernel(k, v, gc, h, h0, ht, cu, first,
                       H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
+                      BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PRECISION: tl.constexpr):
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
     c0 = tl.load(first + i_n).to(tl.int64)
@@ -70,7 +70,7 @@ def _state_fwd_kernel(k, v, gc, h, h0, ht, cu, first,
         b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
         b_kt = b_kt * tl.where(mt[None, :], tl.exp(g_last[:, None] - b_gt), 0.0)
         b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V)
-        b_h = b_h * tl.exp(g_last)[:, None] + tl.dot(b_kt.to(b_v.dtype), b_v)
+        b_h = b_h * tl.exp(g_last)[:, None] + tl.dot(b_kt.to(b_v.dtype), b_v, input_precision=PRECISION)
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h) * K * V + state, b_h, mask=m_state)
 
@@ -78,7 +78,7 @@ def _state_fwd_kernel(k, v, gc, h, h0, ht, cu, first,
 @triton.jit
 def _output_kernel(q, v, gc, h, A, o, start, end, scale,
                    H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr):
+                   BV: tl.constexpr, PRECISION: tl.constexpr):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -94,17 +94,17 @@ def _output_kernel(q, v, gc, h, A, o, start, end, scale,
         b_q = b_q * tl.exp(_load_rows(gc + i_h * K, t, mt, rk, mk, H * K))
         b_h = tl.load(h + ((i_c.to(tl.int64) * H + i_h) * K + rk[:, None]) * V + rv[None, :],
                       mask=mk[:, None] & mv[None, :], other=0.0)
-        b_o += tl.dot(b_q.to(b_h.dtype), b_h)
+        b_o += tl.dot(b_q.to(b_h.dtype), b_h, input_precision=PRECISION)
     b_a = tl.load(A + (t[:, None] * H + i_h) * BT + rt[None, :], mask=mt[:, None], other=0.0)
     b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V)
-    b_o = (b_o + tl.dot(b_a.to(b_v.dtype), b_v)) * scale
+    b_o = (b_o + tl.dot(b_a.to(b_v.dtype), b_v, input_precision=PRECISION)) * scale
     tl.store(o + (t[:, None] * H + i_h) * V + rv[None, :], b_o.to(o.dtype.element_ty), mask=mt[:, None] & mv[None, :])
 
 
 @triton.jit
 def _dv_kernel(k, gc, A, do, dh, dv, start, end, scale,
                H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-               BV: tl.constexpr):
+               BV: tl.constexpr, PRECISION: tl.constexpr):
     """dv = scale A^T do + (k e^{gc_L - gc}) dh_n, with A^T loaded transposed."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
@@ -115,7 +115,7 @@ def _dv_kernel(k, gc, A, do, dh, dv, start, end, scale,
     mv = rv < V
     b_do = _load_rows(do + i_h * V, t, mt, rv, mv, H * V)
     b_at = tl.load(A + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)
-    b_dv = tl.dot((b_at * scale).to(b_do.dtype), b_do)
+    b_dv = tl.dot((b_at * scale).to(b_do.dtype), b_do, input_precision=PRECISION)
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
@@ -124,7 +124,7 @@ def _dv_kernel(k, gc, A, do, dh, dv, start, end, scale,
         b_k = b_k * tl.where(mt[:, None], tl.exp(g_last[None, :] - _load_rows(gc + i_h * K, t, mt, rk, mk, H * K)), 0.0)
         b_dh = tl.load(dh + ((i_c.to(tl.int64) * H + i_h) * K + rk[:, None]) * V + rv[None, :],
                        mask=mk[:, None] & mv[None, :], other=0.0)
-        b_dv += tl.dot(b_k.to(b_dh.dtype), b_dh)
+        b_dv += tl.dot(b_k.to(b_dh.dtype), b_dh, input_precision=PRECISION)
     tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv.to(dv.dtype.element_ty),
              mask=mt[:, None] & mv[None, :])
 
@@ -132,7 +132,7 @@ def _dv_kernel(k, gc, A, do, dh, dv, start, end, scale,
 @triton.jit
 def _state_bwd_kernel(q, gc, do, dh, dht, dh0, cu, first, scale,
                       H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
+                      BV: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PRECISION: tl.constexpr):
     """Reverse pass: dh_n (gradient of the state leaving chunk n)."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
@@ -156,7 +156,7 @@ def _state_bwd_kernel(q, gc, do, dh, dht, dh0, cu, first, scale,
         b_qt = _load_cols(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
         b_qt = b_qt * tl.exp(_load_cols(gc + i_h * K, t, mt, rk, mk, H * K)) * scale
         b_do = _load_rows(do + i_h * V, t, mt, rv, mv, H * V)
-        b_dh = b_dh * tl.exp(g_last)[:, None] + tl.dot(b_qt.to(b_do.dtype), b_do)
+        b_dh = b_dh * tl.exp(g_last)[:, None] + tl.dot(b_qt.to(b_do.dtype), b_do, input_precision=PRECISION)
     if STORE_DH0:
         tl.store(dh0 + (i_n * H + i_h) * K * V + state, b_dh, mask=m_state)
 
@@ -164,7 +164,7 @@ def _state_bwd_kernel(q, gc, do, dh, dht, dh0, cu, first, scale,
 @triton.jit
 def _dqk_kernel(q, k, v, gc, h, dh, do, dq, dk, dg, start, end, scale,
                 H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                BV: tl.constexpr):
+                BV: tl.constexpr, PRECISION: tl.constexpr):
     """dq, dk and the per-channel gradient of the cumulative gate for one K block."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
@@ -185,9 +185,9 @@ def _dqk_kernel(q, k, v, gc, h, dh, do, dq, dk, dg, start, end, scale,
         m_state = mv[:, None] & mk[None, :]
         b_ht = tl.load(h + chunk_state + rk[None, :] * V + rv[:, None], mask=m_state, other=0.0)
         b_dht = tl.load(dh + chunk_state + rk[None, :] * V + rv[:, None], mask=m_state, other=0.0)
-        b_da += tl.dot(b_do, _load_cols(v + i_h * V, t, mt, rv, mv, H * V))
-        b_dq += tl.dot(b_do, b_ht)
-        b_dk += tl.dot(_load_rows(v + i_h * V, t, mt, rv, mv, H * V), b_dht)
+        b_da += tl.dot(b_do, _load_cols(v + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
+        b_dq += tl.dot(b_do, b_ht, input_precision=PRECISION)
+        b_dk += tl.dot(_load_rows(v + i_h * V, t, mt, rv, mv, H * V), b_dht, input_precision=PRECISION)
         b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), axis=0)
     b_g = _load_rows(gc + i_h * K, t, mt, rk, mk, H * K)
     g_last = tl.load(gc + ((t1 - 1) * H + i_h) * K + rk, mask=mk, other=0.0)
@@ -229,7 +229,7 @@ class ChunkGLA(torch.autograd.Function):
         gc = chunk_cumsum(gk.reshape(tokens, H * K), chunks).view(tokens, H, K)
         A = torch.empty(tokens, H, BT, dtype=torch.float32, device=q.device)
         _scores_kernel[(chunks.num_chunks, H)](q, k, gc, A, chunks.start, chunks.end, H=H, K=K, BT=BT,
-                                                BK=block(K), **launch_options(k))
+                                                BK=block(K), num_warps=NUM_WARPS)
         h = torch.empty(chunks.num_chunks, H, K, V, dtype=k.dtype, device=q.device)
         ht = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device)
         BV = block(V, 64 if padded(K) <= 128 else 32)

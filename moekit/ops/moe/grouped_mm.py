@@ -24,8 +24,10 @@ def unsupported_reason(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
         return f"torch._grouped_mm runs on the CPU from torch 2.13 (this is {torch.__version__})"
     if x.dtype not in SUPPORTED_DTYPES:
         return f"torch._grouped_mm does not support {x.dtype}"
-    if x.is_cuda and x.dtype != torch.bfloat16 and torch.cuda.get_device_capability(x.device) < (9, 0):
-        return "torch._grouped_mm on this GPU supports only bfloat16 on sm_90+"
+    if x.is_cuda and x.dtype != torch.bfloat16:
+        # Other dtypes take ATen's per-group fallback, which copies the offsets to the host on
+        # every call: a sync per layer, and nothing a CUDA graph can capture.
+        return f"torch._grouped_mm on CUDA has a grouped kernel for bfloat16 only, not {x.dtype}"
     row_bytes = x.element_size()
     for name, size in (("hidden", x.shape[-1]), ("up", w_up.shape[1]), ("ffn", w_down.shape[-1])):
         if (size * row_bytes) % 16:
