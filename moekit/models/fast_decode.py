@@ -33,7 +33,7 @@ from moekit.models.generation import GenerateOutput, decode, prepare_request
 from moekit.moe.dispatch import LocalDispatcher
 from moekit.moe.layer import MoE
 from moekit.ops import moe as moe_ops
-from moekit.ops.linear_attention._checks import finite_checks_skipped
+from moekit.ops.linear_attention import finite_checks_skipped
 
 GRAPH_WARMUP_STEPS = 3  # eager steps before capture: Triton compiles and autotunes, lazy tables get built
 

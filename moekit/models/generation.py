@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit.ops.linear_attention import finite_checks_skipped
+
 
 @dataclass
 class GenerateOutput:
@@ -178,4 +180,11 @@ def generate(model, input_ids, max_new_tokens: int, **kwargs) -> GenerateOutput:
     cache = model.new_cache(batch, prompt_length + max_new_tokens)
     out = model(request.ids, cache=cache, attention_mask=request.mask if request.padded else None,
                 logits_to_keep=1)
-    return decode(request, out.logits[:, -1], lambda token: model(token[:, None], cache=cache).logits[:, -1])
+
+    def step(token: torch.Tensor) -> torch.Tensor:
+        # The prompt was checked for NaN above; decode steps feed the ops the model's own
+        # activations, and a check per op and token would sync the GPU each time.
+        with finite_checks_skipped():
+            return model(token[:, None], cache=cache).logits[:, -1]
+
+    return decode(request, out.logits[:, -1], step)

@@ -181,3 +181,22 @@ def test_decoding_on_gpu(mixer):
     assert rel(out.logits, full[:, out.prompt_length - 1:-1]) < 1e-4
     alone = model.generate([prompts[1]], 6)
     assert torch.equal(out.new_tokens[1], alone.new_tokens[0])
+
+
+def test_generate_checks_the_prompt_but_not_decode_steps(monkeypatch):
+    """The NaN check syncs the GPU: generate runs it on the prompt, not on every decode step."""
+    from moekit.ops.linear_attention import _checks
+
+    seen = []
+    original = _checks.finite
+
+    def recording(op, named):
+        seen.append(_checks._finite_checks_on.get())
+        return original(op, named)
+
+    monkeypatch.setattr(_checks, "finite", recording)
+    model = tiny_model("LLN", "gla")
+    model.generate(torch.randint(0, 64, (2, 5)), 4)
+    prefill_calls = 2  # two linear layers, one prompt pass
+    assert seen[:prefill_calls] == [True, True]
+    assert len(seen) == prefill_calls + 2 * 3 and not any(seen[prefill_calls:])  # 3 decode steps after the first token

@@ -46,6 +46,7 @@ from functools import partial
 import torch
 
 from moekit.ops.linear_attention import _checks
+from moekit.ops.linear_attention._checks import finite_checks_skipped
 from moekit.ops.linear_attention.decay import lightning_decay, retention_decay
 from moekit.ops.linear_attention.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from moekit.ops.linear_attention.gla import chunk_gla, recurrent_gla
@@ -55,6 +56,7 @@ from moekit.ops.linear_attention.varlen import run_per_sequence
 
 __all__ = [
     "delta_rule",
+    "finite_checks_skipped",
     "gated_delta_rule",
     "gla",
     "lightning_decay",
