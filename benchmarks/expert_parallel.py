@@ -28,7 +28,8 @@ EP=2 in the plan: olmoe 112 layers, deepseek-v3 3).
 
 One step = forward + backward + gradient sync (no optimizer: its cost does not depend on EP).
 Every block is activation-checkpointed (its forward, all-to-alls included, runs again in the
-backward, up to the last tensor the backward needs), so activations stay small next to the experts. Per layout the script reports:
+backward, up to the last tensor the backward needs), so activations stay small next to the
+experts. Per layout the script reports:
 
 * fwd+bwd and grad-sync ms (median over steps, slowest rank); tokens/s per GPU from their sum;
   "vs 1 GPU" divides by the EP=1 forward + backward throughput, which involves no communication
