@@ -4,6 +4,7 @@ bytes per step, and expert load imbalance across ranks, for every EP x DP layout
     torchrun --standalone --nproc-per-node 8 benchmarks/expert_parallel.py                  # olmoe, EP 1/2/4/8
     torchrun --standalone --nproc-per-node 8 benchmarks/expert_parallel.py --layer deepseek-v3
     torchrun --standalone --nproc-per-node 8 benchmarks/expert_parallel.py --ep-sizes 1,2,4,8 --dp 1
+    torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py --dispatch exact  # synced, fewer bytes
     torchrun --standalone --nproc-per-node 4 benchmarks/expert_parallel.py --smoke          # CPU / gloo
 
 Layouts: by default every EP size e that divides N (and the expert count) runs on all N ranks
@@ -27,7 +28,8 @@ EP=2 in the plan: olmoe 112 layers, deepseek-v3 3).
 
 One step = forward + backward + gradient sync (no optimizer: its cost does not depend on EP).
 Every block is activation-checkpointed (its forward, all-to-alls included, runs again in the
-backward), so activations stay small next to the experts. Per layout the script reports:
+backward, up to the last tensor the backward needs), so activations stay small next to the
+experts. Per layout the script reports:
 
 * fwd+bwd and grad-sync ms (median over steps, slowest rank); tokens/s per GPU from their sum;
   "vs 1 GPU" divides by the EP=1 forward + backward throughput, which involves no communication
@@ -37,9 +39,10 @@ backward), so activations stay small next to the experts. Per layout the script 
   collectives are replayed alone, each after a barrier (median over ``--steps`` replays, slowest
   rank). That is the transfer time without overlap or waiting for a slower peer;
 * all-to-all GB per GPU per step: bytes a rank sends to other ranks, from the recorded split
-  sizes (mean over ranks). The dispatcher sends a token once to each rank holding at least one
-  of its experts (not once per expert); ``simulated_a2a_bytes`` predicts the volume from routing
-  random tokens;
+  sizes (mean over ranks); ``simulated_a2a_bytes`` models it. The default ``--dispatch padded``
+  (no host sync) sends every rank its whole token block: T rows per rank pair, whatever the
+  routing. ``--dispatch exact`` sends a token once to each rank holding at least one of its
+  experts (fewer bytes at large EP) but reads the split sizes on the host in every layer pass;
 * load max/mean: per layer, the tokens each EP rank's expert slice receives from its whole EP
   group, max over mean (mean over layers, worst group); the same per expert. Inputs are random
   and the routers freshly initialized, so loads are close to uniform: a trained router is worse.
@@ -113,6 +116,7 @@ SMOKE = {
     "deepseek-v3": Shape(hidden=64, ffn=32, experts=16, top_k=4, tokens=256, small_layers=2, shared=1,
                          score_func="sigmoid", groups=4, topk_groups=2, route_scale=2.5),
 }
+DISPATCH_MODES = {"padded": True, "exact": False}  # --dispatch -> AllToAllDispatcher's pad_to_tokens
 SMOKE_EP1_LAYERS = 4  # smoke: pretend one "GPU" holds this many layers at EP=1
 
 
@@ -157,13 +161,13 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def build_stack(shape: Shape, layers: int, pmesh: ParallelMesh) -> Stack:
+def build_stack(shape: Shape, layers: int, pmesh: ParallelMesh, pad_to_tokens: bool) -> Stack:
     """Build in bf16 and shard one block at a time, so the full (unsharded) model never exists."""
     blocks = []
     with torch.device(pmesh.device), default_dtype(torch.bfloat16):
         for _ in range(layers):
             block = Block(shape.moe_config())
-            shard_experts(block, pmesh)
+            shard_experts(block, pmesh, pad_to_tokens)
             blocks.append(block)
     return Stack(blocks)
 
@@ -236,13 +240,23 @@ class AllToAllLog:
         return total
 
 
-def simulated_a2a_bytes(shape: Shape, layers: int, ep: int, tokens: int = 4096, seed: int = 0) -> float:
-    """Bytes one rank sends to other ranks per step, predicted by routing ``tokens`` random rows
-    through a fresh router (what the benchmark feeds its fresh stacks) and modelling the dispatcher:
-    per (token, other rank that holds one of its experts) a bf16 hidden row crosses six times
-    (dispatch and combine in the forward, in its recompute, in the backward) and a float32
-    routing row ([K] gate weights + [K] local expert ids) three times (forward, recompute,
-    backward); per layer and forward, [ep] int64 row counts."""
+def simulated_a2a_bytes(shape: Shape, layers: int, ep: int, pad_to_tokens: bool = True, tokens: int = 4096,
+                        seed: int = 0) -> float:
+    """Bytes one rank sends to other ranks per step, modelling the dispatcher: per row sent to
+    another rank a bf16 hidden row crosses in the forward's dispatch and combine, in its
+    recompute and in the backward's two, and a float32 routing row ([K] gate weights + [K]
+    local expert ids) three times (forward, recompute, backward).
+
+    Padded (``pad_to_tokens``): T rows to each of the ep - 1 other ranks; the recompute stops
+    before the combine (non-reentrant checkpointing stops once every tensor the backward saved
+    is back, and nothing after the combine saves one), so hidden rows cross five times. Exact: a
+    row per (token, other rank that holds one of its experts), predicted by routing ``tokens``
+    random rows through a fresh router (what the benchmark feeds its fresh stacks); its
+    index_add after the combine saves the token index, so six crossings; plus per layer and
+    forward [ep] int64 row counts."""
+    routing = 3 * 2 * shape.top_k * 4
+    if pad_to_tokens:
+        return layers * (ep - 1) * shape.tokens * (5 * shape.hidden * 2 + routing)
     gen = torch.Generator().manual_seed(seed)
     router = Router(shape.moe_config())
     with torch.no_grad():
@@ -250,8 +264,7 @@ def simulated_a2a_bytes(shape: Shape, layers: int, ep: int, tokens: int = 4096, 
         idx = router(torch.randn(tokens, shape.hidden, generator=gen)).topk_idx
     ranks_hit = torch.zeros(tokens, ep).scatter_(1, idx // (shape.experts // ep), 1.0).sum(1)
     rows = ranks_hit.mean().item() * (1 - 1 / ep) * shape.tokens  # a token's own rank is 1 of ep
-    per_row = 6 * shape.hidden * 2 + 3 * 2 * shape.top_k * 4
-    return layers * (rows * per_row + 2 * (ep - 1) * 8)
+    return layers * (rows * (6 * shape.hidden * 2 + routing) + 2 * (ep - 1) * 8)
 
 
 def _as_list(splits) -> list[int] | None:
@@ -284,11 +297,12 @@ def train_step(model: Stack, x: torch.Tensor, pmesh: ParallelMesh) -> tuple[floa
     return t1 - t0, time.perf_counter() - t1
 
 
-def measure(shape: Shape, layers: int, pmesh: ParallelMesh, steps: int, warmup: int) -> dict[str, float | None]:
+def measure(shape: Shape, layers: int, pmesh: ParallelMesh, steps: int, warmup: int,
+            pad_to_tokens: bool) -> dict[str, float | None]:
     """One rank's measurements of one stack in one layout."""
     device = pmesh.device
     torch.manual_seed(0)  # shard_experts needs the same full weights on every rank
-    model = build_stack(shape, layers, pmesh)
+    model = build_stack(shape, layers, pmesh, pad_to_tokens)
     gen = torch.Generator(device=device).manual_seed(1 + dist.get_rank())
     x = torch.randn(shape.tokens, shape.hidden, device=device, dtype=torch.bfloat16, generator=gen)
     if device.type == "cuda":
@@ -333,11 +347,11 @@ class Row:
 
 
 def run_case(shape: Shape, model: str, layers: int, layout: Layout, device: torch.device,
-             steps: int, warmup: int) -> Row:
+             steps: int, warmup: int, pad_to_tokens: bool) -> Row:
     """Every rank calls this; the ranks outside the layout wait. Returns the slowest rank's
     times, the mean bytes and the worst group's load."""
     pmesh = layout_mesh(layout, device)
-    mine = measure(shape, layers, pmesh, steps, warmup) if pmesh is not None else None
+    mine = measure(shape, layers, pmesh, steps, warmup, pad_to_tokens) if pmesh is not None else None
     everyone: list[dict | None] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     ranks = [r for r in everyone if r is not None]
@@ -390,6 +404,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script on CPU / gloo")
     parser.add_argument("--expert-mem", type=float, default=0.6,
                         help="share of one GPU's memory the stacks' weights + grads may fill")
+    parser.add_argument("--dispatch", choices=DISPATCH_MODES, default="padded",
+                        help="padded: no host sync, T rows per rank pair; exact: a row per (token, rank "
+                             "holding one of its experts), split sizes read on the host")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
@@ -415,19 +432,21 @@ def main() -> None:
     cases = [("small", small, lay) for lay in plan]
     if large > small:
         cases += [("large", large, lay) for lay in plan if large * shape.layer_bytes(lay.ep) <= budget]
-    rows = [run_case(shape, name, layers, lay, device, args.steps, args.warmup) for name, layers, lay in cases]
+    pad = DISPATCH_MODES[args.dispatch]
+    rows = [run_case(shape, name, layers, lay, device, args.steps, args.warmup, pad) for name, layers, lay in cases]
     if dist.get_rank() == 0:
-        print_report(args.layer, shape, rows, world, memory, device)
+        print_report(args.layer, shape, rows, world, memory, device, args.dispatch)
     dist.destroy_process_group()
 
 
 def print_report(layer: str, shape: Shape, rows: list[Row], world: int, memory: float,
-                 device: torch.device) -> None:
+                 device: torch.device, dispatch: str) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)"
     print(f"\nexpert parallelism, {world} x {name}, torch {torch.__version__}")
     shared = f" + {shape.shared} shared" if shape.shared else ""
     print(f"{layer} MoE stack: hidden {shape.hidden}, expert ffn {shape.ffn}, {shape.experts} experts{shared}, "
-          f"top-{shape.top_k}, {shape.tokens} tokens/GPU/step, bf16; GPU memory {memory / 1e9:.4g} GB")
+          f"top-{shape.top_k}, {shape.tokens} tokens/GPU/step, bf16; GPU memory {memory / 1e9:.4g} GB; "
+          f"{dispatch} dispatch")
     one_gpu = {}  # per model: the EP=1 forward + backward throughput on the fewest GPUs
     for r in sorted((r for r in rows if r.layout.ep == 1), key=lambda r: r.layout.gpus, reverse=True):
         one_gpu[r.model] = shape.tokens / (r.fwd_bwd_ms / 1e3)

@@ -1,4 +1,7 @@
-"""Autograd-aware all-to-all with split sizes (the backward sends gradients back the same way)."""
+"""Autograd-aware all-to-all (the backward sends gradients back the same way).
+
+Split sizes are host lists of rows per rank, or None for equal splits: every rank sends
+``rows / ep`` rows to every rank, which needs no split sizes on the host (no device sync)."""
 
 from __future__ import annotations
 
@@ -6,12 +9,16 @@ import torch
 import torch.distributed as dist
 
 
+def _rows(splits: list[int] | None, equal: int) -> int:
+    return equal if splits is None else sum(splits)
+
+
 class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, output_splits, input_splits, group, pending):
         ctx.splits = (output_splits, input_splits)
         ctx.group = group
-        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        out = x.new_empty((_rows(output_splits, x.shape[0]), *x.shape[1:]))
         work = dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group,
                                       async_op=pending is not None)
         if pending is not None:
@@ -21,18 +28,19 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         output_splits, input_splits = ctx.splits
-        grad_x = grad.new_empty((sum(input_splits), *grad.shape[1:]))
+        grad_x = grad.new_empty((_rows(input_splits, grad.shape[0]), *grad.shape[1:]))
         dist.all_to_all_single(grad_x, grad.contiguous(), input_splits, output_splits, group=ctx.group)
         return grad_x, None, None, None, None
 
 
-def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
+def all_to_all(x: torch.Tensor, output_splits: list[int] | None, input_splits: list[int] | None,
                group: dist.ProcessGroup) -> torch.Tensor:
-    """Rows ``input_splits[r]`` of ``x`` go to rank r; ``output_splits[r]`` rows come from rank r."""
+    """Rows ``input_splits[r]`` of ``x`` go to rank r; ``output_splits[r]`` rows come from rank r.
+    Both None: equal splits, the output has as many rows as ``x``."""
     return _AllToAll.apply(x, output_splits, input_splits, group, None)
 
 
-def all_to_all_start(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
+def all_to_all_start(x: torch.Tensor, output_splits: list[int] | None, input_splits: list[int] | None,
                      group: dist.ProcessGroup):
     """Like ``all_to_all`` but returns at once: (output, work). Read the output only after
     ``work.wait()``; the backward is synchronous."""

@@ -1,12 +1,15 @@
-"""Deduplicated expert-parallel dispatch on 2 gloo processes: the rows that actually cross the
-all-to-all (one per token and destination rank, never one per assignment), and a layer whose
-top_k exceeds the experts per rank still equals the single-process layer."""
+"""Deduplicated expert-parallel dispatch on 2 gloo processes, in both modes of ``AllToAllDispatcher``:
+the rows that actually cross the all-to-all (exact: one per token and destination rank, never one
+per assignment; padded: exactly T per rank pair, no split sizes), the padded mode's freedom from
+host syncs in the forward and the backward, and a layer whose top_k exceeds the experts per rank
+still equals the single-process layer. The exact mode runs with a different token count per rank."""
 
 import contextlib
 import copy
 import json
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ from moekit.parallel import ParallelConfig, init_distributed, shard_experts
 H, EXPERTS, TOKENS = 32, 4, 24  # 2 experts per rank
 CASES = {
     # top_k 3 > 2 experts per rank: every token has experts on both ranks or two on one.
-    "top3_of_4": dict(score_func="softmax", top_k=3),
+    "top3_of_4": dict(score_func="softmax", top_k=3, num_shared_experts=1),
     "top3_of_4_capacity": dict(score_func="sigmoid", top_k=3, capacity_factor=0.75),
     # every token picks experts 2 and 3, both on rank 1: rank 0 sends each token once, to rank 1.
     "all_on_rank1": dict(score_func="softmax", top_k=2),
@@ -30,17 +33,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+MODES = {"exact": False, "padded": True}  # name -> pad_to_tokens
+
+
 class SentRows:
-    """Records the split sizes of every ``dist.all_to_all_single`` whose rows are hidden states."""
+    """Records the split sizes (None: equal splits) and row counts of every
+    ``dist.all_to_all_single`` whose rows are hidden states."""
 
     def __init__(self):
-        self.splits: list[list[int]] = []
+        self.splits: list[list[int] | None] = []
+        self.rows: list[tuple[int, int]] = []  # (sent, received)
         self.original = dist.all_to_all_single
 
     def __enter__(self):
         def recorded(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
             if input.dim() == 2 and input.shape[1] == H:
-                self.splits.append([int(s) for s in input_split_sizes])
+                self.splits.append(None if input_split_sizes is None else [int(s) for s in input_split_sizes])
+                self.rows.append((input.shape[0], output.shape[0]))
             return self.original(output, input, output_split_sizes, input_split_sizes, group=group,
                                  async_op=async_op)
 
@@ -51,16 +60,55 @@ class SentRows:
         dist.all_to_all_single = self.original
 
 
-def run_case(name: str, extra: dict, rank: int) -> dict:
+class HostSyncs:
+    """Records every call that reads a tensor on the host (``.tolist()``, ``.item()``, ``.cpu()``,
+    ``.numpy()``, ``int()`` / ``float()`` / ``bool()`` of a tensor) while active. Recording, not
+    raising: a rank that raised mid-layer would leave its peer waiting in a collective."""
+
+    METHODS = ("tolist", "item", "cpu", "numpy", "__int__", "__float__", "__bool__")
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self.originals = {m: getattr(torch.Tensor, m) for m in self.METHODS}
+
+    def __enter__(self):
+        for method, original in self.originals.items():
+            setattr(torch.Tensor, method, self._recording(method, original))
+        return self
+
+    def _recording(self, method, original):
+        def recorded(tensor, *args, **kwargs):
+            caller = sys._getframe(1)
+            self.calls.append(f"{method} at {caller.f_code.co_filename}:{caller.f_lineno}")
+            return original(tensor, *args, **kwargs)
+
+        return recorded
+
+    def __exit__(self, *exc):
+        for method, original in self.originals.items():
+            setattr(torch.Tensor, method, original)
+
+
+def layer_syncs(layer: MoE, x: torch.Tensor, dy: torch.Tensor) -> list[str]:
+    """Host reads during one more forward + backward of ``layer`` (its shape already seen once)."""
+    xi = x.clone().requires_grad_()
+    with HostSyncs() as syncs:
+        y = layer(xi)
+        ((y * dy).sum() + layer.aux_loss).backward()
+    return syncs.calls
+
+
+def run_case(name: str, extra: dict, rank: int, mode: str) -> dict:
     torch.manual_seed(0)
     ref = MoE(MoEConfig(hidden_size=H, ffn_hidden_size=16, num_experts=EXPERTS, **extra))
     if name == "all_on_rank1":
         ref.router.expert_bias[2:] = 100.0
     layer = copy.deepcopy(ref)
-    shard_experts(layer, init_distributed(ParallelConfig(ep=2)))
+    shard_experts(layer, init_distributed(ParallelConfig(ep=2)), pad_to_tokens=MODES[mode])
     torch.manual_seed(100 + rank)  # each rank its own tokens
-    x = torch.randn(TOKENS, H)
-    dy = torch.randn(TOKENS, H)
+    tokens = TOKENS + (2 * rank if mode == "exact" else 0)  # the exact mode takes any count per rank
+    x = torch.randn(tokens, H)
+    dy = torch.randn(tokens, H)
     result = {}
     sent = SentRows()
     for module in (ref, layer):
@@ -78,9 +126,20 @@ def run_case(name: str, extra: dict, rank: int) -> dict:
         dist.all_reduce(full)
         errs[f"grad_{w}"] = float((getattr(layer.experts, w).grad - full[2 * rank: 2 * rank + 2]).norm() / full.norm())
     return {"errs": errs, "dispatch_splits": sent.splits[0], "combine_splits": sent.splits[1],
-            "forward_calls": len(sent.splits),
+            "rows": sent.rows, "forward_calls": len(sent.splits),
             "expected_splits": [sum(1 for d in dest if r in d) for r in range(2)],
-            "assignments": int((idx >= 0).sum()), "tokens": TOKENS}
+            "assignments": int((idx >= 0).sum()), "tokens": tokens, "host_syncs": layer_syncs(layer, x, dy)}
+
+
+def unequal_tokens_error(rank: int) -> str:
+    """The padded mode with a different token count on each rank: the error every rank raises."""
+    layer = MoE(MoEConfig(hidden_size=H, ffn_hidden_size=16, num_experts=EXPERTS, top_k=2))
+    shard_experts(layer, init_distributed(ParallelConfig(ep=2)))
+    try:
+        layer(torch.randn(TOKENS + rank, H))
+    except ValueError as e:
+        return str(e)
+    return ""
 
 
 def unwritten_rows_as_nan(grouped_mm):
@@ -90,7 +149,8 @@ def unwritten_rows_as_nan(grouped_mm):
 
     def poisoned(a, b, offs=None, **kwargs):
         out = grouped_mm(a, b, offs=offs, **kwargs)
-        return out.index_fill(0, torch.arange(int(offs[-1]), out.shape[0]), float("nan"))
+        unwritten = torch.arange(out.shape[0]) >= offs[-1]  # a device comparison: no host sync
+        return torch.where(unwritten[:, None], float("nan"), out)
 
     return poisoned
 
@@ -101,7 +161,8 @@ def rank_main(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     if hasattr(torch, "_grouped_mm"):
         torch._grouped_mm = unwritten_rows_as_nan(torch._grouped_mm)  # this forked rank only
-    result = {name: run_case(name, extra, rank) for name, extra in CASES.items()}
+    result = {mode: {name: run_case(name, extra, rank, mode) for name, extra in CASES.items()} for mode in MODES}
+    result["unequal_tokens_error"] = unequal_tokens_error(rank)
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump(result, f)
     dist.barrier()
@@ -123,34 +184,61 @@ def results(tmp_path_factory):
     return found
 
 
+@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_dedup_layer_matches_single_process(results, case):
+def test_dedup_layer_matches_single_process(results, case, mode):
     for rank, result in enumerate(results):
-        for key, value in result[case]["errs"].items():
-            assert value < 1e-5, f"rank {rank} {case}: {key} relative error {value}"
+        for key, value in result[mode][case]["errs"].items():
+            assert value < 1e-5, f"rank {rank} {mode} {case}: {key} relative error {value}"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_each_token_is_sent_once_per_destination_rank(results, case):
+    assert results[0]["exact"][case]["tokens"] != results[1]["exact"][case]["tokens"]
     for rank, result in enumerate(results):
-        r = result[case]
+        r = result["exact"][case]
         assert r["forward_calls"] == 2  # hidden rows cross twice per forward: dispatch, combine
         assert r["dispatch_splits"] == r["expected_splits"], (rank, r)
         # The sums go back the way the rows came: what rank s sent here returns to rank s.
-        assert r["combine_splits"] == [results[s][case]["dispatch_splits"][rank] for s in range(2)]
+        assert r["combine_splits"] == [results[s]["exact"][case]["dispatch_splits"][rank] for s in range(2)]
         # One row per (token, rank), fewer than one per assignment: top-3 of 2 + 2 experts puts
         # at least two of a token's experts on one rank.
         assert sum(r["dispatch_splits"]) < r["assignments"], (rank, r)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_padded_mode_sends_exactly_the_token_block_to_every_rank(results, case):
+    for rank, result in enumerate(results):
+        r = result["padded"][case]
+        assert r["forward_calls"] == 2
+        # Equal splits (no sizes from the host): T rows to each of the 2 ranks, T from each.
+        assert r["dispatch_splits"] is None and r["combine_splits"] is None, (rank, r)
+        assert r["rows"] == [[2 * r["tokens"], 2 * r["tokens"]]] * 2, (rank, r)  # JSON: lists
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_padded_mode_never_reads_the_device_on_the_host(results, case):
+    for rank, result in enumerate(results):
+        assert result["padded"][case]["host_syncs"] == [], (rank, case)
+        # The recorder sees the exact mode's split-size read.
+        assert any(call.startswith("tolist at") for call in result["exact"][case]["host_syncs"]), (rank, case)
+
+
+def test_padded_mode_rejects_unequal_token_counts(results):
+    for result in results:
+        assert "different (tokens, top_k) shapes [(24, 2), (25, 2)]" in result["unequal_tokens_error"]
+        assert "pad_to_tokens=False" in result["unequal_tokens_error"]
+
+
 def test_token_whose_experts_all_live_on_one_other_rank_travels_once(results):
     for rank, result in enumerate(results):
-        r = result["all_on_rank1"]
+        r = result["exact"]["all_on_rank1"]
         assert r["assignments"] == 2 * r["tokens"]
         assert r["dispatch_splits"] == [0, r["tokens"]], rank
 
 
 def test_capacity_case_drops_assignments(results):
     for result in results:
-        r = result["top3_of_4_capacity"]
-        assert r["assignments"] < 3 * r["tokens"]
+        for mode in MODES:
+            r = result[mode]["top3_of_4_capacity"]
+            assert r["assignments"] < 3 * r["tokens"]
