@@ -214,5 +214,8 @@ def shard_experts(model: nn.Module, pmesh: ParallelMesh, pad_to_tokens: bool = T
         experts.w_up = nn.Parameter(experts.w_up.detach()[rows].clone())
         experts.w_down = nn.Parameter(experts.w_down.detach()[rows].clone())
         experts.shard = shard
+        # Expert choice gives each rank a data-dependent number of slots per token: fixed
+        # splits would not line up across ranks, so those layers take the exact path.
+        padded = pad_to_tokens and layer.config.router_type != "expert_choice"
         layer.set_dispatcher(AllToAllDispatcher(pmesh.ep_group, shard, layer.config.backend,
-                                                 layer.config.precision, pad_to_tokens))
+                                                 layer.config.precision, padded))

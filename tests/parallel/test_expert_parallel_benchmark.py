@@ -68,9 +68,10 @@ def test_smoke_table_has_a_row_per_ep_size(smoke):
 
 
 def test_smoke_all_to_all_bytes_match_the_routing(smoke):
-    """The recorded bytes match the dispatcher's model (``simulated_a2a_bytes``): a token crosses
-    once per other rank that holds one of its experts, six times per layer and step (dispatch +
-    combine in the forward, its recompute and the backward), its routing row three times."""
+    """The recorded bytes match the dispatcher's model (``simulated_a2a_bytes``, default padded
+    mode): every rank sends T rows to each other rank, hidden rows five times per layer and step
+    (dispatch + combine in the forward and the backward, the dispatch again in the recompute), the
+    routing row three times."""
     bench = load_benchmark()
     shape = bench.SMOKE["deepseek-v3"]
     for r in parse_table(smoke):
