@@ -22,6 +22,11 @@ gate-weighted sum per row, (4) send the sums back the way they came and add them
 
 The gate weights travel as a differentiable tensor, so their gradients come back through the
 backward of the same all-to-all.
+
+Memory: ``routed_experts`` sizes its buffers by rows x K slots, unused slots included, so the
+receiving rank's expert activations scale with the rows that arrive (padded: ep * T, exact:
+the (token, rank) pairs), not with the T * K / ep assignments it computes: up to ep times the
+single-process layer's at large ep (use the exact mode there, or fewer tokens per step).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from moekit.moe import MoE
@@ -147,12 +153,18 @@ class AllToAllDispatcher:
             back, shared_out = self._exchange(x, x.repeat(self.ep_size, 1), local_idx, weight, None, None,
                                               experts, shared)
             # Block d is what rank d computed for this rank's tokens.
-            out = back.view(self.ep_size, *x.shape).float().sum(0).to(x.dtype)
+            out = back.view(self.ep_size, *x.shape).sum(0, dtype=torch.float32).to(x.dtype)
         else:
             hits = destination_ranks(topk_idx, shard.num_local, self.ep_size)
-            send_counts = hits.sum(0)
-            recv_counts = exchange_counts(send_counts, self.group)
-            send_splits, recv_splits = torch.stack([send_counts, recv_counts]).tolist()  # the one host sync
+            # Rows per destination, and this rank's slots per token: routing rows must have one
+            # width across the group, and expert choice gives each rank its own K.
+            send = torch.stack([hits.sum(0), torch.full_like(hits[0], topk_idx.shape[1], dtype=torch.long)], 1)
+            recv = exchange_counts(send, self.group)
+            (send_splits, _), (recv_splits, their_k) = torch.stack([send, recv]).transpose(1, 2).tolist()  # one sync
+            width = max(their_k)
+            if width > topk_idx.shape[1]:  # pad with dropped slots
+                pad = (0, width - topk_idx.shape[1])
+                topk_idx, topk_weight = F.pad(topk_idx, pad, value=-1), F.pad(topk_weight, pad)
             plan = plan_dispatch(topk_idx, topk_weight, hits, shard.num_local, sum(send_splits))
             back, shared_out = self._exchange(x, x[plan.token], plan.local_idx, plan.weight, recv_splits,
                                               send_splits, experts, shared)

@@ -19,6 +19,21 @@ import triton.language as tl
 INTERPRETING: bool = bool(triton.knobs.runtime.interpret)
 
 
+def needs_index_64(x: torch.Tensor) -> bool:
+    """Element offsets into ``x`` (and outputs of its size) can pass int32."""
+    return x.numel() >= 2**31
+
+
+@triton.jit
+def program_id(axis: tl.constexpr, INDEX_64: tl.constexpr):
+    """This program's index along ``axis``, widened to int64 when offsets can pass 2^31
+    (``needs_index_64``; int32 address arithmetic is cheaper, so only then)."""
+    pid = tl.program_id(axis)
+    if INDEX_64:
+        pid = pid.to(tl.int64)
+    return pid
+
+
 @triton.jit
 def to_float32(raw, IS_BF16: tl.constexpr):
     """Exact widening of loaded values; with IS_BF16 `raw` holds bfloat16 bits as int16."""

@@ -9,7 +9,7 @@ import torch
 from moekit.parallel.expert_parallel import destination_ranks, pad_dispatch, plan_dispatch
 
 EP_CASES = ["softmax_shared_gate", "sigmoid_groups", "sigmoid_groups_capacity", "softmax_capacity_position",
-            "expert_choice", "skewed_to_rank0"]
+            "expert_choice", "expert_choice_uneven_k", "skewed_to_rank0", "skewed_to_rank0_reference"]
 
 
 def test_ep_layer_matches_single_process(launch, tmp_path):
@@ -27,12 +27,16 @@ def test_ep_layer_matches_single_process(launch, tmp_path):
         assert result["sigmoid_groups_capacity"]["dropped_fraction"] > 0.05
         assert result["softmax_capacity_position"]["dropped_fraction"] > 0.05
         assert "grad_shared_gate" in result["softmax_shared_gate"]
-        skewed = result["skewed_to_rank0"]
-        if rank == 1:  # rank 1 holds experts 4..7, which no token chose
-            assert skewed["grad_w_up_norm"] == 0.0
-        else:
-            assert skewed["grad_w_up_norm"] > 0.0
+        for case in ("skewed_to_rank0", "skewed_to_rank0_reference"):
+            if rank == 1:  # rank 1 holds experts 4..7, which no token chose
+                assert result[case]["grad_w_up_norm"] == 0.0
+            else:
+                assert result[case]["grad_w_up_norm"] > 0.0
         assert "not divisible by ep=2" in result["indivisible_error"]
+    # the ranks' expert-choice routing rows differ in width (padded to one width to travel)
+    with open(f"{out}.0.json") as f0, open(f"{out}.1.json") as f1:
+        widths = [json.load(f)["expert_choice_uneven_k"]["slots_per_token"] for f in (f0, f1)]
+    assert widths[0] > widths[1], widths
 
 
 PLAN_SHAPES = [(7, 2, 4, 2), (16, 3, 8, 4), (9, 5, 8, 2), (1, 1, 2, 2)]

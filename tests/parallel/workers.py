@@ -43,7 +43,11 @@ LAYER_CONFIGS = {
     "softmax_capacity_position": dict(score_func="softmax", top_k=2, capacity_factor=0.5, drop_policy="position",
                                       activation="gelu", backend="reference"),
     "expert_choice": dict(router_type="expert_choice", capacity_factor=1.0, activation="geglu"),
+    # rank 0 gets a token every expert picks: its slots per token (K) exceed rank 1's
+    "expert_choice_uneven_k": dict(router_type="expert_choice", capacity_factor=1.0, score_func="sigmoid"),
     "skewed_to_rank0": dict(score_func="softmax", top_k=2),
+    # the loop backend: rank 1's experts get no rows, its output must stay on the autograd graph
+    "skewed_to_rank0_reference": dict(score_func="softmax", top_k=2, backend="reference"),
 }
 
 
@@ -67,14 +71,16 @@ def layer_scenario(args: dict) -> None:
     for name, extra in LAYER_CONFIGS.items():
         torch.manual_seed(0)
         ref = MoE(MoEConfig(hidden_size=H, ffn_hidden_size=16, num_experts=8, **extra))
-        if name == "skewed_to_rank0":  # every token picks experts 0 and 1: the other rank gets nothing
+        if name.startswith("skewed_to_rank0"):  # every token picks experts 0 and 1: the other rank gets nothing
             ref.router.expert_bias[:2] = 100.0
         layer = copy.deepcopy(ref)
         shard_experts(layer, pmesh)
         # expert choice: slots per token differ across ranks, so fixed splits cannot be used
-        assert layer.dispatcher.pad_to_tokens == (name != "expert_choice"), name
+        assert layer.dispatcher.pad_to_tokens == (not name.startswith("expert_choice")), name
         torch.manual_seed(100 + rank())  # each rank its own tokens
         x = torch.randn(3, 10, H)
+        if name == "expert_choice_uneven_k" and rank() == 0:
+            x[0, 0] = ref.router.weight.detach().sum(0) * 1000
         dy = torch.randn(3, 10, H)
         errs = {}
         outs = []
@@ -84,6 +90,7 @@ def layer_scenario(args: dict) -> None:
             ((y * dy).sum() + module.aux_loss).backward()
             outs.append((y.detach(), xi.grad))
         errs["out"] = rel_err(outs[1][0], outs[0][0])
+        errs["slots_per_token"] = ref.router(x.reshape(-1, H)).topk_idx.shape[1]
         errs["grad_x"] = rel_err(outs[1][1], outs[0][1])
         errs["grad_router"] = rel_err(layer.router.weight.grad, ref.router.weight.grad)
         if ref.shared is not None:

@@ -23,9 +23,9 @@ def routed_experts(
     out = torch.zeros_like(x)
     num_experts = w_up.shape[0]
     for e in range(num_experts):
+        # An expert with no tokens still runs (on zero rows): the output stays connected to the
+        # inputs, so autograd (and a backward all-to-all under expert parallelism) sees it.
         token, slot = torch.where(topk_idx == e)
-        if token.numel() == 0:
-            continue
         h = apply_activation(x[token] @ w_up[e].t(), activation)
         y = h @ w_down[e].t()
         out.index_add_(0, token, (y * topk_weight[token, slot, None]).to(x.dtype))

@@ -13,7 +13,16 @@ import triton.language as tl
 from moekit.quant.formats import check_input, element_format
 from moekit.quant.fp8_block.reference import ACTIVATION_BLOCK, MIN_SCALE, check_block
 from moekit.quant.tensors import BlockScaledTensor
-from moekit.quant.triton_utils import INTERPRETING, as_bytes, decode_fp8, encode_fp8, kernel_input, load_as_float32
+from moekit.quant.triton_utils import (
+    INTERPRETING,
+    as_bytes,
+    decode_fp8,
+    encode_fp8,
+    kernel_input,
+    load_as_float32,
+    needs_index_64,
+    program_id,
+)
 
 
 @triton.jit
@@ -21,11 +30,11 @@ def _block_quantize_kernel(
     x_ptr, data_ptr, scale_ptr, data_t_ptr, R, K, M, stride_xr,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, IS_BF16: tl.constexpr, TRANSPOSED: tl.constexpr,
     MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr, MIN_SCALE: tl.constexpr,
-    E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr, INDEX_64: tl.constexpr,
     TILE_R: tl.constexpr, TILE_K: tl.constexpr,
 ):
-    offs_r = tl.program_id(0) * TILE_R + tl.arange(0, TILE_R)
-    offs_k = tl.program_id(1) * TILE_K + tl.arange(0, TILE_K)
+    offs_r = program_id(0, INDEX_64) * TILE_R + tl.arange(0, TILE_R)
+    offs_k = program_id(1, INDEX_64) * TILE_K + tl.arange(0, TILE_K)
     mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
     x = load_as_float32(x_ptr + offs_r[:, None] * stride_xr + offs_k[None, :], mask, IS_BF16)
     x = tl.reshape(x, (TILE_R // BLOCK_ROWS, BLOCK_ROWS, TILE_K // BLOCK_COLS, BLOCK_COLS))
@@ -43,15 +52,15 @@ def _block_quantize_kernel(
     if TRANSPOSED:
         # Also each [M, K] matrix's transpose [K, M] (a tile never spans two matrices: M is a
         # multiple of TILE_R); the byte tile is transposed on chip so both stores are contiguous.
-        r0 = tl.program_id(0) * TILE_R
+        r0 = program_id(0, INDEX_64) * TILE_R
         base = (r0 // M).to(tl.int64) * K * M + (r0 % M)
         offs_t = tl.arange(0, TILE_R)
         tl.store(data_t_ptr + base + offs_k[:, None].to(tl.int64) * M + offs_t[None, :], tl.trans(elems),
                  mask=(offs_k[:, None] < K) & (r0 + offs_t[None, :] < R))
 
     scale = tl.where(nonfinite, float("nan"), scale)
-    offs_rb = tl.program_id(0) * (TILE_R // BLOCK_ROWS) + tl.arange(0, TILE_R // BLOCK_ROWS)
-    offs_kb = tl.program_id(1) * (TILE_K // BLOCK_COLS) + tl.arange(0, TILE_K // BLOCK_COLS)
+    offs_rb = program_id(0, INDEX_64) * (TILE_R // BLOCK_ROWS) + tl.arange(0, TILE_R // BLOCK_ROWS)
+    offs_kb = program_id(1, INDEX_64) * (TILE_K // BLOCK_COLS) + tl.arange(0, TILE_K // BLOCK_COLS)
     tl.store(scale_ptr + offs_rb[:, None] * (K // BLOCK_COLS) + offs_kb[None, :], scale,
              mask=(offs_rb[:, None] < R // BLOCK_ROWS) & (offs_kb[None, :] < K // BLOCK_COLS))
 
@@ -60,14 +69,14 @@ def _block_quantize_kernel(
 def _block_dequantize_kernel(
     data_ptr, scale_ptr, out_ptr, R, K,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, E5M2: tl.constexpr,
-    TILE_R: tl.constexpr, TILE_K: tl.constexpr,
+    TILE_R: tl.constexpr, TILE_K: tl.constexpr, INDEX_64: tl.constexpr,
 ):
-    offs_r = tl.program_id(0) * TILE_R + tl.arange(0, TILE_R)
-    offs_k = tl.program_id(1) * TILE_K + tl.arange(0, TILE_K)
+    offs_r = program_id(0, INDEX_64) * TILE_R + tl.arange(0, TILE_R)
+    offs_k = program_id(1, INDEX_64) * TILE_K + tl.arange(0, TILE_K)
     mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
     elems = decode_fp8(tl.load(data_ptr + offs_r[:, None] * K + offs_k[None, :], mask=mask, other=0), E5M2)
-    offs_rb = tl.program_id(0) * (TILE_R // BLOCK_ROWS) + tl.arange(0, TILE_R // BLOCK_ROWS)
-    offs_kb = tl.program_id(1) * (TILE_K // BLOCK_COLS) + tl.arange(0, TILE_K // BLOCK_COLS)
+    offs_rb = program_id(0, INDEX_64) * (TILE_R // BLOCK_ROWS) + tl.arange(0, TILE_R // BLOCK_ROWS)
+    offs_kb = program_id(1, INDEX_64) * (TILE_K // BLOCK_COLS) + tl.arange(0, TILE_K // BLOCK_COLS)
     scale = tl.load(scale_ptr + offs_rb[:, None] * (K // BLOCK_COLS) + offs_kb[None, :],
                     mask=(offs_rb[:, None] < R // BLOCK_ROWS) & (offs_kb[None, :] < K // BLOCK_COLS), other=1.0)
     out = tl.reshape(elems, (TILE_R // BLOCK_ROWS, BLOCK_ROWS, TILE_K // BLOCK_COLS, BLOCK_COLS))
@@ -103,7 +112,7 @@ def launch_quantize(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, b
         x2.stride(0), BLOCK_ROWS=block[0], BLOCK_COLS=block[1], IS_BF16=x2.dtype == torch.bfloat16,
         TRANSPOSED=data_t is not None,
         MAX_NORMAL=fmt.max_normal, MANTISSA_BITS=fmt.mantissa_bits, MIN_NORMAL_EXP=fmt.min_normal_exp,
-        MIN_SCALE=MIN_SCALE, E5M2=elem == "e5m2", EMULATE_RNE=INTERPRETING, **tiles,
+        MIN_SCALE=MIN_SCALE, E5M2=elem == "e5m2", EMULATE_RNE=INTERPRETING, INDEX_64=needs_index_64(x2), **tiles,
     )
 
 
@@ -134,7 +143,8 @@ def dequantize(t: BlockScaledTensor, dtype: torch.dtype = torch.float32) -> torc
     tiles = _tiles(t.block)
     grid = (triton.cdiv(data2.shape[0], tiles["TILE_R"]), triton.cdiv(k, tiles["TILE_K"]))
     _block_dequantize_kernel[grid](data2, scale2, out, data2.shape[0], k, BLOCK_ROWS=t.block[0],
-                                   BLOCK_COLS=t.block[1], E5M2=t.elem == "e5m2", **tiles)
+                                   BLOCK_COLS=t.block[1], E5M2=t.elem == "e5m2", INDEX_64=needs_index_64(data2),
+                                   **tiles)
     return out.reshape(t.data.shape).to(dtype)
 
 

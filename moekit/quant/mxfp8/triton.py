@@ -27,6 +27,8 @@ from moekit.quant.triton_utils import (
     decode_fp8,
     encode_fp8,
     kernel_input,
+    needs_index_64,
+    program_id,
     to_float32,
 )
 
@@ -76,7 +78,7 @@ def _mx_quantize_kernel(
     ROWWISE: tl.constexpr, COLWISE: tl.constexpr, IS_BF16: tl.constexpr,
     EMAX: tl.constexpr, RCEIL: tl.constexpr, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr,
     MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROW_GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROW_GROUP: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """One read of an x tile [BLOCK_M, BLOCK_K]; row-wise and / or column-wise outputs.
 
@@ -88,12 +90,12 @@ def _mx_quantize_kernel(
     along M. Correctness does not depend on the layout, only the speed.
     """
     t = tl.arange(0, BLOCK_M)
-    m0 = tl.program_id(0) * BLOCK_M
+    m0 = program_id(0, INDEX_64) * BLOCK_M
     if COLWISE:
         offs_m = m0 + (t // (4 * ROW_GROUP)) * (4 * ROW_GROUP) + 4 * (t % ROW_GROUP) + (t // ROW_GROUP) % 4
     else:
         offs_m = m0 + t
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_k = program_id(1, INDEX_64) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     x = to_float32(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0), IS_BF16)
 
@@ -104,7 +106,7 @@ def _mx_quantize_kernel(
                         E5M2, EMULATE_RNE)
         tl.store(row_data_ptr + offs_m[:, None] * K + offs_k[None, :], tl.reshape(elems, (BLOCK_M, BLOCK_K)),
                  mask=mask)
-        offs_kb = tl.program_id(1) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+        offs_kb = program_id(1, INDEX_64) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
         tl.store(row_scale_ptr + offs_m[:, None] * (K // 32) + offs_kb[None, :], _scale_bytes(exp, nonfinite),
                  mask=(offs_m[:, None] < M) & (offs_kb[None, :] < K // 32))
 
@@ -124,7 +126,7 @@ def _mx_quantize_kernel(
         tl.store(col_data_ptr + offs_k[:, None] * (M // 4) + offs_w[None, :], tl.trans(words),
                  mask=(offs_k[:, None] < K) & (offs_w[None, :] < M // 4))
         scale = tl.reshape(_scale_bytes(exp, nonfinite), (BLOCK_M // 32, BLOCK_K))
-        offs_mb = tl.program_id(0) * (BLOCK_M // 32) + tl.arange(0, BLOCK_M // 32)
+        offs_mb = program_id(0, INDEX_64) * (BLOCK_M // 32) + tl.arange(0, BLOCK_M // 32)
         tl.store(col_scale_ptr + offs_k[:, None] * (M // 32) + offs_mb[None, :], tl.trans(scale),
                  mask=(offs_k[:, None] < K) & (offs_mb[None, :] < M // 32))
 
@@ -132,13 +134,13 @@ def _mx_quantize_kernel(
 @triton.jit
 def _mx_dequantize_kernel(
     data_ptr, scale_ptr, out_ptr, R, K,
-    E5M2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    E5M2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, INDEX_64: tl.constexpr,
 ):
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = program_id(0, INDEX_64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = program_id(1, INDEX_64) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
     elems = decode_fp8(tl.load(data_ptr + offs_r[:, None] * K + offs_k[None, :], mask=mask, other=0), E5M2)
-    offs_kb = tl.program_id(1) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+    offs_kb = program_id(1, INDEX_64) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
     sbytes = tl.load(scale_ptr + offs_r[:, None] * (K // 32) + offs_kb[None, :],
                      mask=(offs_r[:, None] < R) & (offs_kb[None, :] < K // 32), other=127).to(tl.int32)
     # 2**(b - 127); b = 0 is the float32 subnormal 2**-127; b = 255 is NaN.
@@ -211,7 +213,8 @@ def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, 
     args = (kernel_input(x), outputs.get("row_data"), outputs.get("row_scale"),
             None if col_data is None else col_data.view(torch.int32),  # written 4 rows (bytes) at a time
             outputs.get("col_scale"), m, k, x.stride(0))
-    flags = dict(ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x.dtype == torch.bfloat16, **_format_args(elem, scale_mode))
+    flags = dict(ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x.dtype == torch.bfloat16, INDEX_64=needs_index_64(x),
+                 **_format_args(elem, scale_mode))
     if tiles is None and colwise:
         def grid(meta):
             return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"])
@@ -278,5 +281,5 @@ def dequantize(t: MXTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     block_r, block_k, warps = (32, 64, 4) if INTERPRETING else (128, 128, 4)
     grid = (triton.cdiv(data2.shape[0], block_r), triton.cdiv(k, block_k))
     _mx_dequantize_kernel[grid](data2, scale2, out, data2.shape[0], k, E5M2=t.elem == "e5m2",
-                                BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps)
+                                BLOCK_R=block_r, BLOCK_K=block_k, INDEX_64=needs_index_64(data2), num_warps=warps)
     return out.reshape(data.shape).movedim(-1, t.axis).to(dtype)
