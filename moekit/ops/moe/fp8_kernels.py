@@ -25,6 +25,8 @@ one group of the token-axis (wgrad) quantization.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -40,8 +42,12 @@ E4M3_EMAX = tl.constexpr(8)
 MIN_SCALE = tl.constexpr(2.0**-126)
 TILE_N = DIM_MULTIPLE  # output columns per program: one whole 128-wide quantization group
 # Launch options of every GEMM kernel here; benchmarks/moe_fp8.py --sweep tries others.
-LAUNCH = {"num_warps": 4, "num_stages": 1} if INTERPRETING else {"num_warps": 8, "num_stages": 3}
+INTERPRETER_LAUNCH = {"num_warps": 4, "num_stages": 1}
+LAUNCH = INTERPRETER_LAUNCH if INTERPRETING else {"num_warps": 8, "num_stages": 3}
 GROUP_M = 8
+# The first version's loads (uint8 bytes bitcast to E4M3 after the load), kept selectable until
+# the pointer-cast version below is checked on an H200.
+FP8_V1 = tl.constexpr(os.environ.get("MOEKIT_FP8_V1") == "1")
 K_STEP = tl.constexpr(128)  # reduction values per MX K-loop step (4 scale blocks of 32)
 # MX on Hopper: dots on exactly dequantized operands (bf16; fp32 in the interpreter, whose
 # bf16 dots are wrong).
@@ -49,6 +55,17 @@ MX_DOT_DTYPE = tl.constexpr(tl.float32 if INTERPRETING else tl.bfloat16)
 
 
 # ----------------------------------------------------------------------------- device helpers
+
+@triton.jit
+def _fp8_ptr(ptr):
+    """uint8 storage seen as E4M3 through the pointer. Bitcasting loaded bytes instead puts an op
+    between the load and the dot, and on sm_90 the pipeliner then neither streams the tile into
+    shared memory (async copies, num_stages) nor feeds wgmma from there: every K step waited on
+    a plain global load (benchmarks/compile_check_moe_fp8.py shows it)."""
+    if FP8_V1:
+        return ptr
+    return ptr.to(tl.pointer_type(tl.float8e4nv), bitcast=True)
+
 
 @triton.jit
 def _quantize_blocks(v, MX: tl.constexpr, EMULATE_RNE: tl.constexpr):
@@ -111,16 +128,17 @@ def _scaled_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as,
     ks = tl.arange(0, BLOCK)
     rows64 = a_rows.to(tl.int64)
     cols64 = b_cols.to(tl.int64)
-    a_ptrs = a_ptr + rows64[:, None] * ld_a + ks[None, :]
-    b_ptrs = b_ptr + cols64[None, :] * ld_b + ks[:, None]
+    a_ptrs = _fp8_ptr(a_ptr) + rows64[:, None] * ld_a + ks[None, :]
+    b_ptrs = _fp8_ptr(b_ptr) + cols64[None, :] * ld_b + ks[:, None]
     as_ptrs = as_ptr + rows64 * ld_as
     bs_ptrs = bs_ptr + (cols64 // WEIGHT_ROWS) * ld_bs_n
     b2_ptrs = b_ptrs + b2_offset * ld_b
     bs2_ptrs = bs_ptr + ((cols64 + b2_offset) // WEIGHT_ROWS) * ld_bs_n
+    zero = tl.zeros((BM, BLOCK), a_ptrs.dtype.element_ty)  # typed: the interpreter cannot cast 0 to E4M3
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc2 = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(0, num_k):
-        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0).to(tl.float8e4nv, bitcast=True)
+        a = tl.load(a_ptrs, mask=row_ok[:, None], other=zero).to(tl.float8e4nv, bitcast=True)
         sa = tl.load(as_ptrs + kb, mask=row_ok, other=0.0)
         b = tl.load(b_ptrs).to(tl.float8e4nv, bitcast=True)
         sb = tl.load(bs_ptrs + kb * ld_bs_k)
@@ -344,8 +362,8 @@ def _wgrad_kernel(
             blocks += NS
     else:
         slots = first_tile * TILE + tl.arange(0, BLOCK)
-        a_ptrs = a_ptr + ps[:, None] * ld_a + slots[None, :]
-        b_ptrs = b_ptr + qs[None, :] * ld_b + slots[:, None]
+        a_ptrs = _fp8_ptr(a_ptr) + ps[:, None] * ld_a + slots[None, :]
+        b_ptrs = _fp8_ptr(b_ptr) + qs[None, :] * ld_b + slots[:, None]
         first_block = first_tile * (TILE // BLOCK)
         for j in range(0, tl.cdiv(num_rows, BLOCK)):
             a = tl.load(a_ptrs).to(tl.float8e4nv, bitcast=True)
