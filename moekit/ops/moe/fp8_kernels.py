@@ -63,8 +63,10 @@ def _fp8_ptr(ptr):
     shared memory (async copies, num_stages) nor feeds wgmma from there: every K step waited on
     a plain global load (benchmarks/compile_check_moe_fp8.py shows it)."""
     if FP8_V1:
-        return ptr
-    return ptr.to(tl.pointer_type(tl.float8e4nv), bitcast=True)
+        typed = ptr
+    else:
+        typed = ptr.to(tl.pointer_type(tl.float8e4nv), bitcast=True)
+    return typed
 
 
 @triton.jit
