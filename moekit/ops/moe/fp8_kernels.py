@@ -120,6 +120,18 @@ def _store_cols(v, tile, col0, c_ptr, ld_c, cs_ptr, ld_cs,
 
 
 @triton.jit
+def _outer(sa, sb):
+    """sa[i] * sb[j] as a broadcastable factor; the same float32 products either way, but a scalar
+    sb keeps a [BM, 1] column live instead of a [BM, BN] tile: on sm_90 the tile (64 registers a
+    thread at 8 warps) beside the dot result and the accumulators made the gated K loop spill."""
+    if FP8_V1:
+        s = sa[:, None] * sb[None, :]
+    else:
+        s = (sa * sb)[:, None]
+    return s
+
+
+@triton.jit
 def _scaled_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as,
                  b_ptr, b_cols, ld_b, bs_ptr, ld_bs_n, ld_bs_k, b2_offset, num_k,
                  TWO: tl.constexpr, BLOCK: tl.constexpr, WEIGHT_ROWS: tl.constexpr,
@@ -133,9 +145,15 @@ def _scaled_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as,
     a_ptrs = _fp8_ptr(a_ptr) + rows64[:, None] * ld_a + ks[None, :]
     b_ptrs = _fp8_ptr(b_ptr) + cols64[None, :] * ld_b + ks[:, None]
     as_ptrs = as_ptr + rows64 * ld_as
-    bs_ptrs = bs_ptr + (cols64 // WEIGHT_ROWS) * ld_bs_n
     b2_ptrs = b_ptrs + b2_offset * ld_b
-    bs2_ptrs = bs_ptr + ((cols64 + b2_offset) // WEIGHT_ROWS) * ld_bs_n
+    if FP8_V1:  # one weight scale per column: a [BM, BN] scale tile per K step
+        bs_ptrs = bs_ptr + (cols64 // WEIGHT_ROWS) * ld_bs_n
+        bs2_ptrs = bs_ptr + ((cols64 + b2_offset) // WEIGHT_ROWS) * ld_bs_n
+    else:  # the tile's BN columns lie in one weight block: one scalar per K step
+        tl.static_assert(BN == WEIGHT_ROWS, "a column tile must be exactly one weight-scale block")
+        col0 = tl.min(cols64, 0)
+        bs_ptrs = bs_ptr + (col0 // WEIGHT_ROWS) * ld_bs_n
+        bs2_ptrs = bs_ptr + ((col0 + b2_offset) // WEIGHT_ROWS) * ld_bs_n
     zero = tl.zeros((BM, BLOCK), a_ptrs.dtype.element_ty)  # typed: the interpreter cannot cast 0 to E4M3
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc2 = tl.zeros((BM, BN), dtype=tl.float32)
@@ -144,11 +162,11 @@ def _scaled_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as,
         sa = tl.load(as_ptrs + kb, mask=row_ok, other=0.0)
         b = tl.load(b_ptrs).to(tl.float8e4nv, bitcast=True)
         sb = tl.load(bs_ptrs + kb * ld_bs_k)
-        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+        acc += tl.dot(a, b) * _outer(sa, sb)
         if TWO:
             b2 = tl.load(b2_ptrs).to(tl.float8e4nv, bitcast=True)
             sb2 = tl.load(bs2_ptrs + kb * ld_bs_k)
-            acc2 += tl.dot(a, b2) * (sa[:, None] * sb2[None, :])
+            acc2 += tl.dot(a, b2) * _outer(sa, sb2)
             b2_ptrs += BLOCK
         a_ptrs += BLOCK
         b_ptrs += BLOCK
