@@ -246,3 +246,24 @@ def test_sm100_mxfp8_path_matches_triton_kernel(monkeypatch):
     valid = (idx.reshape(-1) >= 0)
     assert got.shape == want.shape == (80, 256)
     assert _rel(got[valid], want[valid]) < 1e-6
+
+
+def test_fp8_pointer_loads_match_v1_byte_loads(monkeypatch):
+    """The E4M3-pointer loads (the sm_90 pipelining fix) read exactly what MOEKIT_FP8_V1's byte
+    loads read: identical GEMM results, masked rows of a partial tile included."""
+    import triton.language as tl
+
+    from moekit.ops.moe.fp8_recipe import quantize_rows, quantize_weight
+    from moekit.ops.moe.triton_meta import routing_meta
+
+    leaves, idx, _ = _problem(40, 256, 128, 4, 2, "gelu", seed=12)
+    r = recipe("fp8")
+    meta = routing_meta(idx, 4)
+    a_q = quantize_rows(leaves[0].detach()[meta.order.long() // 2], r)
+    w_q = quantize_weight(leaves[2].detach(), r, 2)  # w_up [E, F, H]: K-major for the forward GEMM
+    got = fp8.kernels.scatter_gemm(a_q, w_q, meta, r, torch.float32)
+    monkeypatch.setattr(fp8.kernels, "FP8_V1", tl.constexpr(True))
+    want = fp8.kernels.scatter_gemm(a_q, w_q, meta, r, torch.float32)
+    valid = idx.reshape(-1) >= 0
+    assert torch.isfinite(got[valid]).all() and got[valid].abs().max() > 0.1
+    assert torch.equal(got[valid], want[valid])

@@ -25,6 +25,8 @@ one group of the token-axis (wgrad) quantization.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -40,8 +42,12 @@ E4M3_EMAX = tl.constexpr(8)
 MIN_SCALE = tl.constexpr(2.0**-126)
 TILE_N = DIM_MULTIPLE  # output columns per program: one whole 128-wide quantization group
 # Launch options of every GEMM kernel here; benchmarks/moe_fp8.py --sweep tries others.
-LAUNCH = {"num_warps": 4, "num_stages": 1} if INTERPRETING else {"num_warps": 8, "num_stages": 3}
+INTERPRETER_LAUNCH = {"num_warps": 4, "num_stages": 1}
+LAUNCH = INTERPRETER_LAUNCH if INTERPRETING else {"num_warps": 8, "num_stages": 3}
 GROUP_M = 8
+# The first version's loads (uint8 bytes bitcast to E4M3 after the load), kept selectable until
+# the pointer-cast version below is checked on an H200.
+FP8_V1 = tl.constexpr(os.environ.get("MOEKIT_FP8_V1") == "1")
 K_STEP = tl.constexpr(128)  # reduction values per MX K-loop step (4 scale blocks of 32)
 # MX on Hopper: dots on exactly dequantized operands (bf16; fp32 in the interpreter, whose
 # bf16 dots are wrong).
@@ -49,6 +55,19 @@ MX_DOT_DTYPE = tl.constexpr(tl.float32 if INTERPRETING else tl.bfloat16)
 
 
 # ----------------------------------------------------------------------------- device helpers
+
+@triton.jit
+def _fp8_ptr(ptr):
+    """uint8 storage seen as E4M3 through the pointer. Bitcasting loaded bytes instead puts an op
+    between the load and the dot, and on sm_90 the pipeliner then neither streams the tile into
+    shared memory (async copies, num_stages) nor feeds wgmma from there: every K step waited on
+    a plain global load (benchmarks/compile_check_moe_fp8.py shows it)."""
+    if FP8_V1:
+        typed = ptr
+    else:
+        typed = ptr.to(tl.pointer_type(tl.float8e4nv), bitcast=True)
+    return typed
+
 
 @triton.jit
 def _quantize_blocks(v, MX: tl.constexpr, EMULATE_RNE: tl.constexpr):
@@ -101,6 +120,18 @@ def _store_cols(v, tile, col0, c_ptr, ld_c, cs_ptr, ld_cs,
 
 
 @triton.jit
+def _outer(sa, sb):
+    """sa[i] * sb[j] as a broadcastable factor; the same float32 products either way, but a scalar
+    sb keeps a [BM, 1] column live instead of a [BM, BN] tile: on sm_90 the tile (64 registers a
+    thread at 8 warps) beside the dot result and the accumulators made the gated K loop spill."""
+    if FP8_V1:
+        s = sa[:, None] * sb[None, :]
+    else:
+        s = (sa * sb)[:, None]
+    return s
+
+
+@triton.jit
 def _scaled_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as,
                  b_ptr, b_cols, ld_b, bs_ptr, ld_bs_n, ld_bs_k, b2_offset, num_k,
                  TWO: tl.constexpr, BLOCK: tl.constexpr, WEIGHT_ROWS: tl.constexpr,
@@ -111,24 +142,31 @@ def _scaled_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as,
     ks = tl.arange(0, BLOCK)
     rows64 = a_rows.to(tl.int64)
     cols64 = b_cols.to(tl.int64)
-    a_ptrs = a_ptr + rows64[:, None] * ld_a + ks[None, :]
-    b_ptrs = b_ptr + cols64[None, :] * ld_b + ks[:, None]
+    a_ptrs = _fp8_ptr(a_ptr) + rows64[:, None] * ld_a + ks[None, :]
+    b_ptrs = _fp8_ptr(b_ptr) + cols64[None, :] * ld_b + ks[:, None]
     as_ptrs = as_ptr + rows64 * ld_as
-    bs_ptrs = bs_ptr + (cols64 // WEIGHT_ROWS) * ld_bs_n
     b2_ptrs = b_ptrs + b2_offset * ld_b
-    bs2_ptrs = bs_ptr + ((cols64 + b2_offset) // WEIGHT_ROWS) * ld_bs_n
+    if FP8_V1:  # one weight scale per column: a [BM, BN] scale tile per K step
+        bs_ptrs = bs_ptr + (cols64 // WEIGHT_ROWS) * ld_bs_n
+        bs2_ptrs = bs_ptr + ((cols64 + b2_offset) // WEIGHT_ROWS) * ld_bs_n
+    else:  # the tile's BN columns lie in one weight block: one scalar per K step
+        tl.static_assert(BN == WEIGHT_ROWS, "a column tile must be exactly one weight-scale block")
+        col0 = tl.min(cols64, 0)
+        bs_ptrs = bs_ptr + (col0 // WEIGHT_ROWS) * ld_bs_n
+        bs2_ptrs = bs_ptr + ((col0 + b2_offset) // WEIGHT_ROWS) * ld_bs_n
+    zero = tl.zeros((BM, BLOCK), a_ptrs.dtype.element_ty)  # typed: the interpreter cannot cast 0 to E4M3
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc2 = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(0, num_k):
-        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0).to(tl.float8e4nv, bitcast=True)
+        a = tl.load(a_ptrs, mask=row_ok[:, None], other=zero).to(tl.float8e4nv, bitcast=True)
         sa = tl.load(as_ptrs + kb, mask=row_ok, other=0.0)
         b = tl.load(b_ptrs).to(tl.float8e4nv, bitcast=True)
         sb = tl.load(bs_ptrs + kb * ld_bs_k)
-        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+        acc += tl.dot(a, b) * _outer(sa, sb)
         if TWO:
             b2 = tl.load(b2_ptrs).to(tl.float8e4nv, bitcast=True)
             sb2 = tl.load(bs2_ptrs + kb * ld_bs_k)
-            acc2 += tl.dot(a, b2) * (sa[:, None] * sb2[None, :])
+            acc2 += tl.dot(a, b2) * _outer(sa, sb2)
             b2_ptrs += BLOCK
         a_ptrs += BLOCK
         b_ptrs += BLOCK
@@ -344,8 +382,8 @@ def _wgrad_kernel(
             blocks += NS
     else:
         slots = first_tile * TILE + tl.arange(0, BLOCK)
-        a_ptrs = a_ptr + ps[:, None] * ld_a + slots[None, :]
-        b_ptrs = b_ptr + qs[None, :] * ld_b + slots[:, None]
+        a_ptrs = _fp8_ptr(a_ptr) + ps[:, None] * ld_a + slots[None, :]
+        b_ptrs = _fp8_ptr(b_ptr) + qs[None, :] * ld_b + slots[:, None]
         first_block = first_tile * (TILE // BLOCK)
         for j in range(0, tl.cdiv(num_rows, BLOCK)):
             a = tl.load(a_ptrs).to(tl.float8e4nv, bitcast=True)

@@ -1,0 +1,202 @@
+"""Build the FP8 / MXFP8 routed-expert kernels for sm_90 without a GPU and read what came out.
+
+Phase 1 runs ``moekit.ops.moe.fp8.routed_experts`` forward + backward (both recipes, gated and
+plain activations) in the CPU interpreter and records every kernel launch: the kernel, its
+argument kinds and constexprs, the grid and the bytes of every tensor argument. Phase 2
+compiles each distinct launch with ``triton.compile`` for ``GPUTarget("cuda", arch, 128)`` and
+prints, per kernel: how its dots were lowered (``wgmma`` count and operand types in the PTX,
+``warp_group_dot`` / ``local_alloc`` / transposes in the TTGIR), whether the K loop was
+software-pipelined (async copies / TMA), shared memory, and registers / spills from ``ptxas -v``.
+It also prints the launch list of one fwd+bwd (what a profile would show, minus the times).
+
+Nothing here measures speed: that needs the H200 (``benchmarks/moe_fp8.py``).
+
+    python benchmarks/compile_check_moe_fp8.py [--arch 90] [--dump DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's moekit, not an installed one
+
+SM90_SHARED_BYTES = 232448  # per block on H100 / H200
+POINTER_TYPES = {"torch.float32": "*fp32", "torch.float16": "*bf16", "torch.bfloat16": "*bf16",
+                 "torch.int32": "*i32", "torch.int64": "*i64", "torch.uint8": "*u8"}
+
+
+def record(path: str, recipes: list[str]) -> None:
+    """Phase 1, in the interpreter: run the op and write every launch to ``path`` (in order)."""
+    import torch
+    from triton.runtime import interpreter
+
+    launches = []
+    run = interpreter.InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        bound = dict(zip(self.arg_names, args)) | {k: v for k, v in kwargs.items() if k in self.arg_names}
+        kinds = {n: ("ptr", str(v.dtype)) if isinstance(v, torch.Tensor) else (type(v).__name__, v)
+                 for n, v in bound.items()}
+        nbytes = {n: v.numel() * v.element_size() for n, v in bound.items() if isinstance(v, torch.Tensor)}
+        launches.append({"module": self.fn.__module__, "name": self.fn.__name__, "kinds": kinds, "bytes": nbytes,
+                         "grid": list(grid) if isinstance(grid, tuple) else "callable", "tag": tag[0],
+                         "options": {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}})
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    interpreter.InterpretedFunction.run = recording_run
+    from moekit.ops.moe import fp8
+
+    tag = [""]
+    g = torch.Generator().manual_seed(0)
+    T, H, F, E, K = 64, 256, 256, 4, 2
+    for recipe_name in recipes:
+        for activation in ("swiglu", "gelu"):
+            up = 2 * F if activation == "swiglu" else F
+            x = torch.randn(T, H, generator=g).requires_grad_()
+            idx = torch.rand(T, E, generator=g).topk(K, -1).indices
+            w = torch.rand(T, K, generator=g).requires_grad_()
+            w_up = (torch.randn(E, up, H, generator=g) * H**-0.5).requires_grad_()
+            w_down = (torch.randn(E, H, F, generator=g) * F**-0.5).requires_grad_()
+            tag[0] = f"{recipe_name}/{activation}/fwd"
+            out = fp8.routed_experts(x, idx, w, w_up, w_down, activation, recipe_name)
+            tag[0] = f"{recipe_name}/{activation}/bwd"
+            out.backward(torch.randn(T, H, generator=g))
+    with open(path, "w") as f:
+        json.dump(launches, f)
+
+
+def signature(fn, kinds: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ``triton.compile``, specialized as the JIT does at a
+    launch: an int equal to 1 becomes a constant, and pointers (torch allocations) and ints
+    divisible by 16 carry ``tt.divisibility`` 16. Without these hints the compiler cannot prove
+    16-byte vectors, and the K loops are built without async copies: a misleading build."""
+    sig, consts, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        kind, value = kinds[p.name]
+        if p.is_constexpr or value is None or (kind == "int" and value == 1):
+            sig[p.name], consts[(i,)] = "constexpr", value
+            continue
+        if kind == "ptr":
+            sig[p.name] = POINTER_TYPES[value]
+        elif kind == "int":
+            sig[p.name] = "i32" if abs(value) < 2**31 else "i64"
+        elif kind == "float":
+            sig[p.name] = "fp32"
+        else:
+            raise ValueError(f"{fn.__name__}: argument {p.name} of kind {kind} has no Triton type here")
+        if kind == "ptr" or (kind == "int" and value % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def ptxas_usage(ptx: str, arch: int) -> str:
+    """Registers and spills as ``ptxas -v`` reports them for the kernel's PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    text = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return f"regs {regs.group(1) if regs else '?'} spills {spill.group(1) + '/' + spill.group(2) if spill else '?'}"
+
+
+def ir_summary(kernel) -> str:
+    """How the dots were lowered and whether the loop was pipelined."""
+    ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+    wgmma = re.findall(r"wgmma\.mma_async\.[\w.]+", ptx)
+    kinds = sorted({re.sub(r"\.m64n\d+k\d+", "", w) for w in wgmma})
+    upconverts = len(re.findall(r"cvt\.rn\.(?:f16x2|bf16x2)\.e4m3x2", ptx))
+    return (f"wgmma {len(wgmma)} {kinds} | mma.sync {len(re.findall(r'mma.sync', ptx))} | "
+            f"ttgir warp_group_dot {ttgir.count('ttng.warp_group_dot ')} dot {ttgir.count('tt.dot ')} "
+            f"trans {ttgir.count('tt.trans')} local_alloc {ttgir.count('ttg.local_alloc')} "
+            f"async_copy {ttgir.count('ttg.async_copy_global_to_local')} tma {ttgir.count('async_tma_copy')} "
+            f"wgmma_wait {ttgir.count('warp_group_dot_wait')} | cvt e4m3->16-bit in ptx "
+            f"{upconverts}")
+
+
+def compile_all(path: str, arch: int, dump: str | None) -> int:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+    from triton.runtime.jit import JITFunction
+
+    from moekit.ops.moe import fp8_kernels
+
+    with open(path) as f:
+        launches = json.load(f)
+    print("launch list (T=64 tokens, H=F=256, E=4, top-2; bytes = sum of tensor arguments):")
+    for tag in dict.fromkeys(la["tag"] for la in launches):
+        mine = [la for la in launches if la["tag"] == tag]
+        print(f"  {tag}: {len(mine)} launches: " + ", ".join(la["name"] for la in mine))
+    seen, failed = set(), 0
+    for launch in launches:
+        fn = getattr(importlib.import_module(launch["module"]), launch["name"])
+        while not isinstance(fn, JITFunction):
+            fn = fn.fn
+        sig, consts, attrs = signature(fn, launch["kinds"])
+        key = (launch["name"], json.dumps(sig), repr(sorted(consts.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        options = {"num_warps": launch["options"].get("num_warps", 4),
+                   "num_stages": launch["options"].get("num_stages", 3)}
+        if options == fp8_kernels.INTERPRETER_LAUNCH:  # recorded in the interpreter: the GPU's options
+            options = dict(fp8_kernels.LAUNCH)
+        flags = {p.name: launch["kinds"][p.name][1] for p in fn.params if p.is_constexpr
+                 and p.name in ("GATED", "BACKWARD", "SAVE", "MX", "BLOCK", "TWO_B", "A_REG")}
+        label = f"{launch['name']} {flags} {options}"
+        try:
+            kernel = compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                             target=GPUTarget("cuda", arch, 128), options=options)
+        except Exception as e:
+            failed += 1
+            print(f"FAIL {label} {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            continue
+        shared = kernel.metadata.shared
+        fits = arch != 90 or shared <= SM90_SHARED_BYTES
+        failed += not fits
+        print(f"{'OK  ' if fits else 'FAIL'} {label}\n     shared {shared} B, {ptxas_usage(kernel.asm['ptx'], arch)}"
+              f"\n     {ir_summary(kernel)}")
+        if dump:
+            os.makedirs(dump, exist_ok=True)
+            stem = os.path.join(dump, f"{len(seen):02d}_{launch['name']}")
+            for ext in ("ttgir", "ptx"):
+                with open(f"{stem}.{ext}", "w") as f:
+                    f.write(kernel.asm[ext])
+    print(f"{len(seen)} variants for sm_{arch}: {'ALL COMPILED' if not failed else f'{failed} FAILED'}")
+    return failed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--recipes", nargs="+", default=["fp8", "mxfp8"])
+    parser.add_argument("--dump", help="write each variant's TTGIR and PTX here")
+    parser.add_argument("--record", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.record:
+        record(args.record, args.recipes)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "launches.json")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        subprocess.run([sys.executable, __file__, "--record", path, "--recipes", *args.recipes], env=env,
+                       check=True)
+        return 1 if compile_all(path, args.arch, args.dump) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
