@@ -15,37 +15,17 @@ cache (123 variants), seconds with a warm one.
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
-import os
-import subprocess
 import sys
-import tempfile
 
-SM90_SHARED_BYTES = 232448  # per block on H100 / H200
-POINTER_TYPES = {"torch.float32": "*fp32", "torch.float16": "*bf16", "torch.bfloat16": "*bf16",
-                 "torch.int32": "*i32", "torch.int64": "*i64"}
+import triton_build
 
 
 def record(path: str) -> None:
-    """Phase 1, in the interpreter: run the ops and write the distinct launches to ``path``."""
+    """Phase 1, in the interpreter: run the ops forward and backward, save every launch at ``path``."""
     import torch
     import torch.nn.functional as F
-    from triton.runtime import interpreter
 
-    launches = {}
-    run = interpreter.InterpretedFunction.run
-
-    def recording_run(self, *args, grid, warmup, **kwargs):
-        bound = dict(zip(self.arg_names, args)) | {k: v for k, v in kwargs.items() if k in self.arg_names}
-        kinds = {n: ("ptr", str(v.dtype)) if isinstance(v, torch.Tensor) else (type(v).__name__, v)
-                 for n, v in bound.items()}
-        entry = {"module": self.fn.__module__, "name": self.fn.__name__, "kinds": kinds,
-                 "options": {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}}
-        launches[json.dumps(entry, sort_keys=True)] = entry
-        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-    interpreter.InterpretedFunction.run = recording_run
+    launches = triton_build.record_launches()
     from moekit.ops import linear_attention as la
 
     gen = torch.Generator().manual_seed(0)
@@ -70,43 +50,14 @@ def record(path: str) -> None:
             y, s = la.mamba2_ssd(x, dt, (-torch.rand(H)).requires_grad_(), b, c, output_final_state=True,
                                  backend="triton")
             (y.float().sum() + s.sum()).backward()
-    with open(path, "w") as f:
-        json.dump(list(launches.values()), f)
+    triton_build.save(launches, path)
 
 
-def signature(fn, kinds: dict) -> tuple[dict, dict]:
-    """(signature, constexprs) for ``triton.compile`` from one recorded launch."""
-    sig, consts = {}, {}
-    for i, p in enumerate(fn.params):
-        kind, value = kinds[p.name]
-        if p.is_constexpr or value is None:
-            sig[p.name], consts[(i,)] = "constexpr", value
-        elif kind == "ptr":
-            sig[p.name] = POINTER_TYPES[value]
-        elif kind == "int":
-            sig[p.name] = "i32" if abs(value) < 2**31 else "i64"
-        elif kind == "float":
-            sig[p.name] = "fp32"
-        else:
-            raise ValueError(f"{fn.__name__}: argument {p.name} of kind {kind} has no Triton type here")
-    return sig, consts
-
-
-def compile_all(path: str, arch: int) -> int:
-    """Phase 2: compile every recorded launch for ``sm_<arch>``; returns the number of failures."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-    from triton.runtime.jit import JITFunction
-
-    with open(path) as f:
-        launches = json.load(f)
+def compile_all(launches: list[dict], arch: int) -> int:
+    """Phase 2: compile every distinct launch for ``sm_<arch>``; returns the number of failures."""
     seen, failed = set(), 0
     for launch in launches:
-        fn = getattr(importlib.import_module(launch["module"]), launch["name"])
-        while not isinstance(fn, JITFunction):  # under autotune / heuristics wrappers
-            fn = fn.fn
-        sig, consts = signature(fn, launch["kinds"])
-        key = (launch["name"], json.dumps(sig), repr(sorted(consts.items())))
+        key = triton_build.variant_key(launch)
         if key in seen:
             continue
         seen.add(key)
@@ -115,16 +66,14 @@ def compile_all(path: str, arch: int) -> int:
         precision = launch["kinds"].get("PRECISION", (None, "-"))[1]
         label = f"{launch['name']:20s} PRECISION={precision:4s} {options}"
         try:
-            kernel = compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 128),
-                             options=options)
+            kernel = triton_build.build(launch, arch, options)
         except Exception as e:
             failed += 1
             print(f"FAIL {label} {type(e).__name__}: {str(e).splitlines()[0][:160]}")
             continue
-        shared = kernel.metadata.shared
-        fits = arch != 90 or shared <= SM90_SHARED_BYTES
-        failed += not fits
-        print(f"{'OK  ' if fits else 'FAIL'} {label} shared {shared} B")
+        ok = triton_build.fits(kernel, arch)
+        failed += not ok
+        print(f"{'OK  ' if ok else 'FAIL'} {label} shared {kernel.metadata.shared} B")
     print(f"{len(seen)} variants for sm_{arch}: {'ALL COMPILED' if not failed else f'{failed} FAILED'}")
     return failed
 
@@ -137,11 +86,7 @@ def main() -> int:
     if args.record:
         record(args.record)
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "launches.json")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        subprocess.run([sys.executable, __file__, "--record", path], env=env, check=True)
-        return 1 if compile_all(path, args.arch) else 0
+    return 1 if compile_all(triton_build.in_interpreter(__file__, []), args.arch) else 0
 
 
 if __name__ == "__main__":
