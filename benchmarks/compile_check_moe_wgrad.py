@@ -48,7 +48,8 @@ def _ptxas_info(ptx: str, arch: int) -> tuple[int, int]:
                              capture_output=True, text=True, check=True).stderr
     finally:
         os.unlink(f.name)
-    return int(re.search(r"Used (\d+) registers", err).group(1)), int(re.search(r"(\d+) bytes spill stores", err).group(1))
+    registers = re.search(r"Used (\d+) registers", err).group(1)
+    return int(registers), int(re.search(r"(\d+) bytes spill stores", err).group(1))
 
 
 def build(kernel, constexprs: dict, num_warps: int, num_stages: int, arch: int):
@@ -93,7 +94,8 @@ def main() -> int:
             for use, gather_a in uses.items():
                 constexprs = dict(c.kwargs, GATHER_A=gather_a, GATHER_B=not gather_a, PRECISION="tf32")
                 constexprs[scale] = gather_a
-                tile = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
+                m, n, kk = (c.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                tile = f"{m}x{n}x{kk} w{c.num_warps} s{c.num_stages}"
                 try:
                     compiled = build(kernel, constexprs, c.num_warps, c.num_stages, args.arch)
                 except Exception as e:  # report every failing variant
