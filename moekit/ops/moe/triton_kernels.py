@@ -14,7 +14,10 @@ kernel finds its expert from ``counts`` on the device, so grids are sized for th
 - ``combine``: ``out[t] = sum_k w[t, k] * buf[t*K + k]`` in fp32, skipping dropped slots
   (a deterministic sum over K instead of atomics).
 - ``grouped_wgrad``: ``dW[e] = A_e^T B_e`` over expert e's rows (the token axis), with either
-  side gathered by token and ``A`` optionally scaled by the routing weight.
+  side gathered by token and ``A`` optionally scaled by the routing weight. ``_wgrad2_kernel``
+  computes the same with both operands of Hopper's wgmma in shared memory and a 128-row token
+  step (opt-in with ``MOEKIT_TRITON_WGRAD2=1`` until checked and timed on a GPU;
+  ``benchmarks/compile_check_moe_wgrad.py`` shows how each builds for sm_90).
 
 The weight operand of the row-tiled GEMMs can be read through TMA tensor descriptors
 (``TMA`` configs, opt-in with ``MOEKIT_TRITON_TMA=1`` until measured on a GPU; gathered rows
