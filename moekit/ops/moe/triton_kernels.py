@@ -377,6 +377,10 @@ def _wgrad2_kernel(
     sum_r A_r^T (w_r B_r)``): B is the dot's [K, N] operand in its natural order, so the scaled
     tile is stored to shared memory once and both operands stay in shared memory; scaling A
     made the old kernel transpose it in registers and issue register-operand wgmmas.
+
+    Not persistent: Triton 3.6's ``tl.range(flatten=True)`` leaves a token loop with
+    data-dependent bounds unfused, and a hand-flattened (tile, step) loop builds without any
+    cp.async overlap, so the next tile's loads cannot hide this one's dW store that way.
     """
     num_p = tl.cdiv(P, BLOCK_M)
     num_q = tl.cdiv(Q, BLOCK_N)
