@@ -9,7 +9,9 @@ this prints what the compiled code does with the main-loop dot:
   ``RS`` when A comes from registers; ``dots`` how many wgmma groups one loop step issues.
 - ``wgmma`` / ``mma.sync`` instructions in the PTX, ``cp.async`` copies (software pipelining),
   ``ldmatrix`` (shared -> register loads), ``trans`` register transposes (``tt.trans`` in TTGIR).
-- ``regs`` / ``spill`` from ``ptxas -v`` (Triton's own ptxas), ``smem`` bytes per block.
+- ``regs`` / ``spill`` from ``ptxas -v`` (Triton's own ptxas), ``smem`` bytes per block, and
+  ``ctas/SM``, the blocks an SM can hold by registers and shared memory: with 2 or more, one
+  block's dW store overlaps another's main loop (the token loop is only 2-4 steps long).
 
 Integer arguments and pointers are compiled as divisible by 16, as Triton specializes them at
 run time for the deepseek-v3 shapes (hidden 7168, ffn 2048): without that hint the loads cannot
@@ -32,6 +34,8 @@ import sys
 import tempfile
 
 SM90_SHARED_BYTES = 232448  # per block on H100 / H200
+SM90_SHARED_PER_SM = 233472  # 228 KiB per SM, of which 1 KiB per resident block is reserved
+SM90_REGISTERS_PER_SM = 65536
 ARG_TYPES = {"counts_ptr": "*i32", "starts_ptr": "*i32", "order_ptr": "*i32", "weight_ptr": "*fp32"}
 NOT_DIVISIBLE = {"top_k"}  # 8 for deepseek-v3: not a multiple of 16
 
@@ -67,6 +71,14 @@ def build(kernel, constexprs: dict, num_warps: int, num_stages: int, arch: int):
     return compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def blocks_per_sm(regs: int, smem: int, num_warps: int) -> int:
+    """Resident blocks per SM by registers (allocated per warp in units of 256) and shared memory."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = SM90_REGISTERS_PER_SM // (per_warp * num_warps)
+    by_smem = SM90_SHARED_PER_SM // (smem + 1024)
+    return min(by_regs, by_smem, 64 // num_warps)
+
+
 def analyse(compiled, arch: int) -> dict:
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
     dots = re.findall(r"ttng\.warp_group_dot %\S+, %\S+,.*?} : (\S+) .*?\* (\S+) ", ttgir)
@@ -74,7 +86,8 @@ def analyse(compiled, arch: int) -> dict:
     return {"dot": "SS" if dots and all(a.startswith("!ttg.memdesc") for a, _ in dots) else "RS",
             "dots": len(dots), "wgmma": ptx.count("wgmma.mma_async"), "mma.sync": ptx.count("mma.sync"),
             "cp.async": len(re.findall(r"cp\.async\.c[ag]", ptx)), "ldmatrix": ptx.count("ldmatrix"),
-            "trans": ttgir.count("tt.trans"), "regs": regs, "spill": spill, "smem": compiled.metadata.shared}
+            "trans": ttgir.count("tt.trans"), "regs": regs, "spill": spill, "smem": compiled.metadata.shared,
+            "ctas/SM": blocks_per_sm(regs, compiled.metadata.shared, compiled.metadata.num_warps)}
 
 
 def main() -> int:

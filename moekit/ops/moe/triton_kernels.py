@@ -77,7 +77,7 @@ else:  # Hopper-friendly; every tile here fits the H200's shared memory at its s
     # _wgrad2_kernel: a 128-row token step halves the ~4-step loop of ~256 rows per expert. Each
     # tile builds for sm_90 without spills (benchmarks/compile_check_moe_wgrad.py); 128x256x128
     # and 64x256x128 spill in the weighted variant and are left out.
-    WGRAD2_CONFIGS = _configs([(128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (128, 128, 128, 8, 2),
+    WGRAD2_CONFIGS = _configs([(128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (128, 64, 128, 4, 3),
                                (128, 128, 128, 4, 3), (128, 128, 64, 4, 4), (64, 128, 128, 4, 3)])
 if _INTERPRET:
     WGRAD2_CONFIGS = WGRAD_CONFIGS
