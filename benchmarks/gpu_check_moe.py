@@ -181,6 +181,10 @@ def compile_only(arch: int) -> bool:
         for gather_a in (True, False):
             cases.append((k._wgrad_kernel, dict(c.kwargs, GATHER_A=gather_a, GATHER_B=not gather_a,
                                                 SCALE_A=gather_a, PRECISION="tf32"), c.num_warps, c.num_stages))
+    for c in k.WGRAD2_CONFIGS:  # the opt-in MOEKIT_TRITON_WGRAD2=1 kernel
+        for gather_a in (True, False):
+            cases.append((k._wgrad2_kernel, dict(c.kwargs, GATHER_A=gather_a, GATHER_B=not gather_a,
+                                                 SCALE=gather_a, PRECISION="tf32"), c.num_warps, c.num_stages))
     for flag in (True, False):
         cases += [(k._combine_kernel, dict(TOP_K=8, K_PAD=8, HAS_WEIGHT=flag, ROW_MAP=flag, BLOCK_H=1024), 4, 1),
                   (v._gather_rows_kernel, dict(E_PAD=256, SCALE=flag, BLOCK_N=1024), 4, 1),

@@ -209,6 +209,32 @@ def test_grouped_wgrad(gather_a, gather_b, scaled):
     assert (dw[0] == 0).all()  # expert 0 is empty: its gradient is written, and zero
 
 
+@pytest.mark.parametrize("wgrad2", [False, True], ids=["wgrad", "wgrad2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("routing", [dict(skew=True, empty=2), dict(empty=0, drop=0.0)])
+def test_both_wgrad_kernels(monkeypatch, wgrad2, dtype, routing):
+    """Either wgrad kernel, whatever MOEKIT_TRITON_WGRAD2 says: uneven experts (one with several
+    token steps), empty ones, ragged P and Q spanning several tiles, each gather / weighting."""
+    monkeypatch.setattr(kernels, "WGRAD2", wgrad2)
+    gen = torch.Generator().manual_seed(23)
+    T, E, K, P, Q = 40, 6, 2, 37, 45
+    idx, weight = make_routing(T, E, K, gen, **routing)
+    meta = triton_meta.routing_meta(idx, E)
+    assert int(meta.counts.max()) > kernels.WGRAD2_CONFIGS[0].kwargs["BLOCK_K"]  # a multi-step token loop
+    n = idx.numel()
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    for gather_a, gather_b, w in [(True, False, weight), (False, True, None), (True, True, weight),
+                                  (False, False, None)]:
+        a = torch.randn(T if gather_a else n, P, generator=gen).to(DEVICE, dtype)
+        b = torch.randn(T if gather_b else n, Q, generator=gen).to(DEVICE, dtype)
+        dw = kernels.grouped_wgrad(a, b, meta, gather_a, gather_b, w)
+        dw_ref = ref_kernels.grouped_wgrad(a.double(), b.double(), meta, gather_a, gather_b, w)
+        assert dw.dtype == dtype and dw.shape == (E, P, Q)
+        assert rel_err(dw, dw_ref) < tol, (gather_a, gather_b, rel_err(dw, dw_ref))
+        empty = meta.counts == 0
+        assert (dw[empty] == 0).all()  # written, and zero
+
+
 def test_combine():
     x, idx, weight, *_, gen, meta = _meta_case()
     buf = torch.randn(idx.numel(), 40, generator=gen).to(DEVICE)

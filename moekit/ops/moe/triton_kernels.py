@@ -14,7 +14,10 @@ kernel finds its expert from ``counts`` on the device, so grids are sized for th
 - ``combine``: ``out[t] = sum_k w[t, k] * buf[t*K + k]`` in fp32, skipping dropped slots
   (a deterministic sum over K instead of atomics).
 - ``grouped_wgrad``: ``dW[e] = A_e^T B_e`` over expert e's rows (the token axis), with either
-  side gathered by token and ``A`` optionally scaled by the routing weight.
+  side gathered by token and ``A`` optionally scaled by the routing weight. ``_wgrad2_kernel``
+  computes the same with both operands of Hopper's wgmma in shared memory and a 128-row token
+  step (opt-in with ``MOEKIT_TRITON_WGRAD2=1`` until checked and timed on a GPU;
+  ``benchmarks/compile_check_moe_wgrad.py`` shows how each builds for sm_90).
 
 The weight operand of the row-tiled GEMMs can be read through TMA tensor descriptors
 (``TMA`` configs, opt-in with ``MOEKIT_TRITON_TMA=1`` until measured on a GPU; gathered rows
@@ -40,6 +43,10 @@ ACT_CODES = {"swiglu": 0, "geglu": 1, "gelu": 1}  # 0: SiLU, 1: exact (erf) GELU
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+
+# Opt-in until checked and timed on a GPU: the wgrad kernel that keeps both operands of its
+# Hopper dot in shared memory (``_wgrad2_kernel``); ``auto`` keeps the faster without checking results.
+WGRAD2 = os.environ.get("MOEKIT_TRITON_WGRAD2") == "1"
 
 # Opt-in until measured on a GPU: configs that read the weight operand through TMA descriptors
 # (tested in the interpreter; the autotuner would race them against the pointer-load tiles).
@@ -67,6 +74,13 @@ else:  # Hopper-friendly; every tile here fits the H200's shared memory at its s
     # one's epilogue (the dW store) overlap the other's loads.
     WGRAD_CONFIGS = _configs([(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 4, 3),
                               (64, 128, 64, 4, 3), (128, 128, 128, 8, 3)])
+    # _wgrad2_kernel: a 128-row token step halves the ~4-step loop of ~256 rows per expert. Each
+    # tile builds for sm_90 without spills (benchmarks/compile_check_moe_wgrad.py); 128x256x128
+    # and 64x256x128 spill in the weighted variant and are left out.
+    WGRAD2_CONFIGS = _configs([(128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (128, 64, 128, 4, 3),
+                               (128, 128, 128, 4, 3), (128, 128, 64, 4, 4), (64, 128, 128, 4, 3)])
+if _INTERPRET:
+    WGRAD2_CONFIGS = WGRAD_CONFIGS
 MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in GEMM_CONFIGS)
 
 
@@ -345,6 +359,58 @@ def _wgrad_kernel(
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
 
 
+@triton.autotune(configs=WGRAD2_CONFIGS, key=["P", "Q", "GATHER_A", "GATHER_B"])
+@triton.jit
+def _wgrad2_kernel(
+    a_ptr, b_ptr, dw_ptr, counts_ptr, starts_ptr, order_ptr, weight_ptr,
+    P, Q, top_k, stride_a, stride_b, stride_de, stride_dp,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``_wgrad_kernel``'s result, laid out for Hopper's wgmma (sm_90 build: see the script
+    ``benchmarks/compile_check_moe_wgrad.py``).
+
+    A's tile is addressed as [BLOCK_M, BLOCK_K] (p down, tokens across) so no ``tl.trans`` of a
+    register tile is needed: it goes global -> shared by cp.async and feeds the dot from there.
+    The routing weight scales B's rows instead of A's (``sum_r (w_r A_r)^T B_r ==
+    sum_r A_r^T (w_r B_r)``): B is the dot's [K, N] operand in its natural order, so the scaled
+    tile is stored to shared memory once and both operands stay in shared memory; scaling A
+    made the old kernel transpose it in registers and issue register-operand wgmmas.
+
+    Not persistent: Triton 3.6's ``tl.range(flatten=True)`` leaves a token loop with
+    data-dependent bounds unfused, and a hand-flattened (tile, step) loop builds without any
+    cp.async overlap, so the next tile's loads cannot hide this one's dW store that way.
+    """
+    num_p = tl.cdiv(P, BLOCK_M)
+    num_q = tl.cdiv(Q, BLOCK_N)
+    pid = tl.program_id(0)
+    expert = pid // (num_p * num_q)
+    pid_p, pid_q = _swizzle(pid % (num_p * num_q), num_p, num_q, GROUP_M)
+    row0 = tl.load(starts_ptr + expert)
+    row_end = row0 + tl.load(counts_ptr + expert)
+    ps = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
+    qs = pid_q * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_ok = ps < P
+    q_ok = qs < Q
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(row0, row_end, BLOCK_K):
+        rows = r0 + ks
+        ok = rows < row_end
+        assignment = tl.load(order_ptr + rows, mask=ok, other=0)
+        a_rows = (assignment // top_k if GATHER_A else rows).to(tl.int64)
+        b_rows = (assignment // top_k if GATHER_B else rows).to(tl.int64)
+        a = tl.load(a_ptr + ps[:, None] + a_rows[None, :] * stride_a, mask=p_ok[:, None] & ok[None, :], other=0.0)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_b + qs[None, :], mask=ok[:, None] & q_ok[None, :], other=0.0)
+        if SCALE:
+            w = tl.load(weight_ptr + assignment, mask=ok, other=0.0).to(tl.float32)
+            b = (b.to(tl.float32) * w[:, None]).to(b_ptr.dtype.element_ty)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    dw_ptrs = dw_ptr + expert.to(tl.int64) * stride_de + ps.to(tl.int64)[:, None] * stride_dp + qs[None, :]
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
+
+
 @triton.jit
 def _combine_kernel(buf_ptr, idx_ptr, weight_ptr, row_ptr, out_ptr, H, TOP_K: tl.constexpr,
                     K_PAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROW_MAP: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -449,11 +515,13 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, meta: RoutingMeta, gather_a:
     dw = torch.empty((E, P, Q), dtype=a.dtype, device=a.device)  # every element is written
     grid = lambda m: (E * triton.cdiv(P, m["BLOCK_M"]) * triton.cdiv(Q, m["BLOCK_N"]),)
     starts = torch.cumsum(meta.counts, 0, dtype=torch.int32) - meta.counts
-    _wgrad_kernel[grid](
-        a, b, dw, meta.counts, starts, meta.order, meta.counts if weight is None else weight,
-        P, Q, meta.top_k, a.stride(0), b.stride(0), dw.stride(0), dw.stride(1),
-        GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=weight is not None,
-        PRECISION=dot_precision(a.dtype))
+    args = (a, b, dw, meta.counts, starts, meta.order, meta.counts if weight is None else weight,
+            P, Q, meta.top_k, a.stride(0), b.stride(0), dw.stride(0), dw.stride(1))
+    flags = dict(GATHER_A=gather_a, GATHER_B=gather_b, PRECISION=dot_precision(a.dtype))
+    if WGRAD2:
+        _wgrad2_kernel[grid](*args, SCALE=weight is not None, **flags)
+    else:
+        _wgrad_kernel[grid](*args, SCALE_A=weight is not None, **flags)
     return dw
 
 
