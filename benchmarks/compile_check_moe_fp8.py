@@ -19,44 +19,24 @@ second version (no K-loop spills on sm_90) is opt-in until checked on an H200: r
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's moekit, not an installed one
 
-SM90_SHARED_BYTES = 232448  # per block on H100 / H200
-POINTER_TYPES = {"torch.float32": "*fp32", "torch.float16": "*bf16", "torch.bfloat16": "*bf16",
-                 "torch.int32": "*i32", "torch.int64": "*i64", "torch.uint8": "*u8"}
+import triton_build  # noqa: E402  (beside this script)
 
 
 def record(path: str, recipes: list[str]) -> None:
     """Phase 1, in the interpreter: run the op and write every launch to ``path`` (in order)."""
     import torch
-    from triton.runtime import interpreter
-
-    launches = []
-    run = interpreter.InterpretedFunction.run
-
-    def recording_run(self, *args, grid, warmup, **kwargs):
-        bound = dict(zip(self.arg_names, args)) | {k: v for k, v in kwargs.items() if k in self.arg_names}
-        kinds = {n: ("ptr", str(v.dtype)) if isinstance(v, torch.Tensor) else (type(v).__name__, v)
-                 for n, v in bound.items()}
-        nbytes = {n: v.numel() * v.element_size() for n, v in bound.items() if isinstance(v, torch.Tensor)}
-        launches.append({"module": self.fn.__module__, "name": self.fn.__name__, "kinds": kinds, "bytes": nbytes,
-                         "grid": list(grid) if isinstance(grid, tuple) else "callable", "tag": tag[0],
-                         "options": {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}})
-        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-    interpreter.InterpretedFunction.run = recording_run
-    from moekit.ops.moe import fp8
 
     tag = [""]
+    launches = triton_build.record_launches(lambda: tag[0])
+    from moekit.ops.moe import fp8
+
     g = torch.Generator().manual_seed(0)
     T, H, F, E, K = 64, 256, 256, 4, 2
     for recipe_name in recipes:
@@ -71,49 +51,7 @@ def record(path: str, recipes: list[str]) -> None:
             out = fp8.routed_experts(x, idx, w, w_up, w_down, activation, recipe_name)
             tag[0] = f"{recipe_name}/{activation}/bwd"
             out.backward(torch.randn(T, H, generator=g))
-    with open(path, "w") as f:
-        json.dump(launches, f)
-
-
-def signature(fn, kinds: dict) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, attrs) for ``triton.compile``, specialized as the JIT does at a
-    launch: an int equal to 1 becomes a constant, and pointers (torch allocations) and ints
-    divisible by 16 carry ``tt.divisibility`` 16. Without these hints the compiler cannot prove
-    16-byte vectors, and the K loops are built without async copies: a misleading build."""
-    sig, consts, attrs = {}, {}, {}
-    for i, p in enumerate(fn.params):
-        kind, value = kinds[p.name]
-        if p.is_constexpr or value is None or (kind == "int" and value == 1):
-            sig[p.name], consts[(i,)] = "constexpr", value
-            continue
-        if kind == "ptr":
-            sig[p.name] = POINTER_TYPES[value]
-        elif kind == "int":
-            sig[p.name] = "i32" if abs(value) < 2**31 else "i64"
-        elif kind == "float":
-            sig[p.name] = "fp32"
-        else:
-            raise ValueError(f"{fn.__name__}: argument {p.name} of kind {kind} has no Triton type here")
-        if kind == "ptr" or (kind == "int" and value % 16 == 0):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    return sig, consts, attrs
-
-
-def ptxas_usage(ptx: str, arch: int) -> str:
-    """Registers and spills as ``ptxas -v`` reports them for the kernel's PTX."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    ptxas = get_ptxas(arch).path
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        res = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", src, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True)
-    text = res.stdout + res.stderr
-    regs = re.search(r"Used (\d+) registers", text)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return f"regs {regs.group(1) if regs else '?'} spills {spill.group(1) + '/' + spill.group(2) if spill else '?'}"
+    triton_build.save(launches, path)
 
 
 def ir_summary(kernel) -> str:
@@ -130,26 +68,16 @@ def ir_summary(kernel) -> str:
             f"{upconverts}")
 
 
-def compile_all(path: str, arch: int, dump: str | None) -> int:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-    from triton.runtime.jit import JITFunction
-
+def compile_all(launches: list[dict], arch: int, dump: str | None) -> int:
     from moekit.ops.moe import fp8_kernels
 
-    with open(path) as f:
-        launches = json.load(f)
     print("launch list (T=64 tokens, H=F=256, E=4, top-2; bytes = sum of tensor arguments):")
     for tag in dict.fromkeys(la["tag"] for la in launches):
         mine = [la for la in launches if la["tag"] == tag]
         print(f"  {tag}: {len(mine)} launches: " + ", ".join(la["name"] for la in mine))
     seen, failed = set(), 0
     for launch in launches:
-        fn = getattr(importlib.import_module(launch["module"]), launch["name"])
-        while not isinstance(fn, JITFunction):
-            fn = fn.fn
-        sig, consts, attrs = signature(fn, launch["kinds"])
-        key = (launch["name"], json.dumps(sig), repr(sorted(consts.items())))
+        key = triton_build.variant_key(launch)
         if key in seen:
             continue
         seen.add(key)
@@ -157,21 +85,21 @@ def compile_all(path: str, arch: int, dump: str | None) -> int:
                    "num_stages": launch["options"].get("num_stages", 3)}
         if options == fp8_kernels.INTERPRETER_LAUNCH:  # recorded in the interpreter: the GPU's options
             options = dict(fp8_kernels.LAUNCH)
+        fn = triton_build.jit_function(launch)
         flags = {p.name: launch["kinds"][p.name][1] for p in fn.params if p.is_constexpr
                  and p.name in ("GATED", "BACKWARD", "SAVE", "MX", "BLOCK", "TWO_B", "A_REG")}
         label = f"{launch['name']} {flags} {options}"
         try:
-            kernel = compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                             target=GPUTarget("cuda", arch, 128), options=options)
+            kernel = triton_build.build(launch, arch, options)
         except Exception as e:
             failed += 1
             print(f"FAIL {label} {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             continue
-        shared = kernel.metadata.shared
-        fits = arch != 90 or shared <= SM90_SHARED_BYTES
-        failed += not fits
-        print(f"{'OK  ' if fits else 'FAIL'} {label}\n     shared {shared} B, {ptxas_usage(kernel.asm['ptx'], arch)}"
-              f"\n     {ir_summary(kernel)}")
+        ok = triton_build.fits(kernel, arch)
+        failed += not ok
+        regs, stores, loads = triton_build.ptxas_usage(kernel.asm["ptx"], arch)
+        print(f"{'OK  ' if ok else 'FAIL'} {label}\n     shared {kernel.metadata.shared} B, regs {regs} "
+              f"spills {stores}/{loads}\n     {ir_summary(kernel)}")
         if dump:
             os.makedirs(dump, exist_ok=True)
             stem = os.path.join(dump, f"{len(seen):02d}_{launch['name']}")
@@ -192,13 +120,8 @@ def main() -> int:
     if args.record:
         record(args.record, args.recipes)
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "launches.json")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        subprocess.run([sys.executable, __file__, "--record", path, "--recipes", *args.recipes], env=env,
-                       check=True)
-        return 1 if compile_all(path, args.arch, args.dump) else 0
-
+    launches = triton_build.in_interpreter(__file__, ["--recipes", *args.recipes])
+    return 1 if compile_all(launches, args.arch, args.dump) else 0
 
 if __name__ == "__main__":
     sys.exit(main())

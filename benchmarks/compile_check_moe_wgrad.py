@@ -29,31 +29,15 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
-SM90_SHARED_BYTES = 232448  # per block on H100 / H200
+import triton_build
+from triton_build import SM90_SHARED_BYTES
+
 SM90_SHARED_PER_SM = 233472  # 228 KiB per SM, of which 1 KiB per resident block is reserved
 SM90_REGISTERS_PER_SM = 65536
 ARG_TYPES = {"counts_ptr": "*i32", "starts_ptr": "*i32", "order_ptr": "*i32", "weight_ptr": "*fp32"}
 NOT_DIVISIBLE = {"top_k"}  # 8 for deepseek-v3: not a multiple of 16
-
-
-def _ptxas_info(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers, spill-store bytes) from Triton's bundled ptxas."""
-    import triton
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        suffix = "a" if arch == 90 else ""
-        err = subprocess.run([ptxas, "-v", f"-arch=sm_{arch}{suffix}", f.name, "-o", os.devnull],
-                             capture_output=True, text=True, check=True).stderr
-    finally:
-        os.unlink(f.name)
-    registers = re.search(r"Used (\d+) registers", err).group(1)
-    return int(registers), int(re.search(r"(\d+) bytes spill stores", err).group(1))
 
 
 def build(kernel, constexprs: dict, num_warps: int, num_stages: int, arch: int):
@@ -82,7 +66,7 @@ def blocks_per_sm(regs: int, smem: int, num_warps: int) -> int:
 def analyse(compiled, arch: int) -> dict:
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
     dots = re.findall(r"ttng\.warp_group_dot %\S+, %\S+,.*?} : (\S+) .*?\* (\S+) ", ttgir)
-    regs, spill = _ptxas_info(ptx, arch)
+    regs, spill, _ = triton_build.ptxas_usage(ptx, arch)
     return {"dot": "SS" if dots and all(a.startswith("!ttg.memdesc") for a, _ in dots) else "RS",
             "dots": len(dots), "wgmma": ptx.count("wgmma.mma_async"), "mma.sync": ptx.count("mma.sync"),
             "cp.async": len(re.findall(r"cp\.async\.c[ag]", ptx)), "ldmatrix": ptx.count("ldmatrix"),

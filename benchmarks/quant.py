@@ -14,14 +14,11 @@ both-layouts kernel at >= 90% of copy bandwidth. Needs a CUDA GPU.
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
-import tempfile
 import time
 
 import torch
 import triton
+import triton_build  # benchmarks/triton_build.py, beside this script
 from triton.testing import do_bench
 
 from moekit.quant import fp8_block, mxfp8
@@ -112,18 +109,8 @@ def compiled_peer(fn):
 
 
 def _ptxas_report(ptx: str, arch: int) -> str:
-    """Registers and spill bytes, from the ptxas bundled with Triton."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        suffix = "a" if arch == 90 else ""
-        out = subprocess.run([ptxas, "-v", f"-arch=sm_{arch}{suffix}", src, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
-    regs = re.search(r"Used (\d+) registers", out)
-    spills = re.search(r"(\d+) bytes spill stores", out)
-    return f"{regs.group(1) if regs else '?'} regs, {spills.group(1) if spills else '?'} B spilled"
+    regs, spill_stores, _ = triton_build.ptxas_usage(ptx, arch)
+    return f"{regs} regs, {spill_stores} B spilled"
 
 
 def compile_only(arch: int) -> bool:

@@ -114,3 +114,23 @@ def build(launch: dict, arch: int, options: dict):
 
 def fits(kernel, arch: int) -> bool:
     return arch != 90 or kernel.metadata.shared <= SM90_SHARED_BYTES
+
+
+def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
+    """(registers, spill-store bytes, spill-load bytes) of a kernel's PTX, from ``ptxas -v`` (the
+    ptxas bundled with Triton)."""
+    import re
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        suffix = "a" if arch == 90 else ""
+        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o",
+                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
+    text = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return (int(regs.group(1)) if regs else -1, *(int(g) for g in (spill.groups() if spill else (-1, -1))))
