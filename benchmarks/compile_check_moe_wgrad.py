@@ -82,15 +82,15 @@ def main() -> int:
     os.environ.pop("TRITON_INTERPRET", None)  # the GPU configs, not the interpreter's one tile
     from moekit.ops.moe import triton_kernels as k
 
-    kernels = [(k._wgrad_kernel, k.WGRAD_CONFIGS, "SCALE_A"), (k._wgrad2_kernel, k.WGRAD2_CONFIGS, "SCALE")]
+    kernels = [(k._wgrad_kernel, k.WGRAD_CONFIGS, False), (k._wgrad2_kernel, k.WGRAD2_CONFIGS, True)]
     uses = {"down (A gathered, weighted)": True, "up (B gathered)": False}
     ok = True
-    for kernel, configs, scale in kernels:
-        name = kernel.fn.__name__
+    for kernel, configs, wgmma_layout in kernels:
+        name = "_wgrad2_kernel" if wgmma_layout else "_wgrad_kernel"
         for c in configs:
             for use, gather_a in uses.items():
-                constexprs = dict(c.kwargs, GATHER_A=gather_a, GATHER_B=not gather_a, PRECISION="tf32")
-                constexprs[scale] = gather_a
+                constexprs = dict(c.kwargs, GATHER_A=gather_a, GATHER_B=not gather_a, SCALE=gather_a,
+                                  WGMMA_LAYOUT=wgmma_layout, PRECISION="tf32")
                 m, n, kk = (c.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 tile = f"{m}x{n}x{kk} w{c.num_warps} s{c.num_stages}"
                 try:

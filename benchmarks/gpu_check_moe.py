@@ -177,14 +177,12 @@ def compile_only(arch: int) -> bool:
         for k_major in (True, False):
             cases.append((k._scatter_gemm_kernel, dict(cfg, E_PAD=256, B_K_MAJOR=k_major, PRECISION="tf32",
                                                        EVEN_K=True), w, st))
-    for c in k.WGRAD_CONFIGS:
-        for gather_a in (True, False):
-            cases.append((k._wgrad_kernel, dict(c.kwargs, GATHER_A=gather_a, GATHER_B=not gather_a,
-                                                SCALE_A=gather_a, PRECISION="tf32"), c.num_warps, c.num_stages))
-    for c in k.WGRAD2_CONFIGS:  # the opt-in MOEKIT_TRITON_WGRAD2=1 kernel
-        for gather_a in (True, False):
-            cases.append((k._wgrad2_kernel, dict(c.kwargs, GATHER_A=gather_a, GATHER_B=not gather_a,
-                                                 SCALE=gather_a, PRECISION="tf32"), c.num_warps, c.num_stages))
+    for kernel, configs, wgmma_layout in ((k._wgrad_kernel, k.WGRAD_CONFIGS, False),
+                                          (k._wgrad2_kernel, k.WGRAD2_CONFIGS, True)):  # wgrad2: opt-in
+        for c in configs:
+            for gather_a in (True, False):
+                cases.append((kernel, dict(c.kwargs, GATHER_A=gather_a, GATHER_B=not gather_a, SCALE=gather_a,
+                                           WGMMA_LAYOUT=wgmma_layout, PRECISION="tf32"), c.num_warps, c.num_stages))
     for flag in (True, False):
         cases += [(k._combine_kernel, dict(TOP_K=8, K_PAD=8, HAS_WEIGHT=flag, ROW_MAP=flag, BLOCK_H=1024), 4, 1),
                   (v._gather_rows_kernel, dict(E_PAD=256, SCALE=flag, BLOCK_N=1024), 4, 1),

@@ -316,19 +316,28 @@ def _scatter_gemm_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=WGRAD_CONFIGS, key=["P", "Q", "GATHER_A", "GATHER_B"])
 @triton.jit
-def _wgrad_kernel(
+def _wgrad(
     a_ptr, b_ptr, dw_ptr, counts_ptr, starts_ptr, order_ptr, weight_ptr,
     P, Q, top_k, stride_a, stride_b, stride_de, stride_dp,
-    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE: tl.constexpr, WGMMA_LAYOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """dW[e, p, q] = sum over expert e's rows r of A[r, p] * B[r, q].
+    """dW[e, p, q] = sum over expert e's rows r of A[r, p] * B[r, q] (times the routing weight w_r
+    with SCALE).
 
     Each expert's first row comes precomputed (``starts_ptr``): with few rows per expert the
     main loop is only a few steps, and a scan over all experts' counts per tile would show.
+
+    WGMMA_LAYOUT (``_wgrad2_kernel``, see ``benchmarks/compile_check_moe_wgrad.py``): A's tile is
+    addressed as [BLOCK_M, BLOCK_K] (p down, tokens across), so no ``tl.trans`` of a register
+    tile: it goes global -> shared by cp.async and feeds Hopper's wgmma from there; and w scales
+    B's rows instead of A's (``sum_r (w_r A_r)^T B_r == sum_r A_r^T (w_r B_r)``), B being the
+    dot's [K, N] operand in its natural order. Without it, the sm_90 build transposes the scaled A
+    in registers and issues register-operand wgmmas. Not persistent: Triton 3.6's
+    ``tl.range(flatten=True)`` leaves a token loop with data-dependent bounds unfused, and a
+    hand-flattened (tile, step) loop builds without any cp.async overlap.
     """
     num_p = tl.cdiv(P, BLOCK_M)
     num_q = tl.cdiv(Q, BLOCK_N)
@@ -349,66 +358,28 @@ def _wgrad_kernel(
         assignment = tl.load(order_ptr + rows, mask=ok, other=0)
         a_rows = (assignment // top_k if GATHER_A else rows).to(tl.int64)
         b_rows = (assignment // top_k if GATHER_B else rows).to(tl.int64)
-        a = tl.load(a_ptr + a_rows[:, None] * stride_a + ps[None, :], mask=ok[:, None] & p_ok[None, :], other=0.0)
-        if SCALE_A:
-            w = tl.load(weight_ptr + assignment, mask=ok, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) * w[:, None]).to(a_ptr.dtype.element_ty)
-        b = tl.load(b_ptr + b_rows[:, None] * stride_b + qs[None, :], mask=ok[:, None] & q_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
-    dw_ptrs = dw_ptr + expert.to(tl.int64) * stride_de + ps.to(tl.int64)[:, None] * stride_dp + qs[None, :]
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
-
-
-@triton.autotune(configs=WGRAD2_CONFIGS, key=["P", "Q", "GATHER_A", "GATHER_B"])
-@triton.jit
-def _wgrad2_kernel(
-    a_ptr, b_ptr, dw_ptr, counts_ptr, starts_ptr, order_ptr, weight_ptr,
-    P, Q, top_k, stride_a, stride_b, stride_de, stride_dp,
-    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """``_wgrad_kernel``'s result, laid out for Hopper's wgmma (sm_90 build: see the script
-    ``benchmarks/compile_check_moe_wgrad.py``).
-
-    A's tile is addressed as [BLOCK_M, BLOCK_K] (p down, tokens across) so no ``tl.trans`` of a
-    register tile is needed: it goes global -> shared by cp.async and feeds the dot from there.
-    The routing weight scales B's rows instead of A's (``sum_r (w_r A_r)^T B_r ==
-    sum_r A_r^T (w_r B_r)``): B is the dot's [K, N] operand in its natural order, so the scaled
-    tile is stored to shared memory once and both operands stay in shared memory; scaling A
-    made the old kernel transpose it in registers and issue register-operand wgmmas.
-
-    Not persistent: Triton 3.6's ``tl.range(flatten=True)`` leaves a token loop with
-    data-dependent bounds unfused, and a hand-flattened (tile, step) loop builds without any
-    cp.async overlap, so the next tile's loads cannot hide this one's dW store that way.
-    """
-    num_p = tl.cdiv(P, BLOCK_M)
-    num_q = tl.cdiv(Q, BLOCK_N)
-    pid = tl.program_id(0)
-    expert = pid // (num_p * num_q)
-    pid_p, pid_q = _swizzle(pid % (num_p * num_q), num_p, num_q, GROUP_M)
-    row0 = tl.load(starts_ptr + expert)
-    row_end = row0 + tl.load(counts_ptr + expert)
-    ps = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
-    qs = pid_q * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_ok = ps < P
-    q_ok = qs < Q
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(row0, row_end, BLOCK_K):
-        rows = r0 + ks
-        ok = rows < row_end
-        assignment = tl.load(order_ptr + rows, mask=ok, other=0)
-        a_rows = (assignment // top_k if GATHER_A else rows).to(tl.int64)
-        b_rows = (assignment // top_k if GATHER_B else rows).to(tl.int64)
-        a = tl.load(a_ptr + ps[:, None] + a_rows[None, :] * stride_a, mask=p_ok[:, None] & ok[None, :], other=0.0)
         b = tl.load(b_ptr + b_rows[:, None] * stride_b + qs[None, :], mask=ok[:, None] & q_ok[None, :], other=0.0)
         if SCALE:
             w = tl.load(weight_ptr + assignment, mask=ok, other=0.0).to(tl.float32)
-            b = (b.to(tl.float32) * w[:, None]).to(b_ptr.dtype.element_ty)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if WGMMA_LAYOUT:
+            a = tl.load(a_ptr + ps[:, None] + a_rows[None, :] * stride_a, mask=p_ok[:, None] & ok[None, :],
+                        other=0.0)
+            if SCALE:
+                b = (b.to(tl.float32) * w[:, None]).to(b_ptr.dtype.element_ty)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        else:
+            a = tl.load(a_ptr + a_rows[:, None] * stride_a + ps[None, :], mask=ok[:, None] & p_ok[None, :],
+                        other=0.0)
+            if SCALE:
+                a = (a.to(tl.float32) * w[:, None]).to(a_ptr.dtype.element_ty)
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
     dw_ptrs = dw_ptr + expert.to(tl.int64) * stride_de + ps.to(tl.int64)[:, None] * stride_dp + qs[None, :]
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
+
+
+_WGRAD_KEY = ["P", "Q", "GATHER_A", "GATHER_B"]
+_wgrad_kernel = triton.autotune(configs=WGRAD_CONFIGS, key=_WGRAD_KEY)(_wgrad)
+_wgrad2_kernel = triton.autotune(configs=WGRAD2_CONFIGS, key=_WGRAD_KEY)(_wgrad)  # WGMMA_LAYOUT=True
 
 
 @triton.jit
@@ -519,9 +490,9 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, meta: RoutingMeta, gather_a:
             P, Q, meta.top_k, a.stride(0), b.stride(0), dw.stride(0), dw.stride(1))
     flags = dict(GATHER_A=gather_a, GATHER_B=gather_b, PRECISION=dot_precision(a.dtype))
     if WGRAD2:
-        _wgrad2_kernel[grid](*args, SCALE=weight is not None, **flags)
+        _wgrad2_kernel[grid](*args, SCALE=weight is not None, WGMMA_LAYOUT=True, **flags)
     else:
-        _wgrad_kernel[grid](*args, SCALE_A=weight is not None, **flags)
+        _wgrad_kernel[grid](*args, SCALE=weight is not None, WGMMA_LAYOUT=False, **flags)
     return dw
 
 
