@@ -53,29 +53,9 @@ def record(path: str) -> None:
     triton_build.save(launches, path)
 
 
-def compile_all(launches: list[dict], arch: int) -> int:
-    """Phase 2: compile every distinct launch for ``sm_<arch>``; returns the number of failures."""
-    seen, failed = set(), 0
-    for launch in launches:
-        key = triton_build.variant_key(launch)
-        if key in seen:
-            continue
-        seen.add(key)
-        options = {"num_warps": launch["options"].get("num_warps", 4),
-                   "num_stages": launch["options"].get("num_stages", 3)}
-        precision = launch["kinds"].get("PRECISION", (None, "-"))[1]
-        label = f"{launch['name']:20s} PRECISION={precision:4s} {options}"
-        try:
-            kernel = triton_build.build(launch, arch, options)
-        except Exception as e:
-            failed += 1
-            print(f"FAIL {label} {type(e).__name__}: {str(e).splitlines()[0][:160]}")
-            continue
-        ok = triton_build.fits(kernel, arch)
-        failed += not ok
-        print(f"{'OK  ' if ok else 'FAIL'} {label} shared {kernel.metadata.shared} B")
-    print(f"{len(seen)} variants for sm_{arch}: {'ALL COMPILED' if not failed else f'{failed} FAILED'}")
-    return failed
+def label(launch: dict, options: dict) -> str:
+    precision = launch["kinds"].get("PRECISION", (None, "-"))[1]
+    return f"{launch['name']:20s} PRECISION={precision:4s} {options}"
 
 
 def main() -> int:
@@ -86,7 +66,8 @@ def main() -> int:
     if args.record:
         record(args.record)
         return 0
-    return 1 if compile_all(triton_build.in_interpreter(__file__, []), args.arch) else 0
+    launches = triton_build.in_interpreter(__file__, [])
+    return 1 if triton_build.build_each(launches, args.arch, label, lambda k: f"shared {k.metadata.shared} B") else 0
 
 
 if __name__ == "__main__":

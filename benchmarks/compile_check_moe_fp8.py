@@ -75,39 +75,29 @@ def compile_all(launches: list[dict], arch: int, dump: str | None) -> int:
     for tag in dict.fromkeys(la["tag"] for la in launches):
         mine = [la for la in launches if la["tag"] == tag]
         print(f"  {tag}: {len(mine)} launches: " + ", ".join(la["name"] for la in mine))
-    seen, failed = set(), 0
-    for launch in launches:
-        key = triton_build.variant_key(launch)
-        if key in seen:
-            continue
-        seen.add(key)
-        options = {"num_warps": launch["options"].get("num_warps", 4),
-                   "num_stages": launch["options"].get("num_stages", 3)}
-        if options == fp8_kernels.INTERPRETER_LAUNCH:  # recorded in the interpreter: the GPU's options
-            options = dict(fp8_kernels.LAUNCH)
-        fn = triton_build.jit_function(launch)
-        flags = {p.name: launch["kinds"][p.name][1] for p in fn.params if p.is_constexpr
-                 and p.name in ("GATED", "BACKWARD", "SAVE", "MX", "BLOCK", "TWO_B", "A_REG")}
-        label = f"{launch['name']} {flags} {options}"
-        try:
-            kernel = triton_build.build(launch, arch, options)
-        except Exception as e:
-            failed += 1
-            print(f"FAIL {label} {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            continue
-        ok = triton_build.fits(kernel, arch)
-        failed += not ok
+
+    def options(launch):
+        recorded = triton_build.recorded_options(launch)  # the interpreter's; the GPU's instead
+        return dict(fp8_kernels.LAUNCH) if recorded == fp8_kernels.INTERPRETER_LAUNCH else recorded
+
+    def label(launch, opts):
+        flags = {p.name: launch["kinds"][p.name][1] for p in triton_build.jit_function(launch).params
+                 if p.is_constexpr and p.name in ("GATED", "BACKWARD", "SAVE", "MX", "BLOCK", "TWO_B", "A_REG")}
+        return f"{launch['name']} {flags} {opts}"
+
+    def describe(kernel):
         regs, stores, loads = triton_build.ptxas_usage(kernel.asm["ptx"], arch)
-        print(f"{'OK  ' if ok else 'FAIL'} {label}\n     shared {kernel.metadata.shared} B, regs {regs} "
-              f"spills {stores}/{loads}\n     {ir_summary(kernel)}")
+        return (f"\n     shared {kernel.metadata.shared} B, regs {regs} spills {stores}/{loads}"
+                f"\n     {ir_summary(kernel)}")
+
+    def save_ir(kernel, launch, n):
         if dump:
             os.makedirs(dump, exist_ok=True)
-            stem = os.path.join(dump, f"{len(seen):02d}_{launch['name']}")
             for ext in ("ttgir", "ptx"):
-                with open(f"{stem}.{ext}", "w") as f:
+                with open(os.path.join(dump, f"{n:02d}_{launch['name']}.{ext}"), "w") as f:
                     f.write(kernel.asm[ext])
-    print(f"{len(seen)} variants for sm_{arch}: {'ALL COMPILED' if not failed else f'{failed} FAILED'}")
-    return failed
+
+    return triton_build.build_each(launches, arch, label, describe, options, save_ir)
 
 
 def main() -> int:

@@ -134,3 +134,37 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     return (int(regs.group(1)) if regs else -1, *(int(g) for g in (spill.groups() if spill else (-1, -1))))
+
+
+def recorded_options(launch: dict) -> dict:
+    return {"num_warps": launch["options"].get("num_warps", 4), "num_stages": launch["options"].get("num_stages", 3)}
+
+
+def build_each(launches: list[dict], arch: int, label: Callable[[dict, dict], str],
+               describe: Callable[[object], str], options: Callable[[dict], dict] = recorded_options,
+               built: Callable[[object, dict, int], None] | None = None) -> int:
+    """Compile each distinct launch for ``sm_<arch>``, print an OK / FAIL line per variant
+    (``label(launch, options)``, then ``describe(kernel)``) and a summary; returns the number of
+    variants that did not build or did not fit in shared memory. ``built(kernel, launch, n)``
+    sees each built kernel (e.g. to dump its IR)."""
+    seen, failed = set(), 0
+    for launch in launches:
+        key = variant_key(launch)
+        if key in seen:
+            continue
+        seen.add(key)
+        opts = options(launch)
+        name = label(launch, opts)
+        try:
+            kernel = build(launch, arch, opts)
+        except Exception as e:
+            failed += 1
+            print(f"FAIL {name} {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            continue
+        ok = fits(kernel, arch)
+        failed += not ok
+        print(f"{'OK  ' if ok else 'FAIL'} {name} {describe(kernel)}", flush=True)
+        if built is not None:
+            built(kernel, launch, len(seen))
+    print(f"{len(seen)} variants for sm_{arch}: {'ALL COMPILED' if not failed else f'{failed} FAILED'}")
+    return failed
