@@ -8,16 +8,30 @@ gc [tokens, H, K] is the chunk-local cumulative gate. Per chunk, with S_n the st
     output   o = scale ((q e^{gc}) S_n + A v)
 The backward mirrors it; the gate gradient per channel is q.dq - k.dk plus the chunk-end term,
 reverse-summed over the chunk. Same layout, masking and no-transpose rules as ``triton_chunk``.
+
+Opt-in tensor-core scores (``MOEKIT_GLA_TC=1``, read at import; unmeasured on a GPU so far, and
+Triton on Hopper has miscompiled gated chunk kernels): the chunk is split into sub-chunks of
+BC = 16 rows. An off-diagonal block (rows r, columns c < r) is one dot per K block,
+    A_rc = (q_r e^{gc_r - g_ref}) (k_c e^{g_ref - gc_c})^T,   g_ref = gc at the last row of c,
+where both exponents are <= 0 (gc is non-increasing), so steep gates cannot overflow; the
+diagonal blocks keep the exact per-position form over 16 positions. The backward's intra-chunk
+dq, dk take the same split, from dA = scale (do v^T) stored like A.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from moekit.ops.linear_attention.triton_chunk import NUM_WARPS, _load_cols, _load_rows, launch_options
+from moekit.ops.linear_attention.triton_chunk import NUM_WARPS, _decayed, _load_cols, _load_rows, launch_options
 from moekit.ops.linear_attention.triton_layout import Chunks, block, chunk_cumsum, padded
+
+# Opt-in until measured on a GPU (see the module docstring).
+GLA_TC = os.environ.get("MOEKIT_GLA_TC") == "1"
+SUB_CHUNK = 16  # rows of a tensor-core sub-chunk: tl.dot's minimum tile
 
 
 @triton.jit
@@ -43,6 +57,56 @@ def _scores_kernel(q, k, gc, A, start, end,
                                   0.0), axis=1)
             b_a += tl.where(rt[None, :] == j, col[:, None], 0.0)
     tl.store(A + (t[:, None] * H + i_h) * BT + rt[None, :], b_a, mask=mt[:, None])
+
+
+@triton.jit
+def _sub_chunk(start, end, NC: tl.constexpr, BC: tl.constexpr):
+    """Chunk bounds, and the rows (t, mask) of row sub-chunk r and column sub-chunk c of this
+    program's block (axis 1 enumerates the NC x NC blocks of the chunk)."""
+    i_c, i_b = tl.program_id(1), tl.program_id(0)
+    t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
+    i_r, i_s = i_b // NC, i_b % NC
+    rc = tl.arange(0, BC)
+    t, s = t0 + i_r * BC + rc, t0 + i_s * BC + rc
+    return t0, t1, i_r, i_s, t, t < t1, s, s < t1
+
+
+@triton.jit
+def _scores_tc_kernel(q, k, gc, A, start, end,
+                      H, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """One [BC, BC] block of A: a dot below the diagonal, the exact form on it, zeros above."""
+    i_h = tl.program_id(2)
+    t0, t1, i_r, i_s, t, mt, s, ms = _sub_chunk(start, end, BT // BC, BC)
+    rc = tl.arange(0, BC)
+    b_a = tl.zeros([BC, BC], dtype=tl.float32)
+    if i_r > i_s:
+        ref = tl.minimum(t0 + i_s * BC + BC, t1) - 1  # in the chunk even when rows r are past its end
+        for i_k in range(tl.cdiv(K, BK)):
+            rk = i_k * BK + tl.arange(0, BK)
+            mk = rk < K
+            g_ref = tl.load(gc + (ref * H + i_h) * K + rk, mask=mk, other=0.0)
+            b_q = _load_rows(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
+            b_g = _load_rows(gc + i_h * K, t, mt, rk, mk, H * K)
+            b_q = b_q * tl.exp(tl.where(mt[:, None], b_g - g_ref[None, :], 0.0))
+            b_kt = _load_cols(k + i_h * K, s, ms, rk, mk, H * K).to(tl.float32)
+            b_gt = _load_cols(gc + i_h * K, s, ms, rk, mk, H * K)
+            b_kt = b_kt * tl.exp(tl.where(ms[None, :], g_ref[:, None] - b_gt, 0.0))
+            b_a += tl.dot(b_q.to(q.dtype.element_ty), b_kt.to(k.dtype.element_ty), input_precision=PRECISION)
+    elif i_r == i_s:
+        for i_k in range(tl.cdiv(K, BK)):
+            rk = i_k * BK + tl.arange(0, BK)
+            mk = rk < K
+            b_q = _load_rows(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
+            b_g = _load_rows(gc + i_h * K, t, mt, rk, mk, H * K)
+            for j in range(0, tl.minimum(BC, t1 - t0 - i_s * BC)):
+                row = (t0 + i_s * BC + j) * H * K + i_h * K + rk
+                b_kj = tl.load(k + row, mask=mk, other=0.0).to(tl.float32)
+                b_gj = tl.load(gc + row, mask=mk, other=0.0)
+                keep = (rc >= j)[:, None] & mt[:, None]
+                col = tl.sum(_decayed(b_q * b_kj[None, :], keep, b_g, b_gj[None, :]), axis=1)
+                b_a += tl.where(rc[None, :] == j, col[:, None], 0.0)
+    tl.store(A + (t[:, None] * H + i_h) * BT + i_s * BC + rc[None, :], b_a, mask=mt[:, None])
 
 
 @triton.jit
@@ -228,8 +292,14 @@ class ChunkGLA(torch.autograd.Function):
         BT = chunks.size
         gc = chunk_cumsum(gk.reshape(tokens, H * K), chunks).view(tokens, H, K)
         A = torch.empty(tokens, H, BT, dtype=torch.float32, device=q.device)
-        _scores_kernel[(chunks.num_chunks, H)](q, k, gc, A, chunks.start, chunks.end, H=H, K=K, BT=BT,
-                                                BK=block(K), num_warps=NUM_WARPS)
+        tc = GLA_TC
+        if tc:
+            NC = BT // SUB_CHUNK
+            _scores_tc_kernel[(NC * NC, chunks.num_chunks, H)](q, k, gc, A, chunks.start, chunks.end, H=H, K=K,
+                                                               BT=BT, BC=SUB_CHUNK, BK=block(K), **launch_options(k))
+        else:
+            _scores_kernel[(chunks.num_chunks, H)](q, k, gc, A, chunks.start, chunks.end, H=H, K=K, BT=BT,
+                                                    BK=block(K), num_warps=NUM_WARPS)
         h = torch.empty(chunks.num_chunks, H, K, V, dtype=k.dtype, device=q.device)
         ht = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device)
         BV = block(V, 64 if padded(K) <= 128 else 32)
