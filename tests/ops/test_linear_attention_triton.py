@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.ops import linear_attention as la
-from moekit.ops.linear_attention import triton_ops
+from moekit.ops.linear_attention import triton_gla, triton_ops
 
 F32_TOL = 1e-5
 
@@ -107,6 +107,39 @@ def test_steep_gates_stay_finite(op, gate):
     inputs = make_inputs(op, 1, 20, 1, 16, 16, 1, seed=5)
     inputs[gate][0, 9] = -60.0
     assert_matches(op, inputs, chunk_size=16)
+
+
+class _Launches:
+    """Stands in for a Triton kernel and counts its launches (which GLA score path ran)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("tc", [False, True], ids=["loop", "tensor_core"])
+@pytest.mark.parametrize("case", [
+    dict(bounds=[0, 5, 70, 133], K=40, V=24, chunk=64),  # ragged packed sequences, 4 x 4 sub-chunks
+    dict(bounds=[0, 50, 100], K=80, V=16, chunk=32),  # two K blocks
+], ids=["packed64", "K80"])
+def test_gla_score_paths_on_steep_gates(monkeypatch, tc, case):
+    """Both intra-chunk score paths (per-position loop; MOEKIT_GLA_TC's sub-chunk dots) against
+    float64, with log-gates down to -20 per step on a random third of the positions and channels:
+    every exponent either path forms must stay <= 0."""
+    bounds = case["bounds"]
+    inputs = make_inputs("gla", 1, bounds[-1], 2, case["K"], case["V"], len(bounds) - 1, seed=len(bounds) + case["K"])
+    gen = torch.Generator().manual_seed(case["K"])
+    steep = torch.rand(inputs["gk"].shape, generator=gen) < 1 / 3
+    inputs["gk"] = torch.where(steep, -20.0 * torch.rand(inputs["gk"].shape, generator=gen), inputs["gk"])
+    assert inputs["gk"].min() < -19.0
+    monkeypatch.setattr(triton_gla, "GLA_TC", tc)
+    scores = _Launches(triton_gla._scores_tc_kernel if tc else triton_gla._scores_kernel)
+    monkeypatch.setattr(triton_gla, "_scores_tc_kernel" if tc else "_scores_kernel", scores)
+    assert_matches("gla", inputs, cu_seqlens=torch.tensor(bounds), chunk_size=case["chunk"])
+    assert scores.count == 1
 
 
 @pytest.mark.parametrize("op", CHUNK_OPS)

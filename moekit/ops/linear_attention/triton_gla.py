@@ -226,10 +226,12 @@ def _state_bwd_kernel(q, gc, do, dh, dht, dh0, cu, first, scale,
 
 
 @triton.jit
-def _dqk_kernel(q, k, v, gc, h, dh, do, dq, dk, dg, start, end, scale,
+def _dqk_kernel(q, k, v, gc, h, dh, do, dq, dk, dg, dq_intra, dk_intra, start, end, scale,
                 H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                BV: tl.constexpr, PRECISION: tl.constexpr):
-    """dq, dk and the per-channel gradient of the cumulative gate for one K block."""
+                BV: tl.constexpr, INTRA_TC: tl.constexpr, PRECISION: tl.constexpr):
+    """dq, dk and the per-channel gradient of the cumulative gate for one K block. INTRA_TC: the
+    intra-chunk terms come from ``_dqk_intra_tc_kernel`` (dq_intra, dk_intra) instead of the
+    per-position loop here."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -237,7 +239,8 @@ def _dqk_kernel(q, k, v, gc, h, dh, do, dq, dk, dg, start, end, scale,
     mt = t < t1
     rk = i_k * BK + tl.arange(0, BK)
     mk = rk < K
-    b_da = tl.zeros([BT, BT], dtype=tl.float32)  # do_i . v_j
+    if not INTRA_TC:
+        b_da = tl.zeros([BT, BT], dtype=tl.float32)  # do_i . v_j
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_hdh = tl.zeros([BK], dtype=tl.float32)
@@ -249,7 +252,8 @@ def _dqk_kernel(q, k, v, gc, h, dh, do, dq, dk, dg, start, end, scale,
         m_state = mv[:, None] & mk[None, :]
         b_ht = tl.load(h + chunk_state + rk[None, :] * V + rv[:, None], mask=m_state, other=0.0)
         b_dht = tl.load(dh + chunk_state + rk[None, :] * V + rv[:, None], mask=m_state, other=0.0)
-        b_da += tl.dot(b_do, _load_cols(v + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
+        if not INTRA_TC:
+            b_da += tl.dot(b_do, _load_cols(v + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
         b_dq += tl.dot(b_do, b_ht, input_precision=PRECISION)
         b_dk += tl.dot(_load_rows(v + i_h * V, t, mt, rv, mv, H * V), b_dht, input_precision=PRECISION)
         b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), axis=0)
@@ -260,26 +264,105 @@ def _dqk_kernel(q, k, v, gc, h, dh, do, dq, dk, dg, start, end, scale,
     b_dq = b_dq * tl.exp(b_g) * scale
     b_dk = b_dk * tl.where(mt[:, None], tl.exp(g_last[None, :] - b_g), 0.0)
     dg_last = b_hdh * tl.exp(g_last) + tl.sum(b_dk * b_k, axis=0)
-    b_da = tl.where((rt[:, None] >= rt[None, :]) & mt[:, None], b_da * scale, 0.0)
-    # Intra-chunk, one key position j at a time (the exact decays of the forward scores).
-    for j in range(0, tl.minimum(BT, t1 - t0)):
-        row = (t0 + j) * H * K + i_h * K + rk
-        b_kj = tl.load(k + row, mask=mk, other=0.0).to(tl.float32)
-        b_gj = tl.load(gc + row, mask=mk, other=0.0)
-        keep = (rt >= j)[:, None] & mt[:, None]
-        da_j = tl.sum(tl.where(rt[None, :] == j, b_da, 0.0), axis=1)  # dA[i, j] over i
-        dec = tl.where(keep, tl.exp(tl.where(keep, b_g - b_gj[None, :], 0.0)), 0.0)  # e^{gc_i - gc_j}, i >= j
-        b_dq += da_j[:, None] * dec * b_kj[None, :]
-        # dk_j = sum_{i >= j} dA_ij q_i e^{gc_i - gc_j}
-        dk_j = tl.sum(da_j[:, None] * dec * b_q, axis=0)
-        b_dk += tl.where(rt[:, None] == j, dk_j[None, :], 0.0)
-    b_dg = b_q * b_dq - b_k * b_dk
-    b_dg += tl.where(rt[:, None] == t1 - 1 - t0, dg_last[None, :], 0.0)
     out = (t[:, None] * H + i_h) * K + rk[None, :]
     m_out = mt[:, None] & mk[None, :]
+    if INTRA_TC:
+        b_dq += tl.load(dq_intra + out, mask=m_out, other=0.0)
+        b_dk += tl.load(dk_intra + out, mask=m_out, other=0.0)
+    else:
+        b_da = tl.where((rt[:, None] >= rt[None, :]) & mt[:, None], b_da * scale, 0.0)
+        # Intra-chunk, one key position j at a time (the exact decays of the forward scores).
+        for j in range(0, tl.minimum(BT, t1 - t0)):
+            row = (t0 + j) * H * K + i_h * K + rk
+            b_kj = tl.load(k + row, mask=mk, other=0.0).to(tl.float32)
+            b_gj = tl.load(gc + row, mask=mk, other=0.0)
+            keep = (rt >= j)[:, None] & mt[:, None]
+            da_j = tl.sum(tl.where(rt[None, :] == j, b_da, 0.0), axis=1)  # dA[i, j] over i
+            dec = tl.where(keep, tl.exp(tl.where(keep, b_g - b_gj[None, :], 0.0)), 0.0)  # e^{gc_i - gc_j}, i >= j
+            b_dq += da_j[:, None] * dec * b_kj[None, :]
+            # dk_j = sum_{i >= j} dA_ij q_i e^{gc_i - gc_j}
+            dk_j = tl.sum(da_j[:, None] * dec * b_q, axis=0)
+            b_dk += tl.where(rt[:, None] == j, dk_j[None, :], 0.0)
+    b_dg = b_q * b_dq - b_k * b_dk
+    b_dg += tl.where(rt[:, None] == t1 - 1 - t0, dg_last[None, :], 0.0)
     tl.store(dq + out, b_dq.to(dq.dtype.element_ty), mask=m_out)
     tl.store(dk + out, b_dk.to(dk.dtype.element_ty), mask=m_out)
     tl.store(dg + out, b_dg, mask=m_out)
+
+
+@triton.jit
+def _dA_kernel(v, do, dA, start, end, scale,
+               H, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """dA = scale do v^T on and below the diagonal (zeros above), stored like A."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
+    rt = tl.arange(0, BT)
+    t = t0 + rt
+    mt = t < t1
+    b_da = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        rv = i_v * BV + tl.arange(0, BV)
+        mv = rv < V
+        b_da += tl.dot(_load_rows(do + i_h * V, t, mt, rv, mv, H * V), _load_cols(v + i_h * V, t, mt, rv, mv, H * V),
+                       input_precision=PRECISION)
+    b_da = tl.where(rt[:, None] >= rt[None, :], b_da * scale, 0.0)
+    tl.store(dA + (t[:, None] * H + i_h) * BT + rt[None, :], b_da, mask=mt[:, None])
+
+
+@triton.jit
+def _dqk_intra_tc_kernel(q, k, gc, dA, dq, dk, start, end,
+                         H, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """Intra-chunk dq, dk (float32) of row sub-chunk r, split like the tensor-core scores:
+        dq_i = sum_{j <= i} dA_ij e^{gc_i - gc_j} k_j    (dots over earlier sub-chunks c)
+        dk_j = sum_{i >= j} dA_ij e^{gc_i - gc_j} q_i    (dots over later sub-chunks)
+    each dot against the gate at the last row of the earlier sub-chunk; the diagonal is exact."""
+    i_r, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NC: tl.constexpr = BT // BC
+    t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
+    rc = tl.arange(0, BC)
+    t = t0 + i_r * BC + rc
+    mt = t < t1
+    last_r = tl.minimum(t0 + i_r * BC + BC, t1) - 1
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        mk = rk < K
+        b_q = _load_rows(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
+        b_g = _load_rows(gc + i_h * K, t, mt, rk, mk, H * K)
+        b_dq = tl.zeros([BC, BK], dtype=tl.float32)
+        for i_s in range(0, i_r):  # earlier sub-chunks: keys decayed to their last row
+            s = t0 + i_s * BC + rc
+            ms = s < t1
+            g_ref = tl.load(gc + ((t0 + i_s * BC + BC - 1) * H + i_h) * K + rk, mask=mk, other=0.0)
+            b_ks = _load_rows(k + i_h * K, s, ms, rk, mk, H * K).to(tl.float32)
+            b_ks = b_ks * tl.exp(tl.where(ms[:, None], g_ref[None, :] - _load_rows(gc + i_h * K, s, ms, rk, mk, H * K),
+                                          0.0))
+            b_da = tl.load(dA + (t[:, None] * H + i_h) * BT + i_s * BC + rc[None, :], mask=mt[:, None], other=0.0)
+            b_dq += tl.exp(tl.where(mt[:, None], b_g - g_ref[None, :], 0.0)) * tl.dot(
+                b_da.to(k.dtype.element_ty), b_ks.to(k.dtype.element_ty), input_precision=PRECISION)
+        g_ref = tl.load(gc + (last_r * H + i_h) * K + rk, mask=mk, other=0.0)
+        b_dk = tl.zeros([BC, BK], dtype=tl.float32)
+        for i_s in range(i_r + 1, NC):  # later sub-chunks: queries decayed from this one's last row
+            s = t0 + i_s * BC + rc
+            ms = s < t1
+            b_qs = _load_rows(q + i_h * K, s, ms, rk, mk, H * K).to(tl.float32)
+            b_qs = b_qs * tl.exp(tl.where(ms[:, None], _load_rows(gc + i_h * K, s, ms, rk, mk, H * K) - g_ref[None, :],
+                                          0.0))
+            b_dat = tl.load(dA + (s[None, :] * H + i_h) * BT + i_r * BC + rc[:, None], mask=ms[None, :], other=0.0)
+            b_dk += tl.dot(b_dat.to(q.dtype.element_ty), b_qs.to(q.dtype.element_ty), input_precision=PRECISION)
+        b_dk *= tl.exp(tl.where(mt[:, None], g_ref[None, :] - b_g, 0.0))
+        for j in range(0, tl.minimum(BC, t1 - t0 - i_r * BC)):  # the diagonal block, exact
+            row = (t0 + i_r * BC + j) * H * K + i_h * K + rk
+            b_kj = tl.load(k + row, mask=mk, other=0.0).to(tl.float32)
+            b_gj = tl.load(gc + row, mask=mk, other=0.0)
+            da_j = tl.load(dA + (t * H + i_h) * BT + i_r * BC + j, mask=mt, other=0.0)  # dA[i, j] over i
+            keep = (rc >= j)[:, None] & mt[:, None]
+            dec = da_j[:, None] * _decayed(tl.full([BC, BK], 1.0, tl.float32), keep, b_g, b_gj[None, :])
+            b_dq += dec * b_kj[None, :]
+            b_dk += tl.where(rc[:, None] == j, tl.sum(dec * b_q, axis=0)[None, :], 0.0)
+        out = (t[:, None] * H + i_h) * K + rk[None, :]
+        tl.store(dq + out, b_dq, mask=mt[:, None] & mk[None, :])
+        tl.store(dk + out, b_dk, mask=mt[:, None] & mk[None, :])
 
 
 class ChunkGLA(torch.autograd.Function):
@@ -311,7 +394,7 @@ class ChunkGLA(torch.autograd.Function):
             q, v, gc, h, A, o, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=BT, BK=block(K), BV=block(V),
             **launch_options(k))
         ctx.save_for_backward(q, k, v, gc, A, h, h0)
-        ctx.scale, ctx.chunks, ctx.gk_dtype = scale, chunks, gk.dtype
+        ctx.scale, ctx.chunks, ctx.gk_dtype, ctx.tc = scale, chunks, gk.dtype, tc
         return o, ht
 
     @staticmethod
@@ -335,8 +418,17 @@ class ChunkGLA(torch.autograd.Function):
             BV=block(V), **launch_options(k))
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dgc = torch.empty(tokens, H, K, dtype=torch.float32, device=q.device)
+        dq_intra = dk_intra = None
+        if ctx.tc:
+            dA = torch.empty(tokens, H, BT, dtype=torch.float32, device=q.device)
+            _dA_kernel[(chunks.num_chunks, H)](v, do, dA, chunks.start, chunks.end, scale, H=H, V=V, BT=BT,
+                                               BV=block(V), **launch_options(k))
+            dq_intra, dk_intra = torch.empty_like(dgc), torch.empty_like(dgc)
+            _dqk_intra_tc_kernel[(BT // SUB_CHUNK, chunks.num_chunks, H)](
+                q, k, gc, dA, dq_intra, dk_intra, chunks.start, chunks.end, H=H, K=K, BT=BT, BC=SUB_CHUNK,
+                BK=block(K), **launch_options(k))
         _dqk_kernel[(triton.cdiv(K, block(K)), chunks.num_chunks, H)](
-            q, k, v, gc, h, dh, do, dq, dk, dgc, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=BT,
-            BK=block(K), BV=block(V), **launch_options(k))
+            q, k, v, gc, h, dh, do, dq, dk, dgc, dq_intra, dk_intra, chunks.start, chunks.end, scale, H=H, K=K,
+            V=V, BT=BT, BK=block(K), BV=block(V), INTRA_TC=ctx.tc, **launch_options(k))
         dg = chunk_cumsum(dgc.view(tokens, H * K), chunks, reverse=True).view(tokens, H, K).to(ctx.gk_dtype)
         return dq, dk, dv, dg, dh0, None, None
