@@ -333,7 +333,8 @@ def _dqk_intra_tc_kernel(q, k, gc, dA, dq, dk, start, end,
         for i_s in range(0, i_r):  # earlier sub-chunks: keys decayed to their last row
             s = t0 + i_s * BC + rc
             ms = s < t1
-            g_ref = tl.load(gc + ((t0 + i_s * BC + BC - 1) * H + i_h) * K + rk, mask=mk, other=0.0)
+            ref = tl.minimum(t0 + i_s * BC + BC, t1) - 1  # in the chunk even when rows r are past its end
+            g_ref = tl.load(gc + (ref * H + i_h) * K + rk, mask=mk, other=0.0)
             b_ks = _load_rows(k + i_h * K, s, ms, rk, mk, H * K).to(tl.float32)
             b_ks = b_ks * tl.exp(tl.where(ms[:, None], g_ref[None, :] - _load_rows(gc + i_h * K, s, ms, rk, mk, H * K),
                                           0.0))
@@ -357,7 +358,7 @@ def _dqk_intra_tc_kernel(q, k, gc, dA, dq, dk, start, end,
             b_gj = tl.load(gc + row, mask=mk, other=0.0)
             da_j = tl.load(dA + (t * H + i_h) * BT + i_r * BC + j, mask=mt, other=0.0)  # dA[i, j] over i
             keep = (rc >= j)[:, None] & mt[:, None]
-            dec = da_j[:, None] * _decayed(tl.full([BC, BK], 1.0, tl.float32), keep, b_g, b_gj[None, :])
+            dec = _decayed(da_j[:, None], keep, b_g, b_gj[None, :])  # dA_ij e^{gc_i - gc_j}, i >= j
             b_dq += dec * b_kj[None, :]
             b_dk += tl.where(rc[:, None] == j, tl.sum(dec * b_q, axis=0)[None, :], 0.0)
         out = (t[:, None] * H + i_h) * K + rk[None, :]
