@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device-machine call: environment, GPU tests, kernel checks and benchmarks, each step
 # time-limited, every log under $OUT (or ./gpu-logs). Usage: benchmarks/gpu_session.sh STEP...
-# Steps: env tests gputests modeltests check_moe check_la quant bench_moe bench_la profile_moe profile_moe_tma bench_ep vla;
-# steps joined by '+' (e.g. gputests+check_moe) run at the same time (correctness, not timings).
+# Steps: env tests gputests modeltests check_moe check_la quant bench_moe bench_la profile_moe profile_moe_tma bench_ep
+# train gen vla;
+# steps joined by '+' (e.g. gputests+check_moe) run at the same time (correctness, not timings);
+# steps joined by ',' run one after another, e.g. modeltests,check_la@0+bench_la@1 on two GPUs.
 set -u
 OUT=${OUT:-gpu-logs}
 LOGS=/tmp/gpu-logs  # tarred into $OUT after each group: the device tool returns at most 8 files
@@ -23,8 +25,9 @@ step() {  # name, seconds, command...
   tail -n 25 "$LOGS/$name.log"
   echo "=== $name rc=$rc in $((SECONDS - t0))s"
 }
-run_step() {  # NAME or NAME@GPU (that GPU alone, e.g. two checks side by side on a 2-GPU machine)
+run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by side on a 2-GPU machine)
   if [[ $1 == *@* ]]; then CUDA_VISIBLE_DEVICES=${1#*@} run_step "${1%@*}"; return; fi
+  if [[ $1 == *,* ]]; then local s; for s in ${1//,/ }; do run_step "$s"; done; return; fi
   case $1 in
     env) step env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"' ;;
     gputests) step gputests 300 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
@@ -36,18 +39,20 @@ run_step() {  # NAME or NAME@GPU (that GPU alone, e.g. two checks side by side o
     check_la) step check_la 110 python3 benchmarks/gpu_check_linear_attention.py ;;
     quant) step quant 70 python3 benchmarks/quant.py ;;
     bench_moe) step bench_moe 360 python3 benchmarks/moe_layer.py ;;
-    bench_la) step bench_la 110 python3 benchmarks/linear_attention.py --lengths 2048,32768 ;;
+    bench_la) step bench_la 420 python3 benchmarks/linear_attention.py ;;
     profile_moe) step profile_moe 200 python3 benchmarks/moe_layer.py --profile --shapes deepseek-v3 ;;
     profile_moe_tma) step profile_moe_tma 200 env MOEKIT_TRITON_TMA=1 python3 benchmarks/moe_layer.py --profile \
       --shapes deepseek-v3 ;;
+    train) step train 240 python3 benchmarks/train_throughput.py ;;
+    gen) step gen 240 python3 benchmarks/generation.py --plot "$LOGS/generation.png" ;;
     vla) step vla 90 python3 benchmarks/vla.py ;;
     bench_ep) step bench_ep 160 torchrun --standalone --nproc-per-node "${EP_GPUS:-2}" benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 ;;
     *) echo "unknown step $1" ;;
   esac
 }
 for group in "$@"; do
-  for s in ${group//+/ }; do run_step "$s" > "$LOGS/${s%@*}.summary" & done
+  for s in ${group//+/ }; do run_step "$s" > "$LOGS/${s//[@,]/_}.summary" & done
   wait
-  for s in ${group//+/ }; do cat "$LOGS/${s%@*}.summary"; done
+  for s in ${group//+/ }; do cat "$LOGS/${s//[@,]/_}.summary"; done
   tar czf "$OUT/logs.tgz" -C "$LOGS" .
 done

@@ -43,6 +43,12 @@ def make_inputs(B: int, T: int, gen: torch.Generator) -> dict[str, torch.Tensor]
         "g": F.logsigmoid(randn(B, T, H) + 3.0),
         "gk": F.logsigmoid(randn(B, T, H, D) + 3.0).to(DTYPE),
         "beta": torch.sigmoid(randn(B, T, H)).to(DTYPE),
+        # Mamba2 SSD: one B/C group per 4 heads (Mamba2's layout), state N=D, head dim P=D
+        "x": randn(B, T, H, D).to(DTYPE),
+        "dt": F.softplus(randn(B, T, H) - 1.0).to(DTYPE),
+        "A": (-torch.rand(H, generator=gen, device="cuda") - 0.5).to(DTYPE),
+        "B": (randn(B, T, H // 4, D) * D ** -0.5).to(DTYPE),
+        "C": (randn(B, T, H // 4, D) * D ** -0.5).to(DTYPE),
     }
 
 
@@ -50,7 +56,7 @@ def _fla(module: str, name: str):
     return getattr(__import__(module, fromlist=[name]), name)
 
 
-# op -> (its input names, moekit call, fla call)
+# op -> (its input names, moekit call, fla call or None where fla has no such op)
 OPS = {
     "linear_attn": (("q", "k", "v"), lambda **x: la.linear_attn(**x, backend="triton")[0],
                     lambda **x: _fla("fla.ops.linear_attn", "chunk_linear_attn")(**x, normalize=False)[0]),
@@ -62,6 +68,7 @@ OPS = {
                          lambda **x: _fla("fla.ops.gated_delta_rule", "chunk_gated_delta_rule")(**x)[0]),
     "gla": (("q", "k", "v", "gk"), lambda **x: la.gla(**x, backend="triton")[0],
             lambda q, k, v, gk: _fla("fla.ops.gla", "chunk_gla")(q, k, v, gk)[0]),
+    "mamba2_ssd": (("x", "dt", "A", "B", "C"), lambda **x: la.mamba2_ssd(**x, backend="triton")[0], None),
 }
 
 
@@ -133,7 +140,7 @@ def main() -> None:
             # before fla's first call, which compiles and autotunes its kernels for minutes
             print(f"# T={T} {op}: moekit fwd {ours[0]} ms, f+b {ours[1]} ms   [{time.time() - start:.0f} s]",
                   flush=True)
-            fla = time_call(fla_call, x)
+            fla = time_call(fla_call, x) if fla_call else ("-", "-")
             row = (str(T), op, ours[0], fla[0], ratio(fla[0], ours[0]), sdpa[0], ratio(sdpa[0], ours[0]),
                    ours[1], fla[1], ratio(fla[1], ours[1]), sdpa[1], ratio(sdpa[1], ours[1]))
             print(" | ".join(row) + f"   [{time.time() - start:.0f} s]", flush=True)
