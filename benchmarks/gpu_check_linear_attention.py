@@ -11,7 +11,7 @@ mamba2_ssd's dA is one sum per head over all tokens whose terms cancel (sum |ter
 Its floor here is not the kernels': the output's gradient arrives rounded to bf16 and dA leaves
 as bf16 (A is bf16), ~2e-3 median and up to ~6e-3 over 40 draws in a float64 emulation.
 
-    python benchmarks/gpu_check_linear_attention.py [--quick]
+    python benchmarks/gpu_check_linear_attention.py [--quick] [--ops gla,...]
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def check(label: str, op: str, inputs: dict, mode: str = "chunk", cu_seqlens=Non
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="one shape per op")
+    parser.add_argument("--ops", default="", help="comma-separated subset of the ops")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("FAIL: no CUDA device")
@@ -103,6 +104,7 @@ def main() -> int:
           f"triton {__import__('triton').__version__}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
     gen = torch.Generator(device="cuda").manual_seed(0)
     chunk_ops = ["simple_gla", "linear_attn", "gated_delta_rule", "delta_rule", "gla", "mamba2_ssd"]
+    chunk_ops = [op for op in chunk_ops if not args.ops or op in args.ops.split(",")]
     shapes = [(4, 64, 100), (16, 128, 1000), (4, 128, 4100), (16, 64, 4100), (8, 128, 100)]
     if args.quick:
         shapes = shapes[:2]
@@ -114,7 +116,8 @@ def main() -> int:
         cu = torch.tensor(bounds, device="cuda", dtype=torch.int32)
         ok &= check(f"{op} chunk cu_seqlens={bounds} H=8 K=V=128", op,
                     make_inputs(op, 1, bounds[-1], 8, 128, len(bounds) - 1, gen), cu_seqlens=cu)
-    for op in ("simple_gla", "linear_attn"):  # the largest head dim the scalar-gate kernels take
+    # the largest head dim the scalar-gate kernels take
+    for op in [op for op in ("simple_gla", "linear_attn") if op in chunk_ops]:
         ok &= check(f"{op} chunk B=2 H=4 K=V=256 T=300", op, make_inputs(op, 2, 300, 4, 256, 2, gen))
     for op in chunk_ops:
         for T in (1, 37):  # decoding steps and a short prefill, forward only

@@ -251,3 +251,18 @@ def test_mamba2_dA_precision():
     errors = [_mamba2_dA_error(seed) for seed in range(8)]
     assert sum(errors) / len(errors) < 2.5e-4, errors
     assert max(errors) < 6e-4, errors
+
+
+@pytest.mark.parametrize("op", ["simple_gla", "gla", "delta_rule"])
+def test_state_tiles_split(monkeypatch, op):
+    """Smaller state tiles than the head dims (K rows split over programs where the rows are
+    independent, V always): the same results, with K, V not multiples of the tiles."""
+    from moekit.ops.linear_attention import triton_layout
+
+    tiles = {"num_warps": 4, "BK": 16, "BV": 16}
+    launch = {**triton_layout.LAUNCH, **{name: tiles for name in ("state_fwd", "state_bwd", "gla_state_fwd",
+                                                                  "gla_state_bwd")}}
+    monkeypatch.setattr(triton_layout, "LAUNCH", launch)
+    assert triton_layout.state_tiles("gla_state_fwd", 40, 36, split_k=True) == (16, 16)
+    assert triton_layout.state_tiles("state_bwd", 40, 36, split_k=False) == (64, 16)
+    assert_matches(op, make_inputs(op, 2, 37, 2, 40, 36, 2, seed=7), chunk_size=16)

@@ -30,23 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.ops.dot_precision import dot_precision
-from moekit.ops.linear_attention.triton_layout import Chunks, block, padded
-
-NUM_WARPS = 4
-
-
-def launch_options(x: torch.Tensor) -> dict:
-    """Warps, and the dots' input precision (``PRECISION``, every kernel here takes it): float32
-    inputs get the exactness torch.matmul would give them, not Triton's TF32 default."""
-    return {"num_warps": NUM_WARPS, "PRECISION": dot_precision(x.dtype)}
-
-
-# The delta-rule kernels stage float32 tiles (w, u, T): with the default 3 pipeline stages one of
-# them needed 232 KB of shared memory at K = V = 128 on an H200 (227 KB there). The per-chunk
-# kernels' K / V loops are short (2 trips), so they skip pipelining; the sequential state
-# kernels keep 2 stages.
-DELTA_STAGES, DELTA_STATE_STAGES = 1, 2
+from moekit.ops.linear_attention.triton_layout import Chunks, block, launch_options, state_tiles
 
 
 @triton.jit
@@ -121,12 +105,15 @@ def _state_fwd_kernel(k, v, w, gc, vs, h, v_new, h0, ht, cu, first,
                       H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
                       STORE_HT: tl.constexpr, HAS_VS: tl.constexpr,
-                PRECISION: tl.constexpr):
-    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                      PRECISION: tl.constexpr):
+    """BK < K (not the delta rule, whose v - w S reads every row of S): the state's K rows are
+    split over programs."""
+    i_kv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
     bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
     c0 = tl.load(first + i_n).to(tl.int64)
     rt = tl.arange(0, BT)
-    rk = tl.arange(0, BK)
+    rk = i_k * BK + tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
     mk, mv = rk < K, rv < V
     state = rk[:, None] * V + rv[None, :]
@@ -428,6 +415,10 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
 # ------------------------------------------------------------------------------ host wrappers
 
 
+def _variant(kernel: str, delta: bool) -> str:
+    return kernel + "_delta" if delta else kernel
+
+
 def wy_fwd(k, v, beta, gc, chunks: Chunks):
     tokens, H, K = k.shape
     V = v.shape[-1]
@@ -436,13 +427,8 @@ def wy_fwd(k, v, beta, gc, chunks: Chunks):
     w, u = torch.empty(tokens, H, K, **f32), torch.empty(tokens, H, V, **f32)
     _wy_fwd_kernel[(chunks.num_chunks, H)](
         k, v, beta, gc, T, w, u, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size, BK=block(K),
-        BV=block(V), USE_G=gc is not None, **launch_options(k), num_stages=DELTA_STAGES)
+        BV=block(V), USE_G=gc is not None, **launch_options("wy_fwd", k))
     return T, w, u
-
-
-def _state_block_v(K: int, V: int) -> int:
-    """V tile of the sequential kernels, which hold the whole K in registers."""
-    return block(V, 64 if padded(K) <= 128 else 32)
 
 
 def state_fwd(k, v, w, gc, h0, chunks: Chunks, store_final: bool, v_dtype, vs=None):
@@ -456,12 +442,12 @@ def state_fwd(k, v, w, gc, h0, chunks: Chunks, store_final: bool, v_dtype, vs=No
     h = torch.empty(chunks.num_chunks, H, K, V, dtype=k.dtype, device=k.device)
     v_new = torch.empty(tokens, H, V, dtype=v_dtype, device=k.device) if delta else None
     ht = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=k.device) if store_final else None
-    BV = _state_block_v(K, V)
-    _state_fwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs, H)](
+    name = _variant("state_fwd", delta)
+    BK, BV = state_tiles(name, K, V, split_k=not delta)
+    _state_fwd_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), chunks.num_seqs, H)](
         k, v, w, gc, vs, h, v_new, h0, ht, chunks.cu, chunks.first, H=H, K=K, V=V, BT=chunks.size,
-        BK=padded(K), BV=BV, USE_G=gc is not None, DELTA=delta, HAS_H0=h0 is not None, STORE_HT=store_final,
-        HAS_VS=vs is not None,
-        **launch_options(k), **({"num_stages": DELTA_STATE_STAGES} if delta else {}))
+        BK=BK, BV=BV, USE_G=gc is not None, DELTA=delta, HAS_H0=h0 is not None, STORE_HT=store_final,
+        HAS_VS=vs is not None, **launch_options(name, k))
     return h, v_new, ht
 
 
@@ -472,7 +458,7 @@ def output_fwd(q, k, v, gc, h, chunks: Chunks, scale: float, out_dtype, vs=None)
     BV = block(V)
     _output_fwd_kernel[(triton.cdiv(V, BV), chunks.num_chunks, H)](
         q, k, v, gc, vs, h, o, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K),
-        BV=BV, USE_G=gc is not None, HAS_VS=vs is not None, **launch_options(k))
+        BV=BV, USE_G=gc is not None, HAS_VS=vs is not None, **launch_options("output_fwd", k))
     return o
 
 
@@ -483,7 +469,7 @@ def dv_local(q, k, do, gc, chunks: Chunks, scale: float):
     BV = block(V)
     _dv_local_kernel[(triton.cdiv(V, BV), chunks.num_chunks, H)](
         q, k, do, gc, dv, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K), BV=BV,
-        USE_G=gc is not None, **launch_options(k))
+        USE_G=gc is not None, **launch_options("dv_local", k))
     return dv
 
 
@@ -497,12 +483,12 @@ def state_bwd(q, k, w, gc, do, dv_loc, dht, chunks: Chunks, scale: float, dv_dty
     dh = torch.empty(chunks.num_chunks, H, K, V, dtype=torch.float32, device=q.device)
     dv = torch.empty(tokens, H, V, dtype=dv_dtype, device=q.device)
     dh0 = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device) if want_dh0 else None
-    BV = _state_block_v(K, V)
+    name = _variant("state_bwd", w is not None)
+    BK, BV = state_tiles(name, K, V, split_k=False)  # dv = dv_local + k dh reads all K rows
     _state_bwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs, H)](
         q, k, w, gc, do, dv_loc, dv, dh, dht, dh0, chunks.cu, chunks.first, scale, H=H, K=K, V=V,
-        BT=chunks.size, BK=padded(K), BV=BV, USE_G=gc is not None, DELTA=w is not None,
-        HAS_DHT=dht is not None, STORE_DH0=want_dh0, **launch_options(k),
-        **({"num_stages": DELTA_STATE_STAGES} if w is not None else {}))
+        BT=chunks.size, BK=BK, BV=BV, USE_G=gc is not None, DELTA=w is not None,
+        HAS_DHT=dht is not None, STORE_DH0=want_dh0, **launch_options(name, k))
     return dh, dv, dh0
 
 
@@ -519,8 +505,8 @@ def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype, vs=N
     dg = torch.empty(n_k, tokens, H, dtype=torch.float32, device=q.device) if use_g else None
     _dqk_kernel[(n_k, chunks.num_chunks, H)](
         q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, chunks.start, chunks.end, scale, tokens, H=H, K=K, V=V,
-        BT=chunks.size, BK=BK, BV=block(V), USE_G=use_g, DELTA=delta, HAS_VS=vs is not None, **launch_options(k),
-        **({"num_stages": DELTA_STAGES} if delta else {}))
+        BT=chunks.size, BK=BK, BV=block(V), USE_G=use_g, DELTA=delta, HAS_VS=vs is not None,
+        **launch_options(_variant("dqk", delta), k))
     return dq, dk, dw, (dg.sum(0) if use_g else None)
 
 
@@ -532,5 +518,5 @@ def wy_bwd(k, v, beta, gc, T, dw, du, dk, dg, chunks: Chunks, v_dtype):
     dbeta = torch.empty(tokens, H, dtype=torch.float32, device=k.device)
     _wy_bwd_kernel[(chunks.num_chunks, H)](
         k, v, beta, gc, T, dw, du, dk, dv, dbeta, dg, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size,
-        BK=block(K), BV=block(V), USE_G=gc is not None, **launch_options(k), num_stages=DELTA_STAGES)
+        BK=block(K), BV=block(V), USE_G=gc is not None, **launch_options("wy_bwd", k))
     return dv, dbeta

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.ops.linear_attention.triton_chunk import NUM_WARPS, _decayed, _load_cols, _load_rows, launch_options
-from moekit.ops.linear_attention.triton_layout import Chunks, block, chunk_cumsum, padded
+from moekit.ops.linear_attention.triton_chunk import _decayed, _load_cols, _load_rows
+from moekit.ops.linear_attention.triton_layout import Chunks, block, chunk_cumsum, launch_options, state_tiles
 
 # Opt-in until measured on a GPU (see the module docstring).
 GLA_TC = os.environ.get("MOEKIT_GLA_TC") == "1"
@@ -113,10 +113,11 @@ def _scores_tc_kernel(q, k, gc, A, start, end,
 def _state_fwd_kernel(k, v, gc, h, h0, ht, cu, first,
                       H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PRECISION: tl.constexpr):
-    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_kv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)  # the state's rows are independent: K splits
     bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
     c0 = tl.load(first + i_n).to(tl.int64)
-    rt, rk = tl.arange(0, BT), tl.arange(0, BK)
+    rt, rk = tl.arange(0, BT), i_k * BK + tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
     mk, mv = rk < K, rv < V
     state = rk[:, None] * V + rv[None, :]
@@ -198,11 +199,12 @@ def _state_bwd_kernel(q, gc, do, dh, dht, dh0, cu, first, scale,
                       H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PRECISION: tl.constexpr):
     """Reverse pass: dh_n (gradient of the state leaving chunk n)."""
-    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_kv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)  # the state's rows are independent: K splits
     bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
     c0 = tl.load(first + i_n).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, BT)
-    rt, rk = tl.arange(0, BT), tl.arange(0, BK)
+    rt, rk = tl.arange(0, BT), i_k * BK + tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
     mk, mv = rk < K, rv < V
     state = rk[:, None] * V + rv[None, :]
@@ -380,20 +382,21 @@ class ChunkGLA(torch.autograd.Function):
         if tc:
             NC = BT // SUB_CHUNK
             _scores_tc_kernel[(NC * NC, chunks.num_chunks, H)](q, k, gc, A, chunks.start, chunks.end, H=H, K=K,
-                                                               BT=BT, BC=SUB_CHUNK, BK=block(K), **launch_options(k))
+                                                               BT=BT, BC=SUB_CHUNK, BK=block(K),
+                                                               **launch_options("gla_scores_tc", k))
         else:
             _scores_kernel[(chunks.num_chunks, H)](q, k, gc, A, chunks.start, chunks.end, H=H, K=K, BT=BT,
-                                                    BK=block(K), num_warps=NUM_WARPS)
+                                                    BK=block(K), num_warps=launch_options("gla_scores", k)["num_warps"])
         h = torch.empty(chunks.num_chunks, H, K, V, dtype=k.dtype, device=q.device)
         ht = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device)
-        BV = block(V, 64 if padded(K) <= 128 else 32)
-        _state_fwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs, H)](
-            k, v, gc, h, h0, ht, chunks.cu, chunks.first, H=H, K=K, V=V, BT=BT, BK=padded(K), BV=BV,
-            HAS_H0=h0 is not None, STORE_HT=True, **launch_options(k))
+        BK, BV = state_tiles("gla_state_fwd", K, V, split_k=True)
+        _state_fwd_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), chunks.num_seqs, H)](
+            k, v, gc, h, h0, ht, chunks.cu, chunks.first, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+            HAS_H0=h0 is not None, STORE_HT=True, **launch_options("gla_state_fwd", k))
         o = torch.empty(tokens, H, V, dtype=v.dtype, device=q.device)
         _output_kernel[(triton.cdiv(V, block(V)), chunks.num_chunks, H)](
             q, v, gc, h, A, o, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=BT, BK=block(K), BV=block(V),
-            **launch_options(k))
+            **launch_options("gla_output", k))
         ctx.save_for_backward(q, k, v, gc, A, h, h0)
         ctx.scale, ctx.chunks, ctx.gk_dtype, ctx.tc = scale, chunks, gk.dtype, tc
         return o, ht
@@ -409,27 +412,27 @@ class ChunkGLA(torch.autograd.Function):
         dht = None if dht is None else dht.float().contiguous()
         dh = torch.empty(chunks.num_chunks, H, K, V, dtype=q.dtype, device=q.device)
         dh0 = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
-        BV = block(V, 64 if padded(K) <= 128 else 32)
-        _state_bwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs, H)](
-            q, gc, do, dh, dht, dh0, chunks.cu, chunks.first, scale, H=H, K=K, V=V, BT=BT, BK=padded(K), BV=BV,
-            HAS_DHT=dht is not None, STORE_DH0=h0 is not None, **launch_options(k))
+        BK, BV = state_tiles("gla_state_bwd", K, V, split_k=True)
+        _state_bwd_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), chunks.num_seqs, H)](
+            q, gc, do, dh, dht, dh0, chunks.cu, chunks.first, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+            HAS_DHT=dht is not None, STORE_DH0=h0 is not None, **launch_options("gla_state_bwd", k))
         dv = torch.empty_like(v)
         _dv_kernel[(triton.cdiv(V, block(V)), chunks.num_chunks, H)](
             k, gc, A, do, dh, dv, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=BT, BK=block(K),
-            BV=block(V), **launch_options(k))
+            BV=block(V), **launch_options("gla_dv", k))
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dgc = torch.empty(tokens, H, K, dtype=torch.float32, device=q.device)
         dq_intra = dk_intra = None
         if ctx.tc:
             dA = torch.empty(tokens, H, BT, dtype=torch.float32, device=q.device)
             _dA_kernel[(chunks.num_chunks, H)](v, do, dA, chunks.start, chunks.end, scale, H=H, V=V, BT=BT,
-                                               BV=block(V), **launch_options(k))
+                                               BV=block(V), **launch_options("gla_dA", k))
             dq_intra, dk_intra = torch.empty_like(dgc), torch.empty_like(dgc)
             _dqk_intra_tc_kernel[(BT // SUB_CHUNK, chunks.num_chunks, H)](
                 q, k, gc, dA, dq_intra, dk_intra, chunks.start, chunks.end, H=H, K=K, BT=BT, BC=SUB_CHUNK,
-                BK=block(K), **launch_options(k))
+                BK=block(K), **launch_options("gla_dqk_intra_tc", k))
         _dqk_kernel[(triton.cdiv(K, block(K)), chunks.num_chunks, H)](
             q, k, v, gc, h, dh, do, dq, dk, dgc, dq_intra, dk_intra, chunks.start, chunks.end, scale, H=H, K=K,
-            V=V, BT=BT, BK=block(K), BV=block(V), INTRA_TC=ctx.tc, **launch_options(k))
+            V=V, BT=BT, BK=block(K), BV=block(V), INTRA_TC=ctx.tc, **launch_options("gla_dqk", k))
         dg = chunk_cumsum(dgc.view(tokens, H * K), chunks, reverse=True).view(tokens, H, K).to(ctx.gk_dtype)
         return dq, dk, dv, dg, dh0, None, None

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from moekit.ops.capture import is_capturing
+from moekit.ops.dot_precision import dot_precision
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -23,6 +24,37 @@ MAX_HEAD_DIM = 256
 # the whole-K state: K = 256 would not fit in shared memory, so those take K <= 128.
 MAX_KEY_DIM_STAGED = 128
 CHUNK_SIZES = (16, 32, 64)
+
+# Launch settings per kernel: num_warps / num_stages, and for the sequential state kernels their
+# state tile (BK, BV). "*" applies to every kernel without its own entry. The delta-rule kernels
+# stage float32 tiles (w, u, T): with 3 pipeline stages one needed 232 KB of shared memory at
+# K = V = 128 on an H200 (227 KB there), so they run 1 stage (2 for the state passes).
+# benchmarks/profile_linear_attention.py times each kernel under other settings on a GPU.
+LAUNCH: dict[str, dict] = {
+    "*": {"num_warps": 4},
+    "wy_fwd": {"num_warps": 4, "num_stages": 1},
+    "wy_bwd": {"num_warps": 4, "num_stages": 1},
+    "dqk_delta": {"num_warps": 4, "num_stages": 1},
+    "state_fwd_delta": {"num_warps": 4, "num_stages": 2},
+    "state_bwd_delta": {"num_warps": 4, "num_stages": 2},
+}
+
+
+def launch_options(kernel: str, x: torch.Tensor) -> dict:
+    """num_warps / num_stages of a kernel, and its dots' input precision (``PRECISION``, every dot
+    kernel takes it): float32 inputs get the exactness torch.matmul would give them, not Triton's
+    TF32 default."""
+    opts = LAUNCH.get(kernel, LAUNCH["*"])
+    return {**{k: v for k, v in opts.items() if k in ("num_warps", "num_stages")},
+            "PRECISION": dot_precision(x.dtype)}
+
+
+def state_tiles(kernel: str, K: int, V: int, split_k: bool) -> tuple[int, int]:
+    """(BK, BV) of a sequential state kernel. BK spans the whole K unless the kernel's state rows
+    are independent (split_k: no product over K inside the loop) and a smaller BK is set."""
+    opts = LAUNCH.get(kernel, LAUNCH["*"])
+    BK = min(opts.get("BK", padded(K)), padded(K)) if split_k else padded(K)
+    return BK, opts.get("BV", block(V, 64 if padded(K) <= 128 else 32))
 
 
 @dataclass(frozen=True)

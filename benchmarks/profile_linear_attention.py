@@ -1,0 +1,118 @@
+"""Per-kernel GPU times of the Triton linear-attention ops under several launch settings.
+
+For each op and length (B*T fixed, the shapes of benchmarks/linear_attention.py), one forward +
+backward is profiled (torch.profiler, CUDA kernels) under each launch setting, applied to every
+kernel at once through ``triton_layout.LAUNCH["*"]``: a kernel's time depends only on its own
+setting, so one pass per setting gives every kernel's column. Prints a table per op (microseconds
+per kernel, one column per setting, the forward+backward total last) and each kernel's fastest
+setting. A setting a kernel cannot launch with (e.g. shared memory) prints as "-" for that op.
+GLA runs its tensor-core score path (MOEKIT_GLA_TC's) unless --gla-scalar.
+
+    python benchmarks/profile_linear_attention.py [--lengths 2048,32768] [--ops gla,...] [--default-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from moekit.ops.linear_attention import triton_gla, triton_layout
+
+sys.path.insert(0, str(Path(__file__).parent))
+from linear_attention import OPS, make_inputs  # noqa: E402
+
+REPS = 3
+# name -> setting for every kernel ("BK"/"BV": the sequential state kernels' tiles)
+SETTINGS = {
+    "default": None,
+    "w4s1": {"num_warps": 4, "num_stages": 1, "BK": 64, "BV": 64},
+    "w4s2": {"num_warps": 4, "num_stages": 2, "BK": 64, "BV": 64},
+    "w4s3": {"num_warps": 4, "num_stages": 3, "BK": 64, "BV": 64},
+    "w8s1": {"num_warps": 8, "num_stages": 1, "BK": 64, "BV": 64},
+    "w8s2": {"num_warps": 8, "num_stages": 2, "BK": 64, "BV": 64},
+    "w8s3": {"num_warps": 8, "num_stages": 3, "BK": 64, "BV": 64},
+    "w2s2": {"num_warps": 2, "num_stages": 2, "BK": 32, "BV": 64},
+    "w8s2v32": {"num_warps": 8, "num_stages": 2, "BK": 128, "BV": 32},
+}
+
+
+def kernel_times(call, inputs: dict) -> tuple[dict[str, float], float]:
+    """({kernel: us per forward+backward}, total ms by CUDA events)."""
+    leaves = {n: t.detach().requires_grad_() for n, t in inputs.items()}
+
+    def step():
+        o = call(**leaves)
+        o.backward(torch.ones_like(o))
+
+    step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPS):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    total = start.elapsed_time(end) / REPS
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(REPS):
+            step()
+        torch.cuda.synchronize()
+    times: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        if e.self_device_time_total > 0:
+            times[e.key[:40]] += e.self_device_time_total / REPS
+    return times, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--lengths", default="2048,32768")
+    parser.add_argument("--ops", default=",".join(OPS))
+    parser.add_argument("--default-only", action="store_true")
+    parser.add_argument("--gla-scalar", action="store_true", help="GLA's per-position score kernels")
+    args = parser.parse_args()
+    triton_gla.GLA_TC = not args.gla_scalar
+    settings = {"default": None} if args.default_only else SETTINGS
+    default_launch = dict(triton_layout.LAUNCH)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; us per forward+backward", flush=True)
+    for T in (int(t) for t in args.lengths.split(",")):
+        B = max(1, args.tokens // T)
+        inputs = make_inputs(B, T, gen)
+        for op in args.ops.split(","):
+            names, call, _ = OPS[op]
+            x = {n: inputs[n] for n in names}
+            columns: dict[str, dict[str, float]] = {}
+            totals: dict[str, str] = {}
+            for name, setting in settings.items():
+                triton_layout.LAUNCH.clear()
+                triton_layout.LAUNCH.update(default_launch if setting is None else {"*": setting})
+                try:
+                    columns[name], total = kernel_times(call, x)
+                    totals[name] = f"{total:.2f} ms"
+                except Exception as e:  # a setting some kernel cannot launch with
+                    totals[name] = "-"
+                    print(f"  {op} T={T} {name}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+                torch.cuda.empty_cache()
+            kernels = sorted({k for c in columns.values() for k in c}, key=lambda k: -max(
+                c.get(k, 0.0) for c in columns.values()))
+            print(f"\n## {op}, T={T}, B={B}")
+            print(f"{'kernel':40} " + " ".join(f"{n:>8}" for n in settings) + "   best")
+            for k in kernels:
+                row = {n: columns[n][k] for n in columns if k in columns[n]}
+                best = min(row, key=row.get)
+                print(f"{k:40} " + " ".join(f"{row[n]:8.0f}" if n in row else f"{'-':>8}" for n in settings)
+                      + f"   {best}")
+            print(f"{'total (events)':40} " + " ".join(f"{totals[n]:>8}" for n in settings), flush=True)
+        triton_layout.LAUNCH.clear()
+        triton_layout.LAUNCH.update(default_launch)
+
+
+if __name__ == "__main__":
+    main()
