@@ -2,7 +2,7 @@
 # One device-machine call: environment, GPU tests, kernel checks and benchmarks, each step
 # time-limited, every log under $OUT (or ./gpu-logs). Usage: benchmarks/gpu_session.sh STEP...
 # Steps: env tests gputests modeltests check_moe check_la quant bench_moe bench_la profile_moe profile_moe_tma bench_ep
-# train gen vla check_gla_tc profile_la1 profile_la2;
+# train gen vla check_gla_scalar profile_la1 profile_la2 profile_la;
 # steps joined by '+' (e.g. gputests+check_moe) run at the same time (correctness, not timings);
 # steps joined by ',' run one after another, e.g. modeltests,check_la@0+bench_la@1 on two GPUs.
 set -u
@@ -37,9 +37,11 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     tests) step tests 130 python3 -m pytest -q -x -p no:cacheprovider tests/moe tests/ops tests/quant tests/models ;;
     check_moe) step check_moe 290 python3 benchmarks/gpu_check_moe.py ;;
     check_la) step check_la 200 python3 benchmarks/gpu_check_linear_attention.py ;;
-    check_gla_tc) step check_gla_tc 90 env MOEKIT_GLA_TC=1 python3 benchmarks/gpu_check_linear_attention.py --ops gla ;;
+    check_gla_scalar) step check_gla_scalar 90 env MOEKIT_GLA_TC=0 python3 benchmarks/gpu_check_linear_attention.py --ops gla ;;
     profile_la1) step profile_la1 300 python3 benchmarks/profile_linear_attention.py --ops linear_attn,simple_gla,mamba2_ssd ;;
-    profile_la2) step profile_la2 300 python3 benchmarks/profile_linear_attention.py --ops delta_rule,gated_delta_rule,gla ;;
+    profile_la2) step profile_la2 300 python3 benchmarks/profile_linear_attention.py --ops delta_rule,gated_delta_rule,gla \
+      --settings default,w4s1,w4s2,w4s3,w8s1,w8s2,w8s3 ;;
+    profile_la) step profile_la 120 python3 benchmarks/profile_linear_attention.py --settings default ;;
     quant) step quant 70 python3 benchmarks/quant.py ;;
     bench_moe) step bench_moe 360 python3 benchmarks/moe_layer.py ;;
     bench_la) step bench_la 420 python3 benchmarks/linear_attention.py ;;

@@ -8,7 +8,7 @@ per kernel, one column per setting, the forward+backward total last) and each ke
 setting. A setting a kernel cannot launch with (e.g. shared memory) prints as "-" for that op.
 GLA runs its tensor-core score path (MOEKIT_GLA_TC's) unless --gla-scalar.
 
-    python benchmarks/profile_linear_attention.py [--lengths 2048,32768] [--ops gla,...] [--default-only]
+    python benchmarks/profile_linear_attention.py [--lengths 2048,32768] [--ops gla,...] [--settings default,...]
 """
 
 from __future__ import annotations
@@ -74,11 +74,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--lengths", default="2048,32768")
     parser.add_argument("--ops", default=",".join(OPS))
-    parser.add_argument("--default-only", action="store_true")
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help="comma-separated subset of " + ",".join(SETTINGS))
     parser.add_argument("--gla-scalar", action="store_true", help="GLA's per-position score kernels")
     args = parser.parse_args()
     triton_gla.GLA_TC = not args.gla_scalar
-    settings = {"default": None} if args.default_only else SETTINGS
+    settings = {name: SETTINGS[name] for name in args.settings.split(",")}
     default_launch = dict(triton_layout.LAUNCH)
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; us per forward+backward", flush=True)

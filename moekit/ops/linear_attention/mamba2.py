@@ -20,19 +20,21 @@ from moekit.ops.linear_attention._common import compute_dtype
 from moekit.ops.linear_attention.simple_gla import chunk_simple_gla, recurrent_simple_gla
 
 
-def ssd_terms(x, dt, A, B, C, dt_bias=None, dt_softplus: bool = False):
+def ssd_terms(x, dt, A, B, C, dt_bias=None, dt_softplus: bool = False, qk_dtype=None):
     """(q, k, dt, g) of the equivalent simple_gla call, whose v is x * dt[..., None], in the
-    working precision. dt is used as given unless dt_bias (added first) or dt_softplus
-    (applied after the bias) ask otherwise."""
+    working precision (q and k in ``qk_dtype`` when given: the kernels read them in x's dtype,
+    so they are repeated per head without a float32 copy). dt is used as given unless dt_bias
+    (added first) or dt_softplus (applied after the bias) ask otherwise."""
     dtype = compute_dtype(x, dt, A, B, C, dt_bias)
+    qk_dtype = qk_dtype or dtype
     dt = dt.to(dtype)
     if dt_bias is not None:
         dt = dt + dt_bias.to(dtype)
     if dt_softplus:
         dt = F.softplus(dt)
     heads_per_group = x.shape[2] // B.shape[2]
-    q = C.to(dtype).repeat_interleave(heads_per_group, dim=2)
-    k = B.to(dtype).repeat_interleave(heads_per_group, dim=2)
+    q = C.to(qk_dtype).repeat_interleave(heads_per_group, dim=2)
+    k = B.to(qk_dtype).repeat_interleave(heads_per_group, dim=2)
     return q, k, dt, dt * A.to(dtype)
 
 
@@ -42,21 +44,23 @@ def as_simple_gla(x, dt, A, B, C, dt_bias=None, dt_softplus: bool = False):
     return q, k, x.to(dt.dtype) * dt.unsqueeze(-1), g
 
 
-def _with_skip(y, x, D):
+def with_skip(y, x, D):
+    """y + D x, in the working precision of y and D (y as it is when D is None)."""
     if D is None:
         return y
-    D = D.to(y.dtype)
-    return y + x.to(y.dtype) * (D.unsqueeze(-1) if D.dim() == 1 else D)
+    dtype = compute_dtype(y, D)
+    D = D.to(dtype)
+    return y.to(dtype) + x.to(dtype) * (D.unsqueeze(-1) if D.dim() == 1 else D)
 
 
 def chunk_ssd(x, dt, B, C, *, A, D=None, dt_bias=None, dt_softplus: bool = False, initial_state=None,
               chunk_size: int = 64):
     q, k, v, g = as_simple_gla(x, dt, A, B, C, dt_bias, dt_softplus)
     y, h = chunk_simple_gla(q, k, v, g, scale=1.0, initial_state=initial_state, chunk_size=chunk_size)
-    return _with_skip(y, x, D), h
+    return with_skip(y, x, D), h
 
 
 def recurrent_ssd(x, dt, B, C, *, A, D=None, dt_bias=None, dt_softplus: bool = False, initial_state=None):
     q, k, v, g = as_simple_gla(x, dt, A, B, C, dt_bias, dt_softplus)
     y, h = recurrent_simple_gla(q, k, v, g, scale=1.0, initial_state=initial_state)
-    return _with_skip(y, x, D), h
+    return with_skip(y, x, D), h

@@ -9,9 +9,10 @@ gc [tokens, H, K] is the chunk-local cumulative gate. Per chunk, with S_n the st
 The backward mirrors it; the gate gradient per channel is q.dq - k.dk plus the chunk-end term,
 reverse-summed over the chunk. Same layout, masking and no-transpose rules as ``triton_chunk``.
 
-Opt-in tensor-core scores (``MOEKIT_GLA_TC=1``, read at import; unmeasured on a GPU so far, and
-Triton on Hopper has miscompiled gated chunk kernels): the chunk is split into sub-chunks of
-BC = 16 rows. An off-diagonal block (rows r, columns c < r) is one dot per K block,
+Tensor-core scores (the default; ``MOEKIT_GLA_TC=0``, read at import, keeps the per-position
+kernels above; both checked against the reference on an H200 with Triton 3.6, which has
+miscompiled other gated chunk kernels there): the chunk is split into sub-chunks of BC = 16
+rows. An off-diagonal block (rows r, columns c < r) is one dot per K block,
     A_rc = (q_r e^{gc_r - g_ref}) (k_c e^{g_ref - gc_c})^T,   g_ref = gc at the last row of c,
 where both exponents are <= 0 (gc is non-increasing), so steep gates cannot overflow; the
 diagonal blocks keep the exact per-position form over 16 positions. The backward's intra-chunk
@@ -29,8 +30,7 @@ import triton.language as tl
 from moekit.ops.linear_attention.triton_chunk import _decayed, _load_cols, _load_rows
 from moekit.ops.linear_attention.triton_layout import Chunks, block, chunk_cumsum, launch_options, state_tiles
 
-# Opt-in until measured on a GPU (see the module docstring).
-GLA_TC = os.environ.get("MOEKIT_GLA_TC") == "1"
+GLA_TC = os.environ.get("MOEKIT_GLA_TC", "1") != "0"
 SUB_CHUNK = 16  # rows of a tensor-core sub-chunk: tl.dot's minimum tile
 
 

@@ -26,12 +26,16 @@ MAX_KEY_DIM_STAGED = 128
 CHUNK_SIZES = (16, 32, 64)
 
 # Launch settings per kernel: num_warps / num_stages, and for the sequential state kernels their
-# state tile (BK, BV). "*" applies to every kernel without its own entry. The delta-rule kernels
-# stage float32 tiles (w, u, T): with 3 pipeline stages one needed 232 KB of shared memory at
-# K = V = 128 on an H200 (227 KB there), so they run 1 stage (2 for the state passes).
-# benchmarks/profile_linear_attention.py times each kernel under other settings on a GPU.
+# state tile (BK, BV). "*" applies to every kernel without its own entry. The scalar-gate entries
+# are the fastest of benchmarks/profile_linear_attention.py's sweep on an H200 (H=16, K=V=128,
+# T=2k and 32k). The delta-rule kernels stage float32 tiles (w, u, T): with 3 pipeline stages one
+# needed 232 KB of shared memory at K = V = 128 on an H200 (227 KB there), so they run 1 stage
+# (2 for the state passes).
 LAUNCH: dict[str, dict] = {
     "*": {"num_warps": 4},
+    "state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
+    "state_bwd": {"num_warps": 8, "num_stages": 2},
+    "dqk": {"num_warps": 4, "num_stages": 2},
     "wy_fwd": {"num_warps": 4, "num_stages": 1},
     "wy_bwd": {"num_warps": 4, "num_stages": 1},
     "dqk_delta": {"num_warps": 4, "num_stages": 1},

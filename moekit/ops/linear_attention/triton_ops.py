@@ -17,7 +17,7 @@ import torch
 
 from moekit.ops.linear_attention import triton_chunk as kc
 from moekit.ops.linear_attention._common import l2norm
-from moekit.ops.linear_attention.mamba2 import _with_skip, ssd_terms
+from moekit.ops.linear_attention.mamba2 import ssd_terms, with_skip
 from moekit.ops.linear_attention.triton_gla import ChunkGLA
 from moekit.ops.linear_attention.triton_layout import (
     CHUNK_SIZES,
@@ -169,7 +169,7 @@ def ssd(x, dt, B, C, *, A, D=None, dt_bias=None, dt_softplus=False, initial_stat
         mode="chunk", chunk_size=64):
     """Mamba2's SSD as simple GLA: q = C, k = B, v = x scaled by dt inside the kernels (in float32),
     g = dt A, scale 1."""
-    q, k, dt, g = ssd_terms(x, dt, A, B, C, dt_bias, dt_softplus)
-    y, h = _run(q.to(x.dtype), k.to(x.dtype), x, g=g, vs=dt, scale=1.0, initial_state=initial_state,
-                bounds=bounds, mode=mode, chunk_size=chunk_size)
-    return _with_skip(y.float(), x, D), h
+    q, k, dt, g = ssd_terms(x, dt, A, B, C, dt_bias, dt_softplus, qk_dtype=x.dtype)
+    y, h = _run(q, k, x, g=g, vs=dt, scale=1.0, initial_state=initial_state, bounds=bounds, mode=mode,
+                chunk_size=chunk_size)
+    return with_skip(y, x, D), h
