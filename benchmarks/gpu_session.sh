@@ -2,7 +2,7 @@
 # One device-machine call: environment, GPU tests, kernel checks and benchmarks, each step
 # time-limited, every log under $OUT (or ./gpu-logs). Usage: benchmarks/gpu_session.sh STEP...
 # Steps: env tests gputests modeltests check_moe check_la quant bench_moe bench_la profile_moe profile_moe_tma bench_ep
-# train gen vla check_gla_scalar profile_la1 profile_la2 profile_la;
+# train gen vla vlatrain check_gla_scalar profile_la1 profile_la2 profile_la;
 # steps joined by '+' (e.g. gputests+check_moe) run at the same time (correctness, not timings);
 # steps joined by ',' run one after another, e.g. modeltests,check_la@0+bench_la@1 on two GPUs.
 set -u
@@ -34,6 +34,8 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
       --tb=short -rfE --durations=10 tests ;;
     modeltests) step modeltests 110 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE \
       tests/models tests/vla tests/train ;;
+    vlatrain) step vlatrain 100 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE --durations=5 \
+      tests/vla tests/train ;;
     tests) step tests 130 python3 -m pytest -q -x -p no:cacheprovider tests/moe tests/ops tests/quant tests/models ;;
     check_moe) step check_moe 290 python3 benchmarks/gpu_check_moe.py ;;
     check_la) step check_la 200 python3 benchmarks/gpu_check_linear_attention.py ;;
@@ -44,11 +46,11 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     profile_la) step profile_la 120 python3 benchmarks/profile_linear_attention.py --settings default ;;
     quant) step quant 70 python3 benchmarks/quant.py ;;
     bench_moe) step bench_moe 360 python3 benchmarks/moe_layer.py ;;
-    bench_la) step bench_la 420 python3 benchmarks/linear_attention.py ;;
+    bench_la) step bench_la 540 python3 benchmarks/linear_attention.py ;;
     profile_moe) step profile_moe 200 python3 benchmarks/moe_layer.py --profile --shapes deepseek-v3 ;;
     profile_moe_tma) step profile_moe_tma 200 env MOEKIT_TRITON_TMA=1 python3 benchmarks/moe_layer.py --profile \
       --shapes deepseek-v3 ;;
-    train) step train 240 python3 benchmarks/train_throughput.py ;;
+    train) step train 240 python3 benchmarks/train_throughput.py --paths bf16 fp8 ;;
     gen) step gen 240 python3 benchmarks/generation.py --plot "$LOGS/generation.png" ;;
     vla) step vla 90 python3 benchmarks/vla.py ;;
     bench_ep) step bench_ep 160 torchrun --standalone --nproc-per-node "${EP_GPUS:-2}" benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 ;;

@@ -256,13 +256,20 @@ def test_mamba2_dA_precision():
 @pytest.mark.parametrize("op", ["simple_gla", "gla", "delta_rule"])
 def test_state_tiles_split(monkeypatch, op):
     """Smaller state tiles than the head dims (K rows split over programs where the rows are
-    independent, V always): the same results, with K, V not multiples of the tiles."""
+    independent, V always): the same results, with K, V not multiples of the tiles (K = 72 also
+    takes two K blocks in the per-chunk kernels)."""
     from moekit.ops.linear_attention import triton_layout
 
     tiles = {"num_warps": 4, "BK": 16, "BV": 16}
     launch = {**triton_layout.LAUNCH, **{name: tiles for name in ("state_fwd", "state_bwd", "gla_state_fwd",
                                                                   "gla_state_bwd")}}
     monkeypatch.setattr(triton_layout, "LAUNCH", launch)
-    assert triton_layout.state_tiles("gla_state_fwd", 40, 36, split_k=True) == (16, 16)
-    assert triton_layout.state_tiles("state_bwd", 40, 36, split_k=False) == (64, 16)
-    assert_matches(op, make_inputs(op, 2, 37, 2, 40, 36, 2, seed=7), chunk_size=16)
+    assert triton_layout.state_tiles("gla_state_fwd", 72, 36, split_k=True) == (16, 16)
+    assert triton_layout.state_tiles("state_bwd", 72, 36, split_k=False) == (128, 16)
+    assert_matches(op, make_inputs(op, 2, 37, 2, 72, 36, 2, seed=7), chunk_size=16)
+
+
+@pytest.mark.parametrize("op", ["delta_rule", "gated_delta_rule"])
+def test_delta_rule_64_token_chunks(op):
+    """The default chunk of 64: the WY inverse's full 4 x 4 blocks of 16, and a ragged last chunk."""
+    assert_matches(op, make_inputs(op, 2, 150, 2, 24, 20, 2, seed=11), chunk_size=64)

@@ -55,6 +55,85 @@ def _decayed(x, keep, g_row, g_col):
 
 
 @triton.jit
+def _block_ptrs(ptr, t0, t1, stride, r: tl.constexpr, c: tl.constexpr):
+    """Pointers and row mask of the [16, 16] block (r, c) of a chunk's [BT, BT] matrix whose rows
+    are tokens t0 + ... (ptr already offset to the head, rows `stride` apart)."""
+    rc = tl.arange(0, 16)
+    t = t0 + r * 16 + rc
+    return ptr + t[:, None] * stride + c * 16 + rc[None, :], (t < t1)[:, None]
+
+
+@triton.jit
+def _load_block(ptr, t0, t1, stride, r: tl.constexpr, c: tl.constexpr):
+    p, m = _block_ptrs(ptr, t0, t1, stride, r, c)
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _store_block(ptr, t0, t1, stride, r: tl.constexpr, c: tl.constexpr, x):
+    p, m = _block_ptrs(ptr, t0, t1, stride, r, c)
+    tl.store(p, x, mask=m)
+
+
+@triton.jit
+def _inverse_diagonal(ptr, t0, t1, stride, r: tl.constexpr):
+    """(I + A_rr)^-1 of the strictly lower [16, 16] diagonal block r, by forward substitution:
+    T_i = e_i - sum_{j<i} A_ij T_j."""
+    a = _load_block(ptr, t0, t1, stride, r, r)
+    rc = tl.arange(0, 16)
+    inv = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
+    for i in range(1, 16):
+        a_i = tl.sum(tl.where(rc[:, None] == i, a, 0.0), axis=0)
+        inv = tl.where(rc[:, None] == i, inv - tl.sum(a_i[:, None] * inv, axis=0)[None, :], inv)
+    return inv
+
+
+@triton.jit
+def _dot32(a, b):
+    """float32 product, exact (not TF32) whatever the inputs' dtype: the inverse feeds every output."""
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _wy_inverse(ptr, t0, t1, stride, BT: tl.constexpr):
+    """Overwrites a chunk's strictly lower [BT, BT] matrix A (BT = 16, 32 or 64; zeros on and above
+    the diagonal) with T = (I + A)^-1, blockwise over 16-row blocks: each diagonal block by forward
+    substitution, then below the diagonal T_rc = -T_rr sum_{c <= m < r} A_rm T_mc. Row r's blocks
+    are read before they are written; the blocks above the diagonal stay zero."""
+    NC: tl.constexpr = BT // 16
+    t00 = _inverse_diagonal(ptr, t0, t1, stride, 0)
+    _store_block(ptr, t0, t1, stride, 0, 0, t00)
+    if NC > 1:
+        t11 = _inverse_diagonal(ptr, t0, t1, stride, 1)
+        a10 = _load_block(ptr, t0, t1, stride, 1, 0)
+        t10 = -_dot32(t11, _dot32(a10, t00))
+        tl.debug_barrier()
+        _store_block(ptr, t0, t1, stride, 1, 1, t11)
+        _store_block(ptr, t0, t1, stride, 1, 0, t10)
+    if NC > 2:
+        t22 = _inverse_diagonal(ptr, t0, t1, stride, 2)
+        a20 = _load_block(ptr, t0, t1, stride, 2, 0)
+        a21 = _load_block(ptr, t0, t1, stride, 2, 1)
+        t21 = -_dot32(t22, _dot32(a21, t11))
+        t20 = -_dot32(t22, _dot32(a20, t00) + _dot32(a21, t10))
+        t33 = _inverse_diagonal(ptr, t0, t1, stride, 3)
+        a30 = _load_block(ptr, t0, t1, stride, 3, 0)
+        a31 = _load_block(ptr, t0, t1, stride, 3, 1)
+        a32 = _load_block(ptr, t0, t1, stride, 3, 2)
+        t32 = -_dot32(t33, _dot32(a32, t22))
+        t31 = -_dot32(t33, _dot32(a31, t11) + _dot32(a32, t21))
+        t30 = -_dot32(t33, _dot32(a30, t00) + _dot32(a31, t10) + _dot32(a32, t20))
+        tl.debug_barrier()
+        _store_block(ptr, t0, t1, stride, 2, 2, t22)
+        _store_block(ptr, t0, t1, stride, 2, 1, t21)
+        _store_block(ptr, t0, t1, stride, 2, 0, t20)
+        _store_block(ptr, t0, t1, stride, 3, 3, t33)
+        _store_block(ptr, t0, t1, stride, 3, 2, t32)
+        _store_block(ptr, t0, t1, stride, 3, 1, t31)
+        _store_block(ptr, t0, t1, stride, 3, 0, t30)
+
+
+@triton.jit
 def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
                    H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, USE_G: tl.constexpr, PRECISION: tl.constexpr):
@@ -79,13 +158,13 @@ def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
         b_scale_k = b_beta * tl.exp(b_g)
     else:
         b_a = tl.where(strict, b_kk, 0.0) * b_beta[:, None]
-    # (I + A)^-1 by forward substitution, one row at a time: T_i = e_i - sum_{j<i} A_ij T_j.
-    b_t = tl.where(rt[:, None] == rt[None, :], 1.0, 0.0)
-    for i in range(1, BT):
-        a_i = tl.sum(tl.where(rt[:, None] == i, b_a, 0.0), axis=0)
-        row = tl.sum(a_i[:, None] * b_t, axis=0)
-        b_t = tl.where(rt[:, None] == i, b_t - row[None, :], b_t)
-    tl.store(T_out + (t[:, None] * H + i_h) * BT + rt[None, :], b_t, mask=mt[:, None])
+    # A goes through T_out, which _wy_inverse overwrites with (I + A)^-1
+    rows = T_out + (t[:, None] * H + i_h) * BT + rt[None, :]
+    tl.store(rows, b_a, mask=mt[:, None])
+    tl.debug_barrier()
+    _wy_inverse(T_out + i_h * BT, t0, t1, H * BT, BT)
+    tl.debug_barrier()
+    b_t = tl.load(rows, mask=mt[:, None], other=0.0)
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K

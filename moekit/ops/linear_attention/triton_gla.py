@@ -318,54 +318,55 @@ def _dqk_intra_tc_kernel(q, k, gc, dA, dq, dk, start, end,
     """Intra-chunk dq, dk (float32) of row sub-chunk r, split like the tensor-core scores:
         dq_i = sum_{j <= i} dA_ij e^{gc_i - gc_j} k_j    (dots over earlier sub-chunks c)
         dk_j = sum_{i >= j} dA_ij e^{gc_i - gc_j} q_i    (dots over later sub-chunks)
-    each dot against the gate at the last row of the earlier sub-chunk; the diagonal is exact."""
-    i_r, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    each dot against the gate at the last row of the earlier sub-chunk; the diagonal is exact.
+    Axis 0 enumerates (sub-chunk r, K block): the K blocks are independent."""
+    i_rk, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_r, i_k = i_rk // tl.cdiv(K, BK), i_rk % tl.cdiv(K, BK)
     NC: tl.constexpr = BT // BC
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rc = tl.arange(0, BC)
     t = t0 + i_r * BC + rc
     mt = t < t1
     last_r = tl.minimum(t0 + i_r * BC + BC, t1) - 1
-    for i_k in range(tl.cdiv(K, BK)):
-        rk = i_k * BK + tl.arange(0, BK)
-        mk = rk < K
-        b_q = _load_rows(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
-        b_g = _load_rows(gc + i_h * K, t, mt, rk, mk, H * K)
-        b_dq = tl.zeros([BC, BK], dtype=tl.float32)
-        for i_s in range(0, i_r):  # earlier sub-chunks: keys decayed to their last row
-            s = t0 + i_s * BC + rc
-            ms = s < t1
-            ref = tl.minimum(t0 + i_s * BC + BC, t1) - 1  # in the chunk even when rows r are past its end
-            g_ref = tl.load(gc + (ref * H + i_h) * K + rk, mask=mk, other=0.0)
-            b_ks = _load_rows(k + i_h * K, s, ms, rk, mk, H * K).to(tl.float32)
-            b_ks = b_ks * tl.exp(tl.where(ms[:, None], g_ref[None, :] - _load_rows(gc + i_h * K, s, ms, rk, mk, H * K),
-                                          0.0))
-            b_da = tl.load(dA + (t[:, None] * H + i_h) * BT + i_s * BC + rc[None, :], mask=mt[:, None], other=0.0)
-            b_dq += tl.exp(tl.where(mt[:, None], b_g - g_ref[None, :], 0.0)) * tl.dot(
-                b_da.to(k.dtype.element_ty), b_ks.to(k.dtype.element_ty), input_precision=PRECISION)
-        g_ref = tl.load(gc + (last_r * H + i_h) * K + rk, mask=mk, other=0.0)
-        b_dk = tl.zeros([BC, BK], dtype=tl.float32)
-        for i_s in range(i_r + 1, NC):  # later sub-chunks: queries decayed from this one's last row
-            s = t0 + i_s * BC + rc
-            ms = s < t1
-            b_qs = _load_rows(q + i_h * K, s, ms, rk, mk, H * K).to(tl.float32)
-            b_qs = b_qs * tl.exp(tl.where(ms[:, None], _load_rows(gc + i_h * K, s, ms, rk, mk, H * K) - g_ref[None, :],
-                                          0.0))
-            b_dat = tl.load(dA + (s[None, :] * H + i_h) * BT + i_r * BC + rc[:, None], mask=ms[None, :], other=0.0)
-            b_dk += tl.dot(b_dat.to(q.dtype.element_ty), b_qs.to(q.dtype.element_ty), input_precision=PRECISION)
-        b_dk *= tl.exp(tl.where(mt[:, None], g_ref[None, :] - b_g, 0.0))
-        for j in range(0, tl.minimum(BC, t1 - t0 - i_r * BC)):  # the diagonal block, exact
-            row = (t0 + i_r * BC + j) * H * K + i_h * K + rk
-            b_kj = tl.load(k + row, mask=mk, other=0.0).to(tl.float32)
-            b_gj = tl.load(gc + row, mask=mk, other=0.0)
-            da_j = tl.load(dA + (t * H + i_h) * BT + i_r * BC + j, mask=mt, other=0.0)  # dA[i, j] over i
-            keep = (rc >= j)[:, None] & mt[:, None]
-            dec = _decayed(da_j[:, None], keep, b_g, b_gj[None, :])  # dA_ij e^{gc_i - gc_j}, i >= j
-            b_dq += dec * b_kj[None, :]
-            b_dk += tl.where(rc[:, None] == j, tl.sum(dec * b_q, axis=0)[None, :], 0.0)
-        out = (t[:, None] * H + i_h) * K + rk[None, :]
-        tl.store(dq + out, b_dq, mask=mt[:, None] & mk[None, :])
-        tl.store(dk + out, b_dk, mask=mt[:, None] & mk[None, :])
+    rk = i_k * BK + tl.arange(0, BK)
+    mk = rk < K
+    b_q = _load_rows(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
+    b_g = _load_rows(gc + i_h * K, t, mt, rk, mk, H * K)
+    b_dq = tl.zeros([BC, BK], dtype=tl.float32)
+    for i_s in range(0, i_r):  # earlier sub-chunks: keys decayed to their last row
+        s = t0 + i_s * BC + rc
+        ms = s < t1
+        ref = tl.minimum(t0 + i_s * BC + BC, t1) - 1  # in the chunk even when rows r are past its end
+        g_ref = tl.load(gc + (ref * H + i_h) * K + rk, mask=mk, other=0.0)
+        b_ks = _load_rows(k + i_h * K, s, ms, rk, mk, H * K).to(tl.float32)
+        b_ks = b_ks * tl.exp(tl.where(ms[:, None], g_ref[None, :] - _load_rows(gc + i_h * K, s, ms, rk, mk, H * K),
+                                      0.0))
+        b_da = tl.load(dA + (t[:, None] * H + i_h) * BT + i_s * BC + rc[None, :], mask=mt[:, None], other=0.0)
+        b_dq += tl.exp(tl.where(mt[:, None], b_g - g_ref[None, :], 0.0)) * tl.dot(
+            b_da.to(k.dtype.element_ty), b_ks.to(k.dtype.element_ty), input_precision=PRECISION)
+    g_ref = tl.load(gc + (last_r * H + i_h) * K + rk, mask=mk, other=0.0)
+    b_dk = tl.zeros([BC, BK], dtype=tl.float32)
+    for i_s in range(i_r + 1, NC):  # later sub-chunks: queries decayed from this one's last row
+        s = t0 + i_s * BC + rc
+        ms = s < t1
+        b_qs = _load_rows(q + i_h * K, s, ms, rk, mk, H * K).to(tl.float32)
+        b_qs = b_qs * tl.exp(tl.where(ms[:, None], _load_rows(gc + i_h * K, s, ms, rk, mk, H * K) - g_ref[None, :],
+                                      0.0))
+        b_dat = tl.load(dA + (s[None, :] * H + i_h) * BT + i_r * BC + rc[:, None], mask=ms[None, :], other=0.0)
+        b_dk += tl.dot(b_dat.to(q.dtype.element_ty), b_qs.to(q.dtype.element_ty), input_precision=PRECISION)
+    b_dk *= tl.exp(tl.where(mt[:, None], g_ref[None, :] - b_g, 0.0))
+    for j in range(0, tl.minimum(BC, t1 - t0 - i_r * BC)):  # the diagonal block, exact
+        row = (t0 + i_r * BC + j) * H * K + i_h * K + rk
+        b_kj = tl.load(k + row, mask=mk, other=0.0).to(tl.float32)
+        b_gj = tl.load(gc + row, mask=mk, other=0.0)
+        da_j = tl.load(dA + (t * H + i_h) * BT + i_r * BC + j, mask=mt, other=0.0)  # dA[i, j] over i
+        keep = (rc >= j)[:, None] & mt[:, None]
+        dec = _decayed(da_j[:, None], keep, b_g, b_gj[None, :])  # dA_ij e^{gc_i - gc_j}, i >= j
+        b_dq += dec * b_kj[None, :]
+        b_dk += tl.where(rc[:, None] == j, tl.sum(dec * b_q, axis=0)[None, :], 0.0)
+    out = (t[:, None] * H + i_h) * K + rk[None, :]
+    tl.store(dq + out, b_dq, mask=mt[:, None] & mk[None, :])
+    tl.store(dk + out, b_dk, mask=mt[:, None] & mk[None, :])
 
 
 class ChunkGLA(torch.autograd.Function):
@@ -428,7 +429,7 @@ class ChunkGLA(torch.autograd.Function):
             _dA_kernel[(chunks.num_chunks, H)](v, do, dA, chunks.start, chunks.end, scale, H=H, V=V, BT=BT,
                                                BV=block(V), **launch_options("gla_dA", k))
             dq_intra, dk_intra = torch.empty_like(dgc), torch.empty_like(dgc)
-            _dqk_intra_tc_kernel[(BT // SUB_CHUNK, chunks.num_chunks, H)](
+            _dqk_intra_tc_kernel[(BT // SUB_CHUNK * triton.cdiv(K, block(K)), chunks.num_chunks, H)](
                 q, k, gc, dA, dq_intra, dk_intra, chunks.start, chunks.end, H=H, K=K, BT=BT, BC=SUB_CHUNK,
                 BK=block(K), **launch_options("gla_dqk_intra_tc", k))
         _dqk_kernel[(triton.cdiv(K, block(K)), chunks.num_chunks, H)](

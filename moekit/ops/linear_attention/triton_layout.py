@@ -26,11 +26,10 @@ MAX_KEY_DIM_STAGED = 128
 CHUNK_SIZES = (16, 32, 64)
 
 # Launch settings per kernel: num_warps / num_stages, and for the sequential state kernels their
-# state tile (BK, BV). "*" applies to every kernel without its own entry. The scalar-gate entries
-# are the fastest of benchmarks/profile_linear_attention.py's sweep on an H200 (H=16, K=V=128,
-# T=2k and 32k). The delta-rule kernels stage float32 tiles (w, u, T): with 3 pipeline stages one
-# needed 232 KB of shared memory at K = V = 128 on an H200 (227 KB there), so they run 1 stage
-# (2 for the state passes).
+# state tile (BK, BV). "*" applies to every kernel without its own entry. The entries are the
+# fastest of benchmarks/profile_linear_attention.py's sweep on an H200 (H=16, K=V=128, T=2k and
+# 32k, bf16). The delta-rule kernels stage float32 tiles (w, u, T): with 3 pipeline stages they
+# need 232 KB of shared memory at K = V = 128 (227 KB on an H200), so they run 1 or 2.
 LAUNCH: dict[str, dict] = {
     "*": {"num_warps": 4},
     "state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
@@ -38,9 +37,14 @@ LAUNCH: dict[str, dict] = {
     "dqk": {"num_warps": 4, "num_stages": 2},
     "wy_fwd": {"num_warps": 4, "num_stages": 1},
     "wy_bwd": {"num_warps": 4, "num_stages": 1},
-    "dqk_delta": {"num_warps": 4, "num_stages": 1},
+    "dqk_delta": {"num_warps": 8, "num_stages": 2},
     "state_fwd_delta": {"num_warps": 4, "num_stages": 2},
-    "state_bwd_delta": {"num_warps": 4, "num_stages": 2},
+    "state_bwd_delta": {"num_warps": 8, "num_stages": 1},
+    "gla_scores_tc": {"num_warps": 4, "num_stages": 1},
+    "gla_dqk_intra_tc": {"num_warps": 4, "num_stages": 1},
+    "gla_state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
+    "gla_state_bwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
+    "gla_dv": {"num_warps": 4, "num_stages": 2},
 }
 
 
@@ -126,30 +130,28 @@ def padded(dim: int) -> int:
 
 
 @triton.jit
-def _chunk_cumsum_kernel(x, out, start, end, H, BT: tl.constexpr, REVERSE: tl.constexpr):
-    """out[t] = sum of x over the chunk up to t (or from t on, REVERSE), per head, in float32.
+def _chunk_cumsum_kernel(x, out, start, end, C, BT: tl.constexpr, BC: tl.constexpr, REVERSE: tl.constexpr):
+    """out[t, c] = sum of x[:, c] over the chunk up to t (or from t on, REVERSE), in float32.
 
-    Written as a masked [BT, BT] sum rather than a scan: cheap at BT <= 64 and plain for the
-    compiler."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    One [BT, BC] tile of contiguous columns per program: a scalar gate has C = H columns, GLA's
+    per-channel gate H * K (one program per column read it with a stride of C elements, which
+    made this the slowest GLA kernel)."""
+    i_c, i_col = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
-    r = tl.arange(0, BT)
-    t = t0 + r
-    valid = t < t1
-    b_x = tl.load(x + t * H + i_h, mask=valid, other=0.0).to(tl.float32)
-    if REVERSE:
-        keep = r[None, :] >= r[:, None]
-    else:
-        keep = r[None, :] <= r[:, None]
-    b_out = tl.sum(tl.where(keep, b_x[None, :], 0.0), axis=1)
-    tl.store(out + t * H + i_h, b_out, mask=valid)
+    t = t0 + tl.arange(0, BT)
+    cols = i_col * BC + tl.arange(0, BC)
+    mask = (t < t1)[:, None] & (cols < C)[None, :]
+    offsets = t[:, None] * C + cols[None, :]
+    b_x = tl.load(x + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + offsets, tl.cumsum(b_x, axis=0, reverse=REVERSE), mask=mask)
 
 
 def chunk_cumsum(x: torch.Tensor, chunks: Chunks, reverse: bool = False) -> torch.Tensor:
-    """Chunk-local (reverse) cumulative sum of a [tokens, H] gate, in float32."""
+    """Chunk-local (reverse) cumulative sum over tokens of a [tokens, C] gate, in float32."""
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    H = x.shape[1]
-    _chunk_cumsum_kernel[(chunks.num_chunks, H)](x, out, chunks.start, chunks.end, H=H, BT=chunks.size,
-                                                 REVERSE=reverse)
+    C = x.shape[1]
+    BC = min(triton.next_power_of_2(C), 64)
+    _chunk_cumsum_kernel[(chunks.num_chunks, triton.cdiv(C, BC))](x, out, chunks.start, chunks.end, C=C,
+                                                                   BT=chunks.size, BC=BC, REVERSE=reverse)
     return out
