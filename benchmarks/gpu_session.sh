@@ -34,11 +34,11 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
       --tb=short -rfE --durations=10 tests ;;
     modeltests) step modeltests 110 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE \
       tests/models tests/vla tests/train ;;
-    vlatrain) step vlatrain 100 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE --durations=5 \
+    vlatrain) step vlatrain 90 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE --durations=5 \
       tests/vla tests/train ;;
     tests) step tests 130 python3 -m pytest -q -x -p no:cacheprovider tests/moe tests/ops tests/quant tests/models ;;
     check_moe) step check_moe 290 python3 benchmarks/gpu_check_moe.py ;;
-    check_la) step check_la 200 python3 benchmarks/gpu_check_linear_attention.py ;;
+    check_la) step check_la 180 python3 benchmarks/gpu_check_linear_attention.py ;;
     check_gla_scalar) step check_gla_scalar 90 env MOEKIT_GLA_TC=0 python3 benchmarks/gpu_check_linear_attention.py --ops gla ;;
     profile_la1) step profile_la1 300 python3 benchmarks/profile_linear_attention.py --ops linear_attn,simple_gla,mamba2_ssd ;;
     profile_la2) step profile_la2 300 python3 benchmarks/profile_linear_attention.py --ops delta_rule,gated_delta_rule,gla \
@@ -46,7 +46,7 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     profile_la) step profile_la 120 python3 benchmarks/profile_linear_attention.py --settings default ;;
     quant) step quant 70 python3 benchmarks/quant.py ;;
     bench_moe) step bench_moe 360 python3 benchmarks/moe_layer.py ;;
-    bench_la) step bench_la 540 python3 benchmarks/linear_attention.py ;;
+    bench_la) step bench_la 520 python3 benchmarks/linear_attention.py ;;
     profile_moe) step profile_moe 200 python3 benchmarks/moe_layer.py --profile --shapes deepseek-v3 ;;
     profile_moe_tma) step profile_moe_tma 200 env MOEKIT_TRITON_TMA=1 python3 benchmarks/moe_layer.py --profile \
       --shapes deepseek-v3 ;;
