@@ -4,7 +4,7 @@ B*T = 64k tokens, H=16, K=V=128, bf16, T in {2k, 8k, 32k}; forward and forward+b
 in ms, with ratios against moekit. fla (0.6.x) is imported lazily; when it is missing, refuses
 (e.g. its Hopper guard) or fails, the table says so instead of a time.
 
-    python benchmarks/linear_attention.py [--tokens 65536] [--lengths 2048,8192,32768] [--ops gla,...]
+    python benchmarks/linear_attention.py [--tokens 65536] [--lengths 2048,8192,32768] [--ops gla,...] [--no-fla]
 """
 
 from __future__ import annotations
@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--lengths", default="2048,8192,32768")
     parser.add_argument("--ops", default="", help="comma-separated subset of " + ",".join(OPS))
+    parser.add_argument("--no-fla", action="store_true", help="moekit and SDPA only (fla's autotuning takes "
+                        "about 2 minutes per op)")
     args = parser.parse_args()
     import triton
 
@@ -140,7 +142,7 @@ def main() -> None:
             # before fla's first call, which compiles and autotunes its kernels for minutes
             print(f"# T={T} {op}: moekit fwd {ours[0]} ms, f+b {ours[1]} ms   [{time.time() - start:.0f} s]",
                   flush=True)
-            fla = time_call(fla_call, x) if fla_call else ("-", "-")
+            fla = time_call(fla_call, x) if fla_call and not args.no_fla else ("-", "-")
             row = (str(T), op, ours[0], fla[0], ratio(fla[0], ours[0]), sdpa[0], ratio(sdpa[0], ours[0]),
                    ours[1], fla[1], ratio(fla[1], ours[1]), sdpa[1], ratio(sdpa[1], ours[1]))
             print(" | ".join(row) + f"   [{time.time() - start:.0f} s]", flush=True)
