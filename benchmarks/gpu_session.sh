@@ -16,6 +16,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
+# Autotuning results persist between calls (fla's kernels take about 2 minutes per op to tune,
+# moekit's MoE GEMMs tune too): Triton keeps them on disk, the *.autotune.json files come back in
+# $OUT/autotune.tgz, and a copy at .triton-autotune/autotune.tgz (a carried, ignored path) is
+# restored first. A source or Triton change gives a new key, so a stale entry is never used.
+export TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=/tmp/triton-cache
+mkdir -p "$TRITON_CACHE_DIR"
+if [ -f .triton-autotune/autotune.tgz ]; then tar xzf .triton-autotune/autotune.tgz -C "$TRITON_CACHE_DIR"; fi
 step() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
   echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s)"
@@ -64,4 +71,5 @@ for group in "$@"; do
   wait
   for s in ${group//+/ }; do cat "$LOGS/${s//[@,]/_}.summary"; done
   tar czf "$OUT/logs.tgz" -C "$LOGS" .
+  (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/autotune.tgz" -T -)
 done
