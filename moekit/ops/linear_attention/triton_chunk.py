@@ -76,16 +76,21 @@ def _store_block(ptr, t0, t1, stride, r: tl.constexpr, c: tl.constexpr, x):
 
 
 @triton.jit
-def _inverse_diagonal(ptr, t0, t1, stride, r: tl.constexpr):
-    """(I + A_rr)^-1 of the strictly lower [16, 16] diagonal block r, by forward substitution:
-    T_i = e_i - sum_{j<i} A_ij T_j."""
-    a = _load_block(ptr, t0, t1, stride, r, r)
-    rc = tl.arange(0, 16)
-    inv = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
+def _invert_diagonal_blocks(ptr, t0, t1, stride, NC: tl.constexpr):
+    """Replaces the NC strictly lower [16, 16] diagonal blocks A_rr of a chunk's matrix with
+    (I + A_rr)^-1, all blocks at once (one [NC, 16, 16] tile): forward substitution
+    T_i = e_i - sum_{j<i} A_ij T_j, row i of every block per step (15 steps, not 15 per block)."""
+    rb, rc = tl.arange(0, NC), tl.arange(0, 16)
+    rows = rc[None, :, None]
+    t = t0 + rb[:, None, None] * 16 + rows
+    p = ptr + t * stride + rb[:, None, None] * 16 + rc[None, None, :]
+    m = t < t1
+    a = tl.load(p, mask=m, other=0.0)
+    inv = tl.where(rows == rc[None, None, :], 1.0, 0.0) + tl.zeros([NC, 16, 16], dtype=tl.float32)
     for i in range(1, 16):
-        a_i = tl.sum(tl.where(rc[:, None] == i, a, 0.0), axis=0)
-        inv = tl.where(rc[:, None] == i, inv - tl.sum(a_i[:, None] * inv, axis=0)[None, :], inv)
-    return inv
+        a_i = tl.sum(tl.where(rows == i, a, 0.0), axis=1)
+        inv = tl.where(rows == i, inv - tl.sum(a_i[:, :, None] * inv, axis=1)[:, None, :], inv)
+    tl.store(p, inv, mask=m)
 
 
 @triton.jit
@@ -97,37 +102,34 @@ def _dot32(a, b):
 @triton.jit
 def _wy_inverse(ptr, t0, t1, stride, BT: tl.constexpr):
     """Overwrites a chunk's strictly lower [BT, BT] matrix A (BT = 16, 32 or 64; zeros on and above
-    the diagonal) with T = (I + A)^-1, blockwise over 16-row blocks: each diagonal block by forward
-    substitution, then below the diagonal T_rc = -T_rr sum_{c <= m < r} A_rm T_mc. Row r's blocks
-    are read before they are written; the blocks above the diagonal stay zero."""
+    the diagonal) with T = (I + A)^-1, blockwise over 16-row blocks: the diagonal blocks by forward
+    substitution, then below the diagonal T_rc = -T_rr sum_{c <= m < r} A_rm T_mc. Every block is
+    read before any below the diagonal is written; the blocks above the diagonal stay zero."""
     NC: tl.constexpr = BT // 16
-    t00 = _inverse_diagonal(ptr, t0, t1, stride, 0)
-    _store_block(ptr, t0, t1, stride, 0, 0, t00)
+    _invert_diagonal_blocks(ptr, t0, t1, stride, NC)
+    tl.debug_barrier()
     if NC > 1:
-        t11 = _inverse_diagonal(ptr, t0, t1, stride, 1)
-        a10 = _load_block(ptr, t0, t1, stride, 1, 0)
-        t10 = -_dot32(t11, _dot32(a10, t00))
+        t00 = _load_block(ptr, t0, t1, stride, 0, 0)
+        t11 = _load_block(ptr, t0, t1, stride, 1, 1)
+        t10 = -_dot32(t11, _dot32(_load_block(ptr, t0, t1, stride, 1, 0), t00))
         tl.debug_barrier()
-        _store_block(ptr, t0, t1, stride, 1, 1, t11)
         _store_block(ptr, t0, t1, stride, 1, 0, t10)
     if NC > 2:
-        t22 = _inverse_diagonal(ptr, t0, t1, stride, 2)
+        t22 = _load_block(ptr, t0, t1, stride, 2, 2)
+        t33 = _load_block(ptr, t0, t1, stride, 3, 3)
         a20 = _load_block(ptr, t0, t1, stride, 2, 0)
         a21 = _load_block(ptr, t0, t1, stride, 2, 1)
-        t21 = -_dot32(t22, _dot32(a21, t11))
-        t20 = -_dot32(t22, _dot32(a20, t00) + _dot32(a21, t10))
-        t33 = _inverse_diagonal(ptr, t0, t1, stride, 3)
         a30 = _load_block(ptr, t0, t1, stride, 3, 0)
         a31 = _load_block(ptr, t0, t1, stride, 3, 1)
         a32 = _load_block(ptr, t0, t1, stride, 3, 2)
+        t21 = -_dot32(t22, _dot32(a21, t11))
+        t20 = -_dot32(t22, _dot32(a20, t00) + _dot32(a21, t10))
         t32 = -_dot32(t33, _dot32(a32, t22))
         t31 = -_dot32(t33, _dot32(a31, t11) + _dot32(a32, t21))
         t30 = -_dot32(t33, _dot32(a30, t00) + _dot32(a31, t10) + _dot32(a32, t20))
         tl.debug_barrier()
-        _store_block(ptr, t0, t1, stride, 2, 2, t22)
         _store_block(ptr, t0, t1, stride, 2, 1, t21)
         _store_block(ptr, t0, t1, stride, 2, 0, t20)
-        _store_block(ptr, t0, t1, stride, 3, 3, t33)
         _store_block(ptr, t0, t1, stride, 3, 2, t32)
         _store_block(ptr, t0, t1, stride, 3, 1, t31)
         _store_block(ptr, t0, t1, stride, 3, 0, t30)
