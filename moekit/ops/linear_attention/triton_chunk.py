@@ -268,10 +268,11 @@ def _output_fwd_kernel(q, k, v, gc, vs, h, o, start, end, scale,
 
 
 @triton.jit
-def _dv_local_kernel(q, k, do, gc, dv, start, end, scale,
+def _dv_local_kernel(q, k, do, gc, dh, dv, start, end, scale,
                      H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, USE_G: tl.constexpr, PRECISION: tl.constexpr):
-    """Intra-chunk part of dv: scale (k q^T * decay, anti-causal) do, in float32."""
+                     BV: tl.constexpr, USE_G: tl.constexpr, WITH_STATE: tl.constexpr, PRECISION: tl.constexpr):
+    """Intra-chunk part of dv: scale (k q^T * decay, anti-causal) do; WITH_STATE adds the state's
+    part (k e^{gc_L - gc}) dh_n, which makes it the whole dv (no delta rule)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -280,20 +281,30 @@ def _dv_local_kernel(q, k, do, gc, dv, start, end, scale,
     rv = i_v * BV + tl.arange(0, BV)
     mv = rv < V
     b_at = tl.zeros([BT, BT], dtype=tl.float32)  # b_at[j, i] = k_j . q_i
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    if USE_G:
+        b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
+        g_last = tl.load(gc + (t1 - 1) * H + i_h)
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
-        b_at += tl.dot(_load_rows(k + i_h * K, t, mt, rk, mk, H * K), _load_cols(q + i_h * K, t, mt, rk, mk, H * K),
-                       input_precision=PRECISION)
+        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
+        b_at += tl.dot(b_k, _load_cols(q + i_h * K, t, mt, rk, mk, H * K), input_precision=PRECISION)
+        if WITH_STATE:
+            b_dh = tl.load(dh + ((i_c.to(tl.int64) * H + i_h) * K + rk[:, None]) * V + rv[None, :],
+                           mask=mk[:, None] & mv[None, :], other=0.0)
+            if USE_G:
+                b_k = (b_k.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]).to(b_k.dtype)
+            b_dv += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=PRECISION)
     keep = (rt[None, :] >= rt[:, None]) & mt[None, :]
     if USE_G:
-        b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
         b_at = _decayed(b_at, keep, b_g[None, :], b_g[:, None])
     else:
         b_at = tl.where(keep, b_at, 0.0)
     b_do = _load_rows(do + i_h * V, t, mt, rv, mv, H * V)
-    b_dv = tl.dot((b_at * scale).to(b_do.dtype), b_do, input_precision=PRECISION)
-    tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv, mask=mt[:, None] & mv[None, :])
+    b_dv += tl.dot((b_at * scale).to(b_do.dtype), b_do, input_precision=PRECISION)
+    tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=mt[:, None] & mv[None, :])
 
 
 @triton.jit
@@ -301,13 +312,16 @@ def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, sc
                       H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
                       STORE_DH0: tl.constexpr, PRECISION: tl.constexpr):
-    """Reverse pass: stores dh_n (gradient of the state leaving chunk n) and finishes dv."""
-    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Reverse pass: stores dh_n (gradient of the state leaving chunk n). The delta rule's dh reads
+    dv (dh -= w^T dv), so DELTA also finishes dv here (dv_local + k dh, every K row at once);
+    otherwise dv is left to the parallel dv kernel and the state's K rows split over programs."""
+    i_kv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
     bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
     c0 = tl.load(first + i_n).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, BT)
     rt = tl.arange(0, BT)
-    rk = tl.arange(0, BK)
+    rk = i_k * BK + tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
     mk, mv = rk < K, rv < V
     state = rk[:, None] * V + rv[None, :]
@@ -321,17 +335,19 @@ def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, sc
         tl.store(dh + ((c0 + c) * H + i_h) * K * V + state, b_dh.to(dh.dtype.element_ty), mask=m_state)
         t = bos + c * BT + rt
         mt = t < eos
-        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
         b_qt = _load_cols(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32) * scale
         if USE_G:
             g_last = tl.load(gc + (tl.minimum(bos + c * BT + BT, eos) - 1) * H + i_h)
             b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
-            b_k = b_k.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]
             b_qt = b_qt * tl.exp(b_g)[None, :]
-        b_dv = _load_rows(dv_local + i_h * V, t, mt, rv, mv, H * V) + tl.dot(b_k.to(dt), b_dh.to(dt),
-                                                                             input_precision=PRECISION)
-        tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv.to(dv.dtype.element_ty),
-                 mask=mt[:, None] & mv[None, :])
+        if DELTA:
+            b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
+            if USE_G:
+                b_k = b_k.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]
+            b_dv = _load_rows(dv_local + i_h * V, t, mt, rv, mv, H * V) + tl.dot(b_k.to(dt), b_dh.to(dt),
+                                                                                 input_precision=PRECISION)
+            tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv.to(dv.dtype.element_ty),
+                     mask=mt[:, None] & mv[None, :])
         if USE_G:
             b_dh = b_dh * tl.exp(g_last)
         b_dh += tl.dot(b_qt.to(dt), _load_rows(do + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
@@ -543,32 +559,35 @@ def output_fwd(q, k, v, gc, h, chunks: Chunks, scale: float, out_dtype, vs=None)
     return o
 
 
-def dv_local(q, k, do, gc, chunks: Chunks, scale: float):
+def dv_local(q, k, do, gc, chunks: Chunks, scale: float, dh=None, dtype=torch.float32):
+    """The intra-chunk part of dv, or with dh (no delta rule) the whole dv, in ``dtype``."""
     tokens, H, K = q.shape
     V = do.shape[-1]
-    dv = torch.empty(tokens, H, V, dtype=torch.float32, device=q.device)
+    dv = torch.empty(tokens, H, V, dtype=dtype, device=q.device)
     BV = block(V)
     _dv_local_kernel[(triton.cdiv(V, BV), chunks.num_chunks, H)](
-        q, k, do, gc, dv, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K), BV=BV,
-        USE_G=gc is not None, **launch_options("dv_local", k))
+        q, k, do, gc, dh, dv, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K), BV=BV,
+        USE_G=gc is not None, WITH_STATE=dh is not None, **launch_options("dv_local", k))
     return dv
 
 
 def state_bwd(q, k, w, gc, do, dv_loc, dht, chunks: Chunks, scale: float, dv_dtype, want_dh0: bool):
-    """Returns (dh [NT, H, K, V], dv (through the outputs and the state), dh0 or None).
+    """Returns (dh [NT, H, K, V], dv or None, dh0 or None). The delta rule (w given) also finishes
+    dv = dv_loc + (through the state); otherwise dv is None (``dv_local`` with dh computes it).
 
     dh is stored in float32: rounded to bf16 it was the largest kernel-side error of the gate
     gradient (q.dq - k.dk reads it through dk and <h, dh>), which mamba2's dA sums over all tokens."""
     tokens, H, K = q.shape
     V = do.shape[-1]
+    delta = w is not None
     dh = torch.empty(chunks.num_chunks, H, K, V, dtype=torch.float32, device=q.device)
-    dv = torch.empty(tokens, H, V, dtype=dv_dtype, device=q.device)
+    dv = torch.empty(tokens, H, V, dtype=dv_dtype, device=q.device) if delta else None
     dh0 = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device) if want_dh0 else None
-    name = _variant("state_bwd", w is not None)
-    BK, BV = state_tiles(name, K, V, split_k=False)  # dv = dv_local + k dh reads all K rows
-    _state_bwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs, H)](
+    name = _variant("state_bwd", delta)
+    BK, BV = state_tiles(name, K, V, split_k=not delta)
+    _state_bwd_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), chunks.num_seqs, H)](
         q, k, w, gc, do, dv_loc, dv, dh, dht, dh0, chunks.cu, chunks.first, scale, H=H, K=K, V=V,
-        BT=chunks.size, BK=BK, BV=BV, USE_G=gc is not None, DELTA=w is not None,
+        BT=chunks.size, BK=BK, BV=BV, USE_G=gc is not None, DELTA=delta,
         HAS_DHT=dht is not None, STORE_DH0=want_dh0, **launch_options(name, k))
     return dh, dv, dh0
 

@@ -33,7 +33,7 @@ CHUNK_SIZES = (16, 32, 64)
 LAUNCH: dict[str, dict] = {
     "*": {"num_warps": 4},
     "state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
-    "state_bwd": {"num_warps": 8, "num_stages": 2},
+    "state_bwd": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "dqk": {"num_warps": 4, "num_stages": 2},
     "wy_fwd": {"num_warps": 4, "num_stages": 1},
     "wy_bwd": {"num_warps": 4, "num_stages": 1},
