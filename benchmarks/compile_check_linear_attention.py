@@ -4,7 +4,7 @@ Phase 1 runs each op's Triton path (forward and backward; float32 and float16 in
 {64, 128}, an initial state) in the CPU interpreter and records every kernel launch: argument
 kinds, constexpr values (PRECISION included), warps and stages. Phase 2 compiles each recorded
 variant with ``triton.compile`` for ``--arch`` (16-bit pointers as bf16, the GPU's dtype) and
-prints its shared memory, so a kernel that does not build for, or does not fit, the target is
+prints its shared memory, registers and spills, so a kernel that does not build for, or does not fit, the target is
 found before device time is spent. Correctness still needs the GPU check
 (``gpu_check_linear_attention.py``). About 6 minutes on one CPU core with an empty Triton
 cache (123 variants), seconds with a warm one.
@@ -67,7 +67,8 @@ def main() -> int:
         record(args.record)
         return 0
     launches = triton_build.in_interpreter(__file__, [])
-    return 1 if triton_build.build_each(launches, args.arch, label, lambda k: f"shared {k.metadata.shared} B") else 0
+    return 1 if triton_build.build_each(launches, args.arch, label,
+                                        lambda k: triton_build.resources(k, args.arch)) else 0
 
 
 if __name__ == "__main__":

@@ -86,9 +86,7 @@ def compile_all(launches: list[dict], arch: int, dump: str | None) -> int:
         return f"{launch['name']} {flags} {opts}"
 
     def describe(kernel):
-        regs, stores, loads = triton_build.ptxas_usage(kernel.asm["ptx"], arch)
-        return (f"\n     shared {kernel.metadata.shared} B, regs {regs} spills {stores}/{loads}"
-                f"\n     {ir_summary(kernel)}")
+        return f"\n     {triton_build.resources(kernel, arch)}\n     {ir_summary(kernel)}"
 
     def save_ir(kernel, launch, n):
         if dump:

@@ -136,6 +136,12 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     return (int(regs.group(1)) if regs else -1, *(int(g) for g in (spill.groups() if spill else (-1, -1))))
 
 
+def resources(kernel, arch: int) -> str:
+    """Shared memory, registers and spills of a compiled kernel, as one line."""
+    regs, stores, loads = ptxas_usage(kernel.asm["ptx"], arch)
+    return f"shared {kernel.metadata.shared} B, regs {regs}, spills {stores}/{loads} B"
+
+
 def recorded_options(launch: dict) -> dict:
     return {"num_warps": launch["options"].get("num_warps", 4), "num_stages": launch["options"].get("num_stages", 3)}
 
