@@ -447,11 +447,11 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
     if USE_G:
         b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
     b_scale_k = b_beta * tl.exp(b_g)
-    b_t = tl.load(T_in + (t[:, None] * H + i_h) * BT + rt[None, :], mask=mt[:, None], other=0.0)
+    # Each [BT, BT] float32 tile is loaded or formed where it is first needed (T and k k^T after
+    # the loops): fewer of them live at once, for registers and shared memory.
     b_tt = tl.load(T_in + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)
     b_dt = tl.zeros([BT, BT], dtype=tl.float32)
     b_dtt = tl.zeros([BT, BT], dtype=tl.float32)
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     b_dg = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
@@ -476,12 +476,18 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
         b_dt += tl.dot(b_dw, b_kt * b_scale_k[None, :], input_precision=PRECISION)
         b_dtt += tl.dot(b_k * b_scale_k[:, None], _load_cols(dw + i_h * K, t, mt, rk, mk, H * K),
                         input_precision=PRECISION)
-        b_kk += tl.dot(b_k, b_kt, input_precision=PRECISION)
         b_dkb_k = tl.sum(tl.dot(b_tt, b_dw, input_precision=PRECISION) * b_k, axis=1)
         b_dbeta += b_dkb_k * tl.exp(b_g)
         b_dg += b_dkb_k * b_scale_k
     b_da = -tl.dot(tl.dot(b_tt, b_dt, input_precision=PRECISION), b_tt, input_precision=PRECISION)
+    b_t = tl.load(T_in + (t[:, None] * H + i_h) * BT + rt[None, :], mask=mt[:, None], other=0.0)
     b_dat = -tl.dot(tl.dot(b_t, b_dtt, input_precision=PRECISION), b_t, input_precision=PRECISION)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        mk = rk < K
+        b_kk += tl.dot(_load_rows(k + i_h * K, t, mt, rk, mk, H * K), _load_cols(k + i_h * K, t, mt, rk, mk, H * K),
+                       input_precision=PRECISION)
     strict = (rt[:, None] > rt[None, :]) & mt[:, None]
     strict_t = (rt[None, :] > rt[:, None]) & mt[None, :]
     if USE_G:
