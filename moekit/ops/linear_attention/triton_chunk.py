@@ -624,5 +624,5 @@ def wy_bwd(k, v, beta, gc, T, dw, du, dk, dg, chunks: Chunks, v_dtype):
     dbeta = torch.empty(tokens, H, dtype=torch.float32, device=k.device)
     _wy_bwd_kernel[(chunks.num_chunks, H)](
         k, v, beta, gc, T, dw, du, dk, dv, dbeta, dg, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size,
-        BK=block(K), BV=block(V), USE_G=gc is not None, **launch_options("wy_bwd", k))
+        BK=block(K, 32), BV=block(V, 32), USE_G=gc is not None, **launch_options("wy_bwd", k))
     return dv, dbeta
