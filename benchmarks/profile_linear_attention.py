@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from moekit.ops.linear_attention import triton_gla, triton_layout
 
 sys.path.insert(0, str(Path(__file__).parent))
-from linear_attention import OPS, make_inputs  # noqa: E402
+from linear_attention import OPS, bench_ms, make_inputs  # noqa: E402
 
 REPS = 3
 # name -> setting for every kernel ("BK"/"BV": the sequential state kernels' tiles)
@@ -49,15 +49,7 @@ def kernel_times(call, inputs: dict) -> tuple[dict[str, float], float]:
         o = call(**leaves)
         o.backward(torch.ones_like(o))
 
-    step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPS):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    total = start.elapsed_time(end) / REPS
+    total = bench_ms(step, REPS)  # also the warm-up (compilation) before profiling
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(REPS):
             step()
