@@ -2,7 +2,7 @@
 # One device-machine call: environment, GPU tests, kernel checks and benchmarks, each step
 # time-limited, every log under $OUT (or ./gpu-logs). Usage: benchmarks/gpu_session.sh STEP...
 # Steps: env tests gputests modeltests check_moe check_la quant bench_moe bench_la profile_moe profile_moe_tma bench_ep
-# bench_la_a bench_la_b (bench_la's ops in two halves, e.g. one per GPU) train gen vla vlatrain check_gla_scalar profile_la1 profile_la2 profile_la;
+# bench_la_a bench_la_b (bench_la's ops in two halves, e.g. one per GPU) train gen vla vlatrain check_gla_scalar profile_la1 profile_la2 profile_la profile_fla;
 # steps joined by '+' (e.g. gputests+check_moe) run at the same time (correctness, not timings);
 # steps joined by ',' run one after another, e.g. modeltests,check_la@0+bench_la@1 on two GPUs.
 set -u
@@ -51,6 +51,7 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     profile_la2) step profile_la2 300 python3 benchmarks/profile_linear_attention.py --ops delta_rule,gated_delta_rule,gla \
       --settings default,w4s1,w4s2,w4s3,w8s1,w8s2,w8s3 ;;
     profile_la) step profile_la 120 python3 benchmarks/profile_linear_attention.py --settings default ;;
+    profile_fla) step profile_fla 300 python3 benchmarks/profile_linear_attention.py --fla --ops linear_attn,delta_rule ;;
     quant) step quant 70 python3 benchmarks/quant.py ;;
     bench_moe) step bench_moe 360 python3 benchmarks/moe_layer.py ;;
     bench_la) step bench_la 520 python3 benchmarks/linear_attention.py ;;

@@ -6,9 +6,12 @@ kernel at once through ``triton_layout.LAUNCH["*"]``: a kernel's time depends on
 setting, so one pass per setting gives every kernel's column. Prints a table per op (microseconds
 per kernel, one column per setting, the forward+backward total last) and each kernel's fastest
 setting. A setting a kernel cannot launch with (e.g. shared memory) prints as "-" for that op.
-GLA runs its tensor-core score path (MOEKIT_GLA_TC's) unless --gla-scalar.
+GLA runs its tensor-core score path (MOEKIT_GLA_TC's) unless --gla-scalar. ``--fla`` profiles
+flash-linear-attention's kernels on the same inputs instead (its own settings; its gated ops'
+backward refuses to run on Hopper with Triton < 3.7.1).
 
     python benchmarks/profile_linear_attention.py [--lengths 2048,32768] [--ops gla,...] [--settings default,...]
+    python benchmarks/profile_linear_attention.py --fla [--ops linear_attn,delta_rule]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from moekit.ops.linear_attention import triton_gla, triton_layout
 
 sys.path.insert(0, str(Path(__file__).parent))
-from linear_attention import OPS, make_inputs  # noqa: E402
+from linear_attention import OPS, bench_ms, make_inputs  # noqa: E402
 
 REPS = 3
 # name -> setting for every kernel ("BK"/"BV": the sequential state kernels' tiles)
@@ -49,15 +52,7 @@ def kernel_times(call, inputs: dict) -> tuple[dict[str, float], float]:
         o = call(**leaves)
         o.backward(torch.ones_like(o))
 
-    step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPS):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    total = start.elapsed_time(end) / REPS
+    total = bench_ms(step, REPS)  # also the warm-up (compilation) before profiling
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(REPS):
             step()
@@ -77,9 +72,10 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS),
                         help="comma-separated subset of " + ",".join(SETTINGS))
     parser.add_argument("--gla-scalar", action="store_true", help="GLA's per-position score kernels")
+    parser.add_argument("--fla", action="store_true", help="profile flash-linear-attention's kernels instead")
     args = parser.parse_args()
     triton_gla.GLA_TC = not args.gla_scalar
-    settings = {name: SETTINGS[name] for name in args.settings.split(",")}
+    settings = {"default": None} if args.fla else {name: SETTINGS[name] for name in args.settings.split(",")}
     default_launch = dict(triton_layout.LAUNCH)
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; us per forward+backward", flush=True)
@@ -87,7 +83,10 @@ def main() -> None:
         B = max(1, args.tokens // T)
         inputs = make_inputs(B, T, gen)
         for op in args.ops.split(","):
-            names, call, _ = OPS[op]
+            names, ours, theirs = OPS[op]
+            call = theirs if args.fla else ours
+            if call is None:
+                continue
             x = {n: inputs[n] for n in names}
             columns: dict[str, dict[str, float]] = {}
             totals: dict[str, str] = {}
@@ -103,7 +102,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
             kernels = sorted({k for c in columns.values() for k in c}, key=lambda k: -max(
                 c.get(k, 0.0) for c in columns.values()))
-            print(f"\n## {op}, T={T}, B={B}")
+            print(f"\n## {'fla ' if args.fla else ''}{op}, T={T}, B={B}")
             print(f"{'kernel':40} " + " ".join(f"{n:>8}" for n in settings) + "   best")
             for k in kernels:
                 row = {n: columns[n][k] for n in columns if k in columns[n]}
