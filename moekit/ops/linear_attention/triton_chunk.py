@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.ops.linear_attention.triton_layout import Chunks, block, launch_options, state_tiles
+from moekit.ops.linear_attention.triton_layout import Chunks, block, block_k, launch_options, state_tiles
 
 
 @triton.jit
@@ -602,9 +602,10 @@ def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype, vs=N
     """Returns (dq, dk, dw or None, dgc or None); dv is the delta rule's dv_new (else None)."""
     tokens, H, K = q.shape
     V = v.shape[-1]
-    BK = block(K)
-    n_k = triton.cdiv(K, BK)
     delta, use_g = dv is not None, gc is not None
+    name = _variant("dqk", delta)
+    BK = block_k(name, K)  # one K block recomputes nothing; two halve each program's accumulators
+    n_k = triton.cdiv(K, BK)
     dq = torch.empty_like(q)
     dk = torch.empty(tokens, H, K, dtype=dk_dtype, device=q.device)
     dw = torch.empty(tokens, H, K, dtype=torch.float32, device=q.device) if delta else None
@@ -612,7 +613,7 @@ def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype, vs=N
     _dqk_kernel[(n_k, chunks.num_chunks, H)](
         q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, chunks.start, chunks.end, scale, tokens, H=H, K=K, V=V,
         BT=chunks.size, BK=BK, BV=block(V), USE_G=use_g, DELTA=delta, HAS_VS=vs is not None,
-        **launch_options(_variant("dqk", delta), k))
+        **launch_options(name, k))
     return dq, dk, dw, (dg.sum(0) if use_g else None)
 
 

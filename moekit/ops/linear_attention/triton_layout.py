@@ -57,6 +57,12 @@ def launch_options(kernel: str, x: torch.Tensor) -> dict:
             "PRECISION": dot_precision(x.dtype)}
 
 
+def block_k(kernel: str, K: int) -> int:
+    """K tile of a per-chunk kernel that splits K over programs: its "BK" setting (at most the
+    padded K) or ``block(K)``."""
+    return min(LAUNCH.get(kernel, LAUNCH["*"]).get("BK", block(K)), padded(K))
+
+
 def state_tiles(kernel: str, K: int, V: int, split_k: bool) -> tuple[int, int]:
     """(BK, BV) of a sequential state kernel. BK spans the whole K unless the kernel's state rows
     are independent (split_k: no product over K inside the loop) and a smaller BK is set."""
