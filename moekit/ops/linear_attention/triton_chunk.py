@@ -10,8 +10,10 @@ Forward (per chunk of BT tokens, state S_n entering chunk n):
     state_fwd    sequential over chunks: stores S_n; (delta: v <- u - w S_n, stored);
                  S_{n+1} = e^{gc_L} S_n + (k e^{gc_L - gc})^T v
     output_fwd   o = scale (e^{gc} q S_n + (q k^T * e^{gc_i - gc_j}, causal) v)
-Backward mirrors it: dv_local (intra-chunk part of dv), state_bwd (reverse pass for the state
-gradients, finishing dv), dqk (dq, dk, dw and the gate gradient), wy_bwd (through T).
+Backward mirrors it: state_bwd (reverse pass for the state gradients dh_n), dv_local (dv: the
+intra-chunk part, plus (k e^{gc_L - gc}) dh_n; the delta rule's dh reads dv, so there state_bwd
+finishes dv from dv_local's intra-chunk part), dqk (dq, dk, dw and the gate gradient), wy_bwd
+(through T).
 
 Robustness on Hopper (Triton 3.4-3.7 miscompiles ``tl.trans`` of a dot result fed to another
 dot): no kernel here transposes a computed tile; every transposed operand is loaded
