@@ -21,6 +21,7 @@ import statistics
 import torch
 
 from moekit.models.vla import SceneDataConfig, TrajectoryModel, VLAConfig, generate, samplers
+from moekit.ops.capture import capture_graph
 
 
 def build(ckpt: str | None, objective: str = "flow") -> tuple[TrajectoryModel, torch.Tensor]:
@@ -59,15 +60,7 @@ def runner(model: TrajectoryModel, tokens: torch.Tensor, samples: int, steps: in
     torch.cuda.synchronize()
     if not graph:
         return call
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = call()
+    g, out = capture_graph(call)
     # replaying draws fresh noise each time (the graph advances the default generator's offset)
     g.replay()
     torch.cuda.synchronize()

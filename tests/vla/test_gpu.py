@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moekit.models.vla import SceneDataConfig, TrajectoryModel, VLAConfig, generate
+from moekit.ops.capture import capture_graph
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -17,15 +18,7 @@ def test_graph_replay_matches_eager(method):
     model = model.cuda().eval()
     tokens = generate(config, "val").tokens.cuda()
     call = lambda: model.predict(tokens, num_samples=16, steps=2, method=method)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
+    graph, out = capture_graph(call)
     torch.cuda.manual_seed(123)
     graph.replay()
     torch.cuda.synchronize()

@@ -116,21 +116,29 @@ def launch_quantize(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, b
     )
 
 
-def quantize(x: torch.Tensor, block: tuple[int, int] = ACTIVATION_BLOCK, elem: str = "e4m3") -> BlockScaledTensor:
+def _checked_rows(x: torch.Tensor, block: tuple[int, int], elem: str):
+    """Validated (block, x as [R, K] rows, element bytes [R, K], scales [R / block rows, K / block
+    cols]) for a quantization kernel. Blocks never cross matrices since M is a multiple of the
+    block rows, so the leading dims flatten into rows."""
     check_input(x)
-    fmt = element_format(elem)
+    element_format(elem)
     block = check_block(x, block)
     _check_pow2_block(block)
-    *lead, m, k = x.shape
-    # Blocks never cross matrices since M is a multiple of the block rows, so flatten to [R, K].
+    k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     data = torch.empty(x2.shape, dtype=torch.uint8, device=x.device)
     scale = torch.empty(x2.shape[0] // block[0], k // block[1], dtype=torch.float32, device=x.device)
+    return block, x2, data, scale
+
+
+def quantize(x: torch.Tensor, block: tuple[int, int] = ACTIVATION_BLOCK, elem: str = "e4m3") -> BlockScaledTensor:
+    block, x2, data, scale = _checked_rows(x, block, elem)
+    *lead, m, _ = x.shape
     launch_quantize(x2, data, scale, block, elem)
-    return BlockScaledTensor(data.view(fmt.dtype).reshape(x.shape), scale.reshape(*lead, m // block[0], -1),
-                             block, elem)
+    return BlockScaledTensor(data.view(element_format(elem).dtype).reshape(x.shape),
+                             scale.reshape(*lead, m // block[0], -1), block, elem)
 
 
 def dequantize(t: BlockScaledTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -150,17 +158,10 @@ def dequantize(t: BlockScaledTensor, dtype: torch.dtype = torch.float32) -> torc
 
 def quantize_both(x: torch.Tensor, block: tuple[int, int], elem: str = "e4m3"):
     """(quantize(x), the same for x^T) in one pass; square power-of-two blocks only."""
-    check_input(x)
+    block, x2, data, scale = _checked_rows(x, block, elem)
     fmt = element_format(elem)
-    block = check_block(x, block)
-    _check_pow2_block(block)
     *lead, m, k = x.shape
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    data = torch.empty(x2.shape, dtype=torch.uint8, device=x.device)
     data_t = torch.empty(*lead, k, m, dtype=torch.uint8, device=x.device)
-    scale = torch.empty(x2.shape[0] // block[0], k // block[1], dtype=torch.float32, device=x.device)
     tiles = {**_tiles(block), "TILE_R": block[0], "TILE_K": block[1]}  # one block per tile
     launch_quantize(x2, data, scale, block, elem, tiles, data_t=data_t, rows_per_matrix=m)
     scale = scale.reshape(*lead, m // block[0], -1)
