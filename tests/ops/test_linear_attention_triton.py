@@ -273,3 +273,14 @@ def test_state_tiles_split(monkeypatch, op):
 def test_delta_rule_64_token_chunks(op):
     """The default chunk of 64: the WY inverse's full 4 x 4 blocks of 16, and a ragged last chunk."""
     assert_matches(op, make_inputs(op, 2, 150, 2, 24, 20, 2, seed=11), chunk_size=64)
+
+
+@pytest.mark.parametrize("op", ["simple_gla", "gated_delta_rule"])
+def test_dq_dk_in_one_k_block(monkeypatch, op):
+    """The dq/dk kernel with the whole K in one program (its "BK" setting) against the reference."""
+    from moekit.ops.linear_attention import triton_layout
+
+    name = "dqk_delta" if op == "gated_delta_rule" else "dqk"
+    monkeypatch.setattr(triton_layout, "LAUNCH", {**triton_layout.LAUNCH, name: {"num_warps": 4, "BK": 128}})
+    assert triton_layout.block_k(name, 72) == 128
+    assert_matches(op, make_inputs(op, 2, 37, 2, 72, 36, 2, seed=5), chunk_size=16)

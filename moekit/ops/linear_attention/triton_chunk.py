@@ -10,8 +10,10 @@ Forward (per chunk of BT tokens, state S_n entering chunk n):
     state_fwd    sequential over chunks: stores S_n; (delta: v <- u - w S_n, stored);
                  S_{n+1} = e^{gc_L} S_n + (k e^{gc_L - gc})^T v
     output_fwd   o = scale (e^{gc} q S_n + (q k^T * e^{gc_i - gc_j}, causal) v)
-Backward mirrors it: dv_local (intra-chunk part of dv), state_bwd (reverse pass for the state
-gradients, finishing dv), dqk (dq, dk, dw and the gate gradient), wy_bwd (through T).
+Backward mirrors it: state_bwd (reverse pass for the state gradients dh_n), dv_local (dv: the
+intra-chunk part, plus (k e^{gc_L - gc}) dh_n; the delta rule's dh reads dv, so there state_bwd
+finishes dv from dv_local's intra-chunk part), dqk (dq, dk, dw and the gate gradient), wy_bwd
+(through T).
 
 Robustness on Hopper (Triton 3.4-3.7 miscompiles ``tl.trans`` of a dot result fed to another
 dot): no kernel here transposes a computed tile; every transposed operand is loaded
@@ -30,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.ops.linear_attention.triton_layout import Chunks, block, launch_options, state_tiles
+from moekit.ops.linear_attention.triton_layout import Chunks, block, block_k, launch_options, state_tiles
 
 
 @triton.jit
@@ -76,16 +78,21 @@ def _store_block(ptr, t0, t1, stride, r: tl.constexpr, c: tl.constexpr, x):
 
 
 @triton.jit
-def _inverse_diagonal(ptr, t0, t1, stride, r: tl.constexpr):
-    """(I + A_rr)^-1 of the strictly lower [16, 16] diagonal block r, by forward substitution:
-    T_i = e_i - sum_{j<i} A_ij T_j."""
-    a = _load_block(ptr, t0, t1, stride, r, r)
-    rc = tl.arange(0, 16)
-    inv = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
+def _invert_diagonal_blocks(ptr, t0, t1, stride, NC: tl.constexpr):
+    """Replaces the NC strictly lower [16, 16] diagonal blocks A_rr of a chunk's matrix with
+    (I + A_rr)^-1, all blocks at once (one [NC, 16, 16] tile): forward substitution
+    T_i = e_i - sum_{j<i} A_ij T_j, row i of every block per step (15 steps, not 15 per block)."""
+    rb, rc = tl.arange(0, NC), tl.arange(0, 16)
+    rows = rc[None, :, None]
+    t = t0 + rb[:, None, None] * 16 + rows
+    p = ptr + t * stride + rb[:, None, None] * 16 + rc[None, None, :]
+    m = t < t1
+    a = tl.load(p, mask=m, other=0.0)
+    inv = tl.where(rows == rc[None, None, :], 1.0, 0.0) + tl.zeros([NC, 16, 16], dtype=tl.float32)
     for i in range(1, 16):
-        a_i = tl.sum(tl.where(rc[:, None] == i, a, 0.0), axis=0)
-        inv = tl.where(rc[:, None] == i, inv - tl.sum(a_i[:, None] * inv, axis=0)[None, :], inv)
-    return inv
+        a_i = tl.sum(tl.where(rows == i, a, 0.0), axis=1)
+        inv = tl.where(rows == i, inv - tl.sum(a_i[:, :, None] * inv, axis=1)[:, None, :], inv)
+    tl.store(p, inv, mask=m)
 
 
 @triton.jit
@@ -97,37 +104,34 @@ def _dot32(a, b):
 @triton.jit
 def _wy_inverse(ptr, t0, t1, stride, BT: tl.constexpr):
     """Overwrites a chunk's strictly lower [BT, BT] matrix A (BT = 16, 32 or 64; zeros on and above
-    the diagonal) with T = (I + A)^-1, blockwise over 16-row blocks: each diagonal block by forward
-    substitution, then below the diagonal T_rc = -T_rr sum_{c <= m < r} A_rm T_mc. Row r's blocks
-    are read before they are written; the blocks above the diagonal stay zero."""
+    the diagonal) with T = (I + A)^-1, blockwise over 16-row blocks: the diagonal blocks by forward
+    substitution, then below the diagonal T_rc = -T_rr sum_{c <= m < r} A_rm T_mc. Every block is
+    read before any below the diagonal is written; the blocks above the diagonal stay zero."""
     NC: tl.constexpr = BT // 16
-    t00 = _inverse_diagonal(ptr, t0, t1, stride, 0)
-    _store_block(ptr, t0, t1, stride, 0, 0, t00)
+    _invert_diagonal_blocks(ptr, t0, t1, stride, NC)
+    tl.debug_barrier()
     if NC > 1:
-        t11 = _inverse_diagonal(ptr, t0, t1, stride, 1)
-        a10 = _load_block(ptr, t0, t1, stride, 1, 0)
-        t10 = -_dot32(t11, _dot32(a10, t00))
+        t00 = _load_block(ptr, t0, t1, stride, 0, 0)
+        t11 = _load_block(ptr, t0, t1, stride, 1, 1)
+        t10 = -_dot32(t11, _dot32(_load_block(ptr, t0, t1, stride, 1, 0), t00))
         tl.debug_barrier()
-        _store_block(ptr, t0, t1, stride, 1, 1, t11)
         _store_block(ptr, t0, t1, stride, 1, 0, t10)
     if NC > 2:
-        t22 = _inverse_diagonal(ptr, t0, t1, stride, 2)
+        t22 = _load_block(ptr, t0, t1, stride, 2, 2)
+        t33 = _load_block(ptr, t0, t1, stride, 3, 3)
         a20 = _load_block(ptr, t0, t1, stride, 2, 0)
         a21 = _load_block(ptr, t0, t1, stride, 2, 1)
-        t21 = -_dot32(t22, _dot32(a21, t11))
-        t20 = -_dot32(t22, _dot32(a20, t00) + _dot32(a21, t10))
-        t33 = _inverse_diagonal(ptr, t0, t1, stride, 3)
         a30 = _load_block(ptr, t0, t1, stride, 3, 0)
         a31 = _load_block(ptr, t0, t1, stride, 3, 1)
         a32 = _load_block(ptr, t0, t1, stride, 3, 2)
+        t21 = -_dot32(t22, _dot32(a21, t11))
+        t20 = -_dot32(t22, _dot32(a20, t00) + _dot32(a21, t10))
         t32 = -_dot32(t33, _dot32(a32, t22))
         t31 = -_dot32(t33, _dot32(a31, t11) + _dot32(a32, t21))
         t30 = -_dot32(t33, _dot32(a30, t00) + _dot32(a31, t10) + _dot32(a32, t20))
         tl.debug_barrier()
-        _store_block(ptr, t0, t1, stride, 2, 2, t22)
         _store_block(ptr, t0, t1, stride, 2, 1, t21)
         _store_block(ptr, t0, t1, stride, 2, 0, t20)
-        _store_block(ptr, t0, t1, stride, 3, 3, t33)
         _store_block(ptr, t0, t1, stride, 3, 2, t32)
         _store_block(ptr, t0, t1, stride, 3, 1, t31)
         _store_block(ptr, t0, t1, stride, 3, 0, t30)
@@ -266,10 +270,11 @@ def _output_fwd_kernel(q, k, v, gc, vs, h, o, start, end, scale,
 
 
 @triton.jit
-def _dv_local_kernel(q, k, do, gc, dv, start, end, scale,
+def _dv_local_kernel(q, k, do, gc, dh, dv, start, end, scale,
                      H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, USE_G: tl.constexpr, PRECISION: tl.constexpr):
-    """Intra-chunk part of dv: scale (k q^T * decay, anti-causal) do, in float32."""
+                     BV: tl.constexpr, USE_G: tl.constexpr, WITH_STATE: tl.constexpr, PRECISION: tl.constexpr):
+    """Intra-chunk part of dv: scale (k q^T * decay, anti-causal) do; WITH_STATE adds the state's
+    part (k e^{gc_L - gc}) dh_n, which makes it the whole dv (no delta rule)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -278,20 +283,30 @@ def _dv_local_kernel(q, k, do, gc, dv, start, end, scale,
     rv = i_v * BV + tl.arange(0, BV)
     mv = rv < V
     b_at = tl.zeros([BT, BT], dtype=tl.float32)  # b_at[j, i] = k_j . q_i
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    if USE_G:
+        b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
+        g_last = tl.load(gc + (t1 - 1) * H + i_h)
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
-        b_at += tl.dot(_load_rows(k + i_h * K, t, mt, rk, mk, H * K), _load_cols(q + i_h * K, t, mt, rk, mk, H * K),
-                       input_precision=PRECISION)
+        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
+        b_at += tl.dot(b_k, _load_cols(q + i_h * K, t, mt, rk, mk, H * K), input_precision=PRECISION)
+        if WITH_STATE:
+            b_dh = tl.load(dh + ((i_c.to(tl.int64) * H + i_h) * K + rk[:, None]) * V + rv[None, :],
+                           mask=mk[:, None] & mv[None, :], other=0.0)
+            if USE_G:
+                b_k = (b_k.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]).to(b_k.dtype)
+            b_dv += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=PRECISION)
     keep = (rt[None, :] >= rt[:, None]) & mt[None, :]
     if USE_G:
-        b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
         b_at = _decayed(b_at, keep, b_g[None, :], b_g[:, None])
     else:
         b_at = tl.where(keep, b_at, 0.0)
     b_do = _load_rows(do + i_h * V, t, mt, rv, mv, H * V)
-    b_dv = tl.dot((b_at * scale).to(b_do.dtype), b_do, input_precision=PRECISION)
-    tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv, mask=mt[:, None] & mv[None, :])
+    b_dv += tl.dot((b_at * scale).to(b_do.dtype), b_do, input_precision=PRECISION)
+    tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=mt[:, None] & mv[None, :])
 
 
 @triton.jit
@@ -299,13 +314,16 @@ def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, sc
                       H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
                       STORE_DH0: tl.constexpr, PRECISION: tl.constexpr):
-    """Reverse pass: stores dh_n (gradient of the state leaving chunk n) and finishes dv."""
-    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Reverse pass: stores dh_n (gradient of the state leaving chunk n). The delta rule's dh reads
+    dv (dh -= w^T dv), so DELTA also finishes dv here (dv_local + k dh, every K row at once);
+    otherwise dv is left to the parallel dv kernel and the state's K rows split over programs."""
+    i_kv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
     bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
     c0 = tl.load(first + i_n).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, BT)
     rt = tl.arange(0, BT)
-    rk = tl.arange(0, BK)
+    rk = i_k * BK + tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
     mk, mv = rk < K, rv < V
     state = rk[:, None] * V + rv[None, :]
@@ -319,17 +337,19 @@ def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, sc
         tl.store(dh + ((c0 + c) * H + i_h) * K * V + state, b_dh.to(dh.dtype.element_ty), mask=m_state)
         t = bos + c * BT + rt
         mt = t < eos
-        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
         b_qt = _load_cols(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32) * scale
         if USE_G:
             g_last = tl.load(gc + (tl.minimum(bos + c * BT + BT, eos) - 1) * H + i_h)
             b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
-            b_k = b_k.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]
             b_qt = b_qt * tl.exp(b_g)[None, :]
-        b_dv = _load_rows(dv_local + i_h * V, t, mt, rv, mv, H * V) + tl.dot(b_k.to(dt), b_dh.to(dt),
-                                                                             input_precision=PRECISION)
-        tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv.to(dv.dtype.element_ty),
-                 mask=mt[:, None] & mv[None, :])
+        if DELTA:
+            b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
+            if USE_G:
+                b_k = b_k.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]
+            b_dv = _load_rows(dv_local + i_h * V, t, mt, rv, mv, H * V) + tl.dot(b_k.to(dt), b_dh.to(dt),
+                                                                                 input_precision=PRECISION)
+            tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv.to(dv.dtype.element_ty),
+                     mask=mt[:, None] & mv[None, :])
         if USE_G:
             b_dh = b_dh * tl.exp(g_last)
         b_dh += tl.dot(b_qt.to(dt), _load_rows(do + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
@@ -429,11 +449,11 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
     if USE_G:
         b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
     b_scale_k = b_beta * tl.exp(b_g)
-    b_t = tl.load(T_in + (t[:, None] * H + i_h) * BT + rt[None, :], mask=mt[:, None], other=0.0)
+    # Each [BT, BT] float32 tile is loaded or formed where it is first needed (T and k k^T after
+    # the loops): fewer of them live at once, for registers and shared memory.
     b_tt = tl.load(T_in + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)
     b_dt = tl.zeros([BT, BT], dtype=tl.float32)
     b_dtt = tl.zeros([BT, BT], dtype=tl.float32)
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     b_dg = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
@@ -458,12 +478,18 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
         b_dt += tl.dot(b_dw, b_kt * b_scale_k[None, :], input_precision=PRECISION)
         b_dtt += tl.dot(b_k * b_scale_k[:, None], _load_cols(dw + i_h * K, t, mt, rk, mk, H * K),
                         input_precision=PRECISION)
-        b_kk += tl.dot(b_k, b_kt, input_precision=PRECISION)
         b_dkb_k = tl.sum(tl.dot(b_tt, b_dw, input_precision=PRECISION) * b_k, axis=1)
         b_dbeta += b_dkb_k * tl.exp(b_g)
         b_dg += b_dkb_k * b_scale_k
     b_da = -tl.dot(tl.dot(b_tt, b_dt, input_precision=PRECISION), b_tt, input_precision=PRECISION)
+    b_t = tl.load(T_in + (t[:, None] * H + i_h) * BT + rt[None, :], mask=mt[:, None], other=0.0)
     b_dat = -tl.dot(tl.dot(b_t, b_dtt, input_precision=PRECISION), b_t, input_precision=PRECISION)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        mk = rk < K
+        b_kk += tl.dot(_load_rows(k + i_h * K, t, mt, rk, mk, H * K), _load_cols(k + i_h * K, t, mt, rk, mk, H * K),
+                       input_precision=PRECISION)
     strict = (rt[:, None] > rt[None, :]) & mt[:, None]
     strict_t = (rt[None, :] > rt[:, None]) & mt[None, :]
     if USE_G:
@@ -541,32 +567,35 @@ def output_fwd(q, k, v, gc, h, chunks: Chunks, scale: float, out_dtype, vs=None)
     return o
 
 
-def dv_local(q, k, do, gc, chunks: Chunks, scale: float):
+def dv_local(q, k, do, gc, chunks: Chunks, scale: float, dh=None, dtype=torch.float32):
+    """The intra-chunk part of dv, or with dh (no delta rule) the whole dv, in ``dtype``."""
     tokens, H, K = q.shape
     V = do.shape[-1]
-    dv = torch.empty(tokens, H, V, dtype=torch.float32, device=q.device)
+    dv = torch.empty(tokens, H, V, dtype=dtype, device=q.device)
     BV = block(V)
     _dv_local_kernel[(triton.cdiv(V, BV), chunks.num_chunks, H)](
-        q, k, do, gc, dv, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K), BV=BV,
-        USE_G=gc is not None, **launch_options("dv_local", k))
+        q, k, do, gc, dh, dv, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K), BV=BV,
+        USE_G=gc is not None, WITH_STATE=dh is not None, **launch_options("dv_local", k))
     return dv
 
 
 def state_bwd(q, k, w, gc, do, dv_loc, dht, chunks: Chunks, scale: float, dv_dtype, want_dh0: bool):
-    """Returns (dh [NT, H, K, V], dv (through the outputs and the state), dh0 or None).
+    """Returns (dh [NT, H, K, V], dv or None, dh0 or None). The delta rule (w given) also finishes
+    dv = dv_loc + (through the state); otherwise dv is None (``dv_local`` with dh computes it).
 
     dh is stored in float32: rounded to bf16 it was the largest kernel-side error of the gate
     gradient (q.dq - k.dk reads it through dk and <h, dh>), which mamba2's dA sums over all tokens."""
     tokens, H, K = q.shape
     V = do.shape[-1]
+    delta = w is not None
     dh = torch.empty(chunks.num_chunks, H, K, V, dtype=torch.float32, device=q.device)
-    dv = torch.empty(tokens, H, V, dtype=dv_dtype, device=q.device)
+    dv = torch.empty(tokens, H, V, dtype=dv_dtype, device=q.device) if delta else None
     dh0 = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device) if want_dh0 else None
-    name = _variant("state_bwd", w is not None)
-    BK, BV = state_tiles(name, K, V, split_k=False)  # dv = dv_local + k dh reads all K rows
-    _state_bwd_kernel[(triton.cdiv(V, BV), chunks.num_seqs, H)](
+    name = _variant("state_bwd", delta)
+    BK, BV = state_tiles(name, K, V, split_k=not delta)
+    _state_bwd_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), chunks.num_seqs, H)](
         q, k, w, gc, do, dv_loc, dv, dh, dht, dh0, chunks.cu, chunks.first, scale, H=H, K=K, V=V,
-        BT=chunks.size, BK=BK, BV=BV, USE_G=gc is not None, DELTA=w is not None,
+        BT=chunks.size, BK=BK, BV=BV, USE_G=gc is not None, DELTA=delta,
         HAS_DHT=dht is not None, STORE_DH0=want_dh0, **launch_options(name, k))
     return dh, dv, dh0
 
@@ -575,9 +604,10 @@ def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype, vs=N
     """Returns (dq, dk, dw or None, dgc or None); dv is the delta rule's dv_new (else None)."""
     tokens, H, K = q.shape
     V = v.shape[-1]
-    BK = block(K)
-    n_k = triton.cdiv(K, BK)
     delta, use_g = dv is not None, gc is not None
+    name = _variant("dqk", delta)
+    BK = block_k(name, K)  # one K block recomputes nothing; two halve each program's accumulators
+    n_k = triton.cdiv(K, BK)
     dq = torch.empty_like(q)
     dk = torch.empty(tokens, H, K, dtype=dk_dtype, device=q.device)
     dw = torch.empty(tokens, H, K, dtype=torch.float32, device=q.device) if delta else None
@@ -585,7 +615,7 @@ def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype, vs=N
     _dqk_kernel[(n_k, chunks.num_chunks, H)](
         q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, chunks.start, chunks.end, scale, tokens, H=H, K=K, V=V,
         BT=chunks.size, BK=BK, BV=block(V), USE_G=use_g, DELTA=delta, HAS_VS=vs is not None,
-        **launch_options(_variant("dqk", delta), k))
+        **launch_options(name, k))
     return dq, dk, dw, (dg.sum(0) if use_g else None)
 
 
@@ -597,5 +627,5 @@ def wy_bwd(k, v, beta, gc, T, dw, du, dk, dg, chunks: Chunks, v_dtype):
     dbeta = torch.empty(tokens, H, dtype=torch.float32, device=k.device)
     _wy_bwd_kernel[(chunks.num_chunks, H)](
         k, v, beta, gc, T, dw, du, dk, dv, dbeta, dg, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size,
-        BK=block(K), BV=block(V), USE_G=gc is not None, **launch_options("wy_bwd", k))
+        BK=block(K, 32), BV=block(V, 32), USE_G=gc is not None, **launch_options("wy_bwd", k))
     return dv, dbeta

@@ -330,7 +330,6 @@ def _dqk_intra_tc_kernel(q, k, gc, dA, dq, dk, start, end,
     last_r = tl.minimum(t0 + i_r * BC + BC, t1) - 1
     rk = i_k * BK + tl.arange(0, BK)
     mk = rk < K
-    b_q = _load_rows(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
     b_g = _load_rows(gc + i_h * K, t, mt, rk, mk, H * K)
     b_dq = tl.zeros([BC, BK], dtype=tl.float32)
     for i_s in range(0, i_r):  # earlier sub-chunks: keys decayed to their last row
@@ -355,15 +354,17 @@ def _dqk_intra_tc_kernel(q, k, gc, dA, dq, dk, start, end,
         b_dat = tl.load(dA + (s[None, :] * H + i_h) * BT + i_r * BC + rc[:, None], mask=ms[None, :], other=0.0)
         b_dk += tl.dot(b_dat.to(q.dtype.element_ty), b_qs.to(q.dtype.element_ty), input_precision=PRECISION)
     b_dk *= tl.exp(tl.where(mt[:, None], g_ref[None, :] - b_g, 0.0))
-    for j in range(0, tl.minimum(BC, t1 - t0 - i_r * BC)):  # the diagonal block, exact
-        row = (t0 + i_r * BC + j) * H * K + i_h * K + rk
-        b_kj = tl.load(k + row, mask=mk, other=0.0).to(tl.float32)
-        b_gj = tl.load(gc + row, mask=mk, other=0.0)
-        da_j = tl.load(dA + (t * H + i_h) * BT + i_r * BC + j, mask=mt, other=0.0)  # dA[i, j] over i
-        keep = (rc >= j)[:, None] & mt[:, None]
-        dec = _decayed(da_j[:, None], keep, b_g, b_gj[None, :])  # dA_ij e^{gc_i - gc_j}, i >= j
-        b_dq += dec * b_kj[None, :]
-        b_dk += tl.where(rc[:, None] == j, tl.sum(dec * b_q, axis=0)[None, :], 0.0)
+    # The diagonal block, exact, one position p per step and no reduction across threads:
+    # dq_i += dA_ip e^{gc_i - gc_p} k_p (rows i >= p), dk_j += dA_pj e^{gc_p - gc_j} q_p (rows j <= p).
+    for p in range(0, tl.minimum(BC, t1 - t0 - i_r * BC)):
+        row = (t0 + i_r * BC + p) * H * K + i_h * K + rk
+        b_kp = tl.load(k + row, mask=mk, other=0.0).to(tl.float32)
+        b_qp = tl.load(q + row, mask=mk, other=0.0).to(tl.float32)
+        b_gp = tl.load(gc + row, mask=mk, other=0.0)
+        da_col = tl.load(dA + (t * H + i_h) * BT + i_r * BC + p, mask=mt, other=0.0)  # dA[i, p] over i
+        da_row = tl.load(dA + ((t0 + i_r * BC + p) * H + i_h) * BT + i_r * BC + rc)  # dA[p, j] over j
+        b_dq += _decayed(da_col[:, None] * b_kp[None, :], (rc >= p)[:, None] & mt[:, None], b_g, b_gp[None, :])
+        b_dk += _decayed(da_row[:, None] * b_qp[None, :], (rc <= p)[:, None] & mt[:, None], b_gp[None, :], b_g)
     out = (t[:, None] * H + i_h) * K + rk[None, :]
     tl.store(dq + out, b_dq, mask=mt[:, None] & mk[None, :])
     tl.store(dk + out, b_dk, mask=mt[:, None] & mk[None, :])

@@ -33,7 +33,7 @@ CHUNK_SIZES = (16, 32, 64)
 LAUNCH: dict[str, dict] = {
     "*": {"num_warps": 4},
     "state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
-    "state_bwd": {"num_warps": 8, "num_stages": 2},
+    "state_bwd": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "dqk": {"num_warps": 4, "num_stages": 2},
     "wy_fwd": {"num_warps": 4, "num_stages": 1},
     "wy_bwd": {"num_warps": 4, "num_stages": 1},
@@ -55,6 +55,12 @@ def launch_options(kernel: str, x: torch.Tensor) -> dict:
     opts = LAUNCH.get(kernel, LAUNCH["*"])
     return {**{k: v for k, v in opts.items() if k in ("num_warps", "num_stages")},
             "PRECISION": dot_precision(x.dtype)}
+
+
+def block_k(kernel: str, K: int) -> int:
+    """K tile of a per-chunk kernel that splits K over programs: its "BK" setting (at most the
+    padded K) or ``block(K)``."""
+    return min(LAUNCH.get(kernel, LAUNCH["*"]).get("BK", block(K)), padded(K))
 
 
 def state_tiles(kernel: str, K: int, V: int, split_k: bool) -> tuple[int, int]:

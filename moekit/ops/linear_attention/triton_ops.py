@@ -63,10 +63,15 @@ class ChunkScalarGate(torch.autograd.Function):
         delta = beta is not None
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        dv_loc = kc.dv_local(q, k, do, gc, chunks, scale)
-        dh, dv_state, dh0 = kc.state_bwd(q, k, w, gc, do, dv_loc, dht, chunks, scale,
-                                         torch.float32 if delta or vs is not None else v.dtype,
-                                         want_dh0=h0 is not None)
+        dv_dtype = torch.float32 if delta or vs is not None else v.dtype
+        if delta:  # dh reads dv: the reverse pass finishes it
+            dv_loc = kc.dv_local(q, k, do, gc, chunks, scale)
+            dh, dv_state, dh0 = kc.state_bwd(q, k, w, gc, do, dv_loc, dht, chunks, scale, dv_dtype,
+                                             want_dh0=h0 is not None)
+        else:
+            dh, _, dh0 = kc.state_bwd(q, k, None, gc, do, None, dht, chunks, scale, dv_dtype,
+                                      want_dh0=h0 is not None)
+            dv_state = kc.dv_local(q, k, do, gc, chunks, scale, dh=dh, dtype=dv_dtype)
         dq, dk, dw, dgc = kc.dqk(q, k, v_new, h, dh, do, dv_state if delta else None, gc, chunks, scale,
                                  torch.float32 if delta else k.dtype, vs)
         dbeta = None
