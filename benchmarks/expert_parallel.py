@@ -59,12 +59,15 @@ os.environ["NCCL_NVLS_ENABLE"] = "0"
 os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import gc  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -75,6 +78,9 @@ from torch.utils.checkpoint import checkpoint  # noqa: E402
 from moekit import MoE, MoEConfig  # noqa: E402
 from moekit.moe.router import Router  # noqa: E402
 from moekit.parallel import ParallelConfig, ParallelMesh, init_distributed, moe_layers, shard_experts, sync_grads  # noqa: E402,E501
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_profile import format_top, kernel_times  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -298,7 +304,7 @@ def train_step(model: Stack, x: torch.Tensor, pmesh: ParallelMesh) -> tuple[floa
 
 
 def measure(shape: Shape, layers: int, pmesh: ParallelMesh, steps: int, warmup: int,
-            pad_to_tokens: bool) -> dict[str, float | None]:
+            pad_to_tokens: bool, profile: bool = False) -> dict[str, float | None]:
     """One rank's measurements of one stack in one layout."""
     device = pmesh.device
     torch.manual_seed(0)  # shard_experts needs the same full weights on every rank
@@ -309,6 +315,11 @@ def measure(shape: Shape, layers: int, pmesh: ParallelMesh, steps: int, warmup: 
         torch.cuda.reset_peak_memory_stats(device)
 
     timed = [train_step(model, x, pmesh) for _ in range(warmup + steps)][warmup:]
+    if profile and device.type == "cuda":  # every rank steps (collectives); the first one prints
+        times = kernel_times(functools.partial(train_step, model, x, pmesh), reps=2)
+        if dist.get_rank() == 0:
+            print(f"# {layers} layers, EP={pmesh.ep_size}: GPU time per step by kernel (rank 0)\n"
+                  + format_top(times), flush=True)
     log = AllToAllLog()
     with log.recording():
         train_step(model, x, pmesh)
@@ -347,11 +358,11 @@ class Row:
 
 
 def run_case(shape: Shape, model: str, layers: int, layout: Layout, device: torch.device,
-             steps: int, warmup: int, pad_to_tokens: bool) -> Row:
+             steps: int, warmup: int, pad_to_tokens: bool, profile: bool = False) -> Row:
     """Every rank calls this; the ranks outside the layout wait. Returns the slowest rank's
     times, the mean bytes and the worst group's load."""
     pmesh = layout_mesh(layout, device)
-    mine = measure(shape, layers, pmesh, steps, warmup, pad_to_tokens) if pmesh is not None else None
+    mine = measure(shape, layers, pmesh, steps, warmup, pad_to_tokens, profile) if pmesh is not None else None
     everyone: list[dict | None] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     ranks = [r for r in everyone if r is not None]
@@ -407,6 +418,7 @@ def main() -> None:
     parser.add_argument("--dispatch", choices=DISPATCH_MODES, default="padded",
                         help="padded: no host sync, T rows per rank pair; exact: a row per (token, rank "
                              "holding one of its experts), split sizes read on the host")
+    parser.add_argument("--profile", action="store_true", help="print rank 0's top kernels per layout")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
@@ -433,7 +445,8 @@ def main() -> None:
     if large > small:
         cases += [("large", large, lay) for lay in plan if large * shape.layer_bytes(lay.ep) <= budget]
     pad = DISPATCH_MODES[args.dispatch]
-    rows = [run_case(shape, name, layers, lay, device, args.steps, args.warmup, pad) for name, layers, lay in cases]
+    rows = [run_case(shape, name, layers, lay, device, args.steps, args.warmup, pad, args.profile and name == "small")
+            for name, layers, lay in cases]
     if dist.get_rank() == 0:
         print_report(args.layer, shape, rows, world, memory, device, args.dispatch)
     dist.destroy_process_group()

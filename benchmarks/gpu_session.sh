@@ -3,7 +3,7 @@
 # time-limited, every log under $OUT (or ./gpu-logs). Usage: benchmarks/gpu_session.sh STEP...
 # Steps: env tests gputests modeltests check_moe check_la quant bench_moe bench_la profile_moe profile_moe_tma bench_ep
 # bench_la_a bench_la_b (bench_la's ops in two halves, e.g. one per GPU) train gen vla vlatrain check_gla_scalar profile_la1 profile_la2 profile_la profile_fla
-# bench_la_nofla profile_fp8 profile_fp8_v2 fp8tests fp8_gemm;
+# bench_la_nofla profile_fp8 profile_fp8_v2 fp8tests fp8_gemm train_profile ep_profile;
 # steps joined by '+' (e.g. gputests+check_moe) run at the same time (correctness, not timings);
 # steps joined by ',' run one after another, e.g. modeltests,check_la@0+bench_la@1 on two GPUs.
 set -u
@@ -66,6 +66,8 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     profile_moe) step profile_moe 200 python3 benchmarks/moe_layer.py --profile --shapes deepseek-v3 ;;
     profile_moe_tma) step profile_moe_tma 200 env MOEKIT_TRITON_TMA=1 python3 benchmarks/moe_layer.py --profile \
       --shapes deepseek-v3 ;;
+    train_profile) step train_profile 200 python3 benchmarks/train_throughput.py --paths bf16 --models hybrid --profile ;;
+    ep_profile) step ep_profile 200 torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --profile ;;
     train) step train 240 python3 benchmarks/train_throughput.py --paths bf16 fp8 ;;
     gen) step gen 240 python3 benchmarks/generation.py --plot "$LOGS/generation.png" ;;
     vla) step vla 90 python3 benchmarks/vla.py ;;

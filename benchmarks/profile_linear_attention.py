@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from moekit.ops.linear_attention import triton_gla, triton_layout
 
 sys.path.insert(0, str(Path(__file__).parent))
+from kernel_profile import kernel_times as kernel_times_of  # noqa: E402
 from linear_attention import OPS, bench_ms, make_inputs  # noqa: E402
 
 REPS = 3
@@ -53,14 +52,7 @@ def kernel_times(call, inputs: dict) -> tuple[dict[str, float], float]:
         o.backward(torch.ones_like(o))
 
     total = bench_ms(step, REPS)  # also the warm-up (compilation) before profiling
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(REPS):
-            step()
-        torch.cuda.synchronize()
-    times: dict[str, float] = defaultdict(float)
-    for e in prof.key_averages():
-        if e.self_device_time_total > 0:
-            times[e.key[:40]] += e.self_device_time_total / REPS
+    times = kernel_times_of(step, REPS)
     return times, total
 
 

@@ -36,14 +36,19 @@ import argparse
 import contextlib
 import functools
 import gc
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from moekit.models import ModelConfig, MoEForCausalLM
 from moekit.moe.layer import MoE
 from moekit.ops import linear_attention as la
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_profile import format_top, kernel_times  # noqa: E402
 
 CONFIG = "linear-moe-a0.3b-2b"
 LINEAR_CHUNK = 64  # the chunk size of the linear ops' chunked form (their default)
@@ -121,25 +126,29 @@ def gemm_rate(device) -> float:
     return 2 * 8192**3 * reps / (time.perf_counter() - t0)
 
 
-def time_training(model: MoEForCausalLM, batch: int, seq_len: int, warmup: int, steps: int) -> float:
-    """Seconds per training step (forward + backward + AdamW), averaged over ``steps``."""
+def training_step(model: MoEForCausalLM, batch: int, seq_len: int):
+    """One training step (forward + backward + AdamW) on fixed random tokens, as a callable."""
     device = model.embed_tokens.weight.device
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step():
         model(ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step
+
+
+def time_training(step, warmup: int, steps: int) -> float:
+    """Seconds per call of ``step``, averaged over ``steps`` after ``warmup`` calls."""
     for _ in range(warmup):
         step()
-    sync()
+    torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    sync()
+    torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps
 
 
@@ -158,8 +167,11 @@ def run_row(name: str, pattern: str, path: str, args) -> Row | str:
     torch.cuda.reset_peak_memory_stats()
     try:
         with linear_ops_backend("reference") if slow else contextlib.nullcontext():
-            seconds = time_training(model, args.batch, args.seq_len, 1 if slow else 3,
-                                    max(1, args.steps // 4) if slow else args.steps)
+            step = training_step(model, args.batch, args.seq_len)
+            seconds = time_training(step, 1 if slow else 3, max(1, args.steps // 4) if slow else args.steps)
+            if args.profile and not slow:
+                print(f"# {name}, {path}: GPU time per training step by kernel\n" +
+                      format_top(kernel_times(step, reps=2)), flush=True)
     except torch.cuda.OutOfMemoryError:
         return "OOM"
     finally:
@@ -174,6 +186,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=8, help="timed steps (the reference path runs a quarter)")
     parser.add_argument("--models", nargs="+", default=["hybrid", "softmax"], choices=["hybrid", "softmax"])
+    parser.add_argument("--profile", action="store_true", help="print each fast row's top kernels")
     parser.add_argument("--paths", nargs="+", default=["bf16", "fp8", "reference"],
                         choices=["bf16", "fp8", "reference"])
     args = parser.parse_args()
