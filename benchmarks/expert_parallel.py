@@ -59,6 +59,7 @@ os.environ["NCCL_NVLS_ENABLE"] = "0"
 os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
 import statistics  # noqa: E402
@@ -419,6 +420,7 @@ def main() -> None:
                         help="padded: no host sync, T rows per rank pair; exact: a row per (token, rank "
                              "holding one of its experts), split sizes read on the host")
     parser.add_argument("--profile", action="store_true", help="print rank 0's top kernels per layout")
+    parser.add_argument("--tokens", type=int, help="tokens per GPU per step (default: the layer shape's)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
@@ -428,6 +430,10 @@ def main() -> None:
     device = init_distributed(ParallelConfig(ep=1, timeout_s=600)).device
     world = dist.get_world_size()
     shape = (SMOKE if args.smoke else LAYERS)[args.layer]
+    if args.tokens is not None:
+        if args.tokens < 1:
+            raise SystemExit("--tokens must be positive")
+        shape = dataclasses.replace(shape, tokens=args.tokens)
     plan = layouts(world, shape.experts, args.ep_sizes, args.dp)
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory

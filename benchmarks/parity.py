@@ -83,7 +83,7 @@ def train(precision: str, args) -> dict:
             group["lr"] = lr_at(step, args.steps, args.lr, warmup=max(1, args.steps // 20))
         ids = batches.next_batch().cuda(non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(ids, labels=ids)
+            out = model(ids, labels=ids, return_logits=False)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -94,7 +94,8 @@ def train(precision: str, args) -> dict:
                   f"({time.time() - start:.0f} s)", flush=True)
     model.eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        val = [model(b.cuda(), labels=b.cuda()).lm_loss.item() for b in eval_batches(val_windows, BATCH, EVAL_BATCHES)]
+        val = [model(b.cuda(), labels=b.cuda(), return_logits=False).lm_loss.item()
+               for b in eval_batches(val_windows, BATCH, EVAL_BATCHES)]
     params = sum(p.numel() for p in model.parameters())
     return {"precision": precision, "params": params, "steps": args.steps, "seed": args.seed,
             "loss": torch.stack(losses).float().tolist(), "val_loss": sum(val) / len(val),

@@ -18,13 +18,14 @@ from moekit.models.config import ModelConfig
 from moekit.moe.experts import FeedForward
 from moekit.moe.layer import MoE
 from moekit.ops.capture import is_capturing
+from moekit.ops.cross_entropy import linear_cross_entropy
 
 IGNORE_INDEX = -100
 
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # [B, T, vocab] float32
+    logits: torch.Tensor | None  # [B, T, vocab] float32; None when called with return_logits=False
     loss: torch.Tensor | None  # lm_loss + aux_loss, when labels were given
     lm_loss: torch.Tensor | None
     aux_loss: torch.Tensor  # sum of the MoE layers' balancing losses (0 without MoE layers)
@@ -128,17 +129,21 @@ class MoEForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 cache: ModelCache | None = None, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> CausalLMOutput:
+                logits_to_keep: int = 0, return_logits: bool = True) -> CausalLMOutput:
         """input_ids [B, T]. ``labels`` follow the Hugging Face convention: the same positions as
         ``input_ids``, shifted here, -100 ignored. ``attention_mask`` [B, T] (1 real, 0 padding)
         marks left padding. With a ``cache`` the call continues the cached sequences and
         updates the cache in place (a one-token call takes the recurrent path).
         ``logits_to_keep=n > 0`` computes logits for the last n positions only (a prefill needs
-        one: the full [B, T, vocab] float32 logits of a long prompt can outweigh the model)."""
+        one: the full [B, T, vocab] float32 logits of a long prompt can outweigh the model).
+        ``return_logits=False`` (with labels: training) computes the loss chunk by chunk without
+        the full logits (``moekit.ops.cross_entropy``) and returns logits=None."""
         self._check_inputs(input_ids, labels, attention_mask)
         if logits_to_keep < 0 or (logits_to_keep and labels is not None):
             raise ValueError(f"MoEForCausalLM: logits_to_keep must be >= 0 and 0 (all) with labels, got "
                              f"{logits_to_keep}")
+        if not return_logits and labels is None:
+            raise ValueError("MoEForCausalLM: return_logits=False needs labels (there is nothing else to return)")
         b, t = input_ids.shape
         if cache is not None:
             mask = attention_mask if attention_mask is not None else input_ids.new_ones(b, t, dtype=torch.bool)
@@ -154,16 +159,22 @@ class MoEForCausalLM(nn.Module):
         x = self.run_layers(x, cache, info)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.norm(x)).float()
-        if self.config.logits_scaling != 1.0:
-            logits = logits / self.config.logits_scaling
-
+        x = self.norm(x)
         aux_losses = [layer.aux_loss for layer in self.moe_layers()]
-        aux_loss = torch.stack(aux_losses).sum() if aux_losses else logits.new_zeros(())
-        lm_loss = loss = None
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else x.new_zeros((), dtype=torch.float32)
+        logits = lm_loss = loss = None
+        if return_logits:
+            logits = self.lm_head(x).float()
+            if self.config.logits_scaling != 1.0:
+                logits = logits / self.config.logits_scaling
         if labels is not None:
-            lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                      ignore_index=IGNORE_INDEX)
+            if logits is not None:
+                lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                          ignore_index=IGNORE_INDEX)
+            else:  # position t predicts labels[t + 1]; each row's last position predicts nothing
+                shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+                lm_loss = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, shifted.reshape(-1),
+                                               scale=1.0 / self.config.logits_scaling, ignore_index=IGNORE_INDEX)
             loss = lm_loss + aux_loss
         return CausalLMOutput(logits=logits, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, cache=cache)
 

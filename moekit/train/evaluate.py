@@ -31,7 +31,7 @@ def evaluate_loss(model: nn.Module, batches: list[torch.Tensor], device: torch.d
     for ids in batches:
         ids = ids.to(device)
         with autocast_context(device, dtype):
-            out = model(ids, labels=ids)
+            out = model(ids, labels=ids, return_logits=False)
         predicted = ids.numel() - ids.shape[0]  # the last position of each row predicts nothing
         total += out.lm_loss.double() * predicted
         weight += predicted

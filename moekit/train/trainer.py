@@ -138,7 +138,7 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             ids = self.runtime.local_batch(self.batches.next_batch()).to(self.device, non_blocking=True)
             with autocast_context(self.device, self.dtype):
-                out = self.forward(ids, labels=ids)
+                out = self.forward(ids, labels=ids, return_logits=False)
             (out.loss / cfg.grad_accum).backward()
             meter.add(**self.runtime.mean(loss=out.loss, lm_loss=out.lm_loss, aux_loss=out.aux_loss))
             meter.add_moe_stats()

@@ -138,3 +138,23 @@ def test_bad_inputs_are_named():
         MoEForCausalLM(small_config(max_seq_len=4))(torch.tensor([[1, 2, 3, 4, 5]]))
     with pytest.raises(ValueError, match="attention_mask must match"):
         model(torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 4))
+
+
+@pytest.mark.parametrize("logits_scaling", [1.0, 4.0])
+def test_loss_without_logits_matches_full_logits(logits_scaling):
+    """return_logits=False (the trainer's call) computes the same loss and gradients chunk by chunk."""
+    model = MoEForCausalLM(small_config(logits_scaling=logits_scaling)).double()
+    ids = torch.randint(0, 50, (3, 12))
+    labels = ids.clone()
+    labels[1, 5:] = -100
+    full = model(ids, labels=labels)
+    want = torch.autograd.grad(full.loss, list(model.parameters()))
+    fused = model(ids, labels=labels, return_logits=False)
+    assert fused.logits is None
+    torch.testing.assert_close(fused.lm_loss, full.lm_loss.double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(fused.aux_loss, full.aux_loss)
+    got = torch.autograd.grad(fused.loss, list(model.parameters()))
+    for (name, _), g, w in zip(model.named_parameters(), got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="return_logits=False needs labels"):
+        model(ids, return_logits=False)

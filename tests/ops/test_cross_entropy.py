@@ -1,0 +1,114 @@
+"""moekit.ops.cross_entropy: the chunked LM-head cross-entropy against F.cross_entropy on full
+logits, and its Triton row kernel against the plain-PyTorch reference (in the interpreter on the
+CPU, float32; bf16 on the GPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moekit.ops.cross_entropy import linear_cross_entropy, reference
+
+CUDA = torch.cuda.is_available()
+
+
+def _problem(n, h, v, dtype, seed, ignored=(), device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    weight = (torch.randn(v, h, generator=gen, dtype=torch.float64) / h**0.5).to(device=device, dtype=dtype)
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[list(ignored)] = -100
+    return hidden.requires_grad_(), weight.requires_grad_(), labels.to(device)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("n,h,v,rows,scale", [(37, 16, 50, 8, 1.0), (64, 8, 301, 64, 0.5), (5, 32, 7, 1, 2.0),
+                                              (130, 16, 1000, None, 1.0)])
+def test_matches_full_logits_cross_entropy(n, h, v, rows, scale):
+    hidden, weight, labels = _problem(n, h, v, torch.float64, seed=n, ignored=(0, n - 1))
+    got = linear_cross_entropy(hidden, weight, labels, scale=scale, rows=rows)
+    want = F.cross_entropy(hidden @ weight.t() * scale, labels, ignore_index=-100)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    grads = torch.autograd.grad(got * 1.7, [hidden, weight])
+    wants = torch.autograd.grad(want * 1.7, [hidden, weight])
+    for g, w in zip(grads, wants, strict=True):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+
+
+def test_bf16_matches_its_float32_logits_reference():
+    """bf16 weights: the same bf16 head GEMM as nn.Linear, then float32 softmax."""
+    hidden, weight, labels = _problem(48, 32, 200, torch.bfloat16, seed=3, ignored=(5,))
+    got = linear_cross_entropy(hidden, weight, labels, rows=16)
+    want = F.cross_entropy((hidden @ weight.t()).float(), labels)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(torch.autograd.grad(got, [hidden, weight]), torch.autograd.grad(want, [hidden, weight]),
+                    strict=True):
+        assert g.dtype == torch.bfloat16 and _rel(g, w) < 1e-2
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    hidden, weight, labels = _problem(32, 16, 64, torch.float32, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(hidden, weight, labels)
+        want = F.cross_entropy(F.linear(hidden, weight).float(), labels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g_h, g_w = torch.autograd.grad(got, [hidden, weight])
+    assert g_h.dtype == g_w.dtype == torch.float32  # the parameters' dtype, as autocast's linear gives
+
+
+def test_no_grad_and_all_ignored():
+    hidden, weight, labels = _problem(16, 8, 20, torch.float64, seed=5)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, labels)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.t(), labels))
+    assert torch.isnan(linear_cross_entropy(hidden, weight, torch.full_like(labels, -100)))
+
+
+def test_bad_inputs_are_named():
+    hidden, weight, labels = _problem(8, 4, 10, torch.float32, seed=6)
+    with pytest.raises(ValueError, match="hidden \\[N, H\\] and weight \\[V, H\\]"):
+        linear_cross_entropy(hidden, weight[:, :3], labels)
+    with pytest.raises(ValueError, match="labels must be an integer tensor of shape \\[8\\]"):
+        linear_cross_entropy(hidden, weight, labels[:4])
+    with pytest.raises(ValueError, match="labels must lie in \\[0, 10\\) or equal ignore_index -100; got 10"):
+        linear_cross_entropy(hidden, weight, torch.full_like(labels, 10))
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter run; the GPU test below covers CUDA")
+@pytest.mark.parametrize("rows,vocab", [(6, 50), (3, 2048), (5, 4100)])
+@pytest.mark.parametrize("want_grad", [True, False])
+def test_triton_row_kernel_matches_reference(rows, vocab, want_grad):
+    from moekit.ops.cross_entropy import triton as kernel
+
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(rows, vocab, generator=gen) * 4
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    labels[1] = -100
+    inv_count = torch.tensor(1 / 7)
+    want_loss, want_grad_t = reference.row_loss_and_grad(logits, labels, 0.8, inv_count, -100, want_grad)
+    got_loss, got_grad = kernel.row_loss_and_grad(logits.clone(), labels, 0.8, inv_count, -100, want_grad)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
+    assert got_loss[1] == 0
+    if want_grad:
+        torch.testing.assert_close(got_grad, want_grad_t, rtol=1e-5, atol=1e-7)
+        assert torch.all(got_grad[1] == 0)
+    else:
+        assert got_grad is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n,vocab", [(1000, 151936), (333, 50257)])
+def test_gpu_bf16_against_full_logits(n, vocab):
+    hidden, weight, labels = _problem(n, 512, vocab, torch.bfloat16, seed=n, ignored=(0, 7), device="cuda")
+    got = linear_cross_entropy(hidden, weight, labels, rows=256)
+    want = F.cross_entropy((hidden @ weight.t()).float(), labels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(torch.autograd.grad(got, [hidden, weight]), torch.autograd.grad(want, [hidden, weight]),
+                    strict=True):
+        assert _rel(g, w) < 1e-2, _rel(g, w)
