@@ -3,7 +3,7 @@
 # time-limited, every log under $OUT (or ./gpu-logs). Usage: benchmarks/gpu_session.sh STEP...
 # Steps: env tests gputests modeltests check_moe check_la quant bench_moe bench_la profile_moe profile_moe_tma bench_ep
 # bench_la_a bench_la_b (bench_la's ops in two halves, e.g. one per GPU) train gen vla vlatrain check_gla_scalar profile_la1 profile_la2 profile_la profile_fla
-# bench_la_nofla profile_fp8 profile_fp8_v2 fp8tests fp8_gemm train_profile ep_profile bench_ep16k parity_bf16 parity_fp8 parity_mxfp8 cetest;
+# bench_la_nofla profile_fp8 profile_fp8_v2 fp8tests fp8_gemm train_profile ep_profile bench_ep16k bench_ep32k parity_bf16 parity_fp8 parity_mxfp8 cetest;
 # steps joined by '+' (e.g. gputests+check_moe) run at the same time (correctness, not timings);
 # steps joined by ',' run one after another, e.g. modeltests,check_la@0+bench_la@1 on two GPUs.
 set -u
@@ -68,7 +68,8 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
       --shapes deepseek-v3 ;;
     train_profile) step train_profile 200 python3 benchmarks/train_throughput.py --paths bf16 --models hybrid --profile ;;
     ep_profile) step ep_profile 200 torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --profile ;;
-    bench_ep16k) step bench_ep16k 200 torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --tokens 16384 ;;
+    bench_ep16k) step "$1" 200 torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --tokens 16384 ;;
+    bench_ep32k) step "$1" 200 torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --tokens 32768 ;;
     parity_bf16|parity_fp8|parity_mxfp8) step "$1" 420 python3 benchmarks/parity.py --precisions "${1#parity_}" --out "$LOGS/parity" ;;
     cetest) step cetest 90 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE tests/ops/test_cross_entropy.py ;;
     train) step train 150 python3 benchmarks/train_throughput.py --paths bf16 fp8 ;;

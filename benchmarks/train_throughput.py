@@ -171,7 +171,7 @@ def run_row(name: str, pattern: str, path: str, args) -> Row | str:
             seconds = time_training(step, 1 if slow else 3, max(1, args.steps // 4) if slow else args.steps)
             if args.profile and not slow:
                 print(f"# {name}, {path}: GPU time per training step by kernel\n" +
-                      format_top(kernel_times(step, reps=2)), flush=True)
+                      format_top(kernel_times(step, reps=2, name_width=60)), flush=True)
     except torch.cuda.OutOfMemoryError:
         return "OOM"
     finally:
