@@ -3,7 +3,7 @@
 # time-limited, every log under $OUT (or ./gpu-logs). Usage: benchmarks/gpu_session.sh STEP...
 # Steps: env tests gputests modeltests check_moe check_la quant bench_moe bench_la profile_moe profile_moe_tma bench_ep
 # bench_la_a bench_la_b (bench_la's ops in two halves, e.g. one per GPU) train gen vla vlatrain check_gla_scalar profile_la1 profile_la2 profile_la profile_fla
-# bench_la_nofla profile_fp8 profile_fp8_v2 fp8tests fp8_gemm train_profile ep_profile bench_ep16k bench_ep32k parity_bf16 parity_fp8 parity_mxfp8 cetest;
+# bench_la_nofla profile_fp8 profile_fp8_v2 fp8tests fp8_gemm train_profile ep_profile bench_ep16k bench_ep32k parity_bf16 parity_fp8 parity_mxfp8 cetest train_b8 gen_sweep;
 # steps joined by '+' (e.g. gputests+check_moe) run at the same time (correctness, not timings);
 # steps joined by ',' run one after another, e.g. modeltests,check_la@0+bench_la@1 on two GPUs.
 set -u
@@ -56,7 +56,7 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     quant) step quant 70 python3 benchmarks/quant.py ;;
     bench_moe) step bench_moe 360 python3 benchmarks/moe_layer.py ;;
     bench_la) step bench_la 520 python3 benchmarks/linear_attention.py ;;
-    bench_la_a) step bench_la_a 360 python3 benchmarks/linear_attention.py --ops linear_attn,delta_rule,simple_gla ;;
+    bench_la_a) step bench_la_a 400 python3 benchmarks/linear_attention.py --ops linear_attn,delta_rule,simple_gla ;;
     bench_la_b) step bench_la_b 300 python3 benchmarks/linear_attention.py --ops gla,gated_delta_rule,mamba2_ssd ;;
     bench_la_nofla) step bench_la_nofla 300 python3 benchmarks/linear_attention.py --no-fla ;;
     profile_fp8) step profile_fp8 200 python3 benchmarks/moe_fp8.py --shapes mixtral-8x7b --profile ;;
@@ -72,6 +72,9 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     bench_ep32k) step "$1" 200 torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --tokens 32768 ;;
     parity_bf16|parity_fp8|parity_mxfp8) step "$1" 420 python3 benchmarks/parity.py --precisions "${1#parity_}" --out "$LOGS/parity" ;;
     cetest) step cetest 90 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE tests/ops/test_cross_entropy.py ;;
+    train_b8) step train_b8 330 python3 benchmarks/train_throughput.py --batch 8 --paths bf16 fp8 reference ;;
+    gen_sweep) step gen_sweep 420 python3 benchmarks/generation.py --contexts 4096 16384 65536 --batches 1 16 \
+      --plot "$LOGS/generation_sweep.png" ;;
     train) step train 150 python3 benchmarks/train_throughput.py --paths bf16 fp8 ;;
     gen) step gen 240 python3 benchmarks/generation.py --plot "$LOGS/generation.png" ;;
     vla) step vla 90 python3 benchmarks/vla.py ;;
