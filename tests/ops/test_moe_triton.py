@@ -1,4 +1,5 @@
-"""Triton MoE kernels against their references (interpreter on CPU, fp32/fp16; GPU also bf16)."""
+"""Triton MoE kernels against their references (interpreter on CPU: fp32/fp16, and bf16 through
+tests/ops/conftest.py's gpu_like_bf16; the GPU also runs real bf16)."""
 
 from __future__ import annotations
 
