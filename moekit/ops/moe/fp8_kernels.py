@@ -121,14 +121,14 @@ def _store_cols(v, tile, col0, c_ptr, ld_c, cs_ptr, ld_cs,
 
 
 @triton.jit
-def _outer(sa, sb):
+def _outer(sa, sb, SCALAR_B: tl.constexpr):
     """sa[i] * sb[j] as a broadcastable factor; the same float32 products either way, but a scalar
     sb keeps a [BM, 1] column live instead of a [BM, BN] tile: on sm_90 the tile (64 registers a
     thread at 8 warps) beside the dot result and the accumulators made the gated K loop spill."""
-    if not FP8_V2:
-        s = sa[:, None] * sb[None, :]
-    else:
+    if SCALAR_B:
         s = (sa * sb)[:, None]
+    else:
+        s = sa[:, None] * sb[None, :]
     return s
 
 
@@ -147,11 +147,13 @@ def _scaled_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as,
     b_ptrs = _fp8_ptr(b_ptr) + cols64[None, :] * ld_b + ks[:, None]
     as_ptrs = as_ptr + rows64 * ld_as
     b2_ptrs = b_ptrs + b2_offset * ld_b
-    if not FP8_V2:  # one weight scale per column: a [BM, BN] scale tile per K step
+    # V2 when a column tile lies in one weight block (BN divides WEIGHT_ROWS; tiles start at
+    # multiples of BN): one scalar weight scale per K step. Else one per column, a [BM, BN] tile.
+    SCALAR_B: tl.constexpr = FP8_V2 and WEIGHT_ROWS % BN == 0
+    if not SCALAR_B:
         bs_ptrs = bs_ptr + (cols64 // WEIGHT_ROWS) * ld_bs_n
         bs2_ptrs = bs_ptr + ((cols64 + b2_offset) // WEIGHT_ROWS) * ld_bs_n
-    else:  # the tile's BN columns lie in one weight block: one scalar per K step
-        tl.static_assert(BN == WEIGHT_ROWS, "a column tile must be exactly one weight-scale block")
+    else:
         col0 = tl.min(cols64, 0)
         bs_ptrs = bs_ptr + (col0 // WEIGHT_ROWS) * ld_bs_n
         bs2_ptrs = bs_ptr + ((col0 + b2_offset) // WEIGHT_ROWS) * ld_bs_n
@@ -163,11 +165,11 @@ def _scaled_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as,
         sa = tl.load(as_ptrs + kb, mask=row_ok, other=0.0)
         b = tl.load(b_ptrs).to(tl.float8e4nv, bitcast=True)
         sb = tl.load(bs_ptrs + kb * ld_bs_k)
-        acc += tl.dot(a, b) * _outer(sa, sb)
+        acc += tl.dot(a, b) * _outer(sa, sb, SCALAR_B)
         if TWO:
             b2 = tl.load(b2_ptrs).to(tl.float8e4nv, bitcast=True)
             sb2 = tl.load(bs2_ptrs + kb * ld_bs_k)
-            acc2 += tl.dot(a, b2) * _outer(sa, sb2)
+            acc2 += tl.dot(a, b2) * _outer(sa, sb2, SCALAR_B)
             b2_ptrs += BLOCK
         a_ptrs += BLOCK
         b_ptrs += BLOCK
