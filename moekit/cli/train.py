@@ -74,4 +74,8 @@ def run(args: argparse.Namespace) -> int:
         console.rule("sample")
         console.print(trainer.sample(), highlight=False, markup=False, soft_wrap=True)
         console.rule()
+    # Under torchrun: leave together and tear the process group down before the interpreter
+    # exits (gloo's worker threads outliving it can abort a rank at exit). Not on an error path:
+    # a barrier there would wait for a rank that is gone.
+    trainer.runtime.close()
     return 0
