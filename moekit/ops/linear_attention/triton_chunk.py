@@ -173,14 +173,14 @@ def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
         b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32) * b_scale_k[:, None]
-        b_w = tl.dot(b_t, b_k, input_precision=PRECISION)
-        tl.store(w + (t[:, None] * H + i_h) * K + rk[None, :], b_w, mask=mt[:, None] & mk[None, :])
+        b_w = tl.dot(b_t.to(w.dtype.element_ty), b_k.to(w.dtype.element_ty), input_precision=PRECISION)
+        tl.store(w + (t[:, None] * H + i_h) * K + rk[None, :], b_w.to(w.dtype.element_ty), mask=mt[:, None] & mk[None, :])
     for i_v in range(tl.cdiv(V, BV)):
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
         b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32) * b_beta[:, None]
         b_u = tl.dot(b_t, b_v, input_precision=PRECISION)
-        tl.store(u + (t[:, None] * H + i_h) * V + rv[None, :], b_u, mask=mt[:, None] & mv[None, :])
+        tl.store(u + (t[:, None] * H + i_h) * V + rv[None, :], b_u.to(u.dtype.element_ty), mask=mt[:, None] & mv[None, :])
 
 
 @triton.jit
@@ -212,7 +212,7 @@ def _state_fwd_kernel(k, v, w, gc, vs, h, v_new, h0, ht, cu, first,
         b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
         if DELTA:
             b_w = _load_rows(w + i_h * K, t, mt, rk, mk, H * K)
-            b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V) - tl.dot(b_w, b_h, input_precision=PRECISION)
+            b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V) - tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PRECISION)
             tl.store(v_new + (t[:, None] * H + i_h) * V + rv[None, :], b_v.to(v_new.dtype.element_ty),
                      mask=mt[:, None] & mv[None, :])
         else:
@@ -354,7 +354,8 @@ def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, sc
             b_dh = b_dh * tl.exp(g_last)
         b_dh += tl.dot(b_qt.to(dt), _load_rows(do + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
         if DELTA:
-            b_dh -= tl.dot(_load_cols(w + i_h * K, t, mt, rk, mk, H * K), b_dv, input_precision=PRECISION)
+            b_dh -= tl.dot(_load_cols(w + i_h * K, t, mt, rk, mk, H * K), b_dv.to(w.dtype.element_ty),
+                           input_precision=PRECISION)
     if STORE_DH0:
         tl.store(dh0 + (i_n * H + i_h) * K * V + state, b_dh, mask=m_state)
 
@@ -391,7 +392,7 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
         b_ds += tl.dot(b_do, _load_cols(v + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
         b_dst += tl.dot(b_v, _load_cols(do + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
         b_dq += tl.dot(b_do, b_ht, input_precision=PRECISION)
-        b_dk += tl.dot(b_v.to(tl.float32), b_dht, input_precision=PRECISION)  # dh is float32: see state_bwd
+        b_dk += tl.dot(b_v.to(b_dht.dtype), b_dht, input_precision=PRECISION)  # dh may be float32: see state_bwd
         if USE_G:
             b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), axis=0)
         if DELTA:
@@ -426,7 +427,7 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
     tl.store(dq + out, b_dq.to(dq.dtype.element_ty), mask=m_out)
     tl.store(dk + out, b_dk.to(dk.dtype.element_ty), mask=m_out)
     if DELTA:
-        tl.store(dw + out, -b_dw, mask=m_out)
+        tl.store(dw + out, (-b_dw).to(dw.dtype.element_ty), mask=m_out)
     if USE_G:
         b_dg = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, axis=1)
         b_dg += tl.where(rt == t1 - 1 - t0, dg_last, 0.0)
@@ -472,11 +473,11 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
-        b_dw = _load_rows(dw + i_h * K, t, mt, rk, mk, H * K)
+        b_dw = _load_rows(dw + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
         b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
         b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
         b_dt += tl.dot(b_dw, b_kt * b_scale_k[None, :], input_precision=PRECISION)
-        b_dtt += tl.dot(b_k * b_scale_k[:, None], _load_cols(dw + i_h * K, t, mt, rk, mk, H * K),
+        b_dtt += tl.dot(b_k * b_scale_k[:, None], _load_cols(dw + i_h * K, t, mt, rk, mk, H * K).to(tl.float32),
                         input_precision=PRECISION)
         b_dkb_k = tl.sum(tl.dot(b_tt, b_dw, input_precision=PRECISION) * b_k, axis=1)
         b_dbeta += b_dkb_k * tl.exp(b_g)
@@ -504,7 +505,7 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
-        b_dw = _load_rows(dw + i_h * K, t, mt, rk, mk, H * K)
+        b_dw = _load_rows(dw + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
         b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
         b_dk = (tl.dot(b_tt, b_dw, input_precision=PRECISION) * b_scale_k[:, None]
                 + tl.dot(b_e, b_k, input_precision=PRECISION) * b_beta[:, None]
@@ -527,9 +528,8 @@ def _variant(kernel: str, delta: bool) -> str:
 def wy_fwd(k, v, beta, gc, chunks: Chunks):
     tokens, H, K = k.shape
     V = v.shape[-1]
-    f32 = dict(dtype=torch.float32, device=k.device)
-    T = torch.empty(tokens, H, chunks.size, **f32)
-    w, u = torch.empty(tokens, H, K, **f32), torch.empty(tokens, H, V, **f32)
+    T = torch.empty(tokens, H, chunks.size, dtype=torch.float32, device=k.device)
+    w, u = torch.empty(tokens, H, K, dtype=k.dtype, device=k.device), torch.empty(tokens, H, V, dtype=torch.float32, device=k.device)
     _wy_fwd_kernel[(chunks.num_chunks, H)](
         k, v, beta, gc, T, w, u, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size, BK=block(K),
         BV=block(V), USE_G=gc is not None, **launch_options("wy_fwd", k))
@@ -567,11 +567,11 @@ def output_fwd(q, k, v, gc, h, chunks: Chunks, scale: float, out_dtype, vs=None)
     return o
 
 
-def dv_local(q, k, do, gc, chunks: Chunks, scale: float, dh=None, dtype=torch.float32):
+def dv_local(q, k, do, gc, chunks: Chunks, scale: float, dh=None, dtype=None):
     """The intra-chunk part of dv, or with dh (no delta rule) the whole dv, in ``dtype``."""
     tokens, H, K = q.shape
     V = do.shape[-1]
-    dv = torch.empty(tokens, H, V, dtype=dtype, device=q.device)
+    dv = torch.empty(tokens, H, V, dtype=dtype or do.dtype, device=q.device)
     BV = block(V)
     _dv_local_kernel[(triton.cdiv(V, BV), chunks.num_chunks, H)](
         q, k, do, gc, dh, dv, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K), BV=BV,
@@ -588,7 +588,7 @@ def state_bwd(q, k, w, gc, do, dv_loc, dht, chunks: Chunks, scale: float, dv_dty
     tokens, H, K = q.shape
     V = do.shape[-1]
     delta = w is not None
-    dh = torch.empty(chunks.num_chunks, H, K, V, dtype=torch.float32, device=q.device)
+    dh = torch.empty(chunks.num_chunks, H, K, V, dtype=q.dtype if delta else torch.float32, device=q.device)
     dv = torch.empty(tokens, H, V, dtype=dv_dtype, device=q.device) if delta else None
     dh0 = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device) if want_dh0 else None
     name = _variant("state_bwd", delta)
@@ -610,7 +610,7 @@ def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype, vs=N
     n_k = triton.cdiv(K, BK)
     dq = torch.empty_like(q)
     dk = torch.empty(tokens, H, K, dtype=dk_dtype, device=q.device)
-    dw = torch.empty(tokens, H, K, dtype=torch.float32, device=q.device) if delta else None
+    dw = torch.empty(tokens, H, K, dtype=q.dtype, device=q.device) if delta else None
     dg = torch.empty(n_k, tokens, H, dtype=torch.float32, device=q.device) if use_g else None
     _dqk_kernel[(n_k, chunks.num_chunks, H)](
         q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, chunks.start, chunks.end, scale, tokens, H=H, K=K, V=V,
