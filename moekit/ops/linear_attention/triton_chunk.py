@@ -19,8 +19,10 @@ Robustness on Hopper (Triton 3.4-3.7 miscompiles ``tl.trans`` of a dot result fe
 dot): no kernel here transposes a computed tile; every transposed operand is loaded
 transposed from memory, or computed as its own product. Accumulation is float32; the state
 is carried in float32 registers and stored per chunk in the input dtype, its gradient in
-float32. Token and chunk offsets are 64-bit: the per-chunk state buffers pass 2^31 elements
-at long contexts.
+float32. The delta rule stores its dh in the input dtype too, like w, dw and the intra-chunk dv
+(half the bytes in the sequential passes, 16-bit dots); u stays float32 (in bf16 it added 15% to
+the outputs' error in an emulation), and so do T and dv. Token and chunk offsets are 64-bit: the
+per-chunk state buffers pass 2^31 elements at long contexts.
 
 Simple GLA may take a per-token float32 scale vs of v's rows (v_t <- vs_t v_t; Mamba2's dt),
 folded into the float32 decay factors, so the scaled v is never rounded to the input dtype.
@@ -169,18 +171,21 @@ def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
     _wy_inverse(T_out + i_h * BT, t0, t1, H * BT, BT)
     tl.debug_barrier()
     b_t = tl.load(rows, mask=mt[:, None], other=0.0)
+    # w is stored in the input dtype (it only meets the state in 16-bit products), so its product
+    # takes 16-bit operands; u stays float32 (rounding it showed in the outputs' error)
+    dt = w.dtype.element_ty
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
         b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32) * b_scale_k[:, None]
-        b_w = tl.dot(b_t.to(w.dtype.element_ty), b_k.to(w.dtype.element_ty), input_precision=PRECISION)
-        tl.store(w + (t[:, None] * H + i_h) * K + rk[None, :], b_w.to(w.dtype.element_ty), mask=mt[:, None] & mk[None, :])
+        b_w = tl.dot(b_t.to(dt), b_k.to(dt), input_precision=PRECISION)
+        tl.store(w + (t[:, None] * H + i_h) * K + rk[None, :], b_w.to(dt), mask=mt[:, None] & mk[None, :])
     for i_v in range(tl.cdiv(V, BV)):
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
         b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32) * b_beta[:, None]
         b_u = tl.dot(b_t, b_v, input_precision=PRECISION)
-        tl.store(u + (t[:, None] * H + i_h) * V + rv[None, :], b_u.to(u.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+        tl.store(u + (t[:, None] * H + i_h) * V + rv[None, :], b_u, mask=mt[:, None] & mv[None, :])
 
 
 @triton.jit
@@ -212,7 +217,8 @@ def _state_fwd_kernel(k, v, w, gc, vs, h, v_new, h0, ht, cu, first,
         b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
         if DELTA:
             b_w = _load_rows(w + i_h * K, t, mt, rk, mk, H * K)
-            b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V) - tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PRECISION)
+            b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V) - tl.dot(b_w, b_h.to(b_w.dtype),
+                                                                         input_precision=PRECISION)
             tl.store(v_new + (t[:, None] * H + i_h) * V + rv[None, :], b_v.to(v_new.dtype.element_ty),
                      mask=mt[:, None] & mv[None, :])
         else:
@@ -470,18 +476,16 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
         b_dbeta += tl.sum(b_dvb * b_v, axis=1)
         tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
+    dt = dw.dtype.element_ty  # the input dtype: dw's products with k take 16-bit operands
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
-        b_dw = _load_rows(dw + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
         b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
         b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
-        b_dt += tl.dot(b_dw, b_kt * b_scale_k[None, :], input_precision=PRECISION)
-        b_dtt += tl.dot(b_k * b_scale_k[:, None], _load_cols(dw + i_h * K, t, mt, rk, mk, H * K).to(tl.float32),
+        b_dt += tl.dot(_load_rows(dw + i_h * K, t, mt, rk, mk, H * K), (b_kt * b_scale_k[None, :]).to(dt),
+                       input_precision=PRECISION)
+        b_dtt += tl.dot((b_k * b_scale_k[:, None]).to(dt), _load_cols(dw + i_h * K, t, mt, rk, mk, H * K),
                         input_precision=PRECISION)
-        b_dkb_k = tl.sum(tl.dot(b_tt, b_dw, input_precision=PRECISION) * b_k, axis=1)
-        b_dbeta += b_dkb_k * tl.exp(b_g)
-        b_dg += b_dkb_k * b_scale_k
     b_da = -tl.dot(tl.dot(b_tt, b_dt, input_precision=PRECISION), b_tt, input_precision=PRECISION)
     b_t = tl.load(T_in + (t[:, None] * H + i_h) * BT + rt[None, :], mask=mt[:, None], other=0.0)
     b_dat = -tl.dot(tl.dot(b_t, b_dtt, input_precision=PRECISION), b_t, input_precision=PRECISION)
@@ -505,9 +509,13 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
-        b_dw = _load_rows(dw + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
         b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
-        b_dk = (tl.dot(b_tt, b_dw, input_precision=PRECISION) * b_scale_k[:, None]
+        b_tdw = tl.dot(b_tt, _load_rows(dw + i_h * K, t, mt, rk, mk, H * K).to(tl.float32),
+                       input_precision=PRECISION)
+        b_dkb_k = tl.sum(b_tdw * b_k, axis=1)
+        b_dbeta += b_dkb_k * tl.exp(b_g)
+        b_dg += b_dkb_k * b_scale_k
+        b_dk = (b_tdw * b_scale_k[:, None]
                 + tl.dot(b_e, b_k, input_precision=PRECISION) * b_beta[:, None]
                 + tl.dot(b_et, b_k * b_beta[:, None], input_precision=PRECISION))
         out = (t[:, None] * H + i_h) * K + rk[None, :]
@@ -528,8 +536,9 @@ def _variant(kernel: str, delta: bool) -> str:
 def wy_fwd(k, v, beta, gc, chunks: Chunks):
     tokens, H, K = k.shape
     V = v.shape[-1]
-    T = torch.empty(tokens, H, chunks.size, dtype=torch.float32, device=k.device)
-    w, u = torch.empty(tokens, H, K, dtype=k.dtype, device=k.device), torch.empty(tokens, H, V, dtype=torch.float32, device=k.device)
+    f32 = dict(dtype=torch.float32, device=k.device)
+    T, u = torch.empty(tokens, H, chunks.size, **f32), torch.empty(tokens, H, V, **f32)
+    w = torch.empty(tokens, H, K, dtype=k.dtype, device=k.device)
     _wy_fwd_kernel[(chunks.num_chunks, H)](
         k, v, beta, gc, T, w, u, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size, BK=block(K),
         BV=block(V), USE_G=gc is not None, **launch_options("wy_fwd", k))
@@ -568,7 +577,8 @@ def output_fwd(q, k, v, gc, h, chunks: Chunks, scale: float, out_dtype, vs=None)
 
 
 def dv_local(q, k, do, gc, chunks: Chunks, scale: float, dh=None, dtype=None):
-    """The intra-chunk part of dv, or with dh (no delta rule) the whole dv, in ``dtype``."""
+    """The intra-chunk part of dv, or with dh (no delta rule) the whole dv, in ``dtype`` (default:
+    do's dtype)."""
     tokens, H, K = q.shape
     V = do.shape[-1]
     dv = torch.empty(tokens, H, V, dtype=dtype or do.dtype, device=q.device)
@@ -583,8 +593,10 @@ def state_bwd(q, k, w, gc, do, dv_loc, dht, chunks: Chunks, scale: float, dv_dty
     """Returns (dh [NT, H, K, V], dv or None, dh0 or None). The delta rule (w given) also finishes
     dv = dv_loc + (through the state); otherwise dv is None (``dv_local`` with dh computes it).
 
-    dh is stored in float32: rounded to bf16 it was the largest kernel-side error of the gate
-    gradient (q.dq - k.dk reads it through dk and <h, dh>), which mamba2's dA sums over all tokens."""
+    dh is stored in float32 without the delta rule: rounded to bf16 it was the largest kernel-side
+    error of the gate gradient (q.dq - k.dk reads it through dk and <h, dh>), which mamba2's dA sums
+    over all tokens. The delta rule stores it in the input dtype (its gradients' bf16 error grew by
+    under 10% in an emulation, and dqk reads half the bytes)."""
     tokens, H, K = q.shape
     V = do.shape[-1]
     delta = w is not None
