@@ -50,6 +50,19 @@ def _load_cols(ptr, t, mt, cols, mc, stride):
 
 
 @triton.jit
+def _chunk_gram(a, b, t, mt, D: tl.constexpr, BD: tl.constexpr, stride, BT: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """[BT, BT] float32 a_i . b_j over the chunk's rows t of two [tokens, D] head slices, D in BD tiles."""
+    acc = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_d in range(tl.cdiv(D, BD)):
+        rd = i_d * BD + tl.arange(0, BD)
+        md = rd < D
+        acc += tl.dot(_load_rows(a, t, mt, rd, md, stride), _load_cols(b, t, mt, rd, md, stride),
+                      input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _decayed(x, keep, g_row, g_col):
     """x * exp(g_row - g_col) where keep, else 0 (the exponent is only formed where kept)."""
     return tl.where(keep, x * tl.exp(tl.where(keep, g_row - g_col, 0.0)), 0.0)
@@ -149,13 +162,7 @@ def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
     t = t0 + rt
     mt = t < t1
     b_beta = tl.load(beta + t * H + i_h, mask=mt, other=0.0).to(tl.float32)
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        rk = i_k * BK + tl.arange(0, BK)
-        mk = rk < K
-        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
-        b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
-        b_kk += tl.dot(b_k, b_kt, input_precision=PRECISION)
+    b_kk = _chunk_gram(k + i_h * K, k + i_h * K, t, mt, K, BK, H * K, BT, PRECISION)
     strict = (rt[:, None] > rt[None, :]) & mt[:, None]
     b_scale_k = b_beta
     if USE_G:
@@ -490,12 +497,7 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
     b_da = -tl.dot(tl.dot(b_tt, b_dt, input_precision=PRECISION), b_tt, input_precision=PRECISION)
     b_t = tl.load(T_in + (t[:, None] * H + i_h) * BT + rt[None, :], mask=mt[:, None], other=0.0)
     b_dat = -tl.dot(tl.dot(b_t, b_dtt, input_precision=PRECISION), b_t, input_precision=PRECISION)
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        rk = i_k * BK + tl.arange(0, BK)
-        mk = rk < K
-        b_kk += tl.dot(_load_rows(k + i_h * K, t, mt, rk, mk, H * K), _load_cols(k + i_h * K, t, mt, rk, mk, H * K),
-                       input_precision=PRECISION)
+    b_kk = _chunk_gram(k + i_h * K, k + i_h * K, t, mt, K, BK, H * K, BT, PRECISION)
     strict = (rt[:, None] > rt[None, :]) & mt[:, None]
     strict_t = (rt[None, :] > rt[:, None]) & mt[None, :]
     if USE_G:
