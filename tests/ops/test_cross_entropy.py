@@ -112,3 +112,20 @@ def test_gpu_bf16_against_full_logits(n, vocab):
     for g, w in zip(torch.autograd.grad(got, [hidden, weight]), torch.autograd.grad(want, [hidden, weight]),
                     strict=True):
         assert _rel(g, w) < 1e-2, _rel(g, w)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter run; the GPU test above covers CUDA")
+def test_triton_row_kernel_bf16_logits(gpu_like_bf16):
+    """bf16 logits in and their gradient out in place, rounded to nearest as the GPU rounds
+    (tests/ops/conftest.py): the same bf16 values as the float32 reference's gradient cast to bf16."""
+    from moekit.ops.cross_entropy import triton as kernel
+
+    gen = torch.Generator().manual_seed(11)
+    logits = (torch.randn(4, 3000, generator=gen) * 3).bfloat16()
+    labels = torch.tensor([5, -100, 2999, 0])
+    inv_count = torch.tensor(1 / 3)
+    want_loss, want_grad = reference.row_loss_and_grad(logits, labels, 1.0, inv_count, -100, True)
+    got_loss, got_grad = kernel.row_loss_and_grad(logits.clone(), labels, 1.0, inv_count, -100, True)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
+    assert got_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=8e-3, atol=1e-6)

@@ -1,4 +1,5 @@
-"""Triton MoE kernels against their references (interpreter on CPU, fp32/fp16; GPU also bf16)."""
+"""Triton MoE kernels against their references (interpreter on CPU: fp32/fp16, and bf16 through
+tests/ops/conftest.py's gpu_like_bf16; the GPU also runs real bf16)."""
 
 from __future__ import annotations
 
@@ -333,3 +334,10 @@ def test_bad_inputs_are_named():
 @pytest.mark.parametrize("routing", [dict(), dict(skew=True), dict(empty=5)])
 def test_bf16_on_gpu(activation, routing):
     check_against_reference(512, 256, 384, 16, 4, activation, torch.bfloat16, seed=5, tol=1e-2, **routing)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs real bf16: test_bf16_on_gpu")
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_bf16_in_the_interpreter_computing_like_the_gpu(activation, gpu_like_bf16):
+    """tests/ops/conftest.py's gpu_like_bf16 makes the interpreter's bf16 dots and casts the GPU's."""
+    check_against_reference(40, 64, 48, 4, 2, activation, torch.bfloat16, seed=9, tol=1e-2, skew=True)

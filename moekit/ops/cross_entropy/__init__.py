@@ -18,7 +18,8 @@ from . import reference
 MAX_CHUNK_BYTES = 1 << 30  # one chunk's logits in the compute dtype
 
 
-def _row_loss_and_grad(logits: torch.Tensor):
+def _row_kernel_for(logits: torch.Tensor):
+    """The Triton row kernel on CUDA (not float64), else the reference: same contract."""
     if logits.is_cuda and logits.dtype != torch.float64:
         from . import triton as kernel  # noqa: PLC0415  (Triton only where it can run)
 
@@ -44,8 +45,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h = h_all[start:start + rows]
             logits = h @ w.t()
-            loss, grad = _row_loss_and_grad(logits)(logits, labels[start:start + rows], scale, inv_count,
-                                                    ignore_index, want_grad)
+            loss, grad = _row_kernel_for(logits)(logits, labels[start:start + rows], scale, inv_count, ignore_index,
+                                                 want_grad)
             total += loss.sum()
             if want_grad:
                 torch.mm(grad, w, out=grad_h[start:start + rows])
