@@ -289,6 +289,39 @@ def test_dq_dk_in_one_k_block(monkeypatch, op):
     assert_matches(op, make_inputs(op, 2, 37, 2, 72, 36, 2, seed=5), chunk_size=16)
 
 
+@pytest.mark.parametrize("op", ["delta_rule", "gated_delta_rule"])
+def test_delta_state_tiles_split_over_v(monkeypatch, op):
+    """The delta rule's state kernels split only V (every K row takes part in v - w S): V = 36 in
+    16-wide tiles, the last one ragged, with K = 40 not a power of two, against float64."""
+    from moekit.ops.linear_attention import triton_layout
+
+    tiles = {"num_warps": 4, "BV": 16}
+    monkeypatch.setattr(triton_layout, "LAUNCH", {**triton_layout.LAUNCH, "state_fwd_delta": tiles,
+                                                  "state_bwd_delta": tiles})
+    assert triton_layout.state_tiles("state_bwd_delta", 40, 36, split_k=False) == (64, 16)
+    assert_matches(op, make_inputs(op, 2, 37, 2, 40, 36, 2, seed=13), chunk_size=16)
+
+
+# Rel. error bounds (outputs and final state, gradients) with float16 inputs vs float64: the
+# measured errors (delta_rule 6.0e-4 / 7.4e-4, gated 4.9e-4 / 5.7e-4; float16's unit roundoff is
+# 4.9e-4) plus ~10%. The delta rule keeps w, dw, dh and the intra-chunk dv in the input dtype
+# and u, T and dv in float32: a further rounding in the input dtype shows here.
+F16_BOUNDS = {"delta_rule": (6.6e-4, 8.2e-4), "gated_delta_rule": (5.5e-4, 6.3e-4)}
+
+
+@pytest.mark.parametrize("op", ["delta_rule", "gated_delta_rule"])
+def test_delta_rule_float16_error(op):
+    """float16 inputs (the 16-bit dtype the interpreter's dots get right) with 64-token chunks and
+    a ragged end: every result within about two float16 roundoffs of float64."""
+    inputs = make_inputs(op, 1, 150, 2, 32, 32, 1, seed=21)
+    o, s, d = run(op, inputs, dtype=torch.float16, backend="triton", chunk_size=64)
+    ro, rs, rd = run(op, inputs, dtype=torch.float64, backend="reference", chunk_size=64)
+    out_bound, grad_bound = F16_BOUNDS[op]
+    assert rel_err(o, ro) < out_bound and rel_err(s, rs) < out_bound, (rel_err(o, ro), rel_err(s, rs))
+    grad_errors = {n: rel_err(d[n], rd[n]) for n in rd}
+    assert max(grad_errors.values()) < grad_bound, grad_errors
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter emulation of the GPU's bf16; the GPU run is "
                                                       "benchmarks/gpu_check_linear_attention.py")
 @pytest.mark.parametrize("op", [*CHUNK_OPS, "mamba2_ssd"])

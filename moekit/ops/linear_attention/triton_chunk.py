@@ -19,8 +19,10 @@ Robustness on Hopper (Triton 3.4-3.7 miscompiles ``tl.trans`` of a dot result fe
 dot): no kernel here transposes a computed tile; every transposed operand is loaded
 transposed from memory, or computed as its own product. Accumulation is float32; the state
 is carried in float32 registers and stored per chunk in the input dtype, its gradient in
-float32. Token and chunk offsets are 64-bit: the per-chunk state buffers pass 2^31 elements
-at long contexts.
+float32. The delta rule stores its dh in the input dtype too, like w, dw and the intra-chunk dv
+(half the bytes in the sequential passes, 16-bit dots); u stays float32 (in bf16 it added 15% to
+the outputs' error in an emulation), and so do T and dv. Token and chunk offsets are 64-bit: the
+per-chunk state buffers pass 2^31 elements at long contexts.
 
 Simple GLA may take a per-token float32 scale vs of v's rows (v_t <- vs_t v_t; Mamba2's dt),
 folded into the float32 decay factors, so the scaled v is never rounded to the input dtype.
@@ -45,6 +47,19 @@ def _load_rows(ptr, t, mt, cols, mc, stride):
 def _load_cols(ptr, t, mt, cols, mc, stride):
     """The transposed tile [BC, BT]."""
     return tl.load(ptr + t[None, :] * stride + cols[:, None], mask=mc[:, None] & mt[None, :], other=0.0)
+
+
+@triton.jit
+def _chunk_gram(a, b, t, mt, D: tl.constexpr, BD: tl.constexpr, stride, BT: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """[BT, BT] float32 a_i . b_j over the chunk's rows t of two [tokens, D] head slices, D in BD tiles."""
+    acc = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_d in range(tl.cdiv(D, BD)):
+        rd = i_d * BD + tl.arange(0, BD)
+        md = rd < D
+        acc += tl.dot(_load_rows(a, t, mt, rd, md, stride), _load_cols(b, t, mt, rd, md, stride),
+                      input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
@@ -147,13 +162,7 @@ def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
     t = t0 + rt
     mt = t < t1
     b_beta = tl.load(beta + t * H + i_h, mask=mt, other=0.0).to(tl.float32)
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        rk = i_k * BK + tl.arange(0, BK)
-        mk = rk < K
-        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
-        b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
-        b_kk += tl.dot(b_k, b_kt, input_precision=PRECISION)
+    b_kk = _chunk_gram(k + i_h * K, k + i_h * K, t, mt, K, BK, H * K, BT, PRECISION)
     strict = (rt[:, None] > rt[None, :]) & mt[:, None]
     b_scale_k = b_beta
     if USE_G:
@@ -169,12 +178,16 @@ def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
     _wy_inverse(T_out + i_h * BT, t0, t1, H * BT, BT)
     tl.debug_barrier()
     b_t = tl.load(rows, mask=mt[:, None], other=0.0)
+    # w is stored in the input dtype (it only meets the state in 16-bit products); its product
+    # keeps float32 operands (16-bit ones added 7% to the final state's bf16 error), and u stays
+    # float32 (rounding it added 15% to the outputs')
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
         b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32) * b_scale_k[:, None]
         b_w = tl.dot(b_t, b_k, input_precision=PRECISION)
-        tl.store(w + (t[:, None] * H + i_h) * K + rk[None, :], b_w, mask=mt[:, None] & mk[None, :])
+        tl.store(w + (t[:, None] * H + i_h) * K + rk[None, :], b_w.to(w.dtype.element_ty),
+                 mask=mt[:, None] & mk[None, :])
     for i_v in range(tl.cdiv(V, BV)):
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
@@ -212,7 +225,8 @@ def _state_fwd_kernel(k, v, w, gc, vs, h, v_new, h0, ht, cu, first,
         b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
         if DELTA:
             b_w = _load_rows(w + i_h * K, t, mt, rk, mk, H * K)
-            b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V) - tl.dot(b_w, b_h, input_precision=PRECISION)
+            b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V) - tl.dot(b_w, b_h.to(b_w.dtype),
+                                                                         input_precision=PRECISION)
             tl.store(v_new + (t[:, None] * H + i_h) * V + rv[None, :], b_v.to(v_new.dtype.element_ty),
                      mask=mt[:, None] & mv[None, :])
         else:
@@ -354,7 +368,8 @@ def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, sc
             b_dh = b_dh * tl.exp(g_last)
         b_dh += tl.dot(b_qt.to(dt), _load_rows(do + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
         if DELTA:
-            b_dh -= tl.dot(_load_cols(w + i_h * K, t, mt, rk, mk, H * K), b_dv, input_precision=PRECISION)
+            b_dh -= tl.dot(_load_cols(w + i_h * K, t, mt, rk, mk, H * K), b_dv.to(w.dtype.element_ty),
+                           input_precision=PRECISION)
     if STORE_DH0:
         tl.store(dh0 + (i_n * H + i_h) * K * V + state, b_dh, mask=m_state)
 
@@ -391,7 +406,7 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
         b_ds += tl.dot(b_do, _load_cols(v + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
         b_dst += tl.dot(b_v, _load_cols(do + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
         b_dq += tl.dot(b_do, b_ht, input_precision=PRECISION)
-        b_dk += tl.dot(b_v.to(tl.float32), b_dht, input_precision=PRECISION)  # dh is float32: see state_bwd
+        b_dk += tl.dot(b_v.to(b_dht.dtype), b_dht, input_precision=PRECISION)  # dh may be float32: see state_bwd
         if USE_G:
             b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), axis=0)
         if DELTA:
@@ -426,7 +441,7 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
     tl.store(dq + out, b_dq.to(dq.dtype.element_ty), mask=m_out)
     tl.store(dk + out, b_dk.to(dk.dtype.element_ty), mask=m_out)
     if DELTA:
-        tl.store(dw + out, -b_dw, mask=m_out)
+        tl.store(dw + out, (-b_dw).to(dw.dtype.element_ty), mask=m_out)
     if USE_G:
         b_dg = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, axis=1)
         b_dg += tl.where(rt == t1 - 1 - t0, dg_last, 0.0)
@@ -469,27 +484,20 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
         b_dbeta += tl.sum(b_dvb * b_v, axis=1)
         tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
+    dt = dw.dtype.element_ty  # the input dtype: dw's products with k take 16-bit operands
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
-        b_dw = _load_rows(dw + i_h * K, t, mt, rk, mk, H * K)
         b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
         b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
-        b_dt += tl.dot(b_dw, b_kt * b_scale_k[None, :], input_precision=PRECISION)
-        b_dtt += tl.dot(b_k * b_scale_k[:, None], _load_cols(dw + i_h * K, t, mt, rk, mk, H * K),
+        b_dt += tl.dot(_load_rows(dw + i_h * K, t, mt, rk, mk, H * K), (b_kt * b_scale_k[None, :]).to(dt),
+                       input_precision=PRECISION)
+        b_dtt += tl.dot((b_k * b_scale_k[:, None]).to(dt), _load_cols(dw + i_h * K, t, mt, rk, mk, H * K),
                         input_precision=PRECISION)
-        b_dkb_k = tl.sum(tl.dot(b_tt, b_dw, input_precision=PRECISION) * b_k, axis=1)
-        b_dbeta += b_dkb_k * tl.exp(b_g)
-        b_dg += b_dkb_k * b_scale_k
     b_da = -tl.dot(tl.dot(b_tt, b_dt, input_precision=PRECISION), b_tt, input_precision=PRECISION)
     b_t = tl.load(T_in + (t[:, None] * H + i_h) * BT + rt[None, :], mask=mt[:, None], other=0.0)
     b_dat = -tl.dot(tl.dot(b_t, b_dtt, input_precision=PRECISION), b_t, input_precision=PRECISION)
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        rk = i_k * BK + tl.arange(0, BK)
-        mk = rk < K
-        b_kk += tl.dot(_load_rows(k + i_h * K, t, mt, rk, mk, H * K), _load_cols(k + i_h * K, t, mt, rk, mk, H * K),
-                       input_precision=PRECISION)
+    b_kk = _chunk_gram(k + i_h * K, k + i_h * K, t, mt, K, BK, H * K, BT, PRECISION)
     strict = (rt[:, None] > rt[None, :]) & mt[:, None]
     strict_t = (rt[None, :] > rt[:, None]) & mt[None, :]
     if USE_G:
@@ -504,9 +512,13 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
-        b_dw = _load_rows(dw + i_h * K, t, mt, rk, mk, H * K)
         b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
-        b_dk = (tl.dot(b_tt, b_dw, input_precision=PRECISION) * b_scale_k[:, None]
+        b_tdw = tl.dot(b_tt, _load_rows(dw + i_h * K, t, mt, rk, mk, H * K).to(tl.float32),
+                       input_precision=PRECISION)
+        b_dkb_k = tl.sum(b_tdw * b_k, axis=1)
+        b_dbeta += b_dkb_k * tl.exp(b_g)
+        b_dg += b_dkb_k * b_scale_k
+        b_dk = (b_tdw * b_scale_k[:, None]
                 + tl.dot(b_e, b_k, input_precision=PRECISION) * b_beta[:, None]
                 + tl.dot(b_et, b_k * b_beta[:, None], input_precision=PRECISION))
         out = (t[:, None] * H + i_h) * K + rk[None, :]
@@ -528,8 +540,8 @@ def wy_fwd(k, v, beta, gc, chunks: Chunks):
     tokens, H, K = k.shape
     V = v.shape[-1]
     f32 = dict(dtype=torch.float32, device=k.device)
-    T = torch.empty(tokens, H, chunks.size, **f32)
-    w, u = torch.empty(tokens, H, K, **f32), torch.empty(tokens, H, V, **f32)
+    T, u = torch.empty(tokens, H, chunks.size, **f32), torch.empty(tokens, H, V, **f32)
+    w = torch.empty(tokens, H, K, dtype=k.dtype, device=k.device)
     _wy_fwd_kernel[(chunks.num_chunks, H)](
         k, v, beta, gc, T, w, u, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size, BK=block(K),
         BV=block(V), USE_G=gc is not None, **launch_options("wy_fwd", k))
@@ -567,11 +579,12 @@ def output_fwd(q, k, v, gc, h, chunks: Chunks, scale: float, out_dtype, vs=None)
     return o
 
 
-def dv_local(q, k, do, gc, chunks: Chunks, scale: float, dh=None, dtype=torch.float32):
-    """The intra-chunk part of dv, or with dh (no delta rule) the whole dv, in ``dtype``."""
+def dv_local(q, k, do, gc, chunks: Chunks, scale: float, dh=None, dtype=None):
+    """The intra-chunk part of dv, or with dh (no delta rule) the whole dv, in ``dtype`` (default:
+    do's dtype)."""
     tokens, H, K = q.shape
     V = do.shape[-1]
-    dv = torch.empty(tokens, H, V, dtype=dtype, device=q.device)
+    dv = torch.empty(tokens, H, V, dtype=dtype or do.dtype, device=q.device)
     BV = block(V)
     _dv_local_kernel[(triton.cdiv(V, BV), chunks.num_chunks, H)](
         q, k, do, gc, dh, dv, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K), BV=BV,
@@ -583,12 +596,14 @@ def state_bwd(q, k, w, gc, do, dv_loc, dht, chunks: Chunks, scale: float, dv_dty
     """Returns (dh [NT, H, K, V], dv or None, dh0 or None). The delta rule (w given) also finishes
     dv = dv_loc + (through the state); otherwise dv is None (``dv_local`` with dh computes it).
 
-    dh is stored in float32: rounded to bf16 it was the largest kernel-side error of the gate
-    gradient (q.dq - k.dk reads it through dk and <h, dh>), which mamba2's dA sums over all tokens."""
+    dh is stored in float32 without the delta rule: rounded to bf16 it was the largest kernel-side
+    error of the gate gradient (q.dq - k.dk reads it through dk and <h, dh>), which mamba2's dA sums
+    over all tokens. The delta rule stores it in the input dtype (its gradients' bf16 error grew by
+    under 10% in an emulation, and dqk reads half the bytes)."""
     tokens, H, K = q.shape
     V = do.shape[-1]
     delta = w is not None
-    dh = torch.empty(chunks.num_chunks, H, K, V, dtype=torch.float32, device=q.device)
+    dh = torch.empty(chunks.num_chunks, H, K, V, dtype=q.dtype if delta else torch.float32, device=q.device)
     dv = torch.empty(tokens, H, V, dtype=dv_dtype, device=q.device) if delta else None
     dh0 = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device) if want_dh0 else None
     name = _variant("state_bwd", delta)
@@ -610,7 +625,7 @@ def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype, vs=N
     n_k = triton.cdiv(K, BK)
     dq = torch.empty_like(q)
     dk = torch.empty(tokens, H, K, dtype=dk_dtype, device=q.device)
-    dw = torch.empty(tokens, H, K, dtype=torch.float32, device=q.device) if delta else None
+    dw = torch.empty(tokens, H, K, dtype=q.dtype, device=q.device) if delta else None
     dg = torch.empty(n_k, tokens, H, dtype=torch.float32, device=q.device) if use_g else None
     _dqk_kernel[(n_k, chunks.num_chunks, H)](
         q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, chunks.start, chunks.end, scale, tokens, H=H, K=K, V=V,

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.ops.linear_attention.triton_chunk import _decayed, _load_cols, _load_rows
+from moekit.ops.linear_attention.triton_chunk import _chunk_gram, _decayed, _load_cols, _load_rows
 from moekit.ops.linear_attention.triton_layout import Chunks, block, chunk_cumsum, launch_options, state_tiles
 
 GLA_TC = os.environ.get("MOEKIT_GLA_TC", "1") != "0"
@@ -301,12 +301,7 @@ def _dA_kernel(v, do, dA, start, end, scale,
     rt = tl.arange(0, BT)
     t = t0 + rt
     mt = t < t1
-    b_da = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_v in range(tl.cdiv(V, BV)):
-        rv = i_v * BV + tl.arange(0, BV)
-        mv = rv < V
-        b_da += tl.dot(_load_rows(do + i_h * V, t, mt, rv, mv, H * V), _load_cols(v + i_h * V, t, mt, rv, mv, H * V),
-                       input_precision=PRECISION)
+    b_da = _chunk_gram(do + i_h * V, v + i_h * V, t, mt, V, BV, H * V, BT, PRECISION)
     b_da = tl.where(rt[:, None] >= rt[None, :], b_da * scale, 0.0)
     tl.store(dA + (t[:, None] * H + i_h) * BT + rt[None, :], b_da, mask=mt[:, None])
 

@@ -28,8 +28,11 @@ CHUNK_SIZES = (16, 32, 64)
 # Launch settings per kernel: num_warps / num_stages, and for the sequential state kernels their
 # state tile (BK, BV). "*" applies to every kernel without its own entry. The entries are the
 # fastest of benchmarks/profile_linear_attention.py's sweep on an H200 (H=16, K=V=128, T=2k and
-# 32k, bf16). The delta-rule kernels stage float32 tiles (w, u, T): with 3 pipeline stages they
-# need 232 KB of shared memory at K = V = 128 (227 KB on an H200), so they run 1 or 2.
+# 32k, bf16). The delta-rule kernels stage float32 tiles (u, T, dv): with 3 pipeline stages they
+# need more than the H200's 227 KB of shared memory at K = V = 128, so they run 1 or 2. The delta
+# state kernels hold every K row of the state (v - w S reads all of them), so V is their only
+# split: 32-wide V tiles give four programs per sequence and head (a long sequence at small batch
+# fills the GPU) and a [128, 32] float32 state, 32 registers a thread at 4 warps.
 LAUNCH: dict[str, dict] = {
     "*": {"num_warps": 4},
     "state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
@@ -38,8 +41,8 @@ LAUNCH: dict[str, dict] = {
     "wy_fwd": {"num_warps": 4, "num_stages": 1},
     "wy_bwd": {"num_warps": 4, "num_stages": 1},
     "dqk_delta": {"num_warps": 8, "num_stages": 2},
-    "state_fwd_delta": {"num_warps": 4, "num_stages": 2},
-    "state_bwd_delta": {"num_warps": 8, "num_stages": 1},
+    "state_fwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},
+    "state_bwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},
     "gla_scores_tc": {"num_warps": 4, "num_stages": 1},
     "gla_dqk_intra_tc": {"num_warps": 4, "num_stages": 1},
     "gla_state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
