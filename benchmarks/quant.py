@@ -150,6 +150,26 @@ def compile_only(arch: int) -> bool:
         except Exception as err:  # report every failing variant, not just the first
             ok = False
             print(f"FAIL {label}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}")
+    tma = mx_triton._mx_quantize_tma_kernel  # the opt-in MOEKIT_MXFP8_TMA kernel, both layouts
+    for x_type in ("*i16", "*fp32"):
+        for c in mx_triton.TMA_CONFIGS:
+            constexprs = dict(fmt, IS_BF16=x_type == "*i16", **c.kwargs)
+            bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
+            descs = {"x_desc": f"tensordesc<{x_type[1:]}[{bm}, {bk}]>", "row_desc": f"tensordesc<u8[{bm}, {bk}]>",
+                     "col_desc": f"tensordesc<u8[{bk}, {bm}]>"}
+            signature = {n: "constexpr" if n in constexprs else
+                         descs.get(n, "*u8" if n.endswith("_ptr") else "i32") for n in tma.arg_names}
+            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(tma.arg_names) if n not in constexprs}
+            label = (f"TMA both {'bf16' if x_type == '*i16' else 'fp32'} "
+                     f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_K']}/{c.num_warps}w")
+            try:
+                kernel = compile(ASTSource(fn=tma, signature=signature, constexprs=constexprs, attrs=attrs),
+                                 target=target, options={"num_warps": c.num_warps, "num_stages": 1})
+                print(f"  {label:36s} {_ptxas_report(kernel.asm['ptx'], arch)}, "
+                      f"{kernel.metadata.shared} B shared", flush=True)
+            except Exception as err:
+                ok = False
+                print(f"FAIL {label}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}")
     print(f"{'ALL COMPILED' if ok else 'SOME FAILED TO COMPILE'} for sm_{arch}")
     return ok
 
