@@ -56,7 +56,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def check_bit_exact(x: torch.Tensor) -> dict[str, bool]:
     """The benchmarked configurations (tests/quant cover every element type and scale mode)."""
-    got, want = mxfp8.quantize_both(x, ELEM, SCALE_MODE, backend="triton"), mx_ref.quantize_both(x, ELEM, SCALE_MODE)
+    want = mx_ref.quantize_both(x, ELEM, SCALE_MODE)
+    got = mxfp8.quantize_both(x, ELEM, SCALE_MODE, backend="triton")
     exact = {"mxfp8 both": all(same_bits(g.data, w.data) and same_bits(g.scale, w.scale)
                                for g, w in zip(got, want, strict=True))}
     got, want = mxfp8.quantize(x, -1, ELEM, SCALE_MODE, backend="triton"), mx_ref.quantize(x, -1, ELEM, SCALE_MODE)
@@ -66,6 +67,13 @@ def check_bit_exact(x: torch.Tensor) -> dict[str, bool]:
         nan = want.scale.isnan()
         exact[name] = same_bits(got.data, want.data) and torch.equal(got.scale.isnan(), nan) and same_bits(
             got.scale.masked_fill(nan, 0), want.scale.masked_fill(nan, 0))
+    # the TMA kernel against the plain one's buffers, which were just checked against the reference
+    rows, cols = mxfp8.quantize_both(x, ELEM, SCALE_MODE, backend="triton")
+    tma_out = mx_triton.empty_outputs(M, K, True, True, ELEM, x.device)
+    mx_triton.launch_quantize(x, tma_out, ELEM, SCALE_MODE, tma=True)
+    pairs = (("row_data", rows.data), ("row_scale", rows.scale),
+             ("col_data", cols.data.t()), ("col_scale", cols.scale.t()))
+    exact["mxfp8 both TMA"] = exact["mxfp8 both"] and all(same_bits(tma_out[key], want) for key, want in pairs)
     _, got_t = fp8_block.quantize_both(x, backend="triton")
     exact["fp8 128x128 + T"] = same_bits(got_t.data, block_ref.quantize(x.t(), (128, 128)).data)
     return exact
@@ -75,9 +83,9 @@ def median_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def mx_launcher(x, rowwise: bool, colwise: bool, tiles=None):
+def mx_launcher(x, rowwise: bool, colwise: bool, tiles=None, tma=False):
     out = mx_triton.empty_outputs(M, K, rowwise, colwise, ELEM, x.device)
-    return lambda: mx_triton.launch_quantize(x, out, ELEM, SCALE_MODE, tiles)
+    return lambda: mx_triton.launch_quantize(x, out, ELEM, SCALE_MODE, tiles, tma)
 
 
 def block_launcher(x, block, tiles=None, transposed=False):
@@ -190,9 +198,12 @@ def main() -> None:
     x = make_input()
     exact = check_bit_exact(x)
     print("bit-exact vs reference: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in exact.items()))
-    best = mx_triton._mx_quantize_tuned.best_config
-    print(f"mxfp8 both: autotuned tile {best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_K']}/{best.num_warps}w"
-          + (f", maxnreg {best.maxnreg}" if best.maxnreg else ""))
+    tuners = {"mxfp8 both": mx_triton._mx_quantize_tuned, "mxfp8 both TMA": mx_triton._mx_quantize_tma_tuned}
+    for name, tuner in tuners.items():
+        best = getattr(tuner, "best_config", None)  # unset when the tile came from Triton's on-disk cache
+        if best is not None:
+            print(f"{name}: autotuned tile {best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_K']}/{best.num_warps}w"
+                  + (f", maxnreg {best.maxnreg}" if best.maxnreg else ""))
 
     if args.sweep:
         print("tile sweep (median ms, best first):")
@@ -210,6 +221,8 @@ def main() -> None:
         ("copy (d2d)", lambda: copy_out.copy_(x), 2 * in_bytes, None),
         ("mxfp8 both (1 pass)", mx_launcher(x, True, True), in_bytes + 2 * n + 2 * n // 32,
          "mxfp8 both"),
+        ("mxfp8 both (1 pass, TMA)", mx_launcher(x, True, True, tma=True), in_bytes + 2 * n + 2 * n // 32,
+         "mxfp8 both TMA"),
         ("mxfp8 row", mx_launcher(x, True, False), in_bytes + n + n // 32, "mxfp8 row"),
         ("fp8 1x128", block_launcher(x, (1, 128)), in_bytes + n + 4 * n // 128, "fp8 1x128"),
         ("fp8 128x128", block_launcher(x, (128, 128)), in_bytes + n + 4 * n // (128 * 128), "fp8 128x128"),

@@ -261,14 +261,17 @@ def empty_outputs(m: int, k: int, rowwise: bool, colwise: bool, elem: str, devic
     return out
 
 
-def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, tiles: dict | None = None) -> None:
+def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, tiles: dict | None = None,
+                    tma: bool | None = None) -> None:
     """Run the kernel on 2-D `x` [M, K] (unit stride along K), writing the layouts in `outputs`.
     Both layouts: the autotuned configs; row-wise only: `ROW_CONFIG`. `tiles` (BLOCK_M, BLOCK_K:
-    powers of two >= 32; num_warps) forces one tile instead, for tuning by hand."""
+    powers of two >= 32; num_warps) forces one tile instead, for tuning by hand. `tma` (default
+    ``USE_TMA``) picks the TMA kernel for both layouts where the tensors allow it."""
     m, k = x.shape
     rowwise, colwise = "row_data" in outputs, "col_data" in outputs
     col_data = outputs.get("col_data")
-    if USE_TMA and tiles is None and rowwise and colwise and tma_ok(x, outputs["row_data"], col_data):
+    tma = USE_TMA if tma is None else tma
+    if tma and tiles is None and rowwise and colwise and tma_ok(x, outputs["row_data"], col_data):
         descs = [TensorDescriptor.from_tensor(t, [1, 1]) for t in (kernel_input(x), outputs["row_data"], col_data)]
         _mx_quantize_tma_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))](
             descs[0], descs[1], outputs["row_scale"], descs[2], outputs["col_scale"], m, k,
