@@ -53,7 +53,7 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
       --settings default,w4s1,w4s2,w4s3,w8s1,w8s2,w8s3 ;;
     profile_la) step profile_la 120 python3 benchmarks/profile_linear_attention.py --settings default ;;
     profile_fla) step profile_fla 300 python3 benchmarks/profile_linear_attention.py --fla --ops linear_attn,delta_rule ;;
-    quant) step quant 70 python3 benchmarks/quant.py ;;
+    quant) step quant 120 python3 benchmarks/quant.py ;;
     quant_tma) step quant_tma 90 env MOEKIT_MXFP8_TMA=1 python3 benchmarks/quant.py ;;
     quanttests_tma) step quanttests_tma 120 env MOEKIT_MXFP8_TMA=1 python3 -m pytest -q -m gpu -p no:cacheprovider \
       --tb=short -rfE tests/quant ;;
@@ -81,6 +81,15 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     train) step train 150 python3 benchmarks/train_throughput.py --paths bf16 fp8 ;;
     gen) step gen 240 python3 benchmarks/generation.py --plot "$LOGS/generation.png" ;;
     vla) step vla 90 python3 benchmarks/vla.py ;;
+    a2a_sweep) step a2a_sweep 150 bash -c 'for env in "" NCCL_MIN_P2P_NCHANNELS=16 NCCL_MIN_P2P_NCHANNELS=32 \
+      "NCCL_MIN_P2P_NCHANNELS=32 NCCL_NCHANNELS_PER_PEER=16" "NCCL_MIN_P2P_NCHANNELS=32 NCCL_P2P_NVL_CHUNKSIZE=2097152" \
+      NCCL_P2P_USE_CUDA_MEMCPY=1; do env $env torchrun --standalone --nproc-per-node 2 benchmarks/all_to_all.py \
+      2>&1 | grep -v "^W1\|^\[W"; done' ;;
+    bench_ep32k_p2p32) step "$1" 200 env NCCL_MIN_P2P_NCHANNELS=32 torchrun --standalone --nproc-per-node 2 \
+      benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --tokens 32768 ;;
+    bench_ep32k_p2p32pp) step "$1" 200 env NCCL_MIN_P2P_NCHANNELS=32 NCCL_NCHANNELS_PER_PEER=16 torchrun --standalone \
+      --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --tokens 32768 ;;
+    train_ref4) step train_ref4 200 python3 benchmarks/train_throughput.py --batch 4 --models hybrid --paths bf16 reference ;;
     bench_ep) step bench_ep 160 torchrun --standalone --nproc-per-node "${EP_GPUS:-2}" benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 ;;
     *) echo "unknown step $1" ;;
   esac
