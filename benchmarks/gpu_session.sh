@@ -3,7 +3,7 @@
 # time-limited, every log under $OUT (or ./gpu-logs). Usage: benchmarks/gpu_session.sh STEP...
 # Steps: env tests gputests modeltests check_moe check_la quant bench_moe bench_la profile_moe profile_moe_tma bench_ep
 # bench_la_a bench_la_b (bench_la's ops in two halves, e.g. one per GPU) train gen vla vlatrain check_gla_scalar profile_la1 profile_la2 profile_la profile_fla
-# bench_la_nofla profile_fp8 profile_fp8_v2 fp8tests fp8_gemm train_profile ep_profile bench_ep16k bench_ep32k quant_tma quanttests_tma parity_bf16 parity_fp8 parity_mxfp8 cetest train_b8 gen_sweep;
+# bench_la_nofla profile_fp8 profile_fp8_v2 fp8tests fp8_gemm train_profile ep_profile bench_ep16k bench_ep32k parity_bf16 parity_fp8 parity_mxfp8 cetest train_b8 gen_sweep;
 # steps joined by '+' (e.g. gputests+check_moe) run at the same time (correctness, not timings);
 # steps joined by ',' run one after another, e.g. modeltests,check_la@0+bench_la@1 on two GPUs.
 set -u
@@ -54,9 +54,6 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     profile_la) step profile_la 120 python3 benchmarks/profile_linear_attention.py --settings default ;;
     profile_fla) step profile_fla 300 python3 benchmarks/profile_linear_attention.py --fla --ops linear_attn,delta_rule ;;
     quant) step quant 120 python3 benchmarks/quant.py ;;
-    quant_tma) step quant_tma 90 env MOEKIT_MXFP8_TMA=1 python3 benchmarks/quant.py ;;
-    quanttests_tma) step quanttests_tma 120 env MOEKIT_MXFP8_TMA=1 python3 -m pytest -q -m gpu -p no:cacheprovider \
-      --tb=short -rfE tests/quant ;;
     bench_moe) step bench_moe 360 python3 benchmarks/moe_layer.py ;;
     bench_la) step bench_la 520 python3 benchmarks/linear_attention.py ;;
     bench_la_a) step bench_la_a 400 python3 benchmarks/linear_attention.py --ops linear_attn,delta_rule,simple_gla ;;

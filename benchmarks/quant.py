@@ -67,13 +67,6 @@ def check_bit_exact(x: torch.Tensor) -> dict[str, bool]:
         nan = want.scale.isnan()
         exact[name] = same_bits(got.data, want.data) and torch.equal(got.scale.isnan(), nan) and same_bits(
             got.scale.masked_fill(nan, 0), want.scale.masked_fill(nan, 0))
-    # the TMA kernel against the plain one's buffers, which were just checked against the reference
-    rows, cols = mxfp8.quantize_both(x, ELEM, SCALE_MODE, backend="triton")
-    tma_out = mx_triton.empty_outputs(M, K, True, True, ELEM, x.device)
-    mx_triton.launch_quantize(x, tma_out, ELEM, SCALE_MODE, tma=True)
-    pairs = (("row_data", rows.data), ("row_scale", rows.scale),
-             ("col_data", cols.data.t()), ("col_scale", cols.scale.t()))
-    exact["mxfp8 both TMA"] = exact["mxfp8 both"] and all(same_bits(tma_out[key], want) for key, want in pairs)
     _, got_t = fp8_block.quantize_both(x, backend="triton")
     exact["fp8 128x128 + T"] = same_bits(got_t.data, block_ref.quantize(x.t(), (128, 128)).data)
     return exact
@@ -83,9 +76,9 @@ def median_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def mx_launcher(x, rowwise: bool, colwise: bool, tiles=None, tma=False):
+def mx_launcher(x, rowwise: bool, colwise: bool, tiles=None):
     out = mx_triton.empty_outputs(M, K, rowwise, colwise, ELEM, x.device)
-    return lambda: mx_triton.launch_quantize(x, out, ELEM, SCALE_MODE, tiles, tma)
+    return lambda: mx_triton.launch_quantize(x, out, ELEM, SCALE_MODE, tiles)
 
 
 def block_launcher(x, block, tiles=None, transposed=False):
@@ -158,26 +151,6 @@ def compile_only(arch: int) -> bool:
         except Exception as err:  # report every failing variant, not just the first
             ok = False
             print(f"FAIL {label}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}")
-    tma = mx_triton._mx_quantize_tma_kernel  # the opt-in MOEKIT_MXFP8_TMA kernel, both layouts
-    for x_type in ("*i16", "*fp32"):
-        for c in mx_triton.TMA_CONFIGS:
-            constexprs = dict(fmt, IS_BF16=x_type == "*i16", **c.kwargs)
-            bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
-            descs = {"x_desc": f"tensordesc<{x_type[1:]}[{bm}, {bk}]>", "row_desc": f"tensordesc<u8[{bm}, {bk}]>",
-                     "col_desc": f"tensordesc<u8[{bk}, {bm}]>"}
-            signature = {n: "constexpr" if n in constexprs else
-                         descs.get(n, "*u8" if n.endswith("_ptr") else "i32") for n in tma.arg_names}
-            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(tma.arg_names) if n not in constexprs}
-            label = (f"TMA both {'bf16' if x_type == '*i16' else 'fp32'} "
-                     f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_K']}/{c.num_warps}w")
-            try:
-                kernel = compile(ASTSource(fn=tma, signature=signature, constexprs=constexprs, attrs=attrs),
-                                 target=target, options={"num_warps": c.num_warps, "num_stages": 1})
-                print(f"  {label:36s} {_ptxas_report(kernel.asm['ptx'], arch)}, "
-                      f"{kernel.metadata.shared} B shared", flush=True)
-            except Exception as err:
-                ok = False
-                print(f"FAIL {label}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}")
     print(f"{'ALL COMPILED' if ok else 'SOME FAILED TO COMPILE'} for sm_{arch}")
     return ok
 
@@ -198,12 +171,10 @@ def main() -> None:
     x = make_input()
     exact = check_bit_exact(x)
     print("bit-exact vs reference: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in exact.items()))
-    tuners = {"mxfp8 both": mx_triton._mx_quantize_tuned, "mxfp8 both TMA": mx_triton._mx_quantize_tma_tuned}
-    for name, tuner in tuners.items():
-        best = getattr(tuner, "best_config", None)  # unset when the tile came from Triton's on-disk cache
-        if best is not None:
-            print(f"{name}: autotuned tile {best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_K']}/{best.num_warps}w"
-                  + (f", maxnreg {best.maxnreg}" if best.maxnreg else ""))
+    best = getattr(mx_triton._mx_quantize_tuned, "best_config", None)  # unset when read from Triton's disk cache
+    if best is not None:
+        print(f"mxfp8 both: autotuned tile {best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_K']}/{best.num_warps}w"
+              + (f", maxnreg {best.maxnreg}" if best.maxnreg else ""))
 
     if args.sweep:
         print("tile sweep (median ms, best first):")
@@ -221,8 +192,6 @@ def main() -> None:
         ("copy (d2d)", lambda: copy_out.copy_(x), 2 * in_bytes, None),
         ("mxfp8 both (1 pass)", mx_launcher(x, True, True), in_bytes + 2 * n + 2 * n // 32,
          "mxfp8 both"),
-        ("mxfp8 both (1 pass, TMA)", mx_launcher(x, True, True, tma=True), in_bytes + 2 * n + 2 * n // 32,
-         "mxfp8 both TMA"),
         ("mxfp8 row", mx_launcher(x, True, False), in_bytes + n + n // 32, "mxfp8 row"),
         ("fp8 1x128", block_launcher(x, (1, 128)), in_bytes + n + 4 * n // 128, "fp8 1x128"),
         ("fp8 128x128", block_launcher(x, (128, 128)), in_bytes + n + 4 * n // (128 * 128), "fp8 128x128"),

@@ -19,24 +19,6 @@ import triton.language as tl
 INTERPRETING: bool = bool(triton.knobs.runtime.interpret)
 
 
-def _cuda_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def give_tma_scratch() -> None:
-    """Kernels that build TMA descriptors on the device need global scratch from Triton's
-    allocator (the interpreter needs none). Call before each such launch: the allocator is
-    per thread, and the autograd backward runs in another."""
-    if not INTERPRETING:
-        triton.set_allocator(_cuda_scratch)
-
-
-def tma_ok(*tensors: torch.Tensor) -> bool:
-    """TMA addresses 16-byte aligned bases and row strides (unit stride along the last dim)."""
-    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
-               and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
-
-
 def needs_index_64(x: torch.Tensor) -> bool:
     """Element offsets into ``x`` (and outputs of its size) can pass int32."""
     return x.numel() >= 2**31

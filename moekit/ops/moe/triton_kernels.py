@@ -38,8 +38,6 @@ import triton.language as tl
 from moekit.ops.activations import is_gated
 from moekit.ops.dot_precision import dot_precision
 from moekit.ops.moe.triton_meta import RoutingMeta, new_buffer
-from moekit.quant.triton_utils import give_tma_scratch
-from moekit.quant.triton_utils import tma_ok as tma_addressable
 
 ACT_CODES = {"swiglu": 0, "geglu": 1, "gelu": 1}  # 0: SiLU, 1: exact (erf) GELU
 
@@ -87,12 +85,18 @@ MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in GEMM_CONFIGS)
 
 
 def tma_ok(w: torch.Tensor) -> bool:
-    """Can TMA read this [E, D1, D2] CUDA weight: D2 contiguous, 16-byte aligned base and strides."""
-    return w.is_cuda and tma_addressable(w)
+    """Can TMA read this [E, D1, D2] weight: D2 contiguous, 16-byte aligned base and strides."""
+    size = w.element_size()
+    return (w.is_cuda and w.stride(2) == 1 and w.data_ptr() % 16 == 0
+            and (w.stride(0) * size) % 16 == 0 and (w.stride(1) * size) % 16 == 0)
 
 
 def _prune(configs, named_args, **kwargs):
     return [c for c in configs if not c.kwargs["TMA"] or named_args["TMA_OK"]]
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 # Without ragged K tiles the main loop's loads need only the row / column masks.
@@ -403,7 +407,7 @@ def _weight_tma(w: torch.Tensor) -> bool:
     (set at every launch: the autograd backward runs in another thread, and context)."""
     if not (TMA_CONFIGS and tma_ok(w)):
         return False
-    give_tma_scratch()
+    triton.set_allocator(_tma_scratch)
     return True
 
 

@@ -7,12 +7,9 @@ GEMM and the two backward GEMMs consume. `quantize` runs the same kernel with on
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moekit.quant.formats import (
     E8M0_DTYPE,
@@ -32,12 +29,8 @@ from moekit.quant.triton_utils import (
     kernel_input,
     needs_index_64,
     program_id,
-    tma_ok,
     to_float32,
 )
-
-# Opt-in until measured on a GPU: the one-pass kernel with its tiles moved by TMA.
-USE_TMA = os.environ.get("MOEKIT_MXFP8_TMA") == "1"
 
 
 @triton.jit
@@ -139,44 +132,6 @@ def _mx_quantize_kernel(
 
 
 @triton.jit
-def _mx_quantize_tma_kernel(
-    x_desc, row_desc, row_scale_ptr, col_desc, col_scale_ptr,
-    M, K,
-    IS_BF16: tl.constexpr, EMAX: tl.constexpr, RCEIL: tl.constexpr, MAX_NORMAL: tl.constexpr,
-    MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Both layouts with the tiles moved by TMA (opt-in, ``MOEKIT_MXFP8_TMA=1``): the input tile
-    in, the row-wise FP8 tile out, and the column-wise one out as [BLOCK_K, BLOCK_M] of the [K, M]
-    output, transposed on chip by the compiler; the scales by pointers. The descriptors are built
-    on the host (`_tma_block_shapes` sets their tiles), so no program spends time writing them.
-    Rows and columns past the input's edge load as zeros and are not stored: no masks on tiles."""
-    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-    m0, k0 = pid_m * BLOCK_M, pid_k * BLOCK_K
-    x = to_float32(x_desc.load([m0, k0]), IS_BF16)
-
-    xr = tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 32))
-    exp, nonfinite = _block_exponent(tl.max(_magnitude_bits(xr), axis=2), EMAX, RCEIL)
-    elems = _encode(xr, exp[:, :, None], nonfinite[:, :, None], MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP,
-                    E5M2, EMULATE_RNE)
-    row_desc.store([m0, k0], tl.reshape(elems, (BLOCK_M, BLOCK_K)))
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_kb = pid_k * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
-    tl.store(row_scale_ptr + offs_m[:, None] * (K // 32) + offs_kb[None, :], _scale_bytes(exp, nonfinite),
-             mask=(offs_m[:, None] < M) & (offs_kb[None, :] < K // 32))
-
-    xc = tl.reshape(x, (BLOCK_M // 32, 32, BLOCK_K))
-    exp, nonfinite = _block_exponent(tl.max(_magnitude_bits(xc), axis=1), EMAX, RCEIL)
-    elems = _encode(xc, exp[:, None, :], nonfinite[:, None, :], MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP,
-                    E5M2, EMULATE_RNE)
-    col_desc.store([k0, m0], tl.trans(tl.reshape(elems, (BLOCK_M, BLOCK_K))))
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    offs_mb = pid_m * (BLOCK_M // 32) + tl.arange(0, BLOCK_M // 32)
-    tl.store(col_scale_ptr + offs_k[:, None] * (M // 32) + offs_mb[None, :], tl.trans(_scale_bytes(exp, nonfinite)),
-             mask=(offs_k[:, None] < K) & (offs_mb[None, :] < M // 32))
-
-
-@triton.jit
 def _mx_dequantize_kernel(
     data_ptr, scale_ptr, out_ptr, R, K,
     E5M2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, INDEX_64: tl.constexpr,
@@ -221,19 +176,6 @@ else:
     BOTH_CONFIGS = [_config(128, 64, 4), _config(256, 64, 8), _config(128, 128, 8), _config(64, 128, 4),
                     _config(128, 64, 4, maxnreg=96)]
 
-def _tma_block_shapes(nargs: dict) -> None:
-    """Autotune pre-hook: the host descriptors' tiles follow the config's."""
-    block_m, block_k = nargs["BLOCK_M"], nargs["BLOCK_K"]
-    nargs["x_desc"].block_shape = [block_m, block_k]
-    nargs["row_desc"].block_shape = [block_m, block_k]
-    nargs["col_desc"].block_shape = [block_k, block_m]
-
-
-TMA_TILES = [(32, 64, 4)] if INTERPRETING else [(128, 64, 4), (128, 128, 8), (64, 128, 4), (256, 64, 8), (64, 64, 4)]
-TMA_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=1, pre_hook=_tma_block_shapes)
-               for bm, bk, w in TMA_TILES]
-_mx_quantize_tma_tuned = triton.autotune(configs=TMA_CONFIGS, key=["M", "K", "IS_BF16"])(_mx_quantize_tma_kernel)
-
 # Weights are what both layouts get made of, so (M, K) repeat: tune once per shape.
 _mx_quantize_tuned = triton.autotune(configs=BOTH_CONFIGS, key=["M", "K", "ROWWISE", "IS_BF16"])(
     _mx_quantize_kernel)
@@ -261,22 +203,13 @@ def empty_outputs(m: int, k: int, rowwise: bool, colwise: bool, elem: str, devic
     return out
 
 
-def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, tiles: dict | None = None,
-                    tma: bool | None = None) -> None:
+def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, tiles: dict | None = None) -> None:
     """Run the kernel on 2-D `x` [M, K] (unit stride along K), writing the layouts in `outputs`.
     Both layouts: the autotuned configs; row-wise only: `ROW_CONFIG`. `tiles` (BLOCK_M, BLOCK_K:
-    powers of two >= 32; num_warps) forces one tile instead, for tuning by hand. `tma` (default
-    ``USE_TMA``) picks the TMA kernel for both layouts where the tensors allow it."""
+    powers of two >= 32; num_warps) forces one tile instead, for tuning by hand."""
     m, k = x.shape
     rowwise, colwise = "row_data" in outputs, "col_data" in outputs
     col_data = outputs.get("col_data")
-    tma = USE_TMA if tma is None else tma
-    if tma and tiles is None and rowwise and colwise and tma_ok(x, outputs["row_data"], col_data):
-        descs = [TensorDescriptor.from_tensor(t, [1, 1]) for t in (kernel_input(x), outputs["row_data"], col_data)]
-        _mx_quantize_tma_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))](
-            descs[0], descs[1], outputs["row_scale"], descs[2], outputs["col_scale"], m, k,
-            IS_BF16=x.dtype == torch.bfloat16, **_format_args(elem, scale_mode))
-        return
     args = (kernel_input(x), outputs.get("row_data"), outputs.get("row_scale"),
             None if col_data is None else col_data.view(torch.int32),  # written 4 rows (bytes) at a time
             outputs.get("col_scale"), m, k, x.stride(0))
