@@ -86,6 +86,9 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
       benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --tokens 32768 ;;
     bench_ep32k_p2p32pp) step "$1" 200 env NCCL_MIN_P2P_NCHANNELS=32 NCCL_NCHANNELS_PER_PEER=16 torchrun --standalone \
       --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --tokens 32768 ;;
+    bench_la_nocheck) step bench_la_nocheck 200 python3 benchmarks/linear_attention.py --ops linear_attn,delta_rule \
+      --skip-finite-checks ;;
+    train_ref1) step train_ref1 200 python3 benchmarks/train_throughput.py --batch 1 --models hybrid --paths bf16 reference ;;
     train_ref4) step train_ref4 200 python3 benchmarks/train_throughput.py --batch 4 --models hybrid --paths bf16 reference ;;
     bench_ep) step bench_ep 160 torchrun --standalone --nproc-per-node "${EP_GPUS:-2}" benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 ;;
     *) echo "unknown step $1" ;;

@@ -5,11 +5,13 @@ in ms, with ratios against moekit. fla (0.6.x) is imported lazily; when it is mi
 (e.g. its Hopper guard) or fails, the table says so instead of a time.
 
     python benchmarks/linear_attention.py [--tokens 65536] [--lengths 2048,8192,32768] [--ops gla,...] [--no-fla]
+        [--skip-finite-checks]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -110,6 +112,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--lengths", default="2048,8192,32768")
     parser.add_argument("--ops", default="", help="comma-separated subset of " + ",".join(OPS))
+    parser.add_argument("--skip-finite-checks", action="store_true",
+                        help="run moekit inside la.finite_checks_skipped(): without its NaN/inf input check (one "
+                             "device-to-host read per call), as fla runs")
     parser.add_argument("--no-fla", action="store_true", help="moekit and SDPA only (fla's autotuning takes "
                         "about 2 minutes per op)")
     args = parser.parse_args()
@@ -120,7 +125,8 @@ def main() -> None:
     except Exception as e:
         fla_version = f"not importable ({type(e).__name__})"
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"fla {fla_version}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+          f"fla {fla_version}, {time.strftime('%Y-%m-%d %H:%M:%S')}"
+          + ("; moekit's finite-input checks skipped" if args.skip_finite_checks else ""))
     print(f"# B*T={args.tokens}, H={H}, K=V={D}, {DTYPE}; times in ms; 'x' = peer time / moekit time")
     gen = torch.Generator(device="cuda").manual_seed(0)
     header = ("T", "op", "moekit fwd", "fla fwd", "fla/moekit", "sdpa fwd", "sdpa/moekit",
@@ -138,7 +144,8 @@ def main() -> None:
             if args.ops and op not in args.ops.split(","):
                 continue
             x = {n: inputs[n] for n in names}
-            ours = time_call(ours_call, x)
+            with la.finite_checks_skipped() if args.skip_finite_checks else contextlib.nullcontext():
+                ours = time_call(ours_call, x)
             # before fla's first call, which compiles and autotunes its kernels for minutes
             print(f"# T={T} {op}: moekit fwd {ours[0]} ms, f+b {ours[1]} ms   [{time.time() - start:.0f} s]",
                   flush=True)
