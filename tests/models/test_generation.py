@@ -190,9 +190,9 @@ def test_generate_checks_the_prompt_but_not_decode_steps(monkeypatch):
     seen = []
     original = _checks.finite
 
-    def recording(op, named):
+    def recording(op, results, named):
         seen.append(_checks._finite_checks_on.get())
-        return original(op, named)
+        return original(op, results, named)
 
     monkeypatch.setattr(_checks, "finite", recording)
     model = tiny_model("LLN", "gla")

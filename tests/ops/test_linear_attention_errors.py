@@ -61,7 +61,7 @@ def test_non_finite_inputs_are_named(qkv):
     with pytest.raises(ValueError, match=r"non-finite values .* in `v`"):
         la.delta_rule(q, k, v, torch.rand(B, T, H))
     g = gate()
-    g[0, 0, 0] = float("-inf")
+    g[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"non-finite values .* in `g`"):
         la.simple_gla(q, k, qkv[2], g)
 
@@ -114,3 +114,13 @@ def test_decay_helper_errors():
         la.lightning_decay(8, 4, 4)
     with pytest.raises(ValueError, match=r"num_heads >= 1"):
         la.retention_decay(0)
+
+
+def test_a_result_that_overflows_from_finite_inputs_is_an_error(qkv):
+    """The check reads the results: finite inputs whose result overflows are refused too, with
+    a message saying so rather than blaming an input."""
+    q, k, v = (t.float() * 1e15 for t in qkv)  # the state stays in range: k^T v ~ 1e30
+    with pytest.raises(ValueError, match=r"linear_attn: the result is not finite .* overflowed torch.float32"):
+        la.linear_attn(q, k, v, scale=1.0)
+    o, _ = la.linear_attn(q, k, v, scale=1e-30)  # the same inputs, scaled into range
+    assert torch.isfinite(o).all()

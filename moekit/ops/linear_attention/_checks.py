@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -91,20 +91,26 @@ def finite_checks_skipped() -> Iterator[None]:
         _finite_checks_on.reset(token)
 
 
-def finite(op: str, named: dict[str, torch.Tensor | None]) -> None:
-    """NaN / inf inputs are rejected up front with an error naming them, at the cost of one
-    device-to-host read for all of them. Skipped where that read cannot or should not happen:
-    while torch.compile traces (a data-dependent branch breaks the graph), while a CUDA graph is
-    captured (a sync is illegal there) and inside ``finite_checks_skipped``."""
+def finite(op: str, results: Sequence[torch.Tensor | None], named: dict[str, torch.Tensor | None]) -> None:
+    """NaN / inf inputs are rejected with an error naming them, found through the results: each
+    input element reaches the output at its own position (o_t reads q_t, k_t, v_t, the gates up
+    to t and the initial state), so one read of the output and final state stands for one read of
+    every input (a third of the bytes for linear attention). Only when a result is not finite are
+    the inputs looked at: to name the bad ones, or, when all are finite, to say the computation
+    overflowed. One device-to-host read per call; skipped where that read cannot or should not
+    happen: while torch.compile traces (a data-dependent branch breaks the graph), while a CUDA
+    graph is captured (a sync is illegal there) and inside ``finite_checks_skipped``."""
     if not _finite_checks_on.get() or torch.compiler.is_compiling() or is_capturing():
         return
-    present = {name: t for name, t in named.items() if t is not None}
-    # One float32 sum per tensor (a single read, no boolean copy: the elementwise test cost more
-    # than the forward kernels on an H200): NaN and inf reach the sum. Only when a sum is not
-    # finite (or a huge finite tensor overflowed it) are the elements looked at.
-    sums = torch.stack([t.sum(dtype=torch.float32) for t in present.values()])
-    if bool(sums.isfinite().all()):
+    present = [t for t in results if t is not None]
+    # A float32 sum per tensor (one read, no boolean copy): NaN and inf reach it. A huge finite
+    # tensor can overflow it too, so the elements decide.
+    if bool(torch.stack([t.sum(dtype=torch.float32) for t in present]).isfinite().all()):
         return
-    bad = [name for name, t in present.items() if not bool(t.isfinite().all())]
+    if all(bool(t.isfinite().all()) for t in present):
+        return
+    bad = [name for name, t in named.items() if t is not None and not bool(t.isfinite().all())]
     if bad:
         raise ValueError(f"{op}: non-finite values (NaN or inf) in {', '.join(f'`{n}`' for n in bad)}")
+    raise ValueError(f"{op}: the result is not finite (NaN or inf) although every input is: the computation "
+                     f"overflowed {present[0].dtype}; scale the inputs (or `scale`) down")
