@@ -10,6 +10,7 @@ can be faster on very large per-expert GEMMs (mixtral).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -18,8 +19,9 @@ import torch
 STEPS = ("up fwd", "down fwd", "down dgrad", "down wgrad", "up wgrad", "up dgrad")
 IMPLEMENTATIONS = ("triton", "vendor")
 
-# Pin one implementation for every step (tests, benchmarks); None lets timing decide.
-force: str | None = None
+# Pin one implementation for every step (tests, benchmarks, or MOEKIT_MOE_IMPL=triton|vendor in the
+# environment); None lets timing decide.
+force: str | None = os.environ.get("MOEKIT_MOE_IMPL") or None
 
 _winners: dict[tuple, str] = {}
 R = TypeVar("R")
@@ -37,7 +39,8 @@ def choose(step: str, key: tuple, candidates: dict[str, Callable[[], R]], on_gpu
         raise ValueError(f"unknown MoE step {step!r}; steps: {STEPS}")
     if force is not None:
         if force not in IMPLEMENTATIONS:
-            raise ValueError(f"triton_choice.force must be one of {IMPLEMENTATIONS} or None, got {force!r}")
+            raise ValueError(f"triton_choice.force (MOEKIT_MOE_IMPL) must be one of {IMPLEMENTATIONS} or None, "
+                             f"got {force!r}")
         if force not in candidates:
             raise RuntimeError(f"MoE step {step!r}: implementation {force!r} cannot run these operands")
         return force
