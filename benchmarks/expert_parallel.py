@@ -195,8 +195,12 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass
 class AllToAllCall:
+    """One recorded collective over rows: ``kind`` all_to_all (padded / exact dispatch),
+    all_gather or reduce_scatter (padded dispatch and its backward)."""
+
+    kind: str
     group: dist.ProcessGroup
-    output_splits: list[int] | None  # None: equal splits
+    output_splits: list[int] | None  # all_to_all only; None: equal splits
     input_splits: list[int] | None
     in_rows: int
     out_rows: int
@@ -205,8 +209,12 @@ class AllToAllCall:
 
     def bytes_sent_off_rank(self) -> int:
         size = dist.get_world_size(self.group)
-        splits = self.input_splits or [self.in_rows // size] * size
         row_bytes = torch.Size(self.row_shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+        if self.kind == "all_gather":  # this rank's rows, to every other rank
+            return (size - 1) * self.in_rows * row_bytes
+        if self.kind == "reduce_scatter":  # every other rank's block of this rank's rows
+            return (size - 1) * self.out_rows * row_bytes
+        splits = self.input_splits or [self.in_rows // size] * size
         return (sum(splits) - splits[dist.get_rank(self.group)]) * row_bytes
 
 
@@ -216,21 +224,26 @@ class AllToAllLog:
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        """Log every ``dist.all_to_all_single`` (moekit.parallel.comm calls it through the
-        module attribute, the backward's included) without changing what it does."""
-        original = dist.all_to_all_single
+        """Log every ``dist.all_to_all_single``, ``all_gather_into_tensor`` and
+        ``reduce_scatter_tensor`` (moekit.parallel.comm calls them through the module
+        attributes, the backward's included) without changing what they do."""
+        originals = {name: getattr(dist, name) for name in _RECORDED}
 
-        def recorded(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
-            self.calls.append(AllToAllCall(
-                group, _as_list(output_split_sizes), _as_list(input_split_sizes), input.shape[0], output.shape[0],
-                tuple(input.shape[1:]), input.dtype))
-            return original(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+        def recorder(name: str):
+            def recorded(output, input, *args, group=None, async_op=False, **kwargs):
+                splits = [_as_list(s) for s in args[:2]] if name == "all_to_all_single" else [None, None]
+                self.calls.append(AllToAllCall(_RECORDED[name], group, *splits, input.shape[0], output.shape[0],
+                                               tuple(input.shape[1:]), input.dtype))
+                return originals[name](output, input, *args, group=group, async_op=async_op, **kwargs)
+            return recorded
 
-        dist.all_to_all_single = recorded
+        for name in _RECORDED:
+            setattr(dist, name, recorder(name))
         try:
             yield
         finally:
-            dist.all_to_all_single = original
+            for name, fn in originals.items():
+                setattr(dist, name, fn)
 
     def replay_seconds(self, device: torch.device) -> float:
         """The recorded collectives again, alone: each one after a barrier of its group."""
@@ -241,10 +254,20 @@ class AllToAllLog:
             dist.barrier(group=call.group)
             synchronize(device)
             t0 = time.perf_counter()
-            dist.all_to_all_single(dst, src, call.output_splits, call.input_splits, group=call.group)
+            if call.kind == "all_gather":
+                dist.all_gather_into_tensor(dst, src, group=call.group)
+            elif call.kind == "reduce_scatter":
+                dist.reduce_scatter_tensor(dst, src, group=call.group)
+            else:
+                dist.all_to_all_single(dst, src, call.output_splits, call.input_splits, group=call.group)
             synchronize(device)
             total += time.perf_counter() - t0
         return total
+
+
+# torch.distributed function -> the kind it is recorded as
+_RECORDED = {"all_to_all_single": "all_to_all", "all_gather_into_tensor": "all_gather",
+             "reduce_scatter_tensor": "reduce_scatter"}
 
 
 def simulated_a2a_bytes(shape: Shape, layers: int, ep: int, pad_to_tokens: bool = True, tokens: int = 4096,
@@ -252,9 +275,10 @@ def simulated_a2a_bytes(shape: Shape, layers: int, ep: int, pad_to_tokens: bool 
     """Bytes one rank sends to other ranks per step, modelling the dispatcher: per row sent to
     another rank a bf16 hidden row crosses in the forward's dispatch and combine, in its
     recompute and in the backward's two, and a float32 routing row ([K] gate weights + [K]
-    local expert ids) three times (forward, recompute, backward).
+    expert ids) three times (forward, recompute, backward).
 
-    Padded (``pad_to_tokens``): T rows to each of the ep - 1 other ranks; the recompute stops
+    Padded (``pad_to_tokens``): T rows to each of the ep - 1 other ranks (all-gathers out,
+    reduce-scatters back, the other way round in the backward); the recompute stops
     before the combine (non-reentrant checkpointing stops once every tensor the backward saved
     is back, and nothing after the combine saves one), so hidden rows cross five times. Exact: a
     row per (token, other rank that holds one of its experts), predicted by routing ``tokens``

@@ -1,7 +1,8 @@
-"""Autograd-aware all-to-all (the backward sends gradients back the same way).
+"""Autograd-aware collectives over rows: all-to-all (the backward sends gradients back the same
+way), all-gather and reduce-scatter (each the other's backward).
 
-Split sizes are host lists of rows per rank, or None for equal splits: every rank sends
-``rows / ep`` rows to every rank, which needs no split sizes on the host (no device sync)."""
+All-to-all split sizes are host lists of rows per rank, or None for equal splits: every rank
+sends ``rows / ep`` rows to every rank, which needs no split sizes on the host (no device sync)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,56 @@ def all_to_all_start(x: torch.Tensor, output_splits: list[int] | None, input_spl
     pending: list = []
     out = _AllToAll.apply(x, output_splits, input_splits, group, pending)
     return out, pending[0]
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, pending):
+        ctx.group = group
+        out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+        work = dist.all_gather_into_tensor(out, x.contiguous(), group=group, async_op=pending is not None)
+        if pending is not None:
+            pending.append(work)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.group), None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllGather.apply(grad, ctx.group, None), None
+
+
+def _reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    ep = dist.get_world_size(group)
+    if x.shape[0] % ep:
+        raise ValueError(f"reduce_scatter: {x.shape[0]} rows do not split over {ep} ranks")
+    out = x.new_empty((x.shape[0] // ep, *x.shape[1:]))
+    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def all_gather_start(x: torch.Tensor, group: dist.ProcessGroup):
+    """Every rank's ``x`` stacked in rank order, ep times the rows: (output, work), returned at
+    once; read the output only after ``work.wait()``. The backward reduce-scatters: each rank
+    gets the sum over ranks of the gradient of its own rows."""
+    pending: list = []
+    out = _AllGather.apply(x, group, pending)
+    return out, pending[0]
+
+
+def reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Rank r gets block r of the sum over ranks of ``x`` (ep equal row blocks), in x's dtype.
+    The backward all-gathers."""
+    return _ReduceScatter.apply(x, group)
 
 
 def exchange_counts(send_counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

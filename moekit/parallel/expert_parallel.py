@@ -1,34 +1,32 @@
-"""Expert parallelism: each rank of the "ep" group holds E / ep experts, tokens travel by all-to-all.
+"""Expert parallelism: each rank of the "ep" group holds E / ep experts, tokens travel between ranks.
 
 Routing stays on the rank that owns the token (so a rank's tokens are routed exactly as a
 single-process layer would route them). A token travels at most once to each rank, whatever
-the number of its experts there, with its [K] routing row restricted to that rank (local
-expert ids, -1 for slots whose expert lives elsewhere or was dropped) and its gate weights
-(0 on those slots). Two ways to lay the rows out (``AllToAllDispatcher(pad_to_tokens=...)``):
+the number of its experts there; on arrival its [K] routing row is restricted to that rank
+(local expert ids, -1 for slots whose expert lives elsewhere or was dropped; gate weights 0
+there). Two ways to move the rows (``AllToAllDispatcher(pad_to_tokens=...)``):
 
-* padded (the default), no host synchronisation: rank r sends its whole block of T tokens to
-  every rank, so every split is T rows and no sizes are read on the host; a row whose token
-  needs nothing on the destination has routing all -1 and comes back as zeros. Every rank of
-  the group must hold the same T (and K) in a call. A token routed uniformly at random to k of
-  E experts needs a given rank with probability 1 - C(E - E/ep, k) / C(E, k): the share of
-  useful rows, 99.8% at ep=2 and 68% at ep=8 for top-8 of 64 (the rest is padding bytes);
-* exact: one row per (token, destination rank) pair; fewer bytes at large ep, but the row
-  counts are exchanged and read on the host (a device sync per layer pass), and any T works.
+* padded (the default), no host synchronisation: every rank's block of T tokens goes to every
+  rank, i.e. an all-gather of the token rows and of their routing rows; each rank runs its
+  experts on all ep * T rows and a reduce-scatter returns to rank r the sum over ranks of the
+  outputs for its tokens (in x's dtype: one rounding at ep = 2). No rows are copied or summed
+  outside NCCL. Every rank of the group must hold the same T (and K) in a call. A token routed
+  uniformly at random to k of E experts needs a given rank with probability
+  1 - C(E - E/ep, k) / C(E, k): the share of useful rows, 99.8% at ep=2 and 68% at ep=8 for
+  top-8 of 64 (the rest is padding bytes);
+* exact: one row per (token, destination rank) pair, by all-to-all; fewer bytes at large ep,
+  but the row counts are exchanged and read on the host (a device sync per layer pass), and any
+  T works. The rows come back by all-to-all and are added up per token (index_add).
 
-Each layer pass: (1) build the rows, (2) start the all-to-alls of token rows and routing rows
-(the shared experts run meanwhile), (3) run ``routed_experts`` on what arrived, one
-gate-weighted sum per row, (4) send the sums back the way they came and add them up per token
-(padded: the ep returned blocks, summed in float32 in a fixed order; exact: index_add).
-
-The gate weights travel as a differentiable tensor, so their gradients come back through the
-backward of the same all-to-all.
+The shared experts run while the token rows are in flight. The gate weights travel as a
+differentiable tensor, so their gradients come back through the backward of the same
+collective (an all-gather's backward is a reduce-scatter, and the reverse).
 
 Memory: ``routed_experts`` sizes its buffers by rows x K slots, unused slots included, so the
 receiving rank's expert activations scale with the rows that arrive (padded: ep * T, exact:
 the (token, rank) pairs), not with the T * K / ep assignments it computes: up to ep times the
 single-process layer's at large ep (use the exact mode there, or fewer tokens per step).
 """
-
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -42,7 +40,7 @@ from torch import nn
 from moekit.moe import MoE
 from moekit.moe.experts import RoutedExperts
 from moekit.ops import moe as moe_ops
-from moekit.parallel.comm import all_to_all, all_to_all_start, exchange_counts
+from moekit.parallel.comm import all_gather_start, all_to_all, all_to_all_start, exchange_counts, reduce_scatter
 from moekit.parallel.mesh import ParallelMesh
 
 
@@ -94,24 +92,16 @@ def plan_dispatch(topk_idx: torch.Tensor, topk_weight: torch.Tensor, hits: torch
     return DispatchPlan(token, local_idx, weight)
 
 
-def pad_dispatch(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_local: int,
-                 ep_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded mode's routing rows: [ep * T, K] local ids and weights, block d (rows d*T ..
-    (d+1)*T - 1) holding every token's routing restricted to rank d."""
-    rank = torch.arange(ep_size, device=topk_idx.device)[:, None, None]
-    local_idx, weight = restrict_to_rank(topk_idx, topk_weight, rank, num_local)
-    return local_idx.flatten(0, 1), weight.flatten(0, 1)
-
-
-def pack_routing(local_idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """[N, 2K] in the weights' (float) dtype, so that one all-to-all carries both: the ids are
-    small integers, exact in any float type; the weights keep their autograd history."""
-    return torch.cat([weight, local_idx.to(weight.dtype)], dim=1)
+def pack_routing(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[N, 2K] floats, so that one collective carries both: the expert ids are integers, exact in
+    float32 or wider (the routers' weights are); the weights keep their autograd history."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    return torch.cat([weight.to(dtype), idx.to(dtype)], dim=1)
 
 
 def unpack_routing(routing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    weight, local_idx = routing.chunk(2, dim=1)
-    return local_idx.long(), weight.contiguous()
+    weight, idx = routing.chunk(2, dim=1)
+    return idx.long(), weight.contiguous()
 
 
 class AllToAllDispatcher:
@@ -149,11 +139,16 @@ class AllToAllDispatcher:
                              f"record says {shard.num_local}; shard the layer with shard_experts()")
         if self.pad_to_tokens:
             self._check_same_shape(topk_idx)
-            local_idx, weight = pad_dispatch(topk_idx, topk_weight, shard.num_local, self.ep_size)
-            back, shared_out = self._exchange(x, x.repeat(self.ep_size, 1), local_idx, weight, None, None,
-                                              experts, shared)
-            # Block d is what rank d computed for this rank's tokens.
-            out = back.view(self.ep_size, *x.shape).sum(0, dtype=torch.float32).to(x.dtype)
+            all_x, x_work = all_gather_start(x, self.group)
+            all_routing, routing_work = all_gather_start(pack_routing(topk_idx, topk_weight), self.group)
+            shared_out = shared(x) if shared is not None else None  # overlaps the all-gathers
+            x_work.wait()
+            routing_work.wait()
+            local_idx, weight = restrict_to_rank(*unpack_routing(all_routing), shard.offset // shard.num_local,
+                                                 shard.num_local)
+            y = moe_ops.routed_experts(all_x, local_idx, weight, experts.w_up, experts.w_down,
+                                       experts.activation, self.backend, self.precision)
+            out = reduce_scatter(y, self.group)  # this rank's tokens, summed over the ranks' experts
         else:
             hits = destination_ranks(topk_idx, shard.num_local, self.ep_size)
             # Rows per destination, and this rank's slots per token: routing rows must have one
@@ -172,7 +167,8 @@ class AllToAllDispatcher:
         return out if shared_out is None else out + shared_out
 
     def _exchange(self, x, send_x, local_idx, weight, recv_splits, send_splits, experts, shared):
-        """Rows out, experts on what arrived, sums back: (returned rows, shared experts' output)."""
+        """Exact mode: rows out, experts on what arrived, the outputs back by all-to-all:
+        (returned rows, shared experts' output)."""
         recv_x, x_work = all_to_all_start(send_x, recv_splits, send_splits, self.group)
         recv_routing, routing_work = all_to_all_start(pack_routing(local_idx, weight), recv_splits,
                                                       send_splits, self.group)

@@ -1,8 +1,9 @@
 """Deduplicated expert-parallel dispatch on 2 gloo processes, in both modes of ``AllToAllDispatcher``:
-the rows that actually cross the all-to-all (exact: one per token and destination rank, never one
-per assignment; padded: exactly T per rank pair, no split sizes), the padded mode's freedom from
-host syncs in the forward and the backward, and a layer whose top_k exceeds the experts per rank
-still equals the single-process layer. The exact mode runs with a different token count per rank."""
+the rows that actually cross (exact, by all-to-all: one per token and destination rank, never one
+per assignment; padded, by all-gather and reduce-scatter: exactly T per rank pair, no split
+sizes), the padded mode's freedom from host syncs in the forward and the backward, and a layer
+whose top_k exceeds the experts per rank still equals the single-process layer. The exact mode
+runs with a different token count per rank."""
 
 import contextlib
 import copy
@@ -37,27 +38,37 @@ MODES = {"exact": False, "padded": True}  # name -> pad_to_tokens
 
 
 class SentRows:
-    """Records the split sizes (None: equal splits) and row counts of every
-    ``dist.all_to_all_single`` whose rows are hidden states."""
+    """Records the kind, split sizes (None: equal splits) and row counts of every collective
+    whose rows are hidden states: ``dist.all_to_all_single`` (exact mode),
+    ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` (padded mode)."""
+
+    NAMES = {"all_to_all_single": "all_to_all", "all_gather_into_tensor": "all_gather",
+             "reduce_scatter_tensor": "reduce_scatter"}
 
     def __init__(self):
+        self.kinds: list[str] = []
         self.splits: list[list[int] | None] = []
         self.rows: list[tuple[int, int]] = []  # (sent, received)
-        self.original = dist.all_to_all_single
+        self.originals = {name: getattr(dist, name) for name in self.NAMES}
 
     def __enter__(self):
-        def recorded(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
-            if input.dim() == 2 and input.shape[1] == H:
-                self.splits.append(None if input_split_sizes is None else [int(s) for s in input_split_sizes])
-                self.rows.append((input.shape[0], output.shape[0]))
-            return self.original(output, input, output_split_sizes, input_split_sizes, group=group,
-                                 async_op=async_op)
+        def recorder(name):
+            def recorded(output, input, *args, **kwargs):
+                if input.dim() == 2 and input.shape[1] == H:
+                    self.kinds.append(self.NAMES[name])
+                    splits = args[1] if name == "all_to_all_single" and len(args) > 1 else None
+                    self.splits.append(None if splits is None else [int(s) for s in splits])
+                    self.rows.append((input.shape[0], output.shape[0]))
+                return self.originals[name](output, input, *args, **kwargs)
+            return recorded
 
-        dist.all_to_all_single = recorded
+        for name in self.NAMES:
+            setattr(dist, name, recorder(name))
         return self
 
     def __exit__(self, *exc):
-        dist.all_to_all_single = self.original
+        for name, original in self.originals.items():
+            setattr(dist, name, original)
 
 
 class HostSyncs:
@@ -126,7 +137,7 @@ def run_case(name: str, extra: dict, rank: int, mode: str) -> dict:
         dist.all_reduce(full)
         errs[f"grad_{w}"] = float((getattr(layer.experts, w).grad - full[2 * rank: 2 * rank + 2]).norm() / full.norm())
     return {"errs": errs, "dispatch_splits": sent.splits[0], "combine_splits": sent.splits[1],
-            "rows": sent.rows, "forward_calls": len(sent.splits),
+            "rows": sent.rows, "kinds": sent.kinds, "forward_calls": len(sent.splits),
             "expected_splits": [sum(1 for d in dest if r in d) for r in range(2)],
             "assignments": int((idx >= 0).sum()), "tokens": tokens, "host_syncs": layer_syncs(layer, x, dy)}
 
@@ -210,10 +221,10 @@ def test_each_token_is_sent_once_per_destination_rank(results, case):
 def test_padded_mode_sends_exactly_the_token_block_to_every_rank(results, case):
     for rank, result in enumerate(results):
         r = result["padded"][case]
-        assert r["forward_calls"] == 2
-        # Equal splits (no sizes from the host): T rows to each of the 2 ranks, T from each.
-        assert r["dispatch_splits"] is None and r["combine_splits"] is None, (rank, r)
-        assert r["rows"] == [[2 * r["tokens"], 2 * r["tokens"]]] * 2, (rank, r)  # JSON: lists
+        # No sizes from the host: the T token rows are all-gathered (2T arrive), the 2T output
+        # rows reduce-scattered (T, this rank's tokens, come back summed).
+        assert r["kinds"] == ["all_gather", "reduce_scatter"], (rank, r)
+        assert r["rows"] == [[r["tokens"], 2 * r["tokens"]], [2 * r["tokens"], r["tokens"]]], (rank, r)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

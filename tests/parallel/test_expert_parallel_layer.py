@@ -6,7 +6,13 @@ import json
 import pytest
 import torch
 
-from moekit.parallel.expert_parallel import destination_ranks, pad_dispatch, plan_dispatch
+from moekit.parallel.expert_parallel import (
+    destination_ranks,
+    pack_routing,
+    plan_dispatch,
+    restrict_to_rank,
+    unpack_routing,
+)
 
 EP_CASES = ["softmax_shared_gate", "sigmoid_groups", "sigmoid_groups_capacity", "softmax_capacity_position",
             "expert_choice", "expert_choice_uneven_k", "skewed_to_rank0", "skewed_to_rank0_reference"]
@@ -42,9 +48,9 @@ def test_ep_layer_matches_single_process(launch, tmp_path):
 PLAN_SHAPES = [(7, 2, 4, 2), (16, 3, 8, 4), (9, 5, 8, 2), (1, 1, 2, 2)]
 
 
-def random_routing(tokens: int, top_k: int, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def random_routing(tokens: int, top_k: int, experts: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Distinct experts per token, 30% of the slots dropped (-1), random gate weights."""
-    g = torch.Generator().manual_seed(tokens * 10 + top_k)
+    g = torch.Generator().manual_seed(tokens * 10 + top_k + 1000 * seed)
     idx = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
     idx = torch.where(torch.rand(idx.shape, generator=g) < 0.3, -1, idx)
     return idx, torch.rand(idx.shape, generator=g)
@@ -72,16 +78,20 @@ def test_plan_sends_each_token_once_per_rank_with_its_restricted_routing(tokens,
 
 
 @pytest.mark.parametrize("tokens,top_k,experts,ep", PLAN_SHAPES)
-def test_padded_plan_sends_every_token_to_every_rank_with_its_restricted_routing(tokens, top_k, experts, ep):
-    idx, weight = random_routing(tokens, top_k, experts)
+def test_padded_dispatch_restricts_the_gathered_routing_to_each_rank(tokens, top_k, experts, ep):
+    """Padded mode gathers every rank's routing rows; rank r keeps, for every one of the ep * T
+    rows, the slots of its own experts (local ids) and their weights."""
+    routings = [random_routing(tokens, top_k, experts, seed=r) for r in range(ep)]  # one per sending rank
+    idx, weight = unpack_routing(torch.cat([pack_routing(i, w) for i, w in routings]))  # the all-gather
+    assert torch.equal(idx, torch.cat([i for i, _ in routings])) and idx.dtype == torch.long
     local = experts // ep
-    local_idx, sent_weight = pad_dispatch(idx, weight, local, ep)
-    assert local_idx.shape == sent_weight.shape == (ep * tokens, top_k)  # exactly T rows per destination
+    kept = []
     for r in range(ep):
-        for t in range(tokens):
-            row = r * tokens + t
-            assert local_idx[row].tolist() == restricted(idx[t].tolist(), r, local)
-            assert torch.equal(sent_weight[row], torch.where(local_idx[row] >= 0, weight[t], 0))
-    # Every valid assignment is kept in exactly one block, and the weights sum back per token.
-    assert int((local_idx >= 0).sum()) == int((idx >= 0).sum())
-    torch.testing.assert_close(sent_weight.view(ep, tokens, top_k).sum(0), torch.where(idx >= 0, weight, 0))
+        local_idx, sent_weight = restrict_to_rank(idx, weight, r, local)
+        for row in range(ep * tokens):
+            assert local_idx[row].tolist() == restricted(idx[row].tolist(), r, local)
+            assert torch.equal(sent_weight[row], torch.where(local_idx[row] >= 0, weight[row], 0))
+        kept.append((local_idx, sent_weight))
+    # Every valid assignment is kept on exactly one rank, and the weights sum back per row.
+    assert sum(int((li >= 0).sum()) for li, _ in kept) == int((idx >= 0).sum())
+    torch.testing.assert_close(sum(w for _, w in kept), torch.where(idx >= 0, weight, 0))
