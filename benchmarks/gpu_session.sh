@@ -8,7 +8,7 @@
 # steps joined by ',' run one after another, e.g. modeltests,check_la@0+bench_la@1 on two GPUs.
 set -u
 OUT=${OUT:-gpu-logs}
-LOGS=/tmp/gpu-logs  # tarred into $OUT after each group: the device tool returns at most 8 files
+LOGS=${LOGS:-/tmp/gpu-logs}  # tarred into $OUT after each group: the device tool returns at most 8 files
 mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if ls .whl/*.whl >/dev/null 2>&1; then
