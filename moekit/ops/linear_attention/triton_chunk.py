@@ -449,11 +449,15 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
 
 
 @triton.jit
-def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
+def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start, end,
                    H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, USE_G: tl.constexpr, PRECISION: tl.constexpr):
     """Back through w = T (beta e^{gc} k), u = T (beta v), T = (I + A)^-1: adds into dk and dg,
-    writes dv and dbeta. The transposed products are computed as their own products."""
+    writes dv and dbeta.
+
+    dT = dw (beta e^{gc} k)^T + du (beta v)^T, dA = -T^T dT T^T, E = dA e^{gc_i - gc_j} (strictly
+    lower). A's gradient reaches dk as F k + F^T k, F = diag(beta) E: F goes out through f_buf and
+    comes back transposed (no computed tile is transposed), so S = F + F^T takes one product."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -464,23 +468,18 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
     if USE_G:
         b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
     b_scale_k = b_beta * tl.exp(b_g)
-    # Each [BT, BT] float32 tile is loaded or formed where it is first needed (T and k k^T after
-    # the loops): fewer of them live at once, for registers and shared memory.
-    b_tt = tl.load(T_in + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)
+    b_tt = tl.load(T_in + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)  # T^T
     b_dt = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dtt = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     b_dg = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
         b_du = _load_rows(du + i_h * V, t, mt, rv, mv, H * V)
-        b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32)
         b_vt = _load_cols(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32)
         b_dt += tl.dot(b_du, b_vt * b_beta[None, :], input_precision=PRECISION)
-        b_dtt += tl.dot(b_v * b_beta[:, None], _load_cols(du + i_h * V, t, mt, rv, mv, H * V),
-                        input_precision=PRECISION)
         b_dvb = tl.dot(b_tt, b_du, input_precision=PRECISION)
+        b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32)
         b_dbeta += tl.sum(b_dvb * b_v, axis=1)
         tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
@@ -488,27 +487,24 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
-        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
         b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
         b_dt += tl.dot(_load_rows(dw + i_h * K, t, mt, rk, mk, H * K), (b_kt * b_scale_k[None, :]).to(dt),
                        input_precision=PRECISION)
-        b_dtt += tl.dot((b_k * b_scale_k[:, None]).to(dt), _load_cols(dw + i_h * K, t, mt, rk, mk, H * K),
-                        input_precision=PRECISION)
     b_da = -tl.dot(tl.dot(b_tt, b_dt, input_precision=PRECISION), b_tt, input_precision=PRECISION)
-    b_t = tl.load(T_in + (t[:, None] * H + i_h) * BT + rt[None, :], mask=mt[:, None], other=0.0)
-    b_dat = -tl.dot(tl.dot(b_t, b_dtt, input_precision=PRECISION), b_t, input_precision=PRECISION)
-    b_kk = _chunk_gram(k + i_h * K, k + i_h * K, t, mt, K, BK, H * K, BT, PRECISION)
     strict = (rt[:, None] > rt[None, :]) & mt[:, None]
-    strict_t = (rt[None, :] > rt[:, None]) & mt[None, :]
     if USE_G:
         b_e = _decayed(b_da, strict, b_g[:, None], b_g[None, :])
-        b_et = _decayed(b_dat, strict_t, b_g[None, :], b_g[:, None])
-        b_m = b_e * b_kk * b_beta[:, None]
-        b_dg += tl.sum(b_m, axis=1) - tl.sum(b_m, axis=0)
     else:
         b_e = tl.where(strict, b_da, 0.0)
-        b_et = tl.where(strict_t, b_dat, 0.0)
-    b_dbeta += tl.sum(b_e * b_kk, axis=1)
+    # beta's and the gate's gradients through A read E (.) k k^T
+    b_ekk = b_e * _chunk_gram(k + i_h * K, k + i_h * K, t, mt, K, BK, H * K, BT, PRECISION)
+    b_dbeta += tl.sum(b_ekk, axis=1)
+    if USE_G:
+        b_dg += b_beta * tl.sum(b_ekk, axis=1) - tl.sum(b_ekk * b_beta[:, None], axis=0)
+    b_f = b_e * b_beta[:, None]
+    tl.store(f_buf + (t[:, None] * H + i_h) * BT + rt[None, :], b_f, mask=mt[:, None])
+    tl.debug_barrier()
+    b_s = b_f + tl.load(f_buf + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
@@ -518,9 +514,7 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
         b_dkb_k = tl.sum(b_tdw * b_k, axis=1)
         b_dbeta += b_dkb_k * tl.exp(b_g)
         b_dg += b_dkb_k * b_scale_k
-        b_dk = (b_tdw * b_scale_k[:, None]
-                + tl.dot(b_e, b_k, input_precision=PRECISION) * b_beta[:, None]
-                + tl.dot(b_et, b_k * b_beta[:, None], input_precision=PRECISION))
+        b_dk = b_tdw * b_scale_k[:, None] + tl.dot(b_s, b_k, input_precision=PRECISION)
         out = (t[:, None] * H + i_h) * K + rk[None, :]
         m_out = mt[:, None] & mk[None, :]
         tl.store(dk + out, tl.load(dk + out, mask=m_out, other=0.0) + b_dk, mask=m_out)
@@ -640,7 +634,8 @@ def wy_bwd(k, v, beta, gc, T, dw, du, dk, dg, chunks: Chunks, v_dtype):
     V = v.shape[-1]
     dv = torch.empty(tokens, H, V, dtype=v_dtype, device=k.device)
     dbeta = torch.empty(tokens, H, dtype=torch.float32, device=k.device)
+    f_buf = torch.empty(T.shape, dtype=torch.float32, device=k.device)  # scratch: F, read back transposed
     _wy_bwd_kernel[(chunks.num_chunks, H)](
-        k, v, beta, gc, T, dw, du, dk, dv, dbeta, dg, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size,
+        k, v, beta, gc, T, dw, du, dk, dv, dbeta, dg, f_buf, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size,
         BK=block(K, 32), BV=block(V, 32), USE_G=gc is not None, **launch_options("wy_bwd", k))
     return dv, dbeta
