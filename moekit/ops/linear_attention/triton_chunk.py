@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.ops.linear_attention.triton_layout import Chunks, block, block_k, launch_options, state_tiles
+from moekit.ops.linear_attention.triton_layout import Chunks, block, block_k, block_v, launch_options, state_tiles
 
 
 @triton.jit
@@ -380,7 +380,10 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
                 BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_VS: tl.constexpr,
                 PRECISION: tl.constexpr):
     """dq, dk (through the outputs and the state), dw (delta) and this K block's share of the
-    gradient of the cumulative gate: q.dq - k.dk, plus the chunk-end decay's term on the last row."""
+    gradient of the cumulative gate: q.dq - k.dk, plus the chunk-end decay's term on the last row.
+
+    dk is formed transposed, dk^T = dh v^T + q^T ds (stored to transposed addresses): both of its
+    products then read ds = do v^T as it is, which spares a second (transposed) score product."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -389,9 +392,8 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
     rk = i_k * BK + tl.arange(0, BK)
     mk = rk < K
     b_ds = tl.zeros([BT, BT], dtype=tl.float32)   # do_i . v_j
-    b_dst = tl.zeros([BT, BT], dtype=tl.float32)  # v_j . do_i, as its own product (no transpose)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dkt = tl.zeros([BK, BT], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     chunk_state = (i_c.to(tl.int64) * H + i_h) * K * V
@@ -399,51 +401,51 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
         b_do = _load_rows(do + i_h * V, t, mt, rv, mv, H * V)
-        b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V)
-        m_state = mv[:, None] & mk[None, :]
-        b_ht = tl.load(h + chunk_state + rk[None, :] * V + rv[:, None], mask=m_state, other=0.0)
-        b_dht = tl.load(dh + chunk_state + rk[None, :] * V + rv[:, None], mask=m_state, other=0.0)
-        b_ds += tl.dot(b_do, _load_cols(v + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
-        b_dst += tl.dot(b_v, _load_cols(do + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
+        b_vt = _load_cols(v + i_h * V, t, mt, rv, mv, H * V)
+        b_ht = tl.load(h + chunk_state + rk[None, :] * V + rv[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
+        state = chunk_state + rk[:, None] * V + rv[None, :]
+        m_state = mk[:, None] & mv[None, :]
+        b_dh = tl.load(dh + state, mask=m_state, other=0.0)
+        b_ds += tl.dot(b_do, b_vt, input_precision=PRECISION)
         b_dq += tl.dot(b_do, b_ht, input_precision=PRECISION)
-        b_dk += tl.dot(b_v.to(b_dht.dtype), b_dht, input_precision=PRECISION)  # dh may be float32: see state_bwd
-        if USE_G:
-            b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), axis=0)
+        b_dkt += tl.dot(b_dh, b_vt.to(b_dh.dtype), input_precision=PRECISION)  # dh may be float32: see state_bwd
+        if USE_G:  # <h, dh> in one orientation: h is loaded a second time, untransposed
+            b_h = tl.load(h + state, mask=m_state, other=0.0)
+            b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
         if DELTA:
             b_dw += tl.dot(_load_rows(dv + i_h * V, t, mt, rv, mv, H * V), b_ht.to(tl.float32),
                            input_precision=PRECISION)
     if HAS_VS:  # v_j scaled by vs_j: every product above that read v_j takes the scale in float32
         b_vs = tl.load(vs + t * H + i_h, mask=mt, other=0.0)
         b_ds = b_ds * b_vs[None, :]
-        b_dst = b_dst * b_vs[:, None]
-        b_dk = b_dk * b_vs[:, None]
+        b_dkt = b_dkt * b_vs[None, :]
     b_q = _load_rows(q + i_h * K, t, mt, rk, mk, H * K)
     b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
+    b_qt = _load_cols(q + i_h * K, t, mt, rk, mk, H * K)
     causal = (rt[:, None] >= rt[None, :]) & mt[:, None]
-    causal_t = (rt[None, :] >= rt[:, None]) & mt[None, :]
     if USE_G:
         b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
         g_last = tl.load(gc + (t1 - 1) * H + i_h)
         b_ds = _decayed(b_ds, causal, b_g[:, None], b_g[None, :])
-        b_dst = _decayed(b_dst, causal_t, b_g[None, :], b_g[:, None])
         b_dq = b_dq * tl.exp(b_g)[:, None]
-        b_dk = b_dk * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]
-        dg_last = tl.sum(b_hdh) * tl.exp(g_last) + tl.sum(tl.sum(b_dk * b_k.to(tl.float32), axis=1))
+        b_dkt = b_dkt * tl.where(mt, tl.exp(g_last - b_g), 0.0)[None, :]
+        b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
+        dg_last = tl.sum(b_hdh) * tl.exp(g_last) + tl.sum(tl.sum(b_dkt * b_kt, axis=0))
     else:
         b_ds = tl.where(causal, b_ds, 0.0)
-        b_dst = tl.where(causal_t, b_dst, 0.0)
     # float32 operands (tf32 on the GPU): rounding ds to bf16 here dominated the error of the
     # gate gradient, a difference q.dq - k.dk that cancels (mamba2's dA sums it over all tokens).
     b_dq = (b_dq + tl.dot(b_ds, b_k.to(tl.float32), input_precision=PRECISION)) * scale
-    b_dk += tl.dot(b_dst * scale, b_q.to(tl.float32), input_precision=PRECISION)
+    b_dkt += tl.dot(b_qt.to(tl.float32), b_ds * scale, input_precision=PRECISION)
     m_out = mt[:, None] & mk[None, :]
     out = (t[:, None] * H + i_h) * K + rk[None, :]
     tl.store(dq + out, b_dq.to(dq.dtype.element_ty), mask=m_out)
-    tl.store(dk + out, b_dk.to(dk.dtype.element_ty), mask=m_out)
+    tl.store(dk + (t[None, :] * H + i_h) * K + rk[:, None], b_dkt.to(dk.dtype.element_ty),
+             mask=mk[:, None] & mt[None, :])
     if DELTA:
         tl.store(dw + out, (-b_dw).to(dw.dtype.element_ty), mask=m_out)
     if USE_G:
-        b_dg = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, axis=1)
+        b_dg = tl.sum(b_q.to(tl.float32) * b_dq, axis=1) - tl.sum(b_kt * b_dkt, axis=0)
         b_dg += tl.where(rt == t1 - 1 - t0, dg_last, 0.0)
         tl.store(dg + i_k * total * H + t * H + i_h, b_dg, mask=mt)
 
@@ -623,7 +625,7 @@ def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype, vs=N
     dg = torch.empty(n_k, tokens, H, dtype=torch.float32, device=q.device) if use_g else None
     _dqk_kernel[(n_k, chunks.num_chunks, H)](
         q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, chunks.start, chunks.end, scale, tokens, H=H, K=K, V=V,
-        BT=chunks.size, BK=BK, BV=block(V), USE_G=use_g, DELTA=delta, HAS_VS=vs is not None,
+        BT=chunks.size, BK=BK, BV=block_v(name, V), USE_G=use_g, DELTA=delta, HAS_VS=vs is not None,
         **launch_options(name, k))
     return dq, dk, dw, (dg.sum(0) if use_g else None)
 

@@ -66,6 +66,12 @@ def block_k(kernel: str, K: int) -> int:
     return min(LAUNCH.get(kernel, LAUNCH["*"]).get("BK", block(K)), padded(K))
 
 
+def block_v(kernel: str, V: int) -> int:
+    """V tile of a per-chunk kernel's loop over V: its "BV" setting (at most the padded V) or
+    ``block(V)``."""
+    return min(LAUNCH.get(kernel, LAUNCH["*"]).get("BV", block(V)), padded(V))
+
+
 def state_tiles(kernel: str, K: int, V: int, split_k: bool) -> tuple[int, int]:
     """(BK, BV) of a sequential state kernel. BK spans the whole K unless the kernel's state rows
     are independent (split_k: no product over K inside the loop) and a smaller BK is set."""
