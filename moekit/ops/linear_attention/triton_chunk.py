@@ -95,19 +95,20 @@ def _store_block(ptr, t0, t1, stride, r: tl.constexpr, c: tl.constexpr, x):
 @triton.jit
 def _invert_diagonal_blocks(ptr, t0, t1, stride, NC: tl.constexpr):
     """Replaces the NC strictly lower [16, 16] diagonal blocks A_rr of a chunk's matrix with
-    (I + A_rr)^-1, all blocks at once (one [NC, 16, 16] tile): forward substitution
-    T_i = e_i - sum_{j<i} A_ij T_j, row i of every block per step (15 steps, not 15 per block)."""
+    (I + A_rr)^-1, all blocks at once: forward substitution T_i = e_i - sum_{j<i} A_ij T_j, row i
+    of every block per step (15 steps, not 15 per block). The blocks are held transposed,
+    [NC, column, row], so each step's sum over j runs along the last axis, inside a warp (no
+    shared memory or barrier), and reads row i of A straight from memory."""
     rb, rc = tl.arange(0, NC), tl.arange(0, 16)
-    rows = rc[None, :, None]
-    t = t0 + rb[:, None, None] * 16 + rows
-    p = ptr + t * stride + rb[:, None, None] * 16 + rc[None, None, :]
-    m = t < t1
-    a = tl.load(p, mask=m, other=0.0)
-    inv = tl.where(rows == rc[None, None, :], 1.0, 0.0) + tl.zeros([NC, 16, 16], dtype=tl.float32)
+    blk = rb[:, None, None]
+    col, row = rc[None, :, None], rc[None, None, :]
+    first = t0 + blk * 16  # [NC, 1, 1] first token of each block
+    inv_t = tl.where(col == row, 1.0, 0.0) + tl.zeros([NC, 16, 16], dtype=tl.float32)
     for i in range(1, 16):
-        a_i = tl.sum(tl.where(rows == i, a, 0.0), axis=1)
-        inv = tl.where(rows == i, inv - tl.sum(a_i[:, :, None] * inv, axis=1)[:, None, :], inv)
-    tl.store(p, inv, mask=m)
+        a_i = tl.load(ptr + (first + i) * stride + blk * 16 + row, mask=first + i < t1, other=0.0)  # [NC, 1, 16]
+        inv_t = tl.where(row == i, inv_t - tl.sum(a_i * inv_t, axis=2)[:, :, None], inv_t)
+    tl.debug_barrier()  # every row of A is read before T overwrites it
+    tl.store(ptr + (first + row) * stride + blk * 16 + col, inv_t, mask=first + row < t1)
 
 
 @triton.jit
