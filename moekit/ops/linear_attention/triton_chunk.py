@@ -416,13 +416,14 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
         if DELTA:
             b_dw += tl.dot(_load_rows(dv + i_h * V, t, mt, rv, mv, H * V), b_ht.to(tl.float32),
                            input_precision=PRECISION)
+    m_out = mt[:, None] & mk[None, :]
+    out = (t[:, None] * H + i_h) * K + rk[None, :]
+    if DELTA:  # stored now: its accumulator is free for what follows
+        tl.store(dw + out, (-b_dw).to(dw.dtype.element_ty), mask=m_out)
     if HAS_VS:  # v_j scaled by vs_j: every product above that read v_j takes the scale in float32
         b_vs = tl.load(vs + t * H + i_h, mask=mt, other=0.0)
         b_ds = b_ds * b_vs[None, :]
         b_dkt = b_dkt * b_vs[None, :]
-    b_q = _load_rows(q + i_h * K, t, mt, rk, mk, H * K)
-    b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
-    b_qt = _load_cols(q + i_h * K, t, mt, rk, mk, H * K)
     causal = (rt[:, None] >= rt[None, :]) & mt[:, None]
     if USE_G:
         b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
@@ -436,17 +437,18 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
         b_ds = tl.where(causal, b_ds, 0.0)
     # float32 operands (tf32 on the GPU): rounding ds to bf16 here dominated the error of the
     # gate gradient, a difference q.dq - k.dk that cancels (mamba2's dA sums it over all tokens).
-    b_dq = (b_dq + tl.dot(b_ds, b_k.to(tl.float32), input_precision=PRECISION)) * scale
-    b_dkt += tl.dot(b_qt.to(tl.float32), b_ds * scale, input_precision=PRECISION)
-    m_out = mt[:, None] & mk[None, :]
-    out = (t[:, None] * H + i_h) * K + rk[None, :]
+    # dq, then dk, each stored (and its share of the gate gradient taken) as soon as it is done.
+    b_dq = (b_dq + tl.dot(b_ds, _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32),
+                          input_precision=PRECISION)) * scale
     tl.store(dq + out, b_dq.to(dq.dtype.element_ty), mask=m_out)
+    if USE_G:
+        b_dg = tl.sum(_load_rows(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32) * b_dq, axis=1)
+    b_dkt += tl.dot(_load_cols(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32), b_ds * scale,
+                    input_precision=PRECISION)
     tl.store(dk + (t[None, :] * H + i_h) * K + rk[:, None], b_dkt.to(dk.dtype.element_ty),
              mask=mk[:, None] & mt[None, :])
-    if DELTA:
-        tl.store(dw + out, (-b_dw).to(dw.dtype.element_ty), mask=m_out)
     if USE_G:
-        b_dg = tl.sum(b_q.to(tl.float32) * b_dq, axis=1) - tl.sum(b_kt * b_dkt, axis=0)
+        b_dg -= tl.sum(b_kt * b_dkt, axis=0)
         b_dg += tl.where(rt == t1 - 1 - t0, dg_last, 0.0)
         tl.store(dg + i_k * total * H + t * H + i_h, b_dg, mask=mt)
 
@@ -640,5 +642,5 @@ def wy_bwd(k, v, beta, gc, T, dw, du, dk, dg, chunks: Chunks, v_dtype):
     f_buf = torch.empty(T.shape, dtype=torch.float32, device=k.device)  # scratch: F, read back transposed
     _wy_bwd_kernel[(chunks.num_chunks, H)](
         k, v, beta, gc, T, dw, du, dk, dv, dbeta, dg, f_buf, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size,
-        BK=block(K, 32), BV=block(V, 32), USE_G=gc is not None, **launch_options("wy_bwd", k))
+        BK=block_k("wy_bwd", K), BV=block_v("wy_bwd", V), USE_G=gc is not None, **launch_options("wy_bwd", k))
     return dv, dbeta

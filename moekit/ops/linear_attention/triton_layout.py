@@ -38,9 +38,9 @@ LAUNCH: dict[str, dict] = {
     "state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
     "state_bwd": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "dqk": {"num_warps": 4, "num_stages": 2},
-    "wy_fwd": {"num_warps": 4, "num_stages": 1},
-    "wy_bwd": {"num_warps": 4, "num_stages": 1},
-    "dqk_delta": {"num_warps": 8, "num_stages": 2},
+    "wy_fwd": {"num_warps": 8, "num_stages": 1, "maxnreg": 128},
+    "wy_bwd": {"num_warps": 8, "num_stages": 1, "maxnreg": 128, "BK": 32, "BV": 32},
+    "dqk_delta": {"num_warps": 8, "num_stages": 2, "maxnreg": 128},
     "state_fwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},
     "state_bwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},
     "gla_scores_tc": {"num_warps": 4, "num_stages": 1},
@@ -56,7 +56,7 @@ def launch_options(kernel: str, x: torch.Tensor) -> dict:
     kernel takes it): float32 inputs get the exactness torch.matmul would give them, not Triton's
     TF32 default."""
     opts = LAUNCH.get(kernel, LAUNCH["*"])
-    return {**{k: v for k, v in opts.items() if k in ("num_warps", "num_stages")},
+    return {**{k: v for k, v in opts.items() if k in ("num_warps", "num_stages", "maxnreg")},
             "PRECISION": dot_precision(x.dtype)}
 
 
