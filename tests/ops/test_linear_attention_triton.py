@@ -333,8 +333,9 @@ def test_delta_tiles_in_per_chunk_kernels(monkeypatch, op):
 
 # Rel. error bounds (outputs and final state, gradients) with float16 inputs vs float64: the
 # measured errors plus ~10% (random keys: delta_rule 6.0e-4 / 7.4e-4, gated 4.9e-4 / 5.7e-4;
-# correlated: 6.8e-4 / 9.0e-4 and 6.2e-4 / 6.5e-4; float16's unit roundoff is 4.9e-4). The delta rule keeps w, dw, dh and the intra-chunk dv in the
-# input dtype and u, T and dv in float32: a further rounding in the input dtype shows here.
+# correlated: 6.8e-4 / 9.0e-4 and 6.2e-4 / 6.5e-4; float16's unit roundoff is 4.9e-4). The delta
+# rule keeps w, dw, dh and the intra-chunk dv in the input dtype and u, T and dv in float32: a
+# further rounding in the input dtype shows here.
 F16_BOUNDS = {("delta_rule", "random"): (6.6e-4, 8.2e-4), ("gated_delta_rule", "random"): (5.5e-4, 6.3e-4),
               ("delta_rule", "correlated"): (7.5e-4, 9.9e-4),
               ("gated_delta_rule", "correlated"): (6.8e-4, 7.2e-4)}
