@@ -17,7 +17,8 @@ finishes dv from dv_local's intra-chunk part), dqk (dq, dk, dw and the gate grad
 
 Robustness on Hopper (Triton 3.4-3.7 miscompiles ``tl.trans`` of a dot result fed to another
 dot): no kernel here transposes a computed tile; every transposed operand is loaded
-transposed from memory, or computed as its own product. Accumulation is float32; the state
+transposed from memory (the WY backward writes one tile to a scratch buffer to read it back
+transposed), or a result is formed transposed and stored to transposed addresses (dk in dqk). Accumulation is float32; the state
 is carried in float32 registers and stored per chunk in the input dtype, its gradient in
 float32. The delta rule stores its dh in the input dtype too, like w, dw and the intra-chunk dv
 (half the bytes in the sequential passes, 16-bit dots); u stays float32 (in bf16 it added 15% to

@@ -33,6 +33,10 @@ CHUNK_SIZES = (16, 32, 64)
 # state kernels hold every K row of the state (v - w S reads all of them), so V is their only
 # split: 32-wide V tiles give four programs per sequence and head (a long sequence at small batch
 # fills the GPU) and a [128, 32] float32 state, 32 registers a thread at 4 warps.
+# "maxnreg" caps a kernel's registers: the WY kernels and the delta rule's dq/dk run at 8 warps
+# and 128 registers, two CTAs per SM (uncapped they took 154-255 registers, one or two CTAs of 4-8
+# warps); sm_90 builds show no spills for dqk_delta and wy_bwd, 48-56 spilled bytes for wy_fwd.
+# These three settings come from register and shared-memory counts, not yet from a GPU sweep.
 LAUNCH: dict[str, dict] = {
     "*": {"num_warps": 4},
     "state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
@@ -52,7 +56,7 @@ LAUNCH: dict[str, dict] = {
 
 
 def launch_options(kernel: str, x: torch.Tensor) -> dict:
-    """num_warps / num_stages of a kernel, and its dots' input precision (``PRECISION``, every dot
+    """num_warps / num_stages / maxnreg of a kernel, and its dots' input precision (``PRECISION``, every dot
     kernel takes it): float32 inputs get the exactness torch.matmul would give them, not Triton's
     TF32 default."""
     opts = LAUNCH.get(kernel, LAUNCH["*"])
