@@ -18,12 +18,12 @@ finishes dv from dv_local's intra-chunk part), dqk (dq, dk, dw and the gate grad
 Robustness on Hopper (Triton 3.4-3.7 miscompiles ``tl.trans`` of a dot result fed to another
 dot): no kernel here transposes a computed tile; every transposed operand is loaded
 transposed from memory (the WY backward writes one tile to a scratch buffer to read it back
-transposed), or a result is formed transposed and stored to transposed addresses (dk in dqk). Accumulation is float32; the state
-is carried in float32 registers and stored per chunk in the input dtype, its gradient in
-float32. The delta rule stores its dh in the input dtype too, like w, dw and the intra-chunk dv
-(half the bytes in the sequential passes, 16-bit dots); u stays float32 (in bf16 it added 15% to
-the outputs' error in an emulation), and so do T and dv. Token and chunk offsets are 64-bit: the
-per-chunk state buffers pass 2^31 elements at long contexts.
+transposed), or a result is formed transposed and stored to transposed addresses (dk in dqk).
+Accumulation is float32; the state is carried in float32 registers and stored per chunk in the
+input dtype, its gradient in float32. The delta rule stores its dh in the input dtype too, like
+w, dw and the intra-chunk dv (half the bytes in the sequential passes, 16-bit dots); u stays
+float32 (in bf16 it added 15% to the outputs' error in an emulation), and so do T and dv. Token
+and chunk offsets are 64-bit: the per-chunk state buffers pass 2^31 elements at long contexts.
 
 Simple GLA may take a per-token float32 scale vs of v's rows (v_t <- vs_t v_t; Mamba2's dt),
 folded into the float32 decay factors, so the scaled v is never rounded to the input dtype.
