@@ -376,3 +376,13 @@ def test_chunk_bf16_within_the_acceptance_bounds(op, gpu_like_bf16):
     assert rel_err(s, rs) < 5e-3, f"{op} final state: {rel_err(s, rs):.2e}"
     for name in rd:
         assert rel_err(d[name], rd[name]) < 1e-2, f"{op} d{name}: {rel_err(d[name], rd[name]):.2e}"
+
+
+def test_register_cap_only_for_tensor_core_dots():
+    """A kernel's maxnreg reaches the launch for 16-bit inputs; exact float32 dots (FMA units, far more
+    registers) launch without it."""
+    from moekit.ops.linear_attention import triton_layout
+
+    cap = triton_layout.LAUNCH["wy_bwd"]["maxnreg"]
+    assert triton_layout.launch_options("wy_bwd", torch.zeros(1, dtype=torch.bfloat16))["maxnreg"] == cap
+    assert "maxnreg" not in triton_layout.launch_options("wy_bwd", torch.zeros(1))

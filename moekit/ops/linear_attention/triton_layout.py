@@ -56,12 +56,14 @@ LAUNCH: dict[str, dict] = {
 
 
 def launch_options(kernel: str, x: torch.Tensor) -> dict:
-    """num_warps / num_stages / maxnreg of a kernel, and its dots' input precision (``PRECISION``, every dot
-    kernel takes it): float32 inputs get the exactness torch.matmul would give them, not Triton's
-    TF32 default."""
+    """num_warps / num_stages / maxnreg of a kernel, and its dots' input precision (``PRECISION``,
+    every dot kernel takes it): float32 inputs get the exactness torch.matmul would give them, not
+    Triton's TF32 default. Exact float32 dots run on the FMA units and need far more registers
+    (a 128 cap spilled 1-6 KB in sm_90 builds), so maxnreg is for tensor-core precisions only."""
     opts = LAUNCH.get(kernel, LAUNCH["*"])
-    return {**{k: v for k, v in opts.items() if k in ("num_warps", "num_stages", "maxnreg")},
-            "PRECISION": dot_precision(x.dtype)}
+    precision = dot_precision(x.dtype)
+    keys = ("num_warps", "num_stages") + (("maxnreg",) if precision != "ieee" else ())
+    return {**{k: v for k, v in opts.items() if k in keys}, "PRECISION": precision}
 
 
 def block_k(kernel: str, K: int) -> int:
