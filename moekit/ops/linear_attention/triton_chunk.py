@@ -17,12 +17,13 @@ finishes dv from dv_local's intra-chunk part), dqk (dq, dk, dw and the gate grad
 
 Robustness on Hopper (Triton 3.4-3.7 miscompiles ``tl.trans`` of a dot result fed to another
 dot): no kernel here transposes a computed tile; every transposed operand is loaded
-transposed from memory, or computed as its own product. Accumulation is float32; the state
-is carried in float32 registers and stored per chunk in the input dtype, its gradient in
-float32. The delta rule stores its dh in the input dtype too, like w, dw and the intra-chunk dv
-(half the bytes in the sequential passes, 16-bit dots); u stays float32 (in bf16 it added 15% to
-the outputs' error in an emulation), and so do T and dv. Token and chunk offsets are 64-bit: the
-per-chunk state buffers pass 2^31 elements at long contexts.
+transposed from memory (the WY backward writes one tile to a scratch buffer to read it back
+transposed), or a result is formed transposed and stored to transposed addresses (dk in dqk).
+Accumulation is float32; the state is carried in float32 registers and stored per chunk in the
+input dtype, its gradient in float32. The delta rule stores its dh in the input dtype too, like
+w, dw and the intra-chunk dv (half the bytes in the sequential passes, 16-bit dots); u stays
+float32 (in bf16 it added 15% to the outputs' error in an emulation), and so do T and dv. Token
+and chunk offsets are 64-bit: the per-chunk state buffers pass 2^31 elements at long contexts.
 
 Simple GLA may take a per-token float32 scale vs of v's rows (v_t <- vs_t v_t; Mamba2's dt),
 folded into the float32 decay factors, so the scaled v is never rounded to the input dtype.
@@ -34,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.ops.linear_attention.triton_layout import Chunks, block, block_k, launch_options, state_tiles
+from moekit.ops.linear_attention.triton_layout import Chunks, block, block_k, block_v, launch_options, state_tiles
 
 
 @triton.jit
@@ -95,19 +96,24 @@ def _store_block(ptr, t0, t1, stride, r: tl.constexpr, c: tl.constexpr, x):
 @triton.jit
 def _invert_diagonal_blocks(ptr, t0, t1, stride, NC: tl.constexpr):
     """Replaces the NC strictly lower [16, 16] diagonal blocks A_rr of a chunk's matrix with
-    (I + A_rr)^-1, all blocks at once (one [NC, 16, 16] tile): forward substitution
-    T_i = e_i - sum_{j<i} A_ij T_j, row i of every block per step (15 steps, not 15 per block)."""
+    (I + A_rr)^-1, all blocks at once: forward substitution T_i = e_i - sum_{j<i} A_ij T_j, row i
+    of every block per step (15 steps, not 15 per block). The blocks are held transposed,
+    [NC, column, row], so each step's sum over j runs along the last axis, inside a warp (no
+    shared memory or barrier), and reads row i of A straight from memory."""
     rb, rc = tl.arange(0, NC), tl.arange(0, 16)
-    rows = rc[None, :, None]
-    t = t0 + rb[:, None, None] * 16 + rows
-    p = ptr + t * stride + rb[:, None, None] * 16 + rc[None, None, :]
-    m = t < t1
-    a = tl.load(p, mask=m, other=0.0)
-    inv = tl.where(rows == rc[None, None, :], 1.0, 0.0) + tl.zeros([NC, 16, 16], dtype=tl.float32)
-    for i in range(1, 16):
-        a_i = tl.sum(tl.where(rows == i, a, 0.0), axis=1)
-        inv = tl.where(rows == i, inv - tl.sum(a_i[:, :, None] * inv, axis=1)[:, None, :], inv)
-    tl.store(p, inv, mask=m)
+    blk = rb[:, None, None]
+    col, row = rc[None, :, None], rc[None, None, :]
+    first = t0 + blk * 16  # [NC, 1, 1] first token of each block
+    inv_t = tl.where(col == row, 1.0, 0.0) + tl.zeros([NC, 16, 16], dtype=tl.float32)
+    # 3 x 5 steps: the 5 row loads of an unrolled group are issued together (the loop keeps the
+    # layout that suits the sums; unrolled whole, the transposed store's layout would win)
+    for i0 in range(1, 16, 5):
+        for d in tl.static_range(5):
+            a_i = tl.load(ptr + (first + i0 + d) * stride + blk * 16 + row, mask=first + i0 + d < t1,
+                          other=0.0)  # [NC, 1, 16]
+            inv_t = tl.where(row == i0 + d, inv_t - tl.sum(a_i * inv_t, axis=2)[:, :, None], inv_t)
+    tl.debug_barrier()  # every row of A is read before T overwrites it
+    tl.store(ptr + (first + row) * stride + blk * 16 + col, inv_t, mask=first + row < t1)
 
 
 @triton.jit
@@ -380,7 +386,10 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
                 BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_VS: tl.constexpr,
                 PRECISION: tl.constexpr):
     """dq, dk (through the outputs and the state), dw (delta) and this K block's share of the
-    gradient of the cumulative gate: q.dq - k.dk, plus the chunk-end decay's term on the last row."""
+    gradient of the cumulative gate: q.dq - k.dk, plus the chunk-end decay's term on the last row.
+
+    dk is formed transposed, dk^T = dh v^T + q^T ds (stored to transposed addresses): both of its
+    products then read ds = do v^T as it is, which spares a second (transposed) score product."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -389,9 +398,8 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
     rk = i_k * BK + tl.arange(0, BK)
     mk = rk < K
     b_ds = tl.zeros([BT, BT], dtype=tl.float32)   # do_i . v_j
-    b_dst = tl.zeros([BT, BT], dtype=tl.float32)  # v_j . do_i, as its own product (no transpose)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dkt = tl.zeros([BK, BT], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     chunk_state = (i_c.to(tl.int64) * H + i_h) * K * V
@@ -399,61 +407,67 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
         b_do = _load_rows(do + i_h * V, t, mt, rv, mv, H * V)
-        b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V)
-        m_state = mv[:, None] & mk[None, :]
-        b_ht = tl.load(h + chunk_state + rk[None, :] * V + rv[:, None], mask=m_state, other=0.0)
-        b_dht = tl.load(dh + chunk_state + rk[None, :] * V + rv[:, None], mask=m_state, other=0.0)
-        b_ds += tl.dot(b_do, _load_cols(v + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
-        b_dst += tl.dot(b_v, _load_cols(do + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
+        b_vt = _load_cols(v + i_h * V, t, mt, rv, mv, H * V)
+        b_ht = tl.load(h + chunk_state + rk[None, :] * V + rv[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
+        state = chunk_state + rk[:, None] * V + rv[None, :]
+        m_state = mk[:, None] & mv[None, :]
+        b_dh = tl.load(dh + state, mask=m_state, other=0.0)
+        b_ds += tl.dot(b_do, b_vt, input_precision=PRECISION)
         b_dq += tl.dot(b_do, b_ht, input_precision=PRECISION)
-        b_dk += tl.dot(b_v.to(b_dht.dtype), b_dht, input_precision=PRECISION)  # dh may be float32: see state_bwd
-        if USE_G:
-            b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), axis=0)
+        b_dkt += tl.dot(b_dh, b_vt.to(b_dh.dtype), input_precision=PRECISION)  # dh may be float32: see state_bwd
+        if USE_G:  # <h, dh> in one orientation: h is loaded a second time, untransposed
+            b_h = tl.load(h + state, mask=m_state, other=0.0)
+            b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
         if DELTA:
             b_dw += tl.dot(_load_rows(dv + i_h * V, t, mt, rv, mv, H * V), b_ht.to(tl.float32),
                            input_precision=PRECISION)
+    m_out = mt[:, None] & mk[None, :]
+    out = (t[:, None] * H + i_h) * K + rk[None, :]
+    if DELTA:  # stored now: its accumulator is free for what follows
+        tl.store(dw + out, (-b_dw).to(dw.dtype.element_ty), mask=m_out)
     if HAS_VS:  # v_j scaled by vs_j: every product above that read v_j takes the scale in float32
         b_vs = tl.load(vs + t * H + i_h, mask=mt, other=0.0)
         b_ds = b_ds * b_vs[None, :]
-        b_dst = b_dst * b_vs[:, None]
-        b_dk = b_dk * b_vs[:, None]
-    b_q = _load_rows(q + i_h * K, t, mt, rk, mk, H * K)
-    b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
+        b_dkt = b_dkt * b_vs[None, :]
     causal = (rt[:, None] >= rt[None, :]) & mt[:, None]
-    causal_t = (rt[None, :] >= rt[:, None]) & mt[None, :]
     if USE_G:
         b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
         g_last = tl.load(gc + (t1 - 1) * H + i_h)
         b_ds = _decayed(b_ds, causal, b_g[:, None], b_g[None, :])
-        b_dst = _decayed(b_dst, causal_t, b_g[None, :], b_g[:, None])
         b_dq = b_dq * tl.exp(b_g)[:, None]
-        b_dk = b_dk * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]
-        dg_last = tl.sum(b_hdh) * tl.exp(g_last) + tl.sum(tl.sum(b_dk * b_k.to(tl.float32), axis=1))
+        b_dkt = b_dkt * tl.where(mt, tl.exp(g_last - b_g), 0.0)[None, :]
+        b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
+        dg_last = tl.sum(b_hdh) * tl.exp(g_last) + tl.sum(tl.sum(b_dkt * b_kt, axis=0))
     else:
         b_ds = tl.where(causal, b_ds, 0.0)
-        b_dst = tl.where(causal_t, b_dst, 0.0)
     # float32 operands (tf32 on the GPU): rounding ds to bf16 here dominated the error of the
     # gate gradient, a difference q.dq - k.dk that cancels (mamba2's dA sums it over all tokens).
-    b_dq = (b_dq + tl.dot(b_ds, b_k.to(tl.float32), input_precision=PRECISION)) * scale
-    b_dk += tl.dot(b_dst * scale, b_q.to(tl.float32), input_precision=PRECISION)
-    m_out = mt[:, None] & mk[None, :]
-    out = (t[:, None] * H + i_h) * K + rk[None, :]
+    # dq, then dk, each stored (and its share of the gate gradient taken) as soon as it is done.
+    b_dq = (b_dq + tl.dot(b_ds, _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32),
+                          input_precision=PRECISION)) * scale
     tl.store(dq + out, b_dq.to(dq.dtype.element_ty), mask=m_out)
-    tl.store(dk + out, b_dk.to(dk.dtype.element_ty), mask=m_out)
-    if DELTA:
-        tl.store(dw + out, (-b_dw).to(dw.dtype.element_ty), mask=m_out)
     if USE_G:
-        b_dg = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, axis=1)
+        b_dg = tl.sum(_load_rows(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32) * b_dq, axis=1)
+    b_dkt += tl.dot(_load_cols(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32), b_ds * scale,
+                    input_precision=PRECISION)
+    tl.store(dk + (t[None, :] * H + i_h) * K + rk[:, None], b_dkt.to(dk.dtype.element_ty),
+             mask=mk[:, None] & mt[None, :])
+    if USE_G:
+        b_dg -= tl.sum(b_kt * b_dkt, axis=0)
         b_dg += tl.where(rt == t1 - 1 - t0, dg_last, 0.0)
         tl.store(dg + i_k * total * H + t * H + i_h, b_dg, mask=mt)
 
 
 @triton.jit
-def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
+def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start, end,
                    H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, USE_G: tl.constexpr, PRECISION: tl.constexpr):
     """Back through w = T (beta e^{gc} k), u = T (beta v), T = (I + A)^-1: adds into dk and dg,
-    writes dv and dbeta. The transposed products are computed as their own products."""
+    writes dv and dbeta.
+
+    dT = dw (beta e^{gc} k)^T + du (beta v)^T, dA = -T^T dT T^T, E = dA e^{gc_i - gc_j} (strictly
+    lower). A's gradient reaches dk as F k + F^T k, F = diag(beta) E: F goes out through f_buf and
+    comes back transposed (no computed tile is transposed), so S = F + F^T takes one product."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -464,23 +478,18 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
     if USE_G:
         b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
     b_scale_k = b_beta * tl.exp(b_g)
-    # Each [BT, BT] float32 tile is loaded or formed where it is first needed (T and k k^T after
-    # the loops): fewer of them live at once, for registers and shared memory.
-    b_tt = tl.load(T_in + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)
+    b_tt = tl.load(T_in + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)  # T^T
     b_dt = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dtt = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     b_dg = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
         b_du = _load_rows(du + i_h * V, t, mt, rv, mv, H * V)
-        b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32)
         b_vt = _load_cols(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32)
         b_dt += tl.dot(b_du, b_vt * b_beta[None, :], input_precision=PRECISION)
-        b_dtt += tl.dot(b_v * b_beta[:, None], _load_cols(du + i_h * V, t, mt, rv, mv, H * V),
-                        input_precision=PRECISION)
         b_dvb = tl.dot(b_tt, b_du, input_precision=PRECISION)
+        b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32)
         b_dbeta += tl.sum(b_dvb * b_v, axis=1)
         tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
@@ -488,27 +497,24 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
-        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
         b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
         b_dt += tl.dot(_load_rows(dw + i_h * K, t, mt, rk, mk, H * K), (b_kt * b_scale_k[None, :]).to(dt),
                        input_precision=PRECISION)
-        b_dtt += tl.dot((b_k * b_scale_k[:, None]).to(dt), _load_cols(dw + i_h * K, t, mt, rk, mk, H * K),
-                        input_precision=PRECISION)
     b_da = -tl.dot(tl.dot(b_tt, b_dt, input_precision=PRECISION), b_tt, input_precision=PRECISION)
-    b_t = tl.load(T_in + (t[:, None] * H + i_h) * BT + rt[None, :], mask=mt[:, None], other=0.0)
-    b_dat = -tl.dot(tl.dot(b_t, b_dtt, input_precision=PRECISION), b_t, input_precision=PRECISION)
-    b_kk = _chunk_gram(k + i_h * K, k + i_h * K, t, mt, K, BK, H * K, BT, PRECISION)
     strict = (rt[:, None] > rt[None, :]) & mt[:, None]
-    strict_t = (rt[None, :] > rt[:, None]) & mt[None, :]
     if USE_G:
         b_e = _decayed(b_da, strict, b_g[:, None], b_g[None, :])
-        b_et = _decayed(b_dat, strict_t, b_g[None, :], b_g[:, None])
-        b_m = b_e * b_kk * b_beta[:, None]
-        b_dg += tl.sum(b_m, axis=1) - tl.sum(b_m, axis=0)
     else:
         b_e = tl.where(strict, b_da, 0.0)
-        b_et = tl.where(strict_t, b_dat, 0.0)
-    b_dbeta += tl.sum(b_e * b_kk, axis=1)
+    # beta's and the gate's gradients through A read E (.) k k^T
+    b_ekk = b_e * _chunk_gram(k + i_h * K, k + i_h * K, t, mt, K, BK, H * K, BT, PRECISION)
+    b_dbeta += tl.sum(b_ekk, axis=1)
+    if USE_G:
+        b_dg += b_beta * tl.sum(b_ekk, axis=1) - tl.sum(b_ekk * b_beta[:, None], axis=0)
+    b_f = b_e * b_beta[:, None]
+    tl.store(f_buf + (t[:, None] * H + i_h) * BT + rt[None, :], b_f, mask=mt[:, None])
+    tl.debug_barrier()
+    b_s = b_f + tl.load(f_buf + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
@@ -518,9 +524,7 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, start, end,
         b_dkb_k = tl.sum(b_tdw * b_k, axis=1)
         b_dbeta += b_dkb_k * tl.exp(b_g)
         b_dg += b_dkb_k * b_scale_k
-        b_dk = (b_tdw * b_scale_k[:, None]
-                + tl.dot(b_e, b_k, input_precision=PRECISION) * b_beta[:, None]
-                + tl.dot(b_et, b_k * b_beta[:, None], input_precision=PRECISION))
+        b_dk = b_tdw * b_scale_k[:, None] + tl.dot(b_s, b_k, input_precision=PRECISION)
         out = (t[:, None] * H + i_h) * K + rk[None, :]
         m_out = mt[:, None] & mk[None, :]
         tl.store(dk + out, tl.load(dk + out, mask=m_out, other=0.0) + b_dk, mask=m_out)
@@ -629,7 +633,7 @@ def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype, vs=N
     dg = torch.empty(n_k, tokens, H, dtype=torch.float32, device=q.device) if use_g else None
     _dqk_kernel[(n_k, chunks.num_chunks, H)](
         q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, chunks.start, chunks.end, scale, tokens, H=H, K=K, V=V,
-        BT=chunks.size, BK=BK, BV=block(V), USE_G=use_g, DELTA=delta, HAS_VS=vs is not None,
+        BT=chunks.size, BK=BK, BV=block_v(name, V), USE_G=use_g, DELTA=delta, HAS_VS=vs is not None,
         **launch_options(name, k))
     return dq, dk, dw, (dg.sum(0) if use_g else None)
 
@@ -640,7 +644,8 @@ def wy_bwd(k, v, beta, gc, T, dw, du, dk, dg, chunks: Chunks, v_dtype):
     V = v.shape[-1]
     dv = torch.empty(tokens, H, V, dtype=v_dtype, device=k.device)
     dbeta = torch.empty(tokens, H, dtype=torch.float32, device=k.device)
+    f_buf = torch.empty(T.shape, dtype=torch.float32, device=k.device)  # scratch: F, read back transposed
     _wy_bwd_kernel[(chunks.num_chunks, H)](
-        k, v, beta, gc, T, dw, du, dk, dv, dbeta, dg, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size,
-        BK=block(K, 32), BV=block(V, 32), USE_G=gc is not None, **launch_options("wy_bwd", k))
+        k, v, beta, gc, T, dw, du, dk, dv, dbeta, dg, f_buf, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size,
+        BK=block_k("wy_bwd", K), BV=block_v("wy_bwd", V), USE_G=gc is not None, **launch_options("wy_bwd", k))
     return dv, dbeta

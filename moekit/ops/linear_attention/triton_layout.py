@@ -33,14 +33,18 @@ CHUNK_SIZES = (16, 32, 64)
 # state kernels hold every K row of the state (v - w S reads all of them), so V is their only
 # split: 32-wide V tiles give four programs per sequence and head (a long sequence at small batch
 # fills the GPU) and a [128, 32] float32 state, 32 registers a thread at 4 warps.
+# "maxnreg" caps a kernel's registers: the WY kernels and the delta rule's dq/dk run at 8 warps
+# and 128 registers, two CTAs per SM (uncapped they took 154-255 registers, one or two CTAs of 4-8
+# warps); sm_90 builds show no spills for dqk_delta and wy_bwd, 48-56 spilled bytes for wy_fwd.
+# These three settings come from register and shared-memory counts, not yet from a GPU sweep.
 LAUNCH: dict[str, dict] = {
     "*": {"num_warps": 4},
     "state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
     "state_bwd": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "dqk": {"num_warps": 4, "num_stages": 2},
-    "wy_fwd": {"num_warps": 4, "num_stages": 1},
-    "wy_bwd": {"num_warps": 4, "num_stages": 1},
-    "dqk_delta": {"num_warps": 8, "num_stages": 2},
+    "wy_fwd": {"num_warps": 8, "num_stages": 1, "maxnreg": 128},
+    "wy_bwd": {"num_warps": 8, "num_stages": 1, "maxnreg": 128, "BK": 32, "BV": 32},
+    "dqk_delta": {"num_warps": 8, "num_stages": 2, "maxnreg": 128},
     "state_fwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},
     "state_bwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},
     "gla_scores_tc": {"num_warps": 4, "num_stages": 1},
@@ -52,18 +56,26 @@ LAUNCH: dict[str, dict] = {
 
 
 def launch_options(kernel: str, x: torch.Tensor) -> dict:
-    """num_warps / num_stages of a kernel, and its dots' input precision (``PRECISION``, every dot
-    kernel takes it): float32 inputs get the exactness torch.matmul would give them, not Triton's
-    TF32 default."""
+    """num_warps / num_stages / maxnreg of a kernel, and its dots' input precision (``PRECISION``,
+    every dot kernel takes it): float32 inputs get the exactness torch.matmul would give them, not
+    Triton's TF32 default. Exact float32 dots run on the FMA units and need far more registers
+    (a 128 cap spilled 1-6 KB in sm_90 builds), so maxnreg is for tensor-core precisions only."""
     opts = LAUNCH.get(kernel, LAUNCH["*"])
-    return {**{k: v for k, v in opts.items() if k in ("num_warps", "num_stages")},
-            "PRECISION": dot_precision(x.dtype)}
+    precision = dot_precision(x.dtype)
+    keys = ("num_warps", "num_stages") + (("maxnreg",) if precision != "ieee" else ())
+    return {**{k: v for k, v in opts.items() if k in keys}, "PRECISION": precision}
 
 
 def block_k(kernel: str, K: int) -> int:
     """K tile of a per-chunk kernel that splits K over programs: its "BK" setting (at most the
     padded K) or ``block(K)``."""
     return min(LAUNCH.get(kernel, LAUNCH["*"]).get("BK", block(K)), padded(K))
+
+
+def block_v(kernel: str, V: int) -> int:
+    """V tile of a per-chunk kernel's loop over V: its "BV" setting (at most the padded V) or
+    ``block(V)``."""
+    return min(LAUNCH.get(kernel, LAUNCH["*"]).get("BV", block(V)), padded(V))
 
 
 def state_tiles(kernel: str, K: int, V: int, split_k: bool) -> tuple[int, int]:
