@@ -38,7 +38,7 @@ def record_launches(tag: Callable[[], str] = lambda: "") -> list[dict]:
         nbytes = {n: v.numel() * v.element_size() for n, v in bound.items() if isinstance(v, torch.Tensor)}
         launches.append({"module": self.fn.__module__, "name": self.fn.__name__, "kinds": kinds, "bytes": nbytes,
                          "grid": list(grid) if isinstance(grid, tuple) else "callable", "tag": tag(),
-                         "options": {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}})
+                         "options": {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}})
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     interpreter.InterpretedFunction.run = recording_run
@@ -143,7 +143,10 @@ def resources(kernel, arch: int) -> str:
 
 
 def recorded_options(launch: dict) -> dict:
-    return {"num_warps": launch["options"].get("num_warps", 4), "num_stages": launch["options"].get("num_stages", 3)}
+    options = {"num_warps": launch["options"].get("num_warps", 4), "num_stages": launch["options"].get("num_stages", 3)}
+    if "maxnreg" in launch["options"]:  # a register cap is part of the build (it can spill)
+        options["maxnreg"] = launch["options"]["maxnreg"]
+    return options
 
 
 def build_each(launches: list[dict], arch: int, label: Callable[[dict, dict], str],
