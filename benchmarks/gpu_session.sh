@@ -43,7 +43,7 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     modeltests) step modeltests 110 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE \
       tests/models tests/vla tests/train ;;
     gputests_rest) step gputests_rest 300 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE --durations=5 \
-      tests/train tests/vla tests/parallel tests/interop ;;
+      tests/train tests/vla tests/parallel tests/hf ;;
     profile_delta) step profile_delta 150 python3 benchmarks/profile_linear_attention.py --ops delta_rule,gated_delta_rule \
       --settings default,w8s1,w4s1 ;;
     vlatrain) step vlatrain 90 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE --durations=5 \
