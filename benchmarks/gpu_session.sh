@@ -76,6 +76,11 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
       --steps 3 --warmup 1 --tokens 32768 --profile ;;
     bench_ep32k_vendor|bench_ep32k_triton) step "$1" 200 env MOEKIT_MOE_IMPL="${1#bench_ep32k_}" torchrun --standalone \
       --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --tokens 32768 ;;
+    ep_env_sweep) step ep_env_sweep 290 bash -c 'for env in NCCL_MIN_NCHANNELS=32 NCCL_PROTO=Simple \
+      "NCCL_MIN_NCHANNELS=32 NCCL_PROTO=Simple" "NCCL_MIN_CTAS=32 NCCL_MAX_CTAS=32"; do echo "## $env"; \
+      env $env torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 \
+      --warmup 1 --tokens 32768 2>&1 | grep "^small\|^model"; done' ;;
+    check_delta) step check_delta 120 python3 benchmarks/gpu_check_linear_attention.py --ops delta_rule,gated_delta_rule ;;
     bench_ep16k) step "$1" 200 torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --tokens 16384 ;;
     bench_ep32k) step "$1" 200 torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --tokens 32768 ;;
     parity_bf16|parity_fp8|parity_mxfp8) step "$1" 420 python3 benchmarks/parity.py --precisions "${1#parity_}" --out "$LOGS/parity" ;;
