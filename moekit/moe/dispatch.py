@@ -2,8 +2,11 @@
 
 The MoE layer hands its routing to a dispatcher object. ``LocalDispatcher`` (the default) runs
 every expert on this device; ``moekit.parallel`` installs an all-to-all dispatcher for expert
-parallelism through ``MoE.set_dispatcher``. The shared-expert callable is passed in so that a
-dispatcher can overlap it with communication.
+parallelism through ``MoE.set_dispatcher``. A dispatcher has two calls per layer pass:
+``start(x)`` before the router runs (a dispatcher whose token rows do not depend on the routing
+can send them then, so the transfer overlaps the router) and ``__call__`` with the routing and
+what ``start`` returned. The shared-expert callable is passed in so that a dispatcher can overlap
+it with communication too.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ class LocalDispatcher:
         self.backend = backend
         self.precision = precision
 
+    def start(self, x: torch.Tensor) -> None:
+        """Nothing to send ahead: every expert is here."""
+        return None
+
     def __call__(
         self,
         x: torch.Tensor,
@@ -28,6 +35,7 @@ class LocalDispatcher:
         topk_weight: torch.Tensor,
         experts: RoutedExperts,
         shared: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        started: None = None,
     ) -> torch.Tensor:
         out = moe_ops.routed_experts(x, topk_idx, topk_weight, experts.w_up, experts.w_down,
                                      experts.activation, self.backend, self.precision)

@@ -64,13 +64,14 @@ class MoE(nn.Module):
         h = x.reshape(-1, cfg.hidden_size)
         num_sequences = h.shape[0] // shape[-2] if x.dim() >= 3 else 1
 
+        started = self.dispatcher.start(h)  # e.g. the token rows leave while the router runs
         routing = self.router(h)
         self.aux_loss = self._balancing(routing, num_sequences)
         if self.training and cfg.bias_update_rate > 0:
             self.router.load_since_update += expert_counts(routing.chosen_idx, cfg.num_experts)
 
         shared = self._shared_output if self.shared is not None else None
-        out = self.dispatcher(h, routing.topk_idx, routing.topk_weight, self.experts, shared)
+        out = self.dispatcher(h, routing.topk_idx, routing.topk_weight, self.experts, shared, started)
         return out.view(shape)
 
     def _balancing(self, routing, num_sequences: int) -> torch.Tensor:

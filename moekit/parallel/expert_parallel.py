@@ -7,7 +7,8 @@ the number of its experts there; on arrival its [K] routing row is restricted to
 there). Two ways to move the rows (``AllToAllDispatcher(pad_to_tokens=...)``):
 
 * padded (the default), no host synchronisation: every rank's block of T tokens goes to every
-  rank, i.e. an all-gather of the token rows and of their routing rows; each rank runs its
+  rank, i.e. an all-gather of the token rows (started before the router runs: the rows do not
+  depend on the routing) and of their routing rows; each rank runs its
   experts on all ep * T rows and a reduce-scatter returns to rank r the sum over ranks of the
   outputs for its tokens (in x's dtype: one rounding at ep = 2). No rows are copied or summed
   outside NCCL. Every rank of the group must hold the same T (and K) in a call. A token routed
@@ -123,7 +124,16 @@ class AllToAllDispatcher:
         self.precision = precision
         self.pad_to_tokens = pad_to_tokens
         self.ep_size = dist.get_world_size(group)
-        self._checked_shapes: set[tuple[int, int]] = set()
+        self._checked_shapes: set[tuple[int, ...]] = set()
+
+    def start(self, x: torch.Tensor):
+        """Padded mode: the all-gather of the token rows, started before the router runs (the
+        rows do not depend on the routing), so the transfer overlaps it. Exact mode: None (its
+        rows depend on the routing)."""
+        if not self.pad_to_tokens:
+            return None
+        self._check_same_shape((x.shape[0],), "token counts", x.device)
+        return all_gather_start(x, self.group)
 
     def __call__(
         self,
@@ -132,14 +142,17 @@ class AllToAllDispatcher:
         topk_weight: torch.Tensor,
         experts: RoutedExperts,
         shared: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        started=None,
     ) -> torch.Tensor:
+        """``started``: what ``start(x)`` returned for this pass (padded mode starts the
+        all-gather itself without it)."""
         shard = self.shard
         if experts.num_experts != shard.num_local:
             raise ValueError(f"AllToAllDispatcher: experts hold {experts.num_experts} experts, the shard "
                              f"record says {shard.num_local}; shard the layer with shard_experts()")
         if self.pad_to_tokens:
-            self._check_same_shape(topk_idx)
-            all_x, x_work = all_gather_start(x, self.group)
+            self._check_same_shape(tuple(topk_idx.shape), "(tokens, top_k) shapes", topk_idx.device)
+            all_x, x_work = started if started is not None else self.start(x)
             all_routing, routing_work = all_gather_start(pack_routing(topk_idx, topk_weight), self.group)
             shared_out = shared(x) if shared is not None else None  # overlaps the all-gathers
             x_work.wait()
@@ -180,16 +193,17 @@ class AllToAllDispatcher:
                                    experts.activation, self.backend, self.precision)
         return all_to_all(y, send_splits, recv_splits, self.group), shared_out
 
-    def _check_same_shape(self, topk_idx: torch.Tensor) -> None:
-        """Equal splits need the same (tokens, top_k) on every rank: check each new shape once."""
-        shape = tuple(topk_idx.shape)
+    def _check_same_shape(self, shape: tuple[int, ...], what: str, device: torch.device) -> None:
+        """Equal blocks need the same token count (and top_k) on every rank: each new shape is
+        checked once, with one host read."""
         if shape in self._checked_shapes:
             return
-        mine = torch.tensor([shape] * self.ep_size, device=topk_idx.device)
+        mine = torch.tensor([shape] * self.ep_size, device=device)
         theirs = [tuple(s) for s in exchange_counts(mine, self.group).tolist()]  # once per new shape
         if any(s != shape for s in theirs):
+            found = [s[0] for s in theirs] if len(shape) == 1 else theirs
             raise ValueError(f"AllToAllDispatcher(pad_to_tokens=True): the ranks of the expert-parallel group "
-                             f"route different (tokens, top_k) shapes {theirs}; every rank needs the same "
+                             f"route different {what} {found}; every rank needs the same "
                              "token count (pad the batch) or use pad_to_tokens=False")
         self._checked_shapes.add(shape)
 
