@@ -1,5 +1,5 @@
-"""The expert-parallel MoE layer (2 ranks, gloo, the default padded dispatch) equals the single-process
-layer on each rank's tokens; the exact and padded dispatch plans against loops."""
+"""The expert-parallel MoE layer (2 ranks: gloo, or NCCL on 2 GPUs; the default padded dispatch)
+equals the single-process layer on each rank's tokens; the exact and padded dispatch plans against loops."""
 
 import json
 
@@ -18,9 +18,13 @@ EP_CASES = ["softmax_shared_gate", "sigmoid_groups", "sigmoid_groups_capacity", 
             "expert_choice", "expert_choice_uneven_k", "skewed_to_rank0", "skewed_to_rank0_reference"]
 
 
-def test_ep_layer_matches_single_process(launch, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")])])
+def test_ep_layer_matches_single_process(launch, tmp_path, device):
+    """gloo on CPU; NCCL on 2 GPUs (the padded all-gather / reduce-scatter and the exact
+    all-to-all as the GPU runs them)."""
     out = str(tmp_path / "layer")
-    launch("layer", 2, {"out": out})
+    launch("layer", 2, {"out": out, "device": device})
     for rank in range(2):
         with open(f"{out}.{rank}.json") as f:
             result = json.load(f)

@@ -65,12 +65,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def layer_scenario(args: dict) -> None:
-    """The expert-parallel layer against a full single-process copy, on this rank's tokens."""
-    pmesh = init_distributed(ParallelConfig(ep=dist_world()))
+    """The expert-parallel layer against a full single-process copy, on this rank's tokens, in
+    float32 on args["device"] ("cpu": gloo, the default; "cuda": NCCL, one GPU per rank)."""
+    device = torch.device(args.get("device", "cpu"))
+    pmesh = init_distributed(ParallelConfig(ep=dist_world()), device_type=device.type)
+    if device.type == "cuda":
+        device = pmesh.device
     result = {}
     for name, extra in LAYER_CONFIGS.items():
         torch.manual_seed(0)
-        ref = MoE(MoEConfig(hidden_size=H, ffn_hidden_size=16, num_experts=8, **extra))
+        ref = MoE(MoEConfig(hidden_size=H, ffn_hidden_size=16, num_experts=8, **extra)).to(device)
         if name.startswith("skewed_to_rank0"):  # every token picks experts 0 and 1: the other rank gets nothing
             ref.router.expert_bias[:2] = 100.0
         layer = copy.deepcopy(ref)
@@ -78,10 +82,10 @@ def layer_scenario(args: dict) -> None:
         # expert choice: slots per token differ across ranks, so fixed splits cannot be used
         assert layer.dispatcher.pad_to_tokens == (not name.startswith("expert_choice")), name
         torch.manual_seed(100 + rank())  # each rank its own tokens
-        x = torch.randn(3, 10, H)
+        x = torch.randn(3, 10, H).to(device)
         if name == "expert_choice_uneven_k" and rank() == 0:
             x[0, 0] = ref.router.weight.detach().sum(0) * 1000
-        dy = torch.randn(3, 10, H)
+        dy = torch.randn(3, 10, H).to(device)
         errs = {}
         outs = []
         for module in (ref, layer):
@@ -111,7 +115,7 @@ def layer_scenario(args: dict) -> None:
         errs["dropped_fraction"] = float(dropped)
         result[name] = errs
     try:
-        bad = MoE(MoEConfig(hidden_size=H, ffn_hidden_size=16, num_experts=3, top_k=1))
+        bad = MoE(MoEConfig(hidden_size=H, ffn_hidden_size=16, num_experts=3, top_k=1)).to(device)
         shard_experts(bad, pmesh)
         result["indivisible_error"] = ""
     except ValueError as e:
