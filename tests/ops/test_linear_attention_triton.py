@@ -383,6 +383,6 @@ def test_register_cap_only_for_tensor_core_dots():
     registers) launch without it."""
     from moekit.ops.linear_attention import triton_layout
 
-    cap = triton_layout.LAUNCH["wy_bwd"]["maxnreg"]
-    assert triton_layout.launch_options("wy_bwd", torch.zeros(1, dtype=torch.bfloat16))["maxnreg"] == cap
-    assert "maxnreg" not in triton_layout.launch_options("wy_bwd", torch.zeros(1))
+    cap = triton_layout.LAUNCH["dqk_delta"]["maxnreg"]
+    assert triton_layout.launch_options("dqk_delta", torch.zeros(1, dtype=torch.bfloat16))["maxnreg"] == cap
+    assert "maxnreg" not in triton_layout.launch_options("dqk_delta", torch.zeros(1))

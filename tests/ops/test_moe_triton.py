@@ -3,6 +3,10 @@ tests/ops/conftest.py's gpu_like_bf16; the GPU also runs real bf16)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import triton
@@ -295,11 +299,20 @@ def test_vendor_glue_kernels():
     assert (dweight[idx.reshape(-1) < 0] == 0).all()
 
 
+def test_choice_pinned_from_the_environment():
+    """MOEKIT_MOE_IMPL sets ``force`` when the module is first imported (a torchrun job's ranks)."""
+    code = "from moekit.ops.moe import triton_choice; print(triton_choice.force)"
+    for value, expected in (("vendor", "vendor"), ("triton", "triton"), ("", "None")):
+        env = {**os.environ, "MOEKIT_MOE_IMPL": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
+
+
 def test_choice_rejects_bad_settings(force):
     with pytest.raises(ValueError, match="unknown MoE step"):
         triton_choice.run("sideways", (), {"triton": lambda: 0}, on_gpu=False)
     force("cublas")
-    with pytest.raises(ValueError, match="force must be one of"):
+    with pytest.raises(ValueError, match=r"force \(MOEKIT_MOE_IMPL\) must be one of"):
         triton_choice.run("up fwd", (), {"triton": lambda: 0}, on_gpu=False)
     force("vendor")
     with pytest.raises(RuntimeError, match="cannot run these operands"):
