@@ -28,6 +28,7 @@ receiving rank's expert activations scale with the rows that arrive (padded: ep 
 the (token, rank) pairs), not with the T * K / ep assignments it computes: up to ep times the
 single-process layer's at large ep (use the exact mode there, or fewer tokens per step).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
