@@ -99,14 +99,9 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
       "NCCL_MIN_P2P_NCHANNELS=32 NCCL_NCHANNELS_PER_PEER=16" "NCCL_MIN_P2P_NCHANNELS=32 NCCL_P2P_NVL_CHUNKSIZE=2097152" \
       NCCL_P2P_USE_CUDA_MEMCPY=1; do env $env torchrun --standalone --nproc-per-node 2 benchmarks/all_to_all.py \
       2>&1 | grep -v "^W1\|^\[W"; done' ;;
-    bench_ep32k_p2p32) step "$1" 200 env NCCL_MIN_P2P_NCHANNELS=32 torchrun --standalone --nproc-per-node 2 \
-      benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --tokens 32768 ;;
-    bench_ep32k_p2p32pp) step "$1" 200 env NCCL_MIN_P2P_NCHANNELS=32 NCCL_NCHANNELS_PER_PEER=16 torchrun --standalone \
-      --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --tokens 32768 ;;
     bench_la_nocheck) step bench_la_nocheck 200 python3 benchmarks/linear_attention.py --ops linear_attn,delta_rule \
       --skip-finite-checks ;;
     train_ref1) step train_ref1 200 python3 benchmarks/train_throughput.py --batch 1 --models hybrid --paths bf16 reference ;;
-    train_ref4) step train_ref4 200 python3 benchmarks/train_throughput.py --batch 4 --models hybrid --paths bf16 reference ;;
     bench_ep) step bench_ep 160 torchrun --standalone --nproc-per-node "${EP_GPUS:-2}" benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 ;;
     *) echo "unknown step $1" ;;
   esac
