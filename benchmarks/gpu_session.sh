@@ -59,6 +59,9 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     profile_fla) step profile_fla 300 python3 benchmarks/profile_linear_attention.py --fla --ops linear_attn,delta_rule ;;
     quant) step quant 120 python3 benchmarks/quant.py ;;
     bench_moe) step bench_moe 360 python3 benchmarks/moe_layer.py ;;
+    bench_moe_noloop) step bench_moe_noloop 240 python3 benchmarks/moe_layer.py --no-loop ;;
+    moe_tests) step moe_tests 240 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE tests/ops/test_moe_triton.py \
+      tests/moe ;;
     bench_la) step bench_la 520 python3 benchmarks/linear_attention.py ;;
     bench_la_a) step bench_la_a 400 python3 benchmarks/linear_attention.py --ops linear_attn,delta_rule,simple_gla ;;
     bench_la_b) step bench_la_b 300 python3 benchmarks/linear_attention.py --ops gla,gated_delta_rule,mamba2_ssd ;;
