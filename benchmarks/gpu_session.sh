@@ -12,7 +12,9 @@ LOGS=${LOGS:-/tmp/gpu-logs}  # tarred into $OUT after each group: the device too
 mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  # Several sessions may start at once (one per working tree): the first one installs.
+  flock /tmp/site.lock bash -c '[ -f /tmp/site/.done ] || { python3 -m pip install -q --no-index --no-deps \
+    --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.done; }' \
     && export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD
