@@ -62,8 +62,8 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     quant) step quant 120 python3 benchmarks/quant.py ;;
     bench_moe) step bench_moe 360 python3 benchmarks/moe_layer.py ;;
     bench_moe_noloop) step bench_moe_noloop 240 python3 benchmarks/moe_layer.py --no-loop ;;
-    moe_tests) step moe_tests 240 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE tests/ops/test_moe_triton.py \
-      tests/moe ;;
+    moe_tests) step moe_tests 240 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE --durations=5 \
+      -o faulthandler_timeout=100 tests/ops/test_moe_triton.py tests/moe ;;
     bench_la) step bench_la 520 python3 benchmarks/linear_attention.py ;;
     bench_la_a) step bench_la_a 400 python3 benchmarks/linear_attention.py --ops linear_attn,delta_rule,simple_gla ;;
     bench_la_b) step bench_la_b 300 python3 benchmarks/linear_attention.py --ops gla,gated_delta_rule,mamba2_ssd ;;
@@ -72,6 +72,8 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     profile_fp8_v2) step profile_fp8_v2 200 env MOEKIT_FP8_V2=1 python3 benchmarks/moe_fp8.py --shapes mixtral-8x7b --profile ;;
     fp8tests) step fp8tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE tests/ops/test_moe_fp8.py tests/quant ;;
     fp8_gemm) step fp8_gemm 90 python3 benchmarks/fp8_gemm.py ;;
+    profile_mixtral) step profile_mixtral 200 python3 benchmarks/moe_layer.py --profile --shapes mixtral-8x7b ;;
+    bench_mixtral) step bench_mixtral 150 python3 benchmarks/moe_layer.py --no-loop --shapes mixtral-8x7b ;;
     profile_moe) step profile_moe 200 python3 benchmarks/moe_layer.py --profile --shapes deepseek-v3 ;;
     profile_moe_tma) step profile_moe_tma 200 env MOEKIT_TRITON_TMA=1 python3 benchmarks/moe_layer.py --profile \
       --shapes deepseek-v3 ;;
