@@ -1,8 +1,12 @@
 """Triton kernels of the fused MoE layer, and their launchers.
 
 Rows are (token, slot) assignments sorted by expert (see ``triton_meta``). Every grouped
-kernel finds its expert from ``counts`` on the device, so grids are sized for the worst case
-(``cdiv(T*K, BLOCK_M) + E`` row tiles) and tiles past the last expert's rows exit at once.
+kernel finds its expert from ``counts`` on the device. The row-tiled kernels are persistent:
+a fixed number of programs (``persistent_programs``: a few per SM, never more than the
+worst case of ``cdiv(T*K, BLOCK_M) + E`` row tiles) loop over the tiles that hold some
+expert's rows, a count each program reads from ``counts``. Dropped slots (expert -1: under
+expert parallelism about half of a rank's slots, or past an expert's capacity) thus cost no
+program, and the host never waits for the count.
 
 - ``gather_gemm``: rows of ``src`` gathered by token in the prologue (no permuted copy),
   times the expert's weight; the epilogue either applies the activation (forward
@@ -29,6 +33,7 @@ sm_90 without a GPU.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -107,6 +112,29 @@ def _pow2(n: int) -> int:
     return max(2, triton.next_power_of_2(n))
 
 
+# Programs of a persistent launch per SM: two, so a config small enough for two CTAs per SM
+# keeps both busy (one's epilogue under the other's loads); a larger config runs them one after
+# the other, which costs only the start of a program. The CPU interpreter runs programs one by
+# one: a few, so each loops over several tiles (the tests also pin other counts).
+PROGRAMS_PER_SM = 2
+CPU_PROGRAMS = 3
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent_programs(tiles: int, device: torch.device, per_sm: int = PROGRAMS_PER_SM) -> int:
+    """Programs for a persistent launch over at most ``tiles`` tiles: ``per_sm`` per SM, never more
+    than ``tiles`` (at least 1)."""
+    if device.type == "cuda":
+        cap = per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        cap = CPU_PROGRAMS
+    return max(1, min(tiles, cap))
+
+
 # ----------------------------------------------------------------------------- device helpers
 
 @triton.jit
@@ -125,6 +153,15 @@ def _expert_rows(counts_ptr, num_experts, E_PAD: tl.constexpr):
     e = tl.arange(0, E_PAD)
     cnt = tl.load(counts_ptr + e, mask=e < num_experts, other=0)
     return e, cnt, tl.cumsum(cnt, 0) - cnt
+
+
+@triton.jit
+def _valid_row_tiles(counts_ptr, num_experts, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row tiles holding some expert's rows (``sum_e cdiv(counts[e], BLOCK_M)``): the loop bound of a
+    persistent kernel, read on the device."""
+    e = tl.arange(0, E_PAD)
+    cnt = tl.load(counts_ptr + e, mask=e < num_experts, other=0)
+    return tl.sum((cnt + BLOCK_M - 1) // BLOCK_M, 0)
 
 
 @triton.jit
@@ -237,53 +274,54 @@ def _gather_gemm_kernel(
     # the matching up rows, in two accumulators, so the epilogue has both halves at hand.
     DUAL: tl.constexpr = GATED and not BACKWARD
     TILE_F: tl.constexpr = BLOCK_N // 2 if DUAL else BLOCK_N
-    num_pid_m = tl.cdiv(num_rows, BLOCK_M) + num_experts
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(F, TILE_F), GROUP_M)
-    expert, row0, row_end = _expert_tile(counts_ptr, pid_m, num_experts, E_PAD, BLOCK_M)
-    if expert >= num_experts:
-        return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
-    assignment = tl.load(order_ptr + rows, mask=row_ok, other=0)
-    fs = pid_n * TILE_F + tl.arange(0, TILE_F)
-    col_ok = fs < F
+    num_pid_m = _valid_row_tiles(counts_ptr, num_experts, E_PAD, BLOCK_M)
+    num_pid_n = tl.cdiv(F, TILE_F)
     w_desc = _weight_desc(w_ptr, num_experts, W_D1, W_D2, stride_we, tl.maximum(stride_wn, stride_wk), B_K_MAJOR,
                           TILE_F, BLOCK_K) if TMA else w_ptr
-    acc, acc2 = _expert_gemm(src_ptr, assignment // top_k, row_ok, stride_src,
-                             w_ptr + expert.to(tl.int64) * stride_we, fs, col_ok, stride_wn, stride_wk, K, F,
-                             w_desc, expert, pid_n * TILE_F, BLOCK_M, TILE_F, BLOCK_K, EVEN_K, DUAL, TMA,
-                             B_K_MAJOR, PRECISION)
-    rows64 = rows.to(tl.int64)[:, None]
-    mask = row_ok[:, None] & col_ok[None, :]
-    if BACKWARD:
-        # acc is d(act output) before the routing weight; h holds the pre-activation.
-        h_ptrs = h_ptr + rows64 * stride_h + fs[None, :]
-        out_ptrs = out_ptr + rows64 * stride_out + fs[None, :]
-        gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(weight_ptr + assignment, mask=row_ok, other=0.0).to(tl.float32)
-        da = acc * w[:, None]
-        if GATED:
-            up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
-            act = _act(gate, ACT)
-            tl.store(out_ptrs, (da * up * _act_grad(gate, ACT)).to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(out_ptrs + F, (da * act).to(out_ptr.dtype.element_ty), mask=mask)
-            act = act * up
-        else:
-            act = _act(gate, ACT)
-            tl.store(out_ptrs, (da * _act_grad(gate, ACT)).to(out_ptr.dtype.element_ty), mask=mask)
-        if WEIGHT_GRAD:
-            # d(routing weight) = <dout, y> = <dout @ W_down, act>: this tile's share of it, one
-            # partial per column tile (summed afterwards: deterministic, no atomics). Masked
-            # columns hold zeros in both factors.
-            tl.store(dweight_ptr + pid_n.to(tl.int64) * num_rows + assignment, tl.sum(acc * act, 1), mask=row_ok)
-    else:
-        if STORE_H:
+    for tile in range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
+        pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
+        expert, row0, row_end = _expert_tile(counts_ptr, pid_m, num_experts, E_PAD, BLOCK_M)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        assignment = tl.load(order_ptr + rows, mask=row_ok, other=0)
+        fs = pid_n * TILE_F + tl.arange(0, TILE_F)
+        col_ok = fs < F
+        acc, acc2 = _expert_gemm(src_ptr, assignment // top_k, row_ok, stride_src,
+                                 w_ptr + expert.to(tl.int64) * stride_we, fs, col_ok, stride_wn, stride_wk, K, F,
+                                 w_desc, expert, pid_n * TILE_F, BLOCK_M, TILE_F, BLOCK_K, EVEN_K, DUAL, TMA,
+                                 B_K_MAJOR, PRECISION)
+        rows64 = rows.to(tl.int64)[:, None]
+        mask = row_ok[:, None] & col_ok[None, :]
+        if BACKWARD:
+            # acc is d(act output) before the routing weight; h holds the pre-activation.
             h_ptrs = h_ptr + rows64 * stride_h + fs[None, :]
-            tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask)
-            if DUAL:
-                tl.store(h_ptrs + F, acc2.to(h_ptr.dtype.element_ty), mask=mask)
-        act = _act(acc, ACT) * acc2 if DUAL else _act(acc, ACT)
-        tl.store(out_ptr + rows64 * stride_out + fs[None, :], act.to(out_ptr.dtype.element_ty), mask=mask)
+            out_ptrs = out_ptr + rows64 * stride_out + fs[None, :]
+            gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(weight_ptr + assignment, mask=row_ok, other=0.0).to(tl.float32)
+            da = acc * w[:, None]
+            if GATED:
+                up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
+                act = _act(gate, ACT)
+                tl.store(out_ptrs, (da * up * _act_grad(gate, ACT)).to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(out_ptrs + F, (da * act).to(out_ptr.dtype.element_ty), mask=mask)
+                act = act * up
+            else:
+                act = _act(gate, ACT)
+                tl.store(out_ptrs, (da * _act_grad(gate, ACT)).to(out_ptr.dtype.element_ty), mask=mask)
+            if WEIGHT_GRAD:
+                # d(routing weight) = <dout, y> = <dout @ W_down, act>: this tile's share of it, one
+                # partial per column tile (summed afterwards: deterministic, no atomics). Masked
+                # columns hold zeros in both factors.
+                tl.store(dweight_ptr + pid_n.to(tl.int64) * num_rows + assignment, tl.sum(acc * act, 1),
+                         mask=row_ok)
+        else:
+            if STORE_H:
+                h_ptrs = h_ptr + rows64 * stride_h + fs[None, :]
+                tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask)
+                if DUAL:
+                    tl.store(h_ptrs + F, acc2.to(h_ptr.dtype.element_ty), mask=mask)
+            act = _act(acc, ACT) * acc2 if DUAL else _act(acc, ACT)
+            tl.store(out_ptr + rows64 * stride_out + fs[None, :], act.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "TMA_OK"], prune_configs_by={"early_config_prune": _prune})
@@ -297,23 +335,23 @@ def _scatter_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TMA: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    num_pid_m = tl.cdiv(num_rows, BLOCK_M) + num_experts
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
-    expert, row0, row_end = _expert_tile(counts_ptr, pid_m, num_experts, E_PAD, BLOCK_M)
-    if expert >= num_experts:
-        return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+    num_pid_m = _valid_row_tiles(counts_ptr, num_experts, E_PAD, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
     w_desc = _weight_desc(w_ptr, num_experts, W_D1, W_D2, stride_we, tl.maximum(stride_wn, stride_wk), B_K_MAJOR,
                           BLOCK_N, BLOCK_K) if TMA else w_ptr
-    acc, _ = _expert_gemm(src_ptr, rows, row_ok, stride_src, w_ptr + expert.to(tl.int64) * stride_we,
-                          cols, col_ok, stride_wn, stride_wk, K, 0, w_desc, expert, pid_n * BLOCK_N,
-                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, TMA, B_K_MAJOR, PRECISION)
-    assignment = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    tl.store(out_ptr + assignment[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    for tile in range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
+        pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
+        expert, row0, row_end = _expert_tile(counts_ptr, pid_m, num_experts, E_PAD, BLOCK_M)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        acc, _ = _expert_gemm(src_ptr, rows, row_ok, stride_src, w_ptr + expert.to(tl.int64) * stride_we,
+                              cols, col_ok, stride_wn, stride_wk, K, 0, w_desc, expert, pid_n * BLOCK_N,
+                              BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, TMA, B_K_MAJOR, PRECISION)
+        assignment = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        tl.store(out_ptr + assignment[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -411,8 +449,11 @@ def _weight_tma(w: torch.Tensor) -> bool:
     return True
 
 
-def _row_tiles(meta: RoutingMeta, num_rows: int, block_m: int) -> int:
-    return triton.cdiv(num_rows, block_m) + meta.num_experts
+def _row_grid(meta: RoutingMeta, num_rows: int, block_m: int, col_tiles: int, device: torch.device) -> tuple:
+    """Persistent grid of a row-tiled kernel: sized by the all-slots worst case of row tiles
+    (``cdiv(T*K, BLOCK_M) + E``, each expert's last tile ragged) but capped; the kernel loops over
+    the valid tiles only."""
+    return (persistent_programs((triton.cdiv(num_rows, block_m) + meta.num_experts) * col_tiles, device),)
 
 
 def gather_up(x: torch.Tensor, w_up: torch.Tensor, meta: RoutingMeta, activation: str, store_h: bool):
@@ -423,7 +464,7 @@ def gather_up(x: torch.Tensor, w_up: torch.Tensor, meta: RoutingMeta, activation
     h = new_buffer((num_rows, U), x.dtype, x.device) if store_h else None
     a = new_buffer((num_rows, F), x.dtype, x.device)
     tile_f = (lambda m: m["BLOCK_N"] // 2) if gated else (lambda m: m["BLOCK_N"])
-    grid = lambda m: (_row_tiles(meta, num_rows, m["BLOCK_M"]) * triton.cdiv(F, tile_f(m)),)
+    grid = lambda m: _row_grid(meta, num_rows, m["BLOCK_M"], triton.cdiv(F, tile_f(m)), x.device)
     # dweight_ptr is unused here; ``a`` stands in (tuning zeroes it before the real launch fills it).
     _gather_gemm_kernel[grid](
         x, w_up, h if store_h else a, a, meta.counts, meta.order, meta.counts, a,
@@ -448,7 +489,7 @@ def gather_down_dgrad(dout: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor,
     # One partial row per column tile of the narrowest config; rows a config does not reach stay 0.
     parts = torch.zeros((triton.cdiv(F, MIN_BLOCK_N) if weight_grad else 1, num_rows),
                         dtype=torch.float32, device=h.device)
-    grid = lambda m: (_row_tiles(meta, num_rows, m["BLOCK_M"]) * triton.cdiv(F, m["BLOCK_N"]),)
+    grid = lambda m: _row_grid(meta, num_rows, m["BLOCK_M"], triton.cdiv(F, m["BLOCK_N"]), h.device)
     _gather_gemm_kernel[grid](
         dout, w_down, h, dh, meta.counts, meta.order, weight, parts,
         num_rows, F, H, E, meta.top_k, H, F, int(_weight_tma(w_down)),
@@ -468,7 +509,7 @@ def scatter_gemm(src: torch.Tensor, w: torch.Tensor, meta: RoutingMeta, transpos
     N, K = (w.shape[1], w.shape[2]) if transpose_w else (w.shape[2], w.shape[1])
     stride_wn, stride_wk = (w.stride(1), w.stride(2)) if transpose_w else (w.stride(2), w.stride(1))
     out = new_buffer((num_rows, N), src.dtype, src.device)
-    grid = lambda m: (_row_tiles(meta, num_rows, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
+    grid = lambda m: _row_grid(meta, num_rows, m["BLOCK_M"], triton.cdiv(N, m["BLOCK_N"]), src.device)
     _scatter_gemm_kernel[grid](
         src, w, out, meta.counts, meta.order, num_rows, N, K, E, w.shape[1], w.shape[2], int(_weight_tma(w)),
         src.stride(0), w.stride(0), stride_wn, stride_wk, out.stride(0),

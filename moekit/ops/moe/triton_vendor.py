@@ -22,7 +22,7 @@ import triton.language as tl
 
 from moekit.ops.activations import is_gated
 from moekit.ops.moe import grouped_mm
-from moekit.ops.moe.triton_kernels import ACT_CODES, _act, _act_grad, _pow2, combine
+from moekit.ops.moe.triton_kernels import ACT_CODES, _act, _act_grad, _pow2, combine, persistent_programs
 from moekit.ops.moe.triton_meta import RoutingMeta, new_buffer
 
 
@@ -42,35 +42,36 @@ def _valid_rows(counts_ptr, num_experts, E_PAD: tl.constexpr):
     return tl.sum(tl.load(counts_ptr + e, mask=e < num_experts, other=0), 0)
 
 
+# Each glue kernel is persistent over rows (``persistent_programs``, GLUE_PROGRAMS_PER_SM per SM):
+# its programs loop over the valid rows only, a count read on the device, so dropped slots cost
+# neither a copy nor a program. (``tl.cast`` of the row: the interpreter's loop variable is an int.)
+
 @triton.jit
 def _gather_rows_kernel(src_ptr, out_ptr, counts_ptr, order_ptr, weight_ptr, num_experts, top_k, N,
                         stride_src, stride_out, E_PAD: tl.constexpr, SCALE: tl.constexpr,
                         BLOCK_N: tl.constexpr):
-    r = tl.program_id(0)
-    if r >= _valid_rows(counts_ptr, num_experts, E_PAD):
-        return
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = cols < N
-    assignment = tl.load(order_ptr + r)
-    row = tl.load(src_ptr + (assignment // top_k).to(tl.int64) * stride_src + cols, mask=ok)
-    if SCALE:
-        row = row.to(tl.float32) * tl.load(weight_ptr + assignment).to(tl.float32)
-    tl.store(out_ptr + r.to(tl.int64) * stride_out + cols, row.to(out_ptr.dtype.element_ty), mask=ok)
+    for r in range(tl.program_id(0), _valid_rows(counts_ptr, num_experts, E_PAD), tl.num_programs(0)):
+        assignment = tl.load(order_ptr + r)
+        row = tl.load(src_ptr + (assignment // top_k).to(tl.int64) * stride_src + cols, mask=ok)
+        if SCALE:
+            row = row.to(tl.float32) * tl.load(weight_ptr + assignment).to(tl.float32)
+        tl.store(out_ptr + tl.cast(r, tl.int64) * stride_out + cols, row.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _act_rows_kernel(h_ptr, a_ptr, counts_ptr, num_experts, F, stride_h, stride_a,
                      E_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK_F: tl.constexpr):
-    r = tl.program_id(0)
-    if r >= _valid_rows(counts_ptr, num_experts, E_PAD):
-        return
     fs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     ok = fs < F
-    h_ptrs = h_ptr + r.to(tl.int64) * stride_h + fs
-    act = _act(tl.load(h_ptrs, mask=ok).to(tl.float32), ACT)
-    if GATED:
-        act = act * tl.load(h_ptrs + F, mask=ok).to(tl.float32)
-    tl.store(a_ptr + r.to(tl.int64) * stride_a + fs, act.to(a_ptr.dtype.element_ty), mask=ok)
+    for r in range(tl.program_id(0), _valid_rows(counts_ptr, num_experts, E_PAD), tl.num_programs(0)):
+        r64 = tl.cast(r, tl.int64)
+        h_ptrs = h_ptr + r64 * stride_h + fs
+        act = _act(tl.load(h_ptrs, mask=ok).to(tl.float32), ACT)
+        if GATED:
+            act = act * tl.load(h_ptrs + F, mask=ok).to(tl.float32)
+        tl.store(a_ptr + r64 * stride_a + fs, act.to(a_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -78,32 +79,39 @@ def _act_rows_backward_kernel(da_ptr, h_ptr, dh_ptr, dweight_ptr, counts_ptr, or
                               num_experts, F, stride_da, stride_h, stride_dh,
                               E_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                               WEIGHT_GRAD: tl.constexpr, BLOCK_F: tl.constexpr):
-    """One sorted row: dh = w * dA through the activation; dweight = <dA, act(h)> (unweighted dA)."""
-    r = tl.program_id(0)
-    if r >= _valid_rows(counts_ptr, num_experts, E_PAD):
-        return
-    assignment = tl.load(order_ptr + r)
-    w = tl.load(weight_ptr + assignment).to(tl.float32)
-    r64 = r.to(tl.int64)
-    dot = tl.zeros((BLOCK_F,), dtype=tl.float32)
-    for f0 in range(0, F, BLOCK_F):
-        fs = f0 + tl.arange(0, BLOCK_F)
-        ok = fs < F
-        da = tl.load(da_ptr + r64 * stride_da + fs, mask=ok, other=0.0).to(tl.float32)
-        h_ptrs = h_ptr + r64 * stride_h + fs
-        dh_ptrs = dh_ptr + r64 * stride_dh + fs
-        gate = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
-        act = _act(gate, ACT)
-        if GATED:
-            up = tl.load(h_ptrs + F, mask=ok, other=0.0).to(tl.float32)
-            tl.store(dh_ptrs, (w * da * up * _act_grad(gate, ACT)).to(dh_ptr.dtype.element_ty), mask=ok)
-            tl.store(dh_ptrs + F, (w * da * act).to(dh_ptr.dtype.element_ty), mask=ok)
-            act = act * up
-        else:
-            tl.store(dh_ptrs, (w * da * _act_grad(gate, ACT)).to(dh_ptr.dtype.element_ty), mask=ok)
-        dot += da * act
-    if WEIGHT_GRAD:
-        tl.store(dweight_ptr + assignment, tl.sum(dot, 0))
+    """Per sorted row: dh = w * dA through the activation; dweight = <dA, act(h)> (unweighted dA)."""
+    for r in range(tl.program_id(0), _valid_rows(counts_ptr, num_experts, E_PAD), tl.num_programs(0)):
+        assignment = tl.load(order_ptr + r)
+        w = tl.load(weight_ptr + assignment).to(tl.float32)
+        r64 = tl.cast(r, tl.int64)
+        dot = tl.zeros((BLOCK_F,), dtype=tl.float32)
+        for f0 in range(0, F, BLOCK_F):
+            fs = f0 + tl.arange(0, BLOCK_F)
+            ok = fs < F
+            da = tl.load(da_ptr + r64 * stride_da + fs, mask=ok, other=0.0).to(tl.float32)
+            h_ptrs = h_ptr + r64 * stride_h + fs
+            dh_ptrs = dh_ptr + r64 * stride_dh + fs
+            gate = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
+            act = _act(gate, ACT)
+            if GATED:
+                up = tl.load(h_ptrs + F, mask=ok, other=0.0).to(tl.float32)
+                tl.store(dh_ptrs, (w * da * up * _act_grad(gate, ACT)).to(dh_ptr.dtype.element_ty), mask=ok)
+                tl.store(dh_ptrs + F, (w * da * act).to(dh_ptr.dtype.element_ty), mask=ok)
+                act = act * up
+            else:
+                tl.store(dh_ptrs, (w * da * _act_grad(gate, ACT)).to(dh_ptr.dtype.element_ty), mask=ok)
+            dot += da * act
+        if WEIGHT_GRAD:
+            tl.store(dweight_ptr + assignment, tl.sum(dot, 0))
+
+
+# Row programs per SM: 16 blocks of 4 warps fill an SM's 2048 threads; each row is one short
+# copy, so many must be in flight to cover memory latency.
+GLUE_PROGRAMS_PER_SM = 16
+
+
+def _row_programs(meta: RoutingMeta, device: torch.device) -> int:
+    return persistent_programs(meta.order.numel(), device, GLUE_PROGRAMS_PER_SM)
 
 
 def gather_rows(src: torch.Tensor, meta: RoutingMeta, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,7 +119,7 @@ def gather_rows(src: torch.Tensor, meta: RoutingMeta, weight: torch.Tensor | Non
     num_rows, N = meta.order.numel(), src.shape[1]
     out = new_buffer((num_rows, N), src.dtype, src.device)
     block = min(1024, _pow2(N))
-    _gather_rows_kernel[(num_rows, triton.cdiv(N, block))](
+    _gather_rows_kernel[(_row_programs(meta, src.device), triton.cdiv(N, block))](
         src, out, meta.counts, meta.order, meta.counts if weight is None else weight, meta.num_experts,
         meta.top_k, N, src.stride(0), out.stride(0), E_PAD=_pow2(meta.num_experts), SCALE=weight is not None,
         BLOCK_N=block)
@@ -123,7 +131,7 @@ def act_rows(h: torch.Tensor, meta: RoutingMeta, activation: str) -> torch.Tenso
     F = h.shape[1] // 2 if gated else h.shape[1]
     a = new_buffer((h.shape[0], F), h.dtype, h.device)
     block = min(1024, _pow2(F))
-    _act_rows_kernel[(h.shape[0], triton.cdiv(F, block))](
+    _act_rows_kernel[(_row_programs(meta, h.device), triton.cdiv(F, block))](
         h, a, meta.counts, meta.num_experts, F, h.stride(0), a.stride(0),
         E_PAD=_pow2(meta.num_experts), GATED=gated, ACT=ACT_CODES[activation], BLOCK_F=block)
     return a
@@ -135,7 +143,7 @@ def act_rows_backward(da: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, m
     F = da.shape[1]
     dh = new_buffer(h.shape, h.dtype, h.device)
     dweight = torch.zeros(meta.order.numel() if weight_grad else 1, dtype=torch.float32, device=h.device)
-    _act_rows_backward_kernel[(h.shape[0],)](
+    _act_rows_backward_kernel[(_row_programs(meta, h.device),)](
         da, h, dh, dweight, meta.counts, meta.order, weight, meta.num_experts, F,
         da.stride(0), h.stride(0), dh.stride(0), E_PAD=_pow2(meta.num_experts), GATED=is_gated(activation),
         ACT=ACT_CODES[activation], WEIGHT_GRAD=weight_grad, BLOCK_F=min(1024, _pow2(F)))
