@@ -90,13 +90,15 @@ def glue_launches(v) -> list[dict]:
         up = U if gated else F
         uses.append((f"act rows {'gated' if gated else 'plain'}", "_act_rows_kernel", {
             **dict(h_ptr=ptr(), a_ptr=ptr(), counts_ptr=ptr("int32")),
-            **ints(num_experts=E, F=F, stride_h=up, stride_a=F), **const({}, E_PAD=E, GATED=gated, ACT=0, BLOCK_F=1024)}))
+            **ints(num_experts=E, F=F, stride_h=up, stride_a=F),
+            **const({}, E_PAD=E, GATED=gated, ACT=0, BLOCK_F=1024)}))
         uses.append((f"act rows backward {'gated' if gated else 'plain'}", "_act_rows_backward_kernel", {
             **dict(da_ptr=ptr(), h_ptr=ptr(), dh_ptr=ptr(), dweight_ptr=ptr("float32"), counts_ptr=ptr("int32"),
                    order_ptr=ptr("int32"), weight_ptr=ptr("float32")),
             **ints(num_experts=E, F=F, stride_da=F, stride_h=up, stride_dh=up),
             **const({}, E_PAD=E, GATED=gated, ACT=0, WEIGHT_GRAD=True, BLOCK_F=1024)}))
-    return [{"module": v.__name__, "name": name, "kinds": kinds, "tag": use, "options": {"num_warps": 4, "num_stages": 3}}
+    options = {"num_warps": 4, "num_stages": 3}  # the launchers' defaults
+    return [{"module": v.__name__, "name": name, "kinds": kinds, "tag": use, "options": options}
             for use, name, kinds in uses]
 
 

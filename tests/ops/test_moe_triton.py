@@ -323,6 +323,133 @@ def test_choice_rejects_bad_settings(force):
     assert triton_choice.run("up fwd", (), {"triton": lambda: 1, "vendor": lambda: 2}, on_gpu=False) == 1
 
 
+# ----------------------------------------------------------------------------- dropped slots, persistent grids
+
+@pytest.fixture(params=["one", "many"], ids=["1-program", "more-programs-than-tiles"])
+def programs(request, monkeypatch):
+    """Persistent launches pinned to one program looping over every tile, or to more programs
+    than tiles (most loop zero times); on a GPU the SM count is what gets pinned."""
+    n = 1 if request.param == "one" else 10**6
+    monkeypatch.setattr(kernels, "CPU_PROGRAMS", n)
+    monkeypatch.setattr(kernels, "_sm_count", lambda index: n)
+    return n
+
+
+def test_persistent_programs_are_capped(monkeypatch):
+    monkeypatch.setattr(kernels, "_sm_count", lambda index: 132)
+    gpu = torch.device("cuda", 0)
+    assert kernels.persistent_programs(10**6, gpu) == 132 * kernels.PROGRAMS_PER_SM
+    assert kernels.persistent_programs(100, gpu) == 100  # never more than the worst-case tiles
+    assert kernels.persistent_programs(10**6, gpu, per_sm=16) == 132 * 16
+    assert kernels.persistent_programs(10**6, torch.device("cpu")) == kernels.CPU_PROGRAMS
+    assert kernels.persistent_programs(0, torch.device("cpu")) == 1
+
+
+IMPLS = ["triton", pytest.param("vendor", marks=needs_grouped_mm)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("drop", [0.5, 0.9])
+def test_many_dropped_slots_match_reference(force, programs, impl, drop):
+    """Half or nine tenths of the slots dropped (expert parallelism, capacity limits), forward and
+    backward, on either implementation and either extreme of the program count."""
+    force(impl)
+    check_against_reference(40, 24, 20, 6, 3, "swiglu", torch.float32, seed=31, tol=1e-5, drop=drop, empty=1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_slot_dropped_on_either_implementation(force, programs, impl):
+    force(impl)
+    x, idx, weight, w_up, w_down, _ = make_operands(12, 16, 16, 4, 2, "geglu", torch.float32, seed=6)
+    idx = torch.full_like(idx, -1)
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, w_up, w_down)]
+    out = moe_triton.routed_experts(leaves[0], idx, leaves[1], leaves[2], leaves[3], "geglu")
+    out.backward(torch.randn_like(out))
+    assert (out == 0).all()
+    assert all((t.grad == 0).all() for t in leaves)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_single_expert(force, impl, activation):
+    force(impl)
+    check_against_reference(30, 24, 20, 1, 1, activation, torch.float32, seed=8, tol=1e-5, drop=0.4)
+
+
+def _dropped_case(drop, seed=41, activation="swiglu", T=36, H=24, F=20, E=5, K=3):
+    """Uneven counts (two busy experts, one empty) with ``drop`` of the slots dropped."""
+    x, idx, weight, w_up, w_down, gen = make_operands(T, H, F, E, K, activation, torch.float32, seed,
+                                                      drop=drop, skew=True, empty=1)
+    return x, idx, weight, w_up, w_down, gen, triton_meta.routing_meta(idx, E)
+
+
+def _defined_rows_match(got: torch.Tensor, ref: torch.Tensor, rows: int):
+    """The first ``rows`` sorted rows match the reference; the rest stay unwritten (NaN poison)."""
+    if rows:
+        assert rel_err(got[:rows], ref) < 1e-5
+    assert got[rows:].isnan().all(), "a row of a dropped slot was written"
+
+
+@pytest.mark.parametrize("drop", [0.5, 0.9, 1.0])
+def test_kernels_touch_no_dropped_row(programs, drop):
+    """Each row-tiled kernel and vendor glue kernel, uneven counts, many (or all) slots dropped:
+    defined rows match the reference, no row of a dropped slot is written."""
+    x, idx, weight, w_up, w_down, gen, meta = _dropped_case(drop)
+    rows = int(meta.counts.sum())
+    dropped = idx.reshape(-1) < 0
+    assert (rows == 0) == (drop == 1.0) and dropped.sum() > idx.numel() * drop / 2
+    h, a = kernels.gather_up(x, w_up, meta, "swiglu", store_h=True)
+    h_ref, a_ref = ref_kernels.gather_up(x.double(), w_up.double(), meta, "swiglu")
+    _defined_rows_match(h, h_ref, rows)
+    _defined_rows_match(a, a_ref, rows)
+
+    h = torch.where(h.isnan(), torch.randn(h.shape, generator=gen).to(DEVICE), h)  # defined everywhere
+    dout = torch.randn(x.shape, generator=gen).to(DEVICE)
+    dh, dweight = kernels.gather_down_dgrad(dout, w_down, h, weight, meta, "swiglu", weight_grad=True)
+    dh_ref, dweight_ref = ref_kernels.gather_down_dgrad(dout.double(), w_down.double(), h.double(), weight, meta,
+                                                        "swiglu")
+    _defined_rows_match(dh, dh_ref, rows)
+    assert (dweight[dropped] == 0).all()
+    if rows:
+        assert rel_err(dweight, dweight_ref) < 1e-5
+
+    src = torch.randn(idx.numel(), w_down.shape[2], generator=gen).to(DEVICE)
+    buf = kernels.scatter_gemm(src, w_down, meta, transpose_w=True)
+    buf_ref, assignment = ref_kernels.scatter_gemm(src.double(), w_down.double(), meta, transpose_w=True)
+    if rows:
+        assert rel_err(buf[assignment], buf_ref) < 1e-5
+    assert buf[dropped].isnan().all(), "a dropped slot's row of the scatter buffer was written"
+
+    if grouped_mm.unsupported_reason(x, w_up, w_down) is None:  # the vendor path's glue
+        for w in (None, weight):
+            _defined_rows_match(triton_vendor.gather_rows(x, meta, w), ref_kernels.gather_rows(x.double(), meta, w),
+                                rows)
+        _defined_rows_match(triton_vendor.act_rows(h, meta, "swiglu"),
+                            ref_kernels.act_rows(h.double(), meta, "swiglu"), rows)
+        da = torch.randn(idx.numel(), w_down.shape[2], generator=gen).to(DEVICE)
+        dh, dweight = triton_vendor.act_rows_backward(da, h, weight, meta, "swiglu", weight_grad=True)
+        dh_ref, dweight_ref = ref_kernels.act_rows_backward(da.double(), h.double(), weight, meta, "swiglu")
+        _defined_rows_match(dh, dh_ref, rows)
+        assert (dweight[dropped] == 0).all()
+
+
+def test_results_do_not_depend_on_the_program_count(monkeypatch):
+    """The persistent loop only changes which program computes a tile, never how: bit-identical
+    results whether one program does every tile or each tile has its own."""
+    x, idx, weight, w_up, w_down, gen, meta = _dropped_case(0.5, seed=43)
+    dout = torch.randn(x.shape, generator=gen).to(DEVICE)
+    results = []
+    for n in (1, 2, 10**6):
+        monkeypatch.setattr(kernels, "CPU_PROGRAMS", n)
+        monkeypatch.setattr(kernels, "_sm_count", lambda index, n=n: n)
+        h, a = kernels.gather_up(x, w_up, meta, "swiglu", store_h=True)
+        dh, dweight = kernels.gather_down_dgrad(dout, w_down, h, weight, meta, "swiglu", weight_grad=True)
+        buf = kernels.scatter_gemm(dh, w_up, meta, transpose_w=False)
+        results.append([t.nan_to_num(nan=1234.5) for t in (h, a, dh, dweight, buf)])
+    for other in results[1:]:
+        assert all(torch.equal(r, o) for r, o in zip(results[0], other))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_inputs_are_named():

@@ -255,6 +255,12 @@ def _act_grad(g, ACT: tl.constexpr):
 
 # ----------------------------------------------------------------------------- kernels
 
+# _ROW_TILED_LOOPS: the persistent tile loops below. ``disable_licm`` and the tile's body under an
+# always-true guard (a region loop-invariant code motion does not hoist from) keep the compiler
+# from lifting a tile's index vectors, laid out like the accumulator, above the loop, where they
+# would stay live through every main loop: up to 60 more registers and more spills in the sm_90
+# builds (benchmarks/compile_check_moe.py).
+
 # dweight_ptr gets per-column-tile partials: zeroed again once tuning is done, because configs
 # with narrower tiles write more partial rows than the chosen one overwrites.
 @triton.autotune(configs=GEMM_CONFIGS, key=["F", "K", "GATED", "BACKWARD", "TMA_OK"], reset_to_zero=["dweight_ptr"],
@@ -278,50 +284,51 @@ def _gather_gemm_kernel(
     num_pid_n = tl.cdiv(F, TILE_F)
     w_desc = _weight_desc(w_ptr, num_experts, W_D1, W_D2, stride_we, tl.maximum(stride_wn, stride_wk), B_K_MAJOR,
                           TILE_F, BLOCK_K) if TMA else w_ptr
-    for tile in range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), disable_licm=True):
         pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
         expert, row0, row_end = _expert_tile(counts_ptr, pid_m, num_experts, E_PAD, BLOCK_M)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
-        assignment = tl.load(order_ptr + rows, mask=row_ok, other=0)
-        fs = pid_n * TILE_F + tl.arange(0, TILE_F)
-        col_ok = fs < F
-        acc, acc2 = _expert_gemm(src_ptr, assignment // top_k, row_ok, stride_src,
-                                 w_ptr + expert.to(tl.int64) * stride_we, fs, col_ok, stride_wn, stride_wk, K, F,
-                                 w_desc, expert, pid_n * TILE_F, BLOCK_M, TILE_F, BLOCK_K, EVEN_K, DUAL, TMA,
-                                 B_K_MAJOR, PRECISION)
-        rows64 = rows.to(tl.int64)[:, None]
-        mask = row_ok[:, None] & col_ok[None, :]
-        if BACKWARD:
-            # acc is d(act output) before the routing weight; h holds the pre-activation.
-            h_ptrs = h_ptr + rows64 * stride_h + fs[None, :]
-            out_ptrs = out_ptr + rows64 * stride_out + fs[None, :]
-            gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(weight_ptr + assignment, mask=row_ok, other=0.0).to(tl.float32)
-            da = acc * w[:, None]
-            if GATED:
-                up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
-                act = _act(gate, ACT)
-                tl.store(out_ptrs, (da * up * _act_grad(gate, ACT)).to(out_ptr.dtype.element_ty), mask=mask)
-                tl.store(out_ptrs + F, (da * act).to(out_ptr.dtype.element_ty), mask=mask)
-                act = act * up
-            else:
-                act = _act(gate, ACT)
-                tl.store(out_ptrs, (da * _act_grad(gate, ACT)).to(out_ptr.dtype.element_ty), mask=mask)
-            if WEIGHT_GRAD:
-                # d(routing weight) = <dout, y> = <dout @ W_down, act>: this tile's share of it, one
-                # partial per column tile (summed afterwards: deterministic, no atomics). Masked
-                # columns hold zeros in both factors.
-                tl.store(dweight_ptr + pid_n.to(tl.int64) * num_rows + assignment, tl.sum(acc * act, 1),
-                         mask=row_ok)
-        else:
-            if STORE_H:
+        if row0 < row_end:  # always true: see _ROW_TILED_LOOPS
+            rows = row0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < row_end
+            assignment = tl.load(order_ptr + rows, mask=row_ok, other=0)
+            fs = pid_n * TILE_F + tl.arange(0, TILE_F)
+            col_ok = fs < F
+            acc, acc2 = _expert_gemm(src_ptr, assignment // top_k, row_ok, stride_src,
+                                     w_ptr + expert.to(tl.int64) * stride_we, fs, col_ok, stride_wn, stride_wk, K, F,
+                                     w_desc, expert, pid_n * TILE_F, BLOCK_M, TILE_F, BLOCK_K, EVEN_K, DUAL, TMA,
+                                     B_K_MAJOR, PRECISION)
+            rows64 = rows.to(tl.int64)[:, None]
+            mask = row_ok[:, None] & col_ok[None, :]
+            if BACKWARD:
+                # acc is d(act output) before the routing weight; h holds the pre-activation.
                 h_ptrs = h_ptr + rows64 * stride_h + fs[None, :]
-                tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask)
-                if DUAL:
-                    tl.store(h_ptrs + F, acc2.to(h_ptr.dtype.element_ty), mask=mask)
-            act = _act(acc, ACT) * acc2 if DUAL else _act(acc, ACT)
-            tl.store(out_ptr + rows64 * stride_out + fs[None, :], act.to(out_ptr.dtype.element_ty), mask=mask)
+                out_ptrs = out_ptr + rows64 * stride_out + fs[None, :]
+                gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(weight_ptr + assignment, mask=row_ok, other=0.0).to(tl.float32)
+                da = acc * w[:, None]
+                if GATED:
+                    up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
+                    act = _act(gate, ACT)
+                    tl.store(out_ptrs, (da * up * _act_grad(gate, ACT)).to(out_ptr.dtype.element_ty), mask=mask)
+                    tl.store(out_ptrs + F, (da * act).to(out_ptr.dtype.element_ty), mask=mask)
+                    act = act * up
+                else:
+                    act = _act(gate, ACT)
+                    tl.store(out_ptrs, (da * _act_grad(gate, ACT)).to(out_ptr.dtype.element_ty), mask=mask)
+                if WEIGHT_GRAD:
+                    # d(routing weight) = <dout, y> = <dout @ W_down, act>: this tile's share of it, one
+                    # partial per column tile (summed afterwards: deterministic, no atomics). Masked
+                    # columns hold zeros in both factors.
+                    tl.store(dweight_ptr + pid_n.to(tl.int64) * num_rows + assignment, tl.sum(acc * act, 1),
+                             mask=row_ok)
+            else:
+                if STORE_H:
+                    h_ptrs = h_ptr + rows64 * stride_h + fs[None, :]
+                    tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask)
+                    if DUAL:
+                        tl.store(h_ptrs + F, acc2.to(h_ptr.dtype.element_ty), mask=mask)
+                act = _act(acc, ACT) * acc2 if DUAL else _act(acc, ACT)
+                tl.store(out_ptr + rows64 * stride_out + fs[None, :], act.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "TMA_OK"], prune_configs_by={"early_config_prune": _prune})
@@ -339,19 +346,20 @@ def _scatter_gemm_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     w_desc = _weight_desc(w_ptr, num_experts, W_D1, W_D2, stride_we, tl.maximum(stride_wn, stride_wk), B_K_MAJOR,
                           BLOCK_N, BLOCK_K) if TMA else w_ptr
-    for tile in range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), disable_licm=True):
         pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
         expert, row0, row_end = _expert_tile(counts_ptr, pid_m, num_experts, E_PAD, BLOCK_M)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        acc, _ = _expert_gemm(src_ptr, rows, row_ok, stride_src, w_ptr + expert.to(tl.int64) * stride_we,
-                              cols, col_ok, stride_wn, stride_wk, K, 0, w_desc, expert, pid_n * BLOCK_N,
-                              BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, TMA, B_K_MAJOR, PRECISION)
-        assignment = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        tl.store(out_ptr + assignment[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        if row0 < row_end:  # always true: see _ROW_TILED_LOOPS
+            rows = row0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < row_end
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            acc, _ = _expert_gemm(src_ptr, rows, row_ok, stride_src, w_ptr + expert.to(tl.int64) * stride_we,
+                                  cols, col_ok, stride_wn, stride_wk, K, 0, w_desc, expert, pid_n * BLOCK_N,
+                                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, TMA, B_K_MAJOR, PRECISION)
+            assignment = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+            tl.store(out_ptr + assignment[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit

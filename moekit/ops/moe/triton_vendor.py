@@ -42,9 +42,10 @@ def _valid_rows(counts_ptr, num_experts, E_PAD: tl.constexpr):
     return tl.sum(tl.load(counts_ptr + e, mask=e < num_experts, other=0), 0)
 
 
-# Each glue kernel is persistent over rows (``persistent_programs``, GLUE_PROGRAMS_PER_SM per SM):
-# its programs loop over the valid rows only, a count read on the device, so dropped slots cost
-# neither a copy nor a program. (``tl.cast`` of the row: the interpreter's loop variable is an int.)
+# Each glue kernel is persistent over rows (``_row_programs``): its programs loop over the valid
+# rows only, a count read on the device, so dropped slots cost neither a copy nor a program.
+# ``disable_licm`` where it saves registers in the sm_90 build (benchmarks/compile_check_moe.py);
+# ``tl.cast`` of the row: the interpreter's loop variable is an int.
 
 @triton.jit
 def _gather_rows_kernel(src_ptr, out_ptr, counts_ptr, order_ptr, weight_ptr, num_experts, top_k, N,
@@ -52,7 +53,8 @@ def _gather_rows_kernel(src_ptr, out_ptr, counts_ptr, order_ptr, weight_ptr, num
                         BLOCK_N: tl.constexpr):
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = cols < N
-    for r in range(tl.program_id(0), _valid_rows(counts_ptr, num_experts, E_PAD), tl.num_programs(0)):
+    for r in tl.range(tl.program_id(0), _valid_rows(counts_ptr, num_experts, E_PAD), tl.num_programs(0),
+                      disable_licm=True):
         assignment = tl.load(order_ptr + r)
         row = tl.load(src_ptr + (assignment // top_k).to(tl.int64) * stride_src + cols, mask=ok)
         if SCALE:
@@ -65,7 +67,8 @@ def _act_rows_kernel(h_ptr, a_ptr, counts_ptr, num_experts, F, stride_h, stride_
                      E_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK_F: tl.constexpr):
     fs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     ok = fs < F
-    for r in range(tl.program_id(0), _valid_rows(counts_ptr, num_experts, E_PAD), tl.num_programs(0)):
+    for r in tl.range(tl.program_id(0), _valid_rows(counts_ptr, num_experts, E_PAD), tl.num_programs(0),
+                      disable_licm=True):
         r64 = tl.cast(r, tl.int64)
         h_ptrs = h_ptr + r64 * stride_h + fs
         act = _act(tl.load(h_ptrs, mask=ok).to(tl.float32), ACT)
@@ -105,13 +108,17 @@ def _act_rows_backward_kernel(da_ptr, h_ptr, dh_ptr, dweight_ptr, counts_ptr, or
             tl.store(dweight_ptr + assignment, tl.sum(dot, 0))
 
 
-# Row programs per SM: 16 blocks of 4 warps fill an SM's 2048 threads; each row is one short
-# copy, so many must be in flight to cover memory latency.
+# Blocks of 4 warps per SM, all column blocks together: each row is one short copy, so many must be
+# in flight to cover memory latency, yet all resident at once (one wave). 16 fill an SM's 2048
+# threads at <= 32 registers; the backward kernel's 40-44 registers leave room for 10.
 GLUE_PROGRAMS_PER_SM = 16
+GLUE_BACKWARD_PROGRAMS_PER_SM = 10
 
 
-def _row_programs(meta: RoutingMeta, device: torch.device) -> int:
-    return persistent_programs(meta.order.numel(), device, GLUE_PROGRAMS_PER_SM)
+def _row_programs(meta: RoutingMeta, device: torch.device, col_blocks: int = 1,
+                  per_sm: int = GLUE_PROGRAMS_PER_SM) -> int:
+    """Programs along the rows of a glue launch with ``col_blocks`` column blocks."""
+    return persistent_programs(meta.order.numel(), device, max(1, per_sm // col_blocks))
 
 
 def gather_rows(src: torch.Tensor, meta: RoutingMeta, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,7 +126,8 @@ def gather_rows(src: torch.Tensor, meta: RoutingMeta, weight: torch.Tensor | Non
     num_rows, N = meta.order.numel(), src.shape[1]
     out = new_buffer((num_rows, N), src.dtype, src.device)
     block = min(1024, _pow2(N))
-    _gather_rows_kernel[(_row_programs(meta, src.device), triton.cdiv(N, block))](
+    cols = triton.cdiv(N, block)
+    _gather_rows_kernel[(_row_programs(meta, src.device, cols), cols)](
         src, out, meta.counts, meta.order, meta.counts if weight is None else weight, meta.num_experts,
         meta.top_k, N, src.stride(0), out.stride(0), E_PAD=_pow2(meta.num_experts), SCALE=weight is not None,
         BLOCK_N=block)
@@ -131,7 +139,8 @@ def act_rows(h: torch.Tensor, meta: RoutingMeta, activation: str) -> torch.Tenso
     F = h.shape[1] // 2 if gated else h.shape[1]
     a = new_buffer((h.shape[0], F), h.dtype, h.device)
     block = min(1024, _pow2(F))
-    _act_rows_kernel[(_row_programs(meta, h.device), triton.cdiv(F, block))](
+    cols = triton.cdiv(F, block)
+    _act_rows_kernel[(_row_programs(meta, h.device, cols), cols)](
         h, a, meta.counts, meta.num_experts, F, h.stride(0), a.stride(0),
         E_PAD=_pow2(meta.num_experts), GATED=gated, ACT=ACT_CODES[activation], BLOCK_F=block)
     return a
@@ -143,7 +152,7 @@ def act_rows_backward(da: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, m
     F = da.shape[1]
     dh = new_buffer(h.shape, h.dtype, h.device)
     dweight = torch.zeros(meta.order.numel() if weight_grad else 1, dtype=torch.float32, device=h.device)
-    _act_rows_backward_kernel[(_row_programs(meta, h.device),)](
+    _act_rows_backward_kernel[(_row_programs(meta, h.device, per_sm=GLUE_BACKWARD_PROGRAMS_PER_SM),)](
         da, h, dh, dweight, meta.counts, meta.order, weight, meta.num_experts, F,
         da.stride(0), h.stride(0), dh.stride(0), E_PAD=_pow2(meta.num_experts), GATED=is_gated(activation),
         ACT=ACT_CODES[activation], WEIGHT_GRAD=weight_grad, BLOCK_F=min(1024, _pow2(F)))
