@@ -24,6 +24,20 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ACTIVATIONS = ("swiglu", "geglu", "gelu")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_config_on_gpu():
+    """On a GPU each autotuned kernel builds every config for each new specialisation, which over
+    this file's dtypes, activations and shapes takes far longer than CI allows: one config each
+    here (the kernels' logic); benchmarks/gpu_check_moe.py checks the tuned configs at full size."""
+    with pytest.MonkeyPatch.context() as mp:
+        if DEVICE == "cuda":
+            for kernel in (kernels._gather_gemm_kernel, kernels._scatter_gemm_kernel, kernels._wgrad_kernel,
+                           kernels._wgrad2_kernel):
+                plain = [c for c in kernel.configs if not c.kwargs.get("TMA")]
+                mp.setattr(kernel, "configs", [min(plain, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])])
+        yield
+
+
 @pytest.fixture(autouse=True)
 def poisoned_buffers(monkeypatch):
     """Every kernel output starts as NaN: an element a kernel forgets to write shows up."""
@@ -481,3 +495,16 @@ def test_bf16_on_gpu(activation, routing):
 def test_bf16_in_the_interpreter_computing_like_the_gpu(activation, gpu_like_bf16):
     """tests/ops/conftest.py's gpu_like_bf16 makes the interpreter's bf16 dots and casts the GPU's."""
     check_against_reference(40, 64, 48, 4, 2, activation, torch.bfloat16, seed=9, tol=1e-2, skew=True)
+
+
+def test_float32_operands_take_half_deep_tiles(monkeypatch):
+    """4-byte operands: every tile at half BLOCK_K (same shared-memory bytes as bf16), duplicates
+    dropped; 16-bit operands keep the configs as they are."""
+    monkeypatch.setattr(kernels, "_INTERPRET", False)
+    configs = kernels._configs([(128, 256, 64, 8, 3), (128, 256, 32, 8, 3), (64, 128, 16, 4, 4)])
+    counts = torch.zeros(3, dtype=torch.int32)
+    wide = kernels._fit_operands(configs, {"counts_ptr": counts, "a_ptr": torch.zeros(2, dtype=torch.float32)})
+    assert [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in wide] == [(256, 32), (256, 16), (128, 16)]
+    assert all(c.num_warps == o.num_warps and c.num_stages == o.num_stages for c, o in zip(wide, configs))
+    narrow = kernels._fit_operands(configs, {"counts_ptr": counts, "a_ptr": torch.zeros(2, dtype=torch.bfloat16)})
+    assert narrow == configs

@@ -33,6 +33,7 @@ sm_90 without a GPU.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 
@@ -96,7 +97,24 @@ def tma_ok(w: torch.Tensor) -> bool:
             and (w.stride(0) * size) % 16 == 0 and (w.stride(1) * size) % 16 == 0)
 
 
+def _fit_operands(configs, named_args, **kwargs):
+    """The tiles are sized for 16-bit operands: 4-byte (float32) ones take them at half BLOCK_K,
+    so that shared memory holds as many bytes as in bf16. Without this, the tiles that exceed shared
+    memory are each compiled (minutes in all) only for the launch to refuse them."""
+    operands = [v for v in named_args.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if _INTERPRET or not operands or operands[0].element_size() < 4:
+        return configs
+    halved = []
+    for c in configs:
+        c = copy.copy(c)
+        c.kwargs = {**c.kwargs, "BLOCK_K": max(16, c.kwargs["BLOCK_K"] // 2)}
+        if all(c.all_kwargs() != h.all_kwargs() for h in halved):
+            halved.append(c)
+    return halved
+
+
 def _prune(configs, named_args, **kwargs):
+    configs = _fit_operands(configs, named_args)
     return [c for c in configs if not c.kwargs["TMA"] or named_args["TMA_OK"]]
 
 
@@ -424,8 +442,10 @@ def _wgrad(
 
 
 _WGRAD_KEY = ["P", "Q", "GATHER_A", "GATHER_B"]
-_wgrad_kernel = triton.autotune(configs=WGRAD_CONFIGS, key=_WGRAD_KEY)(_wgrad)
-_wgrad2_kernel = triton.autotune(configs=WGRAD2_CONFIGS, key=_WGRAD_KEY)(_wgrad)  # WGMMA_LAYOUT=True
+_WGRAD_PRUNE = {"early_config_prune": _fit_operands}
+_wgrad_kernel = triton.autotune(configs=WGRAD_CONFIGS, key=_WGRAD_KEY, prune_configs_by=_WGRAD_PRUNE)(_wgrad)
+_wgrad2_kernel = triton.autotune(configs=WGRAD2_CONFIGS, key=_WGRAD_KEY,  # WGMMA_LAYOUT=True
+                                 prune_configs_by=_WGRAD_PRUNE)(_wgrad)
 
 
 @triton.jit
