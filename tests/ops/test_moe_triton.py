@@ -180,8 +180,14 @@ def test_routing_meta_is_a_stable_counting_sort():
 
 
 def test_routing_meta_rejects_bad_indices():
-    with pytest.raises(RuntimeError, match="topk_idx"):
-        triton_meta.routing_meta(torch.tensor([[0, 5]], device=DEVICE), 4)
+    if DEVICE == "cuda":  # a failed device-side assert ends the process's CUDA context: run it apart
+        code = ("import torch; from moekit.ops.moe import triton_meta; "
+                "triton_meta.routing_meta(torch.tensor([[0, 5]], device='cuda'), 4); torch.cuda.synchronize()")
+        died = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert died.returncode != 0 and "topk_idx entries must lie in [-1, 4)" in died.stderr
+    else:
+        with pytest.raises(RuntimeError, match=r"topk_idx entries must lie in \[-1, 4\)"):
+            triton_meta.routing_meta(torch.tensor([[0, 5]], device=DEVICE), 4)
     with pytest.raises(TypeError, match="topk_idx"):
         triton_meta.routing_meta(torch.tensor([[0.0, 1.0]], device=DEVICE), 4)
 
