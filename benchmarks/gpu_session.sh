@@ -92,6 +92,8 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
       tests/parallel/test_expert_parallel_layer.py ;;
     bench_ep32k_s6) step "$1" 150 torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 \
       --steps 6 --warmup 1 --tokens 32768 ;;
+    bench_ep_fill) step "$1" 300 torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.65 \
+      --small-layers 60 --stacks small --steps 4 --warmup 1 --tokens 32768 ;;
     bench_ep16k) step "$1" 200 torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --tokens 16384 ;;
     bench_ep32k) step "$1" 200 torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --tokens 32768 ;;
     parity_bf16|parity_fp8|parity_mxfp8) step "$1" 420 python3 benchmarks/parity.py --precisions "${1#parity_}" --out "$LOGS/parity" ;;
