@@ -5,6 +5,7 @@ what the dispatcher must send for the smoke shape."""
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,9 @@ def test_smoke_table_has_a_row_per_ep_size(smoke):
     large = [r for r in rows if r["model"] == "large"]
     assert large and all(r["EP"] > 1 and r["layers"] > small[0]["layers"] for r in large)
     assert "weak scaling, small model, EP=4 x DP=1 on 4 GPU(s) vs 1 GPU:" in smoke
-    assert "it does not fit" in smoke
+    assert "more than --expert-mem allows" in smoke
+    assert re.search(rf"small \({small[0]['layers']:.0f} layers\) at EP=1: [0-9.e-]+ GB of weights \+ grads, "
+                     r"[0-9]+% of one GPU's memory", smoke)
 
 
 def test_smoke_all_to_all_bytes_match_the_routing(smoke):
