@@ -125,25 +125,24 @@ def compile_only(arch: int) -> bool:
     target = GPUTarget("cuda", arch, 32)
     fmt = mx_triton._format_args(ELEM, SCALE_MODE)
     fmt["EMULATE_RNE"] = False
-    configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.maxnreg, c.kwargs["PERSISTENT"])
-               for c in mx_triton.BOTH_CONFIGS]
-    configs += [(a, b, w, None, 0) for a, b, w in MX_TILES if (a, b, w, None, 0) not in configs]
+    configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.maxnreg) for c in mx_triton.BOTH_CONFIGS]
+    configs += [(a, b, w, None) for a, b, w in MX_TILES if (a, b, w, None) not in configs]
     ok = True
     # every tile with int32 offsets, and the first tile with the int64 ones of inputs past 2^31 elements
     variants = [(rowwise, colwise, x_type, tile, False) for rowwise, colwise in ((True, True), (True, False))
                 for x_type in ("*i16", "*fp32") for tile in configs]
     variants += [(True, True, "*i16", configs[0], True)]
-    for rowwise, colwise, x_type, (block_m, block_k, warps, maxnreg, persistent), index_64 in variants:
+    for rowwise, colwise, x_type, (block_m, block_k, warps, maxnreg), index_64 in variants:
         constexprs = dict(fmt, ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x_type == "*i16", BLOCK_M=block_m,
                           BLOCK_K=block_k, ROW_GROUP=mx_triton._row_group(block_m, block_k, warps),
-                          INDEX_64=index_64, PERSISTENT=persistent)
+                          INDEX_64=index_64)
         signature = {n: "constexpr" if n in constexprs else
                      {"x_ptr": x_type, "col_data_ptr": "*i32"}.get(n, "*u8" if n.endswith("_ptr") else "i32")
                      for n in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in constexprs}
         label = (f"{'both' if colwise else 'row '} {'bf16' if x_type == '*i16' else 'fp32'} "
                  f"{block_m}x{block_k}/{warps}w" + (f" maxnreg {maxnreg}" if maxnreg else "")
-                 + (f" looping x{persistent}/SM" if persistent else "") + (" int64 offsets" if index_64 else ""))
+                 + (" int64 offsets" if index_64 else ""))
         try:
             kernel = compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                              target=target, options={"num_warps": warps, "num_stages": 1, "maxnreg": maxnreg})
@@ -175,8 +174,7 @@ def main() -> None:
     best = getattr(mx_triton._mx_quantize_tuned, "best_config", None)  # unset when read from Triton's disk cache
     if best is not None:
         print(f"mxfp8 both: autotuned tile {best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_K']}/{best.num_warps}w"
-              + (f", maxnreg {best.maxnreg}" if best.maxnreg else "")
-              + (f", {best.kwargs['PERSISTENT']} looping programs per SM" if best.kwargs["PERSISTENT"] else ""))
+              + (f", maxnreg {best.maxnreg}" if best.maxnreg else ""))
 
     if args.sweep:
         print("tile sweep (median ms, best first):")

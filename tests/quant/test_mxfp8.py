@@ -44,11 +44,9 @@ def test_one_pass_kernel_matches_reference(make_input, assert_same_bits, dtype, 
                 assert_same_bits(buf, _bytes(expected[name]))
 
 
-# (BLOCK_M, BLOCK_K, num_warps, looping programs per SM): row groups of 8, 16 and 32 rows, one or
-# several per tile, tiles taller / wider than the input (masked edges); looping programs (on the
-# CPU, mx_triton.CPU_PROGRAMS of them) prefetching past the last tile.
-TILES = [(32, 32, 4, 0), (64, 64, 2, 0), (128, 64, 4, 0), (128, 128, 1, 0), (64, 256, 4, 0),
-         (32, 32, 4, 3), (64, 64, 2, 5), (128, 64, 4, 3)]
+# (BLOCK_M, BLOCK_K, num_warps): row groups of 8, 16 and 32 rows, one or several per tile, and
+# tiles taller / wider than the input (masked edges).
+TILES = [(32, 32, 4), (64, 64, 2), (128, 64, 4), (128, 128, 1), (64, 256, 4)]
 
 
 @pytest.mark.parametrize("tile", TILES)
@@ -56,8 +54,8 @@ def test_one_pass_kernel_tile_shapes(make_input, assert_same_bits, tile):
     """Every tile split the kernel may use (its row permutation depends on the tile) is exact."""
     from moekit.quant.mxfp8 import triton as mx_triton
 
-    block_m, block_k, warps, persistent = tile
-    tiles = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps, "PERSISTENT": persistent}
+    block_m, block_k, warps = tile
+    tiles = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps}
     for seed, (shape, dtype) in enumerate([((96, 160), torch.bfloat16), ((128, 96), torch.float32)]):
         x = make_input(shape, dtype, 30 + seed)
         rows, cols = reference.quantize_both(x, "e4m3", "rceil")

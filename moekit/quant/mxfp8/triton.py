@@ -72,36 +72,33 @@ def _scale_bytes(exp, nonfinite):
 
 
 @triton.jit
-def _tile_rows(tile_m, M, BLOCK_M: tl.constexpr, ROW_GROUP: tl.constexpr, COLWISE: tl.constexpr):
-    """The x rows of row tile `tile_m`, in the kernel's tile order (see `_mx_quantize_kernel`)."""
-    t = tl.arange(0, BLOCK_M)
-    m0 = tile_m * BLOCK_M
-    if COLWISE:
-        return m0 + (t // (4 * ROW_GROUP)) * (4 * ROW_GROUP) + 4 * (t % ROW_GROUP) + (t // ROW_GROUP) % 4
-    return m0 + t
-
-
-@triton.jit
-def _load_tile(x_ptr, tile_m, tile_k, live, M, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-               ROW_GROUP: tl.constexpr, COLWISE: tl.constexpr):
-    """The raw x tile (tile_m, tile_k); nothing is read where `live` is false."""
-    offs_m = _tile_rows(tile_m, M, BLOCK_M, ROW_GROUP, COLWISE)
-    offs_k = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K) & live
-    return tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0)
-
-
-@triton.jit
-def _quantize_tile(
-    x, tile_m, tile_k, row_data_ptr, row_scale_ptr, col_data_ptr, col_scale_ptr, M, K,
-    ROWWISE: tl.constexpr, COLWISE: tl.constexpr, EMAX: tl.constexpr, RCEIL: tl.constexpr,
-    MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr,
-    EMULATE_RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROW_GROUP: tl.constexpr,
+def _mx_quantize_kernel(
+    x_ptr, row_data_ptr, row_scale_ptr, col_data_ptr, col_scale_ptr,
+    M, K, stride_xm,
+    ROWWISE: tl.constexpr, COLWISE: tl.constexpr, IS_BF16: tl.constexpr,
+    EMAX: tl.constexpr, RCEIL: tl.constexpr, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr,
+    MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROW_GROUP: tl.constexpr, INDEX_64: tl.constexpr,
 ):
-    """Write the row-wise and / or column-wise quantization of the float32 x tile (tile_m, tile_k)."""
-    offs_m = _tile_rows(tile_m, M, BLOCK_M, ROW_GROUP, COLWISE)
-    offs_k = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    """One read of an x tile [BLOCK_M, BLOCK_K]; row-wise and / or column-wise outputs.
+
+    Column-wise, tile row t = s * 4G + j * G + a (G = ROW_GROUP, j < 4, a < G) holds x row
+    m0 + s * 4G + 4a + j. With G the rows one pass of the CTA's threads covers (see
+    `_row_group`), the tile's repetitions put rows 4a .. 4a + 3 of a column in one thread, so
+    the 32-row amax starts in registers, and their 4 FP8 bytes pack into one int32 of the [K, M]
+    output: the on-chip transpose moves words instead of bytes, and the store is 16-byte vectors
+    along M. Correctness does not depend on the layout, only the speed.
+    """
+    t = tl.arange(0, BLOCK_M)
+    m0 = program_id(0, INDEX_64) * BLOCK_M
+    if COLWISE:
+        offs_m = m0 + (t // (4 * ROW_GROUP)) * (4 * ROW_GROUP) + 4 * (t % ROW_GROUP) + (t // ROW_GROUP) % 4
+    else:
+        offs_m = m0 + t
+    offs_k = program_id(1, INDEX_64) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = to_float32(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0), IS_BF16)
+
     if ROWWISE:
         xr = tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 32))
         exp, nonfinite = _block_exponent(tl.max(_magnitude_bits(xr), axis=2), EMAX, RCEIL)
@@ -109,7 +106,7 @@ def _quantize_tile(
                         E5M2, EMULATE_RNE)
         tl.store(row_data_ptr + offs_m[:, None] * K + offs_k[None, :], tl.reshape(elems, (BLOCK_M, BLOCK_K)),
                  mask=mask)
-        offs_kb = tile_k * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+        offs_kb = program_id(1, INDEX_64) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
         tl.store(row_scale_ptr + offs_m[:, None] * (K // 32) + offs_kb[None, :], _scale_bytes(exp, nonfinite),
                  mask=(offs_m[:, None] < M) & (offs_kb[None, :] < K // 32))
 
@@ -125,59 +122,13 @@ def _quantize_tile(
         # Little-endian: byte j of the word is row 4a + j.
         shifts = 8 * tl.arange(0, 4)[None, :, None, None, None]
         words = tl.reshape(tl.sum(elems.to(tl.int32) << shifts, axis=1), (BLOCK_M // 4, BLOCK_K))
-        offs_w = tile_m * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)
+        offs_w = m0 // 4 + tl.arange(0, BLOCK_M // 4)
         tl.store(col_data_ptr + offs_k[:, None] * (M // 4) + offs_w[None, :], tl.trans(words),
                  mask=(offs_k[:, None] < K) & (offs_w[None, :] < M // 4))
         scale = tl.reshape(_scale_bytes(exp, nonfinite), (BLOCK_M // 32, BLOCK_K))
-        offs_mb = tile_m * (BLOCK_M // 32) + tl.arange(0, BLOCK_M // 32)
+        offs_mb = program_id(0, INDEX_64) * (BLOCK_M // 32) + tl.arange(0, BLOCK_M // 32)
         tl.store(col_scale_ptr + offs_k[:, None] * (M // 32) + offs_mb[None, :], tl.trans(scale),
                  mask=(offs_k[:, None] < K) & (offs_mb[None, :] < M // 32))
-
-
-@triton.jit
-def _mx_quantize_kernel(
-    x_ptr, row_data_ptr, row_scale_ptr, col_data_ptr, col_scale_ptr,
-    M, K, stride_xm,
-    ROWWISE: tl.constexpr, COLWISE: tl.constexpr, IS_BF16: tl.constexpr,
-    EMAX: tl.constexpr, RCEIL: tl.constexpr, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr,
-    MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROW_GROUP: tl.constexpr, INDEX_64: tl.constexpr,
-    PERSISTENT: tl.constexpr,
-):
-    """One read of each x tile [BLOCK_M, BLOCK_K]; row-wise and / or column-wise outputs.
-
-    Column-wise, tile row t = s * 4G + j * G + a (G = ROW_GROUP, j < 4, a < G) holds x row
-    m0 + s * 4G + 4a + j. With G the rows one pass of the CTA's threads covers (see
-    `_row_group`), the tile's repetitions put rows 4a .. 4a + 3 of a column in one thread, so
-    the 32-row amax starts in registers, and their 4 FP8 bytes pack into one int32 of the [K, M]
-    output: the on-chip transpose moves words instead of bytes, and the store is 16-byte vectors
-    along M. Correctness does not depend on the layout, only the speed.
-
-    PERSISTENT: a 1-D grid of programs, each looping over tiles; the load of its next tile is
-    issued before the current one is quantized, so a program's reads overlap its own math and
-    stores (one tile per program relies on other resident programs for that).
-    """
-    if PERSISTENT:
-        tiles_k = tl.cdiv(K, BLOCK_K)
-        tiles = tl.cdiv(M, BLOCK_M) * tiles_k
-        step = tl.num_programs(0)
-        first = program_id(0, INDEX_64)
-        raw = _load_tile(x_ptr, first // tiles_k, first % tiles_k, first < tiles, M, K, stride_xm, BLOCK_M, BLOCK_K,
-                         ROW_GROUP, COLWISE)
-        for tile in tl.range(first, tiles, step):
-            upcoming = tile + step
-            raw_next = _load_tile(x_ptr, upcoming // tiles_k, upcoming % tiles_k, upcoming < tiles, M, K,
-                                  stride_xm, BLOCK_M, BLOCK_K, ROW_GROUP, COLWISE)
-            _quantize_tile(to_float32(raw, IS_BF16), tile // tiles_k, tile % tiles_k, row_data_ptr, row_scale_ptr,
-                           col_data_ptr, col_scale_ptr, M, K, ROWWISE, COLWISE, EMAX, RCEIL, MAX_NORMAL,
-                           MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE, BLOCK_M, BLOCK_K, ROW_GROUP)
-            raw = raw_next
-    else:
-        tile_m, tile_k = program_id(0, INDEX_64), program_id(1, INDEX_64)
-        raw = _load_tile(x_ptr, tile_m, tile_k, True, M, K, stride_xm, BLOCK_M, BLOCK_K, ROW_GROUP, COLWISE)
-        _quantize_tile(to_float32(raw, IS_BF16), tile_m, tile_k, row_data_ptr, row_scale_ptr, col_data_ptr,
-                       col_scale_ptr, M, K, ROWWISE, COLWISE, EMAX, RCEIL, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP,
-                       E5M2, EMULATE_RNE, BLOCK_M, BLOCK_K, ROW_GROUP)
 
 
 @triton.jit
@@ -207,25 +158,10 @@ def _row_group(block_m: int, block_k: int, num_warps: int) -> int:
     return max(8, min(lanes_m * num_warps, block_m // 4))
 
 
-def _config(block_m: int, block_k: int, num_warps: int, maxnreg: int | None = None,
-            persistent: int = 0) -> triton.Config:
-    """A tile; `persistent` > 0: that many looping programs per SM (0: one program per tile)."""
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k, "PERSISTENT": persistent,
+def _config(block_m: int, block_k: int, num_warps: int, maxnreg: int | None = None) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k,
                           "ROW_GROUP": _row_group(block_m, block_k, num_warps)},
                          num_warps=num_warps, num_stages=1, maxnreg=maxnreg)
-
-
-# Looping programs on a CPU (the interpreter runs them one by one): a few, each over several tiles.
-CPU_PROGRAMS = 3
-
-
-def _grid(m: int, k: int, block_m: int, block_k: int, persistent: int, device: torch.device) -> tuple:
-    tiles_m, tiles_k = triton.cdiv(m, block_m), triton.cdiv(k, block_k)
-    if not persistent:
-        return tiles_m, tiles_k
-    programs = (CPU_PROGRAMS if device.type != "cuda"
-                else persistent * torch.cuda.get_device_properties(device).multi_processor_count)
-    return (min(tiles_m * tiles_k, programs),)
 
 
 if INTERPRETING:  # the interpreter runs on the CPU: one small tile (edge masks get exercised), no tuning
@@ -239,12 +175,6 @@ else:
     # give longer row stores. maxnreg 96 trades 28 spilled bytes for 5 CTAs per SM instead of 4.
     BOTH_CONFIGS = [_config(128, 64, 4), _config(256, 64, 8), _config(128, 128, 8), _config(64, 128, 4),
                     _config(128, 64, 4, maxnreg=96)]
-    # Looping programs that prefetch their next tile, racing the one-tile programs above. The
-    # prefetched tile costs ~40 registers; programs per SM are what stay resident at the register
-    # count of the sm_90 build (a program that waits for a slot would run all its tiles late).
-    BOTH_CONFIGS += [_config(128, 64, 4, persistent=3), _config(128, 64, 4, maxnreg=128, persistent=4),
-                     _config(64, 64, 4, persistent=3), _config(64, 64, 2, persistent=5),
-                     _config(32, 64, 2, persistent=6), _config(64, 128, 4, persistent=2)]
 
 # Weights are what both layouts get made of, so (M, K) repeat: tune once per shape.
 _mx_quantize_tuned = triton.autotune(configs=BOTH_CONFIGS, key=["M", "K", "ROWWISE", "IS_BF16"])(
@@ -276,8 +206,7 @@ def empty_outputs(m: int, k: int, rowwise: bool, colwise: bool, elem: str, devic
 def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, tiles: dict | None = None) -> None:
     """Run the kernel on 2-D `x` [M, K] (unit stride along K), writing the layouts in `outputs`.
     Both layouts: the autotuned configs; row-wise only: `ROW_CONFIG`. `tiles` (BLOCK_M, BLOCK_K:
-    powers of two >= 32; num_warps; optional PERSISTENT: looping programs per SM) forces one tile
-    instead, for tuning by hand."""
+    powers of two >= 32; num_warps) forces one tile instead, for tuning by hand."""
     m, k = x.shape
     rowwise, colwise = "row_data" in outputs, "col_data" in outputs
     col_data = outputs.get("col_data")
@@ -288,16 +217,15 @@ def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, 
                  **_format_args(elem, scale_mode))
     if tiles is None and colwise:
         def grid(meta):
-            return _grid(m, k, meta["BLOCK_M"], meta["BLOCK_K"], meta["PERSISTENT"], x.device)
+            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"])
 
         _mx_quantize_tuned[grid](*args, **flags)
         return
     if tiles is None:
         tiles = dict(ROW_CONFIG.kwargs, num_warps=ROW_CONFIG.num_warps)
     else:
-        tiles = dict(tiles, ROW_GROUP=_row_group(tiles["BLOCK_M"], tiles["BLOCK_K"], tiles["num_warps"]),
-                     PERSISTENT=tiles.get("PERSISTENT", 0))
-    grid = _grid(m, k, tiles["BLOCK_M"], tiles["BLOCK_K"], tiles["PERSISTENT"], x.device)
+        tiles = dict(tiles, ROW_GROUP=_row_group(tiles["BLOCK_M"], tiles["BLOCK_K"], tiles["num_warps"]))
+    grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))
     _mx_quantize_kernel[grid](*args, **flags, **tiles)
 
 
