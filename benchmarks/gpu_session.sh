@@ -87,6 +87,9 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
       "NCCL_MIN_NCHANNELS=32 NCCL_PROTO=Simple" "NCCL_MIN_CTAS=32 NCCL_MAX_CTAS=32"; do echo "## $env"; \
       env $env torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 \
       --warmup 1 --tokens 32768 2>&1 | grep "^small\|^model"; done' ;;
+    profile_delta1) step profile_delta1 120 python3 benchmarks/profile_linear_attention.py --settings default \
+      --ops delta_rule,gated_delta_rule --lengths 2048 ;;
+    bench_delta) step bench_delta 150 python3 benchmarks/linear_attention.py --ops delta_rule --lengths 2048,32768 ;;
     check_delta) step check_delta 120 python3 benchmarks/gpu_check_linear_attention.py --ops delta_rule,gated_delta_rule ;;
     ep_gputest) step ep_gputest 150 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE \
       tests/parallel/test_expert_parallel_layer.py ;;
