@@ -467,7 +467,11 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
 
     dT = dw (beta e^{gc} k)^T + du (beta v)^T, dA = -T^T dT T^T, E = dA e^{gc_i - gc_j} (strictly
     lower). A's gradient reaches dk as F k + F^T k, F = diag(beta) E: F goes out through f_buf and
-    comes back transposed (no computed tile is transposed), so S = F + F^T takes one product."""
+    comes back transposed (no computed tile is transposed), so S = F + F^T takes one product.
+
+    Operands in the input dtype except the products of the float32 T with du and with dT, which
+    stay float32 (TF32): in a bf16 emulation rounding them raised dbeta's error by a quarter (and
+    dv's by 15%) with correlated keys; T's product with dw and S's with k did not show."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -478,28 +482,31 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
     if USE_G:
         b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
     b_scale_k = b_beta * tl.exp(b_g)
+    dt = k.dtype.element_ty
     b_tt = tl.load(T_in + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)  # T^T
-    b_dt = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     b_dg = tl.zeros([BT], dtype=tl.float32)
+    # dT = (dw k^T) diag(beta e^gc) + (du v^T) diag(beta): the column scales go on the sums, so k
+    # and v enter the products as loaded (no float32 copy, no rounding of a scaled copy)
+    b_dt = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        mk = rk < K
+        b_dt += tl.dot(_load_rows(dw + i_h * K, t, mt, rk, mk, H * K), _load_cols(k + i_h * K, t, mt, rk, mk, H * K),
+                       input_precision=PRECISION)
+    if USE_G:
+        b_dt = b_dt * tl.exp(b_g)[None, :]
     for i_v in range(tl.cdiv(V, BV)):
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
         b_du = _load_rows(du + i_h * V, t, mt, rv, mv, H * V)
-        b_vt = _load_cols(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32)
-        b_dt += tl.dot(b_du, b_vt * b_beta[None, :], input_precision=PRECISION)
+        b_dt += tl.dot(b_du.to(dt), _load_cols(v + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
         b_dvb = tl.dot(b_tt, b_du, input_precision=PRECISION)
         b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32)
         b_dbeta += tl.sum(b_dvb * b_v, axis=1)
         tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
-    dt = dw.dtype.element_ty  # the input dtype: dw's products with k take 16-bit operands
-    for i_k in range(tl.cdiv(K, BK)):
-        rk = i_k * BK + tl.arange(0, BK)
-        mk = rk < K
-        b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
-        b_dt += tl.dot(_load_rows(dw + i_h * K, t, mt, rk, mk, H * K), (b_kt * b_scale_k[None, :]).to(dt),
-                       input_precision=PRECISION)
+    b_dt = b_dt * b_beta[None, :]
     b_da = -tl.dot(tl.dot(b_tt, b_dt, input_precision=PRECISION), b_tt, input_precision=PRECISION)
     strict = (rt[:, None] > rt[None, :]) & mt[:, None]
     if USE_G:
@@ -514,14 +521,14 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
     b_f = b_e * b_beta[:, None]
     tl.store(f_buf + (t[:, None] * H + i_h) * BT + rt[None, :], b_f, mask=mt[:, None])
     tl.debug_barrier()
-    b_s = b_f + tl.load(f_buf + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)
+    b_s = (b_f + tl.load(f_buf + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)).to(dt)
+    b_tt = b_tt.to(dt)
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
-        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32)
-        b_tdw = tl.dot(b_tt, _load_rows(dw + i_h * K, t, mt, rk, mk, H * K).to(tl.float32),
-                       input_precision=PRECISION)
-        b_dkb_k = tl.sum(b_tdw * b_k, axis=1)
+        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
+        b_tdw = tl.dot(b_tt, _load_rows(dw + i_h * K, t, mt, rk, mk, H * K), input_precision=PRECISION)
+        b_dkb_k = tl.sum(b_tdw * b_k.to(tl.float32), axis=1)
         b_dbeta += b_dkb_k * tl.exp(b_g)
         b_dg += b_dkb_k * b_scale_k
         b_dk = b_tdw * b_scale_k[:, None] + tl.dot(b_s, b_k, input_precision=PRECISION)
