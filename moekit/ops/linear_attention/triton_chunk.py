@@ -418,8 +418,8 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
         if USE_G:  # <h, dh> in one orientation: h is loaded a second time, untransposed
             b_h = tl.load(h + state, mask=m_state, other=0.0)
             b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
-        if DELTA:
-            b_dw += tl.dot(_load_rows(dv + i_h * V, t, mt, rv, mv, H * V), b_ht.to(tl.float32),
+        if DELTA:  # 16-bit operands, dv rounded: no gradient's bf16 error moved by over 1%
+            b_dw += tl.dot(_load_rows(dv + i_h * V, t, mt, rv, mv, H * V).to(b_ht.dtype), b_ht,
                            input_precision=PRECISION)
     m_out = mt[:, None] & mk[None, :]
     out = (t[:, None] * H + i_h) * K + rk[None, :]
@@ -440,15 +440,17 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
         dg_last = tl.sum(b_hdh) * tl.exp(g_last) + tl.sum(tl.sum(b_dkt * b_kt, axis=0))
     else:
         b_ds = tl.where(causal, b_ds, 0.0)
-    # float32 operands (tf32 on the GPU): rounding ds to bf16 here dominated the error of the
-    # gate gradient, a difference q.dq - k.dk that cancels (mamba2's dA sums it over all tokens).
-    # dq, then dk, each stored (and its share of the gate gradient taken) as soon as it is done.
-    b_dq = (b_dq + tl.dot(b_ds, _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(tl.float32),
+    # With a gate, float32 operands (tf32 on the GPU): rounding ds to bf16 here dominated the error
+    # of the gate gradient, a difference q.dq - k.dk that cancels (mamba2's dA sums it over all
+    # tokens; float16 gated delta: dg's error doubled). Without one (the delta rule) 16-bit: dq's
+    # and dk's errors grew by 5-7%. dq, then dk, each stored as soon as it is done.
+    ds_dt = k.dtype.element_ty if DELTA and not USE_G else tl.float32
+    b_dq = (b_dq + tl.dot(b_ds.to(ds_dt), _load_rows(k + i_h * K, t, mt, rk, mk, H * K).to(ds_dt),
                           input_precision=PRECISION)) * scale
     tl.store(dq + out, b_dq.to(dq.dtype.element_ty), mask=m_out)
     if USE_G:
         b_dg = tl.sum(_load_rows(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32) * b_dq, axis=1)
-    b_dkt += tl.dot(_load_cols(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32), b_ds * scale,
+    b_dkt += tl.dot(_load_cols(q + i_h * K, t, mt, rk, mk, H * K).to(ds_dt), (b_ds * scale).to(ds_dt),
                     input_precision=PRECISION)
     tl.store(dk + (t[None, :] * H + i_h) * K + rk[:, None], b_dkt.to(dk.dtype.element_ty),
              mask=mk[:, None] & mt[None, :])
