@@ -332,12 +332,13 @@ def test_delta_tiles_in_per_chunk_kernels(monkeypatch, op):
 
 
 # Rel. error bounds (outputs and final state, gradients) with float16 inputs vs float64: the
-# measured errors plus ~10% (random keys: delta_rule 6.0e-4 / 7.4e-4, gated 4.9e-4 / 5.7e-4;
-# correlated: 6.8e-4 / 9.0e-4 and 6.2e-4 / 6.5e-4; float16's unit roundoff is 4.9e-4). The delta
+# measured errors plus ~10% (random keys: delta_rule 5.8e-4 / 7.5e-4, gated 4.9e-4 / 5.6e-4;
+# correlated: 6.8e-4 / 9.5e-4 and 6.2e-4 / 6.5e-4; float16's unit roundoff is 4.9e-4). The delta
 # rule keeps w, dw, dh and the intra-chunk dv in the input dtype and u, T and dv in float32: a
-# further rounding in the input dtype shows here.
-F16_BOUNDS = {("delta_rule", "random"): (6.6e-4, 8.2e-4), ("gated_delta_rule", "random"): (5.5e-4, 6.3e-4),
-              ("delta_rule", "correlated"): (7.5e-4, 9.9e-4),
+# further rounding in the input dtype shows here. The delta rule's gradients rose from 7.1e-4 /
+# 9.0e-4 when its dq/dk took ds's products and the WY backward T dw and S k in 16 bits.
+F16_BOUNDS = {("delta_rule", "random"): (6.6e-4, 8.3e-4), ("gated_delta_rule", "random"): (5.5e-4, 6.3e-4),
+              ("delta_rule", "correlated"): (7.5e-4, 1.05e-3),
               ("gated_delta_rule", "correlated"): (6.8e-4, 7.2e-4)}
 
 
@@ -376,6 +377,20 @@ def test_chunk_bf16_within_the_acceptance_bounds(op, gpu_like_bf16):
     assert rel_err(s, rs) < 5e-3, f"{op} final state: {rel_err(s, rs):.2e}"
     for name in rd:
         assert rel_err(d[name], rd[name]) < 1e-2, f"{op} d{name}: {rel_err(d[name], rd[name]):.2e}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter emulation of the GPU's bf16")
+@pytest.mark.parametrize("op", ["delta_rule", "gated_delta_rule"])
+def test_delta_rule_bf16_correlated_keys(op, gpu_like_bf16):
+    """bf16 as the GPU computes it, with keys whose WY inverse is far from the identity (where its
+    16-bit and TF32 products show): issue #7's bounds, 5e-3 on the outputs and 1e-2 on every
+    gradient, with K = V = 64 over three chunks, the last ragged."""
+    inputs = with_correlated_keys(make_inputs(op, 1, 150, 2, 64, 64, 1, seed=50), seed=51)
+    o, s, d = run(op, inputs, dtype=torch.bfloat16, backend="triton", chunk_size=64)
+    ro, rs, rd = run(op, inputs, dtype=torch.float64, backend="reference", chunk_size=64)
+    assert 1e-4 < rel_err(o, ro) < 5e-3 and rel_err(s, rs) < 5e-3, (rel_err(o, ro), rel_err(s, rs))
+    grad_errors = {n: rel_err(d[n], rd[n]) for n in rd}
+    assert max(grad_errors.values()) < 1e-2, grad_errors
 
 
 def test_register_cap_only_for_tensor_core_dots():
