@@ -464,11 +464,11 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
 
 
 @triton.jit
-def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start, end,
+def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dk_out, dv, dbeta, dg, f_buf, start, end,
                    H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, USE_G: tl.constexpr, PRECISION: tl.constexpr):
-    """Back through w = T (beta e^{gc} k), u = T (beta v), T = (I + A)^-1: adds into dk and dg,
-    writes dv and dbeta.
+    """Back through w = T (beta e^{gc} k), u = T (beta v), T = (I + A)^-1: writes dk (the float32
+    dk plus the WY terms, in dk_out's dtype), dv and dbeta, adds into dg.
 
     dT = dw (beta e^{gc} k)^T + du (beta v)^T, dA = -T^T dT T^T, E = dA e^{gc_i - gc_j} (strictly
     lower). A's gradient reaches dk as F k + F^T k, F = diag(beta) E: F goes out through f_buf and
@@ -539,7 +539,8 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
         b_dk = b_tdw * b_scale_k[:, None] + tl.dot(b_s, b_k, input_precision=PRECISION)
         out = (t[:, None] * H + i_h) * K + rk[None, :]
         m_out = mt[:, None] & mk[None, :]
-        tl.store(dk + out, tl.load(dk + out, mask=m_out, other=0.0) + b_dk, mask=m_out)
+        tl.store(dk_out + out, (tl.load(dk + out, mask=m_out, other=0.0) + b_dk).to(dk_out.dtype.element_ty),
+                 mask=m_out)
     tl.store(dbeta + t * H + i_h, b_dbeta, mask=mt)
     if USE_G:
         tl.store(dg + t * H + i_h, tl.load(dg + t * H + i_h, mask=mt, other=0.0) + b_dg, mask=mt)
@@ -651,13 +652,16 @@ def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype, vs=N
 
 
 def wy_bwd(k, v, beta, gc, T, dw, du, dk, dg, chunks: Chunks, v_dtype):
-    """Adds the WY terms into dk (float32) and dg; returns (dv, dbeta)."""
+    """Adds the WY terms to dk (float32) and into dg; returns (dk in k's dtype, dv, dbeta): the
+    sum is cast on its way out, with no separate pass over dk."""
     tokens, H, K = k.shape
     V = v.shape[-1]
+    dk_out = torch.empty_like(k)
     dv = torch.empty(tokens, H, V, dtype=v_dtype, device=k.device)
     dbeta = torch.empty(tokens, H, dtype=torch.float32, device=k.device)
     f_buf = torch.empty(T.shape, dtype=torch.float32, device=k.device)  # scratch: F, read back transposed
     _wy_bwd_kernel[(chunks.num_chunks, H)](
-        k, v, beta, gc, T, dw, du, dk, dv, dbeta, dg, f_buf, chunks.start, chunks.end, H=H, K=K, V=V, BT=chunks.size,
+        k, v, beta, gc, T, dw, du, dk, dk_out, dv, dbeta, dg, f_buf, chunks.start, chunks.end, H=H, K=K, V=V,
+        BT=chunks.size,
         BK=block_k("wy_bwd", K), BV=block_v("wy_bwd", V), USE_G=gc is not None, **launch_options("wy_bwd", k))
-    return dv, dbeta
+    return dk_out, dv, dbeta

@@ -77,8 +77,7 @@ class ChunkScalarGate(torch.autograd.Function):
         dbeta = None
         if delta:
             dgc_wy = torch.zeros_like(gc) if gc is not None else None
-            dv, dbeta = kc.wy_bwd(k, v, beta, gc, T, dw, dv_state, dk, dgc_wy, chunks, v.dtype)
-            dk = dk.to(k.dtype)
+            dk, dv, dbeta = kc.wy_bwd(k, v, beta, gc, T, dw, dv_state, dk, dgc_wy, chunks, v.dtype)
             dbeta = dbeta.to(beta.dtype)
             if gc is not None:
                 dgc = dgc + dgc_wy
