@@ -357,25 +357,22 @@ def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, sc
         tl.store(dh + ((c0 + c) * H + i_h) * K * V + state, b_dh.to(dh.dtype.element_ty), mask=m_state)
         t = bos + c * BT + rt
         mt = t < eos
-        # the scale and decays go on do's and dv's rows (a [BT, BV] tile), so q and k enter the
-        # products as loaded
-        b_do_scale = tl.full([BT], scale, dtype=tl.float32)
+        b_qt = _load_cols(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32) * scale
         if USE_G:
             g_last = tl.load(gc + (tl.minimum(bos + c * BT + BT, eos) - 1) * H + i_h)
             b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
-            b_do_scale = b_do_scale * tl.exp(b_g)
+            b_qt = b_qt * tl.exp(b_g)[None, :]
         if DELTA:
             b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
-            if USE_G:  # scaled in registers: loaded as is, k would take a second pipelined buffer
-                b_k = (b_k.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]).to(dt)
-            b_dv = tl.dot(b_k, b_dh.to(dt), input_precision=PRECISION)
-            b_dv += _load_rows(dv_local + i_h * V, t, mt, rv, mv, H * V)
+            if USE_G:
+                b_k = b_k.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]
+            b_dv = _load_rows(dv_local + i_h * V, t, mt, rv, mv, H * V) + tl.dot(b_k.to(dt), b_dh.to(dt),
+                                                                                 input_precision=PRECISION)
             tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv.to(dv.dtype.element_ty),
                      mask=mt[:, None] & mv[None, :])
         if USE_G:
             b_dh = b_dh * tl.exp(g_last)
-        b_do = _load_rows(do + i_h * V, t, mt, rv, mv, H * V).to(tl.float32) * b_do_scale[:, None]
-        b_dh += tl.dot(_load_cols(q + i_h * K, t, mt, rk, mk, H * K), b_do.to(dt), input_precision=PRECISION)
+        b_dh += tl.dot(b_qt.to(dt), _load_rows(do + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
         if DELTA:
             b_dh -= tl.dot(_load_cols(w + i_h * K, t, mt, rk, mk, H * K), b_dv.to(w.dtype.element_ty),
                            input_precision=PRECISION)
