@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import sass_census  # benchmarks/sass_census.py, beside this script
 import torch
 import triton
 import triton_build  # benchmarks/triton_build.py, beside this script
@@ -114,10 +115,23 @@ def _ptxas_report(ptx: str, arch: int) -> str:
     return f"{regs} regs, {spill_stores} B spilled"
 
 
-def compile_only(arch: int) -> bool:
+COPY_GBS = 4051.0  # H200 device-to-device copy of the benchmark input (bf16 read + write), measured
+
+
+def mx_bytes(rowwise: bool, colwise: bool) -> int:
+    """Bytes the MXFP8 kernel must move: the bf16 input, then per layout FP8 data and E8M0 scales."""
+    return 2 * M * K + (rowwise + colwise) * (M * K + M * K // 32)
+
+
+def compile_only(arch: int, sass: bool = False) -> bool:
     """Build the MXFP8 quantize kernel for sm_<arch> (both layouts and row-only, every autotune
     config and --sweep tile, bf16 and fp32 input) without a GPU. Pointers and sizes are marked
-    16-divisible, as Triton specializes them at launch, so the loads and stores vectorize as on the GPU."""
+    16-divisible, as Triton specializes them at launch, so the loads and stores vectorize as on the GPU.
+
+    With `sass`, also count each bf16 build's SASS instructions per element by kind (thread-
+    instructions; `sass_census`) against the issue budget: what 132 SMs issuing 4 warp-
+    instructions a clock at 1.98 GHz get through in the time the layouts take at 90% of copy
+    bandwidth (`COPY_GBS`). A kernel near 100% of that budget cannot reach the target."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -128,6 +142,11 @@ def compile_only(arch: int) -> bool:
     configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.maxnreg) for c in mx_triton.BOTH_CONFIGS]
     configs += [(a, b, w, None) for a, b, w in MX_TILES if (a, b, w, None) not in configs]
     ok = True
+    budgets = {colwise: sass_census.issue_budget(M * K, mx_bytes(True, colwise) / (0.9 * COPY_GBS * 1e9))
+               for colwise in (True, False)}
+    if sass:
+        print(f"SASS thread-instructions per element; budget at 90% of copy: both {budgets[True]:.1f}, "
+              f"row {budgets[False]:.1f}\n{sass_census.header(36)}")
     # every tile with int32 offsets, and the first tile with the int64 ones of inputs past 2^31 elements
     variants = [(rowwise, colwise, x_type, tile, False) for rowwise, colwise in ((True, True), (True, False))
                 for x_type in ("*i16", "*fp32") for tile in configs]
@@ -146,8 +165,14 @@ def compile_only(arch: int) -> bool:
         try:
             kernel = compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                              target=target, options={"num_warps": warps, "num_stages": 1, "maxnreg": maxnreg})
-            print(f"  {label:36s} {_ptxas_report(kernel.asm['ptx'], arch)}, "
-                  f"{kernel.metadata.shared} B shared", flush=True)
+            if not sass:
+                print(f"  {label:36s} {_ptxas_report(kernel.asm['ptx'], arch)}, "
+                      f"{kernel.metadata.shared} B shared", flush=True)
+            elif x_type == "*i16":
+                counts, loops = sass_census.census(kernel.asm["cubin"])
+                rates = sass_census.per_element(counts, block_m * block_k // (32 * warps))
+                print(sass_census.format_row(label, rates, budgets[colwise], 36)
+                      + (" (loops: static count)" if loops else ""), flush=True)
         except Exception as err:  # report every failing variant, not just the first
             ok = False
             print(f"FAIL {label}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}")
@@ -160,9 +185,11 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time a few tile shapes per kernel (slower)")
     parser.add_argument("--compile-only", type=int, metavar="ARCH", default=None,
                         help="build the MXFP8 kernels for sm_ARCH (e.g. 90) without a GPU, print registers, and stop")
+    parser.add_argument("--sass", action="store_true",
+                        help="with --compile-only: SASS instructions per element by kind instead of registers")
     args = parser.parse_args()
     if args.compile_only is not None:
-        raise SystemExit(0 if compile_only(args.compile_only) else 1)
+        raise SystemExit(0 if compile_only(args.compile_only, args.sass) else 1)
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/quant.py needs a CUDA GPU")
     start = time.time()
