@@ -152,16 +152,17 @@ def compile_only(arch: int, sass: bool = False) -> bool:
                 for x_type in ("*i16", "*fp32") for tile in configs]
     variants += [(True, True, "*i16", configs[0], True)]
     for rowwise, colwise, x_type, (block_m, block_k, warps, maxnreg), index_64 in variants:
+        # the benchmark's shape divides every tile (EVEN: no masks); the int64 build is the masked one
         constexprs = dict(fmt, ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x_type == "*i16", BLOCK_M=block_m,
                           BLOCK_K=block_k, ROW_GROUP=mx_triton._row_group(block_m, block_k, warps),
-                          INDEX_64=index_64)
+                          INDEX_64=index_64, EVEN=not index_64 and M % block_m == 0 and K % block_k == 0)
         signature = {n: "constexpr" if n in constexprs else
                      {"x_ptr": x_type, "col_data_ptr": "*i32"}.get(n, "*u8" if n.endswith("_ptr") else "i32")
                      for n in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in constexprs}
         label = (f"{'both' if colwise else 'row '} {'bf16' if x_type == '*i16' else 'fp32'} "
                  f"{block_m}x{block_k}/{warps}w" + (f" maxnreg {maxnreg}" if maxnreg else "")
-                 + (" int64 offsets" if index_64 else ""))
+                 + (" int64 offsets, masked" if index_64 else ""))
         try:
             kernel = compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                              target=target, options={"num_warps": warps, "num_stages": 1, "maxnreg": maxnreg})

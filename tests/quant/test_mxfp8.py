@@ -30,7 +30,8 @@ def _bytes(t):
 def test_one_pass_kernel_matches_reference(make_input, assert_same_bits, dtype, elem, scale_mode):
     from moekit.quant.mxfp8 import triton as mx_triton
 
-    for seed, shape in enumerate([(64, 96), (96, 160)]):
+    # (64, 128) divides the interpreter's tile (no masks: EVEN), the others do not
+    for seed, shape in enumerate([(64, 96), (96, 160), (64, 128)]):
         x = make_input(shape, dtype, seed)
         rows, cols = reference.quantize_both(x, elem, scale_mode)
         expected = {"row_data": rows.data, "row_scale": rows.scale,
@@ -291,14 +292,39 @@ def test_bad_input_is_rejected_clearly(backend):
 @pytest.mark.parametrize("elem", ELEMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_kernels_match_reference(make_input, assert_same_bits, assert_same_values, dtype, elem, scale_mode):
-    x = make_input((1024, 2048 + 96), dtype, 21).cuda()
-    got = mxfp8.quantize_both(x, elem, scale_mode, backend="triton")
-    want = mxfp8.quantize_both(x, elem, scale_mode, backend="reference")
-    for g, w in zip(got, want, strict=True):
-        assert_same_bits(g.data, w.data)
-        assert_same_bits(g.scale, w.scale)
-        assert_same_values(mxfp8.dequantize(g, backend="triton"), mxfp8.dequantize(w, backend="reference"))
-    assert math.prod(got[0].scale.shape) == x.numel() // 32
+    # 2048 + 96 columns leave partial tiles (masked); 2048 divides every tile (EVEN, unmasked)
+    for seed, shape in enumerate([(1024, 2048 + 96), (1024, 2048)]):
+        x = make_input(shape, dtype, 21 + seed).cuda()
+        got = mxfp8.quantize_both(x, elem, scale_mode, backend="triton")
+        want = mxfp8.quantize_both(x, elem, scale_mode, backend="reference")
+        for g, w in zip(got, want, strict=True):
+            assert_same_bits(g.data, w.data)
+            assert_same_bits(g.scale, w.scale)
+            assert_same_values(mxfp8.dequantize(g, backend="triton"), mxfp8.dequantize(w, backend="reference"))
+        assert math.prod(got[0].scale.shape) == x.numel() // 32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("elem", ELEMS)
+def test_gpu_every_tuned_tile_matches_reference(make_input, assert_same_bits, elem):
+    """The autotuner keeps one config per shape: every candidate must be exact, masked or not."""
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    for seed, shape in enumerate([(512, 1024 + 96), (512, 1024)]):
+        x = make_input(shape, torch.bfloat16, 40 + seed).cuda()
+        rows, cols = reference.quantize_both(x, elem, "floor")
+        expected = {"row_data": rows.data, "row_scale": rows.scale,
+                    "col_data": cols.data.t(), "col_scale": cols.scale.t()}
+        for config in mx_triton.BOTH_CONFIGS:
+            out = mx_triton.empty_outputs(*shape, True, True, elem, x.device)
+            for buf in out.values():
+                buf.fill_(POISONS[seed])
+            tiles = {"BLOCK_M": config.kwargs["BLOCK_M"], "BLOCK_K": config.kwargs["BLOCK_K"],
+                     "num_warps": config.num_warps}
+            mx_triton.launch_quantize(x, out, elem, "floor", tiles)
+            for name, buf in out.items():
+                assert_same_bits(buf, _bytes(expected[name]))
 
 
 def test_int64_offset_path_matches_reference(monkeypatch, make_input, assert_same_bits, assert_same_values):

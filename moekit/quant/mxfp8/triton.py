@@ -106,6 +106,14 @@ def _scale_bytes(exp, nonfinite):
 
 
 @triton.jit
+def _store(ptrs, values, mask, EVEN: tl.constexpr):
+    if EVEN:
+        tl.store(ptrs, values)
+    else:
+        tl.store(ptrs, values, mask=mask)
+
+
+@triton.jit
 def _mx_quantize_kernel(
     x_ptr, row_data_ptr, row_scale_ptr, col_data_ptr, col_scale_ptr,
     M, K, stride_xm,
@@ -113,8 +121,10 @@ def _mx_quantize_kernel(
     EMAX: tl.constexpr, RCEIL: tl.constexpr, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr,
     MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROW_GROUP: tl.constexpr, INDEX_64: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
-    """One read of an x tile [BLOCK_M, BLOCK_K]; row-wise and / or column-wise outputs.
+    """One read of an x tile [BLOCK_M, BLOCK_K]; row-wise and / or column-wise outputs. EVEN: the
+    tile divides the input, so no loads or stores need masks (their predicates cost instructions).
 
     Column-wise, tile row t = s * 4G + j * G + a (G = ROW_GROUP, j < 4, a < G) holds x row
     m0 + s * 4G + 4a + j. With G the rows one pass of the CTA's threads covers (see
@@ -131,18 +141,22 @@ def _mx_quantize_kernel(
         offs_m = m0 + t
     offs_k = program_id(1, INDEX_64) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    x = to_float32(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0), IS_BF16)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    if EVEN:
+        x = to_float32(tl.load(x_ptrs), IS_BF16)
+    else:
+        x = to_float32(tl.load(x_ptrs, mask=mask, other=0), IS_BF16)
 
     if ROWWISE:
         xr = tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 32))
         exp, nonfinite = _block_exponent(tl.max(_magnitude_bits(xr), axis=2), EMAX, RCEIL)
         elems = _encode(_scaled(xr, exp[:, :, None], nonfinite[:, :, None]), nonfinite[:, :, None], MAX_NORMAL,
                         MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
-        tl.store(row_data_ptr + offs_m[:, None] * K + offs_k[None, :], tl.reshape(elems, (BLOCK_M, BLOCK_K)),
-                 mask=mask)
+        _store(row_data_ptr + offs_m[:, None] * K + offs_k[None, :], tl.reshape(elems, (BLOCK_M, BLOCK_K)),
+               mask, EVEN)
         offs_kb = program_id(1, INDEX_64) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
-        tl.store(row_scale_ptr + offs_m[:, None] * (K // 32) + offs_kb[None, :], _scale_bytes(exp, nonfinite),
-                 mask=(offs_m[:, None] < M) & (offs_kb[None, :] < K // 32))
+        _store(row_scale_ptr + offs_m[:, None] * (K // 32) + offs_kb[None, :], _scale_bytes(exp, nonfinite),
+               (offs_m[:, None] < M) & (offs_kb[None, :] < K // 32), EVEN)
 
     if COLWISE:
         # [s, j, a // 8, a % 8, k]: a block of 32 rows is (j, a % 8) at fixed (s, a // 8).
@@ -160,12 +174,12 @@ def _mx_quantize_kernel(
                              E5M2, EMULATE_RNE)
         words = tl.reshape(words, (BLOCK_M // 4, BLOCK_K))
         offs_w = m0 // 4 + tl.arange(0, BLOCK_M // 4)
-        tl.store(col_data_ptr + offs_k[:, None] * (M // 4) + offs_w[None, :], tl.trans(words),
-                 mask=(offs_k[:, None] < K) & (offs_w[None, :] < M // 4))
+        _store(col_data_ptr + offs_k[:, None] * (M // 4) + offs_w[None, :], tl.trans(words),
+               (offs_k[:, None] < K) & (offs_w[None, :] < M // 4), EVEN)
         scale = tl.reshape(_scale_bytes(exp, nonfinite), (BLOCK_M // 32, BLOCK_K))
         offs_mb = program_id(0, INDEX_64) * (BLOCK_M // 32) + tl.arange(0, BLOCK_M // 32)
-        tl.store(col_scale_ptr + offs_k[:, None] * (M // 32) + offs_mb[None, :], tl.trans(scale),
-                 mask=(offs_k[:, None] < K) & (offs_mb[None, :] < M // 32))
+        _store(col_scale_ptr + offs_k[:, None] * (M // 32) + offs_mb[None, :], tl.trans(scale),
+               (offs_k[:, None] < K) & (offs_mb[None, :] < M // 32), EVEN)
 
 
 @triton.jit
@@ -213,9 +227,11 @@ else:
     BOTH_CONFIGS = [_config(128, 64, 4), _config(256, 64, 8), _config(128, 128, 8), _config(64, 128, 4),
                     _config(128, 64, 4, maxnreg=96)]
 
+_mx_quantize_even = triton.heuristics(
+    {"EVEN": lambda args: args["M"] % args["BLOCK_M"] == 0 and args["K"] % args["BLOCK_K"] == 0})(_mx_quantize_kernel)
 # Weights are what both layouts get made of, so (M, K) repeat: tune once per shape.
 _mx_quantize_tuned = triton.autotune(configs=BOTH_CONFIGS, key=["M", "K", "ROWWISE", "IS_BF16"])(
-    _mx_quantize_kernel)
+    _mx_quantize_even)
 
 
 def _format_args(elem: str, scale_mode: str) -> dict:
@@ -263,7 +279,7 @@ def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, 
     else:
         tiles = dict(tiles, ROW_GROUP=_row_group(tiles["BLOCK_M"], tiles["BLOCK_K"], tiles["num_warps"]))
     grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))
-    _mx_quantize_kernel[grid](*args, **flags, **tiles)
+    _mx_quantize_even[grid](*args, **flags, **tiles)
 
 
 def _fp8(t: torch.Tensor, elem: str) -> torch.Tensor:
