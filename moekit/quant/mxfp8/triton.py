@@ -34,17 +34,20 @@ from moekit.quant.triton_utils import (
 
 
 @triton.jit
-def _block_exponent(amax_bits, EMAX: tl.constexpr, RCEIL: tl.constexpr):
-    """Blocks' scale exponents from the int32 bits of their |x| maxima, and whether they hold NaN / Inf.
+def _block_scale(amax_bits, EMAX: tl.constexpr, RCEIL: tl.constexpr):
+    """(2**-s, E8M0 byte s + 127) for blocks whose |x| maxima have int32 bits `amax_bits` (s: the
+    scale exponent); (NaN, 0xFF) for blocks holding NaN or Inf. The product with a NaN factor is
+    NaN, which the GPU's cvt.rn.satfinite encodes as 0x7F: one select per block, not per byte.
 
     One integer max serves both: as integers the bits of non-negative floats order like the floats,
-    and every NaN or Inf (exponent field 0xFF) exceeds every finite magnitude.
+    and every NaN or Inf (exponent field 0xFF) exceeds every finite magnitude. The exponent field
+    b = bits >> 23 is floor(log2 amax) + 127; for rceil, adding 0x1FFFFF carries into it exactly when
+    the mantissa exceeds 1.75. s = max(b, EMAX) - 127 - EMAX: at least -127, and never above 127.
     """
     nonfinite = amax_bits >= 0x7F800000
-    exp = (amax_bits >> 23) - 127
-    if RCEIL:
-        exp += ((amax_bits & 0x7FFFFF) > 0x600000).to(tl.int32)  # mantissa above 1.75
-    return tl.minimum(tl.maximum(exp - EMAX, -127), 127), nonfinite
+    b = tl.maximum((amax_bits + 0x1FFFFF if RCEIL else amax_bits) >> 23, EMAX)
+    factor = ((254 + EMAX - b) << 23).to(tl.float32, bitcast=True)  # exponent field 127 - s
+    return tl.where(nonfinite, float("nan"), factor), tl.where(nonfinite, 255, b - EMAX).to(tl.uint8)
 
 
 @triton.jit
@@ -53,21 +56,12 @@ def _magnitude_bits(x):
 
 
 @triton.jit
-def _scaled(x, exp, nonfinite):
-    """x / 2**exp (exact: a power of two), NaN throughout non-finite blocks; `exp` and `nonfinite`
-    broadcast against x. The NaN costs one select per block instead of one per byte: on the GPU
-    cvt.rn.satfinite encodes NaN as 0x7F (and saturates finite values by itself, no clamp needed)."""
-    factor = ((127 - exp) << 23).to(tl.float32, bitcast=True)
-    return x * tl.where(nonfinite, float("nan"), factor)
-
-
-@triton.jit
-def _encode(q, nonfinite, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr,
+def _encode(q, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr,
             E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """FP8 bytes of `_scaled` values `q` (0x7F in non-finite blocks)."""
-    if EMULATE_RNE:  # the interpreter's casts do not know NaN: patch non-finite blocks
+    """FP8 bytes of x times its `_block_scale` factor (`q`; NaN throughout non-finite blocks: 0x7F)."""
+    if EMULATE_RNE:  # the interpreter's casts do not know NaN
         elems = encode_fp8(q, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
-        return tl.where(nonfinite, 0x7F, elems).to(tl.uint8)
+        return tl.where(q != q, 0x7F, elems).to(tl.uint8)
     elif E5M2:
         return q.to(tl.float8e5).to(tl.uint8, bitcast=True)
     else:
@@ -75,18 +69,18 @@ def _encode(q, nonfinite, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr,
 
 
 @triton.jit
-def _encode_word(q0, q1, q2, q3, nonfinite, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr,
+def _encode_word(q0, q1, q2, q3, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr,
                  MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """The FP8 bytes of four `_scaled` tensors as int32 words, byte j from `qj` (little-endian).
+    """The FP8 bytes of four `_encode` inputs as int32 words, byte j from `qj` (little-endian).
 
     On the GPU two cvt.rn.satfinite x2 instructions write the word directly; through Triton's casts
     the bytes would come out paired along the tensors' last axis and need shifting back into words.
     """
     if EMULATE_RNE:
-        word = _encode(q0, nonfinite, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE).to(tl.int32)
-        word |= _encode(q1, nonfinite, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE).to(tl.int32) << 8
-        word |= _encode(q2, nonfinite, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE).to(tl.int32) << 16
-        return word | (_encode(q3, nonfinite, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2,
+        word = _encode(q0, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE).to(tl.int32)
+        word |= _encode(q1, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE).to(tl.int32) << 8
+        word |= _encode(q2, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE).to(tl.int32) << 16
+        return word | (_encode(q3, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2,
                                EMULATE_RNE).to(tl.int32) << 24)
     elif E5M2:  # cvt puts its first source in the high byte
         return tl.inline_asm_elementwise(
@@ -101,8 +95,14 @@ def _encode_word(q0, q1, q2, q3, nonfinite, MAX_NORMAL: tl.constexpr, MANTISSA_B
 
 
 @triton.jit
-def _scale_bytes(exp, nonfinite):
-    return tl.where(nonfinite, 255, exp + 127).to(tl.uint8)
+def _widen(raw, IS_BF16: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """Loaded values as float32. On the GPU, bfloat16 bits (int16) widen in pairs from the 32-bit
+    register that holds them: a shift for the low value, a mask for the high one; extracted one at
+    a time, the high value costs a byte permute and a shift. The interpreter takes `to_float32`."""
+    if IS_BF16 and not EMULATE_RNE:
+        return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16;\n and.b32 $1, $2, 0xFFFF0000; }", "=r,=r,r",
+                                         [raw], dtype=tl.float32, is_pure=True, pack=2)
+    return to_float32(raw, IS_BF16)
 
 
 @triton.jit
@@ -143,40 +143,38 @@ def _mx_quantize_kernel(
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     if EVEN:
-        x = to_float32(tl.load(x_ptrs), IS_BF16)
+        x = _widen(tl.load(x_ptrs), IS_BF16, EMULATE_RNE)
     else:
-        x = to_float32(tl.load(x_ptrs, mask=mask, other=0), IS_BF16)
+        x = _widen(tl.load(x_ptrs, mask=mask, other=0), IS_BF16, EMULATE_RNE)
 
     if ROWWISE:
         xr = tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 32))
-        exp, nonfinite = _block_exponent(tl.max(_magnitude_bits(xr), axis=2), EMAX, RCEIL)
-        elems = _encode(_scaled(xr, exp[:, :, None], nonfinite[:, :, None]), nonfinite[:, :, None], MAX_NORMAL,
-                        MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
+        factor, scale = _block_scale(tl.max(_magnitude_bits(xr), axis=2), EMAX, RCEIL)
+        elems = _encode(xr * factor[:, :, None], MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
         _store(row_data_ptr + offs_m[:, None] * K + offs_k[None, :], tl.reshape(elems, (BLOCK_M, BLOCK_K)),
                mask, EVEN)
         offs_kb = program_id(1, INDEX_64) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
-        _store(row_scale_ptr + offs_m[:, None] * (K // 32) + offs_kb[None, :], _scale_bytes(exp, nonfinite),
+        _store(row_scale_ptr + offs_m[:, None] * (K // 32) + offs_kb[None, :], scale,
                (offs_m[:, None] < M) & (offs_kb[None, :] < K // 32), EVEN)
 
     if COLWISE:
         # [s, j, a // 8, a % 8, k]: a block of 32 rows is (j, a % 8) at fixed (s, a // 8).
         xc = tl.reshape(x, (BLOCK_M // (4 * ROW_GROUP), 4, ROW_GROUP // 8, 8, BLOCK_K))
         amax = tl.max(tl.max(_magnitude_bits(xc), axis=1), axis=2)  # in-thread axis first
-        exp, nonfinite = _block_exponent(amax, EMAX, RCEIL)
+        factor, scale = _block_scale(amax, EMAX, RCEIL)
         # Expanded in the reverse order of the reductions, so the layouts match without a convert.
-        q = _scaled(xc, tl.expand_dims(tl.expand_dims(exp, 2), 1), tl.expand_dims(tl.expand_dims(nonfinite, 2), 1))
+        q = xc * tl.expand_dims(tl.expand_dims(factor, 2), 1)
         # The in-thread axis j moved last and split into its four rows (no data moves).
         q_even, q_odd = tl.split(tl.reshape(tl.permute(q, (0, 2, 3, 4, 1)),
                                             (BLOCK_M // (4 * ROW_GROUP), ROW_GROUP // 8, 8, BLOCK_K, 2, 2)))
         q0, q2 = tl.split(q_even)
         q1, q3 = tl.split(q_odd)
-        words = _encode_word(q0, q1, q2, q3, nonfinite[:, :, None, :], MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP,
-                             E5M2, EMULATE_RNE)
-        words = tl.reshape(words, (BLOCK_M // 4, BLOCK_K))
+        words = tl.reshape(_encode_word(q0, q1, q2, q3, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE),
+                           (BLOCK_M // 4, BLOCK_K))
         offs_w = m0 // 4 + tl.arange(0, BLOCK_M // 4)
         _store(col_data_ptr + offs_k[:, None] * (M // 4) + offs_w[None, :], tl.trans(words),
                (offs_k[:, None] < K) & (offs_w[None, :] < M // 4), EVEN)
-        scale = tl.reshape(_scale_bytes(exp, nonfinite), (BLOCK_M // 32, BLOCK_K))
+        scale = tl.reshape(scale, (BLOCK_M // 32, BLOCK_K))
         offs_mb = program_id(0, INDEX_64) * (BLOCK_M // 32) + tl.arange(0, BLOCK_M // 32)
         _store(col_scale_ptr + offs_k[:, None] * (M // 32) + offs_mb[None, :], tl.trans(scale),
                (offs_k[:, None] < K) & (offs_mb[None, :] < M // 32), EVEN)
