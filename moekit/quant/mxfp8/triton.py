@@ -106,6 +106,37 @@ def _widen(raw, IS_BF16: tl.constexpr, EMULATE_RNE: tl.constexpr):
 
 
 @triton.jit
+def _magnitude_pairs(raw, EMULATE_RNE: tl.constexpr):
+    """|x| bits of bfloat16 pairs (int16 `raw` [R, C]) as int32 words [R, C / 2], the even column
+    in the low half: the block maxima then take one 16x2 max per two values (`_pair_max`)."""
+    if EMULATE_RNE:
+        lo, hi = tl.split(tl.reshape(raw, (raw.shape[0], raw.shape[1] // 2, 2)))
+        return (lo.to(tl.int32) & 0x7FFF) | ((hi.to(tl.int32) & 0x7FFF) << 16)
+    # The word goes to the pair's first value (the second gets 0, unused): the register holding the
+    # pair is read as it is, where joining two extracted halves would copy or permute it.
+    words = tl.inline_asm_elementwise("{ and.b32 $0, $2, 0x7FFF7FFF;\n mov.b32 $1, 0; }", "=r,=r,r", [raw],
+                                      dtype=tl.int32, is_pure=True, pack=2)
+    return tl.split(tl.reshape(words, (raw.shape[0], raw.shape[1] // 2, 2)))[0]
+
+
+@triton.jit
+def _max_u16x2(a, b):
+    return tl.inline_asm_elementwise("max.u16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _block_max(mag, axis: tl.constexpr, PAIRS: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """Max along `axis` of magnitude bits, or of both halves of `_magnitude_pairs` words at once."""
+    if not PAIRS:
+        return tl.max(mag, axis=axis)
+    elif EMULATE_RNE:  # each half on its own (the interpreter is slow with a custom combine)
+        return tl.max(mag & -65536, axis=axis) | tl.max(mag & 0xFFFF, axis=axis)
+    else:
+        return tl.reduce(mag, axis, _max_u16x2)
+
+
+@triton.jit
 def _store(ptrs, values, mask, EVEN: tl.constexpr):
     if EVEN:
         tl.store(ptrs, values)
@@ -143,13 +174,20 @@ def _mx_quantize_kernel(
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     if EVEN:
-        x = _widen(tl.load(x_ptrs), IS_BF16, EMULATE_RNE)
+        raw = tl.load(x_ptrs)
     else:
-        x = _widen(tl.load(x_ptrs, mask=mask, other=0), IS_BF16, EMULATE_RNE)
+        raw = tl.load(x_ptrs, mask=mask, other=0)
+    x = _widen(raw, IS_BF16, EMULATE_RNE)
+    # bfloat16: magnitudes in pairs (16 bits each), P = 2 values per int32 word
+    P: tl.constexpr = 2 if IS_BF16 else 1
+    mag = _magnitude_pairs(raw, EMULATE_RNE) if IS_BF16 else _magnitude_bits(x)
 
     if ROWWISE:
         xr = tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 32))
-        factor, scale = _block_scale(tl.max(_magnitude_bits(xr), axis=2), EMAX, RCEIL)
+        amax = _block_max(tl.reshape(mag, (BLOCK_M, BLOCK_K // 32, 32 // P)), 2, IS_BF16, EMULATE_RNE)
+        if IS_BF16:  # the larger half, as the float32 bits of a bfloat16
+            amax = tl.maximum(amax & 0xFFFF, amax >> 16) << 16
+        factor, scale = _block_scale(amax, EMAX, RCEIL)
         elems = _encode(xr * factor[:, :, None], MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
         _store(row_data_ptr + offs_m[:, None] * K + offs_k[None, :], tl.reshape(elems, (BLOCK_M, BLOCK_K)),
                mask, EVEN)
@@ -160,7 +198,10 @@ def _mx_quantize_kernel(
     if COLWISE:
         # [s, j, a // 8, a % 8, k]: a block of 32 rows is (j, a % 8) at fixed (s, a // 8).
         xc = tl.reshape(x, (BLOCK_M // (4 * ROW_GROUP), 4, ROW_GROUP // 8, 8, BLOCK_K))
-        amax = tl.max(tl.max(_magnitude_bits(xc), axis=1), axis=2)  # in-thread axis first
+        amax = tl.reshape(mag, (BLOCK_M // (4 * ROW_GROUP), 4, ROW_GROUP // 8, 8, BLOCK_K // P))
+        amax = _block_max(_block_max(amax, 1, IS_BF16, EMULATE_RNE), 2, IS_BF16, EMULATE_RNE)  # in-thread first
+        if IS_BF16:  # the two columns of each word, as float32 bits of bfloat16s
+            amax = tl.reshape(tl.join(amax << 16, amax & -65536), (BLOCK_M // (4 * ROW_GROUP), ROW_GROUP // 8, BLOCK_K))
         factor, scale = _block_scale(amax, EMAX, RCEIL)
         # Expanded in the reverse order of the reductions, so the layouts match without a convert.
         q = xc * tl.expand_dims(tl.expand_dims(factor, 2), 1)
