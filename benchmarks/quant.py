@@ -139,29 +139,32 @@ def compile_only(arch: int, sass: bool = False) -> bool:
     target = GPUTarget("cuda", arch, 32)
     fmt = mx_triton._format_args(ELEM, SCALE_MODE)
     fmt["EMULATE_RNE"] = False
-    configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.maxnreg) for c in mx_triton.BOTH_CONFIGS]
-    configs += [(a, b, w, None) for a, b, w in MX_TILES if (a, b, w, None) not in configs]
+    configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.maxnreg, c.kwargs["K_MAJOR"])
+               for c in mx_triton.BOTH_CONFIGS]
+    configs += [(a, b, w, None, False) for a, b, w in MX_TILES if (a, b, w, None, False) not in configs]
     ok = True
     budgets = {colwise: sass_census.issue_budget(M * K, mx_bytes(True, colwise) / (0.9 * COPY_GBS * 1e9))
                for colwise in (True, False)}
     if sass:
         print(f"SASS thread-instructions per element; budget at 90% of copy: both {budgets[True]:.1f}, "
-              f"row {budgets[False]:.1f}\n{sass_census.header(36)}")
+              f"row {budgets[False]:.1f}\n{sass_census.header(42)}")
     # every tile with int32 offsets, and the first tile with the int64 ones of inputs past 2^31 elements
     variants = [(rowwise, colwise, x_type, tile, False) for rowwise, colwise in ((True, True), (True, False))
                 for x_type in ("*i16", "*fp32") for tile in configs]
     variants += [(True, True, "*i16", configs[0], True)]
-    for rowwise, colwise, x_type, (block_m, block_k, warps, maxnreg), index_64 in variants:
+    for rowwise, colwise, x_type, (block_m, block_k, warps, maxnreg, k_major), index_64 in variants:
         # the benchmark's shape divides every tile (EVEN: no masks); the int64 build is the masked one
         constexprs = dict(fmt, ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x_type == "*i16", BLOCK_M=block_m,
                           BLOCK_K=block_k, ROW_GROUP=mx_triton._row_group(block_m, block_k, warps),
-                          INDEX_64=index_64, EVEN=not index_64 and M % block_m == 0 and K % block_k == 0)
+                          INDEX_64=index_64, EVEN=not index_64 and M % block_m == 0 and K % block_k == 0,
+                          K_MAJOR=k_major)
         signature = {n: "constexpr" if n in constexprs else
                      {"x_ptr": x_type, "col_data_ptr": "*i32"}.get(n, "*u8" if n.endswith("_ptr") else "i32")
                      for n in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in constexprs}
         label = (f"{'both' if colwise else 'row '} {'bf16' if x_type == '*i16' else 'fp32'} "
-                 f"{block_m}x{block_k}/{warps}w" + (f" maxnreg {maxnreg}" if maxnreg else "")
+                 f"{block_m}x{block_k}/{warps}w" + (" K-major" if k_major else "")
+                 + (f" maxnreg {maxnreg}" if maxnreg else "")
                  + (" int64 offsets, masked" if index_64 else ""))
         try:
             kernel = compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
@@ -172,7 +175,7 @@ def compile_only(arch: int, sass: bool = False) -> bool:
             elif x_type == "*i16":
                 counts, loops = sass_census.census(kernel.asm["cubin"])
                 rates = sass_census.per_element(counts, block_m * block_k // (32 * warps))
-                print(sass_census.format_row(label, rates, budgets[colwise], 36)
+                print(sass_census.format_row(label, rates, budgets[colwise], 42)
                       + (" (loops: static count)" if loops else ""), flush=True)
         except Exception as err:  # report every failing variant, not just the first
             ok = False

@@ -45,9 +45,10 @@ def test_one_pass_kernel_matches_reference(make_input, assert_same_bits, dtype, 
                 assert_same_bits(buf, _bytes(expected[name]))
 
 
-# (BLOCK_M, BLOCK_K, num_warps): row groups of 8, 16 and 32 rows, one or several per tile, and
-# tiles taller / wider than the input (masked edges).
-TILES = [(32, 32, 4), (64, 64, 2), (128, 64, 4), (128, 128, 1), (64, 256, 4)]
+# (BLOCK_M, BLOCK_K, num_warps, K_MAJOR): row groups of 8, 16 and 32 rows, one or several per
+# tile, tiles taller / wider than the input (masked edges), both tile orders.
+TILES = [(32, 32, 4, False), (64, 64, 2, True), (128, 64, 4, False), (128, 128, 1, True), (64, 256, 4, True),
+         (32, 64, 2, True)]
 
 
 @pytest.mark.parametrize("tile", TILES)
@@ -55,8 +56,8 @@ def test_one_pass_kernel_tile_shapes(make_input, assert_same_bits, tile):
     """Every tile split the kernel may use (its row permutation depends on the tile) is exact."""
     from moekit.quant.mxfp8 import triton as mx_triton
 
-    block_m, block_k, warps = tile
-    tiles = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps}
+    block_m, block_k, warps, k_major = tile
+    tiles = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps, "K_MAJOR": k_major}
     for seed, (shape, dtype) in enumerate([((96, 160), torch.bfloat16), ((128, 96), torch.float32)]):
         x = make_input(shape, dtype, 30 + seed)
         rows, cols = reference.quantize_both(x, "e4m3", "rceil")
@@ -68,6 +69,17 @@ def test_one_pass_kernel_tile_shapes(make_input, assert_same_bits, tile):
         mx_triton.launch_quantize(x, out, "e4m3", "rceil", tiles)
         for name, buf in out.items():
             assert_same_bits(buf, _bytes(expected[name]))
+
+
+def test_tile_order_past_the_grid_limit():
+    """A tile order whose second grid axis would pass CUDA's 65535 is not tuned (nor launched)."""
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    k_major, m_major = mx_triton._config(64, 64, 2, k_major=True), mx_triton._config(64, 64, 2, k_major=False)
+    configs = [k_major, m_major]
+    assert mx_triton._prune_orders(configs, {"M": 64 * 65535, "K": 64 * 65535}) == configs
+    assert mx_triton._prune_orders(configs, {"M": 64 * 65535 + 1, "K": 64}) == [m_major]
+    assert mx_triton._prune_orders(configs, {"M": 64, "K": 64 * 65536}) == [k_major]
 
 
 @pytest.mark.parametrize("scale_mode", MODES)
@@ -320,8 +332,8 @@ def test_gpu_every_tuned_tile_matches_reference(make_input, assert_same_bits, el
             out = mx_triton.empty_outputs(*shape, True, True, elem, x.device)
             for buf in out.values():
                 buf.fill_(POISONS[seed])
-            tiles = {"BLOCK_M": config.kwargs["BLOCK_M"], "BLOCK_K": config.kwargs["BLOCK_K"],
-                     "num_warps": config.num_warps}
+            tiles = {key: config.kwargs[key] for key in ("BLOCK_M", "BLOCK_K", "K_MAJOR")}
+            tiles["num_warps"] = config.num_warps
             mx_triton.launch_quantize(x, out, elem, "floor", tiles)
             for name, buf in out.items():
                 assert_same_bits(buf, _bytes(expected[name]))

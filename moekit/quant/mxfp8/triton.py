@@ -152,7 +152,7 @@ def _mx_quantize_kernel(
     EMAX: tl.constexpr, RCEIL: tl.constexpr, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr,
     MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROW_GROUP: tl.constexpr, INDEX_64: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, K_MAJOR: tl.constexpr,
 ):
     """One read of an x tile [BLOCK_M, BLOCK_K]; row-wise and / or column-wise outputs. EVEN: the
     tile divides the input, so no loads or stores need masks (their predicates cost instructions).
@@ -164,13 +164,20 @@ def _mx_quantize_kernel(
     output: the on-chip transpose moves words instead of bytes, and the store is 16-byte vectors
     along M. Correctness does not depend on the layout, only the speed.
     """
+    # K_MAJOR: the tiles of one row band run one after another (a row's scale bytes and its input /
+    # row-wise output lines then fill their sectors in quick succession), else those of one
+    # column band (the column-wise output's lines do). Grid axis 0 is the one that runs first.
+    if K_MAJOR:
+        pid_m, pid_k = program_id(1, INDEX_64), program_id(0, INDEX_64)
+    else:
+        pid_m, pid_k = program_id(0, INDEX_64), program_id(1, INDEX_64)
     t = tl.arange(0, BLOCK_M)
-    m0 = program_id(0, INDEX_64) * BLOCK_M
+    m0 = pid_m * BLOCK_M
     if COLWISE:
         offs_m = m0 + (t // (4 * ROW_GROUP)) * (4 * ROW_GROUP) + 4 * (t % ROW_GROUP) + (t // ROW_GROUP) % 4
     else:
         offs_m = m0 + t
-    offs_k = program_id(1, INDEX_64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     if EVEN:
@@ -191,7 +198,7 @@ def _mx_quantize_kernel(
         elems = _encode(xr * factor[:, :, None], MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
         _store(row_data_ptr + offs_m[:, None] * K + offs_k[None, :], tl.reshape(elems, (BLOCK_M, BLOCK_K)),
                mask, EVEN)
-        offs_kb = program_id(1, INDEX_64) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+        offs_kb = pid_k * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
         _store(row_scale_ptr + offs_m[:, None] * (K // 32) + offs_kb[None, :], scale,
                (offs_m[:, None] < M) & (offs_kb[None, :] < K // 32), EVEN)
 
@@ -216,7 +223,7 @@ def _mx_quantize_kernel(
         _store(col_data_ptr + offs_k[:, None] * (M // 4) + offs_w[None, :], tl.trans(words),
                (offs_k[:, None] < K) & (offs_w[None, :] < M // 4), EVEN)
         scale = tl.reshape(scale, (BLOCK_M // 32, BLOCK_K))
-        offs_mb = program_id(0, INDEX_64) * (BLOCK_M // 32) + tl.arange(0, BLOCK_M // 32)
+        offs_mb = pid_m * (BLOCK_M // 32) + tl.arange(0, BLOCK_M // 32)
         _store(col_scale_ptr + offs_k[:, None] * (M // 32) + offs_mb[None, :], tl.trans(scale),
                (offs_k[:, None] < K) & (offs_mb[None, :] < M // 32), EVEN)
 
@@ -248,8 +255,9 @@ def _row_group(block_m: int, block_k: int, num_warps: int) -> int:
     return max(8, min(lanes_m * num_warps, block_m // 4))
 
 
-def _config(block_m: int, block_k: int, num_warps: int, maxnreg: int | None = None) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k,
+def _config(block_m: int, block_k: int, num_warps: int, maxnreg: int | None = None,
+            k_major: bool = False) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k, "K_MAJOR": k_major,
                           "ROW_GROUP": _row_group(block_m, block_k, num_warps)},
                          num_warps=num_warps, num_stages=1, maxnreg=maxnreg)
 
@@ -260,17 +268,40 @@ if INTERPRETING:  # the interpreter runs on the CPU: one small tile (edge masks 
 else:
     ROW_CONFIG = _config(128, 128, 8)
     # Hopper candidates for the one-pass kernel (sm_90 builds, `benchmarks/quant.py --compile-only
-    # 90`): ~128 registers, no spills. With BLOCK_K = 64 a warp spans 32 rows, so the column amax
-    # and the word transpose stay within warps (shuffles, next to no shared memory); 128 columns
-    # give longer row stores. maxnreg 96 trades 28 spilled bytes for 5 CTAs per SM instead of 4.
-    BOTH_CONFIGS = [_config(128, 64, 4), _config(256, 64, 8), _config(128, 128, 8), _config(64, 128, 4),
-                    _config(128, 64, 4, maxnreg=96)]
+    # 90 [--sass]`): about 100 registers (2 to 5 CTAs per SM), no spills; maxnreg 80 trades 32-40
+    # spilled bytes for one more CTA per SM. With BLOCK_K = 64 a warp spans 32 rows, so the column
+    # amax and the word transpose stay within warps (shuffles, next to no shared memory); 128
+    # columns give longer row stores and 4-byte row scale stores. Both tile orders race.
+    BOTH_CONFIGS = [_config(block_m, block_k, warps, k_major=k_major)
+                    for block_m, block_k, warps in ((256, 64, 8), (128, 64, 4), (64, 64, 2), (128, 128, 8),
+                                                    (64, 128, 4))
+                    for k_major in (False, True)]
+    BOTH_CONFIGS += [_config(256, 64, 8, maxnreg=80, k_major=True), _config(128, 64, 4, maxnreg=80, k_major=True)]
+
+_MAX_GRID_Y = 65535
+
+
+def _order_fits(m: int, k: int, tiles: dict) -> bool:
+    """Whether the tile order's second grid axis stays within CUDA's limit."""
+    n_m, n_k = triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"])
+    return (n_m if tiles["K_MAJOR"] else n_k) <= _MAX_GRID_Y
+
+
+def _grid(m: int, k: int, tiles: dict) -> tuple[int, int]:
+    n_m, n_k = triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"])
+    return (n_k, n_m) if tiles["K_MAJOR"] else (n_m, n_k)
+
+
+def _prune_orders(configs, named_args, **kwargs):
+    """Drop the configs whose tile order does not fit the grid for this shape."""
+    return [c for c in configs if _order_fits(named_args["M"], named_args["K"], c.kwargs)]
+
 
 _mx_quantize_even = triton.heuristics(
     {"EVEN": lambda args: args["M"] % args["BLOCK_M"] == 0 and args["K"] % args["BLOCK_K"] == 0})(_mx_quantize_kernel)
 # Weights are what both layouts get made of, so (M, K) repeat: tune once per shape.
-_mx_quantize_tuned = triton.autotune(configs=BOTH_CONFIGS, key=["M", "K", "ROWWISE", "IS_BF16"])(
-    _mx_quantize_even)
+_mx_quantize_tuned = triton.autotune(configs=BOTH_CONFIGS, key=["M", "K", "ROWWISE", "IS_BF16"],
+                                     prune_configs_by={"early_config_prune": _prune_orders})(_mx_quantize_even)
 
 
 def _format_args(elem: str, scale_mode: str) -> dict:
@@ -298,7 +329,8 @@ def empty_outputs(m: int, k: int, rowwise: bool, colwise: bool, elem: str, devic
 def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, tiles: dict | None = None) -> None:
     """Run the kernel on 2-D `x` [M, K] (unit stride along K), writing the layouts in `outputs`.
     Both layouts: the autotuned configs; row-wise only: `ROW_CONFIG`. `tiles` (BLOCK_M, BLOCK_K:
-    powers of two >= 32; num_warps) forces one tile instead, for tuning by hand."""
+    powers of two >= 32; num_warps; optional K_MAJOR tile order) forces one tile instead, for
+    tuning by hand."""
     m, k = x.shape
     rowwise, colwise = "row_data" in outputs, "col_data" in outputs
     col_data = outputs.get("col_data")
@@ -308,16 +340,14 @@ def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, 
     flags = dict(ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x.dtype == torch.bfloat16, INDEX_64=needs_index_64(x),
                  **_format_args(elem, scale_mode))
     if tiles is None and colwise:
-        def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"])
-
-        _mx_quantize_tuned[grid](*args, **flags)
+        _mx_quantize_tuned[lambda meta: _grid(m, k, meta)](*args, **flags)
         return
     if tiles is None:
         tiles = dict(ROW_CONFIG.kwargs, num_warps=ROW_CONFIG.num_warps)
     else:
         tiles = dict(tiles, ROW_GROUP=_row_group(tiles["BLOCK_M"], tiles["BLOCK_K"], tiles["num_warps"]))
-    grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))
+        tiles["K_MAJOR"] = tiles.get("K_MAJOR", False) and _order_fits(m, k, tiles)
+    grid = _grid(m, k, tiles)
     _mx_quantize_even[grid](*args, **flags, **tiles)
 
 
