@@ -157,7 +157,7 @@ def compile_only(arch: int, sass: bool = False) -> bool:
         constexprs = dict(fmt, ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x_type == "*i16", BLOCK_M=block_m,
                           BLOCK_K=block_k, ROW_GROUP=mx_triton._row_group(block_m, block_k, warps),
                           INDEX_64=index_64, EVEN=not index_64 and M % block_m == 0 and K % block_k == 0,
-                          K_MAJOR=k_major)
+                          K_MAJOR=k_major, U16X2=arch >= 90)
         signature = {n: "constexpr" if n in constexprs else
                      {"x_ptr": x_type, "col_data_ptr": "*i32"}.get(n, "*u8" if n.endswith("_ptr") else "i32")
                      for n in fn.arg_names}

@@ -126,14 +126,16 @@ def _max_u16x2(a, b):
 
 
 @triton.jit
-def _block_max(mag, axis: tl.constexpr, PAIRS: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """Max along `axis` of magnitude bits, or of both halves of `_magnitude_pairs` words at once."""
+def _block_max(mag, axis: tl.constexpr, PAIRS: tl.constexpr, U16X2: tl.constexpr):
+    """Max along `axis` of magnitude bits, or of both halves of `_magnitude_pairs` words: at once
+    with U16X2 (sm_90's max.u16x2), else each half on its own (also the interpreter's way: a custom
+    combine is slow there)."""
     if not PAIRS:
         return tl.max(mag, axis=axis)
-    elif EMULATE_RNE:  # each half on its own (the interpreter is slow with a custom combine)
-        return tl.max(mag & -65536, axis=axis) | tl.max(mag & 0xFFFF, axis=axis)
-    else:
+    elif U16X2:
         return tl.reduce(mag, axis, _max_u16x2)
+    else:
+        return tl.max(mag & -65536, axis=axis) | tl.max(mag & 0xFFFF, axis=axis)
 
 
 @triton.jit
@@ -152,7 +154,7 @@ def _mx_quantize_kernel(
     EMAX: tl.constexpr, RCEIL: tl.constexpr, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr,
     MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROW_GROUP: tl.constexpr, INDEX_64: tl.constexpr,
-    EVEN: tl.constexpr, K_MAJOR: tl.constexpr,
+    EVEN: tl.constexpr, K_MAJOR: tl.constexpr, U16X2: tl.constexpr,
 ):
     """One read of an x tile [BLOCK_M, BLOCK_K]; row-wise and / or column-wise outputs. EVEN: the
     tile divides the input, so no loads or stores need masks (their predicates cost instructions).
@@ -191,7 +193,7 @@ def _mx_quantize_kernel(
 
     if ROWWISE:
         xr = tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 32))
-        amax = _block_max(tl.reshape(mag, (BLOCK_M, BLOCK_K // 32, 32 // P)), 2, IS_BF16, EMULATE_RNE)
+        amax = _block_max(tl.reshape(mag, (BLOCK_M, BLOCK_K // 32, 32 // P)), 2, IS_BF16, U16X2)
         if IS_BF16:  # the larger half, as the float32 bits of a bfloat16
             amax = tl.maximum(amax & 0xFFFF, amax >> 16) << 16
         factor, scale = _block_scale(amax, EMAX, RCEIL)
@@ -206,7 +208,7 @@ def _mx_quantize_kernel(
         # [s, j, a // 8, a % 8, k]: a block of 32 rows is (j, a % 8) at fixed (s, a // 8).
         xc = tl.reshape(x, (BLOCK_M // (4 * ROW_GROUP), 4, ROW_GROUP // 8, 8, BLOCK_K))
         amax = tl.reshape(mag, (BLOCK_M // (4 * ROW_GROUP), 4, ROW_GROUP // 8, 8, BLOCK_K // P))
-        amax = _block_max(_block_max(amax, 1, IS_BF16, EMULATE_RNE), 2, IS_BF16, EMULATE_RNE)  # in-thread first
+        amax = _block_max(_block_max(amax, 1, IS_BF16, U16X2), 2, IS_BF16, U16X2)  # in-thread axis first
         if IS_BF16:  # the two columns of each word, as float32 bits of bfloat16s
             amax = tl.reshape(tl.join(amax << 16, amax & -65536), (BLOCK_M // (4 * ROW_GROUP), ROW_GROUP // 8, BLOCK_K))
         factor, scale = _block_scale(amax, EMAX, RCEIL)
@@ -326,6 +328,11 @@ def empty_outputs(m: int, k: int, rowwise: bool, colwise: bool, elem: str, devic
     return out
 
 
+def has_u16x2_max(device: torch.device) -> bool:
+    """max.u16x2 (the paired block maxima) needs sm_90; FP8 conversion itself runs from sm_89."""
+    return not INTERPRETING and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, tiles: dict | None = None) -> None:
     """Run the kernel on 2-D `x` [M, K] (unit stride along K), writing the layouts in `outputs`.
     Both layouts: the autotuned configs; row-wise only: `ROW_CONFIG`. `tiles` (BLOCK_M, BLOCK_K:
@@ -338,7 +345,7 @@ def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, 
             None if col_data is None else col_data.view(torch.int32),  # written 4 rows (bytes) at a time
             outputs.get("col_scale"), m, k, x.stride(0))
     flags = dict(ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x.dtype == torch.bfloat16, INDEX_64=needs_index_64(x),
-                 **_format_args(elem, scale_mode))
+                 U16X2=has_u16x2_max(x.device), **_format_args(elem, scale_mode))
     if tiles is None and colwise:
         _mx_quantize_tuned[lambda meta: _grid(m, k, meta)](*args, **flags)
         return
