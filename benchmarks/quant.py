@@ -9,6 +9,7 @@ bandwidth. Bytes count what must move: the input read once plus every output wri
 both-layouts kernel at >= 90% of copy bandwidth. Needs a CUDA GPU.
 
     python benchmarks/quant.py [--sweep]
+    python benchmarks/quant.py --compile-only 90 [--sass]   # no GPU needed: registers, or SASS per element
 """
 
 from __future__ import annotations

@@ -3,6 +3,13 @@
 `quantize_both` reads a 2-D input once and writes the row-wise (blocks along K) and the
 column-wise (blocks along M, stored transposed as [K, M]) quantizations, which the forward
 GEMM and the two backward GEMMs consume. `quantize` runs the same kernel with one layout.
+
+The per-element work is what limits the one-pass kernel (`benchmarks/quant.py --compile-only 90
+--sass` counts it), so on the GPU a few steps are inline PTX: bfloat16 widened and masked in
+pairs, block maxima with max.u16x2, four FP8 bytes per cvt pair written as one word. The
+interpreter (CPU tests) cannot run inline assembly: there EMULATE_RNE (set exactly when
+interpreting) selects plain Triton for the same results, so those PTX lines are checked by the
+GPU tests only.
 """
 
 from __future__ import annotations
@@ -108,7 +115,7 @@ def _widen(raw, IS_BF16: tl.constexpr, EMULATE_RNE: tl.constexpr):
 @triton.jit
 def _magnitude_pairs(raw, EMULATE_RNE: tl.constexpr):
     """|x| bits of bfloat16 pairs (int16 `raw` [R, C]) as int32 words [R, C / 2], the even column
-    in the low half: the block maxima then take one 16x2 max per two values (`_pair_max`)."""
+    in the low half: the block maxima then take one 16x2 max per two values (`_block_max`)."""
     if EMULATE_RNE:
         lo, hi = tl.split(tl.reshape(raw, (raw.shape[0], raw.shape[1] // 2, 2)))
         return (lo.to(tl.int32) & 0x7FFF) | ((hi.to(tl.int32) & 0x7FFF) << 16)
@@ -158,6 +165,7 @@ def _mx_quantize_kernel(
 ):
     """One read of an x tile [BLOCK_M, BLOCK_K]; row-wise and / or column-wise outputs. EVEN: the
     tile divides the input, so no loads or stores need masks (their predicates cost instructions).
+    U16X2: the GPU has max.u16x2 (sm_90). EMULATE_RNE: interpreting (see the module docstring).
 
     Column-wise, tile row t = s * 4G + j * G + a (G = ROW_GROUP, j < 4, a < G) holds x row
     m0 + s * 4G + 4a + j. With G the rows one pass of the CTA's threads covers (see
