@@ -206,6 +206,7 @@ def main() -> None:
     best = getattr(mx_triton._mx_quantize_tuned, "best_config", None)  # unset when read from Triton's disk cache
     if best is not None:
         print(f"mxfp8 both: autotuned tile {best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_K']}/{best.num_warps}w"
+              + (", K-major" if best.kwargs.get("K_MAJOR") else "")
               + (f", maxnreg {best.maxnreg}" if best.maxnreg else ""))
 
     if args.sweep:
