@@ -9,6 +9,7 @@ bandwidth. Bytes count what must move: the input read once plus every output wri
 both-layouts kernel at >= 90% of copy bandwidth. Needs a CUDA GPU.
 
     python benchmarks/quant.py [--sweep]
+    python benchmarks/quant.py --compile-only 90 [--sass]   # no GPU needed: registers, or SASS per element
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import sass_census  # benchmarks/sass_census.py, beside this script
 import torch
 import triton
 import triton_build  # benchmarks/triton_build.py, beside this script
@@ -114,10 +116,23 @@ def _ptxas_report(ptx: str, arch: int) -> str:
     return f"{regs} regs, {spill_stores} B spilled"
 
 
-def compile_only(arch: int) -> bool:
+COPY_GBS = 4051.0  # H200 device-to-device copy of the benchmark input (bf16 read + write), measured
+
+
+def mx_bytes(rowwise: bool, colwise: bool) -> int:
+    """Bytes the MXFP8 kernel must move: the bf16 input, then per layout FP8 data and E8M0 scales."""
+    return 2 * M * K + (rowwise + colwise) * (M * K + M * K // 32)
+
+
+def compile_only(arch: int, sass: bool = False) -> bool:
     """Build the MXFP8 quantize kernel for sm_<arch> (both layouts and row-only, every autotune
     config and --sweep tile, bf16 and fp32 input) without a GPU. Pointers and sizes are marked
-    16-divisible, as Triton specializes them at launch, so the loads and stores vectorize as on the GPU."""
+    16-divisible, as Triton specializes them at launch, so the loads and stores vectorize as on the GPU.
+
+    With `sass`, also count each bf16 build's SASS instructions per element by kind (thread-
+    instructions; `sass_census`) against the issue budget: what 132 SMs issuing 4 warp-
+    instructions a clock at 1.98 GHz get through in the time the layouts take at 90% of copy
+    bandwidth (`COPY_GBS`). A kernel near 100% of that budget cannot reach the target."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -125,29 +140,44 @@ def compile_only(arch: int) -> bool:
     target = GPUTarget("cuda", arch, 32)
     fmt = mx_triton._format_args(ELEM, SCALE_MODE)
     fmt["EMULATE_RNE"] = False
-    configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.maxnreg) for c in mx_triton.BOTH_CONFIGS]
-    configs += [(a, b, w, None) for a, b, w in MX_TILES if (a, b, w, None) not in configs]
+    configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.maxnreg, c.kwargs["K_MAJOR"])
+               for c in mx_triton.BOTH_CONFIGS]
+    configs += [(a, b, w, None, False) for a, b, w in MX_TILES if (a, b, w, None, False) not in configs]
     ok = True
+    budgets = {colwise: sass_census.issue_budget(M * K, mx_bytes(True, colwise) / (0.9 * COPY_GBS * 1e9))
+               for colwise in (True, False)}
+    if sass:
+        print(f"SASS thread-instructions per element; budget at 90% of copy: both {budgets[True]:.1f}, "
+              f"row {budgets[False]:.1f}\n{sass_census.header(42)}")
     # every tile with int32 offsets, and the first tile with the int64 ones of inputs past 2^31 elements
     variants = [(rowwise, colwise, x_type, tile, False) for rowwise, colwise in ((True, True), (True, False))
                 for x_type in ("*i16", "*fp32") for tile in configs]
     variants += [(True, True, "*i16", configs[0], True)]
-    for rowwise, colwise, x_type, (block_m, block_k, warps, maxnreg), index_64 in variants:
+    for rowwise, colwise, x_type, (block_m, block_k, warps, maxnreg, k_major), index_64 in variants:
+        # the benchmark's shape divides every tile (EVEN: no masks); the int64 build is the masked one
         constexprs = dict(fmt, ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x_type == "*i16", BLOCK_M=block_m,
                           BLOCK_K=block_k, ROW_GROUP=mx_triton._row_group(block_m, block_k, warps),
-                          INDEX_64=index_64)
+                          INDEX_64=index_64, EVEN=not index_64 and M % block_m == 0 and K % block_k == 0,
+                          K_MAJOR=k_major, U16X2=arch >= 90)
         signature = {n: "constexpr" if n in constexprs else
                      {"x_ptr": x_type, "col_data_ptr": "*i32"}.get(n, "*u8" if n.endswith("_ptr") else "i32")
                      for n in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in constexprs}
         label = (f"{'both' if colwise else 'row '} {'bf16' if x_type == '*i16' else 'fp32'} "
-                 f"{block_m}x{block_k}/{warps}w" + (f" maxnreg {maxnreg}" if maxnreg else "")
-                 + (" int64 offsets" if index_64 else ""))
+                 f"{block_m}x{block_k}/{warps}w" + (" K-major" if k_major else "")
+                 + (f" maxnreg {maxnreg}" if maxnreg else "")
+                 + (" int64 offsets, masked" if index_64 else ""))
         try:
             kernel = compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                              target=target, options={"num_warps": warps, "num_stages": 1, "maxnreg": maxnreg})
-            print(f"  {label:36s} {_ptxas_report(kernel.asm['ptx'], arch)}, "
-                  f"{kernel.metadata.shared} B shared", flush=True)
+            if not sass:
+                print(f"  {label:36s} {_ptxas_report(kernel.asm['ptx'], arch)}, "
+                      f"{kernel.metadata.shared} B shared", flush=True)
+            elif x_type == "*i16":
+                counts, loops = sass_census.census(kernel.asm["cubin"])
+                rates = sass_census.per_element(counts, block_m * block_k // (32 * warps))
+                print(sass_census.format_row(label, rates, budgets[colwise], 42)
+                      + (" (loops: static count)" if loops else ""), flush=True)
         except Exception as err:  # report every failing variant, not just the first
             ok = False
             print(f"FAIL {label}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}")
@@ -160,9 +190,11 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time a few tile shapes per kernel (slower)")
     parser.add_argument("--compile-only", type=int, metavar="ARCH", default=None,
                         help="build the MXFP8 kernels for sm_ARCH (e.g. 90) without a GPU, print registers, and stop")
+    parser.add_argument("--sass", action="store_true",
+                        help="with --compile-only: SASS instructions per element by kind instead of registers")
     args = parser.parse_args()
     if args.compile_only is not None:
-        raise SystemExit(0 if compile_only(args.compile_only) else 1)
+        raise SystemExit(0 if compile_only(args.compile_only, args.sass) else 1)
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/quant.py needs a CUDA GPU")
     start = time.time()
@@ -174,6 +206,7 @@ def main() -> None:
     best = getattr(mx_triton._mx_quantize_tuned, "best_config", None)  # unset when read from Triton's disk cache
     if best is not None:
         print(f"mxfp8 both: autotuned tile {best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_K']}/{best.num_warps}w"
+              + (", K-major" if best.kwargs.get("K_MAJOR") else "")
               + (f", maxnreg {best.maxnreg}" if best.maxnreg else ""))
 
     if args.sweep:

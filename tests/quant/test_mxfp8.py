@@ -30,7 +30,8 @@ def _bytes(t):
 def test_one_pass_kernel_matches_reference(make_input, assert_same_bits, dtype, elem, scale_mode):
     from moekit.quant.mxfp8 import triton as mx_triton
 
-    for seed, shape in enumerate([(64, 96), (96, 160)]):
+    # (64, 128) divides the interpreter's tile (no masks: EVEN), the others do not
+    for seed, shape in enumerate([(64, 96), (96, 160), (64, 128)]):
         x = make_input(shape, dtype, seed)
         rows, cols = reference.quantize_both(x, elem, scale_mode)
         expected = {"row_data": rows.data, "row_scale": rows.scale,
@@ -44,9 +45,10 @@ def test_one_pass_kernel_matches_reference(make_input, assert_same_bits, dtype, 
                 assert_same_bits(buf, _bytes(expected[name]))
 
 
-# (BLOCK_M, BLOCK_K, num_warps): row groups of 8, 16 and 32 rows, one or several per tile, and
-# tiles taller / wider than the input (masked edges).
-TILES = [(32, 32, 4), (64, 64, 2), (128, 64, 4), (128, 128, 1), (64, 256, 4)]
+# (BLOCK_M, BLOCK_K, num_warps, K_MAJOR): row groups of 8, 16 and 32 rows, one or several per
+# tile, tiles taller / wider than the input (masked edges), both tile orders.
+TILES = [(32, 32, 4, False), (64, 64, 2, True), (128, 64, 4, False), (128, 128, 1, True), (64, 256, 4, True),
+         (32, 64, 2, True)]
 
 
 @pytest.mark.parametrize("tile", TILES)
@@ -54,8 +56,8 @@ def test_one_pass_kernel_tile_shapes(make_input, assert_same_bits, tile):
     """Every tile split the kernel may use (its row permutation depends on the tile) is exact."""
     from moekit.quant.mxfp8 import triton as mx_triton
 
-    block_m, block_k, warps = tile
-    tiles = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps}
+    block_m, block_k, warps, k_major = tile
+    tiles = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps, "K_MAJOR": k_major}
     for seed, (shape, dtype) in enumerate([((96, 160), torch.bfloat16), ((128, 96), torch.float32)]):
         x = make_input(shape, dtype, 30 + seed)
         rows, cols = reference.quantize_both(x, "e4m3", "rceil")
@@ -67,6 +69,17 @@ def test_one_pass_kernel_tile_shapes(make_input, assert_same_bits, tile):
         mx_triton.launch_quantize(x, out, "e4m3", "rceil", tiles)
         for name, buf in out.items():
             assert_same_bits(buf, _bytes(expected[name]))
+
+
+def test_tile_order_past_the_grid_limit():
+    """A tile order whose second grid axis would pass CUDA's 65535 is not tuned (nor launched)."""
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    k_major, m_major = mx_triton._config(64, 64, 2, k_major=True), mx_triton._config(64, 64, 2, k_major=False)
+    configs = [k_major, m_major]
+    assert mx_triton._prune_orders(configs, {"M": 64 * 65535, "K": 64 * 65535}) == configs
+    assert mx_triton._prune_orders(configs, {"M": 64 * 65535 + 1, "K": 64}) == [m_major]
+    assert mx_triton._prune_orders(configs, {"M": 64, "K": 64 * 65536}) == [k_major]
 
 
 @pytest.mark.parametrize("scale_mode", MODES)
@@ -291,14 +304,38 @@ def test_bad_input_is_rejected_clearly(backend):
 @pytest.mark.parametrize("elem", ELEMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_kernels_match_reference(make_input, assert_same_bits, assert_same_values, dtype, elem, scale_mode):
-    x = make_input((1024, 2048 + 96), dtype, 21).cuda()
-    got = mxfp8.quantize_both(x, elem, scale_mode, backend="triton")
-    want = mxfp8.quantize_both(x, elem, scale_mode, backend="reference")
-    for g, w in zip(got, want, strict=True):
-        assert_same_bits(g.data, w.data)
-        assert_same_bits(g.scale, w.scale)
-        assert_same_values(mxfp8.dequantize(g, backend="triton"), mxfp8.dequantize(w, backend="reference"))
-    assert math.prod(got[0].scale.shape) == x.numel() // 32
+    # 2048 + 96 columns leave partial tiles (masked); 2048 divides every tile (EVEN, unmasked)
+    for seed, shape in enumerate([(1024, 2048 + 96), (1024, 2048)]):
+        x = make_input(shape, dtype, 21 + seed).cuda()
+        got = mxfp8.quantize_both(x, elem, scale_mode, backend="triton")
+        want = mxfp8.quantize_both(x, elem, scale_mode, backend="reference")
+        for g, w in zip(got, want, strict=True):
+            assert_same_bits(g.data, w.data)
+            assert_same_bits(g.scale, w.scale)
+            assert_same_values(mxfp8.dequantize(g, backend="triton"), mxfp8.dequantize(w, backend="reference"))
+        assert math.prod(got[0].scale.shape) == x.numel() // 32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_every_tuned_tile_matches_reference(make_input, assert_same_bits):
+    """The autotuner keeps one config per shape: every candidate must be exact, masked or not."""
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    for seed, shape in enumerate([(512, 1024 + 96), (512, 1024)]):
+        x = make_input(shape, torch.bfloat16, 40 + seed).cuda()
+        rows, cols = reference.quantize_both(x, "e4m3", "rceil")
+        expected = {"row_data": rows.data, "row_scale": rows.scale,
+                    "col_data": cols.data.t(), "col_scale": cols.scale.t()}
+        for config in mx_triton.BOTH_CONFIGS:
+            out = mx_triton.empty_outputs(*shape, True, True, "e4m3", x.device)
+            for buf in out.values():
+                buf.fill_(POISONS[seed])
+            tiles = {key: config.kwargs[key] for key in ("BLOCK_M", "BLOCK_K", "K_MAJOR")}
+            tiles["num_warps"] = config.num_warps
+            mx_triton.launch_quantize(x, out, "e4m3", "rceil", tiles)
+            for name, buf in out.items():
+                assert_same_bits(buf, _bytes(expected[name]))
 
 
 def test_int64_offset_path_matches_reference(monkeypatch, make_input, assert_same_bits, assert_same_values):

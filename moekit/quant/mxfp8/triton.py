@@ -3,6 +3,13 @@
 `quantize_both` reads a 2-D input once and writes the row-wise (blocks along K) and the
 column-wise (blocks along M, stored transposed as [K, M]) quantizations, which the forward
 GEMM and the two backward GEMMs consume. `quantize` runs the same kernel with one layout.
+
+The per-element work is what limits the one-pass kernel (`benchmarks/quant.py --compile-only 90
+--sass` counts it), so on the GPU a few steps are inline PTX: bfloat16 widened and masked in
+pairs, block maxima with max.u16x2, four FP8 bytes per cvt pair written as one word. The
+interpreter (CPU tests) cannot run inline assembly: there EMULATE_RNE (set exactly when
+interpreting) selects plain Triton for the same results, so those PTX lines are checked by the
+GPU tests only.
 """
 
 from __future__ import annotations
@@ -34,17 +41,20 @@ from moekit.quant.triton_utils import (
 
 
 @triton.jit
-def _block_exponent(amax_bits, EMAX: tl.constexpr, RCEIL: tl.constexpr):
-    """Blocks' scale exponents from the int32 bits of their |x| maxima, and whether they hold NaN / Inf.
+def _block_scale(amax_bits, EMAX: tl.constexpr, RCEIL: tl.constexpr):
+    """(2**-s, E8M0 byte s + 127) for blocks whose |x| maxima have int32 bits `amax_bits` (s: the
+    scale exponent); (NaN, 0xFF) for blocks holding NaN or Inf. The product with a NaN factor is
+    NaN, which the GPU's cvt.rn.satfinite encodes as 0x7F: one select per block, not per byte.
 
     One integer max serves both: as integers the bits of non-negative floats order like the floats,
-    and every NaN or Inf (exponent field 0xFF) exceeds every finite magnitude.
+    and every NaN or Inf (exponent field 0xFF) exceeds every finite magnitude. The exponent field
+    b = bits >> 23 is floor(log2 amax) + 127; for rceil, adding 0x1FFFFF carries into it exactly when
+    the mantissa exceeds 1.75. s = max(b, EMAX) - 127 - EMAX: at least -127, and never above 127.
     """
     nonfinite = amax_bits >= 0x7F800000
-    exp = (amax_bits >> 23) - 127
-    if RCEIL:
-        exp += ((amax_bits & 0x7FFFFF) > 0x600000).to(tl.int32)  # mantissa above 1.75
-    return tl.minimum(tl.maximum(exp - EMAX, -127), 127), nonfinite
+    b = tl.maximum((amax_bits + 0x1FFFFF if RCEIL else amax_bits) >> 23, EMAX)
+    factor = ((254 + EMAX - b) << 23).to(tl.float32, bitcast=True)  # exponent field 127 - s
+    return tl.where(nonfinite, float("nan"), factor), tl.where(nonfinite, 255, b - EMAX).to(tl.uint8)
 
 
 @triton.jit
@@ -53,22 +63,94 @@ def _magnitude_bits(x):
 
 
 @triton.jit
-def _encode(x, exp, nonfinite, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr,
+def _encode(q, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr,
             E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """x / 2**exp as FP8 bytes (0x7F in non-finite blocks); `exp` and `nonfinite` broadcast against x."""
-    q = x * ((127 - exp) << 23).to(tl.float32, bitcast=True)  # times 2**-exp, exact
-    if EMULATE_RNE:
+    """FP8 bytes of x times its `_block_scale` factor (`q`; NaN throughout non-finite blocks: 0x7F)."""
+    if EMULATE_RNE:  # the interpreter's casts do not know NaN
         elems = encode_fp8(q, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
-    elif E5M2:  # the GPU's cvt.rn.satfinite saturates by itself: encode_fp8's clamp would be 2 more ops
-        elems = q.to(tl.float8e5).to(tl.uint8, bitcast=True)
+        return tl.where(q != q, 0x7F, elems).to(tl.uint8)
+    elif E5M2:
+        return q.to(tl.float8e5).to(tl.uint8, bitcast=True)
     else:
-        elems = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-    return tl.where(nonfinite, 0x7F, elems).to(tl.uint8)
+        return q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
 
 
 @triton.jit
-def _scale_bytes(exp, nonfinite):
-    return tl.where(nonfinite, 255, exp + 127).to(tl.uint8)
+def _encode_word(q0, q1, q2, q3, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr,
+                 MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """The FP8 bytes of four `_encode` inputs as int32 words, byte j from `qj` (little-endian).
+
+    On the GPU two cvt.rn.satfinite x2 instructions write the word directly; through Triton's casts
+    the bytes would come out paired along the tensors' last axis and need shifting back into words.
+    """
+    if EMULATE_RNE:
+        word = _encode(q0, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE).to(tl.int32)
+        word |= _encode(q1, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE).to(tl.int32) << 8
+        word |= _encode(q2, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE).to(tl.int32) << 16
+        return word | (_encode(q3, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2,
+                               EMULATE_RNE).to(tl.int32) << 24)
+    elif E5M2:  # cvt puts its first source in the high byte
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi;\n cvt.rn.satfinite.e5m2x2.f32 lo, $2, $1;\n"
+            " cvt.rn.satfinite.e5m2x2.f32 hi, $4, $3;\n mov.b32 $0, {lo, hi}; }",
+            "=r,f,f,f,f", [q0, q1, q2, q3], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi;\n cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;\n"
+            " cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;\n mov.b32 $0, {lo, hi}; }",
+            "=r,f,f,f,f", [q0, q1, q2, q3], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _widen(raw, IS_BF16: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """Loaded values as float32. On the GPU, bfloat16 bits (int16) widen in pairs from the 32-bit
+    register that holds them: a shift for the low value, a mask for the high one; extracted one at
+    a time, the high value costs a byte permute and a shift. The interpreter takes `to_float32`."""
+    if IS_BF16 and not EMULATE_RNE:
+        return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16;\n and.b32 $1, $2, 0xFFFF0000; }", "=r,=r,r",
+                                         [raw], dtype=tl.float32, is_pure=True, pack=2)
+    return to_float32(raw, IS_BF16)
+
+
+@triton.jit
+def _magnitude_pairs(raw, EMULATE_RNE: tl.constexpr):
+    """|x| bits of bfloat16 pairs (int16 `raw` [R, C]) as int32 words [R, C / 2], the even column
+    in the low half: the block maxima then take one 16x2 max per two values (`_block_max`)."""
+    if EMULATE_RNE:
+        lo, hi = tl.split(tl.reshape(raw, (raw.shape[0], raw.shape[1] // 2, 2)))
+        return (lo.to(tl.int32) & 0x7FFF) | ((hi.to(tl.int32) & 0x7FFF) << 16)
+    # The word goes to the pair's first value (the second gets 0, unused): the register holding the
+    # pair is read as it is, where joining two extracted halves would copy or permute it.
+    words = tl.inline_asm_elementwise("{ and.b32 $0, $2, 0x7FFF7FFF;\n mov.b32 $1, 0; }", "=r,=r,r", [raw],
+                                      dtype=tl.int32, is_pure=True, pack=2)
+    return tl.split(tl.reshape(words, (raw.shape[0], raw.shape[1] // 2, 2)))[0]
+
+
+@triton.jit
+def _max_u16x2(a, b):
+    return tl.inline_asm_elementwise("max.u16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _block_max(mag, axis: tl.constexpr, PAIRS: tl.constexpr, U16X2: tl.constexpr):
+    """Max along `axis` of magnitude bits, or of both halves of `_magnitude_pairs` words: at once
+    with U16X2 (sm_90's max.u16x2), else each half on its own (also the interpreter's way: a custom
+    combine is slow there)."""
+    if not PAIRS:
+        return tl.max(mag, axis=axis)
+    elif U16X2:
+        return tl.reduce(mag, axis, _max_u16x2)
+    else:
+        return tl.max(mag & -65536, axis=axis) | tl.max(mag & 0xFFFF, axis=axis)
+
+
+@triton.jit
+def _store(ptrs, values, mask, EVEN: tl.constexpr):
+    if EVEN:
+        tl.store(ptrs, values)
+    else:
+        tl.store(ptrs, values, mask=mask)
 
 
 @triton.jit
@@ -79,8 +161,11 @@ def _mx_quantize_kernel(
     EMAX: tl.constexpr, RCEIL: tl.constexpr, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr,
     MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROW_GROUP: tl.constexpr, INDEX_64: tl.constexpr,
+    EVEN: tl.constexpr, K_MAJOR: tl.constexpr, U16X2: tl.constexpr,
 ):
-    """One read of an x tile [BLOCK_M, BLOCK_K]; row-wise and / or column-wise outputs.
+    """One read of an x tile [BLOCK_M, BLOCK_K]; row-wise and / or column-wise outputs. EVEN: the
+    tile divides the input, so no loads or stores need masks (their predicates cost instructions).
+    U16X2: the GPU has max.u16x2 (sm_90). EMULATE_RNE: interpreting (see the module docstring).
 
     Column-wise, tile row t = s * 4G + j * G + a (G = ROW_GROUP, j < 4, a < G) holds x row
     m0 + s * 4G + 4a + j. With G the rows one pass of the CTA's threads covers (see
@@ -89,46 +174,68 @@ def _mx_quantize_kernel(
     output: the on-chip transpose moves words instead of bytes, and the store is 16-byte vectors
     along M. Correctness does not depend on the layout, only the speed.
     """
+    # K_MAJOR: the tiles of one row band run one after another (a row's scale bytes and its input /
+    # row-wise output lines then fill their sectors in quick succession), else those of one
+    # column band (the column-wise output's lines do). Grid axis 0 is the one that runs first.
+    if K_MAJOR:
+        pid_m, pid_k = program_id(1, INDEX_64), program_id(0, INDEX_64)
+    else:
+        pid_m, pid_k = program_id(0, INDEX_64), program_id(1, INDEX_64)
     t = tl.arange(0, BLOCK_M)
-    m0 = program_id(0, INDEX_64) * BLOCK_M
+    m0 = pid_m * BLOCK_M
     if COLWISE:
         offs_m = m0 + (t // (4 * ROW_GROUP)) * (4 * ROW_GROUP) + 4 * (t % ROW_GROUP) + (t // ROW_GROUP) % 4
     else:
         offs_m = m0 + t
-    offs_k = program_id(1, INDEX_64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    x = to_float32(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0), IS_BF16)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    if EVEN:
+        raw = tl.load(x_ptrs)
+    else:
+        raw = tl.load(x_ptrs, mask=mask, other=0)
+    x = _widen(raw, IS_BF16, EMULATE_RNE)
+    # bfloat16: magnitudes in pairs (16 bits each), P = 2 values per int32 word
+    P: tl.constexpr = 2 if IS_BF16 else 1
+    mag = _magnitude_pairs(raw, EMULATE_RNE) if IS_BF16 else _magnitude_bits(x)
 
     if ROWWISE:
         xr = tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 32))
-        exp, nonfinite = _block_exponent(tl.max(_magnitude_bits(xr), axis=2), EMAX, RCEIL)
-        elems = _encode(xr, exp[:, :, None], nonfinite[:, :, None], MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP,
-                        E5M2, EMULATE_RNE)
-        tl.store(row_data_ptr + offs_m[:, None] * K + offs_k[None, :], tl.reshape(elems, (BLOCK_M, BLOCK_K)),
-                 mask=mask)
-        offs_kb = program_id(1, INDEX_64) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
-        tl.store(row_scale_ptr + offs_m[:, None] * (K // 32) + offs_kb[None, :], _scale_bytes(exp, nonfinite),
-                 mask=(offs_m[:, None] < M) & (offs_kb[None, :] < K // 32))
+        amax = _block_max(tl.reshape(mag, (BLOCK_M, BLOCK_K // 32, 32 // P)), 2, IS_BF16, U16X2)
+        if IS_BF16:  # the larger half, as the float32 bits of a bfloat16
+            amax = tl.maximum(amax & 0xFFFF, amax >> 16) << 16
+        factor, scale = _block_scale(amax, EMAX, RCEIL)
+        elems = _encode(xr * factor[:, :, None], MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
+        _store(row_data_ptr + offs_m[:, None] * K + offs_k[None, :], tl.reshape(elems, (BLOCK_M, BLOCK_K)),
+               mask, EVEN)
+        offs_kb = pid_k * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+        _store(row_scale_ptr + offs_m[:, None] * (K // 32) + offs_kb[None, :], scale,
+               (offs_m[:, None] < M) & (offs_kb[None, :] < K // 32), EVEN)
 
     if COLWISE:
         # [s, j, a // 8, a % 8, k]: a block of 32 rows is (j, a % 8) at fixed (s, a // 8).
         xc = tl.reshape(x, (BLOCK_M // (4 * ROW_GROUP), 4, ROW_GROUP // 8, 8, BLOCK_K))
-        amax = tl.max(tl.max(_magnitude_bits(xc), axis=1), axis=2)  # in-thread axis first
-        exp, nonfinite = _block_exponent(amax, EMAX, RCEIL)
+        amax = tl.reshape(mag, (BLOCK_M // (4 * ROW_GROUP), 4, ROW_GROUP // 8, 8, BLOCK_K // P))
+        amax = _block_max(_block_max(amax, 1, IS_BF16, U16X2), 2, IS_BF16, U16X2)  # in-thread axis first
+        if IS_BF16:  # the two columns of each word, as float32 bits of bfloat16s
+            amax = tl.reshape(tl.join(amax << 16, amax & -65536), (BLOCK_M // (4 * ROW_GROUP), ROW_GROUP // 8, BLOCK_K))
+        factor, scale = _block_scale(amax, EMAX, RCEIL)
         # Expanded in the reverse order of the reductions, so the layouts match without a convert.
-        elems = _encode(xc, tl.expand_dims(tl.expand_dims(exp, 2), 1),
-                        tl.expand_dims(tl.expand_dims(nonfinite, 2), 1),
-                        MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
-        # Little-endian: byte j of the word is row 4a + j.
-        shifts = 8 * tl.arange(0, 4)[None, :, None, None, None]
-        words = tl.reshape(tl.sum(elems.to(tl.int32) << shifts, axis=1), (BLOCK_M // 4, BLOCK_K))
+        q = xc * tl.expand_dims(tl.expand_dims(factor, 2), 1)
+        # The in-thread axis j moved last and split into its four rows (no data moves).
+        q_even, q_odd = tl.split(tl.reshape(tl.permute(q, (0, 2, 3, 4, 1)),
+                                            (BLOCK_M // (4 * ROW_GROUP), ROW_GROUP // 8, 8, BLOCK_K, 2, 2)))
+        q0, q2 = tl.split(q_even)
+        q1, q3 = tl.split(q_odd)
+        words = tl.reshape(_encode_word(q0, q1, q2, q3, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE),
+                           (BLOCK_M // 4, BLOCK_K))
         offs_w = m0 // 4 + tl.arange(0, BLOCK_M // 4)
-        tl.store(col_data_ptr + offs_k[:, None] * (M // 4) + offs_w[None, :], tl.trans(words),
-                 mask=(offs_k[:, None] < K) & (offs_w[None, :] < M // 4))
-        scale = tl.reshape(_scale_bytes(exp, nonfinite), (BLOCK_M // 32, BLOCK_K))
-        offs_mb = program_id(0, INDEX_64) * (BLOCK_M // 32) + tl.arange(0, BLOCK_M // 32)
-        tl.store(col_scale_ptr + offs_k[:, None] * (M // 32) + offs_mb[None, :], tl.trans(scale),
-                 mask=(offs_k[:, None] < K) & (offs_mb[None, :] < M // 32))
+        _store(col_data_ptr + offs_k[:, None] * (M // 4) + offs_w[None, :], tl.trans(words),
+               (offs_k[:, None] < K) & (offs_w[None, :] < M // 4), EVEN)
+        scale = tl.reshape(scale, (BLOCK_M // 32, BLOCK_K))
+        offs_mb = pid_m * (BLOCK_M // 32) + tl.arange(0, BLOCK_M // 32)
+        _store(col_scale_ptr + offs_k[:, None] * (M // 32) + offs_mb[None, :], tl.trans(scale),
+               (offs_k[:, None] < K) & (offs_mb[None, :] < M // 32), EVEN)
 
 
 @triton.jit
@@ -158,8 +265,9 @@ def _row_group(block_m: int, block_k: int, num_warps: int) -> int:
     return max(8, min(lanes_m * num_warps, block_m // 4))
 
 
-def _config(block_m: int, block_k: int, num_warps: int, maxnreg: int | None = None) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k,
+def _config(block_m: int, block_k: int, num_warps: int, maxnreg: int | None = None,
+            k_major: bool = False) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k, "K_MAJOR": k_major,
                           "ROW_GROUP": _row_group(block_m, block_k, num_warps)},
                          num_warps=num_warps, num_stages=1, maxnreg=maxnreg)
 
@@ -170,15 +278,40 @@ if INTERPRETING:  # the interpreter runs on the CPU: one small tile (edge masks 
 else:
     ROW_CONFIG = _config(128, 128, 8)
     # Hopper candidates for the one-pass kernel (sm_90 builds, `benchmarks/quant.py --compile-only
-    # 90`): ~128 registers, no spills. With BLOCK_K = 64 a warp spans 32 rows, so the column amax
-    # and the word transpose stay within warps (shuffles, next to no shared memory); 128 columns
-    # give longer row stores. maxnreg 96 trades 28 spilled bytes for 5 CTAs per SM instead of 4.
-    BOTH_CONFIGS = [_config(128, 64, 4), _config(256, 64, 8), _config(128, 128, 8), _config(64, 128, 4),
-                    _config(128, 64, 4, maxnreg=96)]
+    # 90 [--sass]`): about 100 registers (2 to 5 CTAs per SM), no spills; maxnreg 80 trades 32-40
+    # spilled bytes for one more CTA per SM. With BLOCK_K = 64 a warp spans 32 rows, so the column
+    # amax and the word transpose stay within warps (shuffles, next to no shared memory); 128
+    # columns give longer row stores and 4-byte row scale stores. Both tile orders race.
+    BOTH_CONFIGS = [_config(block_m, block_k, warps, k_major=k_major)
+                    for block_m, block_k, warps in ((256, 64, 8), (128, 64, 4), (64, 64, 2), (128, 128, 8),
+                                                    (64, 128, 4))
+                    for k_major in (False, True)]
+    BOTH_CONFIGS += [_config(256, 64, 8, maxnreg=80, k_major=True), _config(128, 64, 4, maxnreg=80, k_major=True)]
 
+_MAX_GRID_Y = 65535
+
+
+def _order_fits(m: int, k: int, tiles: dict) -> bool:
+    """Whether the tile order's second grid axis stays within CUDA's limit."""
+    n_m, n_k = triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"])
+    return (n_m if tiles["K_MAJOR"] else n_k) <= _MAX_GRID_Y
+
+
+def _grid(m: int, k: int, tiles: dict) -> tuple[int, int]:
+    n_m, n_k = triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"])
+    return (n_k, n_m) if tiles["K_MAJOR"] else (n_m, n_k)
+
+
+def _prune_orders(configs, named_args, **kwargs):
+    """Drop the configs whose tile order does not fit the grid for this shape."""
+    return [c for c in configs if _order_fits(named_args["M"], named_args["K"], c.kwargs)]
+
+
+_mx_quantize_even = triton.heuristics(
+    {"EVEN": lambda args: args["M"] % args["BLOCK_M"] == 0 and args["K"] % args["BLOCK_K"] == 0})(_mx_quantize_kernel)
 # Weights are what both layouts get made of, so (M, K) repeat: tune once per shape.
-_mx_quantize_tuned = triton.autotune(configs=BOTH_CONFIGS, key=["M", "K", "ROWWISE", "IS_BF16"])(
-    _mx_quantize_kernel)
+_mx_quantize_tuned = triton.autotune(configs=BOTH_CONFIGS, key=["M", "K", "ROWWISE", "IS_BF16"],
+                                     prune_configs_by={"early_config_prune": _prune_orders})(_mx_quantize_even)
 
 
 def _format_args(elem: str, scale_mode: str) -> dict:
@@ -203,10 +336,16 @@ def empty_outputs(m: int, k: int, rowwise: bool, colwise: bool, elem: str, devic
     return out
 
 
+def has_u16x2_max(device: torch.device) -> bool:
+    """max.u16x2 (the paired block maxima) needs sm_90; FP8 conversion itself runs from sm_89."""
+    return not INTERPRETING and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, tiles: dict | None = None) -> None:
     """Run the kernel on 2-D `x` [M, K] (unit stride along K), writing the layouts in `outputs`.
     Both layouts: the autotuned configs; row-wise only: `ROW_CONFIG`. `tiles` (BLOCK_M, BLOCK_K:
-    powers of two >= 32; num_warps) forces one tile instead, for tuning by hand."""
+    powers of two >= 32; num_warps; optional K_MAJOR tile order) forces one tile instead, for
+    tuning by hand."""
     m, k = x.shape
     rowwise, colwise = "row_data" in outputs, "col_data" in outputs
     col_data = outputs.get("col_data")
@@ -214,19 +353,17 @@ def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, 
             None if col_data is None else col_data.view(torch.int32),  # written 4 rows (bytes) at a time
             outputs.get("col_scale"), m, k, x.stride(0))
     flags = dict(ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x.dtype == torch.bfloat16, INDEX_64=needs_index_64(x),
-                 **_format_args(elem, scale_mode))
+                 U16X2=has_u16x2_max(x.device), **_format_args(elem, scale_mode))
     if tiles is None and colwise:
-        def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"])
-
-        _mx_quantize_tuned[grid](*args, **flags)
+        _mx_quantize_tuned[lambda meta: _grid(m, k, meta)](*args, **flags)
         return
     if tiles is None:
         tiles = dict(ROW_CONFIG.kwargs, num_warps=ROW_CONFIG.num_warps)
     else:
         tiles = dict(tiles, ROW_GROUP=_row_group(tiles["BLOCK_M"], tiles["BLOCK_K"], tiles["num_warps"]))
-    grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))
-    _mx_quantize_kernel[grid](*args, **flags, **tiles)
+        tiles["K_MAJOR"] = tiles.get("K_MAJOR", False) and _order_fits(m, k, tiles)
+    grid = _grid(m, k, tiles)
+    _mx_quantize_even[grid](*args, **flags, **tiles)
 
 
 def _fp8(t: torch.Tensor, elem: str) -> torch.Tensor:
