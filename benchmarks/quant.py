@@ -140,9 +140,9 @@ def compile_only(arch: int, sass: bool = False) -> bool:
     target = GPUTarget("cuda", arch, 32)
     fmt = mx_triton._format_args(ELEM, SCALE_MODE)
     fmt["EMULATE_RNE"] = False
-    configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.maxnreg, c.kwargs["K_MAJOR"])
+    configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.maxnreg, c.kwargs["GROUP_M"])
                for c in mx_triton.BOTH_CONFIGS]
-    configs += [(a, b, w, None, False) for a, b, w in MX_TILES if (a, b, w, None, False) not in configs]
+    configs += [(a, b, w, None, 1) for a, b, w in MX_TILES if (a, b, w, None, 1) not in configs]
     ok = True
     budgets = {colwise: sass_census.issue_budget(M * K, mx_bytes(True, colwise) / (0.9 * COPY_GBS * 1e9))
                for colwise in (True, False)}
@@ -153,18 +153,18 @@ def compile_only(arch: int, sass: bool = False) -> bool:
     variants = [(rowwise, colwise, x_type, tile, False) for rowwise, colwise in ((True, True), (True, False))
                 for x_type in ("*i16", "*fp32") for tile in configs]
     variants += [(True, True, "*i16", configs[0], True)]
-    for rowwise, colwise, x_type, (block_m, block_k, warps, maxnreg, k_major), index_64 in variants:
+    for rowwise, colwise, x_type, (block_m, block_k, warps, maxnreg, group_m), index_64 in variants:
         # the benchmark's shape divides every tile (EVEN: no masks); the int64 build is the masked one
         constexprs = dict(fmt, ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x_type == "*i16", BLOCK_M=block_m,
                           BLOCK_K=block_k, ROW_GROUP=mx_triton._row_group(block_m, block_k, warps),
                           INDEX_64=index_64, EVEN=not index_64 and M % block_m == 0 and K % block_k == 0,
-                          K_MAJOR=k_major, U16X2=arch >= 90)
+                          GROUP_M=group_m, U16X2=arch >= 90)
         signature = {n: "constexpr" if n in constexprs else
                      {"x_ptr": x_type, "col_data_ptr": "*i32"}.get(n, "*u8" if n.endswith("_ptr") else "i32")
                      for n in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in constexprs}
         label = (f"{'both' if colwise else 'row '} {'bf16' if x_type == '*i16' else 'fp32'} "
-                 f"{block_m}x{block_k}/{warps}w" + (" K-major" if k_major else "")
+                 f"{block_m}x{block_k}/{warps}w" + (f" group {group_m}" if group_m > 1 else "")
                  + (f" maxnreg {maxnreg}" if maxnreg else "")
                  + (" int64 offsets, masked" if index_64 else ""))
         try:
@@ -206,7 +206,7 @@ def main() -> None:
     best = getattr(mx_triton._mx_quantize_tuned, "best_config", None)  # unset when read from Triton's disk cache
     if best is not None:
         print(f"mxfp8 both: autotuned tile {best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_K']}/{best.num_warps}w"
-              + (", K-major" if best.kwargs.get("K_MAJOR") else "")
+              + f", group {best.kwargs['GROUP_M']}"
               + (f", maxnreg {best.maxnreg}" if best.maxnreg else ""))
 
     if args.sweep:
