@@ -4,8 +4,9 @@ On a 16384 x 7168 bf16 input (a DeepSeek-V3 hidden-state batch): first checks ev
 against its plain-PyTorch reference bit for bit, then (with --sweep) tries a few tile shapes per kernel,
 then times (triton.testing.do_bench, median) the copy, the kernels with their default tiles and
 the references under torch.compile (the torchao-style peer), and prints GB/s and % of copy
-bandwidth. Bytes count what must move: the input read once plus every output written
-(the one-pass MXFP8 kernel writes both FP8 layouts and both scale arrays). Target: the one-pass
+bandwidth, the MXFP8 kernels once per tile order too (`order_rows`). Bytes count what must
+move: the input read once plus every output written (the one-pass MXFP8 kernel writes both FP8
+layouts and both scale arrays). Target: the one-pass
 both-layouts kernel at >= 90% of copy bandwidth. Needs a CUDA GPU.
 
     python benchmarks/quant.py [--sweep]
@@ -100,6 +101,31 @@ def sweep(name: str, make_fn, configs, tile_keys) -> None:
             timings.append((float("inf"), f"{a}x{b}/{warps}w ({type(err).__name__})"))
     timings.sort()
     print(f"  {name:14s} " + "  ".join(f"{label} {ms:.3f}" for ms, label in timings))
+
+
+def order_rows(x, best, exact: dict) -> list:
+    """The tile orders side by side (GROUP_M row bands per group; 1 is K-major, all of them M-major,
+    the row-only kernel's order before it went K-major): the both-layout kernel at the autotuned tile
+    (128x128/8w when the tile came from the disk cache), the row-only one at ROW_CONFIG. Each order's
+    buffers are checked against the reference; timing rows for the main table."""
+    want = mx_ref.quantize_both(x, ELEM, SCALE_MODE)
+    want = {"row_data": want[0].data, "row_scale": want[0].scale, "col_data": want[1].data.t(),
+            "col_scale": want[1].scale.t()}
+    rows = []
+    for colwise, config in ((True, best), (False, mx_triton.ROW_CONFIG)):
+        tile = ({"BLOCK_M": 128, "BLOCK_K": 128, "num_warps": 8} if config is None else
+                {"BLOCK_M": config.kwargs["BLOCK_M"], "BLOCK_K": config.kwargs["BLOCK_K"],
+                 "num_warps": config.num_warps})
+        sector = mx_triton._sector_group(tile["BLOCK_M"])
+        for group in (1, sector, 4 * sector, M // tile["BLOCK_M"]):
+            tiles = dict(tile, GROUP_M=group)
+            out = mx_triton.empty_outputs(M, K, True, colwise, ELEM, x.device)
+            mx_triton.launch_quantize(x, out, ELEM, SCALE_MODE, tiles)
+            name = (f"{'mxfp8 both' if colwise else 'mxfp8 row'} {tile['BLOCK_M']}x{tile['BLOCK_K']} "
+                    + ("K-major" if group == 1 else "M-major" if group == M // tile["BLOCK_M"] else f"group {group}"))
+            exact[name] = all(same_bits(buf, want[key].view(torch.uint8)) for key, buf in out.items())
+            rows.append((name, mx_launcher(x, True, colwise, tiles), mx_bytes(True, colwise), name))
+    return rows
 
 
 def compiled_peer(fn):
@@ -250,6 +276,7 @@ def main() -> None:
         except Exception as err:  # report, do not hide, a peer that does not compile
             print(f"{name}: torch.compile failed: {type(err).__name__}: {err}".splitlines()[0])
 
+    rows += order_rows(x, best, exact)
     results = []
     for name, fn, nbytes, exact_key in rows:
         ms = median_ms(fn)
