@@ -271,7 +271,8 @@ def _config(block_m: int, block_k: int, num_warps: int, maxnreg: int | None = No
     tiles) fill in quick succession. A column scale sector spans 1024 / BLOCK_M row bands; with
     GROUP_M that large its tiles run together too, where K-major leaves the sector's eight 4-byte
     pieces (BLOCK_M 128) in L2 for 8 * K / BLOCK_K programs, long enough to be written back
-    partial; the column output gets GROUP_M * BLOCK_M / 4-byte runs of each line instead of one."""
+    partial (a read-modify-write in DRAM); and each [K, M] output row gets written in runs of
+    GROUP_M * BLOCK_M bytes instead of BLOCK_M."""
     return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k, "GROUP_M": group_m,
                           "ROW_GROUP": _row_group(block_m, block_k, num_warps)},
                          num_warps=num_warps, num_stages=1, maxnreg=maxnreg)
