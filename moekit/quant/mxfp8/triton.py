@@ -293,14 +293,15 @@ else:
     # spilled bytes for one more CTA per SM. With BLOCK_K = 64 a warp spans 32 rows, so the column
     # amax and the word transpose stay within warps (shuffles, next to no shared memory); 128
     # columns give longer row stores and 4-byte row scale stores. Tile orders race: K-major, and
-    # groups filling one or four column scale sectors. ptxas gives the grouped 128x64 and 64x64
-    # builds 110-128 registers (one CTA per SM fewer); maxnreg 96 keeps the K-major build's
-    # occupancy without spills (+0.4 instructions per element), so the race compares orders only.
+    # groups filling one column scale sector (four too for the two tiles that won before). ptxas
+    # gives the grouped 128x64 and 64x64 builds 110-128 registers (one CTA per SM fewer); maxnreg 96
+    # keeps the K-major build's occupancy without spills (+0.4 instructions per element), so the
+    # race compares orders only.
     BOTH_CONFIGS = [_config(block_m, block_k, warps, group_m=group_m, maxnreg=grouped_maxnreg if group_m > 1 else None)
-                    for block_m, block_k, warps, grouped_maxnreg in ((256, 64, 8, None), (128, 64, 4, 96),
-                                                                     (64, 64, 2, 96), (128, 128, 8, None),
-                                                                     (64, 128, 4, None))
-                    for group_m in (1, _sector_group(block_m), 4 * _sector_group(block_m))]
+                    for block_m, block_k, warps, grouped_maxnreg, sectors in (
+                        (256, 64, 8, None, (1, 4)), (128, 128, 8, None, (1, 4)), (128, 64, 4, 96, (1,)),
+                        (64, 64, 2, 96, (1,)), (64, 128, 4, None, (1,)))
+                    for group_m in (1, *(n * _sector_group(block_m) for n in sectors))]
     BOTH_CONFIGS += [_config(256, 64, 8, maxnreg=80), _config(128, 64, 4, maxnreg=80)]
 
 
