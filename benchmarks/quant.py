@@ -1,12 +1,14 @@
 """MXFP8 / FP8 block quantization kernels vs a device-to-device copy and torch.compile'd references.
 
 On a 16384 x 7168 bf16 input (a DeepSeek-V3 hidden-state batch): first checks every kernel
-against its plain-PyTorch reference bit for bit, then (with --sweep) tries a few tile shapes per kernel,
-then times (triton.testing.do_bench, median) the copy, the kernels with their default tiles and
-the references under torch.compile (the torchao-style peer), and prints GB/s and % of copy
-bandwidth. Bytes count what must move: the input read once plus every output written
-(the one-pass MXFP8 kernel writes both FP8 layouts and both scale arrays). Target: the one-pass
-both-layouts kernel at >= 90% of copy bandwidth. Needs a CUDA GPU.
+against its plain-PyTorch reference bit for bit, then (with --sweep) tries a few tile shapes per
+kernel, then times (triton.testing.do_bench, median) the copy, the kernels with their default
+tiles and the references under torch.compile (the torchao-style peer), the MXFP8 kernels once per
+tile order (`order_rows`) and a kernel that moves the same bytes without the arithmetic
+(`move_only_rows`), and prints GB/s and % of copy bandwidth. Bytes count what must move: the
+input read once plus every output written (the one-pass MXFP8 kernel writes both FP8 layouts and
+both scale arrays). Target: the one-pass both-layouts kernel at >= 90% of copy bandwidth. Needs a
+CUDA GPU.
 
     python benchmarks/quant.py [--sweep]
     python benchmarks/quant.py --compile-only 90 [--sass]   # no GPU needed: registers, or SASS per element
@@ -20,6 +22,7 @@ import time
 import sass_census  # benchmarks/sass_census.py, beside this script
 import torch
 import triton
+import triton.language as tl
 import triton_build  # benchmarks/triton_build.py, beside this script
 from triton.testing import do_bench
 
@@ -102,6 +105,95 @@ def sweep(name: str, make_fn, configs, tile_keys) -> None:
     print(f"  {name:14s} " + "  ".join(f"{label} {ms:.3f}" for ms, label in timings))
 
 
+def order_rows(x, best, exact: dict) -> list:
+    """The tile orders side by side (GROUP_M row bands per group; 1 is K-major, all of them M-major,
+    the row-only kernel's order before it went K-major): the both-layout kernel at the autotuned tile
+    (128x128/8w when the tile came from the disk cache), the row-only one at ROW_CONFIG. Each order's
+    buffers are checked against the reference; timing rows for the main table."""
+    want = mx_ref.quantize_both(x, ELEM, SCALE_MODE)
+    want = {"row_data": want[0].data, "row_scale": want[0].scale, "col_data": want[1].data.t(),
+            "col_scale": want[1].scale.t()}
+    rows = []
+    for colwise, config in ((True, best), (False, mx_triton.ROW_CONFIG)):
+        tile = ({"BLOCK_M": 128, "BLOCK_K": 128, "num_warps": 8} if config is None else
+                {"BLOCK_M": config.kwargs["BLOCK_M"], "BLOCK_K": config.kwargs["BLOCK_K"],
+                 "num_warps": config.num_warps})
+        sector = mx_triton._sector_group(tile["BLOCK_M"])
+        for group in (1, sector, 4 * sector, M // tile["BLOCK_M"]):
+            tiles = dict(tile, GROUP_M=group)
+            out = mx_triton.empty_outputs(M, K, True, colwise, ELEM, x.device)
+            mx_triton.launch_quantize(x, out, ELEM, SCALE_MODE, tiles)
+            name = (f"{'mxfp8 both' if colwise else 'mxfp8 row'} {tile['BLOCK_M']}x{tile['BLOCK_K']} "
+                    + ("K-major" if group == 1 else "M-major" if group == M // tile["BLOCK_M"] else f"group {group}"))
+            exact[name] = all(same_bits(buf, want[key].view(torch.uint8)) for key, buf in out.items())
+            rows.append((name, mx_launcher(x, True, colwise, tiles), mx_bytes(True, colwise), name))
+    return rows
+
+
+@triton.jit
+def _move_only_kernel(x_ptr, row_data_ptr, row_scale_ptr, col_data_ptr, col_scale_ptr, M, K,
+                      COLWISE: tl.constexpr, TILE: tl.constexpr, GROUP_M: tl.constexpr):
+    """The MXFP8 kernel's memory traffic without its arithmetic: square tiles in the same order,
+    writing the same bytes where the MXFP8 kernel would: a byte per element (each bf16's high
+    byte) and a byte per 32-element row block (their maximum). The column outputs get the row-wise
+    tile as it is, at the transposed tile's place (same lines and sectors, no on-chip transpose).
+    M and K divisible by TILE."""
+    pid_m = tl.program_id(1) * GROUP_M + tl.program_id(0) % GROUP_M
+    pid_k = tl.program_id(0) // GROUP_M
+    if pid_m >= M // TILE:
+        return
+    i = tl.arange(0, TILE)
+    high = (tl.load(x_ptr + (pid_m * TILE + i)[:, None] * K + pid_k * TILE + i[None, :]) >> 8).to(tl.int8)
+    block_max = tl.max(tl.reshape(high, (TILE, TILE // 32, 32)), axis=2)
+    ib = tl.arange(0, TILE // 32)
+    tl.store(row_data_ptr + (pid_m * TILE + i)[:, None] * K + pid_k * TILE + i[None, :], high)
+    tl.store(row_scale_ptr + (pid_m * TILE + i)[:, None] * (K // 32) + pid_k * (TILE // 32) + ib[None, :], block_max)
+    if COLWISE:
+        tl.store(col_data_ptr + (pid_k * TILE + i)[:, None] * M + pid_m * TILE + i[None, :], high)
+        tl.store(col_scale_ptr + (pid_k * TILE + i)[:, None] * (M // 32) + pid_m * (TILE // 32) + ib[None, :],
+                 block_max)
+
+
+MOVE_ONLY_TILE, MOVE_ONLY_WARPS = 128, 8
+
+
+def move_only_rows(x: torch.Tensor) -> list:
+    """Timing rows for `_move_only_kernel` (128x128 tiles, 8 warps; K-major and groups of 8 row
+    bands, both layouts and row-only), after a check that it writes what it should: the ceiling of
+    this tiling in Triton. Near the MXFP8 kernel's own figure, the memory pattern is what limits it;
+    far above, its arithmetic (the time each program computes with no loads in flight) is."""
+    m, k, tile = *x.shape, MOVE_ONLY_TILE
+    high = (x.view(torch.int16) >> 8).to(torch.int8)
+    block_max = high.reshape(m, k // 32, 32).amax(2)
+
+    def tile_transposed(t: torch.Tensor) -> torch.Tensor:  # tile (a, b) moved to (b, a), its inside kept
+        rows, cols = t.shape
+        t4 = t.reshape(rows // tile, tile, k // tile, cols * tile // k)
+        return t4.permute(2, 1, 0, 3).reshape(k, rows * cols // k)
+
+    want = {"row_data": high, "row_scale": block_max, "col_data": tile_transposed(high),
+            "col_scale": tile_transposed(block_max)}
+    rows = []
+    for colwise in (True, False):
+        for group in (1, mx_triton._sector_group(tile)):
+            out = {name: torch.empty(want[name].shape, dtype=torch.int8, device=x.device)
+                   for name in want if colwise or name.startswith("row")}
+            grid = (group * (k // tile), triton.cdiv(m // tile, group))
+
+            def run(out=out, grid=grid, colwise=colwise, group=group):
+                _move_only_kernel[grid](x.view(torch.int16), out["row_data"], out["row_scale"], out.get("col_data"),
+                                        out.get("col_scale"), m, k, COLWISE=colwise, TILE=tile, GROUP_M=group,
+                                        num_warps=MOVE_ONLY_WARPS)
+
+            run()
+            if not all(torch.equal(buf, want[name]) for name, buf in out.items()):
+                raise SystemExit(f"the move-only kernel wrote wrong bytes (group {group})")
+            name = f"move only {'both' if colwise else 'row'} {tile}x{tile} " + (
+                "K-major" if group == 1 else f"group {group}")
+            rows.append((name, run, mx_bytes(True, colwise), None))
+    return rows
+
+
 def compiled_peer(fn):
     compiled = torch.compile(fn, dynamic=False)
 
@@ -124,9 +216,37 @@ def mx_bytes(rowwise: bool, colwise: bool) -> int:
     return 2 * M * K + (rowwise + colwise) * (M * K + M * K // 32)
 
 
+def _build_report(fn, constexprs: dict, pointer_types: dict, target, warps: int, maxnreg: int | None,
+                  label: str, sass: bool, budget: float | None) -> bool:
+    """Build one variant of `fn` for `target` (pointers "*u8" unless `pointer_types` says otherwise),
+    print its registers, or with `sass` its SASS census against `budget` (None: build only)."""
+    from triton.compiler import ASTSource, compile
+
+    signature = {n: "constexpr" if n in constexprs else pointer_types.get(n, "*u8" if n.endswith("_ptr") else "i32")
+                 for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in constexprs}
+    try:
+        kernel = compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                         target=target, options={"num_warps": warps, "num_stages": 1, "maxnreg": maxnreg})
+    except Exception as err:  # report every failing variant, not just the first
+        print(f"FAIL {label}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}")
+        return False
+    if not sass:
+        print(f"  {label:42s} {_ptxas_report(kernel.asm['ptx'], target.arch)}, {kernel.metadata.shared} B shared",
+              flush=True)
+    elif budget is not None:
+        counts, loops = sass_census.census(kernel.asm["cubin"])
+        tile = constexprs.get("TILE")
+        elements = tile * tile if tile else constexprs["BLOCK_M"] * constexprs["BLOCK_K"]
+        rates = sass_census.per_element(counts, elements // (32 * warps))
+        print(sass_census.format_row(label, rates, budget, 42) + (" (loops: static count)" if loops else ""),
+              flush=True)
+    return True
+
+
 def compile_only(arch: int, sass: bool = False) -> bool:
     """Build the MXFP8 quantize kernel for sm_<arch> (both layouts and row-only, every autotune
-    config and --sweep tile, bf16 and fp32 input) without a GPU. Pointers and sizes are marked
+    config and --sweep tile, bf16 and fp32 input; the move-only kernel too) without a GPU. Pointers and sizes are marked
     16-divisible, as Triton specializes them at launch, so the loads and stores vectorize as on the GPU.
 
     With `sass`, also count each bf16 build's SASS instructions per element by kind (thread-
@@ -134,15 +254,14 @@ def compile_only(arch: int, sass: bool = False) -> bool:
     instructions a clock at 1.98 GHz get through in the time the layouts take at 90% of copy
     bandwidth (`COPY_GBS`). A kernel near 100% of that budget cannot reach the target."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
 
     fn = mx_triton._mx_quantize_kernel
     target = GPUTarget("cuda", arch, 32)
     fmt = mx_triton._format_args(ELEM, SCALE_MODE)
     fmt["EMULATE_RNE"] = False
-    configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.maxnreg, c.kwargs["K_MAJOR"])
+    configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.maxnreg, c.kwargs["GROUP_M"])
                for c in mx_triton.BOTH_CONFIGS]
-    configs += [(a, b, w, None, False) for a, b, w in MX_TILES if (a, b, w, None, False) not in configs]
+    configs += [(a, b, w, None, 1) for a, b, w in MX_TILES if (a, b, w, None, 1) not in configs]
     ok = True
     budgets = {colwise: sass_census.issue_budget(M * K, mx_bytes(True, colwise) / (0.9 * COPY_GBS * 1e9))
                for colwise in (True, False)}
@@ -153,34 +272,24 @@ def compile_only(arch: int, sass: bool = False) -> bool:
     variants = [(rowwise, colwise, x_type, tile, False) for rowwise, colwise in ((True, True), (True, False))
                 for x_type in ("*i16", "*fp32") for tile in configs]
     variants += [(True, True, "*i16", configs[0], True)]
-    for rowwise, colwise, x_type, (block_m, block_k, warps, maxnreg, k_major), index_64 in variants:
+    for rowwise, colwise, x_type, (block_m, block_k, warps, maxnreg, group_m), index_64 in variants:
         # the benchmark's shape divides every tile (EVEN: no masks); the int64 build is the masked one
         constexprs = dict(fmt, ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x_type == "*i16", BLOCK_M=block_m,
                           BLOCK_K=block_k, ROW_GROUP=mx_triton._row_group(block_m, block_k, warps),
                           INDEX_64=index_64, EVEN=not index_64 and M % block_m == 0 and K % block_k == 0,
-                          K_MAJOR=k_major, U16X2=arch >= 90)
-        signature = {n: "constexpr" if n in constexprs else
-                     {"x_ptr": x_type, "col_data_ptr": "*i32"}.get(n, "*u8" if n.endswith("_ptr") else "i32")
-                     for n in fn.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in constexprs}
+                          GROUP_M=group_m, U16X2=arch >= 90)
         label = (f"{'both' if colwise else 'row '} {'bf16' if x_type == '*i16' else 'fp32'} "
-                 f"{block_m}x{block_k}/{warps}w" + (" K-major" if k_major else "")
+                 f"{block_m}x{block_k}/{warps}w" + (f" group {group_m}" if group_m > 1 else "")
                  + (f" maxnreg {maxnreg}" if maxnreg else "")
                  + (" int64 offsets, masked" if index_64 else ""))
-        try:
-            kernel = compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                             target=target, options={"num_warps": warps, "num_stages": 1, "maxnreg": maxnreg})
-            if not sass:
-                print(f"  {label:36s} {_ptxas_report(kernel.asm['ptx'], arch)}, "
-                      f"{kernel.metadata.shared} B shared", flush=True)
-            elif x_type == "*i16":
-                counts, loops = sass_census.census(kernel.asm["cubin"])
-                rates = sass_census.per_element(counts, block_m * block_k // (32 * warps))
-                print(sass_census.format_row(label, rates, budgets[colwise], 42)
-                      + (" (loops: static count)" if loops else ""), flush=True)
-        except Exception as err:  # report every failing variant, not just the first
-            ok = False
-            print(f"FAIL {label}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}")
+        ok &= _build_report(fn, constexprs, {"x_ptr": x_type, "col_data_ptr": "*i32"}, target, warps, maxnreg,
+                            label, sass, budgets[colwise] if x_type == "*i16" else None)
+    # the bytes-moved ceiling (`move_only_rows`): its SASS shows what the tiling alone costs
+    for colwise in (True, False):
+        constexprs = dict(COLWISE=colwise, TILE=MOVE_ONLY_TILE, GROUP_M=mx_triton._sector_group(MOVE_ONLY_TILE))
+        label = f"move only {'both' if colwise else 'row '} {MOVE_ONLY_TILE}x{MOVE_ONLY_TILE}/{MOVE_ONLY_WARPS}w"
+        ok &= _build_report(_move_only_kernel, constexprs, {"x_ptr": "*i16", "col_data_ptr": "*i8"}, target,
+                            MOVE_ONLY_WARPS, None, label, sass, budgets[colwise])
     print(f"{'ALL COMPILED' if ok else 'SOME FAILED TO COMPILE'} for sm_{arch}")
     return ok
 
@@ -206,7 +315,7 @@ def main() -> None:
     best = getattr(mx_triton._mx_quantize_tuned, "best_config", None)  # unset when read from Triton's disk cache
     if best is not None:
         print(f"mxfp8 both: autotuned tile {best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_K']}/{best.num_warps}w"
-              + (", K-major" if best.kwargs.get("K_MAJOR") else "")
+              + f", group {best.kwargs['GROUP_M']}"
               + (f", maxnreg {best.maxnreg}" if best.maxnreg else ""))
 
     if args.sweep:
@@ -250,6 +359,7 @@ def main() -> None:
         except Exception as err:  # report, do not hide, a peer that does not compile
             print(f"{name}: torch.compile failed: {type(err).__name__}: {err}".splitlines()[0])
 
+    rows += order_rows(x, best, exact) + move_only_rows(x)
     results = []
     for name, fn, nbytes, exact_key in rows:
         ms = median_ms(fn)

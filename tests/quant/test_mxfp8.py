@@ -45,10 +45,11 @@ def test_one_pass_kernel_matches_reference(make_input, assert_same_bits, dtype, 
                 assert_same_bits(buf, _bytes(expected[name]))
 
 
-# (BLOCK_M, BLOCK_K, num_warps, K_MAJOR): row groups of 8, 16 and 32 rows, one or several per
-# tile, tiles taller / wider than the input (masked edges), both tile orders.
-TILES = [(32, 32, 4, False), (64, 64, 2, True), (128, 64, 4, False), (128, 128, 1, True), (64, 256, 4, True),
-         (32, 64, 2, True)]
+# (BLOCK_M, BLOCK_K, num_warps, GROUP_M): row groups of 8, 16 and 32 rows, one or several per
+# tile, tiles taller / wider than the input (masked edges); tile orders K-major and in groups of
+# row bands, the last group shorter (3 and 4 row bands of 32 in groups of 2, 4 and 8).
+TILES = [(32, 32, 4, 2), (64, 64, 2, 1), (128, 64, 4, 2), (128, 128, 1, 1), (64, 256, 4, 1), (32, 64, 2, 8),
+         (32, 64, 2, 4)]
 
 
 @pytest.mark.parametrize("tile", TILES)
@@ -56,8 +57,8 @@ def test_one_pass_kernel_tile_shapes(make_input, assert_same_bits, tile):
     """Every tile split the kernel may use (its row permutation depends on the tile) is exact."""
     from moekit.quant.mxfp8 import triton as mx_triton
 
-    block_m, block_k, warps, k_major = tile
-    tiles = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps, "K_MAJOR": k_major}
+    block_m, block_k, warps, group_m = tile
+    tiles = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps, "GROUP_M": group_m}
     for seed, (shape, dtype) in enumerate([((96, 160), torch.bfloat16), ((128, 96), torch.float32)]):
         x = make_input(shape, dtype, 30 + seed)
         rows, cols = reference.quantize_both(x, "e4m3", "rceil")
@@ -72,14 +73,21 @@ def test_one_pass_kernel_tile_shapes(make_input, assert_same_bits, tile):
 
 
 def test_tile_order_past_the_grid_limit():
-    """A tile order whose second grid axis would pass CUDA's 65535 is not tuned (nor launched)."""
+    """Groups of row bands grow (by doubling) only as far as CUDA's 65535 limit on the grid's
+    second axis needs, for tuned and hand-picked tiles alike; the grid covers every tile."""
     from moekit.quant.mxfp8 import triton as mx_triton
 
-    k_major, m_major = mx_triton._config(64, 64, 2, k_major=True), mx_triton._config(64, 64, 2, k_major=False)
-    configs = [k_major, m_major]
-    assert mx_triton._prune_orders(configs, {"M": 64 * 65535, "K": 64 * 65535}) == configs
-    assert mx_triton._prune_orders(configs, {"M": 64 * 65535 + 1, "K": 64}) == [m_major]
-    assert mx_triton._prune_orders(configs, {"M": 64, "K": 64 * 65536}) == [k_major]
+    configs = [mx_triton._config(64, 64, 2), mx_triton._config(64, 64, 2, group_m=16)]
+    assert mx_triton._fit_groups(configs, {"M": 64 * 65535, "K": 64}) == configs
+    fitted = mx_triton._fit_groups(configs, {"M": 64 * 65535 + 1, "K": 64})
+    assert [c.kwargs["GROUP_M"] for c in fitted] == [2, 16]
+    assert (fitted[0].num_warps, fitted[0].kwargs["BLOCK_M"]) == (2, 64)
+    for m, k, group, want in [(64 * 65535 * 3, 96, 1, 4), (100, 96, 8, 8), (64 * 4 * 65535 + 64, 64, 4, 8)]:
+        tiles = {"BLOCK_M": 64, "BLOCK_K": 64, "GROUP_M": group}
+        got = mx_triton._fitted_group(m, tiles)
+        assert got == want
+        n_k, groups = mx_triton._grid(m, k, dict(tiles, GROUP_M=got))
+        assert groups <= 65535 and n_k == got * -(-k // 64) and groups * got >= -(-m // 64)
 
 
 @pytest.mark.parametrize("scale_mode", MODES)
@@ -331,7 +339,7 @@ def test_gpu_every_tuned_tile_matches_reference(make_input, assert_same_bits):
             out = mx_triton.empty_outputs(*shape, True, True, "e4m3", x.device)
             for buf in out.values():
                 buf.fill_(POISONS[seed])
-            tiles = {key: config.kwargs[key] for key in ("BLOCK_M", "BLOCK_K", "K_MAJOR")}
+            tiles = {key: config.kwargs[key] for key in ("BLOCK_M", "BLOCK_K", "GROUP_M")}
             tiles["num_warps"] = config.num_warps
             mx_triton.launch_quantize(x, out, "e4m3", "rceil", tiles)
             for name, buf in out.items():

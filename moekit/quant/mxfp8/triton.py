@@ -161,7 +161,7 @@ def _mx_quantize_kernel(
     EMAX: tl.constexpr, RCEIL: tl.constexpr, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr,
     MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROW_GROUP: tl.constexpr, INDEX_64: tl.constexpr,
-    EVEN: tl.constexpr, K_MAJOR: tl.constexpr, U16X2: tl.constexpr,
+    EVEN: tl.constexpr, GROUP_M: tl.constexpr, U16X2: tl.constexpr,
 ):
     """One read of an x tile [BLOCK_M, BLOCK_K]; row-wise and / or column-wise outputs. EVEN: the
     tile divides the input, so no loads or stores need masks (their predicates cost instructions).
@@ -174,13 +174,12 @@ def _mx_quantize_kernel(
     output: the on-chip transpose moves words instead of bytes, and the store is 16-byte vectors
     along M. Correctness does not depend on the layout, only the speed.
     """
-    # K_MAJOR: the tiles of one row band run one after another (a row's scale bytes and its input /
-    # row-wise output lines then fill their sectors in quick succession), else those of one
-    # column band (the column-wise output's lines do). Grid axis 0 is the one that runs first.
-    if K_MAJOR:
-        pid_m, pid_k = program_id(1, INDEX_64), program_id(0, INDEX_64)
-    else:
-        pid_m, pid_k = program_id(0, INDEX_64), program_id(1, INDEX_64)
+    # Tile order (grid axis 0 runs first): groups of GROUP_M row bands, walked one column of GROUP_M
+    # tiles after another (GROUP_M = 1: a row band's tiles in a row). See `_config`.
+    pid_m = program_id(1, INDEX_64) * GROUP_M + program_id(0, INDEX_64) % GROUP_M
+    pid_k = program_id(0, INDEX_64) // GROUP_M
+    if GROUP_M > 1 and pid_m >= tl.cdiv(M, BLOCK_M):  # past the last row band (a shorter last group)
+        return
     t = tl.arange(0, BLOCK_M)
     m0 = pid_m * BLOCK_M
     if COLWISE:
@@ -266,10 +265,22 @@ def _row_group(block_m: int, block_k: int, num_warps: int) -> int:
 
 
 def _config(block_m: int, block_k: int, num_warps: int, maxnreg: int | None = None,
-            k_major: bool = False) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k, "K_MAJOR": k_major,
+            group_m: int = 1) -> triton.Config:
+    """GROUP_M: row bands per group of the tile order. 1 (K-major) runs a row band's tiles one after
+    another: its input rows, row-wise output lines and row scale sectors (32 bytes: 1024 / BLOCK_K
+    tiles) fill in quick succession. A column scale sector spans 1024 / BLOCK_M row bands; with
+    GROUP_M that large its tiles run together too, where K-major leaves the sector's eight 4-byte
+    pieces (BLOCK_M 128) in L2 for 8 * K / BLOCK_K programs, long enough to be written back
+    partial (a read-modify-write in DRAM); and each [K, M] output row gets written in runs of
+    GROUP_M * BLOCK_M bytes instead of BLOCK_M."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k, "GROUP_M": group_m,
                           "ROW_GROUP": _row_group(block_m, block_k, num_warps)},
                          num_warps=num_warps, num_stages=1, maxnreg=maxnreg)
+
+
+def _sector_group(block_m: int) -> int:
+    """Row bands whose column scale bytes (BLOCK_M / 32 each) fill one 32-byte sector."""
+    return max(1, 1024 // block_m)
 
 
 if INTERPRETING:  # the interpreter runs on the CPU: one small tile (edge masks get exercised), no tuning
@@ -278,40 +289,55 @@ if INTERPRETING:  # the interpreter runs on the CPU: one small tile (edge masks 
 else:
     ROW_CONFIG = _config(128, 128, 8)
     # Hopper candidates for the one-pass kernel (sm_90 builds, `benchmarks/quant.py --compile-only
-    # 90 [--sass]`): about 100 registers (2 to 5 CTAs per SM), no spills; maxnreg 80 trades 32-40
+    # 90 [--sass]`): about 100 registers (2 to 5 CTAs per SM), no spills; maxnreg 80 trades 20-36
     # spilled bytes for one more CTA per SM. With BLOCK_K = 64 a warp spans 32 rows, so the column
     # amax and the word transpose stay within warps (shuffles, next to no shared memory); 128
-    # columns give longer row stores and 4-byte row scale stores. Both tile orders race.
-    BOTH_CONFIGS = [_config(block_m, block_k, warps, k_major=k_major)
-                    for block_m, block_k, warps in ((256, 64, 8), (128, 64, 4), (64, 64, 2), (128, 128, 8),
-                                                    (64, 128, 4))
-                    for k_major in (False, True)]
-    BOTH_CONFIGS += [_config(256, 64, 8, maxnreg=80, k_major=True), _config(128, 64, 4, maxnreg=80, k_major=True)]
+    # columns give longer row stores and 4-byte row scale stores. Tile orders race: K-major, and
+    # groups filling one column scale sector (four too for the two tiles that won before). ptxas
+    # gives the grouped 128x64 and 64x64 builds 110-128 registers (one CTA per SM fewer); maxnreg 96
+    # keeps the K-major build's occupancy without spills (+0.4 instructions per element), so the
+    # race compares orders only.
+    BOTH_CONFIGS = [_config(block_m, block_k, warps, group_m=group_m, maxnreg=grouped_maxnreg if group_m > 1 else None)
+                    for block_m, block_k, warps, grouped_maxnreg, sectors in (
+                        (256, 64, 8, None, (1, 4)), (128, 128, 8, None, (1, 4)), (128, 64, 4, 96, (1,)),
+                        (64, 64, 2, 96, (1,)), (64, 128, 4, None, (1,)))
+                    for group_m in (1, *(n * _sector_group(block_m) for n in sectors))]
+    BOTH_CONFIGS += [_config(256, 64, 8, maxnreg=80), _config(128, 64, 4, maxnreg=80)]
+
 
 _MAX_GRID_Y = 65535
 
 
-def _order_fits(m: int, k: int, tiles: dict) -> bool:
-    """Whether the tile order's second grid axis stays within CUDA's limit."""
-    n_m, n_k = triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"])
-    return (n_m if tiles["K_MAJOR"] else n_k) <= _MAX_GRID_Y
+def _fitted_group(m: int, tiles: dict) -> int:
+    """GROUP_M, doubled as often as the grid's second axis (row band groups) needs to stay within
+    CUDA's limit (only for inputs of millions of rows)."""
+    group, n_m = tiles["GROUP_M"], triton.cdiv(m, tiles["BLOCK_M"])
+    while triton.cdiv(n_m, group) > _MAX_GRID_Y:
+        group *= 2
+    return group
+
+
+def _fit_groups(configs, named_args, **kwargs):
+    """The autotune candidates, each with its GROUP_M fitted to this shape's grid."""
+    fitted = []
+    for config in configs:
+        group = _fitted_group(named_args["M"], config.kwargs)
+        fitted.append(config if group == config.kwargs["GROUP_M"] else
+                      triton.Config(dict(config.kwargs, GROUP_M=group), num_warps=config.num_warps,
+                                    num_stages=config.num_stages, maxnreg=config.maxnreg))
+    return fitted
 
 
 def _grid(m: int, k: int, tiles: dict) -> tuple[int, int]:
-    n_m, n_k = triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"])
-    return (n_k, n_m) if tiles["K_MAJOR"] else (n_m, n_k)
-
-
-def _prune_orders(configs, named_args, **kwargs):
-    """Drop the configs whose tile order does not fit the grid for this shape."""
-    return [c for c in configs if _order_fits(named_args["M"], named_args["K"], c.kwargs)]
+    group = tiles["GROUP_M"]
+    return group * triton.cdiv(k, tiles["BLOCK_K"]), triton.cdiv(triton.cdiv(m, tiles["BLOCK_M"]), group)
 
 
 _mx_quantize_even = triton.heuristics(
     {"EVEN": lambda args: args["M"] % args["BLOCK_M"] == 0 and args["K"] % args["BLOCK_K"] == 0})(_mx_quantize_kernel)
 # Weights are what both layouts get made of, so (M, K) repeat: tune once per shape.
 _mx_quantize_tuned = triton.autotune(configs=BOTH_CONFIGS, key=["M", "K", "ROWWISE", "IS_BF16"],
-                                     prune_configs_by={"early_config_prune": _prune_orders})(_mx_quantize_even)
+                                     prune_configs_by={"early_config_prune": _fit_groups})(_mx_quantize_even)
 
 
 def _format_args(elem: str, scale_mode: str) -> dict:
@@ -344,7 +370,7 @@ def has_u16x2_max(device: torch.device) -> bool:
 def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, tiles: dict | None = None) -> None:
     """Run the kernel on 2-D `x` [M, K] (unit stride along K), writing the layouts in `outputs`.
     Both layouts: the autotuned configs; row-wise only: `ROW_CONFIG`. `tiles` (BLOCK_M, BLOCK_K:
-    powers of two >= 32; num_warps; optional K_MAJOR tile order) forces one tile instead, for
+    powers of two >= 32; num_warps; optional GROUP_M tile order, default 1) forces one tile instead, for
     tuning by hand."""
     m, k = x.shape
     rowwise, colwise = "row_data" in outputs, "col_data" in outputs
@@ -360,8 +386,9 @@ def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, 
     if tiles is None:
         tiles = dict(ROW_CONFIG.kwargs, num_warps=ROW_CONFIG.num_warps)
     else:
-        tiles = dict(tiles, ROW_GROUP=_row_group(tiles["BLOCK_M"], tiles["BLOCK_K"], tiles["num_warps"]))
-        tiles["K_MAJOR"] = tiles.get("K_MAJOR", False) and _order_fits(m, k, tiles)
+        tiles = dict(tiles, ROW_GROUP=_row_group(tiles["BLOCK_M"], tiles["BLOCK_K"], tiles["num_warps"]),
+                     GROUP_M=tiles.get("GROUP_M", 1))
+    tiles["GROUP_M"] = _fitted_group(m, tiles)
     grid = _grid(m, k, tiles)
     _mx_quantize_even[grid](*args, **flags, **tiles)
 
