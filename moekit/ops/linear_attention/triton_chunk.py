@@ -520,10 +520,12 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dk_out, dv, dbeta, dg, f_bu
     b_dbeta += tl.sum(b_ekk, axis=1)
     if USE_G:
         b_dg += b_beta * tl.sum(b_ekk, axis=1) - tl.sum(b_ekk * b_beta[:, None], axis=0)
-    b_f = b_e * b_beta[:, None]
+    # F is strictly lower, so F and F^T share no element: rounding each to the input dtype is
+    # rounding S, and the scratch round trip moves 16-bit values
+    b_f = (b_e * b_beta[:, None]).to(dt)
     tl.store(f_buf + (t[:, None] * H + i_h) * BT + rt[None, :], b_f, mask=mt[:, None])
     tl.debug_barrier()
-    b_s = (b_f + tl.load(f_buf + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)).to(dt)
+    b_s = b_f + tl.load(f_buf + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)
     b_tt = b_tt.to(dt)
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
@@ -656,7 +658,7 @@ def wy_bwd(k, v, beta, gc, T, dw, du, dk, dg, chunks: Chunks, v_dtype):
     dk_out = torch.empty_like(k)
     dv = torch.empty(tokens, H, V, dtype=v_dtype, device=k.device)
     dbeta = torch.empty(tokens, H, dtype=torch.float32, device=k.device)
-    f_buf = torch.empty(T.shape, dtype=torch.float32, device=k.device)  # scratch: F, read back transposed
+    f_buf = torch.empty(T.shape, dtype=k.dtype, device=k.device)  # scratch: F, read back transposed
     _wy_bwd_kernel[(chunks.num_chunks, H)](
         k, v, beta, gc, T, dw, du, dk, dk_out, dv, dbeta, dg, f_buf, chunks.start, chunks.end, H=H, K=K, V=V,
         BT=chunks.size,
