@@ -21,8 +21,9 @@ transposed from memory (the WY backward writes one tile to a scratch buffer to r
 transposed), or a result is formed transposed and stored to transposed addresses (dk in dqk).
 Accumulation is float32; the state is carried in float32 registers and stored per chunk in the
 input dtype, its gradient in float32. The delta rule stores its dh in the input dtype too, like
-w, dw and the intra-chunk dv (half the bytes in the sequential passes, 16-bit dots); u stays
-float32 (in bf16 it added 15% to the outputs' error in an emulation), and so do T and dv. Token
+w, dw, dv and the intra-chunk dv (half the bytes in the sequential passes, 16-bit dots; dv in
+bf16 added 5-11% to dv's and dbeta's error in an emulation, within the bounds); u stays float32
+(in bf16 it added 15% to the outputs' error), and so does T. Token
 and chunk offsets are 64-bit: the per-chunk state buffers pass 2^31 elements at long contexts.
 
 Simple GLA may take a per-token float32 scale vs of v's rows (v_t <- vs_t v_t; Mamba2's dt),
@@ -503,7 +504,7 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dk_out, dv, dbeta, dg, f_bu
         mv = rv < V
         b_du = _load_rows(du + i_h * V, t, mt, rv, mv, H * V)
         b_dt += tl.dot(b_du.to(dt), _load_cols(v + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
-        b_dvb = tl.dot(b_tt, b_du, input_precision=PRECISION)
+        b_dvb = tl.dot(b_tt, b_du.to(tl.float32), input_precision=PRECISION)
         b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32)
         b_dbeta += tl.sum(b_dvb * b_v, axis=1)
         tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),

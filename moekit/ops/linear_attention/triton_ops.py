@@ -63,7 +63,7 @@ class ChunkScalarGate(torch.autograd.Function):
         delta = beta is not None
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        dv_dtype = torch.float32 if delta or vs is not None else v.dtype
+        dv_dtype = torch.float32 if vs is not None else v.dtype
         if delta:  # dh reads dv: the reverse pass finishes it
             dv_loc = kc.dv_local(q, k, do, gc, chunks, scale)
             dh, dv_state, dh0 = kc.state_bwd(q, k, w, gc, do, dv_loc, dht, chunks, scale, dv_dtype,
