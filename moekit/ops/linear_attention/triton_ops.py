@@ -72,12 +72,11 @@ class ChunkScalarGate(torch.autograd.Function):
             dh, _, dh0 = kc.state_bwd(q, k, None, gc, do, None, dht, chunks, scale, dv_dtype,
                                       want_dh0=h0 is not None)
             dv_state = kc.dv_local(q, k, do, gc, chunks, scale, dh=dh, dtype=dv_dtype)
-        dq, dk, dw, dgc = kc.dqk(q, k, v_new, h, dh, do, dv_state if delta else None, gc, chunks, scale,
-                                 torch.float32 if delta else k.dtype, vs)
+        dq, dk, dw, dgc = kc.dqk(q, k, v_new, h, dh, do, dv_state if delta else None, gc, chunks, scale, vs)
         dbeta = None
         if delta:
             dgc_wy = torch.zeros_like(gc) if gc is not None else None
-            dk, dv, dbeta = kc.wy_bwd(k, v, beta, gc, T, dw, dv_state, dk, dgc_wy, chunks, v.dtype)
+            dv, dbeta = kc.wy_bwd(k, v, beta, gc, T, dw, dv_state, dk, dgc_wy, chunks, v.dtype)
             dbeta = dbeta.to(beta.dtype)
             if gc is not None:
                 dgc = dgc + dgc_wy
