@@ -489,16 +489,11 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
     b_tt = tl.load(T_in + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)  # T^T
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     b_dg = tl.zeros([BT], dtype=tl.float32)
-    # dT = (dw k^T) diag(beta e^gc) + (du v^T) diag(beta): the column scales go on the sums, so k
-    # and v enter the products as loaded (no float32 copy, no rounding of a scaled copy)
+    # dT = (du v^T) diag(beta) + (dw k^T) diag(beta e^gc): the column scales go on the sums, so k
+    # and v enter the products as loaded (no float32 copy, no rounding of a scaled copy). The V
+    # loop comes first, so that k k^T (for beta's and the gate's gradients through A) is formed in
+    # the K loop from the same k^T tiles without being held through the V loop
     b_dt = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        rk = i_k * BK + tl.arange(0, BK)
-        mk = rk < K
-        b_dt += tl.dot(_load_rows(dw + i_h * K, t, mt, rk, mk, H * K), _load_cols(k + i_h * K, t, mt, rk, mk, H * K),
-                       input_precision=PRECISION)
-    if USE_G:
-        b_dt = b_dt * tl.exp(b_g)[None, :]
     for i_v in range(tl.cdiv(V, BV)):
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
@@ -509,6 +504,17 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
         b_dbeta += tl.sum(b_dvb * b_v, axis=1)
         tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
+    b_dtk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        mk = rk < K
+        b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
+        b_dtk += tl.dot(_load_rows(dw + i_h * K, t, mt, rk, mk, H * K), b_kt, input_precision=PRECISION)
+        b_kk += tl.dot(_load_rows(k + i_h * K, t, mt, rk, mk, H * K), b_kt, input_precision=PRECISION)
+    if USE_G:
+        b_dtk = b_dtk * tl.exp(b_g)[None, :]
+    b_dt += b_dtk
     b_dt = b_dt * b_beta[None, :]
     b_da = -tl.dot(tl.dot(b_tt, b_dt, input_precision=PRECISION), b_tt, input_precision=PRECISION)
     strict = (rt[:, None] > rt[None, :]) & mt[:, None]
@@ -516,8 +522,7 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
         b_e = _decayed(b_da, strict, b_g[:, None], b_g[None, :])
     else:
         b_e = tl.where(strict, b_da, 0.0)
-    # beta's and the gate's gradients through A read E (.) k k^T
-    b_ekk = b_e * _chunk_gram(k + i_h * K, k + i_h * K, t, mt, K, BK, H * K, BT, PRECISION)
+    b_ekk = b_e * b_kk  # beta's and the gate's gradients through A
     b_dbeta += tl.sum(b_ekk, axis=1)
     if USE_G:
         b_dg += b_beta * tl.sum(b_ekk, axis=1) - tl.sum(b_ekk * b_beta[:, None], axis=0)
