@@ -474,7 +474,8 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
 
     Operands in the input dtype except the products of the float32 T with du and with dT, which
     stay float32 (TF32): in a bf16 emulation rounding them raised dbeta's error by a quarter (and
-    dv's by 15%) with correlated keys; T's product with dw and S's with k did not show."""
+    dv's by 15%) with correlated keys; T's product with dw (T^T rounded with beta e^{gc} on its
+    rows) and S's with k did not show. Each K tile of dk is one accumulator through both."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -484,39 +485,41 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
     b_g = tl.zeros([BT], dtype=tl.float32)
     if USE_G:
         b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
-    b_scale_k = b_beta * tl.exp(b_g)
     dt = k.dtype.element_ty
     b_tt = tl.load(T_in + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)  # T^T
-    b_dbeta = tl.zeros([BT], dtype=tl.float32)
-    b_dg = tl.zeros([BT], dtype=tl.float32)
-    # dT = (du v^T) diag(beta) + (dw k^T) diag(beta e^gc): the column scales go on the sums, so k
-    # and v enter the products as loaded (no float32 copy, no rounding of a scaled copy). The V
-    # loop comes first, so that k k^T (for beta's and the gate's gradients through A) is formed in
-    # the K loop from the same k^T tiles without being held through the V loop
+    # dT = (du v^T + (dw k^T) diag(e^gc)) diag(beta): the column scales go on the sums, so k and v
+    # enter the products as loaded (no float32 copy, no rounding of a scaled copy). X = T^T dT is
+    # formed in two parts, one per loop, before beta's scale: the diagonal of each is beta's own
+    # gradient through u and w, sum_j (T^T du)_ij v_ij and e^gc_i sum_j (T^T dw)_ij k_ij, so no
+    # tile of v or k is read again for it. The V loop comes first: k k^T (beta's and the gate's
+    # gradients through A) is formed in the K loop from the same k^T tiles, not held through it.
+    diag = rt[:, None] == rt[None, :]
     b_dt = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
         b_du = _load_rows(du + i_h * V, t, mt, rv, mv, H * V)
-        b_dt += tl.dot(b_du.to(dt), _load_cols(v + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
+        b_dt += tl.dot(b_du, _load_cols(v + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
         b_dvb = tl.dot(b_tt, b_du.to(tl.float32), input_precision=PRECISION)
-        b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32)
-        b_dbeta += tl.sum(b_dvb * b_v, axis=1)
         tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
-    b_dtk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_x = tl.dot(b_tt, b_dt, input_precision=PRECISION)
+    b_dbeta = tl.sum(tl.where(diag, b_x, 0.0), axis=1)
+    b_dt = tl.zeros([BT, BT], dtype=tl.float32)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
         b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
-        b_dtk += tl.dot(_load_rows(dw + i_h * K, t, mt, rk, mk, H * K), b_kt, input_precision=PRECISION)
+        b_dt += tl.dot(_load_rows(dw + i_h * K, t, mt, rk, mk, H * K), b_kt, input_precision=PRECISION)
         b_kk += tl.dot(_load_rows(k + i_h * K, t, mt, rk, mk, H * K), b_kt, input_precision=PRECISION)
     if USE_G:
-        b_dtk = b_dtk * tl.exp(b_g)[None, :]
-    b_dt += b_dtk
-    b_dt = b_dt * b_beta[None, :]
-    b_da = -tl.dot(tl.dot(b_tt, b_dt, input_precision=PRECISION), b_tt, input_precision=PRECISION)
+        b_dt = b_dt * tl.exp(b_g)[None, :]
+    b_xk = tl.dot(b_tt, b_dt, input_precision=PRECISION)
+    b_dkb_k = tl.sum(tl.where(diag, b_xk, 0.0), axis=1)
+    b_dbeta += b_dkb_k
+    b_dg = b_dkb_k * b_beta
+    b_da = -tl.dot((b_x + b_xk) * b_beta[None, :], b_tt, input_precision=PRECISION)
     strict = (rt[:, None] > rt[None, :]) & mt[:, None]
     if USE_G:
         b_e = _decayed(b_da, strict, b_g[:, None], b_g[None, :])
@@ -532,16 +535,13 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
     tl.store(f_buf + (t[:, None] * H + i_h) * BT + rt[None, :], b_f, mask=mt[:, None])
     tl.debug_barrier()
     b_s = b_f + tl.load(f_buf + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)
-    b_tt = b_tt.to(dt)
+    # dk += diag(beta e^gc) T^T dw + S k: one accumulator, the row scale on T^T before its rounding
+    b_tts = (b_tt * (b_beta * tl.exp(b_g))[:, None]).to(dt)
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
-        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
-        b_tdw = tl.dot(b_tt, _load_rows(dw + i_h * K, t, mt, rk, mk, H * K), input_precision=PRECISION)
-        b_dkb_k = tl.sum(b_tdw * b_k.to(tl.float32), axis=1)
-        b_dbeta += b_dkb_k * tl.exp(b_g)
-        b_dg += b_dkb_k * b_scale_k
-        b_dk = b_tdw * b_scale_k[:, None] + tl.dot(b_s, b_k, input_precision=PRECISION)
+        b_dk = tl.dot(b_s, _load_rows(k + i_h * K, t, mt, rk, mk, H * K), input_precision=PRECISION)
+        b_dk = tl.dot(b_tts, _load_rows(dw + i_h * K, t, mt, rk, mk, H * K), b_dk, input_precision=PRECISION)
         out = (t[:, None] * H + i_h) * K + rk[None, :]
         m_out = mt[:, None] & mk[None, :]
         tl.store(dk + out, (tl.load(dk + out, mask=m_out, other=0.0) + b_dk).to(dk.dtype.element_ty),
