@@ -499,7 +499,7 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
         b_du = _load_rows(du + i_h * V, t, mt, rv, mv, H * V)
-        b_dt += tl.dot(b_du, _load_cols(v + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
+        b_dt += tl.dot(b_du.to(dt), _load_cols(v + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
         b_dvb = tl.dot(b_tt, b_du.to(tl.float32), input_precision=PRECISION)
         tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
