@@ -488,12 +488,11 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
     dt = k.dtype.element_ty
     b_tt = tl.load(T_in + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)  # T^T
     # dT = (du v^T + (dw k^T) diag(e^gc)) diag(beta): the column scales go on the sums, so k and v
-    # enter the products as loaded (no float32 copy, no rounding of a scaled copy). X = T^T dT is
-    # formed in two parts, one per loop, before beta's scale: the diagonal of each is beta's own
-    # gradient through u and w, sum_j (T^T du)_ij v_ij and e^gc_i sum_j (T^T dw)_ij k_ij, so no
-    # tile of v or k is read again for it. The V loop comes first: k k^T (beta's and the gate's
-    # gradients through A) is formed in the K loop from the same k^T tiles, not held through it.
-    diag = rt[:, None] == rt[None, :]
+    # enter the products as loaded (no float32 copy, no rounding of a scaled copy). The diagonal of
+    # X = T^T dT before beta's scale is beta's own gradient through u and w, sum_j (T^T du)_ij v_ij
+    # + e^gc_i sum_j (T^T dw)_ij k_ij, so no tile of v or k is read again for it (the gate's takes
+    # the second term alone: one more product, T^T with dT's K part). The V loop comes first: k k^T
+    # (beta's and the gate's gradients through A) is formed in the K loop from the same k^T tiles.
     b_dt = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         rv = i_v * BV + tl.arange(0, BV)
@@ -503,23 +502,21 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
         b_dvb = tl.dot(b_tt, b_du.to(tl.float32), input_precision=PRECISION)
         tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
-    b_x = tl.dot(b_tt, b_dt, input_precision=PRECISION)
-    b_dbeta = tl.sum(tl.where(diag, b_x, 0.0), axis=1)
-    b_dt = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dtk = tl.zeros([BT, BT], dtype=tl.float32)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
         b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
-        b_dt += tl.dot(_load_rows(dw + i_h * K, t, mt, rk, mk, H * K), b_kt, input_precision=PRECISION)
+        b_dtk += tl.dot(_load_rows(dw + i_h * K, t, mt, rk, mk, H * K), b_kt, input_precision=PRECISION)
         b_kk += tl.dot(_load_rows(k + i_h * K, t, mt, rk, mk, H * K), b_kt, input_precision=PRECISION)
+    diag = rt[:, None] == rt[None, :]
     if USE_G:
-        b_dt = b_dt * tl.exp(b_g)[None, :]
-    b_xk = tl.dot(b_tt, b_dt, input_precision=PRECISION)
-    b_dkb_k = tl.sum(tl.where(diag, b_xk, 0.0), axis=1)
-    b_dbeta += b_dkb_k
-    b_dg = b_dkb_k * b_beta
-    b_da = -tl.dot((b_x + b_xk) * b_beta[None, :], b_tt, input_precision=PRECISION)
+        b_dtk = b_dtk * tl.exp(b_g)[None, :]
+        b_dg = b_beta * tl.sum(tl.where(diag, tl.dot(b_tt, b_dtk, input_precision=PRECISION), 0.0), axis=1)
+    b_x = tl.dot(b_tt, b_dt + b_dtk, input_precision=PRECISION)
+    b_dbeta = tl.sum(tl.where(diag, b_x, 0.0), axis=1)
+    b_da = -tl.dot(b_x * b_beta[None, :], b_tt, input_precision=PRECISION)
     strict = (rt[:, None] > rt[None, :]) & mt[:, None]
     if USE_G:
         b_e = _decayed(b_da, strict, b_g[:, None], b_g[None, :])
