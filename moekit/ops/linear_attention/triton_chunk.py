@@ -21,8 +21,9 @@ transposed from memory (the WY backward writes one tile to a scratch buffer to r
 transposed), or a result is formed transposed and stored to transposed addresses (dk in dqk).
 Accumulation is float32; the state is carried in float32 registers and stored per chunk in the
 input dtype, its gradient in float32. The delta rule stores its dh in the input dtype too, like
-w, dw and the intra-chunk dv (half the bytes in the sequential passes, 16-bit dots); u stays
-float32 (in bf16 it added 15% to the outputs' error in an emulation), and so do T and dv. Token
+w, dw, dv and the intra-chunk dv (half the bytes in the sequential passes, 16-bit dots; dv in
+bf16 added 5-11% to dv's and dbeta's error in an emulation, within the bounds); u stays float32
+(in bf16 it added 15% to the outputs' error), and so does T. Token
 and chunk offsets are 64-bit: the per-chunk state buffers pass 2^31 elements at long contexts.
 
 Simple GLA may take a per-token float32 scale vs of v's rows (v_t <- vs_t v_t; Mamba2's dt),
@@ -461,11 +462,11 @@ def _dqk_kernel(q, k, v, vs, h, dh, do, dv, gc, dq, dk, dw, dg, start, end, scal
 
 
 @triton.jit
-def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dk_out, dv, dbeta, dg, f_buf, start, end,
+def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start, end,
                    H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, USE_G: tl.constexpr, PRECISION: tl.constexpr):
-    """Back through w = T (beta e^{gc} k), u = T (beta v), T = (I + A)^-1: writes dk (the float32
-    dk plus the WY terms, in dk_out's dtype), dv and dbeta, adds into dg.
+    """Back through w = T (beta e^{gc} k), u = T (beta v), T = (I + A)^-1: adds the WY terms into
+    dk (summed in float32, rounded once on the way out), writes dv and dbeta, adds into dg.
 
     dT = dw (beta e^{gc} k)^T + du (beta v)^T, dA = -T^T dT T^T, E = dA e^{gc_i - gc_j} (strictly
     lower). A's gradient reaches dk as F k + F^T k, F = diag(beta) E: F goes out through f_buf and
@@ -473,7 +474,8 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dk_out, dv, dbeta, dg, f_bu
 
     Operands in the input dtype except the products of the float32 T with du and with dT, which
     stay float32 (TF32): in a bf16 emulation rounding them raised dbeta's error by a quarter (and
-    dv's by 15%) with correlated keys; T's product with dw and S's with k did not show."""
+    dv's by 15%) with correlated keys; T's product with dw (T^T rounded with beta e^{gc} on its
+    rows) and S's with k did not show. Each K tile of dk is one accumulator through both."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -483,60 +485,63 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dk_out, dv, dbeta, dg, f_bu
     b_g = tl.zeros([BT], dtype=tl.float32)
     if USE_G:
         b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
-    b_scale_k = b_beta * tl.exp(b_g)
     dt = k.dtype.element_ty
     b_tt = tl.load(T_in + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)  # T^T
-    b_dbeta = tl.zeros([BT], dtype=tl.float32)
-    b_dg = tl.zeros([BT], dtype=tl.float32)
-    # dT = (dw k^T) diag(beta e^gc) + (du v^T) diag(beta): the column scales go on the sums, so k
-    # and v enter the products as loaded (no float32 copy, no rounding of a scaled copy)
+    # dT = (du v^T + (dw k^T) diag(e^gc)) diag(beta): the column scales go on the sums, so k and v
+    # enter the products as loaded (no float32 copy, no rounding of a scaled copy). The diagonal of
+    # X = T^T dT before beta's scale is beta's own gradient through u and w, sum_j (T^T du)_ij v_ij
+    # + e^gc_i sum_j (T^T dw)_ij k_ij, so no tile of v or k is read again for it (the gate's takes
+    # the second term alone: one more product, T^T with dT's K part). The V loop comes first: k k^T
+    # (beta's and the gate's gradients through A) is formed in the K loop from the same k^T tiles.
     b_dt = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        rk = i_k * BK + tl.arange(0, BK)
-        mk = rk < K
-        b_dt += tl.dot(_load_rows(dw + i_h * K, t, mt, rk, mk, H * K), _load_cols(k + i_h * K, t, mt, rk, mk, H * K),
-                       input_precision=PRECISION)
-    if USE_G:
-        b_dt = b_dt * tl.exp(b_g)[None, :]
     for i_v in range(tl.cdiv(V, BV)):
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
         b_du = _load_rows(du + i_h * V, t, mt, rv, mv, H * V)
         b_dt += tl.dot(b_du.to(dt), _load_cols(v + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
-        b_dvb = tl.dot(b_tt, b_du, input_precision=PRECISION)
-        b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V).to(tl.float32)
-        b_dbeta += tl.sum(b_dvb * b_v, axis=1)
+        b_dvb = tl.dot(b_tt, b_du.to(tl.float32), input_precision=PRECISION)
         tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
-    b_dt = b_dt * b_beta[None, :]
-    b_da = -tl.dot(tl.dot(b_tt, b_dt, input_precision=PRECISION), b_tt, input_precision=PRECISION)
+    b_dtk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        mk = rk < K
+        b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
+        b_dtk += tl.dot(_load_rows(dw + i_h * K, t, mt, rk, mk, H * K), b_kt, input_precision=PRECISION)
+        b_kk += tl.dot(_load_rows(k + i_h * K, t, mt, rk, mk, H * K), b_kt, input_precision=PRECISION)
+    diag = rt[:, None] == rt[None, :]
+    if USE_G:
+        b_dtk = b_dtk * tl.exp(b_g)[None, :]
+        b_dg = b_beta * tl.sum(tl.where(diag, tl.dot(b_tt, b_dtk, input_precision=PRECISION), 0.0), axis=1)
+    b_x = tl.dot(b_tt, b_dt + b_dtk, input_precision=PRECISION)
+    b_dbeta = tl.sum(tl.where(diag, b_x, 0.0), axis=1)
+    b_da = -tl.dot(b_x * b_beta[None, :], b_tt, input_precision=PRECISION)
     strict = (rt[:, None] > rt[None, :]) & mt[:, None]
     if USE_G:
         b_e = _decayed(b_da, strict, b_g[:, None], b_g[None, :])
     else:
         b_e = tl.where(strict, b_da, 0.0)
-    # beta's and the gate's gradients through A read E (.) k k^T
-    b_ekk = b_e * _chunk_gram(k + i_h * K, k + i_h * K, t, mt, K, BK, H * K, BT, PRECISION)
+    b_ekk = b_e * b_kk  # beta's and the gate's gradients through A
     b_dbeta += tl.sum(b_ekk, axis=1)
     if USE_G:
         b_dg += b_beta * tl.sum(b_ekk, axis=1) - tl.sum(b_ekk * b_beta[:, None], axis=0)
-    b_f = b_e * b_beta[:, None]
+    # F is strictly lower, so F and F^T share no element: rounding each to the input dtype is
+    # rounding S, and the scratch round trip moves 16-bit values
+    b_f = (b_e * b_beta[:, None]).to(dt)
     tl.store(f_buf + (t[:, None] * H + i_h) * BT + rt[None, :], b_f, mask=mt[:, None])
     tl.debug_barrier()
-    b_s = (b_f + tl.load(f_buf + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)).to(dt)
-    b_tt = b_tt.to(dt)
+    b_s = b_f + tl.load(f_buf + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)
+    # dk += diag(beta e^gc) T^T dw + S k: one accumulator, the row scale on T^T before its rounding
+    b_tts = (b_tt * (b_beta * tl.exp(b_g))[:, None]).to(dt)
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
-        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
-        b_tdw = tl.dot(b_tt, _load_rows(dw + i_h * K, t, mt, rk, mk, H * K), input_precision=PRECISION)
-        b_dkb_k = tl.sum(b_tdw * b_k.to(tl.float32), axis=1)
-        b_dbeta += b_dkb_k * tl.exp(b_g)
-        b_dg += b_dkb_k * b_scale_k
-        b_dk = b_tdw * b_scale_k[:, None] + tl.dot(b_s, b_k, input_precision=PRECISION)
+        b_dk = tl.dot(b_s, _load_rows(k + i_h * K, t, mt, rk, mk, H * K), input_precision=PRECISION)
+        b_dk = tl.dot(b_tts, _load_rows(dw + i_h * K, t, mt, rk, mk, H * K), b_dk, input_precision=PRECISION)
         out = (t[:, None] * H + i_h) * K + rk[None, :]
         m_out = mt[:, None] & mk[None, :]
-        tl.store(dk_out + out, (tl.load(dk + out, mask=m_out, other=0.0) + b_dk).to(dk_out.dtype.element_ty),
+        tl.store(dk + out, (tl.load(dk + out, mask=m_out, other=0.0) + b_dk).to(dk.dtype.element_ty),
                  mask=m_out)
     tl.store(dbeta + t * H + i_h, b_dbeta, mask=mt)
     if USE_G:
@@ -629,7 +634,7 @@ def state_bwd(q, k, w, gc, do, dv_loc, dht, chunks: Chunks, scale: float, dv_dty
     return dh, dv, dh0
 
 
-def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype, vs=None):
+def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, vs=None):
     """Returns (dq, dk, dw or None, dgc or None); dv is the delta rule's dv_new (else None)."""
     tokens, H, K = q.shape
     V = v.shape[-1]
@@ -638,7 +643,7 @@ def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype, vs=N
     BK = block_k(name, K)  # one K block recomputes nothing; two halve each program's accumulators
     n_k = triton.cdiv(K, BK)
     dq = torch.empty_like(q)
-    dk = torch.empty(tokens, H, K, dtype=dk_dtype, device=q.device)
+    dk = torch.empty_like(k)
     dw = torch.empty(tokens, H, K, dtype=q.dtype, device=q.device) if delta else None
     dg = torch.empty(n_k, tokens, H, dtype=torch.float32, device=q.device) if use_g else None
     _dqk_kernel[(n_k, chunks.num_chunks, H)](
@@ -649,16 +654,17 @@ def dqk(q, k, v, h, dh, do, dv, gc, chunks: Chunks, scale: float, dk_dtype, vs=N
 
 
 def wy_bwd(k, v, beta, gc, T, dw, du, dk, dg, chunks: Chunks, v_dtype):
-    """Adds the WY terms to dk (float32) and into dg; returns (dk in k's dtype, dv, dbeta): the
-    sum is cast on its way out, with no separate pass over dk."""
+    """Adds the WY terms to dk (in place, k's dtype) and into dg; returns (dv, dbeta).
+
+    dq/dk's dk arrives in k's dtype, not float32: half its bytes, written there and read here; in
+    a bf16 emulation dk's error rose 4-10% (two roundings instead of one), within the bounds."""
     tokens, H, K = k.shape
     V = v.shape[-1]
-    dk_out = torch.empty_like(k)
     dv = torch.empty(tokens, H, V, dtype=v_dtype, device=k.device)
     dbeta = torch.empty(tokens, H, dtype=torch.float32, device=k.device)
-    f_buf = torch.empty(T.shape, dtype=torch.float32, device=k.device)  # scratch: F, read back transposed
+    f_buf = torch.empty(T.shape, dtype=k.dtype, device=k.device)  # scratch: F, read back transposed
     _wy_bwd_kernel[(chunks.num_chunks, H)](
-        k, v, beta, gc, T, dw, du, dk, dk_out, dv, dbeta, dg, f_buf, chunks.start, chunks.end, H=H, K=K, V=V,
+        k, v, beta, gc, T, dw, du, dk, dv, dbeta, dg, f_buf, chunks.start, chunks.end, H=H, K=K, V=V,
         BT=chunks.size,
         BK=block_k("wy_bwd", K), BV=block_v("wy_bwd", V), USE_G=gc is not None, **launch_options("wy_bwd", k))
-    return dk_out, dv, dbeta
+    return dv, dbeta

@@ -63,7 +63,7 @@ class ChunkScalarGate(torch.autograd.Function):
         delta = beta is not None
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        dv_dtype = torch.float32 if delta or vs is not None else v.dtype
+        dv_dtype = torch.float32 if vs is not None else v.dtype
         if delta:  # dh reads dv: the reverse pass finishes it
             dv_loc = kc.dv_local(q, k, do, gc, chunks, scale)
             dh, dv_state, dh0 = kc.state_bwd(q, k, w, gc, do, dv_loc, dht, chunks, scale, dv_dtype,
@@ -72,12 +72,11 @@ class ChunkScalarGate(torch.autograd.Function):
             dh, _, dh0 = kc.state_bwd(q, k, None, gc, do, None, dht, chunks, scale, dv_dtype,
                                       want_dh0=h0 is not None)
             dv_state = kc.dv_local(q, k, do, gc, chunks, scale, dh=dh, dtype=dv_dtype)
-        dq, dk, dw, dgc = kc.dqk(q, k, v_new, h, dh, do, dv_state if delta else None, gc, chunks, scale,
-                                 torch.float32 if delta else k.dtype, vs)
+        dq, dk, dw, dgc = kc.dqk(q, k, v_new, h, dh, do, dv_state if delta else None, gc, chunks, scale, vs)
         dbeta = None
         if delta:
             dgc_wy = torch.zeros_like(gc) if gc is not None else None
-            dk, dv, dbeta = kc.wy_bwd(k, v, beta, gc, T, dw, dv_state, dk, dgc_wy, chunks, v.dtype)
+            dv, dbeta = kc.wy_bwd(k, v, beta, gc, T, dw, dv_state, dk, dgc_wy, chunks, v.dtype)
             dbeta = dbeta.to(beta.dtype)
             if gc is not None:
                 dgc = dgc + dgc_wy
