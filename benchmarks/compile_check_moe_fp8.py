@@ -9,9 +9,7 @@ prints, per kernel: how its dots were lowered (``wgmma`` count and operand types
 software-pipelined (async copies / TMA), shared memory, and registers / spills from ``ptxas -v``.
 It also prints the launch list of one fwd+bwd (what a profile would show, minus the times).
 
-Nothing here measures speed: that needs the H200 (``benchmarks/moe_fp8.py``). The kernels'
-second version (no K-loop spills on sm_90) is opt-in until checked on an H200: run this with
-``MOEKIT_FP8_V2=1`` to build it, without to build the default.
+Nothing here measures speed: that needs the H200 (``benchmarks/moe_fp8.py``).
 
     python benchmarks/compile_check_moe_fp8.py [--arch 90] [--dump DIR]
 """

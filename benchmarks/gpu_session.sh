@@ -3,7 +3,7 @@
 # time-limited, every log under $OUT (or ./gpu-logs). Usage: benchmarks/gpu_session.sh STEP...
 # Steps: env tests gputests modeltests check_moe check_la quant bench_moe bench_la profile_moe profile_moe_tma bench_ep
 # bench_la_a bench_la_b (bench_la's ops in two halves, e.g. one per GPU) train gen vla vlatrain check_gla_scalar profile_la1 profile_la2 profile_la profile_fla
-# bench_la_nofla profile_fp8 profile_fp8_v2 fp8tests fp8_gemm train_profile ep_profile bench_ep16k bench_ep32k parity_bf16 parity_fp8 parity_mxfp8 cetest train_b8 gen_sweep;
+# bench_la_nofla profile_fp8 fp8tests fp8_gemm train_profile ep_profile bench_ep16k bench_ep32k parity_bf16 parity_fp8 parity_mxfp8 cetest train_b8 gen_sweep;
 # steps joined by '+' (e.g. gputests+check_moe) run at the same time (correctness, not timings);
 # steps joined by ',' run one after another, e.g. modeltests,check_la@0+bench_la@1 on two GPUs.
 set -u
@@ -69,7 +69,6 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     bench_la_b) step bench_la_b 300 python3 benchmarks/linear_attention.py --ops gla,gated_delta_rule,mamba2_ssd ;;
     bench_la_nofla) step bench_la_nofla 300 python3 benchmarks/linear_attention.py --no-fla ;;
     profile_fp8) step profile_fp8 200 python3 benchmarks/moe_fp8.py --shapes mixtral-8x7b --profile ;;
-    profile_fp8_v2) step profile_fp8_v2 200 env MOEKIT_FP8_V2=1 python3 benchmarks/moe_fp8.py --shapes mixtral-8x7b --profile ;;
     fp8tests) step fp8tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE tests/ops/test_moe_fp8.py tests/quant ;;
     fp8_gemm) step fp8_gemm 90 python3 benchmarks/fp8_gemm.py ;;
     profile_mixtral) step profile_mixtral 200 python3 benchmarks/moe_layer.py --profile --shapes mixtral-8x7b ;;

@@ -25,8 +25,6 @@ one group of the token-axis (wgrad) quantization.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -45,10 +43,6 @@ TILE_N = DIM_MULTIPLE  # output columns per program: one whole 128-wide quantiza
 INTERPRETER_LAUNCH = {"num_warps": 4, "num_stages": 1}
 LAUNCH = INTERPRETER_LAUNCH if INTERPRETING else {"num_warps": 8, "num_stages": 3}
 GROUP_M = 8
-# The second version (E4M3 loads through a cast pointer, one weight scale per K step: built for
-# sm_90 without spills in the K loop, see benchmarks/compile_check_moe_fp8.py) is opt-in until it
-# is checked on an H200; the default is the version checked there.
-FP8_V2 = tl.constexpr(os.environ.get("MOEKIT_FP8_V2") == "1")
 K_STEP = tl.constexpr(128)  # reduction values per MX K-loop step (4 scale blocks of 32)
 # MX on Hopper: dots on exactly dequantized operands (bf16; fp32 in the interpreter, whose
 # bf16 dots are wrong).
@@ -62,12 +56,9 @@ def _fp8_ptr(ptr):
     """uint8 storage seen as E4M3 through the pointer. Bitcasting loaded bytes instead puts an op
     between the load and the dot, and on sm_90 the pipeliner then neither streams the tile into
     shared memory (async copies, num_stages) nor feeds wgmma from there: every K step waited on
-    a plain global load (benchmarks/compile_check_moe_fp8.py shows it)."""
-    if not FP8_V2:
-        typed = ptr
-    else:
-        typed = ptr.to(tl.pointer_type(tl.float8e4nv), bitcast=True)
-    return typed
+    a plain global load (benchmarks/compile_check_moe_fp8.py shows it; on the H200 the byte loads
+    made the mixtral-8x7b layer's fwd+bwd 55.1 ms, these loads 38.5 ms)."""
+    return ptr.to(tl.pointer_type(tl.float8e4nv), bitcast=True)
 
 
 @triton.jit
@@ -147,9 +138,9 @@ def _scaled_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as,
     b_ptrs = _fp8_ptr(b_ptr) + cols64[None, :] * ld_b + ks[:, None]
     as_ptrs = as_ptr + rows64 * ld_as
     b2_ptrs = b_ptrs + b2_offset * ld_b
-    # V2 when a column tile lies in one weight block (BN divides WEIGHT_ROWS; tiles start at
+    # When a column tile lies in one weight block (BN divides WEIGHT_ROWS; tiles start at
     # multiples of BN): one scalar weight scale per K step. Else one per column, a [BM, BN] tile.
-    SCALAR_B: tl.constexpr = FP8_V2 and WEIGHT_ROWS % BN == 0
+    SCALAR_B: tl.constexpr = WEIGHT_ROWS % BN == 0
     if not SCALAR_B:
         bs_ptrs = bs_ptr + (cols64 // WEIGHT_ROWS) * ld_bs_n
         bs2_ptrs = bs_ptr + ((cols64 + b2_offset) // WEIGHT_ROWS) * ld_bs_n
@@ -161,13 +152,13 @@ def _scaled_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as,
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc2 = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(0, num_k):
-        a = tl.load(a_ptrs, mask=row_ok[:, None], other=zero).to(tl.float8e4nv, bitcast=True)
+        a = tl.load(a_ptrs, mask=row_ok[:, None], other=zero)
         sa = tl.load(as_ptrs + kb, mask=row_ok, other=0.0)
-        b = tl.load(b_ptrs).to(tl.float8e4nv, bitcast=True)
+        b = tl.load(b_ptrs)
         sb = tl.load(bs_ptrs + kb * ld_bs_k)
         acc += tl.dot(a, b) * _outer(sa, sb, SCALAR_B)
         if TWO:
-            b2 = tl.load(b2_ptrs).to(tl.float8e4nv, bitcast=True)
+            b2 = tl.load(b2_ptrs)
             sb2 = tl.load(bs2_ptrs + kb * ld_bs_k)
             acc2 += tl.dot(a, b2) * _outer(sa, sb2, SCALAR_B)
             b2_ptrs += BLOCK
@@ -389,8 +380,8 @@ def _wgrad_kernel(
         b_ptrs = _fp8_ptr(b_ptr) + qs[None, :] * ld_b + slots[:, None]
         first_block = first_tile * (TILE // BLOCK)
         for j in range(0, tl.cdiv(num_rows, BLOCK)):
-            a = tl.load(a_ptrs).to(tl.float8e4nv, bitcast=True)
-            b = tl.load(b_ptrs).to(tl.float8e4nv, bitcast=True)
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
             sa = tl.load(a_s_ptr + (first_block + j) * ld_as + ps)
             sb = tl.load(b_s_ptr + (first_block + j) * ld_bs + qs)
             acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
