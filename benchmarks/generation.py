@@ -160,6 +160,18 @@ def eager_step_ms(model, context: int, batch: int, args, dev: Device) -> float:
     return statistics.median(step_times_ms(decoder, token, args.new, dev))
 
 
+def profile_step(model, context: int, batch: int, args, dev: Device) -> str:
+    """The kernels of one eager decode step (same kernels as the graph's, without its launch gaps),
+    on a fresh cache of the same size: where the step's time goes."""
+    from kernel_profile import format_top, kernel_times
+
+    decoder, _ = make_decoder(model, batch, context + args.new, False, args.prefill_tokens)
+    token = torch.randint(0, model.config.vocab_size, (batch,), device=dev.device)
+    with torch.no_grad():
+        decoder.step(token)
+        return format_top(kernel_times(lambda: decoder.step(token), reps=5, name_width=60), top=20)
+
+
 def plot(results: list[Result], path: str, title: str) -> None:
     import matplotlib
 
@@ -216,6 +228,7 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", type=int, default=16384,
                         help="batch x chunk tokens per prefill call (bounds activations and masks)")
     parser.add_argument("--eager", action="store_true", help="also time the decode steps without a CUDA graph")
+    parser.add_argument("--profile", action="store_true", help="also list the decode step's kernels (GPU)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--plot", default="generation.png")
     args = parser.parse_args()
@@ -260,6 +273,9 @@ def main() -> None:
                     dev.free()
                     print(f"{label} eager step {eager:.2f} ms: the graph is {eager / r.step_ms:.2f}x faster",
                           flush=True)
+                if args.profile and dev.cuda:
+                    print(profile_step(model, context, batch, args, dev), flush=True)
+                    dev.free()
         del model
         dev.free()
     summary(results, hybrid)

@@ -3,7 +3,7 @@
 # time-limited, every log under $OUT (or ./gpu-logs). Usage: benchmarks/gpu_session.sh STEP...
 # Steps: env tests gputests modeltests check_moe check_la quant bench_moe bench_la profile_moe profile_moe_tma bench_ep
 # bench_la_a bench_la_b (bench_la's ops in two halves, e.g. one per GPU) train gen vla vlatrain check_gla_scalar profile_la1 profile_la2 profile_la profile_fla
-# bench_la_nofla profile_fp8 fp8tests fp8_gemm train_profile ep_profile bench_ep16k bench_ep32k parity_bf16 parity_fp8 parity_mxfp8 cetest train_b8 gen_sweep;
+# bench_la_nofla profile_fp8 fp8tests fp8_gemm train_profile ep_profile bench_ep16k bench_ep32k parity_bf16 parity_fp8 parity_mxfp8 cetest train_b8 gen_sweep gen_profile;
 # steps joined by '+' (e.g. gputests+check_moe) run at the same time (correctness, not timings);
 # steps joined by ',' run one after another, e.g. modeltests,check_la@0+bench_la@1 on two GPUs.
 set -u
@@ -105,6 +105,8 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
       --plot "$LOGS/generation_sweep.png" ;;
     train) step train 150 python3 benchmarks/train_throughput.py --paths bf16 fp8 ;;
     gen) step gen 240 python3 benchmarks/generation.py --plot "$LOGS/generation.png" ;;
+    gen_profile) step gen_profile 200 python3 benchmarks/generation.py --contexts 4096 65536 --batches 16 --new 8 \
+      --profile --plot "$LOGS/generation_profile.png" ;;
     vla) step vla 90 python3 benchmarks/vla.py ;;
     a2a_sweep) step a2a_sweep 150 bash -c 'for env in "" NCCL_MIN_P2P_NCHANNELS=16 NCCL_MIN_P2P_NCHANNELS=32 \
       "NCCL_MIN_P2P_NCHANNELS=32 NCCL_NCHANNELS_PER_PEER=16" "NCCL_MIN_P2P_NCHANNELS=32 NCCL_P2P_NVL_CHUNKSIZE=2097152" \
