@@ -358,12 +358,10 @@ def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, sc
         tl.store(dh + ((c0 + c) * H + i_h) * K * V + state, b_dh.to(dh.dtype.element_ty), mask=m_state)
         t = bos + c * BT + rt
         mt = t < eos
-        b_qt = _load_cols(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32) * scale
-        if USE_G:
-            g_last = tl.load(gc + (tl.minimum(bos + c * BT + BT, eos) - 1) * H + i_h)
-            b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
-            b_qt = b_qt * tl.exp(b_g)[None, :]
         if DELTA:
+            if USE_G:
+                g_last = tl.load(gc + (tl.minimum(bos + c * BT + BT, eos) - 1) * H + i_h)
+                b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
             b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
             if USE_G:
                 b_k = b_k.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]
@@ -371,9 +369,25 @@ def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, sc
                                                                                  input_precision=PRECISION)
             tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv.to(dv.dtype.element_ty),
                      mask=mt[:, None] & mv[None, :])
+            # the scale and e^gc go on do's rows ([BT, BV]), so q^T ([K, BT]) enters as loaded: no
+            # float32 copy of it (64 registers a thread at K = 128, 4 warps)
+            b_rows = tl.full([BT], scale, dtype=tl.float32)
+            if USE_G:
+                b_rows = b_rows * tl.exp(b_g)
+            b_qt = _load_cols(q + i_h * K, t, mt, rk, mk, H * K)
+            b_do = (_load_rows(do + i_h * V, t, mt, rv, mv, H * V).to(tl.float32) * b_rows[:, None]).to(dt)
+        else:
+            b_qt = _load_cols(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32) * scale
+            if USE_G:
+                g_last = tl.load(gc + (tl.minimum(bos + c * BT + BT, eos) - 1) * H + i_h)
+                b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
+                b_qt = b_qt * tl.exp(b_g)[None, :]
         if USE_G:
             b_dh = b_dh * tl.exp(g_last)
-        b_dh += tl.dot(b_qt.to(dt), _load_rows(do + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
+        if not DELTA:
+            b_qt = b_qt.to(dt)
+            b_do = _load_rows(do + i_h * V, t, mt, rv, mv, H * V)
+        b_dh += tl.dot(b_qt, b_do, input_precision=PRECISION)
         if DELTA:
             b_dh -= tl.dot(_load_cols(w + i_h * K, t, mt, rk, mk, H * K), b_dv.to(w.dtype.element_ty),
                            input_precision=PRECISION)
