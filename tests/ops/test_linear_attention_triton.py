@@ -393,14 +393,15 @@ def test_delta_rule_bf16_correlated_keys(op, gpu_like_bf16):
     assert max(grad_errors.values()) < 1e-2, grad_errors
 
 
-def test_register_cap_only_for_tensor_core_dots():
+@pytest.mark.parametrize("kernel", ["dqk_delta", "wy_fwd"])
+def test_register_cap_only_for_tensor_core_dots(kernel):
     """A kernel's maxnreg reaches the launch for 16-bit inputs; exact float32 dots (FMA units, far more
     registers) launch without it."""
     from moekit.ops.linear_attention import triton_layout
 
-    cap = triton_layout.LAUNCH["dqk_delta"]["maxnreg"]
-    assert triton_layout.launch_options("dqk_delta", torch.zeros(1, dtype=torch.bfloat16))["maxnreg"] == cap
-    assert "maxnreg" not in triton_layout.launch_options("dqk_delta", torch.zeros(1))
+    cap = triton_layout.LAUNCH[kernel]["maxnreg"]
+    assert triton_layout.launch_options(kernel, torch.zeros(1, dtype=torch.bfloat16))["maxnreg"] == cap
+    assert "maxnreg" not in triton_layout.launch_options(kernel, torch.zeros(1))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter emulation of the GPU's bf16")
