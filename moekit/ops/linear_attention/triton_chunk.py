@@ -623,10 +623,11 @@ def dv_local(q, k, do, gc, chunks: Chunks, scale: float, dh=None, dtype=None):
     tokens, H, K = q.shape
     V = do.shape[-1]
     dv = torch.empty(tokens, H, V, dtype=dtype or do.dtype, device=q.device)
-    BV = block(V)
+    name = _variant("dv_local", delta=dh is None)  # without dh: the delta rule's intra-chunk part
+    BV = block_v(name, V)
     _dv_local_kernel[(triton.cdiv(V, BV), chunks.num_chunks, H)](
         q, k, do, gc, dh, dv, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K), BV=BV,
-        USE_G=gc is not None, WITH_STATE=dh is not None, **launch_options("dv_local", k))
+        USE_G=gc is not None, WITH_STATE=dh is not None, **launch_options(name, k))
     return dv
 
 
