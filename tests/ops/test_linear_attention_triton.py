@@ -321,13 +321,16 @@ def test_delta_rule_correlated_keys(op):
 
 @pytest.mark.parametrize("op", ["delta_rule", "gated_delta_rule"])
 def test_delta_tiles_in_per_chunk_kernels(monkeypatch, op):
-    """The WY backward and dq/dk kernels with 16-wide K and V tiles (their LAUNCH settings): K = 40 and
-    V = 36 end in ragged tiles, and dq/dk splits K over three programs."""
+    """The WY backward, dq/dk and intra-chunk dv kernels with 16-wide K and V tiles (their LAUNCH
+    settings): K = 40 and V = 36 end in ragged tiles, dq/dk splits K over three programs and the
+    intra-chunk dv V over three."""
     from moekit.ops.linear_attention import triton_layout
 
     tiles = {"num_warps": 4, "BK": 16, "BV": 16}
-    monkeypatch.setattr(triton_layout, "LAUNCH", {**triton_layout.LAUNCH, "wy_bwd": tiles, "dqk_delta": tiles})
+    monkeypatch.setattr(triton_layout, "LAUNCH", {**triton_layout.LAUNCH, "wy_bwd": tiles, "dqk_delta": tiles,
+                                                  "dv_local_delta": tiles})
     assert triton_layout.block_v("wy_bwd", 36) == 16 and triton_layout.block_k("dqk_delta", 40) == 16
+    assert triton_layout.block_v("dv_local_delta", 36) == 16
     assert_matches(op, make_inputs(op, 2, 37, 2, 40, 36, 2, seed=17), chunk_size=32)
 
 
@@ -393,14 +396,15 @@ def test_delta_rule_bf16_correlated_keys(op, gpu_like_bf16):
     assert max(grad_errors.values()) < 1e-2, grad_errors
 
 
-def test_register_cap_only_for_tensor_core_dots():
+@pytest.mark.parametrize("kernel", ["dqk_delta", "wy_fwd"])
+def test_register_cap_only_for_tensor_core_dots(kernel):
     """A kernel's maxnreg reaches the launch for 16-bit inputs; exact float32 dots (FMA units, far more
     registers) launch without it."""
     from moekit.ops.linear_attention import triton_layout
 
-    cap = triton_layout.LAUNCH["dqk_delta"]["maxnreg"]
-    assert triton_layout.launch_options("dqk_delta", torch.zeros(1, dtype=torch.bfloat16))["maxnreg"] == cap
-    assert "maxnreg" not in triton_layout.launch_options("dqk_delta", torch.zeros(1))
+    cap = triton_layout.LAUNCH[kernel]["maxnreg"]
+    assert triton_layout.launch_options(kernel, torch.zeros(1, dtype=torch.bfloat16))["maxnreg"] == cap
+    assert "maxnreg" not in triton_layout.launch_options(kernel, torch.zeros(1))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter emulation of the GPU's bf16")

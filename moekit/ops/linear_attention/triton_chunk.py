@@ -23,7 +23,7 @@ Accumulation is float32; the state is carried in float32 registers and stored pe
 input dtype, its gradient in float32. The delta rule stores its dh in the input dtype too, like
 w, dw, dv and the intra-chunk dv (half the bytes in the sequential passes, 16-bit dots; dv in
 bf16 added 5-11% to dv's and dbeta's error in an emulation, within the bounds); u stays float32
-(in bf16 it added 15% to the outputs' error), and so does T. Token
+(in bf16 it added 15% to the outputs' error, and 8-11% to the final state's), and so does T. Token
 and chunk offsets are 64-bit: the per-chunk state buffers pass 2^31 elements at long contexts.
 
 Simple GLA may take a per-token float32 scale vs of v's rows (v_t <- vs_t v_t; Mamba2's dt),
@@ -118,13 +118,17 @@ def _invert_diagonal_blocks(ptr, t0, t1, stride, NC: tl.constexpr):
 
 
 @triton.jit
-def _dot32(a, b):
-    """float32 product, exact (not TF32) whatever the inputs' dtype: the inverse feeds every output."""
-    return tl.dot(a, b, input_precision="ieee")
+def _dot32(a, b, PRECISION: tl.constexpr):
+    """The inverse's float32 block products at the kernel's precision: exact for float32 inputs,
+    TF32 for 16-bit ones. Exact products (FMA loops) took the WY forward to 253 registers on sm_90,
+    TF32 ones 176; in a bf16 emulation the results moved by about 1% either way (TF32 rounds T's
+    off-diagonal blocks to ~5e-4, far below the 16-bit roundings after it). The diagonal blocks'
+    substitution stays exact."""
+    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
-def _wy_inverse(ptr, t0, t1, stride, BT: tl.constexpr):
+def _wy_inverse(ptr, t0, t1, stride, BT: tl.constexpr, PRECISION: tl.constexpr):
     """Overwrites a chunk's strictly lower [BT, BT] matrix A (BT = 16, 32 or 64; zeros on and above
     the diagonal) with T = (I + A)^-1, blockwise over 16-row blocks: the diagonal blocks by forward
     substitution, then below the diagonal T_rc = -T_rr sum_{c <= m < r} A_rm T_mc. Every block is
@@ -135,7 +139,7 @@ def _wy_inverse(ptr, t0, t1, stride, BT: tl.constexpr):
     if NC > 1:
         t00 = _load_block(ptr, t0, t1, stride, 0, 0)
         t11 = _load_block(ptr, t0, t1, stride, 1, 1)
-        t10 = -_dot32(t11, _dot32(_load_block(ptr, t0, t1, stride, 1, 0), t00))
+        t10 = -_dot32(t11, _dot32(_load_block(ptr, t0, t1, stride, 1, 0), t00, PRECISION), PRECISION)
         tl.debug_barrier()
         _store_block(ptr, t0, t1, stride, 1, 0, t10)
     if NC > 2:
@@ -146,11 +150,12 @@ def _wy_inverse(ptr, t0, t1, stride, BT: tl.constexpr):
         a30 = _load_block(ptr, t0, t1, stride, 3, 0)
         a31 = _load_block(ptr, t0, t1, stride, 3, 1)
         a32 = _load_block(ptr, t0, t1, stride, 3, 2)
-        t21 = -_dot32(t22, _dot32(a21, t11))
-        t20 = -_dot32(t22, _dot32(a20, t00) + _dot32(a21, t10))
-        t32 = -_dot32(t33, _dot32(a32, t22))
-        t31 = -_dot32(t33, _dot32(a31, t11) + _dot32(a32, t21))
-        t30 = -_dot32(t33, _dot32(a30, t00) + _dot32(a31, t10) + _dot32(a32, t20))
+        t21 = -_dot32(t22, _dot32(a21, t11, PRECISION), PRECISION)
+        t20 = -_dot32(t22, _dot32(a20, t00, PRECISION) + _dot32(a21, t10, PRECISION), PRECISION)
+        t32 = -_dot32(t33, _dot32(a32, t22, PRECISION), PRECISION)
+        t31 = -_dot32(t33, _dot32(a31, t11, PRECISION) + _dot32(a32, t21, PRECISION), PRECISION)
+        t30 = -_dot32(t33, _dot32(a30, t00, PRECISION) + _dot32(a31, t10, PRECISION)
+                      + _dot32(a32, t20, PRECISION), PRECISION)
         tl.debug_barrier()
         _store_block(ptr, t0, t1, stride, 2, 1, t21)
         _store_block(ptr, t0, t1, stride, 2, 0, t20)
@@ -182,7 +187,7 @@ def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
     rows = T_out + (t[:, None] * H + i_h) * BT + rt[None, :]
     tl.store(rows, b_a, mask=mt[:, None])
     tl.debug_barrier()
-    _wy_inverse(T_out + i_h * BT, t0, t1, H * BT, BT)
+    _wy_inverse(T_out + i_h * BT, t0, t1, H * BT, BT, PRECISION)
     tl.debug_barrier()
     b_t = tl.load(rows, mask=mt[:, None], other=0.0)
     # w is stored in the input dtype (it only meets the state in 16-bit products); its product
@@ -358,12 +363,10 @@ def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, sc
         tl.store(dh + ((c0 + c) * H + i_h) * K * V + state, b_dh.to(dh.dtype.element_ty), mask=m_state)
         t = bos + c * BT + rt
         mt = t < eos
-        b_qt = _load_cols(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32) * scale
-        if USE_G:
-            g_last = tl.load(gc + (tl.minimum(bos + c * BT + BT, eos) - 1) * H + i_h)
-            b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
-            b_qt = b_qt * tl.exp(b_g)[None, :]
         if DELTA:
+            if USE_G:
+                g_last = tl.load(gc + (tl.minimum(bos + c * BT + BT, eos) - 1) * H + i_h)
+                b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
             b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
             if USE_G:
                 b_k = b_k.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]
@@ -371,9 +374,25 @@ def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, sc
                                                                                  input_precision=PRECISION)
             tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv.to(dv.dtype.element_ty),
                      mask=mt[:, None] & mv[None, :])
+            # the scale and e^gc go on do's rows ([BT, BV]), so q^T ([K, BT]) enters as loaded: no
+            # float32 copy of it (64 registers a thread at K = 128, 4 warps)
+            b_rows = tl.full([BT], scale, dtype=tl.float32)
+            if USE_G:
+                b_rows = b_rows * tl.exp(b_g)
+            b_qt = _load_cols(q + i_h * K, t, mt, rk, mk, H * K)
+            b_do = (_load_rows(do + i_h * V, t, mt, rv, mv, H * V).to(tl.float32) * b_rows[:, None]).to(dt)
+        else:
+            b_qt = _load_cols(q + i_h * K, t, mt, rk, mk, H * K).to(tl.float32) * scale
+            if USE_G:
+                g_last = tl.load(gc + (tl.minimum(bos + c * BT + BT, eos) - 1) * H + i_h)
+                b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
+                b_qt = b_qt * tl.exp(b_g)[None, :]
         if USE_G:
             b_dh = b_dh * tl.exp(g_last)
-        b_dh += tl.dot(b_qt.to(dt), _load_rows(do + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
+        if not DELTA:
+            b_qt = b_qt.to(dt)
+            b_do = _load_rows(do + i_h * V, t, mt, rv, mv, H * V)
+        b_dh += tl.dot(b_qt, b_do, input_precision=PRECISION)
         if DELTA:
             b_dh -= tl.dot(_load_cols(w + i_h * K, t, mt, rk, mk, H * K), b_dv.to(w.dtype.element_ty),
                            input_precision=PRECISION)
@@ -604,10 +623,11 @@ def dv_local(q, k, do, gc, chunks: Chunks, scale: float, dh=None, dtype=None):
     tokens, H, K = q.shape
     V = do.shape[-1]
     dv = torch.empty(tokens, H, V, dtype=dtype or do.dtype, device=q.device)
-    BV = block(V)
+    name = _variant("dv_local", delta=dh is None)  # without dh: the delta rule's intra-chunk part
+    BV = block_v(name, V)
     _dv_local_kernel[(triton.cdiv(V, BV), chunks.num_chunks, H)](
         q, k, do, gc, dh, dv, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K), BV=BV,
-        USE_G=gc is not None, WITH_STATE=dh is not None, **launch_options("dv_local", k))
+        USE_G=gc is not None, WITH_STATE=dh is not None, **launch_options(name, k))
     return dv
 
 

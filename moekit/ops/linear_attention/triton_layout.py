@@ -33,17 +33,22 @@ CHUNK_SIZES = (16, 32, 64)
 # state kernels hold every K row of the state (v - w S reads all of them), so V is their only
 # split: 32-wide V tiles give four programs per sequence and head (a long sequence at small batch
 # fills the GPU) and a [128, 32] float32 state, 32 registers a thread at 4 warps.
-# "maxnreg" caps a kernel's registers: the WY kernels and the delta rule's dq/dk run at 8 warps
-# and 128 registers, two CTAs per SM (uncapped they took 154-255 registers, one or two CTAs of 4-8
-# warps); sm_90 builds show no spills for dqk_delta and wy_bwd, 48-56 spilled bytes for wy_fwd.
-# These three settings come from register and shared-memory counts, not yet from a GPU sweep.
+# The delta rule's intra-chunk dv ("dv_local_delta", no state term) takes the whole V (up to 128)
+# in one program: its [BT, BT] q k^T scores are then formed once per chunk and head, not once per
+# 64-wide V tile, and q and k are read once (sm_90 bf16 K = V = 128: 74 registers, 48 KB shared,
+# three CTAs of 8 warps per SM). From counts, not yet from a GPU sweep.
+# "maxnreg" caps a kernel's registers: the delta rule's dq/dk runs at 8 warps and 128 registers,
+# two CTAs per SM, without spills in sm_90 builds. The WY forward (4 warps, 32 KB shared) takes
+# 176 registers uncapped, two CTAs per SM; capped at 168 it builds to 166 without spills (sm_90,
+# bf16, K = V = 128), three CTAs per SM: more warps to hide its serial inverse's latency.
 LAUNCH: dict[str, dict] = {
     "*": {"num_warps": 4},
     "state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
     "state_bwd": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "dqk": {"num_warps": 4, "num_stages": 2},
-    "wy_fwd": {"num_warps": 4, "num_stages": 1},
+    "wy_fwd": {"num_warps": 4, "num_stages": 1, "maxnreg": 168},
     "wy_bwd": {"num_warps": 4, "num_stages": 1, "BK": 64, "BV": 64},
+    "dv_local_delta": {"num_warps": 8, "num_stages": 3, "BV": 128},
     "dqk_delta": {"num_warps": 8, "num_stages": 2, "maxnreg": 128},
     "state_fwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},
     "state_bwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},
