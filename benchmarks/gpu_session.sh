@@ -88,8 +88,6 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
       --warmup 1 --tokens 32768 2>&1 | grep "^small\|^model"; done' ;;
     profile_delta1) step profile_delta1 120 python3 benchmarks/profile_linear_attention.py --settings default \
       --ops delta_rule,gated_delta_rule --lengths 2048 ;;
-    profile_delta_v32) step profile_delta_v32 120 python3 benchmarks/profile_linear_attention.py \
-      --settings default,w4s1v32 --ops delta_rule,gated_delta_rule --lengths 2048 ;;
     bench_delta) step bench_delta 150 python3 benchmarks/linear_attention.py --ops delta_rule --lengths 2048,32768 ;;
     check_delta) step check_delta 120 python3 benchmarks/gpu_check_linear_attention.py --ops delta_rule,gated_delta_rule ;;
     ep_gputest) step ep_gputest 150 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE \

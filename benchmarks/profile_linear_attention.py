@@ -40,7 +40,6 @@ SETTINGS = {
     "w8s3": {"num_warps": 8, "num_stages": 3, "BK": 64, "BV": 64},
     "w2s2": {"num_warps": 2, "num_stages": 2, "BK": 32, "BV": 64},
     "w8s2v32": {"num_warps": 8, "num_stages": 2, "BK": 128, "BV": 32},
-    "w4s1v32": {"num_warps": 4, "num_stages": 1, "BK": 128, "BV": 32},
 }
 
 
