@@ -3,7 +3,7 @@
 # time-limited, every log under $OUT (or ./gpu-logs). Usage: benchmarks/gpu_session.sh STEP...
 # Steps: env tests gputests modeltests check_moe check_la quant bench_moe bench_la profile_moe profile_moe_tma bench_ep
 # bench_la_a bench_la_b (bench_la's ops in two halves, e.g. one per GPU) train gen vla vlatrain check_gla_scalar profile_la1 profile_la2 profile_la profile_fla
-# bench_la_nofla profile_fp8 fp8tests fp8_gemm train_profile ep_profile bench_ep16k bench_ep32k parity_bf16 parity_fp8 parity_mxfp8 cetest train_b8 gen_sweep gen_profile;
+# bench_la_nofla profile_fp8 fp8tests fp8_gemm train_profile ep_profile bench_ep16k bench_ep32k parity_bf16 parity_fp8 parity_mxfp8 cetest train_b8 train_b8_hybrid gen_sweep gen_profile;
 # steps joined by '+' (e.g. gputests+check_moe) run at the same time (correctness, not timings);
 # steps joined by ',' run one after another, e.g. modeltests,check_la@0+bench_la@1 on two GPUs.
 set -u
@@ -103,6 +103,8 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     train_b8) step train_b8 330 python3 benchmarks/train_throughput.py --batch 8 --paths bf16 fp8 reference ;;
     gen_sweep) step gen_sweep 420 python3 benchmarks/generation.py --contexts 4096 16384 65536 --batches 1 16 \
       --plot "$LOGS/generation_sweep.png" ;;
+    train_b8_hybrid) step train_b8_hybrid 200 python3 benchmarks/train_throughput.py --batch 8 --models hybrid \
+      --paths bf16 fp8 ;;
     train) step train 150 python3 benchmarks/train_throughput.py --paths bf16 fp8 ;;
     gen) step gen 240 python3 benchmarks/generation.py --plot "$LOGS/generation.png" ;;
     gen_profile) step gen_profile 200 python3 benchmarks/generation.py --contexts 4096 65536 --batches 16 --new 8 \

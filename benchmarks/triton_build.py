@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 SM90_SHARED_BYTES = 232448  # per block on H100 / H200
 POINTER_TYPES = {"torch.float32": "*fp32", "torch.float16": "*bf16", "torch.bfloat16": "*bf16",
-                 "torch.int32": "*i32", "torch.int64": "*i64", "torch.uint8": "*u8"}
+                 "torch.int16": "*i16", "torch.int32": "*i32", "torch.int64": "*i64", "torch.uint8": "*u8"}
 
 
 def record_launches(tag: Callable[[], str] = lambda: "") -> list[dict]:
