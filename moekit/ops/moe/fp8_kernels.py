@@ -66,16 +66,16 @@ def _quantize_blocks(v, MX: tl.constexpr, EMULATE_RNE: tl.constexpr):
     """float32 v [A, G, B] in blocks along the last axis -> (E4M3 bytes [A, G, B], float32 scales [A, G]).
     Same rules as ``moekit.quant``: fp8 scale amax / 448 (floored at 2**-126), MX floor E8M0;
     a block holding NaN / Inf becomes NaN."""
-    mag = tl.abs(v)
-    finite = mag < float("inf")
-    amax = tl.max(tl.where(finite, mag, 0.0), axis=2)
-    nonfinite = tl.max(tl.where(finite, 0, 1), axis=2) > 0
+    # One integer max per block: magnitude bits order like the magnitudes, and NaN / Inf
+    # (exponent field 0xFF) lie above every finite one.
+    amax_bits = tl.max(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2)
+    nonfinite = amax_bits >= 0x7F800000
     if MX:
-        bits = amax.to(tl.int32, bitcast=True)
-        exp = tl.minimum(tl.maximum(((bits >> 23) & 0xFF) - 127 - E4M3_EMAX, -127), 127)
+        exp = tl.minimum(tl.maximum(((amax_bits >> 23) & 0xFF) - 127 - E4M3_EMAX, -127), 127)
         inv = ((127 - exp) << 23).to(tl.float32, bitcast=True)
         scale = tl.where(exp == -127, 1 << 22, (exp + 127) << 23).to(tl.float32, bitcast=True)
     else:
+        amax = amax_bits.to(tl.float32, bitcast=True)
         scale = tl.maximum(tl.math.div_rn(amax, tl.full(amax.shape, E4M3_MAX, tl.float32)), MIN_SCALE)
         inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
     q = encode_fp8(v * inv[:, :, None], E4M3_MAX, 3, -6, False, EMULATE_RNE)
