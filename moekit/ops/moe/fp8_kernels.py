@@ -265,15 +265,15 @@ def _gather_gemm_kernel(
         da = acc * w[:, None]
         gate = tl.load(h_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
         if GATED:
-            up = tl.load(h_ptrs + F, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            d_gate = da * up * _act_grad(gate, ACT)
+            # d_up finished (both quantizations stored) before up is loaded and d_gate formed:
+            # fewer [BM, BN] float32 tiles live at once (da * act'(gate) and d_up, then d_gate).
+            d_gate_over_up = da * _act_grad(gate, ACT)
             d_up = da * _act(gate, ACT)
-            _store_rows(d_gate, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
             _store_rows(d_up, rows, row_ok, F + f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
-            _store_cols(d_gate, pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE,
-                        BM, BN)
-            _store_cols(d_up, pid_m, F + f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
-                        EMULATE_RNE, BM, BN)
+            _store_cols(d_up, pid_m, F + f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE, BM, BN)
+            d_gate = d_gate_over_up * tl.load(h_ptrs + F, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            _store_rows(d_gate, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
+            _store_cols(d_gate, pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE, BM, BN)
         else:
             dh = da * _act_grad(gate, ACT)
             _store_rows(dh, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
