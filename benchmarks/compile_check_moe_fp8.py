@@ -26,11 +26,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 import triton_build  # noqa: E402  (beside this script)
 
+DTYPE_NAME = "bfloat16"  # of the recorded inputs
+# the quantize kernels take bfloat16 as its int16 bits (moekit.quant.triton_utils.kernel_input)
+triton_build.POINTER_TYPES.setdefault("torch.int16", "*i16")
+
+
+def gpu_kinds(launch: dict) -> dict:
+    """The launch as the GPU makes it: the interpreter's launches pass EMULATE_RNE=True (float32
+    rounding arithmetic before every FP8 cast, which the GPU's cvt.rn.satfinite does itself), so
+    a build of those constexprs is not the GPU's binary (more instructions and registers)."""
+    kinds = dict(launch["kinds"])
+    if "EMULATE_RNE" in kinds:
+        kinds["EMULATE_RNE"] = ["bool", False]
+    return dict(launch, kinds=kinds)
+
 
 def record(path: str, recipes: list[str]) -> None:
     """Phase 1, in the interpreter: run the op and write every launch to ``path`` (in order)."""
     import torch
 
+    DTYPE = getattr(torch, DTYPE_NAME)
     tag = [""]
     launches = triton_build.record_launches(lambda: tag[0])
     from moekit.ops.moe import fp8
@@ -40,15 +55,16 @@ def record(path: str, recipes: list[str]) -> None:
     for recipe_name in recipes:
         for activation in ("swiglu", "gelu"):
             up = 2 * F if activation == "swiglu" else F
-            x = torch.randn(T, H, generator=g).requires_grad_()
+            # bf16, as the GPU runs it (h, y and every output take the input dtype)
+            x = torch.randn(T, H, generator=g).to(DTYPE).requires_grad_()
             idx = torch.rand(T, E, generator=g).topk(K, -1).indices
-            w = torch.rand(T, K, generator=g).requires_grad_()
-            w_up = (torch.randn(E, up, H, generator=g) * H**-0.5).requires_grad_()
-            w_down = (torch.randn(E, H, F, generator=g) * F**-0.5).requires_grad_()
+            w = torch.rand(T, K, generator=g).to(DTYPE).requires_grad_()
+            w_up = (torch.randn(E, up, H, generator=g) * H**-0.5).to(DTYPE).requires_grad_()
+            w_down = (torch.randn(E, H, F, generator=g) * F**-0.5).to(DTYPE).requires_grad_()
             tag[0] = f"{recipe_name}/{activation}/fwd"
             out = fp8.routed_experts(x, idx, w, w_up, w_down, activation, recipe_name)
             tag[0] = f"{recipe_name}/{activation}/bwd"
-            out.backward(torch.randn(T, H, generator=g))
+            out.backward(torch.randn(T, H, generator=g).to(DTYPE))
     triton_build.save(launches, path)
 
 
@@ -93,7 +109,7 @@ def compile_all(launches: list[dict], arch: int, dump: str | None) -> int:
                 with open(os.path.join(dump, f"{n:02d}_{launch['name']}.{ext}"), "w") as f:
                     f.write(kernel.asm[ext])
 
-    return triton_build.build_each(launches, arch, label, describe, options, save_ir)
+    return triton_build.build_each([gpu_kinds(la) for la in launches], arch, label, describe, options, save_ir)
 
 
 def main() -> int:

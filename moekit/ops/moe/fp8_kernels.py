@@ -62,25 +62,50 @@ def _fp8_ptr(ptr):
 
 
 @triton.jit
-def _quantize_blocks(v, MX: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """float32 v [A, G, B] in blocks along the last axis -> (E4M3 bytes [A, G, B], float32 scales [A, G]).
-    Same rules as ``moekit.quant``: fp8 scale amax / 448 (floored at 2**-126), MX floor E8M0;
-    a block holding NaN / Inf becomes NaN."""
-    mag = tl.abs(v)
-    finite = mag < float("inf")
-    amax = tl.max(tl.where(finite, mag, 0.0), axis=2)
-    nonfinite = tl.max(tl.where(finite, 0, 1), axis=2) > 0
+def _quantize_along(v, AXIS: tl.constexpr, MX: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """float32 v, one block per line along AXIS -> (E4M3 bytes, v's shape; float32 scales, v's
+    shape without AXIS). Same rules as ``moekit.quant``: fp8 scale amax / 448 (floored at
+    2**-126), MX floor E8M0; a block holding NaN / Inf becomes NaN."""
+    # One integer max per block: magnitude bits order like the magnitudes, and NaN / Inf
+    # (exponent field 0xFF) lie above every finite one.
+    amax_bits = tl.max(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=AXIS)
+    nonfinite = amax_bits >= 0x7F800000
     if MX:
-        bits = amax.to(tl.int32, bitcast=True)
-        exp = tl.minimum(tl.maximum(((bits >> 23) & 0xFF) - 127 - E4M3_EMAX, -127), 127)
+        exp = tl.minimum(tl.maximum(((amax_bits >> 23) & 0xFF) - 127 - E4M3_EMAX, -127), 127)
         inv = ((127 - exp) << 23).to(tl.float32, bitcast=True)
         scale = tl.where(exp == -127, 1 << 22, (exp + 127) << 23).to(tl.float32, bitcast=True)
     else:
+        amax = amax_bits.to(tl.float32, bitcast=True)
         scale = tl.maximum(tl.math.div_rn(amax, tl.full(amax.shape, E4M3_MAX, tl.float32)), MIN_SCALE)
         inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-    q = encode_fp8(v * inv[:, :, None], E4M3_MAX, 3, -6, False, EMULATE_RNE)
-    q = tl.where(nonfinite[:, :, None], 0x7F, q).to(tl.uint8)
+    q = encode_fp8(v * tl.expand_dims(inv, AXIS), E4M3_MAX, 3, -6, False, EMULATE_RNE)
+    q = tl.where(tl.expand_dims(nonfinite, AXIS), 0x7F, q).to(tl.uint8)
     return q, tl.where(nonfinite, float("nan"), scale)
+
+
+@triton.jit
+def _quantize_blocks(v, AXIS: tl.constexpr, BLOCK: tl.constexpr, MX: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """float32 v [R, C] in blocks of BLOCK along AXIS (0 or 1) -> (E4M3 bytes [R, C], float32
+    scales [R / BLOCK, C] or [R, C / BLOCK]). A block as long as the tile is reduced in v's own
+    layout (a GEMM accumulator's): a reshape to 3-D would on sm_90 move the float32 tile through
+    shared memory into another layout, and keep both copies live."""
+    R: tl.constexpr = v.shape[0]
+    C: tl.constexpr = v.shape[1]
+    if AXIS == 0:
+        if R == BLOCK:
+            q, s = _quantize_along(v, 0, MX, EMULATE_RNE)
+            s = s[None, :]
+        else:
+            q, s = _quantize_along(tl.reshape(v, (R // BLOCK, BLOCK, C)), 1, MX, EMULATE_RNE)
+            q = tl.reshape(q, (R, C))
+    else:
+        if C == BLOCK:
+            q, s = _quantize_along(v, 1, MX, EMULATE_RNE)
+            s = s[:, None]
+        else:
+            q, s = _quantize_along(tl.reshape(v, (R, C // BLOCK, BLOCK)), 2, MX, EMULATE_RNE)
+            q = tl.reshape(q, (R, C))
+    return q, s
 
 
 @triton.jit
@@ -88,10 +113,10 @@ def _store_rows(v, rows, row_ok, col0, q_ptr, ld_q, s_ptr, ld_s,
                 BLOCK: tl.constexpr, MX: tl.constexpr, EMULATE_RNE: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr):
     """Quantize v [BM, BN] along its columns: q[rows, col0:col0+BN], s[rows, col0/BLOCK + ...]."""
-    q, s = _quantize_blocks(tl.reshape(v, (BM, BN // BLOCK, BLOCK)), MX, EMULATE_RNE)
+    q, s = _quantize_blocks(v, 1, BLOCK, MX, EMULATE_RNE)
     rows64 = rows.to(tl.int64)[:, None]
     cols = col0 + tl.arange(0, BN)
-    tl.store(q_ptr + rows64 * ld_q + cols[None, :], tl.reshape(q, (BM, BN)), mask=row_ok[:, None])
+    tl.store(q_ptr + rows64 * ld_q + cols[None, :], q, mask=row_ok[:, None])
     sc = col0 // BLOCK + tl.arange(0, BN // BLOCK)
     tl.store(s_ptr + rows64 * ld_s + sc[None, :], s, mask=row_ok[:, None])
 
@@ -102,13 +127,17 @@ def _store_cols(v, tile, col0, c_ptr, ld_c, cs_ptr, ld_cs,
                 BM: tl.constexpr, BN: tl.constexpr):
     """Quantize v [BM, BN] (the rows of row tile `tile`; rows past its expert's end hold zeros)
     along its rows, stored transposed at the tile's slot: c[col, tile * BM + i] (whole aligned
-    tiles, so loads and stores are full vectors), scales cs[tile * BM / BLOCK + j, col]."""
-    q, s = _quantize_blocks(tl.reshape(tl.trans(v), (BN, BM // BLOCK, BLOCK)), MX, EMULATE_RNE)
+    tiles, so loads and stores are full vectors), scales cs[tile * BM / BLOCK + j, col].
+    The blocks are reduced in v's own layout and the bytes stored at transposed addresses: the
+    compiler transposes the uint8 result on its way to the store, where a float32 tl.trans(v)
+    moved 4x the bytes through shared memory. (It still re-derives the scale row in the scale
+    store's layout from a converted copy of the magnitude bits.)"""
+    q, s = _quantize_blocks(v, 0, BLOCK, MX, EMULATE_RNE)
     cols = (col0 + tl.arange(0, BN)).to(tl.int64)
     slots = tile.to(tl.int64) * BM + tl.arange(0, BM)
-    tl.store(c_ptr + cols[:, None] * ld_c + slots[None, :], tl.reshape(q, (BN, BM)))
+    tl.store(c_ptr + cols[None, :] * ld_c + slots[:, None], q)
     sb = (tile * (BM // BLOCK) + tl.arange(0, BM // BLOCK)).to(tl.int64)
-    tl.store(cs_ptr + sb[None, :] * ld_cs + cols[:, None], s)
+    tl.store(cs_ptr + sb[:, None] * ld_cs + cols[None, :], s)
 
 
 @triton.jit
@@ -265,15 +294,15 @@ def _gather_gemm_kernel(
         da = acc * w[:, None]
         gate = tl.load(h_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
         if GATED:
-            up = tl.load(h_ptrs + F, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            d_gate = da * up * _act_grad(gate, ACT)
+            # d_up finished (both quantizations stored) before up is loaded and d_gate formed:
+            # fewer [BM, BN] float32 tiles live at once (da * act'(gate) and d_up, then d_gate).
+            d_gate_over_up = da * _act_grad(gate, ACT)
             d_up = da * _act(gate, ACT)
-            _store_rows(d_gate, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
             _store_rows(d_up, rows, row_ok, F + f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
-            _store_cols(d_gate, pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE,
-                        BM, BN)
-            _store_cols(d_up, pid_m, F + f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
-                        EMULATE_RNE, BM, BN)
+            _store_cols(d_up, pid_m, F + f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE, BM, BN)
+            d_gate = d_gate_over_up * tl.load(h_ptrs + F, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            _store_rows(d_gate, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
+            _store_cols(d_gate, pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE, BM, BN)
         else:
             dh = da * _act_grad(gate, ACT)
             _store_rows(dh, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)

@@ -22,6 +22,7 @@ from moekit.quant.triton_utils import (
     load_as_float32,
     needs_index_64,
     program_id,
+    to_float32,
 )
 
 
@@ -30,13 +31,20 @@ def _block_quantize_kernel(
     x_ptr, data_ptr, scale_ptr, data_t_ptr, R, K, M, stride_xr,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, IS_BF16: tl.constexpr, TRANSPOSED: tl.constexpr,
     MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr, MIN_SCALE: tl.constexpr,
-    E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr, INDEX_64: tl.constexpr,
+    E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr, INDEX_64: tl.constexpr, EVEN: tl.constexpr,
     TILE_R: tl.constexpr, TILE_K: tl.constexpr,
 ):
+    """EVEN: the tiles divide [R, K] (always so for quantize_both's one-block tiles): no masks,
+    whose bounds vary along the contiguous axis and would cut every store to single bytes."""
     offs_r = program_id(0, INDEX_64) * TILE_R + tl.arange(0, TILE_R)
     offs_k = program_id(1, INDEX_64) * TILE_K + tl.arange(0, TILE_K)
-    mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
-    x = load_as_float32(x_ptr + offs_r[:, None] * stride_xr + offs_k[None, :], mask, IS_BF16)
+    x_ptrs = x_ptr + offs_r[:, None] * stride_xr + offs_k[None, :]
+    if EVEN:
+        mask = None
+        x = to_float32(tl.load(x_ptrs), IS_BF16)
+    else:
+        mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
+        x = load_as_float32(x_ptrs, mask, IS_BF16)
     x = tl.reshape(x, (TILE_R // BLOCK_ROWS, BLOCK_ROWS, TILE_K // BLOCK_COLS, BLOCK_COLS))
 
     mag = tl.abs(x)
@@ -55,8 +63,9 @@ def _block_quantize_kernel(
         r0 = program_id(0, INDEX_64) * TILE_R
         base = (r0 // M).to(tl.int64) * K * M + (r0 % M)
         offs_t = tl.arange(0, TILE_R)
+        mask_t = None if EVEN else (offs_k[:, None] < K) & (r0 + offs_t[None, :] < R)
         tl.store(data_t_ptr + base + offs_k[:, None].to(tl.int64) * M + offs_t[None, :], tl.trans(elems),
-                 mask=(offs_k[:, None] < K) & (r0 + offs_t[None, :] < R))
+                 mask=mask_t)
 
     scale = tl.where(nonfinite, float("nan"), scale)
     offs_rb = program_id(0, INDEX_64) * (TILE_R // BLOCK_ROWS) + tl.arange(0, TILE_R // BLOCK_ROWS)
@@ -112,7 +121,8 @@ def launch_quantize(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, b
         x2.stride(0), BLOCK_ROWS=block[0], BLOCK_COLS=block[1], IS_BF16=x2.dtype == torch.bfloat16,
         TRANSPOSED=data_t is not None,
         MAX_NORMAL=fmt.max_normal, MANTISSA_BITS=fmt.mantissa_bits, MIN_NORMAL_EXP=fmt.min_normal_exp,
-        MIN_SCALE=MIN_SCALE, E5M2=elem == "e5m2", EMULATE_RNE=INTERPRETING, INDEX_64=needs_index_64(x2), **tiles,
+        MIN_SCALE=MIN_SCALE, E5M2=elem == "e5m2", EMULATE_RNE=INTERPRETING, INDEX_64=needs_index_64(x2),
+        EVEN=r % tiles["TILE_R"] == 0 and k % tiles["TILE_K"] == 0, **tiles,
     )
 
 
