@@ -27,8 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import triton_build  # noqa: E402  (beside this script)
 
 DTYPE_NAME = "bfloat16"  # of the recorded inputs
-# the quantize kernels take bfloat16 as its int16 bits (moekit.quant.triton_utils.kernel_input)
-triton_build.POINTER_TYPES.setdefault("torch.int16", "*i16")
 
 
 def gpu_kinds(launch: dict) -> dict:
