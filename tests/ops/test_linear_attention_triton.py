@@ -396,7 +396,7 @@ def test_delta_rule_bf16_correlated_keys(op, gpu_like_bf16):
     assert max(grad_errors.values()) < 1e-2, grad_errors
 
 
-@pytest.mark.parametrize("kernel", ["dqk_delta", "wy_fwd"])
+@pytest.mark.parametrize("kernel", ["dqk_delta", "wy_fwd", "wy_bwd"])
 def test_register_cap_only_for_tensor_core_dots(kernel):
     """A kernel's maxnreg reaches the launch for 16-bit inputs; exact float32 dots (FMA units, far more
     registers) launch without it."""
@@ -410,10 +410,10 @@ def test_register_cap_only_for_tensor_core_dots(kernel):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter emulation of the GPU's bf16")
 @pytest.mark.parametrize("op", ["delta_rule", "gated_delta_rule"])
 def test_delta_rule_bf16_profiled_head_dims(op, gpu_like_bf16):
-    """bf16 as the GPU computes it at the profiled head dims, K = V = 128: the WY backward's and
-    dq/dk's loops then run over two 64-wide tiles, so the partial diagonals of T^T dT, the Gram
-    product shared with dT's K loop, dk added in place in the input dtype and the 16-bit dv all
-    meet more than one tile. Issue #7's bounds, with correlated keys over two 64-token chunks."""
+    """bf16 as the GPU computes it at the profiled head dims, K = V = 128: the WY backward's loops
+    then run over four 32-wide tiles and dq/dk's over two 64-wide ones, so the partial diagonals
+    of T^T dT, beta's and the gate's terms read off E k and F^T k tile by tile, dk added in place
+    in the input dtype and the 16-bit dv all meet more than one tile. Issue #7's bounds, with correlated keys over two 64-token chunks."""
     inputs = with_correlated_keys(make_inputs(op, 1, 100, 1, 128, 128, 1, seed=60), seed=61)
     o, s, d = run(op, inputs, dtype=torch.bfloat16, backend="triton", chunk_size=64)
     ro, rs, rd = run(op, inputs, dtype=torch.float64, backend="reference", chunk_size=64)
