@@ -145,3 +145,20 @@ def test_moe_layer_ops_outside_the_experts_in_a_decode_step(moe, most, monkeypat
     assert len(counts) == 1 and 0 < counts[0] <= most, counts
     names = [name for name, _, _ in log.ops]
     assert "topk" in names and "std" not in names and "log" not in names  # routed, no statistics
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_routing_meta_sorts_with_one_cast(dtype):
+    from moekit.ops.moe.triton_meta import routing_meta
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randint(-1, 6, (9, 3), generator=g).to(dtype)  # -1: dropped assignments
+    log = OpLog()
+    with log:
+        meta = routing_meta(idx, 6)
+    flat = idx.reshape(-1).long()
+    key = torch.where(flat < 0, 6, flat)
+    assert torch.equal(meta.order.long(), torch.argsort(key, stable=True))
+    assert torch.equal(meta.counts.long(), torch.stack([(flat == e).sum() for e in range(6)]))
+    assert meta.order.dtype == meta.counts.dtype == torch.int32
+    casts = [name for name, _, _ in log.ops if name == "_to_copy"]
+    assert len(casts) == (1 if dtype == torch.int64 else 2)  # order to int32 (and int32 keys to int64)

@@ -29,9 +29,10 @@ def routing_meta(topk_idx: torch.Tensor, num_experts: int) -> RoutingMeta:
     # Checked on the device: an out-of-range index would make the kernels read out of bounds.
     torch._assert_async(((flat >= -1) & (flat < num_experts)).all(),
                         f"routed_experts: topk_idx entries must lie in [-1, {num_experts})")
-    key = torch.where(flat < 0, num_experts, flat).to(torch.int32)
+    # Keys stay int64 (top-k's dtype, what scatter_add_ indexes with): no cast kernels per layer.
+    key = torch.where(flat < 0, num_experts, flat).long()
     counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
-    counts.scatter_add_(0, key.long(), torch.ones_like(key))
+    counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
     order = torch.sort(key, stable=True).indices.to(torch.int32)
     return RoutingMeta(counts[:num_experts], order, num_experts, topk_idx.shape[1])
 
