@@ -148,7 +148,7 @@ def test_moe_layer_ops_outside_the_experts_in_a_decode_step(moe, most, monkeypat
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
-def test_routing_meta_sorts_with_one_cast(dtype):
+def test_routing_meta_sorts_in_few_ops(dtype):
     from moekit.ops.moe.triton_meta import routing_meta
     g = torch.Generator().manual_seed(4)
     idx = torch.randint(-1, 6, (9, 3), generator=g).to(dtype)  # -1: dropped assignments
@@ -162,3 +162,8 @@ def test_routing_meta_sorts_with_one_cast(dtype):
     assert meta.order.dtype == meta.counts.dtype == torch.int32
     casts = [name for name, _, _ in log.ops if name == "_to_copy"]
     assert len(casts) == (1 if dtype == torch.int64 else 2)  # order to int32 (and int32 keys to int64)
+    assert len(log.ops) <= 8 + len(casts), [name for name, _, _ in log.ops]
+    for bad in (-2, 6):
+        idx[4, 1] = bad
+        with pytest.raises(RuntimeError, match=r"topk_idx entries must lie in \[-1, 6\)"):
+            routing_meta(idx, 6)
