@@ -57,8 +57,8 @@ class Balance:
     autograd (the losses then join the training objective), otherwise only when read.
 
     Without autograd (evaluation, generation) nothing may read them, and a decode step would
-    spend some 35 small kernels per MoE layer on them. The routing is kept instead and every
-    read computes from it, so a read after a CUDA-graph replay sees that replay's routing.
+    spend some 35 small kernels per MoE layer on them. The routing is kept instead (a few small
+    tensors, held until the layer's next forward) and every read computes the same values from it.
     """
 
     def __init__(self, routing, config, num_sequences: int):
