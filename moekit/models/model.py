@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +22,25 @@ from moekit.ops.cross_entropy import linear_cross_entropy
 IGNORE_INDEX = -100
 
 
-@dataclass
 class CausalLMOutput:
-    logits: torch.Tensor | None  # [B, T, vocab] float32; None when called with return_logits=False
-    loss: torch.Tensor | None  # lm_loss + aux_loss, when labels were given
-    lm_loss: torch.Tensor | None
-    aux_loss: torch.Tensor  # sum of the MoE layers' balancing losses (0 without MoE layers)
-    cache: ModelCache | None
+    """What ``MoEForCausalLM.forward`` returns.
+
+    logits:   [B, T, vocab] float32; None when called with return_logits=False
+    loss:     lm_loss + aux_loss, when labels were given
+    lm_loss:  the language-model loss, when labels were given
+    aux_loss: sum of the MoE layers' balancing losses (0 without MoE layers); a forward without
+              autograd or labels passes a function and it is computed when read (see ``MoE``)
+    cache:    the cache the call continued, if any
+    """
+
+    def __init__(self, logits: torch.Tensor | None, loss: torch.Tensor | None, lm_loss: torch.Tensor | None,
+                 aux_loss: torch.Tensor | Callable[[], torch.Tensor], cache: ModelCache | None):
+        self.logits, self.loss, self.lm_loss, self.cache = logits, loss, lm_loss, cache
+        self._aux_loss = aux_loss
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        return self._aux_loss() if callable(self._aux_loss) else self._aux_loss
 
 
 class Block(nn.Module):
@@ -117,6 +128,17 @@ class MoEForCausalLM(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------
 
+    def _aux_loss(self, device, may_defer: bool) -> torch.Tensor | Callable[[], torch.Tensor]:
+        """The summed balancing loss of the forward just run; with ``may_defer``, a function
+        computing it when every MoE layer deferred its own (a forward without autograd)."""
+        balances = [layer.balance for layer in self.moe_layers()]
+
+        def total() -> torch.Tensor:
+            losses = [balance.value()[0] for balance in balances]
+            return torch.stack(losses).sum() if losses else torch.zeros((), device=device, dtype=torch.float32)
+
+        return total if may_defer and all(balance.deferred for balance in balances) else total()
+
     def run_layers(self, x: torch.Tensor, cache: ModelCache | None = None,
                    info: SequenceInfo | None = None) -> torch.Tensor:
         """The decoder blocks on embeddings ``x`` [B, T, hidden] (before the final norm); also the
@@ -160,8 +182,7 @@ class MoEForCausalLM(nn.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
-        aux_losses = [layer.aux_loss for layer in self.moe_layers()]
-        aux_loss = torch.stack(aux_losses).sum() if aux_losses else x.new_zeros((), dtype=torch.float32)
+        aux_loss = self._aux_loss(x.device, may_defer=labels is None)
         logits = lm_loss = loss = None
         if return_logits:
             logits = self.lm_head(x).float()

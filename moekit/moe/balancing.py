@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from moekit.moe.router import normalized_scores
+from moekit.moe.stats import MoEStats, compute_stats
+
 
 def load_balance_loss(idx: torch.Tensor, probs: torch.Tensor, num_experts: int, num_sequences: int = 1):
     """Switch / GShard auxiliary loss, optionally per sequence (DeepSeek-V3's sequence-wise loss).
@@ -32,3 +35,44 @@ def bias_step(expert_bias: torch.Tensor, load: torch.Tensor, rate: float) -> tor
     """Aux-loss-free balancing (Wang et al., 2024): move each expert's bias by ``rate`` toward
     equal load: up for experts below the mean load, down for those above."""
     return expert_bias + rate * torch.sign(load.mean() - load)
+
+
+def layer_balance(routing, config, num_sequences: int) -> tuple[torch.Tensor, MoEStats]:
+    """One forward's weighted balancing loss (the layer's ``aux_loss``) and its ``MoEStats``."""
+    probs = normalized_scores(routing.scores, config.score_func)
+    zero = routing.logits.new_zeros(())
+    topk = config.router_type == "topk"
+    # Losses use each token's choices before capacity drops (what the router asked for).
+    chosen = routing.chosen_idx
+    aux = load_balance_loss(chosen, probs, config.num_experts) if topk else zero
+    seq_aux = (load_balance_loss(chosen, probs, config.num_experts, num_sequences)
+               if topk and config.seq_aux_loss_coef > 0 else zero)
+    zl = z_loss(routing.logits) if config.z_loss_coef > 0 else zero
+    stats = compute_stats(routing, probs, aux, seq_aux, zl, expert_choice=not topk)
+    return config.aux_loss_coef * aux + config.seq_aux_loss_coef * seq_aux + config.z_loss_coef * zl, stats
+
+
+class Balance:
+    """A forward's balancing losses and statistics: computed at once when the forward records
+    autograd (the losses then join the training objective), otherwise only when read.
+
+    Without autograd (evaluation, generation) nothing may read them, and a decode step would
+    spend some 35 small kernels per MoE layer on them. The routing is kept instead (a few small
+    tensors, held until the layer's next forward) and every read computes the same values from it.
+    """
+
+    def __init__(self, routing, config, num_sequences: int):
+        self._config, self._num_sequences = config, num_sequences
+        self._routing = None if torch.is_grad_enabled() else routing
+        self._computed = None if self._routing is not None else layer_balance(routing, config, num_sequences)
+
+    @property
+    def deferred(self) -> bool:
+        return self._computed is None
+
+    def value(self) -> tuple[torch.Tensor, MoEStats]:
+        """(weighted aux loss, ``MoEStats``)."""
+        if self._computed is not None:
+            return self._computed
+        with torch.no_grad():
+            return layer_balance(self._routing, self._config, self._num_sequences)

@@ -9,8 +9,8 @@ from moekit.moe import balancing
 from moekit.moe.config import MoEConfig
 from moekit.moe.dispatch import LocalDispatcher
 from moekit.moe.experts import FeedForward, RoutedExperts
-from moekit.moe.router import Router, normalized_scores
-from moekit.moe.stats import MoEStats, compute_stats, expert_counts
+from moekit.moe.router import Router
+from moekit.moe.stats import MoEStats, expert_counts
 
 
 class MoE(nn.Module):
@@ -18,7 +18,8 @@ class MoE(nn.Module):
 
     After each forward, ``last_stats`` holds an ``MoEStats`` and ``aux_loss`` the sum of the
     enabled balancing losses, weighted by their coefficients (a scalar in the graph). Inputs of
-    three or more dims are read as [..., sequence, hidden] for the sequence-wise loss.
+    three or more dims are read as [..., sequence, hidden] for the sequence-wise loss. A forward
+    without autograd computes both only when they are read (``balancing.Balance``).
     """
 
     def __init__(self, config: MoEConfig):
@@ -36,8 +37,15 @@ class MoE(nn.Module):
             if config.shared_expert_gate:
                 self.shared_gate = nn.Linear(config.hidden_size, 1, bias=False)
         self.dispatcher = LocalDispatcher(config.backend, config.precision)
-        self.last_stats: MoEStats | None = None
-        self.aux_loss: torch.Tensor | None = None
+        self.balance: balancing.Balance | None = None  # the last forward's
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        return None if self.balance is None else self.balance.value()[0]
+
+    @property
+    def last_stats(self) -> MoEStats | None:
+        return None if self.balance is None else self.balance.value()[1]
 
     def set_dispatcher(self, dispatcher) -> None:
         self.dispatcher = dispatcher
@@ -66,27 +74,13 @@ class MoE(nn.Module):
 
         started = self.dispatcher.start(h)  # e.g. the token rows leave while the router runs
         routing = self.router(h)
-        self.aux_loss = self._balancing(routing, num_sequences)
+        self.balance = balancing.Balance(routing, cfg, num_sequences)
         if self.training and cfg.bias_update_rate > 0:
             self.router.load_since_update += expert_counts(routing.chosen_idx, cfg.num_experts)
 
         shared = self._shared_output if self.shared is not None else None
         out = self.dispatcher(h, routing.topk_idx, routing.topk_weight, self.experts, shared, started)
         return out.view(shape)
-
-    def _balancing(self, routing, num_sequences: int) -> torch.Tensor:
-        cfg = self.config
-        probs = normalized_scores(routing.scores, cfg.score_func)
-        zero = routing.logits.new_zeros(())
-        topk = cfg.router_type == "topk"
-        # Losses use each token's choices before capacity drops (what the router asked for).
-        chosen = routing.chosen_idx
-        aux = balancing.load_balance_loss(chosen, probs, cfg.num_experts) if topk else zero
-        seq_aux = (balancing.load_balance_loss(chosen, probs, cfg.num_experts, num_sequences)
-                   if topk and cfg.seq_aux_loss_coef > 0 else zero)
-        zl = balancing.z_loss(routing.logits) if cfg.z_loss_coef > 0 else zero
-        self.last_stats = compute_stats(routing, probs, aux, seq_aux, zl, expert_choice=not topk)
-        return cfg.aux_loss_coef * aux + cfg.seq_aux_loss_coef * seq_aux + cfg.z_loss_coef * zl
 
     @torch.no_grad()
     def update_expert_bias(self, reduce_load=None) -> None:

@@ -123,3 +123,49 @@ def test_bias_update_uses_reduced_load():
     assert layer.router.expert_bias[0].item() == pytest.approx(-0.1)
     assert torch.allclose(layer.router.expert_bias[1:], torch.full((7,), 0.1))
     assert layer.router.expert_bias.dtype == torch.float32
+
+
+def stats_dict(layer):
+    return {k: torch.as_tensor(v) for k, v in layer.last_stats.to_dict().items()}
+
+
+# A forward without autograd keeps its routing and computes the balancing losses and statistics
+# only when read; they must be those the forward would have computed at once.
+@pytest.mark.parametrize("kw", [
+    dict(z_loss_coef=0.05, seq_aux_loss_coef=0.4),
+    dict(score_func="sigmoid", capacity_factor=1.0, num_groups=2, topk_groups=1),
+    dict(router_type="expert_choice", capacity_factor=1.0),
+])
+def test_no_grad_forward_defers_the_same_balancing(kw, monkeypatch):
+    from moekit.moe import balancing
+    layer = make_layer(seed=5, aux_loss_coef=0.3, **kw)
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    layer(x)
+    eager_stats, eager_aux = stats_dict(layer), layer.aux_loss.detach()
+    assert not layer.balance.deferred
+    calls = []
+    computed = balancing.layer_balance
+    monkeypatch.setattr(balancing, "layer_balance", lambda *a: calls.append(1) or computed(*a))
+    with torch.no_grad():
+        out = layer(x)
+    assert layer.balance.deferred and calls == []  # nothing computed during the forward
+    assert torch.equal(layer.aux_loss, eager_aux) and len(calls) == 1
+    assert not layer.aux_loss.requires_grad
+    deferred = stats_dict(layer)
+    assert deferred.keys() == eager_stats.keys()
+    for name, value in eager_stats.items():
+        assert torch.equal(deferred[name], value), name
+    # The kept routing is this forward's: another input gives its own statistics.
+    with torch.no_grad():
+        layer(2 * x + 1)
+    assert not torch.equal(stats_dict(layer)["router_entropy"], eager_stats["router_entropy"])
+    assert out.shape == x.shape
+
+
+def test_grad_forward_computes_balancing_in_the_graph():
+    layer = make_layer(aux_loss_coef=0.5)
+    x = torch.randn(12, 16, dtype=torch.float64)
+    layer(x)
+    assert not layer.balance.deferred
+    layer.aux_loss.backward()
+    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0

@@ -25,13 +25,13 @@ def routing_meta(topk_idx: torch.Tensor, num_experts: int) -> RoutingMeta:
     """Counting-sort metadata of ``topk_idx`` [T, K]; -1 (no expert) sorts after every expert."""
     if topk_idx.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"routed_experts: topk_idx must be int64 or int32, got {topk_idx.dtype}")
-    flat = topk_idx.reshape(-1)
+    flat = topk_idx.reshape(-1).long()  # int64, what scatter_add_ indexes with (top-k's: no copy)
     # Checked on the device: an out-of-range index would make the kernels read out of bounds.
-    torch._assert_async(((flat >= -1) & (flat < num_experts)).all(),
+    torch._assert_async((flat.clamp(-1, num_experts - 1) == flat).all(),
                         f"routed_experts: topk_idx entries must lie in [-1, {num_experts})")
-    key = torch.where(flat < 0, num_experts, flat).to(torch.int32)
+    key = flat.remainder(num_experts + 1)  # -1 (no expert) -> num_experts: after every expert
     counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
-    counts.scatter_add_(0, key.long(), torch.ones_like(key))
+    counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
     order = torch.sort(key, stable=True).indices.to(torch.int32)
     return RoutingMeta(counts[:num_experts], order, num_experts, topk_idx.shape[1])
 
