@@ -60,8 +60,10 @@ def _block_quantize_kernel(
     if TRANSPOSED:
         # Also each [M, K] matrix's transpose [K, M] (a tile never spans two matrices: M is a
         # multiple of TILE_R); the byte tile is transposed on chip so both stores are contiguous.
+        # The compiler cannot see that base (r0 % M above all) is a multiple of TILE_R: without
+        # the hint it stores the transposed tile one byte at a time.
         r0 = program_id(0, INDEX_64) * TILE_R
-        base = (r0 // M).to(tl.int64) * K * M + (r0 % M)
+        base = tl.multiple_of((r0 // M).to(tl.int64) * K * M + (r0 % M), TILE_R)
         offs_t = tl.arange(0, TILE_R)
         mask_t = None if EVEN else (offs_k[:, None] < K) & (r0 + offs_t[None, :] < R)
         tl.store(data_t_ptr + base + offs_k[:, None].to(tl.int64) * M + offs_t[None, :], tl.trans(elems),
