@@ -166,7 +166,7 @@ def test_quantize_both_writes_the_transpose_in_the_same_pass(make_input, assert_
         fp8_block.quantize_both(w, (1, 128))
 
 
-@pytest.mark.parametrize("block", [(128, 128), (32, 32)])
+@pytest.mark.parametrize("block", [(128, 128), (32, 32), (4, 4), (2, 2)])  # (2, 2): two passes, no words
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_quantize_both_other_square_blocks(make_input, assert_same_bits, assert_same_values, block, dtype):
     w = make_input((3, 2 * block[0], 4 * block[0]), dtype, 14)
