@@ -148,10 +148,12 @@ def _block_dequantize_kernel(
     tl.store(out_ptr + offs_r[:, None] * K + offs_k[None, :], tl.reshape(out, (TILE_R, TILE_K)), mask=mask)
 
 
-def _tiles(block: tuple[int, int]) -> dict:
-    """A tile holds whole blocks: several rows of 1-row blocks, else exactly one row of blocks."""
+def _tiles(block: tuple[int, int], interpreting: bool = INTERPRETING) -> dict:
+    """A tile holds whole blocks: several rows of 1-row blocks, else exactly one row of blocks.
+    (`interpreting`: the interpreter's small tiles, or the GPU's, which the sm_90 builds of
+    benchmarks/compile_check_moe_fp8.py ask for.)"""
     br, bc = block
-    if INTERPRETING:
+    if interpreting:
         return {"TILE_R": br if br > 1 else 16, "TILE_K": bc if bc > 64 else 2 * bc, "num_warps": 4}
     return {"TILE_R": br if br > 1 else 32, "TILE_K": bc if bc >= 128 else 128, "num_warps": 8}
 
