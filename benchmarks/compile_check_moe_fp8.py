@@ -32,11 +32,19 @@ DTYPE_NAME = "bfloat16"  # of the recorded inputs
 def gpu_kinds(launch: dict) -> dict:
     """The launch as the GPU makes it: the interpreter's launches pass EMULATE_RNE=True (float32
     rounding arithmetic before every FP8 cast, which the GPU's cvt.rn.satfinite does itself), so
-    a build of those constexprs is not the GPU's binary (more instructions and registers)."""
+    a build of those constexprs is not the GPU's binary (more instructions and registers). The
+    plain block-quantize kernel also takes smaller tiles and fewer warps in the interpreter."""
     kinds = dict(launch["kinds"])
     if "EMULATE_RNE" in kinds:
         kinds["EMULATE_RNE"] = ["bool", False]
-    return dict(launch, kinds=kinds)
+    options = launch["options"]
+    if launch["name"] == "_block_quantize_kernel":
+        from moekit.quant.fp8_block.triton import _tiles
+
+        tiles = _tiles((kinds["BLOCK_ROWS"][1], kinds["BLOCK_COLS"][1]), interpreting=False)
+        kinds["TILE_R"], kinds["TILE_K"] = ["int", tiles["TILE_R"]], ["int", tiles["TILE_K"]]
+        options = dict(options, num_warps=tiles["num_warps"])
+    return dict(launch, kinds=kinds, options=options)
 
 
 def record(path: str, recipes: list[str]) -> None:

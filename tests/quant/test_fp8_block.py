@@ -166,6 +166,30 @@ def test_quantize_both_writes_the_transpose_in_the_same_pass(make_input, assert_
         fp8_block.quantize_both(w, (1, 128))
 
 
+@pytest.mark.parametrize("block", [(128, 128), (32, 32), (4, 4), (2, 2)])  # (2, 2): two passes, no words
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_both_other_square_blocks(make_input, assert_same_bits, assert_same_values, block, dtype):
+    w = make_input((3, 2 * block[0], 4 * block[0]), dtype, 14)
+    t, t_t = fp8_block.quantize_both(w, block, "e5m2", backend="triton")
+    want, want_t = reference.quantize(w, block, "e5m2"), reference.quantize(w.transpose(1, 2), block, "e5m2")
+    assert_same_bits(t.data, want.data)
+    assert_same_bits(t_t.data, want_t.data)
+    assert_same_values(t_t.scale, want_t.scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("elem", ELEMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_quantize_both_matches_reference(make_input, assert_same_bits, assert_same_values, dtype, elem):
+    w = make_input((3, 512, 1024 + 128), dtype, 32).cuda()
+    t, t_t = fp8_block.quantize_both(w, elem=elem, backend="triton")
+    want, want_t = (reference.quantize(v, (128, 128), elem) for v in (w, w.transpose(1, 2)))
+    for got, ref in ((t, want), (t_t, want_t)):
+        assert_same_bits(got.data, ref.data)
+        assert_same_values(got.scale, ref.scale)
+
+
 def test_int64_offset_path_matches_reference(monkeypatch, make_input, assert_same_bits, assert_same_values):
     """Inputs past 2^31 elements take int64 offsets (too large to test directly): forced on here."""
     from moekit.quant.fp8_block import triton as block_triton
