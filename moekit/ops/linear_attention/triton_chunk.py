@@ -488,19 +488,13 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
     dk (summed in float32, rounded once on the way out), writes dv and dbeta, adds into dg.
 
     dT = dw (beta e^{gc} k)^T + du (beta v)^T, dA = -T^T dT T^T, E = dA e^{gc_i - gc_j} (strictly
-    lower). A's gradient reaches dk as diag(beta) E k + F^T k, F = diag(beta) E: F goes out through
-    f_buf and comes back transposed (no computed tile is transposed). The same products give
-    beta's and the gate's gradients through A without a k k^T Gram tile: sum_j E_ij k_i.k_j is
-    k_i.(E k)_i and sum_m F_mi k_m.k_i is k_i.(F^T k)_i (the Gram tile, held from dT's loop to
-    the end, kept the kernel above 250 registers; without it, it fits a 168 cap: 3 CTAs per SM).
+    lower). A's gradient reaches dk as F k + F^T k, F = diag(beta) E: F goes out through f_buf and
+    comes back transposed (no computed tile is transposed), so S = F + F^T takes one product.
 
-    Operands in the input dtype except the products of the float32 T with du and with dT, and E's
-    with k, which stay float32 (TF32): in a bf16 emulation rounding them raised dbeta's error by a
-    quarter (and dv's by 15%) with correlated keys. With a gate F^T's product with k is TF32 too
-    (F in float32 scratch): the gate's gradient takes the difference k_i.(beta_i (E k)_i -
-    (F^T k)_i), and rounding F to bf16 took its error from 6.1e-3 to 1.6e-2. T's product with dw
-    (T^T rounded with beta e^{gc} on its rows) did not show. Each K tile of dk is one accumulator
-    through all."""
+    Operands in the input dtype except the products of the float32 T with du and with dT, which
+    stay float32 (TF32): in a bf16 emulation rounding them raised dbeta's error by a quarter (and
+    dv's by 15%) with correlated keys; T's product with dw (T^T rounded with beta e^{gc} on its
+    rows) and S's with k did not show. Each K tile of dk is one accumulator through both."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -513,19 +507,12 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
     dt = k.dtype.element_ty
     b_tt = tl.load(T_in + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)  # T^T
     # dT = (du v^T + (dw k^T) diag(e^gc)) diag(beta): the column scales go on the sums, so k and v
-    # enter the products as loaded (no float32 copy, no rounding of a scaled copy); the K loop runs
-    # first so that e^gc scales its part alone. The diagonal of X = T^T dT before beta's scale is
-    # beta's own gradient through u and w, sum_j (T^T du)_ij v_ij + e^gc_i sum_j (T^T dw)_ij k_ij,
-    # so no tile of v or k is read again for it; the gate's is the second term alone, read off
-    # dk's product T^T dw below.
+    # enter the products as loaded (no float32 copy, no rounding of a scaled copy). The diagonal of
+    # X = T^T dT before beta's scale is beta's own gradient through u and w, sum_j (T^T du)_ij v_ij
+    # + e^gc_i sum_j (T^T dw)_ij k_ij, so no tile of v or k is read again for it (the gate's takes
+    # the second term alone: one more product, T^T with dT's K part). The V loop comes first: k k^T
+    # (beta's and the gate's gradients through A) is formed in the K loop from the same k^T tiles.
     b_dt = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        rk = i_k * BK + tl.arange(0, BK)
-        mk = rk < K
-        b_dt += tl.dot(_load_rows(dw + i_h * K, t, mt, rk, mk, H * K), _load_cols(k + i_h * K, t, mt, rk, mk, H * K),
-                       input_precision=PRECISION)
-    if USE_G:
-        b_dt = b_dt * tl.exp(b_g)[None, :]
     for i_v in range(tl.cdiv(V, BV)):
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
@@ -534,37 +521,43 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
         b_dvb = tl.dot(b_tt, b_du.to(tl.float32), input_precision=PRECISION)
         tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
+    b_dtk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        mk = rk < K
+        b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
+        b_dtk += tl.dot(_load_rows(dw + i_h * K, t, mt, rk, mk, H * K), b_kt, input_precision=PRECISION)
+        b_kk += tl.dot(_load_rows(k + i_h * K, t, mt, rk, mk, H * K), b_kt, input_precision=PRECISION)
     diag = rt[:, None] == rt[None, :]
-    b_x = tl.dot(b_tt, b_dt, input_precision=PRECISION)
+    if USE_G:
+        b_dtk = b_dtk * tl.exp(b_g)[None, :]
+        b_dg = b_beta * tl.sum(tl.where(diag, tl.dot(b_tt, b_dtk, input_precision=PRECISION), 0.0), axis=1)
+    b_x = tl.dot(b_tt, b_dt + b_dtk, input_precision=PRECISION)
     b_dbeta = tl.sum(tl.where(diag, b_x, 0.0), axis=1)
     b_da = -tl.dot(b_x * b_beta[None, :], b_tt, input_precision=PRECISION)
-    # the row scale goes on T^T before its rounding: dk's term diag(beta e^gc) T^T dw
-    b_tts = (b_tt * (b_beta * tl.exp(b_g))[:, None]).to(dt)
     strict = (rt[:, None] > rt[None, :]) & mt[:, None]
     if USE_G:
         b_e = _decayed(b_da, strict, b_g[:, None], b_g[None, :])
     else:
         b_e = tl.where(strict, b_da, 0.0)
-    tl.store(f_buf + (t[:, None] * H + i_h) * BT + rt[None, :], (b_e * b_beta[:, None]).to(f_buf.dtype.element_ty),
-             mask=mt[:, None])
-    tl.debug_barrier()
-    b_ft = tl.load(f_buf + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)
+    b_ekk = b_e * b_kk  # beta's and the gate's gradients through A
+    b_dbeta += tl.sum(b_ekk, axis=1)
     if USE_G:
-        b_dg = tl.zeros([BT], dtype=tl.float32)
+        b_dg += b_beta * tl.sum(b_ekk, axis=1) - tl.sum(b_ekk * b_beta[:, None], axis=0)
+    # F is strictly lower, so F and F^T share no element: rounding each to the input dtype is
+    # rounding S, and the scratch round trip moves 16-bit values
+    b_f = (b_e * b_beta[:, None]).to(dt)
+    tl.store(f_buf + (t[:, None] * H + i_h) * BT + rt[None, :], b_f, mask=mt[:, None])
+    tl.debug_barrier()
+    b_s = b_f + tl.load(f_buf + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)
+    # dk += diag(beta e^gc) T^T dw + S k: one accumulator, the row scale on T^T before its rounding
+    b_tts = (b_tt * (b_beta * tl.exp(b_g))[:, None]).to(dt)
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
         mk = rk < K
-        b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
-        b_ek = tl.dot(b_e, b_k.to(tl.float32), input_precision=PRECISION)  # beta's term through A
-        b_dbeta += tl.sum(b_k.to(tl.float32) * b_ek, axis=1)
-        b_dk = tl.dot(b_tts, _load_rows(dw + i_h * K, t, mt, rk, mk, H * K), b_ek * b_beta[:, None],
-                      input_precision=PRECISION)
-        if USE_G:  # k_i.(diag(beta e^gc) T^T dw)_i is the gate's term through w
-            b_fk = tl.dot(b_ft, b_k.to(tl.float32), input_precision=PRECISION)
-            b_dg += tl.sum(b_k.to(tl.float32) * (b_dk - b_fk), axis=1)
-            b_dk += b_fk
-        else:
-            b_dk = tl.dot(b_ft, b_k, b_dk, input_precision=PRECISION)
+        b_dk = tl.dot(b_s, _load_rows(k + i_h * K, t, mt, rk, mk, H * K), input_precision=PRECISION)
+        b_dk = tl.dot(b_tts, _load_rows(dw + i_h * K, t, mt, rk, mk, H * K), b_dk, input_precision=PRECISION)
         out = (t[:, None] * H + i_h) * K + rk[None, :]
         m_out = mt[:, None] & mk[None, :]
         tl.store(dk + out, (tl.load(dk + out, mask=m_out, other=0.0) + b_dk).to(dk.dtype.element_ty),
@@ -689,8 +682,7 @@ def wy_bwd(k, v, beta, gc, T, dw, du, dk, dg, chunks: Chunks, v_dtype):
     V = v.shape[-1]
     dv = torch.empty(tokens, H, V, dtype=v_dtype, device=k.device)
     dbeta = torch.empty(tokens, H, dtype=torch.float32, device=k.device)
-    # scratch: F, read back transposed; float32 with a gate (its gradient reads F^T k, see the kernel)
-    f_buf = torch.empty(T.shape, dtype=torch.float32 if gc is not None else k.dtype, device=k.device)
+    f_buf = torch.empty(T.shape, dtype=k.dtype, device=k.device)  # scratch: F, read back transposed
     _wy_bwd_kernel[(chunks.num_chunks, H)](
         k, v, beta, gc, T, dw, du, dk, dv, dbeta, dg, f_buf, chunks.start, chunks.end, H=H, K=K, V=V,
         BT=chunks.size,

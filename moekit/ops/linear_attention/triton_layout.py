@@ -41,17 +41,13 @@ CHUNK_SIZES = (16, 32, 64)
 # two CTAs per SM, without spills in sm_90 builds. The WY forward (4 warps, 32 KB shared) takes
 # 176 registers uncapped, two CTAs per SM; capped at 168 it builds to 166 without spills (sm_90,
 # bf16, K = V = 128), three CTAs per SM: more warps to hide its serial inverse's latency.
-# The WY backward, without a k k^T tile held through it, builds to 168 registers at that cap on
-# 32-wide K and V tiles (sm_90 bf16 K = V = 128; scalar spills of 16 B delta, 56 B gated, each
-# stored and loaded once, none in a loop): three CTAs of 4 warps per SM, 48 KB shared each
-# (uncapped on 64-wide tiles it took 241-255 registers, two CTAs). From counts, not yet a GPU sweep.
 LAUNCH: dict[str, dict] = {
     "*": {"num_warps": 4},
     "state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
     "state_bwd": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "dqk": {"num_warps": 4, "num_stages": 2},
     "wy_fwd": {"num_warps": 4, "num_stages": 1, "maxnreg": 168},
-    "wy_bwd": {"num_warps": 4, "num_stages": 1, "BK": 32, "BV": 32, "maxnreg": 168},
+    "wy_bwd": {"num_warps": 4, "num_stages": 1, "BK": 64, "BV": 64},
     "dv_local_delta": {"num_warps": 8, "num_stages": 3, "BV": 128},
     "dqk_delta": {"num_warps": 8, "num_stages": 2, "maxnreg": 128},
     "state_fwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},
