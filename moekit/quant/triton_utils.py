@@ -78,6 +78,48 @@ def encode_fp8(q, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_NOR
 
 
 @triton.jit
+def encode_fp8_satfinite(q, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr,
+                         MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """FP8 bytes of block-scaled values `q`, saturating (cvt.rn.satfinite on the GPU, so no clamp); NaN
+    encodes as 0x7F, so a non-finite block can be marked by a NaN scale factor instead of a select
+    per byte."""
+    if EMULATE_RNE:  # the interpreter's casts do not know NaN
+        elems = encode_fp8(q, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
+        return tl.where(q != q, 0x7F, elems).to(tl.uint8)
+    elif E5M2:
+        return q.to(tl.float8e5).to(tl.uint8, bitcast=True)
+    else:
+        return q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+
+
+@triton.jit
+def encode_fp8_words(q0, q1, q2, q3, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr,
+                     MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """The FP8 bytes of four `encode_fp8_satfinite` inputs as int32 words, byte j from `qj`
+    (little-endian).
+
+    On the GPU two cvt.rn.satfinite x2 instructions write the word directly; through Triton's casts
+    the bytes would come out paired along the tensors' last axis and need shifting back into words.
+    """
+    if EMULATE_RNE:
+        word = encode_fp8_satfinite(q0, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, True).to(tl.int32)
+        word |= encode_fp8_satfinite(q1, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, True).to(tl.int32) << 8
+        word |= encode_fp8_satfinite(q2, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, True).to(tl.int32) << 16
+        return word | (encode_fp8_satfinite(q3, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, True).to(tl.int32)
+                       << 24)
+    elif E5M2:  # cvt puts its first source in the high byte
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi;\n cvt.rn.satfinite.e5m2x2.f32 lo, $2, $1;\n"
+            " cvt.rn.satfinite.e5m2x2.f32 hi, $4, $3;\n mov.b32 $0, {lo, hi}; }",
+            "=r,f,f,f,f", [q0, q1, q2, q3], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi;\n cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;\n"
+            " cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;\n mov.b32 $0, {lo, hi}; }",
+            "=r,f,f,f,f", [q0, q1, q2, q3], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def decode_fp8(b, E5M2: tl.constexpr):
     """FP8 bytes (uint8) -> float32, NaN and Inf included."""
     mag = b & 0x7F

@@ -16,13 +16,14 @@ import triton.language as tl
 
 from moekit.quant.formats import check_input, element_format
 from moekit.quant.fp8_block.reference import ACTIVATION_BLOCK, MIN_SCALE, check_block
-from moekit.quant.mxfp8.triton import _encode, _encode_word
 from moekit.quant.tensors import BlockScaledTensor
 from moekit.quant.triton_utils import (
     INTERPRETING,
     as_bytes,
     decode_fp8,
     encode_fp8,
+    encode_fp8_satfinite,
+    encode_fp8_words,
     kernel_input,
     load_as_float32,
     needs_index_64,
@@ -108,7 +109,7 @@ def _block_quantize_both_kernel(
     q = x * inv_scale
     # Row-major bytes stored in pairs: a [BLOCK, BLOCK / 2] store like the bfloat16 load, which
     # gets the load's layout (a [BLOCK, BLOCK] byte store got its own, and a conversion).
-    lo, hi = tl.split(tl.reshape(_encode(q, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE),
+    lo, hi = tl.split(tl.reshape(encode_fp8_satfinite(q, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE),
                                  (BLOCK, BLOCK // 2, 2)))
     tl.store(data_ptr + offs_r[:, None] * (K // 2) + offs_p[None, :], lo.to(tl.int16) | (hi.to(tl.int16) << 8))
 
@@ -118,7 +119,7 @@ def _block_quantize_both_kernel(
     q_even, q_odd = tl.split(tl.reshape(q, (S, ROW_GROUP, BLOCK, 2, 2)))
     q0, q2 = tl.split(q_even)
     q1, q3 = tl.split(q_odd)
-    words = tl.reshape(_encode_word(q0, q1, q2, q3, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE),
+    words = tl.reshape(encode_fp8_words(q0, q1, q2, q3, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE),
                        (BLOCK // 4, BLOCK))
     # Word w of row k of matrix r0 // M's transpose: the compiler cannot see that the base is a
     # multiple of BLOCK / 4 words (r0 % M above all); without the hint the stores are not vectors.

@@ -32,7 +32,8 @@ from moekit.quant.triton_utils import (
     INTERPRETING,
     as_bytes,
     decode_fp8,
-    encode_fp8,
+    encode_fp8_satfinite,
+    encode_fp8_words,
     kernel_input,
     needs_index_64,
     program_id,
@@ -60,45 +61,6 @@ def _block_scale(amax_bits, EMAX: tl.constexpr, RCEIL: tl.constexpr):
 @triton.jit
 def _magnitude_bits(x):
     return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-
-
-@triton.jit
-def _encode(q, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr,
-            E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """FP8 bytes of x times its `_block_scale` factor (`q`; NaN throughout non-finite blocks: 0x7F)."""
-    if EMULATE_RNE:  # the interpreter's casts do not know NaN
-        elems = encode_fp8(q, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
-        return tl.where(q != q, 0x7F, elems).to(tl.uint8)
-    elif E5M2:
-        return q.to(tl.float8e5).to(tl.uint8, bitcast=True)
-    else:
-        return q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-
-
-@triton.jit
-def _encode_word(q0, q1, q2, q3, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr,
-                 MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """The FP8 bytes of four `_encode` inputs as int32 words, byte j from `qj` (little-endian).
-
-    On the GPU two cvt.rn.satfinite x2 instructions write the word directly; through Triton's casts
-    the bytes would come out paired along the tensors' last axis and need shifting back into words.
-    """
-    if EMULATE_RNE:
-        word = _encode(q0, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE).to(tl.int32)
-        word |= _encode(q1, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE).to(tl.int32) << 8
-        word |= _encode(q2, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE).to(tl.int32) << 16
-        return word | (_encode(q3, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2,
-                               EMULATE_RNE).to(tl.int32) << 24)
-    elif E5M2:  # cvt puts its first source in the high byte
-        return tl.inline_asm_elementwise(
-            "{ .reg .b16 lo, hi;\n cvt.rn.satfinite.e5m2x2.f32 lo, $2, $1;\n"
-            " cvt.rn.satfinite.e5m2x2.f32 hi, $4, $3;\n mov.b32 $0, {lo, hi}; }",
-            "=r,f,f,f,f", [q0, q1, q2, q3], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        return tl.inline_asm_elementwise(
-            "{ .reg .b16 lo, hi;\n cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;\n"
-            " cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;\n mov.b32 $0, {lo, hi}; }",
-            "=r,f,f,f,f", [q0, q1, q2, q3], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -204,7 +166,8 @@ def _mx_quantize_kernel(
         if IS_BF16:  # the larger half, as the float32 bits of a bfloat16
             amax = tl.maximum(amax & 0xFFFF, amax >> 16) << 16
         factor, scale = _block_scale(amax, EMAX, RCEIL)
-        elems = _encode(xr * factor[:, :, None], MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE)
+        elems = encode_fp8_satfinite(xr * factor[:, :, None], MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2,
+                                     EMULATE_RNE)
         _store(row_data_ptr + offs_m[:, None] * K + offs_k[None, :], tl.reshape(elems, (BLOCK_M, BLOCK_K)),
                mask, EVEN)
         offs_kb = pid_k * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
@@ -226,8 +189,8 @@ def _mx_quantize_kernel(
                                             (BLOCK_M // (4 * ROW_GROUP), ROW_GROUP // 8, 8, BLOCK_K, 2, 2)))
         q0, q2 = tl.split(q_even)
         q1, q3 = tl.split(q_odd)
-        words = tl.reshape(_encode_word(q0, q1, q2, q3, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE),
-                           (BLOCK_M // 4, BLOCK_K))
+        words = tl.reshape(encode_fp8_words(q0, q1, q2, q3, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2,
+                                            EMULATE_RNE), (BLOCK_M // 4, BLOCK_K))
         offs_w = m0 // 4 + tl.arange(0, BLOCK_M // 4)
         _store(col_data_ptr + offs_k[:, None] * (M // 4) + offs_w[None, :], tl.trans(words),
                (offs_k[:, None] < K) & (offs_w[None, :] < M // 4), EVEN)
