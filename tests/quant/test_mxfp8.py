@@ -45,11 +45,13 @@ def test_one_pass_kernel_matches_reference(make_input, assert_same_bits, dtype, 
                 assert_same_bits(buf, _bytes(expected[name]))
 
 
-# (BLOCK_M, BLOCK_K, num_warps, GROUP_M): row groups of 8, 16 and 32 rows, one or several per
-# tile, tiles taller / wider than the input (masked edges); tile orders K-major and in groups of
-# row bands, the last group shorter (3 and 4 row bands of 32 in groups of 2, 4 and 8).
-TILES = [(32, 32, 4, 2), (64, 64, 2, 1), (128, 64, 4, 2), (128, 128, 1, 1), (64, 256, 4, 1), (32, 64, 2, 8),
-         (32, 64, 2, 4)]
+# (BLOCK_M, BLOCK_K, num_warps, GROUP_M, PAIRED): row groups of 8, 16 and 32 rows, one or several
+# per tile, tiles taller / wider than the input (masked edges); tile orders K-major and in groups
+# of row bands, the last group shorter (3 and 4 row bands of 32 in groups of 2, 4 and 8). The
+# paired data path (bfloat16 only): one and two 64-column halves, one to eight 32-row warps.
+TILES = [(32, 32, 4, 2, False), (64, 64, 2, 1, False), (128, 64, 4, 2, False), (128, 128, 1, 1, False),
+         (64, 256, 4, 1, False), (32, 64, 2, 8, False), (32, 64, 2, 4, False), (128, 128, 8, 1, True),
+         (256, 64, 8, 1, True), (128, 64, 4, 2, True), (32, 128, 1, 1, True)]
 
 
 @pytest.mark.parametrize("tile", TILES)
@@ -57,9 +59,12 @@ def test_one_pass_kernel_tile_shapes(make_input, assert_same_bits, tile):
     """Every tile split the kernel may use (its row permutation depends on the tile) is exact."""
     from moekit.quant.mxfp8 import triton as mx_triton
 
-    block_m, block_k, warps, group_m = tile
-    tiles = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps, "GROUP_M": group_m}
-    for seed, (shape, dtype) in enumerate([((96, 160), torch.bfloat16), ((128, 96), torch.float32)]):
+    block_m, block_k, warps, group_m, paired = tile
+    tiles = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps, "GROUP_M": group_m, "PAIRED": paired}
+    cases = [((96, 160), torch.bfloat16), ((128, 96), torch.float32)]
+    if paired:  # one input the tile divides (EVEN: no masks), one it does not
+        cases = [((96, 160), torch.bfloat16), ((256, 128), torch.bfloat16)]
+    for seed, (shape, dtype) in enumerate(cases):
         x = make_input(shape, dtype, 30 + seed)
         rows, cols = reference.quantize_both(x, "e4m3", "rceil")
         expected = {"row_data": rows.data, "row_scale": rows.scale,
@@ -72,14 +77,66 @@ def test_one_pass_kernel_tile_shapes(make_input, assert_same_bits, tile):
             assert_same_bits(buf, _bytes(expected[name]))
 
 
+@pytest.mark.parametrize("scale_mode", MODES)
+@pytest.mark.parametrize("elem", ELEMS)
+def test_paired_path_formats(make_input, assert_same_bits, elem, scale_mode):
+    """The paired data path in every element type and scale mode, masked and not."""
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    tiles = {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 2, "PAIRED": True}
+    for seed, shape in enumerate([(64, 128), (96, 224)]):
+        x = make_input(shape, torch.bfloat16, 50 + seed)
+        rows, cols = reference.quantize_both(x, elem, scale_mode)
+        expected = {"row_data": rows.data, "row_scale": rows.scale,
+                    "col_data": cols.data.t(), "col_scale": cols.scale.t()}
+        out = mx_triton.empty_outputs(*shape, True, True, elem, x.device)
+        for buf in out.values():
+            buf.fill_(POISONS[seed])
+        mx_triton.launch_quantize(x, out, elem, scale_mode, tiles)
+        for name, buf in out.items():
+            assert_same_bits(buf, _bytes(expected[name]))
+
+
+def test_paired_path_reads_unaligned_views(make_input, assert_same_bits):
+    """A bfloat16 view at an odd element offset cannot be read as int32 pairs: it is copied first."""
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    base = make_input((64, 129), torch.bfloat16, 60)
+    x = base[:, 1:97]  # odd offset, odd row stride
+    rows, cols = reference.quantize_both(x, "e4m3", "floor")
+    out = mx_triton.empty_outputs(64, 96, True, True, "e4m3", x.device)
+    mx_triton.launch_quantize(x, out, "e4m3", "floor", {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 1, "PAIRED": True})
+    for name, want in [("row_data", rows.data), ("row_scale", rows.scale), ("col_data", cols.data.t()),
+                       ("col_scale", cols.scale.t())]:
+        assert_same_bits(out[name], _bytes(want))
+
+
+def test_paired_path_rejects_what_it_cannot_do(make_input):
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    tiles = {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 1, "PAIRED": True}
+    x = make_input((32, 64), torch.float32, 61)
+    with pytest.raises(ValueError, match="PAIRED tiles need both layouts of bfloat16"):
+        mx_triton.launch_quantize(x, mx_triton.empty_outputs(32, 64, True, True, "e4m3", x.device), "e4m3", "floor",
+                                  tiles)
+    x = x.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="PAIRED tiles need"):
+        mx_triton.launch_quantize(x, mx_triton.empty_outputs(32, 64, True, False, "e4m3", x.device), "e4m3", "floor",
+                                  tiles)
+    with pytest.raises(ValueError, match="BLOCK_K >= 64"):
+        mx_triton.launch_quantize(x, mx_triton.empty_outputs(32, 64, True, True, "e4m3", x.device), "e4m3", "floor",
+                                  dict(tiles, BLOCK_K=32))
+
+
 def test_tile_order_past_the_grid_limit():
     """Groups of row bands grow (by doubling) only as far as CUDA's 65535 limit on the grid's
     second axis needs, for tuned and hand-picked tiles alike; the grid covers every tile."""
     from moekit.quant.mxfp8 import triton as mx_triton
 
     configs = [mx_triton._config(64, 64, 2), mx_triton._config(64, 64, 2, group_m=16)]
-    assert mx_triton._fit_groups(configs, {"M": 64 * 65535, "K": 64}) == configs
-    fitted = mx_triton._fit_groups(configs, {"M": 64 * 65535 + 1, "K": 64})
+    flags = {"ROWWISE": True, "COLWISE": True, "IS_BF16": True}
+    assert mx_triton._fit_groups(configs, {"M": 64 * 65535, "K": 64}, **flags) == configs
+    fitted = mx_triton._fit_groups(configs, {"M": 64 * 65535 + 1, "K": 64}, **flags)
     assert [c.kwargs["GROUP_M"] for c in fitted] == [2, 16]
     assert (fitted[0].num_warps, fitted[0].kwargs["BLOCK_M"]) == (2, 64)
     for m, k, group, want in [(64 * 65535 * 3, 96, 1, 4), (100, 96, 8, 8), (64 * 4 * 65535 + 64, 64, 4, 8)]:
@@ -88,6 +145,21 @@ def test_tile_order_past_the_grid_limit():
         assert got == want
         n_k, groups = mx_triton._grid(m, k, dict(tiles, GROUP_M=got))
         assert groups <= 65535 and n_k == got * -(-k // 64) and groups * got >= -(-m // 64)
+
+
+def test_paired_tiles_fall_back_where_they_do_not_apply():
+    """Autotune candidates: the paired tiles stay paired for both layouts of bfloat16 and run the
+    general path otherwise, a tile the list already holds dropped."""
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    configs = [mx_triton._config(128, 128, 8, paired=True), mx_triton._config(256, 64, 8, paired=True),
+               mx_triton._config(128, 128, 8)]
+    assert mx_triton._fit_groups(configs, {"M": 4096, "K": 4096}, ROWWISE=True, COLWISE=True, IS_BF16=True) == configs
+    for flags in ({"ROWWISE": True, "COLWISE": True, "IS_BF16": False},
+                  {"ROWWISE": False, "COLWISE": True, "IS_BF16": True}):
+        fitted = mx_triton._fit_groups(configs, {"M": 4096, "K": 4096}, **flags)
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["PAIRED"]) for c in fitted] == [
+            (128, 128, False), (256, 64, False)]
 
 
 @pytest.mark.parametrize("scale_mode", MODES)
@@ -339,7 +411,7 @@ def test_gpu_every_tuned_tile_matches_reference(make_input, assert_same_bits):
             out = mx_triton.empty_outputs(*shape, True, True, "e4m3", x.device)
             for buf in out.values():
                 buf.fill_(POISONS[seed])
-            tiles = {key: config.kwargs[key] for key in ("BLOCK_M", "BLOCK_K", "GROUP_M")}
+            tiles = {key: config.kwargs[key] for key in ("BLOCK_M", "BLOCK_K", "GROUP_M", "PAIRED")}
             tiles["num_warps"] = config.num_warps
             mx_triton.launch_quantize(x, out, "e4m3", "rceil", tiles)
             for name, buf in out.items():
