@@ -108,22 +108,27 @@ def sweep(name: str, make_fn, configs, tile_keys) -> None:
 def order_rows(x, best, exact: dict) -> list:
     """The tile orders side by side (GROUP_M row bands per group; 1 is K-major, all of them M-major,
     the row-only kernel's order before it went K-major): the both-layout kernel at the autotuned tile
-    (128x128/8w when the tile came from the disk cache), the row-only one at ROW_CONFIG. Each order's
-    buffers are checked against the reference; timing rows for the main table."""
+    (the first candidate when the tile came from the disk cache), then, if that tile is paired, the
+    general path's 128x128/8w K-major beside it; the row-only one at ROW_CONFIG. Each order's buffers
+    are checked against the reference; timing rows for the main table."""
     want = mx_ref.quantize_both(x, ELEM, SCALE_MODE)
     want = {"row_data": want[0].data, "row_scale": want[0].scale, "col_data": want[1].data.t(),
             "col_scale": want[1].scale.t()}
     rows = []
-    for colwise, config in ((True, best), (False, mx_triton.ROW_CONFIG)):
-        tile = ({"BLOCK_M": 128, "BLOCK_K": 128, "num_warps": 8} if config is None else
-                {"BLOCK_M": config.kwargs["BLOCK_M"], "BLOCK_K": config.kwargs["BLOCK_K"],
-                 "num_warps": config.num_warps})
+    best = best or mx_triton.BOTH_CONFIGS[0]
+    runs = [(True, best, None), (False, mx_triton.ROW_CONFIG, None)]
+    if best.kwargs["PAIRED"]:
+        runs.insert(1, (True, mx_triton._config(128, 128, 8), (1,)))
+    for colwise, config, orders in runs:
+        tile = {"BLOCK_M": config.kwargs["BLOCK_M"], "BLOCK_K": config.kwargs["BLOCK_K"],
+                "num_warps": config.num_warps, "PAIRED": config.kwargs["PAIRED"]}
         sector = mx_triton._sector_group(tile["BLOCK_M"])
-        for group in (1, sector, 4 * sector, M // tile["BLOCK_M"]):
+        for group in orders or (1, sector, 4 * sector, M // tile["BLOCK_M"]):
             tiles = dict(tile, GROUP_M=group)
             out = mx_triton.empty_outputs(M, K, True, colwise, ELEM, x.device)
             mx_triton.launch_quantize(x, out, ELEM, SCALE_MODE, tiles)
             name = (f"{'mxfp8 both' if colwise else 'mxfp8 row'} {tile['BLOCK_M']}x{tile['BLOCK_K']} "
+                    + ("paired " if tile["PAIRED"] else "general " if colwise else "")
                     + ("K-major" if group == 1 else "M-major" if group == M // tile["BLOCK_M"] else f"group {group}"))
             exact[name] = all(same_bits(buf, want[key].view(torch.uint8)) for key, buf in out.items())
             rows.append((name, mx_launcher(x, True, colwise, tiles), mx_bytes(True, colwise), name))
@@ -132,26 +137,48 @@ def order_rows(x, best, exact: dict) -> list:
 
 @triton.jit
 def _move_only_kernel(x_ptr, row_data_ptr, row_scale_ptr, col_data_ptr, col_scale_ptr, M, K,
-                      COLWISE: tl.constexpr, TILE: tl.constexpr, GROUP_M: tl.constexpr):
-    """The MXFP8 kernel's memory traffic without its arithmetic: square tiles in the same order,
-    writing the same bytes where the MXFP8 kernel would: a byte per element (each bf16's high
-    byte) and a byte per 32-element row block (their maximum). The column outputs get the row-wise
-    tile as it is, at the transposed tile's place (same lines and sectors, no on-chip transpose).
-    M and K divisible by TILE."""
+                      COLWISE: tl.constexpr, SCALES: tl.constexpr, TILE: tl.constexpr, GROUP_M: tl.constexpr):
+    """The MXFP8 kernel's memory traffic without its arithmetic, moved the way its paired data path
+    (`_quantize_both_paired`) moves it: square tiles in the same order, x read as int32 pairs into
+    the same [a, h, j, p] layout, a byte per element (each bf16's high byte) stored as int16 pairs
+    row-wise and as 4-row words column-wise (x^T: the same on-chip transpose), and, with SCALES, a
+    byte per 32-element block each way (the maximum of its high bytes). M and K divisible by TILE."""
     pid_m = tl.program_id(1) * GROUP_M + tl.program_id(0) % GROUP_M
     pid_k = tl.program_id(0) // GROUP_M
     if pid_m >= M // TILE:
         return
-    i = tl.arange(0, TILE)
-    high = (tl.load(x_ptr + (pid_m * TILE + i)[:, None] * K + pid_k * TILE + i[None, :]) >> 8).to(tl.int8)
-    block_max = tl.max(tl.reshape(high, (TILE, TILE // 32, 32)), axis=2)
-    ib = tl.arange(0, TILE // 32)
-    tl.store(row_data_ptr + (pid_m * TILE + i)[:, None] * K + pid_k * TILE + i[None, :], high)
-    tl.store(row_scale_ptr + (pid_m * TILE + i)[:, None] * (K // 32) + pid_k * (TILE // 32) + ib[None, :], block_max)
+    H: tl.constexpr = TILE // 64
+    A: tl.constexpr = TILE // 4
+    S: tl.constexpr = TILE // 32
+    h = tl.arange(0, H)[None, :, None, None]
+    rows = pid_m * TILE + 4 * tl.arange(0, A)[:, None, None, None] + tl.arange(0, 4)[None, None, :, None]
+    pair = pid_k * (TILE // 2) + 32 * h + tl.arange(0, 32)[None, None, None, :]
+    pairs = tl.load(x_ptr + rows * (K // 2) + pair)
+    high_lo, high_hi = (pairs >> 8) & 0xFF, (pairs >> 24) & 0xFF
+    tl.store(row_data_ptr + rows * (K // 2) + pair, (high_lo | (high_hi << 8)).to(tl.int16))
+    if SCALES:
+        block_max = tl.max(tl.reshape(tl.maximum(high_lo, high_hi), (A, H, 4, 2, 16)), axis=4)
+        kb = pid_k * (TILE // 32) + 2 * h + tl.arange(0, 2)[None, None, None, :]
+        tl.store(row_scale_ptr + rows * (K // 32) + kb, block_max.to(tl.uint8))
     if COLWISE:
-        tl.store(col_data_ptr + (pid_k * TILE + i)[:, None] * M + pid_m * TILE + i[None, :], high)
-        tl.store(col_scale_ptr + (pid_k * TILE + i)[:, None] * (M // 32) + pid_m * (TILE // 32) + ib[None, :],
-                 block_max)
+        # [s, a % 8, h, p, 4 rows] -> words; [.., even / odd column] -> [column, word]
+        col_lo = tl.permute(tl.reshape(high_lo, (S, 8, H, 4, 32)), (0, 1, 2, 4, 3)) << tl.arange(0, 4) * 8
+        col_hi = tl.permute(tl.reshape(high_hi, (S, 8, H, 4, 32)), (0, 1, 2, 4, 3)) << tl.arange(0, 4) * 8
+        words = tl.join(tl.reduce(col_lo, 4, _bit_or), tl.reduce(col_hi, 4, _bit_or))
+        offs_k = pid_k * TILE + tl.arange(0, TILE)[:, None]
+        offs_w = pid_m * (TILE // 4) + tl.arange(0, TILE // 4)[None, :]
+        tl.store(col_data_ptr + offs_k * (M // 4) + offs_w,
+                 tl.reshape(tl.permute(words, (2, 3, 4, 0, 1)), (TILE, TILE // 4)))
+        if SCALES:
+            col_max = tl.join(tl.max(tl.max(tl.reshape(high_lo, (S, 8, H, 4, 32)), axis=3), axis=1),
+                              tl.max(tl.max(tl.reshape(high_hi, (S, 8, H, 4, 32)), axis=3), axis=1))
+            tl.store(col_scale_ptr + offs_k * (M // 32) + pid_m * S + tl.arange(0, S)[None, :],
+                     tl.reshape(tl.permute(col_max, (1, 2, 3, 0)), (TILE, S)).to(tl.uint8))
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
 
 
 MOVE_ONLY_TILE, MOVE_ONLY_WARPS = 128, 8
@@ -159,38 +186,35 @@ MOVE_ONLY_TILE, MOVE_ONLY_WARPS = 128, 8
 
 def move_only_rows(x: torch.Tensor) -> list:
     """Timing rows for `_move_only_kernel` (128x128 tiles, 8 warps; K-major and groups of 8 row
-    bands, both layouts and row-only), after a check that it writes what it should: the ceiling of
-    this tiling in Triton. Near the MXFP8 kernel's own figure, the memory pattern is what limits it;
-    far above, its arithmetic (the time each program computes with no loads in flight) is."""
+    bands; both layouts with and without the scale bytes, and row-only), after a check that it
+    writes what it should: the ceiling of this data path in Triton. Near the MXFP8 kernel's own
+    figure, the memory pattern is what limits it; far above, its arithmetic (the time each program
+    computes with no loads in flight) is. Without the scale bytes: what their scattered single-byte
+    stores cost."""
     m, k, tile = *x.shape, MOVE_ONLY_TILE
-    high = (x.view(torch.int16) >> 8).to(torch.int8)
-    block_max = high.reshape(m, k // 32, 32).amax(2)
-
-    def tile_transposed(t: torch.Tensor) -> torch.Tensor:  # tile (a, b) moved to (b, a), its inside kept
-        rows, cols = t.shape
-        t4 = t.reshape(rows // tile, tile, k // tile, cols * tile // k)
-        return t4.permute(2, 1, 0, 3).reshape(k, rows * cols // k)
-
-    want = {"row_data": high, "row_scale": block_max, "col_data": tile_transposed(high),
-            "col_scale": tile_transposed(block_max)}
+    high = ((x.view(torch.int16) >> 8) & 0xFF).to(torch.uint8)
+    want = {"row_data": high, "row_scale": high.reshape(m, k // 32, 32).amax(2), "col_data": high.t(),
+            "col_scale": high.reshape(m // 32, 32, k).amax(1).t()}
     rows = []
-    for colwise in (True, False):
+    for colwise, scales in ((True, True), (True, False), (False, True)):
         for group in (1, mx_triton._sector_group(tile)):
-            out = {name: torch.empty(want[name].shape, dtype=torch.int8, device=x.device)
-                   for name in want if colwise or name.startswith("row")}
+            out = {name: torch.empty(want[name].shape, dtype=torch.uint8, device=x.device)
+                   for name in want if (colwise or name.startswith("row")) and (scales or name.endswith("data"))}
             grid = (group * (k // tile), triton.cdiv(m // tile, group))
 
-            def run(out=out, grid=grid, colwise=colwise, group=group):
-                _move_only_kernel[grid](x.view(torch.int16), out["row_data"], out["row_scale"], out.get("col_data"),
-                                        out.get("col_scale"), m, k, COLWISE=colwise, TILE=tile, GROUP_M=group,
+            def run(out=out, grid=grid, colwise=colwise, scales=scales, group=group):
+                _move_only_kernel[grid](x.view(torch.int32), out["row_data"].view(torch.int16), out.get("row_scale"),
+                                        out["col_data"].view(torch.int32) if colwise else None, out.get("col_scale"),
+                                        m, k, COLWISE=colwise, SCALES=scales, TILE=tile, GROUP_M=group,
                                         num_warps=MOVE_ONLY_WARPS)
 
             run()
             if not all(torch.equal(buf, want[name]) for name, buf in out.items()):
                 raise SystemExit(f"the move-only kernel wrote wrong bytes (group {group})")
-            name = f"move only {'both' if colwise else 'row'} {tile}x{tile} " + (
-                "K-major" if group == 1 else f"group {group}")
-            rows.append((name, run, mx_bytes(True, colwise), None))
+            name = (f"move only {'both' if colwise else 'row'}{'' if scales else ', no scales'} {tile}x{tile} "
+                    + ("K-major" if group == 1 else f"group {group}"))
+            nbytes = mx_bytes(True, colwise) - (0 if scales else (1 + colwise) * m * k // 32)
+            rows.append((name, run, nbytes, None))
     return rows
 
 
@@ -217,9 +241,10 @@ def mx_bytes(rowwise: bool, colwise: bool) -> int:
 
 
 def _build_report(fn, constexprs: dict, pointer_types: dict, target, warps: int, maxnreg: int | None,
-                  label: str, sass: bool, budget: float | None) -> bool:
+                  label: str, sass: bool, budget: float | None, elements: int | None = None) -> bool:
     """Build one variant of `fn` for `target` (pointers "*u8" unless `pointer_types` says otherwise),
-    print its registers, or with `sass` its SASS census against `budget` (None: build only)."""
+    print its registers, or with `sass` its SASS census against `budget` (None: build only), per element
+    of its tile (`elements`, else TILE squared or BLOCK_M x BLOCK_K)."""
     from triton.compiler import ASTSource, compile
 
     signature = {n: "constexpr" if n in constexprs else pointer_types.get(n, "*u8" if n.endswith("_ptr") else "i32")
@@ -237,7 +262,7 @@ def _build_report(fn, constexprs: dict, pointer_types: dict, target, warps: int,
     elif budget is not None:
         counts, loops = sass_census.census(kernel.asm["cubin"])
         tile = constexprs.get("TILE")
-        elements = tile * tile if tile else constexprs["BLOCK_M"] * constexprs["BLOCK_K"]
+        elements = elements or (tile * tile if tile else constexprs["BLOCK_M"] * constexprs["BLOCK_K"])
         rates = sass_census.per_element(counts, elements // (32 * warps))
         print(sass_census.format_row(label, rates, budget, 42) + (" (loops: static count)" if loops else ""),
               flush=True)
@@ -246,8 +271,9 @@ def _build_report(fn, constexprs: dict, pointer_types: dict, target, warps: int,
 
 def compile_only(arch: int, sass: bool = False) -> bool:
     """Build the MXFP8 quantize kernel for sm_<arch> (both layouts and row-only, every autotune
-    config and --sweep tile, bf16 and fp32 input; the move-only kernel too) without a GPU. Pointers and sizes are marked
-    16-divisible, as Triton specializes them at launch, so the loads and stores vectorize as on the GPU.
+    config and --sweep tile, bf16 and fp32 input; the move-only kernel and, for comparison, FP8 block's
+    both-layout kernel too) without a GPU. Pointers and sizes are marked 16-divisible, as Triton
+    specializes them at launch, so the loads and stores vectorize as on the GPU.
 
     With `sass`, also count each bf16 build's SASS instructions per element by kind (thread-
     instructions; `sass_census`) against the issue budget: what 132 SMs issuing 4 warp-
@@ -259,9 +285,9 @@ def compile_only(arch: int, sass: bool = False) -> bool:
     target = GPUTarget("cuda", arch, 32)
     fmt = mx_triton._format_args(ELEM, SCALE_MODE)
     fmt["EMULATE_RNE"] = False
-    configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.maxnreg, c.kwargs["GROUP_M"])
-               for c in mx_triton.BOTH_CONFIGS]
-    configs += [(a, b, w, None, 1) for a, b, w in MX_TILES if (a, b, w, None, 1) not in configs]
+    configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.maxnreg, c.kwargs["GROUP_M"],
+                c.kwargs["PAIRED"]) for c in mx_triton.BOTH_CONFIGS]
+    configs += [(a, b, w, None, 1, False) for a, b, w in MX_TILES if (a, b, w, None, 1, False) not in configs]
     ok = True
     budgets = {colwise: sass_census.issue_budget(M * K, mx_bytes(True, colwise) / (0.9 * COPY_GBS * 1e9))
                for colwise in (True, False)}
@@ -272,24 +298,43 @@ def compile_only(arch: int, sass: bool = False) -> bool:
     variants = [(rowwise, colwise, x_type, tile, False) for rowwise, colwise in ((True, True), (True, False))
                 for x_type in ("*i16", "*fp32") for tile in configs]
     variants += [(True, True, "*i16", configs[0], True)]
-    for rowwise, colwise, x_type, (block_m, block_k, warps, maxnreg, group_m), index_64 in variants:
+    built = set()
+    for rowwise, colwise, x_type, (block_m, block_k, warps, maxnreg, group_m, paired), index_64 in variants:
         # the benchmark's shape divides every tile (EVEN: no masks); the int64 build is the masked one
+        paired = paired and mx_triton.paired_applies(rowwise, colwise, x_type == "*i16")
+        key = (rowwise, colwise, x_type, block_m, block_k, warps, maxnreg, group_m, paired, index_64)
+        if key in built:  # a paired tile on the general path, built already
+            continue
+        built.add(key)
         constexprs = dict(fmt, ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x_type == "*i16", BLOCK_M=block_m,
                           BLOCK_K=block_k, ROW_GROUP=mx_triton._row_group(block_m, block_k, warps),
                           INDEX_64=index_64, EVEN=not index_64 and M % block_m == 0 and K % block_k == 0,
-                          GROUP_M=group_m, U16X2=arch >= 90)
+                          GROUP_M=group_m, U16X2=arch >= 90, PAIRED=paired)
         label = (f"{'both' if colwise else 'row '} {'bf16' if x_type == '*i16' else 'fp32'} "
-                 f"{block_m}x{block_k}/{warps}w" + (f" group {group_m}" if group_m > 1 else "")
+                 f"{block_m}x{block_k}/{warps}w" + (" paired" if paired else "")
+                 + (f" group {group_m}" if group_m > 1 else "")
                  + (f" maxnreg {maxnreg}" if maxnreg else "")
                  + (" int64 offsets, masked" if index_64 else ""))
         ok &= _build_report(fn, constexprs, {"x_ptr": x_type, "col_data_ptr": "*i32"}, target, warps, maxnreg,
                             label, sass, budgets[colwise] if x_type == "*i16" else None)
-    # the bytes-moved ceiling (`move_only_rows`): its SASS shows what the tiling alone costs
-    for colwise in (True, False):
-        constexprs = dict(COLWISE=colwise, TILE=MOVE_ONLY_TILE, GROUP_M=mx_triton._sector_group(MOVE_ONLY_TILE))
-        label = f"move only {'both' if colwise else 'row '} {MOVE_ONLY_TILE}x{MOVE_ONLY_TILE}/{MOVE_ONLY_WARPS}w"
-        ok &= _build_report(_move_only_kernel, constexprs, {"x_ptr": "*i16", "col_data_ptr": "*i8"}, target,
+    # the bytes-moved ceiling (`move_only_rows`): its SASS shows what the data path alone costs
+    for colwise, scales in ((True, True), (True, False), (False, True)):
+        constexprs = dict(COLWISE=colwise, SCALES=scales, TILE=MOVE_ONLY_TILE,
+                          GROUP_M=mx_triton._sector_group(MOVE_ONLY_TILE))
+        label = (f"move only {'both' if colwise else 'row '}{'' if scales else ', no scales'} "
+                 f"{MOVE_ONLY_TILE}x{MOVE_ONLY_TILE}/{MOVE_ONLY_WARPS}w")
+        ok &= _build_report(_move_only_kernel, constexprs,
+                            {"x_ptr": "*i32", "row_data_ptr": "*i16", "col_data_ptr": "*i32"}, target,
                             MOVE_ONLY_WARPS, None, label, sass, budgets[colwise])
+    # FP8 block's both-layout kernel (91% of copy on the H200): the same bytes per element, one scale per block
+    block, warps = 128, block_triton._both_warps(128)
+    fmt_block = dict(block_triton._format_args(ELEM), EMULATE_RNE=False)
+    constexprs = dict(fmt_block, BLOCK=block, ROW_GROUP=block_triton._both_row_group(block, warps), IS_BF16=True,
+                      INDEX_64=False)
+    ok &= _build_report(block_triton._block_quantize_both_kernel, constexprs,
+                        {"x_ptr": "*i32", "data_ptr": "*i16", "scale_ptr": "*fp32", "data_t_ptr": "*i32"}, target,
+                        warps, None, f"fp8 128x128 both (fp8_block) /{warps}w", sass,
+                        sass_census.issue_budget(M * K, 4 * M * K / (0.9 * COPY_GBS * 1e9)), elements=block * block)
     print(f"{'ALL COMPILED' if ok else 'SOME FAILED TO COMPILE'} for sm_{arch}")
     return ok
 
