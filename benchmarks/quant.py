@@ -309,7 +309,7 @@ def compile_only(arch: int, sass: bool = False) -> bool:
         constexprs = dict(fmt, ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x_type == "*i16", BLOCK_M=block_m,
                           BLOCK_K=block_k, ROW_GROUP=mx_triton._row_group(block_m, block_k, warps),
                           INDEX_64=index_64, EVEN=not index_64 and M % block_m == 0 and K % block_k == 0,
-                          GROUP_M=group_m, U16X2=arch >= 90, PAIRED=paired)
+                          GROUP_M=group_m, U16X2=arch >= 90, PAIRED=paired, BLOCKED_SCALES=False)
         label = (f"{'both' if colwise else 'row '} {'bf16' if x_type == '*i16' else 'fp32'} "
                  f"{block_m}x{block_k}/{warps}w" + (" paired" if paired else "")
                  + (f" group {group_m}" if group_m > 1 else "")

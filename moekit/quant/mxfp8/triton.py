@@ -26,6 +26,13 @@ from moekit.quant.formats import (
     element_format,
     normalize_axis,
 )
+from moekit.quant.mxfp8.blocked import (
+    SCALE_TILE_COLS,
+    SCALE_TILE_ROWS,
+    MXBlockedTensor,
+    blocked_numel,
+    check_scale_layout,
+)
 from moekit.quant.mxfp8.reference import BLOCK
 from moekit.quant.tensors import MXTensor
 from moekit.quant.triton_utils import (
@@ -116,6 +123,20 @@ def _store(ptrs, values, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _store_scales(ptr, scale, rows, cols, n_rows, n_cols, EVEN: tl.constexpr, BLOCKED: tl.constexpr):
+    """Store E8M0 bytes `scale` at (`rows`, `cols`) of the [n_rows, n_cols] scale matrix: plain
+    (row-major, masked to the matrix), or BLOCKED (`blocked.py`'s layout; a 128 x 128 tile covers
+    one whole 128 x 4 scale tile, 512 contiguous bytes, so no sector waits for another program).
+    Blocked stores are unmasked: the padding is the tile's out-of-range blocks, read as zeros, whose
+    scale byte is 0x00 as the layout's padding must be."""
+    if BLOCKED:
+        tile = (rows // 128) * tl.cdiv(n_cols, 4) + cols // 4
+        tl.store(ptr + tile * 512 + (rows % 32) * 16 + (rows // 32 % 4) * 4 + cols % 4, scale)
+    else:
+        _store(ptr + rows * n_cols + cols, scale, (rows < n_rows) & (cols < n_cols), EVEN)
+
+
+@triton.jit
 def _encode_fp8_pairs(lo, hi, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr,
                       E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr):
     """FP8 bytes of `encode_fp8_satfinite` inputs `lo`, `hi` as int16 (lo in the low byte): on the GPU one
@@ -137,6 +158,7 @@ def _quantize_both_paired(
     EMAX: tl.constexpr, RCEIL: tl.constexpr, MAX_NORMAL: tl.constexpr, MANTISSA_BITS: tl.constexpr,
     MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, U16X2: tl.constexpr,
+    BLOCKED_SCALES: tl.constexpr,
 ):
     """Both layouts of a bfloat16 tile, moved as `fp8_block`'s both-layout kernel moves its block:
     x read as int32 pairs (two columns a word) and widened by a shift and a mask, the row-wise
@@ -176,7 +198,7 @@ def _quantize_both_paired(
            _encode_fp8_pairs(row_lo, row_hi, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE), mask,
            EVEN)
     kb = pid_k * (BLOCK_K // 32) + 2 * h + tl.arange(0, 2)[None, None, None, :]
-    _store(row_scale_ptr + rows * (K // 32) + kb, scale, (rows < M) & (kb < K // 32), EVEN)
+    _store_scales(row_scale_ptr, scale, rows, kb, M, K // 32, EVEN, BLOCKED_SCALES)
 
     # Column-wise: a block is a % 8 by j; the in-thread axis is reduced first, then the lanes.
     amax = _block_max(_block_max(tl.reshape(mag, (S, 8, H, 4, 32)), 3, True, U16X2), 1, True, U16X2)
@@ -193,7 +215,7 @@ def _quantize_both_paired(
     _store(col_data_ptr + offs_k * (M // 4) + offs_w, words, (offs_k < K) & (offs_w < M // 4), EVEN)
     scale = tl.reshape(tl.permute(tl.join(scale_lo, scale_hi), (1, 2, 3, 0)), (BLOCK_K, S))
     offs_mb = pid_m * S + tl.arange(0, S)[None, :]
-    _store(col_scale_ptr + offs_k * (M // 32) + offs_mb, scale, (offs_k < K) & (offs_mb < M // 32), EVEN)
+    _store_scales(col_scale_ptr, scale, offs_k, offs_mb, K, M // 32, EVEN, BLOCKED_SCALES)
 
 
 @triton.jit
@@ -217,11 +239,13 @@ def _mx_quantize_kernel(
     MIN_NORMAL_EXP: tl.constexpr, E5M2: tl.constexpr, EMULATE_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROW_GROUP: tl.constexpr, INDEX_64: tl.constexpr,
     EVEN: tl.constexpr, GROUP_M: tl.constexpr, U16X2: tl.constexpr, PAIRED: tl.constexpr = False,
+    BLOCKED_SCALES: tl.constexpr = False,
 ):
     """One read of an x tile [BLOCK_M, BLOCK_K]; row-wise and / or column-wise outputs. EVEN: the
     tile divides the input, so no loads or stores need masks (their predicates cost instructions).
     U16X2: the GPU has max.u16x2 (sm_90). EMULATE_RNE: interpreting (see the module docstring).
     PAIRED: `_quantize_both_paired` moves the data instead (its docstring), the rest is the general path.
+    BLOCKED_SCALES: both scale arrays in cuBLAS's blocked layout (`_store_scales`; 128 x 128 tiles only).
 
     Column-wise, tile row t = s * 4G + j * G + a (G = ROW_GROUP, j < 4, a < G) holds x row
     m0 + s * 4G + 4a + j. With G the rows one pass of the CTA's threads covers (see
@@ -239,7 +263,7 @@ def _mx_quantize_kernel(
     if PAIRED:  # both layouts of bfloat16 input (`paired_applies`)
         _quantize_both_paired(x_ptr, row_data_ptr, row_scale_ptr, col_data_ptr, col_scale_ptr, M, K, stride_xm,
                               pid_m, pid_k, EMAX, RCEIL, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2,
-                              EMULATE_RNE, BLOCK_M, BLOCK_K, EVEN, U16X2)
+                              EMULATE_RNE, BLOCK_M, BLOCK_K, EVEN, U16X2, BLOCKED_SCALES)
         return
     t = tl.arange(0, BLOCK_M)
     m0 = pid_m * BLOCK_M
@@ -270,8 +294,7 @@ def _mx_quantize_kernel(
         _store(row_data_ptr + offs_m[:, None] * K + offs_k[None, :], tl.reshape(elems, (BLOCK_M, BLOCK_K)),
                mask, EVEN)
         offs_kb = pid_k * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
-        _store(row_scale_ptr + offs_m[:, None] * (K // 32) + offs_kb[None, :], scale,
-               (offs_m[:, None] < M) & (offs_kb[None, :] < K // 32), EVEN)
+        _store_scales(row_scale_ptr, scale, offs_m[:, None], offs_kb[None, :], M, K // 32, EVEN, BLOCKED_SCALES)
 
     if COLWISE:
         # [s, j, a // 8, a % 8, k]: a block of 32 rows is (j, a % 8) at fixed (s, a // 8).
@@ -295,8 +318,8 @@ def _mx_quantize_kernel(
                (offs_k[:, None] < K) & (offs_w[None, :] < M // 4), EVEN)
         scale = tl.reshape(scale, (BLOCK_M // 32, BLOCK_K))
         offs_mb = pid_m * (BLOCK_M // 32) + tl.arange(0, BLOCK_M // 32)
-        _store(col_scale_ptr + offs_k[:, None] * (M // 32) + offs_mb[None, :], tl.trans(scale),
-               (offs_k[:, None] < K) & (offs_mb[None, :] < M // 32), EVEN)
+        _store_scales(col_scale_ptr, tl.trans(scale), offs_k[:, None], offs_mb[None, :], K, M // 32, EVEN,
+                      BLOCKED_SCALES)
 
 
 @triton.jit
@@ -341,14 +364,23 @@ def _config(block_m: int, block_k: int, num_warps: int, maxnreg: int | None = No
                          num_warps=num_warps, num_stages=1, maxnreg=maxnreg)
 
 
+def _is_blocked_tile(tiles: dict) -> bool:
+    return (tiles["BLOCK_M"], tiles["BLOCK_K"]) == BLOCKED_TILE
+
+
 def _sector_group(block_m: int) -> int:
     """Row bands whose column scale bytes (BLOCK_M / 32 each) fill one 32-byte sector."""
     return max(1, 1024 // block_m)
 
 
+# Blocked scales: a tile's scales must be whole 128 x 4 scale tiles in both layouts (`_store_scales`).
+BLOCKED_TILE = (SCALE_TILE_ROWS, SCALE_TILE_COLS * BLOCK)
+BLOCKED_ROW_CONFIG = _config(*BLOCKED_TILE, 8)
+
 if INTERPRETING:  # the interpreter runs on the CPU: one small tile (edge masks get exercised), no tuning
     ROW_CONFIG = _config(32, 64, 4)
     BOTH_CONFIGS = [ROW_CONFIG]
+    BLOCKED_CONFIGS = [BLOCKED_ROW_CONFIG]  # one config is never pruned: the general path, valid for all input
 else:
     ROW_CONFIG = _config(128, 128, 8)
     # Hopper candidates for the one-pass kernel (sm_90 builds, `benchmarks/quant.py --compile-only
@@ -359,6 +391,7 @@ else:
     # input the paired tiles run the general path (`_fit_groups`).
     BOTH_CONFIGS = [_config(128, 128, 8, paired=True), _config(256, 64, 8, paired=True),
                     _config(128, 64, 4, paired=True), _config(128, 128, 8)]
+    BLOCKED_CONFIGS = [c for c in BOTH_CONFIGS if _is_blocked_tile(c.kwargs)]
 
 _MAX_GRID_Y = 65535
 
@@ -400,9 +433,11 @@ def _grid(m: int, k: int, tiles: dict) -> tuple[int, int]:
 
 _mx_quantize_even = triton.heuristics(
     {"EVEN": lambda args: args["M"] % args["BLOCK_M"] == 0 and args["K"] % args["BLOCK_K"] == 0})(_mx_quantize_kernel)
-# Weights are what both layouts get made of, so (M, K) repeat: tune once per shape.
-_mx_quantize_tuned = triton.autotune(configs=BOTH_CONFIGS, key=["M", "K", "ROWWISE", "IS_BF16"],
-                                     prune_configs_by={"early_config_prune": _fit_groups})(_mx_quantize_even)
+# Weights are what both layouts get made of, so (M, K) repeat: tune once per shape and scale layout.
+_mx_quantize_tuned = {
+    layout: triton.autotune(configs=configs, key=["M", "K", "ROWWISE", "IS_BF16"],
+                            prune_configs_by={"early_config_prune": _fit_groups})(_mx_quantize_even)
+    for layout, configs in (("plain", BOTH_CONFIGS), ("blocked", BLOCKED_CONFIGS))}
 
 
 def _format_args(elem: str, scale_mode: str) -> dict:
@@ -415,15 +450,21 @@ def _format_args(elem: str, scale_mode: str) -> dict:
     }
 
 
-def empty_outputs(m: int, k: int, rowwise: bool, colwise: bool, elem: str, device) -> dict:
-    """Output buffers as uint8: row data [M, K], row scale [M, K/32]; col data [K, M], col scale [K, M/32]."""
+def empty_outputs(m: int, k: int, rowwise: bool, colwise: bool, elem: str, device, scale_layout: str = "plain") -> dict:
+    """Output buffers as uint8: row data [M, K], row scale [M, K/32]; col data [K, M], col scale [K, M/32];
+    blocked scales flat, as `blocked.to_blocked` returns them."""
+    def scale(rows, cols):
+        if scale_layout == "blocked":
+            return torch.empty(blocked_numel(rows, cols), dtype=torch.uint8, device=device)
+        return torch.empty(rows, cols, dtype=torch.uint8, device=device)
+
     out = {}
     if rowwise:
         out["row_data"] = torch.empty(m, k, dtype=torch.uint8, device=device)
-        out["row_scale"] = torch.empty(m, k // BLOCK, dtype=torch.uint8, device=device)
+        out["row_scale"] = scale(m, k // BLOCK)
     if colwise:
         out["col_data"] = torch.empty(k, m, dtype=torch.uint8, device=device)
-        out["col_scale"] = torch.empty(k, m // BLOCK, dtype=torch.uint8, device=device)
+        out["col_scale"] = scale(k, m // BLOCK)
     return out
 
 
@@ -432,14 +473,22 @@ def has_u16x2_max(device: torch.device) -> bool:
     return not INTERPRETING and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, tiles: dict | None = None) -> None:
-    """Run the kernel on 2-D `x` [M, K] (unit stride along K), writing the layouts in `outputs`.
-    Both layouts: the autotuned configs; row-wise only: `ROW_CONFIG`. `tiles` (BLOCK_M, BLOCK_K:
-    powers of two >= 32; num_warps; optional GROUP_M tile order, default 1; optional PAIRED, default
-    False, for BLOCK_K >= 64 and both layouts of bfloat16) forces one tile instead, for tuning by hand."""
+def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, tiles: dict | None = None,
+                    scale_layout: str = "plain") -> None:
+    """Run the kernel on 2-D `x` [M, K] (unit stride along K), writing the layouts in `outputs`
+    (`empty_outputs` with the same `scale_layout`). Both layouts: the autotuned configs; row-wise
+    only: `ROW_CONFIG` (`BLOCKED_ROW_CONFIG` for blocked scales). `tiles` (BLOCK_M, BLOCK_K: powers of
+    two >= 32, 128 x 128 for blocked scales; num_warps; optional GROUP_M tile order, default 1; optional
+    PAIRED, default False, for BLOCK_K >= 64 and both layouts of bfloat16) forces one tile instead, for
+    tuning by hand."""
     m, k = x.shape
     rowwise, colwise = "row_data" in outputs, "col_data" in outputs
     paired = paired_applies(rowwise, colwise, x.dtype == torch.bfloat16)
+    check_scale_layout(scale_layout, x.ndim)
+    blocked = scale_layout == "blocked"
+    if tiles is not None and blocked and not _is_blocked_tile(tiles):
+        raise ValueError(f"blocked scales need {BLOCKED_TILE[0]}x{BLOCKED_TILE[1]} tiles (one whole 128 x 4 scale "
+                         f"tile per layout), got {tiles['BLOCK_M']}x{tiles['BLOCK_K']}")
     if tiles is not None and tiles.get("PAIRED") and not (paired and tiles["BLOCK_K"] >= 64):
         raise ValueError(f"PAIRED tiles need both layouts of bfloat16 input and BLOCK_K >= 64, got {x.dtype}, "
                          f"rowwise={rowwise}, colwise={colwise}, BLOCK_K={tiles['BLOCK_K']}")
@@ -450,12 +499,13 @@ def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, 
             None if col_data is None else col_data.view(torch.int32),  # written 4 rows (bytes) at a time
             outputs.get("col_scale"), m, k, x.stride(0))
     flags = dict(ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x.dtype == torch.bfloat16, INDEX_64=needs_index_64(x),
-                 U16X2=has_u16x2_max(x.device), **_format_args(elem, scale_mode))
+                 U16X2=has_u16x2_max(x.device), BLOCKED_SCALES=blocked, **_format_args(elem, scale_mode))
     if tiles is None and colwise:
-        _mx_quantize_tuned[lambda meta: _grid(m, k, meta)](*args, **flags)
+        _mx_quantize_tuned[scale_layout][lambda meta: _grid(m, k, meta)](*args, **flags)
         return
     if tiles is None:
-        tiles = dict(ROW_CONFIG.kwargs, num_warps=ROW_CONFIG.num_warps)
+        row_config = BLOCKED_ROW_CONFIG if blocked else ROW_CONFIG
+        tiles = dict(row_config.kwargs, num_warps=row_config.num_warps)
     else:
         tiles = dict(tiles, ROW_GROUP=_row_group(tiles["BLOCK_M"], tiles["BLOCK_K"], tiles["num_warps"]),
                      GROUP_M=tiles.get("GROUP_M", 1), PAIRED=tiles.get("PAIRED", False))
@@ -472,35 +522,50 @@ def _unit_stride_2d(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def quantize_both(x: torch.Tensor, elem: str = "e4m3", scale_mode: str = "floor") -> tuple[MXTensor, MXTensor]:
-    """One pass over 2-D `x` [M, K]: (row-wise MXTensor, axis 1; column-wise MXTensor, axis 0)."""
+def _mx_tensor(data: torch.Tensor, scale: torch.Tensor, axis: int, elem: str, scale_mode: str, scale_layout: str):
+    """A 2-D layout's output buffers as the API returns them; column-wise ones (axis 0) are stored
+    transposed, and so are their plain scales."""
+    data, scale = _fp8(data, elem), scale.view(E8M0_DTYPE)
+    if axis == 0:
+        data = data.t()
+    if scale_layout == "blocked":
+        return MXBlockedTensor(data, scale, axis, elem, scale_mode)
+    return MXTensor(data, scale.t() if axis == 0 else scale, axis, elem, scale_mode)
+
+
+def quantize_both(x: torch.Tensor, elem: str = "e4m3", scale_mode: str = "floor", scale_layout: str = "plain"):
+    """One pass over 2-D `x` [M, K]: (row-wise tensor, axis 1; column-wise tensor, axis 0), MXTensors,
+    or MXBlockedTensors for `scale_layout="blocked"`."""
     check_input(x)
     if x.ndim != 2:
         raise ValueError(f"quantize_both takes a 2-D tensor, got shape {tuple(x.shape)}")
     check_divisible(x.shape[0], BLOCK, "axis 0")
     check_divisible(x.shape[1], BLOCK, "axis 1")
+    check_scale_layout(scale_layout, x.ndim)
     x = _unit_stride_2d(x)
-    out = empty_outputs(*x.shape, True, True, elem, x.device)
-    launch_quantize(x, out, elem, scale_mode)
-    rows = MXTensor(_fp8(out["row_data"], elem), out["row_scale"].view(E8M0_DTYPE), 1, elem, scale_mode)
-    cols = MXTensor(_fp8(out["col_data"], elem).t(), out["col_scale"].view(E8M0_DTYPE).t(), 0, elem, scale_mode)
-    return rows, cols
+    out = empty_outputs(*x.shape, True, True, elem, x.device, scale_layout)
+    launch_quantize(x, out, elem, scale_mode, scale_layout=scale_layout)
+    return (_mx_tensor(out["row_data"], out["row_scale"], 1, elem, scale_mode, scale_layout),
+            _mx_tensor(out["col_data"], out["col_scale"], 0, elem, scale_mode, scale_layout))
 
 
-def quantize(x: torch.Tensor, axis: int = -1, elem: str = "e4m3", scale_mode: str = "floor") -> MXTensor:
+def quantize(x: torch.Tensor, axis: int = -1, elem: str = "e4m3", scale_mode: str = "floor",
+             scale_layout: str = "plain") -> MXTensor | MXBlockedTensor:
     check_input(x)
     axis = normalize_axis(axis, x.ndim)
     check_divisible(x.shape[axis], BLOCK, f"axis {axis}")
+    check_scale_layout(scale_layout, x.ndim)
     if x.ndim == 2 and axis == 0:  # read in place, write transposed
         x = _unit_stride_2d(x)
-        out = empty_outputs(*x.shape, False, True, elem, x.device)
-        launch_quantize(x, out, elem, scale_mode)
-        return MXTensor(_fp8(out["col_data"], elem).t(), out["col_scale"].view(E8M0_DTYPE).t(), 0, elem,
-                        scale_mode)
+        out = empty_outputs(*x.shape, False, True, elem, x.device, scale_layout)
+        launch_quantize(x, out, elem, scale_mode, scale_layout=scale_layout)
+        return _mx_tensor(out["col_data"], out["col_scale"], 0, elem, scale_mode, scale_layout)
     moved = x.movedim(axis, -1)
     x2 = _unit_stride_2d(moved.reshape(-1, moved.shape[-1]))
-    out = empty_outputs(*x2.shape, True, False, elem, x.device)
-    launch_quantize(x2, out, elem, scale_mode)
+    out = empty_outputs(*x2.shape, True, False, elem, x.device, scale_layout)
+    launch_quantize(x2, out, elem, scale_mode, scale_layout=scale_layout)
+    if scale_layout == "blocked":  # 2-D x, axis 1
+        return _mx_tensor(out["row_data"], out["row_scale"], 1, elem, scale_mode, scale_layout)
     data = _fp8(out["row_data"], elem).reshape(moved.shape).movedim(-1, axis)
     scale = out["row_scale"].view(E8M0_DTYPE).reshape(*moved.shape[:-1], -1).movedim(-1, axis)
     return MXTensor(data, scale, axis, elem, scale_mode)
