@@ -123,17 +123,16 @@ def _store(ptrs, values, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _store_scales(ptr, scale, rows, cols, n_rows, n_cols, EVEN: tl.constexpr, BLOCKED: tl.constexpr):
-    """Store E8M0 bytes `scale` at (`rows`, `cols`) of the [n_rows, n_cols] scale matrix: plain
-    (row-major, masked to the matrix), or BLOCKED (`blocked.py`'s layout; a 128 x 128 tile covers
-    one whole 128 x 4 scale tile, 512 contiguous bytes, so no sector waits for another program).
-    Blocked stores are unmasked: the padding is the tile's out-of-range blocks, read as zeros, whose
-    scale byte is 0x00 as the layout's padding must be."""
-    if BLOCKED:
-        tile = (rows // 128) * tl.cdiv(n_cols, 4) + cols // 4
-        tl.store(ptr + tile * 512 + (rows % 32) * 16 + (rows // 32 % 4) * 4 + cols % 4, scale)
-    else:
-        _store(ptr + rows * n_cols + cols, scale, (rows < n_rows) & (cols < n_cols), EVEN)
+def _store_scale_tile(ptr, scale, tile_row, tile_col, n_cols):
+    """Store `scale` [128, 4], tile (`tile_row`, `tile_col`) of an [n_rows, n_cols] E8M0 scale matrix,
+    in the blocked layout (`blocked.py`): 512 contiguous bytes, element (r, c) at (r % 32) * 16 +
+    (r // 32) * 4 + c. Written whole, as a [32, 16] grid the compiler sees as contiguous (each warp
+    stores whole 32-byte sectors), so no sector waits for another program's part. Unmasked: past the
+    matrix's edge lie the padding rows / columns, whose blocks were read as zeros, and the scale byte
+    of a zero block is 0x00, the layout's padding."""
+    grid = tl.reshape(tl.permute(tl.reshape(scale, (4, 32, 4)), (1, 0, 2)), (32, 16))
+    offs = (tile_row * tl.cdiv(n_cols, 4) + tile_col) * 512 + tl.arange(0, 32)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    tl.store(ptr + offs, grid)
 
 
 @triton.jit
@@ -198,7 +197,11 @@ def _quantize_both_paired(
            _encode_fp8_pairs(row_lo, row_hi, MAX_NORMAL, MANTISSA_BITS, MIN_NORMAL_EXP, E5M2, EMULATE_RNE), mask,
            EVEN)
     kb = pid_k * (BLOCK_K // 32) + 2 * h + tl.arange(0, 2)[None, None, None, :]
-    _store_scales(row_scale_ptr, scale, rows, kb, M, K // 32, EVEN, BLOCKED_SCALES)
+    if BLOCKED_SCALES:  # [a, h, j, half] -> [row 4a + j, column 2h + half]
+        _store_scale_tile(row_scale_ptr, tl.reshape(tl.permute(scale, (0, 2, 1, 3)), (BLOCK_M, 4)), pid_m, pid_k,
+                          K // 32)
+    else:
+        _store(row_scale_ptr + rows * (K // 32) + kb, scale, (rows < M) & (kb < K // 32), EVEN)
 
     # Column-wise: a block is a % 8 by j; the in-thread axis is reduced first, then the lanes.
     amax = _block_max(_block_max(tl.reshape(mag, (S, 8, H, 4, 32)), 3, True, U16X2), 1, True, U16X2)
@@ -215,7 +218,10 @@ def _quantize_both_paired(
     _store(col_data_ptr + offs_k * (M // 4) + offs_w, words, (offs_k < K) & (offs_w < M // 4), EVEN)
     scale = tl.reshape(tl.permute(tl.join(scale_lo, scale_hi), (1, 2, 3, 0)), (BLOCK_K, S))
     offs_mb = pid_m * S + tl.arange(0, S)[None, :]
-    _store_scales(col_scale_ptr, scale, offs_k, offs_mb, K, M // 32, EVEN, BLOCKED_SCALES)
+    if BLOCKED_SCALES:
+        _store_scale_tile(col_scale_ptr, scale, pid_k, pid_m, M // 32)
+    else:
+        _store(col_scale_ptr + offs_k * (M // 32) + offs_mb, scale, (offs_k < K) & (offs_mb < M // 32), EVEN)
 
 
 @triton.jit
@@ -245,7 +251,7 @@ def _mx_quantize_kernel(
     tile divides the input, so no loads or stores need masks (their predicates cost instructions).
     U16X2: the GPU has max.u16x2 (sm_90). EMULATE_RNE: interpreting (see the module docstring).
     PAIRED: `_quantize_both_paired` moves the data instead (its docstring), the rest is the general path.
-    BLOCKED_SCALES: both scale arrays in cuBLAS's blocked layout (`_store_scales`; 128 x 128 tiles only).
+    BLOCKED_SCALES: both scale arrays in cuBLAS's blocked layout (`_store_scale_tile`; 128 x 128 tiles only).
 
     Column-wise, tile row t = s * 4G + j * G + a (G = ROW_GROUP, j < 4, a < G) holds x row
     m0 + s * 4G + 4a + j. With G the rows one pass of the CTA's threads covers (see
@@ -294,7 +300,14 @@ def _mx_quantize_kernel(
         _store(row_data_ptr + offs_m[:, None] * K + offs_k[None, :], tl.reshape(elems, (BLOCK_M, BLOCK_K)),
                mask, EVEN)
         offs_kb = pid_k * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
-        _store_scales(row_scale_ptr, scale, offs_m[:, None], offs_kb[None, :], M, K // 32, EVEN, BLOCKED_SCALES)
+        if BLOCKED_SCALES and COLWISE:  # tile rows back in order: t = s * 4G + j * G + a is row s * 4G + 4a + j
+            scale = tl.reshape(tl.permute(tl.reshape(scale, (BLOCK_M // (4 * ROW_GROUP), 4, ROW_GROUP, 4)),
+                                          (0, 2, 1, 3)), (BLOCK_M, 4))
+        if BLOCKED_SCALES:
+            _store_scale_tile(row_scale_ptr, scale, pid_m, pid_k, K // 32)
+        else:
+            _store(row_scale_ptr + offs_m[:, None] * (K // 32) + offs_kb[None, :], scale,
+                   (offs_m[:, None] < M) & (offs_kb[None, :] < K // 32), EVEN)
 
     if COLWISE:
         # [s, j, a // 8, a % 8, k]: a block of 32 rows is (j, a % 8) at fixed (s, a // 8).
@@ -318,8 +331,11 @@ def _mx_quantize_kernel(
                (offs_k[:, None] < K) & (offs_w[None, :] < M // 4), EVEN)
         scale = tl.reshape(scale, (BLOCK_M // 32, BLOCK_K))
         offs_mb = pid_m * (BLOCK_M // 32) + tl.arange(0, BLOCK_M // 32)
-        _store_scales(col_scale_ptr, tl.trans(scale), offs_k[:, None], offs_mb[None, :], K, M // 32, EVEN,
-                      BLOCKED_SCALES)
+        if BLOCKED_SCALES:
+            _store_scale_tile(col_scale_ptr, tl.trans(scale), pid_k, pid_m, M // 32)
+        else:
+            _store(col_scale_ptr + offs_k[:, None] * (M // 32) + offs_mb[None, :], tl.trans(scale),
+                   (offs_k[:, None] < K) & (offs_mb[None, :] < M // 32), EVEN)
 
 
 @triton.jit
@@ -373,7 +389,7 @@ def _sector_group(block_m: int) -> int:
     return max(1, 1024 // block_m)
 
 
-# Blocked scales: a tile's scales must be whole 128 x 4 scale tiles in both layouts (`_store_scales`).
+# Blocked scales: a tile's scales must be one whole 128 x 4 scale tile per layout (`_store_scale_tile`).
 BLOCKED_TILE = (SCALE_TILE_ROWS, SCALE_TILE_COLS * BLOCK)
 BLOCKED_ROW_CONFIG = _config(*BLOCKED_TILE, 8)
 
