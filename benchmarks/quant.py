@@ -5,7 +5,9 @@ against its plain-PyTorch reference bit for bit, then (with --sweep) tries a few
 kernel, then times (triton.testing.do_bench, median) the copy, the kernels with their default
 tiles and the references under torch.compile (the torchao-style peer), the MXFP8 kernels once per
 tile order (`order_rows`) and a kernel that moves the same bytes without the arithmetic
-(`move_only_rows`), and prints GB/s and % of copy bandwidth. Bytes count what must move: the
+(`move_only_rows`), the MXFP8 and move-only both-layout kernels also with their scales in cuBLAS's
+blocked layout (`scale_layout="blocked"`: a tile's scales are one whole 512-byte block per layout),
+and prints GB/s and % of copy bandwidth. Bytes count what must move: the
 input read once plus every output written (the one-pass MXFP8 kernel writes both FP8 layouts and
 both scale arrays). Target: the one-pass both-layouts kernel at >= 90% of copy bandwidth. Needs a
 CUDA GPU.
@@ -17,7 +19,9 @@ CUDA GPU.
 from __future__ import annotations
 
 import argparse
+import re
 import time
+from collections import Counter
 
 import sass_census  # benchmarks/sass_census.py, beside this script
 import torch
@@ -30,6 +34,7 @@ from moekit.quant import fp8_block, mxfp8
 from moekit.quant.formats import element_format
 from moekit.quant.fp8_block import reference as block_ref
 from moekit.quant.fp8_block import triton as block_triton
+from moekit.quant.mxfp8 import blocked as mx_blocked
 from moekit.quant.mxfp8 import reference as mx_ref
 from moekit.quant.mxfp8 import triton as mx_triton
 
@@ -65,8 +70,14 @@ def check_bit_exact(x: torch.Tensor) -> dict[str, bool]:
     got = mxfp8.quantize_both(x, ELEM, SCALE_MODE, backend="triton")
     exact = {"mxfp8 both": all(same_bits(g.data, w.data) and same_bits(g.scale, w.scale)
                                for g, w in zip(got, want, strict=True))}
+    got = mxfp8.quantize_both(x, ELEM, SCALE_MODE, backend="triton", scale_layout="blocked")
+    exact["mxfp8 both blocked"] = all(same_bits(g.data, w.data) and same_bits(g.scale, mx_blocked.from_plain(w).scale)
+                                      for g, w in zip(got, want, strict=True))
     got, want = mxfp8.quantize(x, -1, ELEM, SCALE_MODE, backend="triton"), mx_ref.quantize(x, -1, ELEM, SCALE_MODE)
     exact["mxfp8 row"] = same_bits(got.data, want.data) and same_bits(got.scale, want.scale)
+    got = mxfp8.quantize(x, -1, ELEM, SCALE_MODE, backend="triton", scale_layout="blocked")
+    exact["mxfp8 row blocked"] = same_bits(got.data, want.data) and same_bits(got.scale,
+                                                                              mx_blocked.from_plain(want).scale)
     for name, block in (("fp8 1x128", (1, 128)), ("fp8 128x128", (128, 128))):
         got, want = fp8_block.quantize(x, block, backend="triton"), block_ref.quantize(x, block)
         nan = want.scale.isnan()
@@ -81,9 +92,9 @@ def median_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def mx_launcher(x, rowwise: bool, colwise: bool, tiles=None):
-    out = mx_triton.empty_outputs(M, K, rowwise, colwise, ELEM, x.device)
-    return lambda: mx_triton.launch_quantize(x, out, ELEM, SCALE_MODE, tiles)
+def mx_launcher(x, rowwise: bool, colwise: bool, tiles=None, scale_layout: str = "plain"):
+    out = mx_triton.empty_outputs(M, K, rowwise, colwise, ELEM, x.device, scale_layout)
+    return lambda: mx_triton.launch_quantize(x, out, ELEM, SCALE_MODE, tiles, scale_layout)
 
 
 def block_launcher(x, block, tiles=None, transposed=False):
@@ -105,44 +116,55 @@ def sweep(name: str, make_fn, configs, tile_keys) -> None:
     print(f"  {name:14s} " + "  ".join(f"{label} {ms:.3f}" for ms, label in timings))
 
 
-def order_rows(x, best, exact: dict) -> list:
+def order_rows(x, best, best_blocked, exact: dict) -> list:
     """The tile orders side by side (GROUP_M row bands per group; 1 is K-major, all of them M-major,
     the row-only kernel's order before it went K-major): the both-layout kernel at the autotuned tile
     (the first candidate when the tile came from the disk cache), then, if that tile is paired, the
-    general path's 128x128/8w K-major beside it; the row-only one at ROW_CONFIG. Each order's buffers
-    are checked against the reference; timing rows for the main table."""
+    general path's 128x128/8w K-major beside it; the row-only one at ROW_CONFIG. Then the same with
+    blocked scales, K-major only (the autotuned blocked tile, the general 128x128/8w beside a paired
+    one, row-only). Each run's buffers are checked against the reference; timing rows for the main table."""
     want = mx_ref.quantize_both(x, ELEM, SCALE_MODE)
-    want = {"row_data": want[0].data, "row_scale": want[0].scale, "col_data": want[1].data.t(),
-            "col_scale": want[1].scale.t()}
+    want = {"plain": {"row_data": want[0].data, "row_scale": want[0].scale, "col_data": want[1].data.t(),
+                      "col_scale": want[1].scale.t()},
+            "blocked": {"row_data": want[0].data, "row_scale": mx_blocked.from_plain(want[0]).scale,
+                        "col_data": want[1].data.t(), "col_scale": mx_blocked.from_plain(want[1]).scale}}
+    general = mx_triton._config(128, 128, 8)
+    runs = []
+    for layout, both, row in (("plain", best or mx_triton.BOTH_CONFIGS[0], mx_triton.ROW_CONFIG),
+                              ("blocked", best_blocked or mx_triton.BLOCKED_CONFIGS[0], mx_triton.BLOCKED_ROW_CONFIG)):
+        orders = None if layout == "plain" else (1,)
+        runs.append((layout, True, both, orders))
+        if both.kwargs["PAIRED"]:
+            runs.append((layout, True, general, (1,)))
+        runs.append((layout, False, row, orders))
     rows = []
-    best = best or mx_triton.BOTH_CONFIGS[0]
-    runs = [(True, best, None), (False, mx_triton.ROW_CONFIG, None)]
-    if best.kwargs["PAIRED"]:
-        runs.insert(1, (True, mx_triton._config(128, 128, 8), (1,)))
-    for colwise, config, orders in runs:
+    for layout, colwise, config, orders in runs:
         tile = {"BLOCK_M": config.kwargs["BLOCK_M"], "BLOCK_K": config.kwargs["BLOCK_K"],
                 "num_warps": config.num_warps, "PAIRED": config.kwargs["PAIRED"]}
         sector = mx_triton._sector_group(tile["BLOCK_M"])
         for group in orders or (1, sector, 4 * sector, M // tile["BLOCK_M"]):
             tiles = dict(tile, GROUP_M=group)
-            out = mx_triton.empty_outputs(M, K, True, colwise, ELEM, x.device)
-            mx_triton.launch_quantize(x, out, ELEM, SCALE_MODE, tiles)
-            name = (f"{'mxfp8 both' if colwise else 'mxfp8 row'} {tile['BLOCK_M']}x{tile['BLOCK_K']} "
+            out = mx_triton.empty_outputs(M, K, True, colwise, ELEM, x.device, layout)
+            mx_triton.launch_quantize(x, out, ELEM, SCALE_MODE, tiles, layout)
+            name = (f"{'mxfp8 both' if colwise else 'mxfp8 row'}{', blocked' if layout == 'blocked' else ''} "
+                    f"{tile['BLOCK_M']}x{tile['BLOCK_K']} "
                     + ("paired " if tile["PAIRED"] else "general " if colwise else "")
                     + ("K-major" if group == 1 else "M-major" if group == M // tile["BLOCK_M"] else f"group {group}"))
-            exact[name] = all(same_bits(buf, want[key].view(torch.uint8)) for key, buf in out.items())
-            rows.append((name, mx_launcher(x, True, colwise, tiles), mx_bytes(True, colwise), name))
+            exact[name] = all(same_bits(buf, want[layout][key].view(torch.uint8)) for key, buf in out.items())
+            rows.append((name, mx_launcher(x, True, colwise, tiles, layout), mx_bytes(True, colwise), name))
     return rows
 
 
 @triton.jit
 def _move_only_kernel(x_ptr, row_data_ptr, row_scale_ptr, col_data_ptr, col_scale_ptr, M, K,
-                      COLWISE: tl.constexpr, SCALES: tl.constexpr, TILE: tl.constexpr, GROUP_M: tl.constexpr):
+                      COLWISE: tl.constexpr, SCALES: tl.constexpr, TILE: tl.constexpr, GROUP_M: tl.constexpr,
+                      BLOCKED: tl.constexpr):
     """The MXFP8 kernel's memory traffic without its arithmetic, moved the way its paired data path
     (`_quantize_both_paired`) moves it: square tiles in the same order, x read as int32 pairs into
     the same [a, h, j, p] layout, a byte per element (each bf16's high byte) stored as int16 pairs
     row-wise and as 4-row words column-wise (x^T: the same on-chip transpose), and, with SCALES, a
-    byte per 32-element block each way (the maximum of its high bytes). M and K divisible by TILE."""
+    byte per 32-element block each way (the maximum of its high bytes), with BLOCKED (TILE 128) stored
+    as the MXFP8 kernel stores blocked scales (`_store_scale_tile`). M and K divisible by TILE."""
     pid_m = tl.program_id(1) * GROUP_M + tl.program_id(0) % GROUP_M
     pid_k = tl.program_id(0) // GROUP_M
     if pid_m >= M // TILE:
@@ -158,8 +180,12 @@ def _move_only_kernel(x_ptr, row_data_ptr, row_scale_ptr, col_data_ptr, col_scal
     tl.store(row_data_ptr + rows * (K // 2) + pair, (high_lo | (high_hi << 8)).to(tl.int16))
     if SCALES:
         block_max = tl.max(tl.reshape(tl.maximum(high_lo, high_hi), (A, H, 4, 2, 16)), axis=4)
-        kb = pid_k * (TILE // 32) + 2 * h + tl.arange(0, 2)[None, None, None, :]
-        tl.store(row_scale_ptr + rows * (K // 32) + kb, block_max.to(tl.uint8))
+        if BLOCKED:  # [a, h, j, half] -> [row 4a + j, column 2h + half]
+            mx_triton._store_scale_tile(row_scale_ptr, tl.reshape(tl.permute(block_max.to(tl.uint8), (0, 2, 1, 3)),
+                                                                  (TILE, 4)), pid_m, pid_k, K // 32)
+        else:
+            kb = pid_k * (TILE // 32) + 2 * h + tl.arange(0, 2)[None, None, None, :]
+            tl.store(row_scale_ptr + rows * (K // 32) + kb, block_max.to(tl.uint8))
     if COLWISE:
         # [s, a % 8, h, p, 4 rows] -> words; [.., even / odd column] -> [column, word]
         col_lo = tl.permute(tl.reshape(high_lo, (S, 8, H, 4, 32)), (0, 1, 2, 4, 3)) << tl.arange(0, 4) * 8
@@ -172,8 +198,11 @@ def _move_only_kernel(x_ptr, row_data_ptr, row_scale_ptr, col_data_ptr, col_scal
         if SCALES:
             col_max = tl.join(tl.max(tl.max(tl.reshape(high_lo, (S, 8, H, 4, 32)), axis=3), axis=1),
                               tl.max(tl.max(tl.reshape(high_hi, (S, 8, H, 4, 32)), axis=3), axis=1))
-            tl.store(col_scale_ptr + offs_k * (M // 32) + pid_m * S + tl.arange(0, S)[None, :],
-                     tl.reshape(tl.permute(col_max, (1, 2, 3, 0)), (TILE, S)).to(tl.uint8))
+            col_max = tl.reshape(tl.permute(col_max, (1, 2, 3, 0)), (TILE, S)).to(tl.uint8)
+            if BLOCKED:
+                mx_triton._store_scale_tile(col_scale_ptr, col_max, pid_k, pid_m, M // 32)
+            else:
+                tl.store(col_scale_ptr + offs_k * (M // 32) + pid_m * S + tl.arange(0, S)[None, :], col_max)
 
 
 @triton.jit
@@ -189,29 +218,35 @@ def move_only_rows(x: torch.Tensor) -> list:
     bands; both layouts with and without the scale bytes, and row-only), after a check that it
     writes what it should: the ceiling of this data path in Triton. Near the MXFP8 kernel's own
     figure, the memory pattern is what limits it; far above, its arithmetic (the time each program
-    computes with no loads in flight) is. Without the scale bytes: what their scattered single-byte
-    stores cost."""
+    computes with no loads in flight) is. Without the scale bytes: what their stores cost; with them
+    blocked (K-major only): what is left of that cost when every tile's scales are whole sectors."""
     m, k, tile = *x.shape, MOVE_ONLY_TILE
     high = ((x.view(torch.int16) >> 8) & 0xFF).to(torch.uint8)
     want = {"row_data": high, "row_scale": high.reshape(m, k // 32, 32).amax(2), "col_data": high.t(),
             "col_scale": high.reshape(m // 32, 32, k).amax(1).t()}
+    want_blocked = dict(want, **{name: mx_blocked.to_blocked(want[name]).view(torch.uint8)
+                                 for name in ("row_scale", "col_scale")})
+    sector = mx_triton._sector_group(tile)
     rows = []
-    for colwise, scales in ((True, True), (True, False), (False, True)):
-        for group in (1, mx_triton._sector_group(tile)):
-            out = {name: torch.empty(want[name].shape, dtype=torch.uint8, device=x.device)
+    for colwise, scales, blocked, groups in ((True, True, False, (1, sector)), (True, True, True, (1,)),
+                                             (True, False, False, (1, sector)), (False, True, False, (1, sector))):
+        expected = want_blocked if blocked else want
+        for group in groups:
+            out = {name: torch.empty(expected[name].shape, dtype=torch.uint8, device=x.device)
                    for name in want if (colwise or name.startswith("row")) and (scales or name.endswith("data"))}
             grid = (group * (k // tile), triton.cdiv(m // tile, group))
 
-            def run(out=out, grid=grid, colwise=colwise, scales=scales, group=group):
+            def run(out=out, grid=grid, colwise=colwise, scales=scales, group=group, blocked=blocked):
                 _move_only_kernel[grid](x.view(torch.int32), out["row_data"].view(torch.int16), out.get("row_scale"),
                                         out["col_data"].view(torch.int32) if colwise else None, out.get("col_scale"),
                                         m, k, COLWISE=colwise, SCALES=scales, TILE=tile, GROUP_M=group,
-                                        num_warps=MOVE_ONLY_WARPS)
+                                        BLOCKED=blocked, num_warps=MOVE_ONLY_WARPS)
 
             run()
-            if not all(torch.equal(buf, want[name]) for name, buf in out.items()):
-                raise SystemExit(f"the move-only kernel wrote wrong bytes (group {group})")
-            name = (f"move only {'both' if colwise else 'row'}{'' if scales else ', no scales'} {tile}x{tile} "
+            if not all(torch.equal(buf, expected[name]) for name, buf in out.items()):
+                raise SystemExit(f"the move-only kernel wrote wrong bytes (group {group}, blocked {blocked})")
+            name = (f"move only {'both' if colwise else 'row'}{'' if scales else ', no scales'}"
+                    f"{', blocked scales' if blocked else ''} {tile}x{tile} "
                     + ("K-major" if group == 1 else f"group {group}"))
             nbytes = mx_bytes(True, colwise) - (0 if scales else (1 + colwise) * m * k // 32)
             rows.append((name, run, nbytes, None))
@@ -264,9 +299,16 @@ def _build_report(fn, constexprs: dict, pointer_types: dict, target, warps: int,
         tile = constexprs.get("TILE")
         elements = elements or (tile * tile if tile else constexprs["BLOCK_M"] * constexprs["BLOCK_K"])
         rates = sass_census.per_element(counts, elements // (32 * warps))
-        print(sass_census.format_row(label, rates, budget, 42) + (" (loops: static count)" if loops else ""),
-              flush=True)
+        print(sass_census.format_row(label, rates, budget, 42) + (" (loops: static count)" if loops else "")
+              + f"  STG/thread {_store_widths(kernel.asm['cubin'])}", flush=True)
     return True
+
+
+def _store_widths(cubin: bytes) -> str:
+    """Global stores per thread by width ("128": 16-byte vectors; "U8", "U16": the scale bytes' kind)."""
+    sass = sass_census.disassemble(cubin)
+    stores = Counter(m.group(1) for m in re.finditer(r"\bSTG\.E\.(?:EF\.)?([A-Z0-9.]+)", sass))
+    return ", ".join(f"{n} x {width}" for width, n in sorted(stores.items()))
 
 
 def compile_only(arch: int, sass: bool = False) -> bool:
@@ -288,41 +330,51 @@ def compile_only(arch: int, sass: bool = False) -> bool:
     configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.maxnreg, c.kwargs["GROUP_M"],
                 c.kwargs["PAIRED"]) for c in mx_triton.BOTH_CONFIGS]
     configs += [(a, b, w, None, 1, False) for a, b, w in MX_TILES if (a, b, w, None, 1, False) not in configs]
+    blocked_configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.maxnreg, c.kwargs["GROUP_M"],
+                        c.kwargs["PAIRED"]) for c in mx_triton.BLOCKED_CONFIGS]
+    blocked_row = mx_triton.BLOCKED_ROW_CONFIG
+    blocked_row = (blocked_row.kwargs["BLOCK_M"], blocked_row.kwargs["BLOCK_K"], blocked_row.num_warps, None, 1, False)
     ok = True
     budgets = {colwise: sass_census.issue_budget(M * K, mx_bytes(True, colwise) / (0.9 * COPY_GBS * 1e9))
                for colwise in (True, False)}
     if sass:
         print(f"SASS thread-instructions per element; budget at 90% of copy: both {budgets[True]:.1f}, "
               f"row {budgets[False]:.1f}\n{sass_census.header(42)}")
-    # every tile with int32 offsets, and the first tile with the int64 ones of inputs past 2^31 elements
-    variants = [(rowwise, colwise, x_type, tile, False) for rowwise, colwise in ((True, True), (True, False))
+    # every tile with int32 offsets, and the first tile with the int64 ones of inputs past 2^31 elements;
+    # then the blocked-scale candidates the same way
+    variants = [(rowwise, colwise, x_type, tile, False, False) for rowwise, colwise in ((True, True), (True, False))
                 for x_type in ("*i16", "*fp32") for tile in configs]
-    variants += [(True, True, "*i16", configs[0], True)]
+    variants += [(True, True, "*i16", configs[0], True, False)]
+    variants += [(True, colwise, x_type, tile, False, True) for colwise, tiles in ((True, blocked_configs),
+                                                                                  (False, [blocked_row]))
+                 for x_type in ("*i16", "*fp32") for tile in tiles]
+    variants += [(True, True, "*i16", blocked_configs[0], True, True)]
     built = set()
-    for rowwise, colwise, x_type, (block_m, block_k, warps, maxnreg, group_m, paired), index_64 in variants:
+    for rowwise, colwise, x_type, (block_m, block_k, warps, maxnreg, group_m, paired), index_64, blocked in variants:
         # the benchmark's shape divides every tile (EVEN: no masks); the int64 build is the masked one
         paired = paired and mx_triton.paired_applies(rowwise, colwise, x_type == "*i16")
-        key = (rowwise, colwise, x_type, block_m, block_k, warps, maxnreg, group_m, paired, index_64)
+        key = (rowwise, colwise, x_type, block_m, block_k, warps, maxnreg, group_m, paired, index_64, blocked)
         if key in built:  # a paired tile on the general path, built already
             continue
         built.add(key)
         constexprs = dict(fmt, ROWWISE=rowwise, COLWISE=colwise, IS_BF16=x_type == "*i16", BLOCK_M=block_m,
                           BLOCK_K=block_k, ROW_GROUP=mx_triton._row_group(block_m, block_k, warps),
                           INDEX_64=index_64, EVEN=not index_64 and M % block_m == 0 and K % block_k == 0,
-                          GROUP_M=group_m, U16X2=arch >= 90, PAIRED=paired, BLOCKED_SCALES=False)
+                          GROUP_M=group_m, U16X2=arch >= 90, PAIRED=paired, BLOCKED_SCALES=blocked)
         label = (f"{'both' if colwise else 'row '} {'bf16' if x_type == '*i16' else 'fp32'} "
-                 f"{block_m}x{block_k}/{warps}w" + (" paired" if paired else "")
+                 f"{block_m}x{block_k}/{warps}w" + (" paired" if paired else "") + (" blocked" if blocked else "")
                  + (f" group {group_m}" if group_m > 1 else "")
                  + (f" maxnreg {maxnreg}" if maxnreg else "")
                  + (" int64 offsets, masked" if index_64 else ""))
         ok &= _build_report(fn, constexprs, {"x_ptr": x_type, "col_data_ptr": "*i32"}, target, warps, maxnreg,
                             label, sass, budgets[colwise] if x_type == "*i16" else None)
     # the bytes-moved ceiling (`move_only_rows`): its SASS shows what the data path alone costs
-    for colwise, scales in ((True, True), (True, False), (False, True)):
-        constexprs = dict(COLWISE=colwise, SCALES=scales, TILE=MOVE_ONLY_TILE,
-                          GROUP_M=mx_triton._sector_group(MOVE_ONLY_TILE))
-        label = (f"move only {'both' if colwise else 'row '}{'' if scales else ', no scales'} "
-                 f"{MOVE_ONLY_TILE}x{MOVE_ONLY_TILE}/{MOVE_ONLY_WARPS}w")
+    for colwise, scales, blocked in ((True, True, False), (True, True, True), (True, False, False),
+                                     (False, True, False)):
+        constexprs = dict(COLWISE=colwise, SCALES=scales, TILE=MOVE_ONLY_TILE, BLOCKED=blocked,
+                          GROUP_M=1 if blocked else mx_triton._sector_group(MOVE_ONLY_TILE))
+        label = (f"move only {'both' if colwise else 'row '}{'' if scales else ', no scales'}"
+                 f"{', blocked scales' if blocked else ''} {MOVE_ONLY_TILE}x{MOVE_ONLY_TILE}/{MOVE_ONLY_WARPS}w")
         ok &= _build_report(_move_only_kernel, constexprs,
                             {"x_ptr": "*i32", "row_data_ptr": "*i16", "col_data_ptr": "*i32"}, target,
                             MOVE_ONLY_WARPS, None, label, sass, budgets[colwise])
@@ -357,11 +409,13 @@ def main() -> None:
     x = make_input()
     exact = check_bit_exact(x)
     print("bit-exact vs reference: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in exact.items()))
-    best = getattr(mx_triton._mx_quantize_tuned, "best_config", None)  # unset when read from Triton's disk cache
-    if best is not None:
-        print(f"mxfp8 both: autotuned tile {best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_K']}/{best.num_warps}w"
-              + f", group {best.kwargs['GROUP_M']}"
-              + (f", maxnreg {best.maxnreg}" if best.maxnreg else ""))
+    # unset when read from Triton's disk cache
+    best = {layout: getattr(tuner, "best_config", None) for layout, tuner in mx_triton._mx_quantize_tuned.items()}
+    for layout, config in best.items():
+        if config is not None:
+            print(f"mxfp8 both ({layout} scales): autotuned tile {config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_K']}/"
+                  f"{config.num_warps}w" + (" paired" if config.kwargs["PAIRED"] else "")
+                  + f", group {config.kwargs['GROUP_M']}" + (f", maxnreg {config.maxnreg}" if config.maxnreg else ""))
 
     if args.sweep:
         print("tile sweep (median ms, best first):")
@@ -379,7 +433,11 @@ def main() -> None:
         ("copy (d2d)", lambda: copy_out.copy_(x), 2 * in_bytes, None),
         ("mxfp8 both (1 pass)", mx_launcher(x, True, True), in_bytes + 2 * n + 2 * n // 32,
          "mxfp8 both"),
+        ("mxfp8 both, blocked scales", mx_launcher(x, True, True, scale_layout="blocked"),
+         in_bytes + 2 * n + 2 * n // 32, "mxfp8 both blocked"),
         ("mxfp8 row", mx_launcher(x, True, False), in_bytes + n + n // 32, "mxfp8 row"),
+        ("mxfp8 row, blocked scales", mx_launcher(x, True, False, scale_layout="blocked"), in_bytes + n + n // 32,
+         "mxfp8 row blocked"),
         ("fp8 1x128", block_launcher(x, (1, 128)), in_bytes + n + 4 * n // 128, "fp8 1x128"),
         ("fp8 128x128", block_launcher(x, (128, 128)), in_bytes + n + 4 * n // (128 * 128), "fp8 128x128"),
         ("fp8 128x128 + transpose", block_launcher(x, (128, 128), transposed=True),
@@ -404,7 +462,7 @@ def main() -> None:
         except Exception as err:  # report, do not hide, a peer that does not compile
             print(f"{name}: torch.compile failed: {type(err).__name__}: {err}".splitlines()[0])
 
-    rows += order_rows(x, best, exact) + move_only_rows(x)
+    rows += order_rows(x, best["plain"], best["blocked"], exact) + move_only_rows(x)
     results = []
     for name, fn, nbytes, exact_key in rows:
         ms = median_ms(fn)
