@@ -262,9 +262,41 @@ def compiled_peer(fn):
     return run
 
 
-def _ptxas_report(ptx: str, arch: int) -> str:
-    regs, spill_stores, _ = triton_build.ptxas_usage(ptx, arch)
-    return f"{regs} regs, {spill_stores} B spilled"
+def _ptxas_report(kernel, arch: int, warps: int) -> str:
+    regs, spill_stores, _ = triton_build.ptxas_usage(kernel.asm["ptx"], arch)
+    return (f"{regs} regs, {spill_stores} B spilled, {kernel.metadata.shared} B shared, "
+            f"{_ctas_per_sm(regs, warps, kernel.metadata.shared)} CTAs/SM")
+
+
+def _ctas_per_sm(regs: int, warps: int, shared: int) -> int:
+    """CTAs an sm_90 SM holds at once: 64K registers (256-register units a warp), 64 warps, 32 CTAs,
+    228 KB of shared memory (1 KB of it reserved per CTA)."""
+    warp_regs = -(-regs * 32 // 256) * 256
+    return min(65536 // (warp_regs * warps), 64 // warps, 32, 228 * 1024 // (shared + 1024))
+
+
+_SASS_LINE = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+
+
+def _late_loads(cubin: bytes) -> str:
+    """Late global loads, as "late/all": those issued after the first instruction that reads a register
+    an earlier load wrote. That instruction waits for the data (a DRAM round trip), so the late loads
+    start a second round trip: with one tile per program and 2 programs an SM, the SM's reads then
+    run half the time with a fraction of its bytes in flight. ptxas decides this order (the PTX
+    issues every load first), so only the build shows it."""
+    loaded, first_use, loads = set(), None, []
+    for line in sass_census.disassemble(cubin).splitlines():
+        if not (m := _SASS_LINE.match(line)):
+            continue
+        op, regs = m.group(1), [int(r) for r in re.findall(r"\bR(\d+)\b", m.group(2))]
+        sources = regs if op.startswith(("STG", "STS", "ST.")) else regs[1:]
+        if first_use is None and loaded.intersection(sources):
+            first_use = len(loads)
+        if op.startswith("LDG"):
+            width = 4 if ".128" in op else 2 if ".64" in op else 1
+            loaded.update(range(regs[0], regs[0] + width))
+            loads.append(op)
+    return f"{len(loads) - (len(loads) if first_use is None else first_use)}/{len(loads)}"
 
 
 COPY_GBS = 4051.0  # H200 device-to-device copy of the benchmark input (bf16 read + write), measured
@@ -292,7 +324,7 @@ def _build_report(fn, constexprs: dict, pointer_types: dict, target, warps: int,
         print(f"FAIL {label}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}")
         return False
     if not sass:
-        print(f"  {label:42s} {_ptxas_report(kernel.asm['ptx'], target.arch)}, {kernel.metadata.shared} B shared",
+        print(f"  {label:42s} {_ptxas_report(kernel, target.arch, warps)}, late LDG {_late_loads(kernel.asm['cubin'])}",
               flush=True)
     elif budget is not None:
         counts, loops = sass_census.census(kernel.asm["cubin"])
@@ -300,7 +332,8 @@ def _build_report(fn, constexprs: dict, pointer_types: dict, target, warps: int,
         elements = elements or (tile * tile if tile else constexprs["BLOCK_M"] * constexprs["BLOCK_K"])
         rates = sass_census.per_element(counts, elements // (32 * warps))
         print(sass_census.format_row(label, rates, budget, 42) + (" (loops: static count)" if loops else "")
-              + f"  STG/thread {_store_widths(kernel.asm['cubin'])}", flush=True)
+              + f"  STG/thread {_store_widths(kernel.asm['cubin'])}; late LDG {_late_loads(kernel.asm['cubin'])}",
+              flush=True)
     return True
 
 
