@@ -116,39 +116,40 @@ def sweep(name: str, make_fn, configs, tile_keys) -> None:
     print(f"  {name:14s} " + "  ".join(f"{label} {ms:.3f}" for ms, label in timings))
 
 
-def order_rows(x, best, best_blocked, exact: dict) -> list:
+def order_rows(x, best, exact: dict) -> list:
     """The tile orders side by side (GROUP_M row bands per group; 1 is K-major, all of them M-major,
     the row-only kernel's order before it went K-major): the both-layout kernel at the autotuned tile
     (the first candidate when the tile came from the disk cache), then, if that tile is paired, the
-    general path's 128x128/8w K-major beside it; the row-only one at ROW_CONFIG. Then the same with
-    blocked scales, K-major only (the autotuned blocked tile, the general 128x128/8w beside a paired
-    one, row-only). Each run's buffers are checked against the reference; timing rows for the main table."""
+    general path's 128x128/8w K-major beside it; the row-only one at ROW_CONFIG. Then with blocked
+    scales, K-major only: every blocked candidate, each also without its register limit (ptxas's own
+    choice, which issues some loads late: `_late_loads`), and row-only. Each run's buffers are checked
+    against the reference; timing rows for the main table."""
     want = mx_ref.quantize_both(x, ELEM, SCALE_MODE)
     want = {"plain": {"row_data": want[0].data, "row_scale": want[0].scale, "col_data": want[1].data.t(),
                       "col_scale": want[1].scale.t()},
             "blocked": {"row_data": want[0].data, "row_scale": mx_blocked.from_plain(want[0]).scale,
                         "col_data": want[1].data.t(), "col_scale": mx_blocked.from_plain(want[1]).scale}}
-    general = mx_triton._config(128, 128, 8)
-    runs = []
-    for layout, both, row in (("plain", best or mx_triton.BOTH_CONFIGS[0], mx_triton.ROW_CONFIG),
-                              ("blocked", best_blocked or mx_triton.BLOCKED_CONFIGS[0], mx_triton.BLOCKED_ROW_CONFIG)):
-        orders = None if layout == "plain" else (1,)
-        runs.append((layout, True, both, orders))
-        if both.kwargs["PAIRED"]:
-            runs.append((layout, True, general, (1,)))
-        runs.append((layout, False, row, orders))
+    both = best or mx_triton.BOTH_CONFIGS[0]
+    runs = [("plain", True, mx_triton.config_tiles(both), None)]
+    if both.kwargs["PAIRED"]:
+        runs.append(("plain", True, mx_triton.config_tiles(mx_triton._config(128, 128, 8)), (1,)))
+    runs.append(("plain", False, mx_triton.config_tiles(mx_triton.ROW_CONFIG), None))
+    for config in mx_triton.BLOCKED_CONFIGS:
+        tiles = mx_triton.config_tiles(config)
+        runs += [("blocked", True, tiles, (1,))] + ([("blocked", True, dict(tiles, maxnreg=None), (1,))]
+                                                    if tiles.get("maxnreg") else [])
+    runs.append(("blocked", False, mx_triton.config_tiles(mx_triton.BLOCKED_ROW_CONFIG), (1,)))
     rows = []
-    for layout, colwise, config, orders in runs:
-        tile = {"BLOCK_M": config.kwargs["BLOCK_M"], "BLOCK_K": config.kwargs["BLOCK_K"],
-                "num_warps": config.num_warps, "PAIRED": config.kwargs["PAIRED"]}
+    for layout, colwise, tile, orders in runs:
         sector = mx_triton._sector_group(tile["BLOCK_M"])
         for group in orders or (1, sector, 4 * sector, M // tile["BLOCK_M"]):
-            tiles = dict(tile, GROUP_M=group)
+            tiles = {key: value for key, value in dict(tile, GROUP_M=group).items() if value is not None}
             out = mx_triton.empty_outputs(M, K, True, colwise, ELEM, x.device, layout)
             mx_triton.launch_quantize(x, out, ELEM, SCALE_MODE, tiles, layout)
             name = (f"{'mxfp8 both' if colwise else 'mxfp8 row'}{', blocked' if layout == 'blocked' else ''} "
                     f"{tile['BLOCK_M']}x{tile['BLOCK_K']} "
                     + ("paired " if tile["PAIRED"] else "general " if colwise else "")
+                    + (f"maxnreg {tile['maxnreg']} " if tile.get("maxnreg") else "")
                     + ("K-major" if group == 1 else "M-major" if group == M // tile["BLOCK_M"] else f"group {group}"))
             exact[name] = all(same_bits(buf, want[layout][key].view(torch.uint8)) for key, buf in out.items())
             rows.append((name, mx_launcher(x, True, colwise, tiles, layout), mx_bytes(True, colwise), name))
@@ -382,6 +383,8 @@ def compile_only(arch: int, sass: bool = False) -> bool:
                                                                                   (False, [blocked_row]))
                  for x_type in ("*i16", "*fp32") for tile in tiles]
     variants += [(True, True, "*i16", blocked_configs[0], True, True)]
+    # the blocked candidates without their register limit: ptxas's own schedule, for comparison
+    variants += [(True, True, "*i16", (*tile[:3], None, *tile[4:]), False, True) for tile in blocked_configs if tile[3]]
     built = set()
     for rowwise, colwise, x_type, (block_m, block_k, warps, maxnreg, group_m, paired), index_64, blocked in variants:
         # the benchmark's shape divides every tile (EVEN: no masks); the int64 build is the masked one
@@ -495,7 +498,7 @@ def main() -> None:
         except Exception as err:  # report, do not hide, a peer that does not compile
             print(f"{name}: torch.compile failed: {type(err).__name__}: {err}".splitlines()[0])
 
-    rows += order_rows(x, best["plain"], best["blocked"], exact) + move_only_rows(x)
+    rows += order_rows(x, best["plain"], exact) + move_only_rows(x)
     results = []
     for name, fn, nbytes, exact_key in rows:
         ms = median_ms(fn)

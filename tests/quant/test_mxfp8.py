@@ -224,7 +224,9 @@ def test_blocked_scales_match_reference(make_input, assert_same_bits, elem, scal
     shapes it does not (masked data, scale padding written as zeros)."""
     from moekit.quant.mxfp8 import triton as mx_triton
 
-    runs = [(True, True, None), (True, True, dict(BLOCKED_TILE, PAIRED=True)), (True, False, None), (False, True, None)]
+    # the paired tile as a register-limited candidate launches it (the interpreter ignores the limit)
+    paired = mx_triton.config_tiles(mx_triton._config(128, 128, 8, 104, paired=True))
+    runs = [(True, True, None), (True, True, paired), (True, False, None), (False, True, None)]
     cases = [((128, 256), torch.bfloat16), ((160, 224), torch.bfloat16), ((96, 416), torch.float32),
              ((160, 96), torch.float16)]
     for seed, (shape, dtype) in enumerate(cases):
@@ -305,6 +307,15 @@ def test_blocked_autotune_candidates_are_whole_scale_tiles():
     assert mx_triton.BLOCKED_CONFIGS
     for config in [*mx_triton.BLOCKED_CONFIGS, mx_triton.BLOCKED_ROW_CONFIG]:
         assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]) == (128, 128)
+
+
+def test_config_tiles_keep_the_register_limit():
+    """`config_tiles` gives `launch_quantize` the candidate's build, ptxas's register limit included."""
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    assert mx_triton.config_tiles(mx_triton._config(128, 128, 8, 104, paired=True)) == {
+        "BLOCK_M": 128, "BLOCK_K": 128, "GROUP_M": 1, "PAIRED": True, "num_warps": 8, "maxnreg": 104}
+    assert "maxnreg" not in mx_triton.config_tiles(mx_triton._config(256, 64, 8, group_m=8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,9 +536,7 @@ def test_gpu_every_tuned_tile_matches_reference(make_input, assert_same_bits):
             out = mx_triton.empty_outputs(*shape, True, True, "e4m3", x.device)
             for buf in out.values():
                 buf.fill_(POISONS[seed])
-            tiles = {key: config.kwargs[key] for key in ("BLOCK_M", "BLOCK_K", "GROUP_M", "PAIRED")}
-            tiles["num_warps"] = config.num_warps
-            mx_triton.launch_quantize(x, out, "e4m3", "rceil", tiles)
+            mx_triton.launch_quantize(x, out, "e4m3", "rceil", mx_triton.config_tiles(config))
             for name, buf in out.items():
                 assert_same_bits(buf, _bytes(expected[name]))
 
@@ -543,8 +552,7 @@ def test_gpu_blocked_scales_match_reference(make_input, assert_same_bits, dtype,
 
     for seed, shape in enumerate([(1024, 2048 + 96), (1024 + 32, 2048), (1024, 2048)]):
         x = _blocked_input(make_input, shape, dtype, 90 + seed).cuda()
-        runs = [(True, True, {key: c.kwargs[key] for key in ("BLOCK_M", "BLOCK_K", "GROUP_M", "PAIRED")}
-                 | {"num_warps": c.num_warps}) for c in mx_triton.BLOCKED_CONFIGS]
+        runs = [(True, True, mx_triton.config_tiles(c)) for c in mx_triton.BLOCKED_CONFIGS]
         runs += [(True, True, None), (True, False, None), (False, True, None)]
         for rowwise, colwise, tiles in runs:
             if tiles is not None and tiles["PAIRED"] and dtype != torch.bfloat16:

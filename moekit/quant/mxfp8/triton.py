@@ -380,6 +380,15 @@ def _config(block_m: int, block_k: int, num_warps: int, maxnreg: int | None = No
                          num_warps=num_warps, num_stages=1, maxnreg=maxnreg)
 
 
+def config_tiles(config: triton.Config) -> dict:
+    """A config as `launch_quantize`'s `tiles` (the same build: register limit included)."""
+    tiles = {key: config.kwargs[key] for key in ("BLOCK_M", "BLOCK_K", "GROUP_M", "PAIRED")}
+    tiles["num_warps"] = config.num_warps
+    if config.maxnreg is not None:
+        tiles["maxnreg"] = config.maxnreg
+    return tiles
+
+
 def _is_blocked_tile(tiles: dict) -> bool:
     return (tiles["BLOCK_M"], tiles["BLOCK_K"]) == BLOCKED_TILE
 
@@ -407,7 +416,14 @@ else:
     # input the paired tiles run the general path (`_fit_groups`).
     BOTH_CONFIGS = [_config(128, 128, 8, paired=True), _config(256, 64, 8, paired=True),
                     _config(128, 64, 4, paired=True), _config(128, 128, 8)]
-    BLOCKED_CONFIGS = [c for c in BOTH_CONFIGS if _is_blocked_tile(c.kwargs)]
+    # Blocked scales: the same two 128x128 tiles with a register limit. Left to itself ptxas builds
+    # both with about 98 registers and issues the last 2 of a thread's 8 16-byte loads only after
+    # the first use of the first one's data: a second DRAM round trip per program, which with one
+    # tile per program and 2 programs an SM leaves the reads half covered (75% of copy on the H200
+    # where the same bytes moved without the arithmetic, every load issued first, reach 92%). With
+    # these limits every load is issued first, for each element format and scale mode, at 2 CTAs
+    # an SM still and no spills (`benchmarks/quant.py --compile-only 90`: "late LDG 0/8").
+    BLOCKED_CONFIGS = [_config(128, 128, 8, 104, paired=True), _config(128, 128, 8, 112)]
 
 _MAX_GRID_Y = 65535
 
@@ -495,8 +511,8 @@ def launch_quantize(x: torch.Tensor, outputs: dict, elem: str, scale_mode: str, 
     (`empty_outputs` with the same `scale_layout`). Both layouts: the autotuned configs; row-wise
     only: `ROW_CONFIG` (`BLOCKED_ROW_CONFIG` for blocked scales). `tiles` (BLOCK_M, BLOCK_K: powers of
     two >= 32, 128 x 128 for blocked scales; num_warps; optional GROUP_M tile order, default 1; optional
-    PAIRED, default False, for BLOCK_K >= 64 and both layouts of bfloat16) forces one tile instead, for
-    tuning by hand."""
+    PAIRED, default False, for BLOCK_K >= 64 and both layouts of bfloat16; optional maxnreg, ptxas's register
+    limit; `config_tiles` of a config) forces one tile instead, for tuning by hand."""
     m, k = x.shape
     rowwise, colwise = "row_data" in outputs, "col_data" in outputs
     paired = paired_applies(rowwise, colwise, x.dtype == torch.bfloat16)
