@@ -388,7 +388,8 @@ def compile_only(arch: int, sass: bool = False) -> bool:
     built = set()
     for rowwise, colwise, x_type, (block_m, block_k, warps, maxnreg, group_m, paired), index_64, blocked in variants:
         # the benchmark's shape divides every tile (EVEN: no masks); the int64 build is the masked one
-        paired = paired and mx_triton.paired_applies(rowwise, colwise, x_type == "*i16")
+        if paired and not mx_triton.paired_applies(rowwise, colwise, x_type == "*i16"):
+            paired, maxnreg = False, None  # the general path, as `_fit_groups` runs it
         key = (rowwise, colwise, x_type, block_m, block_k, warps, maxnreg, group_m, paired, index_64, blocked)
         if key in built:  # a paired tile on the general path, built already
             continue

@@ -152,14 +152,15 @@ def test_paired_tiles_fall_back_where_they_do_not_apply():
     general path otherwise, a tile the list already holds dropped."""
     from moekit.quant.mxfp8 import triton as mx_triton
 
-    configs = [mx_triton._config(128, 128, 8, paired=True), mx_triton._config(256, 64, 8, paired=True),
-               mx_triton._config(128, 128, 8)]
+    configs = [mx_triton._config(128, 128, 8, 104, paired=True), mx_triton._config(256, 64, 8, paired=True),
+               mx_triton._config(128, 128, 8), mx_triton._config(128, 128, 8, 112)]
     assert mx_triton._fit_groups(configs, {"M": 4096, "K": 4096}, ROWWISE=True, COLWISE=True, IS_BF16=True) == configs
     for flags in ({"ROWWISE": True, "COLWISE": True, "IS_BF16": False},
                   {"ROWWISE": False, "COLWISE": True, "IS_BF16": True}):
         fitted = mx_triton._fit_groups(configs, {"M": 4096, "K": 4096}, **flags)
-        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["PAIRED"]) for c in fitted] == [
-            (128, 128, False), (256, 64, False)]
+        # the paired 128x128 falls back without its register limit: the general 128x128 already listed
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["PAIRED"], c.maxnreg) for c in fitted] == [
+            (128, 128, False, None), (256, 64, False, None), (128, 128, False, 112)]
 
 
 @pytest.mark.parametrize("scale_mode", MODES)

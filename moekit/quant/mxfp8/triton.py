@@ -413,8 +413,9 @@ else:
     # data path first: 128x128 is fp8_block's both-layout block (91% of copy there); 256x64 and
     # 128x64 keep each warp on whole 64-column rows, which lets the word transpose use stmatrix.
     # Last the general path's tile that won before (83% of copy). Without bfloat16 both-layout
-    # input the paired tiles run the general path (`_fit_groups`).
-    BOTH_CONFIGS = [_config(128, 128, 8, paired=True), _config(256, 64, 8, paired=True),
+    # input the paired tiles run the general path (`_fit_groups`). The paired 128x128's register
+    # limit: see BLOCKED_CONFIGS (without it ptxas issues 2 of its 8 loads late, with it none).
+    BOTH_CONFIGS = [_config(128, 128, 8, 104, paired=True), _config(256, 64, 8, paired=True),
                     _config(128, 64, 4, paired=True), _config(128, 128, 8)]
     # Blocked scales: the same two 128x128 tiles with a register limit. Left to itself ptxas builds
     # both with about 98 registers and issues the last 2 of a thread's 8 16-byte loads only after
@@ -450,11 +451,13 @@ def _fit_groups(configs, named_args, **flags):
     for config in configs:
         kwargs = dict(config.kwargs, GROUP_M=_fitted_group(named_args["M"], config.kwargs),
                       PAIRED=config.kwargs["PAIRED"] and paired)
-        if any(kwargs == c.kwargs and (config.num_warps, config.maxnreg) == (c.num_warps, c.maxnreg) for c in fitted):
+        # a paired tile's register limit is set for the paired build: the general one goes without
+        maxnreg = config.maxnreg if kwargs["PAIRED"] == config.kwargs["PAIRED"] else None
+        if any(kwargs == c.kwargs and (config.num_warps, maxnreg) == (c.num_warps, c.maxnreg) for c in fitted):
             continue
-        fitted.append(config if kwargs == config.kwargs else
+        fitted.append(config if (kwargs, maxnreg) == (config.kwargs, config.maxnreg) else
                       triton.Config(kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
-                                    maxnreg=config.maxnreg))
+                                    maxnreg=maxnreg))
     return fitted
 
 
