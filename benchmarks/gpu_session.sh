@@ -3,7 +3,7 @@
 # time-limited, every log under $OUT (or ./gpu-logs). Usage: benchmarks/gpu_session.sh STEP...
 # Steps: env tests gputests modeltests check_moe check_la quant bench_moe bench_la profile_moe profile_moe_tma bench_ep
 # bench_la_a bench_la_b (bench_la's ops in two halves, e.g. one per GPU) train gen vla vlatrain check_gla_scalar profile_la1 profile_la2 profile_la profile_fla
-# bench_la_nofla profile_fp8 fp8tests fp8_gemm train_profile ep_profile bench_ep16k bench_ep32k parity_bf16 parity_fp8 parity_mxfp8 cetest train_b8 train_b8_hybrid gen_sweep gen_profile bisect_launch sweep_state_delta;
+# bench_la_nofla profile_fp8 fp8tests fp8_gemm train_profile ep_profile bench_ep16k bench_ep32k parity_bf16 parity_fp8 parity_mxfp8 cetest train_b8 train_b8_hybrid gen_sweep gen_profile bisect_launch sweep_state_delta profile_state_delta;
 # steps joined by '+' (e.g. gputests+check_moe) run at the same time (correctness, not timings);
 # steps joined by ',' run one after another, e.g. modeltests,check_la@0+bench_la@1 on two GPUs.
 set -u
@@ -89,6 +89,8 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     profile_delta1) step profile_delta1 120 python3 benchmarks/profile_linear_attention.py --settings default \
       --ops delta_rule,gated_delta_rule --lengths 2048 ;;
     bisect_launch) step bisect_launch 500 python3 benchmarks/bisect_launch.py ;;
+    profile_state_delta) step profile_state_delta 200 python3 benchmarks/profile_linear_attention.py --lengths 2048 \
+      --settings default,sb_w4v64,sb_w8v64,sb_w8v128,sf_w4v16,sf_w8v64 --ops delta_rule,gated_delta_rule ;;
     sweep_state_delta) step sweep_state_delta 400 bash -c 'for s in num_warps=8,num_stages=2,BV=128 \
       num_warps=4,num_stages=2,BV=64 num_warps=8,num_stages=2,BV=64 num_warps=4,num_stages=2,BV=16; do echo "## $s"; \
       python3 benchmarks/bisect_launch.py --setting $s --kernels state_fwd_delta,state_bwd_delta; done' ;;
