@@ -46,6 +46,13 @@ LAUNCH = INTERPRETER_LAUNCH if INTERPRETING else {"num_warps": 8, "num_stages": 
 # The activation backward (memory-bound), the same in the interpreter (which ignores it) as on the
 # GPU: sm_90, 128 x 128 tiles: 16 warps 128 regs, no spills; 8 warps 255 regs; 4 warps spill.
 ACT_BACKWARD_LAUNCH = {"num_warps": 16}
+# Weight gradient: dW tiles of 64 x 128 at 4 warps (sm_90 fp8: 207 regs, 74 KB shared; mxfp8 252
+# regs, 88 KB), two CTAs per SM, so one's per-K-step rescale of the accumulator (an outer product
+# of row and column scales: 2 float ops per element every 128 tokens, while its wgmma waits) runs
+# beside the other's MMAs. 128 x 128 at 8 warps took 241 regs: one CTA per SM, the tensor cores
+# idle through every rescale.
+WGRAD_TILE_P = 64
+WGRAD_LAUNCH = {"num_warps": 4, "num_stages": 3}
 GROUP_M = 8
 K_STEP = tl.constexpr(128)  # reduction values per MX K-loop step (4 scale blocks of 32)
 # MX on Hopper: dots on exactly dequantized operands (bf16; fp32 in the interpreter, whose
@@ -589,10 +596,11 @@ def grouped_wgrad(a_cols, b_cols, meta: RoutingMeta, r: Recipe, dtype) -> torch.
     (a, a_s), (b, b_s) = a_cols, b_cols
     E, P, Q = meta.num_experts, a.shape[0], b.shape[0]
     dw = torch.empty(E, P, Q, dtype=dtype, device=a.device)  # every element is written
-    _wgrad_kernel[(E * (P // TILE_N) * (Q // TILE_N),)](
+    _wgrad_kernel[(E * (P // WGRAD_TILE_P) * (Q // TILE_N),)](
         a, a_s, b, b_s, dw, meta.counts, P, Q, E, a.stride(0), a_s.stride(0), b.stride(0), b_s.stride(0),
         dw.stride(0), dw.stride(1),
-        E_PAD=_pow2(E), BLOCK=r.block, TILE=ROW_TILE, MX=r.mx, BM=TILE_N, BN=TILE_N, GROUP=GROUP_M, **LAUNCH)
+        E_PAD=_pow2(E), BLOCK=r.block, TILE=ROW_TILE, MX=r.mx, BM=WGRAD_TILE_P, BN=TILE_N, GROUP=GROUP_M,
+        **WGRAD_LAUNCH)
     return dw
 
 
