@@ -40,12 +40,16 @@ E4M3_MAX = tl.constexpr(448.0)
 E4M3_EMAX = tl.constexpr(8)
 MIN_SCALE = tl.constexpr(2.0**-126)
 TILE_N = DIM_MULTIPLE  # output columns per program: one whole 128-wide quantization group
-# Launch options of every GEMM kernel here; benchmarks/moe_fp8.py --sweep tries others.
+# Launch options of the row GEMMs (gather_up, the dgrad GEMM, scatter); benchmarks/moe_fp8.py --sweep
+# tries others.
 INTERPRETER_LAUNCH = {"num_warps": 4, "num_stages": 1}
 LAUNCH = INTERPRETER_LAUNCH if INTERPRETING else {"num_warps": 8, "num_stages": 3}
-# The activation backward (memory-bound), the same in the interpreter (which ignores it) as on the
-# GPU: sm_90, 128 x 128 tiles: 16 warps 128 regs, no spills; 8 warps 255 regs; 4 warps spill.
+# The launches below are the same in the interpreter (which ignores them) as on the GPU, so that
+# benchmarks/compile_check_moe_fp8.py builds what the GPU runs.
+# Activation backward (memory-bound), sm_90, 128 x 128 tiles: 16 warps 128 regs, no spills;
+# 8 warps 255 regs; 4 warps spill.
 ACT_BACKWARD_LAUNCH = {"num_warps": 16}
+GATHER_COLS_LAUNCH = {"num_warps": 8}  # sm_90: 108 regs fp8, 2 CTAs per SM
 # Weight gradient: dW tiles of 64 x 128 at 4 warps (sm_90 fp8: 207 regs, 74 KB shared; mxfp8 252
 # regs, 88 KB), two CTAs per SM, so one's per-K-step rescale of the accumulator (an outer product
 # of row and column scales: 2 float ops per element every 128 tokens, while its wgmma waits) runs
@@ -587,7 +591,7 @@ def gather_cols(src: torch.Tensor, meta: RoutingMeta, r: Recipe):
         src, meta.counts, meta.order, data, scale, P, meta.num_experts, meta.top_k,
         src.stride(0), data.stride(0), scale.stride(0),
         E_PAD=_pow2(meta.num_experts), BLOCK=r.block, MX=r.mx, EMULATE_RNE=INTERPRETING,
-        BM=ROW_TILE, BN=TILE_N, num_warps=LAUNCH["num_warps"])
+        BM=ROW_TILE, BN=TILE_N, **GATHER_COLS_LAUNCH)
     return data, scale
 
 
