@@ -51,8 +51,9 @@ class StageTimer:
     """CUDA-event times of the FP8 op's stages (module functions wrapped while inside)."""
 
     TARGETS = [(fp8, "quantize_rows"), (fp8, "quantize_weight"), (fp8, "quantize_weight_both")] + [
-        (fp8_kernels, n) for n in ("gather_up", "scatter_gemm", "down_dgrad", "gather_cols", "grouped_wgrad",
-                                   "weight_grad")] + [(fp8.bf16_kernels, "combine"), (fp8, "routing_meta")]
+        (fp8_kernels, n) for n in ("gather_up", "scatter_gemm", "down_dgrad", "act_backward", "gather_cols",
+                                   "grouped_wgrad", "weight_grad")
+    ] + [(fp8.bf16_kernels, "combine"), (fp8, "routing_meta")]
 
     def __enter__(self):
         self.events, self.originals = [], {}

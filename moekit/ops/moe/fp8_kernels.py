@@ -10,8 +10,9 @@ one group of the token-axis (wgrad) quantization.
 - ``_gather_gemm_kernel``: rows of an FP8 source gathered by token in the prologue, times the
   expert's weight. Forward up-projection: stores the pre-activation h (input dtype), applies
   the activation and quantizes its output both ways in the epilogue (rows for the down GEMM,
-  columns of ``w * a`` for dW_down). Backward down dgrad: routing weight, activation backward,
-  and the same two quantizations of dh (rows for dx, columns for dW_up).
+  columns of ``w * a`` for dW_down). Backward down dgrad: da = w * (dout @ W_down) in float32.
+- ``_act_backward_kernel``: dh = act'(h) * da, quantized the same two ways (rows for dx,
+  columns for dW_up); memory-bound, apart from the dgrad GEMM so that its epilogue stays light.
 - ``_scatter_gemm_kernel``: FP8 expert-sorted rows times the expert's weight, each result
   row written at its (token, slot) place (down forward; up dgrad).
 - ``_gather_cols_kernel``: rows of x / dout gathered by token, quantized along the token axis
@@ -39,9 +40,23 @@ E4M3_MAX = tl.constexpr(448.0)
 E4M3_EMAX = tl.constexpr(8)
 MIN_SCALE = tl.constexpr(2.0**-126)
 TILE_N = DIM_MULTIPLE  # output columns per program: one whole 128-wide quantization group
-# Launch options of every GEMM kernel here; benchmarks/moe_fp8.py --sweep tries others.
+# Launch options of the row GEMMs (gather_up, the dgrad GEMM, scatter); benchmarks/moe_fp8.py --sweep
+# tries others.
 INTERPRETER_LAUNCH = {"num_warps": 4, "num_stages": 1}
 LAUNCH = INTERPRETER_LAUNCH if INTERPRETING else {"num_warps": 8, "num_stages": 3}
+# The launches below are the same in the interpreter (which ignores them) as on the GPU, so that
+# benchmarks/compile_check_moe_fp8.py builds what the GPU runs.
+# Activation backward (memory-bound), sm_90, 128 x 128 tiles: 16 warps 128 regs, no spills;
+# 8 warps 255 regs; 4 warps spill.
+ACT_BACKWARD_LAUNCH = {"num_warps": 16}
+GATHER_COLS_LAUNCH = {"num_warps": 8}  # sm_90: 108 regs fp8, 2 CTAs per SM
+# Weight gradient: dW tiles of 64 x 128 at 4 warps (sm_90 fp8: 207 regs, 74 KB shared; mxfp8 252
+# regs, 88 KB), two CTAs per SM, so one's per-K-step rescale of the accumulator (an outer product
+# of row and column scales: 2 float ops per element every 128 tokens, while its wgmma waits) runs
+# beside the other's MMAs. 128 x 128 at 8 warps took 241 regs: one CTA per SM, the tensor cores
+# idle through every rescale.
+WGRAD_TILE_P = 64
+WGRAD_LAUNCH = {"num_warps": 4, "num_stages": 3}
 GROUP_M = 8
 K_STEP = tl.constexpr(128)  # reduction values per MX K-loop step (4 scale blocks of 32)
 # MX on Hopper: dots on exactly dequantized operands (bf16; fp32 in the interpreter, whose
@@ -261,18 +276,19 @@ def _gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as, b_ptr, b_cols, ld_b, bs_pt
 
 @triton.jit
 def _gather_gemm_kernel(
-    src_ptr, src_s_ptr, w_ptr, w_s_ptr, h_ptr, weight_ptr, counts_ptr, order_ptr,
+    src_ptr, src_s_ptr, w_ptr, w_s_ptr, out_ptr, weight_ptr, counts_ptr, order_ptr,
     q_ptr, q_s_ptr, c_ptr, c_s_ptr,
     num_rows, F, K, num_experts, top_k,
-    ld_src, ld_src_s, stride_we, ld_w, stride_wse, ld_ws_n, ld_ws_k, ld_h, ld_q, ld_qs, ld_c, ld_cs,
+    ld_src, ld_src_s, stride_we, ld_w, stride_wse, ld_ws_n, ld_ws_k, ld_out, ld_q, ld_qs, ld_c, ld_cs,
     E_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BACKWARD: tl.constexpr,
     SAVE: tl.constexpr, BLOCK: tl.constexpr, WEIGHT_ROWS: tl.constexpr, MX: tl.constexpr,
     EMULATE_RNE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """Forward (BACKWARD=False): a = act(Q(x)[token] @ Q(W_up)^T); backward: dh = act'(h) * w *
-    (Q(dout)[token] @ Q(W_down)). F is the activation width; one program owns BN of its columns
-    (and the matching up columns F + f of a gated h / dh). SAVE (forward): also store h and the
-    token-axis quantization of w * a that dW_down needs."""
+    """Forward (BACKWARD=False): a = act(Q(x)[token] @ Q(W_up)^T); F is the activation width, one
+    program owns BN of its columns (and the matching up columns F + f of a gated h). SAVE: also
+    store h in out and the token-axis quantization of w * a that dW_down needs.
+    Backward: out = da = w * (Q(dout)[token] @ Q(W_down)) in float32, nothing else (the
+    activation backward and dh's quantizations are ``_act_backward_kernel``'s)."""
     num_pid_m = tl.cdiv(num_rows, BM) + num_experts
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, F // BN, GROUP)
     expert, row0, row_end = _expert_tile(counts_ptr, pid_m, num_experts, E_PAD, BM)
@@ -289,35 +305,62 @@ def _gather_gemm_kernel(
                       w_ptr + e64 * stride_we, fs, ld_w, w_s_ptr + e64 * stride_wse, ld_ws_n, ld_ws_k,
                       F, K // BLOCK, TWO, BLOCK, WEIGHT_ROWS, MX, BM, BN)
     w = tl.load(weight_ptr + assignment, mask=row_ok, other=0.0)  # 0 on rows outside the tile's expert
-    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * ld_h + fs[None, :]
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * ld_out + fs[None, :]
     if BACKWARD:
-        da = acc * w[:, None]
-        gate = tl.load(h_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        if GATED:
-            # d_up finished (both quantizations stored) before up is loaded and d_gate formed:
-            # fewer [BM, BN] float32 tiles live at once (da * act'(gate) and d_up, then d_gate).
-            d_gate_over_up = da * _act_grad(gate, ACT)
-            d_up = da * _act(gate, ACT)
-            _store_rows(d_up, rows, row_ok, F + f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
-            _store_cols(d_up, pid_m, F + f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE, BM, BN)
-            d_gate = d_gate_over_up * tl.load(h_ptrs + F, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            _store_rows(d_gate, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
-            _store_cols(d_gate, pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE, BM, BN)
-        else:
-            dh = da * _act_grad(gate, ACT)
-            _store_rows(dh, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
-            _store_cols(dh, pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE,
-                        BM, BN)
+        tl.store(out_ptrs, acc * w[:, None], mask=row_ok[:, None])
     else:
         if SAVE:
-            tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
             if GATED:
-                tl.store(h_ptrs + F, acc2.to(h_ptr.dtype.element_ty), mask=row_ok[:, None])
+                tl.store(out_ptrs + F, acc2.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         a = _act(acc, ACT) * acc2 if GATED else _act(acc, ACT)
         _store_rows(a, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
         if SAVE:
             _store_cols(a * w[:, None], pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
                         EMULATE_RNE, BM, BN)
+
+
+@triton.jit
+def _act_backward_kernel(
+    da_ptr, h_ptr, counts_ptr, q_ptr, q_s_ptr, c_ptr, c_s_ptr,
+    num_rows, F, num_experts, ld_da, ld_h, ld_q, ld_qs, ld_c, ld_cs,
+    E_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, MX: tl.constexpr,
+    EMULATE_RNE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    """dh = act'(h) * da for one row tile and BN activation columns, quantized both ways: rows
+    (q, q_s: dx's operand) and the token axis (c, c_s: dW_up's, ``_store_cols`` layout). Gated:
+    d_gate = (da * act'(gate)) * up in columns [0, F), d_up = da * act(gate) in [F, 2F), each by
+    its own program (adjacent ones: the second read of da and gate comes from L2); both in one
+    program kept one float32 tile live through the other's quantizations and spilled on sm_90.
+    Memory-bound; apart from the dgrad GEMM, whose accumulator beside this epilogue left one
+    CTA per SM and spilled."""
+    HALVES: tl.constexpr = 2 if GATED else 1
+    num_pid_n = F // BN
+    pid = tl.program_id(0) // HALVES
+    pid_m = pid // num_pid_n
+    f0 = (pid % num_pid_n) * BN
+    expert, row0, row_end = _expert_tile(counts_ptr, pid_m, num_experts, E_PAD, BM)
+    if expert >= num_experts:
+        return
+    rows = row0 + tl.arange(0, BM)
+    row_ok = rows < row_end
+    rows64 = rows.to(tl.int64)[:, None]
+    fs = f0 + tl.arange(0, BN)
+    # Zeros past the expert's rows: _store_cols needs them (the wgrad reads whole tile slots).
+    da = tl.load(da_ptr + rows64 * ld_da + fs[None, :], mask=row_ok[:, None], other=0.0)
+    h_ptrs = h_ptr + rows64 * ld_h + fs[None, :]
+    gate = tl.load(h_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    col0 = f0
+    if GATED:
+        if tl.program_id(0) % 2 == 0:
+            dh = da * _act(gate, ACT)
+            col0 = F + f0
+        else:
+            dh = (da * _act_grad(gate, ACT)) * tl.load(h_ptrs + F, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    else:
+        dh = da * _act_grad(gate, ACT)
+    _store_rows(dh, rows, row_ok, col0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
+    _store_cols(dh, pid_m, col0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE, BM, BN)
 
 
 @triton.jit
@@ -494,21 +537,34 @@ def down_dgrad(dq, w_down_t, h, weight, meta: RoutingMeta, activation: str, r: R
     """dh = act'(h) * w * (Q(dout)[token] @ Q(W_down)), quantized both ways:
     ((uint8 [rows, U], scales [rows, U/block]), (uint8 [U, tiles * 128], scales))."""
     (d_data, d_scale), (w_data, w_scale) = dq, w_down_t
-    gated = is_gated(activation)
-    num_rows, U = h.shape
+    num_rows = h.shape[0]
     E, F, H = w_data.shape
+    da = new_buffer((num_rows, F), torch.float32, h.device)  # float32: the fused epilogue's values
+    _gather_gemm_kernel[(_row_tiles(meta) * (F // TILE_N),)](
+        d_data, d_scale, w_data, w_scale, da, weight, meta.counts, meta.order,
+        da, da, da, da, num_rows, F, H, E, meta.top_k,  # no quantized outputs
+        d_data.stride(0), d_scale.stride(0), *_weight_args(w_data, w_scale),
+        da.stride(0), 0, 0, 0, 0,
+        E_PAD=_pow2(E), GATED=False, ACT=0, BACKWARD=True, SAVE=False,
+        BLOCK=r.block, WEIGHT_ROWS=r.weight_rows, MX=r.mx, EMULATE_RNE=INTERPRETING,
+        BM=ROW_TILE, BN=TILE_N, GROUP=GROUP_M, **LAUNCH)
+    return act_backward(da, h, meta, activation, r)
+
+
+def act_backward(da: torch.Tensor, h: torch.Tensor, meta: RoutingMeta, activation: str, r: Recipe):
+    """dh = act'(h) * da for expert-sorted rows (da float32 [rows, F], h [rows, U]), quantized
+    both ways as ``down_dgrad`` returns it."""
+    num_rows, U = h.shape
+    F = da.shape[1]
     dev = h.device
     dh_q = torch.empty(num_rows, U, dtype=torch.uint8, device=dev)
     dh_s = new_buffer((num_rows, U // r.block), torch.float32, dev)
     dh_c, dh_cs = _cols_buffers(meta, U, r, dev)
-    _gather_gemm_kernel[(_row_tiles(meta) * (F // TILE_N),)](
-        d_data, d_scale, w_data, w_scale, h, weight, meta.counts, meta.order,
-        dh_q, dh_s, dh_c, dh_cs, num_rows, F, H, E, meta.top_k,
-        d_data.stride(0), d_scale.stride(0), *_weight_args(w_data, w_scale),
-        h.stride(0), U, dh_s.stride(0), dh_c.stride(0), dh_cs.stride(0),
-        E_PAD=_pow2(E), GATED=gated, ACT=ACT_CODES[activation], BACKWARD=True, SAVE=False,
-        BLOCK=r.block, WEIGHT_ROWS=r.weight_rows, MX=r.mx, EMULATE_RNE=INTERPRETING,
-        BM=ROW_TILE, BN=TILE_N, GROUP=GROUP_M, **LAUNCH)
+    _act_backward_kernel[(_row_tiles(meta) * (U // TILE_N),)](  # gated: a program per half
+        da, h, meta.counts, dh_q, dh_s, dh_c, dh_cs, num_rows, F, meta.num_experts,
+        da.stride(0), h.stride(0), dh_q.stride(0), dh_s.stride(0), dh_c.stride(0), dh_cs.stride(0),
+        E_PAD=_pow2(meta.num_experts), GATED=is_gated(activation), ACT=ACT_CODES[activation], BLOCK=r.block,
+        MX=r.mx, EMULATE_RNE=INTERPRETING, BM=ROW_TILE, BN=TILE_N, **ACT_BACKWARD_LAUNCH)
     return (dh_q, dh_s), (dh_c, dh_cs)
 
 
@@ -535,7 +591,7 @@ def gather_cols(src: torch.Tensor, meta: RoutingMeta, r: Recipe):
         src, meta.counts, meta.order, data, scale, P, meta.num_experts, meta.top_k,
         src.stride(0), data.stride(0), scale.stride(0),
         E_PAD=_pow2(meta.num_experts), BLOCK=r.block, MX=r.mx, EMULATE_RNE=INTERPRETING,
-        BM=ROW_TILE, BN=TILE_N, num_warps=LAUNCH["num_warps"])
+        BM=ROW_TILE, BN=TILE_N, **GATHER_COLS_LAUNCH)
     return data, scale
 
 
@@ -544,10 +600,11 @@ def grouped_wgrad(a_cols, b_cols, meta: RoutingMeta, r: Recipe, dtype) -> torch.
     (a, a_s), (b, b_s) = a_cols, b_cols
     E, P, Q = meta.num_experts, a.shape[0], b.shape[0]
     dw = torch.empty(E, P, Q, dtype=dtype, device=a.device)  # every element is written
-    _wgrad_kernel[(E * (P // TILE_N) * (Q // TILE_N),)](
+    _wgrad_kernel[(E * (P // WGRAD_TILE_P) * (Q // TILE_N),)](
         a, a_s, b, b_s, dw, meta.counts, P, Q, E, a.stride(0), a_s.stride(0), b.stride(0), b_s.stride(0),
         dw.stride(0), dw.stride(1),
-        E_PAD=_pow2(E), BLOCK=r.block, TILE=ROW_TILE, MX=r.mx, BM=TILE_N, BN=TILE_N, GROUP=GROUP_M, **LAUNCH)
+        E_PAD=_pow2(E), BLOCK=r.block, TILE=ROW_TILE, MX=r.mx, BM=WGRAD_TILE_P, BN=TILE_N, GROUP=GROUP_M,
+        **WGRAD_LAUNCH)
     return dw
 
 
