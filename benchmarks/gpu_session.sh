@@ -70,6 +70,7 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     bench_la_nofla) step bench_la_nofla 300 python3 benchmarks/linear_attention.py --no-fla ;;
     profile_fp8) step profile_fp8 200 python3 benchmarks/moe_fp8.py --shapes mixtral-8x7b --profile ;;
     bench_fp8) step bench_fp8 240 python3 benchmarks/moe_fp8.py ;;
+    bench_fp8_ds) step bench_fp8_ds 140 python3 benchmarks/moe_fp8.py --shapes deepseek-v3 ;;
     fp8tests) step fp8tests 180 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE tests/ops/test_moe_fp8.py tests/quant ;;
     fp8_gemm) step fp8_gemm 90 python3 benchmarks/fp8_gemm.py ;;
     profile_mixtral) step profile_mixtral 200 python3 benchmarks/moe_layer.py --profile --shapes mixtral-8x7b ;;
