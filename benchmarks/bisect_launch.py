@@ -12,8 +12,8 @@ with the default table's on the same inputs:
         [--setting num_warps=4,num_stages=1,BK=128,BV=32] [--kernels wy_bwd,dqk_delta,...]
 
 Prints one line per (op, kernel): "ok" with the largest relative difference and the forward +
-backward time under the default table and under the setting, "differs", "non-finite" or the error
-that ended the process.
+backward time (mean of 10 after a warm-up call) under the default table and under the setting,
+"differs", "non-finite" or the error that ended the process.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def run_one(op: str, kernel: str, setting: dict) -> str:
     (or on every kernel for "ALL"), compared."""
     import torch
     import torch.nn.functional as F
+    from linear_attention import bench_ms  # benchmarks/linear_attention.py (this script's folder)
 
     from moekit.ops import linear_attention as la
     from moekit.ops.linear_attention import triton_layout
@@ -56,19 +57,8 @@ def run_one(op: str, kernel: str, setting: dict) -> str:
         (o.float().sum() + s.sum()).backward()
         return [o, s] + [leaves[n].grad for n in leaves]
 
-    def ms() -> float:  # median forward + backward time (the first call compiled and warmed up)
-        times = []
-        for _ in range(REPS):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            results()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[REPS // 2]
-
     want = results()
-    want_ms = ms()
+    want_ms = bench_ms(results, REPS)
     if kernel == "ALL":
         triton_layout.LAUNCH.clear()
         triton_layout.LAUNCH["*"] = setting
@@ -81,7 +71,7 @@ def run_one(op: str, kernel: str, setting: dict) -> str:
     worst = max(((g.float() - w.float()).norm() / w.float().norm().clamp_min(1e-30)).item()
                 for g, w in zip(got, want, strict=True))
     verdict = f"{'ok' if worst < TOLERANCE else 'differs'} (max rel. difference {worst:.1e})"
-    return f"{verdict:38s} {want_ms:6.2f} -> {ms():6.2f} ms"
+    return f"{verdict:38s} {want_ms:6.2f} -> {bench_ms(results, REPS):6.2f} ms"
 
 
 def parse_setting(text: str) -> dict:
