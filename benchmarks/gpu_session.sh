@@ -3,7 +3,8 @@
 # time-limited, every log under $OUT (or ./gpu-logs). Usage: benchmarks/gpu_session.sh STEP...
 # Steps: env tests gputests modeltests check_moe check_la quant bench_moe bench_la profile_moe profile_moe_tma bench_ep
 # bench_la_a bench_la_b (bench_la's ops in two halves, e.g. one per GPU) train gen vla vlatrain check_gla_scalar profile_la1 profile_la2 profile_la profile_fla
-# bench_la_nofla profile_fp8 fp8tests fp8_gemm train_profile ep_profile bench_ep16k bench_ep32k parity_bf16 parity_fp8 parity_mxfp8 cetest train_b8 train_b8_hybrid gen_sweep gen_profile bisect_launch sweep_state_delta profile_state_delta bench_fp8;
+# bench_la_nofla profile_fp8 fp8tests fp8_gemm train_profile ep_profile bench_ep16k bench_ep32k parity_bf16 parity_fp8 parity_mxfp8 cetest train_b8 train_b8_hybrid gen_sweep gen_profile bisect_launch sweep_state_delta profile_state_delta bench_fp8
+# cmd (STEP_CMD, run under the name STEP_NAME with limit STEP_LIMIT);
 # steps joined by '+' (e.g. gputests+check_moe) run at the same time (correctness, not timings);
 # steps joined by ',' run one after another, e.g. modeltests,check_la@0+bench_la@1 on two GPUs.
 set -u
@@ -126,6 +127,7 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
       --skip-finite-checks ;;
     train_ref1) step train_ref1 200 python3 benchmarks/train_throughput.py --batch 1 --models hybrid --paths bf16 reference ;;
     bench_ep) step bench_ep 160 torchrun --standalone --nproc-per-node "${EP_GPUS:-2}" benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 ;;
+    cmd) step "${STEP_NAME:-cmd}" "${STEP_LIMIT:-300}" bash -c "$STEP_CMD" ;;  # any command, given by env
     *) echo "unknown step $1" ;;
   esac
 }
