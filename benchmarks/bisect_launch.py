@@ -1,4 +1,5 @@
-"""Which linear-attention kernel breaks under a launch setting (a GPU build problem, not indexing).
+"""Which linear-attention kernel breaks under a launch setting (a GPU build problem, not indexing),
+and what the setting does to the op's time.
 
 On the H200 (Triton 3.6) the profiler's setting {4 warps, 1 stage, BK 128, BV 32} for every kernel
 gave delta_rule a non-finite result and gated_delta_rule an illegal memory access, while the
@@ -10,8 +11,9 @@ with the default table's on the same inputs:
     python benchmarks/bisect_launch.py [--ops delta_rule,gated_delta_rule] \
         [--setting num_warps=4,num_stages=1,BK=128,BV=32] [--kernels wy_bwd,dqk_delta,...]
 
-Prints one line per (op, kernel): "ok" with the largest relative difference, "differs", "non-finite"
-or the error that ended the process.
+Prints one line per (op, kernel): "ok" with the largest relative difference and the forward +
+backward time (mean of 10 after a warm-up call) under the default table and under the setting,
+"differs", "non-finite" or the error that ended the process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 KERNELS = ("state_fwd_delta", "state_bwd_delta", "dqk_delta", "wy_fwd", "wy_bwd", "dv_local_delta", "output_fwd",
            "dv_local")
 TOLERANCE = 2e-2  # bf16 results of two launch settings differ by summation order only
+REPS = 10
 
 
 def run_one(op: str, kernel: str, setting: dict) -> str:
@@ -30,6 +33,7 @@ def run_one(op: str, kernel: str, setting: dict) -> str:
     (or on every kernel for "ALL"), compared."""
     import torch
     import torch.nn.functional as F
+    from linear_attention import bench_ms  # benchmarks/linear_attention.py (this script's folder)
 
     from moekit.ops import linear_attention as la
     from moekit.ops.linear_attention import triton_layout
@@ -54,6 +58,7 @@ def run_one(op: str, kernel: str, setting: dict) -> str:
         return [o, s] + [leaves[n].grad for n in leaves]
 
     want = results()
+    want_ms = bench_ms(results, REPS)
     if kernel == "ALL":
         triton_layout.LAUNCH.clear()
         triton_layout.LAUNCH["*"] = setting
@@ -65,7 +70,8 @@ def run_one(op: str, kernel: str, setting: dict) -> str:
         return "non-finite"
     worst = max(((g.float() - w.float()).norm() / w.float().norm().clamp_min(1e-30)).item()
                 for g, w in zip(got, want, strict=True))
-    return f"{'ok' if worst < TOLERANCE else 'differs'} (max rel. difference {worst:.1e})"
+    verdict = f"{'ok' if worst < TOLERANCE else 'differs'} (max rel. difference {worst:.1e})"
+    return f"{verdict:38s} {want_ms:6.2f} -> {bench_ms(results, REPS):6.2f} ms"
 
 
 def parse_setting(text: str) -> dict:

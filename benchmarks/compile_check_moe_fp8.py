@@ -6,7 +6,8 @@ argument kinds and constexprs, the grid and the bytes of every tensor argument. 
 compiles each distinct launch with ``triton.compile`` for ``GPUTarget("cuda", arch, 128)`` and
 prints, per kernel: how its dots were lowered (``wgmma`` count and operand types in the PTX,
 ``warp_group_dot`` / ``local_alloc`` / transposes in the TTGIR), whether the K loop was
-software-pipelined (async copies / TMA), shared memory, and registers / spills from ``ptxas -v``.
+software-pipelined (async copies / TMA), shared memory, registers / spills from ``ptxas -v``, and
+how many CTAs an SM holds at once.
 It also prints the launch list of one fwd+bwd (what a profile would show, minus the times).
 
 Nothing here measures speed: that needs the H200 (``benchmarks/moe_fp8.py``).
@@ -88,6 +89,16 @@ def ir_summary(kernel) -> str:
             f"{upconverts}")
 
 
+def ctas_per_sm(kernel, arch: int) -> int:
+    """Resident CTAs per sm_90 SM: registers (65536, allocated per warp in units of 256), shared
+    memory (228 KB, 1 KB reserved per CTA), warps (64). One CTA per SM means a GEMM's epilogue
+    and rescales never overlap another CTA's MMAs."""
+    regs, _, _ = triton_build.ptxas_usage(kernel.asm["ptx"], arch)
+    warps = kernel.metadata.num_warps
+    per_warp = -(-regs * 32 // 256) * 256
+    return min(65536 // (per_warp * warps), 233472 // (kernel.metadata.shared + 1024), 64 // warps)
+
+
 def compile_all(launches: list[dict], arch: int, dump: str | None) -> int:
     from moekit.ops.moe import fp8_kernels
 
@@ -106,7 +117,8 @@ def compile_all(launches: list[dict], arch: int, dump: str | None) -> int:
         return f"{launch['name']} {flags} {opts}"
 
     def describe(kernel):
-        return f"\n     {triton_build.resources(kernel, arch)}\n     {ir_summary(kernel)}"
+        return (f"\n     {triton_build.resources(kernel, arch)}, CTAs/SM {ctas_per_sm(kernel, arch)}"
+                f"\n     {ir_summary(kernel)}")
 
     def save_ir(kernel, launch, n):
         if dump:

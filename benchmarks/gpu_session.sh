@@ -3,7 +3,8 @@
 # time-limited, every log under $OUT (or ./gpu-logs). Usage: benchmarks/gpu_session.sh STEP...
 # Steps: env tests gputests modeltests check_moe check_la quant bench_moe bench_la profile_moe profile_moe_tma bench_ep
 # bench_la_a bench_la_b (bench_la's ops in two halves, e.g. one per GPU) train gen vla vlatrain check_gla_scalar profile_la1 profile_la2 profile_la profile_fla
-# bench_la_nofla profile_fp8 fp8tests fp8_gemm train_profile ep_profile bench_ep16k bench_ep32k parity_bf16 parity_fp8 parity_mxfp8 cetest train_b8 train_b8_hybrid gen_sweep gen_profile bisect_launch;
+# bench_la_nofla profile_fp8 fp8tests fp8_gemm train_profile ep_profile bench_ep16k bench_ep32k parity_bf16 parity_fp8 parity_mxfp8 cetest train_b8 train_b8_hybrid gen_sweep gen_profile bisect_launch sweep_state_delta profile_state_delta bench_fp8
+# cmd (STEP_CMD, run under the name STEP_NAME with limit STEP_LIMIT);
 # steps joined by '+' (e.g. gputests+check_moe) run at the same time (correctness, not timings);
 # steps joined by ',' run one after another, e.g. modeltests,check_la@0+bench_la@1 on two GPUs.
 set -u
@@ -69,7 +70,9 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     bench_la_b) step bench_la_b 300 python3 benchmarks/linear_attention.py --ops gla,gated_delta_rule,mamba2_ssd ;;
     bench_la_nofla) step bench_la_nofla 300 python3 benchmarks/linear_attention.py --no-fla ;;
     profile_fp8) step profile_fp8 200 python3 benchmarks/moe_fp8.py --shapes mixtral-8x7b --profile ;;
-    fp8tests) step fp8tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE tests/ops/test_moe_fp8.py tests/quant ;;
+    bench_fp8) step bench_fp8 240 python3 benchmarks/moe_fp8.py ;;
+    bench_fp8_ds) step bench_fp8_ds 140 python3 benchmarks/moe_fp8.py --shapes deepseek-v3 ;;
+    fp8tests) step fp8tests 180 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE tests/ops/test_moe_fp8.py tests/quant ;;
     fp8_gemm) step fp8_gemm 90 python3 benchmarks/fp8_gemm.py ;;
     profile_mixtral) step profile_mixtral 200 python3 benchmarks/moe_layer.py --profile --shapes mixtral-8x7b ;;
     bench_mixtral) step bench_mixtral 150 python3 benchmarks/moe_layer.py --no-loop --shapes mixtral-8x7b ;;
@@ -89,6 +92,11 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
     profile_delta1) step profile_delta1 120 python3 benchmarks/profile_linear_attention.py --settings default \
       --ops delta_rule,gated_delta_rule --lengths 2048 ;;
     bisect_launch) step bisect_launch 500 python3 benchmarks/bisect_launch.py ;;
+    profile_state_delta) step profile_state_delta 200 python3 benchmarks/profile_linear_attention.py --lengths 2048 \
+      --settings default,sb_w4v64,sb_w8v64,sb_w8v128,sf_w4v16,sf_w8v64 --ops delta_rule,gated_delta_rule ;;
+    sweep_state_delta) step sweep_state_delta 400 bash -c 'for s in num_warps=8,num_stages=2,BV=128 \
+      num_warps=4,num_stages=2,BV=64 num_warps=8,num_stages=2,BV=64 num_warps=4,num_stages=2,BV=16; do echo "## $s"; \
+      python3 benchmarks/bisect_launch.py --setting $s --kernels state_fwd_delta,state_bwd_delta; done' ;;
     bench_delta) step bench_delta 150 python3 benchmarks/linear_attention.py --ops delta_rule --lengths 2048,32768 ;;
     check_delta) step check_delta 120 python3 benchmarks/gpu_check_linear_attention.py --ops delta_rule,gated_delta_rule ;;
     ep_gputest) step ep_gputest 150 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE \
@@ -99,7 +107,7 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
       --small-layers 60 --stacks small --steps 4 --warmup 1 --tokens 32768 ;;
     bench_ep16k) step "$1" 200 torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --tokens 16384 ;;
     bench_ep32k) step "$1" 200 torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 --tokens 32768 ;;
-    parity_bf16|parity_fp8|parity_mxfp8) step "$1" 420 python3 benchmarks/parity.py --precisions "${1#parity_}" --out "$LOGS/parity" ;;
+    parity_bf16|parity_fp8|parity_mxfp8) step "$1" 380 python3 benchmarks/parity.py --precisions "${1#parity_}" --out "$LOGS/parity" ;;
     cetest) step cetest 90 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE tests/ops/test_cross_entropy.py ;;
     train_b8) step train_b8 330 python3 benchmarks/train_throughput.py --batch 8 --paths bf16 fp8 reference ;;
     gen_sweep) step gen_sweep 420 python3 benchmarks/generation.py --contexts 4096 16384 65536 --batches 1 16 \
@@ -119,6 +127,7 @@ run_step() {  # NAME[,NAME...][@GPU] (that GPU alone, e.g. two checks side by si
       --skip-finite-checks ;;
     train_ref1) step train_ref1 200 python3 benchmarks/train_throughput.py --batch 1 --models hybrid --paths bf16 reference ;;
     bench_ep) step bench_ep 160 torchrun --standalone --nproc-per-node "${EP_GPUS:-2}" benchmarks/expert_parallel.py --expert-mem 0.3 --steps 3 --warmup 1 ;;
+    cmd) step "${STEP_NAME:-cmd}" "${STEP_LIMIT:-300}" bash -c "$STEP_CMD" ;;  # any command, given by env
     *) echo "unknown step $1" ;;
   esac
 }

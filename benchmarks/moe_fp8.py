@@ -8,7 +8,7 @@ forward+backward medians (triton.testing.do_bench), TFLOP/s (6 * tokens * top_k 
 ffn forward, 3x forward+backward) and each variant's speed-up over bf16 triton and grouped_mm.
 Target: fp8 >= 1.4x moekit's bf16 path.
 
-    python benchmarks/moe_fp8.py [--shapes deepseek-v3 mixtral-8x7b] [--profile] [--sweep]
+    python benchmarks/moe_fp8.py [--shapes deepseek-v3 mixtral-8x7b] [--variants ...] [--profile] [--sweep]
 
 ``--profile`` adds each FP8 stage's median time (quantizers, GEMM kernels) for one fwd+bwd;
 ``--sweep`` times fp8 fwd+bwd under a few (num_warps, num_stages) launch settings.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -51,8 +52,9 @@ class StageTimer:
     """CUDA-event times of the FP8 op's stages (module functions wrapped while inside)."""
 
     TARGETS = [(fp8, "quantize_rows"), (fp8, "quantize_weight"), (fp8, "quantize_weight_both")] + [
-        (fp8_kernels, n) for n in ("gather_up", "scatter_gemm", "down_dgrad", "gather_cols", "grouped_wgrad",
-                                   "weight_grad")] + [(fp8.bf16_kernels, "combine"), (fp8, "routing_meta")]
+        (fp8_kernels, n) for n in ("gather_up", "scatter_gemm", "down_dgrad", "act_backward", "gather_cols",
+                                   "grouped_wgrad", "weight_grad")
+    ] + [(fp8.bf16_kernels, "combine"), (fp8, "routing_meta")]
 
     def __enter__(self):
         self.events, self.originals = [], {}
@@ -118,13 +120,18 @@ def bench_shape(s, args) -> None:
     flops = 6 * s.tokens * s.top_k * s.hidden * s.ffn
     times = {}
     for variant, backend, precision in VARIANTS:
+        if variant not in args.variants:
+            continue
         layer.set_dispatcher(LocalDispatcher(backend, precision))
-        times[variant] = (bench(lambda: run_layer(layer, x, None)), bench(lambda: run_layer(layer, x, grad_out)))
+        start = time.perf_counter()
+        fwd, both = bench(lambda: run_layer(layer, x, None)), bench(lambda: run_layer(layer, x, grad_out))
+        times[variant] = both
         torch.cuda.empty_cache()
-    for variant, (fwd, both) in times.items():
+        # printed as soon as measured: one shape's variants can take minutes (autotuning at 256 experts)
+        ratios = " ".join(f"{times[ref] / both:10.2f}x" if ref in times else f"{'-':>11s}"
+                          for ref in ("triton", "grouped_mm"))
         print(f"{s.name:14s} {variant:11s} {fwd:8.2f} {flops / fwd / 1e9:8.0f} {both:9.2f} "
-              f"{3 * flops / both / 1e9:8.0f} {times['triton'][1] / both:10.2f}x "
-              f"{times['grouped_mm'][1] / both:10.2f}x", flush=True)
+              f"{3 * flops / both / 1e9:8.0f} {ratios}  ({time.perf_counter() - start:.0f} s incl. tuning)", flush=True)
     if args.profile:
         for precision in ("fp8", "mxfp8"):
             profile(layer, x, grad_out, precision)
@@ -136,6 +143,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["deepseek-v3", "mixtral-8x7b"],
                         choices=[s.name for s in SHAPES])
+    parser.add_argument("--variants", nargs="+", default=[v[0] for v in VARIANTS], choices=[v[0] for v in VARIANTS],
+                        help="variants to time (ratios need triton / grouped_mm timed first)")
     parser.add_argument("--profile", action="store_true", help="per-stage times of the FP8 op")
     parser.add_argument("--sweep", action="store_true", help="fp8 launch settings sweep")
     args = parser.parse_args()

@@ -40,7 +40,7 @@ class Bf16OperandsDispatcher(LocalDispatcher):
     with fp32 master weights, "bf16" then really runs bf16 GEMMs (not fp32 ones) and the FP8
     recipes quantize from the same bf16 values."""
 
-    def __call__(self, x, topk_idx, topk_weight, experts, shared=None):
+    def __call__(self, x, topk_idx, topk_weight, experts, shared=None, started=None):
         out = moe_ops.routed_experts(x.to(torch.bfloat16), topk_idx, topk_weight, experts.w_up.to(torch.bfloat16),
                                      experts.w_down.to(torch.bfloat16), experts.activation, self.backend,
                                      self.precision).to(x.dtype)

@@ -1,9 +1,10 @@
 """Per-kernel GPU times of the Triton linear-attention ops under several launch settings.
 
 For each op and length (B*T fixed, the shapes of benchmarks/linear_attention.py), one forward +
-backward is profiled (torch.profiler, CUDA kernels) under each launch setting, applied to every
-kernel at once through ``triton_layout.LAUNCH["*"]``: a kernel's time depends only on its own
-setting, so one pass per setting gives every kernel's column. Prints a table per op (microseconds
+backward is profiled (torch.profiler, CUDA kernels) under each launch setting: most apply to every
+kernel at once through ``triton_layout.LAUNCH["*"]`` (a kernel's time depends only on its own
+setting, so one pass per setting gives every kernel's column); the others replace a few kernels'
+entries of the default table. Prints a table per op (microseconds
 per kernel, one column per setting, the forward+backward total last) and each kernel's fastest
 setting. A setting a kernel cannot launch with (e.g. shared memory) prints as "-" for that op.
 GLA runs its tensor-core score path (MOEKIT_GLA_TC's) unless --gla-scalar. ``--fla`` profiles
@@ -29,17 +30,25 @@ from kernel_profile import kernel_times as kernel_times_of  # noqa: E402
 from linear_attention import OPS, bench_ms, make_inputs  # noqa: E402
 
 REPS = 3
-# name -> setting for every kernel ("BK"/"BV": the sequential state kernels' tiles)
+# name -> launch entries: with "*", that setting for every kernel (the default table dropped);
+# otherwise the named kernels' entries replaced in the default table. "BK"/"BV": the sequential
+# state kernels' tiles.
 SETTINGS = {
-    "default": None,
-    "w4s1": {"num_warps": 4, "num_stages": 1, "BK": 64, "BV": 64},
-    "w4s2": {"num_warps": 4, "num_stages": 2, "BK": 64, "BV": 64},
-    "w4s3": {"num_warps": 4, "num_stages": 3, "BK": 64, "BV": 64},
-    "w8s1": {"num_warps": 8, "num_stages": 1, "BK": 64, "BV": 64},
-    "w8s2": {"num_warps": 8, "num_stages": 2, "BK": 64, "BV": 64},
-    "w8s3": {"num_warps": 8, "num_stages": 3, "BK": 64, "BV": 64},
-    "w2s2": {"num_warps": 2, "num_stages": 2, "BK": 32, "BV": 64},
-    "w8s2v32": {"num_warps": 8, "num_stages": 2, "BK": 128, "BV": 32},
+    "default": {},
+    "w4s1": {"*": {"num_warps": 4, "num_stages": 1, "BK": 64, "BV": 64}},
+    "w4s2": {"*": {"num_warps": 4, "num_stages": 2, "BK": 64, "BV": 64}},
+    "w4s3": {"*": {"num_warps": 4, "num_stages": 3, "BK": 64, "BV": 64}},
+    "w8s1": {"*": {"num_warps": 8, "num_stages": 1, "BK": 64, "BV": 64}},
+    "w8s2": {"*": {"num_warps": 8, "num_stages": 2, "BK": 64, "BV": 64}},
+    "w8s3": {"*": {"num_warps": 8, "num_stages": 3, "BK": 64, "BV": 64}},
+    "w2s2": {"*": {"num_warps": 2, "num_stages": 2, "BK": 32, "BV": 64}},
+    "w8s2v32": {"*": {"num_warps": 8, "num_stages": 2, "BK": 128, "BV": 32}},
+    # the delta rule's state kernels alone (bisect_launch.py checks these settings' results)
+    "sb_w4v64": {"state_bwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 64}},
+    "sb_w8v64": {"state_bwd_delta": {"num_warps": 8, "num_stages": 2, "BV": 64}},
+    "sb_w8v128": {"state_bwd_delta": {"num_warps": 8, "num_stages": 2, "BV": 128}},
+    "sf_w4v16": {"state_fwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 16}},
+    "sf_w8v64": {"state_fwd_delta": {"num_warps": 8, "num_stages": 2, "BV": 64}},
 }
 
 
@@ -67,7 +76,7 @@ def main() -> None:
     parser.add_argument("--fla", action="store_true", help="profile flash-linear-attention's kernels instead")
     args = parser.parse_args()
     triton_gla.GLA_TC = not args.gla_scalar
-    settings = {"default": None} if args.fla else {name: SETTINGS[name] for name in args.settings.split(",")}
+    settings = {"default": {}} if args.fla else {name: SETTINGS[name] for name in args.settings.split(",")}
     default_launch = dict(triton_layout.LAUNCH)
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; us per forward+backward", flush=True)
@@ -84,7 +93,8 @@ def main() -> None:
             totals: dict[str, str] = {}
             for name, setting in settings.items():
                 triton_layout.LAUNCH.clear()
-                triton_layout.LAUNCH.update(default_launch if setting is None else {"*": setting})
+                triton_layout.LAUNCH.update({} if "*" in setting else default_launch)
+                triton_layout.LAUNCH.update(setting)
                 try:
                     columns[name], total = kernel_times(call, x)
                     totals[name] = f"{total:.2f} ms"

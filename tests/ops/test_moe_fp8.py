@@ -40,7 +40,8 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("recipe_name,activation,hidden", [("fp8", "swiglu", 256), ("mxfp8", "gelu", 128)])
+@pytest.mark.parametrize("recipe_name,activation,hidden", [("fp8", "swiglu", 256), ("mxfp8", "gelu", 128),
+                                                            ("fp8", "gelu", 128), ("mxfp8", "swiglu", 128)])
 def test_triton_matches_recipe_reference(monkeypatch, recipe_name, activation, hidden):
     """Same quantization points, same rounding: only the float32 summation order differs, which
     may flip a rare FP8 rounding of an intermediate (a, dh) by one step. 2e-3 is far below one
@@ -68,6 +69,58 @@ def test_wgrad_over_several_row_tiles_matches_recipe_reference():
     assert idx[idx >= 0].bincount()[0] > 3 * 128
     for name, g, w in zip(("dw_up", "dw_down"), got[3:], want[3:], strict=True):
         assert _rel(g, w) < 2e-3, (name, _rel(g, w))
+
+
+def _token_axis_to_rows(c, cs, counts, r):
+    """Dequantize the wgrad operand layout (``fp8_kernels._store_cols``: [P, tiles * 128] bytes,
+    scales [tiles * 128 / block, P]) back to expert-sorted rows [sum(counts), P]; the slot rows
+    past each expert's count must be zero bytes (the weight gradient sums over whole slots)."""
+    values = c.view(torch.float8_e4m3fn).float().t() * cs.repeat_interleave(r.block, 0)
+    out, tile = [], 0
+    for n in counts:
+        tiles = -(-n // 128)
+        slots = slice(tile * 128, (tile + tiles) * 128)
+        assert torch.all(c[:, slots][:, n:] == 0)
+        out.append(values[slots][:n])
+        tile += tiles
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("recipe_name,activation,counts,ffn,dtype", [
+    ("fp8", "swiglu", [0, 130, 5, 0, 257], 128, torch.float32),
+    ("fp8", "gelu", [40, 0, 128], 256, torch.bfloat16),
+    ("mxfp8", "swiglu", [3, 200, 0], 128, torch.float32),
+    ("mxfp8", "gelu", [0, 129], 128, torch.float32),
+])
+def test_act_backward_kernel_matches_reference(monkeypatch, recipe_name, activation, counts, ffn, dtype):
+    """dh = act'(h) * da quantized both ways (rows for dx, token axis for dW_up), against the
+    float64 activation backward quantized by the recipe's reference: uneven and empty experts,
+    partial last tiles, dropped slots (rows past the experts' that the kernel must not touch)."""
+    from moekit.ops.moe import fp8_kernels
+    from moekit.ops.moe.fp8_recipe import dequantize_rows
+
+    monkeypatch.setattr(triton_meta, "poison_buffers", True)
+    r = recipe(recipe_name)
+    g = torch.Generator().manual_seed(sum(counts) + ffn)
+    experts = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    idx = torch.cat([experts, torch.full((7,), -1)])[torch.randperm(sum(counts) + 7, generator=g)][:, None]
+    meta = triton_meta.routing_meta(idx, len(counts))
+    assert meta.counts.tolist() == counts
+    up = 2 * ffn if activation == "swiglu" else ffn
+    da = torch.randn(idx.numel(), ffn, generator=g) * torch.exp2(torch.randint(-4, 4, (idx.numel(), 1), generator=g))
+    h = (torch.randn(idx.numel(), up, generator=g) * 2).to(dtype)
+    (q, s), (c, cs) = fp8_kernels.act_backward(da, h, meta, activation, r)
+    valid = sum(counts)
+    want = fp8_reference.activation_backward(h[:valid].double(), da[:valid].double(), activation).float()
+    want_q, want_s = fp8.quantize_rows(want, r, backend="reference")
+    got = dequantize_rows(q[:valid], s[:valid], r.block)
+    # Float32 vs float64 activation backward: a rare FP8 rounding may flip by one step.
+    assert torch.allclose(s[:valid], want_s, rtol=1e-5, atol=0)
+    assert _rel(got, dequantize_rows(want_q, want_s, r.block)) < 2e-3
+    assert 3e-3 < _rel(got, want) < 0.05
+    got_cols = _token_axis_to_rows(c, cs, counts, r)
+    assert _rel(got_cols, fp8_reference.qdq_expert_cols(want, counts, r)) < 2e-3
+    assert 3e-3 < _rel(got_cols, want) < 0.05
 
 
 def test_inference_forward_matches_training_forward():

@@ -41,6 +41,10 @@ CHUNK_SIZES = (16, 32, 64)
 # two CTAs per SM, without spills in sm_90 builds. The WY forward (4 warps, 32 KB shared) takes
 # 176 registers uncapped, two CTAs per SM; capped at 168 it builds to 166 without spills (sm_90,
 # bf16, K = V = 128), three CTAs per SM: more warps to hide its serial inverse's latency.
+# Triton 3.6's sm_90 builds are wrong for two settings whose indexing the interpreter checks in bounds
+# (benchmarks/bisect_launch.py on an H200): "state_fwd_delta" at 1 stage gives the ungated delta rule
+# a wrong state (rel. difference 1.2; gated is right), and "dv_local_delta" at 4 warps, 1 stage, BV 32
+# reads out of bounds. Check any new entry on the GPU against the reference.
 LAUNCH: dict[str, dict] = {
     "*": {"num_warps": 4},
     "state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},

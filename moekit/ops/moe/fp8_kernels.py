@@ -10,8 +10,10 @@ one group of the token-axis (wgrad) quantization.
 - ``_gather_gemm_kernel``: rows of an FP8 source gathered by token in the prologue, times the
   expert's weight. Forward up-projection: stores the pre-activation h (input dtype), applies
   the activation and quantizes its output both ways in the epilogue (rows for the down GEMM,
-  columns of ``w * a`` for dW_down). Backward down dgrad: routing weight, activation backward,
-  and the same two quantizations of dh (rows for dx, columns for dW_up).
+  columns of ``w * a`` for dW_down). Backward down dgrad: da = w * (dout @ W_down) in float32.
+- ``_act_backward_kernel``: dh = act'(h) * da, quantized the same two ways (rows for dx,
+  columns for dW_up); memory-bound, apart from the dgrad GEMM so that its epilogue stays light;
+  by chunks of rows, twice over where a token-axis block is longer than a chunk.
 - ``_scatter_gemm_kernel``: FP8 expert-sorted rows times the expert's weight, each result
   row written at its (token, slot) place (down forward; up dgrad).
 - ``_gather_cols_kernel``: rows of x / dout gathered by token, quantized along the token axis
@@ -33,15 +35,31 @@ from moekit.ops.activations import is_gated
 from moekit.ops.moe.fp8_recipe import DIM_MULTIPLE, ROW_TILE, Recipe
 from moekit.ops.moe.triton_kernels import ACT_CODES, _act, _act_grad, _expert_rows, _expert_tile, _pow2, _swizzle
 from moekit.ops.moe.triton_meta import RoutingMeta, new_buffer
-from moekit.quant.triton_utils import INTERPRETING, encode_fp8
+from moekit.quant.triton_utils import INTERPRETING, encode_fp8_satfinite
 
 E4M3_MAX = tl.constexpr(448.0)
 E4M3_EMAX = tl.constexpr(8)
 MIN_SCALE = tl.constexpr(2.0**-126)
 TILE_N = DIM_MULTIPLE  # output columns per program: one whole 128-wide quantization group
-# Launch options of every GEMM kernel here; benchmarks/moe_fp8.py --sweep tries others.
+# Launch options of the row GEMMs (gather_up, the dgrad GEMM, scatter); benchmarks/moe_fp8.py --sweep
+# tries others.
 INTERPRETER_LAUNCH = {"num_warps": 4, "num_stages": 1}
 LAUNCH = INTERPRETER_LAUNCH if INTERPRETING else {"num_warps": 8, "num_stages": 3}
+# The launches below are the same in the interpreter (which ignores them) as on the GPU, so that
+# benchmarks/compile_check_moe_fp8.py builds what the GPU runs.
+# Activation backward (memory-bound), a 128 x 128 tile of d_gate and d_up by chunks of 32 rows. sm_90
+# fp8 gated: 4 warps 255 regs, no spills, 2 CTAs per SM (the whole tile at once took 16 warps at 128
+# regs: one CTA per SM, loads and compute in turn); 8 warps 201 regs (1 CTA), capped at 128: spills.
+ACT_BACKWARD_CHUNK = 32
+ACT_BACKWARD_LAUNCH = {"num_warps": 4}
+GATHER_COLS_LAUNCH = {"num_warps": 8}  # sm_90: 108 regs fp8, 2 CTAs per SM
+# Weight gradient: dW tiles of 64 x 128 at 4 warps (sm_90 fp8: 207 regs, 74 KB shared; mxfp8 252
+# regs, 88 KB), two CTAs per SM, so one's per-K-step rescale of the accumulator (an outer product
+# of row and column scales: 2 float ops per element every 128 tokens, while its wgmma waits) runs
+# beside the other's MMAs. 128 x 128 at 8 warps took 241 regs: one CTA per SM, the tensor cores
+# idle through every rescale.
+WGRAD_TILE_P = 64
+WGRAD_LAUNCH = {"num_warps": 4, "num_stages": 3}
 GROUP_M = 8
 K_STEP = tl.constexpr(128)  # reduction values per MX K-loop step (4 scale blocks of 32)
 # MX on Hopper: dots on exactly dequantized operands (bf16; fp32 in the interpreter, whose
@@ -62,13 +80,10 @@ def _fp8_ptr(ptr):
 
 
 @triton.jit
-def _quantize_along(v, AXIS: tl.constexpr, MX: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """float32 v, one block per line along AXIS -> (E4M3 bytes, v's shape; float32 scales, v's
-    shape without AXIS). Same rules as ``moekit.quant``: fp8 scale amax / 448 (floored at
-    2**-126), MX floor E8M0; a block holding NaN / Inf becomes NaN."""
-    # One integer max per block: magnitude bits order like the magnitudes, and NaN / Inf
-    # (exponent field 0xFF) lie above every finite one.
-    amax_bits = tl.max(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=AXIS)
+def _block_scales(amax_bits, MX: tl.constexpr):
+    """Magnitude bits of each block's amax -> (inverse scale, scale), both NaN for a block holding
+    NaN / Inf. Same rules as ``moekit.quant``: fp8 scale amax / 448 (floored at
+    2**-126), MX floor E8M0."""
     nonfinite = amax_bits >= 0x7F800000
     if MX:
         exp = tl.minimum(tl.maximum(((amax_bits >> 23) & 0xFF) - 127 - E4M3_EMAX, -127), 127)
@@ -78,9 +93,30 @@ def _quantize_along(v, AXIS: tl.constexpr, MX: tl.constexpr, EMULATE_RNE: tl.con
         amax = amax_bits.to(tl.float32, bitcast=True)
         scale = tl.maximum(tl.math.div_rn(amax, tl.full(amax.shape, E4M3_MAX, tl.float32)), MIN_SCALE)
         inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-    q = encode_fp8(v * tl.expand_dims(inv, AXIS), E4M3_MAX, 3, -6, False, EMULATE_RNE)
-    q = tl.where(tl.expand_dims(nonfinite, AXIS), 0x7F, q).to(tl.uint8)
-    return q, tl.where(nonfinite, float("nan"), scale)
+    # A NaN inverse scale makes the whole block NaN, encoded 0x7F: no select per byte.
+    return tl.where(nonfinite, float("nan"), inv), tl.where(nonfinite, float("nan"), scale)
+
+
+@triton.jit
+def _encode(v, inv, AXIS: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """E4M3 bytes of v times its blocks' inverse scales (v's shape without AXIS). Saturating: a
+    finite block's |v| * inv is at most 448 (up to rounding), which the conversion clamps."""
+    return encode_fp8_satfinite(v * tl.expand_dims(inv, AXIS), E4M3_MAX, 3, -6, False, EMULATE_RNE)
+
+
+@triton.jit
+def _amax_bits(v, AXIS: tl.constexpr):
+    """One integer max per block: magnitude bits order like the magnitudes, and NaN / Inf
+    (exponent field 0xFF) lie above every finite one."""
+    return tl.max(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=AXIS)
+
+
+@triton.jit
+def _quantize_along(v, AXIS: tl.constexpr, MX: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """float32 v, one block per line along AXIS -> (E4M3 bytes, v's shape; float32 scales, v's
+    shape without AXIS); a block holding NaN / Inf becomes NaN."""
+    inv, scale = _block_scales(_amax_bits(v, AXIS), MX)
+    return _encode(v, inv, AXIS, EMULATE_RNE), scale
 
 
 @triton.jit
@@ -122,22 +158,28 @@ def _store_rows(v, rows, row_ok, col0, q_ptr, ld_q, s_ptr, ld_s,
 
 
 @triton.jit
-def _store_cols(v, tile, col0, c_ptr, ld_c, cs_ptr, ld_cs,
+def _store_cols(v, slot0, col0, c_ptr, ld_c, cs_ptr, ld_cs,
                 BLOCK: tl.constexpr, MX: tl.constexpr, EMULATE_RNE: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr):
-    """Quantize v [BM, BN] (the rows of row tile `tile`; rows past its expert's end hold zeros)
-    along its rows, stored transposed at the tile's slot: c[col, tile * BM + i] (whole aligned
-    tiles, so loads and stores are full vectors), scales cs[tile * BM / BLOCK + j, col].
+    """Quantize v [BM, BN] (rows of one expert from tile slot `slot0`, a multiple of BLOCK; rows
+    past its end hold zeros) along its rows, stored transposed: c[col, slot0 + i] (whole aligned
+    tiles, so loads and stores are full vectors), scales cs[slot0 / BLOCK + j, col].
     The blocks are reduced in v's own layout and the bytes stored at transposed addresses: the
     compiler transposes the uint8 result on its way to the store, where a float32 tl.trans(v)
     moved 4x the bytes through shared memory. (It still re-derives the scale row in the scale
     store's layout from a converted copy of the magnitude bits.)"""
     q, s = _quantize_blocks(v, 0, BLOCK, MX, EMULATE_RNE)
+    _store_transposed(q, slot0, col0, c_ptr, ld_c, BM, BN)
+    sb = (slot0 // BLOCK + tl.arange(0, BM // BLOCK)).to(tl.int64)
+    tl.store(cs_ptr + sb[:, None] * ld_cs + (col0 + tl.arange(0, BN))[None, :], s)
+
+
+@triton.jit
+def _store_transposed(q, slot0, col0, c_ptr, ld_c, BM: tl.constexpr, BN: tl.constexpr):
+    """Bytes q [BM, BN] at c[col0 + j, slot0 + i]."""
     cols = (col0 + tl.arange(0, BN)).to(tl.int64)
-    slots = tile.to(tl.int64) * BM + tl.arange(0, BM)
+    slots = slot0.to(tl.int64) + tl.arange(0, BM)
     tl.store(c_ptr + cols[None, :] * ld_c + slots[:, None], q)
-    sb = (tile * (BM // BLOCK) + tl.arange(0, BM // BLOCK)).to(tl.int64)
-    tl.store(cs_ptr + sb[:, None] * ld_cs + cols[None, :], s)
 
 
 @triton.jit
@@ -261,18 +303,19 @@ def _gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as, b_ptr, b_cols, ld_b, bs_pt
 
 @triton.jit
 def _gather_gemm_kernel(
-    src_ptr, src_s_ptr, w_ptr, w_s_ptr, h_ptr, weight_ptr, counts_ptr, order_ptr,
+    src_ptr, src_s_ptr, w_ptr, w_s_ptr, out_ptr, weight_ptr, counts_ptr, order_ptr,
     q_ptr, q_s_ptr, c_ptr, c_s_ptr,
     num_rows, F, K, num_experts, top_k,
-    ld_src, ld_src_s, stride_we, ld_w, stride_wse, ld_ws_n, ld_ws_k, ld_h, ld_q, ld_qs, ld_c, ld_cs,
+    ld_src, ld_src_s, stride_we, ld_w, stride_wse, ld_ws_n, ld_ws_k, ld_out, ld_q, ld_qs, ld_c, ld_cs,
     E_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BACKWARD: tl.constexpr,
     SAVE: tl.constexpr, BLOCK: tl.constexpr, WEIGHT_ROWS: tl.constexpr, MX: tl.constexpr,
     EMULATE_RNE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """Forward (BACKWARD=False): a = act(Q(x)[token] @ Q(W_up)^T); backward: dh = act'(h) * w *
-    (Q(dout)[token] @ Q(W_down)). F is the activation width; one program owns BN of its columns
-    (and the matching up columns F + f of a gated h / dh). SAVE (forward): also store h and the
-    token-axis quantization of w * a that dW_down needs."""
+    """Forward (BACKWARD=False): a = act(Q(x)[token] @ Q(W_up)^T); F is the activation width, one
+    program owns BN of its columns (and the matching up columns F + f of a gated h). SAVE: also
+    store h in out and the token-axis quantization of w * a that dW_down needs.
+    Backward: out = da = w * (Q(dout)[token] @ Q(W_down)) in float32, nothing else (the
+    activation backward and dh's quantizations are ``_act_backward_kernel``'s)."""
     num_pid_m = tl.cdiv(num_rows, BM) + num_experts
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, F // BN, GROUP)
     expert, row0, row_end = _expert_tile(counts_ptr, pid_m, num_experts, E_PAD, BM)
@@ -289,35 +332,101 @@ def _gather_gemm_kernel(
                       w_ptr + e64 * stride_we, fs, ld_w, w_s_ptr + e64 * stride_wse, ld_ws_n, ld_ws_k,
                       F, K // BLOCK, TWO, BLOCK, WEIGHT_ROWS, MX, BM, BN)
     w = tl.load(weight_ptr + assignment, mask=row_ok, other=0.0)  # 0 on rows outside the tile's expert
-    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * ld_h + fs[None, :]
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * ld_out + fs[None, :]
     if BACKWARD:
-        da = acc * w[:, None]
-        gate = tl.load(h_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        if GATED:
-            # d_up finished (both quantizations stored) before up is loaded and d_gate formed:
-            # fewer [BM, BN] float32 tiles live at once (da * act'(gate) and d_up, then d_gate).
-            d_gate_over_up = da * _act_grad(gate, ACT)
-            d_up = da * _act(gate, ACT)
-            _store_rows(d_up, rows, row_ok, F + f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
-            _store_cols(d_up, pid_m, F + f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE, BM, BN)
-            d_gate = d_gate_over_up * tl.load(h_ptrs + F, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            _store_rows(d_gate, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
-            _store_cols(d_gate, pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE, BM, BN)
-        else:
-            dh = da * _act_grad(gate, ACT)
-            _store_rows(dh, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
-            _store_cols(dh, pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE,
-                        BM, BN)
+        tl.store(out_ptrs, acc * w[:, None], mask=row_ok[:, None])
     else:
         if SAVE:
-            tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
             if GATED:
-                tl.store(h_ptrs + F, acc2.to(h_ptr.dtype.element_ty), mask=row_ok[:, None])
+                tl.store(out_ptrs + F, acc2.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         a = _act(acc, ACT) * acc2 if GATED else _act(acc, ACT)
         _store_rows(a, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
         if SAVE:
-            _store_cols(a * w[:, None], pid_m, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
+            _store_cols(a * w[:, None], pid_m * BM, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
                         EMULATE_RNE, BM, BN)
+
+
+@triton.jit
+def _act_backward_chunk(da_ptr, h_ptr, rows, row_ok, fs, F, ld_da, ld_h, GATED: tl.constexpr, ACT: tl.constexpr):
+    """(d_gate, d_up) of gated rows (d_up unused otherwise): dh = act'(h) * da in float32; zeros
+    past the expert's rows (_store_cols needs them: the wgrad reads whole tile slots)."""
+    rows64 = rows.to(tl.int64)[:, None]
+    da = tl.load(da_ptr + rows64 * ld_da + fs[None, :], mask=row_ok[:, None], other=0.0)
+    h_ptrs = h_ptr + rows64 * ld_h + fs[None, :]
+    gate = tl.load(h_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if GATED:
+        up = tl.load(h_ptrs + F, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        return (da * _act_grad(gate, ACT)) * up, da * _act(gate, ACT)
+    return da * _act_grad(gate, ACT), da
+
+
+@triton.jit
+def _act_backward_kernel(
+    da_ptr, h_ptr, counts_ptr, q_ptr, q_s_ptr, c_ptr, c_s_ptr,
+    num_rows, F, num_experts, ld_da, ld_h, ld_q, ld_qs, ld_c, ld_cs,
+    E_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, MX: tl.constexpr,
+    EMULATE_RNE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """dh = act'(h) * da for one row tile and BN activation columns, quantized both ways: rows
+    (q, q_s: dx's operand) and the token axis (c, c_s: dW_up's, ``_store_cols`` layout). Gated:
+    d_gate = (da * act'(gate)) * up in columns [0, F) and d_up = da * act(gate) in [F, 2F), both
+    from one read of da and gate (and one sigmoid).
+    The tile goes by CHUNK rows, so that a few CTAs fit an SM (one's loads in flight while
+    another computes: with the whole 128-row tile live it took 16 warps at 128 registers, one
+    CTA per SM). Where a token-axis block is longer than a chunk (the "fp8" recipe's 128), a
+    first pass stores the rows' quantization and takes each column's amax, and a second
+    computes the chunks again (da and h from L2) to quantize them along the token axis."""
+    pid_m = tl.program_id(0) // (F // BN)
+    f0 = (tl.program_id(0) % (F // BN)) * BN
+    expert, row0, row_end = _expert_tile(counts_ptr, pid_m, num_experts, E_PAD, BM)
+    if expert >= num_experts:
+        return
+    fs = f0 + tl.arange(0, BN)
+    rs = tl.arange(0, CHUNK)
+    slot0 = pid_m * BM
+    tl.static_assert(BLOCK <= CHUNK or BLOCK == BM, "a token-axis block spans one chunk or the whole tile")
+    if BLOCK > CHUNK:
+        amax_gate = tl.zeros((BN,), tl.int32)
+        amax_up = tl.zeros((BN,), tl.int32)
+        for i in range(BM // CHUNK):
+            rows = row0 + i * CHUNK + rs
+            row_ok = rows < row_end
+            d_gate, d_up = _act_backward_chunk(da_ptr, h_ptr, rows, row_ok, fs, F, ld_da, ld_h, GATED, ACT)
+            _store_rows(d_gate, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, CHUNK, BN)
+            amax_gate = tl.maximum(amax_gate, _amax_bits(d_gate, 0))
+            if GATED:
+                _store_rows(d_up, rows, row_ok, F + f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE,
+                            CHUNK, BN)
+                amax_up = tl.maximum(amax_up, _amax_bits(d_up, 0))
+        inv_gate, s_gate = _block_scales(amax_gate, MX)
+        inv_up, s_up = _block_scales(amax_up, MX)  # unused unless GATED (the compiler drops it)
+        for i in range(BM // CHUNK):
+            rows = row0 + i * CHUNK + rs
+            d_gate, d_up = _act_backward_chunk(da_ptr, h_ptr, rows, rows < row_end, fs, F, ld_da, ld_h, GATED,
+                                               ACT)
+            _store_transposed(_encode(d_gate, inv_gate, 0, EMULATE_RNE), slot0 + i * CHUNK, f0, c_ptr,
+                              ld_c, CHUNK, BN)
+            if GATED:
+                _store_transposed(_encode(d_up, inv_up, 0, EMULATE_RNE), slot0 + i * CHUNK, F + f0,
+                                  c_ptr, ld_c, CHUNK, BN)
+        cs_ptrs = c_s_ptr + (slot0 // BLOCK).to(tl.int64) * ld_cs + fs
+        tl.store(cs_ptrs, s_gate)
+        if GATED:
+            tl.store(cs_ptrs + F, s_up)
+    else:
+        for i in range(BM // CHUNK):
+            rows = row0 + i * CHUNK + rs
+            row_ok = rows < row_end
+            d_gate, d_up = _act_backward_chunk(da_ptr, h_ptr, rows, row_ok, fs, F, ld_da, ld_h, GATED, ACT)
+            _store_rows(d_gate, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, CHUNK, BN)
+            _store_cols(d_gate, slot0 + i * CHUNK, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE,
+                        CHUNK, BN)
+            if GATED:
+                _store_rows(d_up, rows, row_ok, F + f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE,
+                            CHUNK, BN)
+                _store_cols(d_up, slot0 + i * CHUNK, F + f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
+                            EMULATE_RNE, CHUNK, BN)
 
 
 @triton.jit
@@ -364,7 +473,7 @@ def _gather_cols_kernel(
     token = (tl.load(order_ptr + rows, mask=row_ok, other=0) // top_k).to(tl.int64)
     cols = pid_n * BN + tl.arange(0, BN)
     v = tl.load(src_ptr + token[:, None] * ld_src + cols[None, :], mask=row_ok[:, None], other=0.0)
-    _store_cols(v.to(tl.float32), pid_m, pid_n * BN, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
+    _store_cols(v.to(tl.float32), pid_m * BM, pid_n * BN, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
                 EMULATE_RNE, BM, BN)
 
 
@@ -494,21 +603,35 @@ def down_dgrad(dq, w_down_t, h, weight, meta: RoutingMeta, activation: str, r: R
     """dh = act'(h) * w * (Q(dout)[token] @ Q(W_down)), quantized both ways:
     ((uint8 [rows, U], scales [rows, U/block]), (uint8 [U, tiles * 128], scales))."""
     (d_data, d_scale), (w_data, w_scale) = dq, w_down_t
-    gated = is_gated(activation)
-    num_rows, U = h.shape
+    num_rows = h.shape[0]
     E, F, H = w_data.shape
+    da = new_buffer((num_rows, F), torch.float32, h.device)  # float32: the fused epilogue's values
+    _gather_gemm_kernel[(_row_tiles(meta) * (F // TILE_N),)](
+        d_data, d_scale, w_data, w_scale, da, weight, meta.counts, meta.order,
+        da, da, da, da, num_rows, F, H, E, meta.top_k,  # no quantized outputs
+        d_data.stride(0), d_scale.stride(0), *_weight_args(w_data, w_scale),
+        da.stride(0), 0, 0, 0, 0,
+        E_PAD=_pow2(E), GATED=False, ACT=0, BACKWARD=True, SAVE=False,
+        BLOCK=r.block, WEIGHT_ROWS=r.weight_rows, MX=r.mx, EMULATE_RNE=INTERPRETING,
+        BM=ROW_TILE, BN=TILE_N, GROUP=GROUP_M, **LAUNCH)
+    return act_backward(da, h, meta, activation, r)
+
+
+def act_backward(da: torch.Tensor, h: torch.Tensor, meta: RoutingMeta, activation: str, r: Recipe):
+    """dh = act'(h) * da for expert-sorted rows (da float32 [rows, F], h [rows, U]), quantized
+    both ways as ``down_dgrad`` returns it."""
+    num_rows, U = h.shape
+    F = da.shape[1]
     dev = h.device
     dh_q = torch.empty(num_rows, U, dtype=torch.uint8, device=dev)
     dh_s = new_buffer((num_rows, U // r.block), torch.float32, dev)
     dh_c, dh_cs = _cols_buffers(meta, U, r, dev)
-    _gather_gemm_kernel[(_row_tiles(meta) * (F // TILE_N),)](
-        d_data, d_scale, w_data, w_scale, h, weight, meta.counts, meta.order,
-        dh_q, dh_s, dh_c, dh_cs, num_rows, F, H, E, meta.top_k,
-        d_data.stride(0), d_scale.stride(0), *_weight_args(w_data, w_scale),
-        h.stride(0), U, dh_s.stride(0), dh_c.stride(0), dh_cs.stride(0),
-        E_PAD=_pow2(E), GATED=gated, ACT=ACT_CODES[activation], BACKWARD=True, SAVE=False,
-        BLOCK=r.block, WEIGHT_ROWS=r.weight_rows, MX=r.mx, EMULATE_RNE=INTERPRETING,
-        BM=ROW_TILE, BN=TILE_N, GROUP=GROUP_M, **LAUNCH)
+    _act_backward_kernel[(_row_tiles(meta) * (F // TILE_N),)](
+        da, h, meta.counts, dh_q, dh_s, dh_c, dh_cs, num_rows, F, meta.num_experts,
+        da.stride(0), h.stride(0), dh_q.stride(0), dh_s.stride(0), dh_c.stride(0), dh_cs.stride(0),
+        E_PAD=_pow2(meta.num_experts), GATED=is_gated(activation), ACT=ACT_CODES[activation], BLOCK=r.block,
+        MX=r.mx, EMULATE_RNE=INTERPRETING, BM=ROW_TILE, BN=TILE_N, CHUNK=ACT_BACKWARD_CHUNK,
+        **ACT_BACKWARD_LAUNCH)
     return (dh_q, dh_s), (dh_c, dh_cs)
 
 
@@ -535,7 +658,7 @@ def gather_cols(src: torch.Tensor, meta: RoutingMeta, r: Recipe):
         src, meta.counts, meta.order, data, scale, P, meta.num_experts, meta.top_k,
         src.stride(0), data.stride(0), scale.stride(0),
         E_PAD=_pow2(meta.num_experts), BLOCK=r.block, MX=r.mx, EMULATE_RNE=INTERPRETING,
-        BM=ROW_TILE, BN=TILE_N, num_warps=LAUNCH["num_warps"])
+        BM=ROW_TILE, BN=TILE_N, **GATHER_COLS_LAUNCH)
     return data, scale
 
 
@@ -544,10 +667,11 @@ def grouped_wgrad(a_cols, b_cols, meta: RoutingMeta, r: Recipe, dtype) -> torch.
     (a, a_s), (b, b_s) = a_cols, b_cols
     E, P, Q = meta.num_experts, a.shape[0], b.shape[0]
     dw = torch.empty(E, P, Q, dtype=dtype, device=a.device)  # every element is written
-    _wgrad_kernel[(E * (P // TILE_N) * (Q // TILE_N),)](
+    _wgrad_kernel[(E * (P // WGRAD_TILE_P) * (Q // TILE_N),)](
         a, a_s, b, b_s, dw, meta.counts, P, Q, E, a.stride(0), a_s.stride(0), b.stride(0), b_s.stride(0),
         dw.stride(0), dw.stride(1),
-        E_PAD=_pow2(E), BLOCK=r.block, TILE=ROW_TILE, MX=r.mx, BM=TILE_N, BN=TILE_N, GROUP=GROUP_M, **LAUNCH)
+        E_PAD=_pow2(E), BLOCK=r.block, TILE=ROW_TILE, MX=r.mx, BM=WGRAD_TILE_P, BN=TILE_N, GROUP=GROUP_M,
+        **WGRAD_LAUNCH)
     return dw
 
 
