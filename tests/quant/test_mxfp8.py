@@ -8,7 +8,7 @@ import torch
 
 from moekit.quant import mxfp8
 from moekit.quant.formats import element_format
-from moekit.quant.mxfp8 import reference
+from moekit.quant.mxfp8 import blocked, reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ELEMS = ["e4m3", "e5m2"]
@@ -45,11 +45,13 @@ def test_one_pass_kernel_matches_reference(make_input, assert_same_bits, dtype, 
                 assert_same_bits(buf, _bytes(expected[name]))
 
 
-# (BLOCK_M, BLOCK_K, num_warps, GROUP_M): row groups of 8, 16 and 32 rows, one or several per
-# tile, tiles taller / wider than the input (masked edges); tile orders K-major and in groups of
-# row bands, the last group shorter (3 and 4 row bands of 32 in groups of 2, 4 and 8).
-TILES = [(32, 32, 4, 2), (64, 64, 2, 1), (128, 64, 4, 2), (128, 128, 1, 1), (64, 256, 4, 1), (32, 64, 2, 8),
-         (32, 64, 2, 4)]
+# (BLOCK_M, BLOCK_K, num_warps, GROUP_M, PAIRED): row groups of 8, 16 and 32 rows, one or several
+# per tile, tiles taller / wider than the input (masked edges); tile orders K-major and in groups
+# of row bands, the last group shorter (3 and 4 row bands of 32 in groups of 2, 4 and 8). The
+# paired data path (bfloat16 only): one and two 64-column halves, one to eight 32-row warps.
+TILES = [(32, 32, 4, 2, False), (64, 64, 2, 1, False), (128, 64, 4, 2, False), (128, 128, 1, 1, False),
+         (64, 256, 4, 1, False), (32, 64, 2, 8, False), (32, 64, 2, 4, False), (128, 128, 8, 1, True),
+         (256, 64, 8, 1, True), (128, 64, 4, 2, True), (32, 128, 1, 1, True)]
 
 
 @pytest.mark.parametrize("tile", TILES)
@@ -57,9 +59,12 @@ def test_one_pass_kernel_tile_shapes(make_input, assert_same_bits, tile):
     """Every tile split the kernel may use (its row permutation depends on the tile) is exact."""
     from moekit.quant.mxfp8 import triton as mx_triton
 
-    block_m, block_k, warps, group_m = tile
-    tiles = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps, "GROUP_M": group_m}
-    for seed, (shape, dtype) in enumerate([((96, 160), torch.bfloat16), ((128, 96), torch.float32)]):
+    block_m, block_k, warps, group_m, paired = tile
+    tiles = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps, "GROUP_M": group_m, "PAIRED": paired}
+    cases = [((96, 160), torch.bfloat16), ((128, 96), torch.float32)]
+    if paired:  # one input the tile divides (EVEN: no masks), one it does not
+        cases = [((96, 160), torch.bfloat16), ((256, 128), torch.bfloat16)]
+    for seed, (shape, dtype) in enumerate(cases):
         x = make_input(shape, dtype, 30 + seed)
         rows, cols = reference.quantize_both(x, "e4m3", "rceil")
         expected = {"row_data": rows.data, "row_scale": rows.scale,
@@ -72,14 +77,66 @@ def test_one_pass_kernel_tile_shapes(make_input, assert_same_bits, tile):
             assert_same_bits(buf, _bytes(expected[name]))
 
 
+@pytest.mark.parametrize("scale_mode", MODES)
+@pytest.mark.parametrize("elem", ELEMS)
+def test_paired_path_formats(make_input, assert_same_bits, elem, scale_mode):
+    """The paired data path in every element type and scale mode, masked and not."""
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    tiles = {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 2, "PAIRED": True}
+    for seed, shape in enumerate([(64, 128), (96, 224)]):
+        x = make_input(shape, torch.bfloat16, 50 + seed)
+        rows, cols = reference.quantize_both(x, elem, scale_mode)
+        expected = {"row_data": rows.data, "row_scale": rows.scale,
+                    "col_data": cols.data.t(), "col_scale": cols.scale.t()}
+        out = mx_triton.empty_outputs(*shape, True, True, elem, x.device)
+        for buf in out.values():
+            buf.fill_(POISONS[seed])
+        mx_triton.launch_quantize(x, out, elem, scale_mode, tiles)
+        for name, buf in out.items():
+            assert_same_bits(buf, _bytes(expected[name]))
+
+
+def test_paired_path_reads_unaligned_views(make_input, assert_same_bits):
+    """A bfloat16 view at an odd element offset cannot be read as int32 pairs: it is copied first."""
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    base = make_input((64, 129), torch.bfloat16, 60)
+    x = base[:, 1:97]  # odd offset, odd row stride
+    rows, cols = reference.quantize_both(x, "e4m3", "floor")
+    out = mx_triton.empty_outputs(64, 96, True, True, "e4m3", x.device)
+    mx_triton.launch_quantize(x, out, "e4m3", "floor", {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 1, "PAIRED": True})
+    for name, want in [("row_data", rows.data), ("row_scale", rows.scale), ("col_data", cols.data.t()),
+                       ("col_scale", cols.scale.t())]:
+        assert_same_bits(out[name], _bytes(want))
+
+
+def test_paired_path_rejects_what_it_cannot_do(make_input):
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    tiles = {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 1, "PAIRED": True}
+    x = make_input((32, 64), torch.float32, 61)
+    with pytest.raises(ValueError, match="PAIRED tiles need both layouts of bfloat16"):
+        mx_triton.launch_quantize(x, mx_triton.empty_outputs(32, 64, True, True, "e4m3", x.device), "e4m3", "floor",
+                                  tiles)
+    x = x.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="PAIRED tiles need"):
+        mx_triton.launch_quantize(x, mx_triton.empty_outputs(32, 64, True, False, "e4m3", x.device), "e4m3", "floor",
+                                  tiles)
+    with pytest.raises(ValueError, match="BLOCK_K >= 64"):
+        mx_triton.launch_quantize(x, mx_triton.empty_outputs(32, 64, True, True, "e4m3", x.device), "e4m3", "floor",
+                                  dict(tiles, BLOCK_K=32))
+
+
 def test_tile_order_past_the_grid_limit():
     """Groups of row bands grow (by doubling) only as far as CUDA's 65535 limit on the grid's
     second axis needs, for tuned and hand-picked tiles alike; the grid covers every tile."""
     from moekit.quant.mxfp8 import triton as mx_triton
 
     configs = [mx_triton._config(64, 64, 2), mx_triton._config(64, 64, 2, group_m=16)]
-    assert mx_triton._fit_groups(configs, {"M": 64 * 65535, "K": 64}) == configs
-    fitted = mx_triton._fit_groups(configs, {"M": 64 * 65535 + 1, "K": 64})
+    flags = {"ROWWISE": True, "COLWISE": True, "IS_BF16": True}
+    assert mx_triton._fit_groups(configs, {"M": 64 * 65535, "K": 64}, **flags) == configs
+    fitted = mx_triton._fit_groups(configs, {"M": 64 * 65535 + 1, "K": 64}, **flags)
     assert [c.kwargs["GROUP_M"] for c in fitted] == [2, 16]
     assert (fitted[0].num_warps, fitted[0].kwargs["BLOCK_M"]) == (2, 64)
     for m, k, group, want in [(64 * 65535 * 3, 96, 1, 4), (100, 96, 8, 8), (64 * 4 * 65535 + 64, 64, 4, 8)]:
@@ -88,6 +145,22 @@ def test_tile_order_past_the_grid_limit():
         assert got == want
         n_k, groups = mx_triton._grid(m, k, dict(tiles, GROUP_M=got))
         assert groups <= 65535 and n_k == got * -(-k // 64) and groups * got >= -(-m // 64)
+
+
+def test_paired_tiles_fall_back_where_they_do_not_apply():
+    """Autotune candidates: the paired tiles stay paired for both layouts of bfloat16 and run the
+    general path otherwise, a tile the list already holds dropped."""
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    configs = [mx_triton._config(128, 128, 8, 104, paired=True), mx_triton._config(256, 64, 8, paired=True),
+               mx_triton._config(128, 128, 8), mx_triton._config(128, 128, 8, 112)]
+    assert mx_triton._fit_groups(configs, {"M": 4096, "K": 4096}, ROWWISE=True, COLWISE=True, IS_BF16=True) == configs
+    for flags in ({"ROWWISE": True, "COLWISE": True, "IS_BF16": False},
+                  {"ROWWISE": False, "COLWISE": True, "IS_BF16": True}):
+        fitted = mx_triton._fit_groups(configs, {"M": 4096, "K": 4096}, **flags)
+        # the paired 128x128 falls back without its register limit: the general 128x128 already listed
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["PAIRED"], c.maxnreg) for c in fitted] == [
+            (128, 128, False, None), (256, 64, False, None), (128, 128, False, 112)]
 
 
 @pytest.mark.parametrize("scale_mode", MODES)
@@ -119,6 +192,131 @@ def test_column_layout_is_transposed_storage(make_input):
         assert rows.data.shape == cols.data.shape == (64, 96)
         assert rows.scale.shape == (64, 3) and cols.scale.shape == (2, 96)
         assert rows.data.is_contiguous() and cols.data.t().is_contiguous() and cols.scale.t().is_contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocked scales (cuBLAS's layout): the kernels' direct stores == to_blocked(reference scales)
+
+BLOCKED_TILE = {"BLOCK_M": 128, "BLOCK_K": 128, "num_warps": 8}
+
+
+def _blocked_input(make_input, shape, dtype, seed):
+    """`make_input` data (outliers, NaN / Inf, a row-wise zero block) plus a column-wise zero block."""
+    x = make_input(shape, dtype, seed)
+    x[32:64, 96:99] = 0.0
+    return x
+
+
+def _blocked_expected(x, elem, scale_mode, rowwise, colwise):
+    rows, cols = (blocked.from_plain(t) for t in reference.quantize_both(x, elem, scale_mode))
+    expected = {}
+    if rowwise:
+        expected |= {"row_data": rows.data, "row_scale": rows.scale}
+    if colwise:
+        expected |= {"col_data": cols.data.t(), "col_scale": cols.scale}
+    return expected
+
+
+@pytest.mark.parametrize("scale_mode", MODES)
+@pytest.mark.parametrize("elem", ELEMS)
+def test_blocked_scales_match_reference(make_input, assert_same_bits, elem, scale_mode):
+    """Both layouts (the launch's default config: the general path; and the paired path for
+    bfloat16), row-wise only and column-wise only, on shapes a 128 x 128 tile divides and on
+    shapes it does not (masked data, scale padding written as zeros)."""
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    # the paired tile as a register-limited candidate launches it (the interpreter ignores the limit)
+    paired = mx_triton.config_tiles(mx_triton._config(128, 128, 8, 104, paired=True))
+    runs = [(True, True, None), (True, True, paired), (True, False, None), (False, True, None)]
+    cases = [((128, 256), torch.bfloat16), ((160, 224), torch.bfloat16), ((96, 416), torch.float32),
+             ((160, 96), torch.float16)]
+    for seed, (shape, dtype) in enumerate(cases):
+        x = _blocked_input(make_input, shape, dtype, 70 + seed)
+        for rowwise, colwise, tiles in runs:
+            if tiles is not None and dtype != torch.bfloat16:
+                continue  # the paired path reads bfloat16 only
+            out = mx_triton.empty_outputs(*shape, rowwise, colwise, elem, x.device, "blocked")
+            for buf in out.values():
+                buf.fill_(POISONS[seed % 2])
+            mx_triton.launch_quantize(x, out, elem, scale_mode, tiles, scale_layout="blocked")
+            expected = _blocked_expected(x, elem, scale_mode, rowwise, colwise)
+            assert out.keys() == expected.keys()
+            for name, buf in out.items():
+                assert_same_bits(buf, _bytes(expected[name]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_blocked_public_api(make_input, assert_same_bits, backend):
+    """quantize_both / quantize(axis 0, 1) with scale_layout="blocked": the plain tensors' data, the
+    scales as to_blocked lays them out (flat, padded to 128 rows x 4 columns of the scale matrix)."""
+    x = _blocked_input(make_input, (160, 224), torch.bfloat16, 80)
+    got = mxfp8.quantize_both(x, "e4m3", "floor", backend=backend, scale_layout="blocked")
+    got += (mxfp8.quantize(x, 1, backend=backend, scale_layout="blocked"),
+            mxfp8.quantize(x, 0, backend=backend, scale_layout="blocked"))
+    plain = reference.quantize_both(x, "e4m3", "floor")
+    for g, p in zip(got, plain + plain, strict=True):
+        assert isinstance(g, mxfp8.MXBlockedTensor)
+        assert (g.axis, g.elem, g.scale_mode, g.block) == (p.axis, p.elem, p.scale_mode, p.block)
+        assert g.scale.dtype == torch.float8_e8m0fnu and g.scale.ndim == 1
+        assert_same_bits(g.data, p.data)
+        assert g.data.stride(g.axis) == 1
+        scales = p.scale.movedim(p.axis, -1)  # [rows, cols] of the scale matrix: [160, 7] and [224, 5]
+        assert g.scale.numel() == blocked.blocked_numel(*scales.shape) == 256 * 8  # both pad to [256, 8]
+        # spot checks of the layout: (r, c) in tile (r // 128, c // 4), at (r % 32) * 16 + (r // 32 % 4) * 4 + c % 4
+        tiles_per_row = -(-scales.shape[1] // 4)
+        for r, c in [(0, 0), (33, 1), (127, 3), (128, 4), (159, scales.shape[1] - 1)]:
+            at = ((r // 128) * tiles_per_row + c // 4) * 512 + (r % 32) * 16 + (r // 32 % 4) * 4 + c % 4
+            assert _bytes(g.scale)[at] == _bytes(scales)[r, c]
+        assert_same_bits(g.scale, blocked.to_blocked(scales))
+
+
+def test_blocked_int64_offsets(monkeypatch, make_input, assert_same_bits):
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    monkeypatch.setattr(mx_triton, "needs_index_64", lambda x: True)
+    x = _blocked_input(make_input, (160, 224), torch.bfloat16, 81)
+    for tiles in (None, dict(BLOCKED_TILE, PAIRED=True)):
+        out = mx_triton.empty_outputs(160, 224, True, True, "e4m3", x.device, "blocked")
+        mx_triton.launch_quantize(x, out, "e4m3", "floor", tiles, scale_layout="blocked")
+        expected = _blocked_expected(x, "e4m3", "floor", True, True)
+        for name, buf in out.items():
+            assert_same_bits(buf, _bytes(expected[name]))
+
+
+def test_blocked_scales_reject_what_they_cannot_do(make_input):
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    x = make_input((128, 128), torch.bfloat16, 82)
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError, match="scale_layout='blocked' takes a 2-D tensor"):
+            mxfp8.quantize(x.reshape(2, 64, 128), -1, backend=backend, scale_layout="blocked")
+        with pytest.raises(ValueError, match="unknown scale_layout 'cublas'"):
+            mxfp8.quantize_both(x, backend=backend, scale_layout="cublas")
+        with pytest.raises(TypeError, match="MXTensor"):
+            mxfp8.dequantize(mxfp8.quantize(x, backend=backend, scale_layout="blocked"), backend=backend)
+    out = mx_triton.empty_outputs(128, 128, True, True, "e4m3", x.device, "blocked")
+    with pytest.raises(ValueError, match="blocked scales need 128x128 tiles"):
+        mx_triton.launch_quantize(x, out, "e4m3", "floor", {"BLOCK_M": 256, "BLOCK_K": 64, "num_warps": 8},
+                                  scale_layout="blocked")
+    with pytest.raises(ValueError, match="blocked scales need a 2-D MX tensor"):
+        blocked.from_plain(reference.quantize(x.reshape(2, 64, 128)))
+
+
+def test_blocked_autotune_candidates_are_whole_scale_tiles():
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    assert mx_triton.BLOCKED_CONFIGS
+    for config in [*mx_triton.BLOCKED_CONFIGS, mx_triton.BLOCKED_ROW_CONFIG]:
+        assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]) == (128, 128)
+
+
+def test_config_tiles_keep_the_register_limit():
+    """`config_tiles` gives `launch_quantize` the candidate's build, ptxas's register limit included."""
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    assert mx_triton.config_tiles(mx_triton._config(128, 128, 8, 104, paired=True)) == {
+        "BLOCK_M": 128, "BLOCK_K": 128, "GROUP_M": 1, "PAIRED": True, "num_warps": 8, "maxnreg": 104}
+    assert "maxnreg" not in mx_triton.config_tiles(mx_triton._config(256, 64, 8, group_m=8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,11 +537,34 @@ def test_gpu_every_tuned_tile_matches_reference(make_input, assert_same_bits):
             out = mx_triton.empty_outputs(*shape, True, True, "e4m3", x.device)
             for buf in out.values():
                 buf.fill_(POISONS[seed])
-            tiles = {key: config.kwargs[key] for key in ("BLOCK_M", "BLOCK_K", "GROUP_M")}
-            tiles["num_warps"] = config.num_warps
-            mx_triton.launch_quantize(x, out, "e4m3", "rceil", tiles)
+            mx_triton.launch_quantize(x, out, "e4m3", "rceil", mx_triton.config_tiles(config))
             for name, buf in out.items():
                 assert_same_bits(buf, _bytes(expected[name]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("scale_mode", MODES)
+@pytest.mark.parametrize("elem", ELEMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_blocked_scales_match_reference(make_input, assert_same_bits, dtype, elem, scale_mode):
+    """Every blocked candidate (compiled: inline PTX, 16-byte vectors), both layouts and each alone."""
+    from moekit.quant.mxfp8 import triton as mx_triton
+
+    for seed, shape in enumerate([(1024, 2048 + 96), (1024 + 32, 2048), (1024, 2048)]):
+        x = _blocked_input(make_input, shape, dtype, 90 + seed).cuda()
+        runs = [(True, True, mx_triton.config_tiles(c)) for c in mx_triton.BLOCKED_CONFIGS]
+        runs += [(True, True, None), (True, False, None), (False, True, None)]
+        for rowwise, colwise, tiles in runs:
+            if tiles is not None and tiles["PAIRED"] and dtype != torch.bfloat16:
+                continue
+            out = mx_triton.empty_outputs(*shape, rowwise, colwise, elem, x.device, "blocked")
+            for buf in out.values():
+                buf.fill_(POISONS[seed % 2])
+            mx_triton.launch_quantize(x, out, elem, scale_mode, tiles, scale_layout="blocked")
+            expected = _blocked_expected(x.cpu(), elem, scale_mode, rowwise, colwise)
+            for name, buf in out.items():
+                assert_same_bits(buf.cpu(), _bytes(expected[name]))
 
 
 def test_int64_offset_path_matches_reference(monkeypatch, make_input, assert_same_bits, assert_same_values):

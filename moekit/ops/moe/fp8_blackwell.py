@@ -4,10 +4,10 @@ Blackwell has MX tensor-core instructions; PyTorch reaches them through
 ``torch._scaled_grouped_mm(a, b, scale_a, scale_b, offs=...)`` with E4M3 operands and E8M0
 scales (its FBGEMM MXFP8 kernel, "2d-3d" case: a [M, K] row-major with row groups ending at
 ``offs``, b [E, K, N] column-major). The scales go in cuBLAS's block-scaling-factor layout
-(``to_blocked``): 128 x 4 tiles of the [rows, K / 32] scale matrix, each stored as 32 x 16,
-rows padded to a multiple of 128 and columns to a multiple of 4 -- a weight per expert
-([E, round_up(N, 128) * round_up(K / 32, 4)]), an activation per row group
-([sum_g round_up(M_g, 128), round_up(K / 32, 4)]).
+(``to_blocked``, defined in ``moekit.quant.mxfp8.blocked``): 128 x 4 tiles of the [rows, K / 32]
+scale matrix, each stored as 32 x 16, rows padded to a multiple of 128 and columns to a multiple
+of 4 -- a weight per expert ([E, round_up(N, 128) * round_up(K / 32, 4)]), an activation per row
+group ([sum_g round_up(M_g, 128), round_up(K / 32, 4)]).
 
 moekit's sm_90 path (``fp8_kernels``) never calls this: Hopper has no MX instruction. The
 layouts here are checked on the CPU (against PyTorch's meta kernel for this op, which
@@ -20,25 +20,7 @@ from __future__ import annotations
 import torch
 
 from moekit.quant.formats import E8M0_DTYPE
-
-SCALE_TILE_ROWS, SCALE_TILE_COLS = 128, 4
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def to_blocked(scale: torch.Tensor) -> torch.Tensor:
-    """[rows, cols] E8M0 scales -> the flat cuBLAS block-scaling layout of the padded matrix:
-    for each 128 x 4 tile (row-major over tiles), the element at tile row r, column c sits at
-    (r % 32) * 16 + (r // 32) * 4 + c."""
-    rows, cols = scale.shape
-    padded = scale.view(torch.uint8).new_zeros(_round_up(rows, SCALE_TILE_ROWS), _round_up(cols, SCALE_TILE_COLS))
-    padded[:rows, :cols] = scale.view(torch.uint8)
-    tiles = padded.view(padded.shape[0] // 128, 128, padded.shape[1] // 4, 4).permute(0, 2, 1, 3)
-    # a tile's rows r = 32 * i + j: [i, j, c] -> [j, i, c]
-    blocked = tiles.reshape(-1, 4, 32, 4).transpose(1, 2)
-    return blocked.reshape(-1).view(E8M0_DTYPE)
+from moekit.quant.mxfp8.blocked import SCALE_TILE_COLS, round_up, to_blocked
 
 
 def weight_scales(scale: torch.Tensor) -> torch.Tensor:
@@ -51,7 +33,7 @@ def activation_scales(scale: torch.Tensor, offsets: torch.Tensor) -> torch.Tenso
     own, stacked: [sum_g round_up(M_g, 128), round_up(K / 32, 4)]."""
     ends = offsets.tolist()
     starts = [0, *ends[:-1]]
-    cols = _round_up(scale.shape[1], SCALE_TILE_COLS)
+    cols = round_up(scale.shape[1], SCALE_TILE_COLS)
     parts = [to_blocked(scale[s:e]).view(-1, cols) for s, e in zip(starts, ends, strict=True) if e > s]
     return torch.cat(parts) if parts else scale.new_zeros(0, cols)
 

@@ -45,6 +45,7 @@ from moekit.quant.formats import (
     element_format,
     normalize_axis,
 )
+from moekit.quant.mxfp8.blocked import MXBlockedTensor, check_scale_layout, from_plain
 from moekit.quant.tensors import MXTensor
 
 BLOCK = 32
@@ -82,25 +83,29 @@ def quantize_blocks(blocks: torch.Tensor, fmt: ElementFormat, scale_mode: str):
     return elems, scale
 
 
-def quantize(x: torch.Tensor, axis: int = -1, elem: str = "e4m3", scale_mode: str = "floor") -> MXTensor:
-    """MXFP8-quantize `x` in blocks of 32 along `axis` (whose length must be a multiple of 32)."""
+def quantize(x: torch.Tensor, axis: int = -1, elem: str = "e4m3", scale_mode: str = "floor",
+             scale_layout: str = "plain") -> MXTensor | MXBlockedTensor:
+    """MXFP8-quantize `x` in blocks of 32 along `axis` (whose length must be a multiple of 32);
+    `scale_layout="blocked"` (2-D `x`): the scales in cuBLAS's layout (`blocked.py`)."""
     check_input(x)
     fmt = element_format(elem)
     check_scale_mode(scale_mode)
+    check_scale_layout(scale_layout, x.ndim)
     axis = normalize_axis(axis, x.ndim)
     check_divisible(x.shape[axis], BLOCK, f"axis {axis}")
     moved = x.movedim(axis, -1)
     blocks = moved.float().reshape(*moved.shape[:-1], moved.shape[-1] // BLOCK, BLOCK)
     elems, scale = quantize_blocks(blocks, fmt, scale_mode)
     data = elems.reshape(moved.shape).view(fmt.dtype).movedim(-1, axis)
-    return MXTensor(data, scale.view(E8M0_DTYPE).movedim(-1, axis), axis, elem, scale_mode)
+    t = MXTensor(data, scale.view(E8M0_DTYPE).movedim(-1, axis), axis, elem, scale_mode)
+    return from_plain(t) if scale_layout == "blocked" else t
 
 
-def quantize_both(x: torch.Tensor, elem: str = "e4m3", scale_mode: str = "floor") -> tuple[MXTensor, MXTensor]:
+def quantize_both(x: torch.Tensor, elem: str = "e4m3", scale_mode: str = "floor", scale_layout: str = "plain"):
     """Row-wise (axis 1) and column-wise (axis 0) quantization of a 2-D `x` [M, K]."""
     if x.ndim != 2:
         raise ValueError(f"quantize_both takes a 2-D tensor, got shape {tuple(x.shape)}")
-    return quantize(x, 1, elem, scale_mode), quantize(x, 0, elem, scale_mode)
+    return quantize(x, 1, elem, scale_mode, scale_layout), quantize(x, 0, elem, scale_mode, scale_layout)
 
 
 def dequantize(t: MXTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
