@@ -19,15 +19,21 @@ DEFAULT_CORPUS_BYTES = 2 * 1024 * 1024
 MIN_CORPUS_BYTES = 1024 * 1024
 
 
-def stdlib_source_files() -> list[Path]:
-    """Top-level standard-library source files, in a deterministic (sorted) order."""
+def stdlib_source_files(packages: bool = False) -> list[Path]:
+    """Standard-library source files in a deterministic (sorted) order: the top-level modules, or
+    with ``packages`` every ``*.py`` below the library root as well (sub-packages and the test suite,
+    about 30 MB: enough text that a long benchmark run never repeats a window). site-packages and
+    the machine-generated ``_sysconfigdata*`` tables are never included."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = (p for p in root.glob("*.py") if not p.name.startswith("_sysconfigdata"))
-    return sorted(files, key=lambda p: p.name)
+    found = root.rglob("*.py") if packages else root.glob("*.py")
+    files = (p for p in found if not p.name.startswith("_sysconfigdata")
+             and not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts))
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def stdlib_corpus(budget_bytes: int = DEFAULT_CORPUS_BYTES) -> list[str]:
-    """Documents (one per file) whose UTF-8 size totals exactly ``budget_bytes`` (the last one cut).
+def stdlib_corpus(budget_bytes: int = DEFAULT_CORPUS_BYTES, packages: bool = False) -> list[str]:
+    """Documents (one per file) whose UTF-8 size totals exactly ``budget_bytes`` (the last one cut),
+    from ``stdlib_source_files(packages)``.
 
     Raises ``ValueError`` if the installation carries less than ``MIN_CORPUS_BYTES`` of source
     (a stripped-down Python): then pass your own text with ``data.path=``.
@@ -36,7 +42,7 @@ def stdlib_corpus(budget_bytes: int = DEFAULT_CORPUS_BYTES) -> list[str]:
         raise ValueError(f"data.corpus_bytes must be >= {MIN_CORPUS_BYTES}, got {budget_bytes}")
     docs: list[str] = []
     used = 0
-    for path in stdlib_source_files():
+    for path in stdlib_source_files(packages):
         raw = path.read_bytes()
         take = raw[: budget_bytes - used]
         docs.append(take.decode("utf-8", errors="ignore"))

@@ -34,3 +34,25 @@ def test_bf16_operands_dispatcher_in_a_layer():
     assert 1e-6 < err < 2e-2, err  # bf16 operands: close to, but not exactly, the float32 result
     got.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters() if p.requires_grad)
+
+
+def test_summary_gaps_per_seed_and_their_mean(tmp_path, capsys):
+    import json
+
+    parity = load_parity()
+    steps = 40  # the smoothed loss is the mean of the last 10 %: the last 4 steps
+    rng = torch.Generator().manual_seed(3)
+    finals = {(0, "bf16"): 2.0, (0, "fp8"): 2.02, (1, "bf16"): 1.6, (1, "fp8"): 1.6 * 0.99}
+    for (seed, p), final in finals.items():
+        head = (3.0 + torch.rand(steps - 4, generator=rng)).tolist()
+        loss = head + [final - 0.01, final + 0.01, final - 0.02, final + 0.02]
+        run = {"precision": p, "seed": seed, "params": 170e6, "steps": steps, "loss": loss,
+               "val_loss": final + 0.5, "seconds": 1.0}
+        (tmp_path / f"loss-{p}-seed{seed}.json").write_text(json.dumps(run))
+    parity.summary(tmp_path)
+    out = capsys.readouterr().out
+    assert "+1.00%" in out and "-1.00%" in out  # seed 0: 2.02 vs 2.0; seed 1: 0.99x
+    assert "mean gap to bf16 over 2 seed(s): training +0.00%" in out
+    val_gaps = (100 * 0.02 / 2.5, 100 * (1.6 * 0.99 - 1.6) / 2.1)
+    assert f"held-out {sum(val_gaps) / 2:+.2f}%" in out
+    assert (tmp_path / "parity.png").stat().st_size > 10_000

@@ -126,3 +126,15 @@ def test_eval_batches_are_fixed_and_too_short_data_is_refused():
     assert torch.equal(batches[0][1], torch.from_numpy(tokens[16:32].astype(np.int64)))
     with pytest.raises(ValueError, match="fewer than one window"):
         TokenWindows(tokens[:10], 16, 257, "short")
+
+
+def test_embedded_corpus_with_packages_reaches_below_the_top_level():
+    from moekit.data.corpus import stdlib_source_files
+
+    top, every = stdlib_source_files(), stdlib_source_files(packages=True)
+    assert set(top) < set(every) and any(p.parent.name == "json" for p in every)
+    assert not any("site-packages" in p.parts for p in every)
+    assert every == stdlib_source_files(packages=True)  # sorted, so the same corpus every run
+    big = 2 * MIN_CORPUS_BYTES
+    docs = stdlib_corpus(big, packages=True)
+    assert sum(len(d.encode()) for d in docs) > 0.99 * big and docs == stdlib_corpus(big, packages=True)
