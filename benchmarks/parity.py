@@ -7,7 +7,8 @@ seed. Only the routed-expert GEMMs change: "bf16" runs moekit's bf16 Triton kern
 autocast. Each run writes its per-step losses to ``OUT/loss-<precision>-seed<seed>.json``; the
 summary plots the curves in one PNG and prints final smoothed (last 10 % of steps) training
 losses, held-out losses and their relative gaps to bf16 of the same seed, then the gaps' mean
-over seeds.
+over seeds. ``--precisions bf16-gmm`` adds a control run: bf16 through ``torch._grouped_mm``, the
+same arithmetic rounded in another order; its gap to "bf16" is the yardstick for the FP8 gaps.
 
 The corpus is the whole standard library, sub-packages and tests included (24 MiB by default):
 2,000 steps of 16 x 512 tokens read 16.4M tokens, less than one pass, so no window is seen twice
@@ -37,7 +38,12 @@ from moekit.data.tokenizer import ByteTokenizer
 from moekit.moe.dispatch import LocalDispatcher
 from moekit.ops import moe as moe_ops
 
-PRECISIONS = ("bf16", "fp8", "mxfp8")
+# run name -> (routed-experts backend, precision). "bf16-gmm" is the control: bf16 again, through
+# torch._grouped_mm instead of moekit's Triton kernels, so the same numerics rounded in another
+# order. Its gap to "bf16" is how far rounding alone moves a run: the yardstick for fp8's gap.
+RUNS = {"bf16": ("triton", "bf16"), "bf16-gmm": ("grouped_mm", "bf16"), "fp8": ("triton", "fp8"),
+        "mxfp8": ("triton", "mxfp8")}
+PRECISIONS = ("bf16", "fp8", "mxfp8")  # the default runs
 SEQ_LEN, BATCH, VAL_FRACTION, EVAL_BATCHES = 512, 16, 0.05, 16
 
 
@@ -81,7 +87,7 @@ def train(precision: str, seed: int, args) -> dict:
     torch.manual_seed(seed)
     model = MoEForCausalLM(model_config()).cuda()
     for layer in model.moe_layers():
-        layer.set_dispatcher(Bf16OperandsDispatcher("triton", precision))
+        layer.set_dispatcher(Bf16OperandsDispatcher(*RUNS[precision]))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     train_windows, val_windows = data(args.corpus_bytes)
     if args.steps * BATCH > train_windows.num_windows:
@@ -141,12 +147,12 @@ def summary(out_dir: Path) -> None:
     if not runs:
         raise SystemExit(f"no bf16 run in {out_dir}: run --precisions bf16 first")
     fig, ax = plt.subplots(figsize=(8, 5))
-    window, colors, styles = 50, dict(zip(PRECISIONS, ("C0", "C1", "C2"))), ("-", "--", ":", "-.")
+    window, colors, styles = 50, dict(zip(RUNS, ("C0", "C3", "C1", "C2"))), ("-", "--", ":", "-.")
     print(f"{'precision':10s} {'seed':>4s} {'final train':>12s} {'gap':>8s} {'val':>8s} {'gap':>8s} {'s/run':>7s}")
     gaps: dict[str, list[tuple[float, float]]] = {}
     for i, (seed, by_p) in enumerate(sorted(runs.items())):
         base = by_p["bf16"]
-        for p in PRECISIONS:
+        for p in RUNS:
             if p not in by_p:
                 continue
             run = by_p[p]
@@ -175,7 +181,8 @@ def summary(out_dir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(RUNS),
+                        help="runs to train; bf16-gmm is the rounding-order control")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
