@@ -8,14 +8,9 @@ import torch
 
 
 @dataclass(frozen=True)
-class MXTensor:
-    """MXFP8 tensor: `data` (FP8) has the input's shape; `scale` (float8_e8m0fnu) has it too,
-    except that dimension `axis` is `block` times shorter (one scale per block of 32 along it).
-
-    Both tensors store `axis` innermost in memory (it has stride 1), which is what a GEMM that
-    reduces over `axis` wants: for a 2-D input quantized along axis 0 they are transposed views
-    of contiguous [K, M] and [K, M / 32] buffers.
-    """
+class MXParts:
+    """The fields of the MX tensor types. They differ in how `scale` is laid out, so code takes
+    one of them (`MXTensor`, `mxfp8.MXBlockedTensor`), never this base."""
 
     data: torch.Tensor
     scale: torch.Tensor
@@ -27,6 +22,17 @@ class MXTensor:
     @property
     def shape(self) -> torch.Size:
         return self.data.shape
+
+
+@dataclass(frozen=True)
+class MXTensor(MXParts):
+    """MXFP8 tensor: `data` (FP8) has the input's shape; `scale` (float8_e8m0fnu) has it too,
+    except that dimension `axis` is `block` times shorter (one scale per block of 32 along it).
+
+    Both tensors store `axis` innermost in memory (it has stride 1), which is what a GEMM that
+    reduces over `axis` wants: for a 2-D input quantized along axis 0 they are transposed views
+    of contiguous [K, M] and [K, M / 32] buffers.
+    """
 
 
 @dataclass(frozen=True)

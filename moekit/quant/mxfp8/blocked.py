@@ -14,28 +14,17 @@ from dataclasses import dataclass
 import torch
 
 from moekit.quant.formats import E8M0_DTYPE
-from moekit.quant.tensors import MXTensor
+from moekit.quant.tensors import MXParts, MXTensor
 
 SCALE_TILE_ROWS, SCALE_TILE_COLS = 128, 4
 SCALE_LAYOUTS = ("plain", "blocked")
 
 
 @dataclass(frozen=True)
-class MXBlockedTensor:
+class MXBlockedTensor(MXParts):
     """An MXFP8 tensor whose scales are in the blocked layout: `data` as `MXTensor.data` (2-D);
     `scale` flat E8M0 [round_up(rows, 128) * round_up(cols, 4)], as `to_blocked` returns it for
     the [rows, cols] scale matrix (for axis 0, the scales of the transposed data: rows = K)."""
-
-    data: torch.Tensor
-    scale: torch.Tensor
-    axis: int
-    elem: str
-    scale_mode: str
-    block: int = 32
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.data.shape
 
 
 def check_scale_layout(scale_layout: str, ndim: int) -> None:
