@@ -23,6 +23,7 @@ tests holds less (the H200 machine's: 10 MB, 1.6 passes); the run says when wind
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -67,6 +68,7 @@ def model_config() -> ModelConfig:
     )
 
 
+@functools.lru_cache(maxsize=1)  # read and encoded once for every run of one process
 def data(corpus_bytes: int):
     # A Python without its test suite holds less: take what there is (train() says if windows repeat).
     available = sum(path.stat().st_size for path in stdlib_source_files(packages=True))
@@ -160,10 +162,10 @@ def summary(out_dir: Path) -> None:
             ema = [loss[: j + 1][-window:].mean().item() for j in range(len(loss))]
             ax.plot(range(1, len(ema) + 1), ema, color=colors[p], linestyle=styles[i % len(styles)], linewidth=1.0,
                     label=f"{p} seed {seed} (val {run['val_loss']:.4f})")
-            train_gap = gap(smoothed(run["loss"]), smoothed(base["loss"]))
-            val_gap = gap(run["val_loss"], base["val_loss"])
+            final = smoothed(run["loss"])
+            train_gap, val_gap = gap(final, smoothed(base["loss"])), gap(run["val_loss"], base["val_loss"])
             gaps.setdefault(p, []).append((train_gap, val_gap))
-            print(f"{p:10s} {seed:4d} {smoothed(run['loss']):12.4f} {train_gap:+7.2f}% {run['val_loss']:8.4f} "
+            print(f"{p:10s} {seed:4d} {final:12.4f} {train_gap:+7.2f}% {run['val_loss']:8.4f} "
                   f"{val_gap:+7.2f}% {run['seconds']:7.0f}")
     for p, pairs in gaps.items():
         if p != "bf16":
