@@ -112,16 +112,16 @@ def build_model(config: str, pattern: str, max_len: int, dev: Device) -> MoEForC
     return model.to(torch.bfloat16 if dev.cuda else torch.float32).eval()
 
 
-def make_decoder(model, batch: int, max_len: int, graph: bool, prefill_tokens: int) -> tuple[FastDecoder, str | None]:
+def make_decoder(model, batch: int, max_len: int, graph: bool, args) -> tuple[FastDecoder, str | None]:
     """A decoder with a CUDA graph when asked and it can capture one, else eager plus the reason."""
-    chunk = max(1, prefill_tokens // batch)
+    opts = dict(prefill_chunk=max(1, args.prefill_tokens // batch), compile=args.compile)
     reason = graph_blocker(model) if graph else None
     if graph and reason is None:
         try:
-            return FastDecoder(model, batch, max_len, cuda_graph=True, prefill_chunk=chunk), None
+            return FastDecoder(model, batch, max_len, cuda_graph=True, **opts), None
         except GraphCaptureError as e:
             reason = str(e)
-    return FastDecoder(model, batch, max_len, cuda_graph=False, prefill_chunk=chunk), reason
+    return FastDecoder(model, batch, max_len, cuda_graph=False, **opts), reason
 
 
 @torch.no_grad()
@@ -139,7 +139,7 @@ def step_times_ms(decoder: FastDecoder, token: torch.Tensor, steps: int, dev: De
 
 def measure(model, name: str, context: int, batch: int, args, dev: Device) -> Result:
     dev.reset_peak()
-    decoder, reason = make_decoder(model, batch, context + args.new, True, args.prefill_tokens)
+    decoder, reason = make_decoder(model, batch, context + args.new, True, args)
     if reason is not None and reason not in said:
         said.add(reason)
         print(f"  ({name}: decoding eagerly: {reason})", flush=True)
@@ -155,7 +155,7 @@ def measure(model, name: str, context: int, batch: int, args, dev: Device) -> Re
 
 def eager_step_ms(model, context: int, batch: int, args, dev: Device) -> float:
     """Median eager decode step on a fresh cache of the same size (no prefill: see the module doc)."""
-    decoder, _ = make_decoder(model, batch, context + args.new, False, args.prefill_tokens)
+    decoder, _ = make_decoder(model, batch, context + args.new, False, args)
     token = torch.randint(0, model.config.vocab_size, (batch,), device=dev.device)
     return statistics.median(step_times_ms(decoder, token, args.new, dev))
 
@@ -165,7 +165,7 @@ def profile_step(model, context: int, batch: int, args, dev: Device) -> str:
     on a fresh cache of the same size: where the step's time goes."""
     from kernel_profile import format_top, kernel_times
 
-    decoder, _ = make_decoder(model, batch, context + args.new, False, args.prefill_tokens)
+    decoder, _ = make_decoder(model, batch, context + args.new, False, args)
     token = torch.randint(0, model.config.vocab_size, (batch,), device=dev.device)
     with torch.no_grad():
         decoder.step(token)
@@ -229,6 +229,8 @@ def main() -> None:
                         help="batch x chunk tokens per prefill call (bounds activations and masks)")
     parser.add_argument("--eager", action="store_true", help="also time the decode steps without a CUDA graph")
     parser.add_argument("--profile", action="store_true", help="also list the decode step's kernels (GPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode steps through torch.compile (FastDecoder(compile=True))")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--plot", default="generation.png")
     args = parser.parse_args()
@@ -245,7 +247,8 @@ def main() -> None:
         raise SystemExit("generation.py needs a CUDA GPU (or --device cpu for a dry run)")
 
     where = torch.cuda.get_device_name(dev.device) if dev.cuda else "CPU"
-    title = f"{args.config} layer patterns on {where}, torch {torch.__version__}, {'bf16' if dev.cuda else 'fp32'}"
+    title = (f"{args.config} layer patterns on {where}, torch {torch.__version__}, {'bf16' if dev.cuda else 'fp32'}"
+             f"{', compiled decode step' if args.compile else ''}")
     print(f"{title}; {args.new} new tokens per row, {args.prefill_tokens} prefill tokens per call", flush=True)
     print(f"{'pattern':14s} {'context':>8s} {'batch':>5s} {'prefill s':>9s} {'step ms':>8s} {'decode tok/s':>12s} "
           f"{'peak GiB':>9s} {'held GiB':>9s} {'cache GiB':>9s}  decode", flush=True)

@@ -21,6 +21,12 @@ and never to wait for the GPU:
 
 Without a graph (on the CPU, or ``cuda_graph=False``) the very same step function runs eagerly,
 so the two paths compute the same tokens; the token loop is ``moekit.models.generation``'s.
+
+``compile=True`` runs the step's blocks, final norm and head through ``torch.compile`` (before the
+capture, when there is one): Inductor fuses the step's many small glue kernels (norms, residuals,
+routing, gating), while the Triton mixer and expert kernels stay opaque calls between the
+compiled graphs. The step is not the model's ``forward``: it skips the input checks (a graph
+replay skips them anyway) and the balancing loss, which generation never reads.
 """
 
 from __future__ import annotations
@@ -75,11 +81,11 @@ class FastDecoder:
     way and decodes eagerly otherwise; True insists (a ``ValueError`` says why it cannot);
     False always decodes eagerly. ``prefill_chunk`` is how many prompt tokens per row one
     forward takes: a 64k-token prompt goes through in pieces whose activations stay small,
-    computing the same function as one call.
+    computing the same function as one call. ``compile``: see the module doc.
     """
 
     def __init__(self, model, batch_size: int, max_len: int, cuda_graph: bool | None = None,
-                 prefill_chunk: int = 1024):
+                 prefill_chunk: int = 1024, compile: bool = False):
         for name, value in (("batch_size", batch_size), ("max_len", max_len), ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"FastDecoder: {name} must be a positive integer, got {value!r}")
@@ -89,6 +95,8 @@ class FastDecoder:
         self.device = model.embed_tokens.weight.device
         self.cache = model.new_cache(batch_size, max_len)
         self._tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self._real = torch.ones(batch_size, 1, dtype=torch.bool, device=self.device)
+        self._to_logits = torch.compile(self._layers_to_logits, dynamic=False) if compile else self._layers_to_logits
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_logits: torch.Tensor | None = None
         blocker = graph_blocker(model)
@@ -105,9 +113,14 @@ class FastDecoder:
     def uses_cuda_graph(self) -> bool:
         return self._graph is not None
 
+    def _layers_to_logits(self, x: torch.Tensor, info) -> torch.Tensor:
+        model = self.model
+        return model.logits(model.norm(model.run_layers(x, self.cache, info)[:, -1]))
+
     def _forward_step(self) -> torch.Tensor:
         """The decode step, eager or captured: next-token logits [B, vocab] for ``_tokens``."""
-        return self.model(self._tokens, cache=self.cache).logits[:, -1]
+        info = self.cache.advance(self._real, padded=False)
+        return self._to_logits(self.model.embed(self._tokens), info)
 
     @torch.no_grad()
     def _capture(self) -> None:

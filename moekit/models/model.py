@@ -139,6 +139,16 @@ class MoEForCausalLM(nn.Module):
 
         return total if may_defer and all(balance.deferred for balance in balances) else total()
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, hidden], scaled as the config says."""
+        x = self.embed_tokens(input_ids)
+        return x * self.config.embedding_multiplier if self.config.embedding_multiplier != 1.0 else x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits of final-normed hidden states ``x``."""
+        logits = self.lm_head(x).float()
+        return logits / self.config.logits_scaling if self.config.logits_scaling != 1.0 else logits
+
     def run_layers(self, x: torch.Tensor, cache: ModelCache | None = None,
                    info: SequenceInfo | None = None) -> torch.Tensor:
         """The decoder blocks on embeddings ``x`` [B, T, hidden] (before the final norm); also the
@@ -175,19 +185,14 @@ class MoEForCausalLM(nn.Module):
         else:
             info = SequenceInfo.plain(b, t, input_ids.device)
 
-        x = self.embed_tokens(input_ids)
-        if self.config.embedding_multiplier != 1.0:
-            x = x * self.config.embedding_multiplier
-        x = self.run_layers(x, cache, info)
+        x = self.run_layers(self.embed(input_ids), cache, info)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
         aux_loss = self._aux_loss(x.device, may_defer=labels is None)
         logits = lm_loss = loss = None
         if return_logits:
-            logits = self.lm_head(x).float()
-            if self.config.logits_scaling != 1.0:
-                logits = logits / self.config.logits_scaling
+            logits = self.logits(x)
         if labels is not None:
             if logits is not None:
                 lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),

@@ -100,7 +100,8 @@ def finite(op: str, results: Sequence[torch.Tensor | None], named: dict[str, tor
     overflowed. One device-to-host read per call; skipped where that read cannot or should not
     happen: while torch.compile traces (a data-dependent branch breaks the graph), while a CUDA
     graph is captured (a sync is illegal there) and inside ``finite_checks_skipped``."""
-    if not _finite_checks_on.get() or torch.compiler.is_compiling() or is_capturing():
+    # is_compiling first: dynamo cannot trace ContextVar.get, and short-circuits here on a constant
+    if torch.compiler.is_compiling() or not _finite_checks_on.get() or is_capturing():
         return
     present = [t for t in results if t is not None]
     # A float32 sum per tensor (one read, no boolean copy): NaN and inf reach it. A huge finite

@@ -55,6 +55,10 @@ def _triton_impl():
     return importlib.import_module("moekit.ops.moe.triton")
 
 
+# Opaque to torch.compile: dynamo cannot trace the Triton launches (per-step launch choice tables,
+# autotuners), nor fake-run torch._grouped_mm in float32; a compiled model runs the experts eagerly
+# between its compiled graphs.
+@torch.compiler.disable
 def routed_experts(
     x: torch.Tensor,
     topk_idx: torch.Tensor,
