@@ -13,12 +13,11 @@ It also prints the launch list of one fwd+bwd (what a profile would show, minus 
 ``--wgrad`` instead builds the weight-gradient kernel under every candidate launch
 (``fp8_kernels.WGRAD_CANDIDATES``) for each recipe, at 256 experts, prints each build's census
 (registers, spills, shared memory, CTAs per SM) and fails where a candidate spills for a recipe it
-is listed for (``WgradLaunch.recipes``: the recipes the rows table may pick it for);
-``--wgrad-also`` adds launches that are not candidates (e.g. ones that spill), to compare.
+is listed for (``WgradLaunch.recipes``: the recipes the rows table may pick it for).
 
 Nothing here measures speed: that needs the H200 (``benchmarks/moe_fp8.py``).
 
-    python benchmarks/compile_check_moe_fp8.py [--arch 90] [--dump DIR] [--wgrad [--wgrad-also NAME ...]]
+    python benchmarks/compile_check_moe_fp8.py [--arch 90] [--dump DIR] [--wgrad]
 """
 
 from __future__ import annotations
@@ -139,23 +138,9 @@ def compile_all(launches: list[dict], arch: int, dump: str | None) -> int:
 WGRAD_CENSUS_EXPERTS = 256  # deepseek-v3's, where the short-K candidates matter; E_PAD sizes the count vectors
 
 
-def parse_wgrad_launch(name: str):
-    """A ``WgradLaunch`` from its name (``BMxBN/Ww/Ss[/rN][/lean]``), listed for no recipe: a build
-    to look at, not a candidate."""
-    from moekit.ops.moe.fp8_kernels import WgradLaunch
-
-    m = re.fullmatch(r"(\d+)x(\d+)/(\d+)w/(\d+)s(?:/r(\d+))?(/lean)?", name)
-    if m is None:
-        raise argparse.ArgumentTypeError(f"not a weight-gradient launch name (BMxBN/Ww/Ss[/rN][/lean]): {name!r}")
-    bm, bn, warps, stages, cap, lean = m.groups()
-    return WgradLaunch(int(bm), int(bn), int(warps), int(stages), int(cap) if cap else None, (), bool(lean))
-
-
-def wgrad_census(launches: list[dict], arch: int, extra: list) -> int:
-    """Build ``_wgrad_kernel`` under every candidate (and the ``extra`` launches) for each recorded
-    recipe, skipping a lean launch where it builds its twin's kernel; a lean build's line ends with
-    its twin's registers. The number of builds that did not build, did not fit, or spill for a
-    recipe they are listed for."""
+def wgrad_census(launches: list[dict], arch: int) -> int:
+    """Build ``_wgrad_kernel`` under every candidate for each recorded recipe; the number of
+    candidates that did not build, did not fit, or spill for a recipe they are listed for."""
     from moekit.ops.moe import fp8_kernels
     from moekit.ops.moe.fp8_recipe import RECIPES
 
@@ -164,14 +149,11 @@ def wgrad_census(launches: list[dict], arch: int, extra: list) -> int:
     for r in RECIPES.values():
         if r.mx not in recorded:
             continue
-        regs_of = {}
-        for c in [*fp8_kernels.WGRAD_CANDIDATES, *extra]:
-            if not c.distinct_for(r):
-                continue
-            kinds = dict(recorded[r.mx]["kinds"], BM=["int", c.bm], BN=["int", c.bn], LEAN=["bool", c.lean],
+        for c in fp8_kernels.WGRAD_CANDIDATES:
+            kinds = dict(recorded[r.mx]["kinds"], BM=["int", c.bm], BN=["int", c.bn],
                          E_PAD=["int", WGRAD_CENSUS_EXPERTS], num_experts=["int", WGRAD_CENSUS_EXPERTS])
             listed = r.name in c.recipes
-            name = f"{r.name:6s} {c.name:23s} {'listed' if listed else 'not listed'}"
+            name = f"{r.name:6s} {c.name:18s} {'listed' if listed else 'not listed'}"
             try:
                 kernel = triton_build.build(dict(recorded[r.mx], kinds=kinds), arch, c.options())
             except Exception as e:
@@ -179,14 +161,10 @@ def wgrad_census(launches: list[dict], arch: int, extra: list) -> int:
                 print(f"FAIL {name} {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 continue
             regs, spill_st, spill_ld = triton_build.ptxas_usage(kernel.asm["ptx"], arch)
-            regs_of[c.name] = regs
             spills = spill_st > 0 or spill_ld > 0
             bad = not triton_build.fits(kernel, arch) or (listed and spills)
             failed += bad
             note = "" if listed else (" (spills: rightly not listed)" if spills else " (no spills: could be listed)")
-            twin = c.name.removesuffix("/lean")
-            if c.lean and twin in regs_of:
-                note += f" [twin {twin}: regs {regs_of[twin]}]"
             print(f"{'FAIL' if bad else 'OK  '} {name} regs {regs:3d} spills {spill_st}/{spill_ld} B "
                   f"shared {kernel.metadata.shared:6d} B CTAs/SM {ctas_per_sm(kernel, arch)}{note}"
                   f"\n     {ir_summary(kernel)}", flush=True)
@@ -200,8 +178,6 @@ def main() -> int:
     parser.add_argument("--recipes", nargs="+", default=["fp8", "mxfp8"])
     parser.add_argument("--dump", help="write each variant's TTGIR and PTX here")
     parser.add_argument("--wgrad", action="store_true", help="census of the weight-gradient candidate launches")
-    parser.add_argument("--wgrad-also", nargs="+", type=parse_wgrad_launch, default=[], metavar="NAME",
-                        help="with --wgrad, also build these launches (e.g. 128x256/8w/3s/lean), listed for no recipe")
     parser.add_argument("--record", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.record:
@@ -209,7 +185,7 @@ def main() -> int:
         return 0
     launches = triton_build.in_interpreter(__file__, ["--recipes", *args.recipes])
     if args.wgrad:
-        return 1 if wgrad_census(launches, args.arch, args.wgrad_also) else 0
+        return 1 if wgrad_census(launches, args.arch) else 0
     return 1 if compile_all(launches, args.arch, args.dump) else 0
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ Target: fp8 >= 1.4x moekit's bf16 path.
 ``--sweep`` times fp8 fwd+bwd under a few (num_warps, num_stages) launch settings;
 ``--wgrad-sweep`` times the weight gradient alone (both calls of a fwd+bwd) and the layer's fwd+bwd
 under each weight-gradient candidate (``fp8_kernels.WGRAD_CANDIDATES``), per recipe, best first,
-after comparing each candidate's dW with the default's (a ``/lean`` candidate, fp8 only, rescales
-each K step in another order: it differs from the default in rounding, not bit-equal).
+after comparing each candidate's dW with the default's.
 """
 
 from __future__ import annotations
@@ -161,8 +160,7 @@ def wgrad_sweep_recipe(layer, x, grad_out, s, r) -> None:
         return fp8_kernels.grouped_wgrad(a_cols, b_cols, meta, r, torch.bfloat16)
 
     by_rows = sorted({fp8_kernels.wgrad_launch(meta, P, Q, r).name for P, Q in sizes})
-    fitting = [c for c in fp8_kernels.WGRAD_CANDIDATES
-               if all(c.fits(P, Q) for P, Q in sizes) and c.distinct_for(r)]  # a lean MX launch is its twin
+    fitting = [c for c in fp8_kernels.WGRAD_CANDIDATES if all(c.fits(P, Q) for P, Q in sizes)]
     flops = sum(2 * s.tokens * s.top_k * P * Q for P, Q in sizes)
     dw_bytes = sum(2 * s.experts * P * Q for P, Q in sizes)
     rows, layer_ms = {}, {}
@@ -192,7 +190,7 @@ def wgrad_sweep_recipe(layer, x, grad_out, s, r) -> None:
         print(f"    {name:18s} {times[0]:8.2f} {times[1]:8.2f} {total:9.2f} {flops / total / 1e9:8.0f} "
               f"{dw_bytes / total / 1e6:8.0f} {layer_ms[name]:12.2f}  {str(r.name in c.recipes):8s}  "
               f"{'; '.join(checks)}  ({default_ms / total:.2f}x default)", flush=True)
-    skipped = [c.name for c in fp8_kernels.WGRAD_CANDIDATES if c not in fitting and c.distinct_for(r)]
+    skipped = [c.name for c in fp8_kernels.WGRAD_CANDIDATES if c not in fitting]
     if skipped:
         print(f"    tiles not dividing dW here: {', '.join(skipped)}")
 

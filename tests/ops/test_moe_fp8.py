@@ -318,8 +318,8 @@ def test_sm100_mxfp8_path_matches_triton_kernel(monkeypatch):
 
 def _wgrad_problem(counts, P, Q, recipe_name, seed, device="cpu"):
     """Token-axis operands of dW [E, P, Q] made by ``gather_cols`` (top-1 routing with ``counts``
-    rows per expert and a few dropped slots; rows of mixed magnitudes), the float64 dW of their
-    dequantized values, and the sum over 128-row K steps of each step's |partial dW| (float64)."""
+    rows per expert and a few dropped slots; rows of mixed magnitudes), and the float64 dW of
+    their dequantized values."""
     from moekit.ops.moe import fp8_kernels
 
     r = recipe(recipe_name)
@@ -336,15 +336,11 @@ def _wgrad_problem(counts, P, Q, recipe_name, seed, device="cpu"):
         operands.append((c, cs))
         rows.append(_token_axis_to_rows(c.cpu(), cs.cpu(), counts, r).double())
     want = torch.zeros(len(counts), P, Q, dtype=torch.float64)
-    step_abs = torch.zeros_like(want)
     start = 0
     for e, n in enumerate(counts):
         want[e] = rows[0][start:start + n].t() @ rows[1][start:start + n]
-        for k in range(start, start + n, 128):
-            end = min(k + 128, start + n)
-            step_abs[e] += (rows[0][k:end].t() @ rows[1][k:end]).abs()
         start += n
-    return meta, r, operands, want, step_abs
+    return meta, r, operands, want
 
 
 def _wgrad_error(got, want):
@@ -362,34 +358,18 @@ def test_every_wgrad_candidate_matches_float64(monkeypatch, recipe_name, counts,
     """Every candidate launch: dW within float32 summation error of the float64 product of the
     operands it read (observed 2.5e-7; a wrong scale or a lost K step is O(1)), empty experts
     exactly zero, no unwritten element (poisoned buffers). No bitwise equality between candidates
-    of different tiles: the interpreter's numpy dots order their sums by the tile's shape (they
-    differ by ~1 ulp). A lean launch (fp8 only: for MX it is its twin) has its twin's dots, so the two
-    differ only in rounding: each K step's rescaled partial product rounds twice either way
-    (p * (sa * sb) or (p * sb) * sa: up to 4 ulp of it apart), and each accumulation rounds once
-    more per side, so |lean - twin| <= (4 + 2 * steps) * 2**-24 * sum over steps of |partial|
-    (observed up to 3.9 * 2**-24 of it; not bit-equal: ~25% of the elements differ)."""
+    here: the interpreter's numpy dots order their sums by the tile's shape (they differ by ~1 ulp)."""
     from moekit.ops.moe import fp8_kernels
 
     monkeypatch.setattr(triton_meta, "poison_buffers", True)
-    meta, r, (a, b), want, step_abs = _wgrad_problem(counts, P, Q, recipe_name, seed=P + len(counts))
-    results = {}
+    meta, r, (a, b), want = _wgrad_problem(counts, P, Q, recipe_name, seed=P + len(counts))
     for candidate in fp8_kernels.WGRAD_CANDIDATES:
-        if not candidate.distinct_for(r):
-            continue
         assert candidate.fits(P, Q)
         monkeypatch.setattr(fp8_kernels, "wgrad_force", candidate.name)
         got = fp8_kernels.grouped_wgrad(a, b, meta, r, torch.float32)
         assert got.shape == (len(counts), P, Q) and torch.isfinite(got).all(), candidate.name
         err = _wgrad_error(got, want)
         assert err.max() < 1e-6, (candidate.name, err.tolist())
-        results[candidate.name] = got.double()
-    steps = torch.tensor([-(-n // 128) for n in counts], dtype=torch.float64)[:, None, None]
-    lean = [name for name in results if name.endswith("/lean")]
-    assert bool(lean) != r.mx
-    for name in lean:
-        diff = (results[name] - results[name.removesuffix("/lean")]).abs()
-        ulps = diff / (2.0**-24 * step_abs).clamp_min(1e-300)  # 0 where step_abs is (empty experts)
-        assert torch.all(ulps <= 4 + 2 * steps), (name, ulps.amax((1, 2)).tolist())
 
 
 def _meta_with_rows(rows, experts):
@@ -459,9 +439,9 @@ def test_gpu_every_wgrad_candidate_matches_float64(monkeypatch, recipe_name):
     g = torch.Generator().manual_seed(12)
     counts = torch.randint(0, 400, (24,), generator=g)
     counts[[3, 17]] = torch.tensor([0, 1])
-    meta, r, (a, b), want, _ = _wgrad_problem(counts.tolist(), 1024, 768, recipe_name, seed=13, device="cuda")
+    meta, r, (a, b), want = _wgrad_problem(counts.tolist(), 1024, 768, recipe_name, seed=13, device="cuda")
     for candidate in fp8_kernels.WGRAD_CANDIDATES:
-        if not candidate.fits(1024, 768) or not candidate.distinct_for(r):
+        if not candidate.fits(1024, 768):
             continue
         monkeypatch.setattr(fp8_kernels, "wgrad_force", candidate.name)
         got = fp8_kernels.grouped_wgrad(a, b, meta, r, torch.float32)

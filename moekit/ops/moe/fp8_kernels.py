@@ -69,16 +69,11 @@ class WgradLaunch:
     num_stages: int
     maxnreg: int | None = None  # a register cap, for more CTAs per SM
     recipes: tuple[str, ...] = ("fp8", "mxfp8")
-    lean: bool = False  # _wgrad_kernel's LEAN rescale (fp8 only: for MX the build is its twin's)
 
     @property
     def name(self) -> str:
         cap = f"/r{self.maxnreg}" if self.maxnreg else ""
-        return f"{self.bm}x{self.bn}/{self.num_warps}w/{self.num_stages}s{cap}{'/lean' if self.lean else ''}"
-
-    def distinct_for(self, r: Recipe) -> bool:
-        """Whether this launch builds a kernel of its own for r (a lean MX launch is its twin's)."""
-        return not (self.lean and r.mx)
+        return f"{self.bm}x{self.bn}/{self.num_warps}w/{self.num_stages}s{cap}"
 
     def fits(self, P: int, Q: int) -> bool:
         return P % self.bm == 0 and Q % self.bn == 0
@@ -106,16 +101,6 @@ WGRAD_CANDIDATES = (
     WgradLaunch(64, 128, 8, 3, maxnreg=128, recipes=("fp8",)),
     # Four CTAs per SM, twice the A re-reads: fp8 127 regs, 49 KB | mxfp8 169 regs, 53 KB, 2 CTAs.
     WgradLaunch(64, 64, 4, 3),
-    # LEAN twins (fp8 only), where they build without spills (column scales first: 1-2 registers
-    # fewer than rows first). The saving is small: the wgmma result and the accumulator (BM * BN /
-    # threads registers each) and this and the next step's column scales stay live either way.
-    # fp8 200 regs, 74 KB, 2 CTAs (twin 202).
-    WgradLaunch(64, 128, 4, 3, recipes=("fp8",), lean=True),
-    # fp8 230 regs, 98 KB, 1 CTA (twin 245). 2 CTAs need <= 128: the two 64-register tiles fill that.
-    WgradLaunch(128, 128, 8, 3, recipes=("fp8",), lean=True),
-    # fp8 198 regs, 124 KB, 1 CTA (twin 200). Not here: 128 x 256 and 256 x 128 on 8 warps, whose two
-    # 128-register tiles spill either way (lean 348 / 608 B spill stores, twins 448 / 844 B).
-    WgradLaunch(64, 256, 8, 3, recipes=("fp8",), lean=True),
 )
 WGRAD_DEFAULT = WGRAD_CANDIDATES[0]
 # Per recipe, (most mean rows per expert, candidate): the first entry whose bound holds and whose
@@ -548,12 +533,10 @@ def _wgrad_kernel(
     a_ptr, a_s_ptr, b_ptr, b_s_ptr, dw_ptr, counts_ptr,
     P, Q, num_experts, ld_a, ld_as, ld_b, ld_bs, stride_de, stride_dp,
     E_PAD: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, MX: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr, LEAN: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
 ):
     """dW[e, p, q] = sum over expert e's rows r of Q(A)[p, r] Q(B)[q, r] (operands stored
-    transposed in tile slots, see ``_store_cols``). LEAN: fp8's per-step rescale as two broadcast
-    products (the same values up to float32 rounding; sm_90 builds keep fewer registers live, see
-    WGRAD_CANDIDATES); MX has no rescale and ignores it."""
+    transposed in tile slots, see ``_store_cols``)."""
     num_p = P // BM
     num_q = Q // BN
     pid = tl.program_id(0)
@@ -598,10 +581,7 @@ def _wgrad_kernel(
             nxt = first_block + tl.minimum(j + 1, num_k - 1)
             sa_next = tl.load(a_s_ptr + nxt * ld_as + ps)
             sb_next = tl.load(b_s_ptr + nxt * ld_bs + qs)
-            if LEAN:  # by the column scales, then the row scales: no [BM, BN] tile of their products
-                acc += (tl.dot(a, b) * sb[None, :]) * sa[:, None]
-            else:
-                acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
             sa = sa_next
             sb = sb_next
             a_ptrs += BLOCK
@@ -762,7 +742,7 @@ def grouped_wgrad(a_cols, b_cols, meta: RoutingMeta, r: Recipe, dtype) -> torch.
         a, a_s, b, b_s, dw, meta.counts, P, Q, E, a.stride(0), a_s.stride(0), b.stride(0), b_s.stride(0),
         dw.stride(0), dw.stride(1),
         E_PAD=_pow2(E), BLOCK=r.block, TILE=ROW_TILE, MX=r.mx, BM=launch.bm, BN=launch.bn, GROUP=GROUP_M,
-        LEAN=launch.lean, **launch.options())
+        **launch.options())
     return dw
 
 
