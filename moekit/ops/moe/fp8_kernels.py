@@ -105,10 +105,7 @@ WGRAD_CANDIDATES = (
 WGRAD_DEFAULT = WGRAD_CANDIDATES[0]
 # Per recipe, (most mean rows per expert, candidate): the first entry whose bound holds and whose
 # tile divides dW is used, else WGRAD_DEFAULT. Entries come from benchmarks/moe_fp8.py --wgrad-sweep.
-# UNMEASURED: fp8 at up to 4 K steps (deepseek-v3: 2) takes 128 x 128 on the L2-traffic estimate
-# alone (a third fewer operand bytes per dW element than 64 x 128) until the sweep has timed it.
-WGRAD_BY_ROWS: dict[str, tuple[tuple[int, WgradLaunch], ...]] = {"fp8": ((512, WGRAD_CANDIDATES[1]),),
-                                                                 "mxfp8": ()}
+WGRAD_BY_ROWS: dict[str, tuple[tuple[int, WgradLaunch], ...]] = {"fp8": (), "mxfp8": ()}
 # A candidate name that overrides the choice (benchmarks and tests); None: by rows.
 wgrad_force: str | None = None
 GROUP_M = 8
