@@ -171,7 +171,7 @@ def wgrad_sweep_recipe(layer, x, grad_out, s, r) -> None:
             fp8_kernels.wgrad_force = c.name
             checks = [same_as(wgrad(a, b), w) for (_, a, b), w in zip(calls, want, strict=True)]
             times = [bench(lambda a=a, b=b: wgrad(a, b)) for _, a, b in calls]
-            rows[c.name] = (c, times, checks)
+            rows[c.name] = (times, checks)
         del want
         torch.cuda.empty_cache()
         layer.set_dispatcher(LocalDispatcher("triton", r.name))
@@ -183,12 +183,12 @@ def wgrad_sweep_recipe(layer, x, grad_out, s, r) -> None:
     print(f"  {r.name} weight gradient at {s.name} ({meta.order.numel() / s.experts:.0f} rows per expert; "
           f"chosen by rows now: {', '.join(by_rows)}; default {fp8_kernels.WGRAD_DEFAULT.name}), best first:")
     print(f"    {'candidate':18s} {'down ms':>8s} {'up ms':>8s} {'wgrad ms':>9s} {'TFLOP/s':>8s} {'dW GB/s':>8s} "
-          f"{'layer f+b ms':>12s}  {'no spill':8s}  dW vs default (down; up)")
-    default_ms = sum(rows[fp8_kernels.WGRAD_DEFAULT.name][1])
-    for name, (c, times, checks) in sorted(rows.items(), key=lambda kv: sum(kv[1][1])):
+          f"{'layer f+b ms':>12s}  dW vs default (down; up)")
+    default_ms = sum(rows[fp8_kernels.WGRAD_DEFAULT.name][0])
+    for name, (times, checks) in sorted(rows.items(), key=lambda kv: sum(kv[1][0])):
         total = sum(times)
         print(f"    {name:18s} {times[0]:8.2f} {times[1]:8.2f} {total:9.2f} {flops / total / 1e9:8.0f} "
-              f"{dw_bytes / total / 1e6:8.0f} {layer_ms[name]:12.2f}  {str(r.name in c.recipes):8s}  "
+              f"{dw_bytes / total / 1e6:8.0f} {layer_ms[name]:12.2f}  "
               f"{'; '.join(checks)}  ({default_ms / total:.2f}x default)", flush=True)
     skipped = [c.name for c in fp8_kernels.WGRAD_CANDIDATES if c not in fitting]
     if skipped:

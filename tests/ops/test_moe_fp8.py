@@ -381,8 +381,7 @@ def _meta_with_rows(rows, experts):
 @pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8"])
 def test_wgrad_launch_follows_the_rows_table(recipe_name):
     """Each WGRAD_BY_ROWS entry up to its bound, the default past every bound; a tile that does not
-    divide dW is never chosen. Every candidate the table picks is one its recipe builds without
-    spills (benchmarks/compile_check_moe_fp8.py --wgrad)."""
+    divide dW is never chosen."""
     from moekit.ops.moe import fp8_kernels
 
     r = recipe(recipe_name)
@@ -390,12 +389,40 @@ def test_wgrad_launch_follows_the_rows_table(recipe_name):
     last = max([bound for bound, _ in table], default=0)
     assert fp8_kernels.wgrad_launch(_meta_with_rows(64 * (last + 1), 64), 1024, 1024, r) is fp8_kernels.WGRAD_DEFAULT
     for i, (bound, candidate) in enumerate(table):
-        assert recipe_name in candidate.recipes, candidate.name
         if all(b < bound for b, _ in table[:i]):  # not shadowed by an earlier entry
             assert fp8_kernels.wgrad_launch(_meta_with_rows(64 * bound, 64), 1024, 1024, r) is candidate
     # 128 x 384: only tiles of 128 columns or fewer divide it.
     chosen = fp8_kernels.wgrad_launch(_meta_with_rows(64, 64), 128, 384, r)
     assert chosen.fits(128, 384)
+
+
+# The two dW of one fwd+bwd (down: hidden x ffn, up: 2 * ffn x hidden) at the shapes the H200 swept.
+MEASURED_WGRAD_SHAPES = {"deepseek-v3": (256, 256, [(7168, 2048), (4096, 7168)]),  # rows per expert, experts
+                         "mixtral-8x7b": (2048, 8, [(4096, 14336), (28672, 4096)])}
+
+
+@pytest.mark.parametrize("shape", list(MEASURED_WGRAD_SHAPES))
+def test_wgrad_launch_at_the_measured_shapes(shape):
+    """The sweep's verdict (2026-11-29): mxfp8 takes 128x128/8w/3s from a single row per expert up to
+    2048 (deepseek-v3's 256, mixtral-8x7b's 2048 and between), fp8 the default 64x128/4w/3s at every
+    row count; past 2048 (unmeasured) mxfp8 goes back to the default, and so it does where 128 does
+    not divide dW's rows."""
+    from moekit.ops.moe import fp8_kernels
+
+    rows, experts, sizes = MEASURED_WGRAD_SHAPES[shape]
+    fp8_recipe, mx_recipe = recipe("fp8"), recipe("mxfp8")
+    for mean_rows in (1, rows // 2, rows):
+        meta = _meta_with_rows(mean_rows * experts, experts)
+        for P, Q in sizes:
+            assert fp8_kernels.wgrad_launch(meta, P, Q, mx_recipe).name == "128x128/8w/3s", (mean_rows, P, Q)
+            assert fp8_kernels.wgrad_launch(meta, P, Q, fp8_recipe).name == "64x128/4w/3s", (mean_rows, P, Q)
+    for mean_rows in (2049, 4096):
+        meta = _meta_with_rows(mean_rows * experts, experts)
+        for P, Q in sizes:
+            assert fp8_kernels.wgrad_launch(meta, P, Q, mx_recipe) is fp8_kernels.WGRAD_DEFAULT
+            assert fp8_kernels.wgrad_launch(meta, P, Q, fp8_recipe) is fp8_kernels.WGRAD_DEFAULT
+    assert fp8_kernels.wgrad_launch(_meta_with_rows(rows * experts, experts), 192, 256,
+                                    mx_recipe) is fp8_kernels.WGRAD_DEFAULT
 
 
 def test_wgrad_launch_skips_tiles_that_do_not_divide(monkeypatch):

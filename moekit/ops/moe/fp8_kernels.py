@@ -60,35 +60,32 @@ GATHER_COLS_LAUNCH = {"num_warps": 8}  # sm_90: 108 regs fp8, 2 CTAs per SM
 @dataclass(frozen=True)
 class WgradLaunch:
     """A weight-gradient dW tile (bm x bn; they must divide P x Q: the kernel stores whole tiles
-    unmasked) and its launch. ``recipes``: those whose sm_90 build of it has no register spills
-    (benchmarks/compile_check_moe_fp8.py --wgrad checks the claim)."""
+    unmasked) and its launch. Every candidate builds without register spills for both recipes
+    (benchmarks/compile_check_moe_fp8.py --wgrad checks it)."""
 
     bm: int
     bn: int
     num_warps: int
     num_stages: int
-    maxnreg: int | None = None  # a register cap, for more CTAs per SM
-    recipes: tuple[str, ...] = ("fp8", "mxfp8")
 
     @property
     def name(self) -> str:
-        cap = f"/r{self.maxnreg}" if self.maxnreg else ""
-        return f"{self.bm}x{self.bn}/{self.num_warps}w/{self.num_stages}s{cap}"
+        return f"{self.bm}x{self.bn}/{self.num_warps}w/{self.num_stages}s"
 
     def fits(self, P: int, Q: int) -> bool:
         return P % self.bm == 0 and Q % self.bn == 0
 
     def options(self) -> dict:
-        extra = {"maxnreg": self.maxnreg} if self.maxnreg else {}
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages, **extra}
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
-# Weight-gradient candidates, sm_90 builds at 256 experts (regs, spills, shared memory, CTAs per SM;
-# fp8 | mxfp8). The tile's K loop runs over an expert's rows: where experts see few rows (deepseek-v3:
+# Weight-gradient candidates, sm_90 builds at 256 experts (regs, shared memory, CTAs per SM; fp8 |
+# mxfp8). The tile's K loop runs over an expert's rows: where experts see few rows (deepseek-v3:
 # ~256, two K steps) each program is mostly prologue and epilogue, and every operand tile is re-read
-# from L2 once per dW tile it meets, so fewer, larger tiles or more CTAs per SM may pay there.
+# from L2 once per dW tile it meets. benchmarks/moe_fp8.py --wgrad-sweep times every candidate; 64 x 256
+# and 64 x 64, which no measurement chose, stay as its comparisons.
 WGRAD_CANDIDATES = (
-    # The long-K default: two CTAs per SM, so one's per-K-step rescale of the accumulator (an outer
+    # The default: two CTAs per SM, so one's per-K-step rescale of the accumulator (fp8: an outer
     # product of row and column scales) runs beside the other's MMAs. fp8 202 regs, 74 KB, 2 CTAs |
     # mxfp8 249 regs, 88 KB, 2.
     WgradLaunch(64, 128, 4, 3),
@@ -96,16 +93,19 @@ WGRAD_CANDIDATES = (
     WgradLaunch(128, 128, 8, 3),
     # Half the A re-reads, one CTA per SM: fp8 200 regs, 124 KB | mxfp8 255, 158 KB.
     WgradLaunch(64, 256, 8, 3),
-    # The default's tile on two warpgroups capped for two CTAs per SM (16 warps an SM): fp8 126 regs,
-    # 74 KB (mxfp8 spills 8 B).
-    WgradLaunch(64, 128, 8, 3, maxnreg=128, recipes=("fp8",)),
     # Four CTAs per SM, twice the A re-reads: fp8 127 regs, 49 KB | mxfp8 169 regs, 53 KB, 2 CTAs.
     WgradLaunch(64, 64, 4, 3),
 )
 WGRAD_DEFAULT = WGRAD_CANDIDATES[0]
 # Per recipe, (most mean rows per expert, candidate): the first entry whose bound holds and whose
-# tile divides dW is used, else WGRAD_DEFAULT. Entries come from benchmarks/moe_fp8.py --wgrad-sweep.
-WGRAD_BY_ROWS: dict[str, tuple[tuple[int, WgradLaunch], ...]] = {"fp8": (), "mxfp8": ()}
+# tile divides dW is used, else WGRAD_DEFAULT. Entries come from benchmarks/moe_fp8.py --wgrad-sweep
+# (weight-gradient ms of both calls of one fwd+bwd, H200, 2026-11-29):
+# - fp8 keeps the default: deepseek-v3 (256 rows per expert) 64x128 19.41 ms vs 128x128 22.78 (0.85x),
+#   every other candidate slower too; mixtral-8x7b (2048 rows) 64x128 9.66 vs 128x128 9.79, none faster.
+# - mxfp8 takes 128x128/8w up to 2048 rows, the most measured (past it the default until a sweep says
+#   otherwise; under 256 rows it is unmeasured too): deepseek-v3 33.56 ms vs the default's 35.34
+#   (1.05x); mixtral-8x7b 19.09 vs 21.33 (1.12x).
+WGRAD_BY_ROWS: dict[str, tuple[tuple[int, WgradLaunch], ...]] = {"fp8": (), "mxfp8": ((2048, WGRAD_CANDIDATES[1]),)}
 # A candidate name that overrides the choice (benchmarks and tests); None: by rows.
 wgrad_force: str | None = None
 GROUP_M = 8
