@@ -10,9 +10,14 @@ software-pipelined (async copies / TMA), shared memory, registers / spills from 
 how many CTAs an SM holds at once.
 It also prints the launch list of one fwd+bwd (what a profile would show, minus the times).
 
+``--wgrad`` instead builds the weight-gradient kernel under every candidate launch
+(``fp8_kernels.WGRAD_CANDIDATES``) for each recipe, at 256 experts, prints each build's census
+(registers, spills, shared memory, CTAs per SM) and fails where a candidate does not build, does not
+fit on an SM or spills registers (the rows table may pick any candidate for either recipe).
+
 Nothing here measures speed: that needs the H200 (``benchmarks/moe_fp8.py``).
 
-    python benchmarks/compile_check_moe_fp8.py [--arch 90] [--dump DIR]
+    python benchmarks/compile_check_moe_fp8.py [--arch 90] [--dump DIR] [--wgrad]
 """
 
 from __future__ import annotations
@@ -130,17 +135,54 @@ def compile_all(launches: list[dict], arch: int, dump: str | None) -> int:
     return triton_build.build_each([gpu_kinds(la) for la in launches], arch, label, describe, options, save_ir)
 
 
+WGRAD_CENSUS_EXPERTS = 256  # deepseek-v3's, where the short-K candidates matter; E_PAD sizes the count vectors
+
+
+def wgrad_census(launches: list[dict], arch: int) -> int:
+    """Build ``_wgrad_kernel`` under every candidate for each recorded recipe; the number of
+    builds that failed, did not fit, or spill."""
+    from moekit.ops.moe import fp8_kernels
+    from moekit.ops.moe.fp8_recipe import RECIPES
+
+    recorded = {la["kinds"]["MX"][1]: gpu_kinds(la) for la in launches if la["name"] == "_wgrad_kernel"}
+    failed = 0
+    for r in RECIPES.values():
+        if r.mx not in recorded:
+            continue
+        for c in fp8_kernels.WGRAD_CANDIDATES:
+            kinds = dict(recorded[r.mx]["kinds"], BM=["int", c.bm], BN=["int", c.bn],
+                         E_PAD=["int", WGRAD_CENSUS_EXPERTS], num_experts=["int", WGRAD_CENSUS_EXPERTS])
+            name = f"{r.name:6s} {c.name:13s}"
+            try:
+                kernel = triton_build.build(dict(recorded[r.mx], kinds=kinds), arch, c.options())
+            except Exception as e:
+                failed += 1
+                print(f"FAIL {name} {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                continue
+            regs, spill_st, spill_ld = triton_build.ptxas_usage(kernel.asm["ptx"], arch)
+            bad = not triton_build.fits(kernel, arch) or spill_st > 0 or spill_ld > 0
+            failed += bad
+            print(f"{'FAIL' if bad else 'OK  '} {name} regs {regs:3d} spills {spill_st}/{spill_ld} B "
+                  f"shared {kernel.metadata.shared:6d} B CTAs/SM {ctas_per_sm(kernel, arch)}"
+                  f"\n     {ir_summary(kernel)}", flush=True)
+    print(f"weight-gradient candidates for sm_{arch}: {'ALL OK' if not failed else f'{failed} FAILED'}")
+    return failed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--recipes", nargs="+", default=["fp8", "mxfp8"])
     parser.add_argument("--dump", help="write each variant's TTGIR and PTX here")
+    parser.add_argument("--wgrad", action="store_true", help="census of the weight-gradient candidate launches")
     parser.add_argument("--record", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.record:
         record(args.record, args.recipes)
         return 0
     launches = triton_build.in_interpreter(__file__, ["--recipes", *args.recipes])
+    if args.wgrad:
+        return 1 if wgrad_census(launches, args.arch) else 0
     return 1 if compile_all(launches, args.arch, args.dump) else 0
 
 if __name__ == "__main__":

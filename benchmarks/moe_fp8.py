@@ -9,9 +9,13 @@ ffn forward, 3x forward+backward) and each variant's speed-up over bf16 triton a
 Target: fp8 >= 1.4x moekit's bf16 path.
 
     python benchmarks/moe_fp8.py [--shapes deepseek-v3 mixtral-8x7b] [--variants ...] [--profile] [--sweep]
+                                 [--wgrad-sweep]
 
 ``--profile`` adds each FP8 stage's median time (quantizers, GEMM kernels) for one fwd+bwd;
-``--sweep`` times fp8 fwd+bwd under a few (num_warps, num_stages) launch settings.
+``--sweep`` times fp8 fwd+bwd under a few (num_warps, num_stages) launch settings;
+``--wgrad-sweep`` times the weight gradient alone (both calls of a fwd+bwd) and the layer's fwd+bwd
+under each weight-gradient candidate (``fp8_kernels.WGRAD_CANDIDATES``), per recipe, best first,
+after comparing each candidate's dW with the default's.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from triton.testing import do_bench
 from moekit import MoE, MoEConfig
 from moekit.moe.dispatch import LocalDispatcher
 from moekit.ops.moe import fp8, fp8_kernels
+from moekit.ops.moe.fp8_recipe import RECIPES
+from moekit.ops.moe.triton_meta import routing_meta
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check_moe import SHAPES  # noqa: E402  (the shape table lives in one place)
@@ -44,8 +50,8 @@ def run_layer(layer: MoE, x: torch.Tensor, grad_out: torch.Tensor | None):
     return torch.autograd.grad(out, [x, *layer.parameters()], grad_out)
 
 
-def bench(fn) -> float:
-    return do_bench(fn, warmup=10, rep=100, return_mode="median")
+def bench(fn, rep: int = 100) -> float:
+    return do_bench(fn, warmup=10, rep=rep, return_mode="median")
 
 
 class StageTimer:
@@ -112,6 +118,83 @@ def sweep(layer, x, grad_out) -> None:
     print("  fp8 launch sweep (fwd+bwd ms, best first): " + "  ".join(f"{n} {t:.2f}" for t, n in sorted(results)))
 
 
+def wgrad_calls(s, r):
+    """The two weight-gradient calls of one fwd+bwd at shape s, as (name, a_cols, b_cols): operands
+    from ``gather_cols`` of random bf16 rows, uniform random top-k routing (the routing meta too)."""
+    idx = torch.rand(s.tokens, s.experts, device="cuda").topk(s.top_k, -1).indices
+    meta = routing_meta(idx, s.experts)
+
+    def cols(width):
+        return fp8_kernels.gather_cols(torch.randn(s.tokens, width, device="cuda", dtype=torch.bfloat16), meta, r)
+
+    up = 2 * s.ffn  # MoEConfig's default activation, swiglu, is gated
+    return meta, [("down", cols(s.hidden), cols(s.ffn)), ("up", cols(up), cols(s.hidden))]
+
+
+def same_as(got: torch.Tensor, want: torch.Tensor, experts_per_slice: int = 16) -> str:
+    if torch.equal(got, want):
+        return "bit-equal"
+    # A few experts at a time: a float32 difference of deepseek-v3's whole dW would take 28 GB.
+    differing, largest = 0, 0.0
+    for g, w in zip(got.split(experts_per_slice), want.split(experts_per_slice), strict=True):
+        diff = (g.float() - w.float()).abs()
+        differing += int((diff > 0).sum())
+        largest = max(largest, diff.max().item())
+    return (f"DIFFERS: {differing / want.numel():.1e} of elements, "
+            f"max {largest / want.abs().max().item():.1e} of max|dW|")
+
+
+def wgrad_sweep(layer, x, grad_out, s) -> None:
+    for r in RECIPES.values():
+        wgrad_sweep_recipe(layer, x, grad_out, s, r)
+        torch.cuda.empty_cache()
+
+
+def wgrad_sweep_recipe(layer, x, grad_out, s, r) -> None:
+    """The weight gradient alone under each candidate that fits both calls (its dW compared with
+    the default's first), then the layer's fwd+bwd under it; one table, fastest wgrad first."""
+    meta, calls = wgrad_calls(s, r)
+    sizes = [(a[0].shape[0], b[0].shape[0]) for _, a, b in calls]  # (P, Q) of each dW
+
+    def wgrad(a_cols, b_cols):
+        return fp8_kernels.grouped_wgrad(a_cols, b_cols, meta, r, torch.bfloat16)
+
+    by_rows = sorted({fp8_kernels.wgrad_launch(meta, P, Q, r).name for P, Q in sizes})
+    fitting = [c for c in fp8_kernels.WGRAD_CANDIDATES if all(c.fits(P, Q) for P, Q in sizes)]
+    flops = sum(2 * s.tokens * s.top_k * P * Q for P, Q in sizes)
+    dw_bytes = sum(2 * s.experts * P * Q for P, Q in sizes)
+    rows, layer_ms = {}, {}
+    try:
+        fp8_kernels.wgrad_force = fp8_kernels.WGRAD_DEFAULT.name
+        want = [wgrad(a, b) for _, a, b in calls]
+        for c in fitting:
+            fp8_kernels.wgrad_force = c.name
+            checks = [same_as(wgrad(a, b), w) for (_, a, b), w in zip(calls, want, strict=True)]
+            times = [bench(lambda a=a, b=b: wgrad(a, b)) for _, a, b in calls]
+            rows[c.name] = (times, checks)
+        del want
+        torch.cuda.empty_cache()
+        layer.set_dispatcher(LocalDispatcher("triton", r.name))
+        for c in fitting:
+            fp8_kernels.wgrad_force = c.name
+            layer_ms[c.name] = bench(lambda: run_layer(layer, x, grad_out), rep=500)
+    finally:
+        fp8_kernels.wgrad_force = None
+    print(f"  {r.name} weight gradient at {s.name} ({meta.order.numel() / s.experts:.0f} rows per expert; "
+          f"chosen by rows now: {', '.join(by_rows)}; default {fp8_kernels.WGRAD_DEFAULT.name}), best first:")
+    print(f"    {'candidate':18s} {'down ms':>8s} {'up ms':>8s} {'wgrad ms':>9s} {'TFLOP/s':>8s} {'dW GB/s':>8s} "
+          f"{'layer f+b ms':>12s}  dW vs default (down; up)")
+    default_ms = sum(rows[fp8_kernels.WGRAD_DEFAULT.name][0])
+    for name, (times, checks) in sorted(rows.items(), key=lambda kv: sum(kv[1][0])):
+        total = sum(times)
+        print(f"    {name:18s} {times[0]:8.2f} {times[1]:8.2f} {total:9.2f} {flops / total / 1e9:8.0f} "
+              f"{dw_bytes / total / 1e6:8.0f} {layer_ms[name]:12.2f}  "
+              f"{'; '.join(checks)}  ({default_ms / total:.2f}x default)", flush=True)
+    skipped = [c.name for c in fp8_kernels.WGRAD_CANDIDATES if c not in fitting]
+    if skipped:
+        print(f"    tiles not dividing dW here: {', '.join(skipped)}")
+
+
 def bench_shape(s, args) -> None:
     cfg = MoEConfig(hidden_size=s.hidden, ffn_hidden_size=s.ffn, num_experts=s.experts, top_k=s.top_k)
     layer = MoE(cfg).to("cuda", torch.bfloat16)
@@ -137,6 +220,8 @@ def bench_shape(s, args) -> None:
             profile(layer, x, grad_out, precision)
     if args.sweep:
         sweep(layer, x, grad_out)
+    if args.wgrad_sweep:
+        wgrad_sweep(layer, x, grad_out, s)
 
 
 def main() -> None:
@@ -147,6 +232,7 @@ def main() -> None:
                         help="variants to time (ratios need triton / grouped_mm timed first)")
     parser.add_argument("--profile", action="store_true", help="per-stage times of the FP8 op")
     parser.add_argument("--sweep", action="store_true", help="fp8 launch settings sweep")
+    parser.add_argument("--wgrad-sweep", action="store_true", help="weight-gradient candidate launches, per recipe")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/moe_fp8.py needs a CUDA GPU")

@@ -310,3 +310,167 @@ def test_sm100_mxfp8_path_matches_triton_kernel(monkeypatch):
     valid = (idx.reshape(-1) >= 0)
     assert got.shape == want.shape == (80, 256)
     assert _rel(got[valid], want[valid]) < 1e-6
+
+
+# ----------------------------------------------------------------------------- weight-gradient launches
+# fp8_kernels.WGRAD_CANDIDATES: every tile / launch the weight gradient may run with, chosen per
+# call by the mean rows per expert. Each must give the float64 dW of its (dequantized) operands.
+
+def _wgrad_problem(counts, P, Q, recipe_name, seed, device="cpu"):
+    """Token-axis operands of dW [E, P, Q] made by ``gather_cols`` (top-1 routing with ``counts``
+    rows per expert and a few dropped slots; rows of mixed magnitudes), and the float64 dW of
+    their dequantized values."""
+    from moekit.ops.moe import fp8_kernels
+
+    r = recipe(recipe_name)
+    g = torch.Generator().manual_seed(seed)
+    experts = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    idx = torch.cat([experts, torch.full((5,), -1)])[torch.randperm(sum(counts) + 5, generator=g)][:, None]
+    meta = triton_meta.routing_meta(idx.to(device), len(counts))
+    assert meta.counts.tolist() == counts
+    operands, rows = [], []
+    for width in (P, Q):
+        src = torch.randn(idx.shape[0], width, generator=g) * torch.exp2(torch.randint(-4, 4, (idx.shape[0], 1),
+                                                                                       generator=g))
+        c, cs = fp8_kernels.gather_cols(src.to(device), meta, r)
+        operands.append((c, cs))
+        rows.append(_token_axis_to_rows(c.cpu(), cs.cpu(), counts, r).double())
+    want = torch.zeros(len(counts), P, Q, dtype=torch.float64)
+    start = 0
+    for e, n in enumerate(counts):
+        want[e] = rows[0][start:start + n].t() @ rows[1][start:start + n]
+        start += n
+    return meta, r, operands, want
+
+
+def _wgrad_error(got, want):
+    """Largest |error| of each expert's dW relative to that expert's largest |dW| (1 where the
+    expert has no rows: then dW must be exactly zero)."""
+    err = (got.double().cpu() - want).abs().amax((1, 2))
+    scale = want.abs().amax((1, 2))
+    return torch.where(scale > 0, err / scale.clamp_min(1e-300), (err > 0).double())
+
+
+@pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8"])
+@pytest.mark.parametrize("counts,P,Q", [([0, 130, 5, 0, 257, 64], 256, 256),  # empty, partial, < one K step
+                                        ([3, 0, 128, 300], 512, 256)])
+def test_every_wgrad_candidate_matches_float64(monkeypatch, recipe_name, counts, P, Q):
+    """Every candidate launch: dW within float32 summation error of the float64 product of the
+    operands it read (observed 2.5e-7; a wrong scale or a lost K step is O(1)), empty experts
+    exactly zero, no unwritten element (poisoned buffers). No bitwise equality between candidates
+    here: the interpreter's numpy dots order their sums by the tile's shape (they differ by ~1 ulp)."""
+    from moekit.ops.moe import fp8_kernels
+
+    monkeypatch.setattr(triton_meta, "poison_buffers", True)
+    meta, r, (a, b), want = _wgrad_problem(counts, P, Q, recipe_name, seed=P + len(counts))
+    for candidate in fp8_kernels.WGRAD_CANDIDATES:
+        assert candidate.fits(P, Q)
+        monkeypatch.setattr(fp8_kernels, "wgrad_force", candidate.name)
+        got = fp8_kernels.grouped_wgrad(a, b, meta, r, torch.float32)
+        assert got.shape == (len(counts), P, Q) and torch.isfinite(got).all(), candidate.name
+        err = _wgrad_error(got, want)
+        assert err.max() < 1e-6, (candidate.name, err.tolist())
+
+
+def _meta_with_rows(rows, experts):
+    """Routing metadata whose mean rows per expert is rows / experts (the choice reads only sizes)."""
+    return triton_meta.RoutingMeta(torch.zeros(experts, dtype=torch.int32), torch.zeros(rows, dtype=torch.int32),
+                                   experts, 8)
+
+
+@pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8"])
+def test_wgrad_launch_follows_the_rows_table(recipe_name):
+    """Each WGRAD_BY_ROWS entry up to its bound, the default past every bound; a tile that does not
+    divide dW is never chosen."""
+    from moekit.ops.moe import fp8_kernels
+
+    r = recipe(recipe_name)
+    table = fp8_kernels.WGRAD_BY_ROWS[recipe_name]
+    last = max([bound for bound, _ in table], default=0)
+    assert fp8_kernels.wgrad_launch(_meta_with_rows(64 * (last + 1), 64), 1024, 1024, r) is fp8_kernels.WGRAD_DEFAULT
+    for i, (bound, candidate) in enumerate(table):
+        if all(b < bound for b, _ in table[:i]):  # not shadowed by an earlier entry
+            assert fp8_kernels.wgrad_launch(_meta_with_rows(64 * bound, 64), 1024, 1024, r) is candidate
+    # 128 x 384: only tiles of 128 columns or fewer divide it.
+    chosen = fp8_kernels.wgrad_launch(_meta_with_rows(64, 64), 128, 384, r)
+    assert chosen.fits(128, 384)
+
+
+# The two dW of one fwd+bwd (down: hidden x ffn, up: 2 * ffn x hidden) at the shapes the H200 swept.
+MEASURED_WGRAD_SHAPES = {"deepseek-v3": (256, 256, [(7168, 2048), (4096, 7168)]),  # rows per expert, experts
+                         "mixtral-8x7b": (2048, 8, [(4096, 14336), (28672, 4096)])}
+
+
+@pytest.mark.parametrize("shape", list(MEASURED_WGRAD_SHAPES))
+def test_wgrad_launch_at_the_measured_shapes(shape):
+    """The sweep's verdict (2026-11-29): mxfp8 takes 128x128/8w/3s from a single row per expert up to
+    2048 (deepseek-v3's 256, mixtral-8x7b's 2048 and between), fp8 the default 64x128/4w/3s at every
+    row count; past 2048 (unmeasured) mxfp8 goes back to the default, and so it does where 128 does
+    not divide dW's rows."""
+    from moekit.ops.moe import fp8_kernels
+
+    rows, experts, sizes = MEASURED_WGRAD_SHAPES[shape]
+    fp8_recipe, mx_recipe = recipe("fp8"), recipe("mxfp8")
+    for mean_rows in (1, rows // 2, rows):
+        meta = _meta_with_rows(mean_rows * experts, experts)
+        for P, Q in sizes:
+            assert fp8_kernels.wgrad_launch(meta, P, Q, mx_recipe).name == "128x128/8w/3s", (mean_rows, P, Q)
+            assert fp8_kernels.wgrad_launch(meta, P, Q, fp8_recipe).name == "64x128/4w/3s", (mean_rows, P, Q)
+    for mean_rows in (2049, 4096):
+        meta = _meta_with_rows(mean_rows * experts, experts)
+        for P, Q in sizes:
+            assert fp8_kernels.wgrad_launch(meta, P, Q, mx_recipe) is fp8_kernels.WGRAD_DEFAULT
+            assert fp8_kernels.wgrad_launch(meta, P, Q, fp8_recipe) is fp8_kernels.WGRAD_DEFAULT
+    assert fp8_kernels.wgrad_launch(_meta_with_rows(rows * experts, experts), 192, 256,
+                                    mx_recipe) is fp8_kernels.WGRAD_DEFAULT
+
+
+def test_wgrad_launch_skips_tiles_that_do_not_divide(monkeypatch):
+    from moekit.ops.moe import fp8_kernels
+
+    wide = next(c for c in fp8_kernels.WGRAD_CANDIDATES if c.bn == 256)
+    monkeypatch.setitem(fp8_kernels.WGRAD_BY_ROWS, "fp8", ((512, wide),))
+    r = recipe("fp8")
+    assert fp8_kernels.wgrad_launch(_meta_with_rows(512 * 4, 4), 256, 512, r) is wide
+    assert fp8_kernels.wgrad_launch(_meta_with_rows(513 * 4, 4), 256, 512, r) is fp8_kernels.WGRAD_DEFAULT
+    assert fp8_kernels.wgrad_launch(_meta_with_rows(512 * 4, 4), 256, 384, r) is fp8_kernels.WGRAD_DEFAULT
+
+
+def test_wgrad_launch_errors_name_the_problem(monkeypatch):
+    from moekit.ops.moe import fp8_kernels
+
+    r = recipe("fp8")
+    meta = _meta_with_rows(64, 4)
+    monkeypatch.setattr(fp8_kernels, "wgrad_force", "96x128/4w/3s")
+    with pytest.raises(ValueError, match="unknown weight-gradient launch '96x128/4w/3s'"):
+        fp8_kernels.wgrad_launch(meta, 256, 256, r)
+    wide = next(c for c in fp8_kernels.WGRAD_CANDIDATES if c.bn == 256)
+    monkeypatch.setattr(fp8_kernels, "wgrad_force", wide.name)
+    with pytest.raises(ValueError, match=f"{wide.name}: its {wide.bm} x 256 tile does not divide dW's 256 x 384"):
+        fp8_kernels.wgrad_launch(meta, 256, 384, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8"])
+def test_gpu_every_wgrad_candidate_matches_float64(monkeypatch, recipe_name):
+    """As the interpreter test, on the GPU's FP8 tensor cores at a deepseek-v3-like spread (24
+    experts of 0 to 400 rows, most under two K steps) and a wider dW; equality between the
+    candidates is reported by benchmarks/moe_fp8.py --wgrad-sweep, not asserted here (wgmma
+    instructions of different N need not order their in-instruction sums alike). FP8 wgmma keeps
+    a partial sum of fewer bits than float32 within each 128-token step (DeepSeek-V3 measured ~14
+    on the H800), hence fp8's looser bound; MX multiplies exact bf16 values in float32."""
+    from moekit.ops.moe import fp8_kernels
+
+    monkeypatch.setattr(triton_meta, "poison_buffers", True)
+    g = torch.Generator().manual_seed(12)
+    counts = torch.randint(0, 400, (24,), generator=g)
+    counts[[3, 17]] = torch.tensor([0, 1])
+    meta, r, (a, b), want = _wgrad_problem(counts.tolist(), 1024, 768, recipe_name, seed=13, device="cuda")
+    for candidate in fp8_kernels.WGRAD_CANDIDATES:
+        if not candidate.fits(1024, 768):
+            continue
+        monkeypatch.setattr(fp8_kernels, "wgrad_force", candidate.name)
+        got = fp8_kernels.grouped_wgrad(a, b, meta, r, torch.float32)
+        err = _wgrad_error(got, want)
+        assert err.max() < {"fp8": 2e-3, "mxfp8": 1e-5}[recipe_name], (candidate.name, err.tolist())

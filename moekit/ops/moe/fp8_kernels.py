@@ -27,6 +27,8 @@ one group of the token-axis (wgrad) quantization.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -53,13 +55,59 @@ LAUNCH = INTERPRETER_LAUNCH if INTERPRETING else {"num_warps": 8, "num_stages": 
 ACT_BACKWARD_CHUNK = 32
 ACT_BACKWARD_LAUNCH = {"num_warps": 4}
 GATHER_COLS_LAUNCH = {"num_warps": 8}  # sm_90: 108 regs fp8, 2 CTAs per SM
-# Weight gradient: dW tiles of 64 x 128 at 4 warps (sm_90 fp8: 207 regs, 74 KB shared; mxfp8 252
-# regs, 88 KB), two CTAs per SM, so one's per-K-step rescale of the accumulator (an outer product
-# of row and column scales: 2 float ops per element every 128 tokens, while its wgmma waits) runs
-# beside the other's MMAs. 128 x 128 at 8 warps took 241 regs: one CTA per SM, the tensor cores
-# idle through every rescale.
-WGRAD_TILE_P = 64
-WGRAD_LAUNCH = {"num_warps": 4, "num_stages": 3}
+
+
+@dataclass(frozen=True)
+class WgradLaunch:
+    """A weight-gradient dW tile (bm x bn; they must divide P x Q: the kernel stores whole tiles
+    unmasked) and its launch. Every candidate builds without register spills for both recipes
+    (benchmarks/compile_check_moe_fp8.py --wgrad checks it)."""
+
+    bm: int
+    bn: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.bm}x{self.bn}/{self.num_warps}w/{self.num_stages}s"
+
+    def fits(self, P: int, Q: int) -> bool:
+        return P % self.bm == 0 and Q % self.bn == 0
+
+    def options(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+# Weight-gradient candidates, sm_90 builds at 256 experts (regs, shared memory, CTAs per SM; fp8 |
+# mxfp8). The tile's K loop runs over an expert's rows: where experts see few rows (deepseek-v3:
+# ~256, two K steps) each program is mostly prologue and epilogue, and every operand tile is re-read
+# from L2 once per dW tile it meets. benchmarks/moe_fp8.py --wgrad-sweep times every candidate; 64 x 256
+# and 64 x 64, which no measurement chose, stay as its comparisons.
+WGRAD_CANDIDATES = (
+    # The default: two CTAs per SM, so one's per-K-step rescale of the accumulator (fp8: an outer
+    # product of row and column scales) runs beside the other's MMAs. fp8 202 regs, 74 KB, 2 CTAs |
+    # mxfp8 249 regs, 88 KB, 2.
+    WgradLaunch(64, 128, 4, 3),
+    # Half the B re-reads and programs, one CTA per SM: fp8 245 regs, 98 KB | mxfp8 254, 106 KB.
+    WgradLaunch(128, 128, 8, 3),
+    # Half the A re-reads, one CTA per SM: fp8 200 regs, 124 KB | mxfp8 255, 158 KB.
+    WgradLaunch(64, 256, 8, 3),
+    # Four CTAs per SM, twice the A re-reads: fp8 127 regs, 49 KB | mxfp8 169 regs, 53 KB, 2 CTAs.
+    WgradLaunch(64, 64, 4, 3),
+)
+WGRAD_DEFAULT = WGRAD_CANDIDATES[0]
+# Per recipe, (most mean rows per expert, candidate): the first entry whose bound holds and whose
+# tile divides dW is used, else WGRAD_DEFAULT. Entries come from benchmarks/moe_fp8.py --wgrad-sweep
+# (weight-gradient ms of both calls of one fwd+bwd, H200, 2026-11-29):
+# - fp8 keeps the default: deepseek-v3 (256 rows per expert) 64x128 19.41 ms vs 128x128 22.78 (0.85x),
+#   every other candidate slower too; mixtral-8x7b (2048 rows) 64x128 9.66 vs 128x128 9.79, none faster.
+# - mxfp8 takes 128x128/8w up to 2048 rows, the most measured (past it the default until a sweep says
+#   otherwise; under 256 rows it is unmeasured too): deepseek-v3 33.56 ms vs the default's 35.34
+#   (1.05x); mixtral-8x7b 19.09 vs 21.33 (1.12x).
+WGRAD_BY_ROWS: dict[str, tuple[tuple[int, WgradLaunch], ...]] = {"fp8": (), "mxfp8": ((2048, WGRAD_CANDIDATES[1]),)}
+# A candidate name that overrides the choice (benchmarks and tests); None: by rows.
+wgrad_force: str | None = None
 GROUP_M = 8
 K_STEP = tl.constexpr(128)  # reduction values per MX K-loop step (4 scale blocks of 32)
 # MX on Hopper: dots on exactly dequantized operands (bf16; fp32 in the interpreter, whose
@@ -662,16 +710,36 @@ def gather_cols(src: torch.Tensor, meta: RoutingMeta, r: Recipe):
     return data, scale
 
 
+def wgrad_launch(meta: RoutingMeta, P: int, Q: int, r: Recipe) -> WgradLaunch:
+    """The weight-gradient launch for dW [E, P, Q]: ``wgrad_force`` if set, else by the mean rows per
+    expert (routed slots, dropped ones included: known on the host, no sync)."""
+    if wgrad_force is not None:
+        chosen = {c.name: c for c in WGRAD_CANDIDATES}.get(wgrad_force)
+        if chosen is None:
+            raise ValueError(f"unknown weight-gradient launch {wgrad_force!r}; candidates: "
+                             f"{[c.name for c in WGRAD_CANDIDATES]}")
+        if not chosen.fits(P, Q):
+            raise ValueError(f"weight-gradient launch {chosen.name}: its {chosen.bm} x {chosen.bn} tile does not "
+                             f"divide dW's {P} x {Q}")
+        return chosen
+    mean_rows = meta.order.numel() / meta.num_experts
+    for most_rows, candidate in WGRAD_BY_ROWS[r.name]:
+        if mean_rows <= most_rows and candidate.fits(P, Q):
+            return candidate
+    return WGRAD_DEFAULT
+
+
 def grouped_wgrad(a_cols, b_cols, meta: RoutingMeta, r: Recipe, dtype) -> torch.Tensor:
     """dW [E, P, Q] (dtype) from two operands made by ``gather_cols`` / the GEMM epilogues."""
     (a, a_s), (b, b_s) = a_cols, b_cols
     E, P, Q = meta.num_experts, a.shape[0], b.shape[0]
-    dw = torch.empty(E, P, Q, dtype=dtype, device=a.device)  # every element is written
-    _wgrad_kernel[(E * (P // WGRAD_TILE_P) * (Q // TILE_N),)](
+    launch = wgrad_launch(meta, P, Q, r)
+    dw = new_buffer((E, P, Q), dtype, a.device)  # every element is written
+    _wgrad_kernel[(E * (P // launch.bm) * (Q // launch.bn),)](
         a, a_s, b, b_s, dw, meta.counts, P, Q, E, a.stride(0), a_s.stride(0), b.stride(0), b_s.stride(0),
         dw.stride(0), dw.stride(1),
-        E_PAD=_pow2(E), BLOCK=r.block, TILE=ROW_TILE, MX=r.mx, BM=WGRAD_TILE_P, BN=TILE_N, GROUP=GROUP_M,
-        **WGRAD_LAUNCH)
+        E_PAD=_pow2(E), BLOCK=r.block, TILE=ROW_TILE, MX=r.mx, BM=launch.bm, BN=launch.bn, GROUP=GROUP_M,
+        **launch.options())
     return dw
 
 
