@@ -126,14 +126,16 @@ def gemm_rate(device) -> float:
     return 2 * 8192**3 * reps / (time.perf_counter() - t0)
 
 
-def training_step(model: MoEForCausalLM, batch: int, seq_len: int):
-    """One training step (forward + backward + AdamW) on fixed random tokens, as a callable."""
+def training_step(model: MoEForCausalLM, batch: int, seq_len: int, compile: bool = False):
+    """One training step (forward + backward + AdamW) on fixed random tokens, as a callable;
+    ``compile``: the forward through torch.compile, as ``moekit train``'s ``compile: true``."""
     device = model.embed_tokens.weight.device
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
+    forward = torch.compile(model) if compile else model
 
     def step():
-        model(ids, labels=ids, return_logits=False).loss.backward()
+        forward(ids, labels=ids, return_logits=False).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -167,7 +169,7 @@ def run_row(name: str, pattern: str, path: str, args) -> Row | str:
     torch.cuda.reset_peak_memory_stats()
     try:
         with linear_ops_backend("reference") if slow else contextlib.nullcontext():
-            step = training_step(model, args.batch, args.seq_len)
+            step = training_step(model, args.batch, args.seq_len, args.compile and not slow)
             seconds = time_training(step, 1 if slow else 3, max(1, args.steps // 4) if slow else args.steps)
             if args.profile and not slow:
                 print(f"# {name}, {path}: GPU time per training step by kernel\n" +
@@ -189,6 +191,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print each fast row's top kernels")
     parser.add_argument("--paths", nargs="+", default=["bf16", "fp8", "reference"],
                         choices=["bf16", "fp8", "reference"])
+    parser.add_argument("--compile", action="store_true",
+                        help="the bf16 and fp8 rows' forward through torch.compile (the reference stays eager)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("train_throughput.py needs a CUDA GPU")
@@ -197,7 +201,8 @@ def main() -> None:
     patterns = {"hybrid": hybrid, "softmax": "N" * len(hybrid)}
     peak = gemm_rate("cuda")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | bf16 8192^3 matmul "
-          f"{peak / 1e12:.0f} TFLOP/s | {CONFIG}, seq {args.seq_len}, batch {args.batch}, AdamW step included")
+          f"{peak / 1e12:.0f} TFLOP/s | {CONFIG}, seq {args.seq_len}, batch {args.batch}, AdamW step included"
+          f"{', forward compiled' if args.compile else ''}")
     header = (f"{'model':22s} {'path':10s} {'params':>7s} {'tok/s':>9s} {'step ms':>8s} {'GFLOP/tok':>9s} "
               f"{'TFLOP/s':>8s} {'MFU':>6s} {'peak GB':>8s}")
     print(header, flush=True)
