@@ -9,7 +9,8 @@ a ``FastDecoder`` is built (a static cache of context + new tokens, the decode s
 a CUDA graph), then:
 
     prefill  the prompts (batch x context tokens) go through the cache in chunks of
-             --prefill-tokens tokens per call; timed
+             --prefill-tokens tokens per call; timed after an untimed prefill of the first two
+             chunks, which compiles and autotunes the kernels for these chunk shapes
     decode   --new tokens per row, one graph replay + argmax per step, each step timed on its
              own (synchronised); the first two are untimed; the median step is the per-token
              latency and batch / median the tokens/s
@@ -144,6 +145,7 @@ def measure(model, name: str, context: int, batch: int, args, dev: Device) -> Re
         said.add(reason)
         print(f"  ({name}: decoding eagerly: {reason})", flush=True)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device=dev.device)
+    decoder.prefill(ids[:, :2 * decoder.prefill_chunk])  # warm-up: Triton JIT and autotuning stay out
     prefill_s, logits = dev.timed(lambda: decoder.prefill(ids))
     peak = dev.peak_gb()
     dev.reset_peak()
