@@ -89,6 +89,8 @@ class FastDecoder:
         for name, value in (("batch_size", batch_size), ("max_len", max_len), ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"FastDecoder: {name} must be a positive integer, got {value!r}")
+        if not isinstance(compile, bool):
+            raise ValueError(f"FastDecoder: compile must be True or False, got {compile!r}")
         self.model = model
         self.batch_size = batch_size
         self.prefill_chunk = prefill_chunk
@@ -170,6 +172,7 @@ class FastDecoder:
                              f"got {tuple(token.shape)}")
         self._tokens.copy_(token.view(-1, 1))
         if self._graph is None:
+            self.model._check_inputs(self._tokens, None, None)  # a replay cannot read ids on the host
             with finite_checks_skipped():  # a decode step feeds the ops the model's own activations
                 return self._forward_step()
         if self.cache.length + 1 > self.max_len:

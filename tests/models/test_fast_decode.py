@@ -163,6 +163,8 @@ def test_errors():
         FastDecoder(model, 0, 16)
     with pytest.raises(ValueError, match="prefill_chunk"):
         FastDecoder(model, 2, 16, prefill_chunk=0)
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        FastDecoder(model, 2, 16, compile="yes")
     with pytest.raises(ValueError, match="max_seq_len"):
         FastDecoder(model, 2, 1000)
     decoder = FastDecoder(model, 2, 16)
@@ -172,6 +174,8 @@ def test_errors():
         decoder.generate(prompts_of((10, 2)), 7)
     with pytest.raises(ValueError, match="one token per row"):
         decoder.step(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        decoder.step(torch.tensor([1, VOCAB]))
     with pytest.raises(ValueError, match="exactly batch_size"):
         decoder.prefill(torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="max_new_tokens"):
