@@ -4,8 +4,11 @@ One ``moekit.MoE`` per DESIGN.md shape (router included), bf16, the same weights
 every backend in one process. Prints forward and forward+backward medians (triton.testing
 .do_bench), TFLOP/s (6 * tokens * top_k * hidden * ffn forward, 3x that forward+backward), the
 share of a bf16 8192^3 torch.matmul measured in the same run, and the ratio to grouped_mm.
+The rows ``triton-fp8`` / ``triton-mxfp8`` (``--precisions``) run the same layer with
+``precision="fp8"`` / ``"mxfp8"`` routed-expert GEMMs; a last line per shape gives their
+forward+backward speed-up over the bf16 Triton row (``benchmarks/moe_fp8.py`` profiles them).
 
-    python benchmarks/moe_layer.py [--check] [--shapes olmoe ...] [--no-loop] [--profile]
+    python benchmarks/moe_layer.py [--check] [--shapes olmoe ...] [--no-loop] [--precisions fp8 mxfp8] [--profile]
 
 ``--profile`` prints, instead of the table, each step's time (forward and backward of
 ``routed_experts`` on uniform routing) on the fused Triton kernels and on the vendor grouped
@@ -31,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check_moe import SHAPES, make_routing  # noqa: E402  (the shape table lives in one place)
 
 BACKENDS = ("triton", "grouped_mm", "reference")
+LOW_PRECISIONS = ("fp8", "mxfp8")  # rows on the Triton backend
 
 
 def bench(fn, slow: bool) -> float:
@@ -69,8 +73,8 @@ def check(layer: MoE, x, grad_out) -> bool:
     return ok
 
 
-def bench_shape(s, device, peak: float, verify: bool, no_loop: bool) -> bool:
-    """Print one row per backend; False if the --check comparison failed."""
+def bench_shape(s, device, peak: float, verify: bool, no_loop: bool, precisions=()) -> bool:
+    """Print one row per backend (and per low precision); False if the --check comparison failed."""
     cfg = MoEConfig(hidden_size=s.hidden, ffn_hidden_size=s.ffn, num_experts=s.experts, top_k=s.top_k)
     layer = MoE(cfg).to(device, torch.bfloat16)
     x = torch.randn(s.tokens, s.hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -78,17 +82,22 @@ def bench_shape(s, device, peak: float, verify: bool, no_loop: bool) -> bool:
     ok = check(layer, x, grad_out) if verify else True
     flops = 6 * s.tokens * s.top_k * s.hidden * s.ffn
     times = {}
-    for backend in BACKENDS[:2] if no_loop else BACKENDS:
-        layer.set_dispatcher(LocalDispatcher(backend))
+    rows = [(backend, "bf16") for backend in (BACKENDS[:2] if no_loop else BACKENDS)]
+    for backend, precision in rows + [("triton", p) for p in precisions]:
+        layer.set_dispatcher(LocalDispatcher(backend, precision))
         slow = backend == "reference"
-        times[backend] = (bench(lambda: run_layer(layer, x, None), slow),
-                          bench(lambda: run_layer(layer, x, grad_out), slow))
+        label = backend if precision == "bf16" else f"{backend}-{precision}"
+        times[label] = (bench(lambda: run_layer(layer, x, None), slow),
+                        bench(lambda: run_layer(layer, x, grad_out), slow))
     for backend, (fwd, both) in times.items():  # printed once grouped_mm's time is known
         tflops = 3 * flops / both / 1e9
-        print(f"{s.name:14s} {backend:11s} {fwd:8.2f} {flops / fwd / 1e9:8.0f} {both:11.2f} {tflops:8.0f} "
+        print(f"{s.name:14s} {backend:12s} {fwd:8.2f} {flops / fwd / 1e9:8.0f} {both:11.2f} {tflops:8.0f} "
               f"{100 * tflops / peak:6.0f}% {times['grouped_mm'][1] / both:13.2f}x", flush=True)
     ratio = times["grouped_mm"][1] / times["triton"][1]
     print(f"{s.name:14s} triton fwd+bwd speed-up over grouped_mm: {ratio:.2f}x", flush=True)
+    for p in precisions:
+        print(f"{s.name:14s} triton-{p} fwd+bwd speed-up over bf16 triton: "
+              f"{times['triton'][1] / times[f'triton-{p}'][1]:.2f}x", flush=True)
     return ok
 
 
@@ -201,6 +210,8 @@ def main() -> int:
     p.add_argument("--check", action="store_true", help="first verify triton against the reference")
     p.add_argument("--shapes", nargs="*", default=[s.name for s in SHAPES])
     p.add_argument("--no-loop", action="store_true", help="skip the (slow) Hugging Face-style loop")
+    p.add_argument("--precisions", nargs="*", default=list(LOW_PRECISIONS), choices=LOW_PRECISIONS,
+                   help="low-precision rows on the Triton backend (none: bf16 backends only)")
     p.add_argument("--profile", action="store_true",
                    help="time each Triton kernel (forward and backward) beside the cuBLAS grouped GEMM it replaces")
     args = p.parse_args()
@@ -213,12 +224,12 @@ def main() -> int:
             profile_shape(s, device)
             torch.cuda.empty_cache()
         return 0
-    header = f"{'shape':14s} {'backend':11s} {'fwd ms':>8s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s} " \
+    header = f"{'shape':14s} {'backend':12s} {'fwd ms':>8s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s} " \
              f"{'% gemm':>7s} {'vs grouped_mm':>14s}"
     print(header)
     failed = False
     for s in (s for s in SHAPES if s.name in args.shapes):
-        failed |= not bench_shape(s, device, peak, args.check, args.no_loop)
+        failed |= not bench_shape(s, device, peak, args.check, args.no_loop, args.precisions)
         torch.cuda.empty_cache()
     return 1 if failed else 0
 
