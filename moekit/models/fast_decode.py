@@ -25,8 +25,8 @@ so the two paths compute the same tokens; the token loop is ``moekit.models.gene
 ``compile=True`` runs the step's blocks, final norm and head through ``torch.compile`` (before the
 capture, when there is one): Inductor fuses the step's many small glue kernels (norms, residuals,
 routing, gating), while the Triton mixer and expert kernels stay opaque calls between the
-compiled graphs. The step is not the model's ``forward``: it skips the input checks (a graph
-replay skips them anyway) and the balancing loss, which generation never reads.
+compiled graphs. The step is the model's ``forward`` without the balancing loss, which
+generation never reads; an eager step checks the token ids on the host, a graph replay cannot.
 """
 
 from __future__ import annotations
