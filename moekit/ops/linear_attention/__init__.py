@@ -253,9 +253,7 @@ def _run(call: _Call, forms: _Forms, per_token: Sequence[torch.Tensor | None], d
         _checks.shape(op, "initial_state", call.initial_state, (num_states, H, K, V), layout)
     named = {**named, "initial_state": call.initial_state}
     if _resolve_backend(call, named, dims) == "triton":
-        # Opaque to torch.compile: dynamo cannot trace the Triton launches (autotuners), so a
-        # compiled model runs the kernel eagerly between its compiled graphs.
-        kernel = torch.compiler.disable(getattr(_triton_ops(), forms.triton))
+        kernel = getattr(_triton_ops(), forms.triton)
         o, state = kernel(*per_token, **forms.kwargs, initial_state=call.initial_state, bounds=bounds,
                           mode=call.mode, chunk_size=call.chunk_size)
     else:

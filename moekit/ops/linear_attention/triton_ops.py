@@ -117,6 +117,9 @@ def _packed(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
 
 
+# Opaque to torch.compile: dynamo cannot trace the Triton launches (autotuners), so a compiled
+# model runs the kernels eagerly between its compiled graphs.
+@torch.compiler.disable
 def _run(q, k, v, **kwargs):
     """Launches on the inputs' device (Triton uses the current CUDA device)."""
     if not q.is_cuda:
