@@ -20,8 +20,9 @@ dot): no kernel here transposes a computed tile; every transposed operand is loa
 transposed from memory (the WY backward writes one tile to a scratch buffer to read it back
 transposed), or a result is formed transposed and stored to transposed addresses (dk in dqk).
 Accumulation is float32; the state is carried in float32 registers and stored per chunk in the
-input dtype, its gradient in float32. The delta rule stores its dh in the input dtype too, like
-w, dw, dv and the intra-chunk dv (half the bytes in the sequential passes, 16-bit dots; dv in
+input dtype, and so is its gradient dh unless a gate's gradient reads it (see ``state_bwd``). The
+delta rule stores w, dw, dv and the intra-chunk dv in the input dtype too (half the bytes in the
+sequential passes, 16-bit dots; dv in
 bf16 added 5-11% to dv's and dbeta's error in an emulation, within the bounds); u stays float32
 (in bf16 it added 15% to the outputs' error, and 8-11% to the final state's), and so does T. Token
 and chunk offsets are 64-bit: the per-chunk state buffers pass 2^31 elements at long contexts.
@@ -631,18 +632,19 @@ def dv_local(q, k, do, gc, chunks: Chunks, scale: float, dh=None, dtype=None):
     return dv
 
 
-def state_bwd(q, k, w, gc, do, dv_loc, dht, chunks: Chunks, scale: float, dv_dtype, want_dh0: bool):
+def state_bwd(q, k, w, gc, do, dv_loc, dht, chunks: Chunks, scale: float, dv_dtype, want_dh0: bool,
+              exact_dh: bool = False):
     """Returns (dh [NT, H, K, V], dv or None, dh0 or None). The delta rule (w given) also finishes
     dv = dv_loc + (through the state); otherwise dv is None (``dv_local`` with dh computes it).
 
-    dh is stored in float32 without the delta rule: rounded to bf16 it was the largest kernel-side
-    error of the gate gradient (q.dq - k.dk reads it through dk and <h, dh>), which mamba2's dA sums
-    over all tokens. The delta rule stores it in the input dtype (its gradients' bf16 error grew by
-    under 10% in an emulation, and dqk reads half the bytes)."""
+    dh is stored in the input dtype (half the bytes that dv_local and dqk read, and 16-bit dots
+    there), or in float32 with ``exact_dh``: for a gate gradient, to which bf16 dh was the largest
+    kernel-side error (q.dq - k.dk reads it through dk and <h, dh>, and mamba2's dA sums it over
+    all tokens). The delta rule's gradients grew by under 10% in a bf16 emulation."""
     tokens, H, K = q.shape
     V = do.shape[-1]
     delta = w is not None
-    dh = torch.empty(chunks.num_chunks, H, K, V, dtype=q.dtype if delta else torch.float32, device=q.device)
+    dh = torch.empty(chunks.num_chunks, H, K, V, dtype=torch.float32 if exact_dh else q.dtype, device=q.device)
     dv = torch.empty(tokens, H, V, dtype=dv_dtype, device=q.device) if delta else None
     dh0 = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device) if want_dh0 else None
     name = _variant("state_bwd", delta)

@@ -68,9 +68,10 @@ class ChunkScalarGate(torch.autograd.Function):
             dv_loc = kc.dv_local(q, k, do, gc, chunks, scale)
             dh, dv_state, dh0 = kc.state_bwd(q, k, w, gc, do, dv_loc, dht, chunks, scale, dv_dtype,
                                              want_dh0=h0 is not None)
-        else:
+        else:  # float32 dh where a learned gate (or Mamba2's dt scale) takes its gradient through it
+            exact_dh = vs is not None or (gc is not None and ctx.needs_input_grad[3])
             dh, _, dh0 = kc.state_bwd(q, k, None, gc, do, None, dht, chunks, scale, dv_dtype,
-                                      want_dh0=h0 is not None)
+                                      want_dh0=h0 is not None, exact_dh=exact_dh)
             dv_state = kc.dv_local(q, k, do, gc, chunks, scale, dh=dh, dtype=dv_dtype)
         dq, dk, dw, dgc = kc.dqk(q, k, v_new, h, dh, do, dv_state if delta else None, gc, chunks, scale, vs)
         dbeta = None
