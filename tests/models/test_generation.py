@@ -188,13 +188,13 @@ def test_generate_checks_the_prompt_but_not_decode_steps(monkeypatch):
     from moekit.ops.linear_attention import _checks
 
     seen = []
-    original = _checks.finite
+    original = _checks.FiniteCheck.verify
 
-    def recording(op, results, named):
-        seen.append(_checks._finite_checks_on.get())
-        return original(op, results, named)
+    def recording(check, results):
+        seen.append(check.on)
+        return original(check, results)
 
-    monkeypatch.setattr(_checks, "finite", recording)
+    monkeypatch.setattr(_checks.FiniteCheck, "verify", recording)
     model = tiny_model("LLN", "gla")
     model.generate(torch.randint(0, 64, (2, 5)), 4)
     prefill_calls = 2  # two linear layers, one prompt pass

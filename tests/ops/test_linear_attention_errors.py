@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moekit.ops import linear_attention as la
+from moekit.ops.linear_attention import _checks
 
 B, T, H, K, V = 2, 10, 2, 4, 3
 
@@ -67,12 +68,54 @@ def test_non_finite_inputs_are_named(qkv):
 
 
 def test_huge_finite_inputs_pass_the_finite_check(qkv):
-    """Values whose float32 sum overflows are still finite: the check looks at the elements
-    before it calls them NaN or inf."""
+    """Values whose float32 sum would overflow are still finite: the check takes each result's
+    min and max, not a sum."""
     q, k, v = (t.double() for t in qkv)
     v[0, :4] = 3e38  # four of them sum past float32's largest value
     o, _ = la.linear_attn(q, k, v, scale=1e-30)
     assert torch.isfinite(o).all()
+
+
+@pytest.fixture
+def deferred(monkeypatch):
+    """The GPU's deferred check, on the CPU."""
+    monkeypatch.setattr(_checks, "DEFERRED_ON", ("cuda", "cpu"))
+
+
+def test_the_check_waits_for_the_backward_when_one_follows(qkv, deferred):
+    """With a backward to come, the forward returns without reading the check (its output holds
+    the NaN) and the backward raises the named error instead of returning gradients."""
+    q, k, v = (t.clone().requires_grad_() for t in qkv)
+    with torch.no_grad():
+        v[1, 3, 0, 2] = float("nan")
+    o, _ = la.linear_attn(q, k, v)
+    assert o[1, 3:].isnan().any() and o[0].isfinite().all()
+    with pytest.raises(ValueError, match=r"linear_attn: non-finite values .* in `v`"):
+        torch.autograd.grad(o.sum(), [q, k, v])
+    with pytest.raises(ValueError, match=r"linear_attn: non-finite values .* in `v`"):  # no backward to wait for
+        la.linear_attn(q.detach(), k.detach(), v.detach())
+
+
+def test_a_deferred_overflow_is_named_as_one(qkv, deferred):
+    q, k, v = (t.float() * 1e15 for t in qkv)
+    o, _ = la.linear_attn(q.requires_grad_(), k, v, scale=1.0)
+    with pytest.raises(ValueError, match=r"linear_attn: the result is not finite .* overflowed torch.float32"):
+        o.sum().backward()
+
+
+def test_a_passed_deferred_check_changes_no_gradient(qkv, deferred):
+    """Finite inputs: the same outputs and gradients as without the check, and none for an input
+    that did not ask for one."""
+    g = gate()
+    leaves = [t.clone().requires_grad_() for t in qkv[:2]]
+    o, s = la.simple_gla(*leaves, qkv[2], g, output_final_state=True)
+    grads = torch.autograd.grad(o.square().sum() + s.sum(), leaves)
+    with la.finite_checks_skipped():
+        o0, s0 = la.simple_gla(*leaves, qkv[2], g, output_final_state=True)
+        grads0 = torch.autograd.grad(o0.square().sum() + s0.sum(), leaves)
+    assert torch.equal(o, o0) and torch.equal(s, s0)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads0))
+    assert not qkv[2].requires_grad and qkv[2].grad is None
 
 
 def test_cu_seqlens_errors(qkv):
@@ -124,3 +167,26 @@ def test_a_result_that_overflows_from_finite_inputs_is_an_error(qkv):
         la.linear_attn(q, k, v, scale=1.0)
     o, _ = la.linear_attn(q, k, v, scale=1e-30)  # the same inputs, scaled into range
     assert torch.isfinite(o).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("op", ["linear_attn", "gated_delta_rule"])
+def test_the_gpu_check_waits_for_the_backward(op):
+    """On the GPU with gradients to come, the Triton op's forward raises nothing and its backward
+    raises the named error; without them the forward raises."""
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, 100, 2, 32, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    k = torch.nn.functional.normalize(k.float(), dim=-1).bfloat16()
+    v[0, 70, 1, 5] = float("inf")
+    extra = [] if op == "linear_attn" else [torch.nn.functional.logsigmoid(torch.randn(1, 100, 2, device="cuda") + 2),
+                                             torch.rand(1, 100, 2, device="cuda")]
+    call = getattr(la, op)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    o, _ = call(*leaves, *extra, backend="triton")
+    # from the chunk holding the inf on (masked products within a chunk meet 0 * inf)
+    assert not o[0, 70:].isfinite().all() and o[0, :64].isfinite().all()
+    with pytest.raises(ValueError, match=rf"{op}: non-finite values .* in `v`"):
+        torch.autograd.grad(o.float().sum(), leaves)
+    with pytest.raises(ValueError, match=rf"{op}: non-finite values .* in `v`"):
+        call(*(t.detach() for t in leaves), *extra, backend="triton")

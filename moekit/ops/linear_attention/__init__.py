@@ -36,7 +36,9 @@ negative log-gate (e.g. -60), not -inf (the chunked form turns it into NaN).
 
 NaN or inf in an input is a ValueError naming it. The check reads the results, not the inputs
 (every input reaches the output at its own position), once per call; a result that overflows
-from finite inputs is an error too. ``finite_checks_skipped()`` turns it off (a decode loop).
+from finite inputs is an error too. Where a backward follows on the GPU, the error is raised in
+it, before any gradient is returned (the forward then does not stall the GPU queue; see
+``_checks.FiniteCheck``). ``finite_checks_skipped()`` turns the check off (a decode loop).
 """
 
 from __future__ import annotations
@@ -252,6 +254,8 @@ def _run(call: _Call, forms: _Forms, per_token: Sequence[torch.Tensor | None], d
     if call.initial_state is not None:
         _checks.shape(op, "initial_state", call.initial_state, (num_states, H, K, V), layout)
     named = {**named, "initial_state": call.initial_state}
+    check = _checks.FiniteCheck(op, named)
+    per_token = check.watch(per_token)
     if _resolve_backend(call, named, dims) == "triton":
         kernel = getattr(_triton_ops(), forms.triton)
         o, state = kernel(*per_token, **forms.kwargs, initial_state=call.initial_state, bounds=bounds,
@@ -264,5 +268,5 @@ def _run(call: _Call, forms: _Forms, per_token: Sequence[torch.Tensor | None], d
             o, state = fn(*per_token, initial_state=call.initial_state)
         else:
             o, state = run_per_sequence(fn, per_token, bounds, call.initial_state)
-    _checks.finite(op, (o, state), named)
+    check.verify((o, state))
     return o.to(out_dtype), (state if call.output_final_state else None)

@@ -81,7 +81,7 @@ _finite_checks_on: ContextVar[bool] = ContextVar("finite_checks_on", default=Tru
 
 @contextmanager
 def finite_checks_skipped() -> Iterator[None]:
-    """Within this block the ops skip ``finite``: for callers that run many small steps on inputs
+    """Within this block the ops skip ``FiniteCheck``: for callers that run many small steps on inputs
     they produced themselves (a decode step), where one device-to-host read per op and step
     would stall the GPU queue for a check that cannot fail on healthy activations."""
     token = _finite_checks_on.set(False)
@@ -91,27 +91,103 @@ def finite_checks_skipped() -> Iterator[None]:
         _finite_checks_on.reset(token)
 
 
-def finite(op: str, results: Sequence[torch.Tensor | None], named: dict[str, torch.Tensor | None]) -> None:
+def _checking() -> bool:
+    """Whether the finite check runs: not while torch.compile traces (a data-dependent branch breaks
+    the graph), not while a CUDA graph is captured (a sync is illegal there), not inside
+    ``finite_checks_skipped``."""
+    # is_compiling first: dynamo cannot trace ContextVar.get, and short-circuits here on a constant
+    return not (torch.compiler.is_compiling() or not _finite_checks_on.get() or is_capturing())
+
+
+# Devices whose check is read in the backward when one follows (see ``FiniteCheck``): where a read
+# stalls a queue of launched work. Tests add "cpu".
+DEFERRED_ON = ("cuda",)
+
+
+def defers_to_backward(tensors: Sequence[torch.Tensor]) -> bool:
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and tensors[0].device.type in DEFERRED_ON)
+
+
+class FiniteCheck:
     """NaN / inf inputs are rejected with an error naming them, found through the results: each
     input element reaches the output at its own position (o_t reads q_t, k_t, v_t, the gates up
     to t and the initial state), so one read of the output and final state stands for one read of
     every input (a third of the bytes for linear attention). Only when a result is not finite are
     the inputs looked at: to name the bad ones, or, when all are finite, to say the computation
-    overflowed. One device-to-host read per call; skipped where that read cannot or should not
-    happen: while torch.compile traces (a data-dependent branch breaks the graph), while a CUDA
-    graph is captured (a sync is illegal there) and inside ``finite_checks_skipped``."""
-    # is_compiling first: dynamo cannot trace ContextVar.get, and short-circuits here on a constant
-    if torch.compiler.is_compiling() or not _finite_checks_on.get() or is_capturing():
-        return
-    present = [t for t in results if t is not None]
-    # A float32 sum per tensor (one read, no boolean copy): NaN and inf reach it. A huge finite
-    # tensor can overflow it too, so the elements decide.
-    if bool(torch.stack([t.sum(dtype=torch.float32) for t in present]).isfinite().all()):
-        return
-    if all(bool(t.isfinite().all()) for t in present):
-        return
-    bad = [name for name, t in named.items() if t is not None and not bool(t.isfinite().all())]
-    if bad:
-        raise ValueError(f"{op}: non-finite values (NaN or inf) in {', '.join(f'`{n}`' for n in bad)}")
-    raise ValueError(f"{op}: the result is not finite (NaN or inf) although every input is: the computation "
-                     f"overflowed {present[0].dtype}; scale the inputs (or `scale`) down")
+    overflowed.
+
+    The verdict needs one device-to-host read, and a read in the forward stalls the GPU queue: it
+    idles while the host launches what follows (at T = 2k on the H200 that cost linear attention's
+    forward + backward a sixth of its time). Where a backward will follow on the GPU
+    (``defers_to_backward``), the flag goes to the host asynchronously and is read by a node the
+    inputs pass through first (``watch``), whose backward runs after the op's own backward has been
+    launched: the error is raised there, before any gradient is returned, and the forward's output
+    holds the NaN meanwhile. Otherwise the read happens at once, in ``verify``."""
+
+    def __init__(self, op: str, named: dict[str, torch.Tensor | None]):
+        self.op, self.named = op, named
+        self.on = _checking()
+        self.deferred = False
+        self.flag = self.event = None  # set by verify when deferred
+
+    def watch(self, tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """``tensors`` (the op's inputs, before it runs), routed through the backward check when it
+        defers."""
+        present = [t for t in tensors if t is not None]
+        if not (self.on and present and defers_to_backward(present)):
+            return list(tensors)
+        self.deferred = True
+        routed = iter(_CheckedInBackward.apply(self, *present))
+        return [None if t is None else next(routed) for t in tensors]
+
+    def verify(self, results: Sequence[torch.Tensor | None]) -> None:
+        if not self.on:
+            return
+        # One reduction per tensor, no boolean copy: min and max propagate NaN and reach any inf.
+        present = [t for t in results if t is not None]
+        wide = torch.float64 if any(t.dtype == torch.float64 for t in present) else torch.float32
+        finite = torch.stack([m.to(wide) for t in present for m in t.aminmax()]).isfinite().all()
+        self.result_dtype = present[0].dtype
+        if not self.deferred:
+            if not bool(finite):
+                self._raise()
+        elif finite.is_cuda:
+            self.flag = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(finite, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.flag = finite
+
+    def read_deferred(self) -> None:
+        """The backward's read (a no-op when the forward raised before ``verify``)."""
+        if self.flag is None:
+            return
+        if self.event is not None:
+            self.event.synchronize()
+        if not bool(self.flag):
+            self._raise()
+
+    def _raise(self) -> None:
+        """A result is not finite: name the inputs that are not, or say it overflowed."""
+        bad = [name for name, t in self.named.items() if t is not None and not bool(t.isfinite().all())]
+        if bad:
+            raise ValueError(f"{self.op}: non-finite values (NaN or inf) in {', '.join(f'`{n}`' for n in bad)}")
+        raise ValueError(f"{self.op}: the result is not finite (NaN or inf) although every input is: the "
+                         f"computation overflowed {self.result_dtype}; scale the inputs (or `scale`) down")
+
+
+class _CheckedInBackward(torch.autograd.Function):
+    """Identity on the op's inputs whose backward reads a deferred ``FiniteCheck``."""
+
+    @staticmethod
+    def forward(ctx, check: FiniteCheck, *tensors):
+        ctx.check = check
+        out = tuple(t.view_as(t) for t in tensors)
+        ctx.mark_non_differentiable(*(o for o, t in zip(out, tensors) if not t.requires_grad))
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.check.read_deferred()
+        return (None, *grads)
