@@ -49,6 +49,14 @@ SETTINGS = {
     "sb_w8v128": {"state_bwd_delta": {"num_warps": 8, "num_stages": 2, "BV": 128}},
     "sf_w4v16": {"state_fwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 16}},
     "sf_w8v64": {"state_fwd_delta": {"num_warps": 8, "num_stages": 2, "BV": 64}},
+    # deeper pipelines and 2 warps (fla's state kernels autotune over these); each computed the same
+    # results as the default in bisect_launch.py (delta_rule, T = 2048)
+    "sf_w2s4v32": {"state_fwd_delta": {"num_warps": 2, "num_stages": 4, "BV": 32}},
+    "sf_w4s3v32": {"state_fwd_delta": {"num_warps": 4, "num_stages": 3, "BV": 32}},
+    "sf_w2s3v64": {"state_fwd_delta": {"num_warps": 2, "num_stages": 3, "BV": 64}},
+    "sb_w2s4v32": {"state_bwd_delta": {"num_warps": 2, "num_stages": 4, "BV": 32}},
+    "sb_w4s3v32": {"state_bwd_delta": {"num_warps": 4, "num_stages": 3, "BV": 32}},
+    "sb_w4s3v64": {"state_bwd_delta": {"num_warps": 4, "num_stages": 3, "BV": 64}},
 }
 
 

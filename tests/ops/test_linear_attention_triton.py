@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.ops import linear_attention as la
-from moekit.ops.linear_attention import triton_gla, triton_ops
+from moekit.ops.linear_attention import triton_gla, triton_layout, triton_ops
 
 F32_TOL = 1e-5
 
@@ -261,7 +261,6 @@ def test_state_tiles_split(monkeypatch, op):
     """Smaller state tiles than the head dims (K rows split over programs where the rows are
     independent, V always): the same results, with K, V not multiples of the tiles (K = 72 also
     takes two K blocks in the per-chunk kernels)."""
-    from moekit.ops.linear_attention import triton_layout
 
     tiles = {"num_warps": 4, "BK": 16, "BV": 16}
     launch = {**triton_layout.LAUNCH, **{name: tiles for name in ("state_fwd", "state_bwd", "gla_state_fwd",
@@ -281,7 +280,6 @@ def test_delta_rule_64_token_chunks(op):
 @pytest.mark.parametrize("op", ["simple_gla", "gated_delta_rule"])
 def test_dq_dk_in_one_k_block(monkeypatch, op):
     """The dq/dk kernel with the whole K in one program (its "BK" setting) against the reference."""
-    from moekit.ops.linear_attention import triton_layout
 
     name = "dqk_delta" if op == "gated_delta_rule" else "dqk"
     monkeypatch.setattr(triton_layout, "LAUNCH", {**triton_layout.LAUNCH, name: {"num_warps": 4, "BK": 128}})
@@ -293,7 +291,6 @@ def test_dq_dk_in_one_k_block(monkeypatch, op):
 def test_delta_state_tiles_split_over_v(monkeypatch, op):
     """The delta rule's state kernels split only V (every K row takes part in v - w S): V = 36 in
     16-wide tiles, the last one ragged, with K = 40 not a power of two, against float64."""
-    from moekit.ops.linear_attention import triton_layout
 
     tiles = {"num_warps": 4, "BV": 16}
     monkeypatch.setattr(triton_layout, "LAUNCH", {**triton_layout.LAUNCH, "state_fwd_delta": tiles,
@@ -324,7 +321,6 @@ def test_delta_tiles_in_per_chunk_kernels(monkeypatch, op):
     """The WY backward, dq/dk and intra-chunk dv kernels with 16-wide K and V tiles (their LAUNCH
     settings): K = 40 and V = 36 end in ragged tiles, dq/dk splits K over three programs and the
     intra-chunk dv V over three."""
-    from moekit.ops.linear_attention import triton_layout
 
     tiles = {"num_warps": 4, "BK": 16, "BV": 16}
     monkeypatch.setattr(triton_layout, "LAUNCH", {**triton_layout.LAUNCH, "wy_bwd": tiles, "dqk_delta": tiles,
@@ -404,7 +400,6 @@ def test_delta_rule_bf16_correlated_keys(op, T, H, D, seed, gpu_like_bf16):
 def test_register_cap_only_for_tensor_core_dots(kernel):
     """A kernel's maxnreg reaches the launch for 16-bit inputs; exact float32 dots (FMA units, far more
     registers) launch without it."""
-    from moekit.ops.linear_attention import triton_layout
 
     cap = triton_layout.LAUNCH[kernel]["maxnreg"]
     assert triton_layout.launch_options(kernel, torch.zeros(1, dtype=torch.bfloat16))["maxnreg"] == cap
@@ -449,3 +444,17 @@ def test_state_gradient_dtype(monkeypatch, op, case, exact):
                          **{n: t.double() for n, t in kwargs.items()})
         errors = {"o": rel_err(o, ro), "state": rel_err(s, rs), **{f"d{n}": rel_err(d[n], rd[n]) for n in rd}}
         assert max(errors.values()) < DH16_BOUND, errors
+
+
+def test_state_kernels_take_their_few_programs_entry_below_the_sm_count(monkeypatch):
+    """The delta rule's state kernels switch to their "_few" launch entry only on a GPU whose SMs
+    their programs do not fill; other kernels, and CPU (interpreter) runs, keep their own entry."""
+    monkeypatch.setattr(triton_layout, "_sm_count", lambda device: 132)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert triton_layout.few_programs_entry("state_bwd_delta", 128, gpu) == "state_bwd_delta_few"
+    assert triton_layout.few_programs_entry("state_fwd_delta", 131, gpu) == "state_fwd_delta_few"
+    assert triton_layout.few_programs_entry("state_bwd_delta", 132, gpu) == "state_bwd_delta"
+    assert triton_layout.few_programs_entry("state_bwd_delta", 128, cpu) == "state_bwd_delta"
+    assert triton_layout.few_programs_entry("state_fwd", 8, gpu) == "state_fwd"
+    for entry in ("state_fwd_delta", "state_bwd_delta"):  # same tiles: only the pipeline depth changes
+        assert triton_layout.LAUNCH[entry + "_few"]["BV"] == triton_layout.LAUNCH[entry]["BV"]

@@ -37,7 +37,15 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.ops.linear_attention.triton_layout import Chunks, block, block_k, block_v, launch_options, state_tiles
+from moekit.ops.linear_attention.triton_layout import (
+    Chunks,
+    block,
+    block_k,
+    block_v,
+    few_programs_entry,
+    launch_options,
+    state_tiles,
+)
 
 
 @triton.jit
@@ -600,6 +608,8 @@ def state_fwd(k, v, w, gc, h0, chunks: Chunks, store_final: bool, v_dtype, vs=No
     ht = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=k.device) if store_final else None
     name = _variant("state_fwd", delta)
     BK, BV = state_tiles(name, K, V, split_k=not delta)
+    if delta and gc is None:
+        name = few_programs_entry(name, triton.cdiv(V, BV) * chunks.num_seqs * H, k.device)
     _state_fwd_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), chunks.num_seqs, H)](
         k, v, w, gc, vs, h, v_new, h0, ht, chunks.cu, chunks.first, H=H, K=K, V=V, BT=chunks.size,
         BK=BK, BV=BV, USE_G=gc is not None, DELTA=delta, HAS_H0=h0 is not None, STORE_HT=store_final,
@@ -649,6 +659,8 @@ def state_bwd(q, k, w, gc, do, dv_loc, dht, chunks: Chunks, scale: float, dv_dty
     dh0 = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device) if want_dh0 else None
     name = _variant("state_bwd", delta)
     BK, BV = state_tiles(name, K, V, split_k=not delta)
+    if delta:
+        name = few_programs_entry(name, triton.cdiv(V, BV) * chunks.num_seqs * H, q.device)
     _state_bwd_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), chunks.num_seqs, H)](
         q, k, w, gc, do, dv_loc, dv, dh, dht, dh0, chunks.cu, chunks.first, scale, H=H, K=K, V=V,
         BT=chunks.size, BK=BK, BV=BV, USE_G=gc is not None, DELTA=delta,

@@ -56,12 +56,33 @@ LAUNCH: dict[str, dict] = {
     "dqk_delta": {"num_warps": 8, "num_stages": 2, "maxnreg": 128},
     "state_fwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},
     "state_bwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},
+    # the same where their programs do not fill the SMs (``few_programs_entry``)
+    "state_fwd_delta_few": {"num_warps": 4, "num_stages": 3, "BV": 32},
+    "state_bwd_delta_few": {"num_warps": 4, "num_stages": 3, "BV": 32},
     "gla_scores_tc": {"num_warps": 4, "num_stages": 1},
     "gla_dqk_intra_tc": {"num_warps": 4, "num_stages": 1},
     "gla_state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
     "gla_state_bwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
     "gla_dv": {"num_warps": 4, "num_stages": 2},
 }
+
+
+def few_programs_entry(kernel: str, programs: int, device: torch.device) -> str:
+    """``kernel + "_few"`` where that entry exists and ``programs`` do not fill the GPU's SMs, else
+    ``kernel``. The delta rule's sequential state kernels take a deeper pipeline there (a long
+    sequence at small batch). H200, K = V = 128, H = 16, benchmarks/profile_linear_attention.py: at
+    T = 32k, B = 2 (128 programs, 132 SMs) 3 stages took the state backward from 1413 to 1270 us
+    (gated: 1727 to 1529) and the ungated state forward from 867 to 590 (gated: 1009 to 1007, so
+    it keeps its entry); at T = 2k, B = 32 (2048 programs) they were slower (backward 858 -> 1352)."""
+    few = kernel + "_few"
+    if few not in LAUNCH or device.type != "cuda" or programs >= _sm_count(device):
+        return kernel
+    return few
+
+
+@lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def launch_options(kernel: str, x: torch.Tensor) -> dict:
