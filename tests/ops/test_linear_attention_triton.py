@@ -8,6 +8,8 @@ and initial / final states are all covered. The bf16 GPU check is
 benchmarks/gpu_check_linear_attention.py.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -182,6 +184,31 @@ def test_backend_choice(monkeypatch):
     la.simple_gla(**args)  # auto: CPU tensors keep the reference
     with pytest.raises(AssertionError, match="Triton path"):
         la.simple_gla(**args, backend="triton")
+
+
+def test_gated_delta_rule_keeps_small_heads_off_the_gpu_kernels():
+    """Its kernels faulted on an H200 at K = V = 32: CUDA calls with head dims of 32 or less take the
+    reference (backend="triton" says why); 48 (64-wide tiles), the ungated rule and the interpreter
+    still run the kernels."""
+    on_gpu = {"q": SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)}
+    reason = triton_ops.unsupported("gated_delta_rule", "chunk", on_gpu, 32, 32, 64)
+    assert "illegal memory access" in reason and "K=32, V=32" in reason
+    assert "V=16" in triton_ops.unsupported("gated_delta_rule", "chunk", on_gpu, 64, 16, 64)
+    assert triton_ops.unsupported("gated_delta_rule", "chunk", on_gpu, 48, 48, 64) is None
+    assert triton_ops.unsupported("delta_rule", "chunk", on_gpu, 32, 32, 64) is None
+    assert triton_ops.unsupported("gated_delta_rule", "chunk", {"q": torch.zeros(1)}, 32, 32, 64) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gated_delta_rule_small_heads_on_gpu():
+    inputs = {n: t.cuda() for n, t in make_inputs("gated_delta_rule", 1, 100, 2, 32, 32, 1, seed=5).items()}
+    o, s, d = run("gated_delta_rule", inputs, backend="auto")
+    ro, rs, rd = run("gated_delta_rule", inputs, backend="reference")
+    assert torch.equal(o, ro) and all(torch.equal(d[n], rd[n]) for n in rd)
+    args = {n: t for n, t in inputs.items() if n != "initial_state"}
+    with pytest.raises(ValueError, match="faulted"):
+        la.gated_delta_rule(**args, backend="triton")
 
 
 @pytest.mark.parametrize("case, match", [
