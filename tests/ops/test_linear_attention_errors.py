@@ -176,7 +176,7 @@ def test_the_gpu_check_waits_for_the_backward(op):
     """On the GPU with gradients to come, the Triton op's forward raises nothing and its backward
     raises the named error; without them the forward raises."""
     torch.manual_seed(2)
-    q, k, v = (torch.randn(1, 100, 2, 32, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(1, 100, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     k = torch.nn.functional.normalize(k.float(), dim=-1).bfloat16()
     v[0, 70, 1, 5] = float("inf")
     extra = [] if op == "linear_attn" else [torch.nn.functional.logsigmoid(torch.randn(1, 100, 2, device="cuda") + 2),
