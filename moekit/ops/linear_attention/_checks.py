@@ -130,6 +130,7 @@ class FiniteCheck:
         self.on = _checking()
         self.deferred = False
         self.flag = self.event = None  # set by verify when deferred
+        self.result_dtype: torch.dtype | None = None  # the output's, for the overflow message
 
     def watch(self, tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """``tensors`` (the op's inputs, before it runs), routed through the backward check when it
