@@ -96,6 +96,22 @@ def test_the_check_waits_for_the_backward_when_one_follows(qkv, deferred):
         la.linear_attn(q.detach(), k.detach(), v.detach())
 
 
+def test_the_deferred_check_runs_for_any_requested_gradient(qkv, deferred):
+    """Gradients asked only of the initial state, or of Mamba2's A (an option, not a per-token
+    input), still pass through the check: a NaN elsewhere is an error, not NaN gradients."""
+    q, k, v = (t.clone() for t in qkv)
+    v[0, 2, 1, 0] = float("nan")
+    h0 = torch.zeros(B, H, K, V, requires_grad=True)
+    o, _ = la.linear_attn(q, k, v, initial_state=h0)
+    with pytest.raises(ValueError, match=r"non-finite values .* in `v`"):
+        torch.autograd.grad(o.sum(), [h0])
+    x, dt, A = torch.randn(B, T, 4, 3), torch.rand(B, T, 4), (-torch.rand(4)).requires_grad_()
+    x[1, 5, 2, 1] = float("inf")
+    y, _ = la.mamba2_ssd(x, dt, A, torch.randn(B, T, 2, 5), torch.randn(B, T, 2, 5))
+    with pytest.raises(ValueError, match=r"mamba2_ssd: non-finite values .* in `x`"):
+        torch.autograd.grad(y.sum(), [A])
+
+
 def test_a_deferred_overflow_is_named_as_one(qkv, deferred):
     q, k, v = (t.float() * 1e15 for t in qkv)
     o, _ = la.linear_attn(q.requires_grad_(), k, v, scale=1.0)

@@ -255,18 +255,21 @@ def _run(call: _Call, forms: _Forms, per_token: Sequence[torch.Tensor | None], d
         _checks.shape(op, "initial_state", call.initial_state, (num_states, H, K, V), layout)
     named = {**named, "initial_state": call.initial_state}
     check = _checks.FiniteCheck(op, named)
-    per_token = check.watch(per_token)
+    # every tensor the op reads goes through the check's node, so that any requested gradient reaches it
+    routed = check.watch([*per_token, call.initial_state, *forms.kwargs.values()])
+    n = len(per_token)
+    per_token, initial_state, kwargs = routed[:n], routed[n], dict(zip(forms.kwargs, routed[n + 1:]))
     if _resolve_backend(call, named, dims) == "triton":
         kernel = getattr(_triton_ops(), forms.triton)
-        o, state = kernel(*per_token, **forms.kwargs, initial_state=call.initial_state, bounds=bounds,
-                          mode=call.mode, chunk_size=call.chunk_size)
+        o, state = kernel(*per_token, **kwargs, initial_state=initial_state, bounds=bounds, mode=call.mode,
+                          chunk_size=call.chunk_size)
     else:
-        fn = partial(forms.recurrent, **forms.kwargs)
+        fn = partial(forms.recurrent, **kwargs)
         if call.mode == "chunk":
-            fn = partial(forms.chunk, **forms.kwargs, chunk_size=call.chunk_size)
+            fn = partial(forms.chunk, **kwargs, chunk_size=call.chunk_size)
         if bounds is None:
-            o, state = fn(*per_token, initial_state=call.initial_state)
+            o, state = fn(*per_token, initial_state=initial_state)
         else:
-            o, state = run_per_sequence(fn, per_token, bounds, call.initial_state)
+            o, state = run_per_sequence(fn, per_token, bounds, initial_state)
     check.verify((o, state))
     return o.to(out_dtype), (state if call.output_final_state else None)

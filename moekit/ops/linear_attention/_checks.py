@@ -132,15 +132,15 @@ class FiniteCheck:
         self.flag = self.event = None  # set by verify when deferred
         self.result_dtype: torch.dtype | None = None  # the output's, for the overflow message
 
-    def watch(self, tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """``tensors`` (the op's inputs, before it runs), routed through the backward check when it
-        defers."""
-        present = [t for t in tensors if t is not None]
+    def watch(self, args: Sequence) -> list:
+        """``args`` (the op's inputs, before it runs), their tensors routed through the backward check
+        when it defers; other values (None, options) pass as they are."""
+        present = [t for t in args if isinstance(t, torch.Tensor)]
         if not (self.on and present and defers_to_backward(present)):
-            return list(tensors)
+            return list(args)
         self.deferred = True
         routed = iter(_CheckedInBackward.apply(self, *present))
-        return [None if t is None else next(routed) for t in tensors]
+        return [next(routed) if isinstance(t, torch.Tensor) else t for t in args]
 
     def verify(self, results: Sequence[torch.Tensor | None]) -> None:
         if not self.on:
