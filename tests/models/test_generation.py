@@ -190,9 +190,9 @@ def test_generate_checks_the_prompt_but_not_decode_steps(monkeypatch):
     seen = []
     original = _checks.FiniteCheck.verify
 
-    def recording(check, results):
+    def recording(check, *args):
         seen.append(check.on)
-        return original(check, results)
+        return original(check, *args)
 
     monkeypatch.setattr(_checks.FiniteCheck, "verify", recording)
     model = tiny_model("LLN", "gla")

@@ -485,3 +485,38 @@ def test_state_kernels_take_their_few_programs_entry_below_the_sm_count(monkeypa
     assert triton_layout.few_programs_entry("state_fwd", 8, gpu) == "state_fwd"
     for entry in ("state_fwd_delta", "state_bwd_delta"):  # same tiles: only the pipeline depth changes
         assert triton_layout.LAUNCH[entry + "_few"]["BV"] == triton_layout.LAUNCH[entry]["BV"]
+
+
+@pytest.mark.parametrize("op", ["linear_attn", "delta_rule"])
+def test_the_kernels_flag_non_finite_results(op):
+    """The kernels that write o and the final state flag NaN / inf in either (the finite check reads
+    that flag instead of the results); through the public op the error names the input."""
+    inputs = make_inputs(op, 1, 70, 2, 16, 16, 1, seed=80)
+    nan_v, inf_state = inputs["v"].clone(), inputs["initial_state"].clone()
+    nan_v[0, 65, 1, 3] = float("nan")
+    inf_state[0, 1, 3, 2] = float("inf")
+
+    def flag(**changes):
+        x = {**inputs, **changes}
+        h0 = x.pop("initial_state")
+        if op == "delta_rule":
+            out = triton_ops.gated_delta_rule(x["q"], x["k"], x["v"], None, x["beta"], scale=0.25, initial_state=h0)
+        else:
+            out = triton_ops.simple_gla(x["q"], x["k"], x["v"], None, scale=0.25, initial_state=h0)
+        return out[2].tolist()
+
+    assert flag() == [0] and flag(v=nan_v) == [1] and flag(initial_state=inf_state) == [1]
+    for name, bad in (("v", nan_v), ("initial_state", inf_state)):
+        with pytest.raises(ValueError, match=rf"non-finite values .* in `{name}`"):
+            getattr(la, op)(**{**inputs, name: bad}, backend="triton")
+
+
+def test_mamba2_skip_term_is_checked_after_the_kernels():
+    """D x is added after the kernels, so with D the check reads the output itself: a NaN in D is
+    found although every kernel result is finite."""
+    inputs = mamba2_inputs(1, 40, 2, 1, 16, 16, seed=81)
+    h0 = inputs.pop("initial_state")
+    inputs["D"] = inputs["D"].clone()
+    inputs["D"][1] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite values .* in `D`"):
+        la.mamba2_ssd(**inputs, initial_state=h0, dt_softplus=True, backend="triton")

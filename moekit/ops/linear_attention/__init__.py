@@ -76,7 +76,8 @@ __all__ = [
 @dataclass(frozen=True)
 class _Forms:
     """An op's implementations: its reference forms and the name of its Triton entry point in
-    ``triton_ops`` (same positional inputs), with the keyword arguments they all take."""
+    ``triton_ops`` (same positional inputs; it also returns its kernels' finite flag), with the
+    keyword arguments they all take."""
 
     chunk: Callable
     recurrent: Callable
@@ -261,9 +262,10 @@ def _run(call: _Call, forms: _Forms, per_token: Sequence[torch.Tensor | None], d
     per_token, initial_state, kwargs = routed[:n], routed[n], dict(zip(forms.kwargs, routed[n + 1:]))
     if _resolve_backend(call, named, dims) == "triton":
         kernel = getattr(_triton_ops(), forms.triton)
-        o, state = kernel(*per_token, **kwargs, initial_state=initial_state, bounds=bounds, mode=call.mode,
-                          chunk_size=call.chunk_size)
+        o, state, nonfinite = kernel(*per_token, **kwargs, initial_state=initial_state, bounds=bounds,
+                                     mode=call.mode, chunk_size=call.chunk_size)
     else:
+        nonfinite = None
         fn = partial(forms.recurrent, **kwargs)
         if call.mode == "chunk":
             fn = partial(forms.chunk, **kwargs, chunk_size=call.chunk_size)
@@ -271,5 +273,5 @@ def _run(call: _Call, forms: _Forms, per_token: Sequence[torch.Tensor | None], d
             o, state = fn(*per_token, initial_state=initial_state)
         else:
             o, state = run_per_sequence(fn, per_token, bounds, initial_state)
-    check.verify((o, state))
+    check.verify((o, state), nonfinite)
     return o.to(out_dtype), (state if call.output_final_state else None)

@@ -142,14 +142,19 @@ class FiniteCheck:
         routed = iter(_CheckedInBackward.apply(self, *present))
         return [next(routed) if isinstance(t, torch.Tensor) else t for t in args]
 
-    def verify(self, results: Sequence[torch.Tensor | None]) -> None:
+    def verify(self, results: Sequence[torch.Tensor | None], nonfinite: torch.Tensor | None = None) -> None:
+        """``nonfinite``: the kernels' own flag (int32 [1], 1 when a result is not finite), where the
+        kernels that wrote the results computed it; else the results are read here."""
         if not self.on:
             return
-        # One reduction per tensor, no boolean copy: min and max propagate NaN and reach any inf.
         present = [t for t in results if t is not None]
-        wide = torch.float64 if any(t.dtype == torch.float64 for t in present) else torch.float32
-        finite = torch.stack([m.to(wide) for t in present for m in t.aminmax()]).isfinite().all()
         self.result_dtype = present[0].dtype
+        if nonfinite is not None:
+            finite = nonfinite[0] == 0
+        else:
+            # One reduction per tensor, no boolean copy: min and max propagate NaN and reach any inf.
+            wide = torch.float64 if any(t.dtype == torch.float64 for t in present) else torch.float32
+            finite = torch.stack([m.to(wide) for t in present for m in t.aminmax()]).isfinite().all()
         if not self.deferred:
             if not bool(finite):
                 self._raise()

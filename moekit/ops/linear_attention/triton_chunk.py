@@ -79,6 +79,14 @@ def _decayed(x, keep, g_row, g_col):
     return tl.where(keep, x * tl.exp(tl.where(keep, g_row - g_col, 0.0)), 0.0)
 
 
+@triton.jit
+def _flag_nonfinite(x, bad):
+    """bad[0] = 1 when the tile x (as stored; masked-out elements are zeros) holds NaN or inf: the
+    finite check's verdict from the kernels that write the results, without a pass over them."""
+    count = tl.sum(tl.where(tl.abs(x.to(tl.float32)) < float("inf"), 0, 1))
+    tl.store(bad, 1, mask=count > 0)
+
+
 # ----------------------------------------------------------------------------------- forward
 
 
@@ -218,7 +226,7 @@ def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
 
 
 @triton.jit
-def _state_fwd_kernel(k, v, w, gc, vs, h, v_new, h0, ht, cu, first,
+def _state_fwd_kernel(k, v, w, gc, vs, h, v_new, h0, ht, bad, cu, first,
                       H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
                       STORE_HT: tl.constexpr, HAS_VS: tl.constexpr,
@@ -262,10 +270,11 @@ def _state_fwd_kernel(k, v, w, gc, vs, h, v_new, h0, ht, cu, first,
         b_h += tl.dot(b_kt.to(dt), b_v.to(dt), input_precision=PRECISION)
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h) * K * V + state, b_h, mask=m_state)
+        _flag_nonfinite(b_h, bad)
 
 
 @triton.jit
-def _output_fwd_kernel(q, k, v, gc, vs, h, o, start, end, scale,
+def _output_fwd_kernel(q, k, v, gc, vs, h, o, bad, start, end, scale,
                        H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, USE_G: tl.constexpr, HAS_VS: tl.constexpr,
                 PRECISION: tl.constexpr):
@@ -297,8 +306,9 @@ def _output_fwd_kernel(q, k, v, gc, vs, h, o, start, end, scale,
     if HAS_VS:
         b_a = b_a * tl.load(vs + t * H + i_h, mask=mt, other=0.0)[None, :]
     b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V)
-    b_o = (b_o + tl.dot(b_a.to(b_v.dtype), b_v, input_precision=PRECISION)) * scale
-    tl.store(o + (t[:, None] * H + i_h) * V + rv[None, :], b_o.to(o.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+    b_o = ((b_o + tl.dot(b_a.to(b_v.dtype), b_v, input_precision=PRECISION)) * scale).to(o.dtype.element_ty)
+    tl.store(o + (t[:, None] * H + i_h) * V + rv[None, :], b_o, mask=mt[:, None] & mv[None, :])
+    _flag_nonfinite(b_o, bad)
 
 
 # ---------------------------------------------------------------------------------- backward
@@ -595,8 +605,9 @@ def wy_fwd(k, v, beta, gc, chunks: Chunks):
     return T, w, u
 
 
-def state_fwd(k, v, w, gc, h0, chunks: Chunks, store_final: bool, v_dtype, vs=None):
-    """Returns (h [NT, H, K, V] in k's dtype, v_new (delta) or None, final state or None).
+def state_fwd(k, v, w, gc, h0, chunks: Chunks, store_final: bool, v_dtype, bad, vs=None):
+    """Returns (h [NT, H, K, V] in k's dtype, v_new (delta) or None, final state or None); sets
+    bad[0] (int32) to 1 when the final state is not finite.
 
     vs: optional float32 [tokens, H] scale of v's rows (no delta), applied in the kernels
     (see ChunkScalarGate)."""
@@ -611,19 +622,20 @@ def state_fwd(k, v, w, gc, h0, chunks: Chunks, store_final: bool, v_dtype, vs=No
     if delta and gc is None:
         name = few_programs_entry(name, triton.cdiv(V, BV) * chunks.num_seqs * H, k.device)
     _state_fwd_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), chunks.num_seqs, H)](
-        k, v, w, gc, vs, h, v_new, h0, ht, chunks.cu, chunks.first, H=H, K=K, V=V, BT=chunks.size,
+        k, v, w, gc, vs, h, v_new, h0, ht, bad, chunks.cu, chunks.first, H=H, K=K, V=V, BT=chunks.size,
         BK=BK, BV=BV, USE_G=gc is not None, DELTA=delta, HAS_H0=h0 is not None, STORE_HT=store_final,
         HAS_VS=vs is not None, **launch_options(name, k))
     return h, v_new, ht
 
 
-def output_fwd(q, k, v, gc, h, chunks: Chunks, scale: float, out_dtype, vs=None):
+def output_fwd(q, k, v, gc, h, chunks: Chunks, scale: float, out_dtype, bad, vs=None):
+    """o [tokens, H, V] in ``out_dtype``; sets bad[0] (int32) to 1 when it is not finite."""
     tokens, H, K = q.shape
     V = v.shape[-1]
     o = torch.empty(tokens, H, V, dtype=out_dtype, device=q.device)
     BV = block(V)
     _output_fwd_kernel[(triton.cdiv(V, BV), chunks.num_chunks, H)](
-        q, k, v, gc, vs, h, o, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K),
+        q, k, v, gc, vs, h, o, bad, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K),
         BV=BV, USE_G=gc is not None, HAS_VS=vs is not None, **launch_options("output_fwd", k))
     return o
 

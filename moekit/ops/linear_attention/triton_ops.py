@@ -37,7 +37,10 @@ class ChunkScalarGate(torch.autograd.Function):
 
     vs (simple GLA only, float32 [tokens, H] or None) scales v's rows inside the kernels: Mamba2
     passes v = x and vs = dt, so dt x is never rounded to x's dtype (that rounding was the largest
-    error of dA, a sum over all tokens)."""
+    error of dA, a sum over all tokens).
+
+    Returns (o, final state, nonfinite): nonfinite is int32 [1], set to 1 by the kernels that write
+    o and the final state when either holds NaN or inf (the finite check's verdict)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, chunks, store_final, vs=None):
@@ -46,19 +49,21 @@ class ChunkScalarGate(torch.autograd.Function):
             raise ValueError("ChunkScalarGate: a v scale (vs) is for simple GLA, not the delta rule")
         gc = chunk_cumsum(g, chunks) if g is not None else None
         T = w = None
+        nonfinite = torch.zeros(1, dtype=torch.int32, device=q.device)
         if delta:
             T, w, u = kc.wy_fwd(k, v, beta, gc, chunks)
-            h, v_new, ht = kc.state_fwd(k, u, w, gc, h0, chunks, store_final, v.dtype)
+            h, v_new, ht = kc.state_fwd(k, u, w, gc, h0, chunks, store_final, v.dtype, nonfinite)
         else:
-            h, _, ht = kc.state_fwd(k, v, None, gc, h0, chunks, store_final, v.dtype, vs)
+            h, _, ht = kc.state_fwd(k, v, None, gc, h0, chunks, store_final, v.dtype, nonfinite, vs)
             v_new = v
-        o = kc.output_fwd(q, k, v_new, gc, h, chunks, scale, v.dtype, vs)
+        o = kc.output_fwd(q, k, v_new, gc, h, chunks, scale, v.dtype, nonfinite, vs)
         ctx.save_for_backward(q, k, v, beta, gc, h0, h, v_new, T, w, vs)
         ctx.scale, ctx.chunks, ctx.g_dtype = scale, chunks, None if g is None else g.dtype
-        return o, ht
+        ctx.mark_non_differentiable(nonfinite)
+        return o, ht, nonfinite
 
     @staticmethod
-    def backward(ctx, do, dht):
+    def backward(ctx, do, dht, _):
         q, k, v, beta, gc, h0, h, v_new, T, w, vs = ctx.saved_tensors
         chunks, scale = ctx.chunks, ctx.scale
         delta = beta is not None
@@ -149,17 +154,21 @@ def _run_here(q, k, v, *, g=None, gk=None, beta=None, vs=None, scale: float, ini
             pv = (pv.float() * pvs.unsqueeze(-1)).to(pv.dtype)
         chunks = chunk_tables(bounds, 1, q.device)
         o, ht = recurrent_fwd(pq, pk, pv, chunks, scale=scale, g=pg, gk=pgk, beta=pbeta, h0=h0)
+        nonfinite = None
     else:
         chunks: Chunks = chunk_tables(bounds, chunk_size if mode == "chunk" else 64, q.device)
         if pgk is not None:
             o, ht = ChunkGLA.apply(pq, pk, pv, pgk, h0, scale, chunks)
+            nonfinite = None
         else:
-            o, ht = ChunkScalarGate.apply(pq, pk, pv, pg, pbeta, h0, scale, chunks, True, pvs)
-    return o.reshape(*v.shape[:2], H, v.shape[-1]), ht
+            o, ht, nonfinite = ChunkScalarGate.apply(pq, pk, pv, pg, pbeta, h0, scale, chunks, True, pvs)
+    return o.reshape(*v.shape[:2], H, v.shape[-1]), ht, nonfinite
 
 
 def simple_gla(q, k, v, g, *, scale: float, initial_state=None, bounds=None, mode="chunk", chunk_size=64):
-    """Same contract as the reference forms (g None = linear attention); returns (o, final_state)."""
+    """The reference forms' contract (g None = linear attention); returns (o, final_state, nonfinite):
+    nonfinite is the kernels' int32 [1] flag that o or the final state is not finite, or None where
+    this path has none (the finite check then reads the results)."""
     return _run(q, k, v, g=g, scale=scale, initial_state=initial_state, bounds=bounds, mode=mode,
                 chunk_size=chunk_size)
 
@@ -183,6 +192,7 @@ def ssd(x, dt, B, C, *, A, D=None, dt_bias=None, dt_softplus=False, initial_stat
     """Mamba2's SSD as simple GLA: q = C, k = B, v = x scaled by dt inside the kernels (in float32),
     g = dt A, scale 1."""
     q, k, dt, g = ssd_terms(x, dt, A, B, C, dt_bias, dt_softplus, qk_dtype=x.dtype)
-    y, h = _run(q, k, x, g=g, vs=dt, scale=1.0, initial_state=initial_state, bounds=bounds, mode=mode,
-                chunk_size=chunk_size)
-    return with_skip(y, x, D), h
+    y, h, nonfinite = _run(q, k, x, g=g, vs=dt, scale=1.0, initial_state=initial_state, bounds=bounds, mode=mode,
+                           chunk_size=chunk_size)
+    # the skip term D x comes after the kernels: their flag cannot vouch for it
+    return with_skip(y, x, D), h, nonfinite if D is None else None
