@@ -345,12 +345,15 @@ def test_delta_rule_correlated_keys(op):
 
 @pytest.mark.parametrize("op", ["delta_rule", "gated_delta_rule"])
 def test_delta_tiles_in_per_chunk_kernels(monkeypatch, op):
-    """The WY backward and dq/dk kernels with 16-wide K and V tiles (their LAUNCH settings): K = 40
-    and V = 36 end in ragged tiles, dq/dk splits K over three programs."""
+    """The WY backward, dq/dk and intra-chunk dv kernels with 16-wide K and V tiles (their LAUNCH
+    settings): K = 40 and V = 36 end in ragged tiles, dq/dk splits K over three programs and the
+    intra-chunk dv V over three."""
 
     tiles = {"num_warps": 4, "BK": 16, "BV": 16}
-    monkeypatch.setattr(triton_layout, "LAUNCH", {**triton_layout.LAUNCH, "wy_bwd": tiles, "dqk_delta": tiles})
+    monkeypatch.setattr(triton_layout, "LAUNCH", {**triton_layout.LAUNCH, "wy_bwd": tiles, "dqk_delta": tiles,
+                                                  "dv_local_delta": tiles})
     assert triton_layout.block_v("wy_bwd", 36) == 16 and triton_layout.block_k("dqk_delta", 40) == 16
+    assert triton_layout.block_v("dv_local_delta", 36) == 16
     assert_matches(op, make_inputs(op, 2, 37, 2, 40, 36, 2, seed=17), chunk_size=32)
 
 

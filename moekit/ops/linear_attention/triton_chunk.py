@@ -10,10 +10,10 @@ Forward (per chunk of BT tokens, state S_n entering chunk n):
     state_fwd    sequential over chunks: stores S_n; (delta: v <- u - w S_n, stored);
                  S_{n+1} = e^{gc_L} S_n + (k e^{gc_L - gc})^T v
     output_fwd   o = scale (e^{gc} q S_n + (q k^T * e^{gc_i - gc_j}, causal) v)
-                 (the delta rule's state_fwd forms o itself: its programs hold every K row of S_n)
 Backward mirrors it: state_bwd (reverse pass for the state gradients dh_n), dv_local (dv: the
 intra-chunk part, plus (k e^{gc_L - gc}) dh_n; the delta rule's dh reads dv, so there state_bwd
-forms dv itself), dqk (dq, dk, dw and the gate gradient), wy_bwd (through T).
+finishes dv from dv_local's intra-chunk part, which the ungated rule's state_bwd forms itself),
+dqk (dq, dk, dw and the gate gradient), wy_bwd (through T).
 
 Robustness on Hopper (Triton 3.4-3.7 miscompiles ``tl.trans`` of a dot result fed to another
 dot): no kernel here transposes a computed tile; every transposed operand is loaded
@@ -80,16 +80,11 @@ def _decayed(x, keep, g_row, g_col):
 
 
 @triton.jit
-def _not_finite(x):
-    """Elementwise: x (as stored; masked-out elements are zeros) is NaN or inf."""
-    return ~(tl.abs(x.to(tl.float32)) < float("inf"))
-
-
-@triton.jit
-def _flag_if_any(not_finite, bad):
-    """bad[0] = 1 when any element of the boolean tile is set: the finite check's verdict from the
-    kernels that write the results, without a pass over them."""
-    tl.store(bad, 1, mask=tl.sum(not_finite.to(tl.int32)) > 0)
+def _flag_nonfinite(x, bad):
+    """bad[0] = 1 when the tile x (as stored; masked-out elements are zeros) holds NaN or inf: the
+    finite check's verdict from the kernels that write the results, without a pass over them."""
+    count = tl.sum(tl.where(tl.abs(x.to(tl.float32)) < float("inf"), 0, 1))
+    tl.store(bad, 1, mask=count > 0)
 
 
 # ----------------------------------------------------------------------------------- forward
@@ -231,15 +226,13 @@ def _wy_fwd_kernel(k, v, beta, gc, T_out, w, u, start, end,
 
 
 @triton.jit
-def _state_fwd_kernel(q, k, v, w, gc, vs, h, v_new, o, h0, ht, bad, cu, first, scale,
+def _state_fwd_kernel(k, v, w, gc, vs, h, v_new, h0, ht, bad, cu, first,
                       H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
                       STORE_HT: tl.constexpr, HAS_VS: tl.constexpr,
                       PRECISION: tl.constexpr):
     """BK < K (not the delta rule, whose v - w S reads every row of S): the state's K rows are
-    split over programs, and ``output_fwd`` forms o from the stored states. The delta rule's
-    program holds every K row, so it also forms o here, from the state and v_new in registers: the
-    stored h and v_new are not read back, and no other pass over the chunks is launched."""
+    split over programs."""
     i_kv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
     bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
@@ -254,49 +247,30 @@ def _state_fwd_kernel(q, k, v, w, gc, vs, h, v_new, o, h0, ht, bad, cu, first, s
     if HAS_H0:
         b_h += tl.load(h0 + (i_n * H + i_h) * K * V + state, mask=m_state, other=0.0)
     dt = k.dtype.element_ty
-    o_bad = tl.zeros([BT, BV], dtype=tl.int1)
     for c in range(tl.cdiv(eos - bos, BT)):
-        b_hs = b_h.to(h.dtype.element_ty)  # the state as stored, which the backward reads
-        tl.store(h + ((c0 + c) * H + i_h) * K * V + state, b_hs, mask=m_state)
+        tl.store(h + ((c0 + c) * H + i_h) * K * V + state, b_h.to(h.dtype.element_ty), mask=m_state)
         t = bos + c * BT + rt
         mt = t < eos
-        m_rows = mt[:, None] & mv[None, :]
         b_kt = _load_cols(k + i_h * K, t, mt, rk, mk, H * K)
-        if USE_G:
-            g_last = tl.load(gc + (tl.minimum(bos + c * BT + BT, eos) - 1) * H + i_h)
-            b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
         if DELTA:
             b_w = _load_rows(w + i_h * K, t, mt, rk, mk, H * K)
-            b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V) - tl.dot(b_w, b_hs.to(b_w.dtype),
+            b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V) - tl.dot(b_w, b_h.to(b_w.dtype),
                                                                          input_precision=PRECISION)
-            b_v = b_v.to(v_new.dtype.element_ty)
-            tl.store(v_new + (t[:, None] * H + i_h) * V + rv[None, :], b_v, mask=m_rows)
-            # o = scale (e^gc q S_n + (q k^T * e^{gc_i - gc_j}, causal) v_new)
-            b_q = _load_rows(q + i_h * K, t, mt, rk, mk, H * K)
-            b_o = tl.dot(b_q, b_hs.to(b_q.dtype), input_precision=PRECISION)
-            b_a = tl.dot(b_q, b_kt, input_precision=PRECISION)
-            causal = (rt[:, None] >= rt[None, :]) & mt[:, None]
-            if USE_G:
-                b_o = b_o * tl.exp(b_g)[:, None]
-                b_a = _decayed(b_a, causal, b_g[:, None], b_g[None, :])
-            else:
-                b_a = tl.where(causal, b_a, 0.0)
-            b_o = ((b_o + tl.dot(b_a.to(b_v.dtype), b_v, input_precision=PRECISION)) * scale).to(o.dtype.element_ty)
-            tl.store(o + (t[:, None] * H + i_h) * V + rv[None, :], b_o, mask=m_rows)
-            o_bad = o_bad | _not_finite(b_o)
+            tl.store(v_new + (t[:, None] * H + i_h) * V + rv[None, :], b_v.to(v_new.dtype.element_ty),
+                     mask=mt[:, None] & mv[None, :])
         else:
             b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V)
         if USE_G:
+            g_last = tl.load(gc + (tl.minimum(bos + c * BT + BT, eos) - 1) * H + i_h)
+            b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
             b_kt = b_kt.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[None, :]
             b_h = b_h * tl.exp(g_last)
         if HAS_VS:
             b_kt = b_kt.to(tl.float32) * tl.load(vs + t * H + i_h, mask=mt, other=0.0)[None, :]
         b_h += tl.dot(b_kt.to(dt), b_v.to(dt), input_precision=PRECISION)
-    if DELTA:
-        _flag_if_any(o_bad, bad)
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h) * K * V + state, b_h, mask=m_state)
-        _flag_if_any(_not_finite(b_h), bad)
+        _flag_nonfinite(b_h, bad)
 
 
 @triton.jit
@@ -334,7 +308,7 @@ def _output_fwd_kernel(q, k, v, gc, vs, h, o, bad, start, end, scale,
     b_v = _load_rows(v + i_h * V, t, mt, rv, mv, H * V)
     b_o = ((b_o + tl.dot(b_a.to(b_v.dtype), b_v, input_precision=PRECISION)) * scale).to(o.dtype.element_ty)
     tl.store(o + (t[:, None] * H + i_h) * V + rv[None, :], b_o, mask=mt[:, None] & mv[None, :])
-    _flag_if_any(_not_finite(b_o), bad)
+    _flag_nonfinite(b_o, bad)
 
 
 # ---------------------------------------------------------------------------------- backward
@@ -343,9 +317,9 @@ def _output_fwd_kernel(q, k, v, gc, vs, h, o, bad, start, end, scale,
 @triton.jit
 def _dv_local_kernel(q, k, do, gc, dh, dv, start, end, scale,
                      H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, USE_G: tl.constexpr, PRECISION: tl.constexpr):
-    """dv without the delta rule (whose reverse pass forms its own): the intra-chunk part
-    scale (k q^T * decay, anti-causal) do, plus the state's part (k e^{gc_L - gc}) dh_n."""
+                     BV: tl.constexpr, USE_G: tl.constexpr, WITH_STATE: tl.constexpr, PRECISION: tl.constexpr):
+    """Intra-chunk part of dv: scale (k q^T * decay, anti-causal) do; WITH_STATE adds the state's
+    part (k e^{gc_L - gc}) dh_n, which makes it the whole dv (no delta rule)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -363,11 +337,12 @@ def _dv_local_kernel(q, k, do, gc, dh, dv, start, end, scale,
         mk = rk < K
         b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
         b_at += tl.dot(b_k, _load_cols(q + i_h * K, t, mt, rk, mk, H * K), input_precision=PRECISION)
-        b_dh = tl.load(dh + ((i_c.to(tl.int64) * H + i_h) * K + rk[:, None]) * V + rv[None, :],
-                       mask=mk[:, None] & mv[None, :], other=0.0)
-        if USE_G:
-            b_k = (b_k.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]).to(b_k.dtype)
-        b_dv += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=PRECISION)
+        if WITH_STATE:
+            b_dh = tl.load(dh + ((i_c.to(tl.int64) * H + i_h) * K + rk[:, None]) * V + rv[None, :],
+                           mask=mk[:, None] & mv[None, :], other=0.0)
+            if USE_G:
+                b_k = (b_k.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]).to(b_k.dtype)
+            b_dv += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=PRECISION)
     keep = (rt[None, :] >= rt[:, None]) & mt[None, :]
     if USE_G:
         b_at = _decayed(b_at, keep, b_g[None, :], b_g[:, None])
@@ -380,14 +355,18 @@ def _dv_local_kernel(q, k, do, gc, dh, dv, start, end, scale,
 
 
 @triton.jit
-def _state_bwd_kernel(q, k, w, gc, do, dv, dh, dht, dh0, cu, first, scale,
+def _state_bwd_kernel(q, k, w, gc, do, dv_local, dv, dh, dht, dh0, cu, first, scale,
                       H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
-                      STORE_DH0: tl.constexpr, PRECISION: tl.constexpr):
+                      BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, INTRA: tl.constexpr,
+                      HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PRECISION: tl.constexpr):
     """Reverse pass: stores dh_n (gradient of the state leaving chunk n). The delta rule's dh reads
-    dv (dh -= w^T dv), so DELTA also forms the whole dv here (every K row at once): its intra-chunk
-    part from the k and q tiles the pass loads anyway, plus k dh. Otherwise dv is left to the
-    parallel ``dv_local`` kernel and the state's K rows split over programs."""
+    dv (dh -= w^T dv), so DELTA also finishes dv here (dv_local + k dh, every K row at once);
+    otherwise dv is left to the parallel dv kernel and the state's K rows split over programs.
+
+    INTRA (the ungated delta rule): the intra-chunk part of dv is formed here too, from the k and q
+    tiles the pass loads anyway, instead of being read from dv_local's kernel. With a gate the
+    decay's terms took the kernel past 255 registers on sm_90 and it spilled (H200: the gated
+    state backward went from 1.36 to 1.86 ms at T = 2k), so there dv_local stays separate."""
     i_kv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
     bos, eos = tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
@@ -415,15 +394,14 @@ def _state_bwd_kernel(q, k, w, gc, do, dv, dh, dht, dh0, cu, first, scale,
             b_k = _load_rows(k + i_h * K, t, mt, rk, mk, H * K)
             b_qt = _load_cols(q + i_h * K, t, mt, rk, mk, H * K)
             b_do = _load_rows(do + i_h * V, t, mt, rv, mv, H * V)
-            # dv = scale (k q^T * e^{gc_i - gc_j}, i >= j) do + (k e^{gc_L - gc}) dh, in float32
-            b_at = tl.dot(b_k, b_qt, input_precision=PRECISION)  # b_at[j, i] = k_j . q_i
-            keep = (rt[None, :] >= rt[:, None]) & mt[None, :]
-            if USE_G:
-                b_at = _decayed(b_at, keep, b_g[None, :], b_g[:, None])
-                b_k = b_k.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]
+            if INTRA:  # scale (k q^T, anti-causal) do, in float32
+                b_at = tl.dot(b_k, b_qt, input_precision=PRECISION)  # b_at[j, i] = k_j . q_i
+                b_at = tl.where((rt[None, :] >= rt[:, None]) & mt[None, :], b_at * scale, 0.0)
+                b_dv = tl.dot(b_at.to(dt), b_do, input_precision=PRECISION)
             else:
-                b_at = tl.where(keep, b_at, 0.0)
-            b_dv = tl.dot((b_at * scale).to(dt), b_do, input_precision=PRECISION)
+                b_dv = _load_rows(dv_local + i_h * V, t, mt, rv, mv, H * V).to(tl.float32)
+            if USE_G:
+                b_k = b_k.to(tl.float32) * tl.where(mt, tl.exp(g_last - b_g), 0.0)[:, None]
             b_dv = tl.dot(b_k.to(dt), b_dh.to(dt), b_dv, input_precision=PRECISION)
             tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv.to(dv.dtype.element_ty),
                      mask=mt[:, None] & mv[None, :])
@@ -638,39 +616,27 @@ def wy_fwd(k, v, beta, gc, chunks: Chunks):
     return T, w, u
 
 
-def _launch_state_fwd(q, k, v, w, gc, vs, h0, chunks: Chunks, scale, store_final: bool, out_dtype, bad):
+def state_fwd(k, v, w, gc, h0, chunks: Chunks, store_final: bool, v_dtype, bad, vs=None):
+    """Returns (h [NT, H, K, V] in k's dtype, v_new (delta) or None, final state or None); sets
+    bad[0] (int32) to 1 when the final state is not finite.
+
+    vs: optional float32 [tokens, H] scale of v's rows (no delta), applied in the kernels
+    (see ChunkScalarGate)."""
     tokens, H, K = k.shape
     V = v.shape[-1]
     delta = w is not None
     h = torch.empty(chunks.num_chunks, H, K, V, dtype=k.dtype, device=k.device)
-    v_new = torch.empty(tokens, H, V, dtype=out_dtype, device=k.device) if delta else None
-    o = torch.empty(tokens, H, V, dtype=out_dtype, device=k.device) if delta else None
+    v_new = torch.empty(tokens, H, V, dtype=v_dtype, device=k.device) if delta else None
     ht = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=k.device) if store_final else None
     name = _variant("state_fwd", delta)
     BK, BV = state_tiles(name, K, V, split_k=not delta)
     if delta and gc is None:
         name = few_programs_entry(name, triton.cdiv(V, BV) * chunks.num_seqs * H, k.device)
     _state_fwd_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), chunks.num_seqs, H)](
-        q, k, v, w, gc, vs, h, v_new, o, h0, ht, bad, chunks.cu, chunks.first, scale, H=H, K=K, V=V,
-        BT=chunks.size, BK=BK, BV=BV, USE_G=gc is not None, DELTA=delta, HAS_H0=h0 is not None,
-        STORE_HT=store_final, HAS_VS=vs is not None, **launch_options(name, k))
-    return h, v_new, o, ht
-
-
-def state_fwd(k, v, gc, h0, chunks: Chunks, store_final: bool, bad, vs=None):
-    """Simple GLA's states: returns (h [NT, H, K, V] in k's dtype, final state or None); sets
-    bad[0] (int32) to 1 when the final state is not finite.
-
-    vs: optional float32 [tokens, H] scale of v's rows, applied in the kernels (see ChunkScalarGate)."""
-    h, _, _, ht = _launch_state_fwd(None, k, v, None, gc, vs, h0, chunks, 1.0, store_final, v.dtype, bad)
-    return h, ht
-
-
-def delta_fwd(q, k, u, w, gc, h0, chunks: Chunks, scale: float, store_final: bool, out_dtype, bad):
-    """The (gated) delta rule's states and output, in one pass over the chunks: returns (h, v_new,
-    o, final state or None), v_new and o in ``out_dtype``; sets bad[0] (int32) to 1 when o or the
-    final state is not finite."""
-    return _launch_state_fwd(q, k, u, w, gc, None, h0, chunks, scale, store_final, out_dtype, bad)
+        k, v, w, gc, vs, h, v_new, h0, ht, bad, chunks.cu, chunks.first, H=H, K=K, V=V, BT=chunks.size,
+        BK=BK, BV=BV, USE_G=gc is not None, DELTA=delta, HAS_H0=h0 is not None, STORE_HT=store_final,
+        HAS_VS=vs is not None, **launch_options(name, k))
+    return h, v_new, ht
 
 
 def output_fwd(q, k, v, gc, h, chunks: Chunks, scale: float, out_dtype, bad, vs=None):
@@ -685,22 +651,25 @@ def output_fwd(q, k, v, gc, h, chunks: Chunks, scale: float, out_dtype, bad, vs=
     return o
 
 
-def dv_local(q, k, do, gc, dh, chunks: Chunks, scale: float, dtype):
-    """dv without the delta rule, in ``dtype``."""
+def dv_local(q, k, do, gc, chunks: Chunks, scale: float, dh=None, dtype=None):
+    """The intra-chunk part of dv, or with dh (no delta rule) the whole dv, in ``dtype`` (default:
+    do's dtype)."""
     tokens, H, K = q.shape
     V = do.shape[-1]
-    dv = torch.empty(tokens, H, V, dtype=dtype, device=q.device)
-    BV = block_v("dv_local", V)
+    dv = torch.empty(tokens, H, V, dtype=dtype or do.dtype, device=q.device)
+    name = _variant("dv_local", delta=dh is None)  # without dh: the delta rule's intra-chunk part
+    BV = block_v(name, V)
     _dv_local_kernel[(triton.cdiv(V, BV), chunks.num_chunks, H)](
         q, k, do, gc, dh, dv, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K), BV=BV,
-        USE_G=gc is not None, **launch_options("dv_local", k))
+        USE_G=gc is not None, WITH_STATE=dh is not None, **launch_options(name, k))
     return dv
 
 
-def state_bwd(q, k, w, gc, do, dht, chunks: Chunks, scale: float, dv_dtype, want_dh0: bool,
+def state_bwd(q, k, w, gc, do, dv_loc, dht, chunks: Chunks, scale: float, dv_dtype, want_dh0: bool,
               exact_dh: bool = False):
-    """Returns (dh [NT, H, K, V], dv or None, dh0 or None). The delta rule (w given) also forms the
-    whole dv; otherwise dv is None (``dv_local`` computes it from dh).
+    """Returns (dh [NT, H, K, V], dv or None, dh0 or None). The delta rule (w given) also finishes
+    dv = dv_loc + (through the state), or forms all of it where dv_loc is None (see INTRA in the
+    kernel); otherwise dv is None (``dv_local`` with dh computes it).
 
     dh is stored in the input dtype (half the bytes that dv_local and dqk read, and 16-bit dots
     there), or in float32 with ``exact_dh``: for a gate gradient, to which bf16 dh was the largest
@@ -717,8 +686,8 @@ def state_bwd(q, k, w, gc, do, dht, chunks: Chunks, scale: float, dv_dtype, want
     if delta:
         name = few_programs_entry(name, triton.cdiv(V, BV) * chunks.num_seqs * H, q.device)
     _state_bwd_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), chunks.num_seqs, H)](
-        q, k, w, gc, do, dv, dh, dht, dh0, chunks.cu, chunks.first, scale, H=H, K=K, V=V,
-        BT=chunks.size, BK=BK, BV=BV, USE_G=gc is not None, DELTA=delta,
+        q, k, w, gc, do, dv_loc, dv, dh, dht, dh0, chunks.cu, chunks.first, scale, H=H, K=K, V=V,
+        BT=chunks.size, BK=BK, BV=BV, USE_G=gc is not None, DELTA=delta, INTRA=delta and dv_loc is None,
         HAS_DHT=dht is not None, STORE_DH0=want_dh0, **launch_options(name, k))
     return dh, dv, dh0
 

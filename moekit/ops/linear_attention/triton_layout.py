@@ -32,18 +32,19 @@ CHUNK_SIZES = (16, 32, 64)
 # need more than the H200's 227 KB of shared memory at K = V = 128, so they run 1 or 2. The delta
 # state kernels hold every K row of the state (v - w S reads all of them), so V is their only
 # split: 32-wide V tiles give four programs per sequence and head (a long sequence at small batch
-# fills the GPU) and a [128, 32] float32 state, 32 registers a thread at 4 warps. They also form
-# the output (forward) and the whole dv (backward): each V tile's program recomputes the chunk's
-# [BT, BT] q k^T scores, dots the GPU has room for beside a pass bound by its loads.
+# fills the GPU) and a [128, 32] float32 state, 32 registers a thread at 4 warps.
+# The delta rule's intra-chunk dv ("dv_local_delta", no state term) takes the whole V (up to 128)
+# in one program: its [BT, BT] q k^T scores are then formed once per chunk and head, not once per
+# 64-wide V tile, and q and k are read once (sm_90 bf16 K = V = 128: 74 registers, 48 KB shared,
+# three CTAs of 8 warps per SM). From counts, not yet from a GPU sweep.
 # "maxnreg" caps a kernel's registers: the delta rule's dq/dk runs at 8 warps and 128 registers,
 # two CTAs per SM, without spills in sm_90 builds. The WY forward (4 warps, 32 KB shared) takes
 # 176 registers uncapped, two CTAs per SM; capped at 168 it builds to 166 without spills (sm_90,
 # bf16, K = V = 128), three CTAs per SM: more warps to hide its serial inverse's latency.
-# Triton 3.6's sm_90 builds were wrong for two settings whose indexing the interpreter checks in bounds
-# (benchmarks/bisect_launch.py on an H200): "state_fwd_delta" at 1 stage gave the ungated delta rule
-# a wrong state (rel. difference 1.2; gated was right), and the delta rule's former intra-chunk dv
-# kernel at 4 warps, 1 stage, BV 32 read out of bounds. Check any new entry on the GPU against the
-# reference.
+# Triton 3.6's sm_90 builds are wrong for two settings whose indexing the interpreter checks in bounds
+# (benchmarks/bisect_launch.py on an H200): "state_fwd_delta" at 1 stage gives the ungated delta rule
+# a wrong state (rel. difference 1.2; gated is right), and "dv_local_delta" at 4 warps, 1 stage, BV 32
+# reads out of bounds. Check any new entry on the GPU against the reference.
 LAUNCH: dict[str, dict] = {
     "*": {"num_warps": 4},
     "state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
@@ -51,6 +52,7 @@ LAUNCH: dict[str, dict] = {
     "dqk": {"num_warps": 4, "num_stages": 2},
     "wy_fwd": {"num_warps": 4, "num_stages": 1, "maxnreg": 168},
     "wy_bwd": {"num_warps": 4, "num_stages": 1, "BK": 64, "BV": 64},
+    "dv_local_delta": {"num_warps": 8, "num_stages": 3, "BV": 128},
     "dqk_delta": {"num_warps": 8, "num_stages": 2, "maxnreg": 128},
     "state_fwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},
     "state_bwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},

@@ -52,11 +52,11 @@ class ChunkScalarGate(torch.autograd.Function):
         nonfinite = torch.zeros(1, dtype=torch.int32, device=q.device)
         if delta:
             T, w, u = kc.wy_fwd(k, v, beta, gc, chunks)
-            h, v_new, o, ht = kc.delta_fwd(q, k, u, w, gc, h0, chunks, scale, store_final, v.dtype, nonfinite)
+            h, v_new, ht = kc.state_fwd(k, u, w, gc, h0, chunks, store_final, v.dtype, nonfinite)
         else:
-            h, ht = kc.state_fwd(k, v, gc, h0, chunks, store_final, nonfinite, vs)
+            h, _, ht = kc.state_fwd(k, v, None, gc, h0, chunks, store_final, v.dtype, nonfinite, vs)
             v_new = v
-            o = kc.output_fwd(q, k, v, gc, h, chunks, scale, v.dtype, nonfinite, vs)
+        o = kc.output_fwd(q, k, v_new, gc, h, chunks, scale, v.dtype, nonfinite, vs)
         ctx.save_for_backward(q, k, v, beta, gc, h0, h, v_new, T, w, vs)
         ctx.scale, ctx.chunks, ctx.g_dtype = scale, chunks, None if g is None else g.dtype
         ctx.mark_non_differentiable(nonfinite)
@@ -70,14 +70,15 @@ class ChunkScalarGate(torch.autograd.Function):
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
         dv_dtype = torch.float32 if vs is not None else v.dtype
-        if delta:  # dh reads dv: the reverse pass forms it
-            dh, dv_state, dh0 = kc.state_bwd(q, k, w, gc, do, dht, chunks, scale, dv_dtype,
+        if delta:  # dh reads dv: the reverse pass finishes it (ungated: all of it, see state_bwd)
+            dv_loc = kc.dv_local(q, k, do, gc, chunks, scale) if gc is not None else None
+            dh, dv_state, dh0 = kc.state_bwd(q, k, w, gc, do, dv_loc, dht, chunks, scale, dv_dtype,
                                              want_dh0=h0 is not None)
         else:  # float32 dh where a learned gate (or Mamba2's dt scale) takes its gradient through it
             exact_dh = vs is not None or (gc is not None and ctx.needs_input_grad[3])
-            dh, _, dh0 = kc.state_bwd(q, k, None, gc, do, dht, chunks, scale, dv_dtype,
+            dh, _, dh0 = kc.state_bwd(q, k, None, gc, do, None, dht, chunks, scale, dv_dtype,
                                       want_dh0=h0 is not None, exact_dh=exact_dh)
-            dv_state = kc.dv_local(q, k, do, gc, dh, chunks, scale, dv_dtype)
+            dv_state = kc.dv_local(q, k, do, gc, chunks, scale, dh=dh, dtype=dv_dtype)
         dq, dk, dw, dgc = kc.dqk(q, k, v_new, h, dh, do, dv_state if delta else None, gc, chunks, scale, vs)
         dbeta = None
         if delta:
