@@ -521,10 +521,10 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
     lower). A's gradient reaches dk as F k + F^T k, F = diag(beta) E: F goes out through f_buf and
     comes back transposed (no computed tile is transposed), so S = F + F^T takes one product.
 
-    Operands in the input dtype except the products of the float32 T with du and with dT, which
-    stay float32 (TF32): in a bf16 emulation rounding them raised dbeta's error by a quarter (and
-    dv's by 15%) with correlated keys; T's product with dw (T^T rounded with beta e^{gc} on its
-    rows) and S's with k did not show. Each K tile of dk is one accumulator through both."""
+    Every product takes operands in the input dtype, T (stored float32) and dT rounded to it: the
+    kernel is bound by its chain of dependent products, and 16-bit ones issue at twice TF32's rate.
+    In a bf16 emulation that raised dbeta's error by a quarter and dv's by 15% with correlated keys,
+    within the gradient bound. Each K tile of dk is one accumulator through both of its products."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(start + i_c).to(tl.int64), tl.load(end + i_c).to(tl.int64)
     rt = tl.arange(0, BT)
@@ -536,6 +536,7 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
         b_g = tl.load(gc + t * H + i_h, mask=mt, other=0.0)
     dt = k.dtype.element_ty
     b_tt = tl.load(T_in + (t[None, :] * H + i_h) * BT + rt[:, None], mask=mt[None, :], other=0.0)  # T^T
+    b_t16 = b_tt.to(dt)
     # dT = (du v^T + (dw k^T) diag(e^gc)) diag(beta): the column scales go on the sums, so k and v
     # enter the products as loaded (no float32 copy, no rounding of a scaled copy). The diagonal of
     # X = T^T dT before beta's scale is beta's own gradient through u and w, sum_j (T^T du)_ij v_ij
@@ -548,7 +549,7 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
         mv = rv < V
         b_du = _load_rows(du + i_h * V, t, mt, rv, mv, H * V)
         b_dt += tl.dot(b_du.to(dt), _load_cols(v + i_h * V, t, mt, rv, mv, H * V), input_precision=PRECISION)
-        b_dvb = tl.dot(b_tt, b_du.to(tl.float32), input_precision=PRECISION)
+        b_dvb = tl.dot(b_t16, b_du.to(dt), input_precision=PRECISION)
         tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
     b_dtk = tl.zeros([BT, BT], dtype=tl.float32)
@@ -562,10 +563,10 @@ def _wy_bwd_kernel(k, v, beta, gc, T_in, dw, du, dk, dv, dbeta, dg, f_buf, start
     diag = rt[:, None] == rt[None, :]
     if USE_G:
         b_dtk = b_dtk * tl.exp(b_g)[None, :]
-        b_dg = b_beta * tl.sum(tl.where(diag, tl.dot(b_tt, b_dtk, input_precision=PRECISION), 0.0), axis=1)
-    b_x = tl.dot(b_tt, b_dt + b_dtk, input_precision=PRECISION)
+        b_dg = b_beta * tl.sum(tl.where(diag, tl.dot(b_t16, b_dtk.to(dt), input_precision=PRECISION), 0.0), axis=1)
+    b_x = tl.dot(b_t16, (b_dt + b_dtk).to(dt), input_precision=PRECISION)
     b_dbeta = tl.sum(tl.where(diag, b_x, 0.0), axis=1)
-    b_da = -tl.dot(b_x * b_beta[None, :], b_tt, input_precision=PRECISION)
+    b_da = -tl.dot((b_x * b_beta[None, :]).to(dt), b_t16, input_precision=PRECISION)
     strict = (rt[:, None] > rt[None, :]) & mt[:, None]
     if USE_G:
         b_e = _decayed(b_da, strict, b_g[:, None], b_g[None, :])
