@@ -358,14 +358,15 @@ def test_delta_tiles_in_per_chunk_kernels(monkeypatch, op):
 
 
 # Rel. error bounds (outputs and final state, gradients) with float16 inputs vs float64: the
-# measured errors plus ~10% (random keys: delta_rule 5.8e-4 / 7.5e-4, gated 4.9e-4 / 5.6e-4;
-# correlated: 6.8e-4 / 9.5e-4 and 6.2e-4 / 6.5e-4; float16's unit roundoff is 4.9e-4). The delta
+# measured errors plus ~10% (random keys: delta_rule 5.8e-4 / 8.1e-4, gated 4.9e-4 / 6.8e-4;
+# correlated: 6.8e-4 / 1.28e-3 and 6.2e-4 / 7.1e-4; float16's unit roundoff is 4.9e-4). The delta
 # rule keeps w, dw, dh and the intra-chunk dv in the input dtype and u, T and dv in float32: a
-# further rounding in the input dtype shows here. The delta rule's gradients rose from 7.1e-4 /
-# 9.0e-4 when its dq/dk took ds's products and the WY backward T dw and S k in 16 bits.
-F16_BOUNDS = {("delta_rule", "random"): (6.6e-4, 8.3e-4), ("gated_delta_rule", "random"): (5.5e-4, 6.3e-4),
-              ("delta_rule", "correlated"): (7.5e-4, 1.05e-3),
-              ("gated_delta_rule", "correlated"): (6.8e-4, 7.2e-4)}
+# further rounding in the input dtype shows here. Its gradients rose from 7.1e-4 / 9.0e-4 when its
+# dq/dk took ds's products and the WY backward T dw and S k in 16 bits, and dbeta's (the largest)
+# from 9.6e-4 to 1.28e-3 (correlated) when the WY backward's other products with T followed.
+F16_BOUNDS = {("delta_rule", "random"): (6.6e-4, 9.0e-4), ("gated_delta_rule", "random"): (5.5e-4, 7.5e-4),
+              ("delta_rule", "correlated"): (7.5e-4, 1.41e-3),
+              ("gated_delta_rule", "correlated"): (6.8e-4, 7.9e-4)}
 
 
 @pytest.mark.parametrize("keys", ["random", "correlated"])
