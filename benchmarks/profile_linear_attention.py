@@ -57,6 +57,16 @@ SETTINGS = {
     "sb_w2s4v32": {"state_bwd_delta": {"num_warps": 2, "num_stages": 4, "BV": 32}},
     "sb_w4s3v32": {"state_bwd_delta": {"num_warps": 4, "num_stages": 3, "BV": 32}},
     "sb_w4s3v64": {"state_bwd_delta": {"num_warps": 4, "num_stages": 3, "BV": 64}},
+    # the delta rule's per-chunk kernels (fla's dq/dk/dw autotunes over warps, stages and tiles)
+    "dq_w4s2": {"dqk_delta": {"num_warps": 4, "num_stages": 2}},
+    "dq_w4s3": {"dqk_delta": {"num_warps": 4, "num_stages": 3}},
+    "dq_w8s3": {"dqk_delta": {"num_warps": 8, "num_stages": 3, "maxnreg": 128}},
+    "dq_w8k128": {"dqk_delta": {"num_warps": 8, "num_stages": 2, "BK": 128}},
+    "dq_w8v32": {"dqk_delta": {"num_warps": 8, "num_stages": 2, "maxnreg": 128, "BV": 32}},
+    "wb_w4s2": {"wy_bwd": {"num_warps": 4, "num_stages": 2, "BK": 64, "BV": 64}},
+    "wb_w8s1": {"wy_bwd": {"num_warps": 8, "num_stages": 1, "BK": 64, "BV": 64}},
+    "wf_w4": {"wy_fwd": {"num_warps": 4, "num_stages": 1}},
+    "wf_w8": {"wy_fwd": {"num_warps": 8, "num_stages": 1}},
 }
 
 
