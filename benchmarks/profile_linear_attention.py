@@ -65,6 +65,9 @@ SETTINGS = {
     "dq_w8v32": {"dqk_delta": {"num_warps": 8, "num_stages": 2, "maxnreg": 128, "BV": 32}},
     "wb_w4s2": {"wy_bwd": {"num_warps": 4, "num_stages": 2, "BK": 64, "BV": 64}},
     "wb_w8s1": {"wy_bwd": {"num_warps": 8, "num_stages": 1, "BK": 64, "BV": 64}},
+    "wb_w4s3": {"wy_bwd": {"num_warps": 4, "num_stages": 3, "BK": 64, "BV": 64}},
+    "wb_w8s2": {"wy_bwd": {"num_warps": 8, "num_stages": 2, "BK": 64, "BV": 64}},
+    "wb_w4s2k32": {"wy_bwd": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 32}},
     "wf_w4": {"wy_fwd": {"num_warps": 4, "num_stages": 1}},
     "wf_w8": {"wy_fwd": {"num_warps": 8, "num_stages": 1}},
 }
