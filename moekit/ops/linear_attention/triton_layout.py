@@ -41,7 +41,8 @@ CHUNK_SIZES = (16, 32, 64)
 # two CTAs per SM, without spills in sm_90 builds. The WY forward (4 warps, 32 KB shared) takes
 # 176 registers uncapped, two CTAs per SM; capped at 168 it builds to 166 without spills (sm_90,
 # bf16, K = V = 128), three CTAs per SM: more warps to hide its serial inverse's latency. The WY
-# backward takes a 2-stage pipeline since its products with T went 16-bit (H200, T = 2k: 977 -> 897 us).
+# backward takes a 3-stage pipeline since its products with T went 16-bit (H200, T = 2k, delta rule:
+# 1 stage 977 us, 2 stages 897-903, 3 stages 811; gated 1158 at 2 and 3 stages).
 # Triton 3.6's sm_90 builds are wrong for two settings whose indexing the interpreter checks in bounds
 # (benchmarks/bisect_launch.py on an H200): "state_fwd_delta" at 1 stage gives the ungated delta rule
 # a wrong state (rel. difference 1.2; gated is right), and "dv_local_delta" at 4 warps, 1 stage, BV 32
@@ -52,7 +53,7 @@ LAUNCH: dict[str, dict] = {
     "state_bwd": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "dqk": {"num_warps": 4, "num_stages": 2},
     "wy_fwd": {"num_warps": 4, "num_stages": 1, "maxnreg": 168},
-    "wy_bwd": {"num_warps": 4, "num_stages": 2, "BK": 64, "BV": 64},
+    "wy_bwd": {"num_warps": 4, "num_stages": 3, "BK": 64, "BV": 64},
     "dv_local_delta": {"num_warps": 8, "num_stages": 3, "BV": 128},
     "dqk_delta": {"num_warps": 8, "num_stages": 2, "maxnreg": 128},
     "state_fwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},
