@@ -28,12 +28,12 @@ CHUNK_SIZES = (16, 32, 64)
 # Launch settings per kernel: num_warps / num_stages, and for the sequential state kernels their
 # state tile (BK, BV). "*" applies to every kernel without its own entry. The entries are the
 # fastest of benchmarks/profile_linear_attention.py's sweep on an H200 (H=16, K=V=128, T=2k and
-# 32k, bf16). The delta-rule kernels stage float32 tiles (u, T, dv): with 3 pipeline stages they
-# need more than the H200's 227 KB of shared memory at K = V = 128, so they run 1 or 2. The delta
+# 32k, bf16). The delta-rule kernels that stage float32 tiles (u, dv) would need more than the
+# H200's 227 KB of shared memory at K = V = 128 with 3 pipeline stages, so they run 1 or 2. The delta
 # state kernels hold every K row of the state (v - w S reads all of them), so V is their only
 # split: 32-wide V tiles give four programs per sequence and head (a long sequence at small batch
 # fills the GPU) and a [128, 32] float32 state, 32 registers a thread at 4 warps.
-# The delta rule's intra-chunk dv ("dv_local_delta", no state term) takes the whole V (up to 128)
+# The gated delta rule's intra-chunk dv ("dv_local_delta", no state term) takes the whole V (up to 128)
 # in one program: its [BT, BT] q k^T scores are then formed once per chunk and head, not once per
 # 64-wide V tile, and q and k are read once (sm_90 bf16 K = V = 128: 74 registers, 48 KB shared,
 # three CTAs of 8 warps per SM). From counts, not yet from a GPU sweep.
