@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.ops import linear_attention as la
-from moekit.ops.linear_attention import triton_gla, triton_layout, triton_ops
+from moekit.ops.linear_attention import triton_chunk, triton_gla, triton_layout, triton_ops
 
 F32_TOL = 1e-5
 
@@ -422,6 +422,15 @@ def test_delta_rule_bf16_correlated_keys(op, T, H, D, seed, gpu_like_bf16):
     assert 1e-4 < rel_err(o, ro) < 5e-3 and rel_err(s, rs) < 5e-3, (rel_err(o, ro), rel_err(s, rs))
     grad_errors = {n: rel_err(d[n], rd[n]) for n in rd}
     assert max(grad_errors.values()) < 1e-2, grad_errors
+
+
+def test_gated_state_backward_needs_the_intra_chunk_dv():
+    """The delta state backward forms the intra-chunk dv itself only without a gate (with one the
+    kernel spilled): a gated call without dv_local's part is refused, not computed without decay."""
+    x = torch.zeros(8, 1, 16)
+    chunks = triton_layout.chunk_tables([0, 8], 16, x.device)
+    with pytest.raises(ValueError, match="gated delta rule takes its intra-chunk dv from dv_local"):
+        triton_chunk.state_bwd(x, x, x, torch.zeros(8, 1), x, None, None, chunks, 1.0, x.dtype, want_dh0=False)
 
 
 @pytest.mark.parametrize("kernel", ["dqk_delta", "wy_fwd"])
