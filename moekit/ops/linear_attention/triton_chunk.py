@@ -24,8 +24,8 @@ input dtype, and so is its gradient dh unless a gate's gradient reads it (see ``
 delta rule stores w, dw, dv and (gated) the intra-chunk dv in the input dtype too (half the bytes in
 the sequential passes, 16-bit dots; dv in bf16 added 5-11% to dv's and dbeta's error in an
 emulation, within the bounds); u stays float32 (in bf16 it added 15% to the outputs' error, and
-8-11% to the final state's), and so does T, which the WY backward rounds for its products. Token and chunk offsets are 64-bit: the per-chunk state buffers pass
-2^31 elements at long contexts.
+8-11% to the final state's), and so does T, which the WY backward rounds for its products. Token
+and chunk offsets are 64-bit: the per-chunk state buffers pass 2^31 elements at long contexts.
 
 Simple GLA may take a per-token float32 scale vs of v's rows (v_t <- vs_t v_t; Mamba2's dt),
 folded into the float32 decay factors, so the scaled v is never rounded to the input dtype.
