@@ -68,6 +68,11 @@ SETTINGS = {
     "wb_w4s3": {"wy_bwd": {"num_warps": 4, "num_stages": 3, "BK": 64, "BV": 64}},
     "wb_w8s2": {"wy_bwd": {"num_warps": 8, "num_stages": 2, "BK": 64, "BV": 64}},
     "wb_w4s2k32": {"wy_bwd": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 32}},
+    "of_w4v128": {"output_fwd": {"num_warps": 4, "num_stages": 2, "BV": 128}},
+    "of_w8v128": {"output_fwd": {"num_warps": 8, "num_stages": 2, "BV": 128}},
+    "of_w8v128s1": {"output_fwd": {"num_warps": 8, "num_stages": 1, "BV": 128}},
+    "of_w8v64": {"output_fwd": {"num_warps": 8, "num_stages": 2}},
+    "of_w4v64s3": {"output_fwd": {"num_warps": 4, "num_stages": 3}},
     "wf_w4": {"wy_fwd": {"num_warps": 4, "num_stages": 1}},
     "wf_w8": {"wy_fwd": {"num_warps": 8, "num_stages": 1}},
 }

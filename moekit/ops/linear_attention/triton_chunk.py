@@ -650,7 +650,7 @@ def output_fwd(q, k, v, gc, h, chunks: Chunks, scale: float, out_dtype, bad, vs=
     tokens, H, K = q.shape
     V = v.shape[-1]
     o = torch.empty(tokens, H, V, dtype=out_dtype, device=q.device)
-    BV = block(V)
+    BV = block_v("output_fwd", V)
     _output_fwd_kernel[(triton.cdiv(V, BV), chunks.num_chunks, H)](
         q, k, v, gc, vs, h, o, bad, chunks.start, chunks.end, scale, H=H, K=K, V=V, BT=chunks.size, BK=block(K),
         BV=BV, USE_G=gc is not None, HAS_VS=vs is not None, **launch_options("output_fwd", k))
