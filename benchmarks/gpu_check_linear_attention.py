@@ -112,6 +112,9 @@ def main() -> int:
     for op in chunk_ops:
         for H, D, T in shapes:
             ok &= check(f"{op} chunk B=2 H={H} K=V={D} T={T}", op, make_inputs(op, 2, T, H, D, 2, gen))
+        # B = 2 leaves the delta state kernels fewer programs than SMs (their "_few" launch entries):
+        # here enough sequences for the main entries
+        ok &= check(f"{op} chunk B=12 H=16 K=V=128 T=300", op, make_inputs(op, 12, 300, 16, 128, 12, gen))
         bounds = [0, 1, 67, 700, 1900, 2001]
         cu = torch.tensor(bounds, device="cuda", dtype=torch.int32)
         ok &= check(f"{op} chunk cu_seqlens={bounds} H=8 K=V=128", op,

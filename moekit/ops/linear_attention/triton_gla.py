@@ -396,6 +396,7 @@ class ChunkGLA(torch.autograd.Function):
             **launch_options("gla_output", k))
         ctx.save_for_backward(q, k, v, gc, A, h, h0)
         ctx.scale, ctx.chunks, ctx.gk_dtype, ctx.tc = scale, chunks, gk.dtype, tc
+        ctx.set_materialize_grads(False)  # an unused final state's gradient stays None, not a zero tensor
         return o, ht
 
     @staticmethod
@@ -405,7 +406,7 @@ class ChunkGLA(torch.autograd.Function):
         tokens, H, K = q.shape
         V = v.shape[-1]
         BT = chunks.size
-        do = do.contiguous()
+        do = torch.zeros_like(v) if do is None else do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
         dh = torch.empty(chunks.num_chunks, H, K, V, dtype=q.dtype, device=q.device)
         dh0 = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None

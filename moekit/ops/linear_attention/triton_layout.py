@@ -52,11 +52,12 @@ LAUNCH: dict[str, dict] = {
     "state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
     "state_bwd": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "dqk": {"num_warps": 4, "num_stages": 2},
+    "output_fwd": {"num_warps": 4, "num_stages": 2, "BV": 128},
     "wy_fwd": {"num_warps": 4, "num_stages": 1, "maxnreg": 168},
     "wy_bwd": {"num_warps": 4, "num_stages": 3, "BK": 64, "BV": 64},
     "dv_local_delta": {"num_warps": 8, "num_stages": 3, "BV": 128},
     "dqk_delta": {"num_warps": 8, "num_stages": 2, "maxnreg": 128},
-    "state_fwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},
+    "state_fwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 64},
     "state_bwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},
     # the same where their programs do not fill the SMs (``few_programs_entry``)
     "state_fwd_delta_few": {"num_warps": 4, "num_stages": 3, "BV": 32},

@@ -60,6 +60,7 @@ class ChunkScalarGate(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, beta, gc, h0, h, v_new, T, w, vs)
         ctx.scale, ctx.chunks, ctx.g_dtype = scale, chunks, None if g is None else g.dtype
         ctx.mark_non_differentiable(nonfinite)
+        ctx.set_materialize_grads(False)  # an unused final state's gradient stays None, not a zero tensor
         return o, ht, nonfinite
 
     @staticmethod
@@ -67,7 +68,7 @@ class ChunkScalarGate(torch.autograd.Function):
         q, k, v, beta, gc, h0, h, v_new, T, w, vs = ctx.saved_tensors
         chunks, scale = ctx.chunks, ctx.scale
         delta = beta is not None
-        do = do.contiguous()
+        do = torch.zeros_like(v) if do is None else do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
         dv_dtype = torch.float32 if vs is not None else v.dtype
         if delta:  # dh reads dv: the reverse pass finishes it (ungated: all of it, see state_bwd)
