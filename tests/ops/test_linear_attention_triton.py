@@ -321,7 +321,7 @@ def test_delta_state_tiles_split_over_v(monkeypatch, op):
 
     tiles = {"num_warps": 4, "BV": 16}
     monkeypatch.setattr(triton_layout, "LAUNCH", {**triton_layout.LAUNCH, "state_fwd_delta": tiles,
-                                                  "state_bwd_delta": tiles})
+                                                  "state_bwd_delta": tiles, "state_bwd_delta_intra": tiles})
     assert triton_layout.state_tiles("state_bwd_delta", 40, 36, split_k=False) == (64, 16)
     assert_matches(op, make_inputs(op, 2, 37, 2, 40, 36, 2, seed=13), chunk_size=16)
 
@@ -509,17 +509,20 @@ def test_state_gradient_dtype(monkeypatch, op, case, exact):
 
 
 def test_state_kernels_take_their_few_programs_entry_below_the_sm_count(monkeypatch):
-    """The delta rule's state kernels switch to their "_few" launch entry only on a GPU whose SMs
-    their programs do not fill; other kernels, and CPU (interpreter) runs, keep their own entry."""
+    """The delta rule's state kernels switch to their "_few" launch entry, tiles included, only on a
+    GPU whose SMs the programs of their own entry's V tiles do not fill; CPU (interpreter) runs keep
+    their own entry."""
     monkeypatch.setattr(triton_layout, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(triton_layout, "LAUNCH", {**triton_layout.LAUNCH,
+                                                  "state_fwd_delta": {"num_warps": 4, "BV": 64},
+                                                  "state_fwd_delta_few": {"num_warps": 4, "BV": 32}})
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert triton_layout.few_programs_entry("state_bwd_delta", 128, gpu) == "state_bwd_delta_few"
-    assert triton_layout.few_programs_entry("state_fwd_delta", 131, gpu) == "state_fwd_delta_few"
-    assert triton_layout.few_programs_entry("state_bwd_delta", 132, gpu) == "state_bwd_delta"
-    assert triton_layout.few_programs_entry("state_bwd_delta", 128, cpu) == "state_bwd_delta"
-    assert triton_layout.few_programs_entry("state_fwd", 8, gpu) == "state_fwd"
-    for entry in ("state_fwd_delta", "state_bwd_delta"):  # same tiles: only the pipeline depth changes
-        assert triton_layout.LAUNCH[entry + "_few"]["BV"] == triton_layout.LAUNCH[entry]["BV"]
+    # 2 V tiles of 64 x 66 sequences-heads = 132 programs fill the SMs; 65 do not, and take 32-wide tiles
+    assert triton_layout.delta_state_launch("state_fwd_delta", 128, 128, 66, gpu) == ("state_fwd_delta", 128, 64)
+    assert triton_layout.delta_state_launch("state_fwd_delta", 128, 128, 65, gpu) == ("state_fwd_delta_few", 128, 32)
+    assert triton_layout.delta_state_launch("state_fwd_delta", 128, 128, 65, cpu) == ("state_fwd_delta", 128, 64)
+    for entry in ("state_fwd_delta", "state_bwd_delta", "state_bwd_delta_intra"):  # every entry has its few one
+        assert entry + "_few" in triton_layout.LAUNCH
 
 
 @pytest.mark.parametrize("op", ["linear_attn", "delta_rule"])

@@ -42,7 +42,7 @@ from moekit.ops.linear_attention.triton_layout import (
     block,
     block_k,
     block_v,
-    few_programs_entry,
+    delta_state_launch,
     launch_options,
     state_tiles,
 )
@@ -634,10 +634,11 @@ def state_fwd(k, v, w, gc, h0, chunks: Chunks, store_final: bool, v_dtype, bad, 
     h = torch.empty(chunks.num_chunks, H, K, V, dtype=k.dtype, device=k.device)
     v_new = torch.empty(tokens, H, V, dtype=v_dtype, device=k.device) if delta else None
     ht = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=k.device) if store_final else None
-    name = _variant("state_fwd", delta)
-    BK, BV = state_tiles(name, K, V, split_k=not delta)
-    if delta and gc is None:
-        name = few_programs_entry(name, triton.cdiv(V, BV) * chunks.num_seqs * H, k.device)
+    if delta:
+        name, BK, BV = delta_state_launch("state_fwd_delta", K, V, chunks.num_seqs * H, k.device)
+    else:
+        name = "state_fwd"
+        BK, BV = state_tiles(name, K, V, split_k=True)
     _state_fwd_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), chunks.num_seqs, H)](
         k, v, w, gc, vs, h, v_new, h0, ht, bad, chunks.cu, chunks.first, H=H, K=K, V=V, BT=chunks.size,
         BK=BK, BV=BV, USE_G=gc is not None, DELTA=delta, HAS_H0=h0 is not None, STORE_HT=store_final,
@@ -690,10 +691,12 @@ def state_bwd(q, k, w, gc, do, dv_loc, dht, chunks: Chunks, scale: float, dv_dty
     intra = delta and dv_loc is None
     if intra and gc is not None:
         raise ValueError("state_bwd: the gated delta rule takes its intra-chunk dv from dv_local (dv_loc)")
-    name = _variant("state_bwd", delta)
-    BK, BV = state_tiles(name, K, V, split_k=not delta)
-    if delta:
-        name = few_programs_entry(name, triton.cdiv(V, BV) * chunks.num_seqs * H, q.device)
+    if delta:  # the ungated kernel (INTRA) has its own entries
+        entry = "state_bwd_delta_intra" if intra else "state_bwd_delta"
+        name, BK, BV = delta_state_launch(entry, K, V, chunks.num_seqs * H, q.device)
+    else:
+        name = "state_bwd"
+        BK, BV = state_tiles(name, K, V, split_k=True)
     _state_bwd_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), chunks.num_seqs, H)](
         q, k, w, gc, do, dv_loc, dv, dh, dht, dh0, chunks.cu, chunks.first, scale, H=H, K=K, V=V,
         BT=chunks.size, BK=BK, BV=BV, USE_G=gc is not None, DELTA=delta, INTRA=intra,

@@ -59,9 +59,11 @@ LAUNCH: dict[str, dict] = {
     "dqk_delta": {"num_warps": 8, "num_stages": 2, "maxnreg": 128},
     "state_fwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 64},
     "state_bwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},
-    # the same where their programs do not fill the SMs (``few_programs_entry``)
+    "state_bwd_delta_intra": {"num_warps": 4, "num_stages": 3, "BV": 64},
+    # the same where their programs do not fill the SMs (``delta_state_launch``)
     "state_fwd_delta_few": {"num_warps": 4, "num_stages": 3, "BV": 32},
     "state_bwd_delta_few": {"num_warps": 4, "num_stages": 3, "BV": 32},
+    "state_bwd_delta_intra_few": {"num_warps": 4, "num_stages": 3, "BV": 32},
     "gla_scores_tc": {"num_warps": 4, "num_stages": 1},
     "gla_dqk_intra_tc": {"num_warps": 4, "num_stages": 1},
     "gla_state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
@@ -70,17 +72,19 @@ LAUNCH: dict[str, dict] = {
 }
 
 
-def few_programs_entry(kernel: str, programs: int, device: torch.device) -> str:
-    """``kernel + "_few"`` where that entry exists and ``programs`` do not fill the GPU's SMs, else
-    ``kernel``. The delta rule's sequential state kernels take a deeper pipeline there (a long
-    sequence at small batch). H200, K = V = 128, H = 16, benchmarks/profile_linear_attention.py: at
-    T = 32k, B = 2 (128 programs, 132 SMs) 3 stages took the state backward from 1413 to 1270 us
-    (gated: 1727 to 1529) and the ungated state forward from 867 to 590 (gated: 1009 to 1007, so
-    it keeps its entry); at T = 2k, B = 32 (2048 programs) they were slower (backward 858 -> 1352)."""
+def delta_state_launch(kernel: str, K: int, V: int, seqs_heads: int, device: torch.device) -> tuple[str, int, int]:
+    """(LAUNCH entry, BK, BV) of a delta-rule state kernel over ``seqs_heads`` sequences x heads: its
+    own entry, or ``kernel + "_few"`` (tiles included) where the own entry's V tiles would leave the
+    GPU's SMs without a program each (a long sequence at small batch). H200, K = V = 128, H = 16,
+    benchmarks/profile_linear_attention.py: at T = 32k, B = 2, 32-wide V tiles at 3 stages took the
+    state backward from 1413 to 1270 us (gated: 1727 to 1529) and the state forward from 867 to 590,
+    while 64-wide tiles (64 programs) took the state forward to 770 (gated 1736); at T = 2k, B = 32
+    (2048 programs) 3 stages at 32-wide tiles were slower (backward 858 -> 1352)."""
+    _, BV = state_tiles(kernel, K, V, split_k=False)
     few = kernel + "_few"
-    if few not in LAUNCH or device.type != "cuda" or programs >= _sm_count(device):
-        return kernel
-    return few
+    if few in LAUNCH and device.type == "cuda" and triton.cdiv(V, BV) * seqs_heads < _sm_count(device):
+        kernel = few
+    return (kernel, *state_tiles(kernel, K, V, split_k=False))
 
 
 @lru_cache(maxsize=8)
