@@ -31,8 +31,12 @@ CHUNK_SIZES = (16, 32, 64)
 # 32k, bf16). The delta-rule kernels that stage float32 tiles (u, dv) would need more than the
 # H200's 227 KB of shared memory at K = V = 128 with 3 pipeline stages, so they run 1 or 2. The delta
 # state kernels hold every K row of the state (v - w S reads all of them), so V is their only
-# split: 32-wide V tiles give four programs per sequence and head (a long sequence at small batch
-# fills the GPU) and a [128, 32] float32 state, 32 registers a thread at 4 warps.
+# split, and each V tile's program reads the chunk's whole k, w (and q) tiles: Nsight Compute found
+# them bound by L2 throughput (state forward at 32-wide tiles: L2 87% busy, DRAM 63%). 64-wide tiles
+# halve those reads: H200, T = 2k, state forward 638 -> 514 us (gated 751 -> 645), the ungated state
+# backward at 3 stages 786 -> 694 (the gated one went 1098 -> 1621 there and keeps 32). Where 64-wide
+# tiles leave SMs without a program, their "_few" entries take 32 (``delta_state_launch``). The output
+# kernel takes the whole V (up to 128) in one program, so q k^T is formed once per chunk: 485 -> 404 us.
 # The gated delta rule's intra-chunk dv ("dv_local_delta", no state term) takes the whole V (up to 128)
 # in one program: its [BT, BT] q k^T scores are then formed once per chunk and head, not once per
 # 64-wide V tile, and q and k are read once (sm_90 bf16 K = V = 128: 74 registers, 48 KB shared,
