@@ -1,7 +1,8 @@
 """Build every Triton linear-attention kernel variant for a GPU architecture, without a GPU.
 
 Phase 1 runs each op's Triton path (forward and backward; float32 and float16 inputs, K = V in
-{64, 128}, an initial state) in the CPU interpreter and records every kernel launch: argument
+{64, 128}, an initial state) in the CPU interpreter, a second time as if the delta state kernels' programs
+did not fill the GPU (their "_few" launch entries), and records every kernel launch: argument
 kinds, constexpr values (PRECISION included), warps and stages. Phase 2 compiles each recorded
 variant with ``triton.compile`` for ``--arch`` (16-bit pointers as bf16, the GPU's dtype) and
 prints its shared memory, registers and spills, so a kernel that does not build for, or does not fit, the target is
@@ -22,11 +23,21 @@ import triton_build
 
 def record(path: str) -> None:
     """Phase 1, in the interpreter: run the ops forward and backward, save every launch at ``path``."""
-    import torch
-    import torch.nn.functional as F
-
     launches = triton_build.record_launches()
     from moekit.ops import linear_attention as la
+    from moekit.ops.linear_attention import triton_layout
+
+    for few in (False, True):  # then as on a GPU whose SMs the programs do not fill: the "_few" entries
+        if few:
+            triton_layout.sm_count = lambda device: 1 << 30
+        run_ops(la)
+    triton_build.save(launches, path)
+
+
+def run_ops(la) -> None:
+    """Each op's Triton path forward and backward (float32 and float16, K = V in {64, 128})."""
+    import torch
+    import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(0)
 
@@ -50,7 +61,6 @@ def record(path: str) -> None:
             y, s = la.mamba2_ssd(x, dt, (-torch.rand(H)).requires_grad_(), b, c, output_final_state=True,
                                  backend="triton")
             (y.float().sum() + s.sum()).backward()
-    triton_build.save(launches, path)
 
 
 def label(launch: dict, options: dict) -> str:

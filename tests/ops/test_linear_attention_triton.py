@@ -227,6 +227,23 @@ def test_triton_backend_refuses_clearly(case, match):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("B", [2, 12], ids=["few-programs", "fills-the-sms"])
+@pytest.mark.parametrize("op", ["delta_rule", "gated_delta_rule"])
+def test_float32_on_gpu(op, B):
+    """float32 inputs at the profiled head dims (K = V = 128, the largest staged tiles) in the delta
+    rules, whose state kernels stage the most: every launch entry fits the GPU's shared memory (at
+    B = 2 the state kernels take their "_few" entries, at B = 12 their own) and the results match the
+    float64 reference to float32 accuracy."""
+    inputs = {n: t.cuda() for n, t in make_inputs(op, B, 130, 16, 128, 128, B, seed=6).items()}
+    o, s, d = run(op, inputs, backend="triton", chunk_size=64)
+    ro, rs, rd = run(op, inputs, dtype=torch.float64, backend="reference", chunk_size=64)
+    assert rel_err(o, ro) < 1e-4 and rel_err(s, rs) < 1e-4, (rel_err(o, ro), rel_err(s, rs))
+    for name in rd:
+        assert rel_err(d[name], rd[name]) < 1e-4, (name, rel_err(d[name], rd[name]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("op", CHUNK_OPS)
 def test_bf16_on_gpu(op):
     """bf16 inputs vs the float32 reference on the same values (the issue's GPU tolerances)."""
@@ -512,7 +529,7 @@ def test_state_kernels_take_their_few_programs_entry_below_the_sm_count(monkeypa
     """The delta rule's state kernels switch to their "_few" launch entry, tiles included, only on a
     GPU whose SMs the programs of their own entry's V tiles do not fill; CPU (interpreter) runs keep
     their own entry."""
-    monkeypatch.setattr(triton_layout, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(triton_layout, "_cuda_sm_count", lambda device: 132)
     monkeypatch.setattr(triton_layout, "LAUNCH", {**triton_layout.LAUNCH,
                                                   "state_fwd_delta": {"num_warps": 4, "BV": 64},
                                                   "state_fwd_delta_few": {"num_warps": 4, "BV": 32}})
@@ -523,6 +540,16 @@ def test_state_kernels_take_their_few_programs_entry_below_the_sm_count(monkeypa
     assert triton_layout.delta_state_launch("state_fwd_delta", 128, 128, 65, cpu) == ("state_fwd_delta", 128, 64)
     for entry in ("state_fwd_delta", "state_bwd_delta", "state_bwd_delta_intra"):  # every entry has its few one
         assert entry + "_few" in triton_layout.LAUNCH
+
+
+def test_float32_inputs_take_their_own_pipeline_depth():
+    """An entry's "f32_stages" replaces its stages for float32 inputs only (their staged tiles take
+    twice the shared memory); 16-bit inputs keep the entry's own."""
+    entry = "state_bwd_delta_intra"
+    f32 = triton_layout.launch_options(entry, torch.zeros(1))
+    bf16 = triton_layout.launch_options(entry, torch.zeros(1, dtype=torch.bfloat16))
+    assert f32["num_stages"] == triton_layout.LAUNCH[entry]["f32_stages"] < bf16["num_stages"]
+    assert bf16["num_stages"] == triton_layout.LAUNCH[entry]["num_stages"]
 
 
 @pytest.mark.parametrize("op", ["linear_attn", "delta_rule"])

@@ -51,6 +51,9 @@ CHUNK_SIZES = (16, 32, 64)
 # (benchmarks/bisect_launch.py on an H200): "state_fwd_delta" at 1 stage gives the ungated delta rule
 # a wrong state (rel. difference 1.2; gated is right), and "dv_local_delta" at 4 warps, 1 stage, BV 32
 # reads out of bounds. Check any new entry on the GPU against the reference.
+# "f32_stages": the pipeline depth for float32 inputs, whose staged tiles take twice the bytes: the
+# delta state backward at 3 stages needs 229-263 KB of shared memory in sm_90 builds at K = V = 128
+# (more than the H200's 227 KB at BV 64, and gated at BV 32), 122-148 KB at 2.
 LAUNCH: dict[str, dict] = {
     "*": {"num_warps": 4},
     "state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
@@ -63,11 +66,11 @@ LAUNCH: dict[str, dict] = {
     "dqk_delta": {"num_warps": 8, "num_stages": 2, "maxnreg": 128},
     "state_fwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 64},
     "state_bwd_delta": {"num_warps": 4, "num_stages": 2, "BV": 32},
-    "state_bwd_delta_intra": {"num_warps": 4, "num_stages": 3, "BV": 64},
+    "state_bwd_delta_intra": {"num_warps": 4, "num_stages": 3, "BV": 64, "f32_stages": 2},
     # the same where their programs do not fill the SMs (``delta_state_launch``)
     "state_fwd_delta_few": {"num_warps": 4, "num_stages": 3, "BV": 32},
-    "state_bwd_delta_few": {"num_warps": 4, "num_stages": 3, "BV": 32},
-    "state_bwd_delta_intra_few": {"num_warps": 4, "num_stages": 3, "BV": 32},
+    "state_bwd_delta_few": {"num_warps": 4, "num_stages": 3, "BV": 32, "f32_stages": 2},
+    "state_bwd_delta_intra_few": {"num_warps": 4, "num_stages": 3, "BV": 32, "f32_stages": 2},
     "gla_scores_tc": {"num_warps": 4, "num_stages": 1},
     "gla_dqk_intra_tc": {"num_warps": 4, "num_stages": 1},
     "gla_state_fwd": {"num_warps": 8, "num_stages": 3, "BK": 64},
@@ -86,13 +89,18 @@ def delta_state_launch(kernel: str, K: int, V: int, seqs_heads: int, device: tor
     (2048 programs) 3 stages at 32-wide tiles were slower (backward 858 -> 1352)."""
     _, BV = state_tiles(kernel, K, V, split_k=False)
     few = kernel + "_few"
-    if few in LAUNCH and device.type == "cuda" and triton.cdiv(V, BV) * seqs_heads < _sm_count(device):
+    if few in LAUNCH and triton.cdiv(V, BV) * seqs_heads < sm_count(device):
         kernel = few
     return (kernel, *state_tiles(kernel, K, V, split_k=False))
 
 
+def sm_count(device: torch.device) -> int:
+    """The device's SM count; 0 off CUDA (interpreter runs keep every kernel's own entry)."""
+    return _cuda_sm_count(device) if device.type == "cuda" else 0
+
+
 @lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
+def _cuda_sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -104,7 +112,10 @@ def launch_options(kernel: str, x: torch.Tensor) -> dict:
     opts = LAUNCH.get(kernel, LAUNCH["*"])
     precision = dot_precision(x.dtype)
     keys = ("num_warps", "num_stages") + (("maxnreg",) if precision != "ieee" else ())
-    return {**{k: v for k, v in opts.items() if k in keys}, "PRECISION": precision}
+    chosen = {k: v for k, v in opts.items() if k in keys}
+    if x.element_size() == 4 and "f32_stages" in opts:
+        chosen["num_stages"] = opts["f32_stages"]
+    return {**chosen, "PRECISION": precision}
 
 
 def block_k(kernel: str, K: int) -> int:
