@@ -27,7 +27,6 @@ from moekit.ops.linear_attention.triton_layout import (
     Chunks,
     chunk_cumsum,
     chunk_tables,
-    padded,
 )
 from moekit.ops.linear_attention.triton_recurrent import recurrent_fwd
 
@@ -111,11 +110,6 @@ def unsupported(op: str, mode: str, tensors: dict[str, torch.Tensor | None], K: 
         return f"the Triton kernels take head dims K, V <= {MAX_HEAD_DIM}, got K={K}, V={V}"
     if op in ("delta_rule", "gated_delta_rule", "gla") and K > MAX_KEY_DIM_STAGED:
         return f"the Triton {op} kernels take K <= {MAX_KEY_DIM_STAGED}, got K={K}"
-    if op == "gated_delta_rule" and present[0].is_cuda and min(padded(K), padded(V)) < 64:
-        # an H200 run (K = V = 32, 2026-11-29) faulted inside the chunked backward; K = V = 48 (64-wide
-        # tiles) and the ungated delta rule at 32 were right
-        return (f"the gated delta rule's kernels faulted (illegal memory access) on an H200 (Triton 3.6, sm_90) at "
-                f"head dims of 32 or less, got K={K}, V={V}")
     if mode == "chunk" and chunk_size not in CHUNK_SIZES:
         return f"the Triton chunk kernels take chunk_size in {CHUNK_SIZES}, got {chunk_size}"
     return None
