@@ -103,9 +103,9 @@ def test_triton_row_kernel_matches_reference(rows, vocab, want_grad):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("n,vocab", [(1000, 151936), (333, 50257)])
-def test_gpu_bf16_against_full_logits(n, vocab):
-    hidden, weight, labels = _problem(n, 512, vocab, torch.bfloat16, seed=n, ignored=(0, 7), device="cuda")
+@pytest.mark.parametrize("n,h,vocab", [(1000, 512, 151936), (333, 512, 50257), (37, 16, 50), (130, 48, 1000)])
+def test_gpu_bf16_against_full_logits(n, h, vocab):
+    hidden, weight, labels = _problem(n, h, vocab, torch.bfloat16, seed=n, ignored=(0, 7), device="cuda")
     got = linear_cross_entropy(hidden, weight, labels, rows=256)
     want = F.cross_entropy((hidden @ weight.t()).float(), labels)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
