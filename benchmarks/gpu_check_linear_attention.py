@@ -1,10 +1,10 @@
 """GPU check of the Triton linear-attention kernels against the float32 reference on the GPU.
 
 For every op with a Triton kernel: bf16 inputs, B=2, H in {4, 16}, K=V in {64, 128}, T in
-{100, 1000, 4100} (not multiples of the chunk), plus packed-sequence (cu_seqlens) and decoding
-cases. Compares output, final state (rel. error < 5e-3) and every input gradient (< 1e-2) with
-the reference run in float32 on the same bf16 values. Prints one PASS/FAIL line per case and
-exits non-zero on any failure.
+{100, 1000, 4100} (not multiples of the chunk), small and mixed head dims (16 to 64), plus
+packed-sequence (cu_seqlens) and decoding cases. Compares output, final state (rel. error < 5e-3)
+and every input gradient (< 1e-2) with the reference run in float32 on the same bf16 values.
+Prints one PASS/FAIL line per case and exits non-zero on any failure.
 
 mamba2_ssd's dA is one sum per head over all tokens whose terms cancel (sum |term| / |sum| is
 ~6 median, up to ~13, at B=2 H=4 K=V=64 T=100), and its relative error divides by that sum.
@@ -33,18 +33,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def make_inputs(op: str, B: int, T: int, H: int, D: int, n_states: int, gen: torch.Generator) -> dict:
-    """Leaf bf16 tensors named like the op's arguments (keys L2-normalised for the delta rules)."""
+def make_inputs(op: str, B: int, T: int, H: int, D: int, n_states: int, gen: torch.Generator,
+                V: int | None = None) -> dict:
+    """Leaf bf16 tensors named like the op's arguments (keys L2-normalised for the delta rules); head
+    dims K = D and V (default D)."""
+    V = V or D
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device="cuda")
 
     if op == "mamba2_ssd":
         G = max(1, H // 4)
-        x = {"x": randn(B, T, H, D), "dt": F.softplus(randn(B, T, H) - 1.0), "A": -torch.rand(H, device="cuda",
+        x = {"x": randn(B, T, H, V), "dt": F.softplus(randn(B, T, H) - 1.0), "A": -torch.rand(H, device="cuda",
                                                                                                 generator=gen) - 0.5,
              "B": randn(B, T, G, D) * D ** -0.5, "C": randn(B, T, G, D) * D ** -0.5}
     else:
-        x = {"q": randn(B, T, H, D), "k": randn(B, T, H, D), "v": randn(B, T, H, D)}
+        x = {"q": randn(B, T, H, D), "k": randn(B, T, H, D), "v": randn(B, T, H, V)}
         if op in ("delta_rule", "gated_delta_rule"):
             x["k"] = F.normalize(x["k"], dim=-1)
         if op in ("simple_gla", "gated_delta_rule"):
@@ -54,7 +57,7 @@ def make_inputs(op: str, B: int, T: int, H: int, D: int, n_states: int, gen: tor
         if op in ("delta_rule", "gated_delta_rule"):
             x["beta"] = torch.sigmoid(randn(B, T, H))
     x = {name: t.to(DTYPE) for name, t in x.items()}
-    x["initial_state"] = randn(n_states, H, D, D) * 0.1
+    x["initial_state"] = randn(n_states, H, D, V) * 0.1
     return x
 
 
@@ -119,6 +122,10 @@ def main() -> int:
         cu = torch.tensor(bounds, device="cuda", dtype=torch.int32)
         ok &= check(f"{op} chunk cu_seqlens={bounds} H=8 K=V=128", op,
                     make_inputs(op, 1, bounds[-1], 8, 128, len(bounds) - 1, gen), cu_seqlens=cu)
+    # small and mixed head dims: 16- and 32-wide tiles gave wrong results on an H200 (triton_layout.MIN_TILE)
+    for op in chunk_ops:
+        for K, V in ((16, 16), (32, 32), (64, 32), (32, 64), (64, 16)):
+            ok &= check(f"{op} chunk B=2 H=4 K={K} V={V} T=300", op, make_inputs(op, 2, 300, 4, K, 2, gen, V=V))
     # the largest head dim the scalar-gate kernels take
     for op in [op for op in ("simple_gla", "linear_attn") if op in chunk_ops]:
         ok &= check(f"{op} chunk B=2 H=4 K=V=256 T=300", op, make_inputs(op, 2, 300, 4, 256, 2, gen))
