@@ -6,7 +6,10 @@ inputs for every variant in one process; the variants differ only in the dispatc
 (DeepSeek-V3 1x128 / 128x128) and "mxfp8" (``moekit.ops.moe.fp8``). Prints forward and
 forward+backward medians (triton.testing.do_bench), TFLOP/s (6 * tokens * top_k * hidden *
 ffn forward, 3x forward+backward) and each variant's speed-up over bf16 triton and grouped_mm.
-Target: fp8 >= 1.4x moekit's bf16 path.
+Target: fp8 >= 1.4x moekit's bf16 path. "fp8-cached" / "mxfp8-cached" keep the quantized weights
+between calls (``MoEConfig(cache_fp8_weights=True)``): what a gradient-accumulation micro-batch
+after its step's first costs; "fp8" / "mxfp8" quantize the weights on every call, as a step's
+first micro-batch (or a step without accumulation) does.
 
     python benchmarks/moe_fp8.py [--shapes deepseek-v3 mixtral-8x7b] [--variants ...] [--profile] [--sweep]
                                  [--wgrad-sweep]
@@ -33,13 +36,16 @@ from moekit.moe.dispatch import LocalDispatcher
 from moekit.ops.moe import fp8, fp8_kernels
 from moekit.ops.moe.fp8_recipe import RECIPES
 from moekit.ops.moe.triton_meta import routing_meta
+from moekit.ops.moe.weight_cache import WeightCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check_moe import SHAPES  # noqa: E402  (the shape table lives in one place)
 
-# (name, backend, precision): the layer's dispatcher is LocalDispatcher(backend, precision)
-VARIANTS = (("triton", "triton", "bf16"), ("grouped_mm", "grouped_mm", "bf16"), ("fp8", "triton", "fp8"),
-            ("mxfp8", "triton", "mxfp8"))
+# (name, backend, precision, cached): the layer's dispatcher is LocalDispatcher(backend, precision), its
+# experts keep a WeightCache when cached
+VARIANTS = (("triton", "triton", "bf16", False), ("grouped_mm", "grouped_mm", "bf16", False),
+            ("fp8", "triton", "fp8", False), ("fp8-cached", "triton", "fp8", True),
+            ("mxfp8", "triton", "mxfp8", False), ("mxfp8-cached", "triton", "mxfp8", True))
 SWEEP = [(8, 3), (8, 4), (8, 2), (4, 3), (4, 4), (16, 3), (16, 2)]
 
 
@@ -202,13 +208,15 @@ def bench_shape(s, args) -> None:
     grad_out = torch.randn_like(x)
     flops = 6 * s.tokens * s.top_k * s.hidden * s.ffn
     times = {}
-    for variant, backend, precision in VARIANTS:
+    for variant, backend, precision, cached in VARIANTS:
         if variant not in args.variants:
             continue
         layer.set_dispatcher(LocalDispatcher(backend, precision))
+        layer.experts.fp8_weights = WeightCache() if cached else None
         start = time.perf_counter()
         fwd, both = bench(lambda: run_layer(layer, x, None)), bench(lambda: run_layer(layer, x, grad_out))
         times[variant] = both
+        layer.experts.fp8_weights = None
         torch.cuda.empty_cache()
         # printed as soon as measured: one shape's variants can take minutes (autotuning at 256 experts)
         ratios = " ".join(f"{times[ref] / both:10.2f}x" if ref in times else f"{'-':>11s}"

@@ -54,6 +54,7 @@ class MoEConfig:
     activation: str = "swiglu"
     backend: str = "auto"
     precision: str = "bf16"
+    cache_fp8_weights: bool = False  # keep the quantized expert weights between calls (fp8 / mxfp8)
     check_finite: bool = False
     init_std: float = 0.02
 
@@ -102,6 +103,8 @@ class MoEConfig:
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate", "router_jitter"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.route_scale > 0, f"route_scale must be > 0, got {self.route_scale}")
+        need(not self.cache_fp8_weights or self.precision != "bf16",
+             "cache_fp8_weights keeps FP8 copies of the expert weights: it needs precision 'fp8' or 'mxfp8'")
         if self.precision != "bf16":
             # FP8 / MXFP8 GEMMs work in whole 128-wide scale blocks (DeepSeek-V3's 128x128 weight tiles).
             for name in ("hidden_size", "ffn_hidden_size"):

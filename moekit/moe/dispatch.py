@@ -38,5 +38,5 @@ class LocalDispatcher:
         started: None = None,
     ) -> torch.Tensor:
         out = moe_ops.routed_experts(x, topk_idx, topk_weight, experts.w_up, experts.w_down,
-                                     experts.activation, self.backend, self.precision)
+                                     experts.activation, self.backend, self.precision, experts.fp8_weights)
         return out if shared is None else out + shared(x)

@@ -6,16 +6,19 @@ import torch
 from torch import nn
 
 from moekit.ops.activations import apply_activation, up_width
+from moekit.ops.moe.weight_cache import WeightCache
 
 
 class RoutedExperts(nn.Module):
     """E experts stored as ``w_up`` [E, U, H] and ``w_down`` [E, H, F] (per-expert nn.Linear layout;
-    U = 2F for gated activations, gate rows first)."""
+    U = 2F for gated activations, gate rows first). ``fp8_weights``: their quantized forms kept
+    between calls (``MoEConfig.cache_fp8_weights``), or None."""
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str,
                  init_std: float = 0.02):
         super().__init__()
         self.activation = activation
+        self.fp8_weights: WeightCache | None = None
         self.w_up = nn.Parameter(torch.empty(num_experts, up_width(activation, ffn_hidden_size), hidden_size))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
         nn.init.normal_(self.w_up, std=init_std)

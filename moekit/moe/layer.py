@@ -11,6 +11,7 @@ from moekit.moe.dispatch import LocalDispatcher
 from moekit.moe.experts import FeedForward, RoutedExperts
 from moekit.moe.router import Router
 from moekit.moe.stats import MoEStats, expert_counts
+from moekit.ops.moe.weight_cache import WeightCache
 
 
 class MoE(nn.Module):
@@ -36,6 +37,8 @@ class MoE(nn.Module):
                                       config.init_std)
             if config.shared_expert_gate:
                 self.shared_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        if config.cache_fp8_weights:
+            self.experts.fp8_weights = WeightCache()
         self.dispatcher = LocalDispatcher(config.backend, config.precision)
         self.balance: balancing.Balance | None = None  # the last forward's
 

@@ -161,7 +161,7 @@ class AllToAllDispatcher:
             local_idx, weight = restrict_to_rank(*unpack_routing(all_routing), shard.offset // shard.num_local,
                                                  shard.num_local)
             y = moe_ops.routed_experts(all_x, local_idx, weight, experts.w_up, experts.w_down,
-                                       experts.activation, self.backend, self.precision)
+                                       experts.activation, self.backend, self.precision, experts.fp8_weights)
             out = reduce_scatter(y, self.group)  # this rank's tokens, summed over the ranks' experts
         else:
             hits = destination_ranks(topk_idx, shard.num_local, self.ep_size)
@@ -191,7 +191,7 @@ class AllToAllDispatcher:
         routing_work.wait()
         recv_idx, recv_weight = unpack_routing(recv_routing)
         y = moe_ops.routed_experts(recv_x, recv_idx, recv_weight, experts.w_up, experts.w_down,
-                                   experts.activation, self.backend, self.precision)
+                                   experts.activation, self.backend, self.precision, experts.fp8_weights)
         return all_to_all(y, send_splits, recv_splits, self.group), shared_out
 
     def _check_same_shape(self, shape: tuple[int, ...], what: str, device: torch.device) -> None:

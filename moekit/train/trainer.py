@@ -146,6 +146,9 @@ class Trainer:
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         meter.add(grad_norm=self.runtime.clip_grad_norm_(self.model, max_norm))
         self.optimizer.step()
+        for layer in self.model.moe_layers():  # the step changed the weights their caches hold
+            if layer.experts.fp8_weights is not None:
+                layer.experts.fp8_weights.clear()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         update_expert_biases(self.model, self.runtime.reduce_load)

@@ -5,7 +5,9 @@ import torch
 from helpers import rel_err
 
 from moekit import MoE, MoEConfig
+from moekit.moe import dispatch
 from moekit.ops.moe import fp8_reference
+from moekit.ops.moe.weight_cache import WeightCache
 
 
 @pytest.mark.parametrize("precision,bound", [("fp8", 0.10), ("mxfp8", 0.12)])
@@ -39,3 +41,22 @@ def test_grouped_mm_backend_refuses_low_precision():
                           backend="grouped_mm"))
     with pytest.raises(ValueError, match="precision 'fp8' runs on the 'triton' \\(GPU\\) or 'reference' backends"):
         layer(torch.randn(8, 128))
+
+
+def test_cache_fp8_weights_reaches_the_experts_op(monkeypatch):
+    kw = dict(hidden_size=128, ffn_hidden_size=128, num_experts=4, top_k=2)
+    with pytest.raises(ValueError, match="cache_fp8_weights .* needs precision 'fp8' or 'mxfp8'"):
+        MoEConfig(cache_fp8_weights=True, **kw)
+    assert MoE(MoEConfig(precision="fp8", **kw)).experts.fp8_weights is None
+    layer = MoE(MoEConfig(precision="fp8", cache_fp8_weights=True, **kw))
+    assert isinstance(layer.experts.fp8_weights, WeightCache)
+    seen = []
+    real = dispatch.moe_ops.routed_experts
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(dispatch.moe_ops, "routed_experts", spy)
+    layer(torch.randn(1, 8, 128))
+    assert seen == [layer.experts.fp8_weights]

@@ -7,6 +7,7 @@ import torch
 
 from moekit.ops.moe import fp8, fp8_reference, reference, triton_meta
 from moekit.ops.moe.fp8_recipe import recipe
+from moekit.ops.moe.weight_cache import WeightCache
 
 # Documented in moekit/ops/moe/fp8.py: ||out - ref|| / ||ref|| for outputs and gradients.
 BOUND = {"fp8": 0.10, "mxfp8": 0.12}
@@ -474,3 +475,50 @@ def test_gpu_every_wgrad_candidate_matches_float64(monkeypatch, recipe_name):
         got = fp8_kernels.grouped_wgrad(a, b, meta, r, torch.float32)
         err = _wgrad_error(got, want)
         assert err.max() < {"fp8": 2e-3, "mxfp8": 1e-5}[recipe_name], (candidate.name, err.tolist())
+
+
+def test_weight_cache_quantizes_each_weight_once_per_update(monkeypatch):
+    """Gradient-accumulation micro-batches reuse the quantized weights (bit-identical results), an
+    optimizer-style in-place update re-quantizes only the weight it changed, an update through
+    ``.data`` (invisible to the version counter) needs ``clear()``, and inference caches its own form."""
+    calls = []
+
+    def counted(name, real):
+        def wrapper(w, *args, **kwargs):
+            calls.append((name, tuple(w.shape)))
+            return real(w, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(fp8, "quantize_weight_both", counted("both", fp8.quantize_weight_both))
+    monkeypatch.setattr(fp8, "quantize_weight", counted("rows", fp8.quantize_weight))
+    leaves, idx, grad = _problem(40, 128, 128, 5, 2, "swiglu", seed=2)
+    up, down = tuple(leaves[2].shape), tuple(leaves[3].shape)
+    cache = WeightCache()
+
+    def cached(*args):
+        return fp8.routed_experts(*args, weight_cache=cache)
+
+    def check(expected_calls):  # the cached run's quantizations; its results equal the uncached path's
+        calls.clear()
+        got = _run(cached, leaves, idx, grad, "swiglu")
+        assert calls == expected_calls
+        want = _run(fp8.routed_experts, leaves, idx, grad, "swiglu")
+        for name, g, w in zip(("out", "dx", "dweight", "dw_up", "dw_down"), got, want, strict=True):
+            assert torch.equal(g, w), name
+
+    check([("both", up), ("both", down)])  # a step's first micro-batch quantizes both weights
+    check([])  # the next micro-batch reuses them
+    with torch.no_grad():
+        leaves[2].mul_(1.5)  # what an optimizer step does to w_up
+    check([("both", up)])
+    leaves[3].data.mul_(0.5)  # bypasses the version counter: the cache cannot see it...
+    calls.clear()
+    stale = _run(cached, leaves, idx, grad, "swiglu")
+    assert calls == [] and not torch.equal(stale[0], _run(fp8.routed_experts, leaves, idx, grad, "swiglu")[0])
+    cache.clear()  # ...so the trainer clears after every optimizer step
+    check([("both", up), ("both", down)])
+    calls.clear()
+    with torch.no_grad():
+        first = cached(leaves[0], idx, leaves[1], leaves[2], leaves[3], "swiglu")
+        again = cached(leaves[0], idx, leaves[1], leaves[2], leaves[3], "swiglu")
+    assert calls == [("rows", up), ("rows", down)] and torch.equal(first, again)

@@ -6,6 +6,7 @@ from PIL import Image
 
 from moekit.train.checkpoint import CheckpointError, resolve_checkpoint
 from moekit.train.config import TrainConfig
+from moekit.train.metrics import IntervalMeter
 from moekit.train.trainer import Trainer
 
 
@@ -126,3 +127,17 @@ def test_gpu_bf16_autocast_run_learns(make_config):
     final = trainer.train()
     records = train_records(trainer.run_dir)
     assert records[-1]["lm_loss"] < records[0]["lm_loss"] - 0.5 and final["val_loss"] < 5.0
+
+
+def test_optimizer_step_clears_the_fp8_weight_caches(make_config):
+    """The cached FP8 weights belong to the weights before the step: the trainer drops them after it."""
+    values, _ = make_config(grad_accum=2)
+    values["model"].update(hidden_size=128, num_heads=2, head_dim=64)
+    values["model"]["moe"].update(ffn_hidden_size=128, precision="fp8", cache_fp8_weights=True)
+    trainer = Trainer(TrainConfig.from_dict(values))
+    layers = list(trainer.model.moe_layers())
+    for layer in layers:
+        layer.experts.fp8_weights.get("w_up", layer.experts.w_up, ("stale",), lambda: ("quantized", None))
+        assert layer.experts.fp8_weights._entries
+    trainer.train_step(IntervalMeter(layers))
+    assert all(not layer.experts.fp8_weights._entries for layer in layers)

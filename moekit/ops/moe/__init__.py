@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from moekit.ops.moe import grouped_mm, reference
+from moekit.ops.moe.weight_cache import WeightCache
 
 _warned: set[str] = set()
 
@@ -68,16 +69,19 @@ def routed_experts(
     activation: str = "swiglu",
     backend: str = "auto",
     precision: str = "bf16",
+    weight_cache: WeightCache | None = None,
 ) -> torch.Tensor:
+    """``weight_cache`` keeps the FP8 Triton path's quantized weights between calls (the reference
+    path, slow on purpose, quantizes on every call)."""
     _check_operands(x, topk_idx, topk_weight, w_up, w_down)
     if precision != "bf16":
-        return _low_precision(x, topk_idx, topk_weight, w_up, w_down, activation, backend, precision)
+        return _low_precision(x, topk_idx, topk_weight, w_up, w_down, activation, backend, precision, weight_cache)
     chosen = resolve_backend(backend, x, w_up, w_down)
     impl = {"reference": reference, "grouped_mm": grouped_mm}.get(chosen) or _triton_impl()
     return impl.routed_experts(x, topk_idx, topk_weight, w_up, w_down, activation)
 
 
-def _low_precision(x, topk_idx, topk_weight, w_up, w_down, activation, backend, precision):
+def _low_precision(x, topk_idx, topk_weight, w_up, w_down, activation, backend, precision, weight_cache):
     if precision not in ("fp8", "mxfp8"):
         raise ValueError(f"routed_experts: unknown precision {precision!r}; choose from bf16, fp8, mxfp8")
     if backend == "grouped_mm":
@@ -92,7 +96,7 @@ def _low_precision(x, topk_idx, topk_weight, w_up, w_down, activation, backend, 
     from moekit.ops.moe import fp8
 
     impl = fp8.routed_experts if precision == "fp8" else fp8.routed_experts_mxfp8
-    return impl(x, topk_idx, topk_weight, w_up, w_down, activation)
+    return impl(x, topk_idx, topk_weight, w_up, w_down, activation, weight_cache=weight_cache)
 
 
 def _check_operands(x, topk_idx, topk_weight, w_up, w_down) -> None:

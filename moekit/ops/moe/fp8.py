@@ -21,6 +21,11 @@ instruction before sm_100). On sm_100+ the two GEMMs of expert-sorted rows by a 
 forward, up dgrad) go through ``torch._scaled_grouped_mm`` with E8M0 scales instead
 (``fp8_blackwell``): UNTESTED ON HARDWARE (its inputs are checked on the CPU only); set
 ``MX_SCALED_GROUPED_MM = False`` to keep the Triton kernels there too.
+
+Every call quantizes both weights (in training, in both GEMM orientations). A ``WeightCache``
+(``weight_cache.py``; ``MoEConfig(cache_fp8_weights=True)``) keeps those forms between calls
+while the weights do not change, as in the micro-batches of a gradient-accumulation step and in
+inference.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from moekit.ops.moe import triton_kernels as bf16_kernels
 from moekit.ops.moe.checks import check_fused_operands
 from moekit.ops.moe.fp8_recipe import DIM_MULTIPLE, quantize_rows, quantize_weight, quantize_weight_both, recipe
 from moekit.ops.moe.triton_meta import RoutingMeta, new_buffer, routing_meta
+from moekit.ops.moe.weight_cache import WeightCache
 
 MX_SCALED_GROUPED_MM = True  # sm_100+: MXFP8 row-by-weight GEMMs through torch._scaled_grouped_mm
 
@@ -45,17 +51,23 @@ def scatter_gemm(src_q, w_q, meta: RoutingMeta, r, dtype) -> torch.Tensor:
     return kernels.scatter_gemm(src_q, w_q, meta, r, dtype)
 
 
+def quantized_weight(w: torch.Tensor, r, training: bool, cache: WeightCache | None, name: str) -> tuple:
+    """(forward-orientation quantization, dgrad orientation or None outside training) of a weight."""
+    def make():
+        if training:  # both orientations from one read, the dgrad one kept for backward
+            return quantize_weight_both(w, r, backend="triton")
+        return quantize_weight(w, r, 2, backend="triton"), None
+    return make() if cache is None else cache.get(name, w, (r.name, training), make)
+
+
 class FP8RoutedExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topk_idx, topk_weight, w_up, w_down, activation, recipe_name, training):
+    def forward(ctx, x, topk_idx, topk_weight, w_up, w_down, activation, recipe_name, training, cache):
         r = recipe(recipe_name)
         meta = routing_meta(topk_idx, w_up.shape[0])
         weight = topk_weight.detach().float().contiguous()
-        if training:  # both GEMM orientations of each weight now, the dgrad one kept for backward
-            w_up_q, w_up_t = quantize_weight_both(w_up, r, backend="triton")
-            w_down_q, w_down_t = quantize_weight_both(w_down, r, backend="triton")
-        else:
-            w_up_q, w_down_q = (quantize_weight(w, r, 2, backend="triton") for w in (w_up, w_down))
+        w_up_q, w_up_t = quantized_weight(w_up, r, training, cache, "w_up")
+        w_down_q, w_down_t = quantized_weight(w_down, r, training, cache, "w_down")
         h, a_rows, a_cols = kernels.gather_up(quantize_rows(x, r, backend="triton"), w_up_q, weight, meta,
                                               activation, r, x.dtype, save=training)
         y = scatter_gemm(a_rows, w_down_q, meta, r, x.dtype)
@@ -72,7 +84,7 @@ class FP8RoutedExperts(torch.autograd.Function):
         w_up_t, w_down_t = tuple(weights_t[:2]), tuple(weights_t[2:])
         r = ctx.recipe
         meta = RoutingMeta(counts, order, w_up_t[0].shape[0], topk_idx.shape[1])
-        need_x, _, need_w, need_up, need_down, _, _, _ = ctx.needs_input_grad
+        need_x, _, need_w, need_up, need_down, *_ = ctx.needs_input_grad
         dout = dout.contiguous()
         dx = dweight = dw_up = dw_down = None
         if need_w:
@@ -88,7 +100,7 @@ class FP8RoutedExperts(torch.autograd.Function):
                                               ctx.weight_dtypes[0])
             if need_x:
                 dx = bf16_kernels.combine(scatter_gemm(dh_rows, w_up_t, meta, r, x.dtype), topk_idx, None, x.dtype)
-        return dx, None, dweight, dw_up, dw_down, None, None, None
+        return dx, None, dweight, dw_up, dw_down, None, None, None, None
 
 
 def check_operands(x, topk_idx, topk_weight, w_up, w_down, activation) -> None:
@@ -109,18 +121,21 @@ def routed_experts(
     w_down: torch.Tensor,
     activation: str = "swiglu",
     recipe_name: str = "fp8",
+    weight_cache: WeightCache | None = None,
 ) -> torch.Tensor:
     """Same contract as ``moekit.ops.moe.reference.routed_experts``, GEMMs in `recipe_name`
-    ("fp8": 1x128 / 128x128 block scales; "mxfp8": MX blocks of 32, E8M0 scales)."""
+    ("fp8": 1x128 / 128x128 block scales; "mxfp8": MX blocks of 32, E8M0 scales); the weights'
+    quantized forms come from `weight_cache` where it has them."""
     recipe(recipe_name)
     check_operands(x, topk_idx, topk_weight, w_up, w_down, activation)
     if x.shape[0] == 0:  # no tokens: nothing to launch
         return reference.routed_experts(x, topk_idx, topk_weight, w_up, w_down, activation)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weight, w_up, w_down))
     return FP8RoutedExperts.apply(x.contiguous(), topk_idx.contiguous(), topk_weight, w_up.contiguous(),
-                                  w_down.contiguous(), activation, recipe_name, training)
+                                  w_down.contiguous(), activation, recipe_name, training, weight_cache)
 
 
-def routed_experts_mxfp8(x, topk_idx, topk_weight, w_up, w_down, activation: str = "swiglu") -> torch.Tensor:
+def routed_experts_mxfp8(x, topk_idx, topk_weight, w_up, w_down, activation: str = "swiglu",
+                         weight_cache: WeightCache | None = None) -> torch.Tensor:
     """``routed_experts`` in the MXFP8 recipe (same signature as the other backends)."""
-    return routed_experts(x, topk_idx, topk_weight, w_up, w_down, activation, "mxfp8")
+    return routed_experts(x, topk_idx, topk_weight, w_up, w_down, activation, "mxfp8", weight_cache)
