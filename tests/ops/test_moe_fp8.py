@@ -2,6 +2,9 @@
 the recipe vs the float64 definition within the documented bound, where its quantization
 blocks lie, and input errors."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -522,3 +525,5 @@ def test_weight_cache_quantizes_each_weight_once_per_update(monkeypatch):
         first = cached(leaves[0], idx, leaves[1], leaves[2], leaves[3], "swiglu")
         again = cached(leaves[0], idx, leaves[1], leaves[2], leaves[3], "swiglu")
     assert calls == [("rows", up), ("rows", down)] and torch.equal(first, again)
+    for copied in (pickle.loads(pickle.dumps(cache)), copy.deepcopy(cache)):  # e.g. torch.save(model)
+        assert isinstance(copied, WeightCache) and not copied._entries and cache._entries

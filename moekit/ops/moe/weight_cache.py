@@ -31,6 +31,11 @@ class WeightCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def __getstate__(self) -> dict:
+        """A copy (pickled with its model, or deep-copied) starts empty: the entries name this
+        cache's tensors, by weak reference, which cannot be pickled."""
+        return {"_entries": {}}
+
     def get(self, name: str, w: torch.Tensor, tag: tuple, make: Callable[[], tuple]) -> tuple:
         stamp = (w.data_ptr(), w._version, tag)
         hit = self._entries.get(name)
