@@ -518,7 +518,7 @@ def test_weight_cache_quantizes_each_weight_once_per_update(monkeypatch):
     calls.clear()
     stale = _run(cached, leaves, idx, grad, "swiglu")
     assert calls == [] and not torch.equal(stale[0], _run(fp8.routed_experts, leaves, idx, grad, "swiglu")[0])
-    cache.clear()  # ...so the trainer clears after every optimizer step
+    cache.clear()  # ...so the trainer clears at every optimizer step
     check([("both", up), ("both", down)])
     calls.clear()
     with torch.no_grad():

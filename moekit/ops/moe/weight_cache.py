@@ -22,7 +22,7 @@ class WeightCache:
     in-place update that autograd can see bumps it, the optimizers' included, so a step's later
     gradient-accumulation micro-batches, activation-checkpointing recomputes and inference reuse
     it, and the first call after an update quantizes again. An update through ``.data`` bypasses
-    the counter: ``clear()`` after it (the trainer clears after every optimizer step). Between
+    the counter: ``clear()`` after it (the trainer clears at every optimizer step). Between
     calls the cache holds one FP8 byte per weight element per orientation (two in training)."""
 
     def __init__(self) -> None:
