@@ -61,6 +61,9 @@ def graph_blocker(model) -> str | None:
             return f"{where} has check_finite=True (a host-side NaN check every step)"
         if type(layer.dispatcher) is not LocalDispatcher:
             return f"{where} has a {type(layer.dispatcher).__name__} (token exchange sizes are read on the host)"
+        if layer.experts.fp8_weights is not None:
+            return (f"{where} caches its FP8 weights (cache_fp8_weights=True): a captured step would go on "
+                    "reading the cached forms after the cache replaces them")
     weight = model.embed_tokens.weight
     if weight.device.type != "cuda":
         return f"CUDA graphs need a model on a CUDA device, this one is on {weight.device}"

@@ -145,9 +145,6 @@ class Trainer:
             self.tokens_seen += ids.numel() * self.runtime.world_size
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         meter.add(grad_norm=self.runtime.clip_grad_norm_(self.model, max_norm))
-        for layer in self.model.moe_layers():  # the step changes the weights: free their FP8 forms before it
-            if layer.experts.fp8_weights is not None:
-                layer.experts.fp8_weights.clear()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

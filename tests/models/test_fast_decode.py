@@ -12,6 +12,7 @@ from moekit.moe.dispatch import LocalDispatcher
 from moekit.ops import linear_attention as la
 from moekit.ops.linear_attention import triton_layout
 from moekit.ops.linear_attention._checks import finite_checks_skipped
+from moekit.ops.moe.weight_cache import WeightCache
 
 VOCAB = 64
 
@@ -153,6 +154,9 @@ def test_graph_blocker_names_what_syncs():
     model = tiny_model("L")
     next(model.moe_layers()).set_dispatcher(Remote())
     assert "Remote" in graph_blocker(model)
+    model = tiny_model("L")
+    next(model.moe_layers()).experts.fp8_weights = WeightCache()  # what cache_fp8_weights=True gives
+    assert "cache_fp8_weights" in graph_blocker(model)
 
 
 def test_errors():

@@ -186,12 +186,14 @@ def test_backend_choice(monkeypatch):
         la.simple_gla(**args, backend="triton")
 
 
-def test_head_dim_tiles_are_at_least_64_wide():
-    """Triton 3.6's sm_90 builds went wrong with 16- and 32-wide head-dim tiles (see MIN_TILE): small
-    head dims run in 64-wide masked tiles, larger ones keep their own; every op takes them on CUDA."""
+def test_small_head_dims_take_64_wide_tiles():
+    """Triton 3.6's sm_90 builds went wrong with 16- and 32-wide tiles over small head dims (see
+    MIN_TILE): those run in 64-wide masked tiles, larger dims keep their own; every op takes them on
+    CUDA."""
     assert [triton_layout.block(d) for d in (8, 16, 32, 48, 64, 128)] == [64] * 6
     assert [triton_layout.padded(d) for d in (16, 32, 64, 100, 256)] == [64, 64, 64, 128, 256]
-    assert triton_layout.state_tiles("state_fwd_delta", 32, 16, split_k=False) == (64, 64)
+    assert triton_layout.block_v("output_fwd", 16) == 64 and triton_layout.block_k("wy_bwd", 32) == 64
+    assert triton_layout.state_tiles("state_bwd", 32, 16, split_k=True) == (64, 64)
     on_gpu = {"q": SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)}
     for op in ("gated_delta_rule", "delta_rule", "simple_gla"):
         assert triton_ops.unsupported(op, "chunk", on_gpu, 32, 16, 64) is None

@@ -10,7 +10,7 @@ import torch
 
 from moekit.ops.moe import fp8, fp8_reference, reference, triton_meta
 from moekit.ops.moe.fp8_recipe import recipe
-from moekit.ops.moe.weight_cache import WeightCache
+from moekit.ops.moe.weight_cache import WeightCache, clear_all
 
 # Documented in moekit/ops/moe/fp8.py: ||out - ref|| / ||ref|| for outputs and gradients.
 BOUND = {"fp8": 0.10, "mxfp8": 0.12}
@@ -482,8 +482,9 @@ def test_gpu_every_wgrad_candidate_matches_float64(monkeypatch, recipe_name):
 
 def test_weight_cache_quantizes_each_weight_once_per_update(monkeypatch):
     """Gradient-accumulation micro-batches reuse the quantized weights (bit-identical results), an
-    optimizer-style in-place update re-quantizes only the weight it changed, an update through
-    ``.data`` (invisible to the version counter) needs ``clear()``, and inference caches its own form."""
+    in-place update re-quantizes only the weight it changed, an update through ``.data`` (invisible
+    to the version counter) needs ``clear_all()``, an optimizer step (fused: no counter bump either)
+    empties the cache, and inference caches its own form."""
     calls = []
 
     def counted(name, real):
@@ -518,8 +519,13 @@ def test_weight_cache_quantizes_each_weight_once_per_update(monkeypatch):
     calls.clear()
     stale = _run(cached, leaves, idx, grad, "swiglu")
     assert calls == [] and not torch.equal(stale[0], _run(fp8.routed_experts, leaves, idx, grad, "swiglu")[0])
-    cache.clear()  # ...so the trainer clears at every optimizer step
+    clear_all()  # ...so such an update is followed by clear_all()
     check([("both", up), ("both", down)])
+    leaves[3].grad = torch.ones_like(leaves[3])
+    version = leaves[3]._version
+    torch.optim.AdamW([leaves[3]], lr=0.1, fused=True).step()  # a fused step leaves the counter as it was,
+    assert leaves[3]._version == version
+    check([("both", up), ("both", down)])  # but every optimizer step empties the caches first
     calls.clear()
     with torch.no_grad():
         first = cached(leaves[0], idx, leaves[1], leaves[2], leaves[3], "swiglu")

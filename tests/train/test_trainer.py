@@ -130,8 +130,8 @@ def test_gpu_bf16_autocast_run_learns(make_config):
 
 
 def test_optimizer_step_clears_the_fp8_weight_caches(make_config):
-    """The cached FP8 weights belong to the weights before the step: the trainer drops them at it (before
-    the update, so the optimizer has their memory)."""
+    """The cached FP8 weights belong to the weights before the step: the trainer's optimizer step (fused
+    AdamW on CUDA, which leaves the version counters alone) drops them before the update."""
     values, _ = make_config(grad_accum=2)
     values["model"].update(hidden_size=128, num_heads=2, head_dim=64)
     values["model"]["moe"].update(ffn_hidden_size=128, precision="fp8", cache_fp8_weights=True)

@@ -24,12 +24,13 @@ MAX_HEAD_DIM = 256
 # the whole-K state: K = 256 would not fit in shared memory, so those take K <= 128.
 MAX_KEY_DIM_STAGED = 128
 CHUNK_SIZES = (16, 32, 64)
-# Head-dim tiles are at least 64 wide, masked past a smaller dim. Triton 3.6's sm_90 builds of
-# several chunk kernels compute wrong results with 16- or 32-wide head-dim tiles, where the
-# interpreter is right (H200, 2026-11-29, bf16 / fp16 vs the float32 reference): the output kernel
-# at K = 64 with V <= 32 (o off by 70-120% in every op but GLA), the delta rules' dk at K <= 32
-# (WY backward; 37-127%), and an illegal memory access in the gated delta rule at K = 64, V = 32.
-# 64-wide tiles masked to 48 were right in every op, and so are these.
+# A head dim under 64 takes a 64-wide tile, masked past the dim. Triton 3.6's sm_90 builds of
+# several chunk kernels computed wrong results with 16- or 32-wide tiles over head dims of 32 or
+# less, where the interpreter is right (H200, 2026-11-29, bf16 / fp16 vs the float32 reference): the
+# output kernel at K = 64 with V <= 32 (o off by 70-120% in every op but GLA), the delta rules' dk at
+# K <= 32 (WY backward; 37-127%), and an illegal memory access in the gated delta rule at K = 64,
+# V = 32. 64-wide tiles masked to 48 were right in every op, and so are these. Narrower tiles over
+# larger dims are as set below or capped (32-wide V tiles at K = 256), each checked on the H200.
 MIN_TILE = 64
 
 # Launch settings per kernel: num_warps / num_stages, and for the sequential state kernels their
@@ -200,7 +201,7 @@ def chunk_tables(bounds: list[int] | tuple[int, ...], size: int, device: torch.d
 
 
 def block(dim: int, cap: int = 64) -> int:
-    """Tile width for a head dim: a power of two, >= MIN_TILE, at most `cap`."""
+    """Tile width for a head dim: a power of two, >= MIN_TILE (then masked), at most `cap`."""
     return min(max(MIN_TILE, triton.next_power_of_2(dim)), cap)
 
 
