@@ -227,6 +227,56 @@ def test_gpu_bf16_matches_recipe_reference(monkeypatch, recipe_name):
         assert _rel(g, w) < 1e-2, (name, _rel(g, w))  # bf16 storage of h / y / dx terms
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8"])
+@pytest.mark.parametrize("shape,activation", [((10, 128, 128, 4, 2), "swiglu"), ((33, 256, 128, 6, 1), "gelu"),
+                                              ((300, 128, 384, 8, 3), "swiglu"), ((130, 384, 256, 3, 2), "gelu")])
+def test_gpu_small_ragged_shapes_match_recipe_reference(monkeypatch, recipe_name, shape, activation):
+    """Experts with no rows, fewer rows than a row tile and just over one; one-step and odd K loops.
+    sm_90 builds can go wrong where the interpreter is right (the linear-attention kernels did)."""
+    monkeypatch.setattr(triton_meta, "poison_buffers", True)
+    leaves, idx, grad = _problem(*shape, activation, dtype=torch.bfloat16, seed=sum(shape), device="cuda")
+    got = _run(lambda *a: fp8.routed_experts(*a, recipe_name=recipe_name), leaves, idx, grad, activation)
+    want = _run(lambda *a: fp8_reference.routed_experts(*a, recipe_name=recipe_name), leaves, idx, grad,
+                activation)
+    for name, g, w in zip(("out", "dx", "dweight", "dw_up", "dw_down"), got, want, strict=True):
+        assert torch.isfinite(g).all(), name
+        assert _rel(g, w) < 1e-2, (name, _rel(g, w))
+    assert torch.all(got[3][-1] == 0) and torch.all(got[4][-1] == 0)  # the empty last expert
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp8", "mxfp8"])
+def test_gpu_layer_with_weight_cache_matches_uncached(monkeypatch, precision):
+    """Through the whole MoE layer on the GPU (the CPU layer runs the reference, which keeps no cache):
+    a second micro-batch hits the cache and both give the uncached layer's results bit for bit."""
+    from moekit import MoE, MoEConfig
+
+    quantized = []
+    real = fp8.quantize_weight_both
+    monkeypatch.setattr(fp8, "quantize_weight_both", lambda w, *a, **k: quantized.append(w) or real(w, *a, **k))
+    kw = dict(hidden_size=256, ffn_hidden_size=256, num_experts=8, top_k=2, precision=precision)
+    torch.manual_seed(3)
+    plain = MoE(MoEConfig(**kw)).cuda().bfloat16()
+    cached = MoE(MoEConfig(cache_fp8_weights=True, **kw)).cuda().bfloat16()
+    cached.load_state_dict(plain.state_dict())
+    for step in range(2):
+        x = torch.randn(2, 96, 256, device="cuda", dtype=torch.bfloat16)
+        results, counts = [], []
+        for layer in (plain, cached):
+            quantized.clear()
+            xi = x.clone().requires_grad_()
+            out = layer(xi)
+            out.float().square().sum().backward()
+            results.append((out, xi.grad, layer.experts.w_up.grad.clone(), layer.experts.w_down.grad.clone()))
+            counts.append(len(quantized))
+        for name, a, b in zip(("out", "dx", "dw_up", "dw_down"), *results, strict=True):
+            assert torch.equal(a, b), (step, name)
+        assert counts == [2, 2 if step == 0 else 0], (step, counts)  # w_up and w_down, then from the cache
+
+
 # ----------------------------------------------------------------------------- sm_100 MXFP8 path
 # torch._scaled_grouped_mm's MXFP8 kernel needs a B200; on the CPU its meta kernel checks the
 # arguments' shapes, dtypes and strides, and an emulation of its documented semantics (below,
