@@ -60,7 +60,11 @@ def record(path: str, recipes: list[str]) -> None:
     DTYPE = getattr(torch, DTYPE_NAME)
     tag = [""]
     launches = triton_build.record_launches(lambda: tag[0])
-    from moekit.ops.moe import fp8
+    from moekit.ops.moe import fp8, fp8_kernels
+
+    # MX operands held as values are bf16 on the GPU (float32 only so that the interpreter's dots
+    # are right; the values computed here are not used)
+    fp8_kernels.MX_VALUES_DTYPE = torch.bfloat16
 
     g = torch.Generator().manual_seed(0)
     T, H, F, E, K = 64, 256, 256, 4, 2

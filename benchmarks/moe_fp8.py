@@ -15,7 +15,7 @@ first micro-batch (or a step without accumulation) does.
                                  [--wgrad-sweep]
 
 ``--profile`` adds each FP8 stage's median time (quantizers, GEMM kernels) for one fwd+bwd;
-``--sweep`` times fp8 fwd+bwd under a few (num_warps, num_stages) launch settings;
+``--sweep`` times fp8 and mxfp8 fwd+bwd under a few (num_warps, num_stages) launch settings;
 ``--wgrad-sweep`` times the weight gradient alone (both calls of a fwd+bwd) and the layer's fwd+bwd
 under each weight-gradient candidate (``fp8_kernels.WGRAD_CANDIDATES``), per recipe, best first,
 after comparing each candidate's dW with the default's.
@@ -41,11 +41,13 @@ from moekit.ops.moe.weight_cache import WeightCache
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check_moe import SHAPES  # noqa: E402  (the shape table lives in one place)
 
-# (name, backend, precision, cached): the layer's dispatcher is LocalDispatcher(backend, precision), its
-# experts keep a WeightCache when cached
-VARIANTS = (("triton", "triton", "bf16", False), ("grouped_mm", "grouped_mm", "bf16", False),
-            ("fp8", "triton", "fp8", False), ("fp8-cached", "triton", "fp8", True),
-            ("mxfp8", "triton", "mxfp8", False), ("mxfp8-cached", "triton", "mxfp8", True))
+# (name, backend, precision, cached, MX as values): the layer's dispatcher is LocalDispatcher(backend,
+# precision), its experts keep a WeightCache when cached; "mxfp8-bytes" keeps MX operands as E4M3 bytes
+# and scales (fp8.MX_AS_VALUES = False), dequantized inside the GEMMs
+VARIANTS = (("triton", "triton", "bf16", False, True), ("grouped_mm", "grouped_mm", "bf16", False, True),
+            ("fp8", "triton", "fp8", False, True), ("fp8-cached", "triton", "fp8", True, True),
+            ("mxfp8", "triton", "mxfp8", False, True), ("mxfp8-cached", "triton", "mxfp8", True, True),
+            ("mxfp8-bytes", "triton", "mxfp8", False, False))
 SWEEP = [(8, 3), (8, 4), (8, 2), (4, 3), (4, 4), (16, 3), (16, 2)]
 
 
@@ -63,7 +65,7 @@ def bench(fn, rep: int = 100) -> float:
 class StageTimer:
     """CUDA-event times of the FP8 op's stages (module functions wrapped while inside)."""
 
-    TARGETS = [(fp8, "quantize_rows"), (fp8, "quantize_weight"), (fp8, "quantize_weight_both")] + [
+    TARGETS = [(fp8, "quantized_rows"), (fp8, "quantized_weight"), (fp8, "quantize_weight_both")] + [
         (fp8_kernels, n) for n in ("gather_up", "scatter_gemm", "down_dgrad", "act_backward", "gather_cols",
                                    "grouped_wgrad", "weight_grad")
     ] + [(fp8.bf16_kernels, "combine"), (fp8, "routing_meta")]
@@ -109,8 +111,8 @@ def profile(layer, x, grad_out, precision: str) -> None:
           ", ".join(f"{k} {v:.2f}" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])), flush=True)
 
 
-def sweep(layer, x, grad_out) -> None:
-    layer.set_dispatcher(LocalDispatcher("triton", "fp8"))
+def sweep(layer, x, grad_out, precision: str) -> None:
+    layer.set_dispatcher(LocalDispatcher("triton", precision))
     saved = dict(fp8_kernels.LAUNCH)
     results = []
     for warps, stages in SWEEP:
@@ -121,7 +123,8 @@ def sweep(layer, x, grad_out) -> None:
             results.append((float("inf"), f"{warps}w/{stages}s ({type(err).__name__})"))
     fp8_kernels.LAUNCH.clear()
     fp8_kernels.LAUNCH.update(saved)
-    print("  fp8 launch sweep (fwd+bwd ms, best first): " + "  ".join(f"{n} {t:.2f}" for t, n in sorted(results)))
+    print(f"  {precision} launch sweep (fwd+bwd ms, best first): "
+          + "  ".join(f"{n} {t:.2f}" for t, n in sorted(results)))
 
 
 def wgrad_calls(s, r):
@@ -152,7 +155,7 @@ def same_as(got: torch.Tensor, want: torch.Tensor, experts_per_slice: int = 16) 
 
 def wgrad_sweep(layer, x, grad_out, s) -> None:
     for r in RECIPES.values():
-        wgrad_sweep_recipe(layer, x, grad_out, s, r)
+        wgrad_sweep_recipe(layer, x, grad_out, s, fp8.storage(r, x.device))
         torch.cuda.empty_cache()
 
 
@@ -208,9 +211,10 @@ def bench_shape(s, args) -> None:
     grad_out = torch.randn_like(x)
     flops = 6 * s.tokens * s.top_k * s.hidden * s.ffn
     times = {}
-    for variant, backend, precision, cached in VARIANTS:
+    for variant, backend, precision, cached, as_values in VARIANTS:
         if variant not in args.variants:
             continue
+        fp8.MX_AS_VALUES = as_values
         layer.set_dispatcher(LocalDispatcher(backend, precision))
         layer.experts.fp8_weights = WeightCache() if cached else None
         start = time.perf_counter()
@@ -226,8 +230,10 @@ def bench_shape(s, args) -> None:
     if args.profile:
         for precision in ("fp8", "mxfp8"):
             profile(layer, x, grad_out, precision)
+    fp8.MX_AS_VALUES = True
     if args.sweep:
-        sweep(layer, x, grad_out)
+        for precision in ("fp8", "mxfp8"):
+            sweep(layer, x, grad_out, precision)
     if args.wgrad_sweep:
         wgrad_sweep(layer, x, grad_out, s)
 

@@ -64,6 +64,32 @@ def test_triton_matches_recipe_reference(monkeypatch, recipe_name, activation, h
     assert torch.all(got[3][-1] == 0) and torch.all(got[4][-1] == 0)
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_mx_values_and_mx_bytes_storage_agree(monkeypatch, activation):
+    """MX operands held as their values (16-bit GEMMs) or as bytes and scales (dequantized in the
+    GEMMs' K loops) are the same numbers: results differ by float32 summation order only."""
+    leaves, idx, grad = _problem(70, 256, 256, 5, 2, activation, seed=4)
+    runs = []
+    for as_values in (True, False):
+        monkeypatch.setattr(fp8, "MX_AS_VALUES", as_values)
+        runs.append(_run(fp8.routed_experts_mxfp8, leaves, idx, grad, activation))
+    for name, a, b in zip(("out", "dx", "dweight", "dw_up", "dw_down"), *runs, strict=True):
+        assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+
+
+def test_storage_holds_mx_values_unless_mx_gemms_run(monkeypatch):
+    from moekit.ops.moe import fp8_blackwell
+
+    cpu = torch.device("cpu")
+    assert fp8.storage(recipe("mxfp8"), cpu).dequantized and not fp8.storage(recipe("fp8"), cpu).dequantized
+    monkeypatch.setattr(fp8_blackwell, "available", lambda device: True)  # an sm_100 GPU: its MX GEMMs read bytes
+    assert not fp8.storage(recipe("mxfp8"), cpu).dequantized
+    monkeypatch.setattr(fp8, "MX_SCALED_GROUPED_MM", False)
+    assert fp8.storage(recipe("mxfp8"), cpu).dequantized
+    monkeypatch.setattr(fp8, "MX_AS_VALUES", False)
+    assert not fp8.storage(recipe("mxfp8"), cpu).dequantized
+
+
 def test_wgrad_over_several_row_tiles_matches_recipe_reference():
     """An expert of about 470 rows: the weight-gradient K loop runs four steps (its scales are
     loaded a step ahead), where the small problems above run one."""
@@ -229,13 +255,17 @@ def test_gpu_bf16_matches_recipe_reference(monkeypatch, recipe_name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8"])
+@pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8", "mxfp8-bytes"])
 @pytest.mark.parametrize("shape,activation", [((10, 128, 128, 4, 2), "swiglu"), ((33, 256, 128, 6, 1), "gelu"),
                                               ((300, 128, 384, 8, 3), "swiglu"), ((130, 384, 256, 3, 2), "gelu")])
 def test_gpu_small_ragged_shapes_match_recipe_reference(monkeypatch, recipe_name, shape, activation):
     """Experts with no rows, fewer rows than a row tile and just over one; one-step and odd K loops.
-    sm_90 builds can go wrong where the interpreter is right (the linear-attention kernels did)."""
+    sm_90 builds can go wrong where the interpreter is right (the linear-attention kernels did).
+    "mxfp8-bytes": MX operands kept as bytes and scales (the storage sm_100's MX GEMMs read)."""
     monkeypatch.setattr(triton_meta, "poison_buffers", True)
+    if recipe_name == "mxfp8-bytes":
+        monkeypatch.setattr(fp8, "MX_AS_VALUES", False)
+        recipe_name = "mxfp8"
     leaves, idx, grad = _problem(*shape, activation, dtype=torch.bfloat16, seed=sum(shape), device="cuda")
     got = _run(lambda *a: fp8.routed_experts(*a, recipe_name=recipe_name), leaves, idx, grad, activation)
     want = _run(lambda *a: fp8_reference.routed_experts(*a, recipe_name=recipe_name), leaves, idx, grad,

@@ -578,3 +578,29 @@ def test_int64_offset_path_matches_reference(monkeypatch, make_input, assert_sam
         assert_same_bits(g.data, w.data)
         assert_same_bits(g.scale, w.scale)
         assert_same_values(mxfp8.dequantize(g, torch.float32, backend="triton"), reference.dequantize(w, torch.float32))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+@pytest.mark.parametrize("shape", [(96, 256), (37, 384)])
+def test_moe_mx_values_are_dequantized_quantizations(make_input, assert_same_values, device, shape):
+    """The MoE kernels' MX operands held as values (``fp8_kernels.mx_values``): exactly the reference
+    quantization dequantized, blocked along rows, and along columns (stored transposed) where the
+    rows fill whole blocks; then rounded to the values' dtype (bf16 on the GPU: exact but for
+    values below bf16's normal range)."""
+    from moekit.ops.moe.fp8_kernels import MX_VALUES_DTYPE, mx_values
+
+    # float32 in the interpreter, whose bf16 -> float32 cast gets bf16 subnormals wrong
+    x = make_input(shape, torch.bfloat16 if device == "cuda" else torch.float32, 60 + shape[0])
+    cols = shape[0] % 32 == 0
+    got_rows, got_cols = mx_values(x.to(device), rows=True, cols=cols)
+    for axis, got in ((1, got_rows), (0, got_cols)):
+        if got is None:
+            continue
+        want = mxfp8.dequantize(mxfp8.quantize(x, axis, "e4m3", "floor", backend="reference"), backend="reference")
+        got = got if axis == 1 else got.t()
+        assert got.dtype == MX_VALUES_DTYPE
+        assert_same_values(got.cpu(), want.to(MX_VALUES_DTYPE))
+    assert cols == (got_cols is not None)
+    if cols:
+        assert got_cols.is_contiguous()  # [N, M]: what the wgrad and dgrad GEMMs read

@@ -16,8 +16,10 @@ output passes through two or three of them, so outputs and gradients differ from
 reference by ||err|| / ||ref|| <= 0.10 ("fp8") and <= 0.12 ("mxfp8") on Gaussian data (the
 bounds ``tests/ops/test_moe_fp8.py`` asserts); the bf16 path is within 1e-2.
 
-MXFP8 on Hopper runs the same kernels with 32-wide K blocks (there is no MX tensor-core
-instruction before sm_100). On sm_100+ the two GEMMs of expert-sorted rows by a weight (down
+MXFP8 on Hopper (no MX tensor-core instruction before sm_100) keeps every MX operand as its
+values in bf16, E4M3 times the block's power-of-two scale, exact, made where the operand is
+quantized (``Recipe.dequantized``, ``storage``): the GEMMs are then plain bf16 ones on the same
+numbers an MX GEMM multiplies, with FP32 accumulation. On sm_100+ the two GEMMs of expert-sorted rows by a weight (down
 forward, up dgrad) go through ``torch._scaled_grouped_mm`` with E8M0 scales instead
 (``fp8_blackwell``): UNTESTED ON HARDWARE (its inputs are checked on the CPU only); set
 ``MX_SCALED_GROUPED_MM = False`` to keep the Triton kernels there too.
@@ -30,22 +32,41 @@ inference.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from moekit.ops.moe import fp8_blackwell, reference
 from moekit.ops.moe import fp8_kernels as kernels
 from moekit.ops.moe import triton_kernels as bf16_kernels
 from moekit.ops.moe.checks import check_fused_operands
-from moekit.ops.moe.fp8_recipe import DIM_MULTIPLE, quantize_rows, quantize_weight, quantize_weight_both, recipe
+from moekit.ops.moe.fp8_recipe import DIM_MULTIPLE, Recipe, quantize_rows, quantize_weight, quantize_weight_both, recipe
 from moekit.ops.moe.triton_meta import RoutingMeta, new_buffer, routing_meta
 from moekit.ops.moe.weight_cache import WeightCache
 
 MX_SCALED_GROUPED_MM = True  # sm_100+: MXFP8 row-by-weight GEMMs through torch._scaled_grouped_mm
+# MX operands as bf16 values wherever the MX GEMMs above do not run; False keeps E4M3 bytes and
+# scales, dequantized inside every GEMM's K loop (2x slower on the H200: docs/benchmarks.md).
+MX_AS_VALUES = True
+
+
+def storage(r: Recipe, device: torch.device) -> Recipe:
+    """The recipe with the operand storage this device runs: MX values (``Recipe.dequantized``)
+    unless MX tensor-core GEMMs take the bytes and scales."""
+    scaled_mm = MX_SCALED_GROUPED_MM and fp8_blackwell.available(device)
+    return replace(r, dequantized=r.mx and MX_AS_VALUES and not scaled_mm)
+
+
+def quantized_rows(x: torch.Tensor, r: Recipe) -> tuple:
+    """x [T, K] blocked along K as the kernels read it: (bytes, scales) or (MX values, None)."""
+    if r.dequantized:
+        return kernels.mx_values(x)[0], None
+    return quantize_rows(x, r, backend="triton")
 
 
 def scatter_gemm(src_q, w_q, meta: RoutingMeta, r, dtype) -> torch.Tensor:
     """``fp8_kernels.scatter_gemm``, or on sm_100+ (MX recipe) PyTorch's MXFP8 grouped GEMM."""
-    if r.mx and MX_SCALED_GROUPED_MM and fp8_blackwell.available(src_q[0].device):
+    if r.mx and not r.dequantized and MX_SCALED_GROUPED_MM and fp8_blackwell.available(src_q[0].device):
         out = new_buffer((meta.order.numel(), w_q[0].shape[1]), dtype, src_q[0].device)
         return fp8_blackwell.scatter_gemm(src_q, w_q, meta.counts, meta.order, out)
     return kernels.scatter_gemm(src_q, w_q, meta, r, dtype)
@@ -54,21 +75,26 @@ def scatter_gemm(src_q, w_q, meta: RoutingMeta, r, dtype) -> torch.Tensor:
 def quantized_weight(w: torch.Tensor, r, training: bool, cache: WeightCache | None, name: str) -> tuple:
     """(forward-orientation quantization, dgrad orientation or None outside training) of a weight."""
     def make():
+        if r.dequantized:  # [E, A, B] as [E * A, B]: blocks of 32 rows never straddle two experts
+            E, A, B = w.shape
+            rows, cols = kernels.mx_values(w.reshape(E * A, B), rows=True, cols=training)
+            dgrad = (cols.view(B, E, A).transpose(0, 1), None) if training else None
+            return (rows.view(E, A, B), None), dgrad
         if training:  # both orientations from one read, the dgrad one kept for backward
             return quantize_weight_both(w, r, backend="triton")
         return quantize_weight(w, r, 2, backend="triton"), None
-    return make() if cache is None else cache.get(name, w, (r.name, training), make)
+    return make() if cache is None else cache.get(name, w, (r, training), make)
 
 
 class FP8RoutedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_idx, topk_weight, w_up, w_down, activation, recipe_name, training, cache):
-        r = recipe(recipe_name)
+        r = storage(recipe(recipe_name), x.device)
         meta = routing_meta(topk_idx, w_up.shape[0])
         weight = topk_weight.detach().float().contiguous()
         w_up_q, w_up_t = quantized_weight(w_up, r, training, cache, "w_up")
         w_down_q, w_down_t = quantized_weight(w_down, r, training, cache, "w_down")
-        h, a_rows, a_cols = kernels.gather_up(quantize_rows(x, r, backend="triton"), w_up_q, weight, meta,
+        h, a_rows, a_cols = kernels.gather_up(quantized_rows(x, r), w_up_q, weight, meta,
                                               activation, r, x.dtype, save=training)
         y = scatter_gemm(a_rows, w_down_q, meta, r, x.dtype)
         out = bf16_kernels.combine(y, topk_idx, weight, x.dtype)
@@ -93,7 +119,7 @@ class FP8RoutedExperts(torch.autograd.Function):
             dw_down = kernels.grouped_wgrad(kernels.gather_cols(dout, meta, r), (a_c, a_cs), meta, r,
                                             ctx.weight_dtypes[1])
         if need_x or need_up:
-            dh_rows, dh_cols = kernels.down_dgrad(quantize_rows(dout, r, backend="triton"), w_down_t, h, weight,
+            dh_rows, dh_cols = kernels.down_dgrad(quantized_rows(dout, r), w_down_t, h, weight,
                                                   meta, ctx.activation, r)
             if need_up:
                 dw_up = kernels.grouped_wgrad(dh_cols, kernels.gather_cols(x, meta, r), meta, r,

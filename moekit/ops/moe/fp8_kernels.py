@@ -22,6 +22,12 @@ one group of the token-axis (wgrad) quantization.
   transposed, one 128-slot per row tile ([P, tiles * 128], zeros past an expert's rows): the
   K-major layout FP8 tensor cores want, with every load an aligned full vector.
 
+With ``Recipe.dequantized`` (MX on GPUs without MX tensor-core instructions) the same kernels
+store every MX operand as its values, E4M3 times the block's power-of-two scale (exact in bf16),
+instead of bytes and scales, and their GEMMs are plain 16-bit ones: the dequantization happens once,
+where an operand is quantized, not in every GEMM's K loop (``_mx_values_kernel`` does it for
+x, dout and the weights).
+
 ``fp8_reference`` holds the plain-PyTorch definition of the whole op.
 """
 
@@ -55,6 +61,8 @@ LAUNCH = INTERPRETER_LAUNCH if INTERPRETING else {"num_warps": 8, "num_stages": 
 ACT_BACKWARD_CHUNK = 32
 ACT_BACKWARD_LAUNCH = {"num_warps": 4}
 GATHER_COLS_LAUNCH = {"num_warps": 8}  # sm_90: 108 regs fp8, 2 CTAs per SM
+MX_VALUES_TILE = 64  # rows per program of the MX values pass (x, dout, weights)
+MX_VALUES_LAUNCH = {"num_warps": 4}
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,8 @@ K_STEP = tl.constexpr(128)  # reduction values per MX K-loop step (4 scale block
 # MX on Hopper: dots on exactly dequantized operands (bf16; fp32 in the interpreter, whose
 # bf16 dots are wrong).
 MX_DOT_DTYPE = tl.constexpr(tl.float32 if INTERPRETING else tl.bfloat16)
+MX_VALUES_DTYPE = torch.float32 if INTERPRETING else torch.bfloat16  # the buffers of dequantized operands
+DQ_K_STEP = tl.constexpr(64)  # reduction values per step of the 16-bit GEMMs on dequantized operands
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -193,21 +203,41 @@ def _quantize_blocks(v, AXIS: tl.constexpr, BLOCK: tl.constexpr, MX: tl.constexp
 
 
 @triton.jit
+def _mx_values(v, AXIS: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """float32 v [R, C] -> the MX values of its blocks of BLOCK along AXIS (each E4M3 element times
+    its block's E8M0 scale; NaN for a block holding NaN / Inf), in MX_DOT_DTYPE."""
+    R: tl.constexpr = v.shape[0]
+    C: tl.constexpr = v.shape[1]
+    A3: tl.constexpr = AXIS + 1  # the block axis of the 3-D view
+    if AXIS == 0:
+        v3 = tl.reshape(v, (R // BLOCK, BLOCK, C))
+    else:
+        v3 = tl.reshape(v, (R, C // BLOCK, BLOCK))
+    inv, scale = _block_scales(_amax_bits(v3, A3), True)
+    q = _encode(v3, inv, A3, EMULATE_RNE).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return tl.reshape(q * tl.expand_dims(scale, A3), (R, C)).to(MX_DOT_DTYPE)
+
+
+@triton.jit
 def _store_rows(v, rows, row_ok, col0, q_ptr, ld_q, s_ptr, ld_s,
-                BLOCK: tl.constexpr, MX: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                BLOCK: tl.constexpr, MX: tl.constexpr, DQ: tl.constexpr, EMULATE_RNE: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr):
-    """Quantize v [BM, BN] along its columns: q[rows, col0:col0+BN], s[rows, col0/BLOCK + ...]."""
-    q, s = _quantize_blocks(v, 1, BLOCK, MX, EMULATE_RNE)
+    """Quantize v [BM, BN] along its columns: q[rows, col0:col0+BN], s[rows, col0/BLOCK + ...]
+    (DQ: the MX values in q, no scales)."""
     rows64 = rows.to(tl.int64)[:, None]
     cols = col0 + tl.arange(0, BN)
-    tl.store(q_ptr + rows64 * ld_q + cols[None, :], q, mask=row_ok[:, None])
-    sc = col0 // BLOCK + tl.arange(0, BN // BLOCK)
-    tl.store(s_ptr + rows64 * ld_s + sc[None, :], s, mask=row_ok[:, None])
+    if DQ:
+        tl.store(q_ptr + rows64 * ld_q + cols[None, :], _mx_values(v, 1, BLOCK, EMULATE_RNE), mask=row_ok[:, None])
+    else:
+        q, s = _quantize_blocks(v, 1, BLOCK, MX, EMULATE_RNE)
+        tl.store(q_ptr + rows64 * ld_q + cols[None, :], q, mask=row_ok[:, None])
+        sc = col0 // BLOCK + tl.arange(0, BN // BLOCK)
+        tl.store(s_ptr + rows64 * ld_s + sc[None, :], s, mask=row_ok[:, None])
 
 
 @triton.jit
 def _store_cols(v, slot0, col0, c_ptr, ld_c, cs_ptr, ld_cs,
-                BLOCK: tl.constexpr, MX: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                BLOCK: tl.constexpr, MX: tl.constexpr, DQ: tl.constexpr, EMULATE_RNE: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr):
     """Quantize v [BM, BN] (rows of one expert from tile slot `slot0`, a multiple of BLOCK; rows
     past its end hold zeros) along its rows, stored transposed: c[col, slot0 + i] (whole aligned
@@ -215,16 +245,19 @@ def _store_cols(v, slot0, col0, c_ptr, ld_c, cs_ptr, ld_cs,
     The blocks are reduced in v's own layout and the bytes stored at transposed addresses: the
     compiler transposes the uint8 result on its way to the store, where a float32 tl.trans(v)
     moved 4x the bytes through shared memory. (It still re-derives the scale row in the scale
-    store's layout from a converted copy of the magnitude bits.)"""
-    q, s = _quantize_blocks(v, 0, BLOCK, MX, EMULATE_RNE)
-    _store_transposed(q, slot0, col0, c_ptr, ld_c, BM, BN)
-    sb = (slot0 // BLOCK + tl.arange(0, BM // BLOCK)).to(tl.int64)
-    tl.store(cs_ptr + sb[:, None] * ld_cs + (col0 + tl.arange(0, BN))[None, :], s)
+    store's layout from a converted copy of the magnitude bits.) DQ: the MX values in c, no scales."""
+    if DQ:
+        _store_transposed(_mx_values(v, 0, BLOCK, EMULATE_RNE), slot0, col0, c_ptr, ld_c, BM, BN)
+    else:
+        q, s = _quantize_blocks(v, 0, BLOCK, MX, EMULATE_RNE)
+        _store_transposed(q, slot0, col0, c_ptr, ld_c, BM, BN)
+        sb = (slot0 // BLOCK + tl.arange(0, BM // BLOCK)).to(tl.int64)
+        tl.store(cs_ptr + sb[:, None] * ld_cs + (col0 + tl.arange(0, BN))[None, :], s)
 
 
 @triton.jit
 def _store_transposed(q, slot0, col0, c_ptr, ld_c, BM: tl.constexpr, BN: tl.constexpr):
-    """Bytes q [BM, BN] at c[col0 + j, slot0 + i]."""
+    """q [BM, BN] at c[col0 + j, slot0 + i]."""
     cols = (col0 + tl.arange(0, BN)).to(tl.int64)
     slots = slot0.to(tl.int64) + tl.arange(0, BM)
     tl.store(c_ptr + cols[None, :] * ld_c + slots[:, None], q)
@@ -337,14 +370,41 @@ def _dequantized_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as,
 
 
 @triton.jit
+def _values_gemm(a_ptr, a_rows, row_ok, ld_a, b_ptr, b_cols, ld_b, b2_offset, K,
+                 TWO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """``_scaled_gemm`` on operands that hold their MX values (``Recipe.dequantized``): a 16-bit
+    GEMM whose tiles the pipeliner streams through shared memory like any other."""
+    ks = tl.arange(0, DQ_K_STEP)
+    a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * ld_a + ks[None, :]
+    b_ptrs = b_ptr + b_cols.to(tl.int64)[None, :] * ld_b + ks[:, None]
+    b2_ptrs = b_ptrs + b2_offset * ld_b
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+    for _ in range(0, K // DQ_K_STEP):
+        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        acc = tl.dot(a, tl.load(b_ptrs), acc)
+        if TWO:
+            acc2 = tl.dot(a, tl.load(b2_ptrs), acc2)
+            b2_ptrs += DQ_K_STEP
+        a_ptrs += DQ_K_STEP
+        b_ptrs += DQ_K_STEP
+    return acc, acc2
+
+
+@triton.jit
 def _gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as, b_ptr, b_cols, ld_b, bs_ptr, ld_bs_n, ld_bs_k, b2_offset,
-          num_k, TWO: tl.constexpr, BLOCK: tl.constexpr, WEIGHT_ROWS: tl.constexpr, MX: tl.constexpr,
-          BM: tl.constexpr, BN: tl.constexpr):
-    if MX:
-        return _dequantized_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as, b_ptr, b_cols, ld_b, bs_ptr,
-                                 ld_bs_n, ld_bs_k, b2_offset, num_k, TWO, BLOCK, WEIGHT_ROWS, BM, BN)
-    return _scaled_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as, b_ptr, b_cols, ld_b, bs_ptr, ld_bs_n,
-                        ld_bs_k, b2_offset, num_k, TWO, BLOCK, WEIGHT_ROWS, BM, BN)
+          K, TWO: tl.constexpr, BLOCK: tl.constexpr, WEIGHT_ROWS: tl.constexpr, MX: tl.constexpr,
+          DQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    # One branch per storage (an early return would not keep the compiler from building the rest)
+    if DQ:
+        acc, acc2 = _values_gemm(a_ptr, a_rows, row_ok, ld_a, b_ptr, b_cols, ld_b, b2_offset, K, TWO, BM, BN)
+    elif MX:
+        acc, acc2 = _dequantized_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as, b_ptr, b_cols, ld_b, bs_ptr,
+                                      ld_bs_n, ld_bs_k, b2_offset, K // BLOCK, TWO, BLOCK, WEIGHT_ROWS, BM, BN)
+    else:
+        acc, acc2 = _scaled_gemm(a_ptr, a_rows, row_ok, ld_a, as_ptr, ld_as, b_ptr, b_cols, ld_b, bs_ptr, ld_bs_n,
+                                 ld_bs_k, b2_offset, K // BLOCK, TWO, BLOCK, WEIGHT_ROWS, BM, BN)
+    return acc, acc2
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -356,7 +416,7 @@ def _gather_gemm_kernel(
     num_rows, F, K, num_experts, top_k,
     ld_src, ld_src_s, stride_we, ld_w, stride_wse, ld_ws_n, ld_ws_k, ld_out, ld_q, ld_qs, ld_c, ld_cs,
     E_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BACKWARD: tl.constexpr,
-    SAVE: tl.constexpr, BLOCK: tl.constexpr, WEIGHT_ROWS: tl.constexpr, MX: tl.constexpr,
+    SAVE: tl.constexpr, BLOCK: tl.constexpr, WEIGHT_ROWS: tl.constexpr, MX: tl.constexpr, DQ: tl.constexpr,
     EMULATE_RNE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Forward (BACKWARD=False): a = act(Q(x)[token] @ Q(W_up)^T); F is the activation width, one
@@ -378,7 +438,7 @@ def _gather_gemm_kernel(
     TWO: tl.constexpr = GATED and not BACKWARD
     acc, acc2 = _gemm(src_ptr, assignment // top_k, row_ok, ld_src, src_s_ptr, ld_src_s,
                       w_ptr + e64 * stride_we, fs, ld_w, w_s_ptr + e64 * stride_wse, ld_ws_n, ld_ws_k,
-                      F, K // BLOCK, TWO, BLOCK, WEIGHT_ROWS, MX, BM, BN)
+                      F, K, TWO, BLOCK, WEIGHT_ROWS, MX, DQ, BM, BN)
     w = tl.load(weight_ptr + assignment, mask=row_ok, other=0.0)  # 0 on rows outside the tile's expert
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * ld_out + fs[None, :]
     if BACKWARD:
@@ -389,9 +449,9 @@ def _gather_gemm_kernel(
             if GATED:
                 tl.store(out_ptrs + F, acc2.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         a = _act(acc, ACT) * acc2 if GATED else _act(acc, ACT)
-        _store_rows(a, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, BM, BN)
+        _store_rows(a, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, DQ, EMULATE_RNE, BM, BN)
         if SAVE:
-            _store_cols(a * w[:, None], pid_m * BM, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
+            _store_cols(a * w[:, None], pid_m * BM, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, DQ,
                         EMULATE_RNE, BM, BN)
 
 
@@ -414,7 +474,7 @@ def _act_backward_kernel(
     da_ptr, h_ptr, counts_ptr, q_ptr, q_s_ptr, c_ptr, c_s_ptr,
     num_rows, F, num_experts, ld_da, ld_h, ld_q, ld_qs, ld_c, ld_cs,
     E_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, MX: tl.constexpr,
-    EMULATE_RNE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
+    DQ: tl.constexpr, EMULATE_RNE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """dh = act'(h) * da for one row tile and BN activation columns, quantized both ways: rows
     (q, q_s: dx's operand) and the token axis (c, c_s: dW_up's, ``_store_cols`` layout). Gated:
@@ -434,6 +494,7 @@ def _act_backward_kernel(
     rs = tl.arange(0, CHUNK)
     slot0 = pid_m * BM
     tl.static_assert(BLOCK <= CHUNK or BLOCK == BM, "a token-axis block spans one chunk or the whole tile")
+    tl.static_assert(BLOCK <= CHUNK or not DQ, "dequantized operands are MX ones, blocks of 32")
     if BLOCK > CHUNK:
         amax_gate = tl.zeros((BN,), tl.int32)
         amax_up = tl.zeros((BN,), tl.int32)
@@ -441,11 +502,12 @@ def _act_backward_kernel(
             rows = row0 + i * CHUNK + rs
             row_ok = rows < row_end
             d_gate, d_up = _act_backward_chunk(da_ptr, h_ptr, rows, row_ok, fs, F, ld_da, ld_h, GATED, ACT)
-            _store_rows(d_gate, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, CHUNK, BN)
+            _store_rows(d_gate, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, False, EMULATE_RNE,
+                        CHUNK, BN)
             amax_gate = tl.maximum(amax_gate, _amax_bits(d_gate, 0))
             if GATED:
-                _store_rows(d_up, rows, row_ok, F + f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE,
-                            CHUNK, BN)
+                _store_rows(d_up, rows, row_ok, F + f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, False,
+                            EMULATE_RNE, CHUNK, BN)
                 amax_up = tl.maximum(amax_up, _amax_bits(d_up, 0))
         inv_gate, s_gate = _block_scales(amax_gate, MX)
         inv_up, s_up = _block_scales(amax_up, MX)  # unused unless GATED (the compiler drops it)
@@ -467,13 +529,14 @@ def _act_backward_kernel(
             rows = row0 + i * CHUNK + rs
             row_ok = rows < row_end
             d_gate, d_up = _act_backward_chunk(da_ptr, h_ptr, rows, row_ok, fs, F, ld_da, ld_h, GATED, ACT)
-            _store_rows(d_gate, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE, CHUNK, BN)
-            _store_cols(d_gate, slot0 + i * CHUNK, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, EMULATE_RNE,
+            _store_rows(d_gate, rows, row_ok, f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, DQ, EMULATE_RNE,
+                        CHUNK, BN)
+            _store_cols(d_gate, slot0 + i * CHUNK, f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, DQ, EMULATE_RNE,
                         CHUNK, BN)
             if GATED:
-                _store_rows(d_up, rows, row_ok, F + f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, EMULATE_RNE,
+                _store_rows(d_up, rows, row_ok, F + f0, q_ptr, ld_q, q_s_ptr, ld_qs, BLOCK, MX, DQ, EMULATE_RNE,
                             CHUNK, BN)
-                _store_cols(d_up, slot0 + i * CHUNK, F + f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
+                _store_cols(d_up, slot0 + i * CHUNK, F + f0, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, DQ,
                             EMULATE_RNE, CHUNK, BN)
 
 
@@ -482,7 +545,7 @@ def _scatter_gemm_kernel(
     src_ptr, src_s_ptr, w_ptr, w_s_ptr, out_ptr, counts_ptr, order_ptr,
     num_rows, N, K, num_experts,
     ld_src, ld_src_s, stride_we, ld_w, stride_wse, ld_ws_n, ld_ws_k, ld_out,
-    E_PAD: tl.constexpr, BLOCK: tl.constexpr, WEIGHT_ROWS: tl.constexpr, MX: tl.constexpr,
+    E_PAD: tl.constexpr, BLOCK: tl.constexpr, WEIGHT_ROWS: tl.constexpr, MX: tl.constexpr, DQ: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
 ):
     """out[order[r]] = Q(src)[r] @ Q(W_e)^T for expert-sorted rows r (N columns per row)."""
@@ -497,7 +560,7 @@ def _scatter_gemm_kernel(
     e64 = expert.to(tl.int64)
     acc, _ = _gemm(src_ptr, rows, row_ok, ld_src, src_s_ptr, ld_src_s,
                    w_ptr + e64 * stride_we, cols, ld_w, w_s_ptr + e64 * stride_wse, ld_ws_n, ld_ws_k,
-                   0, K // BLOCK, False, BLOCK, WEIGHT_ROWS, MX, BM, BN)
+                   0, K, False, BLOCK, WEIGHT_ROWS, MX, DQ, BM, BN)
     assignment = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     tl.store(out_ptr + assignment[:, None] * ld_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None])
@@ -507,7 +570,7 @@ def _scatter_gemm_kernel(
 def _gather_cols_kernel(
     src_ptr, counts_ptr, order_ptr, c_ptr, c_s_ptr,
     P, num_experts, top_k, ld_src, ld_c, ld_cs,
-    E_PAD: tl.constexpr, BLOCK: tl.constexpr, MX: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    E_PAD: tl.constexpr, BLOCK: tl.constexpr, MX: tl.constexpr, DQ: tl.constexpr, EMULATE_RNE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
     """c / c_s (``_store_cols`` layout): src[token(r), p] quantized along each expert's rows."""
@@ -521,7 +584,7 @@ def _gather_cols_kernel(
     token = (tl.load(order_ptr + rows, mask=row_ok, other=0) // top_k).to(tl.int64)
     cols = pid_n * BN + tl.arange(0, BN)
     v = tl.load(src_ptr + token[:, None] * ld_src + cols[None, :], mask=row_ok[:, None], other=0.0)
-    _store_cols(v.to(tl.float32), pid_m * BM, pid_n * BN, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX,
+    _store_cols(v.to(tl.float32), pid_m * BM, pid_n * BN, c_ptr, ld_c, c_s_ptr, ld_cs, BLOCK, MX, DQ,
                 EMULATE_RNE, BM, BN)
 
 
@@ -529,7 +592,7 @@ def _gather_cols_kernel(
 def _wgrad_kernel(
     a_ptr, a_s_ptr, b_ptr, b_s_ptr, dw_ptr, counts_ptr,
     P, Q, num_experts, ld_a, ld_as, ld_b, ld_bs, stride_de, stride_dp,
-    E_PAD: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, MX: tl.constexpr,
+    E_PAD: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, MX: tl.constexpr, DQ: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
 ):
     """dW[e, p, q] = sum over expert e's rows r of Q(A)[p, r] Q(B)[q, r] (operands stored
@@ -548,7 +611,15 @@ def _wgrad_kernel(
     qs = (pid_q * BN + tl.arange(0, BN)).to(tl.int64)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     # The expert's tiles are consecutive slots; rows past its count are zeros: no masks.
-    if MX:  # a whole tile per step, dequantized (see _dequantized_gemm)
+    if DQ:  # operands holding their MX values: a 16-bit GEMM
+        slots = first_tile * TILE + tl.arange(0, DQ_K_STEP)
+        a_ptrs = a_ptr + ps[:, None] * ld_a + slots[None, :]
+        b_ptrs = b_ptr + qs[None, :] * ld_b + slots[:, None]
+        for _ in range(0, tl.cdiv(num_rows, DQ_K_STEP)):
+            acc = tl.dot(tl.load(a_ptrs), tl.load(b_ptrs), acc)
+            a_ptrs += DQ_K_STEP
+            b_ptrs += DQ_K_STEP
+    elif MX:  # a whole tile per step, dequantized (see _dequantized_gemm)
         NS: tl.constexpr = TILE // BLOCK
         slots = first_tile * TILE + tl.arange(0, TILE)
         blocks = first_tile * NS + tl.arange(0, NS)
@@ -588,6 +659,23 @@ def _wgrad_kernel(
 
 
 @triton.jit
+def _mx_values_kernel(src_ptr, rows_ptr, cols_ptr, M, N, ld_src, ld_rows, ld_cols,
+                      ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr):
+    """The MX values of src [M, N] from one read: blocked along N into rows[m, n] (ROWS), blocked
+    along M into cols[n, m] (COLS; M a multiple of BLOCK)."""
+    ms = tl.program_id(0) * BM + tl.arange(0, BM)
+    ns = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
+    m_ok = (ms < M)[:, None]
+    ms64 = ms.to(tl.int64)[:, None]
+    v = tl.load(src_ptr + ms64 * ld_src + ns[None, :], mask=m_ok, other=0.0).to(tl.float32)
+    if ROWS:
+        tl.store(rows_ptr + ms64 * ld_rows + ns[None, :], _mx_values(v, 1, BLOCK, EMULATE_RNE), mask=m_ok)
+    if COLS:
+        tl.store(cols_ptr + ns[None, :] * ld_cols + ms64, _mx_values(v, 0, BLOCK, EMULATE_RNE), mask=m_ok)
+
+
+@triton.jit
 def _weight_grad_kernel(y_ptr, dout_ptr, idx_ptr, dw_ptr, H, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
                         BLOCK_H: tl.constexpr):
     """dw[t, k] = <dout[t], y[t*K + k]> in fp32; 0 for dropped slots (whose y rows are unwritten)."""
@@ -610,47 +698,77 @@ def _row_tiles(meta: RoutingMeta) -> int:
     return triton.cdiv(meta.order.numel(), ROW_TILE) + meta.num_experts
 
 
+def _data_buffers(shape: tuple, scale_shape: tuple, r: Recipe, device):
+    """An operand's (data, scales) buffers; scales None where the data hold MX values. Float
+    buffers come from ``new_buffer`` (NaN in tests that poison them: unwritten rows would show)."""
+    if r.dequantized:
+        return new_buffer(shape, MX_VALUES_DTYPE, device), None
+    return torch.empty(shape, dtype=torch.uint8, device=device), new_buffer(scale_shape, torch.float32, device)
+
+
 def _cols_buffers(meta: RoutingMeta, width: int, r: Recipe, device):
     """Token-axis-quantized operand [width, tiles * ROW_TILE] (one slot of 128 per row tile) and
     its scales [tiles * ROW_TILE / block, width]."""
     tiles = _row_tiles(meta)
-    data = torch.empty(width, tiles * ROW_TILE, dtype=torch.uint8, device=device)
-    scale = torch.empty(tiles * (ROW_TILE // r.block), width, dtype=torch.float32, device=device)
-    return data, scale
+    return _data_buffers((width, tiles * ROW_TILE), (tiles * (ROW_TILE // r.block), width), r, device)
+
+
+def _scales(pair: tuple) -> torch.Tensor:
+    """The scale argument of a (data, scales) operand; for MX values (no scales) a stand-in the
+    kernels never read."""
+    data, scale = pair
+    return data if scale is None else scale
 
 
 def _weight_args(w_data: torch.Tensor, w_scale: torch.Tensor) -> tuple:
     return (w_data.stride(0), w_data.stride(1), w_scale.stride(0), w_scale.stride(1), w_scale.stride(2))
 
 
+def mx_values(x: torch.Tensor, rows: bool = True, cols: bool = False, block: int = 32) -> tuple:
+    """The MX operands of x [M, N] as values (``Recipe.dequantized``), from one read: (blocked
+    along N, [M, N]; blocked along M, stored [N, M]), each None unless asked for."""
+    M, N = x.shape
+    if N % TILE_N or (cols and M % block):
+        raise ValueError(f"mx_values: shape {tuple(x.shape)} is not in whole blocks")
+    x = x.contiguous()
+    out_rows = torch.empty(M, N, dtype=MX_VALUES_DTYPE, device=x.device) if rows else None
+    out_cols = torch.empty(N, M, dtype=MX_VALUES_DTYPE, device=x.device) if cols else None
+    _mx_values_kernel[(triton.cdiv(M, MX_VALUES_TILE), N // TILE_N)](
+        x, x if out_rows is None else out_rows, x if out_cols is None else out_cols, M, N, x.stride(0),
+        N, M, ROWS=rows, COLS=cols, BLOCK=block, EMULATE_RNE=INTERPRETING, BM=MX_VALUES_TILE, BN=TILE_N,
+        **MX_VALUES_LAUNCH)
+    return out_rows, out_cols
+
+
 def gather_up(xq, w_up_q, weight, meta: RoutingMeta, activation: str, r: Recipe, dtype, save: bool):
     """Forward up-projection. Returns (h [rows, U] dtype or None, (a rows-quantized: uint8
-    [rows, F], scales [rows, F/block]), (w*a cols-quantized: [F, tiles * 128], scales) or None)."""
-    (x_data, x_scale), (w_data, w_scale) = xq, w_up_q
+    [rows, F], scales [rows, F/block]), (w*a cols-quantized: [F, tiles * 128], scales) or None);
+    with ``r.dequantized`` the data are MX values and the scales None."""
+    x_data, w_data = xq[0], w_up_q[0]
     gated = is_gated(activation)
     num_rows = meta.order.numel()
     E, U, H = w_data.shape
     F = U // 2 if gated else U
     dev = x_data.device
     h = new_buffer((num_rows, U), dtype, dev) if save else None
-    a_q = torch.empty(num_rows, F, dtype=torch.uint8, device=dev)
-    a_s = new_buffer((num_rows, F // r.block), torch.float32, dev)
-    a_c, a_cs = _cols_buffers(meta, F, r, dev) if save else (a_q, a_s)
+    a_rows = _data_buffers((num_rows, F), (num_rows, F // r.block), r, dev)
+    a_cols = _cols_buffers(meta, F, r, dev) if save else a_rows
+    x_scale, w_scale, a_s, a_cs = _scales(xq), _scales(w_up_q), _scales(a_rows), _scales(a_cols)
     _gather_gemm_kernel[(_row_tiles(meta) * (F // TILE_N),)](
         x_data, x_scale, w_data, w_scale, h if save else a_s, weight, meta.counts, meta.order,
-        a_q, a_s, a_c, a_cs, num_rows, F, H, E, meta.top_k,
+        a_rows[0], a_s, a_cols[0], a_cs, num_rows, F, H, E, meta.top_k,
         x_data.stride(0), x_scale.stride(0), *_weight_args(w_data, w_scale),
-        U, F, a_s.stride(0), a_c.stride(0), a_cs.stride(0),
+        U, F, a_s.stride(0), a_cols[0].stride(0), a_cs.stride(0),
         E_PAD=_pow2(E), GATED=gated, ACT=ACT_CODES[activation], BACKWARD=False, SAVE=save,
-        BLOCK=r.block, WEIGHT_ROWS=r.weight_rows, MX=r.mx, EMULATE_RNE=INTERPRETING,
+        BLOCK=r.block, WEIGHT_ROWS=r.weight_rows, MX=r.mx, DQ=r.dequantized, EMULATE_RNE=INTERPRETING,
         BM=ROW_TILE, BN=TILE_N, GROUP=GROUP_M, **LAUNCH)
-    return h, (a_q, a_s), ((a_c, a_cs) if save else None)
+    return h, a_rows, (a_cols if save else None)
 
 
 def down_dgrad(dq, w_down_t, h, weight, meta: RoutingMeta, activation: str, r: Recipe):
     """dh = act'(h) * w * (Q(dout)[token] @ Q(W_down)), quantized both ways:
     ((uint8 [rows, U], scales [rows, U/block]), (uint8 [U, tiles * 128], scales))."""
-    (d_data, d_scale), (w_data, w_scale) = dq, w_down_t
+    d_data, d_scale, w_data, w_scale = dq[0], _scales(dq), w_down_t[0], _scales(w_down_t)
     num_rows = h.shape[0]
     E, F, H = w_data.shape
     da = new_buffer((num_rows, F), torch.float32, h.device)  # float32: the fused epilogue's values
@@ -660,7 +778,7 @@ def down_dgrad(dq, w_down_t, h, weight, meta: RoutingMeta, activation: str, r: R
         d_data.stride(0), d_scale.stride(0), *_weight_args(w_data, w_scale),
         da.stride(0), 0, 0, 0, 0,
         E_PAD=_pow2(E), GATED=False, ACT=0, BACKWARD=True, SAVE=False,
-        BLOCK=r.block, WEIGHT_ROWS=r.weight_rows, MX=r.mx, EMULATE_RNE=INTERPRETING,
+        BLOCK=r.block, WEIGHT_ROWS=r.weight_rows, MX=r.mx, DQ=r.dequantized, EMULATE_RNE=INTERPRETING,
         BM=ROW_TILE, BN=TILE_N, GROUP=GROUP_M, **LAUNCH)
     return act_backward(da, h, meta, activation, r)
 
@@ -671,43 +789,45 @@ def act_backward(da: torch.Tensor, h: torch.Tensor, meta: RoutingMeta, activatio
     num_rows, U = h.shape
     F = da.shape[1]
     dev = h.device
-    dh_q = torch.empty(num_rows, U, dtype=torch.uint8, device=dev)
-    dh_s = new_buffer((num_rows, U // r.block), torch.float32, dev)
-    dh_c, dh_cs = _cols_buffers(meta, U, r, dev)
+    dh_rows = _data_buffers((num_rows, U), (num_rows, U // r.block), r, dev)
+    dh_cols = _cols_buffers(meta, U, r, dev)
+    (dh_q, dh_c), dh_s, dh_cs = (dh_rows[0], dh_cols[0]), _scales(dh_rows), _scales(dh_cols)
     _act_backward_kernel[(_row_tiles(meta) * (F // TILE_N),)](
         da, h, meta.counts, dh_q, dh_s, dh_c, dh_cs, num_rows, F, meta.num_experts,
         da.stride(0), h.stride(0), dh_q.stride(0), dh_s.stride(0), dh_c.stride(0), dh_cs.stride(0),
         E_PAD=_pow2(meta.num_experts), GATED=is_gated(activation), ACT=ACT_CODES[activation], BLOCK=r.block,
-        MX=r.mx, EMULATE_RNE=INTERPRETING, BM=ROW_TILE, BN=TILE_N, CHUNK=ACT_BACKWARD_CHUNK,
+        MX=r.mx, DQ=r.dequantized, EMULATE_RNE=INTERPRETING, BM=ROW_TILE, BN=TILE_N, CHUNK=ACT_BACKWARD_CHUNK,
         **ACT_BACKWARD_LAUNCH)
-    return (dh_q, dh_s), (dh_c, dh_cs)
+    return dh_rows, dh_cols
 
 
 def scatter_gemm(src_q, w_q, meta: RoutingMeta, r: Recipe, dtype) -> torch.Tensor:
     """buf [T*K, N] (dtype): buf[order[r]] = Q(src)[r] @ Q(W_e)^T; dropped slots left unwritten."""
-    (s_data, s_scale), (w_data, w_scale) = src_q, w_q
+    s_data, s_scale, w_data, w_scale = src_q[0], _scales(src_q), w_q[0], _scales(w_q)
     E, N, K = w_data.shape
     num_rows = meta.order.numel()
     out = new_buffer((num_rows, N), dtype, s_data.device)
     _scatter_gemm_kernel[(_row_tiles(meta) * (N // TILE_N),)](
         s_data, s_scale, w_data, w_scale, out, meta.counts, meta.order, num_rows, N, K, E,
         s_data.stride(0), s_scale.stride(0), *_weight_args(w_data, w_scale), out.stride(0),
-        E_PAD=_pow2(E), BLOCK=r.block, WEIGHT_ROWS=r.weight_rows, MX=r.mx, BM=ROW_TILE, BN=TILE_N,
-        GROUP=GROUP_M, **LAUNCH)
+        E_PAD=_pow2(E), BLOCK=r.block, WEIGHT_ROWS=r.weight_rows, MX=r.mx, DQ=r.dequantized, BM=ROW_TILE,
+        BN=TILE_N, GROUP=GROUP_M, **LAUNCH)
     return out
 
 
 def gather_cols(src: torch.Tensor, meta: RoutingMeta, r: Recipe):
     """src [T, P] gathered by token into expert-sorted rows, quantized along the token axis:
-    (uint8 [P, tiles * ROW_TILE], float32 scales [tiles * ROW_TILE / block, P])."""
+    (uint8 [P, tiles * ROW_TILE], float32 scales [tiles * ROW_TILE / block, P]; MX values and None
+    with ``r.dequantized``)."""
     P = src.shape[1]
-    data, scale = _cols_buffers(meta, P, r, src.device)
+    out = _cols_buffers(meta, P, r, src.device)
+    data, scale = out[0], _scales(out)
     _gather_cols_kernel[(_row_tiles(meta) * (P // TILE_N),)](
         src, meta.counts, meta.order, data, scale, P, meta.num_experts, meta.top_k,
         src.stride(0), data.stride(0), scale.stride(0),
-        E_PAD=_pow2(meta.num_experts), BLOCK=r.block, MX=r.mx, EMULATE_RNE=INTERPRETING,
+        E_PAD=_pow2(meta.num_experts), BLOCK=r.block, MX=r.mx, DQ=r.dequantized, EMULATE_RNE=INTERPRETING,
         BM=ROW_TILE, BN=TILE_N, **GATHER_COLS_LAUNCH)
-    return data, scale
+    return out
 
 
 def wgrad_launch(meta: RoutingMeta, P: int, Q: int, r: Recipe) -> WgradLaunch:
@@ -731,15 +851,15 @@ def wgrad_launch(meta: RoutingMeta, P: int, Q: int, r: Recipe) -> WgradLaunch:
 
 def grouped_wgrad(a_cols, b_cols, meta: RoutingMeta, r: Recipe, dtype) -> torch.Tensor:
     """dW [E, P, Q] (dtype) from two operands made by ``gather_cols`` / the GEMM epilogues."""
-    (a, a_s), (b, b_s) = a_cols, b_cols
+    a, a_s, b, b_s = a_cols[0], _scales(a_cols), b_cols[0], _scales(b_cols)
     E, P, Q = meta.num_experts, a.shape[0], b.shape[0]
     launch = wgrad_launch(meta, P, Q, r)
     dw = new_buffer((E, P, Q), dtype, a.device)  # every element is written
     _wgrad_kernel[(E * (P // launch.bm) * (Q // launch.bn),)](
         a, a_s, b, b_s, dw, meta.counts, P, Q, E, a.stride(0), a_s.stride(0), b.stride(0), b_s.stride(0),
         dw.stride(0), dw.stride(1),
-        E_PAD=_pow2(E), BLOCK=r.block, TILE=ROW_TILE, MX=r.mx, BM=launch.bm, BN=launch.bn, GROUP=GROUP_M,
-        **launch.options())
+        E_PAD=_pow2(E), BLOCK=r.block, TILE=ROW_TILE, MX=r.mx, DQ=r.dequantized, BM=launch.bm, BN=launch.bn,
+        GROUP=GROUP_M, **launch.options())
     return dw
 
 

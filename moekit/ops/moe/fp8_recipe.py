@@ -38,6 +38,10 @@ class Recipe:
     block: int  # one scale per `block` values along a GEMM's reduction axis (features or tokens)
     weight_rows: int  # weights: one scale per weight_rows output rows x `block` reduction values
     mx: bool  # power-of-two E8M0 scales (OCP MX floor rule) instead of amax / 448
+    # The kernels' storage of MX operands: False, E4M3 bytes and scales; True, the MX values
+    # themselves (E4M3 times scale, exact in 16 bits) without scales, multiplied by 16-bit GEMMs on
+    # GPUs without MX tensor-core instructions (``fp8.storage``).
+    dequantized: bool = False
 
 
 RECIPES = {
