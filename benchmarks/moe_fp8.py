@@ -12,7 +12,7 @@ after its step's first costs; "fp8" / "mxfp8" quantize the weights on every call
 first micro-batch (or a step without accumulation) does.
 
     python benchmarks/moe_fp8.py [--shapes deepseek-v3 mixtral-8x7b] [--variants ...] [--profile] [--sweep]
-                                 [--wgrad-sweep]
+                                 [--wgrad-sweep] [--recipes fp8 mxfp8]
 
 ``--profile`` adds each FP8 stage's median time (quantizers, GEMM kernels) for one fwd+bwd;
 ``--sweep`` times fp8 and mxfp8 fwd+bwd under a few (num_warps, num_stages) launch settings;
@@ -153,13 +153,7 @@ def same_as(got: torch.Tensor, want: torch.Tensor, experts_per_slice: int = 16) 
             f"max {largest / want.abs().max().item():.1e} of max|dW|")
 
 
-def wgrad_sweep(layer, x, grad_out, s) -> None:
-    for r in RECIPES.values():
-        wgrad_sweep_recipe(layer, x, grad_out, s, fp8.storage(r, x.device))
-        torch.cuda.empty_cache()
-
-
-def wgrad_sweep_recipe(layer, x, grad_out, s, r) -> None:
+def wgrad_sweep(layer, x, grad_out, s, r) -> None:
     """The weight gradient alone under each candidate that fits both calls (its dW compared with
     the default's first), then the layer's fwd+bwd under it; one table, fastest wgrad first."""
     meta, calls = wgrad_calls(s, r)
@@ -227,15 +221,17 @@ def bench_shape(s, args) -> None:
                           for ref in ("triton", "grouped_mm"))
         print(f"{s.name:14s} {variant:11s} {fwd:8.2f} {flops / fwd / 1e9:8.0f} {both:9.2f} "
               f"{3 * flops / both / 1e9:8.0f} {ratios}  ({time.perf_counter() - start:.0f} s incl. tuning)", flush=True)
-    if args.profile:
-        for precision in ("fp8", "mxfp8"):
-            profile(layer, x, grad_out, precision)
     fp8.MX_AS_VALUES = True
+    if args.profile:
+        for precision in args.recipes:
+            profile(layer, x, grad_out, precision)
     if args.sweep:
-        for precision in ("fp8", "mxfp8"):
+        for precision in args.recipes:
             sweep(layer, x, grad_out, precision)
     if args.wgrad_sweep:
-        wgrad_sweep(layer, x, grad_out, s)
+        for precision in args.recipes:
+            wgrad_sweep(layer, x, grad_out, s, fp8.storage(RECIPES[precision], x.device))
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -247,6 +243,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="per-stage times of the FP8 op")
     parser.add_argument("--sweep", action="store_true", help="fp8 launch settings sweep")
     parser.add_argument("--wgrad-sweep", action="store_true", help="weight-gradient candidate launches, per recipe")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES),
+                        help="the recipes --profile, --sweep and --wgrad-sweep run")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/moe_fp8.py needs a CUDA GPU")

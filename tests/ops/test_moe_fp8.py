@@ -284,9 +284,11 @@ def test_gpu_layer_with_weight_cache_matches_uncached(monkeypatch, precision):
     a second micro-batch hits the cache and both give the uncached layer's results bit for bit."""
     from moekit import MoE, MoEConfig
 
-    quantized = []
-    real = fp8.quantize_weight_both
-    monkeypatch.setattr(fp8, "quantize_weight_both", lambda w, *a, **k: quantized.append(w) or real(w, *a, **k))
+    quantized = []  # training-form weight quantizations: bytes and scales, or MX values (both blocked along cols)
+    both, values = fp8.quantize_weight_both, fp8.kernels.mx_values
+    monkeypatch.setattr(fp8, "quantize_weight_both", lambda w, *a, **k: quantized.append(w) or both(w, *a, **k))
+    monkeypatch.setattr(fp8.kernels, "mx_values", lambda x, rows=True, cols=False: (
+        cols and quantized.append(x)) or values(x, rows, cols))
     kw = dict(hidden_size=256, ffn_hidden_size=256, num_experts=8, top_k=2, precision=precision)
     torch.manual_seed(3)
     plain = MoE(MoEConfig(**kw)).cuda().bfloat16()
