@@ -284,7 +284,7 @@ def test_gpu_layer_with_weight_cache_matches_uncached(monkeypatch, precision):
     a second micro-batch hits the cache and both give the uncached layer's results bit for bit."""
     from moekit import MoE, MoEConfig
 
-    quantized = []  # training-form weight quantizations: bytes and scales, or MX values (both blocked along cols)
+    quantized = []  # weights quantized in both training layouts: as bytes and scales, or as MX values
     both, values = fp8.quantize_weight_both, fp8.kernels.mx_values
     monkeypatch.setattr(fp8, "quantize_weight_both", lambda w, *a, **k: quantized.append(w) or both(w, *a, **k))
     monkeypatch.setattr(fp8.kernels, "mx_values", lambda x, rows=True, cols=False: (

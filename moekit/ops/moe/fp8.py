@@ -19,7 +19,9 @@ bounds ``tests/ops/test_moe_fp8.py`` asserts); the bf16 path is within 1e-2.
 MXFP8 on Hopper (no MX tensor-core instruction before sm_100) keeps every MX operand as its
 values in bf16, E4M3 times the block's power-of-two scale, exact, made where the operand is
 quantized (``Recipe.dequantized``, ``storage``): the GEMMs are then plain bf16 ones on the same
-numbers an MX GEMM multiplies, with FP32 accumulation. On sm_100+ the two GEMMs of expert-sorted rows by a weight (down
+numbers an MX GEMM multiplies, with FP32 accumulation. Those operands take 2 bytes an element
+instead of 1 (the weights' two training layouts: twice the weights' bf16 size while a step runs,
+or between calls with ``cache_fp8_weights``). On sm_100+ the two GEMMs of expert-sorted rows by a weight (down
 forward, up dgrad) go through ``torch._scaled_grouped_mm`` with E8M0 scales instead
 (``fp8_blackwell``): UNTESTED ON HARDWARE (its inputs are checked on the CPU only); set
 ``MX_SCALED_GROUPED_MM = False`` to keep the Triton kernels there too.
@@ -46,7 +48,8 @@ from moekit.ops.moe.weight_cache import WeightCache
 
 MX_SCALED_GROUPED_MM = True  # sm_100+: MXFP8 row-by-weight GEMMs through torch._scaled_grouped_mm
 # MX operands as bf16 values wherever the MX GEMMs above do not run; False keeps E4M3 bytes and
-# scales, dequantized inside every GEMM's K loop (2x slower on the H200: docs/benchmarks.md).
+# scales, dequantized inside every GEMM's K loop: the layer's fwd+bwd 1.4-1.75x slower on the H200
+# (docs/benchmarks.md), but half the bytes per operand.
 MX_AS_VALUES = True
 
 

@@ -61,7 +61,10 @@ LAUNCH = INTERPRETER_LAUNCH if INTERPRETING else {"num_warps": 8, "num_stages": 
 ACT_BACKWARD_CHUNK = 32
 ACT_BACKWARD_LAUNCH = {"num_warps": 4}
 GATHER_COLS_LAUNCH = {"num_warps": 8}  # sm_90: 108 regs fp8, 2 CTAs per SM
-MX_VALUES_TILE = 64  # rows per program of the MX values pass (x, dout, weights)
+# The MX values pass (x, dout, weights), rows per program x TILE_N: H200, both layouts of a bf16
+# [229376, 4096] weight, % of copy: 32 rows / 4 warps 79%, 2 warps 71%; 64 / 4 58%; 64 / 8 54%;
+# 128 / 8 53% (rows alone: 88-89% at every one).
+MX_VALUES_TILE = 32
 MX_VALUES_LAUNCH = {"num_warps": 4}
 
 
@@ -111,8 +114,10 @@ WGRAD_DEFAULT = WGRAD_CANDIDATES[0]
 # - fp8 keeps the default: deepseek-v3 (256 rows per expert) 64x128 19.41 ms vs 128x128 22.78 (0.85x),
 #   every other candidate slower too; mixtral-8x7b (2048 rows) 64x128 9.66 vs 128x128 9.79, none faster.
 # - mxfp8 takes 128x128/8w up to 2048 rows, the most measured (past it the default until a sweep says
-#   otherwise; under 256 rows it is unmeasured too): deepseek-v3 33.56 ms vs the default's 35.34
-#   (1.05x); mixtral-8x7b 19.09 vs 21.33 (1.12x).
+#   otherwise; under 256 rows it is unmeasured too). On the H200 MX operands are values and the
+#   GEMMs 16-bit (``Recipe.dequantized``): deepseek-v3 18.23 ms vs the default's 20.12 (1.10x),
+#   mixtral-8x7b 11.17 vs 13.23 (1.18x); with bytes and scales (sm_100's storage): 33.56 vs 35.34
+#   and 19.09 vs 21.33.
 WGRAD_BY_ROWS: dict[str, tuple[tuple[int, WgradLaunch], ...]] = {"fp8": (), "mxfp8": ((2048, WGRAD_CANDIDATES[1]),)}
 # A candidate name that overrides the choice (benchmarks and tests); None: by rows.
 wgrad_force: str | None = None
