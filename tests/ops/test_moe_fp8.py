@@ -4,6 +4,7 @@ blocks lie, and input errors."""
 
 import copy
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +15,14 @@ from moekit.ops.moe.weight_cache import WeightCache, clear_all
 
 # Documented in moekit/ops/moe/fp8.py: ||out - ref|| / ||ref|| for outputs and gradients.
 BOUND = {"fp8": 0.10, "mxfp8": 0.12}
+
+
+def _kernel_recipe(name):
+    """A recipe as the kernels take it; "mxfp8-values": MX operands held as their values (the
+    H200's storage), "mxfp8" as bytes and scales (sm_100's)."""
+    if name == "mxfp8-values":
+        return replace(recipe("mxfp8"), dequantized=True)
+    return recipe(name)
 
 
 def _problem(tokens, hidden, ffn, experts, top_k, activation, dtype=torch.float32, seed=0, device="cpu"):
@@ -103,9 +112,13 @@ def test_wgrad_over_several_row_tiles_matches_recipe_reference():
 
 def _token_axis_to_rows(c, cs, counts, r):
     """Dequantize the wgrad operand layout (``fp8_kernels._store_cols``: [P, tiles * 128] bytes,
-    scales [tiles * 128 / block, P]) back to expert-sorted rows [sum(counts), P]; the slot rows
-    past each expert's count must be zero bytes (the weight gradient sums over whole slots)."""
-    values = c.view(torch.float8_e4m3fn).float().t() * cs.repeat_interleave(r.block, 0)
+    scales [tiles * 128 / block, P]; or MX values and no scales) back to expert-sorted rows
+    [sum(counts), P]; the slot rows past each expert's count must be zeros (the weight gradient sums
+    over whole slots)."""
+    if cs is None:
+        values = c.float().t()
+    else:
+        values = c.view(torch.float8_e4m3fn).float().t() * cs.repeat_interleave(r.block, 0)
     out, tile = [], 0
     for n in counts:
         tiles = -(-n // 128)
@@ -121,6 +134,7 @@ def _token_axis_to_rows(c, cs, counts, r):
     ("fp8", "gelu", [40, 0, 128], 256, torch.bfloat16),
     ("mxfp8", "swiglu", [3, 200, 0], 128, torch.float32),
     ("mxfp8", "gelu", [0, 129], 128, torch.float32),
+    ("mxfp8-values", "swiglu", [3, 200, 0], 128, torch.float32),
 ])
 def test_act_backward_kernel_matches_reference(monkeypatch, recipe_name, activation, counts, ffn, dtype):
     """dh = act'(h) * da quantized both ways (rows for dx, token axis for dW_up), against the
@@ -130,7 +144,7 @@ def test_act_backward_kernel_matches_reference(monkeypatch, recipe_name, activat
     from moekit.ops.moe.fp8_recipe import dequantize_rows
 
     monkeypatch.setattr(triton_meta, "poison_buffers", True)
-    r = recipe(recipe_name)
+    r = _kernel_recipe(recipe_name)
     g = torch.Generator().manual_seed(sum(counts) + ffn)
     experts = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     idx = torch.cat([experts, torch.full((7,), -1)])[torch.randperm(sum(counts) + 7, generator=g)][:, None]
@@ -143,9 +157,12 @@ def test_act_backward_kernel_matches_reference(monkeypatch, recipe_name, activat
     valid = sum(counts)
     want = fp8_reference.activation_backward(h[:valid].double(), da[:valid].double(), activation).float()
     want_q, want_s = fp8.quantize_rows(want, r, backend="reference")
-    got = dequantize_rows(q[:valid], s[:valid], r.block)
-    # Float32 vs float64 activation backward: a rare FP8 rounding may flip by one step.
-    assert torch.allclose(s[:valid], want_s, rtol=1e-5, atol=0)
+    if s is None:  # MX values
+        got = q[:valid].float()
+    else:
+        got = dequantize_rows(q[:valid], s[:valid], r.block)
+        # Float32 vs float64 activation backward: a rare FP8 rounding may flip by one step.
+        assert torch.allclose(s[:valid], want_s, rtol=1e-5, atol=0)
     assert _rel(got, dequantize_rows(want_q, want_s, r.block)) < 2e-3
     assert 3e-3 < _rel(got, want) < 0.05
     got_cols = _token_axis_to_rows(c, cs, counts, r)
@@ -408,7 +425,7 @@ def _wgrad_problem(counts, P, Q, recipe_name, seed, device="cpu"):
     their dequantized values."""
     from moekit.ops.moe import fp8_kernels
 
-    r = recipe(recipe_name)
+    r = _kernel_recipe(recipe_name)
     g = torch.Generator().manual_seed(seed)
     experts = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     idx = torch.cat([experts, torch.full((5,), -1)])[torch.randperm(sum(counts) + 5, generator=g)][:, None]
@@ -420,7 +437,7 @@ def _wgrad_problem(counts, P, Q, recipe_name, seed, device="cpu"):
                                                                                        generator=g))
         c, cs = fp8_kernels.gather_cols(src.to(device), meta, r)
         operands.append((c, cs))
-        rows.append(_token_axis_to_rows(c.cpu(), cs.cpu(), counts, r).double())
+        rows.append(_token_axis_to_rows(c.cpu(), None if cs is None else cs.cpu(), counts, r).double())
     want = torch.zeros(len(counts), P, Q, dtype=torch.float64)
     start = 0
     for e, n in enumerate(counts):
@@ -437,7 +454,7 @@ def _wgrad_error(got, want):
     return torch.where(scale > 0, err / scale.clamp_min(1e-300), (err > 0).double())
 
 
-@pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8"])
+@pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8", "mxfp8-values"])
 @pytest.mark.parametrize("counts,P,Q", [([0, 130, 5, 0, 257, 64], 256, 256),  # empty, partial, < one K step
                                         ([3, 0, 128, 300], 512, 256)])
 def test_every_wgrad_candidate_matches_float64(monkeypatch, recipe_name, counts, P, Q):
@@ -451,6 +468,8 @@ def test_every_wgrad_candidate_matches_float64(monkeypatch, recipe_name, counts,
     meta, r, (a, b), want = _wgrad_problem(counts, P, Q, recipe_name, seed=P + len(counts))
     for candidate in fp8_kernels.WGRAD_CANDIDATES:
         assert candidate.fits(P, Q)
+        if not candidate.serves(r):
+            continue
         monkeypatch.setattr(fp8_kernels, "wgrad_force", candidate.name)
         got = fp8_kernels.grouped_wgrad(a, b, meta, r, torch.float32)
         assert got.shape == (len(counts), P, Q) and torch.isfinite(got).all(), candidate.name
@@ -534,11 +553,16 @@ def test_wgrad_launch_errors_name_the_problem(monkeypatch):
     monkeypatch.setattr(fp8_kernels, "wgrad_force", wide.name)
     with pytest.raises(ValueError, match=f"{wide.name}: its {wide.bm} x 256 tile does not divide dW's 256 x 384"):
         fp8_kernels.wgrad_launch(meta, 256, 384, r)
+    values_only = next(c for c in fp8_kernels.WGRAD_CANDIDATES if c.values_only)
+    monkeypatch.setattr(fp8_kernels, "wgrad_force", values_only.name)
+    with pytest.raises(ValueError, match=f"{values_only.name} is for 16-bit GEMMs on MX values only"):
+        fp8_kernels.wgrad_launch(meta, 256, 256, r)
+    assert fp8_kernels.wgrad_launch(meta, 256, 256, _kernel_recipe("mxfp8-values")) == values_only
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8"])
+@pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8", "mxfp8-values"])
 def test_gpu_every_wgrad_candidate_matches_float64(monkeypatch, recipe_name):
     """As the interpreter test, on the GPU's FP8 tensor cores at a deepseek-v3-like spread (24
     experts of 0 to 400 rows, most under two K steps) and a wider dW; equality between the
@@ -554,12 +578,13 @@ def test_gpu_every_wgrad_candidate_matches_float64(monkeypatch, recipe_name):
     counts[[3, 17]] = torch.tensor([0, 1])
     meta, r, (a, b), want = _wgrad_problem(counts.tolist(), 1024, 768, recipe_name, seed=13, device="cuda")
     for candidate in fp8_kernels.WGRAD_CANDIDATES:
-        if not candidate.fits(1024, 768):
+        if not candidate.fits(1024, 768) or not candidate.serves(r):
             continue
         monkeypatch.setattr(fp8_kernels, "wgrad_force", candidate.name)
         got = fp8_kernels.grouped_wgrad(a, b, meta, r, torch.float32)
         err = _wgrad_error(got, want)
-        assert err.max() < {"fp8": 2e-3, "mxfp8": 1e-5}[recipe_name], (candidate.name, err.tolist())
+        assert err.max() < {"fp8": 2e-3, "mxfp8": 1e-5, "mxfp8-values": 1e-5}[recipe_name], (candidate.name,
+                                                                                            err.tolist())
 
 
 def test_weight_cache_quantizes_each_weight_once_per_update(monkeypatch):

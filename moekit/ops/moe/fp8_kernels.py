@@ -66,18 +66,20 @@ GATHER_COLS_LAUNCH = {"num_warps": 8}  # sm_90: 108 regs fp8, 2 CTAs per SM
 # 128 / 8 53% (rows alone: 88-89% at every one).
 MX_VALUES_TILE = 32
 MX_VALUES_LAUNCH = {"num_warps": 4}
+SCATTER_VALUES_TILE_N = 256  # scatter GEMM columns per program on MX values (bf16 GEMMs' usual 128 x 256)
 
 
 @dataclass(frozen=True)
 class WgradLaunch:
     """A weight-gradient dW tile (bm x bn; they must divide P x Q: the kernel stores whole tiles
-    unmasked) and its launch. Every candidate builds without register spills for both recipes
-    (benchmarks/compile_check_moe_fp8.py --wgrad checks it)."""
+    unmasked) and its launch. Every candidate builds without register spills for the recipes it
+    serves (benchmarks/compile_check_moe_fp8.py --wgrad checks it)."""
 
     bm: int
     bn: int
     num_warps: int
     num_stages: int
+    values_only: bool = False  # only for 16-bit GEMMs on MX values (``Recipe.dequantized``)
 
     @property
     def name(self) -> str:
@@ -85,6 +87,9 @@ class WgradLaunch:
 
     def fits(self, P: int, Q: int) -> bool:
         return P % self.bm == 0 and Q % self.bn == 0
+
+    def serves(self, r: Recipe) -> bool:
+        return r.dequantized or not self.values_only
 
     def options(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -106,6 +111,9 @@ WGRAD_CANDIDATES = (
     WgradLaunch(64, 256, 8, 3),
     # Four CTAs per SM, twice the A re-reads: fp8 127 regs, 49 KB | mxfp8 169 regs, 53 KB, 2 CTAs.
     WgradLaunch(64, 64, 4, 3),
+    # 16-bit only (the FP8 builds spill: 255 regs): 180 regs, 144 KB, 1 CTA | 190 regs, 128 KB, 1.
+    WgradLaunch(128, 256, 8, 3, values_only=True),
+    WgradLaunch(128, 128, 4, 4, values_only=True),
 )
 WGRAD_DEFAULT = WGRAD_CANDIDATES[0]
 # Per recipe, (most mean rows per expert, candidate): the first entry whose bound holds and whose
@@ -812,11 +820,13 @@ def scatter_gemm(src_q, w_q, meta: RoutingMeta, r: Recipe, dtype) -> torch.Tenso
     E, N, K = w_data.shape
     num_rows = meta.order.numel()
     out = new_buffer((num_rows, N), dtype, s_data.device)
-    _scatter_gemm_kernel[(_row_tiles(meta) * (N // TILE_N),)](
+    # The output is not quantized: with MX values any column tile will do (no weight-scale blocks)
+    bn = SCATTER_VALUES_TILE_N if r.dequantized and N % SCATTER_VALUES_TILE_N == 0 else TILE_N
+    _scatter_gemm_kernel[(_row_tiles(meta) * (N // bn),)](
         s_data, s_scale, w_data, w_scale, out, meta.counts, meta.order, num_rows, N, K, E,
         s_data.stride(0), s_scale.stride(0), *_weight_args(w_data, w_scale), out.stride(0),
         E_PAD=_pow2(E), BLOCK=r.block, WEIGHT_ROWS=r.weight_rows, MX=r.mx, DQ=r.dequantized, BM=ROW_TILE,
-        BN=TILE_N, GROUP=GROUP_M, **LAUNCH)
+        BN=bn, GROUP=GROUP_M, **LAUNCH)
     return out
 
 
@@ -846,6 +856,8 @@ def wgrad_launch(meta: RoutingMeta, P: int, Q: int, r: Recipe) -> WgradLaunch:
         if not chosen.fits(P, Q):
             raise ValueError(f"weight-gradient launch {chosen.name}: its {chosen.bm} x {chosen.bn} tile does not "
                              f"divide dW's {P} x {Q}")
+        if not chosen.serves(r):
+            raise ValueError(f"weight-gradient launch {chosen.name} is for 16-bit GEMMs on MX values only")
         return chosen
     mean_rows = meta.order.numel() / meta.num_experts
     for most_rows, candidate in WGRAD_BY_ROWS[r.name]:
