@@ -72,14 +72,13 @@ SCATTER_VALUES_TILE_N = 256  # scatter GEMM columns per program on MX values (bf
 @dataclass(frozen=True)
 class WgradLaunch:
     """A weight-gradient dW tile (bm x bn; they must divide P x Q: the kernel stores whole tiles
-    unmasked) and its launch. Every candidate builds without register spills for the recipes it
-    serves (benchmarks/compile_check_moe_fp8.py --wgrad checks it)."""
+    unmasked) and its launch. Every candidate builds without register spills for both recipes
+    (benchmarks/compile_check_moe_fp8.py --wgrad checks it)."""
 
     bm: int
     bn: int
     num_warps: int
     num_stages: int
-    values_only: bool = False  # only for 16-bit GEMMs on MX values (``Recipe.dequantized``)
 
     @property
     def name(self) -> str:
@@ -87,9 +86,6 @@ class WgradLaunch:
 
     def fits(self, P: int, Q: int) -> bool:
         return P % self.bm == 0 and Q % self.bn == 0
-
-    def serves(self, r: Recipe) -> bool:
-        return r.dequantized or not self.values_only
 
     def options(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -111,9 +107,6 @@ WGRAD_CANDIDATES = (
     WgradLaunch(64, 256, 8, 3),
     # Four CTAs per SM, twice the A re-reads: fp8 127 regs, 49 KB | mxfp8 169 regs, 53 KB, 2 CTAs.
     WgradLaunch(64, 64, 4, 3),
-    # 16-bit only (the FP8 builds spill: 255 regs): 180 regs, 144 KB, 1 CTA | 190 regs, 128 KB, 1.
-    WgradLaunch(128, 256, 8, 3, values_only=True),
-    WgradLaunch(128, 128, 4, 4, values_only=True),
 )
 WGRAD_DEFAULT = WGRAD_CANDIDATES[0]
 # Per recipe, (most mean rows per expert, candidate): the first entry whose bound holds and whose
@@ -125,7 +118,8 @@ WGRAD_DEFAULT = WGRAD_CANDIDATES[0]
 #   otherwise; under 256 rows it is unmeasured too). On the H200 MX operands are values and the
 #   GEMMs 16-bit (``Recipe.dequantized``): deepseek-v3 18.23 ms vs the default's 20.12 (1.10x),
 #   mixtral-8x7b 11.17 vs 13.23 (1.18x); with bytes and scales (sm_100's storage): 33.56 vs 35.34
-#   and 19.09 vs 21.33.
+#   and 19.09 vs 21.33. Two 16-bit-only tiles (their FP8 builds spill) were no faster on MX values:
+#   128x256/8w/3s 19.84 ms at deepseek-v3, 11.16 at mixtral-8x7b; 128x128/4w/4s 22.55 and 11.59.
 WGRAD_BY_ROWS: dict[str, tuple[tuple[int, WgradLaunch], ...]] = {"fp8": (), "mxfp8": ((2048, WGRAD_CANDIDATES[1]),)}
 # A candidate name that overrides the choice (benchmarks and tests); None: by rows.
 wgrad_force: str | None = None
@@ -856,8 +850,6 @@ def wgrad_launch(meta: RoutingMeta, P: int, Q: int, r: Recipe) -> WgradLaunch:
         if not chosen.fits(P, Q):
             raise ValueError(f"weight-gradient launch {chosen.name}: its {chosen.bm} x {chosen.bn} tile does not "
                              f"divide dW's {P} x {Q}")
-        if not chosen.serves(r):
-            raise ValueError(f"weight-gradient launch {chosen.name} is for 16-bit GEMMs on MX values only")
         return chosen
     mean_rows = meta.order.numel() / meta.num_experts
     for most_rows, candidate in WGRAD_BY_ROWS[r.name]:
