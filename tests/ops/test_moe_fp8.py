@@ -304,8 +304,8 @@ def test_gpu_layer_with_weight_cache_matches_uncached(monkeypatch, precision):
     quantized = []  # weights quantized in both training layouts: as bytes and scales, or as MX values
     both, values = fp8.quantize_weight_both, fp8.kernels.mx_values
     monkeypatch.setattr(fp8, "quantize_weight_both", lambda w, *a, **k: quantized.append(w) or both(w, *a, **k))
-    monkeypatch.setattr(fp8.kernels, "mx_values", lambda x, rows=True, cols=False: (
-        cols and quantized.append(x)) or values(x, rows, cols))
+    monkeypatch.setattr(fp8.kernels, "mx_values", lambda x, r, rows=True, cols=False: (
+        cols and quantized.append(x)) or values(x, r, rows, cols))
     kw = dict(hidden_size=256, ffn_hidden_size=256, num_experts=8, top_k=2, precision=precision)
     torch.manual_seed(3)
     plain = MoE(MoEConfig(**kw)).cuda().bfloat16()

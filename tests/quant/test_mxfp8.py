@@ -589,11 +589,12 @@ def test_moe_mx_values_are_dequantized_quantizations(make_input, assert_same_val
     rows fill whole blocks; then rounded to the values' dtype (bf16 on the GPU: exact but for
     values below bf16's normal range)."""
     from moekit.ops.moe.fp8_kernels import MX_VALUES_DTYPE, mx_values
+    from moekit.ops.moe.fp8_recipe import recipe
 
     # float32 in the interpreter, whose bf16 -> float32 cast gets bf16 subnormals wrong
     x = make_input(shape, torch.bfloat16 if device == "cuda" else torch.float32, 60 + shape[0])
     cols = shape[0] % 32 == 0
-    got_rows, got_cols = mx_values(x.to(device), rows=True, cols=cols)
+    got_rows, got_cols = mx_values(x.to(device), recipe("mxfp8"), rows=True, cols=cols)
     for axis, got in ((1, got_rows), (0, got_cols)):
         if got is None:
             continue

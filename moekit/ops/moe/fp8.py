@@ -63,7 +63,7 @@ def storage(r: Recipe, device: torch.device) -> Recipe:
 def quantized_rows(x: torch.Tensor, r: Recipe) -> tuple:
     """x [T, K] blocked along K as the kernels read it: (bytes, scales) or (MX values, None)."""
     if r.dequantized:
-        return kernels.mx_values(x)[0], None
+        return kernels.mx_values(x, r)[0], None
     return quantize_rows(x, r, backend="triton")
 
 
@@ -80,7 +80,7 @@ def quantized_weight(w: torch.Tensor, r, training: bool, cache: WeightCache | No
     def make():
         if r.dequantized:  # [E, A, B] as [E * A, B]: blocks of 32 rows never straddle two experts
             E, A, B = w.shape
-            rows, cols = kernels.mx_values(w.reshape(E * A, B), rows=True, cols=training)
+            rows, cols = kernels.mx_values(w.reshape(E * A, B), r, rows=True, cols=training)
             dgrad = (cols.view(B, E, A).transpose(0, 1), None) if training else None
             return (rows.view(E, A, B), None), dgrad
         if training:  # both orientations from one read, the dgrad one kept for backward

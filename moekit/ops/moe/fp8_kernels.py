@@ -731,18 +731,18 @@ def _weight_args(w_data: torch.Tensor, w_scale: torch.Tensor) -> tuple:
     return (w_data.stride(0), w_data.stride(1), w_scale.stride(0), w_scale.stride(1), w_scale.stride(2))
 
 
-def mx_values(x: torch.Tensor, rows: bool = True, cols: bool = False, block: int = 32) -> tuple:
+def mx_values(x: torch.Tensor, r: Recipe, rows: bool = True, cols: bool = False) -> tuple:
     """The MX operands of x [M, N] as values (``Recipe.dequantized``), from one read: (blocked
     along N, [M, N]; blocked along M, stored [N, M]), each None unless asked for."""
     M, N = x.shape
-    if N % TILE_N or (cols and M % block):
+    if N % TILE_N or (cols and M % r.block):
         raise ValueError(f"mx_values: shape {tuple(x.shape)} is not in whole blocks")
     x = x.contiguous()
     out_rows = torch.empty(M, N, dtype=MX_VALUES_DTYPE, device=x.device) if rows else None
     out_cols = torch.empty(N, M, dtype=MX_VALUES_DTYPE, device=x.device) if cols else None
     _mx_values_kernel[(triton.cdiv(M, MX_VALUES_TILE), N // TILE_N)](
         x, x if out_rows is None else out_rows, x if out_cols is None else out_cols, M, N, x.stride(0),
-        N, M, ROWS=rows, COLS=cols, BLOCK=block, EMULATE_RNE=INTERPRETING, BM=MX_VALUES_TILE, BN=TILE_N,
+        N, M, ROWS=rows, COLS=cols, BLOCK=r.block, EMULATE_RNE=INTERPRETING, BM=MX_VALUES_TILE, BN=TILE_N,
         **MX_VALUES_LAUNCH)
     return out_rows, out_cols
 
