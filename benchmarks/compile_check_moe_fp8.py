@@ -1,17 +1,18 @@
 """Build the FP8 / MXFP8 routed-expert kernels for sm_90 without a GPU and read what came out.
 
-Phase 1 runs ``moekit.ops.moe.fp8.routed_experts`` forward + backward (both recipes, gated and
-plain activations) in the CPU interpreter and records every kernel launch: the kernel, its
-argument kinds and constexprs, the grid and the bytes of every tensor argument. Phase 2
-compiles each distinct launch with ``triton.compile`` for ``GPUTarget("cuda", arch, 128)`` and
-prints, per kernel: how its dots were lowered (``wgmma`` count and operand types in the PTX,
-``warp_group_dot`` / ``local_alloc`` / transposes in the TTGIR), whether the K loop was
-software-pipelined (async copies / TMA), shared memory, registers / spills from ``ptxas -v``, and
-how many CTAs an SM holds at once.
+Phase 1 runs ``moekit.ops.moe.fp8.routed_experts`` forward + backward in the CPU interpreter
+(both recipes, MXFP8 in both storages: "mxfp8" as MX values, what Hopper runs, and "mxfp8-bytes"
+as bytes and scales, what sm_100 runs beside its MX GEMMs; gated and plain activations) and records
+every kernel launch: the kernel, its argument kinds and constexprs, the grid and the bytes of
+every tensor argument. Phase 2 compiles each distinct launch with ``triton.compile`` for
+``GPUTarget("cuda", arch, 128)`` and prints, per kernel: how its dots were lowered (``wgmma``
+count and operand types in the PTX, ``warp_group_dot`` / ``local_alloc`` / transposes in the
+TTGIR), whether the K loop was software-pipelined (async copies / TMA), shared memory, registers /
+spills from ``ptxas -v``, and how many CTAs an SM holds at once.
 It also prints the launch list of one fwd+bwd (what a profile would show, minus the times).
 
 ``--wgrad`` instead builds the weight-gradient kernel under every candidate launch
-(``fp8_kernels.WGRAD_CANDIDATES``) for each recipe, at 256 experts, prints each build's census
+(``fp8_kernels.WGRAD_CANDIDATES``) for each recipe and storage, at 256 experts, prints each build's census
 (registers, spills, shared memory, CTAs per SM) and fails where a candidate does not build, does not
 fit on an SM or spills registers (the rows table may pick any candidate for either recipe).
 
@@ -68,7 +69,9 @@ def record(path: str, recipes: list[str]) -> None:
 
     g = torch.Generator().manual_seed(0)
     T, H, F, E, K = 64, 256, 256, 4, 2
-    for recipe_name in recipes:
+    for name in recipes:
+        fp8.MX_AS_VALUES = name != "mxfp8-bytes"
+        recipe_name = name.removesuffix("-bytes")
         for activation in ("swiglu", "gelu"):
             up = 2 * F if activation == "swiglu" else F
             # bf16, as the GPU runs it (h, y and every output take the input dtype)
@@ -77,9 +80,9 @@ def record(path: str, recipes: list[str]) -> None:
             w = torch.rand(T, K, generator=g).to(DTYPE).requires_grad_()
             w_up = (torch.randn(E, up, H, generator=g) * H**-0.5).to(DTYPE).requires_grad_()
             w_down = (torch.randn(E, H, F, generator=g) * F**-0.5).to(DTYPE).requires_grad_()
-            tag[0] = f"{recipe_name}/{activation}/fwd"
+            tag[0] = f"{name}/{activation}/fwd"
             out = fp8.routed_experts(x, idx, w, w_up, w_down, activation, recipe_name)
-            tag[0] = f"{recipe_name}/{activation}/bwd"
+            tag[0] = f"{name}/{activation}/bwd"
             out.backward(torch.randn(T, H, generator=g).to(DTYPE))
     triton_build.save(launches, path)
 
@@ -122,7 +125,7 @@ def compile_all(launches: list[dict], arch: int, dump: str | None) -> int:
 
     def label(launch, opts):
         flags = {p.name: launch["kinds"][p.name][1] for p in triton_build.jit_function(launch).params
-                 if p.is_constexpr and p.name in ("GATED", "BACKWARD", "SAVE", "MX", "BLOCK", "TWO_B", "A_REG")}
+                 if p.is_constexpr and p.name in ("GATED", "BACKWARD", "SAVE", "MX", "DQ", "BLOCK", "TWO_B", "A_REG")}
         return f"{launch['name']} {flags} {opts}"
 
     def describe(kernel):
@@ -143,22 +146,21 @@ WGRAD_CENSUS_EXPERTS = 256  # deepseek-v3's, where the short-K candidates matter
 
 
 def wgrad_census(launches: list[dict], arch: int) -> int:
-    """Build ``_wgrad_kernel`` under every candidate for each recorded recipe; the number of
-    builds that failed, did not fit, or spill."""
+    """Build ``_wgrad_kernel`` under every candidate for each recorded recipe and storage; the
+    number of builds that failed, did not fit, or spill."""
     from moekit.ops.moe import fp8_kernels
-    from moekit.ops.moe.fp8_recipe import RECIPES
 
-    recorded = {la["kinds"]["MX"][1]: gpu_kinds(la) for la in launches if la["name"] == "_wgrad_kernel"}
+    storages = {(False, False): "fp8", (True, True): "mxfp8", (True, False): "mxfp8-bytes"}
+    recorded = {(la["kinds"]["MX"][1], la["kinds"]["DQ"][1]): gpu_kinds(la)
+                for la in launches if la["name"] == "_wgrad_kernel"}
     failed = 0
-    for r in RECIPES.values():
-        if r.mx not in recorded:
-            continue
+    for key, launch in recorded.items():
         for c in fp8_kernels.WGRAD_CANDIDATES:
-            kinds = dict(recorded[r.mx]["kinds"], BM=["int", c.bm], BN=["int", c.bn],
+            kinds = dict(launch["kinds"], BM=["int", c.bm], BN=["int", c.bn],
                          E_PAD=["int", WGRAD_CENSUS_EXPERTS], num_experts=["int", WGRAD_CENSUS_EXPERTS])
-            name = f"{r.name:6s} {c.name:13s}"
+            name = f"{storages[key]:11s} {c.name:13s}"
             try:
-                kernel = triton_build.build(dict(recorded[r.mx], kinds=kinds), arch, c.options())
+                kernel = triton_build.build(dict(launch, kinds=kinds), arch, c.options())
             except Exception as e:
                 failed += 1
                 print(f"FAIL {name} {type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -176,7 +178,8 @@ def wgrad_census(launches: list[dict], arch: int) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("--recipes", nargs="+", default=["fp8", "mxfp8"])
+    parser.add_argument("--recipes", nargs="+", default=["fp8", "mxfp8", "mxfp8-bytes"],
+                        choices=["fp8", "mxfp8", "mxfp8-bytes"])
     parser.add_argument("--dump", help="write each variant's TTGIR and PTX here")
     parser.add_argument("--wgrad", action="store_true", help="census of the weight-gradient candidate launches")
     parser.add_argument("--record", help=argparse.SUPPRESS)

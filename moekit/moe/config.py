@@ -104,7 +104,7 @@ class MoEConfig:
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.route_scale > 0, f"route_scale must be > 0, got {self.route_scale}")
         need(not self.cache_fp8_weights or self.precision != "bf16",
-             "cache_fp8_weights keeps FP8 copies of the expert weights: it needs precision 'fp8' or 'mxfp8'")
+             "cache_fp8_weights keeps quantized copies of the expert weights: it needs precision 'fp8' or 'mxfp8'")
         if self.precision != "bf16":
             # FP8 / MXFP8 GEMMs work in whole 128-wide scale blocks (DeepSeek-V3's 128x128 weight tiles).
             for name in ("hidden_size", "ffn_hidden_size"):

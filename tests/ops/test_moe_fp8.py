@@ -78,12 +78,34 @@ def test_mx_values_and_mx_bytes_storage_agree(monkeypatch, activation):
     """MX operands held as their values (16-bit GEMMs) or as bytes and scales (dequantized in the
     GEMMs' K loops) are the same numbers: results differ by float32 summation order only."""
     leaves, idx, grad = _problem(70, 256, 256, 5, 2, activation, seed=4)
-    runs = []
+    runs, value_passes = [], []
+    real = fp8.kernels.mx_values
+    monkeypatch.setattr(fp8.kernels, "mx_values", lambda *a, **k: value_passes.append(1) or real(*a, **k))
     for as_values in (True, False):
         monkeypatch.setattr(fp8, "MX_AS_VALUES", as_values)
+        value_passes.clear()
         runs.append(_run(fp8.routed_experts_mxfp8, leaves, idx, grad, activation))
+        assert bool(value_passes) == as_values  # the two runs took different storages
     for name, a, b in zip(("out", "dx", "dweight", "dw_up", "dw_down"), *runs, strict=True):
         assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+
+
+def test_weight_cache_keeps_mx_values(monkeypatch):
+    """The MX values of the weights (both layouts in training) come from the cache on the next
+    micro-batch, and give the uncached results bit for bit."""
+    leaves, idx, grad = _problem(40, 128, 128, 5, 2, "swiglu", seed=6)
+    weight_passes = []
+    real = fp8.kernels.mx_values
+    monkeypatch.setattr(fp8.kernels, "mx_values", lambda x, r, rows=True, cols=False: (
+        x.shape[0] != leaves[0].shape[0] and weight_passes.append(cols)) or real(x, r, rows, cols))
+    cache = WeightCache()
+    want = _run(fp8.routed_experts_mxfp8, leaves, idx, grad, "swiglu")
+    for expected in ([True, True], []):  # w_up and w_down in both layouts, then nothing
+        weight_passes.clear()
+        got = _run(lambda *a: fp8.routed_experts_mxfp8(*a, weight_cache=cache), leaves, idx, grad, "swiglu")
+        assert weight_passes == expected
+        for name, g, w in zip(("out", "dx", "dweight", "dw_up", "dw_down"), got, want, strict=True):
+            assert torch.equal(g, w), name
 
 
 def test_storage_holds_mx_values_unless_mx_gemms_run(monkeypatch):
@@ -557,8 +579,9 @@ def test_wgrad_launch_errors_name_the_problem(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8", "mxfp8-values"])
 def test_gpu_every_wgrad_candidate_matches_float64(monkeypatch, recipe_name):
-    """As the interpreter test, on the GPU's FP8 tensor cores at a deepseek-v3-like spread (24
-    experts of 0 to 400 rows, most under two K steps) and a wider dW; equality between the
+    """As the interpreter test, on the GPU (FP8 tensor cores; bf16 ones for MX values) at a
+    deepseek-v3-like spread (24 experts of 0 to 400 rows, most under two K steps) and a wider dW;
+    equality between the
     candidates is reported by benchmarks/moe_fp8.py --wgrad-sweep, not asserted here (wgmma
     instructions of different N need not order their in-instruction sums alike). FP8 wgmma keeps
     a partial sum of fewer bits than float32 within each 128-token step (DeepSeek-V3 measured ~14

@@ -19,12 +19,15 @@ bounds ``tests/ops/test_moe_fp8.py`` asserts); the bf16 path is within 1e-2.
 MXFP8 on Hopper (no MX tensor-core instruction before sm_100) keeps every MX operand as its
 values in bf16, E4M3 times the block's power-of-two scale, exact, made where the operand is
 quantized (``Recipe.dequantized``, ``storage``): the GEMMs are then plain bf16 ones on the same
-numbers an MX GEMM multiplies, with FP32 accumulation. Those operands take 2 bytes an element
+numbers an MX GEMM multiplies (exact unless a block's amax is under about 2**-118), with FP32
+accumulation. Those operands take 2 bytes an element
 instead of 1 (the weights' two training layouts: twice the weights' bf16 size while a step runs,
 or between calls with ``cache_fp8_weights``). On sm_100+ the two GEMMs of expert-sorted rows by a weight (down
 forward, up dgrad) go through ``torch._scaled_grouped_mm`` with E8M0 scales instead
 (``fp8_blackwell``): UNTESTED ON HARDWARE (its inputs are checked on the CPU only); set
-``MX_SCALED_GROUPED_MM = False`` to keep the Triton kernels there too.
+``MX_SCALED_GROUPED_MM = False`` to keep the Triton kernels there too. Those GEMMs read bytes and
+scales, so there every MX operand keeps that storage, and the other four GEMMs dequantize in
+their K loops.
 
 Every call quantizes both weights (in training, in both GEMM orientations). A ``WeightCache``
 (``weight_cache.py``; ``MoEConfig(cache_fp8_weights=True)``) keeps those forms between calls

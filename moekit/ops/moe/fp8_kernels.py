@@ -735,6 +735,8 @@ def mx_values(x: torch.Tensor, r: Recipe, rows: bool = True, cols: bool = False)
     """The MX operands of x [M, N] as values (``Recipe.dequantized``), from one read: (blocked
     along N, [M, N]; blocked along M, stored [N, M]), each None unless asked for."""
     M, N = x.shape
+    if not r.mx or r.block > MX_VALUES_TILE:
+        raise ValueError(f"mx_values: recipe {r.name!r} has no MX blocks of at most {MX_VALUES_TILE} values")
     if N % TILE_N or (cols and M % r.block):
         raise ValueError(f"mx_values: shape {tuple(x.shape)} is not in whole blocks")
     x = x.contiguous()
@@ -774,7 +776,8 @@ def gather_up(xq, w_up_q, weight, meta: RoutingMeta, activation: str, r: Recipe,
 
 def down_dgrad(dq, w_down_t, h, weight, meta: RoutingMeta, activation: str, r: Recipe):
     """dh = act'(h) * w * (Q(dout)[token] @ Q(W_down)), quantized both ways:
-    ((uint8 [rows, U], scales [rows, U/block]), (uint8 [U, tiles * 128], scales))."""
+    ((uint8 [rows, U], scales [rows, U/block]), (uint8 [U, tiles * 128], scales)); MX values and
+    None scales with ``r.dequantized``."""
     d_data, d_scale, w_data, w_scale = dq[0], _scales(dq), w_down_t[0], _scales(w_down_t)
     num_rows = h.shape[0]
     E, F, H = w_data.shape

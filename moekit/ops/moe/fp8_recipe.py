@@ -1,5 +1,6 @@
 """The two low-precision recipes of the routed-expert GEMMs, and their quantizers as
-(FP8 bytes, float32 scales) pairs, the form the FP8 kernels read.
+(FP8 bytes, float32 scales) pairs, the form the FP8 kernels read (MX operands on GPUs without MX
+instructions are held as their values instead: ``Recipe.dequantized``, ``fp8.storage``).
 
 Every GEMM quantizes both operands along its reduction axis, E4M3 elements, FP32 accumulation:
 
@@ -39,8 +40,9 @@ class Recipe:
     weight_rows: int  # weights: one scale per weight_rows output rows x `block` reduction values
     mx: bool  # power-of-two E8M0 scales (OCP MX floor rule) instead of amax / 448
     # The kernels' storage of MX operands: False, E4M3 bytes and scales; True, the MX values
-    # themselves (E4M3 times scale, exact in 16 bits) without scales, multiplied by 16-bit GEMMs on
-    # GPUs without MX tensor-core instructions (``fp8.storage``).
+    # themselves (E4M3 times scale, exact in bf16 unless a block's amax is under about 2**-118)
+    # without scales, multiplied by 16-bit GEMMs on GPUs without MX tensor-core instructions
+    # (``fp8.storage``).
     dequantized: bool = False
 
 

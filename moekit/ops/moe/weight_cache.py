@@ -26,7 +26,8 @@ class WeightCache:
     micro-batches, activation-checkpointing recomputes and inference reuse the entries, and the
     first call after an update quantizes again. Weights changed any other way without the counter
     (through ``.data``, by another optimizer library): call ``clear_all()`` after. Between calls a
-    cache holds one FP8 byte per weight element per orientation (two in training)."""
+    cache holds, per weight element and orientation (two in training), one FP8 byte, or two bytes
+    where MX operands are held as their bf16 values (``fp8.storage``)."""
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple] = {}
