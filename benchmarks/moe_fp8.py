@@ -12,9 +12,12 @@ after its step's first costs; "fp8" / "mxfp8" quantize the weights on every call
 first micro-batch (or a step without accumulation) does.
 
     python benchmarks/moe_fp8.py [--shapes deepseek-v3 mixtral-8x7b] [--variants ...] [--profile] [--sweep]
-                                 [--wgrad-sweep] [--recipes fp8 mxfp8]
+                                 [--wgrad-sweep] [--recipes fp8 mxfp8] [--values-sweep]
 
 ``--profile`` adds each FP8 stage's median time (quantizers, GEMM kernels) for one fwd+bwd;
+``--values-sweep`` times the pass that writes MX values (``fp8_kernels.mx_values``: both layouts of a
+mixtral-8x7b up-projection weight, rows of a [16384, 7168] activation) under a few tiles, as % of a
+device copy, and checks every setting writes the default's bits;
 ``--sweep`` times fp8 and mxfp8 fwd+bwd under a few (num_warps, num_stages) launch settings;
 ``--wgrad-sweep`` times the weight gradient alone (both calls of a fwd+bwd) and the layer's fwd+bwd
 under each weight-gradient candidate (``fp8_kernels.WGRAD_CANDIDATES``), per recipe, best first,
@@ -49,6 +52,7 @@ VARIANTS = (("triton", "triton", "bf16", False, True), ("grouped_mm", "grouped_m
             ("mxfp8", "triton", "mxfp8", False, True), ("mxfp8-cached", "triton", "mxfp8", True, True),
             ("mxfp8-bytes", "triton", "mxfp8", False, False))
 SWEEP = [(8, 3), (8, 4), (8, 2), (4, 3), (4, 4), (16, 3), (16, 2)]
+VALUES_SWEEP = [(32, 4), (32, 2), (64, 4), (64, 8), (128, 8)]  # (rows per program, warps)
 
 
 def run_layer(layer: MoE, x: torch.Tensor, grad_out: torch.Tensor | None):
@@ -234,6 +238,29 @@ def bench_shape(s, args) -> None:
             torch.cuda.empty_cache()
 
 
+def values_sweep() -> None:
+    r = RECIPES["mxfp8"]
+    w = torch.randn(8 * 28672, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(16384, 7168, device="cuda", dtype=torch.bfloat16)
+    copy = bench(lambda: w.clone(), rep=200)
+    print(f"MX values pass; device copy of the weight {copy:.3f} ms = {4 * w.numel() / copy / 1e6:.0f} GB/s")
+    saved = fp8_kernels.MX_VALUES_TILE, dict(fp8_kernels.MX_VALUES_LAUNCH)
+    want = fp8_kernels.mx_values(w, r, True, True)
+    try:
+        for rows, warps in VALUES_SWEEP:
+            fp8_kernels.MX_VALUES_TILE, fp8_kernels.MX_VALUES_LAUNCH = rows, {"num_warps": warps}
+            got = fp8_kernels.mx_values(w, r, True, True)
+            same = all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(got, want, strict=True))
+            both = bench(lambda: fp8_kernels.mx_values(w, r, True, True), rep=200)
+            alone = bench(lambda: fp8_kernels.mx_values(x, r, True, False), rep=200)
+            # bytes: the weight read once and written twice (both layouts), the activation read and written
+            print(f"  {rows:3d} rows / {warps} warps: both layouts {both:.3f} ms ({1.5 * copy / both:.0%} of copy), "
+                  f"rows alone {4 * x.numel() / alone / 1e6:.0f} GB/s; {'same bits' if same else 'BITS DIFFER'}",
+                  flush=True)
+    finally:
+        fp8_kernels.MX_VALUES_TILE, fp8_kernels.MX_VALUES_LAUNCH = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["deepseek-v3", "mixtral-8x7b"],
@@ -245,10 +272,14 @@ def main() -> None:
     parser.add_argument("--wgrad-sweep", action="store_true", help="weight-gradient candidate launches, per recipe")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES),
                         help="the recipes --profile, --sweep and --wgrad-sweep run")
+    parser.add_argument("--values-sweep", action="store_true", help="tiles of the MX values pass, then exit")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/moe_fp8.py needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
+    if args.values_sweep:
+        values_sweep()
+        return
     print(f"{'shape':14s} {'variant':11s} {'fwd ms':>8s} {'TFLOP/s':>8s} {'f+b ms':>9s} {'TFLOP/s':>8s} "
           f"{'vs triton':>11s} {'vs grouped':>11s}")
     for s in SHAPES:

@@ -61,9 +61,9 @@ LAUNCH = INTERPRETER_LAUNCH if INTERPRETING else {"num_warps": 8, "num_stages": 
 ACT_BACKWARD_CHUNK = 32
 ACT_BACKWARD_LAUNCH = {"num_warps": 4}
 GATHER_COLS_LAUNCH = {"num_warps": 8}  # sm_90: 108 regs fp8, 2 CTAs per SM
-# The MX values pass (x, dout, weights), rows per program x TILE_N: H200, both layouts of a bf16
-# [229376, 4096] weight, % of copy: 32 rows / 4 warps 79%, 2 warps 71%; 64 / 4 58%; 64 / 8 54%;
-# 128 / 8 53% (rows alone: 88-89% at every one).
+# The MX values pass (x, dout, weights), rows per program x TILE_N (benchmarks/moe_fp8.py
+# --values-sweep): H200, both layouts of a bf16 [229376, 4096] weight, % of copy: 32 rows / 4 warps
+# 79%, 2 warps 71%; 64 / 4 58%; 64 / 8 54%; 128 / 8 53% (rows alone: 85-89% at every one).
 MX_VALUES_TILE = 32
 MX_VALUES_LAUNCH = {"num_warps": 4}
 SCATTER_VALUES_TILE_N = 256  # scatter GEMM columns per program on MX values (bf16 GEMMs' usual 128 x 256)
