@@ -740,8 +740,8 @@ def mx_values(x: torch.Tensor, r: Recipe, rows: bool = True, cols: bool = False)
     if N % TILE_N or (cols and M % r.block):
         raise ValueError(f"mx_values: shape {tuple(x.shape)} is not in whole blocks")
     x = x.contiguous()
-    out_rows = torch.empty(M, N, dtype=MX_VALUES_DTYPE, device=x.device) if rows else None
-    out_cols = torch.empty(N, M, dtype=MX_VALUES_DTYPE, device=x.device) if cols else None
+    out_rows = new_buffer((M, N), MX_VALUES_DTYPE, x.device) if rows else None
+    out_cols = new_buffer((N, M), MX_VALUES_DTYPE, x.device) if cols else None
     _mx_values_kernel[(triton.cdiv(M, MX_VALUES_TILE), N // TILE_N)](
         x, x if out_rows is None else out_rows, x if out_cols is None else out_cols, M, N, x.stride(0),
         N, M, ROWS=rows, COLS=cols, BLOCK=r.block, EMULATE_RNE=INTERPRETING, BM=MX_VALUES_TILE, BN=TILE_N,
