@@ -18,11 +18,12 @@ BOUND = {"fp8": 0.10, "mxfp8": 0.12}
 
 
 def _kernel_recipe(name):
-    """A recipe as the kernels take it; "mxfp8-values": MX operands held as their values (the
-    H200's storage), "mxfp8" as bytes and scales (sm_100's)."""
-    if name == "mxfp8-values":
-        return replace(recipe("mxfp8"), dequantized=True)
-    return recipe(name)
+    """A recipe as the kernels take it, named as the op's storage choices: "mxfp8" holds MX
+    operands as their values (the H200's storage), "mxfp8-bytes" as bytes and scales (sm_100's)."""
+    if name == "mxfp8-bytes":
+        return recipe("mxfp8")
+    r = recipe(name)
+    return replace(r, dequantized=r.mx)
 
 
 def _problem(tokens, hidden, ffn, experts, top_k, activation, dtype=torch.float32, seed=0, device="cpu"):
@@ -154,9 +155,9 @@ def _token_axis_to_rows(c, cs, counts, r):
 @pytest.mark.parametrize("recipe_name,activation,counts,ffn,dtype", [
     ("fp8", "swiglu", [0, 130, 5, 0, 257], 128, torch.float32),
     ("fp8", "gelu", [40, 0, 128], 256, torch.bfloat16),
+    ("mxfp8-bytes", "swiglu", [3, 200, 0], 128, torch.float32),
+    ("mxfp8-bytes", "gelu", [0, 129], 128, torch.float32),
     ("mxfp8", "swiglu", [3, 200, 0], 128, torch.float32),
-    ("mxfp8", "gelu", [0, 129], 128, torch.float32),
-    ("mxfp8-values", "swiglu", [3, 200, 0], 128, torch.float32),
 ])
 def test_act_backward_kernel_matches_reference(monkeypatch, recipe_name, activation, counts, ffn, dtype):
     """dh = act'(h) * da quantized both ways (rows for dx, token axis for dW_up), against the
@@ -476,7 +477,7 @@ def _wgrad_error(got, want):
     return torch.where(scale > 0, err / scale.clamp_min(1e-300), (err > 0).double())
 
 
-@pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8", "mxfp8-values"])
+@pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8", "mxfp8-bytes"])
 @pytest.mark.parametrize("counts,P,Q", [([0, 130, 5, 0, 257, 64], 256, 256),  # empty, partial, < one K step
                                         ([3, 0, 128, 300], 512, 256)])
 def test_every_wgrad_candidate_matches_float64(monkeypatch, recipe_name, counts, P, Q):
@@ -577,12 +578,11 @@ def test_wgrad_launch_errors_name_the_problem(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8", "mxfp8-values"])
+@pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8", "mxfp8-bytes"])
 def test_gpu_every_wgrad_candidate_matches_float64(monkeypatch, recipe_name):
     """As the interpreter test, on the GPU (FP8 tensor cores; bf16 ones for MX values) at a
     deepseek-v3-like spread (24 experts of 0 to 400 rows, most under two K steps) and a wider dW;
-    equality between the
-    candidates is reported by benchmarks/moe_fp8.py --wgrad-sweep, not asserted here (wgmma
+    equality between the candidates is reported by benchmarks/moe_fp8.py --wgrad-sweep, not asserted here (wgmma
     instructions of different N need not order their in-instruction sums alike). FP8 wgmma keeps
     a partial sum of fewer bits than float32 within each 128-token step (DeepSeek-V3 measured ~14
     on the H800), hence fp8's looser bound; MX multiplies exact bf16 values in float32."""
@@ -599,8 +599,8 @@ def test_gpu_every_wgrad_candidate_matches_float64(monkeypatch, recipe_name):
         monkeypatch.setattr(fp8_kernels, "wgrad_force", candidate.name)
         got = fp8_kernels.grouped_wgrad(a, b, meta, r, torch.float32)
         err = _wgrad_error(got, want)
-        assert err.max() < {"fp8": 2e-3, "mxfp8": 1e-5, "mxfp8-values": 1e-5}[recipe_name], (candidate.name,
-                                                                                            err.tolist())
+        assert err.max() < {"fp8": 2e-3, "mxfp8": 1e-5, "mxfp8-bytes": 1e-5}[recipe_name], (candidate.name,
+                                                                                           err.tolist())
 
 
 def test_weight_cache_quantizes_each_weight_once_per_update(monkeypatch):
