@@ -733,7 +733,9 @@ def _weight_args(w_data: torch.Tensor, w_scale: torch.Tensor) -> tuple:
 
 def mx_values(x: torch.Tensor, r: Recipe, rows: bool = True, cols: bool = False) -> tuple:
     """The MX operands of x [M, N] as values (``Recipe.dequantized``), from one read: (blocked
-    along N, [M, N]; blocked along M, stored [N, M]), each None unless asked for."""
+    along N, [M, N]; blocked along M, stored [N, M]), each None unless asked for. The same numbers
+    as ``mxfp8.dequantize(mxfp8.quantize(x))``, which would write and re-read the FP8 bytes and
+    a float32 copy (tests/quant/test_mxfp8.py compares the two)."""
     M, N = x.shape
     if not r.mx or r.block > MX_VALUES_TILE:
         raise ValueError(f"mx_values: recipe {r.name!r} has no MX blocks of at most {MX_VALUES_TILE} values")
