@@ -24,17 +24,27 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ACTIVATIONS = ("swiglu", "geglu", "gelu")
 
 
+def _tile_area(config) -> int:
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_config_on_gpu():
     """On a GPU each autotuned kernel builds every config for each new specialisation, which over
-    this file's dtypes, activations and shapes takes far longer than CI allows: one config each
-    here (the kernels' logic); benchmarks/gpu_check_moe.py checks the tuned configs at full size."""
+    this file's dtypes, activations and shapes takes far longer than CI allows: the smallest config
+    of each kind here (few-rows and other tiles: the kernels' logic); benchmarks/gpu_check_moe.py
+    checks the tuned configs at full size, test_few_rows_tiles_on_gpu every few-rows tile."""
     with pytest.MonkeyPatch.context() as mp:
         if DEVICE == "cuda":
             for kernel in (kernels._gather_gemm_kernel, kernels._scatter_gemm_kernel, kernels._wgrad_kernel,
                            kernels._wgrad2_kernel):
                 plain = [c for c in kernel.configs if not c.kwargs.get("TMA")]
-                mp.setattr(kernel, "configs", [min(plain, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])])
+                pinned = []
+                for few in (True, False):
+                    smallest = min(kernels._for_rows(plain, few), key=_tile_area)
+                    if smallest not in pinned:
+                        pinned.append(smallest)
+                mp.setattr(kernel, "configs", pinned)
         yield
 
 
@@ -505,6 +515,41 @@ def test_bf16_small_ragged_shapes_on_gpu(shape):
     (the linear-attention kernels did at 16- and 32-wide tiles)."""
     check_against_reference(*shape, "swiglu", torch.bfloat16, seed=SHAPES.index(shape) if shape in SHAPES else 11,
                             tol=1e-2, skew=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [(16, 200, 136, 64, 8), (40, 96, 80, 8, 2)])
+def test_few_rows_tiles_on_gpu(monkeypatch, shape):
+    """Decode-sized calls (a few rows per expert) take their own tiles: each of them, pinned in
+    turn, in bf16 against the reference, forward and backward."""
+    T, _, _, E, K = shape
+    assert kernels.few_rows(T * K, E)
+    few = [c for c in kernels._for_rows(kernels.GEMM_CONFIGS, True) if not c.kwargs["TMA"]]
+    assert few and all(c.kwargs["BLOCK_M"] <= kernels.FEW_ROWS_MAX_BLOCK_M for c in few)
+    for config in few:
+        for kernel in (kernels._gather_gemm_kernel, kernels._scatter_gemm_kernel):
+            monkeypatch.setattr(kernel, "configs", [config])
+        check_against_reference(*shape, "swiglu", torch.bfloat16, seed=config.kwargs["BLOCK_N"], tol=1e-2, skew=True)
+
+
+def test_few_rows_calls_take_their_own_tiles(monkeypatch):
+    """A call with few rows per expert (decoding) is tuned over the few-rows tiles, any other
+    over the rest; where a list has no tile of the call's kind, the call takes what there is."""
+    assert kernels.few_rows(16 * 8, 64) and kernels.few_rows(kernels.FEW_ROWS_PER_EXPERT * 64, 64)
+    assert not kernels.few_rows(kernels.FEW_ROWS_PER_EXPERT * 64 + 1, 64)
+    configs = kernels._configs([(128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4)],
+                               tma=False)
+    assert [c.kwargs["BLOCK_M"] for c in kernels._for_rows(configs, True)] == [16, 32]
+    assert [c.kwargs["BLOCK_M"] for c in kernels._for_rows(configs, False)] == [128, 64]
+    assert kernels._for_rows(configs[2:3], False) == configs[2:3]
+    monkeypatch.setattr(kernels, "_INTERPRET", False)
+    args = {"counts_ptr": torch.zeros(3, dtype=torch.int32), "a_ptr": torch.zeros(2, dtype=torch.bfloat16),
+            "TMA_OK": 0}
+    assert kernels._prune(configs, {**args, "FEW_ROWS": 1}) == configs[2:]
+    assert kernels._prune(configs, {**args, "FEW_ROWS": 0}) == configs[:2]
+    monkeypatch.setattr(kernels, "GEMM_CONFIGS", configs)
+    assert (kernels.min_block_n(True), kernels.min_block_n(False)) == (64, 128)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs real bf16: test_bf16_on_gpu")
