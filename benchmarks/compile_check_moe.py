@@ -45,7 +45,7 @@ def gemm_launches(k) -> list[dict]:
     launches = []
     for cfg, warps, stages in configs:
         common = dict(cfg, E_PAD=E, PRECISION="tf32", EVEN_K=True)  # every K here divides by BLOCK_K
-        switches = ints(TMA_OK=int(cfg["TMA"]), FEW_ROWS=0)  # host-side tuning keys, unused in the kernels
+        switches = ints(TMA_OK=int(cfg["TMA"]), ROWS_CLASS=0)  # host-side tuning keys, unused in the kernels
         uses = []
         for gated in (True, False):
             up = U if gated else F

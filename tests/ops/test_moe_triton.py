@@ -40,8 +40,8 @@ def one_config_on_gpu():
                            kernels._wgrad2_kernel):
                 plain = [c for c in kernel.configs if not c.kwargs.get("TMA")]
                 pinned = []
-                for few in (True, False):
-                    smallest = min(kernels._for_rows(plain, few), key=_tile_area)
+                for rows_class in (1, 0):
+                    smallest = min(kernels._for_rows(plain, rows_class), key=_tile_area)
                     if smallest not in pinned:
                         pinned.append(smallest)
                 mp.setattr(kernel, "configs", pinned)
@@ -521,35 +521,36 @@ def test_bf16_small_ragged_shapes_on_gpu(shape):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", [(16, 200, 136, 64, 8), (40, 96, 80, 8, 2)])
 def test_few_rows_tiles_on_gpu(monkeypatch, shape):
-    """Decode-sized calls (a few rows per expert) take their own tiles: each of them, pinned in
-    turn, in bf16 against the reference, forward and backward."""
+    """Decode-sized calls (a few rows per expert) may take tiles of their own: each of them, pinned
+    in turn, in bf16 against the reference, forward and backward."""
     T, _, _, E, K = shape
-    assert kernels.few_rows(T * K, E)
-    few = [c for c in kernels._for_rows(kernels.GEMM_CONFIGS, True) if not c.kwargs["TMA"]]
-    assert few and all(c.kwargs["BLOCK_M"] <= kernels.FEW_ROWS_MAX_BLOCK_M for c in few)
+    assert kernels.rows_class(T * K, E) > 0
+    few = [c for c in kernels.GEMM_CONFIGS if c.kwargs["BLOCK_M"] <= kernels.FEW_ROWS_MAX_BLOCK_M]
+    assert few
     for config in few:
         for kernel in (kernels._gather_gemm_kernel, kernels._scatter_gemm_kernel):
             monkeypatch.setattr(kernel, "configs", [config])
         check_against_reference(*shape, "swiglu", torch.bfloat16, seed=config.kwargs["BLOCK_N"], tol=1e-2, skew=True)
 
 
-def test_few_rows_calls_take_their_own_tiles(monkeypatch):
-    """A call with few rows per expert (decoding) is tuned over the few-rows tiles, any other
-    over the rest; where a list has no tile of the call's kind, the call takes what there is."""
-    assert kernels.few_rows(16 * 8, 64) and kernels.few_rows(kernels.FEW_ROWS_PER_EXPERT * 64, 64)
-    assert not kernels.few_rows(kernels.FEW_ROWS_PER_EXPERT * 64 + 1, 64)
+def test_calls_are_tuned_by_rows_per_expert(monkeypatch):
+    """Each power of two of the mean rows per expert up to FEW_ROWS_PER_EXPERT is its own tuning
+    class, racing every tile; larger calls share class 0 and race only the tiles of more than
+    FEW_ROWS_MAX_BLOCK_M rows (all tiles where a list has none of those)."""
+    assert [kernels.rows_class(rows, 64) for rows in (1, 64, 65, 128, 16 * 8, 1000, 1024, 1025, 10**6)] == \
+        [1, 1, 2, 2, 2, 16, 16, 0, 0]
     configs = kernels._configs([(128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4)],
                                tma=False)
-    assert [c.kwargs["BLOCK_M"] for c in kernels._for_rows(configs, True)] == [16, 32]
-    assert [c.kwargs["BLOCK_M"] for c in kernels._for_rows(configs, False)] == [128, 64]
-    assert kernels._for_rows(configs[2:3], False) == configs[2:3]
+    assert kernels._for_rows(configs, 2) == configs
+    assert [c.kwargs["BLOCK_M"] for c in kernels._for_rows(configs, 0)] == [128, 64]
+    assert kernels._for_rows(configs[2:3], 0) == configs[2:3]
     monkeypatch.setattr(kernels, "_INTERPRET", False)
     args = {"counts_ptr": torch.zeros(3, dtype=torch.int32), "a_ptr": torch.zeros(2, dtype=torch.bfloat16),
             "TMA_OK": 0}
-    assert kernels._prune(configs, {**args, "FEW_ROWS": 1}) == configs[2:]
-    assert kernels._prune(configs, {**args, "FEW_ROWS": 0}) == configs[:2]
+    assert kernels._prune(configs, {**args, "ROWS_CLASS": 4}) == configs
+    assert kernels._prune(configs, {**args, "ROWS_CLASS": 0}) == configs[:2]
     monkeypatch.setattr(kernels, "GEMM_CONFIGS", configs)
-    assert (kernels.min_block_n(True), kernels.min_block_n(False)) == (64, 128)
+    assert (kernels.min_block_n(1), kernels.min_block_n(0)) == (64, 128)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs real bf16: test_bf16_on_gpu")

@@ -68,10 +68,11 @@ def _configs(shapes, tma: bool | None = None):
 
 
 # Calls with at most this many rows per expert on average (decoding: a batch of 16 at top-8 over
-# 64 experts gives 2) read every weight once and compute little. They are tuned apart from the
-# other calls (the ``FEW_ROWS`` key) over their own tiles: 16 or 32 rows, and columns narrow
-# enough that the tiles outnumber the persistent programs several times over, so no SM idles
-# through the last round while the others stream their weights.
+# 64 experts gives 2) read every weight once and compute little. Each power of two of their mean
+# rows per expert is tuned on its own (the ``ROWS_CLASS`` key), over every tile including some of
+# their own: 16 or 32 rows, columns narrow enough that the tiles outnumber the persistent programs
+# several times over (no SM idles through a last round while the others stream weights). Larger
+# calls share one class, tuned over the other tiles only.
 FEW_ROWS_PER_EXPERT = 16
 FEW_ROWS_MAX_BLOCK_M = 32
 
@@ -99,20 +100,24 @@ if _INTERPRET:
     WGRAD2_CONFIGS = WGRAD_CONFIGS
 
 
-def few_rows(num_rows: int, num_experts: int) -> bool:
-    """Whether a call of ``num_rows`` expert-sorted rows takes the few-rows tiles."""
-    return num_rows <= FEW_ROWS_PER_EXPERT * num_experts
+def rows_class(num_rows: int, num_experts: int) -> int:
+    """A call's tuning class: its mean rows per expert rounded up to a power of two while that is at
+    most FEW_ROWS_PER_EXPERT, else 0."""
+    per_expert = triton.cdiv(num_rows, num_experts)
+    return triton.next_power_of_2(max(1, per_expert)) if per_expert <= FEW_ROWS_PER_EXPERT else 0
 
 
-def _for_rows(configs, few: bool):
-    """The configs a call with (``few``) or without few rows per expert may take: all of them
-    where none is of its kind (the interpreter's single tile, a test's pinned config)."""
-    return [c for c in configs if (c.kwargs["BLOCK_M"] <= FEW_ROWS_MAX_BLOCK_M) == few] or configs
+def _for_rows(configs, rows_class: int):
+    """The configs a call of this class may race: all for few rows per expert; else those with
+    more than FEW_ROWS_MAX_BLOCK_M rows (all where there is none, e.g. the interpreter's tile)."""
+    if rows_class:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] > FEW_ROWS_MAX_BLOCK_M] or configs
 
 
-def min_block_n(few: bool) -> int:
+def min_block_n(rows_class: int) -> int:
     """The narrowest column tile a call may take (how many column-tile partials it can write)."""
-    return min(c.kwargs["BLOCK_N"] for c in _for_rows(GEMM_CONFIGS, few))
+    return min(c.kwargs["BLOCK_N"] for c in _for_rows(GEMM_CONFIGS, rows_class))
 
 
 def tma_ok(w: torch.Tensor) -> bool:
@@ -139,7 +144,7 @@ def _fit_operands(configs, named_args, **kwargs):
 
 
 def _prune(configs, named_args, **kwargs):
-    configs = _fit_operands(_for_rows(configs, bool(named_args["FEW_ROWS"])), named_args)
+    configs = _fit_operands(_for_rows(configs, named_args["ROWS_CLASS"]), named_args)
     return [c for c in configs if not c.kwargs["TMA"] or named_args["TMA_OK"]]
 
 
@@ -306,13 +311,13 @@ def _act_grad(g, ACT: tl.constexpr):
 
 # dweight_ptr gets per-column-tile partials: zeroed again once tuning is done, because configs
 # with narrower tiles write more partial rows than the chosen one overwrites.
-@triton.autotune(configs=GEMM_CONFIGS, key=["F", "K", "GATED", "BACKWARD", "TMA_OK", "FEW_ROWS"],
+@triton.autotune(configs=GEMM_CONFIGS, key=["F", "K", "GATED", "BACKWARD", "TMA_OK", "ROWS_CLASS"],
                  reset_to_zero=["dweight_ptr"], prune_configs_by={"early_config_prune": _prune})
 @_EVEN_K
 @triton.jit
 def _gather_gemm_kernel(
     src_ptr, w_ptr, h_ptr, out_ptr, counts_ptr, order_ptr, weight_ptr, dweight_ptr,
-    num_rows, F, K, num_experts, top_k, W_D1, W_D2, TMA_OK, FEW_ROWS,
+    num_rows, F, K, num_experts, top_k, W_D1, W_D2, TMA_OK, ROWS_CLASS,
     stride_src, stride_we, stride_wn, stride_wk, stride_h, stride_out,
     E_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BACKWARD: tl.constexpr,
     STORE_H: tl.constexpr, WEIGHT_GRAD: tl.constexpr, B_K_MAJOR: tl.constexpr, PRECISION: tl.constexpr,
@@ -374,13 +379,13 @@ def _gather_gemm_kernel(
                 tl.store(out_ptr + rows64 * stride_out + fs[None, :], act.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "TMA_OK", "FEW_ROWS"],
+@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "TMA_OK", "ROWS_CLASS"],
                  prune_configs_by={"early_config_prune": _prune})
 @_EVEN_K
 @triton.jit
 def _scatter_gemm_kernel(
     src_ptr, w_ptr, out_ptr, counts_ptr, order_ptr,
-    num_rows, N, K, num_experts, W_D1, W_D2, TMA_OK, FEW_ROWS,
+    num_rows, N, K, num_experts, W_D1, W_D2, TMA_OK, ROWS_CLASS,
     stride_src, stride_we, stride_wn, stride_wk, stride_out,
     E_PAD: tl.constexpr, B_K_MAJOR: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -522,7 +527,7 @@ def gather_up(x: torch.Tensor, w_up: torch.Tensor, meta: RoutingMeta, activation
     # dweight_ptr is unused here; ``a`` stands in (tuning zeroes it before the real launch fills it).
     _gather_gemm_kernel[grid](
         x, w_up, h if store_h else a, a, meta.counts, meta.order, meta.counts, a,
-        num_rows, F, H, E, meta.top_k, U, H, int(_weight_tma(w_up)), int(few_rows(num_rows, E)),
+        num_rows, F, H, E, meta.top_k, U, H, int(_weight_tma(w_up)), rows_class(num_rows, E),
         x.stride(0), w_up.stride(0), w_up.stride(1), w_up.stride(2), U, F,
         E_PAD=_pow2(E), GATED=gated, ACT=ACT_CODES[activation], BACKWARD=False, STORE_H=store_h,
         WEIGHT_GRAD=False, B_K_MAJOR=True, PRECISION=dot_precision(x.dtype))
@@ -541,13 +546,13 @@ def gather_down_dgrad(dout: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor,
     num_rows, (E, H, F) = meta.order.numel(), w_down.shape
     dh = new_buffer(h.shape, h.dtype, h.device)
     # One partial row per column tile of the narrowest config; rows a config does not reach stay 0.
-    few = few_rows(num_rows, E)
-    parts = torch.zeros((triton.cdiv(F, min_block_n(few)) if weight_grad else 1, num_rows),
+    rows = rows_class(num_rows, E)
+    parts = torch.zeros((triton.cdiv(F, min_block_n(rows)) if weight_grad else 1, num_rows),
                         dtype=torch.float32, device=h.device)
     grid = lambda m: _row_grid(meta, num_rows, m["BLOCK_M"], triton.cdiv(F, m["BLOCK_N"]), h.device)
     _gather_gemm_kernel[grid](
         dout, w_down, h, dh, meta.counts, meta.order, weight, parts,
-        num_rows, F, H, E, meta.top_k, H, F, int(_weight_tma(w_down)), int(few),
+        num_rows, F, H, E, meta.top_k, H, F, int(_weight_tma(w_down)), rows,
         dout.stride(0), w_down.stride(0), w_down.stride(2), w_down.stride(1), h.stride(0), dh.stride(0),
         E_PAD=_pow2(E), GATED=gated, ACT=ACT_CODES[activation], BACKWARD=True, STORE_H=False,
         WEIGHT_GRAD=weight_grad, B_K_MAJOR=False, PRECISION=dot_precision(dout.dtype))
@@ -567,7 +572,7 @@ def scatter_gemm(src: torch.Tensor, w: torch.Tensor, meta: RoutingMeta, transpos
     grid = lambda m: _row_grid(meta, num_rows, m["BLOCK_M"], triton.cdiv(N, m["BLOCK_N"]), src.device)
     _scatter_gemm_kernel[grid](
         src, w, out, meta.counts, meta.order, num_rows, N, K, E, w.shape[1], w.shape[2], int(_weight_tma(w)),
-        int(few_rows(num_rows, E)), src.stride(0), w.stride(0), stride_wn, stride_wk, out.stride(0),
+        rows_class(num_rows, E), src.stride(0), w.stride(0), stride_wn, stride_wk, out.stride(0),
         E_PAD=_pow2(E), B_K_MAJOR=transpose_w, PRECISION=dot_precision(src.dtype))
     return out
 
