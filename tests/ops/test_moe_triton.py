@@ -534,11 +534,11 @@ def test_few_rows_tiles_on_gpu(monkeypatch, shape):
 
 
 def test_calls_are_tuned_by_rows_per_expert(monkeypatch):
-    """Each power of two of the mean rows per expert up to FEW_ROWS_PER_EXPERT is its own tuning
-    class, racing every tile; larger calls share class 0 and race only the tiles of more than
-    FEW_ROWS_MAX_BLOCK_M rows (all tiles where a list has none of those)."""
-    assert [kernels.rows_class(rows, 64) for rows in (1, 64, 65, 128, 16 * 8, 1000, 1024, 1025, 10**6)] == \
-        [1, 1, 2, 2, 2, 16, 16, 0, 0]
+    """Up to FEW_ROWS_PER_EXPERT rows per expert, each power of two of the row count is its own
+    tuning class, racing every tile; larger calls share class 0 and race only the tiles of more
+    than FEW_ROWS_MAX_BLOCK_M rows (all tiles where a list has none of those)."""
+    assert [kernels.rows_class(rows, 64) for rows in (1, 8, 100, 128, 1000, 1024, 1025, 10**6)] == \
+        [1, 8, 128, 128, 1024, 1024, 0, 0]
     configs = kernels._configs([(128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4)],
                                tma=False)
     assert kernels._for_rows(configs, 2) == configs

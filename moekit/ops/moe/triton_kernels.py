@@ -68,11 +68,12 @@ def _configs(shapes, tma: bool | None = None):
 
 
 # Calls with at most this many rows per expert on average (decoding: a batch of 16 at top-8 over
-# 64 experts gives 2) read every weight once and compute little. Each power of two of their mean
-# rows per expert is tuned on its own (the ``ROWS_CLASS`` key), over every tile including some of
-# their own: 16 or 32 rows, columns narrow enough that the tiles outnumber the persistent programs
-# several times over (no SM idles through a last round while the others stream weights). Larger
-# calls share one class, tuned over the other tiles only.
+# 64 experts gives 2) read every weight once and compute little. Their time depends on how many
+# experts have rows, so how many tiles there are to spread over the SMs, which follows the row
+# count: each power of two of it is tuned on its own (the ``ROWS_CLASS`` key), over every tile
+# including some of their own (16 or 32 rows, narrow columns: many tiles, so no SM idles through a
+# last round while the others stream weights). Larger calls share one class, tuned over the other
+# tiles only.
 FEW_ROWS_PER_EXPERT = 16
 FEW_ROWS_MAX_BLOCK_M = 32
 
@@ -101,10 +102,9 @@ if _INTERPRET:
 
 
 def rows_class(num_rows: int, num_experts: int) -> int:
-    """A call's tuning class: its mean rows per expert rounded up to a power of two while that is at
-    most FEW_ROWS_PER_EXPERT, else 0."""
-    per_expert = triton.cdiv(num_rows, num_experts)
-    return triton.next_power_of_2(max(1, per_expert)) if per_expert <= FEW_ROWS_PER_EXPERT else 0
+    """A call's tuning class: its row count rounded up to a power of two while that is at most
+    FEW_ROWS_PER_EXPERT per expert, else 0."""
+    return triton.next_power_of_2(max(1, num_rows)) if num_rows <= FEW_ROWS_PER_EXPERT * num_experts else 0
 
 
 def _for_rows(configs, rows_class: int):
