@@ -3,9 +3,10 @@
 Decoding a batch of B tokens routed top-k over E experts gives each expert about B * k / E rows,
 so a step reads every expert's weights once and computes little: it is bound by that read. Per
 (shape, batch) this prints the routed-expert forward's time (router excluded; the call replayed
-from a CUDA graph, as ``FastDecoder`` runs it), the expert weights' bytes over that time, its share
-of a device-to-device copy measured in the same run, and moekit's speed-up over grouped_mm. Each
-result is checked against the float32 reference first.
+from a CUDA graph, as ``FastDecoder`` runs it), the used experts' weight bytes over that time, that
+rate against a device-to-device copy's in the same run (bytes read plus written per second, so a
+read-only stream can pass 100%), and moekit's speed-up over grouped_mm. Each result is checked
+against the float32 reference first.
 
     python benchmarks/moe_decode.py [--shapes linear-moe-a0.3b-2b ...] [--batches 1 16 64]
 """
