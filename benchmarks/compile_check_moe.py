@@ -45,14 +45,15 @@ def gemm_launches(k) -> list[dict]:
     launches = []
     for cfg, warps, stages in configs:
         common = dict(cfg, E_PAD=E, PRECISION="tf32", EVEN_K=True)  # every K here divides by BLOCK_K
+        switches = ints(TMA_OK=int(cfg["TMA"]), ROWS_CLASS=0)  # host-side tuning keys, unused in the kernels
         uses = []
         for gated in (True, False):
             up = U if gated else F
             uses.append((f"up fwd {'gated' if gated else 'plain'}", "_gather_gemm_kernel", {
                 **dict(src_ptr=ptr(), w_ptr=ptr(), h_ptr=ptr(), out_ptr=ptr(), counts_ptr=ptr("int32"),
                        order_ptr=ptr("int32"), weight_ptr=ptr("int32"), dweight_ptr=ptr()),
-                **ints(num_rows=ROWS, F=F, K=H, num_experts=E, top_k=K, W_D1=up, W_D2=H, TMA_OK=int(cfg["TMA"]),
-                       stride_src=H, stride_we=up * H, stride_wn=H, stride_wk=1, stride_h=up, stride_out=F),
+                **ints(num_rows=ROWS, F=F, K=H, num_experts=E, top_k=K, W_D1=up, W_D2=H,
+                       stride_src=H, stride_we=up * H, stride_wn=H, stride_wk=1, stride_h=up, stride_out=F), **switches,
                 **const(common, GATED=gated, ACT=0, BACKWARD=False, STORE_H=True, WEIGHT_GRAD=False,
                         B_K_MAJOR=True)}))
             for weight_grad in (True, False):
@@ -60,16 +61,17 @@ def gemm_launches(k) -> list[dict]:
                              "_gather_gemm_kernel", {
                     **dict(src_ptr=ptr(), w_ptr=ptr(), h_ptr=ptr(), out_ptr=ptr(), counts_ptr=ptr("int32"),
                            order_ptr=ptr("int32"), weight_ptr=ptr("float32"), dweight_ptr=ptr("float32")),
-                    **ints(num_rows=ROWS, F=F, K=H, num_experts=E, top_k=K, W_D1=H, W_D2=F, TMA_OK=int(cfg["TMA"]),
+                    **ints(num_rows=ROWS, F=F, K=H, num_experts=E, top_k=K, W_D1=H, W_D2=F,
                            stride_src=H, stride_we=H * F, stride_wn=1, stride_wk=F, stride_h=up, stride_out=up),
+                    **switches,
                     **const(common, GATED=gated, ACT=0, BACKWARD=True, STORE_H=False, WEIGHT_GRAD=weight_grad,
                             B_K_MAJOR=False)}))
         for k_major, n, kk, wn, wk, src_width in ((True, H, F, F, 1, F), (False, H, U, 1, H, U)):
             uses.append(("down fwd" if k_major else "up dgrad", "_scatter_gemm_kernel", {
                 **dict(src_ptr=ptr(), w_ptr=ptr(), out_ptr=ptr(), counts_ptr=ptr("int32"), order_ptr=ptr("int32")),
                 **ints(num_rows=ROWS, N=n, K=kk, num_experts=E, W_D1=H if k_major else U, W_D2=F if k_major else H,
-                       TMA_OK=int(cfg["TMA"]), stride_src=src_width, stride_we=H * kk, stride_wn=wn, stride_wk=wk,
-                       stride_out=n),
+                       stride_src=src_width, stride_we=H * kk, stride_wn=wn, stride_wk=wk,
+                       stride_out=n), **switches,
                 **const(common, B_K_MAJOR=k_major)}))
         tile = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}{' TMA' if cfg['TMA'] else ''}"
         for use, name, kinds in uses:

@@ -24,17 +24,27 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ACTIVATIONS = ("swiglu", "geglu", "gelu")
 
 
+def _tile_area(config) -> int:
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_config_on_gpu():
     """On a GPU each autotuned kernel builds every config for each new specialisation, which over
-    this file's dtypes, activations and shapes takes far longer than CI allows: one config each
-    here (the kernels' logic); benchmarks/gpu_check_moe.py checks the tuned configs at full size."""
+    this file's dtypes, activations and shapes takes far longer than CI allows: the smallest config
+    of each kind here (few-rows and other tiles: the kernels' logic); benchmarks/gpu_check_moe.py
+    checks the tuned configs at full size, test_few_rows_tiles_on_gpu every few-rows tile."""
     with pytest.MonkeyPatch.context() as mp:
         if DEVICE == "cuda":
             for kernel in (kernels._gather_gemm_kernel, kernels._scatter_gemm_kernel, kernels._wgrad_kernel,
                            kernels._wgrad2_kernel):
                 plain = [c for c in kernel.configs if not c.kwargs.get("TMA")]
-                mp.setattr(kernel, "configs", [min(plain, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])])
+                pinned = []
+                for rows_class in (1, 0):
+                    smallest = min(kernels._for_rows(plain, rows_class), key=_tile_area)
+                    if smallest not in pinned:
+                        pinned.append(smallest)
+                mp.setattr(kernel, "configs", pinned)
         yield
 
 
@@ -505,6 +515,42 @@ def test_bf16_small_ragged_shapes_on_gpu(shape):
     (the linear-attention kernels did at 16- and 32-wide tiles)."""
     check_against_reference(*shape, "swiglu", torch.bfloat16, seed=SHAPES.index(shape) if shape in SHAPES else 11,
                             tol=1e-2, skew=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [(16, 200, 136, 64, 8), (40, 96, 80, 8, 2)])
+def test_few_rows_tiles_on_gpu(monkeypatch, shape):
+    """Decode-sized calls (a few rows per expert) may take tiles of their own: each of them, pinned
+    in turn, in bf16 against the reference, forward and backward."""
+    T, _, _, E, K = shape
+    assert kernels.rows_class(T * K, E) > 0
+    few = [c for c in kernels.GEMM_CONFIGS if c.kwargs["BLOCK_M"] <= kernels.FEW_ROWS_MAX_BLOCK_M]
+    assert few
+    for config in few:
+        for kernel in (kernels._gather_gemm_kernel, kernels._scatter_gemm_kernel):
+            monkeypatch.setattr(kernel, "configs", [config])
+        check_against_reference(*shape, "swiglu", torch.bfloat16, seed=config.kwargs["BLOCK_N"], tol=1e-2, skew=True)
+
+
+def test_calls_are_tuned_by_rows_per_expert(monkeypatch):
+    """Up to FEW_ROWS_PER_EXPERT rows per expert, each power of two of the row count is its own
+    tuning class, racing every tile; larger calls share class 0 and race only the tiles of more
+    than FEW_ROWS_MAX_BLOCK_M rows (all tiles where a list has none of those)."""
+    assert [kernels.rows_class(rows, 64) for rows in (1, 8, 100, 128, 1000, 1024, 1025, 10**6)] == \
+        [1, 8, 128, 128, 1024, 1024, 0, 0]
+    configs = kernels._configs([(128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4)],
+                               tma=False)
+    assert kernels._for_rows(configs, 2) == configs
+    assert [c.kwargs["BLOCK_M"] for c in kernels._for_rows(configs, 0)] == [128, 64]
+    assert kernels._for_rows(configs[2:3], 0) == configs[2:3]
+    monkeypatch.setattr(kernels, "_INTERPRET", False)
+    args = {"counts_ptr": torch.zeros(3, dtype=torch.int32), "a_ptr": torch.zeros(2, dtype=torch.bfloat16),
+            "TMA_OK": 0}
+    assert kernels._prune(configs, {**args, "ROWS_CLASS": 4}) == configs
+    assert kernels._prune(configs, {**args, "ROWS_CLASS": 0}) == configs[:2]
+    monkeypatch.setattr(kernels, "GEMM_CONFIGS", configs)
+    assert (kernels.min_block_n(1), kernels.min_block_n(0)) == (64, 128)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs real bf16: test_bf16_on_gpu")

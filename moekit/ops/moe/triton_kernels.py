@@ -67,12 +67,24 @@ def _configs(shapes, tma: bool | None = None):
                           num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
 
 
+# Calls with at most this many rows per expert on average (decoding: a batch of 16 at top-8 over
+# 64 experts gives 2) read every weight once and compute little. Their time depends on how many
+# experts have rows, so how many tiles there are to spread over the SMs, which follows the row
+# count: each power of two of it is tuned on its own (the ``ROWS_CLASS`` key), over every tile
+# including some of their own (16 or 32 rows, narrow columns: many tiles, so no SM idles through a
+# last round while the others stream weights). Larger calls share one class, tuned over the other
+# tiles only.
+FEW_ROWS_PER_EXPERT = 16
+FEW_ROWS_MAX_BLOCK_M = 32
+
 if _INTERPRET:  # the interpreter runs on the CPU: one small tile, no tuning
     GEMM_CONFIGS = _configs([(16, 32, 16, 4, 1)], tma=False)
     WGRAD_CONFIGS = _configs([(16, 32, 16, 4, 1)])
 else:  # Hopper-friendly; every tile here fits the H200's shared memory at its stage count
     _TILES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]
-    GEMM_CONFIGS = _configs(_TILES + [(128, 128, 128, 8, 3)], tma=False)
+    _FEW_ROWS_TILES = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 64, 4, 6),
+                       (32, 64, 128, 4, 4)]
+    GEMM_CONFIGS = _configs(_TILES + [(128, 128, 128, 8, 3)] + _FEW_ROWS_TILES, tma=False)
     if TMA_CONFIGS:  # the same tiles with TMA weight loads, kept where the strides allow (_prune)
         GEMM_CONFIGS += _configs(_TILES, tma=True)
     # BLOCK_M / BLOCK_N tile dW's rows / columns, BLOCK_K the token axis. Experts with few rows
@@ -87,7 +99,25 @@ else:  # Hopper-friendly; every tile here fits the H200's shared memory at its s
                                (128, 128, 128, 4, 3), (128, 128, 64, 4, 4), (64, 128, 128, 4, 3)])
 if _INTERPRET:
     WGRAD2_CONFIGS = WGRAD_CONFIGS
-MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in GEMM_CONFIGS)
+
+
+def rows_class(num_rows: int, num_experts: int) -> int:
+    """A call's tuning class: its row count rounded up to a power of two while that is at most
+    FEW_ROWS_PER_EXPERT per expert, else 0."""
+    return triton.next_power_of_2(max(1, num_rows)) if num_rows <= FEW_ROWS_PER_EXPERT * num_experts else 0
+
+
+def _for_rows(configs, rows_class: int):
+    """The configs a call of this class may race: all for few rows per expert; else those with
+    more than FEW_ROWS_MAX_BLOCK_M rows (all where there is none, e.g. the interpreter's tile)."""
+    if rows_class:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] > FEW_ROWS_MAX_BLOCK_M] or configs
+
+
+def min_block_n(rows_class: int) -> int:
+    """The narrowest column tile a call may take (how many column-tile partials it can write)."""
+    return min(c.kwargs["BLOCK_N"] for c in _for_rows(GEMM_CONFIGS, rows_class))
 
 
 def tma_ok(w: torch.Tensor) -> bool:
@@ -114,7 +144,7 @@ def _fit_operands(configs, named_args, **kwargs):
 
 
 def _prune(configs, named_args, **kwargs):
-    configs = _fit_operands(configs, named_args)
+    configs = _fit_operands(_for_rows(configs, named_args["ROWS_CLASS"]), named_args)
     return [c for c in configs if not c.kwargs["TMA"] or named_args["TMA_OK"]]
 
 
@@ -281,13 +311,13 @@ def _act_grad(g, ACT: tl.constexpr):
 
 # dweight_ptr gets per-column-tile partials: zeroed again once tuning is done, because configs
 # with narrower tiles write more partial rows than the chosen one overwrites.
-@triton.autotune(configs=GEMM_CONFIGS, key=["F", "K", "GATED", "BACKWARD", "TMA_OK"], reset_to_zero=["dweight_ptr"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=GEMM_CONFIGS, key=["F", "K", "GATED", "BACKWARD", "TMA_OK", "ROWS_CLASS"],
+                 reset_to_zero=["dweight_ptr"], prune_configs_by={"early_config_prune": _prune})
 @_EVEN_K
 @triton.jit
 def _gather_gemm_kernel(
     src_ptr, w_ptr, h_ptr, out_ptr, counts_ptr, order_ptr, weight_ptr, dweight_ptr,
-    num_rows, F, K, num_experts, top_k, W_D1, W_D2, TMA_OK,
+    num_rows, F, K, num_experts, top_k, W_D1, W_D2, TMA_OK, ROWS_CLASS,
     stride_src, stride_we, stride_wn, stride_wk, stride_h, stride_out,
     E_PAD: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BACKWARD: tl.constexpr,
     STORE_H: tl.constexpr, WEIGHT_GRAD: tl.constexpr, B_K_MAJOR: tl.constexpr, PRECISION: tl.constexpr,
@@ -349,12 +379,13 @@ def _gather_gemm_kernel(
                 tl.store(out_ptr + rows64 * stride_out + fs[None, :], act.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "TMA_OK"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "TMA_OK", "ROWS_CLASS"],
+                 prune_configs_by={"early_config_prune": _prune})
 @_EVEN_K
 @triton.jit
 def _scatter_gemm_kernel(
     src_ptr, w_ptr, out_ptr, counts_ptr, order_ptr,
-    num_rows, N, K, num_experts, W_D1, W_D2, TMA_OK,
+    num_rows, N, K, num_experts, W_D1, W_D2, TMA_OK, ROWS_CLASS,
     stride_src, stride_we, stride_wn, stride_wk, stride_out,
     E_PAD: tl.constexpr, B_K_MAJOR: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -496,7 +527,7 @@ def gather_up(x: torch.Tensor, w_up: torch.Tensor, meta: RoutingMeta, activation
     # dweight_ptr is unused here; ``a`` stands in (tuning zeroes it before the real launch fills it).
     _gather_gemm_kernel[grid](
         x, w_up, h if store_h else a, a, meta.counts, meta.order, meta.counts, a,
-        num_rows, F, H, E, meta.top_k, U, H, int(_weight_tma(w_up)),
+        num_rows, F, H, E, meta.top_k, U, H, int(_weight_tma(w_up)), rows_class(num_rows, E),
         x.stride(0), w_up.stride(0), w_up.stride(1), w_up.stride(2), U, F,
         E_PAD=_pow2(E), GATED=gated, ACT=ACT_CODES[activation], BACKWARD=False, STORE_H=store_h,
         WEIGHT_GRAD=False, B_K_MAJOR=True, PRECISION=dot_precision(x.dtype))
@@ -515,12 +546,13 @@ def gather_down_dgrad(dout: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor,
     num_rows, (E, H, F) = meta.order.numel(), w_down.shape
     dh = new_buffer(h.shape, h.dtype, h.device)
     # One partial row per column tile of the narrowest config; rows a config does not reach stay 0.
-    parts = torch.zeros((triton.cdiv(F, MIN_BLOCK_N) if weight_grad else 1, num_rows),
+    rows = rows_class(num_rows, E)
+    parts = torch.zeros((triton.cdiv(F, min_block_n(rows)) if weight_grad else 1, num_rows),
                         dtype=torch.float32, device=h.device)
     grid = lambda m: _row_grid(meta, num_rows, m["BLOCK_M"], triton.cdiv(F, m["BLOCK_N"]), h.device)
     _gather_gemm_kernel[grid](
         dout, w_down, h, dh, meta.counts, meta.order, weight, parts,
-        num_rows, F, H, E, meta.top_k, H, F, int(_weight_tma(w_down)),
+        num_rows, F, H, E, meta.top_k, H, F, int(_weight_tma(w_down)), rows,
         dout.stride(0), w_down.stride(0), w_down.stride(2), w_down.stride(1), h.stride(0), dh.stride(0),
         E_PAD=_pow2(E), GATED=gated, ACT=ACT_CODES[activation], BACKWARD=True, STORE_H=False,
         WEIGHT_GRAD=weight_grad, B_K_MAJOR=False, PRECISION=dot_precision(dout.dtype))
@@ -540,7 +572,7 @@ def scatter_gemm(src: torch.Tensor, w: torch.Tensor, meta: RoutingMeta, transpos
     grid = lambda m: _row_grid(meta, num_rows, m["BLOCK_M"], triton.cdiv(N, m["BLOCK_N"]), src.device)
     _scatter_gemm_kernel[grid](
         src, w, out, meta.counts, meta.order, num_rows, N, K, E, w.shape[1], w.shape[2], int(_weight_tma(w)),
-        src.stride(0), w.stride(0), stride_wn, stride_wk, out.stride(0),
+        rows_class(num_rows, E), src.stride(0), w.stride(0), stride_wn, stride_wk, out.stride(0),
         E_PAD=_pow2(E), B_K_MAJOR=transpose_w, PRECISION=dot_precision(src.dtype))
     return out
 
