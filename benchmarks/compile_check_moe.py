@@ -41,7 +41,7 @@ def ints(**values: int) -> dict:
 def gemm_launches(k) -> list[dict]:
     """One launch per (kernel use, GEMM config), TMA variants included."""
     configs = [(dict(c.kwargs, TMA=tma), c.num_warps, c.num_stages)
-               for c in k.GEMM_CONFIGS if not c.kwargs["TMA"] for tma in (False, True)]
+               for c in k.GEMM_CONFIGS if not c.kwargs["TMA"] for tma in k.tma_variants(c)]
     launches = []
     for cfg, warps, stages in configs:
         common = dict(cfg, E_PAD=E, PRECISION="tf32", EVEN_K=True)  # every K here divides by BLOCK_K

@@ -166,7 +166,7 @@ def compile_only(arch: int) -> bool:
     from moekit.ops.moe import triton_vendor as v
     target = GPUTarget("cuda", arch, 32)
     gemm = [(dict(c.kwargs, TMA=tma), c.num_warps, c.num_stages)
-            for c in k.GEMM_CONFIGS if not c.kwargs["TMA"] for tma in (False, True)]
+            for c in k.GEMM_CONFIGS if not c.kwargs["TMA"] for tma in k.tma_variants(c)]
     cases = []
     for cfg, w, st in gemm:
         for backward in (False, True):

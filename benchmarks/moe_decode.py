@@ -8,7 +8,11 @@ rate against a device-to-device copy's in the same run (bytes read plus written 
 read-only stream can pass 100%), and moekit's speed-up over grouped_mm. Each result is checked
 against the float32 reference first.
 
-    python benchmarks/moe_decode.py [--shapes linear-moe-a0.3b-2b ...] [--batches 1 16 64]
+    python benchmarks/moe_decode.py [--shapes linear-moe-a0.3b-2b ...] [--batches 1 16 64] [--impl triton]
+
+The "triton" rows are moekit's Triton backend as a model runs it: each GEMM step on the fused kernel
+or on ``torch._grouped_mm`` with Triton glue, whichever ``triton_choice`` timed faster on the first
+call. ``--impl triton`` (or ``vendor``) pins every step instead.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from triton.testing import do_bench
 
 from moekit.ops import moe as moe_ops
+from moekit.ops.moe import triton_choice
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check_moe import SHAPES, Shape, make_routing  # noqa: E402  (the shape table lives in one place)
@@ -52,6 +57,7 @@ def copy_bandwidth(nbytes: int, device) -> float:
 
 
 def bench_shape(s: Shape, batch: int, device, copy_gbs: float) -> bool:
+    torch.manual_seed(0)  # the routing draws from the default generator
     gen = torch.Generator(device=device).manual_seed(0)
     w_up = torch.randn(s.experts, 2 * s.ffn, s.hidden, device=device, generator=gen).div_(s.hidden**0.5).bfloat16()
     w_down = torch.randn(s.experts, s.hidden, s.ffn, device=device, generator=gen).div_(s.ffn**0.5).bfloat16()
@@ -87,7 +93,11 @@ def main() -> int:
     p.add_argument("--shapes", nargs="+", default=[s.name for s in DECODE_SHAPES],
                    choices=[s.name for s in DECODE_SHAPES])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
+    p.add_argument("--impl", choices=["auto", *triton_choice.IMPLEMENTATIONS], default="auto",
+                   help="pin every GEMM step of the triton rows to the fused kernels or to torch._grouped_mm + glue")
     args = p.parse_args()
+    if args.impl != "auto":
+        triton_choice.force = args.impl
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/moe_decode.py needs a CUDA GPU")
     device = torch.device("cuda")

@@ -29,11 +29,12 @@ def _tile_area(config) -> int:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_config_on_gpu():
+def few_configs_on_gpu():
     """On a GPU each autotuned kernel builds every config for each new specialisation, which over
     this file's dtypes, activations and shapes takes far longer than CI allows: the smallest config
-    of each kind here (few-rows and other tiles: the kernels' logic); benchmarks/gpu_check_moe.py
-    checks the tuned configs at full size, test_few_rows_tiles_on_gpu every few-rows tile."""
+    of each kind here (the kernels' logic; a few-rows call races the two, a larger one takes the
+    other tile); benchmarks/gpu_check_moe.py checks the tuned configs at full size,
+    test_few_rows_tiles_on_gpu every few-rows tile."""
     with pytest.MonkeyPatch.context() as mp:
         if DEVICE == "cuda":
             for kernel in (kernels._gather_gemm_kernel, kernels._scatter_gemm_kernel, kernels._wgrad_kernel,
@@ -520,9 +521,11 @@ def test_bf16_small_ragged_shapes_on_gpu(shape):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", [(16, 200, 136, 64, 8), (40, 96, 80, 8, 2)])
-def test_few_rows_tiles_on_gpu(monkeypatch, shape):
+def test_few_rows_tiles_on_gpu(monkeypatch, force, shape):
     """Decode-sized calls (a few rows per expert) may take tiles of their own: each of them, pinned
-    in turn, in bf16 against the reference, forward and backward."""
+    in turn on the fused kernels (not the vendor path), in bf16 against the reference, forward and
+    backward."""
+    force("triton")
     T, _, _, E, K = shape
     assert kernels.rows_class(T * K, E) > 0
     few = [c for c in kernels.GEMM_CONFIGS if c.kwargs["BLOCK_M"] <= kernels.FEW_ROWS_MAX_BLOCK_M]
@@ -533,7 +536,7 @@ def test_few_rows_tiles_on_gpu(monkeypatch, shape):
         check_against_reference(*shape, "swiglu", torch.bfloat16, seed=config.kwargs["BLOCK_N"], tol=1e-2, skew=True)
 
 
-def test_calls_are_tuned_by_rows_per_expert(monkeypatch):
+def test_calls_are_tuned_by_row_count(monkeypatch):
     """Up to FEW_ROWS_PER_EXPERT rows per expert, each power of two of the row count is its own
     tuning class, racing every tile; larger calls share class 0 and race only the tiles of more
     than FEW_ROWS_MAX_BLOCK_M rows (all tiles where a list has none of those)."""
@@ -549,8 +552,14 @@ def test_calls_are_tuned_by_rows_per_expert(monkeypatch):
             "TMA_OK": 0}
     assert kernels._prune(configs, {**args, "ROWS_CLASS": 4}) == configs
     assert kernels._prune(configs, {**args, "ROWS_CLASS": 0}) == configs[:2]
-    monkeypatch.setattr(kernels, "GEMM_CONFIGS", configs)
-    assert (kernels.min_block_n(1), kernels.min_block_n(0)) == (64, 128)
+    assert (kernels.min_block_n(configs, 1), kernels.min_block_n(configs, 0)) == (64, 128)
+    # The partials buffer of the down dgrad has a row for each column tile of any config it may take.
+    for tuning_class in (0, 1):
+        for fp32 in (False, True):
+            args = {**args, "a_ptr": torch.zeros(2, dtype=torch.float32 if fp32 else torch.bfloat16),
+                    "ROWS_CLASS": tuning_class}
+            widest = max(triton.cdiv(1000, c.kwargs["BLOCK_N"]) for c in kernels._prune(configs, args))
+            assert widest <= triton.cdiv(1000, kernels.min_block_n(configs, tuning_class))
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs real bf16: test_bf16_on_gpu")

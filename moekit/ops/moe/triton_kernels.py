@@ -73,7 +73,7 @@ def _configs(shapes, tma: bool | None = None):
 # count: each power of two of it is tuned on its own (the ``ROWS_CLASS`` key), over every tile
 # including some of their own (16 or 32 rows, narrow columns: many tiles, so no SM idles through a
 # last round while the others stream weights). Larger calls share one class, tuned over the other
-# tiles only.
+# tiles only. (The row count includes dropped slots: under expert parallelism a rank's share.)
 FEW_ROWS_PER_EXPERT = 16
 FEW_ROWS_MAX_BLOCK_M = 32
 
@@ -107,17 +107,24 @@ def rows_class(num_rows: int, num_experts: int) -> int:
     return triton.next_power_of_2(max(1, num_rows)) if num_rows <= FEW_ROWS_PER_EXPERT * num_experts else 0
 
 
-def _for_rows(configs, rows_class: int):
+def _for_rows(configs, tuning_class: int):
     """The configs a call of this class may race: all for few rows per expert; else those with
     more than FEW_ROWS_MAX_BLOCK_M rows (all where there is none, e.g. the interpreter's tile)."""
-    if rows_class:
+    if tuning_class:
         return configs
     return [c for c in configs if c.kwargs["BLOCK_M"] > FEW_ROWS_MAX_BLOCK_M] or configs
 
 
-def min_block_n(rows_class: int) -> int:
-    """The narrowest column tile a call may take (how many column-tile partials it can write)."""
-    return min(c.kwargs["BLOCK_N"] for c in _for_rows(GEMM_CONFIGS, rows_class))
+def min_block_n(configs, tuning_class: int) -> int:
+    """The narrowest column tile a call of this class may take from ``configs`` (a kernel's live
+    list: tests pin some), so how many column-tile partials it can write."""
+    return min(c.kwargs["BLOCK_N"] for c in _for_rows(configs, tuning_class))
+
+
+def tma_variants(config) -> tuple:
+    """The TMA settings a pointer-load GEMM config can be raced with: TMA_CONFIGS repeats the
+    larger tiles only."""
+    return (False, True) if config.kwargs["BLOCK_M"] > FEW_ROWS_MAX_BLOCK_M else (False,)
 
 
 def tma_ok(w: torch.Tensor) -> bool:
@@ -546,13 +553,14 @@ def gather_down_dgrad(dout: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor,
     num_rows, (E, H, F) = meta.order.numel(), w_down.shape
     dh = new_buffer(h.shape, h.dtype, h.device)
     # One partial row per column tile of the narrowest config; rows a config does not reach stay 0.
-    rows = rows_class(num_rows, E)
-    parts = torch.zeros((triton.cdiv(F, min_block_n(rows)) if weight_grad else 1, num_rows),
+    tuning_class = rows_class(num_rows, E)
+    narrowest = min_block_n(_gather_gemm_kernel.configs, tuning_class)
+    parts = torch.zeros((triton.cdiv(F, narrowest) if weight_grad else 1, num_rows),
                         dtype=torch.float32, device=h.device)
     grid = lambda m: _row_grid(meta, num_rows, m["BLOCK_M"], triton.cdiv(F, m["BLOCK_N"]), h.device)
     _gather_gemm_kernel[grid](
         dout, w_down, h, dh, meta.counts, meta.order, weight, parts,
-        num_rows, F, H, E, meta.top_k, H, F, int(_weight_tma(w_down)), rows,
+        num_rows, F, H, E, meta.top_k, H, F, int(_weight_tma(w_down)), tuning_class,
         dout.stride(0), w_down.stride(0), w_down.stride(2), w_down.stride(1), h.stride(0), dh.stride(0),
         E_PAD=_pow2(E), GATED=gated, ACT=ACT_CODES[activation], BACKWARD=True, STORE_H=False,
         WEIGHT_GRAD=weight_grad, B_K_MAJOR=False, PRECISION=dot_precision(dout.dtype))
