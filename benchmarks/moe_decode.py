@@ -28,12 +28,11 @@ from moekit.ops import moe as moe_ops
 from moekit.ops.moe import triton_choice
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check_moe import SHAPES, Shape, make_routing  # noqa: E402  (the shape table lives in one place)
+from gpu_check_moe import SHAPES, TOL, Shape, make_routing  # noqa: E402  (shapes and bf16 tolerance in one place)
 
 # The experts of one linear-moe-a0.3b-2b layer (moekit/configs), the model benchmarks/generation.py decodes.
 DECODE_SHAPES = [Shape("linear-moe-a0.3b-2b", 16, 1024, 896, 64, 8), *SHAPES]
 BACKENDS = ("triton", "grouped_mm")
-TOL = 1e-2
 
 
 def replayed(fn):
