@@ -331,6 +331,25 @@ def test_vendor_glue_kernels():
     assert (dweight[idx.reshape(-1) < 0] == 0).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_race_times_the_gpu_not_the_host():
+    """The race picks by GPU time, as a CUDA-graph replay sees it: a candidate slow to launch but quick
+    on the GPU beats one quick to launch but slower on the GPU."""
+    import time
+    x = torch.zeros(1, device="cuda")
+
+    def slow_launch():  # 0.3 ms of host time, then a tiny kernel
+        time.sleep(3e-4)
+        x.add_(1)
+
+    def slow_gpu():  # a kernel of about 0.1 ms
+        torch.cuda._sleep(200_000)
+
+    assert triton_choice._race({"slow_gpu": slow_gpu, "slow_launch": slow_launch}) == "slow_launch"
+    assert triton_choice._race({"slow_launch": slow_launch, "slow_gpu": slow_gpu}) == "slow_launch"
+
+
 def test_choice_pinned_from_the_environment():
     """MOEKIT_MOE_IMPL sets ``force`` when the module is first imported (a torchrun job's ranks)."""
     code = "from moekit.ops.moe import triton_choice; print(triton_choice.force)"

@@ -57,18 +57,27 @@ def chosen() -> dict[tuple, str]:
     return dict(_winners)
 
 
-def _race(candidates: dict[str, Callable[[], object]], reps: int = 3) -> str:
-    """Median of ``reps`` timed calls each, after one untimed call (Triton compiles and tunes there)."""
-    times = {}
-    for name, fn in candidates.items():
+# Each timed run queues its calls behind a GPU-side delay, so the host has launched them all before
+# the GPU starts: the timing holds the GPU's time only, as a CUDA-graph replay runs them. (A decode
+# step's calls take tens of microseconds, of the order of their host launch time.)
+RACE_DELAY_CYCLES = 4_000_000  # about 2 ms at an H200's clock: longer than queuing the calls takes
+
+
+def _race(candidates: dict[str, Callable[[], object]], rounds: int = 3, calls: int = 3) -> str:
+    """Median over ``rounds`` of the mean GPU time of ``calls`` back-to-back calls, the candidates
+    taking turns, after one untimed call each (Triton compiles and tunes there)."""
+    for fn in candidates.values():
         fn()
-        samples = []
-        for _ in range(reps):
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(RACE_DELAY_CYCLES)
             start.record()
-            fn()
+            for _ in range(calls):
+                fn()
             end.record()
             end.synchronize()
-            samples.append(start.elapsed_time(end))
-        times[name] = sorted(samples)[reps // 2]
+            samples[name].append(start.elapsed_time(end) / calls)
+    times = {name: sorted(runs)[rounds // 2] for name, runs in samples.items()}
     return min(times, key=times.get)
