@@ -339,12 +339,12 @@ def test_race_times_the_gpu_not_the_host():
     import time
     x = torch.zeros(1, device="cuda")
 
-    def slow_launch():  # 0.3 ms of host time, then a tiny kernel
-        time.sleep(3e-4)
+    def slow_launch():  # 0.2 ms of host time (three of them well inside the race's delay), a tiny kernel
+        time.sleep(2e-4)
         x.add_(1)
 
-    def slow_gpu():  # a kernel of about 0.1 ms
-        torch.cuda._sleep(200_000)
+    def slow_gpu():  # a kernel of about 0.05 ms
+        torch.cuda._sleep(100_000)
 
     assert triton_choice._race({"slow_gpu": slow_gpu, "slow_launch": slow_launch}) == "slow_launch"
     assert triton_choice._race({"slow_launch": slow_launch, "slow_gpu": slow_gpu}) == "slow_launch"

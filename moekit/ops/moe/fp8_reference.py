@@ -27,7 +27,7 @@ import torch
 
 from moekit.ops.activations import GATED, apply_activation, is_gated
 from moekit.ops.moe.fp8_recipe import Recipe, dequantize_rows, quantize_rows, quantize_weight, recipe
-from moekit.ops.moe.triton_meta import routing_meta
+from moekit.ops.moe.triton_meta import routing_meta_torch
 
 
 def qdq_rows(v: torch.Tensor, r: Recipe) -> torch.Tensor:
@@ -65,7 +65,7 @@ class _Routing:
     """Expert-sorted rows of the valid assignments: expert, token, assignment, per-expert counts."""
 
     def __init__(self, topk_idx: torch.Tensor, num_experts: int):
-        meta = routing_meta(topk_idx, num_experts)
+        meta = routing_meta_torch(topk_idx, num_experts)  # independent of the kernels it checks
         self.counts = meta.counts.tolist()
         self.assignment = meta.order[: sum(self.counts)].long()
         self.token = self.assignment // topk_idx.shape[1]
