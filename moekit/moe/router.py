@@ -2,7 +2,8 @@
 
 All router math runs in float32 (float64 when the input is float64, so that gradcheck works),
 whatever the activation dtype. The pure functions here are the definition; ``Router`` holds the
-parameters and buffers.
+parameters and buffers. A top-k forward on a GPU without autograd (a decode step) runs as one
+Triton kernel instead (``moekit.ops.moe.router_kernel``), checked against these functions.
 """
 
 from __future__ import annotations
@@ -163,18 +164,35 @@ class Router(nn.Module):
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(x.to(dtype), self.weight.to(dtype), bias)
 
+    def _one_kernel(self, x: torch.Tensor) -> bool:
+        """Whether the whole forward runs as one Triton kernel (``router_kernel``): top-k routing
+        on a GPU without autograd or jitter, e.g. a decode step."""
+        cfg = self.config
+        if (not x.is_cuda or cfg.router_type != "topk" or cfg.num_groups > 1
+                or (self.training and cfg.router_jitter > 0)):
+            return False
+        from moekit.ops.moe import router_kernel  # imports triton: only where it runs
+
+        return router_kernel.fits(x, self.weight, cfg.top_k)
+
     def forward(self, x: torch.Tensor) -> Routing:
         cfg = self.config
-        logits = self.logits(x)
-        scores = score(logits, cfg.score_func)
         tokens = x.shape[0]
-        if cfg.router_type == "expert_choice":
-            capacity = capacity_of(tokens, cfg.top_k, cfg.num_experts, cfg.capacity_factor or 1.0)
-            idx, weight = expert_choice(scores, capacity)
+        if self._one_kernel(x):
+            from moekit.ops.moe.router_kernel import route_topk
+
+            logits, scores, idx, weight = route_topk(x, self.weight, self.bias, self.expert_bias, cfg.score_func,
+                                                     cfg.top_k, cfg.norm_topk_prob, cfg.route_scale)
         else:
-            idx = select_experts(scores, cfg.top_k, self.expert_bias.to(scores.dtype),
-                                 cfg.num_groups, cfg.topk_groups)
-            weight = gate_weights(scores, idx, cfg.norm_topk_prob, cfg.route_scale)
+            logits = self.logits(x)
+            scores = score(logits, cfg.score_func)
+            if cfg.router_type == "expert_choice":
+                capacity = capacity_of(tokens, cfg.top_k, cfg.num_experts, cfg.capacity_factor or 1.0)
+                idx, weight = expert_choice(scores, capacity)
+            else:
+                idx = select_experts(scores, cfg.top_k, self.expert_bias.to(scores.dtype),
+                                     cfg.num_groups, cfg.topk_groups)
+                weight = gate_weights(scores, idx, cfg.norm_topk_prob, cfg.route_scale)
         chosen_idx = idx
         if cfg.capacity_factor is not None and cfg.router_type == "topk":
             capacity = capacity_of(tokens, cfg.top_k, cfg.num_experts, cfg.capacity_factor)

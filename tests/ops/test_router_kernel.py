@@ -1,0 +1,129 @@
+"""The one-program top-k router against ``Router.logits``' math, ``score``, ``select_experts`` and
+``gate_weights`` (the reference); on the CPU the interpreter runs the kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moekit.moe import MoEConfig
+from moekit.moe.router import Router, gate_weights, score, select_experts
+from moekit.ops.moe import router_kernel
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter's dots are exact float32 as on the GPU; bfloat16 inputs are read, not multiplied.
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def reference(x, w, b, expert_bias, score_func, top_k, norm, scale):
+    logits = F.linear(x.float(), w.float(), None if b is None else b.float())
+    scores = score(logits, score_func)
+    idx = select_experts(scores, top_k, expert_bias)
+    return logits, scores, idx, gate_weights(scores, idx, norm, scale)
+
+
+def inputs(T, E, H, seed, dtype=torch.float32, bias=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=gen).to(DEVICE, dtype)
+    w = torch.randn(E, H, generator=gen).mul_(3 / H**0.5).to(DEVICE, dtype)
+    b = torch.randn(E, generator=gen).to(DEVICE, dtype) if bias else None
+    return x, w, b, torch.randn(E, generator=gen).mul_(0.05).to(DEVICE)
+
+
+def assert_matches_reference(x, w, b, expert_bias, score_func, top_k, norm=True, scale=1.0):
+    got = router_kernel.route_topk(x, w, b, expert_bias, score_func, top_k, norm, scale)
+    want = reference(x, w, b, expert_bias, score_func, top_k, norm, scale)
+    assert [t.dtype for t in got] == [torch.float32, torch.float32, torch.int64, torch.float32]
+    assert got[2].shape == want[2].shape
+    assert torch.equal(got[2], want[2]), "different experts chosen"
+    # Float32 sums in another order: logits a few ulps of their largest terms apart.
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5, msg="logits")
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6, msg="scores")
+    torch.testing.assert_close(got[3], want[3], rtol=1e-5, atol=1e-6, msg="weights")
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("T,E,H,K", [(1, 8, 32, 2), (16, 64, 1024, 8), (5, 256, 64, 8), (3, 1000, 16, 6),
+                                     (7, 60, 100, 1), (4, 128, 32, 128)])
+def test_logits_in_the_kernel(T, E, H, K, score_func):
+    x, w, b, expert_bias = inputs(T, E, H, seed=T * E + K, bias=True)
+    assert router_kernel.fits(x, w, K) and w.numel() <= router_kernel.LOGITS_MAX_WEIGHTS
+    assert_matches_reference(x, w, b, expert_bias, score_func, K)
+    assert_matches_reference(x, w, None, torch.zeros_like(expert_bias), score_func, K, norm=False, scale=2.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,E,H,K", [(router_kernel.LOGITS_MAX_TOKENS + 1, 64, 32, 8), (2, 512, 512, 4)])
+def test_logits_from_a_gemm(T, E, H, K, dtype):
+    """More tokens, or a larger router, than the kernel forms logits for: one GEMM first."""
+    x, w, b, expert_bias = inputs(T, E, H, seed=E + H, dtype=dtype)
+    assert T > router_kernel.LOGITS_MAX_TOKENS or w.numel() > router_kernel.LOGITS_MAX_WEIGHTS
+    assert_matches_reference(x, w, b, expert_bias, "softmax", K)
+
+
+def test_bfloat16_input_and_weight_in_the_kernel():
+    x, w, b, expert_bias = inputs(16, 64, 256, seed=3, dtype=torch.bfloat16, bias=True)
+    assert_matches_reference(x, w, b, expert_bias, "sigmoid", 6)
+
+
+def test_bias_changes_the_choice_not_the_weights():
+    """Aux-loss-free balancing: a large bias on the last experts makes them the choice, while their
+    weights stay their scores."""
+    x, w, _, _ = inputs(6, 32, 16, seed=1)
+    expert_bias = torch.zeros(32, device=DEVICE)
+    expert_bias[-4:] = 10.0
+    _, scores, idx, weight = router_kernel.route_topk(x, w, None, expert_bias, "sigmoid", 4, False, 1.0)
+    assert torch.equal(idx.sort(-1).values, torch.arange(28, 32, device=DEVICE).expand(6, 4))
+    torch.testing.assert_close(weight, scores.gather(1, idx))
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's max over NaN
+def test_nan_input_reaches_the_weights_and_keeps_indices_in_range():
+    x, w, _, expert_bias = inputs(3, 16, 8, seed=2)
+    x[1, 5] = float("nan")
+    _, _, idx, weight = router_kernel.route_topk(x, w, None, expert_bias, "softmax", 2, True, 1.0)
+    assert weight[1].isnan().all() and not weight[[0, 2]].isnan().any()
+    assert ((idx >= 0) & (idx < 16)).all()
+
+
+def test_refuses_what_it_does_not_compute():
+    x, w, _, expert_bias = inputs(2, 8, 16, seed=4)
+    assert not router_kernel.fits(x.double(), w, 2)
+    assert not router_kernel.fits(x, w, 9)
+    assert not router_kernel.fits(x[:, :8], w, 2)
+    assert not router_kernel.fits(x, torch.randn(2048, 16, device=DEVICE), 2)
+    assert not router_kernel.fits(x, w.clone().requires_grad_(), 2)
+    with torch.no_grad():
+        assert router_kernel.fits(x, w.clone().requires_grad_(), 2)
+    with pytest.raises(ValueError, match="score_func"):
+        router_kernel.route_topk(x, w, None, expert_bias, "relu", 2, True, 1.0)
+    with pytest.raises(ValueError, match="16/32-bit float"):
+        router_kernel.route_topk(x.double(), w, None, expert_bias, "softmax", 2, True, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("score_func,bias,tokens", [("softmax", False, 16), ("sigmoid", True, 16),
+                                                    ("softmax", True, 300)])
+def test_router_takes_the_kernel_without_autograd_on_gpu(score_func, bias, tokens):
+    """A GPU forward without autograd goes through the kernel and routes as the reference path
+    (the same forward with autograd) does."""
+    cfg = MoEConfig(hidden_size=256, ffn_hidden_size=64, num_experts=64, top_k=6, score_func=score_func,
+                    norm_topk_prob=True, route_scale=1.5, router_bias=bias)
+    router = Router(cfg).cuda().bfloat16()
+    if bias:
+        router.expert_bias.normal_(0, 0.01)
+        router.bias.data.normal_(0, 0.1)
+    x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert router._one_kernel(x)
+        fast = router(x)
+    assert not router._one_kernel(x)
+    ref = router(x)
+    assert torch.equal(fast.topk_idx, ref.topk_idx)
+    torch.testing.assert_close(fast.logits, ref.logits.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.scores, ref.scores.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.topk_weight, ref.topk_weight.detach(), rtol=1e-5, atol=1e-6)
