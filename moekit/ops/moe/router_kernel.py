@@ -1,11 +1,11 @@
-"""A top-k router's forward in one Triton program per token.
+"""A top-k router's forward in one Triton kernel.
 
 ``moekit.moe.router`` computes float32 logits (``Router.logits``: casts and a GEMM), scores them
 (``score``), picks each token's experts (``select_experts``) and weighs them (``gate_weights``):
 about ten kernel launches per MoE layer, a softmax, a top-k in two kernels, gathers. In a decode
-step they take longer to launch than to compute. Without autograd, one program per token does it
-all: for a few tokens against a small router it also forms its row of logits (reading the router
-weight from L2); otherwise the logits come from one GEMM first. Those functions stay the
+step they take longer to launch than to compute. Without autograd, one program per block of
+tokens does it all: for a few tokens against a small router it also forms their logits, streaming
+the router weight once; otherwise the logits come from one GEMM first. Those functions stay the
 reference, and the path with autograd, groups or float64.
 """
 
@@ -16,62 +16,83 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-MAX_EXPERTS = 1024  # one row of scores in registers
+MAX_EXPERTS = 1024
 # Logits inside the kernel: each program reads the whole router weight, so only for few tokens and
-# small routers (linear-moe-a0.3b-2b's 64 x 1024: 128 KB a program); else one GEMM is faster.
+# small routers (linear-moe-a0.3b-2b's 64 x 1024: 128 KB); else one GEMM first is faster.
 LOGITS_MAX_TOKENS = 64
+LOGITS_MAX_EXPERTS = 256
 LOGITS_MAX_WEIGHTS = 2**17
-_TILE = 8192  # router weight elements per step of the logits loop: 64 registers a thread at 4 warps
+_TILE = 4096  # scores held per program ([tokens, experts]): 32 registers a thread at 4 warps
+_BLOCK_H = 64
+
+
+@triton.jit
+def _logits(x_ptr, w_ptr, b_ptr, tokens, experts, token_live, expert_live, num_experts, hidden,
+            HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
+            BLOCK_H: tl.constexpr):
+    """[BLOCK_T, E_PAD] float32 logits: 16-bit inputs multiply exactly on the tensor cores with
+    float32 sums; float32 (or mixed) inputs take exact float32 products (no TF32)."""
+    acc = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
+    for h0 in range(0, hidden, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        x = tl.load(x_ptr + tokens[:, None] * hidden + cols[None, :],
+                    mask=token_live[:, None] & (cols[None, :] < hidden), other=0.0)
+        w = tl.load(w_ptr + experts[:, None] * hidden + cols[None, :],
+                    mask=expert_live[:, None] & (cols[None, :] < hidden), other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + experts, mask=expert_live, other=0.0).to(tl.float32)[None, :]
+    return acc
 
 
 @triton.jit
 def _router_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, expert_bias_ptr, scores_ptr, idx_ptr, weight_ptr,
-                   num_experts, hidden, route_scale,
-                   LOGITS_IN_KERNEL: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr,
-                   TOP_K: tl.constexpr, NORM: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
-                   BLOCK_H: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+                   num_tokens, num_experts, hidden, route_scale,
+                   LOGITS_IN_KERNEL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+                   SIGMOID: tl.constexpr, TOP_K: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr,
+                   E_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     experts = tl.arange(0, E_PAD)
-    live = experts < num_experts
+    token_live = tokens < num_tokens
+    expert_live = experts < num_experts
+    live = token_live[:, None] & expert_live[None, :]
+    rows = tokens[:, None] * num_experts + experts[None, :]
     if LOGITS_IN_KERNEL:
-        logits = tl.zeros([E_PAD], dtype=tl.float32)
-        for h0 in range(0, hidden, BLOCK_H):
-            cols = h0 + tl.arange(0, BLOCK_H)
-            x = tl.load(x_ptr + t * hidden + cols, mask=cols < hidden, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + experts[:, None] * hidden + cols[None, :],
-                        mask=live[:, None] & (cols[None, :] < hidden), other=0.0).to(tl.float32)
-            logits += tl.sum(w * x[None, :], 1)
-        if HAS_BIAS:
-            logits += tl.load(b_ptr + experts, mask=live, other=0.0).to(tl.float32)
-        tl.store(logits_ptr + t * num_experts + experts, logits, mask=live)
-        logits = tl.where(live, logits, float("-inf"))
+        logits = _logits(x_ptr, w_ptr, b_ptr, tokens, experts, token_live, expert_live, num_experts, hidden,
+                         HAS_BIAS, DOT_FP32, BLOCK_T, E_PAD, BLOCK_H)
+        tl.store(logits_ptr + rows, logits, mask=live)
     else:
-        logits = tl.load(logits_ptr + t * num_experts + experts, mask=live, other=float("-inf"))
+        logits = tl.load(logits_ptr + rows, mask=live, other=0.0)
+    logits = tl.where(expert_live[None, :], logits, float("-inf"))  # rows past the tokens stay finite
     if SIGMOID:
         scores = tl.sigmoid(logits)
     else:
-        shifted = tl.exp(logits - tl.max(logits, 0))
-        scores = shifted / tl.sum(shifted, 0)
-    tl.store(scores_ptr + t * num_experts + experts, scores, mask=live)
-    choice = scores + tl.load(expert_bias_ptr + experts, mask=live, other=0.0)
+        shifted = tl.exp(logits - tl.max(logits, 1)[:, None])
+        scores = shifted / tl.sum(shifted, 1)[:, None]
+    tl.store(scores_ptr + rows, scores, mask=live)
+    choice = scores + tl.load(expert_bias_ptr + experts, mask=expert_live, other=0.0)[None, :]
     # torch.topk ranks NaN above every number: so here, and the NaN then reaches the weights.
     choice = tl.where(choice != choice, float("inf"), choice)
-    choice = tl.where(live, choice, float("-inf"))
-    slots = tl.arange(0, K_PAD)
-    picked = tl.zeros([K_PAD], dtype=tl.int32)
-    weights = tl.zeros([K_PAD], dtype=tl.float32)
+    choice = tl.where(expert_live[None, :], choice, float("-inf"))
+    slots = tl.arange(0, K_PAD)[None, :]
+    picked = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+    weights = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
     for k in tl.static_range(TOP_K):
-        best = tl.max(choice, 0)
-        i = tl.min(tl.where(choice == best, experts, E_PAD), 0)  # the lowest index among equals
+        best = tl.max(choice, 1)[:, None]
+        i = tl.min(tl.where(choice == best, experts[None, :], E_PAD), 1)[:, None]  # the lowest among equals
+        is_i = experts[None, :] == i
         picked = tl.where(slots == k, i, picked)
-        weights = tl.where(slots == k, tl.sum(tl.where(experts == i, scores, 0.0), 0), weights)
-        choice = tl.where(experts == i, float("-inf"), choice)
+        weights = tl.where(slots == k, tl.sum(tl.where(is_i, scores, 0.0), 1)[:, None], weights)
+        choice = tl.where(is_i, float("-inf"), choice)
     if NORM:
-        weights = weights / tl.maximum(tl.sum(weights, 0), 1e-20)
+        weights = weights / tl.maximum(tl.sum(weights, 1), 1e-20)[:, None]
     weights = weights * route_scale
-    out = slots < TOP_K
-    tl.store(idx_ptr + t * TOP_K + slots, picked.to(tl.int64), mask=out)
-    tl.store(weight_ptr + t * TOP_K + slots, weights, mask=out)
+    out = token_live[:, None] & (slots < TOP_K)
+    tl.store(idx_ptr + tokens[:, None] * TOP_K + slots, picked.to(tl.int64), mask=out)
+    tl.store(weight_ptr + tokens[:, None] * TOP_K + slots, weights, mask=out)
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, top_k: int) -> bool:
@@ -96,7 +117,8 @@ def route_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          f"0 < top_k <= E <= {MAX_EXPERTS} and no autograd, got x {x.dtype} {tuple(x.shape)}, "
                          f"weight {weight.dtype} {tuple(weight.shape)}, top_k={top_k}")
     (tokens, hidden), num_experts = x.shape, weight.shape[0]
-    in_kernel = tokens <= LOGITS_MAX_TOKENS and weight.numel() <= LOGITS_MAX_WEIGHTS
+    in_kernel = (tokens <= LOGITS_MAX_TOKENS and num_experts <= LOGITS_MAX_EXPERTS
+                 and weight.numel() <= LOGITS_MAX_WEIGHTS)
     if in_kernel:
         x, weight = x.contiguous(), weight.contiguous()
         logits = torch.empty(tokens, num_experts, dtype=torch.float32, device=x.device)
@@ -105,12 +127,14 @@ def route_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     scores = torch.empty_like(logits)
     idx = torch.empty(tokens, top_k, dtype=torch.int64, device=x.device)
     gate = torch.empty(tokens, top_k, dtype=torch.float32, device=x.device)
+    e_pad = max(16, triton.next_power_of_2(num_experts))
+    block_t = 16 if in_kernel else max(1, min(16, _TILE // e_pad))  # tl.dot takes 16 rows or more
     if tokens:
-        e_pad = max(16, triton.next_power_of_2(num_experts))
-        _router_kernel[(tokens,)](
+        _router_kernel[(triton.cdiv(tokens, block_t),)](
             x, weight, bias if bias is not None else logits, logits, expert_bias.float().contiguous(), scores, idx,
-            gate, num_experts, hidden, float(route_scale),
-            LOGITS_IN_KERNEL=in_kernel, HAS_BIAS=bias is not None, SIGMOID=score_func == "sigmoid", TOP_K=top_k,
-            NORM=norm_topk_prob, E_PAD=e_pad, K_PAD=max(2, triton.next_power_of_2(top_k)),
-            BLOCK_H=max(16, min(128, _TILE // e_pad)), num_warps=4)
+            gate, tokens, num_experts, hidden, float(route_scale),
+            LOGITS_IN_KERNEL=in_kernel, HAS_BIAS=bias is not None,
+            DOT_FP32=x.dtype != weight.dtype or x.dtype == torch.float32, SIGMOID=score_func == "sigmoid",
+            TOP_K=top_k, NORM=norm_topk_prob, BLOCK_T=block_t, E_PAD=e_pad,
+            K_PAD=max(2, triton.next_power_of_2(top_k)), BLOCK_H=_BLOCK_H, num_warps=4, num_stages=3)
     return logits, scores, idx, gate
