@@ -23,7 +23,9 @@ LOGITS_MAX_TOKENS = 64
 LOGITS_MAX_EXPERTS = 256
 LOGITS_MAX_WEIGHTS = 2**17
 _TILE = 4096  # scores held per program ([tokens, experts]): 32 registers a thread at 4 warps
-_BLOCK_H = 64
+# Router weight bytes per step of the logits loop: few, long steps (a short-step loop waits on memory
+# latency at every step); 32 KB a stage plus the input's, three stages in shared memory.
+_STAGE_BYTES = 32768
 
 
 @triton.jit
@@ -95,6 +97,10 @@ def _router_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, expert_bias_ptr, scores_ptr,
     tl.store(weight_ptr + tokens[:, None] * TOP_K + slots, weights, mask=out)
 
 
+def _block_h(e_pad: int, dot_fp32: bool) -> int:
+    return max(16, min(512, _STAGE_BYTES // (4 if dot_fp32 else 2) // e_pad))
+
+
 def fits(x: torch.Tensor, weight: torch.Tensor, top_k: int) -> bool:
     """Whether ``route_topk`` takes this input [T, H] and router weight [E, H]: float16/bfloat16/
     float32 (router math in float32), E <= MAX_EXPERTS, and no autograd."""
@@ -128,13 +134,15 @@ def route_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     idx = torch.empty(tokens, top_k, dtype=torch.int64, device=x.device)
     gate = torch.empty(tokens, top_k, dtype=torch.float32, device=x.device)
     e_pad = max(16, triton.next_power_of_2(num_experts))
+    dot_fp32 = x.dtype != weight.dtype or x.dtype == torch.float32
     block_t = 16 if in_kernel else max(1, min(16, _TILE // e_pad))  # tl.dot takes 16 rows or more
     if tokens:
         _router_kernel[(triton.cdiv(tokens, block_t),)](
             x, weight, bias if bias is not None else logits, logits, expert_bias.float().contiguous(), scores, idx,
             gate, tokens, num_experts, hidden, float(route_scale),
             LOGITS_IN_KERNEL=in_kernel, HAS_BIAS=bias is not None,
-            DOT_FP32=x.dtype != weight.dtype or x.dtype == torch.float32, SIGMOID=score_func == "sigmoid",
+            DOT_FP32=dot_fp32, SIGMOID=score_func == "sigmoid",
             TOP_K=top_k, NORM=norm_topk_prob, BLOCK_T=block_t, E_PAD=e_pad,
-            K_PAD=max(2, triton.next_power_of_2(top_k)), BLOCK_H=_BLOCK_H, num_warps=4, num_stages=3)
+            K_PAD=max(2, triton.next_power_of_2(top_k)), BLOCK_H=_block_h(e_pad, dot_fp32), num_warps=4,
+            num_stages=3)
     return logits, scores, idx, gate
