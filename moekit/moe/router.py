@@ -134,6 +134,12 @@ def expert_choice(scores: torch.Tensor, capacity: int):
     return torch.where(valid, top.indices, -1), torch.where(valid, top.values, 0)
 
 
+def _router_kernel():
+    from moekit.ops.moe import router_kernel  # triton is optional (moekit[kernels]): import it where it runs
+
+    return router_kernel
+
+
 class Router(nn.Module):
     """Linear router with the expert-bias buffer used by aux-loss-free balancing."""
 
@@ -165,24 +171,21 @@ class Router(nn.Module):
         return F.linear(x.to(dtype), self.weight.to(dtype), bias)
 
     def _one_kernel(self, x: torch.Tensor) -> bool:
-        """Whether the whole forward runs as one Triton kernel (``router_kernel``): top-k routing
-        on a GPU without autograd or jitter, e.g. a decode step."""
+        """Whether a GPU runs this forward as one Triton kernel (``router_kernel``): top-k routing
+        in bfloat16 without autograd or jitter, e.g. a decode step. (The kernel has been checked on a
+        GPU in bfloat16 only; float16 and float32 keep the functions above until they are.)"""
         cfg = self.config
-        if (not x.is_cuda or cfg.router_type != "topk" or cfg.num_groups > 1
-                or (self.training and cfg.router_jitter > 0)):
-            return False
-        from moekit.ops.moe import router_kernel  # imports triton: only where it runs
-
-        return router_kernel.fits(x, self.weight, cfg.top_k)
+        return (cfg.router_type == "topk" and cfg.num_groups == 1 and not (self.training and cfg.router_jitter > 0)
+                and x.dtype == self.weight.dtype == torch.bfloat16
+                and _router_kernel().fits(x, self.weight, self.bias, cfg.top_k))
 
     def forward(self, x: torch.Tensor) -> Routing:
         cfg = self.config
         tokens = x.shape[0]
-        if self._one_kernel(x):
-            from moekit.ops.moe.router_kernel import route_topk
-
-            logits, scores, idx, weight = route_topk(x, self.weight, self.bias, self.expert_bias, cfg.score_func,
-                                                     cfg.top_k, cfg.norm_topk_prob, cfg.route_scale)
+        if x.is_cuda and self._one_kernel(x):
+            logits, scores, idx, weight = _router_kernel().route_topk(
+                x, self.weight, self.bias, self.expert_bias, cfg.score_func, cfg.top_k, cfg.norm_topk_prob,
+                cfg.route_scale)
         else:
             logits = self.logits(x)
             scores = score(logits, cfg.score_func)

@@ -14,8 +14,6 @@ from moekit.ops.moe import router_kernel
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The interpreter's tl.dot is wrong on bfloat16 (right on float16 and float32): bfloat16 on the GPU only.
-HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16
 
 
 def reference(x, w, b, expert_bias, score_func, top_k, norm, scale):
@@ -50,7 +48,7 @@ def assert_matches_reference(x, w, b, expert_bias, score_func, top_k, norm=True,
                                      (7, 60, 100, 1), (4, 128, 32, 128)])
 def test_logits_in_the_kernel(T, E, H, K, score_func):
     x, w, b, expert_bias = inputs(T, E, H, seed=T * E + K, bias=True)
-    assert router_kernel.fits(x, w, K) and w.numel() <= router_kernel.LOGITS_MAX_WEIGHTS
+    assert router_kernel.fits(x, w, b, K) and w.numel() <= router_kernel.LOGITS_MAX_WEIGHTS
     assert T <= router_kernel.LOGITS_MAX_TOKENS and E <= router_kernel.LOGITS_MAX_EXPERTS
     assert_matches_reference(x, w, b, expert_bias, score_func, K)
     assert_matches_reference(x, w, None, torch.zeros_like(expert_bias), score_func, K, norm=False, scale=2.5)
@@ -61,17 +59,34 @@ def test_logits_in_the_kernel(T, E, H, K, score_func):
                                      (3, 1000, 16, 6)])
 def test_logits_from_a_gemm(T, E, H, K, dtype):
     """More tokens, or a larger router, than the kernel forms logits for: one GEMM first."""
-    x, w, b, expert_bias = inputs(T, E, H, seed=E + H, dtype=dtype)
+    x, w, b, expert_bias = inputs(T, E, H, seed=E + H, dtype=dtype, bias=True)
     assert (T > router_kernel.LOGITS_MAX_TOKENS or E > router_kernel.LOGITS_MAX_EXPERTS
             or w.numel() > router_kernel.LOGITS_MAX_WEIGHTS)
     assert_matches_reference(x, w, b, expert_bias, "softmax", K)
 
 
-@pytest.mark.parametrize("x_dtype,w_dtype", [(HALF, HALF), (HALF, torch.float32)])
-def test_16_bit_input_in_the_kernel(x_dtype, w_dtype):
-    """16-bit products are exact in float32: the tensor-core path computes the reference's logits."""
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                             (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_16_bit_input_in_the_kernel(x_dtype, w_dtype, gpu_like_bf16):
+    """16-bit products are exact in float32: the tensor-core path computes the reference's logits
+    (mixed types take float32 FMAs)."""
     x, w, b, expert_bias = inputs(16, 64, 256, seed=3, dtype=x_dtype, bias=True)
     assert_matches_reference(x, w.to(w_dtype), b, expert_bias, "sigmoid", 6)
+
+
+@pytest.mark.parametrize("T", [3, 80])  # logits in the kernel, and from a GEMM
+def test_strided_input_and_bias(T):
+    x, w, _, expert_bias = inputs(T, 32, 64, seed=5)
+    wide = torch.randn(T, 128, device=DEVICE)
+    b = torch.randn(64, device=DEVICE)[::2]
+    assert not wide[:, ::2].is_contiguous() and not b.is_contiguous()
+    assert_matches_reference(wide[:, ::2], w, b, expert_bias, "softmax", 4)
+
+
+def test_no_tokens():
+    x, w, _, expert_bias = inputs(0, 16, 32, seed=6)
+    logits, scores, idx, weight = router_kernel.route_topk(x, w, None, expert_bias, "softmax", 2, True, 1.0)
+    assert logits.shape == scores.shape == (0, 16) and idx.shape == weight.shape == (0, 2)
 
 
 def test_bias_changes_the_choice_not_the_weights():
@@ -95,18 +110,48 @@ def test_nan_input_reaches_the_weights_and_keeps_indices_in_range():
 
 
 def test_refuses_what_it_does_not_compute():
-    x, w, _, expert_bias = inputs(2, 8, 16, seed=4)
-    assert not router_kernel.fits(x.double(), w, 2)
-    assert not router_kernel.fits(x, w, 9)
-    assert not router_kernel.fits(x[:, :8], w, 2)
-    assert not router_kernel.fits(x, torch.randn(2048, 16, device=DEVICE), 2)
-    assert not router_kernel.fits(x, w.clone().requires_grad_(), 2)
+    x, w, b, expert_bias = inputs(2, 8, 16, seed=4, bias=True)
+    assert router_kernel.fits(x, w, b, 2)
+    assert not router_kernel.fits(x.double(), w, b, 2)
+    assert not router_kernel.fits(x, w, b, 9)
+    assert not router_kernel.fits(x[:, :8], w, b, 2)
+    assert not router_kernel.fits(x, torch.randn(2048, 16, device=DEVICE), None, 2)
+    assert not router_kernel.fits(x, w.clone().requires_grad_(), b, 2)
+    assert not router_kernel.fits(x, w, b.clone().requires_grad_(), 2)  # e.g. tuning the bias alone
     with torch.no_grad():
-        assert router_kernel.fits(x, w.clone().requires_grad_(), 2)
+        assert router_kernel.fits(x, w.clone().requires_grad_(), b.clone().requires_grad_(), 2)
     with pytest.raises(ValueError, match="score_func"):
         router_kernel.route_topk(x, w, None, expert_bias, "relu", 2, True, 1.0)
     with pytest.raises(ValueError, match="16/32-bit float"):
         router_kernel.route_topk(x.double(), w, None, expert_bias, "softmax", 2, True, 1.0)
+
+
+def small_router(**changes) -> Router:
+    config = MoEConfig(hidden_size=32, ffn_hidden_size=16, num_experts=8, top_k=2, router_bias=True, **changes)
+    return Router(config).bfloat16()
+
+
+def test_router_takes_the_kernel_without_autograd():
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert small_router()._one_kernel(x)
+        assert small_router(router_jitter=0.01).eval()._one_kernel(x)  # jitter only acts in training
+
+
+@pytest.mark.parametrize("change", ["expert_choice", "groups", "jitter", "float32", "float64", "bias_grad",
+                                    "autograd"])
+def test_router_keeps_the_reference_path_where_the_kernel_does_not_apply(change):
+    router = small_router(**{"expert_choice": dict(router_type="expert_choice", capacity_factor=1.0),
+                             "groups": dict(num_groups=2, topk_groups=1),
+                             "jitter": dict(router_jitter=0.01)}.get(change, {}))
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    if change in ("float32", "float64"):
+        dtype = getattr(torch, change)
+        router, x = router.to(dtype), x.to(dtype)
+    if change == "bias_grad":
+        router.weight.requires_grad_(False)  # tuning the bias alone: it still needs its gradient
+    with torch.set_grad_enabled(change in ("bias_grad", "autograd")):
+        assert not router.train(change == "jitter")._one_kernel(x)
 
 
 @pytest.mark.gpu

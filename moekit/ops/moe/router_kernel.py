@@ -24,7 +24,7 @@ LOGITS_MAX_EXPERTS = 256
 LOGITS_MAX_WEIGHTS = 2**17
 _TILE = 4096  # scores held per program ([tokens, experts]): 32 registers a thread at 4 warps
 # Router weight bytes per step of the logits loop: few, long steps (a short-step loop waits on memory
-# latency at every step); 32 KB a stage plus the input's, three stages in shared memory.
+# latency at every step). 32 KB a step plus the input's, two steps in flight (num_stages=3).
 _STAGE_BYTES = 32768
 
 
@@ -101,13 +101,13 @@ def _block_h(e_pad: int, dot_fp32: bool) -> int:
     return max(16, min(512, _STAGE_BYTES // (4 if dot_fp32 else 2) // e_pad))
 
 
-def fits(x: torch.Tensor, weight: torch.Tensor, top_k: int) -> bool:
-    """Whether ``route_topk`` takes this input [T, H] and router weight [E, H]: float16/bfloat16/
-    float32 (router math in float32), E <= MAX_EXPERTS, and no autograd."""
+def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int) -> bool:
+    """Whether ``route_topk`` takes this input [T, H], router weight [E, H] and bias: float16/
+    bfloat16/float32 (router math in float32), E <= MAX_EXPERTS, and no autograd through any of them."""
     floats = (torch.float32, torch.bfloat16, torch.float16)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     return (x.dim() == 2 and weight.dim() == 2 and x.dtype in floats and weight.dtype in floats
-            and x.shape[1] == weight.shape[1] and 0 < top_k <= weight.shape[0] <= MAX_EXPERTS
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+            and x.shape[1] == weight.shape[1] and 0 < top_k <= weight.shape[0] <= MAX_EXPERTS and not wants_grad)
 
 
 @torch.compiler.disable  # a Triton launch: an opaque call between compiled graphs
@@ -118,7 +118,7 @@ def route_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     ``select_experts`` (one group) and ``gate_weights`` give, idx in the same best-first order."""
     if score_func not in ("softmax", "sigmoid"):
         raise ValueError(f"unknown score_func {score_func!r}")
-    if not fits(x, weight, top_k):
+    if not fits(x, weight, bias, top_k):
         raise ValueError(f"route_topk: needs x [T, H] and weight [E, H] in a 16/32-bit float type with "
                          f"0 < top_k <= E <= {MAX_EXPERTS} and no autograd, got x {x.dtype} {tuple(x.shape)}, "
                          f"weight {weight.dtype} {tuple(weight.shape)}, top_k={top_k}")
@@ -126,7 +126,7 @@ def route_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     in_kernel = (tokens <= LOGITS_MAX_TOKENS and num_experts <= LOGITS_MAX_EXPERTS
                  and weight.numel() <= LOGITS_MAX_WEIGHTS)
     if in_kernel:
-        x, weight = x.contiguous(), weight.contiguous()
+        x, weight, bias = x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
         logits = torch.empty(tokens, num_experts, dtype=torch.float32, device=x.device)
     else:
         logits = F.linear(x.float(), weight.float(), None if bias is None else bias.float()).contiguous()
@@ -143,6 +143,6 @@ def route_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             LOGITS_IN_KERNEL=in_kernel, HAS_BIAS=bias is not None,
             DOT_FP32=dot_fp32, SIGMOID=score_func == "sigmoid",
             TOP_K=top_k, NORM=norm_topk_prob, BLOCK_T=block_t, E_PAD=e_pad,
-            K_PAD=max(2, triton.next_power_of_2(top_k)), BLOCK_H=_block_h(e_pad, dot_fp32), num_warps=4,
-            num_stages=3)
+            K_PAD=max(2, triton.next_power_of_2(top_k)),  # 2: a [BLOCK_T, 1] block would not reduce along dim 1
+            BLOCK_H=_block_h(e_pad, dot_fp32), num_warps=4, num_stages=3)
     return logits, scores, idx, gate
