@@ -89,6 +89,18 @@ def test_no_tokens():
     assert logits.shape == scores.shape == (0, 16) and idx.shape == weight.shape == (0, 2)
 
 
+def test_experts_switched_off_by_a_minus_inf_bias_are_picked_once():
+    """A live expert's choice may be -inf: each is still chosen at most once per token."""
+    x, w, _, _ = inputs(4, 8, 16, seed=7)
+    expert_bias = torch.full((8,), float("-inf"), device=DEVICE)
+    expert_bias[5] = 0.0
+    for score_func in ("softmax", "sigmoid"):
+        _, scores, idx, weight = router_kernel.route_topk(x, w, None, expert_bias, score_func, 3, False, 1.0)
+        assert (idx[:, 0] == 5).all()
+        assert all(len(set(row)) == 3 for row in idx.tolist()), idx
+        torch.testing.assert_close(weight, scores.gather(1, idx))
+
+
 def test_bias_changes_the_choice_not_the_weights():
     """Aux-loss-free balancing: a large bias on the last experts makes them the choice, while their
     weights stay their scores."""
@@ -107,6 +119,16 @@ def test_nan_input_reaches_the_weights_and_keeps_indices_in_range():
     _, _, idx, weight = router_kernel.route_topk(x, w, None, expert_bias, "softmax", 2, True, 1.0)
     assert weight[1].isnan().all() and not weight[[0, 2]].isnan().any()
     assert ((idx >= 0) & (idx < 16)).all()
+
+
+def test_one_nan_expert_makes_the_renormalised_weights_nan():
+    """Sigmoid scores with one NaN expert: the NaN is chosen first and its sum poisons the
+    renormalisation, as in the reference (a max-with-epsilon that drops NaN would give ~1e19)."""
+    x, w, _, expert_bias = inputs(3, 16, 8, seed=8)
+    w[3, 0] = float("nan")
+    _, _, idx, weight = router_kernel.route_topk(x, w, None, expert_bias, "sigmoid", 4, True, 1.0)
+    _, want = reference(x, w, None, expert_bias, "sigmoid", 4, True, 1.0)[2:]
+    assert (idx[:, 0] == 3).all() and weight.isnan().all() and want.isnan().all()
 
 
 def test_refuses_what_it_does_not_compute():
