@@ -160,20 +160,33 @@ def test_router_takes_the_kernel_without_autograd():
         assert small_router(router_jitter=0.01).eval()._one_kernel(x)  # jitter only acts in training
 
 
-@pytest.mark.parametrize("change", ["expert_choice", "groups", "jitter", "float32", "float64", "bias_grad",
-                                    "autograd"])
+@pytest.mark.parametrize("change", ["expert_choice", "groups", "jitter", "float64", "bias_grad", "autograd"])
 def test_router_keeps_the_reference_path_where_the_kernel_does_not_apply(change):
     router = small_router(**{"expert_choice": dict(router_type="expert_choice", capacity_factor=1.0),
                              "groups": dict(num_groups=2, topk_groups=1),
                              "jitter": dict(router_jitter=0.01)}.get(change, {}))
     x = torch.randn(4, 32, dtype=torch.bfloat16)
-    if change in ("float32", "float64"):
-        dtype = getattr(torch, change)
-        router, x = router.to(dtype), x.to(dtype)
+    if change == "float64":
+        router, x = router.double(), x.double()
     if change == "bias_grad":
         router.weight.requires_grad_(False)  # tuning the bias alone: it still needs its gradient
     with torch.set_grad_enabled(change in ("bias_grad", "autograd")):
         assert not router.train(change == "jitter")._one_kernel(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                             (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("T,E,H,K", [(16, 64, 1024, 8), (40, 16, 4096, 2), (5, 256, 512, 8), (80, 64, 256, 6)])
+def test_kernel_in_every_dtype_on_gpu(x_dtype, w_dtype, T, E, H, K):
+    """Each logits path compiled for the GPU (tensor cores, IEEE float32 FMAs, the GEMM first), and
+    the edge cases the interpreter cannot show: tl.maximum drops NaN on the GPU."""
+    x, w, b, expert_bias = inputs(T, E, H, seed=T + E + H, dtype=x_dtype, bias=True)
+    for score_func in ("softmax", "sigmoid"):
+        assert_matches_reference(x, w.to(w_dtype), b, expert_bias, score_func, K)
+    test_experts_switched_off_by_a_minus_inf_bias_are_picked_once()
+    test_one_nan_expert_makes_the_renormalised_weights_nan()
 
 
 @pytest.mark.gpu
