@@ -172,11 +172,9 @@ class Router(nn.Module):
 
     def _one_kernel(self, x: torch.Tensor) -> bool:
         """Whether a GPU runs this forward as one Triton kernel (``router_kernel``): top-k routing
-        in bfloat16 without autograd or jitter, e.g. a decode step. (The kernel has been checked on a
-        GPU in bfloat16 only; float16 and float32 keep the functions above until they are.)"""
+        without autograd or jitter, e.g. a decode step."""
         cfg = self.config
         return (cfg.router_type == "topk" and cfg.num_groups == 1 and not (self.training and cfg.router_jitter > 0)
-                and x.dtype == self.weight.dtype == torch.bfloat16
                 and _router_kernel().fits(x, self.weight, self.bias, cfg.top_k))
 
     def forward(self, x: torch.Tensor) -> Routing:

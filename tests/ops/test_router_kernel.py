@@ -89,6 +89,18 @@ def test_no_tokens():
     assert logits.shape == scores.shape == (0, 16) and idx.shape == weight.shape == (0, 2)
 
 
+def test_experts_switched_off_by_a_minus_inf_bias_are_picked_once():
+    """A live expert's choice may be -inf: each is still chosen at most once per token."""
+    x, w, _, _ = inputs(4, 8, 16, seed=7)
+    expert_bias = torch.full((8,), float("-inf"), device=DEVICE)
+    expert_bias[5] = 0.0
+    for score_func in ("softmax", "sigmoid"):
+        _, scores, idx, weight = router_kernel.route_topk(x, w, None, expert_bias, score_func, 3, False, 1.0)
+        assert (idx[:, 0] == 5).all()
+        assert all(len(set(row)) == 3 for row in idx.tolist()), idx
+        torch.testing.assert_close(weight, scores.gather(1, idx))
+
+
 def test_bias_changes_the_choice_not_the_weights():
     """Aux-loss-free balancing: a large bias on the last experts makes them the choice, while their
     weights stay their scores."""
@@ -107,6 +119,16 @@ def test_nan_input_reaches_the_weights_and_keeps_indices_in_range():
     _, _, idx, weight = router_kernel.route_topk(x, w, None, expert_bias, "softmax", 2, True, 1.0)
     assert weight[1].isnan().all() and not weight[[0, 2]].isnan().any()
     assert ((idx >= 0) & (idx < 16)).all()
+
+
+def test_one_nan_expert_makes_the_renormalised_weights_nan():
+    """Sigmoid scores with one NaN expert: the NaN is chosen first and its sum poisons the
+    renormalisation, as in the reference (a max-with-epsilon that drops NaN would give ~1e19)."""
+    x, w, _, expert_bias = inputs(3, 16, 8, seed=8)
+    w[3, 0] = float("nan")
+    _, _, idx, weight = router_kernel.route_topk(x, w, None, expert_bias, "sigmoid", 4, True, 1.0)
+    _, want = reference(x, w, None, expert_bias, "sigmoid", 4, True, 1.0)[2:]
+    assert (idx[:, 0] == 3).all() and weight.isnan().all() and want.isnan().all()
 
 
 def test_refuses_what_it_does_not_compute():
@@ -138,20 +160,33 @@ def test_router_takes_the_kernel_without_autograd():
         assert small_router(router_jitter=0.01).eval()._one_kernel(x)  # jitter only acts in training
 
 
-@pytest.mark.parametrize("change", ["expert_choice", "groups", "jitter", "float32", "float64", "bias_grad",
-                                    "autograd"])
+@pytest.mark.parametrize("change", ["expert_choice", "groups", "jitter", "float64", "bias_grad", "autograd"])
 def test_router_keeps_the_reference_path_where_the_kernel_does_not_apply(change):
     router = small_router(**{"expert_choice": dict(router_type="expert_choice", capacity_factor=1.0),
                              "groups": dict(num_groups=2, topk_groups=1),
                              "jitter": dict(router_jitter=0.01)}.get(change, {}))
     x = torch.randn(4, 32, dtype=torch.bfloat16)
-    if change in ("float32", "float64"):
-        dtype = getattr(torch, change)
-        router, x = router.to(dtype), x.to(dtype)
+    if change == "float64":
+        router, x = router.double(), x.double()
     if change == "bias_grad":
         router.weight.requires_grad_(False)  # tuning the bias alone: it still needs its gradient
     with torch.set_grad_enabled(change in ("bias_grad", "autograd")):
         assert not router.train(change == "jitter")._one_kernel(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                             (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("T,E,H,K", [(16, 64, 1024, 8), (40, 16, 4096, 2), (5, 256, 512, 8), (80, 64, 256, 6)])
+def test_kernel_in_every_dtype_on_gpu(x_dtype, w_dtype, T, E, H, K):
+    """Each logits path compiled for the GPU (tensor cores, IEEE float32 FMAs, the GEMM first), and
+    the edge cases the interpreter cannot show: tl.maximum drops NaN on the GPU."""
+    x, w, b, expert_bias = inputs(T, E, H, seed=T + E + H, dtype=x_dtype, bias=True)
+    for score_func in ("softmax", "sigmoid"):
+        assert_matches_reference(x, w.to(w_dtype), b, expert_bias, score_func, K)
+    test_experts_switched_off_by_a_minus_inf_bias_are_picked_once()
+    test_one_nan_expert_makes_the_renormalised_weights_nan()
 
 
 @pytest.mark.gpu

@@ -33,7 +33,8 @@ def _logits(x_ptr, w_ptr, b_ptr, tokens, experts, token_live, expert_live, num_e
             HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
             BLOCK_H: tl.constexpr):
     """[BLOCK_T, E_PAD] float32 logits: 16-bit inputs multiply exactly on the tensor cores with
-    float32 sums; float32 (or mixed) inputs take exact float32 products (no TF32)."""
+    float32 sums; float32 (or mixed) inputs take exact float32 products (no TF32, whatever torch's
+    TF32 switch says: the router's choice must not depend on the batch size)."""
     acc = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
     for h0 in range(0, hidden, BLOCK_H):
         cols = h0 + tl.arange(0, BLOCK_H)
@@ -78,19 +79,21 @@ def _router_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, expert_bias_ptr, scores_ptr,
     choice = scores + tl.load(expert_bias_ptr + experts, mask=expert_live, other=0.0)[None, :]
     # torch.topk ranks NaN above every number: so here, and the NaN then reaches the weights.
     choice = tl.where(choice != choice, float("inf"), choice)
-    choice = tl.where(expert_live[None, :], choice, float("-inf"))
     slots = tl.arange(0, K_PAD)[None, :]
     picked = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
     weights = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
-    for k in tl.static_range(TOP_K):
-        best = tl.max(choice, 1)[:, None]
-        i = tl.min(tl.where(choice == best, experts[None, :], E_PAD), 1)[:, None]  # the lowest among equals
+    # Experts still to pick from: a mask, not -inf, since a live expert's choice may be -inf itself.
+    free = expert_live[None, :] & token_live[:, None]
+    for k in range(TOP_K):  # not unrolled: top_k may be large
+        best = tl.max(tl.where(free, choice, float("-inf")), 1)[:, None]
+        i = tl.min(tl.where(free & (choice == best), experts[None, :], E_PAD), 1)[:, None]  # lowest among equals
         is_i = experts[None, :] == i
         picked = tl.where(slots == k, i, picked)
         weights = tl.where(slots == k, tl.sum(tl.where(is_i, scores, 0.0), 1)[:, None], weights)
-        choice = tl.where(is_i, float("-inf"), choice)
+        free = free & ~is_i
     if NORM:
-        weights = weights / tl.maximum(tl.sum(weights, 1), 1e-20)[:, None]
+        total = tl.sum(weights, 1)[:, None]
+        weights = weights / tl.where(total < 1e-20, 1e-20, total)  # as clamp_min: a NaN sum stays NaN
     weights = weights * route_scale
     out = token_live[:, None] & (slots < TOP_K)
     tl.store(idx_ptr + tokens[:, None] * TOP_K + slots, picked.to(tl.int64), mask=out)
@@ -98,7 +101,9 @@ def _router_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, expert_bias_ptr, scores_ptr,
 
 
 def _block_h(e_pad: int, dot_fp32: bool) -> int:
-    return max(16, min(512, _STAGE_BYTES // (4 if dot_fp32 else 2) // e_pad))
+    if dot_fp32:  # float32 FMAs, not tensor cores: long steps only spill registers there
+        return max(16, min(128, _STAGE_BYTES // 4 // e_pad))
+    return max(16, min(512, _STAGE_BYTES // 2 // e_pad))
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int) -> bool:
