@@ -37,10 +37,12 @@ def assert_matches_reference(x, w, b, expert_bias, score_func, top_k, norm=True,
     assert [t.dtype for t in got] == [torch.float32, torch.float32, torch.int64, torch.float32]
     assert got[2].shape == want[2].shape
     assert torch.equal(got[2], want[2]), "different experts chosen"
-    # Float32 sums in another order: logits a few ulps of their largest terms apart.
-    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5, msg="logits")
-    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6, msg="scores")
-    torch.testing.assert_close(got[3], want[3], rtol=1e-5, atol=1e-6, msg="weights")
+    # Float32 sums in another order: logits a few ulps of their largest terms apart. The tensor cores
+    # round each partial sum toward zero (Fasi et al. 2021), so from 1024 terms on the error grows with H.
+    tol = 1e-5 * max(1, x.shape[1] / 1024)
+    torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol, msg=lambda m: f"logits: {m}")
+    torch.testing.assert_close(got[1], want[1], rtol=tol, atol=tol / 10, msg=lambda m: f"scores: {m}")
+    torch.testing.assert_close(got[3], want[3], rtol=tol, atol=tol / 10, msg=lambda m: f"weights: {m}")
 
 
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
