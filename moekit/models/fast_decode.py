@@ -134,6 +134,11 @@ class FastDecoder:
                              f"run before capture, got {self.max_len}")
         # Warm up on a side stream (as torch.cuda.graphs advises), then capture; both write into
         # the cache, which is emptied afterwards.
+        # Distinct tokens: identical rows would all route to the same experts, and what is tuned in the
+        # warm-up (the expert kernels' tiles, triton_choice's races) would fit that routing, not a real one.
+        gen = torch.Generator(self.device).manual_seed(0)
+        self._tokens.copy_(torch.randint(self.model.config.vocab_size, self._tokens.shape, generator=gen,
+                                         device=self.device))
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
