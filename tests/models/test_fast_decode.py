@@ -7,7 +7,7 @@ import torch
 
 from moekit.mixers.cache import RecurrentCache
 from moekit.models import ModelConfig, MoEForCausalLM
-from moekit.models.fast_decode import FastDecoder, graph_blocker
+from moekit.models.fast_decode import GRAPH_WARMUP_STEPS, FastDecoder, graph_blocker
 from moekit.moe.dispatch import LocalDispatcher
 from moekit.ops import linear_attention as la
 from moekit.ops.linear_attention import triton_layout
@@ -322,3 +322,22 @@ def test_cuda_graph_survives_chunk_table_eviction():
     assert torch.equal(a.sequences, b.sequences)
     assert rel(a.logits, b.logits) < 1e-5
     del junk
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_warm_up_before_capture_routes_distinct_tokens(monkeypatch):
+    """The steps run before capture (where kernels tune and races are timed) take distinct tokens: one
+    token repeated would send every row to the same experts."""
+    model = tiny_model("LN", dtype=torch.float32, seed=12).cuda()
+    seen, embed = [], model.embed
+
+    def recording_embed(ids):
+        if not torch.cuda.is_current_stream_capturing():  # reading ids during capture would sync
+            seen.append(ids.clone())
+        return embed(ids)
+
+    monkeypatch.setattr(model, "embed", recording_embed)
+    FastDecoder(model, 8, 16, cuda_graph=True)
+    assert len(seen) == GRAPH_WARMUP_STEPS
+    assert all(len(set(ids.flatten().tolist())) > 1 for ids in seen)
