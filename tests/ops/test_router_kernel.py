@@ -38,7 +38,7 @@ def assert_matches_reference(x, w, b, expert_bias, score_func, top_k, norm=True,
     assert got[2].shape == want[2].shape
     assert torch.equal(got[2], want[2]), "different experts chosen"
     # Float32 sums in another order: logits a few ulps of their largest terms apart. The tensor cores
-    # round their float32 sums toward zero: from 1024 terms on the error grows with H
+    # sum in float32 leaning toward zero: from 1024 terms on the error grows with H
     # (benchmarks/router_accuracy.py: 1.3e-5 at H = 1024, 5.4e-5 at 4096 on an H200).
     tol = 1e-5 * max(1, x.shape[1] / 1024)
     torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol, msg=lambda m: f"logits: {m}")

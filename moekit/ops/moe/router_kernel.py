@@ -33,7 +33,7 @@ def _logits(x_ptr, w_ptr, b_ptr, tokens, experts, token_live, expert_live, num_e
             HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
             BLOCK_H: tl.constexpr):
     """[BLOCK_T, E_PAD] float32 logits: 16-bit inputs multiply exactly on the tensor cores, whose float32
-    sums round toward zero (measured on an H200 at |logit| < 10: within 1.3e-5 of the exact value at
+    sums lean toward zero (measured on an H200 at |logit| < 10: within 1.3e-5 of the exact value at
     hidden 1024, growing with hidden to 1.05e-4 at 8192, where cuBLAS's float32 GEMM stays within
     2.3e-6); float32 (or mixed) inputs take exact float32 products (no TF32, whatever torch's TF32
     switch says: the router's choice must not depend on the batch size)."""
