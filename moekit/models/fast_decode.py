@@ -163,6 +163,8 @@ class FastDecoder:
         rows, length = input_ids.shape
         if rows != self.batch_size:
             raise ValueError(f"FastDecoder: prefill takes exactly batch_size={self.batch_size} rows, got {rows}")
+        if length == 0:
+            raise ValueError("FastDecoder: prefill needs at least one prompt token, got none")
         padded = attention_mask is not None and not bool(attention_mask.all())
         self.cache.reset()
         for start in range(0, length, self.prefill_chunk):

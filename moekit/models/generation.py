@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
@@ -50,10 +51,7 @@ def left_pad(prompts: Sequence[Sequence[int] | torch.Tensor], pad_token_id: int,
     """Token lists of different lengths -> (ids [B, P], mask [B, P]) padded on the left."""
     if len(prompts) == 0:
         raise ValueError("generate: no prompts given")
-    rows = [torch.as_tensor(p, dtype=torch.long).flatten() for p in prompts]
-    for i, row in enumerate(rows):
-        if row.numel() == 0:
-            raise ValueError(f"generate: prompt {i} is empty")
+    rows = [_prompt_row(i, p) for i, p in enumerate(prompts)]
     width = max(r.numel() for r in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
@@ -61,6 +59,31 @@ def left_pad(prompts: Sequence[Sequence[int] | torch.Tensor], pad_token_id: int,
         ids[i, width - row.numel():] = row
         mask[i, width - row.numel():] = True
     return ids.to(device), mask.to(device)
+
+
+def _prompt_row(i: int, prompt) -> torch.Tensor:
+    """Prompt ``i`` as a 1-D int64 tensor: a non-empty list (or 1-D tensor) of integer token ids."""
+    row = torch.as_tensor(prompt)
+    if row.dim() != 1:
+        raise ValueError(f"generate: prompt {i} is not a list of token ids (got {prompt!r:.60}); input_ids must "
+                         "be a [B, P] tensor or a list of token-id lists, one per prompt")
+    if row.numel() == 0:
+        raise ValueError(f"generate: prompt {i} is empty")
+    if row.is_floating_point() or row.is_complex() or row.dtype == torch.bool:
+        raise TypeError(f"generate: prompt {i} holds {row.dtype} values; token ids are integers")
+    return row.long()
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _token_ids(name: str, value) -> tuple[int, ...]:
+    """An int or a sequence of ints (e.g. several end-of-sequence ids), as a tuple."""
+    values = (value,) if _is_int(value) else tuple(value) if isinstance(value, Sequence) else ()
+    if not values or not all(_is_int(v) for v in values):
+        raise TypeError(f"generate: {name} must be an int or a non-empty list of ints, got {value!r}")
+    return tuple(int(v) for v in values)
 
 
 def _check_left_padded(mask: torch.Tensor) -> None:
@@ -94,7 +117,7 @@ class DecodeRequest:
     mask: torch.Tensor  # [B, P] bool, False at left padding
     max_new_tokens: int
     sampling: SamplingConfig
-    eos_token_id: int | None
+    eos_token_ids: tuple[int, ...] | None  # generation of a row stops at any of them
     pad_token_id: int
     generator: torch.Generator | None
     output_logits: bool
@@ -106,18 +129,24 @@ class DecodeRequest:
 
 def prepare_request(input_ids, max_new_tokens: int, device, temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, do_sample: bool = False,
-                    attention_mask: torch.Tensor | None = None, eos_token_id: int | None = None,
+                    attention_mask: torch.Tensor | None = None, eos_token_id: int | Sequence[int] | None = None,
                     pad_token_id: int | None = None, generator: torch.Generator | None = None,
                     output_logits: bool = False) -> DecodeRequest:
-    """Check ``generate``'s arguments and left-pad the prompts onto ``device``."""
+    """Check ``generate``'s arguments and left-pad the prompts onto ``device``. ``eos_token_id`` may
+    be one id or several (a row stops at any of them)."""
     sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    eos_ids = None if eos_token_id is None else _token_ids("eos_token_id", eos_token_id)
     if pad_token_id is None:
-        pad_token_id = eos_token_id if eos_token_id is not None else 0
+        pad_token_id = eos_ids[0] if eos_ids else 0
+    if not _is_int(pad_token_id):
+        raise TypeError(f"generate: pad_token_id must be an int, got {pad_token_id!r}")
     if isinstance(input_ids, torch.Tensor):
-        if input_ids.dim() != 2:
-            raise ValueError(f"generate: input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"generate: input_ids must be [B, P] with P >= 1, got shape {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"generate: input_ids holds {input_ids.dtype} values; token ids are integers")
         ids = input_ids.to(device)
         mask = (attention_mask.to(device).bool() if attention_mask is not None
                 else torch.ones_like(ids, dtype=torch.bool))
@@ -129,8 +158,7 @@ def prepare_request(input_ids, max_new_tokens: int, device, temperature: float =
         if attention_mask is not None:
             raise ValueError("generate: pass attention_mask only with a padded input_ids tensor")
         ids, mask = left_pad(input_ids, pad_token_id, device)
-    return DecodeRequest(ids, mask, max_new_tokens, sampling, eos_token_id, pad_token_id, generator,
-                         output_logits)
+    return DecodeRequest(ids, mask, max_new_tokens, sampling, eos_ids, pad_token_id, generator, output_logits)
 
 
 def decode(request: DecodeRequest, logits: torch.Tensor, step, finished: torch.Tensor | None = None) -> GenerateOutput:
@@ -142,14 +170,14 @@ def decode(request: DecodeRequest, logits: torch.Tensor, step, finished: torch.T
     new_tokens, step_logits = [], []
     if finished is None:
         finished = torch.zeros(batch, dtype=torch.bool, device=request.ids.device)
-    eos = request.eos_token_id
+    eos = None if request.eos_token_ids is None else torch.tensor(request.eos_token_ids, device=finished.device)
     for i in range(request.max_new_tokens):
         if request.output_logits:
             step_logits.append(logits.clone())
         token = select_next(logits, request.sampling, request.generator)
         if eos is not None:
             token = torch.where(finished, torch.full_like(token, request.pad_token_id), token)
-            finished |= token == eos
+            finished |= torch.isin(token, eos)
         new_tokens.append(token)
         if i == request.max_new_tokens - 1 or (eos is not None and bool(finished.all())):
             break
@@ -171,8 +199,9 @@ def generate(model, input_ids, max_new_tokens: int, **kwargs) -> GenerateOutput:
     ``top_p``, ``do_sample``, ``attention_mask``, ``eos_token_id``, ``pad_token_id``,
     ``generator``, ``output_logits``. Greedy unless ``do_sample``; sampling applies
     ``temperature``, then ``top_k``, then ``top_p`` (nucleus). A row that emits
-    ``eos_token_id`` is finished: later positions hold ``pad_token_id`` (default: the EOS id,
-    else 0), and generation stops early once every row is finished. The model is used in
+    ``eos_token_id`` (an id, or a list of ids: any of them) is finished: later positions hold
+    ``pad_token_id`` (default: the first EOS id, else 0), and generation stops early once every row
+    is finished. The model is used in
     whatever train / eval mode it is in (call ``model.eval()`` first for inference).
     """
     request = prepare_request(input_ids, max_new_tokens, model.embed_tokens.weight.device, **kwargs)

@@ -112,6 +112,16 @@ def test_deepseek_mtp_layers_are_ignored_but_others_are_not(tmp_path):
         from_hf(folder)
 
 
+def test_deepseek_layers_past_the_mtp_ones_are_refused(tmp_path):
+    """Only num_nextn_predict_layers layers past the last are MTP modules: a config that under-counts
+    its layers must not silently drop the real ones."""
+    _, folder = saved(tmp_path, "deepseek_v3-qlora-g2")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    with pytest.raises(ValueError, match=r"unexpected tensors \(\d+\): model\.layers\.2\."):
+        from_hf(folder)
+
+
 def test_corrupt_safetensors_file(tmp_path):
     _, folder = saved(tmp_path, "mixtral-e4k2")
     (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
@@ -136,6 +146,8 @@ def test_not_a_folder_or_model(tmp_path):
         from_hf(tmp_path / "empty")
     with pytest.raises(TypeError, match="expected a transformers model or a folder path"):
         from_hf(42)
+    with pytest.raises(TypeError, match="it is a moekit model already"):
+        from_hf(MoEForCausalLM(ModelConfig.from_name("tiny")))
 
 
 def test_unsupported_architecture_is_refused():

@@ -182,6 +182,8 @@ def test_errors():
         decoder.step(torch.tensor([1, VOCAB]))
     with pytest.raises(ValueError, match="exactly batch_size"):
         decoder.prefill(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        decoder.prefill(torch.zeros(2, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="max_new_tokens"):
         decoder.generate(prompts_of((2, 2)), 0)
 

@@ -160,12 +160,40 @@ def test_eos_finishes_rows():
     assert torch.equal(out, expected[:, :max(stops)])
 
 
+def test_any_of_several_eos_ids_finishes_a_row():
+    """A list of EOS ids (as transformers' generation configs often carry): a row stops at any of them."""
+    model = tiny_model("LN", "retention")
+    prompt = torch.randint(0, 64, (2, 3), generator=torch.Generator().manual_seed(4))
+    free = model.generate(prompt, 8).new_tokens
+    first, second = int(free[0, 1]), int(free[1, 2])
+    out = model.generate(prompt, 8, eos_token_id=[first, second], pad_token_id=63).new_tokens
+    for row in range(2):
+        hits = (free[row] == first) | (free[row] == second)
+        stop = int(hits.nonzero()[0]) + 1
+        assert torch.equal(out[row, :stop], free[row, :stop]) and (out[row, stop:] == 63).all()
+    default_pad = model.generate(prompt, 8, eos_token_id=[first, second]).new_tokens
+    assert (default_pad[0, 2:] == first).all()  # padded with the first EOS id
+
+
 def test_generate_input_errors():
     model = tiny_model("L")
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         model.generate([[1, 2], []], 2)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        model.generate([[1, 2]], 0)
+    with pytest.raises(ValueError, match="P >= 1"):
+        model.generate(torch.zeros(2, 0, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="prompt 0 is not a list of token ids"):
+        model.generate([5, 6, 7], 2)  # one flat list: not three one-token prompts
+    with pytest.raises(TypeError, match="prompt 0 holds torch.float32"):
+        model.generate([[1.7, 2.2]], 2)
+    with pytest.raises(TypeError, match="input_ids holds torch.float32"):
+        model.generate(torch.ones(1, 3), 2)
+    for bad in (0, 2.0, True, None):
+        with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+            model.generate([[1, 2]], bad)
+    with pytest.raises(TypeError, match="eos_token_id must be an int or a non-empty list of ints"):
+        model.generate([[1, 2]], 2, eos_token_id=[])
+    with pytest.raises(TypeError, match="pad_token_id must be an int"):
+        model.generate([[1, 2]], 2, eos_token_id=3, pad_token_id=[0, 1])
     with pytest.raises(ValueError, match="max_seq_len"):
         model.generate([[1, 2]], 300)
 

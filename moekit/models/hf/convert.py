@@ -114,9 +114,12 @@ def from_hf(model_or_path, dtype: torch.dtype | None = None, device=None) -> MoE
         hf = _load_folder_config(folder)
         source, where = SafetensorsFolder(folder), str(folder)
     else:
-        if not hasattr(model_or_path, "config") or not hasattr(model_or_path, "state_dict"):
+        # A transformers config serialises itself (to_json_string); moekit's ModelConfig does not.
+        if not hasattr(getattr(model_or_path, "config", None), "to_json_string") or \
+                not hasattr(model_or_path, "state_dict"):
+            already = " (it is a moekit model already)" if isinstance(model_or_path, MoEForCausalLM) else ""
             raise TypeError(f"from_hf: expected a transformers model or a folder path, got "
-                            f"{type(model_or_path).__name__}")
+                            f"{type(model_or_path).__name__}{already}")
         hf = hf_config_dict(model_or_path.config)
         source, where = StateDictSource(model_or_path.state_dict()), type(model_or_path).__name__
         if device is None:

@@ -102,10 +102,11 @@ LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def is_mtp_layer(name: str, c) -> bool:
-    """Multi-token-prediction modules are stored as extra layers past the last one; transformers
-    drops them too."""
+    """Multi-token-prediction modules are stored as ``num_nextn_predict_layers`` extra layers past
+    the last one; transformers drops them too. Any other layer past the last is unexpected."""
     match = LAYER.match(name)
-    return match is not None and int(match.group(1)) >= c["num_hidden_layers"]
+    first = c["num_hidden_layers"]
+    return match is not None and first <= int(match.group(1)) < first + c.get("num_nextn_predict_layers", 1)
 
 
 DEEPSEEK_V3 = register(Architecture("deepseek_v3", "DeepseekV3ForCausalLM", to_config, rules, is_mtp_layer))
