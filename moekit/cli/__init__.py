@@ -22,8 +22,9 @@ USER_ERROR_STATUS = 2
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that describe bad input rather than a bug in moekit."""
     from moekit.train.checkpoint import CheckpointError
+    from moekit.train.trainer import TrainingDiverged
 
-    return (ValueError, TypeError, OSError, CheckpointError)
+    return (ValueError, TypeError, OSError, CheckpointError, TrainingDiverged)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,9 +60,16 @@ class LoopConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
-        for name in ("lr", "weight_decay", "grad_clip", "warmup_steps", "sample_tokens"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("lr", "weight_decay", "grad_clip", "warmup_steps", "sample_tokens", "top_k"):
+            if not getattr(self, name) >= 0 or getattr(self, name) == float("inf"):
+                raise ValueError(f"train.{name} must be finite and >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.min_lr_ratio <= 1:  # outside: a negative (ascending) or rising learning rate
+            raise ValueError(f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must lie in [0, 1), got {getattr(self, name)!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"train.temperature (of the end-of-run sample) must be > 0, got {self.temperature!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"train.dtype must be one of {DTYPES}, got {self.dtype!r}")
 

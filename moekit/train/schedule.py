@@ -25,8 +25,16 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
                     fused: bool) -> torch.optim.AdamW:
     """AdamW; matrices (and expert weight stacks) decay, vectors (norms, biases, gates) do not."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+    groups = [{"params": [p for p in params if p.dim() >= 2]}, {"params": [p for p in params if p.dim() < 2]}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+    set_hyperparameters(optimizer, lr, weight_decay, betas)
+    return optimizer
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float,
+                        betas: tuple[float, float]) -> None:
+    """The peak learning rate, weight decay (on the first group: matrices) and betas of
+    ``build_optimizer``'s groups. A loaded optimizer state carries the values it was saved with:
+    this puts the run's own back."""
+    for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):
+        group.update(initial_lr=lr, weight_decay=decay, betas=betas)

@@ -21,6 +21,7 @@ from moekit.data import ShuffledBatches, eval_batches, load_splits, load_tokeniz
 from moekit.models import MoEForCausalLM
 from moekit.moe import update_expert_biases
 from moekit.train.checkpoint import (
+    LATEST,
     CheckpointError,
     load_object,
     resolve_checkpoint,
@@ -34,13 +35,16 @@ from moekit.train.metrics import IntervalMeter, MetricsWriter
 from moekit.train.plots import plot_run
 from moekit.train.progress import TrainProgress
 from moekit.train.rng import rng_state, seed_everything, set_rng_state
-from moekit.train.schedule import WarmupCosine, build_optimizer
+from moekit.train.schedule import WarmupCosine, build_optimizer, set_hyperparameters
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"train.device={name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name} but no CUDA device is available")
     return device
@@ -65,6 +69,10 @@ def model_config_diff(saved: dict, current: dict, prefix: str = "model.") -> lis
     return diffs
 
 
+class TrainingDiverged(RuntimeError):
+    """A step's loss or gradient norm was not finite: training stops before it saves a checkpoint."""
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, resume: str | Path | None = None, console: Console | None = None):
         self.config = config
@@ -86,12 +94,18 @@ class Trainer:
         self.model = self.runtime.wrap(MoEForCausalLM(config.model).to(self.device))
         self.optimizer = self.runtime.prepare_optimizer(build_optimizer(
             self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=self.device.type == "cuda"))
-        self.scheduler = LambdaLR(self.optimizer, WarmupCosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+        self.scheduler = LambdaLR(self.optimizer, self.schedule())
         self.step = 0
         self.tokens_seen = 0
+        # Set on the device by any step with a non-finite loss or gradient norm (no host sync per
+        # step); read where the loop syncs anyway: at each log point and before each checkpoint.
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.resumed_from: Path | None = None
         if resume is not None:
             self.restore(resolve_checkpoint(resume))
+        elif (self.ckpt_root / LATEST).exists():
+            raise ValueError(f"{self.run_dir} holds the checkpoints of an earlier run, which a new run would replace: "
+                             "continue it with --resume, or choose another train.out_dir (or delete it)")
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
     @property
@@ -126,10 +140,28 @@ class Trainer:
         self.runtime.load_state(ckpt, self.model, self.optimizer)
         state = load_object(ckpt, "trainer")
         self.scheduler.load_state_dict(state["scheduler"])
+        self._use_config_hyperparameters()
         self.batches.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.resumed_from = ckpt
+
+    def _use_config_hyperparameters(self) -> None:
+        """The loaded optimizer and scheduler states carry the learning rate, schedule (its steps
+        included), weight decay and betas the checkpoint was saved with. The run's config wins, so
+        a resume with more train.steps, or another lr, trains as configured."""
+        cfg = self.config.train
+        set_hyperparameters(self.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        groups = self.optimizer.param_groups
+        schedule = self.schedule()  # a new one: load_state_dict wrote the saved fields into the old
+        self.scheduler.lr_lambdas = [schedule] * len(groups)
+        self.scheduler.base_lrs = [cfg.lr] * len(groups)
+        for group in groups:  # LambdaLR's own rule, at the restored step
+            group["lr"] = cfg.lr * schedule(self.scheduler.last_epoch)
+
+    def schedule(self) -> WarmupCosine:
+        cfg = self.config.train
+        return WarmupCosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
 
     # ----------------------------------------------------------------- the loop
     def train_step(self, meter: IntervalMeter) -> None:
@@ -140,15 +172,26 @@ class Trainer:
             with autocast_context(self.device, self.dtype):
                 out = self.forward(ids, labels=ids, return_logits=False)
             (out.loss / cfg.grad_accum).backward()
-            meter.add(**self.runtime.mean(loss=out.loss, lm_loss=out.lm_loss, aux_loss=out.aux_loss))
+            losses = self.runtime.mean(loss=out.loss, lm_loss=out.lm_loss, aux_loss=out.aux_loss)
+            meter.add(**losses)
             meter.add_moe_stats()
+            self.nonfinite |= ~torch.isfinite(losses["loss"])  # the mean over ranks: every rank agrees
             self.tokens_seen += ids.numel() * self.runtime.world_size
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        meter.add(grad_norm=self.runtime.clip_grad_norm_(self.model, max_norm))
+        grad_norm = self.runtime.clip_grad_norm_(self.model, max_norm)
+        meter.add(grad_norm=grad_norm)
+        self.nonfinite |= ~torch.isfinite(grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         update_expert_biases(self.model, self.runtime.reduce_load)
+
+    def check_finite(self) -> None:
+        if bool(self.nonfinite):
+            raise TrainingDiverged(
+                f"training diverged: a non-finite loss or gradient norm by step {self.step}; stopped before "
+                "saving it (the run's earlier checkpoints are kept: resume one with a lower train.lr, or more "
+                "train.warmup_steps or train.grad_clip)")
 
     def train(self, stop_at: int | None = None) -> dict:
         """Run to ``train.steps`` (or stop early after step ``stop_at``, checkpointed, for a later
@@ -156,6 +199,10 @@ class Trainer:
         metrics; writes the plots at the end."""
         cfg = self.config.train
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        if self.step >= end:
+            limit = f"--stop-at {stop_at}" if end == stop_at else f"train.steps={cfg.steps}"
+            raise ValueError(f"nothing to train: the run is at step {self.step} and {limit} (raise train.steps "
+                             "to continue a finished run)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.runtime.is_main:
             self.config.save(self.run_dir / "config.yaml")
@@ -167,12 +214,13 @@ class Trainer:
         try:
             with self.runtime.guard(), TrainProgress(cfg.steps, self.step, self.console) as progress:
                 while self.step < end:
-                    lr = self.scheduler.get_last_lr()[0]
+                    lr = self.optimizer.param_groups[0]["lr"]
                     self.train_step(meter)
                     self.step += 1
                     progress.step(self.step)
                     final = self.step == end
                     if self.step % cfg.log_every == 0 or final:
+                        self.check_finite()
                         record = {"kind": "train", "step": self.step, **meter.flush(), "lr": lr}
                         now = time.perf_counter()
                         record["tokens_per_s"] = (self.tokens_seen - tokens_at_clock) / max(now - clock, 1e-9)
@@ -186,6 +234,7 @@ class Trainer:
                         progress.report_eval(self.step, last_eval)
                         clock = time.perf_counter()  # evaluation time is not training throughput
                     if self.step % cfg.ckpt_every == 0 or final:
+                        self.check_finite()
                         self.save()
                         clock = time.perf_counter()
         finally:

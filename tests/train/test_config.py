@@ -41,6 +41,15 @@ def test_bad_values_and_files(tmp_path):
         TrainConfig.load(None, ["model.moe.top_k=1.5"])
     with pytest.raises(ValueError, match="section.key=value"):
         TrainConfig.load(None, ["train.steps"])
+    for override, message in (("train.min_lr_ratio=-1", r"train.min_lr_ratio must lie in \[0, 1\]"),
+                              ("train.min_lr_ratio=1.5", r"train.min_lr_ratio must lie in \[0, 1\]"),
+                              ("train.beta2=1.0", r"train.beta2 must lie in \[0, 1\)"),
+                              ("train.lr=.inf", "train.lr must be finite and >= 0"),
+                              ("train.lr=.nan", "train.lr must be finite and >= 0"),
+                              ("train.top_k=-5", "train.top_k must be finite and >= 0"),
+                              ("train.temperature=0", "train.temperature .* must be > 0")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.load(None, [override])
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         TrainConfig.load(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"

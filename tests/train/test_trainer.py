@@ -7,7 +7,7 @@ from PIL import Image
 from moekit.train.checkpoint import CheckpointError, resolve_checkpoint
 from moekit.train.config import TrainConfig
 from moekit.train.metrics import IntervalMeter
-from moekit.train.trainer import Trainer
+from moekit.train.trainer import Trainer, TrainingDiverged
 
 
 def train_records(run_dir):
@@ -142,3 +142,50 @@ def test_optimizer_step_clears_the_fp8_weight_caches(make_config):
         assert layer.experts.fp8_weights._entries
     trainer.train_step(IntervalMeter(layers))
     assert all(not layer.experts.fp8_weights._entries for layer in layers)
+
+
+def test_resume_trains_with_the_configs_schedule_and_optimizer_settings(make_config):
+    """A checkpoint's optimizer and scheduler state carry the settings it was saved with; a resume with
+    more train.steps (or another lr, weight decay, betas) must train as configured, like a fresh run."""
+    values, _ = make_config(steps=4, ckpt_every=4)
+    Trainer(TrainConfig.from_dict(values)).train()
+    changed = {**values, "train": {**values["train"], "steps": 20, "lr": 5e-3, "weight_decay": 0.5,
+                                   "beta2": 0.99, "min_lr_ratio": 0.2, "out_dir": values["train"]["out_dir"]}}
+    resumed = Trainer(TrainConfig.from_dict(changed), resume=values["train"]["out_dir"])
+    fresh = Trainer(TrainConfig.from_dict({**changed, "train": {**changed["train"], "out_dir": "unused"}}))
+    for _ in range(4):
+        fresh.scheduler.step()
+    for got, want in zip(resumed.optimizer.param_groups, fresh.optimizer.param_groups):
+        assert got["lr"] == pytest.approx(want["lr"]) and got["initial_lr"] == 5e-3
+        assert got["weight_decay"] == want["weight_decay"] and got["betas"] == (0.9, 0.99)
+    assert resumed.optimizer.param_groups[0]["weight_decay"] == 0.5
+    resumed.train(stop_at=6)  # two steps on: the new schedule goes on from there
+    for _ in range(2):
+        fresh.scheduler.step()
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(fresh.optimizer.param_groups[0]["lr"])
+
+
+def test_a_non_finite_loss_stops_training_before_it_is_checkpointed(make_config):
+    values, _ = make_config(steps=12, ckpt_every=4, log_every=4, eval_every=100)
+    values["model"]["layer_pattern"] = "NN"  # softmax attention: no op of its own checks for NaN
+    trainer = Trainer(TrainConfig.from_dict(values))
+    trainer.train(stop_at=4)
+    good = resolve_checkpoint(trainer.run_dir)
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="non-finite loss or gradient norm by step 8"):
+        trainer.train()
+    assert resolve_checkpoint(trainer.run_dir) == good
+    assert sorted(p.name for p in (trainer.run_dir / "checkpoints").glob("step_*")) == ["step_00000004"]
+
+
+def test_a_new_run_does_not_overwrite_an_earlier_one_and_a_finished_run_has_nothing_to_do(make_config):
+    values, _ = make_config(steps=2, ckpt_every=2)
+    Trainer(TrainConfig.from_dict(values)).train()
+    with pytest.raises(ValueError, match="holds the checkpoints of an earlier run"):
+        Trainer(TrainConfig.from_dict(values))
+    resumed = Trainer(TrainConfig.from_dict(values), resume=values["train"]["out_dir"])
+    with pytest.raises(ValueError, match=r"nothing to train: the run is at step 2 and train.steps=2"):
+        resumed.train()
+    with pytest.raises(ValueError, match=r"nothing to train: the run is at step 2 and --stop-at 1"):
+        resumed.train(stop_at=1)
