@@ -3,10 +3,14 @@
 The stream is cut into non-overlapping windows of ``seq_len`` tokens; each epoch visits them in
 a fresh order drawn from ``seed + epoch``. The whole position is ``(epoch, index)``, so a
 checkpoint restores it exactly and a resumed run reads the same batches as an unbroken one.
+The saved position also names its stream (window count, ``seq_len``, a fingerprint), so it is
+refused on another stream, where it would point at other windows or past the end.
 Labels equal the inputs (Hugging Face convention: the model shifts them).
 """
 
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 import torch
@@ -30,6 +34,13 @@ class TokenWindows:
         if top >= self.vocab_size:  # checked per batch: a .bin file may be too big to scan up front
             raise ValueError(f"{self.name}: token id {top} >= the model's vocab_size {self.vocab_size}")
         return batch
+
+    def fingerprint(self) -> int:
+        """CRC-32 of the first and last windows: reads two windows (cheap even memory-mapped), yet tells
+        apart most other streams of the same length. Hashed as int64, so the file's dtype does not count."""
+        last = (self.num_windows - 1) * self.seq_len
+        ends = np.concatenate([self.tokens[: self.seq_len], self.tokens[last : last + self.seq_len]])
+        return zlib.crc32(np.asarray(ends, dtype=np.int64).tobytes())
 
 
 class ShuffledBatches:
@@ -56,11 +67,25 @@ class ShuffledBatches:
         return self.windows.batch(ids)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+        w = self.windows
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
+                "num_windows": w.num_windows, "seq_len": w.seq_len, "fingerprint": w.fingerprint()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["seed"] != self.seed:
             raise ValueError(f"data position was saved with seed {state['seed']}, this run uses {self.seed}")
+        w = self.windows
+        if "num_windows" in state:  # absent from checkpoints written before these keys: not checked
+            saved = f"data position saved for {state['num_windows']} windows of seq_len {state['seq_len']}"
+            if (state["num_windows"], state["seq_len"]) != (w.num_windows, w.seq_len):
+                raise ValueError(f"{saved}; this run has {w.num_windows} windows of seq_len {w.seq_len}: "
+                                 "resume with the same data and train.seq_len")
+            if state["fingerprint"] != w.fingerprint():
+                raise ValueError(f"{saved}; this run's {w.name} has as many windows but other tokens: "
+                                 "resume with the same data (and tokenizer)")
+        if state["index"] >= w.num_windows:  # an old checkpoint on shorter data
+            raise ValueError(f"data position {state['index']} is past this run's {w.num_windows} windows: "
+                             "resume with the same data and train.seq_len")
         self.epoch, self.index, self._order = state["epoch"], state["index"], None
 
 

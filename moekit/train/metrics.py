@@ -7,6 +7,7 @@ all of them to the host in ONE transfer per logging interval (not one per layer 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +88,9 @@ class MetricsWriter:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # A torn last record (a write cut short) is dropped here: the file is rewritten anyway.
+            kept = [r for r in read_metrics(run_dir, drop_torn_last=True) if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         purge = None if resume_step is None else resume_step + 1
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
@@ -113,15 +114,20 @@ class MetricsWriter:
         self.tb.close()
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+def read_metrics(run_dir: str | Path, drop_torn_last: bool = False) -> list[dict[str, Any]]:
+    """The records of ``RUN/metrics.jsonl``. A line that is not JSON is an error naming the file and
+    line; with ``drop_torn_last``, the last non-blank one is instead dropped with a warning."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file: {path}")
+    lines = [(lineno, line) for lineno, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
     records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+    for lineno, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if drop_torn_last and lineno == lines[-1][0]:
+                warnings.warn(f"{path} line {lineno} is a torn record (not valid JSON): dropped", stacklevel=2)
+            else:
                 raise ValueError(f"{path} line {lineno} is not valid JSON") from None
     return records

@@ -138,3 +138,30 @@ def test_embedded_corpus_with_packages_reaches_below_the_top_level():
     big = 2 * MIN_CORPUS_BYTES
     docs = stdlib_corpus(big, packages=True)
     assert sum(len(d.encode()) for d in docs) > 0.99 * big and docs == stdlib_corpus(big, packages=True)
+
+
+def test_data_position_is_refused_on_another_stream_and_old_positions_still_load():
+    tokens = np.random.default_rng(4).integers(0, 257, size=32 * 10).astype(np.uint16)
+    loader = ShuffledBatches(TokenWindows(tokens, 32, 257, "ids"), 3, seed=7)
+    loader.next_batch()
+    state = loader.state_dict()
+    assert {k: state[k] for k in ("num_windows", "seq_len")} == {"num_windows": 10, "seq_len": 32}
+
+    longer = ShuffledBatches(TokenWindows(tokens, 64, 257, "ids"), 3, seed=7)
+    expected = ("data position saved for 10 windows of seq_len 32; this run has 5 windows of seq_len 64: "
+                "resume with the same data and train.seq_len")
+    with pytest.raises(ValueError, match=expected):
+        longer.load_state_dict(state)
+    other = np.random.default_rng(5).integers(0, 257, size=32 * 10).astype(np.uint16)
+    with pytest.raises(ValueError, match="this run's other ids has as many windows but other tokens"):
+        ShuffledBatches(TokenWindows(other, 32, 257, "other ids"), 3, seed=7).load_state_dict(state)
+    # the same stream in a wider dtype (another data.token_dtype) is the same data
+    ShuffledBatches(TokenWindows(tokens.astype(np.uint32), 32, 257, "ids"), 3, seed=7).load_state_dict(state)
+
+    old = {k: state[k] for k in ("epoch", "index", "seed")}  # a checkpoint from before the stream keys
+    resumed = ShuffledBatches(TokenWindows(tokens, 32, 257, "ids"), 3, seed=7)
+    resumed.load_state_dict(old)
+    assert torch.equal(resumed.next_batch(), loader.next_batch())
+    short = ShuffledBatches(TokenWindows(tokens[:32 * 3], 32, 257, "ids"), 3, seed=7)
+    with pytest.raises(ValueError, match="data position 3 is past this run's 3 windows"):
+        short.load_state_dict(old)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from PIL import Image
 
 from moekit.train.checkpoint import CheckpointError, resolve_checkpoint
 from moekit.train.config import TrainConfig
-from moekit.train.metrics import IntervalMeter
+from moekit.train.metrics import IntervalMeter, MetricsWriter
 from moekit.train.trainer import Trainer, TrainingDiverged
 
 
@@ -92,6 +93,38 @@ def test_resuming_with_a_different_model_is_refused(make_config):
     expected = r"incompatible model config: .*model.hidden_size \(32 in the checkpoint, 48 now\)"
     with pytest.raises(CheckpointError, match=expected):
         Trainer(TrainConfig.from_dict(values), resume=trainer.run_dir)
+
+
+def test_resuming_with_another_seq_len_or_data_is_refused_by_name(make_config, tmp_path):
+    values, _ = make_config(steps=2, ckpt_every=2, eval_every=2)
+    trainer = Trainer(TrainConfig.from_dict(values))
+    trainer.train()
+    windows = trainer.batches.windows.num_windows
+    values["train"]["seq_len"] = 64
+    expected = (rf"data position saved for {windows} windows of seq_len 32; "
+                rf"this run has {windows // 2} windows of seq_len 64: resume with the same data and train.seq_len")
+    with pytest.raises(ValueError, match=expected):
+        Trainer(TrainConfig.from_dict(values), resume=trainer.run_dir)
+    values["train"]["seq_len"] = 32
+    other = tmp_path / "other.txt"  # as many bytes as the corpus, other text
+    other.write_bytes(Path(values["data"]["path"]).read_bytes().swapcase())
+    values["data"]["path"] = str(other)
+    with pytest.raises(ValueError, match="has as many windows but other tokens"):
+        Trainer(TrainConfig.from_dict(values), resume=trainer.run_dir)
+
+
+def test_resume_drops_a_torn_last_metrics_line_but_names_a_bad_one_elsewhere(tmp_path):
+    records = [{"kind": "train", "step": s, "loss": 1.0 / s} for s in (2, 4, 6)]
+    good = "".join(json.dumps(r) + "\n" for r in records)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(good + '{"kind": "train", "step": 8, "lo')  # a write cut short
+    with pytest.warns(UserWarning, match=rf"{path} line 4 is a torn record"):
+        MetricsWriter(tmp_path, resume_step=4).close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records[:2]
+
+    path.write_text(good.replace('"step": 4', '"step" 4') + json.dumps(records[-1]) + "\n")
+    with pytest.raises(ValueError, match=rf"{path} line 2 is not valid JSON"):
+        MetricsWriter(tmp_path, resume_step=4)
 
 
 def test_compiled_run_matches_eager(make_config):
