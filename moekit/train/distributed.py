@@ -20,9 +20,7 @@ size, one plain process included, can resume it.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -158,34 +156,17 @@ class DistributedRuntime(LocalRuntime):
         previous complete checkpoint)."""
         objects = {k: v for k, v in objects.items() if k not in ("model", "optimizer")}
         root = Path(root)
-        final = root / ckpt_files.step_name(step)
-        tmp = root / f".tmp-{ckpt_files.step_name(step)}-dist"
+        tmp = ckpt_files.tmp_path(root, step, "dist")
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            ckpt_files.start_tmp_dir(tmp)
         dist.barrier(group=self.pmesh.world_group)
         save_checkpoint(str(tmp), model, optimizer, self.pmesh)
         dist.barrier(group=self.pmesh.world_group)
         if self.is_main:
-            for name, obj in objects.items():
-                ckpt_files._write_file(tmp / f"{name}.pt", lambda f, obj=obj: torch.save(obj, f))
-            for name, data in files.items():
-                ckpt_files._write_file(tmp / name, lambda f, data=data: f.write(data))
-            manifest = {p.name: {"bytes": p.stat().st_size, "sha256": ckpt_files._sha256(p)}
-                        for p in sorted(tmp.iterdir())}
-            ckpt_files._write_file(tmp / ckpt_files.MANIFEST, lambda f: f.write(
-                json.dumps({"step": step, "files": manifest}, indent=1).encode()))
-            ckpt_files._fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            pointer = root / f".{ckpt_files.LATEST}.tmp"
-            ckpt_files._write_file(pointer, lambda f: f.write(final.name.encode()))
-            os.replace(pointer, root / ckpt_files.LATEST)
-            ckpt_files._fsync_dir(root)
-            ckpt_files._prune(root, keep, final.name)
+            ckpt_files.write_checkpoint_files(tmp, step, objects, files)
+            ckpt_files.publish(root, tmp, step, keep)
         dist.barrier(group=self.pmesh.world_group)
-        return final
+        return root / ckpt_files.step_name(step)
 
     def guard(self):
         """Turn a dead or stalled peer into a clear ``PeerFailure`` instead of a hang."""

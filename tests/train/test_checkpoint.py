@@ -1,4 +1,6 @@
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,3 +110,91 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(make_config, c
     assert "resuming from" in capsys.readouterr().out
     assert resolve_checkpoint(run).name == "step_00000006"
     assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("resaved", [4, 2], ids=["latest", "older"])
+def test_interrupted_resave_keeps_latest_complete_at_every_moment(tmp_path, monkeypatch, resaved):
+    """Re-saving an existing step (a run resumed from it) is interrupted at each of its renames,
+    links, pointer replaces and deletions in turn: before and after every one of them ``latest``
+    names a complete checkpoint, and the next save removes what the interrupted one left."""
+    real = {name: getattr(mod, name) for mod, name in
+            ((os, "rename"), (os, "replace"), (os, "link"), (shutil, "rmtree"))}
+
+    def check_latest(root):
+        ckpt = resolve_checkpoint(root)
+        verify_checkpoint(ckpt)
+        assert any(torch.equal(load_object(ckpt, "model")["w"], o["model"]["w"]) for o in versions)
+
+    for interrupt_at in range(100):
+        root = tmp_path / f"try{interrupt_at}" / "checkpoints"
+        versions = [fresh_objects(2), fresh_objects(4), fresh_objects(40 + resaved)]
+        save_checkpoint(root, 2, versions[0], {}, keep=5)
+        save_checkpoint(root, 4, versions[1], {}, keep=5)
+        calls = []
+
+        def interceptor(name, root=root, calls=calls, interrupt_at=interrupt_at):
+            def op(*args, **kwargs):
+                check_latest(root)
+                calls.append(name)
+                if len(calls) - 1 == interrupt_at:
+                    raise KeyboardInterrupt
+                result = real[name](*args, **kwargs)
+                check_latest(root)
+                return result
+            return op
+
+        with monkeypatch.context() as m:
+            for mod, name in ((os, "rename"), (os, "replace"), (os, "link"), (shutil, "rmtree")):
+                m.setattr(mod, name, interceptor(name))
+            try:
+                save_checkpoint(root, resaved, versions[2], {}, keep=5)
+                finished = True
+            except KeyboardInterrupt:
+                finished = False
+        check_latest(root)
+        if (root / f"step_{resaved:08d}").exists():
+            verify_checkpoint(root / f"step_{resaved:08d}")
+        save_checkpoint(root, 6, fresh_objects(6), {}, keep=5)
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000004", "step_00000006"]
+        if finished:
+            new = load_object(root / f"step_{resaved:08d}", "model")["w"]
+            assert torch.equal(new, versions[2]["model"]["w"])
+            break
+    assert interrupt_at > 3 and "rmtree" in calls
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64\n"
+                                                "frame #0: c10::Error::Error(...)")], ids=["oserror", "torch"])
+def test_disk_full_during_a_save_is_a_clear_error_and_leaves_no_partial_directory(tmp_path, monkeypatch, error):
+    root = tmp_path / "checkpoints"
+    first = save_checkpoint(root, 2, fresh_objects(2), {}, keep=3)
+    stale = root / ".tmp-step_00000003-99999"  # a save killed earlier: its space is freed before writing
+    stale.mkdir()
+    (stale / "model.pt").write_bytes(b"x" * 1000)
+    real_save = torch.save
+
+    def save_until_full(obj, f):
+        if Path(f.name).name == "trainer.pt":
+            f.write(b"partial")
+            raise error
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(root, 4, fresh_objects(4), {"config.yaml": b"a: 1\n"}, keep=3)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("cannot write checkpoint file ")
+    assert "trainer.pt: " in message and str(error).splitlines()[0] in message
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
+    assert resolve_checkpoint(root.parent) == first
+    verify_checkpoint(first)
+
+
+@pytest.mark.parametrize("manifest", ['{"step": 1, "files": []}', '{"step": 1}', "[]", '{"files": {"model.pt": 5}}',
+                                      '{"files": {"model.pt": {"bytes": "12"}}}'])
+def test_malformed_manifest_is_named(tmp_path, manifest):
+    final = save_checkpoint(tmp_path, 1, fresh_objects(1), {}, keep=1)
+    (final / "manifest.json").write_text(manifest)
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint manifest {final / 'manifest.json'} is malformed")):
+        verify_checkpoint(final)
