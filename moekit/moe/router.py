@@ -164,11 +164,13 @@ class Router(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         dtype = router_dtype(x.dtype)
+        x = x.to(dtype)
         if self.training and self.config.router_jitter > 0:
             eps = self.config.router_jitter
+            # Drawn in float32: in bf16, 1 +- 0.01 takes four values, none above 1.
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
         bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.weight.to(dtype), bias)
+        return F.linear(x, self.weight.to(dtype), bias)
 
     def _one_kernel(self, x: torch.Tensor) -> bool:
         """Whether a GPU runs this forward as one Triton kernel (``router_kernel``): top-k routing
@@ -178,6 +180,12 @@ class Router(nn.Module):
                 and _router_kernel().fits(x, self.weight, self.bias, cfg.top_k))
 
     def forward(self, x: torch.Tensor) -> Routing:
+        # The router's math in float32 under autocast too: autocast would run its GEMM in bf16,
+        # and the routing and balancing losses would then follow bf16 logits.
+        with torch.autocast(x.device.type, enabled=False):
+            return self._route(x)
+
+    def _route(self, x: torch.Tensor) -> Routing:
         cfg = self.config
         tokens = x.shape[0]
         if x.is_cuda and self._one_kernel(x):

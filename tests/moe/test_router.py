@@ -77,6 +77,35 @@ def test_router_math_in_float32_for_bf16_input():
     assert layer(x).dtype == torch.bfloat16
 
 
+def test_router_math_in_float32_under_autocast():
+    """bf16 autocast (the trainer's on a GPU) must not turn the router's GEMM, and so the routing and
+    the balancing losses, into bf16."""
+    layer = make_layer(seed=6, score_func="sigmoid", aux_loss_coef=0.01, z_loss_coef=1e-3).float().train()
+    x = torch.randn(256, 16)
+    plain = layer.router(x)
+    layer(x)
+    plain_aux = layer.aux_loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = layer.router(x)
+        layer(x)
+        auto_aux = layer.aux_loss
+    assert auto.logits.dtype == torch.float32 and auto.topk_weight.dtype == torch.float32
+    assert torch.equal(auto.logits, plain.logits) and torch.equal(auto.topk_idx, plain.topk_idx)
+    assert torch.equal(auto.topk_weight, plain.topk_weight)
+    assert auto_aux.dtype == torch.float32 and torch.equal(auto_aux, plain_aux)
+
+
+def test_router_jitter_noise_is_drawn_in_float32():
+    """In bf16 the multipliers in 1 +- 0.01 would take four values, none above 1."""
+    layer = make_layer(seed=7, router_jitter=0.01).to(torch.bfloat16).train()
+    x = torch.zeros(4096, 16, dtype=torch.bfloat16)
+    x[:, 0] = 1  # each logit is then the weight times the one feature's multiplier
+    noisy = layer.router.logits(x)
+    clean = layer.router.eval().logits(x)
+    multiplier = noisy[:, 0] / clean[:, 0]
+    assert multiplier.max() > 1.005 and multiplier.min() < 0.995 and len(multiplier.unique()) > 100
+
+
 def test_router_jitter_only_in_training():
     layer = make_layer(seed=5, router_jitter=0.1)
     x = torch.randn(64, 16, dtype=torch.float64)
