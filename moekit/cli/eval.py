@@ -32,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
     bad = [o for o in args.overrides if not o.startswith("data.")]
     if bad:
         raise ValueError(f"eval accepts only data.* overrides, got {bad}")
+    fixed = [o for o in args.overrides if o.split("=", 1)[0] == "data.tokenizer"]
+    if fixed:
+        raise ValueError(f"eval takes the tokenizer from the checkpoint; {fixed[0]} would be ignored")
     if args.batches < 1:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
     device = resolve_device(args.device)

@@ -79,6 +79,8 @@ def run_train(args: argparse.Namespace) -> int:
     bad = sorted(set(args.objectives) - {"flow", "regression"})
     if bad or not args.objectives:
         raise ValueError(f"--objectives takes flow and/or regression, got {args.objectives}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
@@ -116,6 +118,8 @@ def run_eval(args: argparse.Namespace) -> int:
     bad = sorted(set(args.methods) - set(samplers.SAMPLERS))
     if bad:
         raise ValueError(f"unknown sampler(s) {bad}; choose from {list(samplers.SAMPLERS)}")
+    if not args.methods:
+        raise ValueError(f"--methods needs at least one of {list(samplers.SAMPLERS)}")
     run_dir = Path(args.run_dir)
     val_path = run_dir / "data" / "val.pt"
     if not val_path.is_file():

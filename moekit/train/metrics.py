@@ -124,10 +124,13 @@ def read_metrics(run_dir: str | Path, drop_torn_last: bool = False) -> list[dict
     records = []
     for lineno, line in lines:
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if drop_torn_last and lineno == lines[-1][0]:
                 warnings.warn(f"{path} line {lineno} is a torn record (not valid JSON): dropped", stacklevel=2)
-            else:
-                raise ValueError(f"{path} line {lineno} is not valid JSON") from None
+                continue
+            raise ValueError(f"{path} line {lineno} is not valid JSON") from None
+        if not isinstance(record, dict) or "kind" not in record or "step" not in record:
+            raise ValueError(f"{path} line {lineno} is not a metrics record (an object with a kind and a step)")
+        records.append(record)
     return records

@@ -12,6 +12,8 @@ import numpy as np  # noqa: E402
 
 from moekit.train.metrics import read_metrics  # noqa: E402
 
+PLOTTED = {"train": ("lm_loss", "aux_loss"), "eval": ("val_loss",)}  # the fields each kind's curves read
+
 
 def plot_losses(records: list[dict], path: Path) -> None:
     train = [r for r in records if r["kind"] == "train"]
@@ -69,6 +71,11 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     records = read_metrics(run_dir)
     if not any(r["kind"] == "train" for r in records):
         raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no training records to plot")
+    for r in records:
+        missing = [key for key in PLOTTED.get(r["kind"], ()) if key not in r]
+        if missing:
+            raise ValueError(f"{run_dir / 'metrics.jsonl'}: the {r['kind']} record of step {r['step']} has no "
+                             f"{', '.join(missing)}")
     out = [run_dir / "loss.png", run_dir / "expert_load.png"]
     plot_losses(records, out[0])
     plot_expert_load(records, out[1])

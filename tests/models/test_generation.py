@@ -137,8 +137,10 @@ def test_sampling():
     a = model.generate(prompt, 6, do_sample=True, generator=torch.Generator().manual_seed(7)).sequences
     b = model.generate(prompt, 6, do_sample=True, generator=torch.Generator().manual_seed(7)).sequences
     assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="temperature"):
-        model.generate(prompt, 2, do_sample=True, temperature=0.0)
+    for bad in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+            model.generate(prompt, 2, do_sample=True, temperature=bad)
+    assert torch.equal(model.generate(prompt, 6, temperature=0.0).sequences, greedy)  # greedy: not read
     with pytest.raises(ValueError, match="top_p"):
         model.generate(prompt, 2, do_sample=True, top_p=1.5)
 

@@ -103,6 +103,13 @@ def test_incompatible_and_corrupt_checkpoints(trained_run, tmp_path, capsys):
     assert "checkpoint not found" in one_line_error(capsys, "eval")
     assert main(["plot", str(tmp_path)]) == 2
     assert "no metrics file" in one_line_error(capsys, "plot")
+    assert main(["eval", "--ckpt", str(run), "data.tokenizer=other.json"]) == 2
+    assert "takes the tokenizer from the checkpoint" in one_line_error(capsys, "eval")
+    for lines, message in (('{"step": 1}', "line 1 is not a metrics record"), ("[1, 2]", "not a metrics record"),
+                           ('{"kind": "train", "step": 1}', "the train record of step 1 has no lm_loss")):
+        (tmp_path / "metrics.jsonl").write_text(lines + "\n")
+        assert main(["plot", str(tmp_path)]) == 2
+        assert message in one_line_error(capsys, "plot")
 
 
 def test_real_process_exit_status_and_no_traceback():

@@ -32,6 +32,8 @@ def test_train_then_eval(tmp_path, capsys):
     (["vla", "train", "--run-dir", "X", "--objectives", "flow,ppo"], "--objectives takes flow and/or regression"),
     (["vla", "eval", "--run-dir", "NOPE"], "val.pt not found"),
     (["vla", "eval", "--run-dir", "X", "--methods", "rk4"], "unknown sampler"),
+    (["vla", "eval", "--run-dir", "X", "--methods", ""], "--methods needs at least one of"),
+    (["vla", "train", "--run-dir", "X", "--threads", "-1"], "--threads must be >= 0"),
 ])
 def test_bad_arguments(tmp_path, capsys, argv, message):
     argv = [a.replace("X", str(tmp_path)).replace("NOPE", str(tmp_path / "none")) for a in argv]

@@ -2,6 +2,7 @@
 sampling shapes and determinism, anchors, checkpoints and bad input."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -131,6 +132,15 @@ def test_checkpoint_round_trip(scenes, tmp_path):
     a = model.predict(val.tokens[:4], generator=torch.Generator().manual_seed(0), **args)
     b = loaded.predict(val.tokens[:4], generator=torch.Generator().manual_seed(0), **args)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+    config_file = tmp_path / "m" / "vla_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "horizon": config["horizon"] // 2}))
+    with pytest.raises(ValueError, match="does not match its config: .*size mismatch"):
+        TrajectoryModel.from_pretrained(tmp_path / "m")
+    config_file.write_text(json.dumps(config))
+    TrajectoryModel(_config(prior="anchors")).save_pretrained(tmp_path / "unfitted")
+    with pytest.raises(ValueError, match="without its data statistics"):
+        TrajectoryModel.from_pretrained(tmp_path / "unfitted")
     (tmp_path / "m" / "model.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read the checkpoint"):
         TrajectoryModel.from_pretrained(tmp_path / "m")

@@ -188,8 +188,15 @@ class TrajectoryModel(nn.Module):
         except Exception as e:  # json, pickle and torch raise several types for a corrupt file
             raise ValueError(f"TrajectoryModel: cannot read the checkpoint in {directory}: {e}") from e
         model = cls(config)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # tensors of other shapes than the config gives
+            raise ValueError(f"TrajectoryModel: checkpoint {directory} does not match its config: "
+                             f"{' '.join(str(e).split())[:300]}") from None
         if missing or unexpected:
             raise ValueError(f"TrajectoryModel: checkpoint {directory} does not match its config: "
                              f"missing {missing}, unexpected {unexpected}")
+        if not bool(model.fitted):
+            raise ValueError(f"TrajectoryModel: checkpoint {directory} holds a model without its data "
+                             "statistics (fit_data_statistics was never called before it was saved)")
         return model.to(device) if device is not None else model
