@@ -63,13 +63,18 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cache_entry=None, info: SequenceInfo | None = None) -> torch.Tensor:
         if self.residual is None:
             h = x + self.mixer(self.mixer_norm(x), cache_entry, info)
-            return h + self.ffn(self.ffn_norm(h))
+            return h + self._ffn(self.ffn_norm(h), info)
         r = self.residual
         a = self.mixer_norm(x)
         alpha, beta = r.mixer(self.kind)
         h = alpha * (a if r.from_norm else x) + beta * self.mixer(a, cache_entry, info)
         a = self.ffn_norm(h)
-        return r.ffn_alpha * (a if r.from_norm else h) + r.ffn_beta * self.ffn(a)
+        return r.ffn_alpha * (a if r.from_norm else h) + r.ffn_beta * self._ffn(a, info)
+
+    def _ffn(self, a: torch.Tensor, info: SequenceInfo | None) -> torch.Tensor:
+        if isinstance(self.ffn, MoE) and info is not None and info.token_mask is not None:
+            return self.ffn(a, token_mask=info.token_mask)  # padding stays out of the routing
+        return self.ffn(a)
 
 
 class MoEForCausalLM(nn.Module):

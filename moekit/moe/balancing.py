@@ -5,30 +5,37 @@ from __future__ import annotations
 import torch
 
 from moekit.moe.router import normalized_scores
-from moekit.moe.stats import MoEStats, compute_stats
+from moekit.moe.stats import MoEStats, compute_stats, token_mean
 
 
-def load_balance_loss(idx: torch.Tensor, probs: torch.Tensor, num_experts: int, num_sequences: int = 1):
+def load_balance_loss(idx: torch.Tensor, probs: torch.Tensor, num_experts: int, num_sequences: int = 1,
+                      valid: torch.Tensor | None = None):
     """Switch / GShard auxiliary loss, optionally per sequence (DeepSeek-V3's sequence-wise loss).
 
     For each group of tokens (the whole batch, or one sequence): f_e = E / (K * T) * count_e and
     P_e = mean over tokens of probs[:, e]; loss = sum_e f_e * P_e, averaged over groups. It is 1 at
     perfectly uniform routing. ``idx`` [T, K] are the chosen experts (before capacity drops),
     ``probs`` [T, E] a per-token distribution over experts; T must split into equal sequences.
+    With ``valid`` [T] (False at padding), T and the means count the real tokens only.
     """
     tokens, top_k = idx.shape
     seq_len = tokens // num_sequences
     one_hot = torch.zeros(tokens, num_experts, dtype=probs.dtype, device=probs.device)
     one_hot.scatter_add_(1, idx.clamp_min(0), (idx >= 0).to(probs.dtype))
     counts = one_hot.view(num_sequences, seq_len, num_experts).sum(dim=1)
-    frac = counts * (num_experts / (top_k * seq_len))
-    mean_prob = probs.view(num_sequences, seq_len, num_experts).mean(dim=1)
+    if valid is None:
+        frac = counts * (num_experts / (top_k * seq_len))
+        mean_prob = probs.view(num_sequences, seq_len, num_experts).mean(dim=1)
+    else:
+        real = valid.to(probs.dtype).view(num_sequences, seq_len).sum(dim=1, keepdim=True).clamp_min(1)
+        frac = counts * num_experts / (top_k * real)
+        mean_prob = (probs * valid[:, None]).view(num_sequences, seq_len, num_experts).sum(dim=1) / real
     return (frac * mean_prob).sum(dim=-1).mean()
 
 
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
-    return torch.logsumexp(logits, dim=-1).square().mean()
+def z_loss(logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over (real) tokens of logsumexp(logits)^2."""
+    return token_mean(torch.logsumexp(logits, dim=-1).square(), valid)
 
 
 def bias_step(expert_bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Tensor:
@@ -43,11 +50,11 @@ def layer_balance(routing, config, num_sequences: int) -> tuple[torch.Tensor, Mo
     zero = routing.logits.new_zeros(())
     topk = config.router_type == "topk"
     # Losses use each token's choices before capacity drops (what the router asked for).
-    chosen = routing.chosen_idx
-    aux = load_balance_loss(chosen, probs, config.num_experts) if topk else zero
-    seq_aux = (load_balance_loss(chosen, probs, config.num_experts, num_sequences)
+    chosen, valid = routing.chosen_idx, routing.valid
+    aux = load_balance_loss(chosen, probs, config.num_experts, valid=valid) if topk else zero
+    seq_aux = (load_balance_loss(chosen, probs, config.num_experts, num_sequences, valid)
                if topk and config.seq_aux_loss_coef > 0 else zero)
-    zl = z_loss(routing.logits) if config.z_loss_coef > 0 else zero
+    zl = z_loss(routing.logits, valid) if config.z_loss_coef > 0 else zero
     stats = compute_stats(routing, probs, aux, seq_aux, zl, expert_choice=not topk)
     return config.aux_loss_coef * aux + config.seq_aux_loss_coef * seq_aux + config.z_loss_coef * zl, stats
 

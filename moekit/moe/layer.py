@@ -68,15 +68,23 @@ class MoE(nn.Module):
             out = out * torch.sigmoid(self.shared_gate(x))
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [..., H]; ``token_mask`` (x's leading shape, bool) is False at padding tokens: they take
+        no expert, no capacity and no share of the balancing losses, statistics or bias load."""
         self._check_input(x)
         cfg = self.config
         shape = x.shape
         h = x.reshape(-1, cfg.hidden_size)
         num_sequences = h.shape[0] // shape[-2] if x.dim() >= 3 else 1
+        valid = None
+        if token_mask is not None:
+            if token_mask.shape != shape[:-1]:
+                raise ValueError(f"MoE: token_mask shape {tuple(token_mask.shape)} != the input's leading shape "
+                                 f"{tuple(shape[:-1])}")
+            valid = token_mask.reshape(-1).bool()
 
         started = self.dispatcher.start(h)  # e.g. the token rows leave while the router runs
-        routing = self.router(h)
+        routing = self.router(h, valid)
         self.balance = balancing.Balance(routing, cfg, num_sequences)
         if self.training and cfg.bias_update_rate > 0:
             self.router.load_since_update += expert_counts(routing.chosen_idx, cfg.num_experts)

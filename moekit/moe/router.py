@@ -23,9 +23,11 @@ from moekit.ops.moe.counts import count_per_bin
 class Routing:
     """One forward's routing decision for T tokens.
 
-    ``topk_idx`` [T, K] (-1 = no expert: dropped by capacity, or padding for expert choice),
-    ``topk_weight`` [T, K] (0 where the index is -1), ``logits`` / ``scores`` [T, E],
-    ``chosen_idx`` [T, K]: the choices before capacity drops (what balancing looks at).
+    ``topk_idx`` [T, K] (-1 = no expert: dropped by capacity, a padding token, or padding for
+    expert choice), ``topk_weight`` [T, K] (0 where the index is -1), ``logits`` / ``scores``
+    [T, E], ``chosen_idx`` [T, K]: the choices before capacity drops (what balancing looks at),
+    ``valid`` [T] bool: False at padding tokens, which take no expert and no share of the
+    balancing (None: every token is real).
     """
 
     topk_idx: torch.Tensor
@@ -33,6 +35,7 @@ class Routing:
     logits: torch.Tensor
     scores: torch.Tensor
     chosen_idx: torch.Tensor
+    valid: torch.Tensor | None = None
 
 
 def router_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -99,17 +102,19 @@ def apply_capacity(
     (slot-major, then token) order, so "position" priority is just a constant.
     """
     tokens, top_k = idx.shape
-    # Slot-major flattening: all first choices, then all second choices, ...
+    # Slot-major flattening: all first choices, then all second choices, ... An index of -1 (a
+    # padding token) sorts after every expert and is never kept: it takes no expert's room.
     flat_e = idx.t().reshape(-1)
+    key = torch.where(flat_e < 0, num_experts, flat_e)
     flat_p = priority.t().reshape(-1)
     by_priority = torch.sort(-flat_p, stable=True).indices
-    sorted_e, perm = torch.sort(flat_e[by_priority], stable=True)
+    sorted_e, perm = torch.sort(key[by_priority], stable=True)
     order = by_priority[perm]
-    counts = count_per_bin(flat_e, num_experts)
+    counts = count_per_bin(key, num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(flat_e.numel(), device=idx.device) - starts[sorted_e]
     keep = torch.empty_like(flat_e, dtype=torch.bool)
-    keep[order] = rank < capacity
+    keep[order] = (rank < capacity) & (sorted_e < num_experts)
     keep = keep.view(top_k, tokens).t()
     return torch.where(keep, idx, -1), torch.where(keep, weight, 0)
 
@@ -179,13 +184,14 @@ class Router(nn.Module):
         return (cfg.router_type == "topk" and cfg.num_groups == 1 and not (self.training and cfg.router_jitter > 0)
                 and _router_kernel().fits(x, self.weight, self.bias, cfg.top_k))
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> Routing:
+        """Route tokens ``x`` [T, H]; ``valid`` [T] bool is False at padding tokens (None: all real)."""
         # The router's math in float32 under autocast too: autocast would run its GEMM in bf16,
         # and the routing and balancing losses would then follow bf16 logits.
         with torch.autocast(x.device.type, enabled=False):
-            return self._route(x)
+            return self._route(x, valid)
 
-    def _route(self, x: torch.Tensor) -> Routing:
+    def _route(self, x: torch.Tensor, valid: torch.Tensor | None) -> Routing:
         cfg = self.config
         tokens = x.shape[0]
         if x.is_cuda and self._one_kernel(x):
@@ -197,14 +203,20 @@ class Router(nn.Module):
             scores = score(logits, cfg.score_func)
             if cfg.router_type == "expert_choice":
                 capacity = capacity_of(tokens, cfg.top_k, cfg.num_experts, cfg.capacity_factor or 1.0)
-                idx, weight = expert_choice(scores, capacity)
+                # Padding below every score: experts take it last, and then it counts as not chosen.
+                ranked = scores if valid is None else scores.masked_fill(~valid[:, None], -1.0)
+                idx, weight = expert_choice(ranked, capacity)
             else:
                 idx = select_experts(scores, cfg.top_k, self.expert_bias.to(scores.dtype),
                                      cfg.num_groups, cfg.topk_groups)
                 weight = gate_weights(scores, idx, cfg.norm_topk_prob, cfg.route_scale)
+        if valid is not None:  # padding takes no expert (and so no capacity, no load)
+            idx = idx.masked_fill(~valid[:, None], -1)
+            weight = weight.masked_fill(~valid[:, None], 0)
         chosen_idx = idx
         if cfg.capacity_factor is not None and cfg.router_type == "topk":
             capacity = capacity_of(tokens, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
-            priority = scores.gather(1, idx) if cfg.drop_policy == "probability" else torch.zeros_like(weight)
+            priority = (scores.gather(1, idx.clamp_min(0)) if cfg.drop_policy == "probability"
+                        else torch.zeros_like(weight))  # (a padding token's -1 is never kept whatever its priority)
             idx, weight = apply_capacity(idx, weight, priority, cfg.num_experts, capacity)
-        return Routing(idx, weight, logits, scores, chosen_idx)
+        return Routing(idx, weight, logits, scores, chosen_idx, valid)

@@ -28,6 +28,13 @@ class MoEStats:
         return out
 
 
+def token_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-token ``values`` [T] over the real tokens (``valid`` False at padding; None: all)."""
+    if valid is None:
+        return values.mean()
+    return (values * valid).sum() / valid.sum().clamp_min(1)
+
+
 def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Float32 count of assignments per expert; -1 entries are not counted."""
     return count_per_bin(idx.clamp_min(0), num_experts, (idx >= 0).float())
@@ -36,13 +43,13 @@ def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
 def compute_stats(routing, probs: torch.Tensor, aux: torch.Tensor, seq_aux: torch.Tensor, zl: torch.Tensor,
                   expert_choice: bool) -> MoEStats:
     with torch.no_grad():
-        idx = routing.topk_idx
-        valid = idx >= 0
+        idx, real = routing.topk_idx, routing.valid
+        kept = idx >= 0
         load = expert_counts(idx, routing.scores.shape[-1])
         if expert_choice:
-            dropped = 1.0 - valid.any(dim=-1).float().mean()
+            dropped = 1.0 - token_mean(kept.any(dim=-1).float(), real)
         else:
-            dropped = 1.0 - valid.float().mean()
-        entropy = -(probs * probs.clamp_min(1e-20).log()).sum(dim=-1).mean()
+            dropped = 1.0 - token_mean(kept.float().mean(dim=-1), real)
+        entropy = token_mean(-(probs * probs.clamp_min(1e-20).log()).sum(dim=-1), real)
         cv = load.std(unbiased=False) / load.mean().clamp_min(1e-20)
         return MoEStats(load, aux.detach(), seq_aux.detach(), zl.detach(), dropped, entropy, cv)

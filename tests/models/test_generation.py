@@ -230,3 +230,16 @@ def test_generate_checks_the_prompt_but_not_decode_steps(monkeypatch):
     prefill_calls = 2  # two linear layers, one prompt pass
     assert seen[:prefill_calls] == [True, True]
     assert len(seen) == prefill_calls + 2 * 3 and not any(seen[prefill_calls:])  # 3 decode steps after the first token
+
+
+def test_left_padding_stays_out_of_the_moe_balancing():
+    """A padded batch's aux loss (balancing, sequence-wise and z losses) is its real tokens' alone."""
+    model = tiny_model("LN", "retention", moe={"ffn_hidden_size": 32, "num_experts": 4, "top_k": 2,
+                                               "aux_loss_coef": 0.01, "seq_aux_loss_coef": 0.01,
+                                               "z_loss_coef": 0.001, "init_std": 0.1})
+    ids = torch.randint(1, 64, (1, 6), generator=torch.Generator().manual_seed(5))
+    padded = torch.cat([torch.full((1, 4), 7), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.bool), torch.ones(1, 6, dtype=torch.bool)], dim=1)
+    plain, masked = model(ids), model(padded, attention_mask=mask)
+    torch.testing.assert_close(masked.logits[:, 4:], plain.logits)
+    torch.testing.assert_close(masked.aux_loss, plain.aux_loss)

@@ -1,0 +1,63 @@
+"""Padding tokens (token_mask False) take no expert, no capacity and no share of the balancing."""
+
+import pytest
+import torch
+
+from moekit import MoE, MoEConfig
+
+
+def make_layer(**kw) -> MoE:
+    torch.manual_seed(0)
+    base = dict(hidden_size=16, ffn_hidden_size=8, num_experts=8, top_k=2, backend="reference", aux_loss_coef=0.01,
+                seq_aux_loss_coef=0.001, z_loss_coef=0.001, bias_update_rate=0.01)
+    return MoE(MoEConfig(**{**base, **kw})).double()
+
+
+def left_padded(x: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [B, T, H] behind ``pad`` rows of random values, and the mask marking the real ones."""
+    junk = torch.randn(x.shape[0], pad, x.shape[2], dtype=x.dtype, generator=torch.Generator().manual_seed(9)) * 5
+    mask = torch.cat([torch.zeros(x.shape[0], pad, dtype=torch.bool), torch.ones(x.shape[:2], dtype=torch.bool)], 1)
+    return torch.cat([junk, x], dim=1), mask
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_padding_changes_neither_outputs_nor_losses_nor_statistics(score_func):
+    layer = make_layer(score_func=score_func).train()
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    plain = layer(x)
+    plain_stats, plain_aux = layer.last_stats, layer.aux_loss
+    plain_load = layer.router.load_since_update.clone()
+    layer.router.load_since_update.zero_()
+
+    padded, mask = left_padded(x, 4)
+    out = layer(padded, token_mask=mask)
+    torch.testing.assert_close(out[:, 4:], plain)
+    torch.testing.assert_close(layer.aux_loss, plain_aux)
+    for field in ("tokens_per_expert", "aux_loss", "seq_aux_loss", "z_loss", "dropped_fraction", "router_entropy",
+                  "load_cv"):
+        torch.testing.assert_close(getattr(layer.last_stats, field), getattr(plain_stats, field), msg=field)
+    torch.testing.assert_close(layer.router.load_since_update, plain_load)
+    routing = layer.router(padded.reshape(-1, 16), mask.reshape(-1))
+    assert (routing.topk_idx.view(2, 10, 2)[:, :4] == -1).all()
+
+
+@pytest.mark.parametrize("router", [dict(capacity_factor=1.0, drop_policy="position"),
+                                    dict(capacity_factor=1.0, drop_policy="probability"),
+                                    dict(router_type="expert_choice", capacity_factor=1.0)])
+def test_padding_takes_no_capacity(router):
+    """Left padding comes first in token order: without the mask it fills the experts' room and real
+    tokens are dropped; with it, no padding token is routed and real tokens keep at least as much."""
+    layer = make_layer(**router)
+    x = torch.randn(1, 12, 16, dtype=torch.float64)
+    padded, mask = left_padded(x, 12)
+    h, valid = padded.reshape(-1, 16), mask.reshape(-1)
+    masked, unmasked = layer.router(h, valid), layer.router(h)
+    assert (masked.topk_idx[~valid] == -1).all() and (masked.topk_weight[~valid] == 0).all()
+    kept, kept_before = (masked.topk_idx[valid] >= 0).sum(), (unmasked.topk_idx[valid] >= 0).sum()
+    assert kept >= kept_before and (unmasked.topk_idx[~valid] >= 0).any()  # the case bites without the mask
+
+
+def test_token_mask_shape_is_checked():
+    layer = make_layer()
+    with pytest.raises(ValueError, match="token_mask shape"):
+        layer(torch.randn(2, 6, 16, dtype=torch.float64), token_mask=torch.ones(2, 5, dtype=torch.bool))
