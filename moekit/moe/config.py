@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,10 +73,17 @@ class MoEConfig:
             if not ok:
                 raise ValueError(f"MoEConfig: {msg}")
 
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
         for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "num_groups", "topk_groups"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
-        need(self.num_shared_experts >= 0, f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+            need(integer(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        need(integer(self.num_shared_experts) and self.num_shared_experts >= 0,
+             f"num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")
+        width = self.shared_ffn_hidden_size  # None (or 0): ffn_hidden_size
+        need(width is None or (integer(width) and width >= 0),
+             f"shared_ffn_hidden_size must be None or an integer >= 0, got {width!r}")
         need(self.score_func in SCORE_FUNCS, f"unknown score_func {self.score_func!r}; choose from {SCORE_FUNCS}")
         need(self.router_type in ROUTER_TYPES,
              f"unknown router_type {self.router_type!r}; choose from {ROUTER_TYPES}")
@@ -96,13 +104,16 @@ class MoEConfig:
                  f"each group needs >= 2 experts, got {per_group}")
             need(self.top_k <= self.topk_groups * per_group,
                  f"top_k ({self.top_k}) exceeds the experts in topk_groups ({self.topk_groups} x {per_group})")
-        need(self.capacity_factor is None or self.capacity_factor > 0,
-             f"capacity_factor must be None (dropless) or > 0, got {self.capacity_factor}")
+        need(self.capacity_factor is None or 0 < self.capacity_factor < math.inf,
+             f"capacity_factor must be None (dropless) or finite and > 0, got {self.capacity_factor}")
         need(self.router_type != "expert_choice" or self.num_groups == 1,
              "expert_choice routing does not combine with group-limited routing")
-        for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate", "router_jitter"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        need(self.route_scale > 0, f"route_scale must be > 0, got {self.route_scale}")
+        for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate", "init_std"):
+            value = getattr(self, name)
+            need(0 <= value < math.inf, f"{name} must be finite and >= 0, got {value}")
+        # The jitter multiplies the router input by uniform(1 - eps, 1 + eps): eps >= 1 could zero or flip it.
+        need(0 <= self.router_jitter < 1, f"router_jitter must lie in [0, 1), got {self.router_jitter}")
+        need(0 < self.route_scale < math.inf, f"route_scale must be finite and > 0, got {self.route_scale}")
         need(not self.cache_fp8_weights or self.precision != "bf16",
              "cache_fp8_weights keeps quantized copies of the expert weights: it needs precision 'fp8' or 'mxfp8'")
         if self.precision != "bf16":

@@ -17,6 +17,14 @@ from moekit import MoE, MoEConfig
     (dict(drop_policy="random"), "unknown drop_policy 'random'"),
     (dict(capacity_factor=0.0), "capacity_factor must be None"),
     (dict(hidden_size=0), "hidden_size must be a positive integer"),
+    (dict(top_k=True), "top_k must be a positive integer"),
+    (dict(capacity_factor=float("inf")), "capacity_factor must be None .* finite"),
+    (dict(bias_update_rate=float("inf")), "bias_update_rate must be finite"),
+    (dict(router_jitter=1.0), r"router_jitter must lie in \[0, 1\)"),
+    (dict(route_scale=float("inf")), "route_scale must be finite"),
+    (dict(num_shared_experts=1.5), "num_shared_experts must be an integer"),
+    (dict(shared_ffn_hidden_size=-4), "shared_ffn_hidden_size must be None or an integer >= 0"),
+    (dict(init_std=-0.1), "init_std must be finite and >= 0"),
 ])
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
