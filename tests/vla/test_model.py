@@ -173,3 +173,5 @@ def test_bad_input(scenes):
         _config(objective="diffusion")
     with pytest.raises(ValueError, match="exceed backbone.max_seq_len"):
         VLAConfig(backbone=dataclasses.replace(_backbone(), max_seq_len=8))
+    with pytest.raises(ValueError, match="decoder_dim must be even, got 9"):
+        VLAConfig(backbone=_backbone(), decoder_dim=9, decoder_heads=3)

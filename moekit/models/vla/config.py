@@ -66,6 +66,8 @@ class VLAConfig:
              f"num_neighbors must be a non-negative integer, got {self.num_neighbors!r}")
         need(self.decoder_dim % self.decoder_heads == 0,
              f"decoder_dim {self.decoder_dim} must be divisible by decoder_heads {self.decoder_heads}")
+        need(self.decoder_dim % 2 == 0,  # the time embedding is sin and cos halves
+             f"decoder_dim must be even, got {self.decoder_dim}")
         need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         need(self.prior in PRIORS, f"prior must be one of {PRIORS}, got {self.prior!r}")
         need(self.anchor_std > 0, f"anchor_std must be > 0, got {self.anchor_std}")
