@@ -67,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
     if ckpt is not None:
         console.print(f"resuming from {ckpt} at step {trainer.step}", highlight=False, soft_wrap=True)
     metrics = trainer.train(stop_at=args.stop_at)
+    if trainer.stopped_by_signal:
+        console.print(f"stopped on SIGTERM after step {trainer.step}, checkpointed: continue with --resume "
+                      f"train.out_dir={t.out_dir}", highlight=False, soft_wrap=True)
+        trainer.runtime.close()
+        return 0
     console.print(f"done: step {trainer.step}, held-out loss {metrics['val_loss']:.4f} "
                   f"(ppl {metrics['val_ppl']:.2f}) in {time.perf_counter() - start:.0f} s; "
                   f"plots, metrics and checkpoints in {Path(t.out_dir)}", highlight=False, soft_wrap=True)

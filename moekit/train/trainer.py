@@ -33,6 +33,7 @@ from moekit.train.evaluate import autocast_context, evaluate_loss, generate_text
 from moekit.train.load import read_checkpoint_config
 from moekit.train.metrics import IntervalMeter, MetricsWriter
 from moekit.train.plots import plot_run
+from moekit.train.preemption import StopRequest
 from moekit.train.progress import TrainProgress
 from moekit.train.rng import rng_state, seed_everything, set_rng_state
 from moekit.train.schedule import WarmupCosine, build_optimizer, set_hyperparameters
@@ -101,6 +102,7 @@ class Trainer:
         # step); read where the loop syncs anyway: at each log point and before each checkpoint.
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.resumed_from: Path | None = None
+        self.stopped_by_signal = False  # the last train() checkpointed and returned on SIGTERM
         if resume is not None:
             self.restore(resolve_checkpoint(resume))
         elif (self.ckpt_root / LATEST).exists():
@@ -186,6 +188,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         update_expert_biases(self.model, self.runtime.reduce_load)
 
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank (every rank gets the same answer, so all stop together)."""
+        return bool(self.runtime.mean(flag=torch.tensor(float(flag), device=self.device))["flag"] > 0)
+
     def check_finite(self) -> None:
         if bool(self.nonfinite):
             raise TrainingDiverged(
@@ -196,7 +202,8 @@ class Trainer:
     def train(self, stop_at: int | None = None) -> dict:
         """Run to ``train.steps`` (or stop early after step ``stop_at``, checkpointed, for a later
         ``--resume``; the schedule still spans ``train.steps``). Returns the last held-out
-        metrics; writes the plots at the end."""
+        metrics; writes the plots at the end. On SIGTERM it checkpoints at the next log point and
+        returns (``stopped_by_signal``)."""
         cfg = self.config.train
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         if self.step >= end:
@@ -211,8 +218,10 @@ class Trainer:
                   if self.runtime.is_main else NullMetricsWriter())
         last_eval: dict = {}
         clock, tokens_at_clock = time.perf_counter(), self.tokens_seen
+        self.stopped_by_signal = False
         try:
-            with self.runtime.guard(), TrainProgress(cfg.steps, self.step, self.console) as progress:
+            with self.runtime.guard(), TrainProgress(cfg.steps, self.step, self.console) as progress, \
+                    StopRequest() as stop:
                 while self.step < end:
                     lr = self.optimizer.param_groups[0]["lr"]
                     self.train_step(meter)
@@ -233,10 +242,17 @@ class Trainer:
                         writer.write({"kind": "eval", "step": self.step, **last_eval})
                         progress.report_eval(self.step, last_eval)
                         clock = time.perf_counter()  # evaluation time is not training throughput
-                    if self.step % cfg.ckpt_every == 0 or final:
+                    saved = self.step % cfg.ckpt_every == 0 or final
+                    if saved:
                         self.check_finite()
                         self.save()
                         clock = time.perf_counter()
+                    if not final and self.step % cfg.log_every == 0 and self._any_rank(stop.requested):
+                        if not saved:  # SIGTERM: checkpoint this step and return
+                            self.check_finite()
+                            self.save()
+                        self.stopped_by_signal = True
+                        break
         finally:
             writer.close()
         if self.runtime.is_main:

@@ -118,3 +118,23 @@ def test_real_process_exit_status_and_no_traceback():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "top_k (99) must be <= num_experts" in proc.stderr
+
+
+def test_train_stopped_by_sigterm_says_how_to_continue(make_config, monkeypatch, capsys):
+    import os
+    import signal
+
+    from moekit.train.trainer import Trainer
+
+    _, path = make_config(steps=8, log_every=2, ckpt_every=100, eval_every=100)
+    step = Trainer.train_step
+
+    def step_then_signal(self, meter):
+        step(self, meter)
+        if self.step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    assert main(["train", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "stopped on SIGTERM after step 2, checkpointed: continue with --resume" in " ".join(out.split())

@@ -222,3 +222,35 @@ def test_a_new_run_does_not_overwrite_an_earlier_one_and_a_finished_run_has_noth
         resumed.train()
     with pytest.raises(ValueError, match=r"nothing to train: the run is at step 2 and --stop-at 1"):
         resumed.train(stop_at=1)
+
+
+def test_sigterm_checkpoints_at_the_next_log_point_and_the_run_resumes_exactly(make_config):
+    """A scheduler's SIGTERM: the loop checkpoints at its next log point and returns; resuming
+    then ends where an uninterrupted run does."""
+    import os
+    import signal
+
+    common = dict(steps=8, log_every=2, eval_every=100, ckpt_every=100)
+    whole_values, _ = make_config("whole", **common)
+    whole = Trainer(TrainConfig.from_dict(whole_values))
+    whole.train()
+
+    values, _ = make_config("preempted", **common)
+    trainer = Trainer(TrainConfig.from_dict(values))
+    step = trainer.train_step
+
+    def step_then_signal(meter):
+        step(meter)
+        if trainer.step == 2:  # during step 3 (0-based 2): the next log point is step 4
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer.train_step = step_then_signal
+    handler = signal.getsignal(signal.SIGTERM)
+    trainer.train()
+    assert trainer.stopped_by_signal and trainer.step == 4
+    assert resolve_checkpoint(trainer.run_dir).name == "step_00000004"
+    assert signal.getsignal(signal.SIGTERM) == handler  # the loop's handler is gone after it
+    resumed = Trainer(TrainConfig.from_dict(values), resume=trainer.run_dir)
+    resumed.train()
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert not resumed.stopped_by_signal and all(torch.equal(a[k], b[k]) for k in a)
