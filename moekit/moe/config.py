@@ -108,6 +108,11 @@ class MoEConfig:
              f"capacity_factor must be None (dropless) or finite and > 0, got {self.capacity_factor}")
         need(self.router_type != "expert_choice" or self.num_groups == 1,
              "expert_choice routing does not combine with group-limited routing")
+        if self.router_type == "expert_choice":  # balanced by construction; its weights are the scores
+            unused = [f"{name}={getattr(self, name)}" for name, default in
+                      (("aux_loss_coef", 0.0), ("seq_aux_loss_coef", 0.0), ("bias_update_rate", 0.0),
+                       ("route_scale", 1.0)) if getattr(self, name) != default]
+            need(not unused, f"expert_choice routing does not use {', '.join(unused)}: leave them at their defaults")
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate", "init_std"):
             value = getattr(self, name)
             need(0 <= value < math.inf, f"{name} must be finite and >= 0, got {value}")
