@@ -134,11 +134,11 @@ def stats_dict(layer):
 @pytest.mark.parametrize("kw", [
     dict(z_loss_coef=0.05, seq_aux_loss_coef=0.4),
     dict(score_func="sigmoid", capacity_factor=1.0, num_groups=2, topk_groups=1),
-    dict(router_type="expert_choice", capacity_factor=1.0),
+    dict(router_type="expert_choice", capacity_factor=1.0, aux_loss_coef=0.0, z_loss_coef=0.05),  # no aux loss
 ])
 def test_no_grad_forward_defers_the_same_balancing(kw, monkeypatch):
     from moekit.moe import balancing
-    layer = make_layer(seed=5, aux_loss_coef=0.3, **kw)
+    layer = make_layer(seed=5, **{"aux_loss_coef": 0.3, **kw})
     x = torch.randn(3, 7, 16, dtype=torch.float64)
     layer(x)
     eager_stats, eager_aux = stats_dict(layer), layer.aux_loss.detach()

@@ -43,7 +43,8 @@ def test_padding_changes_neither_outputs_nor_losses_nor_statistics(score_func):
 
 @pytest.mark.parametrize("router", [dict(capacity_factor=1.0, drop_policy="position"),
                                     dict(capacity_factor=1.0, drop_policy="probability"),
-                                    dict(router_type="expert_choice", capacity_factor=1.0)])
+                                    dict(router_type="expert_choice", capacity_factor=1.0, aux_loss_coef=0.0,
+                                         seq_aux_loss_coef=0.0, bias_update_rate=0.0)])
 def test_padding_takes_no_capacity(router):
     """Left padding comes first in token order: without the mask it fills the experts' room and real
     tokens are dropped; with it, no padding token is routed and real tokens keep at least as much."""
