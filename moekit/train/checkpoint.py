@@ -200,6 +200,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
             if not (target / MANIFEST).is_file():
                 raise CheckpointError(f"{pointer} names {target}, which is not a complete checkpoint")
             return target
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        raise CheckpointError(f"{path} is a model folder (save_pretrained, moekit convert), not a training "
+                              "checkpoint: load it in Python with MoEForCausalLM.from_pretrained")
     raise CheckpointError(f"no checkpoint in {path} (expected {MANIFEST} or checkpoints/{LATEST})")
 
 

@@ -30,6 +30,10 @@ def test_hf_to_moekit_and_back(tmp_path, capsys):
         ref = hf(ids).logits
         assert float((ours(ids).logits - ref).norm() / ref.norm()) < 1e-4
 
+    from moekit.cli import main  # a model folder is not a training checkpoint: say which loads it
+    assert main(["generate", "--ckpt", str(tmp_path / "moekit"), "x"]) == 2
+    assert "is a model folder (save_pretrained, moekit convert), not a training checkpoint" in capsys.readouterr().err
+
     assert run(tmp_path / "moekit", tmp_path / "back") == 0
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
     for name, tensor in hf.state_dict().items():
