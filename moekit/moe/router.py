@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.moe.config import MoEConfig
+from moekit.ops.float32_buffers import kept_in_float32
 from moekit.ops.moe.counts import count_per_bin
 
 
@@ -159,13 +160,9 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=config.init_std)
 
     def _apply(self, fn, recurse=True):
-        # Keep the balancing buffers in float32 when the module is cast (e.g. .double(), .bfloat16()).
-        super()._apply(fn, recurse)
-        for name in ("expert_bias", "load_since_update"):
-            buf = getattr(self, name)
-            if buf.is_floating_point() and buf.dtype != torch.float32:
-                setattr(self, name, buf.float())
-        return self
+        # The balancing buffers stay float32, values intact, when the module is cast (.double(), .bfloat16()).
+        with kept_in_float32(self, ("expert_bias", "load_since_update")):
+            return super()._apply(fn, recurse)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         dtype = router_dtype(x.dtype)

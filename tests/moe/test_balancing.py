@@ -169,3 +169,16 @@ def test_grad_forward_computes_balancing_in_the_graph():
     assert not layer.balance.deferred
     layer.aux_loss.backward()
     assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "double", "half"])
+def test_balancing_buffers_keep_their_float32_values_through_a_cast(cast):
+    """A trained bias (small steps: 0.001 apart) survives the model's cast to another dtype exactly."""
+    layer = make_layer(bias_update_rate=0.001)
+    values = torch.arange(8, dtype=torch.float32) * 0.001 + 0.3001
+    layer.router.expert_bias.copy_(values)
+    layer.router.load_since_update.copy_(values * 1000)
+    getattr(layer, cast)()
+    assert layer.router.expert_bias.dtype == torch.float32 and torch.equal(layer.router.expert_bias, values)
+    assert torch.equal(layer.router.load_since_update, values * 1000)
+    assert layer.router.weight.dtype == getattr(torch, cast if cast != "half" else "float16")

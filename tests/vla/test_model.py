@@ -96,6 +96,20 @@ def test_predict_shapes_determinism_and_samplers(scenes):
     assert alone.shape == (1, 3, 8, 2) and batched.shape == (5, 3, 8, 2)
 
 
+def test_a_bf16_cast_keeps_the_data_statistics_in_float32(scenes):
+    """Rounded to bf16, the normalisers and anchor weights would move every prediction."""
+    train_set, val = scenes
+    model = TrajectoryModel(_config(prior="anchors"))
+    model.fit_data_statistics(train_set)
+    stats = {name: getattr(model, name).clone() for name in TrajectoryModel.STATISTICS}
+    model.to(torch.bfloat16)
+    for name, value in stats.items():
+        assert getattr(model, name).dtype == torch.float32 and torch.equal(getattr(model, name), value), name
+    assert model.encoder.project.weight.dtype == torch.bfloat16
+    out = model.predict(val.tokens[:3], num_samples=2, steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
 def test_anchors_are_kmeans_of_normalised_targets(scenes):
     train_set, _ = scenes
     model = TrajectoryModel(_config(prior="anchors"))

@@ -22,6 +22,7 @@ from moekit.models.vla.decoder import TrajectoryDecoder
 from moekit.models.vla.encoder import SceneEncoder
 from moekit.models.vla.scene import FEATURE, SceneSet
 from moekit.ops.capture import is_capturing
+from moekit.ops.float32_buffers import kept_in_float32
 
 CONFIG_FILE = "vla_config.json"
 WEIGHTS_FILE = "model.pt"
@@ -50,6 +51,14 @@ class TrajectoryModel(nn.Module):
         self.register_buffer("anchors", torch.zeros(a, h, 2))
         self.register_buffer("anchor_weights", torch.full((a,), 1.0 / a))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    # Kept in float32 when the model is cast (e.g. .bfloat16()): rounded to bf16, the normalisers move
+    # predictions by centimetres and the anchor weights' cumulative sums pick other anchors.
+    STATISTICS = ("feature_mean", "feature_std", "traj_mean", "traj_std", "anchors", "anchor_weights")
+
+    def _apply(self, fn, recurse=True):
+        with kept_in_float32(self, self.STATISTICS):
+            return super()._apply(fn, recurse)
 
     # --- data statistics --------------------------------------------------------------------
 
