@@ -19,6 +19,8 @@ def load_balance_loss(idx: torch.Tensor, probs: torch.Tensor, num_experts: int, 
     With ``valid`` [T] (False at padding), T and the means count the real tokens only.
     """
     tokens, top_k = idx.shape
+    if tokens == 0:  # nothing routed: no imbalance (kept in the graph, as the losses of a real batch are)
+        return probs.sum() * 0.0
     seq_len = tokens // num_sequences
     one_hot = torch.zeros(tokens, num_experts, dtype=probs.dtype, device=probs.device)
     one_hot.scatter_add_(1, idx.clamp_min(0), (idx >= 0).to(probs.dtype))

@@ -75,7 +75,7 @@ class MoE(nn.Module):
         cfg = self.config
         shape = x.shape
         h = x.reshape(-1, cfg.hidden_size)
-        num_sequences = h.shape[0] // shape[-2] if x.dim() >= 3 else 1
+        num_sequences = h.shape[0] // shape[-2] if x.dim() >= 3 and shape[-2] else 1
         valid = None
         if token_mask is not None:
             if token_mask.shape != shape[:-1]:

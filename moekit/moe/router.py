@@ -133,7 +133,7 @@ def expert_choice(scores: torch.Tensor, capacity: int):
     chosen = torch.zeros(num_experts, tokens, dtype=torch.bool, device=scores.device)
     chosen.scatter_(1, picked, True)
     chosen = chosen.t()  # [T, E]
-    kmax = max(1, int(chosen.sum(dim=-1).max()))
+    kmax = max(1, int(chosen.sum(dim=-1).max()) if tokens else 0)
     masked = torch.where(chosen, scores, -1.0)
     top = masked.topk(kmax, dim=-1)
     valid = top.values >= 0

@@ -30,6 +30,8 @@ class MoEStats:
 
 def token_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Mean of per-token ``values`` [T] over the real tokens (``valid`` False at padding; None: all)."""
+    if values.numel() == 0:
+        return values.sum()  # 0, not the NaN of an empty mean
     if valid is None:
         return values.mean()
     return (values * valid).sum() / valid.sum().clamp_min(1)
@@ -47,9 +49,9 @@ def compute_stats(routing, probs: torch.Tensor, aux: torch.Tensor, seq_aux: torc
         kept = idx >= 0
         load = expert_counts(idx, routing.scores.shape[-1])
         if expert_choice:
-            dropped = 1.0 - token_mean(kept.any(dim=-1).float(), real)
+            dropped = token_mean((~kept.any(dim=-1)).float(), real)
         else:
-            dropped = 1.0 - token_mean(kept.float().mean(dim=-1), real)
+            dropped = token_mean(1.0 - kept.float().mean(dim=-1), real)
         entropy = token_mean(-(probs * probs.clamp_min(1e-20).log()).sum(dim=-1), real)
         cv = load.std(unbiased=False) / load.mean().clamp_min(1e-20)
         return MoEStats(load, aux.detach(), seq_aux.detach(), zl.detach(), dropped, entropy, cv)

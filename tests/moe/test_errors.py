@@ -59,3 +59,20 @@ def test_low_precision_needs_whole_scale_blocks():
         MoEConfig(precision="fp8", hidden_size=96, ffn_hidden_size=128)
     with pytest.raises(ValueError, match="precision 'mxfp8' needs ffn_hidden_size to be a multiple of 128"):
         MoEConfig(precision="mxfp8", hidden_size=128, ffn_hidden_size=64)
+
+
+@pytest.mark.parametrize("backend", ["reference", "grouped_mm"])
+@pytest.mark.parametrize("kw", [dict(aux_loss_coef=0.01, seq_aux_loss_coef=0.01, z_loss_coef=0.01,
+                                     num_shared_experts=1),
+                                dict(capacity_factor=1.0), dict(router_type="expert_choice", capacity_factor=1.0)])
+@pytest.mark.parametrize("shape", [(0, 16), (2, 0, 16)])
+def test_no_tokens_give_an_empty_output_and_zero_losses(backend, kw, shape):
+    layer = MoE(MoEConfig(hidden_size=16, ffn_hidden_size=8, backend=backend, **kw)).train()
+    x = torch.randn(*shape, requires_grad=True)
+    out = layer(x)
+    assert out.shape == shape
+    (out.sum() + layer.aux_loss).backward()
+    assert layer.aux_loss.item() == 0
+    stats = layer.last_stats
+    assert stats.dropped_fraction.item() == 0 and stats.tokens_per_expert.sum().item() == 0
+    assert all(torch.isfinite(getattr(stats, f)).all() for f in ("router_entropy", "load_cv", "z_loss"))
