@@ -13,19 +13,30 @@ from moekit.data.tokenizer import Tokenizer
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".jsonl")
 
 
+def read_text(path: Path) -> str:
+    """A file's UTF-8 text; other bytes (another encoding, a compressed file) are an error naming it."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{path} is not UTF-8 text: byte {exc.start} (line {line}) is {data[exc.start]:#04x} "
+                         "(convert it to UTF-8; compressed files are not read)") from None
+
+
 def read_jsonl_texts(path: Path) -> list[str]:
     texts = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path} line {lineno}: expected an object with a string 'text' field")
-            texts.append(record["text"])
+    # split on newlines only: JSON strings may hold other line separators (U+2028) unescaped
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} line {lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{path} line {lineno}: expected an object with a string 'text' field")
+        texts.append(record["text"])
     return texts
 
 
@@ -38,7 +49,7 @@ def read_documents(path: Path) -> list[str]:
         return [doc for f in files for doc in read_documents(f)]
     if path.suffix == ".jsonl":
         return read_jsonl_texts(path)
-    return [path.read_text(encoding="utf-8", errors="replace")]
+    return [read_text(path)]
 
 
 def encode_documents(docs: list[str], tokenizer: Tokenizer) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ from moekit.mixers.mla_config import MLAConfig
 from moekit.mixers.registry import LAYER_LETTERS, check_linear_mixer
 from moekit.mixers.rope_scaling import YarnScaling
 from moekit.moe.config import MoEConfig
+
+_FIELD_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}  # the scalar annotations checked
+GROUPED_VALUE_MIXERS = ("qwen3_next_deltanet",)  # the linear mixers that read linear_num_v_heads
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -117,6 +121,7 @@ class ModelConfig:
             self.rope_scaling = YarnScaling.from_dict(self.rope_scaling)
         if isinstance(self.residual, dict):
             self.residual = ResidualScaling.from_dict(self.residual)
+        self._check_types()  # before anything below computes with the values
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.dense_ffn_hidden_size is None:
@@ -125,11 +130,29 @@ class ModelConfig:
             self.moe = dataclasses.replace(self.moe, hidden_size=self.hidden_size)
         self.validate()
 
+    def _check_types(self) -> None:
+        """Each field's value has its annotated type (an int field takes no bool or float, a bool field
+        no string): a YAML or Python slip must not build another model than the one described."""
+        for f in dataclasses.fields(self):
+            kinds = [kind.strip() for kind in f.type.split("|")]  # annotations are strings here
+            value = getattr(self, f.name)
+            if value is None and "None" in kinds:
+                continue
+            expected = _FIELD_TYPES.get(kinds[0])
+            if expected is None:
+                continue
+            ok = (type(value) is bool if expected is bool
+                  else isinstance(value, expected) and not isinstance(value, bool))
+            if not ok:
+                allowed = kinds[0] + (" or None" if "None" in kinds else "")
+                raise TypeError(f"ModelConfig: {f.name} must be {allowed}, got {value!r}")
+
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(f"ModelConfig: {msg}")
 
+        self._check_types()
         for name in ("vocab_size", "hidden_size", "max_seq_len", "dense_ffn_hidden_size"):
             value = getattr(self, name)
             need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
@@ -141,10 +164,16 @@ class ModelConfig:
             check_linear_mixer(self.linear_mixer)
         need(0 <= self.first_k_dense <= self.num_layers,
              f"first_k_dense must be in [0, {self.num_layers}], got {self.first_k_dense}")
-        need(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
-        need(self.embedding_multiplier > 0 and self.logits_scaling > 0,
-             f"embedding_multiplier and logits_scaling must be > 0, got {self.embedding_multiplier}, "
-             f"{self.logits_scaling}")
+        for name in ("init_std", "rope_theta", "embedding_multiplier", "logits_scaling"):
+            need(0 < getattr(self, name) < math.inf, f"{name} must be > 0 and finite, got {getattr(self, name)}")
+        need(0 <= self.norm_eps < math.inf, f"norm_eps must be finite and >= 0, got {self.norm_eps}")
+        for name in ("linear_num_heads", "linear_head_dim", "linear_num_v_heads"):  # None: as the softmax layers
+            value = getattr(self, name)
+            need(value is None or value > 0, f"{name} must be None or a positive integer, got {value}")
+        need(self.linear_num_v_heads in (None, self.linear_num_heads or self.num_heads)
+             or self.linear_mixer in GROUPED_VALUE_MIXERS,
+             f"linear_num_v_heads (grouped value heads) is read only by linear_mixer "
+             f"{' / '.join(GROUPED_VALUE_MIXERS)}, not {self.linear_mixer!r}")
         for letter in sorted(set(self.layer_pattern)):  # checks heads / dims of each kind of layer
             self.mixer_config(self.layer_pattern.index(letter))
 
@@ -155,8 +184,9 @@ class ModelConfig:
     def mixer_config(self, layer_idx: int) -> MixerConfig:
         heads = dict(num_heads=self.num_heads, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads)
         if self.layer_pattern[layer_idx] == "L":
-            heads = dict(num_heads=self.linear_num_heads or self.num_heads,
-                         head_dim=self.linear_head_dim or self.head_dim, num_v_heads=self.linear_num_v_heads)
+            heads = dict(num_heads=self.num_heads if self.linear_num_heads is None else self.linear_num_heads,
+                         head_dim=self.head_dim if self.linear_head_dim is None else self.linear_head_dim,
+                         num_v_heads=self.linear_num_v_heads)
         return MixerConfig(
             hidden_size=self.hidden_size, **heads, expand_v=self.expand_v, rope_theta=self.rope_theta,
             rope_scaling=self.rope_scaling,

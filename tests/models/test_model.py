@@ -45,6 +45,23 @@ def test_config_refuses_bad_values_by_name(tmp_path):
         small_config(linear_mixer="gru")
     with pytest.raises(ValueError, match="first_k_dense"):
         small_config(first_k_dense=4)
+    # Types: a slip must not build another model (1.5 dense layers, a "no" that ties the embeddings).
+    for key, value, message in (("first_k_dense", 1.5, "first_k_dense must be int, got 1.5"),
+                                ("vocab_size", True, "vocab_size must be int, got True"),
+                                ("tie_word_embeddings", "no", "tie_word_embeddings must be bool, got 'no'"),
+                                ("layer_pattern", ["L", "N"], "layer_pattern must be str"),
+                                ("rope_theta", "1e4", "rope_theta must be float, got '1e4'"),
+                                ("linear_num_heads", 2.0, "linear_num_heads must be int or None")):
+        with pytest.raises(TypeError, match=message):
+            small_config(**{key: value})
+    for key, value, message in (("rope_theta", 0.0, "rope_theta must be > 0 and finite"),
+                                ("rope_theta", float("nan"), "rope_theta must be > 0 and finite"),
+                                ("norm_eps", -1.0, "norm_eps must be finite and >= 0"),
+                                ("linear_num_heads", 0, "linear_num_heads must be None or a positive integer"),
+                                ("linear_head_dim", 0, "linear_head_dim must be None or a positive integer"),
+                                ("linear_num_v_heads", 8, "linear_num_v_heads .* is read only by linear_mixer")):
+        with pytest.raises(ValueError, match=message):
+            small_config(**{key: value})
     with pytest.raises(ValueError, match="no built-in config 'huge'"):
         ModelConfig.from_name("huge")
     bad = tmp_path / "bad.yaml"

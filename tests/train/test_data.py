@@ -63,6 +63,28 @@ def test_jsonl_text_field_and_errors(tmp_path):
     broken.write_text('{"text": "unterminated\n')
     with pytest.raises(ValueError, match="broken.jsonl line 1: invalid JSON"):
         load_tokens(str(broken), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES)
+    separator = tmp_path / "separator.jsonl"  # U+2028 inside a JSON string is not a line break
+    separator.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert load_tokens(str(separator), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES).tolist() == \
+        list("a\u2028b".encode()) + [256]
+
+
+@pytest.mark.parametrize("name", ["latin1.txt", "latin1.jsonl"])
+def test_files_that_are_not_utf8_are_named(tmp_path, name):
+    path = tmp_path / name
+    text = "caf\u00e9" if name.endswith(".txt") else json.dumps({"text": "caf\u00e9"}, ensure_ascii=False)
+    path.write_bytes(("ok\n" + text + "\n").encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{name} is not UTF-8 text: byte \d+ \(line 2\) is 0xe9"):
+        load_tokens(str(path), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES)
+
+
+def test_tokenizer_vocab_size_covers_its_largest_id(tmp_path):
+    """Ids need not be dense: the model needs a row for every id up to the largest."""
+    from tokenizers import Tokenizer, models
+
+    path = tmp_path / "sparse.json"
+    Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 500}, unk_token="[UNK]")).save(str(path))
+    assert HFTokenizer(path).vocab_size == 501
 
 
 @pytest.mark.parametrize("dtype", ["uint16", "uint32"])
