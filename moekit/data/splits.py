@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from moekit.data.config import DataConfig
 from moekit.data.loader import TokenWindows
@@ -24,6 +25,11 @@ def load_splits(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int, vocab_size:
             f"set model.vocab_size={tokenizer.vocab_size}"
         )
     name = cfg.path or "the embedded corpus"
+    if cfg.val_path is not None and cfg.path is not None:
+        train_path, val_path = Path(cfg.path).resolve(), Path(cfg.val_path).resolve()
+        if val_path == train_path or train_path in val_path.parents:  # held-out text would be trained on
+            raise ValueError(f"data.val_path {cfg.val_path} is inside data.path {cfg.path}: the held-out text "
+                             "would be in the training stream too")
     tokens = load_tokens(cfg.path, tokenizer, cfg.token_dtype, cfg.corpus_bytes)
     if cfg.val_path is not None:
         val = load_tokens(cfg.val_path, tokenizer, cfg.token_dtype, cfg.corpus_bytes)

@@ -187,3 +187,15 @@ def test_data_position_is_refused_on_another_stream_and_old_positions_still_load
     short = ShuffledBatches(TokenWindows(tokens[:32 * 3], 32, 257, "ids"), 3, seed=7)
     with pytest.raises(ValueError, match="data position 3 is past this run's 3 windows"):
         short.load_state_dict(old)
+
+
+def test_held_out_file_inside_the_training_data_is_refused(tmp_path, text_file):
+    from moekit.data import DataConfig, load_splits
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "train.txt").write_text(text_file.read_text())
+    (folder / "val.txt").write_text(text_file.read_text()[:5000])
+    for val in (folder / "val.txt", folder):
+        with pytest.raises(ValueError, match="is inside data.path .* would be in the training stream too"):
+            load_splits(DataConfig(path=str(folder), val_path=str(val)), ByteTokenizer(), 32, 257)
