@@ -17,6 +17,17 @@ class Splits:
     val: TokenWindows
 
 
+def check_held_out_apart(cfg: DataConfig) -> None:
+    """For training: a ``val_path`` that is ``path`` or inside it would be trained on too. (Evaluating
+    a checkpoint on any file, its training text included, is fine.)"""
+    if cfg.val_path is None or cfg.path is None:
+        return
+    train_path, val_path = Path(cfg.path).resolve(), Path(cfg.val_path).resolve()
+    if val_path == train_path or train_path in val_path.parents:
+        raise ValueError(f"data.val_path {cfg.val_path} is inside data.path {cfg.path}: the held-out text "
+                         "would be in the training stream too")
+
+
 def load_splits(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int, vocab_size: int) -> Splits:
     """Held out: ``cfg.val_path`` if given, else the last ``val_fraction`` of the stream."""
     if tokenizer.vocab_size > vocab_size:
@@ -25,11 +36,6 @@ def load_splits(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int, vocab_size:
             f"set model.vocab_size={tokenizer.vocab_size}"
         )
     name = cfg.path or "the embedded corpus"
-    if cfg.val_path is not None and cfg.path is not None:
-        train_path, val_path = Path(cfg.path).resolve(), Path(cfg.val_path).resolve()
-        if val_path == train_path or train_path in val_path.parents:  # held-out text would be trained on
-            raise ValueError(f"data.val_path {cfg.val_path} is inside data.path {cfg.path}: the held-out text "
-                             "would be in the training stream too")
     tokens = load_tokens(cfg.path, tokenizer, cfg.token_dtype, cfg.corpus_bytes)
     if cfg.val_path is not None:
         val = load_tokens(cfg.val_path, tokenizer, cfg.token_dtype, cfg.corpus_bytes)

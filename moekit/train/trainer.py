@@ -18,6 +18,7 @@ from rich.console import Console
 from torch.optim.lr_scheduler import LambdaLR
 
 from moekit.data import ShuffledBatches, eval_batches, load_splits, load_tokenizer
+from moekit.data.splits import check_held_out_apart
 from moekit.models import MoEForCausalLM
 from moekit.moe import update_expert_biases
 from moekit.train.checkpoint import (
@@ -88,6 +89,7 @@ class Trainer:
 
         seed_everything(cfg.seed)
         self.tokenizer = load_tokenizer(config.data.tokenizer)
+        check_held_out_apart(config.data)
         splits = load_splits(config.data, self.tokenizer, cfg.seq_len, config.model.vocab_size)
         self.batches = ShuffledBatches(splits.train, cfg.batch_size, cfg.seed)
         self.val_batches = eval_batches(splits.val, cfg.batch_size, cfg.eval_batches)

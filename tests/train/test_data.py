@@ -189,13 +189,20 @@ def test_data_position_is_refused_on_another_stream_and_old_positions_still_load
         short.load_state_dict(old)
 
 
-def test_held_out_file_inside_the_training_data_is_refused(tmp_path, text_file):
-    from moekit.data import DataConfig, load_splits
+def test_training_refuses_a_held_out_file_inside_the_training_data(tmp_path, make_config):
+    from moekit.data import DataConfig
+    from moekit.data.splits import check_held_out_apart
+    from moekit.train.config import TrainConfig
+    from moekit.train.trainer import Trainer
+
+    values, _ = make_config()
+    values["data"]["val_path"] = values["data"]["path"]
+    with pytest.raises(ValueError, match="would be in the training stream too"):
+        Trainer(TrainConfig.from_dict(values))
 
     folder = tmp_path / "corpus"
     folder.mkdir()
-    (folder / "train.txt").write_text(text_file.read_text())
-    (folder / "val.txt").write_text(text_file.read_text()[:5000])
     for val in (folder / "val.txt", folder):
         with pytest.raises(ValueError, match="is inside data.path .* would be in the training stream too"):
-            load_splits(DataConfig(path=str(folder), val_path=str(val)), ByteTokenizer(), 32, 257)
+            check_held_out_apart(DataConfig(path=str(folder), val_path=str(val)))
+    check_held_out_apart(DataConfig(path=str(folder), val_path=str(tmp_path / "val.txt")))  # apart: fine
