@@ -1,7 +1,7 @@
 """Batches of fixed-length token windows with a resumable position.
 
 The stream is cut into non-overlapping windows of ``seq_len`` tokens; each epoch visits them in
-a fresh order drawn from ``seed + epoch``. The whole position is ``(epoch, index)``, so a
+a fresh order drawn from the pair (seed, epoch). The whole position is ``(epoch, index)``, so a
 checkpoint restores it exactly and a resumed run reads the same batches as an unbroken one.
 The saved position also names its stream (window count, ``seq_len``, a fingerprint), so it is
 refused on another stream, where it would point at other windows or past the end.
@@ -46,14 +46,24 @@ class TokenWindows:
 class ShuffledBatches:
     """Endless training batches; ``state_dict`` / ``load_state_dict`` carry the position."""
 
+    # Epoch orders are seeded from (seed, epoch) by ORDER_SEEDING; version 1 (seed + epoch) gave seed s
+    # at epoch 1 the order of seed s + 1 at epoch 0, so neighbouring seeds saw the same orders shifted.
+    # A checkpoint without the key was written with version 1 and keeps it, so it resumes exactly.
+    ORDER_SEEDING = 2
+
     def __init__(self, windows: TokenWindows, batch_size: int, seed: int):
         self.windows, self.batch_size, self.seed = windows, batch_size, seed
         self.epoch, self.index = 0, 0
+        self.order_seeding = self.ORDER_SEEDING
         self._order: list[int] | None = None
 
     def _epoch_order(self) -> list[int]:
         if self._order is None:
-            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            if self.order_seeding == 1:
+                epoch_seed = self.seed + self.epoch
+            else:  # distinct for every (seed, epoch) with epoch < 2**20
+                epoch_seed = (self.seed << 20) + self.epoch
+            gen = torch.Generator().manual_seed(epoch_seed)
             self._order = torch.randperm(self.windows.num_windows, generator=gen).tolist()
         return self._order
 
@@ -68,7 +78,7 @@ class ShuffledBatches:
 
     def state_dict(self) -> dict[str, int]:
         w = self.windows
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "order_seeding": self.order_seeding,
                 "num_windows": w.num_windows, "seq_len": w.seq_len, "fingerprint": w.fingerprint()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -87,6 +97,7 @@ class ShuffledBatches:
             raise ValueError(f"data position {state['index']} is past this run's {w.num_windows} windows: "
                              "resume with the same data and train.seq_len")
         self.epoch, self.index, self._order = state["epoch"], state["index"], None
+        self.order_seeding = state.get("order_seeding", 1)
 
 
 def eval_batches(windows: TokenWindows, batch_size: int, max_batches: int) -> list[torch.Tensor]:

@@ -180,10 +180,15 @@ def test_data_position_is_refused_on_another_stream_and_old_positions_still_load
     # the same stream in a wider dtype (another data.token_dtype) is the same data
     ShuffledBatches(TokenWindows(tokens.astype(np.uint32), 32, 257, "ids"), 3, seed=7).load_state_dict(state)
 
-    old = {k: state[k] for k in ("epoch", "index", "seed")}  # a checkpoint from before the stream keys
+    # A checkpoint from before the stream keys (and before the (seed, epoch) order seeding).
+    legacy = ShuffledBatches(TokenWindows(tokens, 32, 257, "ids"), 3, seed=7)
+    legacy.order_seeding = 1
+    legacy.next_batch()
+    old = {k: legacy.state_dict()[k] for k in ("epoch", "index", "seed")}
     resumed = ShuffledBatches(TokenWindows(tokens, 32, 257, "ids"), 3, seed=7)
     resumed.load_state_dict(old)
-    assert torch.equal(resumed.next_batch(), loader.next_batch())
+    for _ in range(5):  # across the epoch boundary too
+        assert torch.equal(resumed.next_batch(), legacy.next_batch())
     short = ShuffledBatches(TokenWindows(tokens[:32 * 3], 32, 257, "ids"), 3, seed=7)
     with pytest.raises(ValueError, match="data position 3 is past this run's 3 windows"):
         short.load_state_dict(old)
@@ -206,3 +211,13 @@ def test_training_refuses_a_held_out_file_inside_the_training_data(tmp_path, mak
         with pytest.raises(ValueError, match="is inside data.path .* would be in the training stream too"):
             check_held_out_apart(DataConfig(path=str(folder), val_path=str(val)))
     check_held_out_apart(DataConfig(path=str(folder), val_path=str(tmp_path / "val.txt")))  # apart: fine
+
+
+def test_neighbouring_seeds_do_not_share_epoch_orders():
+    """Seeding each epoch from seed + epoch gave seed 0's second epoch the order of seed 1's first."""
+    windows = TokenWindows(np.arange(32 * 50, dtype=np.uint16) % 257, 32, 257, "ids")
+    orders = {}
+    for seed in (0, 1):
+        loader = ShuffledBatches(windows, 50, seed)
+        orders[seed] = [loader.next_batch()[:, 0].tolist() for _ in range(2)]  # two epochs
+    assert orders[0][1] != orders[1][0] and orders[0][0] != orders[1][0]
