@@ -15,6 +15,7 @@ from moekit.mixers.mla_config import MLAConfig
 from moekit.mixers.registry import LAYER_LETTERS, check_linear_mixer
 from moekit.mixers.rope_scaling import YarnScaling
 from moekit.moe.config import MoEConfig
+from moekit.validation import is_int
 
 _FIELD_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}  # the scalar annotations checked
 GROUPED_VALUE_MIXERS = ("qwen3_next_deltanet",)  # the linear mixers that read linear_num_v_heads
@@ -141,7 +142,7 @@ class ModelConfig:
             expected = _FIELD_TYPES.get(kinds[0])
             if expected is None:
                 continue
-            ok = (type(value) is bool if expected is bool
+            ok = (type(value) is bool if expected is bool else is_int(value) if expected is int
                   else isinstance(value, expected) and not isinstance(value, bool))
             if not ok:
                 allowed = kinds[0] + (" or None" if "None" in kinds else "")
@@ -153,9 +154,8 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig: {msg}")
 
         self._check_types()
-        for name in ("vocab_size", "hidden_size", "max_seq_len", "dense_ffn_hidden_size"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        for name in ("vocab_size", "hidden_size", "max_seq_len", "dense_ffn_hidden_size"):  # ints: _check_types
+            need(getattr(self, name) > 0, f"{name} must be a positive integer, got {getattr(self, name)!r}")
         need(len(self.layer_pattern) > 0, "layer_pattern must have at least one letter")
         bad = sorted(set(self.layer_pattern) - set(LAYER_LETTERS))
         need(not bad, f"layer_pattern {self.layer_pattern!r} has unknown letter(s) {bad}; "

@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Integral
 
 import torch
 
 from moekit.ops.linear_attention import finite_checks_skipped
+from moekit.validation import is_int
 
 
 @dataclass
@@ -76,14 +76,10 @@ def _prompt_row(i: int, prompt) -> torch.Tensor:
     return row.long()
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
 def _token_ids(name: str, value) -> tuple[int, ...]:
     """An int or a sequence of ints (e.g. several end-of-sequence ids), as a tuple."""
-    values = (value,) if _is_int(value) else tuple(value) if isinstance(value, Sequence) else ()
-    if not values or not all(_is_int(v) for v in values):
+    values = (value,) if is_int(value) else tuple(value) if isinstance(value, Sequence) else ()
+    if not values or not all(is_int(v) for v in values):
         raise TypeError(f"generate: {name} must be an int or a non-empty list of ints, got {value!r}")
     return tuple(int(v) for v in values)
 
@@ -137,12 +133,12 @@ def prepare_request(input_ids, max_new_tokens: int, device, temperature: float =
     """Check ``generate``'s arguments and left-pad the prompts onto ``device``. ``eos_token_id`` may
     be one id or several (a row stops at any of them)."""
     sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
-    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     eos_ids = None if eos_token_id is None else _token_ids("eos_token_id", eos_token_id)
     if pad_token_id is None:
         pad_token_id = eos_ids[0] if eos_ids else 0
-    if not _is_int(pad_token_id):
+    if not is_int(pad_token_id):
         raise TypeError(f"generate: pad_token_id must be an int, got {pad_token_id!r}")
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from moekit.validation import is_int
+
 SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTER_TYPES = ("topk", "expert_choice")
 ACTIVATIONS = ("swiglu", "geglu", "gelu")
@@ -73,16 +75,13 @@ class MoEConfig:
             if not ok:
                 raise ValueError(f"MoEConfig: {msg}")
 
-        def integer(value) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
         for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "num_groups", "topk_groups"):
             value = getattr(self, name)
-            need(integer(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
-        need(integer(self.num_shared_experts) and self.num_shared_experts >= 0,
+            need(is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        need(is_int(self.num_shared_experts) and self.num_shared_experts >= 0,
              f"num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")
         width = self.shared_ffn_hidden_size  # None (or 0): ffn_hidden_size
-        need(width is None or (integer(width) and width >= 0),
+        need(width is None or (is_int(width) and width >= 0),
              f"shared_ffn_hidden_size must be None or an integer >= 0, got {width!r}")
         need(self.score_func in SCORE_FUNCS, f"unknown score_func {self.score_func!r}; choose from {SCORE_FUNCS}")
         need(self.router_type in ROUTER_TYPES,
