@@ -107,10 +107,13 @@ class MoEConfig:
              f"capacity_factor must be None (dropless) or finite and > 0, got {self.capacity_factor}")
         need(self.router_type != "expert_choice" or self.num_groups == 1,
              "expert_choice routing does not combine with group-limited routing")
-        if self.router_type == "expert_choice":  # balanced by construction; its weights are the scores
-            unused = [f"{name}={getattr(self, name)}" for name, default in
+        if self.router_type == "expert_choice":
+            # Balanced by construction, its weights are the raw scores, and an expert keeps its
+            # best-scoring tokens: the balancing, weight and drop settings of top-k routing do nothing.
+            unused = [f"{name}={getattr(self, name)!r}" for name, default in
                       (("aux_loss_coef", 0.0), ("seq_aux_loss_coef", 0.0), ("bias_update_rate", 0.0),
-                       ("route_scale", 1.0)) if getattr(self, name) != default]
+                       ("route_scale", 1.0), ("norm_topk_prob", True), ("drop_policy", "probability"))
+                      if getattr(self, name) != default]
             need(not unused, f"expert_choice routing does not use {', '.join(unused)}: leave them at their defaults")
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate", "init_std"):
             value = getattr(self, name)

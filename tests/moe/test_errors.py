@@ -27,6 +27,8 @@ from moekit import MoE, MoEConfig
     (dict(init_std=-0.1), "init_std must be finite and >= 0"),
     (dict(router_type="expert_choice", aux_loss_coef=0.01, route_scale=2.0),
      "expert_choice routing does not use aux_loss_coef=0.01, route_scale=2.0"),
+    (dict(router_type="expert_choice", norm_topk_prob=False, drop_policy="position"),
+     "expert_choice routing does not use norm_topk_prob=False, drop_policy='position'"),
 ])
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
