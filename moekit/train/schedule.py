@@ -8,10 +8,11 @@ import torch
 
 
 class WarmupCosine:
-    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based). A warmup longer
+    than the run is cut to the run, so a short run still reaches the peak on its last step."""
 
     def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float):
-        self.warmup, self.total, self.min_ratio = warmup_steps, total_steps, min_ratio
+        self.warmup, self.total, self.min_ratio = min(warmup_steps, total_steps), total_steps, min_ratio
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:

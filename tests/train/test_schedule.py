@@ -16,6 +16,11 @@ def test_warmup_then_cosine_to_the_floor():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_warmup_longer_than_the_run_is_cut_to_it():
+    sched = WarmupCosine(warmup_steps=100, total_steps=4, min_ratio=0.1)
+    assert [sched(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+
+
 def test_weight_decay_only_on_matrices():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), fused=False)

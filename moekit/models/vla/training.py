@@ -4,7 +4,6 @@ clipping) and batched evaluation of its samples."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import torch
 from moekit.models.vla.metrics import trajectory_metrics
 from moekit.models.vla.model import TrajectoryModel
 from moekit.models.vla.scene import SceneSet
+from moekit.train.schedule import WarmupCosine
 
 
 @dataclass
@@ -45,13 +45,6 @@ class TrainConfig:
         return cls(**values)
 
 
-def lr_factor(step: int, config: TrainConfig) -> float:
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def train(model: TrajectoryModel, scenes: SceneSet, config: TrainConfig,
           log: Callable[[str], None] = print) -> list[dict[str, float]]:
     """Fit the data statistics on ``scenes`` and train; returns one record per logged step
@@ -63,7 +56,7 @@ def train(model: TrajectoryModel, scenes: SceneSet, config: TrainConfig,
     gen = torch.Generator(device=device).manual_seed(config.seed)
     order_gen = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(config.warmup, config.steps, min_ratio=0.1))
     history, sums, count, start = [], {"objective": 0.0, "aux": 0.0}, 0, time.perf_counter()
     perm, cursor = torch.randperm(len(data), generator=order_gen), 0
     for step in range(config.steps):
