@@ -22,12 +22,14 @@ from moekit.ops import linear_attention as la
 
 
 class DeltaNet(LinearMixer):
+    reads = ("conv_bias",)
+
     def __init__(self, config: MixerConfig):
         super().__init__()
         h, dk, dv = self.project_qkv(config)
         self.b_proj = nn.Linear(config.hidden_size, h, bias=False)
         # One depthwise conv over [q | k | v] is the same function as three separate ones.
-        self.conv = ShortConvolution(h * (2 * dk + dv), config.conv_size)
+        self.conv = ShortConvolution(h * (2 * dk + dv), config.conv_size, bias=config.conv_bias)
         self.o_proj = nn.Linear(h * dv, config.hidden_size, bias=False)
         self.o_norm = self.make_output_norm()
 

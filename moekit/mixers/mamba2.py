@@ -21,8 +21,11 @@ from moekit.ops import linear_attention as la
 
 
 class Mamba2(LinearMixer):
+    reads = ("conv_bias", "ssm_groups")
+
     def __init__(self, config: MixerConfig):
         super().__init__()
+        self.refuse_unread(config)
         self.config = config
         h, p, n, g = config.num_heads, config.value_dim, config.ssm_state_size, config.ssm_groups
         if h % g:

@@ -25,6 +25,7 @@ NORM_EPS = 1e-6  # transformers builds this norm with the default epsilon, not r
 class MiniMaxLightningAttention(LinearMixer):
     def __init__(self, config: MixerConfig):
         super().__init__()
+        self.refuse_unread(config)
         self.config = config
         h, dk, dv = config.num_heads, config.head_dim, config.value_dim
         self.state_dims = (h, dk, dv)

@@ -24,15 +24,18 @@ from moekit.ops import linear_attention as la
 
 
 class Qwen3NextGatedDeltaNet(LinearMixer):
+    reads = ("conv_bias", "num_v_heads")
+
     def __init__(self, config: MixerConfig):
         super().__init__()
+        self.refuse_unread(config)
         self.config = config
         nk, nv, dk, dv = config.num_heads, config.num_v_heads, config.head_dim, config.value_dim
         self.group = nv // nk  # value heads per q/k head
         self.state_dims = (nv, dk, dv)
         self.in_proj_qkvz = nn.Linear(config.hidden_size, nk * (2 * dk + 2 * self.group * dv), bias=False)
         self.in_proj_ba = nn.Linear(config.hidden_size, 2 * nv, bias=False)
-        self.conv = ShortConvolution(2 * nk * dk + nv * dv, config.conv_size)
+        self.conv = ShortConvolution(2 * nk * dk + nv * dv, config.conv_size, bias=config.conv_bias)
         self.A_log = nn.Parameter(init_log_decay_rate(nv))
         self.dt_bias = nn.Parameter(init_dt_bias(nv))
         self.norm = GatedRMSNorm(dv, config.norm_eps, activation="swish")

@@ -141,3 +141,39 @@ def test_cached_calls_need_positions():
     attention = make("softmax")
     with pytest.raises(ValueError, match="slots"):
         attention(torch.randn(1, 1, 24), attention.init_cache(1, 4))
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "qwen3_next_deltanet"])
+def test_conv_bias_reaches_every_short_convolution(name):
+    """``conv_bias`` puts a bias in the short convolution of every mixer that has one, not only
+    Mamba2's: the bias shifts the output, and decoding with a cache still equals the chunked call."""
+    mixer = make(name, conv_bias=True)
+    bias = mixer.conv.conv.bias
+    assert bias is not None and bias.shape == (mixer.conv.conv.in_channels,)
+    x = torch.randn(2, 7, 24)
+    with torch.no_grad():
+        bias.normal_()
+        full = mixer(x)
+        cache = mixer.init_cache(2, 7)
+        steps = torch.cat([mixer(x[:, t:t + 1], cache, cached_info(2, t, t + 1, 7)) for t in range(7)], 1)
+        assert rel(steps, full) < 1e-5
+        bias.zero_()
+        assert rel(mixer(x), full) > 1e-2
+
+
+@pytest.mark.parametrize("name, option", [
+    *[(name, dict(ssm_groups=2)) for name in sorted(set(LINEAR_MIXERS) - {"mamba2"})],
+    *[(name, dict(num_v_heads=4)) for name in sorted(set(LINEAR_MIXERS) - {"qwen3_next_deltanet"})],
+])
+def test_linear_options_a_mixer_does_not_implement_are_refused(name, option):
+    """B/C groups (Mamba2) and grouped value heads (Qwen3-Next) were silently dropped by the other
+    linear mixers, which then built a different model than the config describes."""
+    with pytest.raises(ValueError, match=rf"MixerConfig.{next(iter(option))}=.* not implemented by this mixer"):
+        make(name, **option)
+
+
+@pytest.mark.parametrize("name", ["gla", "simple_gla", "retention", "lightning_attention", "linear_attention",
+                                  "minimax_lightning"])
+def test_conv_bias_without_a_convolution_is_refused(name):
+    with pytest.raises(ValueError, match=r"MixerConfig.conv_bias=True is not implemented by this mixer"):
+        make(name, conv_bias=True)
