@@ -75,6 +75,7 @@ class GatedDeltaNet(DeltaNet):
         h, _, dv = self.state_dims
         q, k, v, beta = self.qkv_beta(x, cache_entry, info)
         g = -at_least_float32(self.A_log).exp() * F.softplus(at_least_float32(self.a_proj(x)) + self.dt_bias)
+        g = zero_padding(g, info.token_mask if info is not None else None)  # padding must not decay a cached state
         o = self.run_op(la.gated_delta_rule, q, k, v, g, beta, cache_entry=cache_entry)
         o = self.o_norm(o, self.g_proj(x).view(b, t, h, dv))
         return self.o_proj(o.reshape(b, t, h * dv))

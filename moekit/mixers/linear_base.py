@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from moekit.mixers.cache import RecurrentCache, zero_padding
+from moekit.mixers.cache import RecurrentCache
 from moekit.mixers.conv import ShortConvolution
 
 
@@ -59,8 +59,8 @@ class LinearMixer(nn.Module):
 
     def short_conv(self, u: torch.Tensor, cache_entry: RecurrentCache | None,
                    token_mask: torch.Tensor | None) -> torch.Tensor:
-        # Padding is zeroed first: a left-padded row then convolves exactly as it would alone.
-        y, state = self.conv(zero_padding(u, token_mask), cache_entry.conv_state if cache_entry else None)
+        # Padding is kept out of the window: a padded row then convolves exactly as it would alone.
+        y, state = self.conv(u, cache_entry.conv_state if cache_entry else None, token_mask)
         if cache_entry is not None:
             cache_entry.conv_state.copy_(state)
         return y

@@ -56,6 +56,7 @@ class Qwen3NextGatedDeltaNet(LinearMixer):
         k = zero_padding(k.view(b, t, nk, dk).repeat_interleave(r, dim=2), mask)
         beta = torch.sigmoid(at_least_float32(beta.reshape(b, t, nv)))
         g = -at_least_float32(self.A_log).exp() * F.softplus(at_least_float32(a.reshape(b, t, nv)) + self.dt_bias)
+        g = zero_padding(g, mask)  # padding must not decay a cached state
         o = self.run_op(la.gated_delta_rule, q, k, v.view(b, t, nv, dv), g, beta, cache_entry=cache_entry,
                         use_qk_l2norm_in_kernel=True)
         o = self.norm(o, z.reshape(b, t, nv, dv))
