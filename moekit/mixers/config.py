@@ -25,7 +25,9 @@ class MixerConfig:
     also yields a per-channel gate, sigmoid(gate) scales the attention output),
     ``attention_scale`` (softmax scale, None means head_dim ** -0.5; GraniteMoeHybrid's
     attention_multiplier), ``norm_unit_offset`` (q/k norms apply 1 + weight), ``ssm_groups``
-    (Mamba2's B/C groups) and ``conv_bias`` (a bias in the short convolution).
+    (Mamba2's B/C groups) and ``conv_bias`` (a bias in the short convolution: Mamba2, DeltaNet,
+    Gated DeltaNet). A linear mixer refuses ``ssm_groups``, ``num_v_heads`` or ``conv_bias`` set
+    where it does not implement them (``LinearMixer.refuse_unread``).
     """
 
     hidden_size: int

@@ -24,11 +24,22 @@ class ShortConvolution(nn.Module):
     def init_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
         return torch.zeros(batch_size, self.conv.in_channels, self.kernel_size - 1, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (silu(conv(x)) [B, T, C], new state)."""
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
+                token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (silu(conv(x)) [B, T, C], new state). ``token_mask`` [B, T] (False at padding):
+        each row's real tokens are convolved right after the state, as if its padding were absent
+        (a padded call that continues a state must not put padding into the window); the outputs at
+        padding are zero."""
         xt = x.transpose(1, 2)
         if state is None:
             state = self.init_state(x.shape[0], x.device, x.dtype)
         full = torch.cat([state.to(x.dtype), xt], dim=-1)
-        y = F.conv1d(full, self.conv.weight, self.conv.bias, groups=xt.shape[1])
-        return F.silu(y).transpose(1, 2), full[..., -(self.kernel_size - 1):]
+        order = None
+        if token_mask is not None:  # move each row's padding to its front, the rest keeping its order
+            keep = F.pad(token_mask.bool(), (full.shape[-1] - xt.shape[-1], 0), value=True)
+            order = torch.sort(keep.to(torch.uint8), dim=1, stable=True).indices.unsqueeze(1).expand_as(full)
+            full = full.gather(-1, order)
+        y = F.silu(F.conv1d(full, self.conv.weight, self.conv.bias, groups=xt.shape[1]))
+        if order is not None:  # each output back to its token's place (outputs that ended at the state drop out)
+            y = torch.zeros_like(full).scatter(-1, order[..., -y.shape[-1]:], y)[..., -y.shape[-1]:]
+        return y.transpose(1, 2), full[..., -(self.kernel_size - 1):]

@@ -22,12 +22,14 @@ from moekit.ops import linear_attention as la
 
 
 class DeltaNet(LinearMixer):
+    reads = ("conv_bias",)
+
     def __init__(self, config: MixerConfig):
         super().__init__()
         h, dk, dv = self.project_qkv(config)
         self.b_proj = nn.Linear(config.hidden_size, h, bias=False)
         # One depthwise conv over [q | k | v] is the same function as three separate ones.
-        self.conv = ShortConvolution(h * (2 * dk + dv), config.conv_size)
+        self.conv = ShortConvolution(h * (2 * dk + dv), config.conv_size, bias=config.conv_bias)
         self.o_proj = nn.Linear(h * dv, config.hidden_size, bias=False)
         self.o_norm = self.make_output_norm()
 
@@ -73,6 +75,7 @@ class GatedDeltaNet(DeltaNet):
         h, _, dv = self.state_dims
         q, k, v, beta = self.qkv_beta(x, cache_entry, info)
         g = -at_least_float32(self.A_log).exp() * F.softplus(at_least_float32(self.a_proj(x)) + self.dt_bias)
+        g = zero_padding(g, info.token_mask if info is not None else None)  # padding must not decay a cached state
         o = self.run_op(la.gated_delta_rule, q, k, v, g, beta, cache_entry=cache_entry)
         o = self.o_norm(o, self.g_proj(x).view(b, t, h, dv))
         return self.o_proj(o.reshape(b, t, h * dv))

@@ -32,10 +32,13 @@ class GLA(LinearMixer):
                 info: SequenceInfo | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         h, dk, dv = self.state_dims
+        mask = info.token_mask if info is not None else None
         q = self.q_proj(x).view(b, t, h, dk)
-        k = zero_padding(self.k_proj(x).view(b, t, h, dk), info.token_mask if info is not None else None)
+        k = zero_padding(self.k_proj(x).view(b, t, h, dk), mask)
         v = self.v_proj(x).view(b, t, h, dv)
-        gk = F.logsigmoid(at_least_float32(self.gk_proj(x))).view(b, t, h, dk) / GATE_LOGIT_NORMALIZER
+        # zero log-gates at padding: it must not decay a cached state
+        gk = zero_padding(F.logsigmoid(at_least_float32(self.gk_proj(x))).view(b, t, h, dk) / GATE_LOGIT_NORMALIZER,
+                          mask)
         o = self.run_op(la.gla, q, k, v, gk, cache_entry=cache_entry)
         o = self.o_norm(o, self.g_proj(x).view(b, t, h, dv))
         return self.o_proj(o.reshape(b, t, h * dv))

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from moekit.mixers.cache import RecurrentCache, zero_padding
+from moekit.mixers.cache import RecurrentCache
 from moekit.mixers.conv import ShortConvolution
 
 
@@ -20,6 +20,8 @@ class LinearMixer(nn.Module):
     """
 
     state_dims: tuple[int, int, int]
+    # The linear-only MixerConfig options (see ``refuse_unread``) this mixer implements.
+    reads: tuple[str, ...] = ()
 
     def __init__(self):
         super().__init__()
@@ -28,6 +30,7 @@ class LinearMixer(nn.Module):
     def project_qkv(self, config) -> tuple[int, int, int]:
         """The q / k / v projections (no bias) and state shape that the head-structured mixers share;
         returns (heads, K, V)."""
+        self.refuse_unread(config)
         self.config = config
         h, dk, dv = config.num_heads, config.head_dim, config.value_dim
         self.state_dims = (h, dk, dv)
@@ -35,6 +38,16 @@ class LinearMixer(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, h * dk, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, h * dv, bias=False)
         return h, dk, dv
+
+    def refuse_unread(self, config) -> None:
+        """A linear-only option set away from its neutral value, on a mixer that does not implement
+        it, is an error: dropping it would build another model than the config describes (the softmax
+        options are shared with the model's attention layers, so they pass)."""
+        neutral = {"conv_bias": False, "ssm_groups": 1, "num_v_heads": config.num_heads}
+        for name, value in neutral.items():
+            if name not in self.reads and getattr(config, name) != value:
+                raise ValueError(f"{type(self).__name__}: MixerConfig.{name}={getattr(config, name)!r} is not "
+                                 f"implemented by this mixer (leave it at {value!r})")
 
     def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> RecurrentCache:
         """A zero state (float32, float64 for a float64 model); ``max_len`` is not used: the
@@ -46,8 +59,8 @@ class LinearMixer(nn.Module):
 
     def short_conv(self, u: torch.Tensor, cache_entry: RecurrentCache | None,
                    token_mask: torch.Tensor | None) -> torch.Tensor:
-        # Padding is zeroed first: a left-padded row then convolves exactly as it would alone.
-        y, state = self.conv(zero_padding(u, token_mask), cache_entry.conv_state if cache_entry else None)
+        # Padding is kept out of the window: a padded row then convolves exactly as it would alone.
+        y, state = self.conv(u, cache_entry.conv_state if cache_entry else None, token_mask)
         if cache_entry is not None:
             cache_entry.conv_state.copy_(state)
         return y

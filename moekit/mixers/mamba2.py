@@ -21,8 +21,11 @@ from moekit.ops import linear_attention as la
 
 
 class Mamba2(LinearMixer):
+    reads = ("conv_bias", "ssm_groups")
+
     def __init__(self, config: MixerConfig):
         super().__init__()
+        self.refuse_unread(config)
         self.config = config
         h, p, n, g = config.num_heads, config.value_dim, config.ssm_state_size, config.ssm_groups
         if h % g:
@@ -47,7 +50,7 @@ class Mamba2(LinearMixer):
         z, xbc, dt = self.in_proj(x).split([self.inner, self.inner + 2 * g * n, h], dim=-1)
         xs, B, C = self.short_conv(xbc, cache_entry, mask).split([self.inner, g * n, g * n], dim=-1)
         xs = zero_padding(xs.reshape(b, t, h, p), mask)
-        dt = F.softplus(at_least_float32(dt) + self.dt_bias)
+        dt = zero_padding(F.softplus(at_least_float32(dt) + self.dt_bias), mask)  # no decay at padding
         A = -at_least_float32(self.A_log).exp()
         y = self.run_op(la.mamba2_ssd, xs, dt, A, B.view(b, t, g, n), C.view(b, t, g, n), self.D,
                         cache_entry=cache_entry)

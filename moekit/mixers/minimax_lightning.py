@@ -25,6 +25,7 @@ NORM_EPS = 1e-6  # transformers builds this norm with the default epsilon, not r
 class MiniMaxLightningAttention(LinearMixer):
     def __init__(self, config: MixerConfig):
         super().__init__()
+        self.refuse_unread(config)
         self.config = config
         h, dk, dv = config.num_heads, config.head_dim, config.value_dim
         self.state_dims = (h, dk, dv)
@@ -39,8 +40,9 @@ class MiniMaxLightningAttention(LinearMixer):
         h, dk, dv = self.state_dims
         cfg = self.config
         q, k, v = F.silu(self.qkv_proj(x)).view(b, t, h, -1).split([dk, dk, dv], dim=-1)
-        k = zero_padding(k, info.token_mask if info is not None else None)
-        g = la.lightning_decay(h, cfg.layer_idx, cfg.num_layers, device=x.device).expand(b, t, h)
+        mask = info.token_mask if info is not None else None
+        k = zero_padding(k, mask)
+        g = zero_padding(la.lightning_decay(h, cfg.layer_idx, cfg.num_layers, device=x.device).expand(b, t, h), mask)
         o = self.run_op(la.simple_gla, q, k, v, g, cache_entry=cache_entry, scale=1.0)
         o = self.norm(o.reshape(b, t, h * dv)) * torch.sigmoid(self.output_gate(x))
         return self.out_proj(o)

@@ -24,15 +24,18 @@ from moekit.ops import linear_attention as la
 
 
 class Qwen3NextGatedDeltaNet(LinearMixer):
+    reads = ("conv_bias", "num_v_heads")
+
     def __init__(self, config: MixerConfig):
         super().__init__()
+        self.refuse_unread(config)
         self.config = config
         nk, nv, dk, dv = config.num_heads, config.num_v_heads, config.head_dim, config.value_dim
         self.group = nv // nk  # value heads per q/k head
         self.state_dims = (nv, dk, dv)
         self.in_proj_qkvz = nn.Linear(config.hidden_size, nk * (2 * dk + 2 * self.group * dv), bias=False)
         self.in_proj_ba = nn.Linear(config.hidden_size, 2 * nv, bias=False)
-        self.conv = ShortConvolution(2 * nk * dk + nv * dv, config.conv_size)
+        self.conv = ShortConvolution(2 * nk * dk + nv * dv, config.conv_size, bias=config.conv_bias)
         self.A_log = nn.Parameter(init_log_decay_rate(nv))
         self.dt_bias = nn.Parameter(init_dt_bias(nv))
         self.norm = GatedRMSNorm(dv, config.norm_eps, activation="swish")
@@ -53,6 +56,7 @@ class Qwen3NextGatedDeltaNet(LinearMixer):
         k = zero_padding(k.view(b, t, nk, dk).repeat_interleave(r, dim=2), mask)
         beta = torch.sigmoid(at_least_float32(beta.reshape(b, t, nv)))
         g = -at_least_float32(self.A_log).exp() * F.softplus(at_least_float32(a.reshape(b, t, nv)) + self.dt_bias)
+        g = zero_padding(g, mask)  # padding must not decay a cached state
         o = self.run_op(la.gated_delta_rule, q, k, v.view(b, t, nv, dv), g, beta, cache_entry=cache_entry,
                         use_qk_l2norm_in_kernel=True)
         o = self.norm(o, z.reshape(b, t, nv, dv))

@@ -60,9 +60,12 @@ class DecayedLinearAttention(LinearMixer, abc.ABC):
         h, _, dv = self.state_dims
         if self.uses_positions and cache_entry is not None and info is None:
             raise ValueError(f"{type(self).__name__}: decoding with a cache needs SequenceInfo positions")
+        mask = info.token_mask if info is not None else None
         q, k, v = self.qkv(x, info)
-        k = zero_padding(k, info.token_mask if info is not None else None)
-        o = self.run_op(la.simple_gla, q, k, v, self.log_decay(x), cache_entry=cache_entry, scale=self.scale)
+        # padding writes nothing (zero keys) and decays nothing (zero log-gates): a padded call that
+        # continues a cached state leaves it as the row alone would
+        k, g = zero_padding(k, mask), zero_padding(self.log_decay(x), mask)
+        o = self.run_op(la.simple_gla, q, k, v, g, cache_entry=cache_entry, scale=self.scale)
         o = self.o_norm(o, self.g_proj(x).view(b, t, h, dv))
         return self.o_proj(o.reshape(b, t, h * dv))
 

@@ -8,6 +8,7 @@ import torch
 
 from moekit.mixers import LINEAR_MIXERS, MixerConfig, SequenceInfo, SoftmaxAttention, build_mixer
 from moekit.mixers.attention import visible_keys
+from moekit.models.cache import ModelCache
 
 ALL_MIXERS = [*sorted(LINEAR_MIXERS), "softmax"]
 
@@ -141,3 +142,66 @@ def test_cached_calls_need_positions():
     attention = make("softmax")
     with pytest.raises(ValueError, match="slots"):
         attention(torch.randn(1, 1, 24), attention.init_cache(1, 4))
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "qwen3_next_deltanet"])
+def test_conv_bias_reaches_every_short_convolution(name):
+    """``conv_bias`` puts a bias in the short convolution of every mixer that has one, not only
+    Mamba2's: the bias shifts the output, and decoding with a cache still equals the chunked call."""
+    mixer = make(name, conv_bias=True)
+    bias = mixer.conv.conv.bias
+    assert bias is not None and bias.shape == (mixer.conv.conv.in_channels,)
+    x = torch.randn(2, 7, 24)
+    with torch.no_grad():
+        bias.normal_()
+        full = mixer(x)
+        cache = mixer.init_cache(2, 7)
+        steps = torch.cat([mixer(x[:, t:t + 1], cache, cached_info(2, t, t + 1, 7)) for t in range(7)], 1)
+        assert rel(steps, full) < 1e-5
+        bias.zero_()
+        assert rel(mixer(x), full) > 1e-2
+
+
+@pytest.mark.parametrize("name, option", [
+    *[(name, dict(ssm_groups=2)) for name in sorted(set(LINEAR_MIXERS) - {"mamba2"})],
+    *[(name, dict(num_v_heads=4)) for name in sorted(set(LINEAR_MIXERS) - {"qwen3_next_deltanet"})],
+])
+def test_linear_options_a_mixer_does_not_implement_are_refused(name, option):
+    """B/C groups (Mamba2) and grouped value heads (Qwen3-Next) were silently dropped by the other
+    linear mixers, which then built a different model than the config describes."""
+    with pytest.raises(ValueError, match=rf"MixerConfig.{next(iter(option))}=.* not implemented by this mixer"):
+        make(name, **option)
+
+
+@pytest.mark.parametrize("name", ["gla", "simple_gla", "retention", "lightning_attention", "linear_attention",
+                                  "minimax_lightning"])
+def test_conv_bias_without_a_convolution_is_refused(name):
+    with pytest.raises(ValueError, match=r"MixerConfig.conv_bias=True is not implemented by this mixer"):
+        make(name, conv_bias=True)
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_a_left_padded_call_continuing_a_cache_equals_the_row_alone(name):
+    """A cache continued by a left-padded multi-token call (a batch of follow-up turns of different
+    lengths): each row's outputs, and the steps after it, equal that row run alone. Padding must
+    neither decay the recurrent state (gates at padding were applied) nor enter the short
+    convolution's window (its zeros were convolved with the row's first real tokens)."""
+    mixer = make(name)
+    first, follow, after = torch.randn(2, 5, 24), torch.randn(2, 4, 24), torch.randn(2, 2, 24)
+    follow[0, :3] = 5 * torch.randn(3, 24)  # row 0: three padding tokens holding garbage, then one real
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[0, :3] = False
+
+    def run(rows, follow_mask):
+        b = len(rows)
+        cache = ModelCache([mixer.init_cache(b, 16)], b, 16)
+        everyone = torch.ones(b, 16, dtype=torch.bool)
+        mixer(first[rows], cache[0], cache.advance(everyone[:, :5], False))
+        outs = [mixer(follow[rows][:, -follow_mask.shape[1]:], cache[0], cache.advance(follow_mask, True))]
+        outs += [mixer(after[rows][:, t:t + 1], cache[0], cache.advance(everyone[:, :1], False)) for t in range(2)]
+        return torch.cat(outs, 1)
+
+    batched = run([0, 1], mask)
+    for row, real in ((0, 1), (1, 4)):
+        alone = run([row], torch.ones(1, real, dtype=torch.bool))
+        assert rel(batched[row:row + 1, 4 - real:], alone) < 1e-5, row

@@ -80,3 +80,21 @@ def test_rope_scores_depend_on_distance_only():
     assert abs(score(5, 0) - score(0, 0)) > 1e-3
     with pytest.raises(ValueError, match="even head_dim"):
         RotaryEmbedding(7)
+
+
+def test_short_conv_skips_padding_anywhere():
+    """With a token mask, each row convolves its real tokens after the state as if the padding were
+    not there (wherever it sits), and the new state holds the row's last real inputs."""
+    conv = ShortConvolution(3, 4).double()
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    state = torch.randn(2, 3, 3, dtype=torch.float64)
+    mask = torch.tensor([[False, False, True, False, True, True], [True] * 6])
+    y, new_state = conv(x, state, mask)
+    for b in range(2):
+        real = x[b:b + 1, mask[b]]
+        y_alone, state_alone = conv(real, state[b:b + 1])
+        torch.testing.assert_close(y[b:b + 1, mask[b]], y_alone)
+        torch.testing.assert_close(new_state[b:b + 1], state_alone)
+    # fewer real tokens than the state is long: the state keeps its tail
+    y1, s1 = conv(x[:1, :2], state[:1], torch.tensor([[False, True]]))
+    torch.testing.assert_close(s1, torch.cat([state[:1, :, 1:], x[:1, 1:2].transpose(1, 2)], -1))

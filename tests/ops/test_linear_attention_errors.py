@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moekit.ops import linear_attention as la
 from moekit.ops.linear_attention import _checks
@@ -206,3 +207,68 @@ def test_the_gpu_check_waits_for_the_backward(op):
         torch.autograd.grad(o.float().sum(), leaves)
     with pytest.raises(ValueError, match=rf"{op}: non-finite values .* in `v`"):
         call(*(t.detach() for t in leaves), *extra, backend="triton")
+
+
+def test_inputs_on_different_devices_are_named(qkv):
+    """A tensor on another device than q is refused by name before anything runs (the Triton kernels
+    launch on q's device and would read another device's pointer as their own)."""
+    q, k, v = (t[:1] for t in qkv)
+    g = gate()[:1]
+    with pytest.raises(ValueError, match=r"simple_gla: every tensor must be on q's device cpu, got `g` on meta"):
+        la.simple_gla(q, k, v, g.to("meta"))
+    with pytest.raises(ValueError, match=r"`initial_state` on meta"):
+        la.linear_attn(q, k, v, initial_state=torch.zeros(1, H, K, V, device="meta"))
+    x, dt, A = torch.randn(1, T, 4, 3), torch.rand(1, T, 4), -torch.rand(4)
+    Bm, Cm = torch.randn(1, T, 2, 5), torch.randn(1, T, 2, 5)
+    with pytest.raises(ValueError, match=r"mamba2_ssd: every tensor must be on x's device cpu, got `D` on meta"):
+        la.mamba2_ssd(x, dt, A, Bm, Cm, torch.ones(4, device="meta"))
+
+
+@pytest.mark.parametrize("dim", [0, 2, 3])
+def test_empty_dimensions_are_named(qkv, dim):
+    """An empty batch, head or head dim is a clear error, not a crash deep in the op (K = 0 divided
+    by zero in the default scale; the others failed in the finite check's aminmax)."""
+    q, k, v = qkv
+    if dim == 3:
+        with pytest.raises(ValueError, match=r"linear_attn: `q` has an empty dimension"):
+            la.linear_attn(q[..., :0], k[..., :0], v)
+        with pytest.raises(ValueError, match=r"linear_attn: `v` has an empty dimension"):
+            la.linear_attn(q, k, v[..., :0])
+        return
+    empty = [slice(None)] * dim + [slice(0, 0)]
+    with pytest.raises(ValueError, match=r"linear_attn: `q` has an empty dimension"):
+        la.linear_attn(q[tuple(empty)], k[tuple(empty)], v[tuple(empty)])
+
+
+def test_mamba2_empty_dimensions_are_named():
+    x, dt, A = torch.randn(1, T, 4, 3), torch.rand(1, T, 4), -torch.rand(4)
+    Bm, Cm = torch.randn(1, T, 2, 5), torch.randn(1, T, 2, 5)
+    with pytest.raises(ValueError, match=r"mamba2_ssd: `x` has an empty dimension"):
+        la.mamba2_ssd(x[..., :0], dt, A, Bm, Cm)
+    with pytest.raises(ValueError, match=r"mamba2_ssd: `B` has an empty dimension"):
+        la.mamba2_ssd(x, dt, A, Bm[..., :0], Cm[..., :0])
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_scale_is_named(qkv, scale):
+    """Not blamed on an overflow of finite inputs, as the result check would."""
+    with pytest.raises(ValueError, match=r"`scale` must be finite"):
+        la.linear_attn(*qkv, scale=scale)
+
+
+def test_switches_must_be_bools(qkv):
+    """A truthy string such as "False" (a YAML or CLI slip) would turn a switch on."""
+    q, k, v = qkv
+    beta = torch.rand(B, T, H)
+    with pytest.raises(ValueError, match=r"`output_final_state` must be a bool, got 'no'"):
+        la.linear_attn(q, k, v, output_final_state="no")
+    with pytest.raises(ValueError, match=r"`use_qk_l2norm_in_kernel` must be a bool, got 'False'"):
+        la.delta_rule(q, k, v, beta, use_qk_l2norm_in_kernel="False")
+    x, dt, A = torch.randn(1, T, 4, 3), torch.randn(1, T, 4), -torch.rand(4)
+    Bm, Cm = torch.randn(1, T, 2, 5), torch.randn(1, T, 2, 5)
+    with pytest.raises(ValueError, match=r"`dt_softplus` must be a bool, got 'False'"):
+        la.mamba2_ssd(x, dt, A, Bm, Cm, dt_softplus="False")
+    # the real switches still work
+    o, s = la.delta_rule(q, k, v, beta, use_qk_l2norm_in_kernel=True, output_final_state=True)
+    o0, _ = la.delta_rule(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, beta)
+    assert s.shape == (B, H, K, V) and ((o - o0).norm() / o0.norm()) < 1e-3

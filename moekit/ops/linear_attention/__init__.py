@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -145,7 +146,7 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
     dims = _checks.qkv(call.op, q, k, v)
     _checks.shape(call.op, "beta", beta, dims[:3], "[B, T, H]")
     forms = _Forms(chunk_gated_delta_rule, recurrent_gated_delta_rule, "gated_delta_rule",
-                   {"scale": _scale(call.op, scale, dims), "use_qk_l2norm_in_kernel": bool(use_qk_l2norm_in_kernel)})
+                   _delta_kwargs(call.op, scale, dims, use_qk_l2norm_in_kernel))
     return _run(call, forms, (q, k, v, None, beta), dims, {"q": q, "k": k, "v": v, "beta": beta}, v.dtype)
 
 
@@ -161,7 +162,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     _checks.shape(call.op, "g", g, dims[:3], "[B, T, H]")
     _checks.shape(call.op, "beta", beta, dims[:3], "[B, T, H]")
     forms = _Forms(chunk_gated_delta_rule, recurrent_gated_delta_rule, "gated_delta_rule",
-                   {"scale": _scale(call.op, scale, dims), "use_qk_l2norm_in_kernel": bool(use_qk_l2norm_in_kernel)})
+                   _delta_kwargs(call.op, scale, dims, use_qk_l2norm_in_kernel))
     named = {"q": q, "k": k, "v": v, "g": g, "beta": beta}
     return _run(call, forms, (q, k, v, g, beta), dims, named, v.dtype)
 
@@ -183,6 +184,7 @@ def mamba2_ssd(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False, initi
     batch, T, H, P = x.shape
     if T == 0:
         raise ValueError(f"{op}: sequence length T must be >= 1, got `x` of shape {tuple(x.shape)}")
+    _checks.non_empty(op, "x", x)
     _checks.shape(op, "dt", dt, (batch, T, H), "[B, T, H]")
     _checks.shape(op, "A", A, (H,), "[H]")
     _checks.float_tensor(op, "B", B, 4)
@@ -190,6 +192,7 @@ def mamba2_ssd(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False, initi
     if B.shape[:2] != x.shape[:2] or G == 0 or H % G:
         raise ValueError(f"{op}: `B` must be [B, T, G, N] with B, T = {(batch, T)} of x and G dividing "
                          f"H={H}, got {tuple(B.shape)}")
+    _checks.non_empty(op, "B", B)
     _checks.shape(op, "C", C, B.shape, "[B, T, G, N] (like B)")
     if D is not None:
         _checks.floating(op, "D", D)
@@ -199,7 +202,7 @@ def mamba2_ssd(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False, initi
     if dt_bias is not None:
         _checks.shape(op, "dt_bias", dt_bias, (H,), "[H]")
     forms = _Forms(chunk_ssd, recurrent_ssd, "ssd", {"A": A, "D": D, "dt_bias": dt_bias,
-                                                     "dt_softplus": bool(dt_softplus)})
+                                                     "dt_softplus": _checks.switch(op, "dt_softplus", dt_softplus)})
     named = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "dt_bias": dt_bias}
     return _run(call, forms, (x, dt, B, C), (batch, T, H, N, P), named, x.dtype)
 
@@ -210,7 +213,15 @@ def _scale(op: str, scale, dims) -> float:
         return dims[3] ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, int | float):
         raise ValueError(f"{op}: `scale` must be a number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):  # else the result check would blame an overflow of finite inputs
+        raise ValueError(f"{op}: `scale` must be finite, got {scale}")
     return float(scale)
+
+
+def _delta_kwargs(op: str, scale, dims, use_qk_l2norm_in_kernel) -> dict:
+    """The keyword arguments of both delta-rule ops' forms."""
+    return {"scale": _scale(op, scale, dims),
+            "use_qk_l2norm_in_kernel": _checks.switch(op, "use_qk_l2norm_in_kernel", use_qk_l2norm_in_kernel)}
 
 
 def _triton_ops():
@@ -249,12 +260,14 @@ def _run(call: _Call, forms: _Forms, per_token: Sequence[torch.Tensor | None], d
     """
     op = call.op
     _checks.options(op, call.mode, call.backend, call.chunk_size)
+    _checks.switch(op, "output_final_state", call.output_final_state)
     batch, T, H, K, V = dims
     bounds = _checks.sequences(op, call.cu_seqlens, batch, T)
     num_states, layout = (batch, "[B, H, K, V]") if bounds is None else (len(bounds) - 1, "[N, H, K, V]")
     if call.initial_state is not None:
         _checks.shape(op, "initial_state", call.initial_state, (num_states, H, K, V), layout)
     named = {**named, "initial_state": call.initial_state}
+    _checks.one_device(op, named)
     check = _checks.FiniteCheck(op, named)
     # every tensor the op reads goes through the check's node, so that any requested gradient reaches it
     routed = check.watch([*per_token, call.initial_state, *forms.kwargs.values()])

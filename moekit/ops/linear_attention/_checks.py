@@ -34,6 +34,13 @@ def shape(op: str, name: str, t, expected: tuple[int, ...], layout: str) -> None
         raise ValueError(f"{op}: `{name}` must have shape {layout} = {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def non_empty(op: str, name: str, t: torch.Tensor) -> None:
+    """No zero-sized dim: an empty head dim would divide by zero in the default scale and an empty
+    batch or head count fail in the finite check's reductions, far from the cause."""
+    if 0 in t.shape:
+        raise ValueError(f"{op}: `{name}` has an empty dimension, got shape {tuple(t.shape)}")
+
+
 def qkv(op: str, q, k, v) -> tuple[int, int, int, int, int]:
     """Checks q, k, v [B, T, H, K|V]; returns (B, T, H, K, V)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -41,13 +48,32 @@ def qkv(op: str, q, k, v) -> tuple[int, int, int, int, int]:
     B, T, H, K = q.shape
     if T == 0:
         raise ValueError(f"{op}: sequence length T must be >= 1, got `q` of shape {tuple(q.shape)}")
+    non_empty(op, "q", q)
     shape(op, "k", k, (B, T, H, K), "[B, T, H, K] (like q)")
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"{op}: `v` must have shape [B, T, H, V] with B, T, H = {(B, T, H)} of q, "
                          f"got {tuple(v.shape)}")
+    non_empty(op, "v", v)
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"{op}: `q`, `k`, `v` must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     return B, T, H, K, v.shape[-1]
+
+
+def switch(op: str, name: str, value) -> bool:
+    """A bool option: a truthy string such as "False" (a YAML or command-line slip) is refused, not
+    taken as True."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{op}: `{name}` must be a bool, got {value!r}")
+    return value
+
+
+def one_device(op: str, named: dict[str, torch.Tensor | None]) -> None:
+    """Every tensor on the first one's device: the Triton kernels launch on that device and would
+    take another device's pointer for their own."""
+    (first, ref), *rest = [(name, t) for name, t in named.items() if t is not None]
+    for name, t in rest:
+        if t.device != ref.device:
+            raise ValueError(f"{op}: every tensor must be on {first}'s device {ref.device}, got `{name}` on {t.device}")
 
 
 def options(op: str, mode: str, backend: str, chunk_size: int) -> None:
