@@ -39,9 +39,18 @@ from moekit.models.generation import GenerateOutput, decode, prepare_request
 from moekit.moe.dispatch import LocalDispatcher
 from moekit.moe.layer import MoE
 from moekit.ops import moe as moe_ops
+from moekit.ops.capture import gc_paused
 from moekit.ops.linear_attention import finite_checks_skipped
 
 GRAPH_WARMUP_STEPS = 3  # eager steps before capture: Triton compiles and autotunes, lazy tables get built
+
+
+def _layers_to_logits(model, cache, x: torch.Tensor, info) -> torch.Tensor:
+    """The step past the embeddings: blocks, final norm, head. A function of its arguments, not a
+    method stored on the decoder: a bound method in the decoder's own attributes would be a reference
+    cycle, so a dropped decoder, its CUDA graph included, would be freed by the cyclic collector at an
+    arbitrary later allocation (also inside another decoder's capture) instead of at once."""
+    return model.logits(model.norm(model.run_layers(x, cache, info)[:, -1]))
 
 
 class GraphCaptureError(RuntimeError):
@@ -101,7 +110,7 @@ class FastDecoder:
         self.cache = model.new_cache(batch_size, max_len)
         self._tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self._real = torch.ones(batch_size, 1, dtype=torch.bool, device=self.device)
-        self._to_logits = torch.compile(self._layers_to_logits, dynamic=False) if compile else self._layers_to_logits
+        self._to_logits = torch.compile(_layers_to_logits, dynamic=False) if compile else _layers_to_logits
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_logits: torch.Tensor | None = None
         blocker = graph_blocker(model)
@@ -118,14 +127,10 @@ class FastDecoder:
     def uses_cuda_graph(self) -> bool:
         return self._graph is not None
 
-    def _layers_to_logits(self, x: torch.Tensor, info) -> torch.Tensor:
-        model = self.model
-        return model.logits(model.norm(model.run_layers(x, self.cache, info)[:, -1]))
-
     def _forward_step(self) -> torch.Tensor:
         """The decode step, eager or captured: next-token logits [B, vocab] for ``_tokens``."""
         info = self.cache.advance(self._real, padded=False)
-        return self._to_logits(self.model.embed(self._tokens), info)
+        return self._to_logits(self.model, self.cache, self.model.embed(self._tokens), info)
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -147,7 +152,9 @@ class FastDecoder:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # No automatic garbage collection inside the capture: one that finalizes another (dead) CUDA
+            # graph there invalidates this capture (see ``gc_paused``).
+            with gc_paused(), torch.cuda.graph(graph):
                 logits = self._forward_step()
         except RuntimeError as e:
             raise GraphCaptureError(f"FastDecoder: capturing the decode step failed ({e}); something in the "

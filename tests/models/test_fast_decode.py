@@ -1,6 +1,8 @@
 """FastDecoder (static cache, chunked prefill, CUDA-graph decode) generates what model.generate does."""
 
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from moekit.models import ModelConfig, MoEForCausalLM
 from moekit.models.fast_decode import GRAPH_WARMUP_STEPS, FastDecoder, graph_blocker
 from moekit.moe.dispatch import LocalDispatcher
 from moekit.ops import linear_attention as la
+from moekit.ops.capture import gc_paused
 from moekit.ops.linear_attention import triton_layout
 from moekit.ops.linear_attention._checks import finite_checks_skipped
 from moekit.ops.moe.weight_cache import WeightCache
@@ -343,3 +346,81 @@ def test_warm_up_before_capture_routes_distinct_tokens(monkeypatch):
     FastDecoder(model, 8, 16, cuda_graph=True)
     assert len(seen) == GRAPH_WARMUP_STEPS
     assert all(len(set(ids.flatten().tolist())) > 1 for ids in seen)
+
+
+# A dropped decoder goes at once (refcount), not at a later cyclic collection that may fall inside
+# another decoder's CUDA-graph capture, where destroying its graph invalidates that capture.
+@pytest.mark.parametrize("compile", [False, True])
+def test_dropped_decoder_is_freed_without_the_cycle_collector(compile):
+    model = tiny_model("LN", seed=13)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        decoder = FastDecoder(model, 2, 16, compile=compile)
+        if not compile:  # (a compiled step is slow to build on the CPU; its function is what matters)
+            decoder.generate(prompts_of((3, 5), seed=13), 3)
+        decoder_ref, cache_ref = weakref.ref(decoder), weakref.ref(decoder.cache)
+        del decoder
+        assert decoder_ref() is None and cache_ref() is None
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def test_gc_paused_restores_the_collector_state():
+    was_enabled = gc.isenabled()
+    try:
+        gc.enable()
+        with gc_paused():
+            assert not gc.isenabled()
+        assert gc.isenabled()
+        with pytest.raises(RuntimeError), gc_paused():
+            raise RuntimeError("capture failed")
+        assert gc.isenabled()
+        gc.disable()
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # a caller's disabled collector stays disabled
+    finally:
+        (gc.enable if was_enabled else gc.disable)()
+
+
+class _Cycle:
+    """Holds ``obj`` in a reference cycle: only the cyclic collector frees it."""
+
+    def __init__(self, obj):
+        self.obj, self.me = obj, self
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_collection_of_a_dead_graph_cannot_fall_inside_the_capture(monkeypatch):
+    """A dead cycle holding a captured CUDA graph becomes garbage as the decode step's capture begins,
+    with the collector's threshold at 1 (a collection at nearly every allocation): without the pause,
+    it would be finalized inside the capture, whose cudaGraphExecDestroy invalidates it."""
+    model = tiny_model("LN", dtype=torch.float32, seed=14).cuda()
+    stale = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(stale):
+        torch.ones(1, device="cuda").add_(1)
+    holder = [_Cycle(stale)]
+    del stale
+    seen, embed = [], model.embed
+
+    def embed_dropping_the_graph(ids):
+        if torch.cuda.is_current_stream_capturing() and holder:
+            seen.append(gc.isenabled())
+            holder.clear()  # the cycle is garbage from here on
+            gc.set_threshold(1, 1, 1)
+        return embed(ids)
+
+    monkeypatch.setattr(model, "embed", embed_dropping_the_graph)
+    thresholds = gc.get_threshold()
+    try:
+        decoder = FastDecoder(model, 2, 16, cuda_graph=True)
+    finally:
+        gc.set_threshold(*thresholds)
+    assert seen == [False] and decoder.uses_cuda_graph
+    gc.collect()  # the dead graph goes now, outside any capture
+    ids = torch.randint(0, VOCAB, (2, 5), device="cuda")
+    eager = FastDecoder(model, 2, 16, cuda_graph=False)
+    assert torch.equal(decoder.generate(ids, 4).sequences, eager.generate(ids, 4).sequences)
