@@ -129,6 +129,23 @@ def test_corrupt_safetensors_file(tmp_path):
         from_hf(folder)
 
 
+def test_non_float_tensors_are_named(tmp_path):
+    """Integer or fp8 data in a float checkpoint (quantized weights without a quantization_config)
+    is refused by name, not cast to float on the copy."""
+    _, folder = saved(tmp_path, "mixtral-e4k2")
+    int8, fp8 = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight"
+
+    def quantize(tensors):
+        tensors[int8] = (tensors[int8] * 100).to(torch.int8)
+        tensors[fp8] = tensors[fp8].to(torch.float8_e4m3fn)
+
+    rewrite(folder, quantize)
+    with pytest.raises(ValueError, match=r"not in float16 / bfloat16 / float32 / float64 \(dequantize first\) "
+                       r"\(2\): " + int8.replace(".", r"\.") + r" is torch\.int8, "
+                       + fp8.replace(".", r"\.") + r" is torch\.float8_e4m3fn"):
+        from_hf(folder)
+
+
 def test_index_listing_absent_shard(tmp_path):
     _, folder = saved(tmp_path, "mixtral-e4k2", max_shard_size="20KB")
     index = json.loads((folder / "model.safetensors.index.json").read_text())

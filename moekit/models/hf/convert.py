@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from moekit.models.config import ModelConfig
-from moekit.models.hf.sources import SafetensorsFolder, StateDictSource
+from moekit.models.hf.sources import CONVERTIBLE, SafetensorsFolder, StateDictSource
 from moekit.models.hf.spec import Architecture, Layout, Rule, architecture
 from moekit.models.model import MoEForCausalLM
 
@@ -62,11 +62,11 @@ def _listing(kind: str, items: list[str]) -> str:
 
 def plan_import(arch: Architecture, rules: list[Rule], state: dict[str, torch.Tensor], source, hf: dict,
                 where: str, tied: bool) -> list[tuple[Rule, Layout | None]]:
-    """Pick each rule's layout and check every HF name and shape before any data is read;
-    refuse, by name, missing, unexpected and mis-shaped tensors all at once."""
+    """Pick each rule's layout and check every HF name, shape and dtype before any data is read;
+    refuse, by name, missing, unexpected, mis-shaped and non-float tensors all at once."""
     _check_coverage(rules, state, tied)
     present = source.names()
-    plan, used, missing, misshaped = [], set(), [], []
+    plan, used, missing, misshaped, not_float = [], set(), [], [], []
     for rule in rules:
         layout = rule.choose(present)
         plan.append((rule, layout))
@@ -78,10 +78,13 @@ def plan_import(arch: Architecture, rules: list[Rule], state: dict[str, torch.Te
                 missing.append(name)
             elif source.shape(name) != shape:
                 misshaped.append(f"{name} is {list(source.shape(name))}, expected {list(shape)}")
+            elif source.dtype(name) not in CONVERTIBLE:  # copy_ would cast integer / fp8 data silently
+                not_float.append(f"{name} is {source.dtype(name)}")
     unexpected = sorted(n for n in present - used
                         if not arch.ignored(n, hf) and not (tied and n == TIED_HEAD))
     problems = [_listing(kind, items) for kind, items in
-                (("missing tensors", missing), ("unexpected tensors", unexpected), ("mis-shaped tensors", misshaped))
+                (("missing tensors", missing), ("unexpected tensors", unexpected), ("mis-shaped tensors", misshaped),
+                 ("tensors not in float16 / bfloat16 / float32 / float64 (dequantize first)", not_float))
                 if items]
     if problems:
         raise ValueError(f"cannot convert {where} ({arch.model_type}): " + "; ".join(problems))
