@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import transformers
-from hf_tiny import VOCAB, hf_config, tiny_hf_model
+from hf_tiny import VOCAB, hf_config, randomize, tiny_hf_model
 from safetensors.torch import load_file, save_file
 
 from moekit.models.config import ModelConfig
@@ -225,6 +225,31 @@ def test_bfloat16_folder_keeps_its_precision(tmp_path):
     assert back.model.embed_tokens.weight.dtype == torch.bfloat16
     for name, tensor in hf.state_dict().items():
         assert torch.equal(back.state_dict()[name].to(tensor.dtype), tensor), name
+
+
+def test_bfloat16_deepseek_keeps_its_float32_router():
+    """transformers keeps DeepSeek-V3's router weight in float32 in a bf16 model (and saves it so);
+    the conversion keeps it too: rounded to bf16 it routed tokens elsewhere and did not convert back."""
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config("deepseek_v3-qlora-g2"), dtype=torch.bfloat16)
+    randomize(hf, 0)
+    hf.eval()
+    gate = hf.model.layers[1].mlp.gate
+    assert gate.weight.dtype == torch.float32
+    ours = from_hf(hf)
+    router = ours.layers[1].ffn.router
+    assert ours.embed_tokens.weight.dtype == torch.bfloat16 and router.weight.dtype == torch.float32
+    assert torch.equal(router.weight, gate.weight)
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.no_grad():
+        _, hf_weight, hf_idx = gate(x)
+        routing = router(x)
+    order, hf_order = routing.topk_idx.argsort(-1), hf_idx.argsort(-1)
+    assert torch.equal(routing.topk_idx.gather(1, order), hf_idx.gather(1, hf_order))
+    torch.testing.assert_close(routing.topk_weight.gather(1, order), hf_weight.gather(1, hf_order))
+    back = to_hf(ours)
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
 
 
 def test_quantized_checkpoints_are_refused():

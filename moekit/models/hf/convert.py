@@ -142,6 +142,7 @@ def _import(arch: Architecture, hf: dict, source, where: str, dtype, device) -> 
     if dtype is None:
         dtype = source.dtype("model.embed_tokens.weight")
     model.to_empty(device=device or "cpu").to(dtype)
+    _keep_float32(model, arch, dtype)
     if config.tie_word_embeddings:  # to_empty gives each module its own tensor
         model.lm_head.weight = model.embed_tokens.weight
     state = model.state_dict()
@@ -149,6 +150,16 @@ def _import(arch: Architecture, hf: dict, source, where: str, dtype, device) -> 
         for rule, layout in plan:
             rule.load_into(state[rule.target], layout, source.get)
     return model.eval()
+
+
+def _keep_float32(model: MoEForCausalLM, arch: Architecture, dtype: torch.dtype) -> None:
+    """The parameters transformers keeps in float32 in a lower-precision model stay float32 here:
+    rounded to bf16, DeepSeek's router weight picks other experts than the source does."""
+    if dtype.itemsize >= 4:
+        return
+    for name, param in model.named_parameters():
+        if arch.keeps_float32(name):
+            param.data = param.data.float()
 
 
 def _differences(a: ModelConfig, b: ModelConfig) -> list[str]:
