@@ -122,6 +122,19 @@ def test_deepseek_layers_past_the_mtp_ones_are_refused(tmp_path):
         from_hf(folder)
 
 
+def test_tied_config_with_a_different_head_is_refused(tmp_path):
+    """tie_word_embeddings=True, yet the checkpoint holds an lm_head.weight of its own: transformers
+    then unties them and uses that head. A copy of the embedding converts; another head is refused."""
+    hf, folder = saved(tmp_path, "mixtral-e6k3-tied")
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    rewrite(folder, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
+    assert rel_err(logits(from_hf(folder), ids), logits(hf, ids)) < 1e-4
+    rewrite(folder, lambda t: t.update({"lm_head.weight": torch.randn_like(t["model.embed_tokens.weight"])}))
+    with pytest.raises(ValueError, match=r"lm_head\.weight differs from model\.embed_tokens\.weight, "
+                                         r"yet tie_word_embeddings=True"):
+        from_hf(folder)
+
+
 def test_corrupt_safetensors_file(tmp_path):
     _, folder = saved(tmp_path, "mixtral-e4k2")
     (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")

@@ -15,6 +15,7 @@ from moekit.models.hf.spec import Architecture, Layout, Rule, architecture
 from moekit.models.model import MoEForCausalLM
 
 TIED_HEAD = "lm_head.weight"
+EMBEDDING = "model.embed_tokens.weight"
 LISTED = 20  # names shown per kind of problem; the count says how many more there are
 
 # Fields that change training or speed, never the function a converted model computes.
@@ -86,9 +87,21 @@ def plan_import(arch: Architecture, rules: list[Rule], state: dict[str, torch.Te
                 (("missing tensors", missing), ("unexpected tensors", unexpected), ("mis-shaped tensors", misshaped),
                  ("tensors not in float16 / bfloat16 / float32 / float64 (dequantize first)", not_float))
                 if items]
+    if tied and not _head_is_embedding(source, present):
+        problems.append(f"{TIED_HEAD} differs from {EMBEDDING}, yet tie_word_embeddings=True (transformers then "
+                        "unties them and uses the stored head; set tie_word_embeddings to false in config.json)")
     if problems:
         raise ValueError(f"cannot convert {where} ({arch.model_type}): " + "; ".join(problems))
     return plan
+
+
+def _head_is_embedding(source, present: set[str]) -> bool:
+    """Whether a tied model's stored head, if any, is a copy of the embedding (reads both)."""
+    if TIED_HEAD not in present or EMBEDDING not in present:
+        return True
+    if source.shape(TIED_HEAD) != source.shape(EMBEDDING):
+        return False
+    return torch.equal(source.get(TIED_HEAD), source.get(EMBEDDING))
 
 
 def _check_coverage(rules: list[Rule], state: dict[str, torch.Tensor], tied: bool) -> None:
@@ -140,7 +153,7 @@ def _import(arch: Architecture, hf: dict, source, where: str, dtype, device) -> 
     rules = arch.rules(config, hf)
     plan = plan_import(arch, rules, model.state_dict(), source, hf, where, config.tie_word_embeddings)
     if dtype is None:
-        dtype = source.dtype("model.embed_tokens.weight")
+        dtype = source.dtype(EMBEDDING)
     model.to_empty(device=device or "cpu").to(dtype)
     _keep_float32(model, arch, dtype)
     if config.tie_word_embeddings:  # to_empty gives each module its own tensor
