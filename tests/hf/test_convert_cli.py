@@ -40,6 +40,26 @@ def test_hf_to_moekit_and_back(tmp_path, capsys):
         assert torch.equal(back.state_dict()[name], tensor), name
 
 
+def test_chat_template_and_generation_defaults_travel(tmp_path):
+    """transformers 5 saves a tokenizer's chat template as chat_template.jinja beside tokenizer.json,
+    and a model's sampling defaults in generation_config.json: both survive hf -> moekit -> hf."""
+    from tokenizers import Tokenizer, models
+
+    tiny_hf_model("olmoe-e4k2").save_pretrained(tmp_path / "hf")
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "</s>": 3}, unk_token="<unk>"))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(tmp_path / "hf")
+    transformers.GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95, eos_token_id=[3, 2]).save_pretrained(
+        tmp_path / "hf")
+    run(tmp_path / "hf", tmp_path / "moekit")
+    run(tmp_path / "moekit", tmp_path / "back")
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert again.chat_template == tokenizer.chat_template
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "back")
+    assert (generation.temperature, generation.top_p, generation.eos_token_id) == (0.6, 0.95, [3, 2])
+
+
 def test_dtype_option(tmp_path):
     tiny_hf_model("mixtral-e4k2").save_pretrained(tmp_path / "hf")
     run(tmp_path / "hf", tmp_path / "bf16", dtype="bfloat16")
