@@ -7,7 +7,7 @@ import argparse
 import pytest
 import torch
 import transformers
-from hf_tiny import VOCAB, tiny_hf_model
+from hf_tiny import VOCAB, hf_config, randomize, tiny_hf_model
 
 from moekit.cli import convert
 from moekit.models.model import MoEForCausalLM
@@ -58,6 +58,21 @@ def test_chat_template_and_generation_defaults_travel(tmp_path):
     assert again.chat_template == tokenizer.chat_template
     generation = transformers.GenerationConfig.from_pretrained(tmp_path / "back")
     assert (generation.temperature, generation.top_p, generation.eos_token_id) == (0.6, 0.95, [3, 2])
+
+
+def test_bfloat16_deepseek_round_trip_keeps_the_float32_router(tmp_path):
+    """A bf16 DeepSeek-V3 folder holds its router in float32; hf -> moekit -> hf gives it back exactly
+    (loading the moekit folder rounded it to the embedding's bf16)."""
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config("deepseek_v3-qlora-g2"), dtype=torch.bfloat16)
+    randomize(hf, 0)
+    hf.save_pretrained(tmp_path / "hf")
+    run(tmp_path / "hf", tmp_path / "moekit")
+    assert MoEForCausalLM.from_pretrained(tmp_path / "moekit").layers[1].ffn.router.weight.dtype == torch.float32
+    run(tmp_path / "moekit", tmp_path / "back")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
 
 
 def test_dtype_option(tmp_path):
