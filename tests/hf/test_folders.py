@@ -265,6 +265,13 @@ def test_bfloat16_deepseek_keeps_its_float32_router():
         assert torch.equal(back.state_dict()[name], tensor), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_target_dtype_must_be_a_float_format(dtype):
+    """from_hf(dtype=float8) built a float8 model (weights cast, no scales); int8 hit a raw torch error."""
+    with pytest.raises(ValueError, match=rf"from_hf: dtype={dtype} is not one of"):
+        from_hf(tiny_hf_model("mixtral-e4k2"), dtype=dtype)
+
+
 def test_quantized_checkpoints_are_refused():
     config = hf_config("deepseek_v3-qlora-g2")
     model = transformers.AutoModelForCausalLM.from_config(config)

@@ -123,6 +123,9 @@ def from_hf(model_or_path, dtype: torch.dtype | None = None, device=None) -> MoE
     (CPU for a folder). The result is in eval mode; its ``config.hf_config`` keeps the source
     config, which ``to_hf`` uses to go back.
     """
+    if dtype is not None and dtype not in CONVERTIBLE:
+        raise ValueError(f"from_hf: dtype={dtype} is not one of {sorted(map(str, CONVERTIBLE))} "
+                         "(moekit quantizes experts through MoEConfig.precision, not the weights' dtype)")
     if isinstance(model_or_path, (str, Path)):
         folder = Path(model_or_path)
         if not folder.is_dir():
