@@ -2,7 +2,8 @@
 
 The direction follows SRC: a transformers folder (its config.json names a ``model_type``) is
 converted to a moekit checkpoint; a moekit checkpoint converted from transformers goes back
-to its source architecture, saved with ``save_pretrained``. Tokenizer files travel along.
+to its source architecture, saved with ``save_pretrained``. Tokenizer files (chat template
+included) and the generation defaults travel along.
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ import shutil
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+# The files beside the weights that a user of the model needs: the tokenizer in its fast and
+# slow forms, its chat template (transformers 5 saves it apart from tokenizer_config.json), and the
+# sampling defaults (copied over the generation_config.json that save_pretrained derives from the config).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
 
 
 def add_parser(subparsers) -> None:

@@ -69,6 +69,15 @@ def check_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Tens
         raise ValueError(f"{source} does not match the config: " + "; ".join(problems))
 
 
+def _keep_saved_dtypes(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Parameters saved in another float precision than the embedding keep it (a converted
+    DeepSeek-V3's float32 router in a bf16 model): load_state_dict would round them to the model's."""
+    for name, param in model.named_parameters():
+        saved = tensors[name].dtype
+        if saved != param.dtype and saved.is_floating_point:
+            param.data = param.data.to(saved)
+
+
 def load_pretrained(cls, directory: str | Path, device=None, dtype=None):
     directory = Path(directory)
     config = load_config(directory)
@@ -76,9 +85,12 @@ def load_pretrained(cls, directory: str | Path, device=None, dtype=None):
     tensors = _load_tensors(path)
     model = cls(config)
     check_tensors(_stored_state(model), tensors, path)
+    keep_saved = dtype is None
     if dtype is None:  # keep the precision the weights were saved in
         dtype = tensors["embed_tokens.weight"].dtype
     model.to(dtype=dtype)
+    if keep_saved:
+        _keep_saved_dtypes(model, tensors)
     if config.tie_word_embeddings:
         tensors[TIED_HEAD] = tensors["embed_tokens.weight"]
     model.load_state_dict(tensors, strict=True)

@@ -7,7 +7,7 @@ import argparse
 import pytest
 import torch
 import transformers
-from hf_tiny import VOCAB, tiny_hf_model
+from hf_tiny import VOCAB, hf_config, randomize, tiny_hf_model
 
 from moekit.cli import convert
 from moekit.models.model import MoEForCausalLM
@@ -35,6 +35,41 @@ def test_hf_to_moekit_and_back(tmp_path, capsys):
     assert "is a model folder (save_pretrained, moekit convert), not a training checkpoint" in capsys.readouterr().err
 
     assert run(tmp_path / "moekit", tmp_path / "back") == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_chat_template_and_generation_defaults_travel(tmp_path):
+    """transformers 5 saves a tokenizer's chat template as chat_template.jinja beside tokenizer.json,
+    and a model's sampling defaults in generation_config.json: both survive hf -> moekit -> hf."""
+    from tokenizers import Tokenizer, models
+
+    tiny_hf_model("olmoe-e4k2").save_pretrained(tmp_path / "hf")
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "</s>": 3}, unk_token="<unk>"))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(tmp_path / "hf")
+    transformers.GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95, eos_token_id=[3, 2]).save_pretrained(
+        tmp_path / "hf")
+    run(tmp_path / "hf", tmp_path / "moekit")
+    run(tmp_path / "moekit", tmp_path / "back")
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert again.chat_template == tokenizer.chat_template
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "back")
+    assert (generation.temperature, generation.top_p, generation.eos_token_id) == (0.6, 0.95, [3, 2])
+
+
+def test_bfloat16_deepseek_round_trip_keeps_the_float32_router(tmp_path):
+    """A bf16 DeepSeek-V3 folder holds its router in float32; hf -> moekit -> hf gives it back exactly
+    (loading the moekit folder rounded it to the embedding's bf16)."""
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config("deepseek_v3-qlora-g2"), dtype=torch.bfloat16)
+    randomize(hf, 0)
+    hf.save_pretrained(tmp_path / "hf")
+    run(tmp_path / "hf", tmp_path / "moekit")
+    assert MoEForCausalLM.from_pretrained(tmp_path / "moekit").layers[1].ffn.router.weight.dtype == torch.float32
+    run(tmp_path / "moekit", tmp_path / "back")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
     for name, tensor in hf.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name

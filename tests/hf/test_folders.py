@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import transformers
-from hf_tiny import VOCAB, hf_config, tiny_hf_model
+from hf_tiny import VOCAB, hf_config, randomize, tiny_hf_model
 from safetensors.torch import load_file, save_file
 
 from moekit.models.config import ModelConfig
@@ -122,10 +122,40 @@ def test_deepseek_layers_past_the_mtp_ones_are_refused(tmp_path):
         from_hf(folder)
 
 
+def test_tied_config_with_a_different_head_is_refused(tmp_path):
+    """tie_word_embeddings=True, yet the checkpoint holds an lm_head.weight of its own: transformers
+    then unties them and uses that head. A copy of the embedding converts; another head is refused."""
+    hf, folder = saved(tmp_path, "mixtral-e6k3-tied")
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    rewrite(folder, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
+    assert rel_err(logits(from_hf(folder), ids), logits(hf, ids)) < 1e-4
+    rewrite(folder, lambda t: t.update({"lm_head.weight": torch.randn_like(t["model.embed_tokens.weight"])}))
+    with pytest.raises(ValueError, match=r"lm_head\.weight differs from model\.embed_tokens\.weight, "
+                                         r"yet tie_word_embeddings=True"):
+        from_hf(folder)
+
+
 def test_corrupt_safetensors_file(tmp_path):
     _, folder = saved(tmp_path, "mixtral-e4k2")
     (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
     with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        from_hf(folder)
+
+
+def test_non_float_tensors_are_named(tmp_path):
+    """Integer or fp8 data in a float checkpoint (quantized weights without a quantization_config)
+    is refused by name, not cast to float on the copy."""
+    _, folder = saved(tmp_path, "mixtral-e4k2")
+    int8, fp8 = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight"
+
+    def quantize(tensors):
+        tensors[int8] = (tensors[int8] * 100).to(torch.int8)
+        tensors[fp8] = tensors[fp8].to(torch.float8_e4m3fn)
+
+    rewrite(folder, quantize)
+    with pytest.raises(ValueError, match=r"not in float16 / bfloat16 / float32 / float64 \(dequantize first\) "
+                       r"\(2\): " + int8.replace(".", r"\.") + r" is torch\.int8, "
+                       + fp8.replace(".", r"\.") + r" is torch\.float8_e4m3fn"):
         from_hf(folder)
 
 
@@ -208,6 +238,38 @@ def test_bfloat16_folder_keeps_its_precision(tmp_path):
     assert back.model.embed_tokens.weight.dtype == torch.bfloat16
     for name, tensor in hf.state_dict().items():
         assert torch.equal(back.state_dict()[name].to(tensor.dtype), tensor), name
+
+
+def test_bfloat16_deepseek_keeps_its_float32_router():
+    """transformers keeps DeepSeek-V3's router weight in float32 in a bf16 model (and saves it so);
+    the conversion keeps it too: rounded to bf16 it routed tokens elsewhere and did not convert back."""
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config("deepseek_v3-qlora-g2"), dtype=torch.bfloat16)
+    randomize(hf, 0)
+    hf.eval()
+    gate = hf.model.layers[1].mlp.gate
+    assert gate.weight.dtype == torch.float32
+    ours = from_hf(hf)
+    router = ours.layers[1].ffn.router
+    assert ours.embed_tokens.weight.dtype == torch.bfloat16 and router.weight.dtype == torch.float32
+    assert torch.equal(router.weight, gate.weight)
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.no_grad():
+        _, hf_weight, hf_idx = gate(x)
+        routing = router(x)
+    order, hf_order = routing.topk_idx.argsort(-1), hf_idx.argsort(-1)
+    assert torch.equal(routing.topk_idx.gather(1, order), hf_idx.gather(1, hf_order))
+    torch.testing.assert_close(routing.topk_weight.gather(1, order), hf_weight.gather(1, hf_order))
+    back = to_hf(ours)
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_target_dtype_must_be_a_float_format(dtype):
+    """from_hf(dtype=float8) built a float8 model (weights cast, no scales); int8 hit a raw torch error."""
+    with pytest.raises(ValueError, match=rf"from_hf: dtype={dtype} is not one of"):
+        from_hf(tiny_hf_model("mixtral-e4k2"), dtype=dtype)
 
 
 def test_quantized_checkpoints_are_refused():

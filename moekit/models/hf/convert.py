@@ -10,11 +10,12 @@ from typing import Any
 import torch
 
 from moekit.models.config import ModelConfig
-from moekit.models.hf.sources import SafetensorsFolder, StateDictSource
+from moekit.models.hf.sources import CONVERTIBLE, SafetensorsFolder, StateDictSource
 from moekit.models.hf.spec import Architecture, Layout, Rule, architecture
 from moekit.models.model import MoEForCausalLM
 
 TIED_HEAD = "lm_head.weight"
+EMBEDDING = "model.embed_tokens.weight"
 LISTED = 20  # names shown per kind of problem; the count says how many more there are
 
 # Fields that change training or speed, never the function a converted model computes.
@@ -62,11 +63,11 @@ def _listing(kind: str, items: list[str]) -> str:
 
 def plan_import(arch: Architecture, rules: list[Rule], state: dict[str, torch.Tensor], source, hf: dict,
                 where: str, tied: bool) -> list[tuple[Rule, Layout | None]]:
-    """Pick each rule's layout and check every HF name and shape before any data is read;
-    refuse, by name, missing, unexpected and mis-shaped tensors all at once."""
+    """Pick each rule's layout and check every HF name, shape and dtype before any data is read;
+    refuse, by name, missing, unexpected, mis-shaped and non-float tensors all at once."""
     _check_coverage(rules, state, tied)
     present = source.names()
-    plan, used, missing, misshaped = [], set(), [], []
+    plan, used, missing, misshaped, not_float = [], set(), [], [], []
     for rule in rules:
         layout = rule.choose(present)
         plan.append((rule, layout))
@@ -78,14 +79,29 @@ def plan_import(arch: Architecture, rules: list[Rule], state: dict[str, torch.Te
                 missing.append(name)
             elif source.shape(name) != shape:
                 misshaped.append(f"{name} is {list(source.shape(name))}, expected {list(shape)}")
+            elif source.dtype(name) not in CONVERTIBLE:  # copy_ would cast integer / fp8 data silently
+                not_float.append(f"{name} is {source.dtype(name)}")
     unexpected = sorted(n for n in present - used
                         if not arch.ignored(n, hf) and not (tied and n == TIED_HEAD))
     problems = [_listing(kind, items) for kind, items in
-                (("missing tensors", missing), ("unexpected tensors", unexpected), ("mis-shaped tensors", misshaped))
+                (("missing tensors", missing), ("unexpected tensors", unexpected), ("mis-shaped tensors", misshaped),
+                 ("tensors not in float16 / bfloat16 / float32 / float64 (dequantize first)", not_float))
                 if items]
+    if tied and not _head_is_embedding(source, present):
+        problems.append(f"{TIED_HEAD} differs from {EMBEDDING}, yet tie_word_embeddings=True (transformers then "
+                        "unties them and uses the stored head; set tie_word_embeddings to false in config.json)")
     if problems:
         raise ValueError(f"cannot convert {where} ({arch.model_type}): " + "; ".join(problems))
     return plan
+
+
+def _head_is_embedding(source, present: set[str]) -> bool:
+    """Whether a tied model's stored head, if any, is a copy of the embedding (reads both)."""
+    if TIED_HEAD not in present or EMBEDDING not in present:
+        return True
+    if source.shape(TIED_HEAD) != source.shape(EMBEDDING):
+        return False
+    return torch.equal(source.get(TIED_HEAD), source.get(EMBEDDING))
 
 
 def _check_coverage(rules: list[Rule], state: dict[str, torch.Tensor], tied: bool) -> None:
@@ -107,6 +123,9 @@ def from_hf(model_or_path, dtype: torch.dtype | None = None, device=None) -> MoE
     (CPU for a folder). The result is in eval mode; its ``config.hf_config`` keeps the source
     config, which ``to_hf`` uses to go back.
     """
+    if dtype is not None and dtype not in CONVERTIBLE:
+        raise ValueError(f"from_hf: dtype={dtype} is not one of {sorted(map(str, CONVERTIBLE))} "
+                         "(moekit quantizes experts through MoEConfig.precision, not the weights' dtype)")
     if isinstance(model_or_path, (str, Path)):
         folder = Path(model_or_path)
         if not folder.is_dir():
@@ -137,8 +156,9 @@ def _import(arch: Architecture, hf: dict, source, where: str, dtype, device) -> 
     rules = arch.rules(config, hf)
     plan = plan_import(arch, rules, model.state_dict(), source, hf, where, config.tie_word_embeddings)
     if dtype is None:
-        dtype = source.dtype("model.embed_tokens.weight")
+        dtype = source.dtype(EMBEDDING)
     model.to_empty(device=device or "cpu").to(dtype)
+    _keep_float32(model, arch, dtype)
     if config.tie_word_embeddings:  # to_empty gives each module its own tensor
         model.lm_head.weight = model.embed_tokens.weight
     state = model.state_dict()
@@ -146,6 +166,16 @@ def _import(arch: Architecture, hf: dict, source, where: str, dtype, device) -> 
         for rule, layout in plan:
             rule.load_into(state[rule.target], layout, source.get)
     return model.eval()
+
+
+def _keep_float32(model: MoEForCausalLM, arch: Architecture, dtype: torch.dtype) -> None:
+    """The parameters transformers keeps in float32 in a lower-precision model stay float32 here:
+    rounded to bf16, DeepSeek's router weight picks other experts than the source does."""
+    if dtype.itemsize >= 4:
+        return
+    for name, param in model.named_parameters():
+        if arch.keeps_float32(name):
+            param.data = param.data.float()
 
 
 def _differences(a: ModelConfig, b: ModelConfig) -> list[str]:

@@ -109,4 +109,10 @@ def is_mtp_layer(name: str, c) -> bool:
     return match is not None and first <= int(match.group(1)) < first + c.get("num_nextn_predict_layers", 1)
 
 
-DEEPSEEK_V3 = register(Architecture("deepseek_v3", "DeepseekV3ForCausalLM", to_config, rules, is_mtp_layer))
+def is_router(name: str) -> bool:
+    """transformers keeps ``mlp.gate.weight`` in float32 (``_keep_in_fp32_modules_strict``)."""
+    return name.endswith(".ffn.router.weight")
+
+
+DEEPSEEK_V3 = register(Architecture("deepseek_v3", "DeepseekV3ForCausalLM", to_config, rules, is_mtp_layer,
+                                    is_router))

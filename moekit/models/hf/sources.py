@@ -18,6 +18,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # safetensors dtype codes of the floating formats a model can be converted from
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+CONVERTIBLE = frozenset(DTYPES.values())
+# Other codes torch reads: named in the refusal (quantized or integer data, never cast silently).
+OTHER_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class StateDictSource:
@@ -98,10 +102,10 @@ class SafetensorsFolder:
 
     def dtype(self, name: str) -> torch.dtype:
         code = self._where[name].get_slice(name).get_dtype()
-        if code not in DTYPES:
+        if code not in DTYPES and code not in OTHER_DTYPES:
             raise ValueError(f"{self.folder}: tensor {name!r} is stored as {code}; only {sorted(DTYPES)} "
                              "checkpoints can be converted (dequantize first)")
-        return DTYPES[code]
+        return DTYPES.get(code) or OTHER_DTYPES[code]
 
     def get(self, name: str) -> torch.Tensor:
         try:

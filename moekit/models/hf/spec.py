@@ -111,14 +111,17 @@ def moekit_only(target: str, zero_on_export: bool = False) -> Rule:
 class Architecture:
     """One transformers architecture: ``model_type`` (config.json's), the causal-LM class name,
     ``to_config`` (full HF config dict -> ``ModelConfig``, refusing what moekit cannot
-    reproduce), ``rules`` (``ModelConfig``, HF config dict -> one ``Rule`` per moekit tensor)
-    and ``ignored`` (HF tensor names that are deliberately dropped, e.g. DeepSeek's MTP layers)."""
+    reproduce), ``rules`` (``ModelConfig``, HF config dict -> one ``Rule`` per moekit tensor),
+    ``ignored`` (HF tensor names that are deliberately dropped, e.g. DeepSeek's MTP layers) and
+    ``keeps_float32`` (moekit parameters that transformers keeps in float32 in a bf16 / fp16 model,
+    its ``_keep_in_fp32_modules``: DeepSeek's router)."""
 
     model_type: str
     hf_class: str
     to_config: Callable[[dict[str, Any]], ModelConfig]
     rules: Callable[[ModelConfig, dict[str, Any]], list[Rule]]
     ignored: Callable[[str, dict[str, Any]], bool] = lambda name, hf: False
+    keeps_float32: Callable[[str], bool] = lambda name: False
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
