@@ -5,7 +5,9 @@
 - ``LightningAttention`` (TransNormerLLM / MiniMax-01): a fixed per-head decay that depends on
   depth (``la.lightning_decay``), SiLU on q, k, v, no 1/sqrt(K) scale, sigmoid output gate.
 - ``Retention`` (RetNet): a fixed per-head decay (``la.retention_decay``), rotary positions on
-  q and k (RetNet's relative-position rotation), swish output gate.
+  q and k (RetNet's relative-position rotation, over the whole head at ``rope_theta``: the
+  ``partial_rotary_factor`` and ``rope_scaling`` of a ``MixerConfig`` configure the model's
+  softmax layers, not this rotation), swish output gate.
 
 All three end in a per-head RMSNorm times the output gate.
 """
