@@ -272,3 +272,16 @@ def test_switches_must_be_bools(qkv):
     o, s = la.delta_rule(q, k, v, beta, use_qk_l2norm_in_kernel=True, output_final_state=True)
     o0, _ = la.delta_rule(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, beta)
     assert s.shape == (B, H, K, V) and ((o - o0).norm() / o0.norm()) < 1e-3
+
+
+def test_a_float64_state_or_gate_keeps_the_triton_kernels_out(qkv):
+    """The kernels keep float32 states: with a float64 initial state or gate, "auto" takes the
+    reference (a float64 final state) and an explicit "triton" says why it cannot."""
+    q, k, v = qkv
+    state = torch.randn(B, H, K, V, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run this call: .*float64 initial_state"):
+        la.linear_attn(q, k, v, initial_state=state, output_final_state=True, backend="triton")
+    with pytest.raises(ValueError, match=r"float64 g"):
+        la.simple_gla(q, k, v, gate().double(), backend="triton")
+    _, final = la.linear_attn(q, k, v, initial_state=state, output_final_state=True)
+    assert final.dtype == torch.float64

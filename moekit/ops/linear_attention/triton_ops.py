@@ -106,6 +106,9 @@ def unsupported(op: str, mode: str, tensors: dict[str, torch.Tensor | None], K: 
     dtype = tensors[next(iter(tensors))].dtype
     if dtype not in SUPPORTED_DTYPES:
         return f"the Triton kernels take {', '.join(map(str, SUPPORTED_DTYPES))} inputs, got {dtype}"
+    wide = [name for name, t in tensors.items() if t is not None and t.dtype == torch.float64]
+    if wide:  # the kernels keep float32 states: a float64 gate or state would come back float32
+        return f"the Triton kernels compute in float32, got float64 {', '.join(wide)}"
     if max(K, V) > MAX_HEAD_DIM:
         return f"the Triton kernels take head dims K, V <= {MAX_HEAD_DIM}, got K={K}, V={V}"
     if op in ("delta_rule", "gated_delta_rule", "gla") and K > MAX_KEY_DIM_STAGED:
