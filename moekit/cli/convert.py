@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from moekit.models.hf import from_hf, to_hf
     from moekit.models.model import MoEForCausalLM
 
+    if args.dst.exists() and not args.dst.is_dir():
+        raise ValueError(f"{args.dst} is a file; the output must be a new (or empty) folder")
     if args.dst.exists() and any(args.dst.iterdir()):
         raise ValueError(f"{args.dst} exists and is not empty; choose a new output folder")
     dtype = getattr(torch, args.dtype) if args.dtype else None

@@ -86,6 +86,8 @@ def test_refusals(tmp_path):
     (tmp_path / "out" / "x").write_text("taken")
     with pytest.raises(ValueError, match="exists and is not empty"):
         run(tmp_path, tmp_path / "out")
+    with pytest.raises(ValueError, match="is a file; the output must be a new"):
+        run(tmp_path, tmp_path / "out" / "x")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         run(tmp_path, tmp_path / "new")
     (tmp_path / "config.json").write_text('{"hidden_size": 3}')
