@@ -27,7 +27,8 @@ class MoEConfig:
     (aux-loss-free balancing) changes which experts are chosen, never the weights.
 
     Capacity: ``capacity_factor=None`` is dropless. Otherwise each expert takes at most
-    ``ceil(capacity_factor * tokens * top_k / num_experts)`` assignments and ``drop_policy``
+    ``ceil(capacity_factor * tokens * top_k / num_experts)`` assignments (``tokens``: the real ones,
+    padding excluded, so padding a batch changes no drop) and ``drop_policy``
     says which survive: "probability" keeps the highest routing scores, "position" keeps
     first choices before second choices and, within a choice rank, earlier tokens first
     (the GShard / Switch order).
