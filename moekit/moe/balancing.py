@@ -16,7 +16,8 @@ def load_balance_loss(idx: torch.Tensor, probs: torch.Tensor, num_experts: int, 
     P_e = mean over tokens of probs[:, e]; loss = sum_e f_e * P_e, averaged over groups. It is 1 at
     perfectly uniform routing. ``idx`` [T, K] are the chosen experts (before capacity drops),
     ``probs`` [T, E] a per-token distribution over experts; T must split into equal sequences.
-    With ``valid`` [T] (False at padding), T and the means count the real tokens only.
+    With ``valid`` [T] (False at padding), T and the means count the real tokens only, and the
+    average over sequences the sequences with a real token.
     """
     tokens, top_k = idx.shape
     if tokens == 0:  # nothing routed: no imbalance (kept in the graph, as the losses of a real batch are)
@@ -29,9 +30,11 @@ def load_balance_loss(idx: torch.Tensor, probs: torch.Tensor, num_experts: int, 
         frac = counts * (num_experts / (top_k * seq_len))
         mean_prob = probs.view(num_sequences, seq_len, num_experts).mean(dim=1)
     else:
-        real = valid.to(probs.dtype).view(num_sequences, seq_len).sum(dim=1, keepdim=True).clamp_min(1)
-        frac = counts * num_experts / (top_k * real)
-        mean_prob = (probs * valid[:, None]).view(num_sequences, seq_len, num_experts).sum(dim=1) / real
+        real = valid.to(probs.dtype).view(num_sequences, seq_len).sum(dim=1, keepdim=True)
+        frac = counts * num_experts / (top_k * real.clamp_min(1))
+        mean_prob = (probs * valid[:, None]).view(num_sequences, seq_len, num_experts).sum(dim=1) / real.clamp_min(1)
+        # A sequence of padding only scores 0 here; it must not count in the mean over sequences either.
+        return (frac * mean_prob).sum() / (real > 0).sum().clamp_min(1)
     return (frac * mean_prob).sum(dim=-1).mean()
 
 

@@ -87,6 +87,21 @@ def test_padding_leaves_the_capacity_of_the_real_tokens(router):
         torch.testing.assert_close(getattr(layer.last_stats, field), getattr(plain_stats, field), msg=field)
 
 
+def test_a_wholly_padded_sequence_takes_no_share_of_the_sequence_loss():
+    """The sequence-wise loss averages over sequences with real tokens: a row of padding only (a short
+    last batch filled up) must not count as a perfectly balanced sequence that halves the loss."""
+    layer = make_layer().train()
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    layer(x)
+    plain_seq_aux, plain_aux = layer.last_stats.seq_aux_loss, layer.aux_loss
+    padded = torch.cat([x, torch.randn(1, 6, 16, dtype=torch.float64)])
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[2] = False
+    layer(padded, token_mask=mask)
+    torch.testing.assert_close(layer.last_stats.seq_aux_loss, plain_seq_aux, rtol=1e-12, atol=0)
+    torch.testing.assert_close(layer.aux_loss, plain_aux, rtol=1e-12, atol=0)
+
+
 def test_all_padding_gives_zero_losses_not_nan():
     layer = make_layer(capacity_factor=1.0).train()
     x = torch.randn(2, 5, 16, dtype=torch.float64)
