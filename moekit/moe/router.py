@@ -83,7 +83,8 @@ def select_experts(
 
 
 def gate_weights(scores: torch.Tensor, idx: torch.Tensor, norm_topk_prob: bool, route_scale: float):
-    """Combine weights [T, K] of the chosen experts: their scores, optionally renormalised."""
+    """Combine weights [T, K] of the chosen experts: their scores, optionally renormalised to sum
+    to 1 (also at K = 1, where that makes every weight 1), then scaled (see ``MoEConfig``)."""
     weight = scores.gather(1, idx)
     if norm_topk_prob:
         weight = weight / weight.sum(dim=-1, keepdim=True).clamp_min(1e-20)
@@ -129,7 +130,8 @@ def apply_capacity(
 
 
 def expert_choice(scores: torch.Tensor, capacity: int):
-    """Each expert takes its ``capacity`` highest-scoring tokens (Zhou et al., 2022).
+    """Each expert takes its ``capacity`` highest-scoring tokens (Zhou et al., 2022), weighted by
+    the raw score. The router sizes ``capacity`` as ``capacity_of`` (see ``MoEConfig``).
 
     Returns token-major (idx [T, Kmax], weight [T, Kmax]) with -1 / 0 padding, Kmax being the
     most experts any token got. Finding Kmax needs one host sync; expert choice also lets a
