@@ -16,7 +16,16 @@ def load_balance_loss(idx: torch.Tensor, probs: torch.Tensor, num_experts: int, 
     P_e = mean over tokens of probs[:, e]; loss = sum_e f_e * P_e, averaged over groups. It is 1 at
     perfectly uniform routing. ``idx`` [T, K] are the chosen experts (before capacity drops),
     ``probs`` [T, E] a per-token distribution over experts; T must split into equal sequences.
-    With ``valid`` [T] (False at padding), T and the means count the real tokens only.
+    The gradient reaches the router through P_e only (the counts are integers).
+
+    Which variant: Megatron-Core's ``switch_load_balancing_loss_func`` (f normalised by T * K).
+    Hugging Face's ``load_balancing_loss_func`` (Mixtral, Qwen-MoE, OLMoE) normalises f by T alone
+    and so gives K times this value: divide a coefficient tuned there by K. ``idx`` is what the
+    router really chose, expert bias and group limit included (``layer_balance`` passes
+    ``Routing.chosen_idx``); Megatron-Core and the DeepSeek-V3 paper count the plain top-k of the
+    unbiased scores over all experts instead, which differs once a bias or a group limit moves a choice.
+    With ``valid`` [T] (False at padding), T and the means count the real tokens only, and the
+    average over sequences the sequences with a real token.
     """
     tokens, top_k = idx.shape
     if tokens == 0:  # nothing routed: no imbalance (kept in the graph, as the losses of a real batch are)
@@ -29,9 +38,11 @@ def load_balance_loss(idx: torch.Tensor, probs: torch.Tensor, num_experts: int, 
         frac = counts * (num_experts / (top_k * seq_len))
         mean_prob = probs.view(num_sequences, seq_len, num_experts).mean(dim=1)
     else:
-        real = valid.to(probs.dtype).view(num_sequences, seq_len).sum(dim=1, keepdim=True).clamp_min(1)
-        frac = counts * num_experts / (top_k * real)
-        mean_prob = (probs * valid[:, None]).view(num_sequences, seq_len, num_experts).sum(dim=1) / real
+        real = valid.to(probs.dtype).view(num_sequences, seq_len).sum(dim=1, keepdim=True)
+        frac = counts * num_experts / (top_k * real.clamp_min(1))
+        mean_prob = (probs * valid[:, None]).view(num_sequences, seq_len, num_experts).sum(dim=1) / real.clamp_min(1)
+        # A sequence of padding only scores 0 here; it must not count in the mean over sequences either.
+        return (frac * mean_prob).sum() / (real > 0).sum().clamp_min(1)
     return (frac * mean_prob).sum(dim=-1).mean()
 
 
@@ -41,13 +52,18 @@ def z_loss(logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Ten
 
 
 def bias_step(expert_bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Tensor:
-    """Aux-loss-free balancing (Wang et al., 2024): move each expert's bias by ``rate`` toward
-    equal load: up for experts below the mean load, down for those above."""
+    """Aux-loss-free balancing (Wang et al., 2024; DeepSeek-V3): move each expert's bias by ``rate``
+    toward equal load: up for experts below the mean load, down for those above (b += rate * sign(mean - load)).
+    ``load`` counts the experts chosen in every training forward since the last step (all the
+    micro-batches of a step), before capacity drops; Megatron-Core counts after them (the same when dropless)."""
     return expert_bias + rate * torch.sign(load.mean() - load)
 
 
 def layer_balance(routing, config, num_sequences: int) -> tuple[torch.Tensor, MoEStats]:
-    """One forward's weighted balancing loss (the layer's ``aux_loss``) and its ``MoEStats``."""
+    """One forward's weighted balancing loss (the layer's ``aux_loss``) and its ``MoEStats``.
+
+    P comes from every expert's score before the top-k: the softmax, or the sigmoid scores
+    normalised to sum to 1 per token (DeepSeek-V3's s'), as Megatron-Core does for both losses."""
     probs = normalized_scores(routing.scores, config.score_func)
     zero = routing.logits.new_zeros(())
     topk = config.router_type == "topk"

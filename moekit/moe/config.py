@@ -23,14 +23,26 @@ class MoEConfig:
 
     Routing: each token's router scores (``score_func``) pick ``top_k`` experts; with
     ``num_groups > 1`` the choice is first limited to the ``topk_groups`` best groups
-    (a group's rank is the sum of its two best scores, as in DeepSeek-V3). The expert bias
-    (aux-loss-free balancing) changes which experts are chosen, never the weights.
+    (a group's rank is the sum of its two best biased scores, as in DeepSeek-V3; DeepSeek-V2's
+    rank by the best score alone is not offered). The expert bias (aux-loss-free balancing)
+    changes which experts are chosen, never the weights. A weight is the chosen expert's score,
+    divided by the sum of the token's chosen scores when ``norm_topk_prob`` (at ``top_k=1`` too, as
+    Hugging Face's Mixtral / Qwen-MoE do: the weight is then 1 and the router learns from the
+    balancing losses alone; DeepSeek-V2 and Megatron-Core's sigmoid router skip it at top-1, so
+    Switch-style top-1 wants ``norm_topk_prob=False``), then multiplied by ``route_scale``
+    (DeepSeek-V3's ``routed_scaling_factor``, after the normalisation, and without it too).
 
     Capacity: ``capacity_factor=None`` is dropless. Otherwise each expert takes at most
-    ``ceil(capacity_factor * tokens * top_k / num_experts)`` assignments and ``drop_policy``
-    says which survive: "probability" keeps the highest routing scores, "position" keeps
-    first choices before second choices and, within a choice rank, earlier tokens first
-    (the GShard / Switch order).
+    ``ceil(capacity_factor * tokens * top_k / num_experts)`` assignments (``tokens``: the real ones,
+    padding excluded, so padding a batch changes no drop) and ``drop_policy``
+    says which survive: "probability" keeps the highest routing scores (the unbiased score of
+    the expert, not the normalised or scaled weight that Megatron-Core's "probs" policy ranks by),
+    "position" keeps first choices before second choices and, within a choice rank, earlier tokens
+    first (the GShard / Switch order; Megatron-Core's "position" is token order alone).
+
+    Expert choice (Zhou et al., 2022): each expert takes its ``ceil(capacity_factor * tokens *
+    top_k / num_experts)`` best-scoring real tokens, i.e. the paper's capacity factor c (experts
+    per token on average) is ``capacity_factor * top_k``; ``capacity_factor=None`` means 1.0 here.
     """
 
     hidden_size: int = 256

@@ -83,7 +83,8 @@ def select_experts(
 
 
 def gate_weights(scores: torch.Tensor, idx: torch.Tensor, norm_topk_prob: bool, route_scale: float):
-    """Combine weights [T, K] of the chosen experts: their scores, optionally renormalised."""
+    """Combine weights [T, K] of the chosen experts: their scores, optionally renormalised to sum
+    to 1 (also at K = 1, where that makes every weight 1), then scaled (see ``MoEConfig``)."""
     weight = scores.gather(1, idx)
     if norm_topk_prob:
         weight = weight / weight.sum(dim=-1, keepdim=True).clamp_min(1e-20)
@@ -94,8 +95,16 @@ def capacity_of(tokens: int, top_k: int, num_experts: int, capacity_factor: floa
     return max(1, math.ceil(capacity_factor * tokens * top_k / num_experts))
 
 
+def real_capacity(valid: torch.Tensor, top_k: int, num_experts: int, capacity_factor: float) -> torch.Tensor:
+    """``capacity_of`` the real tokens (``valid`` True) as a device scalar: no host sync. The same
+    float64 operations in the same order as ``capacity_of``, so that a padded batch gets exactly the
+    capacity of the same batch without its padding."""
+    real = valid.sum(dtype=torch.float64)
+    return torch.ceil(capacity_factor * real * top_k / num_experts).clamp_min(1)
+
+
 def apply_capacity(
-    idx: torch.Tensor, weight: torch.Tensor, priority: torch.Tensor, num_experts: int, capacity: int
+    idx: torch.Tensor, weight: torch.Tensor, priority: torch.Tensor, num_experts: int, capacity: int | torch.Tensor
 ):
     """Drop assignments past each expert's capacity; ``priority`` [T, K] says who stays (higher first).
 
@@ -121,7 +130,8 @@ def apply_capacity(
 
 
 def expert_choice(scores: torch.Tensor, capacity: int):
-    """Each expert takes its ``capacity`` highest-scoring tokens (Zhou et al., 2022).
+    """Each expert takes its ``capacity`` highest-scoring tokens (Zhou et al., 2022), weighted by
+    the raw score. The router sizes ``capacity`` as ``capacity_of`` (see ``MoEConfig``).
 
     Returns token-major (idx [T, Kmax], weight [T, Kmax]) with -1 / 0 padding, Kmax being the
     most experts any token got. Finding Kmax needs one host sync; expert choice also lets a
@@ -199,7 +209,9 @@ class Router(nn.Module):
             logits = self.logits(x)
             scores = score(logits, cfg.score_func)
             if cfg.router_type == "expert_choice":
-                capacity = capacity_of(tokens, cfg.top_k, cfg.num_experts, cfg.capacity_factor or 1.0)
+                # Sized by the real tokens (one host sync; expert choice has one anyway, for Kmax).
+                real = tokens if valid is None else int(valid.sum())
+                capacity = capacity_of(real, cfg.top_k, cfg.num_experts, cfg.capacity_factor or 1.0)
                 # Padding below every score: experts take it last, and then it counts as not chosen.
                 ranked = scores if valid is None else scores.masked_fill(~valid[:, None], -1.0)
                 idx, weight = expert_choice(ranked, capacity)
@@ -212,7 +224,9 @@ class Router(nn.Module):
             weight = weight.masked_fill(~valid[:, None], 0)
         chosen_idx = idx
         if cfg.capacity_factor is not None and cfg.router_type == "topk":
-            capacity = capacity_of(tokens, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
+            # Sized by the real tokens: padding must not enlarge the experts' room any more than fill it.
+            capacity = (capacity_of(tokens, cfg.top_k, cfg.num_experts, cfg.capacity_factor) if valid is None
+                        else real_capacity(valid, cfg.top_k, cfg.num_experts, cfg.capacity_factor))
             priority = (scores.gather(1, idx.clamp_min(0)) if cfg.drop_policy == "probability"
                         else torch.zeros_like(weight))  # (a padding token's -1 is never kept whatever its priority)
             idx, weight = apply_capacity(idx, weight, priority, cfg.num_experts, capacity)

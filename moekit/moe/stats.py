@@ -16,8 +16,8 @@ class MoEStats:
     seq_aux_loss: torch.Tensor  # sequence-wise loss value (unweighted)
     z_loss: torch.Tensor  # router z-loss value (unweighted)
     dropped_fraction: torch.Tensor  # share of assignments dropped by capacity (tokens, for expert choice)
-    router_entropy: torch.Tensor  # mean entropy of the per-token expert distribution, in nats
-    load_cv: torch.Tensor  # coefficient of variation of tokens_per_expert
+    router_entropy: torch.Tensor  # mean entropy of the per-token expert distribution (sigmoid scores normalised), nats
+    load_cv: torch.Tensor  # coefficient of variation (population std / mean) of tokens_per_expert
 
     def to_dict(self) -> dict[str, float | list[float]]:
         """Host copy (one transfer per field): scalars as floats, the load as a list."""

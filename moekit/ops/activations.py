@@ -1,4 +1,9 @@
-"""Expert FFN activations. Gated ones take the up-projection output as [gate | up] halves."""
+"""Expert FFN activations. Gated ones take the up-projection output as [gate | up] halves.
+
+SwiGLU is silu(gate) * up (Shazeer, 2020; Llama, Mixtral, DeepSeek, Qwen). GeGLU and "gelu" use the
+exact erf GELU; checkpoints trained with the tanh approximation (T5 v1.1 "gated-gelu", Gemma's
+"gelu_pytorch_tanh") differ from it by up to ~1e-3 per activation.
+"""
 
 from __future__ import annotations
 

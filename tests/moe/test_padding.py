@@ -62,3 +62,52 @@ def test_token_mask_shape_is_checked():
     layer = make_layer()
     with pytest.raises(ValueError, match="token_mask shape"):
         layer(torch.randn(2, 6, 16, dtype=torch.float64), token_mask=torch.ones(2, 5, dtype=torch.bool))
+
+
+CAPACITY_ROUTERS = [dict(capacity_factor=1.0, drop_policy="position"), dict(capacity_factor=0.75),
+                    dict(router_type="expert_choice", capacity_factor=1.0, aux_loss_coef=0.0, seq_aux_loss_coef=0.0,
+                         bias_update_rate=0.0)]
+
+
+@pytest.mark.parametrize("router", CAPACITY_ROUTERS)
+def test_padding_leaves_the_capacity_of_the_real_tokens(router):
+    """Capacity is ceil(factor * real tokens * top_k / E): padding neither fills the experts' room nor
+    enlarges it, so the real tokens are routed, dropped and combined exactly as without the padding."""
+    layer = make_layer(**router)
+    with torch.no_grad():
+        layer.router.weight[0] += 0.8  # expert 0 oversubscribed: the capacity bites
+    x = torch.randn(2, 12, 16, dtype=torch.float64) + 0.5
+    plain = layer(x)
+    plain_stats = layer.last_stats
+    assert plain_stats.dropped_fraction.item() > 0
+    padded, mask = left_padded(x, 12)
+    out = layer(padded, token_mask=mask)
+    torch.testing.assert_close(out[:, 12:], plain, rtol=1e-12, atol=1e-12)
+    for field in ("tokens_per_expert", "dropped_fraction"):
+        torch.testing.assert_close(getattr(layer.last_stats, field), getattr(plain_stats, field), msg=field)
+
+
+def test_a_wholly_padded_sequence_takes_no_share_of_the_sequence_loss():
+    """The sequence-wise loss averages over sequences with real tokens: a row of padding only (a short
+    last batch filled up) must not count as a perfectly balanced sequence that halves the loss."""
+    layer = make_layer().train()
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    layer(x)
+    plain_seq_aux, plain_aux = layer.last_stats.seq_aux_loss, layer.aux_loss
+    padded = torch.cat([x, torch.randn(1, 6, 16, dtype=torch.float64)])
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[2] = False
+    layer(padded, token_mask=mask)
+    torch.testing.assert_close(layer.last_stats.seq_aux_loss, plain_seq_aux, rtol=1e-12, atol=0)
+    torch.testing.assert_close(layer.aux_loss, plain_aux, rtol=1e-12, atol=0)
+
+
+def test_all_padding_gives_zero_losses_not_nan():
+    layer = make_layer(capacity_factor=1.0).train()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    out = layer(x, token_mask=torch.zeros(2, 5, dtype=torch.bool))
+    assert torch.count_nonzero(out) == 0
+    stats = layer.last_stats
+    for field in ("aux_loss", "seq_aux_loss", "z_loss", "dropped_fraction", "router_entropy"):
+        assert getattr(stats, field).item() == 0.0, field
+    assert layer.aux_loss.item() == 0.0

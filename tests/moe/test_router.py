@@ -118,3 +118,19 @@ def test_router_jitter_only_in_training():
     # Multiplicative noise in [1 - eps, 1 + eps] on the input: bounded logit change.
     bound = (x.abs() * 0.1) @ layer.router.weight.abs().t()
     assert bool(((noisy - clean).abs() <= bound + 1e-12).all())
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_top1_weight_with_and_without_norm_topk_prob(norm):
+    """The documented variant: norm_topk_prob renormalises at top_k=1 too (HF Mixtral / Qwen-MoE), so the
+    weight is route_scale and the task loss gives the router no gradient; without it the weight is the
+    softmax probability (Switch Transformer) and the router learns from the output."""
+    layer = make_layer(seed=8, top_k=1, norm_topk_prob=norm, route_scale=1.5)
+    x = torch.randn(12, 16, dtype=torch.float64)
+    routing = layer.router(x)
+    probs = (x @ layer.router.weight.t()).softmax(-1)
+    expected = 1.5 * (torch.ones(12, 1, dtype=torch.float64) if norm else probs.max(-1, keepdim=True).values)
+    torch.testing.assert_close(routing.topk_weight, expected, rtol=1e-12, atol=1e-12)
+    layer(x).sum().backward()
+    grad = layer.router.weight.grad.abs().max().item()
+    assert grad < 1e-15 if norm else grad > 1e-4  # s / s: zero up to rounding
