@@ -7,6 +7,7 @@ Sampling integrates that velocity from t = 0 to 1 with ``moekit.models.vla.sampl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -33,7 +34,12 @@ class TrajectoryModel(nn.Module):
     def __init__(self, config: VLAConfig, backbone: MoEForCausalLM | None = None):
         super().__init__()
         config.validate()
-        backbone = backbone if backbone is not None else MoEForCausalLM(config.backbone)
+        if backbone is None:
+            backbone = MoEForCausalLM(config.backbone)
+        elif backbone.config != config.backbone:
+            # the config is what save_pretrained writes and from_pretrained rebuilds: it must describe
+            # the backbone actually used, not the default one config.backbone was left at
+            config = dataclasses.replace(config, backbone=backbone.config)
         if backbone.config.max_seq_len < config.num_tokens:
             raise ValueError(f"TrajectoryModel: the backbone's max_seq_len {backbone.config.max_seq_len} is below "
                              f"the {config.num_tokens} tokens of a scene")
