@@ -3,6 +3,7 @@ sampling shapes and determinism, anchors, checkpoints and bad input."""
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from moekit import ModelConfig, MoEForCausalLM
 from moekit.models.vla import (
     SceneDataConfig,
+    SceneSet,
     TrainConfig,
     TrajectoryModel,
     VLAConfig,
@@ -207,3 +209,30 @@ def test_an_explicit_backbone_is_what_the_checkpoint_records(scenes, tmp_path):
     a = model.predict(val.tokens[:4], 2, 2, generator=torch.Generator().manual_seed(0))
     b = loaded.predict(val.tokens[:4], 2, 2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("objective", ["flow", "regression"])
+def test_float64_scenes_train_like_float32_ones(scenes, objective):
+    """SceneSet accepts any floating dtype; a float64 target made the decoder's input float64
+    and the loss raised "mat1 and mat2 must have the same dtype"."""
+    train_set, _ = scenes
+    model = TrajectoryModel(_config(objective=objective))
+    model.fit_data_statistics(train_set)
+    tokens, target = train_set.tokens[:16], train_set.target[:16]
+    want = model.loss(tokens, target, torch.Generator().manual_seed(0))["objective"].item()
+    got = model.loss(tokens.double(), target.double(), torch.Generator().manual_seed(0))["objective"].item()
+    assert got == pytest.approx(want, rel=1e-5)
+    wide = SceneSet(train_set.tokens.double(), train_set.target.double(), train_set.others_future.double(),
+                    train_set.others_mask)
+    history = train(model, wide, TrainConfig(steps=2, batch_size=8, log_every=1), log=lambda _: None)
+    assert len(history) == 2 and all(math.isfinite(h["objective"]) for h in history)
+
+
+def test_non_float_tokens_are_refused_by_name(scenes):
+    train_set, _ = scenes
+    model = TrajectoryModel(_config())
+    model.fit_data_statistics(train_set)
+    with pytest.raises(ValueError, match="tokens must be floating point, got torch.bool"):
+        model.predict(train_set.tokens[:2] > 0)
+    with pytest.raises(ValueError, match="target must be floating point, got torch.int64"):
+        model.loss(train_set.tokens[:2], train_set.target[:2].long())

@@ -109,6 +109,9 @@ class TrajectoryModel(nn.Module):
         if target is not None and (target.dim() != 3 or tuple(target.shape) != (tokens.shape[0], c.horizon, 2)):
             raise ValueError(f"TrajectoryModel: target must be [{tokens.shape[0]}, {c.horizon}, 2], "
                              f"got {tuple(target.shape)}")
+        for name, value in (("tokens", tokens), ("target", target)):
+            if value is not None and not value.is_floating_point():
+                raise ValueError(f"TrajectoryModel: {name} must be floating point, got {value.dtype}")
         if is_capturing():
             return  # the value check reads the tensors on the host, which a CUDA-graph capture forbids
         for name, value in (("tokens", tokens), ("target", target)):
@@ -144,16 +147,17 @@ class TrajectoryModel(nn.Module):
         self._check_scenes(tokens, target)
         self._require_fitted()
         memory, aux = self.encode(tokens)
-        x1 = self.normalize_trajectory(target)
+        # the loss is taken in float32 whatever the target's float type; the decoder gets its own dtype
+        x1 = self.normalize_trajectory(target.float())
         b = x1.shape[0]
         if self.config.objective == "regression":
-            pred = self.decoder(torch.zeros_like(x1), x1.new_zeros(b), memory)
+            pred = self.decoder(memory.new_zeros(x1.shape), memory.new_zeros(b), memory)
             objective = F.mse_loss(pred.float(), x1)
         else:
             x0 = self.sample_prior(b, x1.device, generator)
             t = torch.rand(b, device=x1.device, generator=generator)
             xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * x1
-            objective = F.mse_loss(self.decoder(xt, t, memory).float(), x1 - x0)
+            objective = F.mse_loss(self.decoder(xt.to(memory.dtype), t, memory).float(), x1 - x0)
         return {"loss": objective + aux, "objective": objective.detach(), "aux": aux.detach()}
 
     # --- inference --------------------------------------------------------------------------
