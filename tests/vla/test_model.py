@@ -236,3 +236,25 @@ def test_non_float_tokens_are_refused_by_name(scenes):
         model.predict(train_set.tokens[:2] > 0)
     with pytest.raises(ValueError, match="target must be floating point, got torch.int64"):
         model.loss(train_set.tokens[:2], train_set.target[:2].long())
+
+
+def test_kmeans_with_fewer_distinct_points_than_anchors(scenes):
+    """k-means++ drew from d2 / d2.sum() = 0 / 0 once every point was a centre: torch.multinomial
+    raised "probability tensor contains either inf, nan or element < 0"."""
+    distinct = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 5.0]])
+    points = distinct.repeat(4, 1)                                 # 12 points, 3 distinct
+    centres, weights = kmeans(points, 5)
+    assert torch.isfinite(centres).all()
+    for p in distinct:  # each distinct point is a centre, holding a third of the points
+        k = (centres - p).norm(dim=1).argmin()
+        assert (centres[k] - p).norm().item() == 0.0 and weights[k].item() == pytest.approx(1 / 3)
+    assert weights.sum().item() == pytest.approx(1.0) and (weights > 0).sum().item() == 3
+    # a training set of 2 distinct scenes and 6 anchors: the empty anchors are never drawn
+    train_set, _ = scenes
+    two = train_set.subset(torch.tensor([0, 1] * 5))
+    model = TrajectoryModel(_config(prior="anchors", anchor_std=1e-6))  # draws sit on their anchors
+    model.fit_data_statistics(two)
+    assert (model.anchor_weights > 0).sum().item() == 2
+    drawn = model.sample_prior(4000, "cpu", torch.Generator().manual_seed(0)).flatten(1)
+    used = model.anchors[model.anchor_weights > 0].flatten(1)
+    assert torch.cdist(drawn, used).min(1).values.max().item() < 1e-2  # an empty (zero) anchor: about 3.7 off
