@@ -258,3 +258,26 @@ def test_kmeans_with_fewer_distinct_points_than_anchors(scenes):
     drawn = model.sample_prior(4000, "cpu", torch.Generator().manual_seed(0)).flatten(1)
     used = model.anchors[model.anchor_weights > 0].flatten(1)
     assert torch.cdist(drawn, used).min(1).values.max().item() < 1e-2  # an empty (zero) anchor: about 3.7 off
+
+
+def test_a_corrupt_weights_file_is_refused_by_name(scenes, tmp_path):
+    """A weights file holding a list raised a bare TypeError from load_state_dict; NaN data
+    statistics or weights loaded silently and every prediction came out NaN."""
+    train_set, val = scenes
+    model = TrajectoryModel(_config())
+    model.fit_data_statistics(train_set)
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.pt"
+    state = torch.load(weights, weights_only=True)
+    torch.save([1, 2], weights)
+    with pytest.raises(ValueError, match="model.pt holds a list, not a state dict"):
+        TrajectoryModel.from_pretrained(tmp_path / "m")
+    for name in ("traj_std", "decoder.point_out.weight"):
+        broken = dict(state)
+        broken[name] = broken[name].clone()
+        broken[name].view(-1)[0] = float("nan")
+        torch.save(broken, weights)
+        with pytest.raises(ValueError, match=f"NaN or inf in {name}"):
+            TrajectoryModel.from_pretrained(tmp_path / "m")
+    torch.save(state, weights)
+    assert torch.isfinite(TrajectoryModel.from_pretrained(tmp_path / "m").predict(val.tokens[:2])).all()

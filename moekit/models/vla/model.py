@@ -206,6 +206,9 @@ class TrajectoryModel(nn.Module):
             state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         except Exception as e:  # json, pickle and torch raise several types for a corrupt file
             raise ValueError(f"TrajectoryModel: cannot read the checkpoint in {directory}: {e}") from e
+        if not isinstance(state, dict):
+            raise ValueError(f"TrajectoryModel: {directory / WEIGHTS_FILE} holds a {type(state).__name__}, "
+                             "not a state dict")
         model = cls(config)
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -215,6 +218,11 @@ class TrajectoryModel(nn.Module):
         if missing or unexpected:
             raise ValueError(f"TrajectoryModel: checkpoint {directory} does not match its config: "
                              f"missing {missing}, unexpected {unexpected}")
+        # a NaN normaliser or weight loads without complaint and turns every prediction NaN
+        broken = [name for name, value in state.items()
+                  if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+        if broken:
+            raise ValueError(f"TrajectoryModel: checkpoint {directory} holds NaN or inf in {', '.join(broken[:5])}")
         if not bool(model.fitted):
             raise ValueError(f"TrajectoryModel: checkpoint {directory} holds a model without its data "
                              "statistics (fit_data_statistics was never called before it was saved)")
