@@ -281,3 +281,15 @@ def test_a_corrupt_weights_file_is_refused_by_name(scenes, tmp_path):
             TrajectoryModel.from_pretrained(tmp_path / "m")
     torch.save(state, weights)
     assert torch.isfinite(TrajectoryModel.from_pretrained(tmp_path / "m").predict(val.tokens[:2])).all()
+
+
+def test_bad_train_options_are_refused():
+    """grad_clip = 0 scaled every gradient to zero (the run trained nothing, silently); a negative
+    weight decay grows the weights."""
+    for key, value, message in [("grad_clip", 0.0, "grad_clip must be a finite number > 0"),
+                                ("grad_clip", float("nan"), "grad_clip must be a finite number > 0"),
+                                ("weight_decay", -0.1, "weight_decay must be >= 0"),
+                                ("lr", float("inf"), "lr must be a finite number > 0"),
+                                ("warmup", 1.5, "warmup must be an integer >= 0")]:
+        with pytest.raises(ValueError, match=f"TrainConfig: {message}"):
+            TrainConfig(**{key: value})
