@@ -293,3 +293,14 @@ def test_bad_train_options_are_refused():
                                 ("warmup", 1.5, "warmup must be an integer >= 0")]:
         with pytest.raises(ValueError, match=f"TrainConfig: {message}"):
             TrainConfig(**{key: value})
+
+
+def test_config_values_of_the_wrong_kind_are_refused_by_name():
+    """anchor_std = inf was accepted (every anchor-prior sample came out inf), "0.5" raised a bare
+    TypeError, True passed for num_anchors = 1 and a string backbone an AttributeError."""
+    for kw, message in [({"anchor_std": float("inf")}, "anchor_std must be a finite number > 0"),
+                        ({"anchor_std": "0.5"}, "anchor_std must be a finite number > 0"),
+                        ({"num_anchors": True}, "num_anchors must be a positive integer"),
+                        ({"backbone": "tiny"}, "backbone must be a ModelConfig or a mapping")]:
+        with pytest.raises(ValueError, match=f"VLAConfig: {message}"):
+            VLAConfig(**kw)
