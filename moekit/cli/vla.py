@@ -86,10 +86,11 @@ def run_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     data = SceneDataConfig(source=args.source, num_train=args.train_scenes, num_val=args.val_scenes,
                            seed=args.seed, workers=args.workers)
-    train_set, val_set = load_or_generate(data, run_dir / "data")
-    print(f"{len(train_set)} train / {len(val_set)} held-out scenes ({args.source}) in {run_dir / 'data'}")
+    # every option is checked before the scenes are generated, which takes minutes with highway-env
     device = _device(args.device)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    train_set, val_set = load_or_generate(data, run_dir / "data")
+    print(f"{len(train_set)} train / {len(val_set)} held-out scenes ({args.source}) in {run_dir / 'data'}")
     for objective in args.objectives:
         torch.manual_seed(args.seed)
         model = TrajectoryModel(VLAConfig(objective=objective, prior=args.prior)).to(device)
@@ -155,6 +156,8 @@ def run_eval(args: argparse.Namespace) -> int:
     (run_dir / "eval.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {run_dir / 'eval.json'}")
 
+    if args.plot_scenes and flow is None:
+        print(f"note: no trajectories.png: it draws the flow head's samples, and {run_dir / 'flow'} is missing")
     if args.plot_scenes and flow is not None:
         # half the panels: the scenes whose expert moves most sideways (lane changes); the rest: the first scenes
         n = min(args.plot_scenes, len(val_set))

@@ -39,3 +39,29 @@ def test_bad_arguments(tmp_path, capsys, argv, message):
     argv = [a.replace("X", str(tmp_path)).replace("NOPE", str(tmp_path / "none")) for a in argv]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,value,message", [("--steps", "0", "steps must be a positive integer"),
+                                                  ("--lr", "-1", "lr must be a finite number > 0"),
+                                                  ("--batch-size", "0", "batch_size must be a positive integer")])
+def test_train_options_are_checked_before_the_data_are_generated(tmp_path, capsys, option, value, message):
+    """A bad training option was found only after the scene sets were generated (minutes with
+    highway-env at the default sizes)."""
+    run = tmp_path / "run"
+    argv = ["vla", "train", "--run-dir", str(run), "--source", "synthetic", "--train-scenes", "40",
+            "--val-scenes", "20", "--workers", "1", option, value]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (run / "data").exists()
+
+
+def test_eval_says_when_it_draws_no_plot(tmp_path, capsys):
+    """--plot-scenes asks for a PNG, which only the flow head's samples make: without a flow head
+    eval skipped it silently."""
+    run = tmp_path / "run"
+    assert main(["vla", "train", "--run-dir", str(run), "--source", "synthetic", "--train-scenes", "40",
+                 "--val-scenes", "20", "--workers", "1", "--steps", "2", "--batch-size", "8",
+                 "--objectives", "regression"]) == 0
+    assert main(["vla", "eval", "--run-dir", str(run), "--plot-scenes", "2"]) == 0
+    assert "no trajectories.png: it draws the flow head's samples" in capsys.readouterr().out
+    assert not (run / "trajectories.png").exists()

@@ -143,3 +143,19 @@ def test_highway_env_rollouts():
     assert torch.all(torch.isin(width.round(), torch.tensor([8.0, 12.0, 16.0])))
     # the expert keeps moving forward over the horizon
     assert (train.target[:, 1:, 0] > train.target[:, :-1, 0]).all()
+
+
+def test_bad_generation_options_are_refused():
+    """A negative burn-in left the first recorded frames at (0, 0) (10 of 81 for -1 s) and a
+    negative history indexed frames from the end of the rollout (futures up to 67 m behind the
+    ego): both made scenes silently."""
+    with pytest.raises(ValueError, match="burn_in must be >= 0"):
+        _small(burn_in=-1.0)
+    for key, value, message in [("history", -2, "history must be an integer >= 0"),
+                                ("num_neighbors", -1, "num_neighbors must be an integer >= 0"),
+                                ("horizon", 0, "horizon must be a positive integer"),
+                                ("dt", 0.0, "dt must be > 0"), ("radius", -5.0, "radius must be > 0")]:
+        with pytest.raises(ValueError, match=f"CutConfig: {message}"):
+            CutConfig(**{key: value})
+    with pytest.raises(ValueError, match="CutConfig: unknown key"):
+        _small(cut={"horizon": 8, "future": 4})

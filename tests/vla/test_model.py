@@ -3,6 +3,7 @@ sampling shapes and determinism, anchors, checkpoints and bad input."""
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from moekit import ModelConfig, MoEForCausalLM
 from moekit.models.vla import (
     SceneDataConfig,
+    SceneSet,
     TrainConfig,
     TrajectoryModel,
     VLAConfig,
@@ -189,3 +191,116 @@ def test_bad_input(scenes):
         VLAConfig(backbone=dataclasses.replace(_backbone(), max_seq_len=8))
     with pytest.raises(ValueError, match="decoder_dim must be even, got 9"):
         VLAConfig(backbone=_backbone(), decoder_dim=9, decoder_heads=3)
+
+
+def test_an_explicit_backbone_is_what_the_checkpoint_records(scenes, tmp_path):
+    """A backbone passed in (rather than built from config.backbone) is the one saved: its
+    config went unrecorded, so from_pretrained built config.backbone instead and the loaded model
+    predicted other trajectories (up to 0.96 m off in a probe with the default tiny backbone)."""
+    train_set, val = scenes
+    torch.manual_seed(0)
+    backbone = MoEForCausalLM(dataclasses.replace(_backbone(), rope_theta=100.0, norm_eps=1e-2))
+    model = TrajectoryModel(_config(), backbone=backbone)
+    assert model.config.backbone.rope_theta == 100.0 and model.config.backbone.norm_eps == 1e-2
+    model.fit_data_statistics(train_set)
+    model.save_pretrained(tmp_path / "m")
+    loaded = TrajectoryModel.from_pretrained(tmp_path / "m")
+    assert loaded.config.backbone.rope_theta == 100.0 and loaded.config.backbone.norm_eps == 1e-2
+    a = model.predict(val.tokens[:4], 2, 2, generator=torch.Generator().manual_seed(0))
+    b = loaded.predict(val.tokens[:4], 2, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("objective", ["flow", "regression"])
+def test_float64_scenes_train_like_float32_ones(scenes, objective):
+    """SceneSet accepts any floating dtype; a float64 target made the decoder's input float64
+    and the loss raised "mat1 and mat2 must have the same dtype"."""
+    train_set, _ = scenes
+    model = TrajectoryModel(_config(objective=objective))
+    model.fit_data_statistics(train_set)
+    tokens, target = train_set.tokens[:16], train_set.target[:16]
+    want = model.loss(tokens, target, torch.Generator().manual_seed(0))["objective"].item()
+    got = model.loss(tokens.double(), target.double(), torch.Generator().manual_seed(0))["objective"].item()
+    assert got == pytest.approx(want, rel=1e-5)
+    wide = SceneSet(train_set.tokens.double(), train_set.target.double(), train_set.others_future.double(),
+                    train_set.others_mask)
+    history = train(model, wide, TrainConfig(steps=2, batch_size=8, log_every=1), log=lambda _: None)
+    assert len(history) == 2 and all(math.isfinite(h["objective"]) for h in history)
+
+
+def test_non_float_tokens_are_refused_by_name(scenes):
+    train_set, _ = scenes
+    model = TrajectoryModel(_config())
+    model.fit_data_statistics(train_set)
+    with pytest.raises(ValueError, match="tokens must be floating point, got torch.bool"):
+        model.predict(train_set.tokens[:2] > 0)
+    with pytest.raises(ValueError, match="target must be floating point, got torch.int64"):
+        model.loss(train_set.tokens[:2], train_set.target[:2].long())
+
+
+def test_kmeans_with_fewer_distinct_points_than_anchors(scenes):
+    """k-means++ drew from d2 / d2.sum() = 0 / 0 once every point was a centre: torch.multinomial
+    raised "probability tensor contains either inf, nan or element < 0"."""
+    distinct = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 5.0]])
+    points = distinct.repeat(4, 1)                                 # 12 points, 3 distinct
+    centres, weights = kmeans(points, 5)
+    assert torch.isfinite(centres).all()
+    for p in distinct:  # each distinct point is a centre, holding a third of the points
+        k = (centres - p).norm(dim=1).argmin()
+        assert (centres[k] - p).norm().item() == 0.0 and weights[k].item() == pytest.approx(1 / 3)
+    assert weights.sum().item() == pytest.approx(1.0) and (weights > 0).sum().item() == 3
+    # a training set of 2 distinct scenes and 6 anchors: the empty anchors are never drawn
+    train_set, _ = scenes
+    two = train_set.subset(torch.tensor([0, 1] * 5))
+    model = TrajectoryModel(_config(prior="anchors", anchor_std=1e-6))  # draws sit on their anchors
+    model.fit_data_statistics(two)
+    assert (model.anchor_weights > 0).sum().item() == 2
+    drawn = model.sample_prior(4000, "cpu", torch.Generator().manual_seed(0)).flatten(1)
+    used = model.anchors[model.anchor_weights > 0].flatten(1)
+    assert torch.cdist(drawn, used).min(1).values.max().item() < 1e-2  # an empty (zero) anchor: about 3.7 off
+
+
+def test_a_corrupt_weights_file_is_refused_by_name(scenes, tmp_path):
+    """A weights file holding a list raised a bare TypeError from load_state_dict; NaN data
+    statistics or weights loaded silently and every prediction came out NaN."""
+    train_set, val = scenes
+    model = TrajectoryModel(_config())
+    model.fit_data_statistics(train_set)
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.pt"
+    state = torch.load(weights, weights_only=True)
+    torch.save([1, 2], weights)
+    with pytest.raises(ValueError, match="model.pt holds a list, not a state dict"):
+        TrajectoryModel.from_pretrained(tmp_path / "m")
+    for name in ("traj_std", "decoder.point_out.weight"):
+        broken = dict(state)
+        broken[name] = broken[name].clone()
+        broken[name].view(-1)[0] = float("nan")
+        torch.save(broken, weights)
+        with pytest.raises(ValueError, match=f"NaN or inf in {name}"):
+            TrajectoryModel.from_pretrained(tmp_path / "m")
+    torch.save(state, weights)
+    assert torch.isfinite(TrajectoryModel.from_pretrained(tmp_path / "m").predict(val.tokens[:2])).all()
+
+
+def test_bad_train_options_are_refused():
+    """grad_clip = 0 scaled every gradient to zero (the run trained nothing, silently); a negative
+    weight decay grows the weights."""
+    for key, value, message in [("grad_clip", 0.0, "grad_clip must be a finite number > 0"),
+                                ("grad_clip", float("nan"), "grad_clip must be a finite number > 0"),
+                                ("weight_decay", -0.1, "weight_decay must be >= 0"),
+                                ("lr", float("inf"), "lr must be a finite number > 0"),
+                                ("warmup", 1.5, "warmup must be an integer >= 0")]:
+        with pytest.raises(ValueError, match=f"TrainConfig: {message}"):
+            TrainConfig(**{key: value})
+
+
+def test_config_values_of_the_wrong_kind_are_refused_by_name():
+    """anchor_std = inf was accepted (every anchor-prior sample came out inf), "0.5" raised a bare
+    TypeError, True passed for num_anchors = 1 and a string backbone an AttributeError."""
+    for kw, message in [({"anchor_std": float("inf")}, "anchor_std must be a finite number > 0"),
+                        ({"anchor_std": "0.5"}, "anchor_std must be a finite number > 0"),
+                        ({"num_anchors": True}, "num_anchors must be a positive integer"),
+                        ({"backbone": "tiny"}, "backbone must be a ModelConfig or a mapping")]:
+        with pytest.raises(ValueError, match=f"VLAConfig: {message}"):
+            VLAConfig(**kw)

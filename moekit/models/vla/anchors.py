@@ -18,7 +18,10 @@ def kmeans(points: torch.Tensor, k: int, iterations: int = 30, seed: int = 0) ->
     centres = points[torch.randint(points.shape[0], (1,), generator=gen)]
     for _ in range(1, k):
         d2 = torch.cdist(points, centres).min(1).values.square()
-        centres = torch.cat([centres, points[torch.multinomial(d2 / d2.sum(), 1, generator=gen)]])
+        # fewer distinct points than k: every point is already a centre (d2 all 0, and 0 / 0 would
+        # be NaN); repeat one, whose cluster stays empty and gets weight 0 (never drawn by the prior)
+        probs = d2 / d2.sum() if d2.sum() > 0 else torch.ones_like(d2)
+        centres = torch.cat([centres, points[torch.multinomial(probs, 1, generator=gen)]])
     for _ in range(iterations):
         assign = torch.cdist(points, centres).argmin(1)
         counts = torch.bincount(assign, minlength=k)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from moekit.models.config import ModelConfig
 from moekit.models.vla.scene import NUM_FEATURES
+from moekit.validation import is_int
 
 OBJECTIVES = ("flow", "regression")
 PRIORS = ("gaussian", "anchors")
@@ -51,6 +53,9 @@ class VLAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):
             self.backbone = ModelConfig.from_dict(self.backbone)
+        if not isinstance(self.backbone, ModelConfig):
+            raise ValueError("VLAConfig: backbone must be a ModelConfig or a mapping, "
+                             f"got {type(self.backbone).__name__}")
         self.validate()
 
     def validate(self) -> None:
@@ -61,8 +66,8 @@ class VLAConfig:
         for name in ("num_features", "horizon", "num_queries", "decoder_dim", "decoder_layers", "decoder_heads",
                      "num_anchors"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
-        need(isinstance(self.num_neighbors, int) and self.num_neighbors >= 0,
+            need(is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        need(is_int(self.num_neighbors) and self.num_neighbors >= 0,
              f"num_neighbors must be a non-negative integer, got {self.num_neighbors!r}")
         need(self.decoder_dim % self.decoder_heads == 0,
              f"decoder_dim {self.decoder_dim} must be divisible by decoder_heads {self.decoder_heads}")
@@ -70,7 +75,10 @@ class VLAConfig:
              f"decoder_dim must be even, got {self.decoder_dim}")
         need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         need(self.prior in PRIORS, f"prior must be one of {PRIORS}, got {self.prior!r}")
-        need(self.anchor_std > 0, f"anchor_std must be > 0, got {self.anchor_std}")
+        # an infinite scale makes every anchor-prior sample inf
+        need(isinstance(self.anchor_std, (int, float)) and not isinstance(self.anchor_std, bool)
+             and math.isfinite(self.anchor_std) and self.anchor_std > 0,
+             f"anchor_std must be a finite number > 0, got {self.anchor_std!r}")
         need(self.num_tokens <= self.backbone.max_seq_len,
              f"{self.num_tokens} tokens per scene exceed backbone.max_seq_len {self.backbone.max_seq_len}")
 

@@ -39,7 +39,7 @@ class SceneDataConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.cut, dict):
-            self.cut = CutConfig(**self.cut)
+            self.cut = CutConfig.from_dict(self.cut)
         if self.source not in SOURCES:
             raise ValueError(f"SceneDataConfig: unknown source {self.source!r}; choose one of {sorted(SOURCES)}")
         for name in ("num_train", "num_val", "vehicles_per_rollout", "scenes_per_rollout", "workers"):
@@ -48,6 +48,8 @@ class SceneDataConfig:
         for name in ("window", "every", "sim_step"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SceneDataConfig: {name} must be > 0, got {getattr(self, name)!r}")
+        if not self.burn_in >= 0:  # a negative one left the first recorded frames at (0, 0)
+            raise ValueError(f"SceneDataConfig: burn_in must be >= 0, got {self.burn_in!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> SceneDataConfig:

@@ -7,6 +7,7 @@ Sampling integrates that velocity from t = 0 to 1 with ``moekit.models.vla.sampl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -33,7 +34,12 @@ class TrajectoryModel(nn.Module):
     def __init__(self, config: VLAConfig, backbone: MoEForCausalLM | None = None):
         super().__init__()
         config.validate()
-        backbone = backbone if backbone is not None else MoEForCausalLM(config.backbone)
+        if backbone is None:
+            backbone = MoEForCausalLM(config.backbone)
+        elif backbone.config != config.backbone:
+            # the config is what save_pretrained writes and from_pretrained rebuilds: it must describe
+            # the backbone actually used, not the default one config.backbone was left at
+            config = dataclasses.replace(config, backbone=backbone.config)
         if backbone.config.max_seq_len < config.num_tokens:
             raise ValueError(f"TrajectoryModel: the backbone's max_seq_len {backbone.config.max_seq_len} is below "
                              f"the {config.num_tokens} tokens of a scene")
@@ -103,6 +109,9 @@ class TrajectoryModel(nn.Module):
         if target is not None and (target.dim() != 3 or tuple(target.shape) != (tokens.shape[0], c.horizon, 2)):
             raise ValueError(f"TrajectoryModel: target must be [{tokens.shape[0]}, {c.horizon}, 2], "
                              f"got {tuple(target.shape)}")
+        for name, value in (("tokens", tokens), ("target", target)):
+            if value is not None and not value.is_floating_point():
+                raise ValueError(f"TrajectoryModel: {name} must be floating point, got {value.dtype}")
         if is_capturing():
             return  # the value check reads the tensors on the host, which a CUDA-graph capture forbids
         for name, value in (("tokens", tokens), ("target", target)):
@@ -138,16 +147,17 @@ class TrajectoryModel(nn.Module):
         self._check_scenes(tokens, target)
         self._require_fitted()
         memory, aux = self.encode(tokens)
-        x1 = self.normalize_trajectory(target)
+        # the loss is taken in float32 whatever the target's float type; the decoder gets its own dtype
+        x1 = self.normalize_trajectory(target.float())
         b = x1.shape[0]
         if self.config.objective == "regression":
-            pred = self.decoder(torch.zeros_like(x1), x1.new_zeros(b), memory)
+            pred = self.decoder(memory.new_zeros(x1.shape), memory.new_zeros(b), memory)
             objective = F.mse_loss(pred.float(), x1)
         else:
             x0 = self.sample_prior(b, x1.device, generator)
             t = torch.rand(b, device=x1.device, generator=generator)
             xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * x1
-            objective = F.mse_loss(self.decoder(xt, t, memory).float(), x1 - x0)
+            objective = F.mse_loss(self.decoder(xt.to(memory.dtype), t, memory).float(), x1 - x0)
         return {"loss": objective + aux, "objective": objective.detach(), "aux": aux.detach()}
 
     # --- inference --------------------------------------------------------------------------
@@ -196,6 +206,9 @@ class TrajectoryModel(nn.Module):
             state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         except Exception as e:  # json, pickle and torch raise several types for a corrupt file
             raise ValueError(f"TrajectoryModel: cannot read the checkpoint in {directory}: {e}") from e
+        if not isinstance(state, dict):
+            raise ValueError(f"TrajectoryModel: {directory / WEIGHTS_FILE} holds a {type(state).__name__}, "
+                             "not a state dict")
         model = cls(config)
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -205,6 +218,11 @@ class TrajectoryModel(nn.Module):
         if missing or unexpected:
             raise ValueError(f"TrajectoryModel: checkpoint {directory} does not match its config: "
                              f"missing {missing}, unexpected {unexpected}")
+        # a NaN normaliser or weight loads without complaint and turns every prediction NaN
+        broken = [name for name, value in state.items()
+                  if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+        if broken:
+            raise ValueError(f"TrajectoryModel: checkpoint {directory} holds NaN or inf in {', '.join(broken[:5])}")
         if not bool(model.fitted):
             raise ValueError(f"TrajectoryModel: checkpoint {directory} holds a model without its data "
                              "statistics (fit_data_statistics was never called before it was saved)")

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from moekit.models.vla.scene import FEATURE, NUM_FEATURES, SceneSet
+from moekit.validation import is_int
 
 
 @dataclass
@@ -32,6 +34,25 @@ class CutConfig:
     dt: float = 0.5           # seconds between future points (2 Hz)
     history: int = 2          # past ego points in the ego token (``hist1``, ``hist2``)
     radius: float = 100.0     # neighbours farther than this are left out (metres)
+
+    def __post_init__(self) -> None:
+        # a negative history or horizon indexes frames from the end of a rollout: garbage, silently
+        for name, low in (("num_neighbors", 0), ("horizon", 1), ("history", 0)):
+            value = getattr(self, name)
+            if not is_int(value) or value < low:
+                what = "a positive integer" if low else "an integer >= 0"
+                raise ValueError(f"CutConfig: {name} must be {what}, got {value!r}")
+        for name in ("dt", "radius"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"CutConfig: {name} must be > 0, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> CutConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"CutConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
 
 
 def _rotate(xy: np.ndarray, angle: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ clipping) and batched evaluation of its samples."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from moekit.models.vla.metrics import trajectory_metrics
 from moekit.models.vla.model import TrajectoryModel
 from moekit.models.vla.scene import SceneSet
 from moekit.train.schedule import WarmupCosine
+from moekit.validation import is_int
 
 
 @dataclass
@@ -31,10 +33,14 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig: {name} must be a positive integer, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr}")
-        if self.warmup < 0:
-            raise ValueError(f"TrainConfig: warmup must be >= 0, got {self.warmup}")
+        # grad_clip = 0 scales every gradient to zero: the run would train nothing, silently
+        for name in ("lr", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"TrainConfig: {name} must be a finite number > 0, got {getattr(self, name)!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"TrainConfig: weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not is_int(self.warmup) or self.warmup < 0:
+            raise ValueError(f"TrainConfig: warmup must be an integer >= 0, got {self.warmup!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
