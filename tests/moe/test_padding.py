@@ -111,3 +111,24 @@ def test_all_padding_gives_zero_losses_not_nan():
     for field in ("aux_loss", "seq_aux_loss", "z_loss", "dropped_fraction", "router_entropy"):
         assert getattr(stats, field).item() == 0.0, field
     assert layer.aux_loss.item() == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("router", [{}, *CAPACITY_ROUTERS])
+def test_padding_on_the_gpu_kernels(router):
+    """The same promise through the GPU path (router kernel where it applies, Triton experts), float32."""
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(hidden_size=128, ffn_hidden_size=128, num_experts=8, top_k=2, **router)).cuda()
+    with torch.no_grad():
+        layer.router.weight[0] += 0.05  # expert 0 oversubscribed: a capacity bites
+    x = torch.randn(2, 64, 128, device="cuda") + 0.5
+    plain = layer(x)
+    plain_stats = layer.last_stats
+    junk = torch.randn(2, 16, 128, device="cuda") * 5
+    mask = torch.cat([torch.zeros(2, 16, dtype=torch.bool), torch.ones(2, 64, dtype=torch.bool)], 1).cuda()
+    out = layer(torch.cat([junk, x], 1), token_mask=mask)
+    torch.testing.assert_close(out[:, 16:], plain, rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(out[:, :16]) == 0
+    for field in ("tokens_per_expert", "dropped_fraction"):
+        torch.testing.assert_close(getattr(layer.last_stats, field), getattr(plain_stats, field), msg=field)
