@@ -37,6 +37,11 @@ def check_linear_mixer(name: str) -> None:
         raise ValueError(f"unknown linear_mixer {name!r}; choose from {sorted(LINEAR_MIXERS)}")
 
 
+def linear_mixers_reading(option: str) -> list[str]:
+    """The linear mixers that implement a linear-only ``MixerConfig`` option (``LinearMixer.reads``)."""
+    return sorted(name for name, cls in LINEAR_MIXERS.items() if option in getattr(cls, "reads", ()))
+
+
 def build_mixer(letter: str, linear_mixer: str, config: MixerConfig) -> nn.Module:
     """The mixer of one layer: ``N`` softmax attention (multi-head latent attention when
     ``config.mla`` is set), ``L`` the ``linear_mixer`` kind."""

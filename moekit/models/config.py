@@ -12,13 +12,12 @@ import yaml
 
 from moekit.mixers.config import MixerConfig
 from moekit.mixers.mla_config import MLAConfig
-from moekit.mixers.registry import LAYER_LETTERS, check_linear_mixer
+from moekit.mixers.registry import LAYER_LETTERS, check_linear_mixer, linear_mixers_reading
 from moekit.mixers.rope_scaling import YarnScaling
 from moekit.moe.config import MoEConfig
 from moekit.validation import is_int
 
 _FIELD_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}  # the scalar annotations checked
-GROUPED_VALUE_MIXERS = ("qwen3_next_deltanet",)  # the linear mixers that read linear_num_v_heads
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -170,10 +169,14 @@ class ModelConfig:
         for name in ("linear_num_heads", "linear_head_dim", "linear_num_v_heads"):  # None: as the softmax layers
             value = getattr(self, name)
             need(value is None or value > 0, f"{name} must be None or a positive integer, got {value}")
-        need(self.linear_num_v_heads in (None, self.linear_num_heads or self.num_heads)
-             or self.linear_mixer in GROUPED_VALUE_MIXERS,
-             f"linear_num_v_heads (grouped value heads) is read only by linear_mixer "
-             f"{' / '.join(GROUPED_VALUE_MIXERS)}, not {self.linear_mixer!r}")
+        if "L" in self.layer_pattern:  # linear-only options the L layers' mixer would not implement
+            for name, option, neutral in (("linear_num_v_heads", "num_v_heads", (None, self.linear_num_heads
+                                                                                 or self.num_heads)),
+                                          ("conv_bias", "conv_bias", (False,)), ("ssm_groups", "ssm_groups", (1,))):
+                readers = linear_mixers_reading(option)
+                need(getattr(self, name) in neutral or self.linear_mixer in readers,
+                     f"{name} ({getattr(self, name)!r}) is read only by linear_mixer {' / '.join(readers)}, "
+                     f"not {self.linear_mixer!r}")
         for letter in sorted(set(self.layer_pattern)):  # checks heads / dims of each kind of layer
             self.mixer_config(self.layer_pattern.index(letter))
 

@@ -59,7 +59,10 @@ def test_config_refuses_bad_values_by_name(tmp_path):
                                 ("norm_eps", -1.0, "norm_eps must be finite and >= 0"),
                                 ("linear_num_heads", 0, "linear_num_heads must be None or a positive integer"),
                                 ("linear_head_dim", 0, "linear_head_dim must be None or a positive integer"),
-                                ("linear_num_v_heads", 8, "linear_num_v_heads .* is read only by linear_mixer")):
+                                ("linear_num_v_heads", 8, "linear_num_v_heads .* is read only by linear_mixer"),
+                                ("conv_bias", True, r"conv_bias \(True\) is read only by linear_mixer deltanet / "
+                                                    r"gated_deltanet / mamba2 / qwen3_next_deltanet, not"),
+                                ("ssm_groups", 2, r"ssm_groups \(2\) is read only by linear_mixer mamba2, not")):
         with pytest.raises(ValueError, match=message):
             small_config(**{key: value})
     with pytest.raises(ValueError, match="no built-in config 'huge'"):
