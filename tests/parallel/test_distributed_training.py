@@ -105,3 +105,15 @@ def test_a_stalled_rank_times_out_the_others(launch, tmp_path):
     assert "killed after rank 0 exited" in stalled.stderr
     assert survivor.returncode == 1 and survivor.seconds < 60
     assert "PeerFailure: rank 0 of 2" in survivor.stderr and "time out after 5 s" in survivor.stderr
+
+
+def test_a_stalled_rank_times_out_collectives_of_the_sub_groups(launch, tmp_path):
+    # A 2 x 2 mesh without FSDP: rank 0's first collective after rank 1 stalls is the "ep" group's
+    # all-gather, and rank 2 waits for rank 0 in the "dp" group's expert all-reduce. Those groups are
+    # created by init_device_mesh, whose default timeout (30 min for gloo) once ignored timeout_s.
+    results = launch("train", 4, {"out": str(tmp_path / "hang"), "steps": STEPS, "hang_at": 1, "hang_s": 3600,
+                                  "parallel": {"ep": 2, "dp": 2, "fsdp": False, "timeout_s": 5}},
+                     check=False, timeout=120, stop_when_rank0_exits=True)
+    survivor = results[0]
+    assert survivor.returncode == 1 and survivor.seconds < 90, (survivor.returncode, survivor.seconds)
+    assert "PeerFailure: rank 0 of 4" in survivor.stderr and "time out after 5 s" in survivor.stderr
