@@ -23,9 +23,10 @@ def read(out: str, rank: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def single(launch, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("single") / "run")
-    launch("train", 1, {"out": out, "steps": STEPS})
-    return read(out)
+    root = tmp_path_factory.mktemp("single")
+    out = str(root / "run")
+    launch("train", 1, {"out": out, "steps": STEPS, "save_at": [SAVE_AFTER - 1, str(root / "ckpt")]})
+    return {**read(out), "ckpt": str(root / "ckpt")}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,16 @@ def test_checkpoint_from_two_processes_resumes_in_one(single, ep2_run, launch, t
     resumed = read(out)
     assert resumed["first"] == SAVE_AFTER
     assert_close_curves(resumed["losses"], rank0["losses"][SAVE_AFTER:])
+    assert_close_curves(resumed["losses"], single["losses"][SAVE_AFTER:])
+
+
+def test_checkpoint_from_one_process_resumes_with_expert_parallel_fsdp(single, launch, tmp_path):
+    # The one-process optimizer steps with foreach=True; the sharded run's own optimizer must keep
+    # foreach off (FSDP's DTensors mixed with plain expert shards), whatever the checkpoint says.
+    out = str(tmp_path / "resumed")
+    launch("train", 2, {"out": out, "steps": STEPS, "parallel": {"ep": 2}, "resume": single["ckpt"]})
+    resumed = read(out)
+    assert resumed["first"] == SAVE_AFTER
     assert_close_curves(resumed["losses"], single["losses"][SAVE_AFTER:])
 
 
