@@ -183,7 +183,8 @@ class DistributedRuntime(LocalRuntime):
 def start_runtime(config: ParallelConfig, device: torch.device) -> LocalRuntime:
     """``DistributedRuntime`` when torchrun launched several processes, else ``LocalRuntime``.
 
-    ``parallel.ep`` > 1 in a single process is refused: there is nobody to share experts with."""
+    ``parallel.ep`` > 1 (or ``parallel.dp`` > 1) in a single process is refused: there is nobody to
+    share experts (or the batch) with."""
     world = launched_world_size()
     if world > 1:
         config.validate(world)
@@ -192,6 +193,7 @@ def start_runtime(config: ParallelConfig, device: torch.device) -> LocalRuntime:
         raise ValueError(f"parallel.ep={config.ep} needs {config.ep} processes or a multiple: launch with "
                          f"torchrun --nproc-per-node {config.ep} -m moekit.cli train ..., or set parallel.ep=1 "
                          "(e.g. to resume a multi-process checkpoint in one process)")
+    config.validate(world)  # e.g. parallel.dp=2 without torchrun: refused, not one process in silence
     return LocalRuntime(device)
 
 
