@@ -4,8 +4,8 @@
 ``DistributedRuntime`` when torchrun started more than one process. The loop calls the same
 methods either way: ``wrap`` (shard experts over "ep", dense params with FSDP2),
 ``local_batch`` (this rank's rows of the global batch), ``mean`` (global means for logging),
-``clip_grad_norm_`` (gradient sync + clipping), ``reduce_load`` (aux-loss-free balancing) and
-the checkpoint pair.
+``clip_grad_norm_`` (gradient sync + clipping), ``reduce_load`` (aux-loss-free balancing),
+``sum_over_ranks`` (the logged MoE statistics of the global batch) and the checkpoint pair.
 
 Every rank reads the same global batch stream and keeps its own ``batch_size / world`` rows, so
 a run computes the same function as one process with the same ``train.batch_size`` (the
@@ -63,6 +63,7 @@ class LocalRuntime:
     world_size = 1
     is_main = True
     reduce_load: Callable | None = None
+    sum_over_ranks: Callable | None = None  # vector -> its sum over ranks (global MoE statistics)
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -116,6 +117,7 @@ class DistributedRuntime(LocalRuntime):
         self.world_size = dist.get_world_size()
         self.is_main = self.rank == 0
         self.reduce_load = load_reducer(self.pmesh)
+        self.sum_over_ranks = load_reducer(self.pmesh)  # the same all-reduce (a copy, summed over all ranks)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return parallelize(model, self.pmesh, self.config, blocks=getattr(model, "layers", ()))
