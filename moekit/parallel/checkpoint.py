@@ -104,5 +104,22 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     set_model_state_dict(model, _map_experts(state["model"], names, _to_local))
     if optimizer is not None:
         optim = state["optim"]
+        kept = _step_options(optimizer)
         set_optimizer_state_dict(model, optimizer, {**optim, "state": _map_experts(optim["state"], names, _to_local)})
+        _restore_step_options(optimizer, kept)
     return json.loads(state["extra"])
+
+
+# How the optimizer steps, not what it computes: chosen for this process's layout (e.g.
+# avoid_mixed_multi_tensor_steps turns foreach off where FSDP's DTensors meet plain expert
+# shards), so a checkpoint from another layout must not bring its own back.
+STEP_OPTIONS = ("foreach", "fused")
+
+
+def _step_options(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    return [{k: group[k] for k in STEP_OPTIONS if k in group} for group in optimizer.param_groups]
+
+
+def _restore_step_options(optimizer: torch.optim.Optimizer, kept: list[dict[str, Any]]) -> None:
+    for group, options in zip(optimizer.param_groups, kept):
+        group.update(options)

@@ -167,7 +167,9 @@ class AllToAllDispatcher:
             hits = destination_ranks(topk_idx, shard.num_local, self.ep_size)
             # Rows per destination, and this rank's slots per token: routing rows must have one
             # width across the group, and expert choice gives each rank its own K.
-            send = torch.stack([hits.sum(0), torch.full_like(hits[0], topk_idx.shape[1], dtype=torch.long)], 1)
+            # (Not full_like(hits[0]): a rank with no tokens this pass has no row 0.)
+            width_here = torch.full((self.ep_size,), topk_idx.shape[1], dtype=torch.long, device=hits.device)
+            send = torch.stack([hits.sum(0), width_here], 1)
             recv = exchange_counts(send, self.group)
             (send_splits, _), (recv_splits, their_k) = torch.stack([send, recv]).transpose(1, 2).tolist()  # one sync
             width = max(their_k)

@@ -87,4 +87,16 @@ def build_mesh(config: ParallelConfig, device: torch.device) -> ParallelMesh:
     dp = config.dp_size(world_size)
     mesh = init_device_mesh(device.type, (dp, config.ep), mesh_dim_names=("dp", "ep"))
     world = init_device_mesh(device.type, (world_size,), mesh_dim_names=("world",))
-    return ParallelMesh(mesh, world, device)
+    pmesh = ParallelMesh(mesh, world, device)
+    _bound_every_group(pmesh, timedelta(seconds=config.timeout_s))
+    return pmesh
+
+
+def _bound_every_group(pmesh: ParallelMesh, timeout: timedelta) -> None:
+    """init_device_mesh creates the "dp" / "ep" sub-groups with the backend's default timeout
+    (30 min for gloo, 10 for NCCL), not the default group's: without this, a peer that stalls in an
+    expert all-gather or an expert-gradient all-reduce of a dp x ep mesh hangs the others that long
+    instead of ``timeout_s``."""
+    groups = {id(g): g for g in (pmesh.ep_group, pmesh.dp_group, pmesh.world_group)}
+    for group in groups.values():
+        dist.distributed_c10d._set_pg_timeout(timeout, group)

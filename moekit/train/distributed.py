@@ -4,8 +4,8 @@
 ``DistributedRuntime`` when torchrun started more than one process. The loop calls the same
 methods either way: ``wrap`` (shard experts over "ep", dense params with FSDP2),
 ``local_batch`` (this rank's rows of the global batch), ``mean`` (global means for logging),
-``clip_grad_norm_`` (gradient sync + clipping), ``reduce_load`` (aux-loss-free balancing) and
-the checkpoint pair.
+``clip_grad_norm_`` (gradient sync + clipping), ``reduce_load`` (aux-loss-free balancing),
+``sum_over_ranks`` (the logged MoE statistics of the global batch) and the checkpoint pair.
 
 Every rank reads the same global batch stream and keeps its own ``batch_size / world`` rows, so
 a run computes the same function as one process with the same ``train.batch_size`` (the
@@ -63,6 +63,7 @@ class LocalRuntime:
     world_size = 1
     is_main = True
     reduce_load: Callable | None = None
+    sum_over_ranks: Callable | None = None  # vector -> its sum over ranks (global MoE statistics)
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -116,6 +117,7 @@ class DistributedRuntime(LocalRuntime):
         self.world_size = dist.get_world_size()
         self.is_main = self.rank == 0
         self.reduce_load = load_reducer(self.pmesh)
+        self.sum_over_ranks = load_reducer(self.pmesh)  # the same all-reduce (a copy, summed over all ranks)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return parallelize(model, self.pmesh, self.config, blocks=getattr(model, "layers", ()))
@@ -183,7 +185,8 @@ class DistributedRuntime(LocalRuntime):
 def start_runtime(config: ParallelConfig, device: torch.device) -> LocalRuntime:
     """``DistributedRuntime`` when torchrun launched several processes, else ``LocalRuntime``.
 
-    ``parallel.ep`` > 1 in a single process is refused: there is nobody to share experts with."""
+    ``parallel.ep`` > 1 (or ``parallel.dp`` > 1) in a single process is refused: there is nobody to
+    share experts (or the batch) with."""
     world = launched_world_size()
     if world > 1:
         config.validate(world)
@@ -192,6 +195,7 @@ def start_runtime(config: ParallelConfig, device: torch.device) -> LocalRuntime:
         raise ValueError(f"parallel.ep={config.ep} needs {config.ep} processes or a multiple: launch with "
                          f"torchrun --nproc-per-node {config.ep} -m moekit.cli train ..., or set parallel.ep=1 "
                          "(e.g. to resume a multi-process checkpoint in one process)")
+    config.validate(world)  # e.g. parallel.dp=2 without torchrun: refused, not one process in silence
     return LocalRuntime(device)
 
 

@@ -37,16 +37,35 @@ class IntervalMeter:
             self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
             self.counts[name] = self.counts.get(name, 0) + 1
 
-    def add_moe_stats(self) -> None:
-        """Read every MoE layer's ``last_stats`` (call after each training forward)."""
+    def add_moe_stats(self, sum_over_ranks=None, ranks: int = 1) -> None:
+        """Read every MoE layer's ``last_stats`` (call after each training forward).
+
+        ``sum_over_ranks`` (a vector -> its sum over the ``ranks`` ranks of a multi-process run, each
+        holding an equal share of the batch) makes them the global batch's, as one process would log
+        them: tokens per expert summed, the per-token / per-sequence means averaged, ``load_cv`` of
+        the summed counts. Without it, rank 0 would log its own share only."""
         stats = [layer.last_stats for layer in self.moe_layers]
         if not stats or any(s is None for s in stats):
             return
         # Per layer: [tokens_per_expert..., scalars...] flattened into one vector.
         row = torch.cat([torch.cat([s.tokens_per_expert.float(),
                                     torch.stack([getattr(s, f).float() for f in MOE_SCALARS])]) for s in stats])
+        if sum_over_ranks is not None:
+            row = self._global_row(sum_over_ranks(row), ranks, [s.tokens_per_expert.numel() for s in stats])
         self.moe_sum = row if self.moe_sum is None else self.moe_sum + row
         self.moe_count += 1
+
+    @staticmethod
+    def _global_row(summed: torch.Tensor, ranks: int, experts: list[int]) -> torch.Tensor:
+        parts, pos, cv = [], 0, MOE_SCALARS.index("load_cv")
+        for e in experts:
+            counts, scalars = summed[pos : pos + e], summed[pos + e : pos + e + len(MOE_SCALARS)] / ranks
+            # The CV of the global counts, not the mean of the ranks' CVs (as MoEStats computes it).
+            scalars = torch.cat([scalars[:cv], (counts.std(unbiased=False) / counts.mean().clamp_min(1e-20))[None],
+                                 scalars[cv + 1 :]])
+            parts += [counts, scalars]
+            pos += e + len(MOE_SCALARS)
+        return torch.cat(parts)
 
     def flush(self) -> dict[str, Any]:
         """Interval means as plain Python values (one host transfer); resets the meter."""

@@ -178,7 +178,7 @@ class Trainer:
             (out.loss / cfg.grad_accum).backward()
             losses = self.runtime.mean(loss=out.loss, lm_loss=out.lm_loss, aux_loss=out.aux_loss)
             meter.add(**losses)
-            meter.add_moe_stats()
+            meter.add_moe_stats(self.runtime.sum_over_ranks, self.runtime.world_size)
             self.nonfinite |= ~torch.isfinite(losses["loss"])  # the mean over ranks: every rank agrees
             self.tokens_seen += ids.numel() * self.runtime.world_size
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")

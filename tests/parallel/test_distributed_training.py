@@ -23,9 +23,10 @@ def read(out: str, rank: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def single(launch, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("single") / "run")
-    launch("train", 1, {"out": out, "steps": STEPS})
-    return read(out)
+    root = tmp_path_factory.mktemp("single")
+    out = str(root / "run")
+    launch("train", 1, {"out": out, "steps": STEPS, "save_at": [SAVE_AFTER - 1, str(root / "ckpt")]})
+    return {**read(out), "ckpt": str(root / "ckpt")}
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,16 @@ def test_checkpoint_from_two_processes_resumes_in_one(single, ep2_run, launch, t
     assert_close_curves(resumed["losses"], single["losses"][SAVE_AFTER:])
 
 
+def test_checkpoint_from_one_process_resumes_with_expert_parallel_fsdp(single, launch, tmp_path):
+    # The one-process optimizer steps with foreach=True; the sharded run's own optimizer must keep
+    # foreach off (FSDP's DTensors mixed with plain expert shards), whatever the checkpoint says.
+    out = str(tmp_path / "resumed")
+    launch("train", 2, {"out": out, "steps": STEPS, "parallel": {"ep": 2}, "resume": single["ckpt"]})
+    resumed = read(out)
+    assert resumed["first"] == SAVE_AFTER
+    assert_close_curves(resumed["losses"], single["losses"][SAVE_AFTER:])
+
+
 def test_a_dead_rank_stops_the_others_with_a_clear_error(launch, tmp_path):
     results = launch("train", 2, {"out": str(tmp_path / "die"), "steps": STEPS, "die_at": 2,
                                   "parallel": {"ep": 2, "timeout_s": 30}}, check=False, timeout=90)
@@ -105,3 +116,15 @@ def test_a_stalled_rank_times_out_the_others(launch, tmp_path):
     assert "killed after rank 0 exited" in stalled.stderr
     assert survivor.returncode == 1 and survivor.seconds < 60
     assert "PeerFailure: rank 0 of 2" in survivor.stderr and "time out after 5 s" in survivor.stderr
+
+
+def test_a_stalled_rank_times_out_collectives_of_the_sub_groups(launch, tmp_path):
+    # A 2 x 2 mesh without FSDP: rank 0's first collective after rank 1 stalls is the "ep" group's
+    # all-gather, and rank 2 waits for rank 0 in the "dp" group's expert all-reduce. Those groups are
+    # created by init_device_mesh, whose default timeout (30 min for gloo) once ignored timeout_s.
+    results = launch("train", 4, {"out": str(tmp_path / "hang"), "steps": STEPS, "hang_at": 1, "hang_s": 3600,
+                                  "parallel": {"ep": 2, "dp": 2, "fsdp": False, "timeout_s": 5}},
+                     check=False, timeout=120, stop_when_rank0_exits=True)
+    survivor = results[0]
+    assert survivor.returncode == 1 and survivor.seconds < 90, (survivor.returncode, survivor.seconds)
+    assert "PeerFailure: rank 0 of 4" in survivor.stderr and "time out after 5 s" in survivor.stderr

@@ -153,6 +153,31 @@ def unequal_tokens_error(rank: int) -> str:
     return ""
 
 
+def empty_rank_errs(rank: int) -> dict:
+    """The exact mode with no tokens at all on rank 1 (e.g. a short last micro-batch): both ranks
+    still meet in every collective, and rank 0's tokens still reach rank 1's experts."""
+    torch.manual_seed(0)
+    ref = MoE(MoEConfig(hidden_size=H, ffn_hidden_size=16, num_experts=EXPERTS, top_k=2, num_shared_experts=1))
+    layer = copy.deepcopy(ref)
+    shard_experts(layer, init_distributed(ParallelConfig(ep=2)), pad_to_tokens=False)
+    torch.manual_seed(7)
+    x = torch.randn(0 if rank == 1 else TOKENS, H)
+    grads = []
+    for module in (ref, layer):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        (y.square().sum() + module.aux_loss).backward()
+        grads.append((y.detach(), xi.grad))
+    errs = {"shape": list(grads[1][0].shape)}
+    if rank == 0:
+        errs["out"] = rel_err(grads[1][0], grads[0][0])
+        errs["grad_x"] = rel_err(grads[1][1], grads[0][1])
+    full = ref.experts.w_up.grad if ref.experts.w_up.grad is not None else torch.zeros_like(ref.experts.w_up)
+    dist.all_reduce(full)
+    errs["grad_w_up"] = rel_err(layer.experts.w_up.grad, full[2 * rank: 2 * rank + 2])
+    return errs
+
+
 def unwritten_rows_as_nan(grouped_mm):
     """``torch._grouped_mm`` leaves the output rows past the last offset unwritten: fill them with
     NaN, so that a leak of them (e.g. into the gate weights' gradient) fails every time instead of
@@ -174,6 +199,7 @@ def rank_main(rank: int, port: int, out: str) -> None:
         torch._grouped_mm = unwritten_rows_as_nan(torch._grouped_mm)  # this forked rank only
     result = {mode: {name: run_case(name, extra, rank, mode) for name, extra in CASES.items()} for mode in MODES}
     result["unequal_tokens_error"] = unequal_tokens_error(rank)
+    result["empty_rank"] = empty_rank_errs(rank)
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump(result, f)
     dist.barrier()
@@ -239,6 +265,14 @@ def test_padded_mode_rejects_unequal_token_counts(results):
     for result in results:
         assert "different token counts [24, 25]" in result["unequal_tokens_error"]
         assert "pad_to_tokens=False" in result["unequal_tokens_error"]
+
+
+def test_exact_mode_takes_an_empty_batch_on_one_rank(results):
+    assert results[1]["empty_rank"]["shape"] == [0, H]
+    for rank, result in enumerate(results):
+        for key, value in result["empty_rank"].items():
+            if key != "shape":
+                assert value < 1e-5, f"rank {rank}: {key} relative error {value}"
 
 
 def test_token_whose_experts_all_live_on_one_other_rank_travels_once(results):

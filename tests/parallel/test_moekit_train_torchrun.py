@@ -57,6 +57,20 @@ def test_two_process_expert_parallel_run_matches_one_process(runs):
     assert (ckpt / ".metadata").is_file() and (ckpt / "trainer.pt").is_file()
 
 
+def moe_stats(run_dir, step: int) -> dict:
+    with open(run_dir / "metrics.jsonl") as f:
+        return next(r["moe"] for r in map(json.loads, f) if r["kind"] == "train" and r["step"] == step)
+
+
+def test_two_process_run_logs_the_global_batch_moe_statistics(runs):
+    # Step 1 starts from the same weights: the same routing of the same global batch, so the logged
+    # tokens per expert (rank 0 once logged its half) and the statistics derived from them agree.
+    one, two = moe_stats(runs / "one", 1), moe_stats(runs / "two", 1)
+    for field in ("tokens_per_expert", "load_cv", "router_entropy", "z_loss", "dropped_fraction"):
+        for layer, (got, want) in enumerate(zip(two[field], one[field])):
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-6), (field, layer)
+
+
 def test_two_process_checkpoint_resumes_in_one_process(runs):
     ckpt = runs / "two" / "checkpoints" / "step_00000006"
     out = runs / "resumed"

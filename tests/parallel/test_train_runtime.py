@@ -30,6 +30,14 @@ def test_expert_parallelism_without_torchrun_is_refused(monkeypatch):
         start_runtime(ParallelConfig(ep=2), torch.device("cpu"))
 
 
+def test_data_parallelism_without_torchrun_is_refused(monkeypatch):
+    # parallel.dp=2 without torchrun used to run as one plain process, the setting silently ignored.
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=r"dp \(2\) x ep \(1\) must equal the world size 1"):
+        start_runtime(ParallelConfig(dp=2), torch.device("cpu"))
+    assert isinstance(start_runtime(ParallelConfig(dp=1), torch.device("cpu")), LocalRuntime)
+
+
 def test_world_size_that_does_not_fit_ep_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="world size 3 is not divisible by ep=2"):
