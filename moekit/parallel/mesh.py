@@ -97,6 +97,9 @@ def _bound_every_group(pmesh: ParallelMesh, timeout: timedelta) -> None:
     (30 min for gloo, 10 for NCCL), not the default group's: without this, a peer that stalls in an
     expert all-gather or an expert-gradient all-reduce of a dp x ep mesh hangs the others that long
     instead of ``timeout_s``."""
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # private: absent in old torch
+    if set_timeout is None:
+        return
     groups = {id(g): g for g in (pmesh.ep_group, pmesh.dp_group, pmesh.world_group)}
     for group in groups.values():
-        dist.distributed_c10d._set_pg_timeout(timeout, group)
+        set_timeout(timeout, group)
