@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -99,6 +100,8 @@ def _bound_every_group(pmesh: ParallelMesh, timeout: timedelta) -> None:
     instead of ``timeout_s``."""
     set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # private: absent in old torch
     if set_timeout is None:
+        warnings.warn("this torch has no distributed_c10d._set_pg_timeout: the dp / ep groups keep the backend's "
+                      "default timeout, not parallel.timeout_s", stacklevel=2)
         return
     groups = {id(g): g for g in (pmesh.ep_group, pmesh.dp_group, pmesh.world_group)}
     for group in groups.values():
