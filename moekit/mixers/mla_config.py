@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from moekit.validation import check_known_keys
 
 
 @dataclass
@@ -47,8 +48,5 @@ class MLAConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MLAConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"MLAConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        check_known_keys(cls, values)
         return cls(**values)

@@ -9,12 +9,13 @@ then multiplied by ``attention_factor``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from moekit.validation import check_known_keys
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -48,10 +49,7 @@ class YarnScaling:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> YarnScaling:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"YarnScaling: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        check_known_keys(cls, values)
         return cls(**values)
 
     def cos_sin_scale(self) -> float:

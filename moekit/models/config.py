@@ -15,7 +15,7 @@ from moekit.mixers.mla_config import MLAConfig
 from moekit.mixers.registry import LAYER_LETTERS, check_linear_mixer, linear_mixers_reading
 from moekit.mixers.rope_scaling import YarnScaling
 from moekit.moe.config import MoEConfig
-from moekit.validation import is_int
+from moekit.validation import check_known_keys, is_int
 
 _FIELD_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}  # the scalar annotations checked
 
@@ -42,10 +42,7 @@ class ResidualScaling:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ResidualScaling:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"ResidualScaling: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        check_known_keys(cls, values)
         return cls(**values)
 
     def mixer(self, letter: str) -> tuple[float, float]:
@@ -206,12 +203,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Build from a mapping; unknown keys (here or in ``moe``) are refused by name."""
-        if not isinstance(values, dict):
-            raise TypeError(f"ModelConfig: expected a mapping, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        check_known_keys(cls, values)
         values = dict(values)
         moe = values.pop("moe", None)
         if moe is not None and not isinstance(moe, MoEConfig):

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from moekit.validation import is_int
+from moekit.validation import check_known_keys, is_int
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTER_TYPES = ("topk", "expert_choice")
@@ -144,10 +144,7 @@ class MoEConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MoEConfig:
         """Build from a mapping, refusing keys that are not fields (typos must not pass silently)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"MoEConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        check_known_keys(cls, values)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from moekit.validation import check_known_keys
+
 COMM_BACKENDS = ("auto", "gloo", "nccl")
 
 
@@ -49,10 +51,7 @@ class ParallelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ParallelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"ParallelConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        check_known_keys(cls, values)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from moekit.models.config import ModelConfig
 from moekit.models.vla.scene import NUM_FEATURES
-from moekit.validation import is_int
+from moekit.validation import check_known_keys, is_int
 
 OBJECTIVES = ("flow", "regression")
 PRIORS = ("gaussian", "anchors")
@@ -88,12 +88,7 @@ class VLAConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> VLAConfig:
-        if not isinstance(values, dict):
-            raise TypeError(f"VLAConfig: expected a mapping, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"VLAConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        check_known_keys(cls, values)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

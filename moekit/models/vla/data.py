@@ -17,6 +17,7 @@ import numpy as np
 from moekit.models.vla import highway, synthetic
 from moekit.models.vla.scene import SceneSet, concat
 from moekit.models.vla.tracks import CutConfig, sample_pairs, scenes_from_tracks
+from moekit.validation import check_known_keys
 
 SOURCES = {"highway": highway.rollout, "synthetic": synthetic.rollout}
 VAL_SEED_OFFSET = 1_000_003  # held-out rollouts are seeded far from the training ones
@@ -53,10 +54,7 @@ class SceneDataConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> SceneDataConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"SceneDataConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        check_known_keys(cls, values)
         return cls(**values)
 
     def to_dict(self) -> dict:

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from moekit.models.vla.scene import FEATURE, NUM_FEATURES, SceneSet
-from moekit.validation import is_int
+from moekit.validation import check_known_keys, is_int
 
 
 @dataclass
@@ -48,10 +47,7 @@ class CutConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> CutConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"CutConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        check_known_keys(cls, values)
         return cls(**values)
 
 

@@ -3,7 +3,6 @@ clipping) and batched evaluation of its samples."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from moekit.models.vla.metrics import trajectory_metrics
 from moekit.models.vla.model import TrajectoryModel
 from moekit.models.vla.scene import SceneSet
 from moekit.train.schedule import WarmupCosine
-from moekit.validation import is_int
+from moekit.validation import check_known_keys, is_int
 
 
 @dataclass
@@ -44,10 +43,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        check_known_keys(cls, values)
         return cls(**values)
 
 
