@@ -137,7 +137,7 @@ class FP8RoutedExperts(torch.autograd.Function):
 
 def check_operands(x, topk_idx, topk_weight, w_up, w_down, activation) -> None:
     """Errors naming the problem for what the FP8 kernels cannot take."""
-    check_fused_operands("fp8", x, topk_weight, w_up, w_down, activation)
+    check_fused_operands("fp8", x, topk_idx, topk_weight, w_up, w_down, activation)
     ffn = w_down.shape[2]
     for name, size in (("hidden", x.shape[1]), ("ffn", ffn)):
         if size % DIM_MULTIPLE:

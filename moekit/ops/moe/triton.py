@@ -100,7 +100,7 @@ class _Steps:
 
 
 def _check(x, topk_idx, topk_weight, w_up, w_down, activation) -> None:
-    check_fused_operands("triton", x, topk_weight, w_up, w_down, activation)
+    check_fused_operands("triton", x, topk_idx, topk_weight, w_up, w_down, activation)
 
 
 def routed_experts(
