@@ -82,3 +82,21 @@ def test_autocast_with_bf16_input_and_float32_weights(backend):
         got = moe_ops.routed_experts(x, idx, weight, w_up, w_down, backend=backend)
     assert got.dtype == torch.bfloat16
     assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
+
+
+def _curvature(experts, w_up, x):
+    """Second derivative along w_up of sum(out**2) + sum(w_up**3): the cube keeps the first gradient in
+    the graph, so an op whose backward is not differentiable gave a result without its own part."""
+    (g,) = torch.autograd.grad(experts(x, w_up).pow(2).sum() + (w_up**3).sum(), w_up, create_graph=True)
+    return torch.autograd.grad(g.pow(2).sum(), w_up)[0]
+
+
+@pytest.mark.parametrize("precision", ["fp8", "mxfp8"])
+def test_low_precision_reference_refuses_double_backward(precision):
+    x, idx, weight, w_up, w_down = _operands(T=5, H=128, F=128, seed=5)
+    w_up.requires_grad_(True)
+    want = _curvature(lambda x, w: reference.routed_experts(x, idx, weight, w, w_down), w_up, x)
+    alone = _curvature(lambda x, w: x.sum() * 0, w_up, x)
+    assert (want - alone).norm() > 1e-3 * want.norm()  # the experts' curvature matters here
+    with pytest.raises(RuntimeError, match=r"routed_experts \(fp8 reference\) has no second derivative"):
+        _curvature(lambda x, w: moe_ops.routed_experts(x, idx, weight, w, w_down, precision=precision), w_up, x)
