@@ -29,6 +29,9 @@ def up_width(activation: str, ffn_hidden_size: int) -> int:
 def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
     """[..., up_width] -> [..., ffn_hidden_size]."""
     if is_gated(activation):
+        if h.shape[-1] % 2:  # chunk would give unequal halves, and the product would broadcast them
+            raise ValueError(f"{activation}: the up-projection output [..., gate | up] needs an even width, "
+                             f"got {h.shape[-1]}")
         gate, up = h.chunk(2, dim=-1)
         return GATED[activation](gate) * up
     return F.gelu(h)

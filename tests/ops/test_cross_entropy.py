@@ -129,3 +129,32 @@ def test_triton_row_kernel_bf16_logits(gpu_like_bf16):
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
     assert got_grad.dtype == torch.bfloat16
     torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=8e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [0, -4, 2.0, True])
+def test_rows_must_be_a_positive_integer(rows):
+    """rows=-4 used to run no chunk at all: a loss of exactly 0 and gradients never written."""
+    hidden, weight, labels = _problem(10, 8, 20, torch.float32, seed=7)
+    with pytest.raises(ValueError, match="rows must be None or a positive integer, got"):
+        linear_cross_entropy(hidden, weight, labels, rows=rows)
+
+
+def test_second_derivative_is_refused_not_silently_zero():
+    """The backward only scales gradients formed in the forward: through them a second derivative is 0.
+    A Hessian-vector product through the loss used to come out without the loss's curvature (here
+    ``(A**3).sum()`` keeps the first gradient in the graph, so nothing failed); now it raises."""
+    gen = torch.Generator().manual_seed(8)
+    x, weight = torch.randn(10, 8, generator=gen, dtype=torch.float64), torch.randn(20, 8, generator=gen,
+                                                                                    dtype=torch.float64)
+    labels = torch.randint(0, 20, (10,), generator=gen)
+    a = torch.randn(8, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def curvature(loss_fn):
+        (g,) = torch.autograd.grad(loss_fn(x @ a) + (a**3).sum(), a, create_graph=True)
+        return torch.autograd.grad(g.pow(2).sum(), a)[0]
+
+    want = curvature(lambda h: F.cross_entropy(h @ weight.t(), labels))
+    without_loss = curvature(lambda h: h.sum() * 0)
+    assert (want - without_loss).norm() > 1e-3 * want.norm()  # the loss's curvature matters here
+    with pytest.raises(RuntimeError, match="linear_cross_entropy has no second derivative"):
+        curvature(lambda h: linear_cross_entropy(h, weight, labels, rows=4))

@@ -656,3 +656,12 @@ def test_weight_cache_quantizes_each_weight_once_per_update(monkeypatch):
     assert calls == [("rows", up), ("rows", down)] and torch.equal(first, again)
     for copied in (pickle.loads(pickle.dumps(cache)), copy.deepcopy(cache)):  # e.g. torch.save(model)
         assert isinstance(copied, WeightCache) and not copied._entries and cache._entries
+
+
+def test_double_backward_is_refused():
+    """The FP8 backward is made of kernels: under create_graph=True its gradients are constants, and a
+    second derivative through them used to leave out the experts' curvature without an error."""
+    (x, w, w_up, w_down), idx, _ = _problem(8, 128, 128, 3, 2, "gelu", seed=2)
+    out = fp8.routed_experts(x, idx, w, w_up, w_down, "gelu")
+    with pytest.raises(RuntimeError, match=r"routed_experts \(fp8\) has no second derivative"):
+        torch.autograd.grad(out.pow(2).sum() + (w_up**3).sum(), w_up, create_graph=True)

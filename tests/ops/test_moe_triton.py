@@ -599,3 +599,18 @@ def test_float32_operands_take_half_deep_tiles(monkeypatch):
     assert all(c.num_warps == o.num_warps and c.num_stages == o.num_stages for c, o in zip(wide, configs))
     narrow = kernels._fit_operands(configs, {"counts_ptr": counts, "a_ptr": torch.zeros(2, dtype=torch.bfloat16)})
     assert narrow == configs
+
+
+def test_double_backward_is_refused():
+    """The backward is made of kernels: under create_graph=True the gradient it returns is a constant,
+    and a second derivative through it used to leave out the experts' curvature without an error."""
+    x, idx, weight, w_up, w_down, _ = make_operands(8, 16, 16, 3, 2, "swiglu", torch.float32, seed=9)
+    w_up.requires_grad_(True)
+    out = moe_triton.routed_experts(x, idx, weight, w_up, w_down)
+    with pytest.raises(RuntimeError, match=r"routed_experts \(triton\) has no second derivative"):
+        torch.autograd.grad(out.pow(2).sum() + (w_up**3).sum(), w_up, create_graph=True)
+    out = moe_triton.routed_experts(x, idx, weight, w_up, w_down)  # a plain backward still runs
+    (g,) = torch.autograd.grad(out.pow(2).sum(), w_up)
+    ref = reference.routed_experts(x, idx, weight, w_up, w_down)
+    (g_ref,) = torch.autograd.grad(ref.pow(2).sum(), w_up)
+    assert rel_err(g, g_ref) < 1e-5

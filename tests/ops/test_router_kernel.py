@@ -151,6 +151,17 @@ def test_refuses_what_it_does_not_compute():
         router_kernel.route_topk(x.double(), w, None, expert_bias, "softmax", 2, True, 1.0)
 
 
+@pytest.mark.parametrize("which", ["bias", "expert_bias"])
+def test_biases_of_another_length_are_refused(which):
+    """A bias shorter than the expert count used to be read past its end: logits from whatever lay
+    there (a router bias of 3 for 8 experts moved them by up to 1.6 in the interpreter)."""
+    x, w, b, expert_bias = inputs(5, 8, 32, seed=6, bias=True)
+    args = {"bias": b, "expert_bias": expert_bias}
+    args[which] = args[which][:3].clone()
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"route_topk: {which} must be \[8\] .* got \(3,\)"):
+        router_kernel.route_topk(x, w, args["bias"], args["expert_bias"], "softmax", 2, True, 1.0)
+
+
 def small_router(**changes) -> Router:
     config = MoEConfig(hidden_size=32, ffn_hidden_size=16, num_experts=8, top_k=2, router_bias=True, **changes)
     return Router(config).bfloat16()

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from moekit.ops.first_order import refuse_create_graph
+from moekit.validation import is_int
+
 from . import reference
 
 MAX_CHUNK_BYTES = 1 << 30  # one chunk's logits in the compute dtype
@@ -57,6 +60,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_create_graph("linear_cross_entropy")  # the saved gradients are constants in grad_out
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         return ((grad_h * grad_out).to(h_dtype) if ctx.needs_input_grad[0] else None,
@@ -76,6 +80,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if labels.shape != hidden.shape[:1] or labels.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"linear_cross_entropy: labels must be an integer tensor of shape "
                          f"[{hidden.shape[0]}], got {labels.dtype} {tuple(labels.shape)}")
+    if rows is not None and not (is_int(rows) and rows > 0):
+        # range() with a step <= 0 would run no chunk: a loss of 0 and unwritten gradients
+        raise ValueError(f"linear_cross_entropy: rows must be None or a positive integer, got {rows!r}")
     vocab = weight.shape[0]
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bad.any():
@@ -87,4 +94,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, labels.contiguous(), float(scale), ignore_index,
-                                         rows or chunk_rows(vocab, dtype), dtype, want_grad)
+                                         rows if rows is not None else chunk_rows(vocab, dtype), dtype, want_grad)

@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from moekit.ops.moe import grouped_mm, reference
+from moekit.ops.moe.checks import check_operands
 from moekit.ops.moe.weight_cache import WeightCache
 
 _warned: set[str] = set()
@@ -73,7 +74,7 @@ def routed_experts(
 ) -> torch.Tensor:
     """``weight_cache`` keeps the FP8 Triton path's quantized weights between calls (the reference
     path, slow on purpose, quantizes on every call)."""
-    _check_operands(x, topk_idx, topk_weight, w_up, w_down)
+    check_operands(x, topk_idx, topk_weight, w_up, w_down, activation)
     if precision != "bf16":
         return _low_precision(x, topk_idx, topk_weight, w_up, w_down, activation, backend, precision, weight_cache)
     chosen = resolve_backend(backend, x, w_up, w_down)
@@ -97,16 +98,3 @@ def _low_precision(x, topk_idx, topk_weight, w_up, w_down, activation, backend, 
 
     impl = fp8.routed_experts if precision == "fp8" else fp8.routed_experts_mxfp8
     return impl(x, topk_idx, topk_weight, w_up, w_down, activation, weight_cache=weight_cache)
-
-
-def _check_operands(x, topk_idx, topk_weight, w_up, w_down) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"routed_experts: x must be [tokens, hidden], got shape {tuple(x.shape)}")
-    if topk_idx.shape != topk_weight.shape or topk_idx.shape[0] != x.shape[0]:
-        raise ValueError(f"routed_experts: topk_idx {tuple(topk_idx.shape)} and topk_weight "
-                         f"{tuple(topk_weight.shape)} must both be [tokens={x.shape[0]}, k]")
-    if w_up.dim() != 3 or w_down.dim() != 3 or w_up.shape[0] != w_down.shape[0]:
-        raise ValueError(f"routed_experts: w_up {tuple(w_up.shape)} / w_down {tuple(w_down.shape)} "
-                         "must be [experts, up, hidden] / [experts, hidden, ffn]")
-    if w_up.shape[2] != x.shape[1] or w_down.shape[1] != x.shape[1]:
-        raise ValueError(f"routed_experts: expert weights expect hidden {w_up.shape[2]}, x has {x.shape[1]}")

@@ -41,6 +41,7 @@ from dataclasses import replace
 
 import torch
 
+from moekit.ops.first_order import refuse_create_graph
 from moekit.ops.moe import fp8_blackwell, reference
 from moekit.ops.moe import fp8_kernels as kernels
 from moekit.ops.moe import triton_kernels as bf16_kernels
@@ -112,6 +113,7 @@ class FP8RoutedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        refuse_create_graph("routed_experts (fp8)")  # kernels and no-grad ops: no graph to differentiate
         x, topk_idx, weight, h, y, a_c, a_cs, counts, order, *weights_t = ctx.saved_tensors
         w_up_t, w_down_t = tuple(weights_t[:2]), tuple(weights_t[2:])
         r = ctx.recipe
@@ -137,7 +139,7 @@ class FP8RoutedExperts(torch.autograd.Function):
 
 def check_operands(x, topk_idx, topk_weight, w_up, w_down, activation) -> None:
     """Errors naming the problem for what the FP8 kernels cannot take."""
-    check_fused_operands("fp8", x, topk_weight, w_up, w_down, activation)
+    check_fused_operands("fp8", x, topk_idx, topk_weight, w_up, w_down, activation)
     ffn = w_down.shape[2]
     for name, size in (("hidden", x.shape[1]), ("ffn", ffn)):
         if size % DIM_MULTIPLE:

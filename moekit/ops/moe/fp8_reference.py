@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from moekit.ops.activations import GATED, apply_activation, is_gated
+from moekit.ops.first_order import refuse_create_graph
 from moekit.ops.moe.fp8_recipe import Recipe, dequantize_rows, quantize_rows, quantize_weight, recipe
 from moekit.ops.moe.triton_meta import routing_meta_torch
 
@@ -122,6 +123,7 @@ class FP8RoutedExpertsReference(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        refuse_create_graph("routed_experts (fp8 reference)")  # kernels and no-grad ops: no graph to differentiate
         x, topk_idx, weight, w_up, w_down, h, y, a_cols = ctx.saved_tensors
         routing, r = ctx.routing, ctx.recipe
         E = w_up.shape[0]

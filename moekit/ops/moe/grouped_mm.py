@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from moekit.ops.activations import apply_activation
+from moekit.ops.moe.checks import check_expert_indices
 from moekit.ops.moe.counts import count_per_bin
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -24,6 +25,9 @@ def unsupported_reason(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
         return f"torch._grouped_mm runs on the CPU from torch 2.13 (this is {torch.__version__})"
     if x.dtype not in SUPPORTED_DTYPES:
         return f"torch._grouped_mm does not support {x.dtype}"
+    if not (x.dtype == w_up.dtype == w_down.dtype):
+        # Mixed dtypes pass the operand checks under autocast only; _grouped_mm does not autocast.
+        return f"torch._grouped_mm needs one dtype; x is {x.dtype}, the weights {w_up.dtype} / {w_down.dtype}"
     if x.is_cuda and x.dtype != torch.bfloat16:
         # Other dtypes take ATen's per-group fallback, which copies the offsets to the host on
         # every call: a sync per layer, and nothing a CUDA graph can capture.
@@ -59,6 +63,7 @@ def routed_experts(
     activation: str = "swiglu",
 ) -> torch.Tensor:
     num_experts = w_up.shape[0]
+    check_expert_indices(topk_idx, num_experts)  # the sort would file an index out of range with the dropped
     top_k = topk_idx.shape[1]
     order, sorted_key, offsets = sort_by_expert(topk_idx, num_experts)
     valid = (sorted_key < num_experts)[:, None]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from moekit.ops.activations import apply_activation
+from moekit.ops.moe.checks import check_expert_indices
 
 
 def routed_experts(
@@ -20,8 +21,9 @@ def routed_experts(
     activation: str = "swiglu",
 ) -> torch.Tensor:
     """out[t] = sum_k topk_weight[t, k] * FFN_{topk_idx[t, k]}(x[t]); index -1 means no expert."""
-    out = torch.zeros_like(x)
     num_experts = w_up.shape[0]
+    check_expert_indices(topk_idx, num_experts)  # the loop below would skip an index out of range
+    out = torch.zeros_like(x)
     for e in range(num_experts):
         # An expert with no tokens still runs (on zero rows): the output stays connected to the
         # inputs, so autograd (and a backward all-to-all under expert parallelism) sees it.

@@ -117,6 +117,15 @@ def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k
             and x.shape[1] == weight.shape[1] and 0 < top_k <= weight.shape[0] <= MAX_EXPERTS and not wants_grad)
 
 
+def _check_biases(weight: torch.Tensor, bias: torch.Tensor | None, expert_bias: torch.Tensor) -> None:
+    """Both biases [E]: the kernel reads E entries of each, past the end of a shorter one."""
+    num_experts = weight.shape[0]
+    for name, b in (("bias", bias), ("expert_bias", expert_bias)):
+        if b is not None and tuple(b.shape) != (num_experts,):
+            raise ValueError(f"route_topk: {name} must be [{num_experts}] (one per expert of the router weight "
+                             f"{tuple(weight.shape)}), got {tuple(b.shape)}")
+
+
 @torch.compiler.disable  # a Triton launch: an opaque call between compiled graphs
 def route_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, expert_bias: torch.Tensor,
                score_func: str, top_k: int, norm_topk_prob: bool, route_scale: float):
@@ -125,6 +134,7 @@ def route_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     ``select_experts`` (one group) and ``gate_weights`` give, idx in the same best-first order."""
     if score_func not in ("softmax", "sigmoid"):
         raise ValueError(f"unknown score_func {score_func!r}")
+    _check_biases(weight, bias, expert_bias)
     if not fits(x, weight, bias, top_k):
         raise ValueError(f"route_topk: needs x [T, H] and weight [E, H] in a 16/32-bit float type with "
                          f"0 < top_k <= E <= {MAX_EXPERTS} and no autograd, got x {x.dtype} {tuple(x.shape)}, "

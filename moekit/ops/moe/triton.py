@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from moekit.ops.first_order import refuse_create_graph
 from moekit.ops.moe import reference, triton_choice, triton_vendor
 from moekit.ops.moe import triton_kernels as kernels
 from moekit.ops.moe.checks import check_fused_operands
@@ -38,6 +39,7 @@ class RoutedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        refuse_create_graph("routed_experts (triton)")  # kernels and no-grad ops: no graph to differentiate
         x, topk_idx, weight, w_up, w_down, h, a, counts, order = ctx.saved_tensors
         meta = RoutingMeta(counts, order, w_up.shape[0], topk_idx.shape[1])
         need_x, _, need_w, need_up, need_down, _, _ = ctx.needs_input_grad
@@ -100,7 +102,7 @@ class _Steps:
 
 
 def _check(x, topk_idx, topk_weight, w_up, w_down, activation) -> None:
-    check_fused_operands("triton", x, topk_weight, w_up, w_down, activation)
+    check_fused_operands("triton", x, topk_idx, topk_weight, w_up, w_down, activation)
 
 
 def routed_experts(
