@@ -42,16 +42,29 @@ def sync_grads(model: nn.Module, pmesh: ParallelMesh) -> None:
     FSDP2 already reduced the sharded dense params; this handles the expert shards and, without
     FSDP, the replicated dense params. Gradients of one kind go in one flat all-reduce."""
     # Lists in model order: every rank must flatten its gradients in the same order.
-    experts = expert_parameters(model)
+    experts = [p for p in expert_parameters(model) if p.requires_grad]  # a frozen one takes no gradient
     expert_ids = {id(p) for p in experts}
     for p in experts:
         if p.grad is None:  # this rank's shard received no tokens; its peers' gradients still count
             p.grad = torch.zeros_like(p)
-    expert_grads = [p.grad for p in experts]
-    dense_grads = [p.grad for p in model.parameters()
-                   if id(p) not in expert_ids and p.grad is not None and not _is_sharded(p)]
-    _all_reduce_mean(expert_grads, pmesh.dp_group, pmesh.world_size)
-    _all_reduce_mean(dense_grads, pmesh.world_group, pmesh.world_size)
+    dense = [p for p in model.parameters()
+             if p.requires_grad and id(p) not in expert_ids and not _is_sharded(p)]
+    _all_reduce_mean([p.grad for p in experts], pmesh.dp_group, pmesh.world_size)
+    _all_reduce_mean(_grads_any_rank_has(dense, pmesh), pmesh.world_group, pmesh.world_size)
+
+
+def _grads_any_rank_has(params: list[nn.Parameter], pmesh: ParallelMesh) -> list[torch.Tensor]:
+    """The gradients of ``params`` that some rank holds, zero-filled where this rank has none: every rank
+    must reduce the same list (a parameter unused on one rank only would misalign the flat buffers or
+    leave a peer waiting), and a parameter no rank used keeps no gradient (AdamW skips it)."""
+    if not params:
+        return []
+    held = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=pmesh.device)
+    dist.all_reduce(held, op=dist.ReduceOp.MAX, group=pmesh.world_group)
+    for p, any_rank in zip(params, held.tolist()):
+        if any_rank and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return [p.grad for p in params if p.grad is not None]
 
 
 GRAD_BUCKET_BYTES = 256 << 20

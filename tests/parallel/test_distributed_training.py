@@ -11,6 +11,7 @@ a gradient scaled by the wrong world size or reduced over the wrong group moves 
 import json
 
 import pytest
+import torch
 
 STEPS, SAVE_AFTER = 20, 9
 RTOL = 1e-5
@@ -128,3 +129,17 @@ def test_a_stalled_rank_times_out_collectives_of_the_sub_groups(launch, tmp_path
     survivor = results[0]
     assert survivor.returncode == 1 and survivor.seconds < 90, (survivor.returncode, survivor.seconds)
     assert "PeerFailure: rank 0 of 4" in survivor.stderr and "time out after 5 s" in survivor.stderr
+
+
+def test_sync_grads_of_a_parameter_one_rank_left_unused(launch, tmp_path):
+    launch("sync_grads", 2, {"out": str(tmp_path / "sync")})
+    r0, r1 = read(str(tmp_path / "sync"), 0), read(str(tmp_path / "sync"), 1)
+    assert "b.weight" in r0["local"] and "b.weight" not in r1["local"]  # the case: rank 1 never used b
+    for name in ("a.weight", "a.bias"):  # the mean over ranks
+        want = (torch.tensor(r0["local"][name]) + torch.tensor(r1["local"][name])) / 2
+        for r in (r0, r1):
+            torch.testing.assert_close(torch.tensor(r["synced"][name]), want)
+    for name in ("b.weight", "b.bias"):  # rank 1 counts as a zero gradient, not as a misaligned buffer
+        for r in (r0, r1):
+            torch.testing.assert_close(torch.tensor(r["synced"][name]), torch.tensor(r0["local"][name]) / 2)
+    assert r0["synced"]["unused.weight"] is None and r1["synced"]["unused.weight"] is None

@@ -235,7 +235,25 @@ def train_steps(args, model, opt, pmesh, first, world, reduce_load, losses, norm
             save_checkpoint(args["save_at"][1], model, opt, pmesh, extra={"step": step + 1})
 
 
-SCENARIOS = {"layer": layer_scenario, "train": train_scenario}
+def sync_grads_scenario(args: dict) -> None:
+    """Without FSDP, a dense parameter that one rank's forward left unused (no gradient there) and one
+    no rank used: sync_grads must reduce the same list on every rank and leave the unused one alone."""
+    pmesh = init_distributed(ParallelConfig(ep=1, fsdp=False, timeout_s=30), device_type="cpu")
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.Linear(4, 4), "b": nn.Linear(4, 4), "unused": nn.Linear(4, 4)})
+    torch.manual_seed(1 + rank())
+    x = torch.randn(3, 4)
+    y = model["a"](x)
+    if rank() == 0:
+        y = model["b"](y)
+    y.square().sum().backward()
+    local = {name: p.grad.tolist() for name, p in model.named_parameters() if p.grad is not None}
+    sync_grads(model, pmesh)
+    write(args, {"local": local, "synced": {name: None if p.grad is None else p.grad.tolist()
+                                            for name, p in model.named_parameters()}})
+
+
+SCENARIOS = {"layer": layer_scenario, "train": train_scenario, "sync_grads": sync_grads_scenario}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
