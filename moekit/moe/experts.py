@@ -28,6 +28,14 @@ class RoutedExperts(nn.Module):
     def num_experts(self) -> int:
         return self.w_up.shape[0]
 
+    def _apply(self, fn, recurse=True):
+        # A cast or move (.to, .half, .cuda) gives the weights new storage, which can land at the old
+        # address with the old version counter: the cache would then match an entry of other values.
+        out = super()._apply(fn, recurse)
+        if self.fp8_weights is not None:
+            self.fp8_weights.clear()
+        return out
+
 
 class FeedForward(nn.Module):
     """A dense (gated) MLP: the shared experts fused into one, or a dense layer of the model."""

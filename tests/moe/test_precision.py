@@ -60,3 +60,17 @@ def test_cache_fp8_weights_reaches_the_experts_op(monkeypatch):
     monkeypatch.setattr(dispatch.moe_ops, "routed_experts", spy)
     layer(torch.randn(1, 8, 128))
     assert seen == [layer.experts.fp8_weights]
+
+
+def test_a_cast_or_move_empties_the_fp8_weight_cache():
+    """.half().float() can hand the weights their old address back with the old version counter: an
+    entry kept across it would serve the quantized form of other (unrounded) values."""
+    layer = MoE(MoEConfig(hidden_size=128, ffn_hidden_size=128, num_experts=2, top_k=1, precision="fp8",
+                          cache_fp8_weights=True))
+    cache = layer.experts.fp8_weights
+    made = []
+    cache.get("up", layer.experts.w_up, (), lambda: made.append(1) or ("first",))
+    assert cache.get("up", layer.experts.w_up, (), lambda: made.append(1) or ("again",)) == ("first",)
+    layer.half().float()
+    assert cache.get("up", layer.experts.w_up, (), lambda: made.append(1) or ("after cast",)) == ("after cast",)
+    assert made == [1, 1]
