@@ -304,3 +304,20 @@ def test_config_values_of_the_wrong_kind_are_refused_by_name():
                         ({"backbone": "tiny"}, "backbone must be a ModelConfig or a mapping")]:
         with pytest.raises(ValueError, match=f"VLAConfig: {message}"):
             VLAConfig(**kw)
+
+
+def test_training_a_trained_head_keeps_its_statistics(scenes):
+    """Continuing training (on other scenes) must not refit the normalisers and anchors under weights
+    trained with the first ones."""
+    train_set, val_set = scenes
+    torch.manual_seed(0)
+    model = TrajectoryModel(_config(prior="anchors"))
+    short = TrainConfig(steps=2, batch_size=16, warmup=0, log_every=1)
+    train(model, train_set, short, log=lambda _: None)
+    fitted = {name: b.clone() for name, b in model.named_buffers()}
+    train(model, val_set, short, log=lambda _: None)
+    for name, b in model.named_buffers():
+        assert torch.equal(b, fitted[name]), name
+    fresh = TrajectoryModel(_config(prior="anchors"))
+    fresh.fit_data_statistics(val_set)
+    assert not torch.equal(fresh.feature_mean, fitted["feature_mean"])  # the case: the two sets differ

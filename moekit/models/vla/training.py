@@ -49,10 +49,12 @@ class TrainConfig:
 
 def train(model: TrajectoryModel, scenes: SceneSet, config: TrainConfig,
           log: Callable[[str], None] = print) -> list[dict[str, float]]:
-    """Fit the data statistics on ``scenes`` and train; returns one record per logged step
-    (mean objective / aux loss since the previous record)."""
+    """Fit the data statistics on ``scenes`` (unless the model has them: a trained head goes on
+    under the normalisers and anchors its weights learned with) and train; returns one record per
+    logged step (mean objective / aux loss since the previous record)."""
     device = next(model.parameters()).device
-    model.fit_data_statistics(scenes)
+    if not bool(model.fitted):
+        model.fit_data_statistics(scenes)
     model.train()
     data = scenes.to(device)
     gen = torch.Generator(device=device).manual_seed(config.seed)
