@@ -35,8 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like ``parser.parse_args``, but KEY=VALUE overrides may also follow an option
+    (``train a=1 --no-sample b=2``): argparse's ``nargs="*"`` positional takes only the first run
+    of them and would refuse the rest as unrecognized. They are appended in command-line order,
+    so a later override of the same key still wins."""
+    args, extras = parser.parse_known_args(argv)
+    stray = [a for a in extras if a.startswith("-") or "=" not in a]
+    if extras and not stray and isinstance(getattr(args, "overrides", None), list):
+        args.overrides += extras
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.func(args) or 0
     except user_errors() as exc:

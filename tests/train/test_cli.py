@@ -138,3 +138,17 @@ def test_train_stopped_by_sigterm_says_how_to_continue(make_config, monkeypatch,
     assert main(["train", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "stopped on SIGTERM after step 2, checkpointed: continue with --resume" in " ".join(out.split())
+
+
+def test_overrides_may_sit_on_both_sides_of_an_option(make_config, capsys):
+    # argparse's nargs="*" takes only the first run of overrides; the rest were refused as
+    # "unrecognized arguments" although they are valid overrides.
+    values, path = make_config("mixed", steps=2, ckpt_every=2, eval_every=2)
+    assert main(["train", "--config", str(path), "train.steps=2", "--no-sample", "train.log_every=1"]) == 0
+    lines = (Path(values["train"]["out_dir"]) / "metrics.jsonl").read_text().splitlines()
+    assert sum('"kind": "train"' in line for line in lines) == 2  # train.log_every=1 took effect
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(path), "train.steps=2", "--no-sample", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
