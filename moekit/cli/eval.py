@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"eval takes the tokenizer from the checkpoint; {fixed[0]} would be ignored")
     if args.batches < 1:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     model, config, tokenizer = load_trained(args.ckpt, device)
     values = normalize(type(config), apply_overrides({"data": dataclasses.asdict(config.data)}, args.overrides), "")
     data = DataConfig(**values["data"])

@@ -40,15 +40,16 @@ from moekit.train.rng import rng_state, seed_everything, set_rng_state
 from moekit.train.schedule import WarmupCosine, build_optimizer, set_hyperparameters
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "train.device") -> torch.device:
+    """``name`` as a device; ``option`` is what the user set it with, for the error message."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ValueError(f"train.device={name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from e
+        raise ValueError(f"{option}={name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name} but no CUDA device is available")
+        raise ValueError(f"{option}={name} but no CUDA device is available")
     return device
 
 

@@ -152,3 +152,11 @@ def test_overrides_may_sit_on_both_sides_of_an_option(make_config, capsys):
         main(["train", "--config", str(path), "train.steps=2", "--no-sample", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
+
+def test_generate_too_long_names_the_option_and_the_limit(trained_run, capsys):
+    run, _ = trained_run
+    assert main(["generate", "--ckpt", str(run), "def", "--max-new-tokens", "100"]) == 2
+    err = one_line_error(capsys, "generate")
+    assert "--max-new-tokens 100" in err and "max_seq_len 64" in err and "at most 61" in err
+    assert main(["generate", "--ckpt", str(run), "def", "--device", "nosuch"]) == 2
+    assert "--device='nosuch' is not a device name" in one_line_error(capsys, "generate")
