@@ -24,6 +24,9 @@ def add_parser(subparsers) -> None:
 def check_length(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> None:
     """The model's decoding cache holds max_seq_len tokens; say so in terms of the options given
     (the model's own error names an internal max_len the user never set)."""
+    if prompt_tokens >= max_seq_len:
+        raise ValueError(f"the prompt is {prompt_tokens} tokens and the model's max_seq_len is {max_seq_len}: "
+                         f"shorten it to at most {max_seq_len - 1} tokens")
     if prompt_tokens + max_new_tokens > max_seq_len:
         room = max(0, max_seq_len - prompt_tokens)
         raise ValueError(f"--max-new-tokens {max_new_tokens} plus the {prompt_tokens}-token prompt exceeds the "

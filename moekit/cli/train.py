@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
     from moekit.train.trainer import Trainer
 
+    if args.stop_at is not None and args.stop_at < 1:  # refused before the model and data are built
+        raise ValueError(f"--stop-at must be >= 1, got {args.stop_at}")
     console = Console()
     config, ckpt = load_run_config(args.config, args.overrides, args.resume, args.resume_from)
     start = time.perf_counter()

@@ -210,8 +210,10 @@ class Trainer:
         cfg = self.config.train
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         if self.step >= end:
-            limit = f"--stop-at {stop_at}" if end == stop_at else f"train.steps={cfg.steps}"
-            raise ValueError(f"nothing to train: the run is at step {self.step} and {limit} (raise train.steps "
+            # Name the limit that was reached, and that one as the thing to raise.
+            limit = "--stop-at" if end == stop_at else "train.steps"
+            value = f"{limit} {stop_at}" if end == stop_at else f"{limit}={cfg.steps}"
+            raise ValueError(f"nothing to train: the run is at step {self.step} and {value} (raise {limit} "
                              "to continue a finished run)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.runtime.is_main:

@@ -160,3 +160,18 @@ def test_generate_too_long_names_the_option_and_the_limit(trained_run, capsys):
     assert "--max-new-tokens 100" in err and "max_seq_len 64" in err and "at most 61" in err
     assert main(["generate", "--ckpt", str(run), "def", "--device", "nosuch"]) == 2
     assert "--device='nosuch' is not a device name" in one_line_error(capsys, "generate")
+
+
+def test_bad_stop_at_and_overlong_prompt_name_the_real_limit(make_config, trained_run, capsys):
+    # --stop-at 0 was refused only after the data loaded, with the hint "raise train.steps";
+    # a prompt longer than the model was told "use --max-new-tokens at most 0".
+    _, path = make_config("stop")
+    assert main(["train", "--config", str(path), "--stop-at", "0"]) == 2
+    assert "--stop-at must be >= 1, got 0" in one_line_error(capsys, "train")
+    run, _ = trained_run
+    assert main(["train", "--resume-from", str(run), "train.steps=8", "--stop-at", "3"]) == 2
+    err = one_line_error(capsys, "train")
+    assert "at step 4 and --stop-at 3" in err and "raise --stop-at" in err
+    assert main(["generate", "--ckpt", str(run), "x" * 70, "--max-new-tokens", "1"]) == 2
+    err = one_line_error(capsys, "generate")
+    assert "the prompt is 70 tokens and the model's max_seq_len is 64: shorten it to at most 63" in err
