@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +49,15 @@ def load_run_config(config_path: str | None, overrides: list[str], resume: bool,
     return TrainConfig.load(config_path, overrides), ckpt
 
 
+def interrupted_message(ckpt_root: Path, out_dir: str) -> str:
+    """Ctrl-C does not checkpoint (SIGTERM does): say what a resume would start from."""
+    latest = ckpt_root / "latest"
+    if not latest.is_file():
+        return "moekit train: interrupted before the first checkpoint; there is nothing to resume"
+    return (f"moekit train: interrupted; the latest checkpoint is {latest.read_text().strip()} (later steps are "
+            f"not saved): continue with --resume train.out_dir={out_dir}")
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -68,7 +78,11 @@ def run(args: argparse.Namespace) -> int:
         f"run dir {trainer.run_dir}", highlight=False, soft_wrap=True)
     if ckpt is not None:
         console.print(f"resuming from {ckpt} at step {trainer.step}", highlight=False, soft_wrap=True)
-    metrics = trainer.train(stop_at=args.stop_at)
+    try:
+        metrics = trainer.train(stop_at=args.stop_at)
+    except KeyboardInterrupt:
+        print(interrupted_message(trainer.ckpt_root, t.out_dir), file=sys.stderr)
+        return 130
     if trainer.stopped_by_signal:
         console.print(f"stopped on SIGTERM after step {trainer.step}, checkpointed: continue with --resume "
                       f"train.out_dir={t.out_dir}", highlight=False, soft_wrap=True)

@@ -175,3 +175,23 @@ def test_bad_stop_at_and_overlong_prompt_name_the_real_limit(make_config, traine
     assert main(["generate", "--ckpt", str(run), "x" * 70, "--max-new-tokens", "1"]) == 2
     err = one_line_error(capsys, "generate")
     assert "the prompt is 70 tokens and the model's max_seq_len is 64: shorten it to at most 63" in err
+
+
+def test_ctrl_c_says_which_checkpoint_a_resume_continues_from(make_config, monkeypatch, capsys):
+    # Ctrl-C printed only "interrupted": nothing said that the steps since the last checkpoint
+    # are lost, or how to continue.
+    from moekit.train.trainer import Trainer
+
+    values, path = make_config("ctrl_c", steps=8, log_every=2, ckpt_every=2, eval_every=100)
+    step = Trainer.train_step
+
+    def step_then_interrupt(self, meter):
+        step(self, meter)
+        if self.step == 2:  # after step 3 ran; step 2 is checkpointed
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    assert main(["train", "--config", str(path), "--no-sample"]) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert "interrupted; the latest checkpoint is step_00000002" in err
+    assert f"continue with --resume train.out_dir={values['train']['out_dir']}" in err
