@@ -12,11 +12,14 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
+from pathlib import Path
 
 # Subcommand modules, in --help order. Add a module here to add a command.
 COMMANDS = ("train", "generate", "eval", "plot", "convert", "vla")
 
 USER_ERROR_STATUS = 2
+PYTHON_WARNING_FORMAT = warnings.formatwarning  # kept so that repeated main() calls do not stack wrappers
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -49,8 +52,23 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
+def use_short_warnings(command: str) -> None:
+    """Print moekit's own warnings (a dropped torn metrics line, ...) as one line for the user,
+    like its errors; Python's default adds the moekit source line that raised it. Other
+    libraries' warnings keep the default format, whose location is what one needs for them."""
+    package = str(Path(__file__).resolve().parents[1]) + os.sep
+
+    def short(message, category, filename, lineno, line=None):
+        if str(Path(filename).resolve()).startswith(package):
+            return f"moekit {command}: warning: {message}\n"
+        return PYTHON_WARNING_FORMAT(message, category, filename, lineno, line)
+
+    warnings.formatwarning = short
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
+    use_short_warnings(args.command)
     try:
         return args.func(args) or 0
     except user_errors() as exc:

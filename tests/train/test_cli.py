@@ -195,3 +195,28 @@ def test_ctrl_c_says_which_checkpoint_a_resume_continues_from(make_config, monke
     err = " ".join(capsys.readouterr().err.split())
     assert "interrupted; the latest checkpoint is step_00000002" in err
     assert f"continue with --resume train.out_dir={values['train']['out_dir']}" in err
+
+
+def test_plot_after_a_crash_drops_a_torn_last_metrics_line(trained_run, capsys):
+    # A kill mid-write leaves a torn last line; resume drops it, but plot refused the whole file,
+    # just when the user wants to look at the crashed run.
+    run, _ = trained_run
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')
+    with pytest.warns(UserWarning, match="line .* is a torn record"):
+        assert main(["plot", str(run)]) == 0
+    assert capsys.readouterr().out.split() == [str(run / "loss.png"), str(run / "expert_load.png")]
+
+
+def test_moekit_warnings_print_as_one_line_without_source(monkeypatch):
+    # Python's default format showed the moekit source line that called warnings.warn.
+    import warnings
+
+    from moekit import cli
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    cli.use_short_warnings("plot")
+    inside = warnings.formatwarning("line 3 is torn", UserWarning, cli.__file__, 10)
+    assert inside == "moekit plot: warning: line 3 is torn\n"
+    outside = warnings.formatwarning("deprecated", UserWarning, "/x/torch/nn.py", 5)
+    assert "/x/torch/nn.py:5" in outside  # other libraries' warnings keep their location
