@@ -22,9 +22,10 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model", description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (default: the built-in moekit/configs/train_default.yaml)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in train.out_dir (its config is the base)")
-    p.add_argument("--resume-from", metavar="CKPT", help="continue from CKPT: a checkpoint or run directory")
+    start = p.add_mutually_exclusive_group()  # both at once: --resume-from won, --resume was ignored
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in train.out_dir (its config is the base)")
+    start.add_argument("--resume-from", metavar="CKPT", help="continue from CKPT: a checkpoint or run directory")
     p.add_argument("--stop-at", type=int, metavar="STEP",
                    help="checkpoint and stop after STEP (the schedule still spans train.steps)")
     p.add_argument("--no-sample", action="store_true", help="skip the text sample at the end")

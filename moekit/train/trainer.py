@@ -107,11 +107,20 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.stopped_by_signal = False  # the last train() checkpointed and returned on SIGTERM
         if resume is not None:
-            self.restore(resolve_checkpoint(resume))
+            self.restore(self.own_or_new_folder(resolve_checkpoint(resume)))
         elif (self.ckpt_root / LATEST).exists():
             raise ValueError(f"{self.run_dir} holds the checkpoints of an earlier run, which a new run would replace: "
                              "continue it with --resume, or choose another train.out_dir (or delete it)")
         self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+    def own_or_new_folder(self, ckpt: Path) -> Path:
+        """``ckpt``, refused when it is another run's and ``out_dir`` already holds checkpoints:
+        continuing it there would mix the two runs' metrics and move ``latest`` to the other
+        run, whose next saves would prune this run's checkpoints."""
+        if (self.ckpt_root / LATEST).exists() and ckpt.resolve().parent != self.ckpt_root.resolve():
+            raise ValueError(f"{self.run_dir} holds the checkpoints of another run than {ckpt}: continue "
+                             "that checkpoint in a new train.out_dir")
+        return ckpt
 
     @property
     def num_params(self) -> int:

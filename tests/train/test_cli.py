@@ -220,3 +220,20 @@ def test_moekit_warnings_print_as_one_line_without_source(monkeypatch):
     assert inside == "moekit plot: warning: line 3 is torn\n"
     outside = warnings.formatwarning("deprecated", UserWarning, "/x/torch/nn.py", 5)
     assert "/x/torch/nn.py:5" in outside  # other libraries' warnings keep their location
+
+
+def test_resume_from_another_run_into_a_folder_with_checkpoints_is_refused(trained_run, make_config, capsys):
+    # It continued another run's checkpoint inside this folder: its metrics.jsonl then mixed the
+    # two runs, `latest` moved to the other run's line, and pruning would delete this run's steps.
+    run, _ = trained_run
+    values, path = make_config("other", steps=2, ckpt_every=2, eval_every=2)
+    assert main(["train", "--config", str(path), "--no-sample"]) == 0
+    other = Path(values["train"]["out_dir"])
+    before = (other / "metrics.jsonl").read_text()
+    assert main(["train", "--resume-from", str(run), f"train.out_dir={other}", "train.steps=6"]) == 2
+    assert f"{other} holds the checkpoints of another run" in one_line_error(capsys, "train")
+    assert (other / "metrics.jsonl").read_text() == before
+    assert (other / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", "--resume-from", str(run)])
+    assert "not allowed with argument" in capsys.readouterr().err
