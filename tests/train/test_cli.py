@@ -237,3 +237,13 @@ def test_resume_from_another_run_into_a_folder_with_checkpoints_is_refused(train
     with pytest.raises(SystemExit):
         main(["train", "--resume", "--resume-from", str(run)])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_eval_on_a_val_path_does_not_need_the_training_file(trained_run, text_file, tmp_path, capsys):
+    # eval read the run's training file too, so with it moved away data.val_path=... still
+    # failed with "data file not found" naming the training file.
+    run, _ = trained_run
+    held_out = tmp_path / "held_out.txt"
+    text_file.rename(held_out)
+    assert main(["eval", "--ckpt", str(run), f"data.val_path={held_out}", "--batches", "1"]) == 0
+    assert f"of {held_out}" in capsys.readouterr().out
