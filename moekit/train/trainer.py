@@ -82,6 +82,8 @@ class Trainer:
         cfg = config.train
         self.run_dir = Path(cfg.out_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
+        if self.run_dir.exists() and not self.run_dir.is_dir():  # else found only at the first write
+            raise ValueError(f"train.out_dir {self.run_dir} is a file, not a folder")
         self.runtime = start_runtime(config.parallel, resolve_device(cfg.device))  # one process or torchrun
         self.device = self.runtime.device
         self.dtype = compute_dtype(cfg.dtype, self.device)

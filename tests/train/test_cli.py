@@ -247,3 +247,12 @@ def test_eval_on_a_val_path_does_not_need_the_training_file(trained_run, text_fi
     text_file.rename(held_out)
     assert main(["eval", "--ckpt", str(run), f"data.val_path={held_out}", "--batches", "1"]) == 0
     assert f"of {held_out}" in capsys.readouterr().out
+
+
+def test_out_dir_that_is_a_file_is_named_before_the_data_loads(make_config, tmp_path, capsys):
+    # It failed at the first write with a bare "[Errno 17] File exists: ...".
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    _, path = make_config()
+    assert main(["train", "--config", str(path), f"train.out_dir={a_file}"]) == 2
+    assert f"train.out_dir {a_file} is a file, not a folder" in one_line_error(capsys, "train")
