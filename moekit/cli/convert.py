@@ -31,10 +31,23 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def refuse_training_checkpoint(folder: Path) -> None:
+    """A `moekit train` run or checkpoint has no config.json; say what it is rather than only
+    that the file is missing, since it is the first thing a user tries to convert."""
+    if (folder / "manifest.json").is_file() or (folder / "checkpoints" / "latest").is_file():
+        raise ValueError(f"{folder} is a `moekit train` run or checkpoint; convert reads save_pretrained "
+                         "folders (transformers, or moekit models converted from them). A model trained from "
+                         "scratch (no config.hf_config) has no transformers architecture to go back to; "
+                         "load it with moekit.train.load.load_trained")
+
+
 def source_kind(folder: Path) -> str:
     """'hf' or 'moekit', from the folder's config.json."""
     path = folder / "config.json"
+    if not folder.exists():
+        raise FileNotFoundError(f"source folder not found: {folder}")
     if not path.is_file():
+        refuse_training_checkpoint(folder)
         raise FileNotFoundError(f"no config.json in {folder}")
     try:
         values = json.loads(path.read_text())

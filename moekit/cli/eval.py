@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.data import DataConfig, eval_batches, load_splits
+    from moekit.data import DataConfig, eval_batches, load_held_out
     from moekit.train.config import apply_overrides, normalize
     from moekit.train.evaluate import evaluate_loss
     from moekit.train.load import load_trained
@@ -37,15 +37,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"eval takes the tokenizer from the checkpoint; {fixed[0]} would be ignored")
     if args.batches < 1:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     model, config, tokenizer = load_trained(args.ckpt, device)
     values = normalize(type(config), apply_overrides({"data": dataclasses.asdict(config.data)}, args.overrides), "")
     data = DataConfig(**values["data"])
     t = config.train
-    splits = load_splits(data, tokenizer, t.seq_len, config.model.vocab_size)
-    batches = eval_batches(splits.val, t.batch_size, args.batches)
+    held_out = load_held_out(data, tokenizer, t.seq_len, config.model.vocab_size)
+    batches = eval_batches(held_out, t.batch_size, args.batches)
     metrics = evaluate_loss(model, batches, device, compute_dtype(t.dtype, device))
     tokens = sum(b.numel() for b in batches)
     print(f"held-out loss {metrics['val_loss']:.4f} | perplexity {metrics['val_ppl']:.2f} | "
-          f"{tokens:,} tokens of {splits.val.name}")
+          f"{tokens:,} tokens of {held_out.name}")
     return 0

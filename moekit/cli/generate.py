@@ -21,6 +21,18 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def check_length(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> None:
+    """The model's decoding cache holds max_seq_len tokens; say so in terms of the options given
+    (the model's own error names an internal max_len the user never set)."""
+    if prompt_tokens >= max_seq_len:
+        raise ValueError(f"the prompt is {prompt_tokens} tokens and the model's max_seq_len is {max_seq_len}: "
+                         f"shorten it to at most {max_seq_len - 1} tokens")
+    if prompt_tokens + max_new_tokens > max_seq_len:
+        room = max(0, max_seq_len - prompt_tokens)
+        raise ValueError(f"--max-new-tokens {max_new_tokens} plus the {prompt_tokens}-token prompt exceeds the "
+                         f"model's max_seq_len {max_seq_len}: use --max-new-tokens at most {room}")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -30,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     model, _, tokenizer = load_trained(args.ckpt, device)
+    check_length(len(tokenizer.encode(args.prompt)), args.max_new_tokens, model.config.max_seq_len)
     torch.manual_seed(args.seed)
     print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k or None, top_p=args.top_p, greedy=args.greedy, device=device))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -21,9 +22,10 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model", description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (default: the built-in moekit/configs/train_default.yaml)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in train.out_dir (its config is the base)")
-    p.add_argument("--resume-from", metavar="CKPT", help="continue from CKPT: a checkpoint or run directory")
+    start = p.add_mutually_exclusive_group()  # both at once: --resume-from won, --resume was ignored
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in train.out_dir (its config is the base)")
+    start.add_argument("--resume-from", metavar="CKPT", help="continue from CKPT: a checkpoint or run directory")
     p.add_argument("--stop-at", type=int, metavar="STEP",
                    help="checkpoint and stop after STEP (the schedule still spans train.steps)")
     p.add_argument("--no-sample", action="store_true", help="skip the text sample at the end")
@@ -48,11 +50,22 @@ def load_run_config(config_path: str | None, overrides: list[str], resume: bool,
     return TrainConfig.load(config_path, overrides), ckpt
 
 
+def interrupted_message(ckpt_root: Path, out_dir: str) -> str:
+    """Ctrl-C does not checkpoint (SIGTERM does): say what a resume would start from."""
+    latest = ckpt_root / "latest"
+    if not latest.is_file():
+        return "moekit train: interrupted before the first checkpoint; there is nothing to resume"
+    return (f"moekit train: interrupted; the latest checkpoint is {latest.read_text().strip()} (later steps are "
+            f"not saved): continue with --resume train.out_dir={out_dir}")
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from moekit.train.trainer import Trainer
 
+    if args.stop_at is not None and args.stop_at < 1:  # refused before the model and data are built
+        raise ValueError(f"--stop-at must be >= 1, got {args.stop_at}")
     console = Console()
     config, ckpt = load_run_config(args.config, args.overrides, args.resume, args.resume_from)
     start = time.perf_counter()
@@ -66,7 +79,11 @@ def run(args: argparse.Namespace) -> int:
         f"run dir {trainer.run_dir}", highlight=False, soft_wrap=True)
     if ckpt is not None:
         console.print(f"resuming from {ckpt} at step {trainer.step}", highlight=False, soft_wrap=True)
-    metrics = trainer.train(stop_at=args.stop_at)
+    try:
+        metrics = trainer.train(stop_at=args.stop_at)
+    except KeyboardInterrupt:
+        print(interrupted_message(trainer.ckpt_root, t.out_dir), file=sys.stderr)
+        return 130
     if trainer.stopped_by_signal:
         console.print(f"stopped on SIGTERM after step {trainer.step}, checkpointed: continue with --resume "
                       f"train.out_dir={t.out_dir}", highlight=False, soft_wrap=True)

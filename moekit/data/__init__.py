@@ -3,7 +3,7 @@
 from moekit.data.config import DataConfig
 from moekit.data.corpus import stdlib_corpus
 from moekit.data.loader import ShuffledBatches, TokenWindows, eval_batches
-from moekit.data.splits import Splits, load_splits
+from moekit.data.splits import Splits, load_held_out, load_splits
 from moekit.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "TokenWindows",
     "Tokenizer",
     "eval_batches",
+    "load_held_out",
     "load_splits",
     "load_tokenizer",
     "stdlib_corpus",

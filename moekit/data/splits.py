@@ -28,13 +28,27 @@ def check_held_out_apart(cfg: DataConfig) -> None:
                          "would be in the training stream too")
 
 
-def load_splits(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int, vocab_size: int) -> Splits:
-    """Held out: ``cfg.val_path`` if given, else the last ``val_fraction`` of the stream."""
+def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
     if tokenizer.vocab_size > vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {vocab_size}; "
             f"set model.vocab_size={tokenizer.vocab_size}"
         )
+
+
+def load_held_out(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int, vocab_size: int) -> TokenWindows:
+    """The held-out split alone: with ``cfg.val_path`` only that file is read (evaluating must not
+    need the training text, which may have moved since)."""
+    if cfg.val_path is None:
+        return load_splits(cfg, tokenizer, seq_len, vocab_size).val
+    check_vocab(tokenizer, vocab_size)
+    val = load_tokens(cfg.val_path, tokenizer, cfg.token_dtype, cfg.corpus_bytes)
+    return TokenWindows(val, seq_len, vocab_size, cfg.val_path)
+
+
+def load_splits(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int, vocab_size: int) -> Splits:
+    """Held out: ``cfg.val_path`` if given, else the last ``val_fraction`` of the stream."""
+    check_vocab(tokenizer, vocab_size)
     name = cfg.path or "the embedded corpus"
     tokens = load_tokens(cfg.path, tokenizer, cfg.token_dtype, cfg.corpus_bytes)
     if cfg.val_path is not None:

@@ -81,6 +81,11 @@ class TrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # torchrun runs: moekit.parallel
 
+    def __post_init__(self) -> None:
+        # Checked here so the run stops before it loads data and makes its folder, not at the first forward.
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(f"train.seq_len {self.train.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         values = normalize(cls, values, "")

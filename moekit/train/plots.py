@@ -68,7 +68,7 @@ def plot_expert_load(records: list[dict], path: Path) -> None:
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write ``loss.png`` and ``expert_load.png`` into ``run_dir``; return their paths."""
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
+    records = read_metrics(run_dir, drop_torn_last=True)  # a crashed run is what one plots most
     if not any(r["kind"] == "train" for r in records):
         raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no training records to plot")
     for r in records:

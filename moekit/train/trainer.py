@@ -40,15 +40,16 @@ from moekit.train.rng import rng_state, seed_everything, set_rng_state
 from moekit.train.schedule import WarmupCosine, build_optimizer, set_hyperparameters
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "train.device") -> torch.device:
+    """``name`` as a device; ``option`` is what the user set it with, for the error message."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ValueError(f"train.device={name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from e
+        raise ValueError(f"{option}={name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name} but no CUDA device is available")
+        raise ValueError(f"{option}={name} but no CUDA device is available")
     return device
 
 
@@ -81,6 +82,8 @@ class Trainer:
         cfg = config.train
         self.run_dir = Path(cfg.out_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
+        if self.run_dir.exists() and not self.run_dir.is_dir():  # else found only at the first write
+            raise ValueError(f"train.out_dir {self.run_dir} is a file, not a folder")
         self.runtime = start_runtime(config.parallel, resolve_device(cfg.device))  # one process or torchrun
         self.device = self.runtime.device
         self.dtype = compute_dtype(cfg.dtype, self.device)
@@ -106,11 +109,20 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.stopped_by_signal = False  # the last train() checkpointed and returned on SIGTERM
         if resume is not None:
-            self.restore(resolve_checkpoint(resume))
+            self.restore(self.own_or_new_folder(resolve_checkpoint(resume)))
         elif (self.ckpt_root / LATEST).exists():
             raise ValueError(f"{self.run_dir} holds the checkpoints of an earlier run, which a new run would replace: "
                              "continue it with --resume, or choose another train.out_dir (or delete it)")
         self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+    def own_or_new_folder(self, ckpt: Path) -> Path:
+        """``ckpt``, refused when it is another run's and ``out_dir`` already holds checkpoints:
+        continuing it there would mix the two runs' metrics and move ``latest`` to the other
+        run, whose next saves would prune this run's checkpoints."""
+        if (self.ckpt_root / LATEST).exists() and ckpt.resolve().parent != self.ckpt_root.resolve():
+            raise ValueError(f"{self.run_dir} holds the checkpoints of another run than {ckpt}: continue "
+                             "that checkpoint in a new train.out_dir")
+        return ckpt
 
     @property
     def num_params(self) -> int:
@@ -209,8 +221,10 @@ class Trainer:
         cfg = self.config.train
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         if self.step >= end:
-            limit = f"--stop-at {stop_at}" if end == stop_at else f"train.steps={cfg.steps}"
-            raise ValueError(f"nothing to train: the run is at step {self.step} and {limit} (raise train.steps "
+            # Name the limit that was reached, and that one as the thing to raise.
+            limit = "--stop-at" if end == stop_at else "train.steps"
+            value = f"{limit} {stop_at}" if end == stop_at else f"{limit}={cfg.steps}"
+            raise ValueError(f"nothing to train: the run is at step {self.step} and {value} (raise {limit} "
                              "to continue a finished run)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.runtime.is_main:

@@ -103,3 +103,19 @@ def test_registered_as_a_moekit_command(tmp_path, capsys):
     assert "olmoe -> moekit" in capsys.readouterr().out
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
     assert "moekit convert: error:" in capsys.readouterr().err
+
+
+def test_missing_source_and_training_checkpoint_are_named(tmp_path):
+    # Both were "no config.json in SRC", which says neither that SRC is missing nor what a
+    # `moekit train` run folder is (it has no transformers architecture to convert to).
+    with pytest.raises(FileNotFoundError, match="source folder not found"):
+        run(tmp_path / "nothere", tmp_path / "new")
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step_00000010")
+    with pytest.raises(ValueError, match="is a `moekit train` run or checkpoint"):
+        run(run_dir, tmp_path / "new")
+    (run_dir / "manifest.json").write_text("{}")
+    (run_dir / "checkpoints" / "latest").unlink()
+    with pytest.raises(ValueError, match="is a `moekit train` run or checkpoint"):
+        run(run_dir, tmp_path / "new")

@@ -138,3 +138,121 @@ def test_train_stopped_by_sigterm_says_how_to_continue(make_config, monkeypatch,
     assert main(["train", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "stopped on SIGTERM after step 2, checkpointed: continue with --resume" in " ".join(out.split())
+
+
+def test_overrides_may_sit_on_both_sides_of_an_option(make_config, capsys):
+    # argparse's nargs="*" takes only the first run of overrides; the rest were refused as
+    # "unrecognized arguments" although they are valid overrides.
+    values, path = make_config("mixed", steps=2, ckpt_every=2, eval_every=2)
+    assert main(["train", "--config", str(path), "train.steps=2", "--no-sample", "train.log_every=1"]) == 0
+    lines = (Path(values["train"]["out_dir"]) / "metrics.jsonl").read_text().splitlines()
+    assert sum('"kind": "train"' in line for line in lines) == 2  # train.log_every=1 took effect
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(path), "train.steps=2", "--no-sample", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_generate_too_long_names_the_option_and_the_limit(trained_run, capsys):
+    run, _ = trained_run
+    assert main(["generate", "--ckpt", str(run), "def", "--max-new-tokens", "100"]) == 2
+    err = one_line_error(capsys, "generate")
+    assert "--max-new-tokens 100" in err and "max_seq_len 64" in err and "at most 61" in err
+    assert main(["generate", "--ckpt", str(run), "def", "--device", "nosuch"]) == 2
+    assert "--device='nosuch' is not a device name" in one_line_error(capsys, "generate")
+
+
+def test_bad_stop_at_and_overlong_prompt_name_the_real_limit(make_config, trained_run, capsys):
+    # --stop-at 0 was refused only after the data loaded, with the hint "raise train.steps";
+    # a prompt longer than the model was told "use --max-new-tokens at most 0".
+    _, path = make_config("stop")
+    assert main(["train", "--config", str(path), "--stop-at", "0"]) == 2
+    assert "--stop-at must be >= 1, got 0" in one_line_error(capsys, "train")
+    run, _ = trained_run
+    assert main(["train", "--resume-from", str(run), "train.steps=8", "--stop-at", "3"]) == 2
+    err = one_line_error(capsys, "train")
+    assert "at step 4 and --stop-at 3" in err and "raise --stop-at" in err
+    assert main(["generate", "--ckpt", str(run), "x" * 70, "--max-new-tokens", "1"]) == 2
+    err = one_line_error(capsys, "generate")
+    assert "the prompt is 70 tokens and the model's max_seq_len is 64: shorten it to at most 63" in err
+
+
+def test_ctrl_c_says_which_checkpoint_a_resume_continues_from(make_config, monkeypatch, capsys):
+    # Ctrl-C printed only "interrupted": nothing said that the steps since the last checkpoint
+    # are lost, or how to continue.
+    from moekit.train.trainer import Trainer
+
+    values, path = make_config("ctrl_c", steps=8, log_every=2, ckpt_every=2, eval_every=100)
+    step = Trainer.train_step
+
+    def step_then_interrupt(self, meter):
+        step(self, meter)
+        if self.step == 2:  # after step 3 ran; step 2 is checkpointed
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    assert main(["train", "--config", str(path), "--no-sample"]) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert "interrupted; the latest checkpoint is step_00000002" in err
+    assert f"continue with --resume train.out_dir={values['train']['out_dir']}" in err
+
+
+def test_plot_after_a_crash_drops_a_torn_last_metrics_line(trained_run, capsys):
+    # A kill mid-write leaves a torn last line; resume drops it, but plot refused the whole file,
+    # just when the user wants to look at the crashed run.
+    run, _ = trained_run
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')
+    with pytest.warns(UserWarning, match="line .* is a torn record"):
+        assert main(["plot", str(run)]) == 0
+    assert capsys.readouterr().out.split() == [str(run / "loss.png"), str(run / "expert_load.png")]
+
+
+def test_moekit_warnings_print_as_one_line_without_source(monkeypatch):
+    # Python's default format showed the moekit source line that called warnings.warn.
+    import warnings
+
+    from moekit import cli
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    cli.use_short_warnings("plot")
+    inside = warnings.formatwarning("line 3 is torn", UserWarning, cli.__file__, 10)
+    assert inside == "moekit plot: warning: line 3 is torn\n"
+    outside = warnings.formatwarning("deprecated", UserWarning, "/x/torch/nn.py", 5)
+    assert "/x/torch/nn.py:5" in outside  # other libraries' warnings keep their location
+
+
+def test_resume_from_another_run_into_a_folder_with_checkpoints_is_refused(trained_run, make_config, capsys):
+    # It continued another run's checkpoint inside this folder: its metrics.jsonl then mixed the
+    # two runs, `latest` moved to the other run's line, and pruning would delete this run's steps.
+    run, _ = trained_run
+    values, path = make_config("other", steps=2, ckpt_every=2, eval_every=2)
+    assert main(["train", "--config", str(path), "--no-sample"]) == 0
+    other = Path(values["train"]["out_dir"])
+    before = (other / "metrics.jsonl").read_text()
+    assert main(["train", "--resume-from", str(run), f"train.out_dir={other}", "train.steps=6"]) == 2
+    assert f"{other} holds the checkpoints of another run" in one_line_error(capsys, "train")
+    assert (other / "metrics.jsonl").read_text() == before
+    assert (other / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", "--resume-from", str(run)])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_eval_on_a_val_path_does_not_need_the_training_file(trained_run, text_file, tmp_path, capsys):
+    # eval read the run's training file too, so with it moved away data.val_path=... still
+    # failed with "data file not found" naming the training file.
+    run, _ = trained_run
+    held_out = tmp_path / "held_out.txt"
+    text_file.rename(held_out)
+    assert main(["eval", "--ckpt", str(run), f"data.val_path={held_out}", "--batches", "1"]) == 0
+    assert f"of {held_out}" in capsys.readouterr().out
+
+
+def test_out_dir_that_is_a_file_is_named_before_the_data_loads(make_config, tmp_path, capsys):
+    # It failed at the first write with a bare "[Errno 17] File exists: ...".
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    _, path = make_config()
+    assert main(["train", "--config", str(path), f"train.out_dir={a_file}"]) == 2
+    assert f"train.out_dir {a_file} is a file, not a folder" in one_line_error(capsys, "train")

@@ -64,3 +64,10 @@ def test_yaml_round_trip(tmp_path):
     cfg.save(path)
     again = TrainConfig.load(path)
     assert again.to_dict() == cfg.to_dict() and again.model.moe.hidden_size == 64
+
+
+def test_seq_len_beyond_the_model_is_refused_when_the_config_loads():
+    # Before, the first forward refused it, after the data was loaded and the run folder made.
+    with pytest.raises(ValueError, match=r"train.seq_len 600 exceeds model.max_seq_len 512"):
+        TrainConfig.load(None, ["train.seq_len=600"])
+    assert TrainConfig.load(None, ["train.seq_len=512"]).train.seq_len == 512
