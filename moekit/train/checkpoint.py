@@ -198,12 +198,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if pointer.is_file():
             target = root / pointer.read_text().strip()
             if not (target / MANIFEST).is_file():
-                raise CheckpointError(f"{pointer} names {target}, which is not a complete checkpoint")
+                raise CheckpointError(f"{pointer} names {target}, which is not a complete checkpoint"
+                                      f"{_complete_ones(root)}")
             return target
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         raise CheckpointError(f"{path} is a model folder (save_pretrained, moekit convert), not a training "
                               "checkpoint: load it in Python with MoEForCausalLM.from_pretrained")
-    raise CheckpointError(f"no checkpoint in {path} (expected {MANIFEST} or checkpoints/{LATEST})")
+    found = _complete_ones(path / "checkpoints") or _complete_ones(path)
+    raise CheckpointError(f"no checkpoint in {path} (expected {MANIFEST} or checkpoints/{LATEST}){found}")
+
+
+def _complete_ones(root: Path) -> str:
+    """Where a pointer is lost or names a damaged checkpoint, the complete ones beside it, to pass by path
+    (e.g. ``--resume-from``): the run is not lost with its pointer."""
+    complete = sorted(p for p in root.glob("step_*") if (p / MANIFEST).is_file()) if root.is_dir() else []
+    if not complete:
+        return ""
+    names = ", ".join(p.name for p in complete)
+    return f"; complete checkpoints there: {names} (pass one by path, newest {complete[-1]})"
 
 
 def verify_checkpoint(ckpt: Path) -> dict[str, Any]:

@@ -198,3 +198,20 @@ def test_malformed_manifest_is_named(tmp_path, manifest):
     (final / "manifest.json").write_text(manifest)
     with pytest.raises(CheckpointError, match=re.escape(f"checkpoint manifest {final / 'manifest.json'} is malformed")):
         verify_checkpoint(final)
+
+
+def test_a_lost_or_damaged_pointer_names_the_complete_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        save_checkpoint(root, step, fresh_objects(step), {}, keep=2)
+    (root / "latest").write_text("step_00000099")
+    with pytest.raises(CheckpointError, match=r"not a complete checkpoint; complete checkpoints there: step_00000002, "
+                                              r"step_00000004 \(pass one by path, newest .*step_00000004\)"):
+        resolve_checkpoint(tmp_path)
+    (root / "latest").unlink()
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .*; complete checkpoints there: step_00000002, "
+                                              r"step_00000004"):
+        resolve_checkpoint(tmp_path)
+    shutil.rmtree(root)
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .*checkpoints/latest\)$"):
+        resolve_checkpoint(tmp_path)
