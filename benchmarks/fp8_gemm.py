@@ -1,5 +1,7 @@
 """FP8 block-scaled GEMMs on one GPU: cuBLAS (torch._scaled_mm, DeepSeek 1x128 / 128x128 scales)
 against the bf16 torch.mm at the per-expert GEMM shapes of the DESIGN.md MoE layers (issue #8).
+For comparison, the coarser row-wise recipe (one scale per row of each operand, applied after the
+K loop: no per-block promotion), as one GEMM and as PyTorch's grouped GEMM over all experts.
 
 For each shape (M tokens of one expert, N outputs, K reduction) and use (forward: activations
 1x128 x weight 128x128; wgrad: both operands 1x128 along the token axis) it prints the median
@@ -63,6 +65,21 @@ def grouped(name: str, m: int, n: int, k: int, experts: int) -> None:
     flops = 2 * experts * m * n * k
     print(f"  {experts} experts: bf16 grouped_mm {t16:7.3f} ms ({flops / t16 / 1e9:4.0f} TFLOP/s), {verdict}",
           flush=True)
+    # Row-wise: a [rows] and b [E, N] scales, b column-major as torch._grouped_mm takes it.
+    aq_r, sa_r = quantize_blocks(a.float(), 1, k)
+    bq_r, sb_r = quantize_blocks(b.reshape(experts * n, k).float(), 1, k)
+    bq_r = bq_r.view(experts, n, k).transpose(1, 2)
+    args = (aq_r, bq_r, sa_r.view(-1), sb_r.view(experts, n))
+    try:
+        out = torch._scaled_grouped_mm(*args, offs=offs, out_dtype=torch.bfloat16)
+        want = torch._grouped_mm(dequantize(aq_r, sa_r, 1, k).bfloat16(),
+                                 (bq_r.float() * sb_r.view(experts, 1, n)).bfloat16(), offs=offs)
+        t8 = bench(lambda: torch._scaled_grouped_mm(*args, offs=offs, out_dtype=torch.bfloat16))
+        verdict = (f"{t8:7.3f} ms ({flops / t8 / 1e9:4.0f} TFLOP/s), {t16 / t8:5.2f}x bf16, "
+                   f"rel err {rel(out, want.float()):.1e}")
+    except RuntimeError as err:
+        verdict = f"{type(err).__name__}: {str(err)[:160]}"
+    print(f"  {experts} experts: row-wise fp8 _scaled_grouped_mm {verdict}", flush=True)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -100,6 +117,15 @@ def run(name: str, m: int, n: int, k: int, experts: int) -> None:
     out = torch._scaled_mm(gq, xq.t(), s_g, s_x, out_dtype=torch.bfloat16)
     t = bench(lambda: torch._scaled_mm(gq, xq.t(), s_g, s_x, out_dtype=torch.bfloat16))
     print(f"  wgrad 1x128 x 1x128: {t:7.3f} ms {flops / t / 1e9:6.0f} TFLOP/s "
+          f"{t16 / t:5.2f}x bf16, rel err {rel(out, want):.1e}", flush=True)
+    # Row-wise: one scale per row of A and per row of B (column of the product), over all of K.
+    aq, sa = quantize_blocks(a, 1, k)
+    bq, sb = quantize_blocks(b, 1, k)
+    want = dequantize(aq, sa, 1, k) @ dequantize(bq, sb, 1, k).t()
+    s_a, s_b = sa.contiguous(), sb.t().contiguous()
+    out = torch._scaled_mm(aq, bq.t(), s_a, s_b, out_dtype=torch.bfloat16)
+    t = bench(lambda: torch._scaled_mm(aq, bq.t(), s_a, s_b, out_dtype=torch.bfloat16))
+    print(f"  row-wise (1xK x 1xK): {t:7.3f} ms {flops / t / 1e9:6.0f} TFLOP/s "
           f"{t16 / t:5.2f}x bf16, rel err {rel(out, want):.1e}", flush=True)
     grouped(name, m, n, k, experts)
 

@@ -71,6 +71,19 @@ def _device(name: str):
     return torch.device(name)
 
 
+def _config(cls, **options):
+    """``cls`` built from CLI options given as field=(option, value); its errors name the option
+    (``--batch-size``), not the config's field."""
+    try:
+        return cls(**{field: value for field, (_, value) in options.items()})
+    except ValueError as err:
+        message = str(err).removeprefix(f"{cls.__name__}: ")
+        for field, (option, _) in options.items():
+            if message.startswith(f"{field} "):
+                message = option + message[len(field):]
+        raise ValueError(message) from None
+
+
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -84,11 +97,13 @@ def run_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
-    data = SceneDataConfig(source=args.source, num_train=args.train_scenes, num_val=args.val_scenes,
-                           seed=args.seed, workers=args.workers)
+    data = _config(SceneDataConfig, source=("--source", args.source), num_train=("--train-scenes", args.train_scenes),
+                   num_val=("--val-scenes", args.val_scenes), seed=("--seed", args.seed),
+                   workers=("--workers", args.workers))
     # every option is checked before the scenes are generated, which takes minutes with highway-env
     device = _device(args.device)
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    config = _config(TrainConfig, steps=("--steps", args.steps), batch_size=("--batch-size", args.batch_size),
+                     lr=("--lr", args.lr), seed=("--seed", args.seed))
     train_set, val_set = load_or_generate(data, run_dir / "data")
     print(f"{len(train_set)} train / {len(val_set)} held-out scenes ({args.source}) in {run_dir / 'data'}")
     for objective in args.objectives:

@@ -41,9 +41,10 @@ def test_bad_arguments(tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option,value,message", [("--steps", "0", "steps must be a positive integer"),
-                                                  ("--lr", "-1", "lr must be a finite number > 0"),
-                                                  ("--batch-size", "0", "batch_size must be a positive integer")])
+@pytest.mark.parametrize("option,value,message", [("--steps", "0", "--steps must be a positive integer"),
+                                                  ("--lr", "-1", "--lr must be a finite number > 0"),
+                                                  ("--batch-size", "0", "--batch-size must be a positive integer"),
+                                                  ("--train-scenes", "0", "--train-scenes must be a positive integer")])
 def test_train_options_are_checked_before_the_data_are_generated(tmp_path, capsys, option, value, message):
     """A bad training option was found only after the scene sets were generated (minutes with
     highway-env at the default sizes)."""
