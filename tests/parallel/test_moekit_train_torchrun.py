@@ -2,7 +2,9 @@
 
 Same global batch (train.batch_size), same seed: the logged global-mean losses agree to float32
 reduction-order noise (see test_distributed_training.py for the tolerance). The 2-process
-checkpoint then resumes in one process and continues with the same losses.
+checkpoint then resumes in one process and continues with the same losses. On a machine with two
+GPUs the runs take CUDA and NCCL; ``train.dtype=fp32`` keeps them in float32 there too (bf16
+autocast would differ between the layouts by more than the tolerance).
 """
 
 import json
@@ -18,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.hidden_size=32", "model.layer_pattern=LN", "model.num_heads=2", "model.head_dim=16",
         "model.moe.ffn_hidden_size=32", "data.corpus_bytes=1048576", "train.steps=12", "train.batch_size=4",
         "train.seq_len=32", "train.log_every=1", "train.eval_every=12", "train.eval_batches=1",
-        "train.ckpt_every=6", "train.warmup_steps=2", "train.sample_tokens=0"]
+        "train.ckpt_every=6", "train.warmup_steps=2", "train.sample_tokens=0", "train.dtype=fp32"]
 RTOL = 1e-5
 
 
