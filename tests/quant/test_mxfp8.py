@@ -474,6 +474,19 @@ def test_floor_saturates_and_rceil_does_not():
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_inputs_give_empty_results(backend):
+    """No rows to quantize is legitimate input: empty data and scales of the right shapes."""
+    for shape, axis, scale_shape in [((0, 64), -1, (0, 2)), ((64, 0), 0, (2, 0)), ((3, 0, 64), 2, (3, 0, 2))]:
+        t = mxfp8.quantize(torch.empty(shape, dtype=torch.bfloat16), axis, backend=backend)
+        assert t.data.shape == shape and t.data.dtype == torch.float8_e4m3fn
+        assert t.scale.shape == scale_shape and t.scale.dtype == torch.float8_e8m0fnu
+        assert mxfp8.dequantize(t, backend=backend).shape == shape
+    rows, cols = mxfp8.quantize_both(torch.empty(0, 64), backend=backend)
+    assert rows.data.shape == cols.data.shape == (0, 64)
+    assert rows.scale.shape == (0, 2) and cols.scale.shape == (0, 64)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_bad_input_is_rejected_clearly(backend):
     x = torch.randn(4, 64)
     with pytest.raises(TypeError, match="int32"):
