@@ -580,6 +580,19 @@ def test_gpu_blocked_scales_match_reference(make_input, assert_same_bits, dtype,
                 assert_same_bits(buf.cpu(), _bytes(expected[name]))
 
 
+def test_int64_offsets_for_views_that_reach_past_int32():
+    """The kernels read a view at row * stride: a column slice of a large activation can hold fewer
+    than 2^31 elements yet address past 2^31, where int32 offsets wrap (meta tensors: no memory)."""
+    from moekit.quant.triton_utils import needs_index_64
+
+    big = torch.empty(2**24, 192, dtype=torch.bfloat16, device="meta")
+    assert needs_index_64(big)  # 3 * 2^30 elements
+    assert needs_index_64(big[:, :64])  # 2^30 elements, last one at (2^24 - 1) * 192 + 63
+    assert not needs_index_64(big[: 2**23, :64])  # last one at (2^23 - 1) * 192 + 63 < 2^31
+    assert not needs_index_64(torch.empty(2**24, 64, device="meta"))
+    assert not needs_index_64(torch.empty(0, 2**20, device="meta"))
+
+
 def test_int64_offset_path_matches_reference(monkeypatch, make_input, assert_same_bits, assert_same_values):
     """Inputs past 2^31 elements take int64 offsets (too large to test directly): forced on here."""
     from moekit.quant.mxfp8 import triton as mx_triton
