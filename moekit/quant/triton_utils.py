@@ -20,8 +20,11 @@ INTERPRETING: bool = bool(triton.knobs.runtime.interpret)
 
 
 def needs_index_64(x: torch.Tensor) -> bool:
-    """Element offsets into ``x`` (and outputs of its size) can pass int32."""
-    return x.numel() >= 2**31
+    """Element offsets into ``x`` (and outputs of its size) can pass int32. A view is read through
+    its strides, so its last element's offset counts, not only its size (a column slice of a large
+    tensor reaches past its numel)."""
+    last_offset = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride(), strict=True))
+    return max(x.numel(), last_offset + 1) >= 2**31
 
 
 @triton.jit

@@ -658,6 +658,22 @@ def test_weight_cache_quantizes_each_weight_once_per_update(monkeypatch):
         assert isinstance(copied, WeightCache) and not copied._entries and cache._entries
 
 
+@pytest.mark.parametrize("recipe_name", ["fp8", "mxfp8"])
+@pytest.mark.parametrize("tokens,dropped", [(0, False), (6, True)])
+def test_reference_with_no_routed_rows(recipe_name, tokens, dropped):
+    """No tokens (an expert-parallel rank that got none) or every slot dropped: the CPU path gives
+    zeros and zero gradients, as the bf16 reference does, instead of a reshape error."""
+    (x, w, w_up, w_down), idx, grad = _problem(max(tokens, 1), 128, 128, 3, 2, "swiglu", seed=7)
+    x, w, grad = (t[:tokens].detach().requires_grad_(t.requires_grad) for t in (x, w, grad))
+    idx = torch.full_like(idx[:tokens], -1) if dropped else idx[:tokens]
+    out, dx, dweight, dw_up, dw_down = _run(lambda *a: fp8_reference.routed_experts(*a, recipe_name=recipe_name),
+                                            [x, w, w_up, w_down], idx, grad, "swiglu")
+    assert out.shape == dx.shape == (tokens, 128) and dweight.shape == (tokens, 2)
+    for t in (out, dx, dweight, dw_up, dw_down):
+        assert torch.all(t == 0)
+    assert dw_up.shape == w_up.shape and dw_down.shape == w_down.shape
+
+
 def test_double_backward_is_refused():
     """The FP8 backward is made of kernels: under create_graph=True its gradients are constants, and a
     second derivative through them used to leave out the experts' curvature without an error."""

@@ -111,6 +111,23 @@ def test_round_trip_error_within_documented_bound(block, elem):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_inputs_give_empty_results(backend):
+    """No tokens (an expert-parallel rank that got none, a batch with every slot dropped) is legitimate
+    input: empty data and scales of the right shapes, not a reshape error."""
+    cases = [((0, 128), (1, 128), (0, 1)), ((0, 4, 128), (1, 128), (0, 4, 1)), ((2, 0, 128), (1, 128), (2, 0, 1)),
+             ((0, 128, 256), (128, 128), (0, 1, 2))]
+    for shape, block, scale_shape in cases:
+        x = torch.empty(shape, dtype=torch.bfloat16)
+        t = fp8_block.quantize(x, block, backend=backend)
+        assert t.data.shape == shape and t.data.dtype == torch.float8_e4m3fn
+        assert t.scale.shape == scale_shape and t.scale.dtype == torch.float32
+        y = fp8_block.dequantize(t, torch.bfloat16, backend=backend)
+        assert y.shape == shape and y.dtype == torch.bfloat16
+    t, t_t = fp8_block.quantize_both(torch.empty(0, 128, 256), backend=backend)
+    assert t.data.shape == (0, 128, 256) and t_t.data.shape == (0, 256, 128) and t_t.scale.shape == (0, 2, 1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_bad_input_is_rejected_clearly(backend):
     x = torch.randn(4, 256)
     with pytest.raises(TypeError, match="int64"):

@@ -474,6 +474,19 @@ def test_floor_saturates_and_rceil_does_not():
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_inputs_give_empty_results(backend):
+    """No rows to quantize is legitimate input: empty data and scales of the right shapes."""
+    for shape, axis, scale_shape in [((0, 64), -1, (0, 2)), ((64, 0), 0, (2, 0)), ((3, 0, 64), 2, (3, 0, 2))]:
+        t = mxfp8.quantize(torch.empty(shape, dtype=torch.bfloat16), axis, backend=backend)
+        assert t.data.shape == shape and t.data.dtype == torch.float8_e4m3fn
+        assert t.scale.shape == scale_shape and t.scale.dtype == torch.float8_e8m0fnu
+        assert mxfp8.dequantize(t, backend=backend).shape == shape
+    rows, cols = mxfp8.quantize_both(torch.empty(0, 64), backend=backend)
+    assert rows.data.shape == cols.data.shape == (0, 64)
+    assert rows.scale.shape == (0, 2) and cols.scale.shape == (0, 64)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_bad_input_is_rejected_clearly(backend):
     x = torch.randn(4, 64)
     with pytest.raises(TypeError, match="int32"):
@@ -565,6 +578,19 @@ def test_gpu_blocked_scales_match_reference(make_input, assert_same_bits, dtype,
             expected = _blocked_expected(x.cpu(), elem, scale_mode, rowwise, colwise)
             for name, buf in out.items():
                 assert_same_bits(buf.cpu(), _bytes(expected[name]))
+
+
+def test_int64_offsets_for_views_that_reach_past_int32():
+    """The kernels read a view at row * stride: a column slice of a large activation can hold fewer
+    than 2^31 elements yet address past 2^31, where int32 offsets wrap (meta tensors: no memory)."""
+    from moekit.quant.triton_utils import needs_index_64
+
+    big = torch.empty(2**24, 192, dtype=torch.bfloat16, device="meta")
+    assert needs_index_64(big)  # 3 * 2^30 elements
+    assert needs_index_64(big[:, :64])  # 2^30 elements, last one at (2^24 - 1) * 192 + 63
+    assert not needs_index_64(big[: 2**23, :64])  # last one at (2^23 - 1) * 192 + 63 < 2^31
+    assert not needs_index_64(torch.empty(2**24, 64, device="meta"))
+    assert not needs_index_64(torch.empty(0, 2**20, device="meta"))
 
 
 def test_int64_offset_path_matches_reference(monkeypatch, make_input, assert_same_bits, assert_same_values):

@@ -99,7 +99,7 @@ def _sum_slots(rows: torch.Tensor, routing: _Routing, topk_idx: torch.Tensor, we
     T, K = topk_idx.shape
     buf = torch.zeros(T * K, rows.shape[1], device=rows.device)
     buf[routing.assignment] = rows.to(dtype).float()
-    buf = buf.view(T, K, -1)
+    buf = buf.view(T, K, rows.shape[1])  # not -1: T may be 0
     if weight is not None:
         buf = buf * torch.where(topk_idx >= 0, weight, 0)[..., None]
     return buf.sum(1).to(dtype)
@@ -130,7 +130,7 @@ class FP8RoutedExpertsReference(torch.autograd.Function):
         dout32 = dout.float()
         y_slots = torch.zeros(topk_idx.numel(), y.shape[1], device=y.device)
         y_slots[routing.assignment] = y.float()
-        dweight = (y_slots.view(*topk_idx.shape, -1) * dout32[:, None, :]).sum(-1)
+        dweight = (y_slots.view(*topk_idx.shape, y.shape[1]) * dout32[:, None, :]).sum(-1)
         dweight = torch.where(topk_idx >= 0, dweight, 0).to(ctx.weight_dtype)
         w_row = weight.reshape(-1)[routing.assignment, None]
         da = _grouped(qdq_rows(dout32, r)[routing.token], qdq_weight(w_down, r, 1), routing) * w_row

@@ -29,10 +29,11 @@ __all__ = ["ACTIVATION_BLOCK", "WEIGHT_BLOCK", "BlockScaledTensor", "quantize", 
 _BACKENDS = ("auto", "reference", "triton")
 
 
-def _impl(backend: str, device: torch.device):
+def _impl(backend: str, t: torch.Tensor):
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(_BACKENDS)}")
-    if backend == "reference" or (backend == "auto" and device.type != "cuda"):
+    # An empty tensor (no tokens) has nothing to launch: the reference returns its empty result.
+    if backend == "reference" or t.numel() == 0 or (backend == "auto" and t.device.type != "cuda"):
         return reference
     from moekit.quant.fp8_block import triton  # imported lazily: importing triton is slow
 
@@ -44,7 +45,7 @@ def quantize(x: torch.Tensor, block: tuple[int, int] = ACTIVATION_BLOCK, elem: s
     check_input(x)
     element_format(elem)
     reference.check_block(x, block)
-    return _impl(backend, x.device).quantize(x, block, elem)
+    return _impl(backend, x).quantize(x, block, elem)
 
 
 def quantize_activation(x: torch.Tensor, elem: str = "e4m3", backend: str = "auto") -> BlockScaledTensor:
@@ -64,10 +65,10 @@ def quantize_both(x: torch.Tensor, block: tuple[int, int] = WEIGHT_BLOCK, elem: 
     reference.check_block(x, block)
     if block[0] != block[1]:
         raise ValueError(f"quantize_both needs a square block (its tiles serve both layouts), got {block}")
-    return _impl(backend, x.device).quantize_both(x, block, elem)
+    return _impl(backend, x).quantize_both(x, block, elem)
 
 
 def dequantize(t: BlockScaledTensor, dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
     if not isinstance(t, BlockScaledTensor):
         raise TypeError(f"fp8_block.dequantize takes a BlockScaledTensor, got {type(t).__name__}")
-    return _impl(backend, t.data.device).dequantize(t, dtype)
+    return _impl(backend, t.data).dequantize(t, dtype)

@@ -21,6 +21,8 @@ a float32 ulp.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from moekit.quant.formats import check_divisible, check_input, element_format
@@ -47,7 +49,8 @@ def quantize(x: torch.Tensor, block: tuple[int, int] = ACTIVATION_BLOCK, elem: s
     fmt = element_format(elem)
     br, bc = check_block(x, block)
     *lead, m, k = x.shape
-    tiles = x.float().reshape(-1, m // br, br, k // bc, bc)
+    # math.prod, not -1: an empty x (no tokens) has no size to infer
+    tiles = x.float().reshape(math.prod(lead), m // br, br, k // bc, bc)
     mag = tiles.abs()
     finite = mag < float("inf")  # False for NaN too
     amax = torch.where(finite, mag, torch.zeros_like(mag)).amax(dim=(2, 4))
@@ -72,6 +75,6 @@ def quantize_both(x: torch.Tensor, block: tuple[int, int], elem: str = "e4m3"):
 def dequantize(t: BlockScaledTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     br, bc = t.block
     *lead, m, k = t.data.shape
-    tiles = t.data.float().reshape(-1, m // br, br, k // bc, bc)
-    scale = t.scale.reshape(-1, m // br, k // bc)
+    tiles = t.data.float().reshape(math.prod(lead), m // br, br, k // bc, bc)
+    scale = t.scale.reshape(math.prod(lead), m // br, k // bc)
     return (tiles * scale[:, :, None, :, None]).reshape(t.data.shape).to(dtype)

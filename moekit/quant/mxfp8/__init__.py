@@ -29,10 +29,11 @@ __all__ = ["MXTensor", "MXBlockedTensor", "quantize", "quantize_both", "dequanti
 _BACKENDS = ("auto", "reference", "triton")
 
 
-def _impl(backend: str, device: torch.device):
+def _impl(backend: str, t: torch.Tensor):
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(_BACKENDS)}")
-    if backend == "reference" or (backend == "auto" and device.type != "cuda"):
+    # An empty tensor (no tokens) has nothing to launch: the reference returns its empty result.
+    if backend == "reference" or t.numel() == 0 or (backend == "auto" and t.device.type != "cuda"):
         return reference
     from moekit.quant.mxfp8 import triton  # imported lazily: importing triton is slow
 
@@ -49,7 +50,7 @@ def quantize(x: torch.Tensor, axis: int = -1, elem: str = "e4m3", scale_mode: st
              backend: str = "auto", scale_layout: str = "plain") -> MXTensor | MXBlockedTensor:
     check_input(x)
     _check_format(elem, scale_mode, scale_layout, x.ndim)
-    return _impl(backend, x.device).quantize(x, axis, elem, scale_mode, scale_layout)
+    return _impl(backend, x).quantize(x, axis, elem, scale_mode, scale_layout)
 
 
 def quantize_both(x: torch.Tensor, elem: str = "e4m3", scale_mode: str = "floor", backend: str = "auto",
@@ -57,10 +58,10 @@ def quantize_both(x: torch.Tensor, elem: str = "e4m3", scale_mode: str = "floor"
     """Row-wise (axis 1) and column-wise (axis 0, stored [K, M]) quantization of 2-D `x` [M, K]."""
     check_input(x)
     _check_format(elem, scale_mode, scale_layout, x.ndim)
-    return _impl(backend, x.device).quantize_both(x, elem, scale_mode, scale_layout)
+    return _impl(backend, x).quantize_both(x, elem, scale_mode, scale_layout)
 
 
 def dequantize(t: MXTensor, dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
     if not isinstance(t, MXTensor):
         raise TypeError(f"mxfp8.dequantize takes an MXTensor, got {type(t).__name__}")
-    return _impl(backend, t.data.device).dequantize(t, dtype)
+    return _impl(backend, t.data).dequantize(t, dtype)
