@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from numbers import Integral
+from numbers import Integral, Real
 
 
 def is_int(value) -> bool:
     """An integer (Python or NumPy), and not a bool: ``True`` must not pass for 1 (a count, a size, an id)."""
     return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A real number (int, float, NumPy), and not a bool or a string such as a quoted YAML value."""
+    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def check_known_keys(cls, values) -> None:

@@ -9,6 +9,16 @@ from moekit.mixers.rope_scaling import YarnScaling
 
 QK_NORM_SCOPES = ("head", "all")
 
+# Softmax-attention options that multi-head latent attention does not implement: their neutral
+# value, and what MLA offers in their place.
+MLA_IGNORES = {
+    "qk_norm": (False, ""),
+    "attention_output_gate": (False, ""),
+    "partial_rotary_factor": (1.0, "; MLAConfig.qk_rope_head_dim sets the rotated width"),
+    "attention_bias": (False, "; MLAConfig.bias adds MLA's projection biases"),
+    "attention_scale": (None, "; MLAConfig.softmax_scale sets the softmax scale"),
+}
+
 
 @dataclass
 class MixerConfig:
@@ -27,7 +37,8 @@ class MixerConfig:
     attention_multiplier), ``norm_unit_offset`` (q/k norms apply 1 + weight), ``ssm_groups``
     (Mamba2's B/C groups) and ``conv_bias`` (a bias in the short convolution: Mamba2, DeltaNet,
     Gated DeltaNet). A linear mixer refuses ``ssm_groups``, ``num_v_heads`` or ``conv_bias`` set
-    where it does not implement them (``LinearMixer.refuse_unread``).
+    where it does not implement them (``LinearMixer.refuse_unread``); with ``mla`` set, the
+    softmax options MLA does not implement are refused (``MLA_IGNORES``).
     """
 
     hidden_size: int
@@ -81,6 +92,16 @@ class MixerConfig:
             raise ValueError(f"MixerConfig: attention_scale must be None or > 0, got {self.attention_scale}")
         if not 0 <= self.layer_idx < self.num_layers:
             raise ValueError(f"MixerConfig: layer_idx {self.layer_idx} outside [0, {self.num_layers})")
+        if self.mla is not None:
+            self._refuse_options_mla_ignores()
+
+    def _refuse_options_mla_ignores(self) -> None:
+        """MLA replaces softmax attention but reads none of these: set, they were silently dropped
+        and the model was another one than configured."""
+        for name, (neutral, instead) in MLA_IGNORES.items():
+            if getattr(self, name) != neutral:
+                raise ValueError(f"MixerConfig: {name}={getattr(self, name)!r} is not implemented by multi-head "
+                                 f"latent attention (leave it at {neutral!r}{instead})")
 
     @property
     def value_dim(self) -> int:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from moekit.validation import check_known_keys
+from moekit.validation import check_known_keys, is_int, is_number
 
 
 @dataclass
@@ -33,14 +34,18 @@ class MLAConfig:
     def __post_init__(self) -> None:
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"MLAConfig: {name} must be a positive integer, got {value!r}")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+        if self.q_lora_rank is not None and (not is_int(self.q_lora_rank) or self.q_lora_rank <= 0):
             raise ValueError(f"MLAConfig: q_lora_rank must be None or a positive integer, got {self.q_lora_rank!r}")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"MLAConfig: qk_rope_head_dim must be even (RoPE pairs), got {self.qk_rope_head_dim}")
-        if self.softmax_scale is not None and self.softmax_scale <= 0:
-            raise ValueError(f"MLAConfig: softmax_scale must be None or > 0, got {self.softmax_scale}")
+        if self.softmax_scale is not None and not (is_number(self.softmax_scale) and self.softmax_scale > 0):
+            raise ValueError(f"MLAConfig: softmax_scale must be None or a number > 0, got {self.softmax_scale!r}")
+        if not (is_number(self.norm_eps) and 0 <= self.norm_eps < math.inf):
+            raise ValueError(f"MLAConfig: norm_eps must be a finite number >= 0, got {self.norm_eps!r}")
+        if not isinstance(self.bias, bool):  # a quoted YAML "false" would be true
+            raise TypeError(f"MLAConfig: bias must be true or false, got {self.bias!r}")
 
     @property
     def qk_head_dim(self) -> int:

@@ -31,7 +31,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def scale(self) -> torch.Tensor:
-        return 1.0 + self.weight.float() if self.unit_offset else self.weight
+        # 1 + weight in (at least) float32: in bf16 the sum would round; a float64 weight stays float64
+        return 1.0 + at_least_float32(self.weight) if self.unit_offset else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.scale(), self.eps).to(x.dtype)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from moekit.validation import check_known_keys
+from moekit.validation import check_known_keys, is_int, is_number
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -40,12 +40,25 @@ class YarnScaling:
     truncate: bool = True
 
     def __post_init__(self) -> None:
+        self._check_types()
         if not self.factor >= 1:
             raise ValueError(f"YarnScaling: factor must be >= 1, got {self.factor}")
-        if not isinstance(self.original_max_len, int) or self.original_max_len <= 0:
+        if not is_int(self.original_max_len) or self.original_max_len <= 0:
             raise ValueError(f"YarnScaling: original_max_len must be a positive integer, got {self.original_max_len!r}")
         if self.beta_fast <= self.beta_slow or self.beta_slow <= 0:
             raise ValueError(f"YarnScaling: need beta_fast > beta_slow > 0, got {self.beta_fast}, {self.beta_slow}")
+        if self.attention_factor is not None and not self.attention_factor > 0:  # 0 flattens every score
+            raise ValueError(f"YarnScaling: attention_factor must be None or > 0, got {self.attention_factor}")
+
+    def _check_types(self) -> None:
+        """A quoted YAML value is an error naming its key, not another model (the string "false" is true)."""
+        for name, optional in (("factor", False), ("beta_fast", False), ("beta_slow", False), ("mscale", True),
+                               ("mscale_all_dim", True), ("attention_factor", True)):
+            value = getattr(self, name)
+            if not (is_number(value) or optional and value is None):
+                raise TypeError(f"YarnScaling: {name} must be a number{' or None' if optional else ''}, got {value!r}")
+        if not isinstance(self.truncate, bool):
+            raise TypeError(f"YarnScaling: truncate must be true or false, got {self.truncate!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> YarnScaling:

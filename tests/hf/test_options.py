@@ -113,3 +113,22 @@ def test_mla_model_trains():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
         if ".mixer." in name:
             assert param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("key, values, error", [
+    ("rope_scaling", {"factor": 4.0, "original_max_len": 32, "truncate": "false"}, "YarnScaling: truncate must be"),
+    ("rope_scaling", {"factor": "4", "original_max_len": 32}, "YarnScaling: factor must be a number"),
+    ("rope_scaling", {"factor": 4.0, "original_max_len": True}, "YarnScaling: original_max_len must be"),
+    ("rope_scaling", {"factor": 4.0, "original_max_len": 32, "mscale": "1"}, "YarnScaling: mscale must be"),
+    ("rope_scaling", {"factor": 4.0, "original_max_len": 32, "attention_factor": 0.0},
+     "YarnScaling: attention_factor must be None or > 0"),
+    ("mla", {"bias": "false"}, "MLAConfig: bias must be true or false"),
+    ("mla", {"norm_eps": -1.0}, "MLAConfig: norm_eps must be"),
+    ("mla", {"softmax_scale": "0.1"}, "MLAConfig: softmax_scale must be"),
+    ("mla", {"kv_lora_rank": True}, "MLAConfig: kv_lora_rank must be a positive integer"),
+])
+def test_nested_attention_configs_refuse_mistyped_values(key, values, error):
+    """A quoted YAML value in ``rope_scaling`` or ``mla`` built another model (the string "false" is
+    true: truncated YaRN ramp, MLA biases) or failed on a bare comparison error naming no key."""
+    with pytest.raises((TypeError, ValueError), match=error):
+        ModelConfig(layer_pattern="N", **{key: values})

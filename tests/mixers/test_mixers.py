@@ -8,6 +8,7 @@ import torch
 
 from moekit.mixers import LINEAR_MIXERS, MixerConfig, SequenceInfo, SoftmaxAttention, build_mixer
 from moekit.mixers.attention import visible_keys
+from moekit.mixers.mla_config import MLAConfig
 from moekit.models.cache import ModelCache
 
 ALL_MIXERS = [*sorted(LINEAR_MIXERS), "softmax"]
@@ -205,3 +206,19 @@ def test_a_left_padded_call_continuing_a_cache_equals_the_row_alone(name):
     for row, real in ((0, 1), (1, 4)):
         alone = run([row], torch.ones(1, real, dtype=torch.bool))
         assert rel(batched[row:row + 1, 4 - real:], alone) < 1e-5, row
+
+
+@pytest.mark.parametrize("option, hint", [
+    (dict(qk_norm=True), ""), (dict(attention_output_gate=True), ""),
+    (dict(partial_rotary_factor=0.5), "qk_rope_head_dim"), (dict(attention_bias=True), "MLAConfig.bias"),
+    (dict(attention_scale=0.1), "MLAConfig.softmax_scale"),
+])
+def test_softmax_options_mla_ignores_are_refused(option, hint):
+    """MLA read none of these: a config with MLA and q/k norms, an output gate, partial RoPE, q/k/v
+    biases or a softmax scale built a model without them, silently."""
+    mla = MLAConfig(kv_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5)
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=rf"MixerConfig: {name}=.* not implemented by multi-head latent .*{hint}"):
+        MixerConfig(hidden_size=16, num_heads=2, head_dim=8, mla=mla, **option)
+    assert build_mixer("N", "gla", MixerConfig(hidden_size=16, num_heads=2, head_dim=8, mla=mla))(
+        torch.randn(1, 3, 16)).shape == (1, 3, 16)

@@ -98,3 +98,16 @@ def test_short_conv_skips_padding_anywhere():
     # fewer real tokens than the state is long: the state keeps its tail
     y1, s1 = conv(x[:1, :2], state[:1], torch.tensor([[False, True]]))
     torch.testing.assert_close(s1, torch.cat([state[:1, :, 1:], x[:1, 1:2].transpose(1, 2)], -1))
+
+
+def test_unit_offset_norm_keeps_float64_weights():
+    """A float64 norm with ``unit_offset`` applied 1 + weight rounded to float32 (``weight.float()``):
+    float64 reference checks of a Qwen3-Next model were off by ~1e-7 and a gradcheck on the weight failed."""
+    norm = RMSNorm(8, eps=1e-6, unit_offset=True).double()
+    with torch.no_grad():
+        norm.weight.copy_(0.1 * torch.randn(8, dtype=torch.float64) + 1e-9)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    expected = x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-6) * (1 + norm.weight)
+    torch.testing.assert_close(norm(x), expected, rtol=1e-14, atol=1e-14)
+    weight = norm.weight.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda w: torch.func.functional_call(norm, {"weight": w}, (x,)), (weight,))
