@@ -98,7 +98,9 @@ def select_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch
     if sampling.top_k is not None:
         kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p is not None:
+    # top_p=1 keeps every token (filtering anyway would drop a large vocabulary's tail, where the float32
+    # running sum of probabilities has already rounded up to 1).
+    if sampling.top_p is not None and sampling.top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens ranked above it already reach top_p; the first always stays.

@@ -243,3 +243,31 @@ def test_left_padding_stays_out_of_the_moe_balancing():
     plain, masked = model(ids), model(padded, attention_mask=mask)
     torch.testing.assert_close(masked.logits[:, 4:], plain.logits)
     torch.testing.assert_close(masked.aux_loss, plain.aux_loss)
+
+
+def sampled_distribution(monkeypatch, logits: torch.Tensor, sampling) -> torch.Tensor:
+    """The probabilities ``select_next`` hands to ``torch.multinomial`` for ``logits``."""
+    from moekit.models.generation import select_next
+
+    seen = []
+    original = torch.multinomial
+
+    def recording(probs, *args, **kwargs):
+        seen.append(probs.clone())
+        return original(probs, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", recording)
+    select_next(logits, sampling)
+    return seen[0]
+
+
+def test_top_p_one_keeps_every_token(monkeypatch):
+    """top_p=1 is no nucleus filtering (as in transformers): the float32 running sum of a large vocabulary
+    rounds up to 1 before its tail, which used to drop the tail tokens (over a thousand per row here)."""
+    from moekit.models.generation import SamplingConfig
+
+    logits = torch.randn(4, 50000, generator=torch.Generator().manual_seed(0)) * 8
+    plain = sampled_distribution(monkeypatch, logits, SamplingConfig(do_sample=True))
+    nucleus = sampled_distribution(monkeypatch, logits, SamplingConfig(do_sample=True, top_p=1.0))
+    assert (plain > 0).all()
+    assert torch.equal(nucleus, plain)
