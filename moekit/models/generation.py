@@ -39,13 +39,18 @@ class SamplingConfig:
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        if self.do_sample and not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be finite and > 0, got {self.temperature} "
-                             "(greedy decoding: do_sample=False, or --greedy)")
+        if self.do_sample and not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be finite and >= 0 (0: greedy decoding), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        """Argmax decoding: no sampling asked for, or temperature 0 (the limit of ever sharper sampling,
+        and what serving APIs and CLIs take it to mean)."""
+        return not self.do_sample or self.temperature == 0
 
 
 def left_pad(prompts: Sequence[Sequence[int] | torch.Tensor], pad_token_id: int,
@@ -92,7 +97,7 @@ def _check_left_padded(mask: torch.Tensor) -> None:
 
 def select_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None):
     """Next token ids [B] from last-position logits [B, vocab]."""
-    if not sampling.do_sample:
+    if sampling.greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / sampling.temperature
     if sampling.top_k is not None:
@@ -197,8 +202,8 @@ def generate(model, input_ids, max_new_tokens: int, **kwargs) -> GenerateOutput:
     ``input_ids`` is a [B, P] tensor (left-padded, with ``attention_mask``) or a list of token
     lists of different lengths (padded here). Keyword arguments: ``temperature``, ``top_k``,
     ``top_p``, ``do_sample``, ``attention_mask``, ``eos_token_id``, ``pad_token_id``,
-    ``generator``, ``output_logits``. Greedy unless ``do_sample``; sampling applies
-    ``temperature``, then ``top_k``, then ``top_p`` (nucleus). A row that emits
+    ``generator``, ``output_logits``. Greedy unless ``do_sample`` (``temperature=0`` is greedy too);
+    sampling applies ``temperature``, then ``top_k``, then ``top_p`` (nucleus). A row that emits
     ``eos_token_id`` (an id, or a list of ids: any of them) is finished: later positions hold
     ``pad_token_id`` (default: the first EOS id, else 0), and generation stops early once every row
     is finished. The model is used in

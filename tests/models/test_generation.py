@@ -137,10 +137,15 @@ def test_sampling():
     a = model.generate(prompt, 6, do_sample=True, generator=torch.Generator().manual_seed(7)).sequences
     b = model.generate(prompt, 6, do_sample=True, generator=torch.Generator().manual_seed(7)).sequences
     assert torch.equal(a, b)
-    for bad in (0.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
             model.generate(prompt, 2, do_sample=True, temperature=bad)
-    assert torch.equal(model.generate(prompt, 6, temperature=0.0).sequences, greedy)  # greedy: not read
+    assert torch.equal(model.generate(prompt, 6, temperature=-1.0).sequences, greedy)  # greedy: not read
+    # temperature 0 is greedy decoding (the limit of ever sharper sampling, as serving APIs read it),
+    # whatever do_sample, top_k and top_p say.
+    assert torch.equal(model.generate(prompt, 6, do_sample=True, temperature=0.0).sequences, greedy)
+    assert torch.equal(model.generate(prompt, 6, do_sample=True, temperature=0, top_k=5, top_p=0.9).sequences,
+                       greedy)
     with pytest.raises(ValueError, match="top_p"):
         model.generate(prompt, 2, do_sample=True, top_p=1.5)
 
