@@ -41,8 +41,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.do_sample and not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be finite and >= 0 (0: greedy decoding), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_k is not None and not (is_int(self.top_k) and self.top_k >= 1):
+            raise TypeError(f"top_k must be an int >= 1, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -131,6 +131,29 @@ class DecodeRequest:
     def padded(self) -> bool:
         return not bool(self.mask.all())
 
+    @property
+    def feeds_pad_token(self) -> bool:
+        """Whether ``pad_token_id`` goes into the model: at left padding, and after a row's EOS."""
+        return self.padded or self.eos_token_ids is not None
+
+
+def check_pad_token_id(pad_token_id: int, vocab_size: int) -> None:
+    # Named here: the model's own check would report it as an out-of-range prompt token.
+    if not 0 <= pad_token_id < vocab_size:
+        raise ValueError(f"generate: pad_token_id {pad_token_id} is fed to the model (at left padding and after "
+                         f"a row's EOS), so it must lie in [0, {vocab_size}), the model's token ids")
+
+
+def check_fits(prompt_length: int, max_new_tokens: int, max_seq_len: int) -> None:
+    """The prompt and the new tokens within the model's context, said in the caller's terms (the
+    cache's own error names a max_len the caller never passed)."""
+    if prompt_length >= max_seq_len:
+        raise ValueError(f"generate: the {prompt_length}-token prompt leaves no room for new tokens in the "
+                         f"model's max_seq_len {max_seq_len}")
+    if prompt_length + max_new_tokens > max_seq_len:
+        raise ValueError(f"generate: the {prompt_length}-token prompt plus max_new_tokens={max_new_tokens} exceed "
+                         f"the model's max_seq_len {max_seq_len}: at most {max_seq_len - prompt_length} new tokens fit")
+
 
 def prepare_request(input_ids, max_new_tokens: int, device, temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, do_sample: bool = False,
@@ -148,8 +171,8 @@ def prepare_request(input_ids, max_new_tokens: int, device, temperature: float =
     if not is_int(pad_token_id):
         raise TypeError(f"generate: pad_token_id must be an int, got {pad_token_id!r}")
     if isinstance(input_ids, torch.Tensor):
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"generate: input_ids must be [B, P] with P >= 1, got shape {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(f"generate: input_ids must be [B, P] with B, P >= 1, got shape {tuple(input_ids.shape)}")
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise TypeError(f"generate: input_ids holds {input_ids.dtype} values; token ids are integers")
         ids = input_ids.to(device)
@@ -211,6 +234,9 @@ def generate(model, input_ids, max_new_tokens: int, **kwargs) -> GenerateOutput:
     """
     request = prepare_request(input_ids, max_new_tokens, model.embed_tokens.weight.device, **kwargs)
     batch, prompt_length = request.ids.shape
+    check_fits(prompt_length, max_new_tokens, model.config.max_seq_len)
+    if request.feeds_pad_token:
+        check_pad_token_id(request.pad_token_id, model.config.vocab_size)
     cache = model.new_cache(batch, prompt_length + max_new_tokens)
     out = model(request.ids, cache=cache, attention_mask=request.mask if request.padded else None,
                 logits_to_keep=1)

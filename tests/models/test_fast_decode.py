@@ -189,6 +189,11 @@ def test_errors():
         decoder.prefill(torch.zeros(2, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="max_new_tokens"):
         decoder.generate(prompts_of((2, 2)), 0)
+    # pad_token_id fills the left padding and a filler row: named, not reported as a bad prompt token
+    for prompts in (prompts_of((3, 2)), prompts_of((2,))):
+        with pytest.raises(ValueError, match=r"pad_token_id -1 is fed to the model"):
+            decoder.generate(prompts, 2, pad_token_id=-1)
+    assert decoder.generate(prompts_of((2, 2)), 2, pad_token_id=-1).sequences.shape == (2, 4)
 
 
 def left_padded_mask(lengths, width: int) -> torch.Tensor:

@@ -186,7 +186,7 @@ def test_generate_input_errors():
     model = tiny_model("L")
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         model.generate([[1, 2], []], 2)
-    with pytest.raises(ValueError, match="P >= 1"):
+    with pytest.raises(ValueError, match="B, P >= 1"):
         model.generate(torch.zeros(2, 0, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="prompt 0 is not a list of token ids"):
         model.generate([5, 6, 7], 2)  # one flat list: not three one-token prompts
@@ -203,6 +203,33 @@ def test_generate_input_errors():
         model.generate([[1, 2]], 2, eos_token_id=3, pad_token_id=[0, 1])
     with pytest.raises(ValueError, match="max_seq_len"):
         model.generate([[1, 2]], 300)
+
+
+def test_generate_errors_name_the_argument_at_fault():
+    """Each used to fail with an error about something the caller never passed."""
+    model = tiny_model("LN")
+    # was: 'MoEForCausalLM: max_len 260 exceeds config.max_seq_len 256'
+    with pytest.raises(ValueError, match="the 250-token prompt plus max_new_tokens=10 exceed the model's "
+                                         "max_seq_len 256: at most 6 new tokens fit"):
+        model.generate([[1] * 250, [2]], 10)
+    with pytest.raises(ValueError, match="the 256-token prompt leaves no room for new tokens in the model's "
+                                         "max_seq_len 256"):
+        model.generate(torch.ones(1, 256, dtype=torch.long), 1)
+    # was: 'token ids must lie in [0, 64), got [-1, 4]', as if a prompt were out of range
+    for kwargs in ({"pad_token_id": -1}, {"pad_token_id": 64}, {"eos_token_id": 70}):
+        with pytest.raises(ValueError, match=r"pad_token_id (-1|64|70) is fed to the model .* must lie in \[0, 64\)"):
+            model.generate([[1, 2, 3], [4]], 2, **kwargs)
+    with pytest.raises(ValueError, match="pad_token_id -1"):
+        model.generate([[1, 2], [3, 4]], 2, eos_token_id=5, pad_token_id=-1)  # fed after an EOS
+    # Never fed (no padding, no EOS): any pad_token_id is fine.
+    assert model.generate([[1, 2], [3, 4]], 2, pad_token_id=-1).sequences.shape == (2, 4)
+    # was: 'topk(): argument 'k' (position 1) must be int, not float'
+    for bad in (2.5, True):
+        with pytest.raises(TypeError, match="top_k must be an int >= 1"):
+            model.generate([[1, 2]], 2, do_sample=True, top_k=bad)
+    # was: 'gla: `q` has an empty dimension, got shape (0, 3, 2, 16)'
+    with pytest.raises(ValueError, match=r"input_ids must be \[B, P\] with B, P >= 1, got shape \(0, 3\)"):
+        model.generate(torch.zeros(0, 3, dtype=torch.long), 2)
 
 
 @pytest.mark.gpu
