@@ -41,8 +41,9 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.do_sample and not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be finite and >= 0 (0: greedy decoding), got {self.temperature}")
-        if self.top_k is not None and not (is_int(self.top_k) and self.top_k >= 1):
-            raise TypeError(f"top_k must be an int >= 1, got {self.top_k!r}")
+        if self.top_k is not None and not (is_int(self.top_k) and self.top_k >= 0):
+            error = ValueError if is_int(self.top_k) else TypeError
+            raise error(f"top_k must be an int >= 0 (0: no top-k filtering), got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -100,7 +101,7 @@ def select_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch
     if sampling.greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / sampling.temperature
-    if sampling.top_k is not None:
+    if sampling.top_k:  # None or 0: no top-k filtering (0 as in transformers)
         kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     # top_p=1 keeps every token (filtering anyway would drop a large vocabulary's tail, where the float32
@@ -226,7 +227,7 @@ def generate(model, input_ids, max_new_tokens: int, **kwargs) -> GenerateOutput:
     lists of different lengths (padded here). Keyword arguments: ``temperature``, ``top_k``,
     ``top_p``, ``do_sample``, ``attention_mask``, ``eos_token_id``, ``pad_token_id``,
     ``generator``, ``output_logits``. Greedy unless ``do_sample`` (``temperature=0`` is greedy too);
-    sampling applies ``temperature``, then ``top_k``, then ``top_p`` (nucleus). A row that emits
+    sampling applies ``temperature``, then ``top_k`` (0: off), then ``top_p`` (nucleus; 1: off). A row that emits
     ``eos_token_id`` (an id, or a list of ids: any of them) is finished: later positions hold
     ``pad_token_id`` (default: the first EOS id, else 0), and generation stops early once every row
     is finished. The model is used in

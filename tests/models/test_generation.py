@@ -137,6 +137,10 @@ def test_sampling():
     a = model.generate(prompt, 6, do_sample=True, generator=torch.Generator().manual_seed(7)).sequences
     b = model.generate(prompt, 6, do_sample=True, generator=torch.Generator().manual_seed(7)).sequences
     assert torch.equal(a, b)
+    # top_k=0 is no top-k filtering, as in transformers (and moekit generate --top-k 0); it was refused.
+    for no_filter in ({"top_k": 0}, {"top_k": 0, "top_p": 1.0}, {"top_k": 64}, {"top_k": 1000}):
+        c = model.generate(prompt, 6, do_sample=True, generator=torch.Generator().manual_seed(7), **no_filter)
+        assert torch.equal(c.sequences, a), no_filter
     for bad in (-0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
             model.generate(prompt, 2, do_sample=True, temperature=bad)
@@ -225,8 +229,10 @@ def test_generate_errors_name_the_argument_at_fault():
     assert model.generate([[1, 2], [3, 4]], 2, pad_token_id=-1).sequences.shape == (2, 4)
     # was: 'topk(): argument 'k' (position 1) must be int, not float'
     for bad in (2.5, True):
-        with pytest.raises(TypeError, match="top_k must be an int >= 1"):
+        with pytest.raises(TypeError, match="top_k must be an int >= 0"):
             model.generate([[1, 2]], 2, do_sample=True, top_k=bad)
+    with pytest.raises(ValueError, match="top_k must be an int >= 0"):
+        model.generate([[1, 2]], 2, do_sample=True, top_k=-1)
     # was: 'gla: `q` has an empty dimension, got shape (0, 3, 2, 16)'
     with pytest.raises(ValueError, match=r"input_ids must be \[B, P\] with B, P >= 1, got shape \(0, 3\)"):
         model.generate(torch.zeros(0, 3, dtype=torch.long), 2)
