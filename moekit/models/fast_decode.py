@@ -35,7 +35,7 @@ import dataclasses
 
 import torch
 
-from moekit.models.generation import GenerateOutput, check_pad_token_id, decode, prepare_request
+from moekit.models.generation import GenerateOutput, check_left_padded, check_pad_token_id, decode, prepare_request
 from moekit.moe.dispatch import LocalDispatcher
 from moekit.moe.layer import MoE
 from moekit.ops import moe as moe_ops
@@ -172,6 +172,9 @@ class FastDecoder:
             raise ValueError(f"FastDecoder: prefill takes exactly batch_size={self.batch_size} rows, got {rows}")
         if length == 0:
             raise ValueError("FastDecoder: prefill needs at least one prompt token, got none")
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+            check_left_padded(attention_mask, input_ids)
         padded = attention_mask is not None and not bool(attention_mask.all())
         self.cache.reset()
         for start in range(0, length, self.prefill_chunk):

@@ -90,7 +90,10 @@ def _token_ids(name: str, value) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def _check_left_padded(mask: torch.Tensor) -> None:
+def check_left_padded(mask: torch.Tensor, ids: torch.Tensor) -> None:
+    """``mask`` [B, P] bool marks the left padding of ``ids`` [B, P]."""
+    if mask.shape != ids.shape:
+        raise ValueError(f"generate: attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}")
     # A left-padded row never has padding after a real token, and ends with a real one.
     if (mask[:, 1:].long() < mask[:, :-1].long()).any() or not mask[:, -1].all():
         raise ValueError("generate: attention_mask must describe left padding (0s then 1s in every row)")
@@ -179,10 +182,7 @@ def prepare_request(input_ids, max_new_tokens: int, device, temperature: float =
         ids = input_ids.to(device)
         mask = (attention_mask.to(device).bool() if attention_mask is not None
                 else torch.ones_like(ids, dtype=torch.bool))
-        if mask.shape != ids.shape:
-            raise ValueError(f"generate: attention_mask shape {tuple(mask.shape)} != input_ids shape "
-                             f"{tuple(ids.shape)}")
-        _check_left_padded(mask)
+        check_left_padded(mask, ids)
     else:
         if attention_mask is not None:
             raise ValueError("generate: pass attention_mask only with a padded input_ids tensor")
