@@ -12,7 +12,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest)")
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy decoding, as --greedy")
     p.add_argument("--top-k", type=int, default=40, help="0 disables top-k filtering")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")

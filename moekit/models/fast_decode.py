@@ -35,7 +35,7 @@ import dataclasses
 
 import torch
 
-from moekit.models.generation import GenerateOutput, decode, prepare_request
+from moekit.models.generation import GenerateOutput, check_left_padded, check_pad_token_id, decode, prepare_request
 from moekit.moe.dispatch import LocalDispatcher
 from moekit.moe.layer import MoE
 from moekit.ops import moe as moe_ops
@@ -172,6 +172,9 @@ class FastDecoder:
             raise ValueError(f"FastDecoder: prefill takes exactly batch_size={self.batch_size} rows, got {rows}")
         if length == 0:
             raise ValueError("FastDecoder: prefill needs at least one prompt token, got none")
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+            check_left_padded(attention_mask, input_ids)
         padded = attention_mask is not None and not bool(attention_mask.all())
         self.cache.reset()
         for start in range(0, length, self.prefill_chunk):
@@ -210,6 +213,8 @@ class FastDecoder:
             raise ValueError(f"FastDecoder: prompt length {length} + {max_new_tokens} new tokens exceed "
                              f"max_len {self.max_len}")
         filler = self.batch_size - rows
+        if request.feeds_pad_token or filler:
+            check_pad_token_id(request.pad_token_id, self.model.config.vocab_size)
         ids = torch.cat([request.ids, request.ids.new_full((filler, length), request.pad_token_id)])
         mask = torch.cat([request.mask, request.mask.new_zeros(filler, length)])
         mask[rows:, -1] = True  # a filler row is one real token, so it stays a valid left-padded row

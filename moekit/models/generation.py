@@ -39,13 +39,19 @@ class SamplingConfig:
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        if self.do_sample and not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be finite and > 0, got {self.temperature} "
-                             "(greedy decoding: do_sample=False, or --greedy)")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.do_sample and not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be finite and >= 0 (0: greedy decoding), got {self.temperature}")
+        if self.top_k is not None and not (is_int(self.top_k) and self.top_k >= 0):
+            error = ValueError if is_int(self.top_k) else TypeError
+            raise error(f"top_k must be an int >= 0 (0: no top-k filtering), got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        """Argmax decoding: no sampling asked for, or temperature 0 (the limit of ever sharper sampling,
+        and what serving APIs and CLIs take it to mean)."""
+        return not self.do_sample or self.temperature == 0
 
 
 def left_pad(prompts: Sequence[Sequence[int] | torch.Tensor], pad_token_id: int,
@@ -84,7 +90,10 @@ def _token_ids(name: str, value) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def _check_left_padded(mask: torch.Tensor) -> None:
+def check_left_padded(mask: torch.Tensor, ids: torch.Tensor) -> None:
+    """``mask`` [B, P] bool marks the left padding of ``ids`` [B, P]."""
+    if mask.shape != ids.shape:
+        raise ValueError(f"generate: attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}")
     # A left-padded row never has padding after a real token, and ends with a real one.
     if (mask[:, 1:].long() < mask[:, :-1].long()).any() or not mask[:, -1].all():
         raise ValueError("generate: attention_mask must describe left padding (0s then 1s in every row)")
@@ -92,13 +101,15 @@ def _check_left_padded(mask: torch.Tensor) -> None:
 
 def select_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None):
     """Next token ids [B] from last-position logits [B, vocab]."""
-    if not sampling.do_sample:
+    if sampling.greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / sampling.temperature
-    if sampling.top_k is not None:
+    if sampling.top_k:  # None or 0: no top-k filtering (0 as in transformers)
         kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p is not None:
+    # top_p=1 keeps every token (filtering anyway would drop a large vocabulary's tail, where the float32
+    # running sum of probabilities has already rounded up to 1).
+    if sampling.top_p is not None and sampling.top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
@@ -124,6 +135,29 @@ class DecodeRequest:
     def padded(self) -> bool:
         return not bool(self.mask.all())
 
+    @property
+    def feeds_pad_token(self) -> bool:
+        """Whether ``pad_token_id`` goes into the model: at left padding, and after a row's EOS."""
+        return self.padded or self.eos_token_ids is not None
+
+
+def check_pad_token_id(pad_token_id: int, vocab_size: int) -> None:
+    # Named here: the model's own check would report it as an out-of-range prompt token.
+    if not 0 <= pad_token_id < vocab_size:
+        raise ValueError(f"generate: pad_token_id {pad_token_id} is fed to the model (at left padding and after "
+                         f"a row's EOS), so it must lie in [0, {vocab_size}), the model's token ids")
+
+
+def check_fits(prompt_length: int, max_new_tokens: int, max_seq_len: int) -> None:
+    """The prompt and the new tokens within the model's context, said in the caller's terms (the
+    cache's own error names a max_len the caller never passed)."""
+    if prompt_length >= max_seq_len:
+        raise ValueError(f"generate: the {prompt_length}-token prompt leaves no room for new tokens in the "
+                         f"model's max_seq_len {max_seq_len}")
+    if prompt_length + max_new_tokens > max_seq_len:
+        raise ValueError(f"generate: the {prompt_length}-token prompt plus max_new_tokens={max_new_tokens} exceed "
+                         f"the model's max_seq_len {max_seq_len}: at most {max_seq_len - prompt_length} new tokens fit")
+
 
 def prepare_request(input_ids, max_new_tokens: int, device, temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, do_sample: bool = False,
@@ -141,17 +175,14 @@ def prepare_request(input_ids, max_new_tokens: int, device, temperature: float =
     if not is_int(pad_token_id):
         raise TypeError(f"generate: pad_token_id must be an int, got {pad_token_id!r}")
     if isinstance(input_ids, torch.Tensor):
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"generate: input_ids must be [B, P] with P >= 1, got shape {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(f"generate: input_ids must be [B, P] with B, P >= 1, got shape {tuple(input_ids.shape)}")
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise TypeError(f"generate: input_ids holds {input_ids.dtype} values; token ids are integers")
         ids = input_ids.to(device)
         mask = (attention_mask.to(device).bool() if attention_mask is not None
                 else torch.ones_like(ids, dtype=torch.bool))
-        if mask.shape != ids.shape:
-            raise ValueError(f"generate: attention_mask shape {tuple(mask.shape)} != input_ids shape "
-                             f"{tuple(ids.shape)}")
-        _check_left_padded(mask)
+        check_left_padded(mask, ids)
     else:
         if attention_mask is not None:
             raise ValueError("generate: pass attention_mask only with a padded input_ids tensor")
@@ -195,8 +226,8 @@ def generate(model, input_ids, max_new_tokens: int, **kwargs) -> GenerateOutput:
     ``input_ids`` is a [B, P] tensor (left-padded, with ``attention_mask``) or a list of token
     lists of different lengths (padded here). Keyword arguments: ``temperature``, ``top_k``,
     ``top_p``, ``do_sample``, ``attention_mask``, ``eos_token_id``, ``pad_token_id``,
-    ``generator``, ``output_logits``. Greedy unless ``do_sample``; sampling applies
-    ``temperature``, then ``top_k``, then ``top_p`` (nucleus). A row that emits
+    ``generator``, ``output_logits``. Greedy unless ``do_sample`` (``temperature=0`` is greedy too);
+    sampling applies ``temperature``, then ``top_k`` (0: off), then ``top_p`` (nucleus; 1: off). A row that emits
     ``eos_token_id`` (an id, or a list of ids: any of them) is finished: later positions hold
     ``pad_token_id`` (default: the first EOS id, else 0), and generation stops early once every row
     is finished. The model is used in
@@ -204,6 +235,9 @@ def generate(model, input_ids, max_new_tokens: int, **kwargs) -> GenerateOutput:
     """
     request = prepare_request(input_ids, max_new_tokens, model.embed_tokens.weight.device, **kwargs)
     batch, prompt_length = request.ids.shape
+    check_fits(prompt_length, max_new_tokens, model.config.max_seq_len)
+    if request.feeds_pad_token:
+        check_pad_token_id(request.pad_token_id, model.config.vocab_size)
     cache = model.new_cache(batch, prompt_length + max_new_tokens)
     out = model(request.ids, cache=cache, attention_mask=request.mask if request.padded else None,
                 logits_to_keep=1)

@@ -68,8 +68,9 @@ class LoopConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must lie in [0, 1), got {getattr(self, name)!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"train.temperature (of the end-of-run sample) must be > 0, got {self.temperature!r}")
+        if not 0 <= self.temperature < float("inf"):  # 0: a greedy sample
+            raise ValueError(f"train.temperature (of the end-of-run sample) must be finite and >= 0 (0: greedy), "
+                             f"got {self.temperature!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"train.dtype must be one of {DTYPES}, got {self.dtype!r}")
 

@@ -277,5 +277,8 @@ class Trainer:
 
     def sample(self) -> str:
         cfg = self.config.train
-        return generate_text(self.model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
+        # Cut to what fits after the prompt: a sample longer than the model's context would fail the finished run
+        # (a prompt that leaves no room still gets generate's error saying so).
+        room = max(1, self.config.model.max_seq_len - len(self.tokenizer.encode(cfg.sample_prompt)))
+        return generate_text(self.model, self.tokenizer, cfg.sample_prompt, min(cfg.sample_tokens, room),
                              temperature=cfg.temperature, top_k=cfg.top_k or None, device=self.device)

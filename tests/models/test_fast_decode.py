@@ -187,8 +187,20 @@ def test_errors():
         decoder.prefill(torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="at least one prompt token"):
         decoder.prefill(torch.zeros(2, 0, dtype=torch.long))
+    # Both were taken: right padding gave row 0 the logits of a padding position, a mask of another
+    # shape was dropped unread.
+    ids = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="attention_mask must describe left padding"):
+        decoder.prefill(ids, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match=r"attention_mask shape \(2, 3\) != input_ids shape \(2, 4\)"):
+        decoder.prefill(ids, torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="max_new_tokens"):
         decoder.generate(prompts_of((2, 2)), 0)
+    # pad_token_id fills the left padding and a filler row: named, not reported as a bad prompt token
+    for prompts in (prompts_of((3, 2)), prompts_of((2,))):
+        with pytest.raises(ValueError, match=r"pad_token_id -1 is fed to the model"):
+            decoder.generate(prompts, 2, pad_token_id=-1)
+    assert decoder.generate(prompts_of((2, 2)), 2, pad_token_id=-1).sequences.shape == (2, 4)
 
 
 def left_padded_mask(lengths, width: int) -> torch.Tensor:

@@ -137,10 +137,19 @@ def test_sampling():
     a = model.generate(prompt, 6, do_sample=True, generator=torch.Generator().manual_seed(7)).sequences
     b = model.generate(prompt, 6, do_sample=True, generator=torch.Generator().manual_seed(7)).sequences
     assert torch.equal(a, b)
-    for bad in (0.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+    # top_k=0 is no top-k filtering, as in transformers (and moekit generate --top-k 0); it was refused.
+    for no_filter in ({"top_k": 0}, {"top_k": 0, "top_p": 1.0}, {"top_k": 64}, {"top_k": 1000}):
+        c = model.generate(prompt, 6, do_sample=True, generator=torch.Generator().manual_seed(7), **no_filter)
+        assert torch.equal(c.sequences, a), no_filter
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
             model.generate(prompt, 2, do_sample=True, temperature=bad)
-    assert torch.equal(model.generate(prompt, 6, temperature=0.0).sequences, greedy)  # greedy: not read
+    assert torch.equal(model.generate(prompt, 6, temperature=-1.0).sequences, greedy)  # greedy: not read
+    # temperature 0 is greedy decoding (the limit of ever sharper sampling, as serving APIs read it),
+    # whatever do_sample, top_k and top_p say.
+    assert torch.equal(model.generate(prompt, 6, do_sample=True, temperature=0.0).sequences, greedy)
+    assert torch.equal(model.generate(prompt, 6, do_sample=True, temperature=0, top_k=5, top_p=0.9).sequences,
+                       greedy)
     with pytest.raises(ValueError, match="top_p"):
         model.generate(prompt, 2, do_sample=True, top_p=1.5)
 
@@ -181,7 +190,7 @@ def test_generate_input_errors():
     model = tiny_model("L")
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         model.generate([[1, 2], []], 2)
-    with pytest.raises(ValueError, match="P >= 1"):
+    with pytest.raises(ValueError, match="B, P >= 1"):
         model.generate(torch.zeros(2, 0, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="prompt 0 is not a list of token ids"):
         model.generate([5, 6, 7], 2)  # one flat list: not three one-token prompts
@@ -198,6 +207,35 @@ def test_generate_input_errors():
         model.generate([[1, 2]], 2, eos_token_id=3, pad_token_id=[0, 1])
     with pytest.raises(ValueError, match="max_seq_len"):
         model.generate([[1, 2]], 300)
+
+
+def test_generate_errors_name_the_argument_at_fault():
+    """Each used to fail with an error about something the caller never passed."""
+    model = tiny_model("LN")
+    # was: 'MoEForCausalLM: max_len 260 exceeds config.max_seq_len 256'
+    with pytest.raises(ValueError, match="the 250-token prompt plus max_new_tokens=10 exceed the model's "
+                                         "max_seq_len 256: at most 6 new tokens fit"):
+        model.generate([[1] * 250, [2]], 10)
+    with pytest.raises(ValueError, match="the 256-token prompt leaves no room for new tokens in the model's "
+                                         "max_seq_len 256"):
+        model.generate(torch.ones(1, 256, dtype=torch.long), 1)
+    # was: 'token ids must lie in [0, 64), got [-1, 4]', as if a prompt were out of range
+    for kwargs in ({"pad_token_id": -1}, {"pad_token_id": 64}, {"eos_token_id": 70}):
+        with pytest.raises(ValueError, match=r"pad_token_id (-1|64|70) is fed to the model .* must lie in \[0, 64\)"):
+            model.generate([[1, 2, 3], [4]], 2, **kwargs)
+    with pytest.raises(ValueError, match="pad_token_id -1"):
+        model.generate([[1, 2], [3, 4]], 2, eos_token_id=5, pad_token_id=-1)  # fed after an EOS
+    # Never fed (no padding, no EOS): any pad_token_id is fine.
+    assert model.generate([[1, 2], [3, 4]], 2, pad_token_id=-1).sequences.shape == (2, 4)
+    # was: 'topk(): argument 'k' (position 1) must be int, not float'
+    for bad in (2.5, True):
+        with pytest.raises(TypeError, match="top_k must be an int >= 0"):
+            model.generate([[1, 2]], 2, do_sample=True, top_k=bad)
+    with pytest.raises(ValueError, match="top_k must be an int >= 0"):
+        model.generate([[1, 2]], 2, do_sample=True, top_k=-1)
+    # was: 'gla: `q` has an empty dimension, got shape (0, 3, 2, 16)'
+    with pytest.raises(ValueError, match=r"input_ids must be \[B, P\] with B, P >= 1, got shape \(0, 3\)"):
+        model.generate(torch.zeros(0, 3, dtype=torch.long), 2)
 
 
 @pytest.mark.gpu
@@ -243,3 +281,31 @@ def test_left_padding_stays_out_of_the_moe_balancing():
     plain, masked = model(ids), model(padded, attention_mask=mask)
     torch.testing.assert_close(masked.logits[:, 4:], plain.logits)
     torch.testing.assert_close(masked.aux_loss, plain.aux_loss)
+
+
+def sampled_distribution(monkeypatch, logits: torch.Tensor, sampling) -> torch.Tensor:
+    """The probabilities ``select_next`` hands to ``torch.multinomial`` for ``logits``."""
+    from moekit.models.generation import select_next
+
+    seen = []
+    original = torch.multinomial
+
+    def recording(probs, *args, **kwargs):
+        seen.append(probs.clone())
+        return original(probs, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", recording)
+    select_next(logits, sampling)
+    return seen[0]
+
+
+def test_top_p_one_keeps_every_token(monkeypatch):
+    """top_p=1 is no nucleus filtering (as in transformers): the float32 running sum of a large vocabulary
+    rounds up to 1 before its tail, which used to drop the tail tokens (over a thousand per row here)."""
+    from moekit.models.generation import SamplingConfig
+
+    logits = torch.randn(4, 50000, generator=torch.Generator().manual_seed(0)) * 8
+    plain = sampled_distribution(monkeypatch, logits, SamplingConfig(do_sample=True))
+    nucleus = sampled_distribution(monkeypatch, logits, SamplingConfig(do_sample=True, top_p=1.0))
+    assert (plain > 0).all()
+    assert torch.equal(nucleus, plain)

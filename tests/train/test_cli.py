@@ -41,6 +41,13 @@ def test_train_eval_generate_plot_commands(trained_run, text_file, capsys):
     assert first.startswith("class Parser") and len(first) > len("class Parser\n")
     assert main(["generate", "--ckpt", str(run), "class Parser", "--max-new-tokens", "12", "--seed", "1"]) == 0
     assert capsys.readouterr().out == first  # seeded sampling is reproducible
+    assert main(["generate", "--ckpt", str(run), "class Parser", "--max-new-tokens", "12", "--greedy"]) == 0
+    greedy = capsys.readouterr().out
+    # --temperature 0 is greedy decoding (it was refused: 'temperature must be finite and > 0').
+    for seed in ("1", "2"):
+        assert main(["generate", "--ckpt", str(run), "class Parser", "--max-new-tokens", "12",
+                     "--temperature", "0", "--seed", seed]) == 0
+        assert capsys.readouterr().out == greedy
 
     (run / "loss.png").unlink()
     assert main(["plot", str(run)]) == 0

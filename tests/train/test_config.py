@@ -47,9 +47,12 @@ def test_bad_values_and_files(tmp_path):
                               ("train.lr=.inf", "train.lr must be finite and >= 0"),
                               ("train.lr=.nan", "train.lr must be finite and >= 0"),
                               ("train.top_k=-5", "train.top_k must be finite and >= 0"),
-                              ("train.temperature=0", "train.temperature .* must be > 0")):
+                              ("train.temperature=-1", "train.temperature .* must be finite and >= 0"),
+                              ("train.temperature=.inf", "train.temperature .* must be finite and >= 0")):
         with pytest.raises(ValueError, match=message):
             TrainConfig.load(None, [override])
+    # 0 is a greedy sample, as for generate; inf passed here and failed the finished run at its sample.
+    assert TrainConfig.load(None, ["train.temperature=0"]).train.temperature == 0
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         TrainConfig.load(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"

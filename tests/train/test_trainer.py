@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from moekit.models import MoEForCausalLM
 from moekit.train.checkpoint import CheckpointError, resolve_checkpoint
 from moekit.train.config import TrainConfig
 from moekit.train.metrics import IntervalMeter, MetricsWriter
@@ -55,6 +56,23 @@ def test_short_run_loss_falls_and_writes_a_complete_run_dir(make_config):
             assert img.format == "PNG" and img.size[0] > 100 and img.size[1] > 100
     sample = trainer.sample()
     assert sample.startswith(trainer.config.train.sample_prompt) and len(sample) > len("def ")
+
+
+def test_end_of_run_sample_is_cut_to_the_models_context(make_config, monkeypatch):
+    """The default config's sample_tokens (300) on a model of max_seq_len 64 failed the finished run at its
+    sample ('max_len 304 exceeds config.max_seq_len 64'): the sample now takes what fits after the prompt."""
+    values, _ = make_config("long_sample", sample_tokens=300)
+    trainer = Trainer(TrainConfig.from_dict(values))
+    asked = []
+    generate = MoEForCausalLM.generate
+
+    def recording(model, input_ids, max_new_tokens, **kwargs):
+        asked.append(max_new_tokens)
+        return generate(model, input_ids, max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(MoEForCausalLM, "generate", recording)
+    assert trainer.sample().startswith("def ")
+    assert asked == [64 - len("def ")]
 
 
 def test_stop_and_resume_is_bit_identical_to_one_run(make_config):
