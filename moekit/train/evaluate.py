@@ -51,8 +51,10 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_t
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_k=top_k, top_p=top_p, do_sample=not greedy,
-                         eos_token_id=tokenizer.eot_id)
-    model.train(was_training)
+    try:
+        out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p, do_sample=not greedy,
+                             eos_token_id=tokenizer.eot_id)
+    finally:  # a failed sample must not leave a training model in eval mode
+        model.train(was_training)
     return tokenizer.decode(out.sequences[0].tolist())

@@ -309,3 +309,17 @@ def test_top_p_one_keeps_every_token(monkeypatch):
     nucleus = sampled_distribution(monkeypatch, logits, SamplingConfig(do_sample=True, top_p=1.0))
     assert (plain > 0).all()
     assert torch.equal(nucleus, plain)
+
+
+def test_generate_text_restores_training_mode_after_an_error():
+    """generate_text put the model in eval mode and restored it only on success: a failed sample
+    (here, more tokens than the context holds) left a training model in eval mode."""
+    from moekit.data.tokenizer import ByteTokenizer
+    from moekit.train.evaluate import generate_text
+
+    model = tiny_model("LN", vocab_size=ByteTokenizer().vocab_size).train()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_text(model, ByteTokenizer(), "def ", max_new_tokens=1000)
+    assert model.training
+    assert generate_text(model, ByteTokenizer(), "def ", max_new_tokens=3, greedy=True).startswith("def ")
+    assert model.training
