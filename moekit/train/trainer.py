@@ -230,7 +230,9 @@ class Trainer:
         if self.runtime.is_main:
             self.config.save(self.run_dir / "config.yaml")
         meter = IntervalMeter(list(self.model.moe_layers()))
-        writer = (MetricsWriter(self.run_dir, resume_step=self.step if self.resumed_from else None)
+        # Past step 0 (a resume, or a second call after ``stop_at``) the run goes on: its records up to
+        # here are kept, later ones (an interrupted run's) dropped. Only a new run starts the file afresh.
+        writer = (MetricsWriter(self.run_dir, resume_step=self.step if self.step else None)
                   if self.runtime.is_main else NullMetricsWriter())
         last_eval: dict = {}
         clock, tokens_at_clock = time.perf_counter(), self.tokens_seen

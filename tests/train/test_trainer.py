@@ -254,3 +254,15 @@ def test_sigterm_checkpoints_at_the_next_log_point_and_the_run_resumes_exactly(m
     resumed.train()
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert not resumed.stopped_by_signal and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_train_call_keeps_the_metrics_of_the_first(make_config):
+    """train(stop_at=...) then train() on the same Trainer continues one run: the records of the first
+    call stay in metrics.jsonl (they were wiped, as if the second call started a new run)."""
+    values, _ = make_config(steps=8, log_every=2, eval_every=4, ckpt_every=4)
+    trainer = Trainer(TrainConfig.from_dict(values))
+    trainer.train(stop_at=4)
+    trainer.train()
+    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("train", 2), ("train", 4), ("eval", 4), ("train", 6), ("train", 8), ("eval", 8)]
