@@ -256,15 +256,19 @@ class Trainer:
                         writer.write(record)
                         progress.report(self.step, record)
                     if self.step % cfg.eval_every == 0 or final:
+                        paused = time.perf_counter()
                         last_eval = evaluate_loss(self.model, self.val_batches, self.device, self.dtype)
                         writer.write({"kind": "eval", "step": self.step, **last_eval})
                         progress.report_eval(self.step, last_eval)
-                        clock = time.perf_counter()  # evaluation time is not training throughput
+                        # Evaluation time is not training throughput: the interval's clock skips it
+                        # (restarting the clock would count the interval's tokens over part of its time).
+                        clock += time.perf_counter() - paused
                     saved = self.step % cfg.ckpt_every == 0 or final
                     if saved:
                         self.check_finite()
+                        paused = time.perf_counter()
                         self.save()
-                        clock = time.perf_counter()
+                        clock += time.perf_counter() - paused
                     if not final and self.step % cfg.log_every == 0 and self._any_rank(stop.requested):
                         if not saved:  # SIGTERM: checkpoint this step and return
                             self.check_finite()

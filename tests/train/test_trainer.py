@@ -266,3 +266,31 @@ def test_a_second_train_call_keeps_the_metrics_of_the_first(make_config):
     records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["step"]) for r in records] == [
         ("train", 2), ("train", 4), ("eval", 4), ("train", 6), ("train", 8), ("eval", 8)]
+
+
+def test_tokens_per_s_leaves_out_evaluation_and_checkpoint_time_between_log_points(make_config, monkeypatch):
+    """With evaluations and checkpoints between log points, throughput is the interval's tokens over
+    its training time only (evaluation and save time left out), not over the time since the last
+    evaluation or save (which counted every token of the interval but only part of its time)."""
+    import moekit.train.trainer as trainer_module
+
+    now = [0.0]
+    monkeypatch.setattr(trainer_module, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: now[0])}))
+    values, _ = make_config(steps=6, log_every=3, eval_every=2, ckpt_every=2)
+    trainer = Trainer(TrainConfig.from_dict(values))
+    step, evaluate, save = trainer.train_step, trainer_module.evaluate_loss, trainer.save
+
+    def timed(seconds, call):
+        def run(*args, **kwargs):
+            out = call(*args, **kwargs)
+            now[0] += seconds
+            return out
+        return run
+
+    trainer.train_step = timed(1.0, step)  # each optimizer step: 1 s
+    monkeypatch.setattr(trainer_module, "evaluate_loss", timed(50.0, evaluate))
+    trainer.save = timed(70.0, save)
+    trainer.train()  # evaluates and saves at steps 2 and 4, between the log points 3 and 6
+    tokens_per_step = 4 * 32
+    assert [(r["step"], r["tokens_per_s"]) for r in train_records(trainer.run_dir)] == [
+        (3, tokens_per_step), (6, tokens_per_step)]
