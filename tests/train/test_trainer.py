@@ -294,3 +294,24 @@ def test_tokens_per_s_leaves_out_evaluation_and_checkpoint_time_between_log_poin
     tokens_per_step = 4 * 32
     assert [(r["step"], r["tokens_per_s"]) for r in train_records(trainer.run_dir)] == [
         (3, tokens_per_step), (6, tokens_per_step)]
+
+
+def test_a_full_disk_while_resume_rewrites_the_metrics_keeps_the_file(tmp_path, monkeypatch):
+    """On resume the metrics file is rewritten without the interrupted run's later records. A write that
+    fails (a full disk: the file is opened, truncated, then nothing fits) must leave the old file whole,
+    not an empty one: the run's history was lost."""
+    records = [{"kind": "train", "step": s, "loss": 1.0 / s} for s in (2, 4, 6)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    before = path.read_text()
+
+    def full_disk(self, data, *args, **kwargs):
+        self.open("w").close()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        MetricsWriter(tmp_path, resume_step=4)
+    monkeypatch.undo()
+    assert path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left
