@@ -103,9 +103,9 @@ class Trainer:
         self.scheduler = LambdaLR(self.optimizer, self.schedule())
         self.step = 0
         self.tokens_seen = 0
-        # Set on the device by any step with a non-finite loss or gradient norm (no host sync per
-        # step); read where the loop syncs anyway: at each log point and before each checkpoint.
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        # The first step with a non-finite loss or gradient norm (0: none), kept on the device (no host
+        # sync per step); read where the loop syncs anyway: at each log point and before each checkpoint.
+        self.first_nonfinite_step = torch.zeros((), dtype=torch.long, device=self.device)
         self.resumed_from: Path | None = None
         self.stopped_by_signal = False  # the last train() checkpointed and returned on SIGTERM
         if resume is not None:
@@ -191,12 +191,12 @@ class Trainer:
             losses = self.runtime.mean(loss=out.loss, lm_loss=out.lm_loss, aux_loss=out.aux_loss)
             meter.add(**losses)
             meter.add_moe_stats(self.runtime.sum_over_ranks, self.runtime.world_size)
-            self.nonfinite |= ~torch.isfinite(losses["loss"])  # the mean over ranks: every rank agrees
+            self._note_nonfinite(losses["loss"])  # the mean over ranks: every rank agrees
             self.tokens_seen += ids.numel() * self.runtime.world_size
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = self.runtime.clip_grad_norm_(self.model, max_norm)
         meter.add(grad_norm=grad_norm)
-        self.nonfinite |= ~torch.isfinite(grad_norm)
+        self._note_nonfinite(grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -206,12 +206,18 @@ class Trainer:
         """Whether ``flag`` is set on any rank (every rank gets the same answer, so all stop together)."""
         return bool(self.runtime.mean(flag=torch.tensor(float(flag), device=self.device))["flag"] > 0)
 
+    def _note_nonfinite(self, value: torch.Tensor) -> None:
+        """Record the step being taken (``self.step + 1``) if ``value`` is not finite and none was before."""
+        first = self.first_nonfinite_step
+        self.first_nonfinite_step = torch.where(~torch.isfinite(value) & (first == 0), self.step + 1, first)
+
     def check_finite(self) -> None:
-        if bool(self.nonfinite):
+        first = int(self.first_nonfinite_step)
+        if first:
             raise TrainingDiverged(
-                f"training diverged: a non-finite loss or gradient norm by step {self.step}; stopped before "
-                "saving it (the run's earlier checkpoints are kept: resume one with a lower train.lr, or more "
-                "train.warmup_steps or train.grad_clip)")
+                f"training diverged: step {first} had a non-finite loss or gradient norm (found at step "
+                f"{self.step}); stopped before saving it (the run's earlier checkpoints are kept: resume one "
+                "with a lower train.lr, or more train.warmup_steps or train.grad_clip)")
 
     def train(self, stop_at: int | None = None) -> dict:
         """Run to ``train.steps`` (or stop early after step ``stop_at``, checkpointed, for a later

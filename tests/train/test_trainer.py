@@ -206,7 +206,8 @@ def test_a_non_finite_loss_stops_training_before_it_is_checkpointed(make_config)
     good = resolve_checkpoint(trainer.run_dir)
     with torch.no_grad():
         next(trainer.model.parameters()).fill_(float("nan"))
-    with pytest.raises(TrainingDiverged, match="non-finite loss or gradient norm by step 8"):
+    # found at the log point (step 8), named from the step it first happened (5: the first after the NaN)
+    with pytest.raises(TrainingDiverged, match=r"step 5 had a non-finite loss or gradient norm \(found at step 8\)"):
         trainer.train()
     assert resolve_checkpoint(trainer.run_dir) == good
     assert sorted(p.name for p in (trainer.run_dir / "checkpoints").glob("step_*")) == ["step_00000004"]
