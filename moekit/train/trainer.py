@@ -92,6 +92,9 @@ class Trainer:
 
         seed_everything(cfg.seed)
         self.tokenizer = load_tokenizer(config.data.tokenizer)
+        # Read once: every checkpoint keeps the tokenizer the data was encoded with, even if the file is
+        # replaced or removed during the run.
+        self.tokenizer_json = None if config.data.tokenizer == "byte" else Path(config.data.tokenizer).read_bytes()
         check_held_out_apart(config.data)
         splits = load_splits(config.data, self.tokenizer, cfg.seq_len, config.model.vocab_size)
         self.batches = ShuffledBatches(splits.train, cfg.batch_size, cfg.seed)
@@ -142,8 +145,8 @@ class Trainer:
             },
         }
         files = {"config.yaml": yaml.safe_dump(self.config.to_dict(), sort_keys=False).encode()}
-        if self.config.data.tokenizer != "byte":
-            files["tokenizer.json"] = Path(self.config.data.tokenizer).read_bytes()
+        if self.tokenizer_json is not None:
+            files["tokenizer.json"] = self.tokenizer_json
         return self.runtime.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, objects, files,
                                             self.config.train.keep_checkpoints)
 

@@ -316,3 +316,21 @@ def test_a_full_disk_while_resume_rewrites_the_metrics_keeps_the_file(tmp_path, 
     monkeypatch.undo()
     assert path.read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left
+
+
+def test_checkpoints_keep_the_tokenizer_the_run_trained_with(make_config, bpe_tokenizer):
+    """The checkpoint's tokenizer.json is the one the data was encoded with when the run started: a file
+    replaced (another tokenizer trained to the same path) or removed mid-run must not change or fail the
+    later saves (it was read again at every save: a silently wrong tokenizer, or a crash losing the steps)."""
+    values, _ = make_config(steps=4, ckpt_every=2, eval_every=2)
+    values["data"]["tokenizer"] = str(bpe_tokenizer)
+    values["model"]["vocab_size"] = 300
+    original = bpe_tokenizer.read_bytes()
+    trainer = Trainer(TrainConfig.from_dict(values))
+    trainer.train(stop_at=2)
+    bpe_tokenizer.write_text('{"replaced": "by another tokenizer"}')
+    trainer.train(stop_at=3)
+    bpe_tokenizer.unlink()
+    trainer.train()
+    for step in (3, 4):
+        assert (trainer.ckpt_root / f"step_0000000{step}" / "tokenizer.json").read_bytes() == original
