@@ -66,7 +66,8 @@ def plot_expert_load(records: list[dict], path: Path) -> None:
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write ``loss.png`` and ``expert_load.png`` into ``run_dir``; return their paths."""
+    """Write ``loss.png`` and (for a model with MoE layers) ``expert_load.png`` into ``run_dir``; return
+    their paths."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir, drop_torn_last=True)  # a crashed run is what one plots most
     if not any(r["kind"] == "train" for r in records):
@@ -76,7 +77,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         if missing:
             raise ValueError(f"{run_dir / 'metrics.jsonl'}: the {r['kind']} record of step {r['step']} has no "
                              f"{', '.join(missing)}")
-    out = [run_dir / "loss.png", run_dir / "expert_load.png"]
+    out = [run_dir / "loss.png"]
     plot_losses(records, out[0])
-    plot_expert_load(records, out[1])
+    if any("moe" in r for r in records if r["kind"] == "train"):  # a dense model (no MoE layer) has no load
+        out.append(run_dir / "expert_load.png")
+        plot_expert_load(records, out[1])
     return out

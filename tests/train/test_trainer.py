@@ -334,3 +334,15 @@ def test_checkpoints_keep_the_tokenizer_the_run_trained_with(make_config, bpe_to
     trainer.train()
     for step in (3, 4):
         assert (trainer.ckpt_root / f"step_0000000{step}" / "tokenizer.json").read_bytes() == original
+
+
+def test_a_dense_model_run_ends_with_its_loss_plot(make_config):
+    """model.first_k_dense = every layer (allowed) has no experts: the run trained and checkpointed, then
+    failed at the end with 'metrics hold no MoE statistics to plot'. It plots the losses, no load heatmap."""
+    values, _ = make_config(steps=2, log_every=1, eval_every=2, ckpt_every=2)
+    values["model"]["first_k_dense"] = 2
+    trainer = Trainer(TrainConfig.from_dict(values))
+    assert not list(trainer.model.moe_layers())
+    final = trainer.train()
+    assert final["val_loss"] > 0 and [r["step"] for r in train_records(trainer.run_dir)] == [1, 2]
+    assert (trainer.run_dir / "loss.png").is_file() and not (trainer.run_dir / "expert_load.png").exists()
