@@ -151,6 +151,14 @@ def _point_latest(root: Path, name: str) -> None:
     _fsync_dir(root)
 
 
+def point_latest_at(ckpt: Path) -> None:
+    """Make ``latest`` name ``ckpt``, a complete checkpoint of its folder, if it names another: a run
+    continued from an earlier checkpoint of its own goes on from there, and so must ``--resume`` (the
+    run's metrics now end there too). The later checkpoints stay, to pass by path."""
+    if _latest_name(ckpt.parent) != ckpt.name:
+        _point_latest(ckpt.parent, ckpt.name)
+
+
 def _aside_name(final: Path, kind: str) -> Path:
     return final.with_name(f"{OLD_PREFIX}{final.name}-{time.time_ns()}-{kind}")
 

@@ -25,6 +25,7 @@ from moekit.train.checkpoint import (
     LATEST,
     CheckpointError,
     load_object,
+    point_latest_at,
     resolve_checkpoint,
     verify_checkpoint,
 )
@@ -110,6 +111,7 @@ class Trainer:
         # sync per step); read where the loop syncs anyway: at each log point and before each checkpoint.
         self.first_nonfinite_step = torch.zeros((), dtype=torch.long, device=self.device)
         self.resumed_from: Path | None = None
+        self._latest_to: Path | None = None  # a checkpoint of this run to point ``latest`` at when training starts
         self.stopped_by_signal = False  # the last train() checkpointed and returned on SIGTERM
         if resume is not None:
             self.restore(self.own_or_new_folder(resolve_checkpoint(resume)))
@@ -164,6 +166,8 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.resumed_from = ckpt
+        if ckpt.resolve().parent == self.ckpt_root.resolve():  # never another run's pointer
+            self._latest_to = ckpt
 
     def _use_config_hyperparameters(self) -> None:
         """The loaded optimizer and scheduler states carry the learning rate, schedule (its steps
@@ -243,6 +247,12 @@ class Trainer:
         # here are kept, later ones (an interrupted run's) dropped. Only a new run starts the file afresh.
         writer = (MetricsWriter(self.run_dir, resume_step=self.step if self.step else None)
                   if self.runtime.is_main else NullMetricsWriter())
+        if self._latest_to is not None:
+            # The metrics now end at the resumed step: an interruption before this run's first save must
+            # leave --resume on this branch, not on a later checkpoint of the one it left.
+            if self.runtime.is_main:
+                point_latest_at(self._latest_to)
+            self._latest_to = None
         last_eval: dict = {}
         clock, tokens_at_clock = time.perf_counter(), self.tokens_seen
         self.stopped_by_signal = False

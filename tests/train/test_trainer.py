@@ -346,3 +346,30 @@ def test_a_dense_model_run_ends_with_its_loss_plot(make_config):
     final = trainer.train()
     assert final["val_loss"] > 0 and [r["step"] for r in train_records(trainer.run_dir)] == [1, 2]
     assert (trainer.run_dir / "loss.png").is_file() and not (trainer.run_dir / "expert_load.png").exists()
+
+
+def test_resume_after_continuing_an_earlier_checkpoint_follows_that_branch(make_config):
+    """Continue a run from an earlier checkpoint of its own (e.g. after a loss spike), get interrupted
+    before the branch saves: --resume must go on with that branch, which metrics.jsonl now holds. It took
+    the abandoned later checkpoint instead, appending its steps after the branch's (steps 5-6 of one
+    trajectory, then 9-10 of the other, 7-8 missing)."""
+    values, _ = make_config(steps=10, log_every=2, eval_every=100, ckpt_every=4, keep_checkpoints=3)
+    values["train"]["steps"] = 8
+    Trainer(TrainConfig.from_dict(values)).train()  # checkpoints 4 and 8
+    values["train"]["steps"] = 10
+    run_dir = Path(values["train"]["out_dir"])
+    branch = Trainer(TrainConfig.from_dict(values), resume=run_dir / "checkpoints" / "step_00000004")
+    step = branch.train_step
+
+    def interrupted_after_step_6(meter):
+        if branch.step == 6:
+            raise KeyboardInterrupt
+        step(meter)
+
+    branch.train_step = interrupted_after_step_6
+    with pytest.raises(KeyboardInterrupt):
+        branch.train()
+    assert resolve_checkpoint(run_dir).name == "step_00000004"
+    resumed = Trainer(TrainConfig.from_dict(values), resume=run_dir)
+    resumed.train()
+    assert [r["step"] for r in train_records(run_dir)] == [2, 4, 6, 8, 10]
