@@ -3,7 +3,7 @@
 Layout of a run directory::
 
     checkpoints/step_00000200/   model.pt optimizer.pt trainer.pt config.yaml [tokenizer.json] manifest.json
-    checkpoints/latest           the name of the complete checkpoint that --resume continues from (the newest saved)
+    checkpoints/latest           the name of the complete checkpoint that --resume continues from
 
 A checkpoint is written into a hidden temporary directory, every file fsynced, a manifest of
 sizes and SHA-256 digests written last, then the directory is renamed into place and only
