@@ -3,7 +3,7 @@
 Layout of a run directory::
 
     checkpoints/step_00000200/   model.pt optimizer.pt trainer.pt config.yaml [tokenizer.json] manifest.json
-    checkpoints/latest           the name of the newest complete checkpoint
+    checkpoints/latest           the name of the complete checkpoint that --resume continues from
 
 A checkpoint is written into a hidden temporary directory, every file fsynced, a manifest of
 sizes and SHA-256 digests written last, then the directory is renamed into place and only
@@ -149,6 +149,14 @@ def _point_latest(root: Path, name: str) -> None:
     _write_file(pointer, lambda f: f.write(name.encode()))
     os.replace(pointer, root / LATEST)
     _fsync_dir(root)
+
+
+def point_latest_at(ckpt: Path) -> None:
+    """Make ``latest`` name ``ckpt``, a complete checkpoint of its folder, if it names another: a run
+    continued from an earlier checkpoint of its own goes on from there, and so must ``--resume`` (the
+    run's metrics now end there too). The later checkpoints stay, to pass by path."""
+    if _latest_name(ckpt.parent) != ckpt.name:
+        _point_latest(ckpt.parent, ckpt.name)
 
 
 def _aside_name(final: Path, kind: str) -> Path:

@@ -7,6 +7,7 @@ all of them to the host in ONE transfer per logging interval (not one per layer 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ class MetricsWriter:
         elif self.path.exists():
             # A torn last record (a write cut short) is dropped here: the file is rewritten anyway.
             kept = [r for r in read_metrics(run_dir, drop_torn_last=True) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            _replace_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         purge = None if resume_step is None else resume_step + 1
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
@@ -131,6 +132,18 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.tb.close()
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file: a write that fails (a full disk) or is killed leaves the
+    old file whole, not truncated."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_metrics(run_dir: str | Path, drop_torn_last: bool = False) -> list[dict[str, Any]]:

@@ -37,6 +37,16 @@ def plot_losses(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def column_edges(steps: list[int]) -> np.ndarray:
+    """Edges of one column per log point, halfway between neighbours: each column sits over its own step
+    also where log points are uneven (a --stop-at off the interval, a resume with another log_every)."""
+    steps = np.asarray(steps, dtype=float)
+    if len(steps) == 1:
+        return steps[0] + np.array([-0.5, 0.5])
+    mids = (steps[1:] + steps[:-1]) / 2
+    return np.concatenate([[2 * steps[0] - mids[0]], mids, [2 * steps[-1] - mids[-1]]])
+
+
 def plot_expert_load(records: list[dict], path: Path) -> None:
     """Rows: (MoE layer, expert); columns: log points; colour: the expert's share of its layer's
     assignments times the number of experts (1 = perfectly balanced)."""
@@ -50,10 +60,9 @@ def plot_expert_load(records: list[dict], path: Path) -> None:
     image = np.stack(columns, axis=1)
     sizes = [len(layer) for layer in train[0]["moe"]["tokens_per_expert"]]
     fig, ax = plt.subplots(figsize=(10, max(3.0, 0.12 * image.shape[0] + 1.5)))
-    steps = [r["step"] for r in train]
-    half = (steps[-1] - steps[0]) / max(1, len(steps) - 1) / 2 or 0.5  # each column centred on its step
-    extent = (steps[0] - half, steps[-1] + half, image.shape[0] - 0.5, -0.5)
-    shown = ax.imshow(image, aspect="auto", interpolation="nearest", cmap="viridis", extent=extent)
+    shown = ax.pcolormesh(column_edges([r["step"] for r in train]), np.arange(image.shape[0] + 1) - 0.5, image,
+                          cmap="viridis")
+    ax.set_ylim(image.shape[0] - 0.5, -0.5)  # the first layer's first expert on top
     bounds = np.cumsum([0, *sizes])
     for b in bounds[1:-1]:
         ax.axhline(b - 0.5, color="white", linewidth=1)
@@ -66,7 +75,8 @@ def plot_expert_load(records: list[dict], path: Path) -> None:
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write ``loss.png`` and ``expert_load.png`` into ``run_dir``; return their paths."""
+    """Write ``loss.png`` and (for a model with MoE layers) ``expert_load.png`` into ``run_dir``; return
+    their paths."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir, drop_torn_last=True)  # a crashed run is what one plots most
     if not any(r["kind"] == "train" for r in records):
@@ -76,7 +86,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         if missing:
             raise ValueError(f"{run_dir / 'metrics.jsonl'}: the {r['kind']} record of step {r['step']} has no "
                              f"{', '.join(missing)}")
-    out = [run_dir / "loss.png", run_dir / "expert_load.png"]
+    out = [run_dir / "loss.png"]
     plot_losses(records, out[0])
-    plot_expert_load(records, out[1])
+    if any("moe" in r for r in records if r["kind"] == "train"):  # a dense model (no MoE layer) has no load
+        out.append(run_dir / "expert_load.png")
+        plot_expert_load(records, out[1])
     return out

@@ -25,6 +25,7 @@ from moekit.train.checkpoint import (
     LATEST,
     CheckpointError,
     load_object,
+    point_latest_at,
     resolve_checkpoint,
     verify_checkpoint,
 )
@@ -92,6 +93,9 @@ class Trainer:
 
         seed_everything(cfg.seed)
         self.tokenizer = load_tokenizer(config.data.tokenizer)
+        # Read once: every checkpoint keeps the tokenizer the data was encoded with, even if the file is
+        # replaced or removed during the run.
+        self.tokenizer_json = None if config.data.tokenizer == "byte" else Path(config.data.tokenizer).read_bytes()
         check_held_out_apart(config.data)
         splits = load_splits(config.data, self.tokenizer, cfg.seq_len, config.model.vocab_size)
         self.batches = ShuffledBatches(splits.train, cfg.batch_size, cfg.seed)
@@ -103,10 +107,11 @@ class Trainer:
         self.scheduler = LambdaLR(self.optimizer, self.schedule())
         self.step = 0
         self.tokens_seen = 0
-        # Set on the device by any step with a non-finite loss or gradient norm (no host sync per
-        # step); read where the loop syncs anyway: at each log point and before each checkpoint.
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        # The first step with a non-finite loss or gradient norm (0: none), kept on the device (no host
+        # sync per step); read where the loop syncs anyway: at each log point and before each checkpoint.
+        self.first_nonfinite_step = torch.zeros((), dtype=torch.long, device=self.device)
         self.resumed_from: Path | None = None
+        self._latest_to: Path | None = None  # a checkpoint of this run to point ``latest`` at when training starts
         self.stopped_by_signal = False  # the last train() checkpointed and returned on SIGTERM
         if resume is not None:
             self.restore(self.own_or_new_folder(resolve_checkpoint(resume)))
@@ -142,8 +147,8 @@ class Trainer:
             },
         }
         files = {"config.yaml": yaml.safe_dump(self.config.to_dict(), sort_keys=False).encode()}
-        if self.config.data.tokenizer != "byte":
-            files["tokenizer.json"] = Path(self.config.data.tokenizer).read_bytes()
+        if self.tokenizer_json is not None:
+            files["tokenizer.json"] = self.tokenizer_json
         return self.runtime.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, objects, files,
                                             self.config.train.keep_checkpoints)
 
@@ -161,6 +166,8 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.resumed_from = ckpt
+        if ckpt.resolve().parent == self.ckpt_root.resolve():  # never another run's pointer
+            self._latest_to = ckpt
 
     def _use_config_hyperparameters(self) -> None:
         """The loaded optimizer and scheduler states carry the learning rate, schedule (its steps
@@ -191,12 +198,12 @@ class Trainer:
             losses = self.runtime.mean(loss=out.loss, lm_loss=out.lm_loss, aux_loss=out.aux_loss)
             meter.add(**losses)
             meter.add_moe_stats(self.runtime.sum_over_ranks, self.runtime.world_size)
-            self.nonfinite |= ~torch.isfinite(losses["loss"])  # the mean over ranks: every rank agrees
+            self._note_nonfinite(losses["loss"])  # the mean over ranks: every rank agrees
             self.tokens_seen += ids.numel() * self.runtime.world_size
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = self.runtime.clip_grad_norm_(self.model, max_norm)
         meter.add(grad_norm=grad_norm)
-        self.nonfinite |= ~torch.isfinite(grad_norm)
+        self._note_nonfinite(grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -206,12 +213,18 @@ class Trainer:
         """Whether ``flag`` is set on any rank (every rank gets the same answer, so all stop together)."""
         return bool(self.runtime.mean(flag=torch.tensor(float(flag), device=self.device))["flag"] > 0)
 
+    def _note_nonfinite(self, value: torch.Tensor) -> None:
+        """Record the step being taken (``self.step + 1``) if ``value`` is not finite and none was before."""
+        first = self.first_nonfinite_step
+        self.first_nonfinite_step = torch.where(~torch.isfinite(value) & (first == 0), self.step + 1, first)
+
     def check_finite(self) -> None:
-        if bool(self.nonfinite):
+        first = int(self.first_nonfinite_step)
+        if first:
             raise TrainingDiverged(
-                f"training diverged: a non-finite loss or gradient norm by step {self.step}; stopped before "
-                "saving it (the run's earlier checkpoints are kept: resume one with a lower train.lr, or more "
-                "train.warmup_steps or train.grad_clip)")
+                f"training diverged: step {first} had a non-finite loss or gradient norm (found at step "
+                f"{self.step}); stopped before saving it (the run's earlier checkpoints are kept: resume one "
+                "with a lower train.lr, or more train.warmup_steps or train.grad_clip)")
 
     def train(self, stop_at: int | None = None) -> dict:
         """Run to ``train.steps`` (or stop early after step ``stop_at``, checkpointed, for a later
@@ -230,8 +243,16 @@ class Trainer:
         if self.runtime.is_main:
             self.config.save(self.run_dir / "config.yaml")
         meter = IntervalMeter(list(self.model.moe_layers()))
-        writer = (MetricsWriter(self.run_dir, resume_step=self.step if self.resumed_from else None)
+        # Past step 0 (a resume, or a second call after ``stop_at``) the run goes on: its records up to
+        # here are kept, later ones (an interrupted run's) dropped. Only a new run starts the file afresh.
+        writer = (MetricsWriter(self.run_dir, resume_step=self.step if self.step else None)
                   if self.runtime.is_main else NullMetricsWriter())
+        if self._latest_to is not None:
+            # The metrics now end at the resumed step: an interruption before this run's first save must
+            # leave --resume on this branch, not on a later checkpoint of the one it left.
+            if self.runtime.is_main:
+                point_latest_at(self._latest_to)
+            self._latest_to = None
         last_eval: dict = {}
         clock, tokens_at_clock = time.perf_counter(), self.tokens_seen
         self.stopped_by_signal = False
@@ -254,15 +275,19 @@ class Trainer:
                         writer.write(record)
                         progress.report(self.step, record)
                     if self.step % cfg.eval_every == 0 or final:
+                        paused = time.perf_counter()
                         last_eval = evaluate_loss(self.model, self.val_batches, self.device, self.dtype)
                         writer.write({"kind": "eval", "step": self.step, **last_eval})
                         progress.report_eval(self.step, last_eval)
-                        clock = time.perf_counter()  # evaluation time is not training throughput
+                        # Evaluation time is not training throughput: the interval's clock skips it
+                        # (restarting the clock would count the interval's tokens over part of its time).
+                        clock += time.perf_counter() - paused
                     saved = self.step % cfg.ckpt_every == 0 or final
                     if saved:
                         self.check_finite()
+                        paused = time.perf_counter()
                         self.save()
-                        clock = time.perf_counter()
+                        clock += time.perf_counter() - paused
                     if not final and self.step % cfg.log_every == 0 and self._any_rank(stop.requested):
                         if not saved:  # SIGTERM: checkpoint this step and return
                             self.check_finite()

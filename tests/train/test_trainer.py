@@ -224,7 +224,8 @@ def test_a_non_finite_loss_stops_training_before_it_is_checkpointed(make_config)
     good = resolve_checkpoint(trainer.run_dir)
     with torch.no_grad():
         next(trainer.model.parameters()).fill_(float("nan"))
-    with pytest.raises(TrainingDiverged, match="non-finite loss or gradient norm by step 8"):
+    # found at the log point (step 8), named from the step it first happened (5: the first after the NaN)
+    with pytest.raises(TrainingDiverged, match=r"step 5 had a non-finite loss or gradient norm \(found at step 8\)"):
         trainer.train()
     assert resolve_checkpoint(trainer.run_dir) == good
     assert sorted(p.name for p in (trainer.run_dir / "checkpoints").glob("step_*")) == ["step_00000004"]
@@ -272,3 +273,121 @@ def test_sigterm_checkpoints_at_the_next_log_point_and_the_run_resumes_exactly(m
     resumed.train()
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert not resumed.stopped_by_signal and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_train_call_keeps_the_metrics_of_the_first(make_config):
+    """train(stop_at=...) then train() on the same Trainer continues one run: the records of the first
+    call stay in metrics.jsonl (they were wiped, as if the second call started a new run)."""
+    values, _ = make_config(steps=8, log_every=2, eval_every=4, ckpt_every=4)
+    trainer = Trainer(TrainConfig.from_dict(values))
+    trainer.train(stop_at=4)
+    trainer.train()
+    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("train", 2), ("train", 4), ("eval", 4), ("train", 6), ("train", 8), ("eval", 8)]
+
+
+def test_tokens_per_s_leaves_out_evaluation_and_checkpoint_time_between_log_points(make_config, monkeypatch):
+    """With evaluations and checkpoints between log points, throughput is the interval's tokens over
+    its training time only (evaluation and save time left out), not over the time since the last
+    evaluation or save (which counted every token of the interval but only part of its time)."""
+    import moekit.train.trainer as trainer_module
+
+    now = [0.0]
+    monkeypatch.setattr(trainer_module, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: now[0])}))
+    values, _ = make_config(steps=6, log_every=3, eval_every=2, ckpt_every=2)
+    trainer = Trainer(TrainConfig.from_dict(values))
+    step, evaluate, save = trainer.train_step, trainer_module.evaluate_loss, trainer.save
+
+    def timed(seconds, call):
+        def run(*args, **kwargs):
+            out = call(*args, **kwargs)
+            now[0] += seconds
+            return out
+        return run
+
+    trainer.train_step = timed(1.0, step)  # each optimizer step: 1 s
+    monkeypatch.setattr(trainer_module, "evaluate_loss", timed(50.0, evaluate))
+    trainer.save = timed(70.0, save)
+    trainer.train()  # evaluates and saves at steps 2 and 4, between the log points 3 and 6
+    tokens_per_step = 4 * 32
+    assert [(r["step"], r["tokens_per_s"]) for r in train_records(trainer.run_dir)] == [
+        (3, tokens_per_step), (6, tokens_per_step)]
+
+
+def test_a_full_disk_while_resume_rewrites_the_metrics_keeps_the_file(tmp_path, monkeypatch):
+    """On resume the metrics file is rewritten without the interrupted run's later records. A write that
+    fails (a full disk: the file is opened, truncated, then nothing fits) must leave the old file whole,
+    not an empty one: the run's history was lost."""
+    records = [{"kind": "train", "step": s, "loss": 1.0 / s} for s in (2, 4, 6)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    before = path.read_text()
+
+    def full_disk(self, data, *args, **kwargs):
+        self.open("w").close()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        MetricsWriter(tmp_path, resume_step=4)
+    monkeypatch.undo()
+    assert path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left
+
+
+def test_checkpoints_keep_the_tokenizer_the_run_trained_with(make_config, bpe_tokenizer):
+    """The checkpoint's tokenizer.json is the one the data was encoded with when the run started: a file
+    replaced (another tokenizer trained to the same path) or removed mid-run must not change or fail the
+    later saves (it was read again at every save: a silently wrong tokenizer, or a crash losing the steps)."""
+    values, _ = make_config(steps=4, ckpt_every=2, eval_every=2)
+    values["data"]["tokenizer"] = str(bpe_tokenizer)
+    values["model"]["vocab_size"] = 300
+    original = bpe_tokenizer.read_bytes()
+    trainer = Trainer(TrainConfig.from_dict(values))
+    trainer.train(stop_at=2)
+    bpe_tokenizer.write_text('{"replaced": "by another tokenizer"}')
+    trainer.train(stop_at=3)
+    bpe_tokenizer.unlink()
+    trainer.train()
+    for step in (3, 4):
+        assert (trainer.ckpt_root / f"step_0000000{step}" / "tokenizer.json").read_bytes() == original
+
+
+def test_a_dense_model_run_ends_with_its_loss_plot(make_config):
+    """model.first_k_dense = every layer (allowed) has no experts: the run trained and checkpointed, then
+    failed at the end with 'metrics hold no MoE statistics to plot'. It plots the losses, no load heatmap."""
+    values, _ = make_config(steps=2, log_every=1, eval_every=2, ckpt_every=2)
+    values["model"]["first_k_dense"] = 2
+    trainer = Trainer(TrainConfig.from_dict(values))
+    assert not list(trainer.model.moe_layers())
+    final = trainer.train()
+    assert final["val_loss"] > 0 and [r["step"] for r in train_records(trainer.run_dir)] == [1, 2]
+    assert (trainer.run_dir / "loss.png").is_file() and not (trainer.run_dir / "expert_load.png").exists()
+
+
+def test_resume_after_continuing_an_earlier_checkpoint_follows_that_branch(make_config):
+    """Continue a run from an earlier checkpoint of its own (e.g. after a loss spike), get interrupted
+    before the branch saves: --resume must go on with that branch, which metrics.jsonl now holds. It took
+    the abandoned later checkpoint instead, appending its steps after the branch's (steps 5-6 of one
+    trajectory, then 9-10 of the other, 7-8 missing)."""
+    values, _ = make_config(steps=10, log_every=2, eval_every=100, ckpt_every=4, keep_checkpoints=3)
+    values["train"]["steps"] = 8
+    Trainer(TrainConfig.from_dict(values)).train()  # checkpoints 4 and 8
+    values["train"]["steps"] = 10
+    run_dir = Path(values["train"]["out_dir"])
+    branch = Trainer(TrainConfig.from_dict(values), resume=run_dir / "checkpoints" / "step_00000004")
+    step = branch.train_step
+
+    def interrupted_after_step_6(meter):
+        if branch.step == 6:
+            raise KeyboardInterrupt
+        step(meter)
+
+    branch.train_step = interrupted_after_step_6
+    with pytest.raises(KeyboardInterrupt):
+        branch.train()
+    assert resolve_checkpoint(run_dir).name == "step_00000004"
+    resumed = Trainer(TrainConfig.from_dict(values), resume=run_dir)
+    resumed.train()
+    assert [r["step"] for r in train_records(run_dir)] == [2, 4, 6, 8, 10]
