@@ -102,6 +102,9 @@ class MixerConfig:
             if getattr(self, name) != neutral:
                 raise ValueError(f"MixerConfig: {name}={getattr(self, name)!r} is not implemented by multi-head "
                                  f"latent attention (leave it at {neutral!r}{instead})")
+        if self.num_kv_heads != self.num_heads:  # every head reads the one shared latent: no KV groups
+            raise ValueError(f"MixerConfig: num_kv_heads={self.num_kv_heads} is not implemented by multi-head latent "
+                             f"attention (leave it at num_heads={self.num_heads})")
 
     @property
     def value_dim(self) -> int:

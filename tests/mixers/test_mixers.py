@@ -211,7 +211,7 @@ def test_a_left_padded_call_continuing_a_cache_equals_the_row_alone(name):
 @pytest.mark.parametrize("option, hint", [
     (dict(qk_norm=True), ""), (dict(attention_output_gate=True), ""),
     (dict(partial_rotary_factor=0.5), "qk_rope_head_dim"), (dict(attention_bias=True), "MLAConfig.bias"),
-    (dict(attention_scale=0.1), "MLAConfig.softmax_scale"),
+    (dict(attention_scale=0.1), "MLAConfig.softmax_scale"), (dict(num_kv_heads=1), "num_heads=2"),
 ])
 def test_softmax_options_mla_ignores_are_refused(option, hint):
     """MLA read none of these: a config with MLA and q/k norms, an output gate, partial RoPE, q/k/v

@@ -25,8 +25,8 @@ def tiny_model(pattern: str, mixer: str = "gla", seed: int = 0, dtype=torch.floa
     torch.manual_seed(seed)
     config = ModelConfig.from_dict({
         "vocab_size": VOCAB, "hidden_size": 32, "layer_pattern": pattern, "linear_mixer": mixer,
-        "num_heads": 2, "num_kv_heads": 1, "head_dim": 16, "max_seq_len": 128, "init_std": 0.1,
-        "first_k_dense": 1 if len(pattern) > 1 else 0, "dense_ffn_hidden_size": 48, "mla": mla,
+        "num_heads": 2, "num_kv_heads": 1 if mla is None else 2, "head_dim": 16, "max_seq_len": 128,
+        "init_std": 0.1, "first_k_dense": 1 if len(pattern) > 1 else 0, "dense_ffn_hidden_size": 48, "mla": mla,
         "moe": {"ffn_hidden_size": 32, "num_experts": 4, "top_k": 2, "num_shared_experts": 1,
                 "init_std": 0.1, **moe},
     })
