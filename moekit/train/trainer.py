@@ -92,10 +92,12 @@ class Trainer:
         self.console.quiet = self.console.quiet or not self.runtime.is_main
 
         seed_everything(cfg.seed)
-        self.tokenizer = load_tokenizer(config.data.tokenizer)
+        ckpt = resolve_checkpoint(resume) if resume is not None else None
+        tokenizer = self.tokenizer_file(config.data.tokenizer, ckpt)
+        self.tokenizer = load_tokenizer(tokenizer)
         # Read once: every checkpoint keeps the tokenizer the data was encoded with, even if the file is
         # replaced or removed during the run.
-        self.tokenizer_json = None if config.data.tokenizer == "byte" else Path(config.data.tokenizer).read_bytes()
+        self.tokenizer_json = None if tokenizer == "byte" else Path(tokenizer).read_bytes()
         check_held_out_apart(config.data)
         splits = load_splits(config.data, self.tokenizer, cfg.seq_len, config.model.vocab_size)
         self.batches = ShuffledBatches(splits.train, cfg.batch_size, cfg.seed)
@@ -113,12 +115,21 @@ class Trainer:
         self.resumed_from: Path | None = None
         self._latest_to: Path | None = None  # a checkpoint of this run to point ``latest`` at when training starts
         self.stopped_by_signal = False  # the last train() checkpointed and returned on SIGTERM
-        if resume is not None:
-            self.restore(self.own_or_new_folder(resolve_checkpoint(resume)))
+        if ckpt is not None:
+            self.restore(self.own_or_new_folder(ckpt))
         elif (self.ckpt_root / LATEST).exists():
             raise ValueError(f"{self.run_dir} holds the checkpoints of an earlier run, which a new run would replace: "
                              "continue it with --resume, or choose another train.out_dir (or delete it)")
         self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+    def tokenizer_file(self, path: str, ckpt: Path | None) -> str:
+        """``data.tokenizer``, or on resume the checkpoint's copy of it where that file is gone (the copy is
+        the tokenizer the run trained with)."""
+        copy = ckpt / "tokenizer.json" if ckpt is not None else None
+        if path == "byte" or Path(path).exists() or copy is None or not copy.is_file():
+            return path
+        self.console.print(f"[yellow]data.tokenizer {path} not found: resuming with the checkpoint's copy, {copy}")
+        return str(copy)
 
     def own_or_new_folder(self, ckpt: Path) -> Path:
         """``ckpt``, refused when it is another run's and ``out_dir`` already holds checkpoints:

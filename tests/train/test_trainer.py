@@ -391,3 +391,21 @@ def test_resume_after_continuing_an_earlier_checkpoint_follows_that_branch(make_
     resumed = Trainer(TrainConfig.from_dict(values), resume=run_dir)
     resumed.train()
     assert [r["step"] for r in train_records(run_dir)] == [2, 4, 6, 8, 10]
+
+
+def test_resume_without_the_tokenizer_file_uses_the_checkpoints_copy(make_config, bpe_tokenizer):
+    """The checkpoint keeps the run's tokenizer.json, but a resume read data.tokenizer's path again: with
+    that file moved or deleted the run could not continue (only a data.tokenizer= override helped)."""
+    values, _ = make_config(steps=4, ckpt_every=2, eval_every=2, log_every=1)
+    values["data"]["tokenizer"] = str(bpe_tokenizer)
+    values["model"]["vocab_size"] = 300
+    whole = Trainer(TrainConfig.from_dict({**values, "train": {**values["train"], "out_dir": str(
+        bpe_tokenizer.parent / "whole")}}))
+    whole.train()
+    first = Trainer(TrainConfig.from_dict(values))
+    first.train(stop_at=2)
+    bpe_tokenizer.unlink()
+    resumed = Trainer(TrainConfig.from_dict(values), resume=first.ckpt_root / "step_00000002")
+    resumed.train()
+    losses = [{r["step"]: r["loss"] for r in train_records(t.run_dir)} for t in (resumed, whole)]
+    assert losses[0] == losses[1] and sorted(losses[0]) == [1, 2, 3, 4]
