@@ -163,6 +163,8 @@ class ModelConfig:
         for name in ("init_std", "rope_theta", "embedding_multiplier", "logits_scaling"):
             need(0 < getattr(self, name) < math.inf, f"{name} must be > 0 and finite, got {getattr(self, name)}")
         need(0 <= self.norm_eps < math.inf, f"norm_eps must be finite and >= 0, got {self.norm_eps}")
+        need(self.rope_scaling is None or self.rope_theta > 1,  # YaRN's correction range divides by log(theta)
+             f"rope_theta must be > 1 with rope_scaling (YaRN), got {self.rope_theta}")
         for name in ("linear_num_heads", "linear_head_dim", "linear_num_v_heads"):  # None: as the softmax layers
             value = getattr(self, name)
             need(value is None or value > 0, f"{name} must be None or a positive integer, got {value}")

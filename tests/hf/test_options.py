@@ -132,3 +132,12 @@ def test_nested_attention_configs_refuse_mistyped_values(key, values, error):
     true: truncated YaRN ramp, MLA biases) or failed on a bare comparison error naming no key."""
     with pytest.raises((TypeError, ValueError), match=error):
         ModelConfig(layer_pattern="N", **{key: values})
+
+
+@pytest.mark.parametrize("theta", [1.0, 0.5])
+def test_yarn_needs_a_rope_theta_above_one(theta):
+    """YaRN's correction range divides by log(rope_theta): theta 1 failed at the first forward with a
+    bare ZeroDivisionError, and theta < 1 gave a ramp over negative dimensions."""
+    with pytest.raises(ValueError, match="rope_theta must be > 1 with rope_scaling"):
+        ModelConfig(layer_pattern="N", rope_theta=theta, rope_scaling={"factor": 4.0, "original_max_len": 64})
+    assert ModelConfig(layer_pattern="N", rope_theta=theta).rope_theta == theta
