@@ -18,14 +18,18 @@ class Splits:
 
 
 def check_held_out_apart(cfg: DataConfig) -> None:
-    """For training: a ``val_path`` that is ``path`` or inside it would be trained on too. (Evaluating
-    a checkpoint on any file, its training text included, is fine.)"""
+    """For training: a ``val_path`` that is ``path`` or inside it would be trained on too, and a ``path``
+    inside a ``val_path`` folder (read whole) would be held out too. (Evaluating a checkpoint on any
+    file, its training text included, is fine.)"""
     if cfg.val_path is None or cfg.path is None:
         return
     train_path, val_path = Path(cfg.path).resolve(), Path(cfg.val_path).resolve()
     if val_path == train_path or train_path in val_path.parents:
         raise ValueError(f"data.val_path {cfg.val_path} is inside data.path {cfg.path}: the held-out text "
                          "would be in the training stream too")
+    if val_path in train_path.parents:
+        raise ValueError(f"data.path {cfg.path} is inside data.val_path {cfg.val_path}: the training text "
+                         "would be held out too")
 
 
 def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:

@@ -213,6 +213,18 @@ def test_training_refuses_a_held_out_file_inside_the_training_data(tmp_path, mak
     check_held_out_apart(DataConfig(path=str(folder), val_path=str(tmp_path / "val.txt")))  # apart: fine
 
 
+def test_training_refuses_a_held_out_folder_that_holds_the_training_data(tmp_path):
+    """A data.val_path folder is read whole: the training file inside it would be held out too."""
+    from moekit.data.splits import check_held_out_apart
+
+    folder = tmp_path / "corpus"
+    (folder / "train").mkdir(parents=True)
+    for train in (folder / "train.txt", folder / "train", folder / "train" / "part.jsonl"):
+        with pytest.raises(ValueError, match=r"data.path .* is inside data.val_path .* would be held out too"):
+            check_held_out_apart(DataConfig(path=str(train), val_path=str(folder)))
+    check_held_out_apart(DataConfig(path=str(folder / "train"), val_path=str(folder / "val.txt")))  # apart: fine
+
+
 def test_neighbouring_seeds_do_not_share_epoch_orders():
     """Seeding each epoch from seed + epoch gave seed 0's second epoch the order of seed 1's first."""
     windows = TokenWindows(np.arange(32 * 50, dtype=np.uint16) % 257, 32, 257, "ids")
