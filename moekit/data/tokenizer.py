@@ -48,6 +48,9 @@ class HFTokenizer:
             self._tok = _Tokenizer.from_file(str(path))
         except Exception as exc:  # the Rust error text is opaque; name the file
             raise ValueError(f"cannot read tokenizer file {path}: {exc}") from None
+        # Text is text: "<|endoftext|>" written in a document is encoded as its characters, not as the
+        # separator id (which only encode_documents places, between documents).
+        self._tok.encode_special_tokens = True
         # Ids need not be dense: the model needs one row per id up to the largest, not per token.
         self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.eot_id = next((i for n in _EOT_NAMES if (i := self._tok.token_to_id(n)) is not None), None)

@@ -50,6 +50,18 @@ def test_hf_tokenizer_json(tmp_path, bpe_tokenizer):
         HFTokenizer(bad)
 
 
+def test_hf_tokenizer_reads_special_token_names_in_text_as_text(tmp_path, bpe_tokenizer):
+    """A document that mentions "<|endoftext|>" must not be cut in two by the separator id."""
+    hf = HFTokenizer(bpe_tokenizer)
+    text = "split on <|endoftext|> here"
+    ids = hf.encode(text)
+    assert hf.eot_id not in ids and hf.decode(ids) == text
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "next"}) + "\n")
+    tokens = load_tokens(str(docs), hf, "uint16", MIN_CORPUS_BYTES).tolist()
+    assert tokens == ids + [hf.eot_id] + hf.encode("next") + [hf.eot_id]
+
+
 def test_jsonl_text_field_and_errors(tmp_path):
     good = tmp_path / "docs.jsonl"
     good.write_text(json.dumps({"text": "alpha beta"}) + "\n\n" + json.dumps({"text": "gamma", "id": 3}) + "\n")
