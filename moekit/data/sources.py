@@ -63,8 +63,12 @@ def encode_documents(docs: list[str], tokenizer: Tokenizer) -> np.ndarray:
     return np.asarray(ids, dtype=dtype)
 
 
-def load_token_file(path: Path, token_dtype: str) -> np.ndarray:
+def load_token_file(path: Path, token_dtype: str, vocab_size: int) -> np.ndarray:
     """A pre-tokenized ``.bin`` file: a flat array of ``token_dtype`` ids, memory-mapped."""
+    top = np.iinfo(token_dtype).max
+    if vocab_size - 1 > top:  # a wider file read as this dtype gives small ids that pass every range check
+        raise ValueError(f"data.token_dtype={token_dtype} holds ids up to {top} but the tokenizer has {vocab_size} "
+                         f"tokens: set data.token_dtype=uint32 (for {path})")
     itemsize = np.dtype(token_dtype).itemsize
     size = path.stat().st_size
     if size % itemsize:
@@ -82,7 +86,7 @@ def load_tokens(path: str | None, tokenizer: Tokenizer, token_dtype: str, corpus
     if not p.exists():
         raise FileNotFoundError(f"data file not found: {p}")
     if p.suffix == ".bin":
-        return load_token_file(p, token_dtype)
+        return load_token_file(p, token_dtype, tokenizer.vocab_size)
     docs = read_documents(p)
     if not any(doc.strip() for doc in docs):
         raise ValueError(f"data file {p} holds no text (empty corpus)")

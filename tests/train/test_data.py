@@ -112,6 +112,22 @@ def test_pretokenized_bin_memmap(tmp_path, dtype):
         load_tokens(str(odd), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES)
 
 
+def test_token_file_too_narrow_for_the_tokenizer_is_refused(tmp_path):
+    """A uint32 file read as the default uint16 gives ids 0, id, 0, id, ...: all in range, silently wrong."""
+    from tokenizers import Tokenizer, models
+
+    tok_path = tmp_path / "big.json"
+    Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "z": 70_000}, unk_token="[UNK]")).save(str(tok_path))
+    tok = HFTokenizer(tok_path)
+    ids = np.array([1, 70_000, 1, 5], dtype=np.uint32)
+    path = tmp_path / "tokens.bin"
+    ids.tofile(path)
+    with pytest.raises(ValueError, match=r"data.token_dtype=uint16 holds ids up to 65535 but the tokenizer has "
+                                         r"70001 tokens: set data.token_dtype=uint32"):
+        load_tokens(str(path), tok, "uint16", MIN_CORPUS_BYTES)
+    assert load_tokens(str(path), tok, "uint32", MIN_CORPUS_BYTES).tolist() == ids.tolist()
+
+
 def test_out_of_vocab_token_file_names_the_file(tmp_path):
     path = tmp_path / "big_ids.bin"
     np.random.default_rng(1).integers(300, 1000, size=200).astype(np.uint16).tofile(path)
