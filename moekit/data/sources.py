@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
@@ -16,11 +17,14 @@ TEXT_SUFFIXES = (".txt", ".md", ".text", ".jsonl")
 def read_text(path: Path) -> str:
     """A file's UTF-8 text; other bytes (another encoding, a compressed file) are an error naming it."""
     data = path.read_bytes()
+    # A leading byte-order mark (Windows editors write one) marks the encoding: it is not text.
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return data.decode("utf-8")
+        return data[start:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ValueError(f"{path} is not UTF-8 text: byte {exc.start} (line {line}) is {data[exc.start]:#04x} "
+        at = start + exc.start  # counted in the file's own bytes
+        line = data[:at].count(b"\n") + 1
+        raise ValueError(f"{path} is not UTF-8 text: byte {at} (line {line}) is {data[at]:#04x} "
                          "(convert it to UTF-8; compressed files are not read)") from None
 
 

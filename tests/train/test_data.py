@@ -90,6 +90,19 @@ def test_files_that_are_not_utf8_are_named(tmp_path, name):
         load_tokens(str(path), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES)
 
 
+def test_utf8_signature_is_not_text(tmp_path):
+    """Windows editors start UTF-8 files with a byte-order mark: it is no part of the first document."""
+    bom = "\ufeff".encode()
+    text, jsonl = tmp_path / "bom.txt", tmp_path / "bom.jsonl"
+    text.write_bytes(bom + "café".encode())
+    jsonl.write_bytes(bom + (json.dumps({"text": "a"}) + "\n").encode())
+    assert load_tokens(str(text), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES).tolist() == list("café".encode()) + [256]
+    assert load_tokens(str(jsonl), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES).tolist() == [ord("a"), 256]
+    text.write_bytes(bom + b"ok\ncaf\xe9")  # the error still counts the file's own bytes
+    with pytest.raises(ValueError, match=r"bom.txt is not UTF-8 text: byte 9 \(line 2\) is 0xe9"):
+        load_tokens(str(text), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES)
+
+
 def test_tokenizer_vocab_size_covers_its_largest_id(tmp_path):
     """Ids need not be dense: the model needs a row for every id up to the largest."""
     from tokenizers import Tokenizer, models
