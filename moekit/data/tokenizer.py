@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-# Names the end-of-text token goes by in common tokenizer.json files.
-_EOT_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+# Names the end-of-text token goes by in common tokenizer.json files (DeepSeek's has full-width bars).
+_EOT_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "[SEP]")
 
 
 class Tokenizer(Protocol):

@@ -62,6 +62,18 @@ def test_hf_tokenizer_reads_special_token_names_in_text_as_text(tmp_path, bpe_to
     assert tokens == ids + [hf.eot_id] + hf.encode("next") + [hf.eot_id]
 
 
+def test_hf_tokenizer_finds_deepseek_end_of_sentence(tmp_path):
+    """DeepSeek-V2/V3 end documents with "<｜end▁of▁sentence｜>" (full-width bars): without it the documents
+    ran together with no separator."""
+    from tokenizers import AddedToken, Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tok.add_special_tokens([AddedToken("<｜begin▁of▁sentence｜>"), AddedToken("<｜end▁of▁sentence｜>")])
+    path = tmp_path / "deepseek.json"
+    tok.save(str(path))
+    assert HFTokenizer(path).eot_id == tok.token_to_id("<｜end▁of▁sentence｜>") == 3
+
+
 def test_jsonl_text_field_and_errors(tmp_path):
     good = tmp_path / "docs.jsonl"
     good.write_text(json.dumps({"text": "alpha beta"}) + "\n\n" + json.dumps({"text": "gamma", "id": 3}) + "\n")
