@@ -59,6 +59,9 @@ def load_splits(cfg: DataConfig, tokenizer: Tokenizer, seq_len: int, vocab_size:
         val = load_tokens(cfg.val_path, tokenizer, cfg.token_dtype, cfg.corpus_bytes)
         return Splits(TokenWindows(tokens, seq_len, vocab_size, name),
                       TokenWindows(val, seq_len, vocab_size, cfg.val_path))
+    if len(tokens) < 2 * seq_len:  # else the cut below is negative and the parts' lengths are made up
+        raise ValueError(f"{name} holds {len(tokens)} tokens, fewer than the 2 windows of seq_len={seq_len} a "
+                         "training part and a held-out part need: give more text, or a data.val_path")
     cut = len(tokens) - max(seq_len, int(len(tokens) * cfg.val_fraction))
     return Splits(TokenWindows(tokens[:cut], seq_len, vocab_size, f"{name} (training part)"),
                   TokenWindows(tokens[cut:], seq_len, vocab_size, f"{name} (held-out part)"))

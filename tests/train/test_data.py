@@ -171,6 +171,15 @@ def test_held_out_split_is_disjoint_tail(text_file):
     assert splits.train.num_windows == n_train // 32
 
 
+def test_stream_shorter_than_two_windows_is_refused_with_its_own_length(tmp_path):
+    """Cut at len - seq_len < 0, the slices gave a training part of a made-up length."""
+    path = tmp_path / "short.txt"
+    path.write_text("x" * 19)  # 20 tokens with the separator
+    with pytest.raises(ValueError, match=r"short.txt holds 20 tokens, fewer than the 2 windows of seq_len=32 .*"
+                                         r"training part and a held-out part"):
+        load_splits(DataConfig(path=str(path)), ByteTokenizer(), 32, 257)
+
+
 def test_batches_cover_each_window_once_per_epoch_and_resume_exactly():
     tokens = np.random.default_rng(2).integers(0, 257, size=32 * 10 + 5).astype(np.uint16)
     windows = TokenWindows(tokens, 32, 257, "random ids")
