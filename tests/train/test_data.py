@@ -212,6 +212,15 @@ def test_eval_batches_are_fixed_and_too_short_data_is_refused():
         TokenWindows(tokens[:10], 16, 257, "short")
 
 
+def test_one_token_windows_are_refused():
+    """A window of one token predicts nothing: training logged NaN losses and the first evaluation
+    crashed with ZeroDivisionError."""
+    tokens = np.random.default_rng(3).integers(0, 257, size=200).astype(np.uint16)
+    with pytest.raises(ValueError, match=r"train.seq_len=1: a window needs at least 2 tokens"):
+        TokenWindows(tokens, 1, 257, "ids")
+    assert TokenWindows(tokens, 2, 257, "ids").num_windows == 100
+
+
 def test_embedded_corpus_with_packages_reaches_below_the_top_level():
     from moekit.data.corpus import stdlib_source_files
 
