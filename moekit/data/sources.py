@@ -28,6 +28,14 @@ def read_text(path: Path) -> str:
                          "(convert it to UTF-8; compressed files are not read)") from None
 
 
+def check_unicode(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{where}: 'text' holds an unpaired surrogate {text[exc.start]!r} (a \\u escape that "
+                         "is not a character: fix or drop the record)") from None
+
+
 def read_jsonl_texts(path: Path) -> list[str]:
     texts = []
     # split on newlines only: JSON strings may hold other line separators (U+2028) unescaped
@@ -40,6 +48,8 @@ def read_jsonl_texts(path: Path) -> list[str]:
             raise ValueError(f"{path} line {lineno}: invalid JSON ({exc.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValueError(f"{path} line {lineno}: expected an object with a string 'text' field")
+        if "\\u" in line:  # only an escape can hold a lone surrogate, which no tokenizer encodes
+            check_unicode(record["text"], f"{path} line {lineno}")
         texts.append(record["text"])
     return texts
 

@@ -93,6 +93,17 @@ def test_jsonl_text_field_and_errors(tmp_path):
         list("a\u2028b".encode()) + [256]
 
 
+def test_jsonl_unpaired_surrogate_escape_is_named(tmp_path):
+    """JSON may escape a lone surrogate ("\\ud800"), which no tokenizer can encode: the error named no file."""
+    path = tmp_path / "scraped.jsonl"
+    path.write_text('{"text": "ok \\u00e9"}\n{"text": "cut emoji \\ud83d"}\n')
+    with pytest.raises(ValueError, match=r"scraped.jsonl line 2: 'text' holds an unpaired surrogate '\\ud83d'"):
+        load_tokens(str(path), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES)
+    path.write_text('{"text": "a pair \\ud83d\\ude00"}\n')  # an escaped pair is one character
+    assert load_tokens(str(path), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES).tolist() == \
+        list("a pair \U0001f600".encode()) + [256]
+
+
 @pytest.mark.parametrize("name", ["latin1.txt", "latin1.jsonl"])
 def test_files_that_are_not_utf8_are_named(tmp_path, name):
     path = tmp_path / name
