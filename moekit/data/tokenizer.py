@@ -42,6 +42,8 @@ class HFTokenizer:
         from tokenizers import Tokenizer as _Tokenizer
 
         path = Path(path)
+        if path.is_dir():  # a model folder: it exists, so "not found" would mislead
+            raise ValueError(f"data.tokenizer {path} is a folder: name its tokenizer.json file")
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         try:

@@ -50,6 +50,12 @@ def test_hf_tokenizer_json(tmp_path, bpe_tokenizer):
         HFTokenizer(bad)
 
 
+def test_hf_tokenizer_folder_is_refused_as_a_folder(tmp_path, bpe_tokenizer):
+    """A model folder holding tokenizer.json was refused as "tokenizer file not found" though it is there."""
+    with pytest.raises(ValueError, match=rf"data.tokenizer {tmp_path} is a folder: name its tokenizer.json file"):
+        HFTokenizer(tmp_path)
+
+
 def test_hf_tokenizer_reads_special_token_names_in_text_as_text(tmp_path, bpe_tokenizer):
     """A document that mentions "<|endoftext|>" must not be cut in two by the separator id."""
     hf = HFTokenizer(bpe_tokenizer)
