@@ -7,7 +7,10 @@ top level of ``sysconfig.get_paths()["stdlib"]`` (not the ``test`` package, not 
 not the machine-generated ``_sysconfigdata*`` build tables) in sorted file-name order, and
 concatenate them up to a fixed byte budget (2 MiB by default), each file followed by the
 end-of-text separator. Sorted names and a fixed budget make the corpus identical from run to
-run on one Python version; other versions give similar text.
+run on one Python installation. Another one gives similar but other text: patch releases edit
+these files, and distributions patch and add some (Debian's 3.11.2 differs from a pyenv 3.11.7
+in about 50 of them), so a run resumed or evaluated on another machine's default corpus is
+refused; pass the same ``data.path`` file on both for the same data.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ class TokenWindows:
     """Windows of ``seq_len`` tokens over a 1-D token array (in memory or memory-mapped)."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, vocab_size: int, name: str):
+        if seq_len < 2:  # the loss has no target: NaN in training, a division by zero in evaluation
+            raise ValueError(f"train.seq_len={seq_len}: a window needs at least 2 tokens (each predicts the next)")
         self.num_windows = len(tokens) // seq_len
         if self.num_windows == 0:
             raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
@@ -16,12 +17,23 @@ TEXT_SUFFIXES = (".txt", ".md", ".text", ".jsonl")
 def read_text(path: Path) -> str:
     """A file's UTF-8 text; other bytes (another encoding, a compressed file) are an error naming it."""
     data = path.read_bytes()
+    # A leading byte-order mark (Windows editors write one) marks the encoding: it is not text.
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return data.decode("utf-8")
+        return data[start:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ValueError(f"{path} is not UTF-8 text: byte {exc.start} (line {line}) is {data[exc.start]:#04x} "
+        at = start + exc.start  # counted in the file's own bytes
+        line = data[:at].count(b"\n") + 1
+        raise ValueError(f"{path} is not UTF-8 text: byte {at} (line {line}) is {data[at]:#04x} "
                          "(convert it to UTF-8; compressed files are not read)") from None
+
+
+def check_unicode(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{where}: 'text' holds an unpaired surrogate {text[exc.start]!r} (a \\u escape that "
+                         "is not a character: fix or drop the record)") from None
 
 
 def read_jsonl_texts(path: Path) -> list[str]:
@@ -36,6 +48,8 @@ def read_jsonl_texts(path: Path) -> list[str]:
             raise ValueError(f"{path} line {lineno}: invalid JSON ({exc.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValueError(f"{path} line {lineno}: expected an object with a string 'text' field")
+        if "\\u" in line:  # only an escape can hold a lone surrogate, which no tokenizer encodes
+            check_unicode(record["text"], f"{path} line {lineno}")
         texts.append(record["text"])
     return texts
 
@@ -63,8 +77,12 @@ def encode_documents(docs: list[str], tokenizer: Tokenizer) -> np.ndarray:
     return np.asarray(ids, dtype=dtype)
 
 
-def load_token_file(path: Path, token_dtype: str) -> np.ndarray:
+def load_token_file(path: Path, token_dtype: str, vocab_size: int) -> np.ndarray:
     """A pre-tokenized ``.bin`` file: a flat array of ``token_dtype`` ids, memory-mapped."""
+    top = np.iinfo(token_dtype).max
+    if vocab_size - 1 > top:  # a wider file read as this dtype gives small ids that pass every range check
+        raise ValueError(f"data.token_dtype={token_dtype} holds ids up to {top} but the tokenizer has {vocab_size} "
+                         f"tokens: set data.token_dtype=uint32 (for {path})")
     itemsize = np.dtype(token_dtype).itemsize
     size = path.stat().st_size
     if size % itemsize:
@@ -82,7 +100,7 @@ def load_tokens(path: str | None, tokenizer: Tokenizer, token_dtype: str, corpus
     if not p.exists():
         raise FileNotFoundError(f"data file not found: {p}")
     if p.suffix == ".bin":
-        return load_token_file(p, token_dtype)
+        return load_token_file(p, token_dtype, tokenizer.vocab_size)
     docs = read_documents(p)
     if not any(doc.strip() for doc in docs):
         raise ValueError(f"data file {p} holds no text (empty corpus)")

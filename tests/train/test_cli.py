@@ -256,6 +256,22 @@ def test_eval_on_a_val_path_does_not_need_the_training_file(trained_run, text_fi
     assert f"of {held_out}" in capsys.readouterr().out
 
 
+def test_eval_refuses_a_held_out_tail_cut_from_other_text(trained_run, text_file, capsys):
+    """The held-out tail is the run's only on the stream it trained on: on another Python's standard
+    library (the embedded corpus) or an edited file the cut moves, and eval measured the loss on other
+    text, part of it trained on, without a word."""
+    run, _ = trained_run
+    text = text_file.read_bytes()
+    text_file.write_bytes(text[4000:])  # the run's held-out tail now starts 4000 bytes into its training text
+    assert main(["eval", "--ckpt", str(run), "--batches", "1"]) == 2
+    err = one_line_error(capsys, "eval")
+    assert f"{text_file} (training part) is not the stream the run trained on" in err and "data.val_path" in err
+    # an explicit data.* choice is the user's: evaluated as asked
+    assert main(["eval", "--ckpt", str(run), "data.val_fraction=0.2", "--batches", "1"]) == 0
+    text_file.write_bytes(text)
+    assert main(["eval", "--ckpt", str(run), "--batches", "1"]) == 0
+
+
 def test_out_dir_that_is_a_file_is_named_before_the_data_loads(make_config, tmp_path, capsys):
     # It failed at the first write with a bare "[Errno 17] File exists: ...".
     a_file = tmp_path / "a_file"

@@ -50,6 +50,36 @@ def test_hf_tokenizer_json(tmp_path, bpe_tokenizer):
         HFTokenizer(bad)
 
 
+def test_hf_tokenizer_folder_is_refused_as_a_folder(tmp_path, bpe_tokenizer):
+    """A model folder holding tokenizer.json was refused as "tokenizer file not found" though it is there."""
+    with pytest.raises(ValueError, match=rf"data.tokenizer {tmp_path} is a folder: name its tokenizer.json file"):
+        HFTokenizer(tmp_path)
+
+
+def test_hf_tokenizer_reads_special_token_names_in_text_as_text(tmp_path, bpe_tokenizer):
+    """A document that mentions "<|endoftext|>" must not be cut in two by the separator id."""
+    hf = HFTokenizer(bpe_tokenizer)
+    text = "split on <|endoftext|> here"
+    ids = hf.encode(text)
+    assert hf.eot_id not in ids and hf.decode(ids) == text
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "next"}) + "\n")
+    tokens = load_tokens(str(docs), hf, "uint16", MIN_CORPUS_BYTES).tolist()
+    assert tokens == ids + [hf.eot_id] + hf.encode("next") + [hf.eot_id]
+
+
+def test_hf_tokenizer_finds_deepseek_end_of_sentence(tmp_path):
+    """DeepSeek-V2/V3 end documents with "<｜end▁of▁sentence｜>" (full-width bars): without it the documents
+    ran together with no separator."""
+    from tokenizers import AddedToken, Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tok.add_special_tokens([AddedToken("<｜begin▁of▁sentence｜>"), AddedToken("<｜end▁of▁sentence｜>")])
+    path = tmp_path / "deepseek.json"
+    tok.save(str(path))
+    assert HFTokenizer(path).eot_id == tok.token_to_id("<｜end▁of▁sentence｜>") == 3
+
+
 def test_jsonl_text_field_and_errors(tmp_path):
     good = tmp_path / "docs.jsonl"
     good.write_text(json.dumps({"text": "alpha beta"}) + "\n\n" + json.dumps({"text": "gamma", "id": 3}) + "\n")
@@ -69,6 +99,17 @@ def test_jsonl_text_field_and_errors(tmp_path):
         list("a\u2028b".encode()) + [256]
 
 
+def test_jsonl_unpaired_surrogate_escape_is_named(tmp_path):
+    """JSON may escape a lone surrogate ("\\ud800"), which no tokenizer can encode: the error named no file."""
+    path = tmp_path / "scraped.jsonl"
+    path.write_text('{"text": "ok \\u00e9"}\n{"text": "cut emoji \\ud83d"}\n')
+    with pytest.raises(ValueError, match=r"scraped.jsonl line 2: 'text' holds an unpaired surrogate '\\ud83d'"):
+        load_tokens(str(path), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES)
+    path.write_text('{"text": "a pair \\ud83d\\ude00"}\n')  # an escaped pair is one character
+    assert load_tokens(str(path), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES).tolist() == \
+        list("a pair \U0001f600".encode()) + [256]
+
+
 @pytest.mark.parametrize("name", ["latin1.txt", "latin1.jsonl"])
 def test_files_that_are_not_utf8_are_named(tmp_path, name):
     path = tmp_path / name
@@ -76,6 +117,19 @@ def test_files_that_are_not_utf8_are_named(tmp_path, name):
     path.write_bytes(("ok\n" + text + "\n").encode("latin-1"))
     with pytest.raises(ValueError, match=rf"{name} is not UTF-8 text: byte \d+ \(line 2\) is 0xe9"):
         load_tokens(str(path), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES)
+
+
+def test_utf8_signature_is_not_text(tmp_path):
+    """Windows editors start UTF-8 files with a byte-order mark: it is no part of the first document."""
+    bom = "\ufeff".encode()
+    text, jsonl = tmp_path / "bom.txt", tmp_path / "bom.jsonl"
+    text.write_bytes(bom + "café".encode())
+    jsonl.write_bytes(bom + (json.dumps({"text": "a"}) + "\n").encode())
+    assert load_tokens(str(text), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES).tolist() == list("café".encode()) + [256]
+    assert load_tokens(str(jsonl), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES).tolist() == [ord("a"), 256]
+    text.write_bytes(bom + b"ok\ncaf\xe9")  # the error still counts the file's own bytes
+    with pytest.raises(ValueError, match=r"bom.txt is not UTF-8 text: byte 9 \(line 2\) is 0xe9"):
+        load_tokens(str(text), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES)
 
 
 def test_tokenizer_vocab_size_covers_its_largest_id(tmp_path):
@@ -100,6 +154,22 @@ def test_pretokenized_bin_memmap(tmp_path, dtype):
         load_tokens(str(odd), ByteTokenizer(), "uint16", MIN_CORPUS_BYTES)
 
 
+def test_token_file_too_narrow_for_the_tokenizer_is_refused(tmp_path):
+    """A uint32 file read as the default uint16 gives ids 0, id, 0, id, ...: all in range, silently wrong."""
+    from tokenizers import Tokenizer, models
+
+    tok_path = tmp_path / "big.json"
+    Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "z": 70_000}, unk_token="[UNK]")).save(str(tok_path))
+    tok = HFTokenizer(tok_path)
+    ids = np.array([1, 70_000, 1, 5], dtype=np.uint32)
+    path = tmp_path / "tokens.bin"
+    ids.tofile(path)
+    with pytest.raises(ValueError, match=r"data.token_dtype=uint16 holds ids up to 65535 but the tokenizer has "
+                                         r"70001 tokens: set data.token_dtype=uint32"):
+        load_tokens(str(path), tok, "uint16", MIN_CORPUS_BYTES)
+    assert load_tokens(str(path), tok, "uint32", MIN_CORPUS_BYTES).tolist() == ids.tolist()
+
+
 def test_out_of_vocab_token_file_names_the_file(tmp_path):
     path = tmp_path / "big_ids.bin"
     np.random.default_rng(1).integers(300, 1000, size=200).astype(np.uint16).tofile(path)
@@ -116,6 +186,15 @@ def test_held_out_split_is_disjoint_tail(text_file):
     assert np.array_equal(np.concatenate([splits.train.tokens, splits.val.tokens]), stream)
     assert abs(len(splits.val.tokens) - 0.1 * len(stream)) <= 1
     assert splits.train.num_windows == n_train // 32
+
+
+def test_stream_shorter_than_two_windows_is_refused_with_its_own_length(tmp_path):
+    """Cut at len - seq_len < 0, the slices gave a training part of a made-up length."""
+    path = tmp_path / "short.txt"
+    path.write_text("x" * 19)  # 20 tokens with the separator
+    with pytest.raises(ValueError, match=r"short.txt holds 20 tokens, fewer than the 2 windows of seq_len=32 .*"
+                                         r"training part and a held-out part"):
+        load_splits(DataConfig(path=str(path)), ByteTokenizer(), 32, 257)
 
 
 def test_batches_cover_each_window_once_per_epoch_and_resume_exactly():
@@ -148,6 +227,15 @@ def test_eval_batches_are_fixed_and_too_short_data_is_refused():
     assert torch.equal(batches[0][1], torch.from_numpy(tokens[16:32].astype(np.int64)))
     with pytest.raises(ValueError, match="fewer than one window"):
         TokenWindows(tokens[:10], 16, 257, "short")
+
+
+def test_one_token_windows_are_refused():
+    """A window of one token predicts nothing: training logged NaN losses and the first evaluation
+    crashed with ZeroDivisionError."""
+    tokens = np.random.default_rng(3).integers(0, 257, size=200).astype(np.uint16)
+    with pytest.raises(ValueError, match=r"train.seq_len=1: a window needs at least 2 tokens"):
+        TokenWindows(tokens, 1, 257, "ids")
+    assert TokenWindows(tokens, 2, 257, "ids").num_windows == 100
 
 
 def test_embedded_corpus_with_packages_reaches_below_the_top_level():
@@ -211,6 +299,18 @@ def test_training_refuses_a_held_out_file_inside_the_training_data(tmp_path, mak
         with pytest.raises(ValueError, match="is inside data.path .* would be in the training stream too"):
             check_held_out_apart(DataConfig(path=str(folder), val_path=str(val)))
     check_held_out_apart(DataConfig(path=str(folder), val_path=str(tmp_path / "val.txt")))  # apart: fine
+
+
+def test_training_refuses_a_held_out_folder_that_holds_the_training_data(tmp_path):
+    """A data.val_path folder is read whole: the training file inside it would be held out too."""
+    from moekit.data.splits import check_held_out_apart
+
+    folder = tmp_path / "corpus"
+    (folder / "train").mkdir(parents=True)
+    for train in (folder / "train.txt", folder / "train", folder / "train" / "part.jsonl"):
+        with pytest.raises(ValueError, match=r"data.path .* is inside data.val_path .* would be held out too"):
+            check_held_out_apart(DataConfig(path=str(train), val_path=str(folder)))
+    check_held_out_apart(DataConfig(path=str(folder / "train"), val_path=str(folder / "val.txt")))  # apart: fine
 
 
 def test_neighbouring_seeds_do_not_share_epoch_orders():
