@@ -182,3 +182,19 @@ def test_balancing_buffers_keep_their_float32_values_through_a_cast(cast):
     assert layer.router.expert_bias.dtype == torch.float32 and torch.equal(layer.router.expert_bias, values)
     assert torch.equal(layer.router.load_since_update, values * 1000)
     assert layer.router.weight.dtype == getattr(torch, cast if cast != "half" else "float16")
+
+
+def test_no_grad_forward_in_training_mode_adds_no_bias_load():
+    """A forward without autograd (a sample generated mid-training, a logging pass) trains nothing: its
+    choices must not move the expert bias at the next step, even with the model left in train mode."""
+    layer = make_layer(bias_update_rate=0.01).train()
+    x = torch.randn(16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)
+    with torch.inference_mode():
+        layer(x)
+    assert torch.count_nonzero(layer.router.load_since_update) == 0
+    layer.update_expert_bias()
+    assert torch.count_nonzero(layer.router.expert_bias) == 0
+    layer(x)  # a training forward counts: 16 tokens x top-2
+    assert layer.router.load_since_update.sum().item() == 32
