@@ -35,6 +35,22 @@ def test_bad_config(kw, match):
         MoEConfig(**kw)
 
 
+@pytest.mark.parametrize("kw,match", [
+    (dict(norm_topk_prob="false"), "norm_topk_prob must be True or False, got 'false'"),
+    (dict(shared_expert_gate=1, num_shared_experts=1), "shared_expert_gate must be True or False, got 1"),
+    (dict(check_finite="no"), "check_finite must be True or False, got 'no'"),
+    (dict(aux_loss_coef="1e-3"), "aux_loss_coef must be a number, got '1e-3'"),
+    (dict(route_scale="2.5"), "route_scale must be a number, got '2.5'"),
+    (dict(capacity_factor="1.25"), "capacity_factor must be None or a number, got '1.25'"),
+    (dict(capacity_factor=True), "capacity_factor must be None or a number, got True"),
+])
+def test_config_field_types(kw, match):
+    """A string is truthy: norm_topk_prob="false" would normalise the weights; a number given as a string
+    (YAML reads 1e-3 as one) must name its field, not fail in a comparison with a bare TypeError."""
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(**kw)
+
+
 def test_unknown_config_key():
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_expert'\]"):
         MoEConfig.from_dict({"num_expert": 8})
