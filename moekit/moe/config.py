@@ -105,6 +105,11 @@ class MoEConfig:
             need(is_number(getattr(self, name)), f"{name} must be a number, got {getattr(self, name)!r}")
         need(self.capacity_factor is None or is_number(self.capacity_factor),
              f"capacity_factor must be None or a number, got {self.capacity_factor!r}")
+        if self.num_shared_experts == 0:
+            # These configure nothing then: a layer meant to have a (gated) shared expert would silently have none.
+            unused = [f"{name}={getattr(self, name)!r}" for name in ("shared_expert_gate", "shared_ffn_hidden_size")
+                      if getattr(self, name)]
+            need(not unused, f"num_shared_experts is 0: there is no shared expert for {', '.join(unused)}")
         need(self.score_func in SCORE_FUNCS, f"unknown score_func {self.score_func!r}; choose from {SCORE_FUNCS}")
         need(self.router_type in ROUTER_TYPES,
              f"unknown router_type {self.router_type!r}; choose from {ROUTER_TYPES}")

@@ -25,6 +25,8 @@ from moekit import MoE, MoEConfig
     (dict(num_shared_experts=1.5), "num_shared_experts must be an integer"),
     (dict(shared_ffn_hidden_size=-4), "shared_ffn_hidden_size must be None or an integer >= 0"),
     (dict(init_std=-0.1), "init_std must be finite and >= 0"),
+    (dict(shared_expert_gate=True), "num_shared_experts is 0: there is no shared expert for shared_expert_gate=True"),
+    (dict(shared_ffn_hidden_size=64), "there is no shared expert for shared_ffn_hidden_size=64"),
     (dict(router_type="expert_choice", aux_loss_coef=0.01, route_scale=2.0),
      "expert_choice routing does not use aux_loss_coef=0.01, route_scale=2.0"),
     (dict(router_type="expert_choice", norm_topk_prob=False, drop_policy="position"),
