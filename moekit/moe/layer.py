@@ -82,6 +82,9 @@ class MoE(nn.Module):
                 raise ValueError(f"MoE: token_mask shape {tuple(token_mask.shape)} != the input's leading shape "
                                  f"{tuple(shape[:-1])}")
             valid = token_mask.reshape(-1).bool()
+            # Padding rows may hold anything (NaN from a fully masked attention row): zeroed, they cannot
+            # reach the router's losses, statistics or gradients through a 0 weight (0 * NaN is NaN).
+            h = h.masked_fill(~valid[:, None], 0)
 
         started = self.dispatcher.start(h)  # e.g. the token rows leave while the router runs
         routing = self.router(h, valid)
