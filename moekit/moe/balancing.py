@@ -70,11 +70,19 @@ def layer_balance(routing, config, num_sequences: int) -> tuple[torch.Tensor, Mo
     # Losses use each token's choices before capacity drops (what the router asked for).
     chosen, valid = routing.chosen_idx, routing.valid
     aux = load_balance_loss(chosen, probs, config.num_experts, valid=valid) if topk else zero
-    seq_aux = (load_balance_loss(chosen, probs, config.num_experts, num_sequences, valid)
-               if topk and config.seq_aux_loss_coef > 0 else zero)
-    zl = z_loss(routing.logits, valid) if config.z_loss_coef > 0 else zero
+    # The statistics report every value, trained or not (a run watches them to decide whether it needs
+    # the loss); one whose coefficient is 0 stays out of the graph and the weighted sum.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and config.seq_aux_loss_coef > 0):
+        seq_aux = load_balance_loss(chosen, probs, config.num_experts, num_sequences, valid) if topk else zero
+    with torch.set_grad_enabled(torch.is_grad_enabled() and config.z_loss_coef > 0):
+        zl = z_loss(routing.logits, valid)
     stats = compute_stats(routing, probs, aux, seq_aux, zl, expert_choice=not topk)
-    return config.aux_loss_coef * aux + config.seq_aux_loss_coef * seq_aux + config.z_loss_coef * zl, stats
+    weighted = config.aux_loss_coef * aux
+    if config.seq_aux_loss_coef > 0:
+        weighted = weighted + config.seq_aux_loss_coef * seq_aux
+    if config.z_loss_coef > 0:
+        weighted = weighted + config.z_loss_coef * zl
+    return weighted, stats
 
 
 class Balance:

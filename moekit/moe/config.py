@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from moekit.validation import check_known_keys, is_int
+from moekit.validation import check_known_keys, is_int, is_number
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTER_TYPES = ("topk", "expert_choice")
@@ -15,6 +15,9 @@ ACTIVATIONS = ("swiglu", "geglu", "gelu")
 BACKENDS = ("auto", "reference", "grouped_mm", "triton")
 PRECISIONS = ("bf16", "fp8", "mxfp8")
 DROP_POLICIES = ("probability", "position")
+FLAGS = ("shared_expert_gate", "norm_topk_prob", "router_bias", "cache_fp8_weights", "check_finite")
+REALS = ("route_scale", "aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate", "router_jitter",
+         "init_std")
 
 
 @dataclass
@@ -95,6 +98,18 @@ class MoEConfig:
         width = self.shared_ffn_hidden_size  # None (or 0): ffn_hidden_size
         need(width is None or (is_int(width) and width >= 0),
              f"shared_ffn_hidden_size must be None or an integer >= 0, got {width!r}")
+        # Before any comparison: a string is truthy ("false" would switch a flag on) and cannot be compared.
+        for name in FLAGS:
+            need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in REALS:
+            need(is_number(getattr(self, name)), f"{name} must be a number, got {getattr(self, name)!r}")
+        need(self.capacity_factor is None or is_number(self.capacity_factor),
+             f"capacity_factor must be None or a number, got {self.capacity_factor!r}")
+        if self.num_shared_experts == 0:
+            # These configure nothing then: a layer meant to have a (gated) shared expert would silently have none.
+            unused = [f"{name}={getattr(self, name)!r}" for name in ("shared_expert_gate", "shared_ffn_hidden_size")
+                      if getattr(self, name)]
+            need(not unused, f"num_shared_experts is 0: there is no shared expert for {', '.join(unused)}")
         need(self.score_func in SCORE_FUNCS, f"unknown score_func {self.score_func!r}; choose from {SCORE_FUNCS}")
         need(self.router_type in ROUTER_TYPES,
              f"unknown router_type {self.router_type!r}; choose from {ROUTER_TYPES}")

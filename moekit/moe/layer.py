@@ -82,11 +82,16 @@ class MoE(nn.Module):
                 raise ValueError(f"MoE: token_mask shape {tuple(token_mask.shape)} != the input's leading shape "
                                  f"{tuple(shape[:-1])}")
             valid = token_mask.reshape(-1).bool()
+            # Padding rows may hold anything (NaN from a fully masked attention row): zeroed, they cannot
+            # reach the router's losses, statistics or gradients through a 0 weight (0 * NaN is NaN).
+            h = h.masked_fill(~valid[:, None], 0)
 
         started = self.dispatcher.start(h)  # e.g. the token rows leave while the router runs
         routing = self.router(h, valid)
         self.balance = balancing.Balance(routing, cfg, num_sequences)
-        if self.training and cfg.bias_update_rate > 0:
+        # Only training batches count: a forward without autograd (a sample generated mid-training with the
+        # model left in train mode) feeds no optimizer step, and must not move the bias at the next one.
+        if self.training and cfg.bias_update_rate > 0 and torch.is_grad_enabled():
             self.router.load_since_update += expert_counts(routing.chosen_idx, cfg.num_experts)
 
         shared = self._shared_output if self.shared is not None else None

@@ -182,3 +182,40 @@ def test_balancing_buffers_keep_their_float32_values_through_a_cast(cast):
     assert layer.router.expert_bias.dtype == torch.float32 and torch.equal(layer.router.expert_bias, values)
     assert torch.equal(layer.router.load_since_update, values * 1000)
     assert layer.router.weight.dtype == getattr(torch, cast if cast != "half" else "float16")
+
+
+def test_no_grad_forward_in_training_mode_adds_no_bias_load():
+    """A forward without autograd (a sample generated mid-training, a logging pass) trains nothing: its
+    choices must not move the expert bias at the next step, even with the model left in train mode."""
+    layer = make_layer(bias_update_rate=0.01).train()
+    x = torch.randn(16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)
+    with torch.inference_mode():
+        layer(x)
+    assert torch.count_nonzero(layer.router.load_since_update) == 0
+    layer.update_expert_bias()
+    assert torch.count_nonzero(layer.router.expert_bias) == 0
+    layer(x)  # a training forward counts: 16 tokens x top-2
+    assert layer.router.load_since_update.sum().item() == 32
+
+
+def test_statistics_report_the_z_and_sequence_losses_when_they_are_not_trained():
+    """``MoEStats.z_loss`` / ``seq_aux_loss`` are the values, unweighted: a run that logs them to decide
+    whether it needs the losses (router logits growing, one sequence's tokens piling on an expert)
+    must see them, not zeros, while their coefficients are 0; the weighted ``aux_loss`` leaves them out."""
+    layer = make_layer(aux_loss_coef=0.3)
+    batch, seq = 2, 9
+    x = torch.randn(batch, seq, 16, dtype=torch.float64)
+    layer(x)
+    logits = x.reshape(-1, 16) @ layer.router.weight.t()
+    routes = naive_topk_routing(logits, layer.config)
+    probs = logits.softmax(-1).tolist()
+    aux = naive_switch_loss(routes, probs, 8, 2)
+    seq_aux = sum(naive_switch_loss(routes[b * seq:(b + 1) * seq], probs[b * seq:(b + 1) * seq], 8, 2)
+                  for b in range(batch)) / batch
+    z = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / len(routes)
+    stats = layer.last_stats
+    assert math.isclose(stats.z_loss.item(), z, rel_tol=1e-12)
+    assert math.isclose(stats.seq_aux_loss.item(), seq_aux, rel_tol=1e-12)
+    assert math.isclose(layer.aux_loss.item(), 0.3 * aux, rel_tol=1e-12)

@@ -25,12 +25,30 @@ from moekit import MoE, MoEConfig
     (dict(num_shared_experts=1.5), "num_shared_experts must be an integer"),
     (dict(shared_ffn_hidden_size=-4), "shared_ffn_hidden_size must be None or an integer >= 0"),
     (dict(init_std=-0.1), "init_std must be finite and >= 0"),
+    (dict(shared_expert_gate=True), "num_shared_experts is 0: there is no shared expert for shared_expert_gate=True"),
+    (dict(shared_ffn_hidden_size=64), "there is no shared expert for shared_ffn_hidden_size=64"),
     (dict(router_type="expert_choice", aux_loss_coef=0.01, route_scale=2.0),
      "expert_choice routing does not use aux_loss_coef=0.01, route_scale=2.0"),
     (dict(router_type="expert_choice", norm_topk_prob=False, drop_policy="position"),
      "expert_choice routing does not use norm_topk_prob=False, drop_policy='position'"),
 ])
 def test_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(**kw)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(norm_topk_prob="false"), "norm_topk_prob must be True or False, got 'false'"),
+    (dict(shared_expert_gate=1, num_shared_experts=1), "shared_expert_gate must be True or False, got 1"),
+    (dict(check_finite="no"), "check_finite must be True or False, got 'no'"),
+    (dict(aux_loss_coef="1e-3"), "aux_loss_coef must be a number, got '1e-3'"),
+    (dict(route_scale="2.5"), "route_scale must be a number, got '2.5'"),
+    (dict(capacity_factor="1.25"), "capacity_factor must be None or a number, got '1.25'"),
+    (dict(capacity_factor=True), "capacity_factor must be None or a number, got True"),
+])
+def test_config_field_types(kw, match):
+    """A string is truthy: norm_topk_prob="false" would normalise the weights; a number given as a string
+    (YAML reads 1e-3 as one) must name its field, not fail in a comparison with a bare TypeError."""
     with pytest.raises(ValueError, match=match):
         MoEConfig(**kw)
 

@@ -58,6 +58,30 @@ def test_padding_takes_no_capacity(router):
     assert kept >= kept_before and (unmasked.topk_idx[~valid] >= 0).any()  # the case bites without the mask
 
 
+@pytest.mark.parametrize("junk", [float("nan"), float("inf")])
+def test_non_finite_padding_reaches_no_loss_statistic_or_gradient(junk):
+    """Padding rows may hold anything (a fully masked attention row gives NaN): the router's losses,
+    statistics and gradients must be those of the real tokens alone, not NaN (0 * NaN is NaN)."""
+    layer = make_layer(num_shared_experts=1).train()
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    plain = layer(x)
+    (plain.sum() + layer.aux_loss).backward()
+    plain_stats, plain_aux = layer.last_stats, layer.aux_loss.detach()
+    plain_grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+
+    padded, mask = left_padded(x, 3)
+    padded[:, :3] = junk
+    out = layer(padded, token_mask=mask)
+    (out[:, 3:].sum() + layer.aux_loss).backward()
+    torch.testing.assert_close(out[:, 3:], plain)
+    torch.testing.assert_close(layer.aux_loss.detach(), plain_aux)
+    for field in ("aux_loss", "seq_aux_loss", "z_loss", "router_entropy", "load_cv"):
+        torch.testing.assert_close(getattr(layer.last_stats, field), getattr(plain_stats, field), msg=field)
+    for (name, p), expected in zip(layer.named_parameters(), plain_grads):
+        torch.testing.assert_close(p.grad, expected, msg=name)
+
+
 def test_token_mask_shape_is_checked():
     layer = make_layer()
     with pytest.raises(ValueError, match="token_mask shape"):

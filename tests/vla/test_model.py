@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from moekit import ModelConfig, MoEForCausalLM
+from moekit import ModelConfig, MoE, MoEForCausalLM
 from moekit.models.vla import (
     SceneDataConfig,
     SceneSet,
@@ -321,3 +321,20 @@ def test_training_a_trained_head_keeps_its_statistics(scenes):
     fresh = TrajectoryModel(_config(prior="anchors"))
     fresh.fit_data_statistics(val_set)
     assert not torch.equal(fresh.feature_mean, fitted["feature_mean"])  # the case: the two sets differ
+
+
+def test_training_applies_the_aux_loss_free_bias_step(scenes):
+    """A backbone with bias_update_rate > 0 balances its experts by the expert-bias step after each
+    optimizer step; the loop never took it, so the biases stayed 0 and the load piled up unread."""
+    train_set, _ = scenes
+    torch.manual_seed(0)
+    base = _backbone()
+    backbone = dataclasses.replace(base, moe=dataclasses.replace(base.moe, aux_loss_coef=0.0, bias_update_rate=0.01))
+    model = TrajectoryModel(VLAConfig(backbone=backbone, decoder_dim=32, decoder_layers=1, decoder_heads=2))
+    train(model, train_set, TrainConfig(steps=3, batch_size=16, log_every=1), log=lambda _: None)
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    assert layers
+    for layer in layers:
+        bias = layer.router.expert_bias
+        assert torch.count_nonzero(bias) > 0 and bias.abs().max().item() <= 0.03 + 1e-6  # three steps of +-0.01
+        assert torch.count_nonzero(layer.router.load_since_update) == 0  # applied, then cleared

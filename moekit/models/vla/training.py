@@ -13,6 +13,7 @@ import torch
 from moekit.models.vla.metrics import trajectory_metrics
 from moekit.models.vla.model import TrajectoryModel
 from moekit.models.vla.scene import SceneSet
+from moekit.moe import update_expert_biases
 from moekit.train.schedule import WarmupCosine
 from moekit.validation import check_known_keys, is_int
 
@@ -74,6 +75,7 @@ def train(model: TrajectoryModel, scenes: SceneSet, config: TrainConfig,
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
+        update_expert_biases(model)  # the backbone's aux-loss-free balancing (a no-op when bias_update_rate = 0)
         sums["objective"] += out["objective"].item()
         sums["aux"] += out["aux"].item()
         count += 1
