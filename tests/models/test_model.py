@@ -178,3 +178,17 @@ def test_loss_without_logits_matches_full_logits(logits_scaling):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7, msg=name)
     with pytest.raises(ValueError, match="return_logits=False needs labels"):
         model(ids, return_logits=False)
+
+
+def test_int32_labels_give_the_int64_loss():
+    """int32 labels (accepted for input_ids, and by the chunked loss) give the same loss on both paths."""
+    model = MoEForCausalLM(small_config()).double()
+    ids = torch.randint(0, 50, (2, 9))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    want = model(ids, labels=labels).lm_loss
+    for return_logits in (True, False):
+        got = model(ids.int(), labels=labels.int(), return_logits=return_logits).lm_loss
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        model(ids, labels=labels.float())
