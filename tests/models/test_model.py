@@ -192,3 +192,18 @@ def test_int32_labels_give_the_int64_loss():
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="labels must be an integer tensor"):
         model(ids, labels=labels.float())
+
+
+@pytest.mark.parametrize("return_logits", [True, False])
+def test_left_padding_leaves_the_loss_unchanged(return_logits):
+    """A padding position predicts nothing: the pad just before a row's first token must not be scored
+    on it, so a left-padded row has the loss of the same row unpadded."""
+    model = MoEForCausalLM(small_config()).double()
+    ids = torch.randint(1, 50, (1, 7))
+    want = model(ids, labels=ids, return_logits=return_logits).lm_loss
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 7)], 1)
+    masked_labels = padded.masked_fill(mask == 0, -100)
+    for labels in (masked_labels, padded):  # the pads' own labels are never predicted by a real position
+        got = model(padded, labels=labels, attention_mask=mask, return_logits=return_logits).lm_loss
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=0)
