@@ -15,7 +15,7 @@ from moekit.mixers.mla_config import MLAConfig
 from moekit.mixers.registry import LAYER_LETTERS, check_linear_mixer, linear_mixers_reading
 from moekit.mixers.rope_scaling import YarnScaling
 from moekit.moe.config import MoEConfig
-from moekit.validation import check_known_keys, is_int
+from moekit.validation import check_known_keys, is_int, is_number
 
 _FIELD_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}  # the scalar annotations checked
 
@@ -39,6 +39,15 @@ class ResidualScaling:
     linear_beta: float = 1.0
     ffn_alpha: float = 1.0
     ffn_beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        # A quoted YAML "false" would be true, and a NaN or string factor surfaced only in the forward.
+        if not isinstance(self.from_norm, bool):
+            raise TypeError(f"ResidualScaling: from_norm must be true or false, got {self.from_norm!r}")
+        for name in (f.name for f in dataclasses.fields(self) if f.name != "from_norm"):  # the alphas and betas
+            value = getattr(self, name)
+            if not (is_number(value) and math.isfinite(value)):
+                raise ValueError(f"ResidualScaling: {name} must be a finite number, got {value!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ResidualScaling:

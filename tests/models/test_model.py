@@ -207,3 +207,15 @@ def test_left_padding_leaves_the_loss_unchanged(return_logits):
     for labels in (masked_labels, padded):  # the pads' own labels are never predicted by a real position
         got = model(padded, labels=labels, attention_mask=mask, return_logits=return_logits).lm_loss
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=0)
+
+
+def test_residual_scaling_refuses_values_that_build_another_model():
+    """A quoted "false" was truthy (the residual silently taken from the norm), a string or NaN factor
+    passed the config and failed or poisoned the forward."""
+    scaled = small_config(residual={"from_norm": True, "ffn_beta": 0.5})
+    assert ModelConfig.from_dict(scaled.to_dict()) == scaled
+    with pytest.raises(TypeError, match="from_norm must be true or false, got 'false'"):
+        small_config(residual={"from_norm": "false"})
+    for value in ("0.5", float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="ffn_beta must be a finite number"):
+            small_config(residual={"ffn_beta": value})
