@@ -119,14 +119,7 @@ class ModelConfig:
     hf_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.moe, dict):
-            self.moe = MoEConfig.from_dict(self.moe)
-        if isinstance(self.mla, dict):
-            self.mla = MLAConfig.from_dict(self.mla)
-        if isinstance(self.rope_scaling, dict):
-            self.rope_scaling = YarnScaling.from_dict(self.rope_scaling)
-        if isinstance(self.residual, dict):
-            self.residual = ResidualScaling.from_dict(self.residual)
+        self._build_nested_configs()
         self._check_types()  # before anything below computes with the values
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
@@ -135,6 +128,18 @@ class ModelConfig:
         if self.moe.hidden_size != self.hidden_size:
             self.moe = dataclasses.replace(self.moe, hidden_size=self.hidden_size)
         self.validate()
+
+    def _build_nested_configs(self) -> None:
+        """Mappings (from YAML / JSON) become their config classes; any other value is refused here, not met
+        as an AttributeError when the model is built or run (``mla: true`` built nothing but a crash)."""
+        for name, cls in (("moe", MoEConfig), ("mla", MLAConfig), ("rope_scaling", YarnScaling),
+                          ("residual", ResidualScaling)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls.from_dict(value))
+            elif not isinstance(value, cls) and (value is not None or name == "moe"):
+                allowed = f"a {cls.__name__} or a mapping" + ("" if name == "moe" else " or None")
+                raise TypeError(f"ModelConfig: {name} must be {allowed}, got {value!r}")
 
     def _check_types(self) -> None:
         """Each field's value has its annotated type (an int field takes no bool or float, a bool field

@@ -219,3 +219,12 @@ def test_residual_scaling_refuses_values_that_build_another_model():
     for value in ("0.5", float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="ffn_beta must be a finite number"):
             small_config(residual={"ffn_beta": value})
+
+
+def test_nested_configs_of_another_type_are_refused_by_name():
+    """mla: true (or a number for rope_scaling / residual) passed the config and crashed, or ran, later."""
+    for key, value in (("mla", True), ("rope_scaling", 4.0), ("residual", 1.0)):
+        with pytest.raises(TypeError, match=f"ModelConfig: {key} must be a .* or a mapping or None, got {value}"):
+            small_config(**{key: value})
+    with pytest.raises(TypeError, match="ModelConfig: moe must be a MoEConfig or a mapping, got None"):
+        ModelConfig(moe=None)
