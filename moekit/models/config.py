@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from moekit.mixers.rope_scaling import YarnScaling
 from moekit.moe.config import MoEConfig
 from moekit.validation import check_known_keys, is_int, is_number
 
-_FIELD_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}  # the scalar annotations checked
+_FIELD_TYPES = {"int": int, "float": Real, "bool": bool, "str": str}  # the scalar annotations checked
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -233,7 +234,7 @@ class ModelConfig:
         return cls(**values) if moe is None else cls(**values, moe=moe)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _plain_numbers(dataclasses.asdict(self))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelConfig:
@@ -257,6 +258,16 @@ class ModelConfig:
         if not path.is_file():
             raise ValueError(f"ModelConfig: no built-in config {name!r}; available: {available_configs()}")
         return cls.from_yaml(path)
+
+
+def _plain_numbers(value: Any) -> Any:
+    """``value`` with Python ints / floats for the NumPy scalars the checks accept: JSON (save_pretrained)
+    and YAML cannot write those."""
+    if isinstance(value, dict):
+        return {key: _plain_numbers(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain_numbers(item) for item in value)
+    return int(value) if is_int(value) else float(value) if is_number(value) else value
 
 
 def available_configs() -> list[str]:

@@ -78,3 +78,26 @@ def test_corrupt_files_and_bad_config(tmp_path):
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         MoEForCausalLM.from_pretrained(tmp_path)
+
+
+def test_numpy_sizes_and_factors_save_and_load(tmp_path):
+    """NumPy scalars pass the config checks (a size from np.arange, a factor from np.float32), so the
+    model must save: json.dumps refused np.int64 and save_pretrained failed after training."""
+    import numpy as np
+
+    from moekit.models import ModelConfig
+
+    config = ModelConfig.from_dict({
+        "vocab_size": np.int64(40), "hidden_size": 32, "layer_pattern": "LN", "num_heads": 2, "head_dim": 16,
+        "init_std": np.float32(0.05), "moe": {"ffn_hidden_size": np.int64(16), "num_experts": 4, "top_k": 2},
+    })
+    model = MoEForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["vocab_size"], saved["moe"]["ffn_hidden_size"]) == (40, 16)
+    assert saved["init_std"] == pytest.approx(0.05)
+    loaded = MoEForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 40, (2, 5))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    config.to_yaml(tmp_path / "c.yaml")
+    assert ModelConfig.from_yaml(tmp_path / "c.yaml").vocab_size == 40
