@@ -101,3 +101,23 @@ def test_numpy_sizes_and_factors_save_and_load(tmp_path):
     assert torch.equal(loaded(ids).logits, model(ids).logits)
     config.to_yaml(tmp_path / "c.yaml")
     assert ModelConfig.from_yaml(tmp_path / "c.yaml").vocab_size == 40
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """Re-saving into a folder that a disk-full or interrupted write fails must not destroy what was there."""
+    from moekit.models import checkpoint
+
+    model_for(False).save_pretrained(tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in ("config.json", "model.safetensors")}
+
+    def failing_save_file(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\x00" * 64)  # part of the file, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
+    other = model_for(True)
+    with pytest.raises(OSError, match="No space left"):
+        other.save_pretrained(tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
