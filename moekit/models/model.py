@@ -236,6 +236,11 @@ class MoEForCausalLM(nn.Module):
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
             raise ValueError(f"MoEForCausalLM: token ids must lie in [0, {self.config.vocab_size}), got "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if labels is not None:  # on a GPU, cross_entropy meets an out-of-range label as a device-side assert
+            bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.config.vocab_size))]
+            if bad.numel():
+                raise ValueError(f"MoEForCausalLM: labels must lie in [0, {self.config.vocab_size}) or equal "
+                                 f"{IGNORE_INDEX} (ignored), got {int(bad[0])}")
 
     # --- generation and checkpoints ---------------------------------------------------------
 

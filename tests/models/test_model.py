@@ -158,6 +158,9 @@ def test_bad_inputs_are_named():
         MoEForCausalLM(small_config(max_seq_len=4))(torch.tensor([[1, 2, 3, 4, 5]]))
     with pytest.raises(ValueError, match="attention_mask must match"):
         model(torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 4))
+    for label in (50, -1):  # the full-logits loss (an IndexError here, a device-side assert on a GPU)
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, 50\) or equal -100 \(ignored\), got {label}"):
+            model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[-100, 4, label]]))
 
 
 @pytest.mark.parametrize("logits_scaling", [1.0, 4.0])
