@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,9 @@ from moekit.mixers.mla_config import MLAConfig
 from moekit.mixers.registry import LAYER_LETTERS, check_linear_mixer, linear_mixers_reading
 from moekit.mixers.rope_scaling import YarnScaling
 from moekit.moe.config import MoEConfig
-from moekit.validation import check_known_keys, is_int
+from moekit.validation import check_known_keys, is_int, is_number
 
-_FIELD_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}  # the scalar annotations checked
+_FIELD_TYPES = {"int": int, "float": Real, "bool": bool, "str": str}  # the scalar annotations checked
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -39,6 +40,15 @@ class ResidualScaling:
     linear_beta: float = 1.0
     ffn_alpha: float = 1.0
     ffn_beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        # A quoted YAML "false" would be true, and a NaN or string factor surfaced only in the forward.
+        if not isinstance(self.from_norm, bool):
+            raise TypeError(f"ResidualScaling: from_norm must be true or false, got {self.from_norm!r}")
+        for name in (f.name for f in dataclasses.fields(self) if f.name != "from_norm"):  # the alphas and betas
+            value = getattr(self, name)
+            if not (is_number(value) and math.isfinite(value)):
+                raise ValueError(f"ResidualScaling: {name} must be a finite number, got {value!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ResidualScaling:
@@ -110,14 +120,7 @@ class ModelConfig:
     hf_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.moe, dict):
-            self.moe = MoEConfig.from_dict(self.moe)
-        if isinstance(self.mla, dict):
-            self.mla = MLAConfig.from_dict(self.mla)
-        if isinstance(self.rope_scaling, dict):
-            self.rope_scaling = YarnScaling.from_dict(self.rope_scaling)
-        if isinstance(self.residual, dict):
-            self.residual = ResidualScaling.from_dict(self.residual)
+        self._build_nested_configs()
         self._check_types()  # before anything below computes with the values
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
@@ -126,6 +129,18 @@ class ModelConfig:
         if self.moe.hidden_size != self.hidden_size:
             self.moe = dataclasses.replace(self.moe, hidden_size=self.hidden_size)
         self.validate()
+
+    def _build_nested_configs(self) -> None:
+        """Mappings (from YAML / JSON) become their config classes; any other value is refused here, not met
+        as an AttributeError when the model is built or run (``mla: true`` built nothing but a crash)."""
+        for name, cls in (("moe", MoEConfig), ("mla", MLAConfig), ("rope_scaling", YarnScaling),
+                          ("residual", ResidualScaling)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls.from_dict(value))
+            elif not isinstance(value, cls) and (value is not None or name == "moe"):
+                allowed = f"a {cls.__name__} or a mapping" + ("" if name == "moe" else " or None")
+                raise TypeError(f"ModelConfig: {name} must be {allowed}, got {value!r}")
 
     def _check_types(self) -> None:
         """Each field's value has its annotated type (an int field takes no bool or float, a bool field
@@ -219,7 +234,7 @@ class ModelConfig:
         return cls(**values) if moe is None else cls(**values, moe=moe)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _plain_numbers(dataclasses.asdict(self))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelConfig:
@@ -243,6 +258,16 @@ class ModelConfig:
         if not path.is_file():
             raise ValueError(f"ModelConfig: no built-in config {name!r}; available: {available_configs()}")
         return cls.from_yaml(path)
+
+
+def _plain_numbers(value: Any) -> Any:
+    """``value`` with Python ints / floats for the NumPy scalars the checks accept: JSON (save_pretrained)
+    and YAML cannot write those."""
+    if isinstance(value, dict):
+        return {key: _plain_numbers(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain_numbers(item) for item in value)
+    return int(value) if is_int(value) else float(value) if is_number(value) else value
 
 
 def available_configs() -> list[str]:

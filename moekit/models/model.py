@@ -169,8 +169,8 @@ class MoEForCausalLM(nn.Module):
                 logits_to_keep: int = 0, return_logits: bool = True) -> CausalLMOutput:
         """input_ids [B, T]. ``labels`` follow the Hugging Face convention: the same positions as
         ``input_ids``, shifted here, -100 ignored. ``attention_mask`` [B, T] (1 real, 0 padding)
-        marks left padding. With a ``cache`` the call continues the cached sequences and
-        updates the cache in place (a one-token call takes the recurrent path).
+        marks left padding; a padding position predicts no label. With a ``cache`` the call continues
+        the cached sequences and updates the cache in place (a one-token call takes the recurrent path).
         ``logits_to_keep=n > 0`` computes logits for the last n positions only (a prefill needs
         one: the full [B, T, vocab] float32 logits of a long prompt can outweigh the model).
         ``return_logits=False`` (with labels: training) computes the loss chunk by chunk without
@@ -199,15 +199,24 @@ class MoEForCausalLM(nn.Module):
         if return_logits:
             logits = self.logits(x)
         if labels is not None:
+            targets = self._targets(labels, attention_mask)
             if logits is not None:
-                lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                           ignore_index=IGNORE_INDEX)
-            else:  # position t predicts labels[t + 1]; each row's last position predicts nothing
-                shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-                lm_loss = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, shifted.reshape(-1),
+            else:
+                lm_loss = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1),
                                                scale=1.0 / self.config.logits_scaling, ignore_index=IGNORE_INDEX)
             loss = lm_loss + aux_loss
         return CausalLMOutput(logits=logits, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, cache=cache)
+
+    @staticmethod
+    def _targets(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """[B, T] int64: position t predicts labels[t + 1]. A row's last position predicts nothing, nor
+        does a padding position (the pad before a left-padded row's first token would be scored on it)."""
+        targets = F.pad(labels[:, 1:].long(), (0, 1), value=IGNORE_INDEX)  # cross_entropy takes int64 only
+        if attention_mask is not None:
+            targets = targets.masked_fill(~attention_mask.bool(), IGNORE_INDEX)
+        return targets
 
     def _check_inputs(self, input_ids, labels, attention_mask) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
@@ -220,11 +229,18 @@ class MoEForCausalLM(nn.Module):
             if other is not None and other.shape != input_ids.shape:
                 raise ValueError(f"MoEForCausalLM: {name} must match input_ids' shape "
                                  f"{tuple(input_ids.shape)}, got {tuple(other.shape)}")
+        if labels is not None and labels.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"MoEForCausalLM: labels must be an integer tensor (int64 or int32), got {labels.dtype}")
         if is_capturing():
             return  # the value check reads the ids on the host, which a CUDA-graph capture forbids
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
             raise ValueError(f"MoEForCausalLM: token ids must lie in [0, {self.config.vocab_size}), got "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if labels is not None:  # on a GPU, cross_entropy meets an out-of-range label as a device-side assert
+            bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.config.vocab_size))]
+            if bad.numel():
+                raise ValueError(f"MoEForCausalLM: labels must lie in [0, {self.config.vocab_size}) or equal "
+                                 f"{IGNORE_INDEX} (ignored), got {int(bad[0])}")
 
     # --- generation and checkpoints ---------------------------------------------------------
 

@@ -78,3 +78,46 @@ def test_corrupt_files_and_bad_config(tmp_path):
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         MoEForCausalLM.from_pretrained(tmp_path)
+
+
+def test_numpy_sizes_and_factors_save_and_load(tmp_path):
+    """NumPy scalars pass the config checks (a size from np.arange, a factor from np.float32), so the
+    model must save: json.dumps refused np.int64 and save_pretrained failed after training."""
+    import numpy as np
+
+    from moekit.models import ModelConfig
+
+    config = ModelConfig.from_dict({
+        "vocab_size": np.int64(40), "hidden_size": 32, "layer_pattern": "LN", "num_heads": 2, "head_dim": 16,
+        "init_std": np.float32(0.05), "moe": {"ffn_hidden_size": np.int64(16), "num_experts": 4, "top_k": 2},
+    })
+    model = MoEForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["vocab_size"], saved["moe"]["ffn_hidden_size"]) == (40, 16)
+    assert saved["init_std"] == pytest.approx(0.05)
+    loaded = MoEForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 40, (2, 5))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    config.to_yaml(tmp_path / "c.yaml")
+    assert ModelConfig.from_yaml(tmp_path / "c.yaml").vocab_size == 40
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """Re-saving into a folder that a disk-full or interrupted write fails must not destroy what was there."""
+    from moekit.models import checkpoint
+
+    model_for(False).save_pretrained(tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in ("config.json", "model.safetensors")}
+
+    def failing_save_file(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\x00" * 64)  # part of the file, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
+    other = model_for(True)
+    with pytest.raises(OSError, match="No space left"):
+        other.save_pretrained(tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]

@@ -158,6 +158,9 @@ def test_bad_inputs_are_named():
         MoEForCausalLM(small_config(max_seq_len=4))(torch.tensor([[1, 2, 3, 4, 5]]))
     with pytest.raises(ValueError, match="attention_mask must match"):
         model(torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 4))
+    for label in (50, -1):  # the full-logits loss (an IndexError here, a device-side assert on a GPU)
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, 50\) or equal -100 \(ignored\), got {label}"):
+            model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[-100, 4, label]]))
 
 
 @pytest.mark.parametrize("logits_scaling", [1.0, 4.0])
@@ -178,3 +181,53 @@ def test_loss_without_logits_matches_full_logits(logits_scaling):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7, msg=name)
     with pytest.raises(ValueError, match="return_logits=False needs labels"):
         model(ids, return_logits=False)
+
+
+def test_int32_labels_give_the_int64_loss():
+    """int32 labels (accepted for input_ids, and by the chunked loss) give the same loss on both paths."""
+    model = MoEForCausalLM(small_config()).double()
+    ids = torch.randint(0, 50, (2, 9))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    want = model(ids, labels=labels).lm_loss
+    for return_logits in (True, False):
+        got = model(ids.int(), labels=labels.int(), return_logits=return_logits).lm_loss
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        model(ids, labels=labels.float())
+
+
+@pytest.mark.parametrize("return_logits", [True, False])
+def test_left_padding_leaves_the_loss_unchanged(return_logits):
+    """A padding position predicts nothing: the pad just before a row's first token must not be scored
+    on it, so a left-padded row has the loss of the same row unpadded."""
+    model = MoEForCausalLM(small_config()).double()
+    ids = torch.randint(1, 50, (1, 7))
+    want = model(ids, labels=ids, return_logits=return_logits).lm_loss
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 7)], 1)
+    masked_labels = padded.masked_fill(mask == 0, -100)
+    for labels in (masked_labels, padded):  # the pads' own labels are never predicted by a real position
+        got = model(padded, labels=labels, attention_mask=mask, return_logits=return_logits).lm_loss
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=0)
+
+
+def test_residual_scaling_refuses_values_that_build_another_model():
+    """A quoted "false" was truthy (the residual silently taken from the norm), a string or NaN factor
+    passed the config and failed or poisoned the forward."""
+    scaled = small_config(residual={"from_norm": True, "ffn_beta": 0.5})
+    assert ModelConfig.from_dict(scaled.to_dict()) == scaled
+    with pytest.raises(TypeError, match="from_norm must be true or false, got 'false'"):
+        small_config(residual={"from_norm": "false"})
+    for value in ("0.5", float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="ffn_beta must be a finite number"):
+            small_config(residual={"ffn_beta": value})
+
+
+def test_nested_configs_of_another_type_are_refused_by_name():
+    """mla: true (or a number for rope_scaling / residual) passed the config and crashed, or ran, later."""
+    for key, value in (("mla", True), ("rope_scaling", 4.0), ("residual", 1.0)):
+        with pytest.raises(TypeError, match=f"ModelConfig: {key} must be a .* or a mapping or None, got {value}"):
+            small_config(**{key: value})
+    with pytest.raises(TypeError, match="ModelConfig: moe must be a MoEConfig or a mapping, got None"):
+        ModelConfig(moe=None)
