@@ -107,4 +107,5 @@ def load_pretrained(cls, directory: str | Path, device=None, dtype=None):
     if config.tie_word_embeddings:
         tensors[TIED_HEAD] = tensors["embed_tokens.weight"]
     model.load_state_dict(tensors, strict=True)
+    model.eval()  # as transformers returns it: no router jitter, no bias-balancing counts; .train() to fine-tune
     return model.to(device) if device is not None else model

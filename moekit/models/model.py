@@ -254,5 +254,6 @@ class MoEForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, device=None, dtype=None) -> MoEForCausalLM:
-        """Load a ``save_pretrained`` folder; missing, unexpected or mis-shaped tensors are refused by name."""
+        """Load a ``save_pretrained`` folder, in eval mode (call ``.train()`` to fine-tune); missing, unexpected
+        or mis-shaped tensors are refused by name."""
         return checkpoint.load_pretrained(cls, directory, device=device, dtype=dtype)

@@ -121,3 +121,20 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatc
         other.save_pretrained(tmp_path)
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_from_pretrained_returns_an_inference_model(tmp_path):
+    """from_pretrained returned the model in training mode (transformers returns eval mode): with
+    router_jitter set, two calls on the same ids routed differently, and aux-loss-free balancing
+    counted inference batches towards its next bias step."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_dict({
+        "vocab_size": 40, "hidden_size": 32, "layer_pattern": "N", "num_heads": 2, "head_dim": 16,
+        "moe": {"ffn_hidden_size": 16, "num_experts": 4, "top_k": 2, "router_jitter": 0.5, "bias_update_rate": 0.01},
+    })
+    MoEForCausalLM(config).save_pretrained(tmp_path)
+    loaded = MoEForCausalLM.from_pretrained(tmp_path)
+    assert not loaded.training
+    ids = torch.randint(0, 40, (2, 9))
+    assert torch.equal(loaded(ids).logits, loaded(ids).logits)
+    assert all(not moe.router.load_since_update.any() for moe in loaded.moe_layers())
