@@ -50,6 +50,14 @@ class MoE(nn.Module):
     def last_stats(self) -> MoEStats | None:
         return None if self.balance is None else self.balance.value()[1]
 
+    def __getstate__(self) -> dict:
+        """A copy (copy.deepcopy, pickle, torch.save of the module) starts without the last forward's
+        losses and statistics: after a training forward they are tensors of its autograd graph,
+        which deepcopy refuses."""
+        state = super().__getstate__()
+        state["balance"] = None
+        return state
+
     def set_dispatcher(self, dispatcher) -> None:
         self.dispatcher = dispatcher
 
