@@ -78,6 +78,16 @@ class Block(nn.Module):
 
 
 class MoEForCausalLM(nn.Module):
+    """The hybrid Linear-MoE language model of a ``ModelConfig``.
+
+    A training step in your own loop: ``out = model(ids, labels=ids)``; ``out.loss`` (the LM loss
+    plus every MoE layer's weighted balancing loss) ``.backward()``; ``optimizer.step()``; then,
+    with ``moe.bias_update_rate > 0``, ``moekit.moe.update_expert_biases(model)``. Each MoE layer's
+    statistics of the last forward: ``[layer.last_stats for layer in model.moe_layers()]``.
+    Under ``torch.utils.checkpoint`` use ``use_reentrant=False``: the reentrant form runs the
+    forward without autograd, and the balancing losses then carry no gradient.
+    """
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         config.validate()

@@ -20,7 +20,9 @@ class MoE(nn.Module):
     After each forward, ``last_stats`` holds an ``MoEStats`` and ``aux_loss`` the sum of the
     enabled balancing losses, weighted by their coefficients (a scalar in the graph). Inputs of
     three or more dims are read as [..., sequence, hidden] for the sequence-wise loss. A forward
-    without autograd computes both only when they are read (``balancing.Balance``).
+    without autograd computes both only when they are read (``balancing.Balance``). So under
+    ``torch.utils.checkpoint``, pass ``use_reentrant=False``: the reentrant form runs the forward
+    without autograd, and an ``aux_loss`` read after it carries no gradient to the router.
     """
 
     def __init__(self, config: MoEConfig):
