@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from moekit.validation import check_known_keys, is_int
+from moekit.validation import check_known_keys, is_int, is_number
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTER_TYPES = ("topk", "expert_choice")
@@ -101,6 +101,9 @@ class MoEConfig:
         width = self.shared_ffn_hidden_size  # None (or 0): ffn_hidden_size
         need(width is None or (is_int(width) and width >= 0),
              f"shared_ffn_hidden_size must be None or an integer >= 0, got {width!r}")
+        for name in ("shared_expert_gate", "norm_topk_prob", "router_bias", "cache_fp8_weights", "check_finite"):
+            value = getattr(self, name)  # a quoted "false" is a true string: it must not switch the option on
+            need(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
         need(self.score_func in SCORE_FUNCS, f"unknown score_func {self.score_func!r}; choose from {SCORE_FUNCS}")
         need(self.router_type in ROUTER_TYPES,
              f"unknown router_type {self.router_type!r}; choose from {ROUTER_TYPES}")
@@ -121,8 +124,9 @@ class MoEConfig:
                  f"each group needs >= 2 experts, got {per_group}")
             need(self.top_k <= self.topk_groups * per_group,
                  f"top_k ({self.top_k}) exceeds the experts in topk_groups ({self.topk_groups} x {per_group})")
-        need(self.capacity_factor is None or 0 < self.capacity_factor < math.inf,
-             f"capacity_factor must be None (dropless) or finite and > 0, got {self.capacity_factor}")
+        cf = self.capacity_factor
+        need(cf is None or (is_number(cf) and 0 < cf < math.inf),
+             f"capacity_factor must be None (dropless) or finite and > 0, got {cf!r}")
         need(self.router_type != "expert_choice" or self.num_groups == 1,
              "expert_choice routing does not combine with group-limited routing")
         if self.router_type == "expert_choice":
@@ -135,10 +139,11 @@ class MoEConfig:
             need(not unused, f"expert_choice routing does not use {', '.join(unused)}: leave them at their defaults")
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate", "init_std"):
             value = getattr(self, name)
-            need(0 <= value < math.inf, f"{name} must be finite and >= 0, got {value}")
+            need(is_number(value) and 0 <= value < math.inf, f"{name} must be finite and >= 0, got {value!r}")
         # The jitter multiplies the router input by uniform(1 - eps, 1 + eps): eps >= 1 could zero or flip it.
-        need(0 <= self.router_jitter < 1, f"router_jitter must lie in [0, 1), got {self.router_jitter}")
-        need(0 < self.route_scale < math.inf, f"route_scale must be finite and > 0, got {self.route_scale}")
+        jitter, scale = self.router_jitter, self.route_scale
+        need(is_number(jitter) and 0 <= jitter < 1, f"router_jitter must lie in [0, 1), got {jitter!r}")
+        need(is_number(scale) and 0 < scale < math.inf, f"route_scale must be finite and > 0, got {scale!r}")
         need(not self.cache_fp8_weights or self.precision != "bf16",
              "cache_fp8_weights keeps quantized copies of the expert weights: it needs precision 'fp8' or 'mxfp8'")
         if self.precision != "bf16":
