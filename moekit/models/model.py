@@ -210,7 +210,8 @@ class MoEForCausalLM(nn.Module):
             logits = self.logits(x)
         if labels is not None:
             if logits is not None:
-                lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                targets = labels[:, 1:].reshape(-1).long()  # cross_entropy takes int64 class indices only
+                lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets,
                                           ignore_index=IGNORE_INDEX)
             else:  # position t predicts labels[t + 1]; each row's last position predicts nothing
                 shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -230,6 +231,9 @@ class MoEForCausalLM(nn.Module):
             if other is not None and other.shape != input_ids.shape:
                 raise ValueError(f"MoEForCausalLM: {name} must match input_ids' shape "
                                  f"{tuple(input_ids.shape)}, got {tuple(other.shape)}")
+        if labels is not None and labels.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"MoEForCausalLM: labels must be an integer tensor (int64 or int32, as input_ids), "
+                             f"got {labels.dtype}")
         if is_capturing():
             return  # the value check reads the ids on the host, which a CUDA-graph capture forbids
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):

@@ -163,6 +163,20 @@ def test_bad_inputs_are_named():
         MoEForCausalLM(small_config(max_seq_len=4))(torch.tensor([[1, 2, 3, 4, 5]]))
     with pytest.raises(ValueError, match="attention_mask must match"):
         model(torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1.0, 2.0, 3.0]]))
+
+
+@pytest.mark.parametrize("return_logits", [True, False])
+def test_int32_labels_give_the_int64_loss(return_logits):
+    """int32 ids are accepted, so labels = ids.clone() of int32 ids (token files, NumPy) must be too."""
+    model = MoEForCausalLM(small_config())
+    ids = torch.randint(0, 50, (2, 9))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    want = model(ids, labels=labels, return_logits=return_logits).lm_loss
+    got = model(ids.int(), labels=labels.int(), return_logits=return_logits).lm_loss
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("logits_scaling", [1.0, 4.0])
