@@ -43,8 +43,9 @@ class DeltaNet(LinearMixer):
         qkv = self.short_conv(torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1),
                               cache_entry, mask)
         q, k, v = qkv.split([h * dk, h * dk, h * dv], dim=-1)
-        q = F.normalize(at_least_float32(q.view(b, t, h, dk)), dim=-1).to(x.dtype)
-        k = F.normalize(at_least_float32(k.view(b, t, h, dk)), dim=-1).to(x.dtype)
+        # Back to v's dtype, not x's: under autocast the projections (and so v) are bf16 while x is float32.
+        q = F.normalize(at_least_float32(q.view(b, t, h, dk)), dim=-1).to(v.dtype)
+        k = F.normalize(at_least_float32(k.view(b, t, h, dk)), dim=-1).to(v.dtype)
         beta = torch.sigmoid(at_least_float32(self.b_proj(x)))
         return q, zero_padding(k, mask), v.view(b, t, h, dv), beta
 

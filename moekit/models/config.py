@@ -167,6 +167,10 @@ class ModelConfig:
         self._check_types()
         for name in ("vocab_size", "hidden_size", "max_seq_len", "dense_ffn_hidden_size"):  # ints: _check_types
             need(getattr(self, name) > 0, f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        # Construction makes them equal; a width edited afterwards would build MoE layers of the old width.
+        need(self.moe.hidden_size == self.hidden_size,
+             f"moe.hidden_size ({self.moe.hidden_size}) differs from hidden_size ({self.hidden_size}); "
+             "build a new config (dataclasses.replace(config, hidden_size=...)) instead of editing the width")
         need(len(self.layer_pattern) > 0, "layer_pattern must have at least one letter")
         bad = sorted(set(self.layer_pattern) - set(LAYER_LETTERS))
         need(not bad, f"layer_pattern {self.layer_pattern!r} has unknown letter(s) {bad}; "

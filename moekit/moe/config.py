@@ -46,6 +46,12 @@ class MoEConfig:
     Expert choice (Zhou et al., 2022): each expert takes its ``ceil(capacity_factor * tokens *
     top_k / num_experts)`` best-scoring real tokens, i.e. the paper's capacity factor c (experts
     per token on average) is ``capacity_factor * top_k``; ``capacity_factor=None`` means 1.0 here.
+
+    Balancing in your own training loop: add the layer's ``aux_loss`` (the ``*_loss_coef``-weighted
+    losses; ``MoEForCausalLM``'s ``loss`` already includes them) to the loss. ``bias_update_rate``
+    only counts the load during training forwards: the bias moves when you call
+    ``moekit.moe.update_expert_biases(model)`` (or ``MoE.update_expert_bias``) after each
+    ``optimizer.step()``; without that call it stays 0.
     """
 
     hidden_size: int = 256

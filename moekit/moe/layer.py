@@ -20,7 +20,9 @@ class MoE(nn.Module):
     After each forward, ``last_stats`` holds an ``MoEStats`` and ``aux_loss`` the sum of the
     enabled balancing losses, weighted by their coefficients (a scalar in the graph). Inputs of
     three or more dims are read as [..., sequence, hidden] for the sequence-wise loss. A forward
-    without autograd computes both only when they are read (``balancing.Balance``).
+    without autograd computes both only when they are read (``balancing.Balance``). So under
+    ``torch.utils.checkpoint``, pass ``use_reentrant=False``: the reentrant form runs the forward
+    without autograd, and an ``aux_loss`` read after it carries no gradient to the router.
     """
 
     def __init__(self, config: MoEConfig):
@@ -49,6 +51,14 @@ class MoE(nn.Module):
     @property
     def last_stats(self) -> MoEStats | None:
         return None if self.balance is None else self.balance.value()[1]
+
+    def __getstate__(self) -> dict:
+        """A copy (copy.deepcopy, pickle, torch.save of the module) starts without the last forward's
+        losses and statistics: after a training forward they are tensors of its autograd graph,
+        which deepcopy refuses."""
+        state = super().__getstate__()
+        state["balance"] = None
+        return state
 
     def set_dispatcher(self, dispatcher) -> None:
         self.dispatcher = dispatcher

@@ -222,3 +222,17 @@ def test_softmax_options_mla_ignores_are_refused(option, hint):
         MixerConfig(hidden_size=16, num_heads=2, head_dim=8, mla=mla, **option)
     assert build_mixer("N", "gla", MixerConfig(hidden_size=16, num_heads=2, head_dim=8, mla=mla))(
         torch.randn(1, 3, 16)).shape == (1, 3, 16)
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_bf16_autocast_on_a_float32_model(name):
+    """torch.autocast runs the projections in bf16 while the block input stays float32: a mixer
+    must hand its op operands of one dtype and compute what float32 does, to bf16 accuracy."""
+    mixer = make(name)
+    x = torch.randn(2, 9, 24, requires_grad=True)
+    full = mixer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mixer(x)
+    out.float().sum().backward()
+    assert rel(out.float(), full) < 3e-2
+    assert x.grad is not None and torch.isfinite(x.grad).all()

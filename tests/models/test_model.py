@@ -32,6 +32,11 @@ def test_config_round_trip_and_moe_hidden_size(tmp_path):
     assert direct.moe.hidden_size == 48
     with pytest.raises(ValueError, match=r"moe.hidden_size \(16\) differs from hidden_size \(32\)"):
         small_config(moe={"hidden_size": 16})
+    # A width edited after construction is refused when the model is built, not at its first forward.
+    edited = small_config()
+    edited.hidden_size = 64
+    with pytest.raises(ValueError, match=r"moe.hidden_size \(32\) differs from hidden_size \(64\)"):
+        MoEForCausalLM(edited)
 
 
 def test_config_refuses_bad_values_by_name(tmp_path):
