@@ -2,6 +2,7 @@
 gradients (float64 gradcheck), and the softmax path against a plain float64 attention."""
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ ALL_MIXERS = [*sorted(LINEAR_MIXERS), "softmax"]
 
 
 def make(name: str, dtype=torch.float32, **overrides) -> torch.nn.Module:
-    torch.manual_seed(hash(name) % 1000)
+    torch.manual_seed(zlib.crc32(name.encode()) % 1000)  # not hash(): Python salts str hashes per process
     cfg = MixerConfig(**{"hidden_size": 24, "num_heads": 2, "head_dim": 8, "num_kv_heads": 1,
                          "layer_idx": 1, "num_layers": 3, **overrides})
     mixer = SoftmaxAttention(cfg) if name == "softmax" else LINEAR_MIXERS[name](cfg)
@@ -234,5 +235,22 @@ def test_bf16_autocast_on_a_float32_model(name):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = mixer(x)
     out.float().sum().backward()
-    assert rel(out.float(), full) < 3e-2
+    assert rel(out.float(), full) < 6e-2  # bf16 projections and gates: 0.4-3.6% over 25 random inits
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_bf16_autocast_on_a_float32_model_on_gpu(name):
+    """What ``moekit train`` runs on CUDA (float32 weights, bf16 autocast) through the Triton kernels:
+    head dim 32 and 80 tokens, past one 64-token chunk (DeltaNet's q, k and v once met the kernels in
+    two dtypes under autocast)."""
+    mixer = make(name, hidden_size=64, head_dim=32).cuda()
+    x = torch.randn(2, 80, 64, device="cuda", requires_grad=True)
+    full = mixer(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = mixer(x)
+    out.float().sum().backward()
+    assert rel(out.float(), full) < 6e-2  # bf16 projections and gates: 0.4-3.6% over 25 random inits
     assert x.grad is not None and torch.isfinite(x.grad).all()
