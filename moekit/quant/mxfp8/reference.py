@@ -24,7 +24,9 @@ Error bound (finite input): each decoded element y_i satisfies
 
 with r = 2**-(mantissa_bits + 1) for rceil (1/16 for e4m3, 1/8 for e5m2) and r = 1/8 for floor,
 whose scale lets values in [max_normal, 2**(emax + 1)) * 2**s saturate to max_normal. The second
-term is half the element type's subnormal spacing, times the scale.
+term is half the element type's subnormal spacing, times the scale. One exception, rceil within a
+few percent of float32's largest value (amax >= about 1.94 * 2**127 for e4m3, 1.875 * 2**127 for
+e5m2): an element rounds up to 2**128, which `dequantize` to float32 returns as +-inf.
 """
 
 from __future__ import annotations
