@@ -35,9 +35,9 @@ from moekit import MoE, MoEConfig
     (dict(norm_topk_prob="false"), "norm_topk_prob must be True or False, got 'false'"),
     (dict(num_shared_experts=1, shared_expert_gate="no"), "shared_expert_gate must be True or False, got 'no'"),
     (dict(capacity_factor="1.25"), "capacity_factor must be None .* got '1.25'"),
-    (dict(aux_loss_coef="0.01"), "aux_loss_coef must be finite and >= 0, got '0.01'"),
-    (dict(route_scale=None), "route_scale must be finite and > 0, got None"),
-    (dict(router_jitter="0.1"), r"router_jitter must lie in \[0, 1\), got '0.1'"),
+    (dict(aux_loss_coef="0.01"), "aux_loss_coef must be a number, got '0.01'"),
+    (dict(route_scale=None), "route_scale must be a number, got None"),
+    (dict(router_jitter="0.1"), "router_jitter must be a number, got '0.1'"),
 ])
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
