@@ -225,32 +225,19 @@ def test_softmax_options_mla_ignores_are_refused(option, hint):
         torch.randn(1, 3, 16)).shape == (1, 3, 16)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
 @pytest.mark.parametrize("name", ALL_MIXERS)
-def test_bf16_autocast_on_a_float32_model(name):
-    """torch.autocast runs the projections in bf16 while the block input stays float32: a mixer
-    must hand its op operands of one dtype and compute what float32 does, to bf16 accuracy."""
-    mixer = make(name)
-    x = torch.randn(2, 9, 24, requires_grad=True)
+def test_bf16_autocast_on_a_float32_model(name, device):
+    """torch.autocast runs the projections in bf16 while the block input stays float32 (what
+    ``moekit train`` runs on CUDA): a mixer must hand its op operands of one dtype and compute what
+    float32 does, to bf16 accuracy. Head dim 32 and 80 tokens, past one 64-token chunk, so that CUDA
+    takes the Triton kernels (DeltaNet's q, k and v once met them in two dtypes under autocast)."""
+    mixer = make(name, hidden_size=64, head_dim=32).to(device)
+    x = torch.randn(2, 80, 64, device=device, requires_grad=True)
     full = mixer(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = mixer(x)
     out.float().sum().backward()
-    assert rel(out.float(), full) < 6e-2  # bf16 projections and gates: 0.4-3.6% over 25 random inits
-    assert x.grad is not None and torch.isfinite(x.grad).all()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", ALL_MIXERS)
-def test_bf16_autocast_on_a_float32_model_on_gpu(name):
-    """What ``moekit train`` runs on CUDA (float32 weights, bf16 autocast) through the Triton kernels:
-    head dim 32 and 80 tokens, past one 64-token chunk (DeltaNet's q, k and v once met the kernels in
-    two dtypes under autocast)."""
-    mixer = make(name, hidden_size=64, head_dim=32).cuda()
-    x = torch.randn(2, 80, 64, device="cuda", requires_grad=True)
-    full = mixer(x)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = mixer(x)
-    out.float().sum().backward()
-    assert rel(out.float(), full) < 6e-2  # bf16 projections and gates: 0.4-3.6% over 25 random inits
+    assert rel(out.float(), full) < 4e-2  # bf16 projections and gates: 0.5-1.3% over 8 inits on the CPU
     assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -28,6 +28,21 @@ def naive_switch_loss(routes, probs, num_experts, top_k):
     return num_experts * total
 
 
+def naive_losses(layer, x: torch.Tensor) -> tuple[float, float, float]:
+    """The Switch aux loss, the sequence-wise loss (the same per sequence, averaged) and the z-loss of
+    ``layer``'s router (8 experts, top-2) on ``x`` [batch, seq, 16], by their definitions."""
+    batch, seq, _ = x.shape
+    logits = x.reshape(-1, 16) @ layer.router.weight.t()
+    routes = naive_topk_routing(logits, layer.config)
+    scores = logits.softmax(-1) if layer.config.score_func == "softmax" else logits.sigmoid()
+    probs = (scores / scores.sum(-1, keepdim=True)).tolist()
+    aux = naive_switch_loss(routes, probs, 8, 2)
+    seq_aux = sum(naive_switch_loss(routes[b * seq:(b + 1) * seq], probs[b * seq:(b + 1) * seq], 8, 2)
+                  for b in range(batch)) / batch
+    z = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / len(routes)
+    return aux, seq_aux, z
+
+
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 def test_aux_seq_and_z_losses(score_func):
     coefs = dict(aux_loss_coef=0.3, seq_aux_loss_coef=0.7, z_loss_coef=0.05)
@@ -35,15 +50,7 @@ def test_aux_seq_and_z_losses(score_func):
     batch, seq = 3, 10
     x = torch.randn(batch, seq, 16, dtype=torch.float64)
     layer(x)
-    flat = x.reshape(-1, 16)
-    logits = flat @ layer.router.weight.t()
-    routes = naive_topk_routing(logits, layer.config)
-    scores = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
-    probs = (scores / scores.sum(-1, keepdim=True)).tolist()
-    aux = naive_switch_loss(routes, probs, 8, 2)
-    seq_aux = sum(naive_switch_loss(routes[b * seq:(b + 1) * seq], probs[b * seq:(b + 1) * seq], 8, 2)
-                  for b in range(batch)) / batch
-    z = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / len(routes)
+    aux, seq_aux, z = naive_losses(layer, x)
     stats = layer.last_stats
     assert math.isclose(stats.aux_loss.item(), aux, rel_tol=1e-12)
     assert math.isclose(stats.seq_aux_loss.item(), seq_aux, rel_tol=1e-12)
@@ -208,13 +215,7 @@ def test_statistics_report_the_z_and_sequence_losses_when_they_are_not_trained()
     batch, seq = 2, 9
     x = torch.randn(batch, seq, 16, dtype=torch.float64)
     layer(x)
-    logits = x.reshape(-1, 16) @ layer.router.weight.t()
-    routes = naive_topk_routing(logits, layer.config)
-    probs = logits.softmax(-1).tolist()
-    aux = naive_switch_loss(routes, probs, 8, 2)
-    seq_aux = sum(naive_switch_loss(routes[b * seq:(b + 1) * seq], probs[b * seq:(b + 1) * seq], 8, 2)
-                  for b in range(batch)) / batch
-    z = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / len(routes)
+    aux, seq_aux, z = naive_losses(layer, x)
     stats = layer.last_stats
     assert math.isclose(stats.z_loss.item(), z, rel_tol=1e-12)
     assert math.isclose(stats.seq_aux_loss.item(), seq_aux, rel_tol=1e-12)
