@@ -43,10 +43,12 @@ def naive_losses(layer, x: torch.Tensor) -> tuple[float, float, float]:
     return aux, seq_aux, z
 
 
+# Coefficients 0: MoEStats still reports the z and sequence-wise losses, unweighted (a run logs them to
+# decide whether it needs them), while the weighted aux_loss leaves them out.
+@pytest.mark.parametrize("seq_coef,z_coef", [(0.7, 0.05), (0.0, 0.0)])
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
-def test_aux_seq_and_z_losses(score_func):
-    coefs = dict(aux_loss_coef=0.3, seq_aux_loss_coef=0.7, z_loss_coef=0.05)
-    layer = make_layer(score_func=score_func, **coefs)
+def test_aux_seq_and_z_losses(score_func, seq_coef, z_coef):
+    layer = make_layer(score_func=score_func, aux_loss_coef=0.3, seq_aux_loss_coef=seq_coef, z_loss_coef=z_coef)
     batch, seq = 3, 10
     x = torch.randn(batch, seq, 16, dtype=torch.float64)
     layer(x)
@@ -55,7 +57,7 @@ def test_aux_seq_and_z_losses(score_func):
     assert math.isclose(stats.aux_loss.item(), aux, rel_tol=1e-12)
     assert math.isclose(stats.seq_aux_loss.item(), seq_aux, rel_tol=1e-12)
     assert math.isclose(stats.z_loss.item(), z, rel_tol=1e-12)
-    expected_total = 0.3 * aux + 0.7 * seq_aux + 0.05 * z
+    expected_total = 0.3 * aux + seq_coef * seq_aux + z_coef * z
     assert math.isclose(layer.aux_loss.item(), expected_total, rel_tol=1e-12)
     assert layer.aux_loss.requires_grad
 
@@ -205,18 +207,3 @@ def test_no_grad_forward_in_training_mode_adds_no_bias_load():
     assert torch.count_nonzero(layer.router.expert_bias) == 0
     layer(x)  # a training forward counts: 16 tokens x top-2
     assert layer.router.load_since_update.sum().item() == 32
-
-
-def test_statistics_report_the_z_and_sequence_losses_when_they_are_not_trained():
-    """``MoEStats.z_loss`` / ``seq_aux_loss`` are the values, unweighted: a run that logs them to decide
-    whether it needs the losses (router logits growing, one sequence's tokens piling on an expert)
-    must see them, not zeros, while their coefficients are 0; the weighted ``aux_loss`` leaves them out."""
-    layer = make_layer(aux_loss_coef=0.3)
-    batch, seq = 2, 9
-    x = torch.randn(batch, seq, 16, dtype=torch.float64)
-    layer(x)
-    aux, seq_aux, z = naive_losses(layer, x)
-    stats = layer.last_stats
-    assert math.isclose(stats.z_loss.item(), z, rel_tol=1e-12)
-    assert math.isclose(stats.seq_aux_loss.item(), seq_aux, rel_tol=1e-12)
-    assert math.isclose(layer.aux_loss.item(), 0.3 * aux, rel_tol=1e-12)
