@@ -29,9 +29,9 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         output_splits, input_splits = ctx.splits
-        grad_x = grad.new_empty((_rows(input_splits, grad.shape[0]), *grad.shape[1:]))
-        dist.all_to_all_single(grad_x, grad.contiguous(), input_splits, output_splits, group=ctx.group)
-        return grad_x, None, None, None, None
+        # Through the Function, not a plain collective: under create_graph=True the gradient stays
+        # differentiable (a plain one would drop this op from a second derivative, silently).
+        return _AllToAll.apply(grad, input_splits, output_splits, ctx.group, None), None, None, None, None
 
 
 def all_to_all(x: torch.Tensor, output_splits: list[int] | None, input_splits: list[int] | None,
@@ -62,7 +62,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.group), None, None
+        return _ReduceScatter.apply(grad, ctx.group), None, None  # differentiable, as in _AllToAll
 
 
 class _ReduceScatter(torch.autograd.Function):

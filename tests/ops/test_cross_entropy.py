@@ -158,3 +158,16 @@ def test_second_derivative_is_refused_not_silently_zero():
     assert (want - without_loss).norm() > 1e-3 * want.norm()  # the loss's curvature matters here
     with pytest.raises(RuntimeError, match="linear_cross_entropy has no second derivative"):
         curvature(lambda h: linear_cross_entropy(h, weight, labels, rows=4))
+
+
+def test_a_scale_that_needs_a_gradient_is_refused():
+    """``scale`` is a constant of the op: a learnable temperature passed as a tensor used to be read with
+    float(), so its gradient was silently None (and the loss looked right). Now it is an error; a
+    tensor that needs no gradient still works as its value."""
+    hidden, weight, labels = _problem(10, 8, 20, torch.float64, seed=9)
+    temperature = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="scale is a constant here: .* gets no gradient"):
+        linear_cross_entropy(hidden, weight, labels, scale=temperature)
+    got = linear_cross_entropy(hidden, weight, labels, scale=temperature.detach())
+    want = F.cross_entropy(0.5 * hidden @ weight.t(), labels)
+    torch.testing.assert_close(got, want)

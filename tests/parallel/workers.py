@@ -253,7 +253,46 @@ def sync_grads_scenario(args: dict) -> None:
                                             for name, p in model.named_parameters()}})
 
 
-SCENARIOS = {"layer": layer_scenario, "train": train_scenario, "sync_grads": sync_grads_scenario}
+def comm_double_backward_scenario(args: dict) -> None:
+    """A Hessian-vector product through each collective (create_graph=True), on float64 rows, with the
+    same product computed in one process on every rank's rows (the collectives emulated by slicing)."""
+    init_distributed(ParallelConfig(ep=dist_world(), fsdp=False, timeout_s=30), device_type="cpu")
+    from moekit.parallel.comm import all_gather_start, all_to_all, reduce_scatter  # noqa: PLC0415
+
+    world, me, group = dist_world(), rank(), dist.group.WORLD
+
+    def gathered(f):
+        out, work = all_gather_start(f, group)
+        work.wait()
+        return out
+
+    collectives = {  # (distributed, emulated on the list of every rank's rows, for rank r)
+        "all_to_all": (lambda x: all_to_all(x, None, None, group),
+                       lambda xs, r: torch.cat([x.chunk(world)[r] for x in xs])),
+        "all_gather": (gathered, lambda xs, r: torch.cat(xs)),
+        "reduce_scatter": (lambda x: reduce_scatter(x, group), lambda xs, r: sum(xs).chunk(world)[r]),
+    }
+
+    def loss(y, x, r):
+        return (r + 1) * y.square().sum() + x.pow(3).sum()
+
+    result = {}
+    for name, (collective, emulated) in collectives.items():
+        xs = [torch.randn(2 * world, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
+              for r in range(world)]
+        x = xs[me].clone().requires_grad_()
+        (g,) = torch.autograd.grad(loss(collective(x), x, me), x, create_graph=True)
+        (hvp,) = torch.autograd.grad(g.sum(), x)
+        leaves = [t.clone().requires_grad_() for t in xs]
+        total = sum(loss(emulated(leaves, r), leaves[r], r) for r in range(world))
+        want = torch.autograd.grad(sum(g.sum() for g in torch.autograd.grad(total, leaves, create_graph=True)),
+                                   leaves)[me]
+        result[name] = rel_err(hvp, want)
+    write(args, result)
+
+
+SCENARIOS = {"layer": layer_scenario, "train": train_scenario, "sync_grads": sync_grads_scenario,
+             "comm_double_backward": comm_double_backward_scenario}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -83,6 +83,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if rows is not None and not (is_int(rows) and rows > 0):
         # range() with a step <= 0 would run no chunk: a loss of 0 and unwritten gradients
         raise ValueError(f"linear_cross_entropy: rows must be None or a positive integer, got {rows!r}")
+    if isinstance(scale, torch.Tensor) and scale.requires_grad:
+        # float(scale) below would cut it from the graph: a learned temperature would silently get no gradient
+        raise ValueError("linear_cross_entropy: scale is a constant here: a tensor that requires grad gets no "
+                         "gradient; pass a number, or scale hidden (or weight) by it before the call")
     vocab = weight.shape[0]
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bad.any():

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moekit.ops.first_order import refuse_create_graph
 from moekit.ops.linear_attention.triton_chunk import _chunk_gram, _decayed, _load_cols, _load_rows
 from moekit.ops.linear_attention.triton_layout import Chunks, block, chunk_cumsum, launch_options, state_tiles
 
@@ -401,6 +402,7 @@ class ChunkGLA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
+        refuse_create_graph("gla (triton)")  # kernels: no graph to differentiate
         q, k, v, gc, A, h, h0 = ctx.saved_tensors
         chunks, scale = ctx.chunks, ctx.scale
         tokens, H, K = q.shape

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from moekit.ops.first_order import refuse_create_graph
 from moekit.ops.linear_attention import triton_chunk as kc
 from moekit.ops.linear_attention._common import l2norm
 from moekit.ops.linear_attention.mamba2 import ssd_terms, with_skip
@@ -64,6 +65,7 @@ class ChunkScalarGate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht, _):
+        refuse_create_graph("linear attention (triton)")  # kernels: no graph to differentiate
         q, k, v, beta, gc, h0, h, v_new, T, w, vs = ctx.saved_tensors
         chunks, scale = ctx.chunks, ctx.scale
         delta = beta is not None
