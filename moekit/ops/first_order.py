@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 
 
-def refuse_create_graph(op: str) -> None:
-    """Call first in a backward: autograd runs it in grad mode exactly when ``create_graph=True``."""
+def refuse_create_graph(op: str, instead: str) -> None:
+    """Call first in a backward: autograd runs it in grad mode exactly when ``create_graph=True``.
+    ``instead`` names the differentiable path the caller can take."""
     if torch.is_grad_enabled():
         raise RuntimeError(f"{op} has no second derivative: its backward is not differentiable, so "
-                           "create_graph=True (double backward) would silently leave out its curvature")
+                           f"create_graph=True (double backward) would silently leave out its curvature; "
+                           f"for second derivatives use {instead}")

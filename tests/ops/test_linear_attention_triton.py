@@ -606,6 +606,6 @@ def test_double_backward_is_refused(op):
         (gq,) = torch.autograd.grad(o.pow(2).sum(), leaves["q"], create_graph=create_graph)
         return gq if not create_graph else torch.autograd.grad(gq.pow(2).sum(), w)[0]
 
-    with pytest.raises(RuntimeError, match=r"\(triton\) has no second derivative"):
+    with pytest.raises(RuntimeError, match=r"\(triton\) has no second derivative.*use backend='reference'"):
         penalty_grad("triton", create_graph=True)
     assert rel_err(penalty_grad("triton", create_graph=False), penalty_grad("reference", create_graph=False)) < F32_TOL

@@ -60,7 +60,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        refuse_create_graph("linear_cross_entropy")  # the saved gradients are constants in grad_out
+        # the saved gradients are constants in grad_out
+        refuse_create_graph("linear_cross_entropy", "F.cross_entropy on the full logits (return_logits=True)")
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         return ((grad_h * grad_out).to(h_dtype) if ctx.needs_input_grad[0] else None,

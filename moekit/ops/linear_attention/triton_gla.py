@@ -402,7 +402,7 @@ class ChunkGLA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        refuse_create_graph("gla (triton)")  # kernels: no graph to differentiate
+        refuse_create_graph("gla (triton)", "backend='reference'")  # kernels: no graph to differentiate
         q, k, v, gc, A, h, h0 = ctx.saved_tensors
         chunks, scale = ctx.chunks, ctx.scale
         tokens, H, K = q.shape

@@ -65,7 +65,7 @@ class ChunkScalarGate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht, _):
-        refuse_create_graph("linear attention (triton)")  # kernels: no graph to differentiate
+        refuse_create_graph("linear attention (triton)", "backend='reference'")  # kernels: no graph to differentiate
         q, k, v, beta, gc, h0, h, v_new, T, w, vs = ctx.saved_tensors
         chunks, scale = ctx.chunks, ctx.scale
         delta = beta is not None

@@ -123,7 +123,8 @@ class FP8RoutedExpertsReference(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        refuse_create_graph("routed_experts (fp8 reference)")  # kernels and no-grad ops: no graph to differentiate
+        # kernels and no-grad ops: no graph to differentiate
+        refuse_create_graph("routed_experts (fp8 reference)", "precision='bf16'")
         x, topk_idx, weight, w_up, w_down, h, y, a_cols = ctx.saved_tensors
         routing, r = ctx.routing, ctx.recipe
         E = w_up.shape[0]

@@ -39,7 +39,8 @@ class RoutedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        refuse_create_graph("routed_experts (triton)")  # kernels and no-grad ops: no graph to differentiate
+        # kernels and no-grad ops: no graph to differentiate
+        refuse_create_graph("routed_experts (triton)", "backend='reference' or 'grouped_mm'")
         x, topk_idx, weight, w_up, w_down, h, a, counts, order = ctx.saved_tensors
         meta = RoutingMeta(counts, order, w_up.shape[0], topk_idx.shape[1])
         need_x, _, need_w, need_up, need_down, _, _ = ctx.needs_input_grad
