@@ -595,10 +595,12 @@ def test_double_backward_is_refused(op):
     """The backward is made of kernels: under create_graph=True its gradients are constants, and a
     gradient penalty through it (here on q = x @ w) used to come out without the op's curvature: for
     simple_gla the penalty's gradient in w had 0.36x the reference's norm, with no error. Now it raises;
-    a plain backward still matches the reference."""
-    inputs = make_inputs(op, 1, 20, 1, 16, 16, 1, seed=90)
+    a plain backward still matches the reference. On the GPU where there is one (the interpreter's CPU
+    tensors cannot take backend='triton' there)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = {n: t.to(device) for n, t in make_inputs(op, 1, 20, 1, 16, 16, 1, seed=90).items()}
     inputs.pop("initial_state")
-    w = torch.eye(16, requires_grad=True)
+    w = torch.eye(16, device=device, requires_grad=True)
 
     def penalty_grad(backend, create_graph):
         leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
