@@ -9,6 +9,7 @@ bit-identical to an unbroken one on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from moekit.train.plots import plot_run
 from moekit.train.preemption import StopRequest
 from moekit.train.progress import TrainProgress
 from moekit.train.rng import rng_state, seed_everything, set_rng_state
+from moekit.train.runlock import run_dir_lock
 from moekit.train.schedule import WarmupCosine, build_optimizer, set_hyperparameters
 
 
@@ -251,6 +253,12 @@ class Trainer:
             raise ValueError(f"nothing to train: the run is at step {self.step} and {value} (raise {limit} "
                              "to continue a finished run)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Rank 0 writes the run's files, so it alone holds the folder (one lock per host would refuse rank 1).
+        with run_dir_lock(self.run_dir) if self.runtime.is_main else contextlib.nullcontext():
+            return self._train(end)
+
+    def _train(self, end: int) -> dict:
+        cfg = self.config.train
         if self.runtime.is_main:
             self.config.save(self.run_dir / "config.yaml")
         meter = IntervalMeter(list(self.model.moe_layers()))

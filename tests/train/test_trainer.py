@@ -409,3 +409,27 @@ def test_resume_without_the_tokenizer_file_uses_the_checkpoints_copy(make_config
     resumed.train()
     losses = [{r["step"]: r["loss"] for r in train_records(t.run_dir)} for t in (resumed, whole)]
     assert losses[0] == losses[1] and sorted(losses[0]) == [1, 2, 3, 4]
+
+
+def test_a_second_run_on_a_busy_out_dir_is_refused_and_the_first_is_left_intact(make_config):
+    """Two runs started on one train.out_dir before either saved: both passed the "earlier run" check,
+    and the second truncated the first's metrics.jsonl, wrote its checkpoints over the first's and
+    deleted the first's save in progress. The second is now refused while the first trains."""
+    values, _ = make_config(steps=4, log_every=2, eval_every=100, ckpt_every=100)
+    first, second = Trainer(TrainConfig.from_dict(values)), Trainer(TrainConfig.from_dict(values))
+    step, refusals = first.train_step, []
+
+    def step_then_start_the_second(meter):
+        step(meter)
+        if first.step == 1:
+            with pytest.raises(ValueError, match=r"is in use by another moekit train \(pid \d+ on ") as refused:
+                second.train()
+            refusals.append(refused.value)
+
+    first.train_step = step_then_start_the_second
+    first.train()
+    assert len(refusals) == 1 and second.step == 0
+    assert [r["step"] for r in train_records(first.run_dir)] == [2, 4]
+    assert resolve_checkpoint(first.run_dir).name == "step_00000004"
+    second.config.train.steps = 6  # the folder is free again once the first run returns
+    Trainer(second.config, resume=first.run_dir).train()
