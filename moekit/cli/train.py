@@ -44,10 +44,26 @@ def load_run_config(config_path: str | None, overrides: list[str], resume: bool,
     if resume_from:
         ckpt = resolve_checkpoint(resume_from)
     elif resume:
-        ckpt = resolve_checkpoint(TrainConfig.load(config_path, overrides).train.out_dir)
+        ckpt = resolve_run_checkpoint(TrainConfig.load(config_path, overrides).train.out_dir)
     if ckpt is not None and config_path is None:
         return TrainConfig.from_dict(apply_overrides(read_checkpoint_config(ckpt), overrides)), ckpt
     return TrainConfig.load(config_path, overrides), ckpt
+
+
+def resolve_run_checkpoint(out_dir: str) -> Path:
+    """``--resume``'s checkpoint, the latest in ``out_dir``. A run stopped before its first save has
+    none: say so, and how to start it again, rather than only that no checkpoint is there."""
+    from moekit.train.checkpoint import CheckpointError, resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(out_dir)
+    except CheckpointError:
+        config = Path(out_dir) / "config.yaml"  # written when training starts
+        if not config.is_file() or any((Path(out_dir) / "checkpoints").glob("step_*")):
+            raise
+        raise CheckpointError(f"{out_dir} holds no checkpoint: the run there stopped before its first one "
+                              "(train.ckpt_every), so there is nothing to resume; start it again without --resume: "
+                              f"moekit train --config {config}") from None
 
 
 def interrupted_message(ckpt_root: Path, out_dir: str) -> str:
