@@ -254,10 +254,12 @@ class Trainer:
                              "to continue a finished run)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # Rank 0 writes the run's files, so it alone holds the folder (one lock per host would refuse rank 1).
-        with run_dir_lock(self.run_dir) if self.runtime.is_main else contextlib.nullcontext():
-            return self._train(end)
+        # SIGTERM is caught until train() returns: a second one (the scheduler's and torchrun's) after the
+        # loop stopped would end the checkpointed run while it writes its plots, before it says how to go on.
+        with run_dir_lock(self.run_dir) if self.runtime.is_main else contextlib.nullcontext(), StopRequest() as stop:
+            return self._train(end, stop)
 
-    def _train(self, end: int) -> dict:
+    def _train(self, end: int, stop: StopRequest) -> dict:
         cfg = self.config.train
         if self.runtime.is_main:
             self.config.save(self.run_dir / "config.yaml")
@@ -276,8 +278,7 @@ class Trainer:
         clock, tokens_at_clock = time.perf_counter(), self.tokens_seen
         self.stopped_by_signal = False
         try:
-            with self.runtime.guard(), TrainProgress(cfg.steps, self.step, self.console) as progress, \
-                    StopRequest() as stop:
+            with self.runtime.guard(), TrainProgress(cfg.steps, self.step, self.console) as progress:
                 while self.step < end:
                     lr = self.optimizer.param_groups[0]["lr"]
                     self.train_step(meter)

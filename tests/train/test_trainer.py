@@ -433,3 +433,37 @@ def test_a_second_run_on_a_busy_out_dir_is_refused_and_the_first_is_left_intact(
     assert resolve_checkpoint(first.run_dir).name == "step_00000004"
     second.config.train.steps = 6  # the folder is free again once the first run returns
     Trainer(second.config, resume=first.run_dir).train()
+
+
+def test_a_second_sigterm_after_the_stop_does_not_end_the_process(make_config, monkeypatch):
+    """SIGTERM is often sent twice (the scheduler to every process, torchrun again to its workers). One
+    arriving after the loop stopped, while the plots were written, reached the default handler: the
+    checkpointed run died with -15, no "continue with --resume" message and maybe a torn plot."""
+    import os
+    import signal
+
+    import moekit.train.trainer as trainer_module
+
+    values, _ = make_config(steps=8, log_every=2, eval_every=100, ckpt_every=100)
+    trainer = Trainer(TrainConfig.from_dict(values))
+    step, plot_run = trainer.train_step, trainer_module.plot_run
+
+    def step_then_signal(meter):
+        step(meter)
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def signal_then_plot(run_dir):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return plot_run(run_dir)
+
+    trainer.train_step = step_then_signal
+    monkeypatch.setattr(trainer_module, "plot_run", signal_then_plot)
+    outside = []  # stands for the default handler, which would have ended the process
+    previous = signal.signal(signal.SIGTERM, lambda *_: outside.append(1))
+    try:
+        trainer.train()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert trainer.stopped_by_signal and trainer.step == 4 and outside == []
+    assert (trainer.run_dir / "loss.png").is_file()
