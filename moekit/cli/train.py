@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         metrics = trainer.train(stop_at=args.stop_at)
     except KeyboardInterrupt:
-        print(interrupted_message(trainer.ckpt_root, t.out_dir), file=sys.stderr)
+        if trainer.runtime.is_main:  # under torchrun every rank gets Ctrl-C: one message
+            print(interrupted_message(trainer.ckpt_root, t.out_dir), file=sys.stderr)
         return 130
     if trainer.stopped_by_signal:
         console.print(f"stopped on SIGTERM after step {trainer.step}, checkpointed: continue with --resume "

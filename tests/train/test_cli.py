@@ -306,3 +306,18 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_says_how_to_start_i
     assert err.endswith(f"start it again without --resume: moekit train --config {out_dir / 'config.yaml'}")
     assert main(["train", "--config", str(out_dir / "config.yaml"), "--no-sample"]) == 0  # what it says works
     assert (out_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+
+
+def test_ctrl_c_under_torchrun_is_reported_once(make_config, monkeypatch, capsys):
+    # Ctrl-C reaches every rank: each printed the same "interrupted; ..." lines.
+    from moekit.train.trainer import Trainer
+
+    _, path = make_config("ctrl_c_ranks", steps=4, log_every=2, eval_every=100)
+
+    def interrupt_on_rank_1(self, meter):
+        self.runtime.is_main = False  # stands for rank 1 of a torchrun launch
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt_on_rank_1)
+    assert main(["train", "--config", str(path), "--no-sample"]) == 130
+    assert capsys.readouterr().err == ""
