@@ -58,9 +58,9 @@ def resolve_run_checkpoint(out_dir: str) -> Path:
     try:
         return resolve_checkpoint(out_dir)
     except CheckpointError:
-        config = Path(out_dir) / "config.yaml"  # written when training starts
-        if not config.is_file() or any((Path(out_dir) / "checkpoints").glob("step_*")):
-            raise
+        config, saves = Path(out_dir) / "config.yaml", Path(out_dir) / "checkpoints"  # config: written at the start
+        if not config.is_file() or (saves / "latest").exists() or any(saves.glob("step_*")):
+            raise  # a lost pointer or damaged checkpoints: resolve_checkpoint's message says which
         raise CheckpointError(f"{out_dir} holds no checkpoint: the run there stopped before its first one "
                               "(train.ckpt_every), so there is nothing to resume; start it again without --resume: "
                               f"moekit train --config {config}") from None
