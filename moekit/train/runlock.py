@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,8 +37,12 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "a process that did not say"
             raise ValueError(f"train.out_dir {run_dir} is in use by another moekit train ({holder}): wait for it "
                              "to end (or stop it), or choose another train.out_dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        except OSError as exc:  # a file system without locks (some network mounts): train, unguarded
+            warnings.warn(f"cannot lock {run_dir / LOCK_FILE} ({exc.strerror}): a second moekit train on this "
+                          "train.out_dir would not be refused", stacklevel=3)
+        else:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         yield
     finally:
         os.close(fd)  # releases the lock

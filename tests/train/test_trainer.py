@@ -467,3 +467,19 @@ def test_a_second_sigterm_after_the_stop_does_not_end_the_process(make_config, m
         signal.signal(signal.SIGTERM, previous)
     assert trainer.stopped_by_signal and trainer.step == 4 and outside == []
     assert (trainer.run_dir / "loss.png").is_file()
+
+
+def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, monkeypatch):
+    import errno
+
+    from moekit.train import runlock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlock.fcntl, "flock", no_locks)
+    entered = []
+    with pytest.warns(UserWarning, match=r"cannot lock .*\.lock \(No locks available\)"), \
+            runlock.run_dir_lock(tmp_path):
+        entered.append(True)
+    assert entered == [True]
