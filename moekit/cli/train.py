@@ -70,7 +70,8 @@ def interrupted_message(ckpt_root: Path, out_dir: str) -> str:
     """Ctrl-C does not checkpoint (SIGTERM does): say what a resume would start from."""
     latest = ckpt_root / "latest"
     if not latest.is_file():
-        return "moekit train: interrupted before the first checkpoint; there is nothing to resume"
+        return ("moekit train: interrupted before the first checkpoint, so there is nothing to resume: run the same "
+                "command again to start over")
     return (f"moekit train: interrupted; the latest checkpoint is {latest.read_text().strip()} (later steps are "
             f"not saved): continue with --resume train.out_dir={out_dir}")
 

@@ -298,7 +298,8 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_says_how_to_start_i
     monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
     assert main(["train", "--config", str(path), "--no-sample"]) == 130
     monkeypatch.undo()
-    capsys.readouterr()
+    assert capsys.readouterr().err == ("moekit train: interrupted before the first checkpoint, so there is nothing to "
+                                       "resume: run the same command again to start over\n")
     out_dir = Path(values["train"]["out_dir"])
     assert main(["train", "--resume", f"train.out_dir={out_dir}"]) == 2
     err = " ".join(one_line_error(capsys, "train").split())
