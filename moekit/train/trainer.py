@@ -253,11 +253,26 @@ class Trainer:
             raise ValueError(f"nothing to train: the run is at step {self.step} and {value} (raise {limit} "
                              "to continue a finished run)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # Rank 0 writes the run's files, so it alone holds the folder (one lock per host would refuse rank 1).
         # SIGTERM is caught until train() returns: a second one (the scheduler's and torchrun's) after the
         # loop stopped would end the checkpointed run while it writes its plots, before it says how to go on.
-        with run_dir_lock(self.run_dir) if self.runtime.is_main else contextlib.nullcontext(), StopRequest() as stop:
+        with self._holding_run_dir(), StopRequest() as stop:
             return self._train(end, stop)
+
+    @contextlib.contextmanager
+    def _holding_run_dir(self):
+        """Rank 0 writes the run's files, so it alone holds the folder's lock (one lock per host would refuse
+        rank 1); the other ranks learn whether it got it and stop with it, not in their first collective."""
+        with contextlib.ExitStack() as held:
+            refused = None
+            if self.runtime.is_main:
+                try:
+                    held.enter_context(run_dir_lock(self.run_dir))
+                except ValueError as e:
+                    refused = e
+            if self._any_rank(refused is not None):
+                raise refused or ValueError(f"rank 0 could not take train.out_dir {self.run_dir}: another moekit "
+                                            "train is using it (rank 0's error says which)")
+            yield
 
     def _train(self, end: int, stop: StopRequest) -> dict:
         cfg = self.config.train
