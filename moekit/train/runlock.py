@@ -39,7 +39,7 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
                              "to end (or stop it), or choose another train.out_dir") from None
         except OSError as exc:  # a file system without locks (some network mounts): train, unguarded
             warnings.warn(f"cannot lock {run_dir / LOCK_FILE} ({exc.strerror}): a second moekit train on this "
-                          "train.out_dir would not be refused", stacklevel=3)
+                          "train.out_dir would not be refused", stacklevel=1)  # one line from the CLI
         else:
             os.ftruncate(fd, 0)
             os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
