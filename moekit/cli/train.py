@@ -44,17 +44,34 @@ def load_run_config(config_path: str | None, overrides: list[str], resume: bool,
     if resume_from:
         ckpt = resolve_checkpoint(resume_from)
     elif resume:
-        ckpt = resolve_checkpoint(TrainConfig.load(config_path, overrides).train.out_dir)
+        ckpt = resolve_run_checkpoint(TrainConfig.load(config_path, overrides).train.out_dir)
     if ckpt is not None and config_path is None:
         return TrainConfig.from_dict(apply_overrides(read_checkpoint_config(ckpt), overrides)), ckpt
     return TrainConfig.load(config_path, overrides), ckpt
+
+
+def resolve_run_checkpoint(out_dir: str) -> Path:
+    """``--resume``'s checkpoint, the latest in ``out_dir``. A run stopped before its first save has
+    none: say so, and how to start it again, rather than only that no checkpoint is there."""
+    from moekit.train.checkpoint import CheckpointError, resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(out_dir)
+    except CheckpointError:
+        config, saves = Path(out_dir) / "config.yaml", Path(out_dir) / "checkpoints"  # config: written at the start
+        if not config.is_file() or (saves / "latest").exists() or any(saves.glob("step_*")):
+            raise  # a lost pointer or damaged checkpoints: resolve_checkpoint's message says which
+        raise CheckpointError(f"{out_dir} holds no checkpoint: the run there stopped before its first one "
+                              "(train.ckpt_every), so there is nothing to resume; start it again without --resume: "
+                              f"moekit train --config {config}") from None
 
 
 def interrupted_message(ckpt_root: Path, out_dir: str) -> str:
     """Ctrl-C does not checkpoint (SIGTERM does): say what a resume would start from."""
     latest = ckpt_root / "latest"
     if not latest.is_file():
-        return "moekit train: interrupted before the first checkpoint; there is nothing to resume"
+        return ("moekit train: interrupted before the first checkpoint, so there is nothing to resume: run the same "
+                "command again to start over")
     return (f"moekit train: interrupted; the latest checkpoint is {latest.read_text().strip()} (later steps are "
             f"not saved): continue with --resume train.out_dir={out_dir}")
 
@@ -82,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         metrics = trainer.train(stop_at=args.stop_at)
     except KeyboardInterrupt:
-        print(interrupted_message(trainer.ckpt_root, t.out_dir), file=sys.stderr)
+        if trainer.runtime.is_main:  # under torchrun every rank gets Ctrl-C: one message
+            print(interrupted_message(trainer.ckpt_root, t.out_dir), file=sys.stderr)
         return 130
     if trainer.stopped_by_signal:
         console.print(f"stopped on SIGTERM after step {trainer.step}, checkpointed: continue with --resume "

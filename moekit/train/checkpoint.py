@@ -190,7 +190,11 @@ def _prune(root: Path, keep: int, newest: str) -> None:
     complete = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in complete[: max(0, len(complete) - keep)]:
         if old.name != newest:
-            shutil.rmtree(old)
+            # Out of sight first: a kill while deleting leaves a hidden leftover, not a step_* folder without
+            # some of its files.
+            aside = _aside_name(old, "pruned")
+            os.rename(old, aside)
+            shutil.rmtree(aside)
     _clean_leftovers(root)
 
 

@@ -1,7 +1,7 @@
 """SIGTERM, a scheduler's preemption notice, as a request to checkpoint and stop.
 
 Without a handler SIGTERM ends the process at once, losing the steps since the last checkpoint.
-While a ``StopRequest`` is active (the training loop), the signal only sets a flag that the loop
+While a ``StopRequest`` is active (all of ``Trainer.train``), the signal only sets a flag that the loop
 reads at its next log point, where it checkpoints and returns. Signal handlers can only be set
 from the main thread; elsewhere the default behaviour stays.
 """

@@ -9,6 +9,7 @@ bit-identical to an unbroken one on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from moekit.train.plots import plot_run
 from moekit.train.preemption import StopRequest
 from moekit.train.progress import TrainProgress
 from moekit.train.rng import rng_state, seed_everything, set_rng_state
+from moekit.train.runlock import run_dir_lock
 from moekit.train.schedule import WarmupCosine, build_optimizer, set_hyperparameters
 
 
@@ -251,6 +253,29 @@ class Trainer:
             raise ValueError(f"nothing to train: the run is at step {self.step} and {value} (raise {limit} "
                              "to continue a finished run)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # SIGTERM is caught until train() returns: a second one (the scheduler's and torchrun's) after the
+        # loop stopped would end the checkpointed run while it writes its plots, before it says how to go on.
+        with self._holding_run_dir(), StopRequest() as stop:
+            return self._train(end, stop)
+
+    @contextlib.contextmanager
+    def _holding_run_dir(self):
+        """Rank 0 writes the run's files, so it alone holds the folder's lock (one lock per host would refuse
+        rank 1); the other ranks learn whether it got it and stop with it, not in their first collective."""
+        with contextlib.ExitStack() as held:
+            refused = None
+            if self.runtime.is_main:
+                try:
+                    held.enter_context(run_dir_lock(self.run_dir))
+                except ValueError as e:
+                    refused = e
+            if self._any_rank(refused is not None):
+                raise refused or ValueError(f"rank 0 could not take train.out_dir {self.run_dir}: another moekit "
+                                            "train is using it (rank 0's error says which)")
+            yield
+
+    def _train(self, end: int, stop: StopRequest) -> dict:
+        cfg = self.config.train
         if self.runtime.is_main:
             self.config.save(self.run_dir / "config.yaml")
         meter = IntervalMeter(list(self.model.moe_layers()))
@@ -268,8 +293,7 @@ class Trainer:
         clock, tokens_at_clock = time.perf_counter(), self.tokens_seen
         self.stopped_by_signal = False
         try:
-            with self.runtime.guard(), TrainProgress(cfg.steps, self.step, self.console) as progress, \
-                    StopRequest() as stop:
+            with self.runtime.guard(), TrainProgress(cfg.steps, self.step, self.console) as progress:
                 while self.step < end:
                     lr = self.optimizer.param_groups[0]["lr"]
                     self.train_step(meter)

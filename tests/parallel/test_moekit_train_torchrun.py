@@ -98,3 +98,21 @@ def test_two_process_checkpoint_serves_eval_and_generate(runs):
     result = subprocess.run([sys.executable, "-m", "moekit.cli", "generate", "--ckpt", ckpt, "def "],
                             env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip(), result.stderr[-2000:]
+
+
+def test_a_busy_out_dir_stops_every_rank_with_one_line(tmp_path, torchrun):
+    """Rank 0 alone takes the run folder's lock. Refused, it exited while rank 1 went on into the first
+    step, whose collective then failed: a PeerFailure traceback of a hundred lines under the one-line reason."""
+    from moekit.train.runlock import run_dir_lock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = torchrun(2, ["-m", "moekit.cli", "train", "--no-sample", *TINY, "parallel.ep=2", f"train.out_dir={out}"])
+    with run_dir_lock(out):  # another run holds the folder
+        result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"moekit train: error: train.out_dir {out} is in use by another moekit train (pid {os.getpid()}" in output
+    assert "PeerFailure" not in output and "]: Traceback" not in output, output[-3000:]  # no rank's traceback
+    assert "moekit train: error: rank 0 could not take train.out_dir" in output  # rank 1's own line

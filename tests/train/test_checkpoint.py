@@ -215,3 +215,25 @@ def test_a_lost_or_damaged_pointer_names_the_complete_checkpoints(tmp_path):
     shutil.rmtree(root)
     with pytest.raises(CheckpointError, match=r"no checkpoint in .*checkpoints/latest\)$"):
         resolve_checkpoint(tmp_path)
+
+
+def test_a_save_killed_while_it_prunes_leaves_no_half_deleted_checkpoint_in_sight(tmp_path, monkeypatch):
+    """Pruning deleted an old step_* folder file by file: a kill part-way left it in place without
+    some files (its manifest maybe kept), listed among the "complete checkpoints" to pass by path."""
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, 2, fresh_objects(2), {}, keep=1)
+    real_rmtree = shutil.rmtree
+
+    def killed_after_one_file(path, *args, **kwargs):
+        os.remove(next(p for p in sorted(Path(path).iterdir()) if p.name != "manifest.json"))
+        raise KeyboardInterrupt  # stands for SIGKILL: the rest of the folder stays
+
+    monkeypatch.setattr(shutil, "rmtree", killed_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(root, 4, fresh_objects(4), {}, keep=1)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert resolve_checkpoint(root.parent).name == "step_00000004"
+    for ckpt in root.glob("step_*"):  # what a user sees, or an error lists, is whole
+        verify_checkpoint(ckpt)
+    save_checkpoint(root, 6, fresh_objects(6), {}, keep=1)  # the next save removes what is left
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000006"]

@@ -279,3 +279,46 @@ def test_out_dir_that_is_a_file_is_named_before_the_data_loads(make_config, tmp_
     _, path = make_config()
     assert main(["train", "--config", str(path), f"train.out_dir={a_file}"]) == 2
     assert f"train.out_dir {a_file} is a file, not a folder" in one_line_error(capsys, "train")
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_says_how_to_start_it_again(
+        make_config, monkeypatch, capsys):
+    # It said only "no checkpoint in RUN (expected manifest.json or checkpoints/latest)": nothing
+    # said that the run never saved, or what to run instead.
+    from moekit.train.trainer import Trainer
+
+    values, path = make_config("early", steps=4, log_every=2, ckpt_every=100, eval_every=100)
+    step = Trainer.train_step
+
+    def step_then_interrupt(self, meter):
+        step(self, meter)
+        if self.step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    assert main(["train", "--config", str(path), "--no-sample"]) == 130
+    monkeypatch.undo()
+    assert capsys.readouterr().err == ("moekit train: interrupted before the first checkpoint, so there is nothing to "
+                                       "resume: run the same command again to start over\n")
+    out_dir = Path(values["train"]["out_dir"])
+    assert main(["train", "--resume", f"train.out_dir={out_dir}"]) == 2
+    err = " ".join(one_line_error(capsys, "train").split())
+    assert f"{out_dir} holds no checkpoint: the run there stopped before its first one" in err
+    assert err.endswith(f"start it again without --resume: moekit train --config {out_dir / 'config.yaml'}")
+    assert main(["train", "--config", str(out_dir / "config.yaml"), "--no-sample"]) == 0  # what it says works
+    assert (out_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+
+
+def test_ctrl_c_under_torchrun_is_reported_once(make_config, monkeypatch, capsys):
+    # Ctrl-C reaches every rank: each printed the same "interrupted; ..." lines.
+    from moekit.train.trainer import Trainer
+
+    _, path = make_config("ctrl_c_ranks", steps=4, log_every=2, eval_every=100)
+
+    def interrupt_on_rank_1(self, meter):
+        self.runtime.is_main = False  # stands for rank 1 of a torchrun launch
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt_on_rank_1)
+    assert main(["train", "--config", str(path), "--no-sample"]) == 130
+    assert capsys.readouterr().err == ""

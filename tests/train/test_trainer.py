@@ -409,3 +409,77 @@ def test_resume_without_the_tokenizer_file_uses_the_checkpoints_copy(make_config
     resumed.train()
     losses = [{r["step"]: r["loss"] for r in train_records(t.run_dir)} for t in (resumed, whole)]
     assert losses[0] == losses[1] and sorted(losses[0]) == [1, 2, 3, 4]
+
+
+def test_a_second_run_on_a_busy_out_dir_is_refused_and_the_first_is_left_intact(make_config):
+    """Two runs started on one train.out_dir before either saved: both passed the "earlier run" check,
+    and the second truncated the first's metrics.jsonl, wrote its checkpoints over the first's and
+    deleted the first's save in progress. The second is now refused while the first trains."""
+    values, _ = make_config(steps=4, log_every=2, eval_every=100, ckpt_every=100)
+    first, second = Trainer(TrainConfig.from_dict(values)), Trainer(TrainConfig.from_dict(values))
+    step, refusals = first.train_step, []
+
+    def step_then_start_the_second(meter):
+        step(meter)
+        if first.step == 1:
+            with pytest.raises(ValueError, match=r"is in use by another moekit train \(pid \d+ on ") as refused:
+                second.train()
+            refusals.append(refused.value)
+
+    first.train_step = step_then_start_the_second
+    first.train()
+    assert len(refusals) == 1 and second.step == 0
+    assert [r["step"] for r in train_records(first.run_dir)] == [2, 4]
+    assert resolve_checkpoint(first.run_dir).name == "step_00000004"
+    second.config.train.steps = 6  # the folder is free again once the first run returns
+    Trainer(second.config, resume=first.run_dir).train()
+
+
+def test_a_second_sigterm_after_the_stop_does_not_end_the_process(make_config, monkeypatch):
+    """SIGTERM is often sent twice (the scheduler to every process, torchrun again to its workers). One
+    arriving after the loop stopped, while the plots were written, reached the default handler: the
+    checkpointed run died with -15, no "continue with --resume" message and maybe a torn plot."""
+    import os
+    import signal
+
+    import moekit.train.trainer as trainer_module
+
+    values, _ = make_config(steps=8, log_every=2, eval_every=100, ckpt_every=100)
+    trainer = Trainer(TrainConfig.from_dict(values))
+    step, plot_run = trainer.train_step, trainer_module.plot_run
+
+    def step_then_signal(meter):
+        step(meter)
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def signal_then_plot(run_dir):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return plot_run(run_dir)
+
+    trainer.train_step = step_then_signal
+    monkeypatch.setattr(trainer_module, "plot_run", signal_then_plot)
+    outside = []  # stands for the default handler, which would have ended the process
+    previous = signal.signal(signal.SIGTERM, lambda *_: outside.append(1))
+    try:
+        trainer.train()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert trainer.stopped_by_signal and trainer.step == 4 and outside == []
+    assert (trainer.run_dir / "loss.png").is_file()
+
+
+def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, monkeypatch):
+    import errno
+
+    from moekit.train import runlock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlock.fcntl, "flock", no_locks)
+    entered = []
+    with pytest.warns(UserWarning, match=r"cannot lock .*\.lock \(No locks available\)"), \
+            runlock.run_dir_lock(tmp_path):
+        entered.append(True)
+    assert entered == [True]
