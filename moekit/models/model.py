@@ -233,14 +233,17 @@ class MoEForCausalLM(nn.Module):
             raise ValueError(f"MoEForCausalLM: labels must be an integer tensor (int64 or int32), got {labels.dtype}")
         if is_capturing():
             return  # the value check reads the ids on the host, which a CUDA-graph capture forbids
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-            raise ValueError(f"MoEForCausalLM: token ids must lie in [0, {self.config.vocab_size}), got "
+        vocab = self.config.vocab_size
+        bad_ids = (input_ids < 0) | (input_ids >= vocab)
+        # On a GPU, cross_entropy meets an out-of-range label as a device-side assert.
+        bad_labels = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab)) if labels is not None else None
+        if not (bad_ids.any() if bad_labels is None else bad_ids.any() | bad_labels.any()):  # one host sync
+            return
+        if bad_ids.any():
+            raise ValueError(f"MoEForCausalLM: token ids must lie in [0, {vocab}), got "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
-        if labels is not None:  # on a GPU, cross_entropy meets an out-of-range label as a device-side assert
-            bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.config.vocab_size))]
-            if bad.numel():
-                raise ValueError(f"MoEForCausalLM: labels must lie in [0, {self.config.vocab_size}) or equal "
-                                 f"{IGNORE_INDEX} (ignored), got {int(bad[0])}")
+        raise ValueError(f"MoEForCausalLM: labels must lie in [0, {vocab}) or equal {IGNORE_INDEX} (ignored), got "
+                         f"{int(labels[bad_labels][0])}")
 
     # --- generation and checkpoints ---------------------------------------------------------
 
