@@ -69,8 +69,6 @@ class MoE(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.config.hidden_size:
             raise ValueError(f"MoE: expected input [..., hidden_size={self.config.hidden_size}], "
                              f"got shape {tuple(x.shape)}")
-        if self.config.check_finite and not torch.isfinite(x).all():
-            raise ValueError("MoE: input contains NaN or Inf (check_finite=True)")
 
     def _shared_output(self, x: torch.Tensor) -> torch.Tensor:
         out = self.shared(x)
@@ -95,6 +93,8 @@ class MoE(nn.Module):
             # Padding rows may hold anything (NaN from a fully masked attention row): zeroed, they cannot
             # reach the router's losses, statistics or gradients through a 0 weight (0 * NaN is NaN).
             h = h.masked_fill(~valid[:, None], 0)
+        if cfg.check_finite and not torch.isfinite(h).all():  # after the masking: padding may hold anything
+            raise ValueError("MoE: input contains NaN or Inf (check_finite=True)")
 
         started = self.dispatcher.start(h)  # e.g. the token rows leave while the router runs
         routing = self.router(h, valid)

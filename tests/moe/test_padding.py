@@ -156,3 +156,16 @@ def test_padding_on_the_gpu_kernels(router):
     assert torch.count_nonzero(out[:, :16]) == 0
     for field in ("tokens_per_expert", "dropped_fraction"):
         torch.testing.assert_close(getattr(layer.last_stats, field), getattr(plain_stats, field), msg=field)
+
+
+def test_check_finite_looks_at_the_real_tokens_only():
+    """check_finite refused NaN in padding rows, which the layer keeps out of every result (a fully
+    masked attention row gives one): a padded batch failed the debugging check it passes unpadded."""
+    layer = make_layer(check_finite=True)
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    padded, mask = left_padded(x, 3)
+    padded[:, :3] = float("nan")
+    torch.testing.assert_close(layer(padded, token_mask=mask)[:, 3:], layer(x))
+    padded[1, 4, 2] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        layer(padded, token_mask=mask)
