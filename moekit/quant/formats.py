@@ -1,4 +1,4 @@
-"""FP8 element formats and the E8M0 scale format, shared by every quantizer in `moekit.quant`.
+"""FP8 element formats and the E8M0 scale format (and the backend choice), shared by every quantizer in `moekit.quant`.
 
 Constants follow the OCP 8-bit floating point spec (OFP8) and the OCP Microscaling spec v1.0:
 
@@ -17,6 +17,7 @@ Scales of MX tensors are E8M0 (an unsigned, biased power-of-two exponent: byte b
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ ELEMENT_FORMATS = {
 }
 
 SCALE_MODES = ("floor", "rceil")
+BACKENDS = ("auto", "reference", "triton")
 SUPPORTED_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 E8M0_DTYPE = torch.float8_e8m0fnu
@@ -93,3 +95,13 @@ def e8m0_to_float32(scale: torch.Tensor) -> torch.Tensor:
     bits = torch.where(b == 0, torch.full_like(b, 1 << 22), b << 23)
     out = bits.view(torch.float32)
     return torch.where(b == E8M0_NAN, torch.full_like(out, float("nan")), out)
+
+
+def backend_module(package: str, backend: str, t: torch.Tensor):
+    """The ``reference`` or ``triton`` module of the quantizer ``package`` that handles ``t``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+    # An empty tensor (no tokens) has nothing to launch: the reference returns its empty result.
+    if backend == "reference" or t.numel() == 0 or (backend == "auto" and t.device.type != "cuda"):
+        return importlib.import_module(f"{package}.reference")
+    return importlib.import_module(f"{package}.triton")  # imported lazily: importing triton is slow

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit.quant.formats import check_input, element_format
+from moekit.quant.formats import backend_module, check_input, element_format
 from moekit.quant.fp8_block import reference
 from moekit.quant.fp8_block.reference import ACTIVATION_BLOCK, WEIGHT_BLOCK
 from moekit.quant.tensors import BlockScaledTensor
@@ -26,26 +26,12 @@ from moekit.quant.tensors import BlockScaledTensor
 __all__ = ["ACTIVATION_BLOCK", "WEIGHT_BLOCK", "BlockScaledTensor", "quantize", "quantize_activation",
            "quantize_weight", "quantize_both", "dequantize"]
 
-_BACKENDS = ("auto", "reference", "triton")
-
-
-def _impl(backend: str, t: torch.Tensor):
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {list(_BACKENDS)}")
-    # An empty tensor (no tokens) has nothing to launch: the reference returns its empty result.
-    if backend == "reference" or t.numel() == 0 or (backend == "auto" and t.device.type != "cuda"):
-        return reference
-    from moekit.quant.fp8_block import triton  # imported lazily: importing triton is slow
-
-    return triton
-
-
 def quantize(x: torch.Tensor, block: tuple[int, int] = ACTIVATION_BLOCK, elem: str = "e4m3",
              backend: str = "auto") -> BlockScaledTensor:
     check_input(x)
     element_format(elem)
     reference.check_block(x, block)
-    return _impl(backend, x).quantize(x, block, elem)
+    return backend_module(__name__, backend, x).quantize(x, block, elem)
 
 
 def quantize_activation(x: torch.Tensor, elem: str = "e4m3", backend: str = "auto") -> BlockScaledTensor:
@@ -65,10 +51,10 @@ def quantize_both(x: torch.Tensor, block: tuple[int, int] = WEIGHT_BLOCK, elem: 
     reference.check_block(x, block)
     if block[0] != block[1]:
         raise ValueError(f"quantize_both needs a square block (its tiles serve both layouts), got {block}")
-    return _impl(backend, x).quantize_both(x, block, elem)
+    return backend_module(__name__, backend, x).quantize_both(x, block, elem)
 
 
 def dequantize(t: BlockScaledTensor, dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
     if not isinstance(t, BlockScaledTensor):
         raise TypeError(f"fp8_block.dequantize takes a BlockScaledTensor, got {type(t).__name__}")
-    return _impl(backend, t.data).dequantize(t, dtype)
+    return backend_module(__name__, backend, t.data).dequantize(t, dtype)

@@ -19,26 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from moekit.quant.formats import check_input, check_scale_mode, element_format
-from moekit.quant.mxfp8 import reference
+from moekit.quant.formats import backend_module, check_input, check_scale_mode, element_format
 from moekit.quant.mxfp8.blocked import MXBlockedTensor, check_scale_layout
 from moekit.quant.tensors import MXTensor
 
 __all__ = ["MXTensor", "MXBlockedTensor", "quantize", "quantize_both", "dequantize"]
-
-_BACKENDS = ("auto", "reference", "triton")
-
-
-def _impl(backend: str, t: torch.Tensor):
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {list(_BACKENDS)}")
-    # An empty tensor (no tokens) has nothing to launch: the reference returns its empty result.
-    if backend == "reference" or t.numel() == 0 or (backend == "auto" and t.device.type != "cuda"):
-        return reference
-    from moekit.quant.mxfp8 import triton  # imported lazily: importing triton is slow
-
-    return triton
-
 
 def _check_format(elem: str, scale_mode: str, scale_layout: str, ndim: int) -> None:
     element_format(elem)
@@ -50,7 +35,7 @@ def quantize(x: torch.Tensor, axis: int = -1, elem: str = "e4m3", scale_mode: st
              backend: str = "auto", scale_layout: str = "plain") -> MXTensor | MXBlockedTensor:
     check_input(x)
     _check_format(elem, scale_mode, scale_layout, x.ndim)
-    return _impl(backend, x).quantize(x, axis, elem, scale_mode, scale_layout)
+    return backend_module(__name__, backend, x).quantize(x, axis, elem, scale_mode, scale_layout)
 
 
 def quantize_both(x: torch.Tensor, elem: str = "e4m3", scale_mode: str = "floor", backend: str = "auto",
@@ -58,10 +43,10 @@ def quantize_both(x: torch.Tensor, elem: str = "e4m3", scale_mode: str = "floor"
     """Row-wise (axis 1) and column-wise (axis 0, stored [K, M]) quantization of 2-D `x` [M, K]."""
     check_input(x)
     _check_format(elem, scale_mode, scale_layout, x.ndim)
-    return _impl(backend, x).quantize_both(x, elem, scale_mode, scale_layout)
+    return backend_module(__name__, backend, x).quantize_both(x, elem, scale_mode, scale_layout)
 
 
 def dequantize(t: MXTensor, dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
     if not isinstance(t, MXTensor):
         raise TypeError(f"mxfp8.dequantize takes an MXTensor, got {type(t).__name__}")
-    return _impl(backend, t.data).dequantize(t, dtype)
+    return backend_module(__name__, backend, t.data).dequantize(t, dtype)
