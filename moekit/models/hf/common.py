@@ -19,6 +19,15 @@ def first(c: dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
+def layer_types_pattern(model_type: str, c: dict[str, Any], letters: dict[str, str]) -> str:
+    """A hybrid config's ``layer_types`` as a layer pattern, each kind by ``letters``; other kinds are refused."""
+    kinds = c["layer_types"]
+    unknown = sorted(set(kinds) - set(letters))
+    if unknown:
+        refuse(model_type, "layer_types", unknown, f"moekit maps only {sorted(letters)}")
+    return "".join(letters[kind] for kind in kinds)
+
+
 def rope(c: dict[str, Any]) -> tuple[float, YarnScaling | None]:
     """The RoPE base and YaRN scaling if any; other scaled RoPE kinds are refused."""
     model_type = c.get("model_type")

@@ -7,7 +7,15 @@ from __future__ import annotations
 import math
 
 from moekit.models.config import ModelConfig, ResidualScaling
-from moekit.models.hf.common import MoENames, attention_rules, base_config, head_rules, moe_rules, norm_rules
+from moekit.models.hf.common import (
+    MoENames,
+    attention_rules,
+    base_config,
+    head_rules,
+    layer_types_pattern,
+    moe_rules,
+    norm_rules,
+)
 from moekit.models.hf.convert import decode_floats
 from moekit.models.hf.spec import Architecture, Rule, refuse, register, same
 from moekit.moe.config import MoEConfig
@@ -19,14 +27,6 @@ LAYER_LETTERS = {"linear_attention": "L", "mamba": "L", "full_attention": "N", "
 NAMES = MoENames(router=("block_sparse_moe.router.weight", "block_sparse_moe.router.layer.weight"),
                  fused_up="block_sparse_moe.experts.gate_up_proj", fused_down="block_sparse_moe.experts.down_proj")
 DISK_UP, DISK_DOWN = "block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"
-
-
-def layer_pattern(c) -> str:
-    kinds = c["layer_types"]
-    unknown = sorted(set(kinds) - set(LAYER_LETTERS))
-    if unknown:
-        refuse(MODEL_TYPE, "layer_types", unknown, f"moekit maps only {sorted(LAYER_LETTERS)}")
-    return "".join(LAYER_LETTERS[kind] for kind in kinds)
 
 
 def check_options(c) -> None:
@@ -53,7 +53,7 @@ def to_config(c) -> ModelConfig:
     m = float(c["residual_multiplier"])
     residual = None if m == 1.0 else ResidualScaling(attention_beta=m, linear_beta=m, ffn_beta=m)
     return base_config(
-        c, moe, layer_pattern=layer_pattern(c), linear_mixer="mamba2",
+        c, moe, layer_pattern=layer_types_pattern(MODEL_TYPE, c, LAYER_LETTERS), linear_mixer="mamba2",
         partial_rotary_factor=1.0 if c.get("position_embedding_type") == "rope" else 0.0,
         attention_scale=float(c["attention_multiplier"]), embedding_multiplier=float(c["embedding_multiplier"]),
         logits_scaling=float(c["logits_scaling"]), residual=residual, linear_num_heads=c["mamba_n_heads"],

@@ -7,7 +7,15 @@ from __future__ import annotations
 import re
 
 from moekit.models.config import ModelConfig, ResidualScaling
-from moekit.models.hf.common import attention_rules, base_config, first, head_rules, moe_rules, norm_rules
+from moekit.models.hf.common import (
+    attention_rules,
+    base_config,
+    first,
+    head_rules,
+    layer_types_pattern,
+    moe_rules,
+    norm_rules,
+)
 from moekit.models.hf.mixtral import NAMES as MIXTRAL_NAMES
 from moekit.models.hf.spec import Architecture, Rule, refuse, register, same
 from moekit.moe.config import MoEConfig
@@ -18,15 +26,12 @@ ORIGINAL_TYPES = {0: "linear_attention", 1: "full_attention"}  # the original re
 
 
 def layer_pattern(c) -> str:
-    kinds = c["layer_types"]
-    unknown = sorted(set(kinds) - set(LAYER_LETTERS))
-    if unknown:
-        refuse(MODEL_TYPE, "layer_types", unknown, f"moekit maps only {sorted(LAYER_LETTERS)}")
+    pattern, kinds = layer_types_pattern(MODEL_TYPE, c, LAYER_LETTERS), c["layer_types"]
     original = c.get("attn_type_list")
     if original is not None and [ORIGINAL_TYPES.get(a) for a in original] != list(kinds):
         refuse(MODEL_TYPE, "attn_type_list", original, f"it disagrees with layer_types {kinds}, which transformers "
                "builds the model from")
-    return "".join(LAYER_LETTERS[kind] for kind in kinds)
+    return pattern
 
 
 def to_config(c) -> ModelConfig:

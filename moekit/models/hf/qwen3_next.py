@@ -6,20 +6,22 @@ optional dense first layers."""
 from __future__ import annotations
 
 from moekit.models.config import ModelConfig
-from moekit.models.hf.common import MoENames, attention_rules, base_config, ffn_rules, first, head_rules, norm_rules
+from moekit.models.hf.common import (
+    MoENames,
+    attention_rules,
+    base_config,
+    ffn_rules,
+    first,
+    head_rules,
+    layer_types_pattern,
+    norm_rules,
+)
 from moekit.models.hf.qwen3_moe import dense_prefix
 from moekit.models.hf.spec import Architecture, Rule, refuse, register, same
 from moekit.moe.config import MoEConfig
 
 MODEL_TYPE = "qwen3_next"
 LAYER_LETTERS = {"linear_attention": "L", "full_attention": "N"}
-
-
-def layer_pattern(c) -> str:
-    unknown = sorted(set(c["layer_types"]) - set(LAYER_LETTERS))
-    if unknown:
-        refuse(MODEL_TYPE, "layer_types", unknown, f"moekit maps only {sorted(LAYER_LETTERS)}")
-    return "".join(LAYER_LETTERS[kind] for kind in c["layer_types"])
 
 
 def split_partial_rotary(c) -> tuple[dict, float]:
@@ -45,8 +47,8 @@ def to_config(c) -> ModelConfig:
                     shared_ffn_hidden_size=shared, shared_expert_gate=True)
     plain, partial = split_partial_rotary(c)
     return base_config(
-        plain, moe, layer_pattern=layer_pattern(c), linear_mixer="qwen3_next_deltanet", qk_norm=True,
-        qk_norm_scope="head", first_k_dense=dense_prefix(c), dense_ffn_hidden_size=c["intermediate_size"],
+        plain, moe, layer_pattern=layer_types_pattern(MODEL_TYPE, c, LAYER_LETTERS), linear_mixer="qwen3_next_deltanet",
+        qk_norm=True, qk_norm_scope="head", first_k_dense=dense_prefix(c), dense_ffn_hidden_size=c["intermediate_size"],
         partial_rotary_factor=partial, attention_output_gate=True, norm_unit_offset=True,
         linear_num_heads=c["linear_num_key_heads"], linear_head_dim=dk, linear_num_v_heads=c["linear_num_value_heads"],
         expand_v=dv // dk, conv_size=c["linear_conv_kernel_dim"], hf_config=c)
