@@ -25,7 +25,7 @@ def _stored_state(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def _write_replacing(path: Path, write) -> None:
+def write_replacing(path: Path, write) -> None:
     """``write(tmp)`` next to ``path``, then rename it over ``path``: a save that fails or is
     interrupted (disk full, a killed job) leaves the file that was there whole."""
     tmp = path.with_name(f".tmp-{path.name}")
@@ -41,8 +41,8 @@ def save_pretrained(model, directory: str | Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     config_text = json.dumps(model.config.to_dict(), indent=2)
     tensors = {name: t.detach().contiguous() for name, t in _stored_state(model).items()}
-    _write_replacing(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _write_replacing(directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_text))
+    write_replacing(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_replacing(directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_text))
 
 
 def load_config(directory: str | Path) -> ModelConfig:

@@ -7,13 +7,14 @@ all of them to the host in ONE transfer per logging interval (not one per layer 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from moekit.models.checkpoint import write_replacing
 
 # MoEStats scalar fields logged per layer (averaged over the interval's forwards).
 MOE_SCALARS = ("aux_loss", "seq_aux_loss", "z_loss", "dropped_fraction", "router_entropy", "load_cv")
@@ -110,7 +111,8 @@ class MetricsWriter:
         elif self.path.exists():
             # A torn last record (a write cut short) is dropped here: the file is rewritten anyway.
             kept = [r for r in read_metrics(run_dir, drop_torn_last=True) if r["step"] <= resume_step]
-            _replace_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            write_replacing(self.path, lambda tmp: tmp.write_text(text))  # a failed rewrite keeps the old file
         purge = None if resume_step is None else resume_step + 1
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
@@ -132,18 +134,6 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.tb.close()
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary file: a write that fails (a full disk) or is killed leaves the
-    old file whole, not truncated."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_metrics(run_dir: str | Path, drop_torn_last: bool = False) -> list[dict[str, Any]]:

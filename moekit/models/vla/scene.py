@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from moekit.models.checkpoint import write_replacing
+
 TOKEN_FEATURES = (
     "is_ego",      # 1 for the ego token
     "present",     # 1 for a real vehicle
@@ -105,11 +107,10 @@ class SceneSet:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save({"tokens": self.tokens, "target": self.target, "others_future": self.others_future,
-                    "others_mask": self.others_mask, "dt": self.dt, "meta": json.dumps(self.meta),
-                    "features": list(TOKEN_FEATURES)}, tmp)
-        tmp.replace(path)  # never leave a half-written cache under the real name
+        state = {"tokens": self.tokens, "target": self.target, "others_future": self.others_future,
+                 "others_mask": self.others_mask, "dt": self.dt, "meta": json.dumps(self.meta),
+                 "features": list(TOKEN_FEATURES)}
+        write_replacing(path, lambda tmp: torch.save(state, tmp))  # never a half-written cache under the real name
 
     @classmethod
     def load(cls, path: str | Path) -> SceneSet:
