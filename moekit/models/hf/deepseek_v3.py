@@ -114,5 +114,4 @@ def is_router(name: str) -> bool:
     return name.endswith(".ffn.router.weight")
 
 
-DEEPSEEK_V3 = register(Architecture("deepseek_v3", "DeepseekV3ForCausalLM", to_config, rules, is_mtp_layer,
-                                    is_router))
+register(Architecture("deepseek_v3", "DeepseekV3ForCausalLM", to_config, rules, is_mtp_layer, is_router))

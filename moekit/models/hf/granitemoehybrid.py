@@ -89,4 +89,4 @@ def rules(config: ModelConfig, c) -> list[Rule]:
     return out
 
 
-GRANITEMOEHYBRID = register(Architecture(MODEL_TYPE, "GraniteMoeHybridForCausalLM", to_config, rules))
+register(Architecture(MODEL_TYPE, "GraniteMoeHybridForCausalLM", to_config, rules))

@@ -70,4 +70,4 @@ def is_decay_buffer(name: str, c) -> bool:
     return DECAY_BUFFER.match(name) is not None
 
 
-MINIMAX = register(Architecture(MODEL_TYPE, "MiniMaxForCausalLM", to_config, rules, is_decay_buffer))
+register(Architecture(MODEL_TYPE, "MiniMaxForCausalLM", to_config, rules, is_decay_buffer))

@@ -21,5 +21,4 @@ def to_config(c):
     return base_config(c, moe)
 
 
-MIXTRAL = register(Architecture("mixtral", "MixtralForCausalLM", to_config,
-                                lambda config, c: llama_rules(config, NAMES)))
+register(Architecture("mixtral", "MixtralForCausalLM", to_config, lambda config, c: llama_rules(config, NAMES)))

@@ -16,4 +16,4 @@ def to_config(c):
     return base_config(c, moe, qk_norm=True, qk_norm_scope="all")
 
 
-OLMOE = register(Architecture("olmoe", "OlmoeForCausalLM", to_config, lambda config, c: llama_rules(config)))
+register(Architecture("olmoe", "OlmoeForCausalLM", to_config, lambda config, c: llama_rules(config)))

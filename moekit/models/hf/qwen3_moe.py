@@ -33,5 +33,4 @@ def to_config(c):
                        dense_ffn_hidden_size=c["intermediate_size"])
 
 
-QWEN3_MOE = register(Architecture("qwen3_moe", "Qwen3MoeForCausalLM", to_config,
-                                  lambda config, c: llama_rules(config)))
+register(Architecture("qwen3_moe", "Qwen3MoeForCausalLM", to_config, lambda config, c: llama_rules(config)))

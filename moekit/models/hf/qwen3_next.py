@@ -77,4 +77,4 @@ def is_mtp(name: str, c) -> bool:
     return name.startswith("mtp.")
 
 
-QWEN3_NEXT = register(Architecture(MODEL_TYPE, "Qwen3NextForCausalLM", to_config, rules, is_mtp))
+register(Architecture(MODEL_TYPE, "Qwen3NextForCausalLM", to_config, rules, is_mtp))

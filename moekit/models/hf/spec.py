@@ -127,11 +127,10 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {}
 
 
-def register(arch: Architecture) -> Architecture:
+def register(arch: Architecture) -> None:
     if arch.model_type in ARCHITECTURES:
         raise ValueError(f"architecture {arch.model_type!r} is registered twice")
     ARCHITECTURES[arch.model_type] = arch
-    return arch
 
 
 def architecture(model_type: str | None) -> Architecture:
