@@ -82,12 +82,17 @@ def test_bad_config_and_data_give_one_line_errors(make_config, capsys, overrides
     assert message in one_line_error(capsys, "train")
 
 
-def test_empty_corpus(make_config, tmp_path, capsys):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
+# An out_dir that is a file failed at the first write with a bare "[Errno 17] File exists: ...".
+@pytest.mark.parametrize("key,content,message", [
+    ("data.path", "", "data file {} holds no text (empty corpus)"),
+    ("train.out_dir", "x", "train.out_dir {} is a file, not a folder"),
+])
+def test_a_file_that_cannot_serve_its_option_is_named(make_config, tmp_path, capsys, key, content, message):
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text(content)
     _, path = make_config()
-    assert main(["train", "--config", str(path), f"data.path={empty}"]) == 2
-    assert f"data file {empty} holds no text (empty corpus)" in one_line_error(capsys, "train")
+    assert main(["train", "--config", str(path), f"{key}={a_file}"]) == 2
+    assert message.format(a_file) in one_line_error(capsys, "train")
 
 
 def test_incompatible_and_corrupt_checkpoints(trained_run, tmp_path, capsys):
@@ -270,15 +275,6 @@ def test_eval_refuses_a_held_out_tail_cut_from_other_text(trained_run, text_file
     assert main(["eval", "--ckpt", str(run), "data.val_fraction=0.2", "--batches", "1"]) == 0
     text_file.write_bytes(text)
     assert main(["eval", "--ckpt", str(run), "--batches", "1"]) == 0
-
-
-def test_out_dir_that_is_a_file_is_named_before_the_data_loads(make_config, tmp_path, capsys):
-    # It failed at the first write with a bare "[Errno 17] File exists: ...".
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
-    _, path = make_config()
-    assert main(["train", "--config", str(path), f"train.out_dir={a_file}"]) == 2
-    assert f"train.out_dir {a_file} is a file, not a folder" in one_line_error(capsys, "train")
 
 
 def test_resume_of_a_run_stopped_before_its_first_checkpoint_says_how_to_start_it_again(
